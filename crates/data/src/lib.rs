@@ -1,0 +1,1 @@
+//! demovlp-data (being built; see README for the crate tour).

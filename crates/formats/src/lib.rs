@@ -1,0 +1,1 @@
+//! demovlp-formats (being built; see README for the crate tour).

@@ -1,0 +1,1 @@
+//! demovlp-model (being built; see README for the crate tour).

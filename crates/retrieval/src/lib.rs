@@ -1,0 +1,1 @@
+//! demovlp-retrieval (being built; see README for the crate tour).

@@ -1,0 +1,1 @@
+//! demovlp-train (being built; see README for the crate tour).
