@@ -2,6 +2,12 @@
 //!
 //! Each group of subcommands lives in its own module; this file only wires them up.
 
+mod bench;
+mod data_cmds;
+mod model_cmds;
+mod retrieval_cmds;
+mod train_cmds;
+
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -18,9 +24,45 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
-enum Command {}
+enum Command {
+    /// Run the built-in demo: synthetic corpus, pre-train, fine-tune, evaluate (no downloads).
+    Demo(train_cmds::DemoArgs),
+    /// Pre-train from a TOML config.
+    Pretrain(train_cmds::PretrainArgs),
+    /// Fine-tune a checkpoint from a TOML config.
+    Finetune(train_cmds::FinetuneArgs),
+    /// Evaluate text<->video retrieval of a model on a test set.
+    Eval(train_cmds::EvalArgs),
+    /// Write the evaluation-path model input of one clip directory.
+    Regions(data_cmds::RegionsArgs),
+    /// Tokenize lines of stdin into padded WordPiece ids (one JSON object per line).
+    Tokenize(data_cmds::TokenizeArgs),
+    /// Pack a tree of per-frame .npz files into a memory-mapped feature store.
+    Pack(data_cmds::PackArgs),
+    /// Import weights (.pth from the published trainer, or safetensors) into a model directory.
+    Import(model_cmds::ImportArgs),
+    /// Run one recorded batch through a model and write its outputs (and gradients).
+    Replay(model_cmds::ReplayArgs),
+    /// Retrieval metrics of a text x video similarity matrix.
+    Metrics(retrieval_cmds::MetricsArgs),
+    /// Benchmarks (medians of several runs, with peak memory).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    match cli.command {}
+    match cli.command {
+        Command::Demo(a) => train_cmds::demo(a),
+        Command::Pretrain(a) => train_cmds::pretrain(a),
+        Command::Finetune(a) => train_cmds::finetune(a),
+        Command::Eval(a) => train_cmds::eval(a),
+        Command::Regions(a) => data_cmds::regions(a),
+        Command::Tokenize(a) => data_cmds::tokenize(a),
+        Command::Pack(a) => data_cmds::pack(a),
+        Command::Import(a) => model_cmds::import(a),
+        Command::Replay(a) => model_cmds::replay(a),
+        Command::Metrics(a) => retrieval_cmds::metrics(a),
+        Command::Bench(c) => bench::run(c),
+    }
 }
