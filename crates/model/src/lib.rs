@@ -1,1 +1,8 @@
-//! demovlp-model (being built; see README for the crate tour).
+//! The DemoVLP model: a text tower (DistilBERT or BERT), the object-transformer video
+//! tower, their projections, explicit forward and backward passes, AdamW, and weights I/O.
+
+pub mod config;
+pub mod params;
+
+pub use config::{ModelConfig, TextConfig, TextKind, VideoConfig};
+pub use params::{ParamId, Params, ParamsBuilder};
