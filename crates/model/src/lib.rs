@@ -1,8 +1,11 @@
 //! The DemoVLP model: a text tower (DistilBERT or BERT), the object-transformer video
 //! tower, their projections, explicit forward and backward passes, AdamW, and weights I/O.
 
+pub mod adamw;
 pub mod config;
+pub mod io;
 pub mod params;
 
 pub use config::{ModelConfig, TextConfig, TextKind, VideoConfig};
 pub use params::{ParamId, Params, ParamsBuilder};
+pub use adamw::{AdamW, AdamWSettings};

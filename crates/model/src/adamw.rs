@@ -1,0 +1,260 @@
+//! AdamW exactly as the published trainer runs it (Hugging Face `transformers.AdamW`):
+//! bias correction folded into the step size, ε added to √v outside the correction,
+//! and decoupled weight decay applied to the already-updated parameter:
+//!
+//! ```text
+//! m ← β1·m + (1−β1)·g          v ← β2·v + (1−β2)·g²
+//! p ← p − lr·√(1−β2^t)/(1−β1^t) · m/(√v + ε)
+//! p ← p − lr·wd·p
+//! ```
+//!
+//! Tensors whose spec says `receives_grad == false` (unused checkpoint tensors) are left
+//! untouched, their moments stay zero. One fused pass over the flat buffers, parallel
+//! over fixed-size chunks.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use rayon::prelude::*;
+
+use crate::io::{self, Tensor, TensorData};
+use crate::params::Params;
+
+/// Elements per parallel work item: large enough to amortise scheduling, small enough
+/// to balance across cores.
+const CHUNK: usize = 1 << 15;
+
+#[derive(Clone, Debug)]
+pub struct AdamW {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// First moment, same layout as `Params::data`.
+    pub m: Vec<f32>,
+    /// Second moment, same layout as `Params::data`.
+    pub v: Vec<f32>,
+    /// Steps taken so far (the next step uses t + 1).
+    pub t: u64,
+}
+
+/// Hyper-parameters of one optimiser, as given on the command line
+/// (`lr,beta1,beta2,eps,weight_decay`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWSettings {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+}
+
+impl AdamWSettings {
+    /// The published configs: β = (0.9, 0.999), ε = 1e-6, weight decay 0.
+    pub fn published(lr: f32) -> Self {
+        AdamWSettings { lr, beta1: 0.9, beta2: 0.999, eps: 1e-6, weight_decay: 0.0 }
+    }
+
+    /// Parse `lr,beta1,beta2,eps,weight_decay`.
+    pub fn parse(s: &str) -> Result<Self> {
+        let v: Vec<f32> = s
+            .split(',')
+            .map(|x| x.trim().parse::<f32>().with_context(|| format!("AdamW settings {s:?}: {x:?} is not a number")))
+            .collect::<Result<_>>()?;
+        if v.len() != 5 {
+            bail!("AdamW settings {s:?}: expected 5 comma-separated numbers lr,beta1,beta2,eps,weight_decay, got {}", v.len());
+        }
+        Ok(AdamWSettings { lr: v[0], beta1: v[1], beta2: v[2], eps: v[3], weight_decay: v[4] })
+    }
+}
+
+impl AdamW {
+    pub fn new(n_params: usize, lr: f32, beta1: f32, beta2: f32, eps: f32, weight_decay: f32) -> Self {
+        AdamW { lr, beta1, beta2, eps, weight_decay, m: vec![0.0; n_params], v: vec![0.0; n_params], t: 0 }
+    }
+
+    pub fn with_settings(n_params: usize, s: AdamWSettings) -> Self {
+        Self::new(n_params, s.lr, s.beta1, s.beta2, s.eps, s.weight_decay)
+    }
+
+    pub fn settings(&self) -> AdamWSettings {
+        AdamWSettings { lr: self.lr, beta1: self.beta1, beta2: self.beta2, eps: self.eps, weight_decay: self.weight_decay }
+    }
+
+    /// One optimiser step from `params.grad`. Gradients are read, not cleared.
+    pub fn step(&mut self, params: &mut Params) {
+        assert_eq!(self.m.len(), params.data.len(), "AdamW state has {} values, model has {}", self.m.len(), params.data.len());
+        self.t += 1;
+        // The reference computes the step size in Python floats (f64), then scales f32 tensors.
+        let t = self.t as i32;
+        let bc1 = 1.0 - (self.beta1 as f64).powi(t);
+        let bc2 = 1.0 - (self.beta2 as f64).powi(t);
+        let step_size = (self.lr as f64 * bc2.sqrt() / bc1) as f32;
+        let decay = (self.lr as f64 * self.weight_decay as f64) as f32;
+        let (b1, b2, eps) = (self.beta1, self.beta2, self.eps);
+        let (one_b1, one_b2) = (1.0 - b1, 1.0 - b2);
+
+        // Sorted, merged element ranges that get updated.
+        let mut ranges: Vec<(usize, usize)> = Vec::new();
+        for s in params.specs().iter().filter(|s| s.receives_grad && s.len > 0) {
+            match ranges.last_mut() {
+                Some(last) if last.1 == s.offset => last.1 = s.offset + s.len,
+                _ => ranges.push((s.offset, s.offset + s.len)),
+            }
+        }
+        ranges.sort_unstable();
+
+        let grad = &params.grad;
+        params
+            .data
+            .par_chunks_mut(CHUNK)
+            .zip(self.m.par_chunks_mut(CHUNK))
+            .zip(self.v.par_chunks_mut(CHUNK))
+            .enumerate()
+            .for_each(|(ci, ((p, m), v))| {
+                let c0 = ci * CHUNK;
+                let c1 = c0 + p.len();
+                // First range that ends after this chunk starts.
+                let first = ranges.partition_point(|r| r.1 <= c0);
+                for &(r0, r1) in &ranges[first..] {
+                    if r0 >= c1 {
+                        break;
+                    }
+                    let (a, b) = (r0.max(c0), r1.min(c1));
+                    let g = &grad[a..b];
+                    let (p, m, v) = (&mut p[a - c0..b - c0], &mut m[a - c0..b - c0], &mut v[a - c0..b - c0]);
+                    for i in 0..g.len() {
+                        let gi = g[i];
+                        let mi = b1 * m[i] + one_b1 * gi;
+                        let vi = b2 * v[i] + one_b2 * (gi * gi);
+                        m[i] = mi;
+                        v[i] = vi;
+                        let mut pi = p[i] - step_size * (mi / (vi.sqrt() + eps));
+                        pi -= decay * pi;
+                        p[i] = pi;
+                    }
+                }
+            });
+    }
+
+    /// Write the optimiser state (moments as tensors, settings and step in the metadata).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let meta = serde_json::json!({
+            "lr": self.lr, "beta1": self.beta1, "beta2": self.beta2, "eps": self.eps,
+            "weight_decay": self.weight_decay, "t": self.t,
+        });
+        let n = self.m.len();
+        let tensors = vec![
+            ("m".to_string(), Tensor { shape: vec![n], data: TensorData::F32(self.m.clone()) }),
+            ("v".to_string(), Tensor { shape: vec![n], data: TensorData::F32(self.v.clone()) }),
+        ];
+        io::write_safetensors(path, &tensors, &[("adamw".to_string(), meta.to_string())])
+    }
+
+    /// Read a state written by [`AdamW::save`]; `n_params` must match the model.
+    pub fn load(path: &Path, n_params: usize) -> Result<Self> {
+        let st = io::read_safetensors(path)?;
+        let meta = st.metadata.get("adamw").with_context(|| format!("{}: no `adamw` metadata: not an optimiser state", path.display()))?;
+        let meta: serde_json::Value = serde_json::from_str(meta).with_context(|| format!("{}: bad `adamw` metadata", path.display()))?;
+        let f = |k: &str| -> Result<f32> {
+            meta[k].as_f64().map(|x| x as f32).with_context(|| format!("{}: `adamw` metadata lacks {k}", path.display()))
+        };
+        let mut opt = AdamW::new(0, f("lr")?, f("beta1")?, f("beta2")?, f("eps")?, f("weight_decay")?);
+        opt.t = meta["t"].as_u64().with_context(|| format!("{}: `adamw` metadata lacks t", path.display()))?;
+        for (name, dst) in [("m", &mut opt.m), ("v", &mut opt.v)] {
+            let t = st.tensors.get(name).with_context(|| format!("{}: no tensor {name}", path.display()))?;
+            let data = t.to_f32().with_context(|| format!("{}: tensor {name}", path.display()))?;
+            if data.len() != n_params {
+                bail!("{}: optimiser state has {} values, model has {n_params}", path.display(), data.len());
+            }
+            *dst = data;
+        }
+        Ok(opt)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::params::ParamsBuilder;
+
+    /// Straight per-element transcription of the update in f64, for comparison.
+    fn reference(p: f64, g: f64, m: &mut f64, v: &mut f64, t: i32, s: AdamWSettings) -> f64 {
+        let (b1, b2) = (s.beta1 as f64, s.beta2 as f64);
+        *m = b1 * *m + (1.0 - b1) * g;
+        *v = b2 * *v + (1.0 - b2) * g * g;
+        let step = s.lr as f64 * (1.0 - b2.powi(t)).sqrt() / (1.0 - b1.powi(t));
+        let p = p - step * *m / (v.sqrt() + s.eps as f64);
+        p - s.lr as f64 * s.weight_decay as f64 * p
+    }
+
+    #[test]
+    fn matches_scalar_reference_over_steps_and_skips_unused() {
+        // Chunk-crossing sizes so the range/chunk intersection logic is exercised.
+        let mut b = ParamsBuilder::new();
+        let a = b.add("a", &[CHUNK + 17]);
+        let u = b.add_unused("u", &[CHUNK - 5]);
+        let c = b.add("c", &[2 * CHUNK + 3]);
+        let mut p = b.build();
+        let mut rng = demovlp_kernels::rng::Rng::new(3);
+        for x in p.data.iter_mut() {
+            *x = rng.normal() as f32;
+        }
+        let s = AdamWSettings { lr: 1e-2, beta1: 0.9, beta2: 0.99, eps: 1e-6, weight_decay: 0.1 };
+        let mut opt = AdamW::with_settings(p.len(), s);
+        let start = p.data.clone();
+        let mut refp: Vec<f64> = start.iter().map(|&x| x as f64).collect();
+        let mut refm = vec![0.0f64; p.len()];
+        let mut refv = vec![0.0f64; p.len()];
+        let mask = p.update_mask();
+        for t in 1..=3 {
+            for g in p.grad.iter_mut() {
+                *g = rng.normal() as f32;
+            }
+            for i in 0..p.len() {
+                if mask[i] {
+                    refp[i] = reference(refp[i], p.grad[i] as f64, &mut refm[i], &mut refv[i], t, s);
+                }
+            }
+            opt.step(&mut p);
+        }
+        assert_eq!(opt.t, 3);
+        assert_eq!(p.get(u), &start[p.spec(u).offset..p.spec(u).offset + p.spec(u).len]);
+        assert!(opt.m[p.spec(u).offset..p.spec(u).offset + p.spec(u).len].iter().all(|&x| x == 0.0));
+        for id in [a, c] {
+            let sp = p.spec(id).clone();
+            for i in sp.offset..sp.offset + sp.len {
+                assert!((p.data[i] as f64 - refp[i]).abs() < 1e-5, "{} [{}]: {} vs {}", sp.name, i - sp.offset, p.data[i], refp[i]);
+                assert!(p.data[i] != start[i]);
+            }
+        }
+    }
+
+    #[test]
+    fn state_round_trips() {
+        let mut b = ParamsBuilder::new();
+        b.add("w", &[10]);
+        let mut p = b.build();
+        p.grad.iter_mut().enumerate().for_each(|(i, g)| *g = i as f32 - 4.5);
+        let mut opt = AdamW::new(10, 1e-3, 0.9, 0.999, 1e-6, 0.01);
+        opt.step(&mut p);
+        let dir = std::env::temp_dir().join(format!("demovlp-adamw-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("opt.safetensors");
+        opt.save(&f).unwrap();
+        let back = AdamW::load(&f, 10).unwrap();
+        assert_eq!((back.t, back.m.clone(), back.v.clone()), (1, opt.m.clone(), opt.v.clone()));
+        assert_eq!(back.settings(), opt.settings());
+        assert!(AdamW::load(&f, 11).is_err());
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn parses_settings() {
+        let s = AdamWSettings::parse("0.001, 0.9,0.999,1e-6,0.01").unwrap();
+        assert_eq!(s, AdamWSettings { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-6, weight_decay: 0.01 });
+        assert!(AdamWSettings::parse("0.001,0.9").is_err());
+        assert!(AdamWSettings::parse("a,b,c,d,e").is_err());
+    }
+}
