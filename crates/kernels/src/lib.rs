@@ -1,7 +1,19 @@
 //! Numeric kernels: plain functions over `f32` slices, forward and backward,
 //! parallel with rayon where it pays. No model knowledge lives here.
+//!
+//! Conventions: row-major; weights in PyTorch's `[out, in]` layout; every backward
+//! function *accumulates* (`+=`) into its gradient outputs, so callers zero them first.
 
+pub mod activation;
+pub mod attention;
+pub mod embedding;
 pub mod gemm;
+pub mod gradcheck;
+pub mod layernorm;
+pub mod linear;
 pub mod rng;
+pub mod softmax;
 
+pub use attention::{attention_backward, attention_forward, merge_heads, AttnShape, KeyPattern};
 pub use gemm::{sgemm, Trans};
+pub use rng::Rng;

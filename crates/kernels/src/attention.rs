@@ -1,0 +1,185 @@
+//! Multi-head scaled dot-product attention with an additive key mask, for two key patterns:
+//! - `Full`: every query attends to every key (the text towers; padding keys carry a large
+//!   negative mask value so they get zero weight, as Hugging Face does).
+//! - `Frames { regions }`: the video tower's per-frame attention over a sequence
+//!   `[CLS, frame 0 regions, frame 1 regions, …]` (seq = 1 + F·R): the CLS query attends to
+//!   every token; a region query of frame f attends to `[CLS, the R regions of frame f]`.
+//!
+//! Queries, keys and values are read in place from row-major `[B, seq, ld]` buffers, head h
+//! at columns `h·hd .. (h+1)·hd` (so one fused qkv buffer can be passed as three offset
+//! slices). Outputs and gradients are head-major `[B, H, seq, hd]` so each (batch, head)
+//! task owns a contiguous block; [`merge_heads`] scatters them back. Probabilities are
+//! kept for the backward pass in a compact per-head layout (see [`AttnShape::probs_per_head`]).
+
+use crate::softmax::softmax_in_place;
+use rayon::prelude::*;
+use std::ops::Range;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyPattern {
+    Full,
+    Frames { regions: usize },
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct AttnShape {
+    pub batch: usize,
+    pub heads: usize,
+    pub seq: usize,
+    pub head_dim: usize,
+    pub pattern: KeyPattern,
+}
+
+/// The keys of one query row: an optional single leading key (the CLS token) and a range.
+struct RowKeys {
+    offset: usize,
+    lead: Option<usize>,
+    range: Range<usize>,
+}
+
+impl RowKeys {
+    fn len(&self) -> usize {
+        self.lead.is_some() as usize + self.range.len()
+    }
+    fn iter(&self) -> impl Iterator<Item = usize> + '_ {
+        self.lead.into_iter().chain(self.range.clone())
+    }
+}
+
+impl AttnShape {
+    /// Probability values stored per (batch, head): seq² for `Full`; for `Frames` the CLS
+    /// row (seq values) then R + 1 values per region row.
+    pub fn probs_per_head(&self) -> usize {
+        match self.pattern {
+            KeyPattern::Full => self.seq * self.seq,
+            KeyPattern::Frames { regions } => self.seq + (self.seq - 1) * (regions + 1),
+        }
+    }
+
+    pub fn probs_len(&self) -> usize {
+        self.batch * self.heads * self.probs_per_head()
+    }
+
+    fn check(&self) {
+        if let KeyPattern::Frames { regions } = self.pattern {
+            assert!(regions > 0 && (self.seq - 1) % regions == 0, "attention: seq {} is not 1 + frames·{regions}", self.seq);
+        }
+    }
+
+    fn row(&self, i: usize) -> RowKeys {
+        match self.pattern {
+            KeyPattern::Full => RowKeys { offset: i * self.seq, lead: None, range: 0..self.seq },
+            KeyPattern::Frames { .. } if i == 0 => RowKeys { offset: 0, lead: None, range: 0..self.seq },
+            KeyPattern::Frames { regions } => {
+                let start = 1 + (i - 1) / regions * regions;
+                RowKeys { offset: self.seq + (i - 1) * (regions + 1), lead: Some(0), range: start..start + regions }
+            }
+        }
+    }
+}
+
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+#[inline]
+fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
+    y.iter_mut().zip(x).for_each(|(y, x)| *y += alpha * x);
+}
+
+/// out[b,h,i,:] = Σ_j softmax_j(scale·q_i·k_j + mask[b,j]) v_j over the row's keys.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_forward(s: &AttnShape, scale: f32, q: &[f32], k: &[f32], v: &[f32], ld: usize, mask: &[f32], probs: &mut [f32], out: &mut [f32]) {
+    s.check();
+    let (seq, hd, heads) = (s.seq, s.head_dim, s.heads);
+    assert_eq!(mask.len(), s.batch * seq, "attention: mask must be [B, seq]");
+    let pph = s.probs_per_head();
+    out[..s.batch * heads * seq * hd]
+        .par_chunks_mut(seq * hd)
+        .zip(probs[..s.probs_len()].par_chunks_mut(pph))
+        .enumerate()
+        .for_each(|(bh, (out, probs))| {
+            let (b, h) = (bh / heads, bh % heads);
+            let at = |j: usize| (b * seq + j) * ld + h * hd..(b * seq + j) * ld + h * hd + hd;
+            for i in 0..seq {
+                let keys = s.row(i);
+                let qi = &q[at(i)];
+                let p = &mut probs[keys.offset..keys.offset + keys.len()];
+                for (pj, j) in p.iter_mut().zip(keys.iter()) {
+                    *pj = scale * dot(qi, &k[at(j)]) + mask[b * seq + j];
+                }
+                softmax_in_place(p);
+                let o = &mut out[i * hd..(i + 1) * hd];
+                o.iter_mut().for_each(|x| *x = 0.0);
+                for (&pj, j) in p.iter().zip(keys.iter()) {
+                    axpy(pj, &v[at(j)], o);
+                }
+            }
+        });
+}
+
+/// Gradients of [`attention_forward`] given its probabilities; dq, dk, dv are head-major
+/// `[B, H, seq, hd]` and accumulated into.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(
+    s: &AttnShape,
+    scale: f32,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    ld: usize,
+    probs: &[f32],
+    dout: &[f32],
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+) {
+    s.check();
+    let (seq, hd, heads) = (s.seq, s.head_dim, s.heads);
+    let pph = s.probs_per_head();
+    let n = s.batch * heads * seq * hd;
+    dq[..n]
+        .par_chunks_mut(seq * hd)
+        .zip(dk[..n].par_chunks_mut(seq * hd).zip(dv[..n].par_chunks_mut(seq * hd)))
+        .enumerate()
+        .for_each(|(bh, (dq, (dk, dv)))| {
+            let (b, h) = (bh / heads, bh % heads);
+            let at = |j: usize| (b * seq + j) * ld + h * hd..(b * seq + j) * ld + h * hd + hd;
+            let probs = &probs[bh * pph..(bh + 1) * pph];
+            let dout = &dout[bh * seq * hd..(bh + 1) * seq * hd];
+            let mut ds = vec![0.0f32; seq];
+            for i in 0..seq {
+                let keys = s.row(i);
+                let p = &probs[keys.offset..keys.offset + keys.len()];
+                let doi = &dout[i * hd..(i + 1) * hd];
+                let ds = &mut ds[..keys.len()];
+                // dv_j += p_j·dout_i; dp_j = dout_i·v_j
+                for ((dsj, &pj), j) in ds.iter_mut().zip(p).zip(keys.iter()) {
+                    axpy(pj, doi, &mut dv[j * hd..(j + 1) * hd]);
+                    *dsj = dot(doi, &v[at(j)]);
+                }
+                // softmax backward, then the scale of the scores
+                let pdp: f32 = p.iter().zip(ds.iter()).map(|(a, b)| a * b).sum();
+                for (dsj, &pj) in ds.iter_mut().zip(p) {
+                    *dsj = scale * pj * (*dsj - pdp);
+                }
+                let qi = &q[at(i)];
+                for (&dsj, j) in ds.iter().zip(keys.iter()) {
+                    axpy(dsj, &k[at(j)], &mut dq[i * hd..(i + 1) * hd]);
+                    axpy(dsj, qi, &mut dk[j * hd..(j + 1) * hd]);
+                }
+            }
+        });
+}
+
+/// dst[(b·seq + i)·ld + col + h·hd + d] = src[b, h, i, d] (head-major back to token rows).
+pub fn merge_heads(src: &[f32], dst: &mut [f32], ld: usize, col: usize, batch: usize, heads: usize, seq: usize, hd: usize) {
+    dst[..batch * seq * ld].par_chunks_mut(ld).enumerate().with_min_len(8).for_each(|(r, row)| {
+        let (b, i) = (r / seq, r % seq);
+        for h in 0..heads {
+            let s = ((b * heads + h) * seq + i) * hd;
+            row[col + h * hd..col + (h + 1) * hd].copy_from_slice(&src[s..s + hd]);
+        }
+    });
+}
