@@ -1,0 +1,393 @@
+//! Training configuration (TOML). Mirrors the published JSON configs: one file says which
+//! model, which data, which optimiser and schedule, and how long to train.
+//!
+//! Every table rejects unknown keys (a typo must not silently fall back to a default), and
+//! every input path is checked before any work starts, so a bad config fails in
+//! milliseconds with the key or path named instead of hours into a run.
+//! Relative paths are resolved against the current directory.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use demovlp_model::ModelConfig;
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Run name, used in logs and the summary.
+    pub name: String,
+    /// Seeds model initialisation, data order, frame choice and caption choice.
+    #[serde(default)]
+    pub seed: u64,
+    /// Checkpoints, logs and plots go here.
+    pub output_dir: PathBuf,
+    pub model: ModelSection,
+    pub data: DataSection,
+    pub optim: OptimConfig,
+    #[serde(default)]
+    pub loss: LossSection,
+    pub train: TrainSection,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// `"published"`: DistilBERT-base text tower, 12-layer ViT-B-sized video tower, P = 256.
+    /// Leave out and give `[model.config]` for any other size.
+    #[serde(default)]
+    pub preset: Option<String>,
+    #[serde(default)]
+    pub config: Option<ModelConfig>,
+    /// Whole-model weights to start from: a model directory, a `.pth` from the published
+    /// trainer, or a training checkpoint of ours. `finetune --init` overrides it.
+    #[serde(default)]
+    pub init: Option<PathBuf>,
+    /// Text tower only, from a Hugging Face DistilBERT/BERT directory (the published
+    /// recipe starts from `distilbert-base-uncased`).
+    #[serde(default)]
+    pub text_init: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    /// `tokenizer.json`, `vocab.txt` or a directory holding one.
+    pub tokenizer: PathBuf,
+    #[serde(default = "default_text_len")]
+    pub text_len: usize,
+    /// Segments (frames) per clip fed to the model.
+    pub frames: usize,
+    /// Regions kept per frame (top by detector confidence).
+    #[serde(default = "default_regions")]
+    pub regions: usize,
+    /// Batch size of each training dataset (datasets alternate batch by batch).
+    pub batch_size: usize,
+    /// Cap on training samples per epoch over all datasets (published pre-training: 1M).
+    #[serde(default)]
+    pub samples_per_epoch: Option<usize>,
+    /// Loader threads (0 = one per core).
+    #[serde(default)]
+    pub workers: usize,
+    /// Skip (and count) clips that fail to load instead of stopping the run.
+    #[serde(default)]
+    pub skip_bad_samples: bool,
+    pub train: Vec<DatasetConfig>,
+    /// Evaluated after every epoch; its metrics drive best-checkpoint selection.
+    #[serde(default)]
+    pub val: Option<DatasetConfig>,
+    /// Used by `demovlp eval` (falls back to `val`).
+    #[serde(default)]
+    pub test: Option<DatasetConfig>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetConfig {
+    pub name: String,
+    /// Annotation layout: webvid, cc3m, msrvtt, didemo, msvd, lsmdc or jsonl.
+    pub format: String,
+    pub annotations: PathBuf,
+    /// A tree of `<clip>/<i>.npz` files or a packed store directory.
+    pub features: PathBuf,
+    /// Dataset-specific split or cut (MSR-VTT: jsfusion, miech, full-val, full-test).
+    #[serde(default)]
+    pub cut: Option<String>,
+    /// Use at most this many samples (first ones, in annotation order).
+    #[serde(default)]
+    pub max_samples: Option<usize>,
+    /// Evaluation: captions per video laid out caption-major (missing ones masked).
+    /// 1 = the first caption of each video only.
+    #[serde(default = "default_one")]
+    pub captions_per_video: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScheduleKind {
+    /// Published: first-epoch lr, then base × gamma per milestone passed, set per epoch.
+    Step,
+    /// Cosine decay from base to `min_lr` over all steps (after warm-up).
+    Cosine,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimConfig {
+    /// Base learning rate (published: 2e-4).
+    pub lr: f32,
+    /// Learning rate of the whole first epoch (published: 1e-5); none = base.
+    #[serde(default)]
+    pub first_epoch_lr: Option<f32>,
+    #[serde(default = "default_betas")]
+    pub betas: [f32; 2],
+    pub eps: f32,
+    pub weight_decay: f32,
+    pub schedule: ScheduleKind,
+    /// Epochs (1-based) after which the step schedule multiplies the rate by `gamma`.
+    #[serde(default)]
+    pub milestones: Vec<usize>,
+    #[serde(default = "default_gamma")]
+    pub gamma: f32,
+    /// Linear warm-up from 0 over this many optimiser steps (0 = none).
+    #[serde(default)]
+    pub warmup_steps: u64,
+    /// Floor of the cosine schedule.
+    #[serde(default)]
+    pub min_lr: f32,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LossSection {
+    #[serde(default = "default_temperature")]
+    pub temperature: f32,
+    #[serde(default = "default_lambda")]
+    pub lambda: f32,
+    /// Add the region-word alignment loss (false = the "global loss only" ablation).
+    #[serde(default = "default_true")]
+    pub use_local: bool,
+    /// Average the local similarity over real words/regions only (not the published behaviour).
+    #[serde(default)]
+    pub masked_mean: bool,
+}
+
+impl Default for LossSection {
+    fn default() -> Self {
+        LossSection { temperature: 0.05, lambda: 20.0, use_local: true, masked_mean: false }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSection {
+    pub epochs: usize,
+    /// Log (JSONL + progress bar) every this many steps.
+    #[serde(default = "default_log_every")]
+    pub log_every: u64,
+    /// Stop after this many epochs without improvement of the monitored metric.
+    #[serde(default)]
+    pub early_stopping_patience: Option<usize>,
+    /// Monitored metric: `val_loss` or `<t2v|v2t>_<R1|R5|R10|R50|MedR|MeanR>`, or `geometric_mean`
+    /// (of t2v R1/R5/R10). Without a validation set the training loss is monitored.
+    #[serde(default = "default_monitor")]
+    pub monitor: String,
+    /// Stop after this many optimiser steps in total (tests, smoke runs).
+    #[serde(default)]
+    pub max_steps: Option<u64>,
+    /// Batch size for embedding during evaluation.
+    #[serde(default = "default_eval_batch")]
+    pub eval_batch_size: usize,
+    /// Also write a resumable checkpoint every this many steps (0 = only at epoch ends).
+    #[serde(default)]
+    pub checkpoint_every: u64,
+}
+
+fn default_text_len() -> usize {
+    100
+}
+fn default_regions() -> usize {
+    30
+}
+fn default_one() -> usize {
+    1
+}
+fn default_betas() -> [f32; 2] {
+    [0.9, 0.999]
+}
+fn default_gamma() -> f32 {
+    0.1
+}
+fn default_temperature() -> f32 {
+    0.05
+}
+fn default_lambda() -> f32 {
+    20.0
+}
+fn default_true() -> bool {
+    true
+}
+fn default_log_every() -> u64 {
+    10
+}
+fn default_monitor() -> String {
+    "t2v_R1".into()
+}
+fn default_eval_batch() -> usize {
+    64
+}
+
+/// Is `monitor` a higher-is-better metric?
+pub fn monitor_higher_is_better(monitor: &str) -> bool {
+    !(monitor.ends_with("MedR") || monitor.ends_with("MeanR") || monitor.ends_with("loss"))
+}
+
+const MONITORS: &[&str] = &[
+    "val_loss", "train_loss", "geometric_mean", "t2v_R1", "t2v_R5", "t2v_R10", "t2v_R50", "t2v_MedR", "t2v_MeanR",
+    "v2t_R1", "v2t_R5", "v2t_R10", "v2t_R50", "v2t_MedR", "v2t_MeanR",
+];
+
+const FORMATS: &[&str] = &["webvid", "cc3m", "msrvtt", "didemo", "msvd", "lsmdc", "jsonl"];
+
+impl TrainConfig {
+    /// Parse and check a config file: unknown keys, bad values and missing paths are errors
+    /// naming the file and the key or path.
+    pub fn load(path: &Path) -> Result<Self> {
+        let cfg = Self::parse_file(path)?;
+        cfg.check_paths().with_context(|| format!("config {}", path.display()))?;
+        Ok(cfg)
+    }
+
+    /// Parse and check values, without touching the file system beyond `path` itself.
+    pub fn parse_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+        Self::parse_str(&text).with_context(|| format!("config {}", path.display()))
+    }
+
+    pub fn parse_str(text: &str) -> Result<Self> {
+        let cfg: TrainConfig = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        cfg.check_values()?;
+        Ok(cfg)
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("config serialises")
+    }
+
+    /// The model sizes this config asks for.
+    pub fn model_config(&self) -> Result<ModelConfig> {
+        match (&self.model.preset, &self.model.config) {
+            (Some(p), None) if p == "published" => Ok(ModelConfig::published(self.data.frames.max(1))),
+            (Some(p), None) => bail!("model.preset: unknown preset {p:?} (known: \"published\")"),
+            (None, Some(c)) => Ok(c.clone()),
+            (Some(_), Some(_)) => bail!("model: give either `preset` or `[model.config]`, not both"),
+            (None, None) => bail!("model: missing `preset` or `[model.config]`"),
+        }
+    }
+
+    fn check_values(&self) -> Result<()> {
+        let d = &self.data;
+        if d.frames == 0 || d.regions == 0 || d.batch_size == 0 || d.text_len < 2 {
+            bail!("data: frames, regions and batch_size must be > 0 and text_len >= 2");
+        }
+        if d.train.is_empty() {
+            bail!("data.train: at least one training dataset is needed");
+        }
+        for (key, ds) in self.datasets() {
+            if !FORMATS.contains(&ds.format.as_str()) {
+                bail!("{key}.format: unknown annotation format {:?} (known: {})", ds.format, FORMATS.join(", "));
+            }
+            if ds.captions_per_video == 0 {
+                bail!("{key}.captions_per_video must be >= 1");
+            }
+        }
+        if !MONITORS.contains(&self.train.monitor.as_str()) {
+            bail!("train.monitor: unknown metric {:?} (known: {})", self.train.monitor, MONITORS.join(", "));
+        }
+        if self.train.epochs == 0 {
+            bail!("train.epochs must be >= 1");
+        }
+        let o = &self.optim;
+        if !(o.lr > 0.0) || o.eps <= 0.0 || o.weight_decay < 0.0 {
+            bail!("optim: lr and eps must be > 0, weight_decay >= 0");
+        }
+        if o.milestones.windows(2).any(|w| w[0] >= w[1]) {
+            bail!("optim.milestones must be strictly increasing, got {:?}", o.milestones);
+        }
+        self.model_config()?;
+        Ok(())
+    }
+
+    fn datasets(&self) -> Vec<(String, &DatasetConfig)> {
+        let mut v: Vec<(String, &DatasetConfig)> =
+            self.data.train.iter().enumerate().map(|(i, d)| (format!("data.train[{i}]"), d)).collect();
+        if let Some(d) = &self.data.val {
+            v.push(("data.val".into(), d));
+        }
+        if let Some(d) = &self.data.test {
+            v.push(("data.test".into(), d));
+        }
+        v
+    }
+
+    /// Every input path must exist (outputs are created).
+    pub fn check_paths(&self) -> Result<()> {
+        let mut paths: Vec<(String, &Path)> = vec![("data.tokenizer".into(), self.data.tokenizer.as_path())];
+        for (key, ds) in self.datasets() {
+            paths.push((format!("{key}.annotations"), ds.annotations.as_path()));
+            paths.push((format!("{key}.features"), ds.features.as_path()));
+        }
+        if let Some(p) = &self.model.init {
+            paths.push(("model.init".into(), p));
+        }
+        if let Some(p) = &self.model.text_init {
+            paths.push(("model.text_init".into(), p));
+        }
+        for (key, p) in paths {
+            if !p.exists() {
+                bail!("{key}: path does not exist: {}", p.display());
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) const MINIMAL: &str = r#"
+name = "t"
+output_dir = "out"
+[model]
+preset = "published"
+[data]
+tokenizer = "tok.json"
+frames = 8
+batch_size = 4
+[[data.train]]
+name = "a"
+format = "jsonl"
+annotations = "a.jsonl"
+features = "feats"
+[optim]
+lr = 2e-4
+eps = 1e-6
+weight_decay = 0.0
+schedule = "step"
+[train]
+epochs = 2
+"#;
+
+    #[test]
+    fn minimal_config_parses_with_published_defaults() {
+        let c = TrainConfig::parse_str(MINIMAL).unwrap();
+        assert_eq!(c.data.text_len, 100);
+        assert_eq!(c.data.regions, 30);
+        assert_eq!(c.loss, LossSection::default());
+        assert_eq!(c.optim.betas, [0.9, 0.999]);
+        assert_eq!(c.model_config().unwrap().video.max_frames, 8);
+        // Round trip through TOML keeps every value.
+        assert_eq!(TrainConfig::parse_str(&c.to_toml()).unwrap(), c);
+    }
+
+    #[test]
+    fn unknown_key_is_rejected_and_named() {
+        let bad = MINIMAL.replace("eps = 1e-6", "eps = 1e-6\nwarmup = 3");
+        let e = format!("{:#}", TrainConfig::parse_str(&bad).unwrap_err());
+        assert!(e.contains("warmup"), "{e}");
+        let bad = MINIMAL.replace("[train]", "[train]\nepochz = 3");
+        let e = format!("{:#}", TrainConfig::parse_str(&bad).unwrap_err());
+        assert!(e.contains("epochz"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_rejected() {
+        let bad = MINIMAL.replace("format = \"jsonl\"", "format = \"youtube\"");
+        assert!(format!("{:#}", TrainConfig::parse_str(&bad).unwrap_err()).contains("data.train[0].format"));
+        let bad = MINIMAL.replace("schedule = \"step\"", "schedule = \"step\"\nmilestones = [4, 2]");
+        assert!(format!("{:#}", TrainConfig::parse_str(&bad).unwrap_err()).contains("milestones"));
+        let bad = MINIMAL.replace("epochs = 2", "epochs = 2\nmonitor = \"t2v_R2\"");
+        assert!(format!("{:#}", TrainConfig::parse_str(&bad).unwrap_err()).contains("train.monitor"));
+    }
+}

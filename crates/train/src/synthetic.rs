@@ -1,0 +1,539 @@
+//! A deterministic synthetic corpus that behaves like detector output, for the built-in demo.
+//!
+//! World: object classes with fixed prototype 2048-d features (sparse, non-negative, like
+//! ReLU-pooled Faster R-CNN features), colours as feature offsets, per-instance and
+//! per-frame noise, a main object whose box moves across the frames (the caption's motion
+//! words), an optional second, static object, and background clutter regions with low
+//! detector confidence and features no caption names. Regions are stored in random order
+//! with their confidences, so the loader's sort-by-confidence / top-R / edge padding all do
+//! real work; some clips have few regions (padding) and some fewer frames (frame padding).
+//! Captions come from English templates ("a red dog runs to the left past a blue car") and
+//! go through the real WordPiece tokenizer.
+//!
+//! Everything is a pure function of the seed: clip specs are drawn from per-clip generators
+//! and a frame's regions from a per-(clip, frame) generator, so any frame can be produced on
+//! demand (the corpus never needs to sit in memory) and two runs see identical bytes.
+
+use demovlp_kernels::rng::Rng;
+
+/// Object classes the captions name, with the category that picks their motion verbs.
+const OBJECTS: &[(&str, Cat)] = &[
+    ("dog", Cat::Animal),
+    ("cat", Cat::Animal),
+    ("horse", Cat::Animal),
+    ("cow", Cat::Animal),
+    ("sheep", Cat::Animal),
+    ("bird", Cat::Animal),
+    ("elephant", Cat::Animal),
+    ("bear", Cat::Animal),
+    ("man", Cat::Person),
+    ("woman", Cat::Person),
+    ("child", Cat::Person),
+    ("boy", Cat::Person),
+    ("girl", Cat::Person),
+    ("car", Cat::Vehicle),
+    ("bus", Cat::Vehicle),
+    ("truck", Cat::Vehicle),
+    ("bicycle", Cat::Vehicle),
+    ("motorcycle", Cat::Vehicle),
+    ("boat", Cat::Vehicle),
+    ("train", Cat::Vehicle),
+    ("ball", Cat::Thing),
+    ("kite", Cat::Thing),
+    ("balloon", Cat::Thing),
+    ("drone", Cat::Thing),
+];
+
+const COLOURS: &[&str] = &["red", "blue", "green", "yellow", "black", "white", "orange", "purple", "brown", "pink"];
+
+/// Background stuff: present as clutter regions, never named in a caption.
+const BACKGROUNDS: usize = 12;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Cat {
+    Animal,
+    Person,
+    Vehicle,
+    Thing,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Motion {
+    Left,
+    Right,
+    Up,
+    Down,
+    Still,
+}
+
+const MOTIONS: [Motion; 5] = [Motion::Left, Motion::Right, Motion::Up, Motion::Down, Motion::Still];
+
+impl Motion {
+    /// Two phrasings per category, so captions vary while meaning stays fixed.
+    fn phrases(self, cat: Cat) -> [&'static str; 2] {
+        use Motion::*;
+        match (cat, self) {
+            (Cat::Animal, Left) => ["runs to the left", "walks to the left"],
+            (Cat::Animal, Right) => ["runs to the right", "walks to the right"],
+            (Cat::Animal, Up) => ["jumps up", "climbs up"],
+            (Cat::Animal, Down) => ["jumps down", "climbs down"],
+            (Cat::Animal, Still) => ["stands still", "sits still"],
+            (Cat::Person, Left) => ["walks to the left", "runs to the left"],
+            (Cat::Person, Right) => ["walks to the right", "runs to the right"],
+            (Cat::Person, Up) => ["climbs up", "goes up the stairs"],
+            (Cat::Person, Down) => ["goes down", "comes down the stairs"],
+            (Cat::Person, Still) => ["stands still", "waits"],
+            (Cat::Vehicle, Left) => ["drives to the left", "moves to the left"],
+            (Cat::Vehicle, Right) => ["drives to the right", "moves to the right"],
+            (Cat::Vehicle, Up) => ["goes up a hill", "moves up"],
+            (Cat::Vehicle, Down) => ["goes down a hill", "moves down"],
+            (Cat::Vehicle, Still) => ["is parked", "stays in place"],
+            (Cat::Thing, Left) => ["flies to the left", "drifts to the left"],
+            (Cat::Thing, Right) => ["flies to the right", "drifts to the right"],
+            (Cat::Thing, Up) => ["rises up", "floats up"],
+            (Cat::Thing, Down) => ["falls down", "drops down"],
+            (Cat::Thing, Still) => ["hangs in place", "stays still"],
+        }
+    }
+
+    /// Box-centre velocity per frame, as a fraction of the image size.
+    fn velocity(self) -> (f32, f32) {
+        match self {
+            Motion::Left => (-0.07, 0.0),
+            Motion::Right => (0.07, 0.0),
+            Motion::Up => (0.0, -0.06),
+            Motion::Down => (0.0, 0.06),
+            Motion::Still => (0.0, 0.0),
+        }
+    }
+}
+
+/// Sizes of the corpus and its splits.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CorpusConfig {
+    pub seed: u64,
+    pub feature_dim: usize,
+    /// Frames stored per video clip (some clips have fewer).
+    pub frames: usize,
+    /// Most regions stored per frame.
+    pub max_regions: usize,
+    /// Pre-training: WebVid-like clips and CC3M-like single images.
+    pub pretrain_videos: usize,
+    pub pretrain_images: usize,
+    /// Fine-tuning: MSR-VTT-like clips with several captions each, and held-out test clips.
+    pub finetune_train: usize,
+    pub test: usize,
+    pub captions_per_clip: usize,
+}
+
+impl CorpusConfig {
+    pub fn new(seed: u64) -> Self {
+        CorpusConfig {
+            seed,
+            feature_dim: 2048,
+            frames: 8,
+            max_regions: 30,
+            pretrain_videos: 2000,
+            pretrain_images: 1000,
+            finetune_train: 1500,
+            test: 500,
+            captions_per_clip: 3,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Split {
+    PretrainVideo,
+    PretrainImage,
+    FinetuneTrain,
+    Test,
+}
+
+impl Split {
+    pub const ALL: [Split; 4] = [Split::PretrainVideo, Split::PretrainImage, Split::FinetuneTrain, Split::Test];
+
+    /// Dataset name, also the first component of clip ids and the annotation file name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Split::PretrainVideo => "synth_webvid",
+            Split::PretrainImage => "synth_cc3m",
+            Split::FinetuneTrain => "synth_msrvtt_train",
+            Split::Test => "synth_msrvtt_test",
+        }
+    }
+
+    fn code(self) -> u64 {
+        match self {
+            Split::PretrainVideo => 1,
+            Split::PretrainImage => 2,
+            Split::FinetuneTrain => 3,
+            Split::Test => 4,
+        }
+    }
+}
+
+/// An object instance of a clip.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ObjectSpec {
+    pub class: usize,
+    pub colour: usize,
+    pub motion: Motion,
+    /// Box centre at frame 0 and size, as fractions of the image.
+    pub cx: f32,
+    pub cy: f32,
+    pub w: f32,
+    pub h: f32,
+    /// Detector boxes this object yields per frame (whole + parts).
+    pub boxes: usize,
+}
+
+/// Everything that defines one clip; its frames are generated from it on demand.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClipSpec {
+    pub id: String,
+    pub frames: usize,
+    pub image_w: usize,
+    pub image_h: usize,
+    pub main: ObjectSpec,
+    pub second: Option<ObjectSpec>,
+    /// Clutter regions per frame.
+    pub clutter: usize,
+    pub captions: Vec<String>,
+    seed: u64,
+}
+
+/// One frame as a detector writes it (SPEC §2): regions in detector order, not sorted.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SyntheticFrame {
+    /// [N, feature_dim]
+    pub x: Vec<f32>,
+    /// [N, 4] (x1, y1, x2, y2) in pixels
+    pub bbox: Vec<f32>,
+    pub objects_conf: Vec<f32>,
+    pub objects_id: Vec<i64>,
+    pub num_boxes: usize,
+    pub image_w: usize,
+    pub image_h: usize,
+}
+
+/// A sparse non-negative feature pattern: (dimension, value) pairs.
+type Pattern = Vec<(usize, f32)>;
+
+pub struct SyntheticCorpus {
+    pub config: CorpusConfig,
+    objects: Vec<Pattern>,
+    colours: Vec<Pattern>,
+    backgrounds: Vec<Pattern>,
+    splits: Vec<(Split, Vec<ClipSpec>)>,
+}
+
+fn pattern(rng: &mut Rng, dim: usize, support: usize, lo: f32, hi: f32) -> Pattern {
+    let mut dims: Vec<usize> = (0..dim).collect();
+    rng.shuffle(&mut dims);
+    let mut p: Pattern = dims[..support].iter().map(|&d| (d, lo + (hi - lo) * rng.uniform())).collect();
+    p.sort_by_key(|&(d, _)| d);
+    p
+}
+
+fn mix(seed: u64, a: u64, b: u64) -> u64 {
+    seed ^ a.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ b.wrapping_mul(0xC2B2_AE3D_27D4_EB4F).rotate_left(17)
+}
+
+impl SyntheticCorpus {
+    pub fn new(config: CorpusConfig) -> Self {
+        let mut rng = Rng::new(config.seed);
+        let d = config.feature_dim;
+        let objects = (0..OBJECTS.len()).map(|_| pattern(&mut rng, d, 96, 1.0, 3.0)).collect();
+        let colours = (0..COLOURS.len()).map(|_| pattern(&mut rng, d, 24, 1.0, 2.5)).collect();
+        let backgrounds = (0..BACKGROUNDS).map(|_| pattern(&mut rng, d, 96, 0.5, 2.0)).collect();
+        let mut corpus = SyntheticCorpus { config, objects, colours, backgrounds, splits: Vec::new() };
+        for split in Split::ALL {
+            let n = match split {
+                Split::PretrainVideo => corpus.config.pretrain_videos,
+                Split::PretrainImage => corpus.config.pretrain_images,
+                Split::FinetuneTrain => corpus.config.finetune_train,
+                Split::Test => corpus.config.test,
+            };
+            let clips = (0..n).map(|i| corpus.make_clip(split, i)).collect();
+            corpus.splits.push((split, clips));
+        }
+        corpus
+    }
+
+    pub fn clips(&self, split: Split) -> &[ClipSpec] {
+        &self.splits.iter().find(|(s, _)| *s == split).expect("every split is built").1
+    }
+
+    /// Look a clip up by id (`<split name>/<name>`).
+    pub fn clip(&self, id: &str) -> Option<&ClipSpec> {
+        let (split_name, rest) = id.split_once('/')?;
+        let (_, clips) = self.splits.iter().find(|(s, _)| s.name() == split_name)?;
+        let idx: usize = rest.get(1..)?.parse().ok()?;
+        clips.get(idx).filter(|c| c.id == id)
+    }
+
+    fn make_clip(&self, split: Split, index: usize) -> ClipSpec {
+        let cfg = &self.config;
+        let seed = mix(cfg.seed, split.code(), index as u64 + 1);
+        let mut rng = Rng::new(seed);
+        let image = split == Split::PretrainImage;
+        let frames = if image {
+            1
+        } else if rng.uniform() < 0.15 {
+            // Some clips are short: exercises frame padding in the batch.
+            3 + rng.below(cfg.frames.saturating_sub(3).max(1))
+        } else {
+            cfg.frames
+        }
+        .min(cfg.frames);
+        let (image_w, image_h) = [(640, 480), (480, 360), (640, 360)][rng.below(3)];
+        let motion = if image { Motion::Still } else { MOTIONS[rng.below(MOTIONS.len())] };
+        let main = self.make_object(&mut rng, motion, frames, true);
+        let second = if rng.uniform() < 0.75 { Some(self.make_object(&mut rng, Motion::Still, frames, false)) } else { None };
+        // Most frames are busy; some are nearly empty (padding up to R regions).
+        let clutter = if rng.uniform() < 0.3 { rng.below(5) } else { 8 + rng.below(cfg.max_regions.saturating_sub(12).max(1)) };
+        let objects = main.boxes + second.as_ref().map_or(0, |s| s.boxes);
+        let clutter = clutter.min(cfg.max_regions.saturating_sub(objects));
+        let n_captions = if split == Split::FinetuneTrain || split == Split::Test { cfg.captions_per_clip.max(1) } else { 1 };
+        let captions = (0..n_captions).map(|k| caption(&mut rng, &main, second.as_ref(), image, k)).collect();
+        let prefix = if image { 'i' } else { 'v' };
+        ClipSpec {
+            id: format!("{}/{prefix}{index:06}", split.name()),
+            frames,
+            image_w,
+            image_h,
+            main,
+            second,
+            clutter,
+            captions,
+            seed,
+        }
+    }
+
+    fn make_object(&self, rng: &mut Rng, motion: Motion, frames: usize, main: bool) -> ObjectSpec {
+        let class = rng.below(OBJECTS.len());
+        let colour = rng.below(COLOURS.len());
+        let (w, h) = if main { (0.2 + 0.15 * rng.uniform(), 0.2 + 0.2 * rng.uniform()) } else { (0.1 + 0.15 * rng.uniform(), 0.1 + 0.15 * rng.uniform()) };
+        // Start where the whole trajectory stays inside the image.
+        let (vx, vy) = motion.velocity();
+        let span_x = vx * (frames.saturating_sub(1)) as f32;
+        let span_y = vy * (frames.saturating_sub(1)) as f32;
+        let place = |rng: &mut Rng, half: f32, span: f32| {
+            let lo = half - span.min(0.0);
+            let hi = (1.0 - half - span.max(0.0)).max(lo);
+            lo + (hi - lo) * rng.uniform()
+        };
+        let cx = place(rng, w / 2.0, span_x);
+        let cy = place(rng, h / 2.0, span_y);
+        let boxes = if main { 1 + rng.below(3) } else { 1 + rng.below(2) };
+        ObjectSpec { class, colour, motion, cx, cy, w, h, boxes }
+    }
+
+    /// The detector output of one frame of a clip.
+    pub fn frame(&self, clip: &ClipSpec, frame: usize) -> SyntheticFrame {
+        assert!(frame < clip.frames, "clip {} has {} frames, asked for {frame}", clip.id, clip.frames);
+        let d = self.config.feature_dim;
+        let mut rng = Rng::new(mix(clip.seed, 0xF4A3E, frame as u64 + 1));
+        let (iw, ih) = (clip.image_w as f32, clip.image_h as f32);
+        let mut regions: Vec<(Vec<f32>, [f32; 4], f32, i64)> = Vec::new();
+        for (k, obj) in std::iter::once(&clip.main).chain(clip.second.as_ref()).enumerate() {
+            // Per-instance appearance: the same for every frame of the clip.
+            let mut inst = Rng::new(mix(clip.seed, 0x1257, k as u64 + 1));
+            let mut base = vec![0.0f32; d];
+            for &(i, v) in &self.objects[obj.class] {
+                base[i] += v + 0.3 * inst.normal();
+            }
+            for &(i, v) in &self.colours[obj.colour] {
+                base[i] += v + 0.2 * inst.normal();
+            }
+            let (vx, vy) = obj.motion.velocity();
+            let cx = obj.cx + vx * frame as f32;
+            let cy = obj.cy + vy * frame as f32;
+            for b in 0..obj.boxes {
+                // Box 0 is the whole object; others are parts (smaller, shifted, weaker features).
+                let (s, dx, dy) = if b == 0 { (1.0, 0.0, 0.0) } else { (0.5 + 0.2 * rng.uniform(), 0.2 * (rng.uniform() - 0.5), 0.2 * (rng.uniform() - 0.5)) };
+                let w = obj.w * s;
+                let h = obj.h * s;
+                let x0 = cx + dx * obj.w + 0.01 * rng.normal();
+                let y0 = cy + dy * obj.h + 0.01 * rng.normal();
+                let bx = [((x0 - w / 2.0) * iw).clamp(0.0, iw - 1.0), ((y0 - h / 2.0) * ih).clamp(0.0, ih - 1.0), ((x0 + w / 2.0) * iw).clamp(1.0, iw), ((y0 + h / 2.0) * ih).clamp(1.0, ih)];
+                let scale = if b == 0 { 1.0 } else { 0.7 };
+                let mut x: Vec<f32> = base.iter().map(|&v| v * scale).collect();
+                self.add_frame_noise(&mut rng, &mut x);
+                let conf = if k == 0 { 0.6 + 0.39 * rng.uniform() } else { 0.5 + 0.45 * rng.uniform() };
+                regions.push((x, bx, conf, obj.class as i64));
+            }
+        }
+        for _ in 0..clip.clutter {
+            let bg = rng.below(BACKGROUNDS);
+            let mut x = vec![0.0f32; d];
+            for &(i, v) in &self.backgrounds[bg] {
+                x[i] = v * (0.5 + rng.uniform());
+            }
+            self.add_frame_noise(&mut rng, &mut x);
+            let (w, h) = (0.05 + 0.4 * rng.uniform(), 0.05 + 0.4 * rng.uniform());
+            let (x0, y0) = ((1.0 - w) * rng.uniform(), (1.0 - h) * rng.uniform());
+            let bx = [x0 * iw, y0 * ih, (x0 + w) * iw, (y0 + h) * ih];
+            regions.push((x, bx, 0.02 + 0.43 * rng.uniform(), 1000 + bg as i64));
+        }
+        // Detector order is not confidence order.
+        rng.shuffle(&mut regions);
+        let n = regions.len();
+        let mut out = SyntheticFrame {
+            x: Vec::with_capacity(n * d),
+            bbox: Vec::with_capacity(n * 4),
+            objects_conf: Vec::with_capacity(n),
+            objects_id: Vec::with_capacity(n),
+            num_boxes: n,
+            image_w: clip.image_w,
+            image_h: clip.image_h,
+        };
+        for (x, b, c, id) in regions {
+            out.x.extend_from_slice(&x);
+            out.bbox.extend_from_slice(&b);
+            out.objects_conf.push(c);
+            out.objects_id.push(id);
+        }
+        out
+    }
+
+    /// Per-frame noise on the active dimensions plus a few spurious activations, then ReLU.
+    fn add_frame_noise(&self, rng: &mut Rng, x: &mut [f32]) {
+        for v in x.iter_mut() {
+            if *v != 0.0 {
+                *v += 0.25 * rng.normal();
+            }
+        }
+        for _ in 0..16 {
+            let i = rng.below(x.len());
+            x[i] += rng.uniform();
+        }
+        for v in x.iter_mut() {
+            *v = v.max(0.0);
+        }
+    }
+}
+
+fn caption(rng: &mut Rng, main: &ObjectSpec, second: Option<&ObjectSpec>, image: bool, variant: usize) -> String {
+    let (name, cat) = OBJECTS[main.class];
+    let colour = COLOURS[main.colour];
+    let art = |w: &str| if w.starts_with(['a', 'e', 'i', 'o', 'u']) { "an" } else { "a" };
+    let phrases = main.motion.phrases(cat);
+    let verb = phrases[(variant + rng.below(2)) % 2];
+    let tail = match second {
+        Some(s) => {
+            let (n2, _) = OBJECTS[s.class];
+            let c2 = COLOURS[s.colour];
+            match rng.below(3) {
+                0 => format!(" past {} {c2} {n2}", art(c2)),
+                1 => format!(" near {} {n2}", art(n2)),
+                _ => format!(" next to {} {c2} {n2}", art(c2)),
+            }
+        }
+        None => String::new(),
+    };
+    if image {
+        // Still images: no motion words, photo-caption style.
+        let lead = ["a photo of", "picture of", "there is"][rng.below(3)];
+        return format!("{lead} {} {colour} {name}{tail}", art(colour));
+    }
+    match (variant + rng.below(3)) % 3 {
+        0 => format!("{} {colour} {name} {verb}{tail}", art(colour)),
+        1 => format!("the {colour} {name} {verb}{tail}"),
+        _ => format!("in this video {} {colour} {name} {verb}{tail}", art(colour)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn small(seed: u64) -> SyntheticCorpus {
+        let mut c = CorpusConfig::new(seed);
+        c.pretrain_videos = 30;
+        c.pretrain_images = 10;
+        c.finetune_train = 20;
+        c.test = 20;
+        SyntheticCorpus::new(c)
+    }
+
+    #[test]
+    fn deterministic_from_seed() {
+        let (a, b, c) = (small(7), small(7), small(8));
+        for split in Split::ALL {
+            assert_eq!(a.clips(split), b.clips(split));
+        }
+        let clip = &a.clips(Split::Test)[3];
+        assert_eq!(a.frame(clip, 2), b.frame(&b.clips(Split::Test)[3], 2));
+        assert_ne!(a.clips(Split::Test)[3].captions, c.clips(Split::Test)[3].captions);
+        // Frames of one clip differ (noise, motion) but frames are reproducible in any order.
+        let f5 = a.frame(clip, 5);
+        let _ = a.frame(clip, 0);
+        assert_eq!(a.frame(clip, 5), f5);
+        assert_ne!(a.frame(clip, 4), f5);
+    }
+
+    #[test]
+    fn frames_look_like_detector_output() {
+        let corpus = small(1);
+        let mut few_regions = 0;
+        let mut short = 0;
+        for clip in corpus.clips(Split::PretrainVideo).iter().chain(corpus.clips(Split::Test)) {
+            assert!(clip.frames >= 1 && clip.frames <= 8);
+            short += (clip.frames < 8) as usize;
+            let f = corpus.frame(clip, clip.frames - 1);
+            assert!(f.num_boxes >= 1 && f.num_boxes <= 30, "{}", f.num_boxes);
+            few_regions += (f.num_boxes < 10) as usize;
+            assert_eq!(f.x.len(), f.num_boxes * 2048);
+            assert!(f.x.iter().all(|v| v.is_finite() && *v >= 0.0));
+            for b in f.bbox.chunks(4) {
+                assert!(b[0] < b[2] && b[1] < b[3] && b[2] <= f.image_w as f32 && b[3] <= f.image_h as f32, "{b:?}");
+            }
+            // The named objects are the confident detections.
+            let top = f.objects_conf.iter().cloned().fold(0.0, f32::max);
+            let top_id = f.objects_id[f.objects_conf.iter().position(|&c| c == top).unwrap()];
+            assert!(top >= 0.45 && top_id < 1000);
+        }
+        assert!(few_regions > 0 && short > 0, "padding paths must be exercised: {few_regions} {short}");
+    }
+
+    #[test]
+    fn boxes_move_as_the_caption_says() {
+        let corpus = small(3);
+        for clip in corpus.clips(Split::Test).iter().filter(|c| c.frames >= 4 && c.second.as_ref().map_or(true, |s| s.class != c.main.class)) {
+            let centre = |f: usize| {
+                let fr = corpus.frame(clip, f);
+                // Main object's whole box = the detection with its class, first part scale 1.
+                let idx = (0..fr.num_boxes)
+                    .filter(|&i| fr.objects_id[i] == clip.main.class as i64)
+                    .max_by(|&a, &b| {
+                        let area = |i: usize| (fr.bbox[4 * i + 2] - fr.bbox[4 * i]) * (fr.bbox[4 * i + 3] - fr.bbox[4 * i + 1]);
+                        area(a).total_cmp(&area(b))
+                    })
+                    .unwrap();
+                let b = &fr.bbox[4 * idx..4 * idx + 4];
+                ((b[0] + b[2]) / 2.0 / fr.image_w as f32, (b[1] + b[3]) / 2.0 / fr.image_h as f32)
+            };
+            let (a, b) = (centre(0), centre(clip.frames - 1));
+            let cap = &clip.captions[0];
+            match clip.main.motion {
+                Motion::Left => assert!(b.0 < a.0 - 0.1 && cap.contains("left"), "{cap} {a:?} {b:?}"),
+                Motion::Right => assert!(b.0 > a.0 + 0.1 && cap.contains("right"), "{cap}"),
+                Motion::Up => assert!(b.1 < a.1 - 0.1 && cap.contains("up"), "{cap}"),
+                Motion::Down => assert!(b.1 > a.1 + 0.1 && cap.contains("down"), "{cap}"),
+                Motion::Still => assert!((b.0 - a.0).abs() < 0.1 && (b.1 - a.1).abs() < 0.1, "{cap}"),
+            }
+            assert!(cap.contains(COLOURS[clip.main.colour]) && cap.contains(OBJECTS[clip.main.class].0), "{cap}");
+        }
+    }
+
+    #[test]
+    fn lookup_by_id() {
+        let corpus = small(2);
+        let c = &corpus.clips(Split::FinetuneTrain)[7];
+        assert_eq!(corpus.clip(&c.id), Some(c));
+        assert_eq!(corpus.clip("synth_msrvtt_train/v999999"), None);
+        assert_eq!(c.captions.len(), 3);
+    }
+}
