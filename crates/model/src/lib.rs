@@ -3,8 +3,10 @@
 
 pub mod adamw;
 pub mod config;
+pub mod hf;
 pub mod io;
 pub mod params;
+pub mod torch;
 
 pub use config::{ModelConfig, TextConfig, TextKind, VideoConfig};
 pub use params::{ParamId, Params, ParamsBuilder};
