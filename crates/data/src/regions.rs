@@ -1,0 +1,321 @@
+//! Clip → model input (SPEC §3): frame choice, per-frame region selection (sort by
+//! confidence, top-R, edge padding, mask) and the 2054-d region token
+//! (2048-d pooled feature + 6-d box feature).
+//!
+//! Sources of region features implement [`FeatureSource`]: [`NpzTree`] reads the
+//! extractor's `<root>/<clip>/<i>.npz` files, [`crate::pack::PackedStore`] the packed shards.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use demovlp_formats::{Npz, Value};
+use demovlp_kernels::rng::Rng;
+
+/// Width of a detector region feature.
+pub const FEAT_DIM: usize = 2048;
+/// Width of the box feature appended to it.
+pub const BOX_DIM: usize = 6;
+/// Width of one region token.
+pub const TOKEN_DIM: usize = FEAT_DIM + BOX_DIM;
+
+/// One frame's regions in selection order (confidence descending), as every source
+/// hands them to [`fill_frame`].
+pub struct SortedFrame<'a> {
+    /// Number of regions stored for the frame (N ≥ 1).
+    pub n: usize,
+    /// Row `i` = the feature of the i-th most confident region; `feat(i)` gives `[2048]`.
+    pub feat: &'a dyn Fn(usize, &mut [f32]),
+    /// `[n, 6]` box features, same order.
+    pub boxes: &'a [f32],
+    /// `[n]` index of each region in the file's `x` array.
+    pub source_rows: &'a [u32],
+}
+
+/// Writes the first `regions` tokens of a sorted frame into `object` `[R, 2054]` and
+/// `mask` `[R]`; when the frame has fewer, the last real row is repeated ("edge" padding)
+/// with mask 0. Returns the stored row behind each slot.
+pub fn fill_frame(f: &SortedFrame, regions: usize, object: &mut [f32], mask: &mut [f32], rows: &mut Vec<usize>) {
+    debug_assert!(f.n >= 1);
+    for slot in 0..regions {
+        let i = slot.min(f.n - 1);
+        let tok = &mut object[slot * TOKEN_DIM..(slot + 1) * TOKEN_DIM];
+        (f.feat)(i, &mut tok[..FEAT_DIM]);
+        tok[FEAT_DIM..].copy_from_slice(&f.boxes[i * BOX_DIM..(i + 1) * BOX_DIM]);
+        mask[slot] = if slot < f.n { 1.0 } else { 0.0 };
+        rows.push(f.source_rows[i] as usize);
+    }
+}
+
+/// Somewhere region features come from: the `.npz` tree or the packed store.
+pub trait FeatureSource: Send + Sync {
+    /// Where the features live (for messages).
+    fn describe(&self) -> String;
+    /// Number of stored frames V of `clip` (frames are 0..V).
+    fn frame_count(&self, clip: &str) -> Result<usize>;
+    /// Fills `object` `[R, 2054]` and `mask` `[R]` for frame `frame` of `clip` with its
+    /// top-`regions` regions; appends the stored row behind each slot to `rows`.
+    fn frame_regions(
+        &self,
+        clip: &str,
+        frame: usize,
+        regions: usize,
+        object: &mut [f32],
+        mask: &mut [f32],
+        rows: &mut Vec<usize>,
+    ) -> Result<()>;
+}
+
+/// How frames are chosen inside each segment.
+pub enum FrameChoice<'a> {
+    /// Evaluation: the middle frame floor((b_j + b_{j+1} − 1) / 2).
+    Middle,
+    /// Training: uniform over the whole segment [b_j, b_{j+1} − 1] (the reference's
+    /// [b_j, b_{j+1} − 1) never picks the last frame; see SPEC §3).
+    Random(&'a mut Rng),
+}
+
+/// A clip turned into model input: `k = min(S, V)` frames.
+#[derive(Clone, Debug)]
+pub struct ClipInput {
+    pub frame_indices: Vec<usize>,
+    pub regions: usize,
+    /// `[k, R, 2054]`
+    pub object: Vec<f32>,
+    /// `[k, R]`, 1 = real region, 0 = padding
+    pub mask: Vec<f32>,
+    /// `[k, R]` row of the frame's `x` behind each slot.
+    pub source_rows: Vec<usize>,
+}
+
+/// Segment boundaries b_j = floor(j·V/k), computed as the reference's
+/// `np.linspace(0, V, k + 1).astype(int)` does (f64 `j * (V / k)`, last = V).
+pub fn segment_bounds(frames: usize, segments: usize) -> Vec<usize> {
+    let k = segments.min(frames);
+    let step = frames as f64 / k as f64;
+    let mut b: Vec<usize> = (0..=k).map(|j| (j as f64 * step).floor() as usize).collect();
+    b[k] = frames;
+    b
+}
+
+/// The frame indices to use for a clip of `frames` frames split into `segments` segments.
+pub fn choose_frames(frames: usize, segments: usize, choice: &mut FrameChoice) -> Result<Vec<usize>> {
+    if frames == 0 || segments == 0 {
+        bail!("cannot choose frames: {frames} frames, {segments} segments");
+    }
+    let b = segment_bounds(frames, segments);
+    Ok(b.windows(2)
+        .map(|w| match choice {
+            FrameChoice::Middle => (w[0] + w[1] - 1) / 2,
+            FrameChoice::Random(rng) => w[0] + rng.below(w[1] - w[0]),
+        })
+        .collect())
+}
+
+/// Frame choice + region selection for one clip (SPEC §3).
+pub fn select_clip(
+    src: &dyn FeatureSource,
+    clip: &str,
+    segments: usize,
+    regions: usize,
+    mut choice: FrameChoice,
+) -> Result<ClipInput> {
+    if regions == 0 {
+        bail!("regions per frame must be at least 1");
+    }
+    let v = src.frame_count(clip)?;
+    let frame_indices = choose_frames(v, segments, &mut choice)?;
+    let k = frame_indices.len();
+    let mut object = vec![0f32; k * regions * TOKEN_DIM];
+    let mut mask = vec![0f32; k * regions];
+    let mut source_rows = Vec::with_capacity(k * regions);
+    for (j, &f) in frame_indices.iter().enumerate() {
+        src.frame_regions(
+            clip,
+            f,
+            regions,
+            &mut object[j * regions * TOKEN_DIM..(j + 1) * regions * TOKEN_DIM],
+            &mut mask[j * regions..(j + 1) * regions],
+            &mut source_rows,
+        )?;
+    }
+    Ok(ClipInput { frame_indices, regions, object, mask, source_rows })
+}
+
+/// One frame as the extractor stored it, validated.
+pub struct FrameFile {
+    /// `[n, 2048]`
+    pub x: Vec<f32>,
+    /// `[n, 4]` (x1, y1, x2, y2) in pixels
+    pub bbox: Vec<f32>,
+    /// `[n]` from `info['objects_conf']`
+    pub conf: Vec<f32>,
+    pub image_w: f32,
+    pub image_h: f32,
+    pub n: usize,
+}
+
+impl FrameFile {
+    /// Reads and validates `<i>.npz`: shapes, the info dict, finite values.
+    /// Every error names the file and the problem.
+    pub fn read(path: &Path) -> Result<FrameFile> {
+        let npz = Npz::open(path)?;
+        let p = path.display();
+        let x = npz.array("x")?;
+        if x.shape.len() != 2 || x.shape[1] != FEAT_DIM {
+            bail!("{p}: feature array 'x' has shape {:?}, expected [N, {FEAT_DIM}] (wrong feature width)", x.shape);
+        }
+        let n = x.shape[0];
+        if n == 0 {
+            bail!("{p}: frame has no regions");
+        }
+        let bbox = npz.array("bbox")?;
+        if bbox.shape != [n, 4] {
+            bail!("{p}: 'bbox' has shape {:?}, expected [{n}, 4]", bbox.shape);
+        }
+        let info = npz.object("info")?;
+        let conf = match info.get("objects_conf") {
+            Some(Value::Array(a)) => a.to_f32().with_context(|| format!("{p}: info['objects_conf']"))?,
+            Some(Value::List(l)) => l.iter().map(|v| v.as_f64().map(|f| f as f32)).collect::<Option<Vec<_>>>()
+                .with_context(|| format!("{p}: info['objects_conf'] is not a list of numbers"))?,
+            Some(other) => bail!("{p}: info['objects_conf'] is a {}, expected an array", other.kind()),
+            None => bail!("{p}: info has no 'objects_conf'"),
+        };
+        if conf.len() != n {
+            bail!("{p}: info['objects_conf'] has {} entries for {n} regions", conf.len());
+        }
+        let dim = |key: &str| -> Result<f32> {
+            let v = info.get(key).and_then(Value::as_f64).with_context(|| format!("{p}: info has no numeric '{key}'"))?;
+            if !(v > 0.0 && v.is_finite()) {
+                bail!("{p}: info['{key}'] = {v}, expected a positive size");
+            }
+            Ok(v as f32)
+        };
+        let (image_w, image_h) = (dim("image_w")?, dim("image_h")?);
+        let x = x.to_f32()?;
+        let bbox = bbox.to_f32()?;
+        for (name, vals) in [("x", &x), ("bbox", &bbox), ("info['objects_conf']", &conf)] {
+            if let Some(i) = vals.iter().position(|v| !v.is_finite()) {
+                bail!("{p}: '{name}' holds a non-finite value ({}) at flat index {i}", vals[i]);
+            }
+        }
+        Ok(FrameFile { x, bbox, conf, image_w, image_h, n })
+    }
+
+    /// Region order used for selection: confidence descending. Ties go to the higher
+    /// row first, as the reference's `np.argsort(conf)[::-1]` does with a stable sort.
+    pub fn sorted_rows(&self) -> Vec<u32> {
+        let mut idx: Vec<u32> = (0..self.n as u32).collect();
+        idx.sort_by(|&a, &b| {
+            self.conf[b as usize].partial_cmp(&self.conf[a as usize]).unwrap().then(b.cmp(&a))
+        });
+        idx
+    }
+
+    /// 6-d box feature of row `i`, computed in f32 in the reference's operation order.
+    pub fn box_feature(&self, i: usize) -> [f32; 6] {
+        let b = &self.bbox[i * 4..i * 4 + 4];
+        let (w, h) = (self.image_w, self.image_h);
+        let sw = (b[2] - b[0]) / w;
+        let sh = (b[3] - b[1]) / h;
+        let sx = b[0] / w;
+        let sy = b[1] / h;
+        [sx, sy, sx + sw, sy + sh, sw, sh]
+    }
+
+    /// Features in selection order: `(order, boxes [n,6])`.
+    pub fn sorted_boxes(&self, order: &[u32]) -> Vec<f32> {
+        order.iter().flat_map(|&i| self.box_feature(i as usize)).collect()
+    }
+}
+
+/// The extractor's layout: `<root>/<clip>/<i>.npz`, i = 0..V. A clip that is a single
+/// file `<root>/<clip>.npz` (CC3M images) counts as a one-frame clip.
+pub struct NpzTree {
+    pub root: PathBuf,
+}
+
+impl NpzTree {
+    pub fn new(root: impl Into<PathBuf>) -> NpzTree {
+        NpzTree { root: root.into() }
+    }
+
+    /// The file holding frame `frame` of `clip`.
+    pub fn frame_path(&self, clip: &str, frame: usize) -> PathBuf {
+        let dir = self.root.join(clip);
+        if !dir.is_dir() {
+            let single = self.root.join(format!("{clip}.npz"));
+            if frame == 0 && single.is_file() {
+                return single;
+            }
+        }
+        dir.join(format!("{frame}.npz"))
+    }
+
+    /// Reads one frame file, validated.
+    pub fn read_frame(&self, clip: &str, frame: usize) -> Result<FrameFile> {
+        let path = self.frame_path(clip, frame);
+        if !path.exists() {
+            bail!("{}: frame file missing", path.display());
+        }
+        FrameFile::read(&path)
+    }
+}
+
+/// Counts the frames `0.npz, 1.npz, …` in a clip directory, refusing gaps.
+pub fn count_frames(dir: &Path) -> Result<usize> {
+    let rd = std::fs::read_dir(dir).with_context(|| format!("{}: clip directory missing or unreadable", dir.display()))?;
+    let mut idx = Vec::new();
+    for e in rd {
+        let name = e?.file_name();
+        let name = name.to_string_lossy();
+        if let Some(stem) = name.strip_suffix(".npz") {
+            if let Ok(i) = stem.parse::<usize>() {
+                idx.push(i);
+            }
+        }
+    }
+    idx.sort_unstable();
+    if idx.first() != Some(&0) {
+        bail!("{}: missing 0.npz (frame files must be 0.npz, 1.npz, ...)", dir.display());
+    }
+    if let Some(gap) = idx.iter().enumerate().find(|(k, &i)| *k != i) {
+        bail!("{}: frame files are not contiguous: {}.npz missing", dir.display(), gap.0);
+    }
+    Ok(idx.len())
+}
+
+impl FeatureSource for NpzTree {
+    fn describe(&self) -> String {
+        format!("npz tree {}", self.root.display())
+    }
+
+    fn frame_count(&self, clip: &str) -> Result<usize> {
+        let dir = self.root.join(clip);
+        if !dir.is_dir() && self.root.join(format!("{clip}.npz")).is_file() {
+            return Ok(1);
+        }
+        count_frames(&dir)
+    }
+
+    fn frame_regions(
+        &self,
+        clip: &str,
+        frame: usize,
+        regions: usize,
+        object: &mut [f32],
+        mask: &mut [f32],
+        rows: &mut Vec<usize>,
+    ) -> Result<()> {
+        let f = self.read_frame(clip, frame)?;
+        let order = f.sorted_rows();
+        // Only the kept rows' boxes are needed.
+        let keep = &order[..order.len().min(regions)];
+        let boxes = f.sorted_boxes(keep);
+        let feat = |i: usize, out: &mut [f32]| {
+            let r = keep[i] as usize;
+            out.copy_from_slice(&f.x[r * FEAT_DIM..(r + 1) * FEAT_DIM]);
+        };
+        fill_frame(&SortedFrame { n: keep.len(), feat: &feat, boxes: &boxes, source_rows: keep }, regions, object, mask, rows);
+        Ok(())
+    }
+}
