@@ -1,1 +1,18 @@
-//! demovlp-retrieval (being built; see README for the crate tour).
+//! demovlp-retrieval: everything that happens on embeddings once the towers have run.
+//!
+//! - [`loss`]: the training losses (SPEC §6) with explicit forward and hand-written
+//!   backward — the global contrastive loss ([`global`]) and the region-word alignment
+//!   loss, fused per (text, video) pair ([`local`]) so no (B, B, words, regions) tensor
+//!   is ever allocated.
+//! - [`eval`]: evaluation scores global + local (SPEC §8), blocked, bounded memory.
+//! - [`metrics`]: R@K / MedR / MeanR exactly as the published evaluation computes them.
+//! - [`reference`]: a straightforward unfused implementation of the same computations,
+//!   materialising the per-block tensors like the published code. It is the oracle the
+//!   fused kernels are tested against and the baseline `demovlp bench eval-sims` times.
+
+pub mod fastmath;
+pub mod global;
+pub mod local;
+pub mod loss;
+
+pub use loss::{losses_forward, losses_forward_backward, LossConfig, LossGrads, LossInputs, LossOutputs};
