@@ -17,4 +17,4 @@ pub mod tokenizer;
 // pub use loader::{Batch, Loader, LoaderConfig};
 // pub use pack::PackedStore;
 pub use regions::{select_clip, ClipInput, FeatureSource, FrameChoice, NpzTree, TOKEN_DIM};
-// pub use tokenizer::TextTokenizer;
+pub use tokenizer::TextTokenizer;
