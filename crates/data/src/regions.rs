@@ -319,3 +319,30 @@ impl FeatureSource for NpzTree {
         Ok(())
     }
 }
+
+impl ClipInput {
+    /// Number of frames k.
+    pub fn frames(&self) -> usize {
+        self.frame_indices.len()
+    }
+
+    /// Writes `object` f32 [k,R,2054], `mask` f32 [k,R], `frames` i64 [k] as safetensors
+    /// (via a temporary file and rename).
+    pub fn write_safetensors(&self, path: &Path) -> Result<()> {
+        use safetensors::tensor::{Dtype, TensorView};
+        let (k, r) = (self.frames(), self.regions);
+        let object: Vec<u8> = self.object.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let mask: Vec<u8> = self.mask.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let frames: Vec<u8> = self.frame_indices.iter().flat_map(|&v| (v as i64).to_le_bytes()).collect();
+        let tensors = vec![
+            ("object", TensorView::new(Dtype::F32, vec![k, r, TOKEN_DIM], &object)?),
+            ("mask", TensorView::new(Dtype::F32, vec![k, r], &mask)?),
+            ("frames", TensorView::new(Dtype::I64, vec![k], &frames)?),
+        ];
+        let tmp = path.with_extension("safetensors.tmp");
+        safetensors::tensor::serialize_to_file(tensors, &None, &tmp)
+            .with_context(|| format!("{}: cannot write", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename into place", path.display()))?;
+        Ok(())
+    }
+}
