@@ -14,5 +14,6 @@ pub mod fastmath;
 pub mod global;
 pub mod local;
 pub mod loss;
+pub mod reference;
 
 pub use loss::{losses_forward, losses_forward_backward, LossConfig, LossGrads, LossInputs, LossOutputs};
