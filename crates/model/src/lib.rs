@@ -5,9 +5,14 @@ pub mod adamw;
 pub mod config;
 pub mod hf;
 pub mod io;
+pub mod layers;
+pub mod model;
 pub mod params;
+pub mod text;
 pub mod torch;
+pub mod video;
 
 pub use config::{ModelConfig, TextConfig, TextKind, VideoConfig};
 pub use params::{ParamId, Params, ParamsBuilder};
 pub use adamw::{AdamW, AdamWSettings};
+pub use model::{declare_params, BatchRef, Model, TextEmbeddings, VideoEmbeddings};

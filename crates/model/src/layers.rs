@@ -1,0 +1,104 @@
+//! Parameterised building blocks over the flat parameter buffers: each layer holds the
+//! ranges of its tensors inside `Params::data` / `Params::grad`, so a backward pass can read
+//! weights and write gradients at the same time. Backward passes accumulate (`+=`).
+
+use crate::params::Params;
+use demovlp_kernels::{layernorm, linear};
+use std::ops::Range;
+
+/// Location of a named tensor; panics with the name when it was not declared.
+pub fn range(p: &Params, name: &str) -> Range<usize> {
+    let id = p.id(name).unwrap_or_else(|| panic!("parameter {name} is not declared"));
+    let s = p.spec(id);
+    s.offset..s.offset + s.len
+}
+
+/// Two disjoint mutable views of one buffer.
+pub fn two_mut(buf: &mut [f32], a: Range<usize>, b: Range<usize>) -> (&mut [f32], &mut [f32]) {
+    assert!(a.end <= b.start || b.end <= a.start, "overlapping parameter ranges");
+    if a.start < b.start {
+        let (lo, hi) = buf.split_at_mut(b.start);
+        (&mut lo[a], &mut hi[..b.len()])
+    } else {
+        let (lo, hi) = buf.split_at_mut(a.start);
+        (&mut hi[..a.len()], &mut lo[b])
+    }
+}
+
+/// `nn.Linear`: weight `[out, in]`, optional bias.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    pub w: Range<usize>,
+    pub b: Option<Range<usize>>,
+    pub din: usize,
+    pub dout: usize,
+}
+
+impl Linear {
+    pub fn new(p: &Params, prefix: &str, din: usize, dout: usize, bias: bool) -> Self {
+        let w = range(p, &format!("{prefix}.weight"));
+        assert_eq!(w.len(), din * dout, "{prefix}.weight: wrong size");
+        let b = bias.then(|| range(p, &format!("{prefix}.bias")));
+        Linear { w, b, din, dout }
+    }
+
+    /// y[n,out] = x[n,in]·Wᵀ + b with x rows `ldx` apart.
+    pub fn forward(&self, data: &[f32], x: &[f32], ldx: usize, n: usize, y: &mut [f32]) {
+        let b = self.b.as_ref().map(|r| &data[r.clone()]);
+        linear::linear_forward(x, ldx, &data[self.w.clone()], b, y, n, self.din, self.dout);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(&self, data: &[f32], grad: &mut [f32], x: &[f32], ldx: usize, n: usize, dy: &[f32], dx: Option<&mut [f32]>) {
+        let w = &data[self.w.clone()];
+        match &self.b {
+            Some(b) => {
+                let (dw, db) = two_mut(grad, self.w.clone(), b.clone());
+                linear::linear_backward(x, ldx, w, dy, n, self.din, self.dout, dx, dw, Some(db));
+            }
+            None => linear::linear_backward(x, ldx, w, dy, n, self.din, self.dout, dx, &mut grad[self.w.clone()], None),
+        }
+    }
+}
+
+/// `nn.LayerNorm(dim, eps)` with affine weight and bias.
+#[derive(Clone, Debug)]
+pub struct LayerNorm {
+    pub w: Range<usize>,
+    pub b: Range<usize>,
+    pub dim: usize,
+    pub eps: f32,
+}
+
+impl LayerNorm {
+    pub fn new(p: &Params, prefix: &str, dim: usize, eps: f32) -> Self {
+        LayerNorm { w: range(p, &format!("{prefix}.weight")), b: range(p, &format!("{prefix}.bias")), dim, eps }
+    }
+
+    pub fn forward(&self, data: &[f32], x: &[f32], y: &mut [f32], mean: &mut [f32], rstd: &mut [f32]) {
+        layernorm::layernorm_forward(x, &data[self.w.clone()], &data[self.b.clone()], self.eps, y, mean, rstd, self.dim);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(&self, data: &[f32], grad: &mut [f32], x: &[f32], mean: &[f32], rstd: &[f32], dy: &[f32], dx: &mut [f32]) {
+        let (dw, db) = two_mut(grad, self.w.clone(), self.b.clone());
+        layernorm::layernorm_backward(x, &data[self.w.clone()], mean, rstd, dy, dx, dw, db, self.dim);
+    }
+}
+
+/// Resize an arena buffer to `n` values: reuses the allocation whenever it is big enough,
+/// so a steady stream of same-shaped batches allocates nothing after the first.
+pub fn fit(v: &mut Vec<f32>, n: usize) {
+    v.resize(n, 0.0);
+}
+
+/// Fit then zero (gradient accumulators).
+pub fn zeroed(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    v.resize(n, 0.0);
+    v.iter_mut().for_each(|x| *x = 0.0);
+    &mut v[..]
+}
+
+pub fn add_in_place(y: &mut [f32], x: &[f32]) {
+    y.iter_mut().zip(x).for_each(|(y, x)| *y += x);
+}

@@ -1,0 +1,302 @@
+//! The whole DemoVLP model: text tower → ReLU → `txt_proj` Linear(D→P) on every token, video
+//! tower with its own projection, the retrieval losses, and explicit backward passes into
+//! `params.grad`. Activations live in an arena of reusable buffers sized by the largest
+//! batch seen so far, so steady-state training steps allocate nothing here.
+
+use crate::config::{ModelConfig, TextKind};
+use crate::layers::{fit, zeroed, Linear};
+use crate::params::{Params, ParamsBuilder};
+use crate::text::{self, TextActs, TextTower};
+use crate::video::{self, VideoActs, VideoTower};
+use demovlp_kernels::activation::{relu_backward, relu_forward};
+use demovlp_kernels::Rng;
+use demovlp_retrieval::{losses_forward, losses_forward_backward, LossConfig, LossInputs, LossOutputs};
+
+/// One training/evaluation batch (borrowed).
+#[derive(Clone, Copy, Debug)]
+pub struct BatchRef<'a> {
+    pub batch: usize,
+    pub frames: usize,
+    pub regions: usize,
+    pub text_len: usize,
+    /// `[B, F, R, 2054]`
+    pub object: &'a [f32],
+    /// `[B, F, R]`, 1 real / 0 padding
+    pub object_mask: &'a [f32],
+    /// `[B, L]`
+    pub input_ids: &'a [i64],
+    /// `[B, L]`
+    pub attention_mask: &'a [i64],
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct TextEmbeddings {
+    /// `[B, P]` (token 0)
+    pub global: Vec<f32>,
+    /// `[B, L-1, P]` (tokens 1.., padding included)
+    pub local: Vec<f32>,
+    /// `[B, L-1]`: 0 real / −100 padding
+    pub mask_additive: Vec<f32>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct VideoEmbeddings {
+    /// `[B, P]` (the CLS token)
+    pub global: Vec<f32>,
+    /// `[B, F·R, P]`
+    pub local: Vec<f32>,
+    /// `[B, F·R]`: 0 real / −100 padding
+    pub mask_additive: Vec<f32>,
+}
+
+/// Reused buffers between the towers and the loss.
+#[derive(Clone, Debug, Default)]
+struct Arena {
+    text: TextActs,
+    video: VideoActs,
+    /// ReLU(last hidden state) `[B, L, D]`
+    relu: Vec<f32>,
+    /// txt_proj output `[B, L, P]`
+    text_out: Vec<f32>,
+    global_text: Vec<f32>,
+    local_text: Vec<f32>,
+    text_mask: Vec<f32>,
+    global_video: Vec<f32>,
+    local_video: Vec<f32>,
+    video_mask: Vec<f32>,
+    d_text_out: Vec<f32>,
+    d_video_out: Vec<f32>,
+    d_relu: Vec<f32>,
+    d_hidden: Vec<f32>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Model {
+    pub config: ModelConfig,
+    pub params: Params,
+    text: TextTower,
+    video: VideoTower,
+    txt_proj: Linear,
+    arena: Box<Arena>,
+}
+
+/// Declares every parameter of `config` in published state_dict order
+/// (`text_model.*`, `object_model.*`, `txt_proj.1.*`).
+pub fn declare_params(config: &ModelConfig) -> Params {
+    let mut pb = ParamsBuilder::new();
+    text::declare(&mut pb, &config.text);
+    video::declare(&mut pb, &config.video, config.proj_dim);
+    pb.add("txt_proj.1.weight", &[config.proj_dim, config.text.dim]);
+    pb.add("txt_proj.1.bias", &[config.proj_dim]);
+    pb.build()
+}
+
+impl Model {
+    /// All parameters declared and zero.
+    pub fn new(config: ModelConfig) -> Model {
+        let params = declare_params(&config);
+        Model::from_params(config, params)
+    }
+
+    /// Wraps parameters declared by [`declare_params`] for the same config (e.g. loaded ones).
+    pub fn from_params(config: ModelConfig, params: Params) -> Model {
+        let text = TextTower::new(&params, &config.text);
+        let video = VideoTower::new(&params, &config.video, config.proj_dim);
+        let txt_proj = Linear::new(&params, "txt_proj.1", config.text.dim, config.proj_dim, true);
+        Model { config, params, text, video, txt_proj, arena: Box::default() }
+    }
+
+    /// Published-style initialisation for training from scratch: weights of linears and
+    /// embeddings ~ N(0, 0.02) truncated at ±2σ (timm `trunc_normal_(std=.02)` / HF
+    /// `normal_(0.02)`), biases 0, LayerNorm weight 1 / bias 0, `temporal_embed` 0 (as
+    /// declared in the published code), the word embedding of the padding id 0 zeroed (HF).
+    pub fn init_random(&mut self, seed: u64) {
+        let mut rng = Rng::new(seed);
+        let specs = self.params.specs().to_vec();
+        for s in &specs {
+            let v = &mut self.params.data[s.offset..s.offset + s.len];
+            let n = &s.name;
+            let is_norm = n.contains("LayerNorm") || n.contains("layer_norm") || n.contains(".norm");
+            if is_norm && n.ends_with(".weight") {
+                v.fill(1.0);
+            } else if n.ends_with(".bias") || n == "object_model.temporal_embed" {
+                v.fill(0.0);
+            } else {
+                for x in v.iter_mut() {
+                    *x = loop {
+                        let z = rng.normal();
+                        if z.abs() <= 2.0 {
+                            break 0.02 * z;
+                        }
+                    };
+                }
+            }
+        }
+        let word = self.params.id("text_model.embeddings.word_embeddings.weight").expect("word embeddings declared");
+        let d = self.config.text.dim;
+        self.params.get_mut(word)[..d].fill(0.0);
+    }
+
+    /// Runs both towers; returns the projected tokens: text `[B, L, P]`, video `[B, 1+F·R, P]`.
+    pub fn forward_tokens(&mut self, batch: &BatchRef) -> (&[f32], &[f32]) {
+        self.forward_text(batch.input_ids, batch.attention_mask, batch.batch, batch.text_len);
+        self.forward_video(batch.object, batch.object_mask, batch.batch, batch.frames, batch.regions);
+        (&self.arena.text_out, &self.arena.video.out)
+    }
+
+    fn forward_text(&mut self, ids: &[i64], mask: &[i64], b: usize, l: usize) {
+        let a = &mut *self.arena;
+        let data = &self.params.data;
+        let (d, p) = (self.config.text.dim, self.config.proj_dim);
+        self.text.forward(data, &mut a.text, ids, mask, b, l);
+        fit(&mut a.relu, b * l * d);
+        relu_forward(a.text.last_hidden(), &mut a.relu);
+        fit(&mut a.text_out, b * l * p);
+        self.txt_proj.forward(data, &a.relu, d, b * l, &mut a.text_out);
+    }
+
+    fn forward_video(&mut self, object: &[f32], mask: &[f32], b: usize, f: usize, r: usize) {
+        self.video.forward(&self.params.data, &mut self.arena.video, object, mask, b, f, r);
+    }
+
+    /// Accumulates into `params.grad` the gradient of Σ d_text·text_tokens + Σ d_video·video_tokens
+    /// for the batch of the preceding [`Model::forward_tokens`].
+    pub fn backward_tokens(&mut self, batch: &BatchRef, d_text: &[f32], d_video: &[f32]) {
+        let a = &mut *self.arena;
+        let (b, l) = (a.text.batch, a.text.len);
+        let (d, p) = (self.config.text.dim, self.config.proj_dim);
+        assert_eq!(d_text.len(), b * l * p, "d_text must be [B, L, P]");
+        let data = &self.params.data;
+        let grad = &mut self.params.grad;
+        let d_relu = zeroed(&mut a.d_relu, b * l * d);
+        self.txt_proj.backward(data, grad, &a.relu, d, b * l, d_text, Some(d_relu));
+        let d_hidden = zeroed(&mut a.d_hidden, b * l * d);
+        relu_backward(a.text.last_hidden(), &a.d_relu, d_hidden);
+        self.text.backward(data, grad, &mut a.text, batch.input_ids, &a.d_hidden);
+        self.video.backward(data, grad, &mut a.video, batch.object, d_video);
+    }
+
+    /// Splits the projected tokens into the loss's global/local embeddings and masks (arena).
+    fn gather_embeddings(&mut self, batch: &BatchRef) {
+        let a = &mut *self.arena;
+        let p = self.config.proj_dim;
+        let (b, l) = (batch.batch, batch.text_len);
+        let nr = batch.frames * batch.regions;
+        fit(&mut a.global_text, b * p);
+        fit(&mut a.local_text, b * (l - 1) * p);
+        fit(&mut a.text_mask, b * (l - 1));
+        fit(&mut a.global_video, b * p);
+        fit(&mut a.local_video, b * nr * p);
+        fit(&mut a.video_mask, b * nr);
+        for bi in 0..b {
+            let t = &a.text_out[bi * l * p..(bi + 1) * l * p];
+            a.global_text[bi * p..(bi + 1) * p].copy_from_slice(&t[..p]);
+            a.local_text[bi * (l - 1) * p..(bi + 1) * (l - 1) * p].copy_from_slice(&t[p..]);
+            for j in 1..l {
+                a.text_mask[bi * (l - 1) + j - 1] = (batch.attention_mask[bi * l + j] as f32 - 1.0) * 100.0;
+            }
+            let v = &a.video.out[bi * (1 + nr) * p..(bi + 1) * (1 + nr) * p];
+            a.global_video[bi * p..(bi + 1) * p].copy_from_slice(&v[..p]);
+            a.local_video[bi * nr * p..(bi + 1) * nr * p].copy_from_slice(&v[p..]);
+            a.video_mask[bi * nr..(bi + 1) * nr].copy_from_slice(&a.video.mask_add[bi * (1 + nr) + 1..(bi + 1) * (1 + nr)]);
+        }
+    }
+
+    fn loss_inputs<'a>(a: &'a Arena, batch: &BatchRef, p: usize) -> LossInputs<'a> {
+        LossInputs {
+            batch: batch.batch,
+            words: batch.text_len - 1,
+            regions: batch.frames * batch.regions,
+            dim: p,
+            global_text: &a.global_text,
+            global_video: &a.global_video,
+            local_text: &a.local_text,
+            local_video: &a.local_video,
+            text_mask_additive: &a.text_mask,
+            video_mask_additive: &a.video_mask,
+        }
+    }
+
+    fn check_batch(&self, batch: &BatchRef) {
+        assert!(batch.text_len >= 2, "text length must be at least 2 (CLS + words)");
+        assert!(batch.batch >= 1, "empty batch");
+    }
+
+    /// Forward, losses, and backward: zeroes then fills `params.grad`.
+    pub fn forward_backward(&mut self, batch: &BatchRef, loss: &LossConfig, use_local: bool) -> LossOutputs {
+        self.check_batch(batch);
+        self.params.zero_grad();
+        self.forward_tokens(batch);
+        self.gather_embeddings(batch);
+        let p = self.config.proj_dim;
+        let (out, g) = losses_forward_backward(loss, &Self::loss_inputs(&self.arena, batch, p), use_local);
+        // Scatter the embedding gradients back onto the token layouts.
+        let a = &mut *self.arena;
+        let (b, l) = (batch.batch, batch.text_len);
+        let nr = batch.frames * batch.regions;
+        fit(&mut a.d_text_out, b * l * p);
+        fit(&mut a.d_video_out, b * (1 + nr) * p);
+        for bi in 0..b {
+            let t = &mut a.d_text_out[bi * l * p..(bi + 1) * l * p];
+            t[..p].copy_from_slice(&g.global_text[bi * p..(bi + 1) * p]);
+            t[p..].copy_from_slice(&g.local_text[bi * (l - 1) * p..(bi + 1) * (l - 1) * p]);
+            let v = &mut a.d_video_out[bi * (1 + nr) * p..(bi + 1) * (1 + nr) * p];
+            v[..p].copy_from_slice(&g.global_video[bi * p..(bi + 1) * p]);
+            v[p..].copy_from_slice(&g.local_video[bi * nr * p..(bi + 1) * nr * p]);
+        }
+        let dt = std::mem::take(&mut a.d_text_out);
+        let dv = std::mem::take(&mut a.d_video_out);
+        self.backward_tokens(batch, &dt, &dv);
+        self.arena.d_text_out = dt;
+        self.arena.d_video_out = dv;
+        out
+    }
+
+    /// Forward and losses only (no gradients touched).
+    pub fn forward_loss(&mut self, batch: &BatchRef, loss: &LossConfig, use_local: bool) -> LossOutputs {
+        self.check_batch(batch);
+        self.forward_tokens(batch);
+        self.gather_embeddings(batch);
+        losses_forward(loss, &Self::loss_inputs(&self.arena, batch, self.config.proj_dim), use_local)
+    }
+
+    /// Text embeddings for evaluation.
+    pub fn embed_text(&mut self, input_ids: &[i64], attention_mask: &[i64], b: usize, l: usize) -> TextEmbeddings {
+        assert!(l >= 2, "text length must be at least 2 (CLS + words)");
+        self.forward_text(input_ids, attention_mask, b, l);
+        let p = self.config.proj_dim;
+        let t = &self.arena.text_out;
+        let mut e = TextEmbeddings { global: Vec::with_capacity(b * p), local: Vec::with_capacity(b * (l - 1) * p), mask_additive: Vec::with_capacity(b * (l - 1)) };
+        for bi in 0..b {
+            e.global.extend_from_slice(&t[bi * l * p..bi * l * p + p]);
+            e.local.extend_from_slice(&t[bi * l * p + p..(bi + 1) * l * p]);
+            e.mask_additive.extend(attention_mask[bi * l + 1..(bi + 1) * l].iter().map(|&m| (m as f32 - 1.0) * 100.0));
+        }
+        e
+    }
+
+    /// Video embeddings for evaluation.
+    pub fn embed_video(&mut self, object: &[f32], object_mask: &[f32], b: usize, f: usize, r: usize) -> VideoEmbeddings {
+        self.forward_video(object, object_mask, b, f, r);
+        let (p, nr) = (self.config.proj_dim, f * r);
+        let a = &self.arena.video;
+        let mut e = VideoEmbeddings { global: Vec::with_capacity(b * p), local: Vec::with_capacity(b * nr * p), mask_additive: Vec::with_capacity(b * nr) };
+        for bi in 0..b {
+            let v = &a.out[bi * (1 + nr) * p..(bi + 1) * (1 + nr) * p];
+            e.global.extend_from_slice(&v[..p]);
+            e.local.extend_from_slice(&v[p..]);
+            e.mask_additive.extend_from_slice(&a.mask_add[bi * (1 + nr) + 1..(bi + 1) * (1 + nr)]);
+        }
+        e
+    }
+
+    /// The text tower's `last_hidden_state` `[B, L, D]` (before ReLU and projection).
+    pub fn text_hidden_states(&mut self, input_ids: &[i64], attention_mask: &[i64], b: usize, l: usize) -> Vec<f32> {
+        self.text.forward(&self.params.data, &mut self.arena.text, input_ids, attention_mask, b, l);
+        self.arena.text.last_hidden().to_vec()
+    }
+
+    pub fn text_kind(&self) -> TextKind {
+        self.config.text.kind
+    }
+}

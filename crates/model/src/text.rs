@@ -1,0 +1,334 @@
+//! Text tower: Hugging Face DistilBertModel or BertModel (post-LayerNorm encoder, GELU-erf
+//! FFN, padding keys masked out), forward and backward over the flat parameter buffers.
+//! Dropout is not applied (the recorded batches are deterministic).
+
+use crate::config::{TextConfig, TextKind};
+use crate::layers::{add_in_place, fit, range, zeroed, LayerNorm, Linear};
+use crate::params::{Params, ParamsBuilder};
+use demovlp_kernels::activation::{gelu_backward, gelu_forward};
+use demovlp_kernels::attention::{attention_backward, attention_forward, merge_heads, split_heads, AttnShape, KeyPattern};
+use demovlp_kernels::embedding::{embedding_backward, embedding_forward};
+use std::ops::Range;
+
+/// Score added to padded keys: exp underflows to exactly 0, like HF's `finfo.min` fill.
+const TEXT_MASK_NEG: f32 = -1e30;
+
+/// Parameter names of one encoder layer, per model family (Hugging Face layouts).
+struct LayerNames {
+    q: String,
+    k: String,
+    v: String,
+    o: String,
+    ln1: String,
+    ffn1: String,
+    ffn2: String,
+    ln2: String,
+}
+
+fn layer_names(kind: TextKind, i: usize) -> LayerNames {
+    match kind {
+        TextKind::Distilbert => {
+            let p = format!("text_model.transformer.layer.{i}");
+            LayerNames {
+                q: format!("{p}.attention.q_lin"),
+                k: format!("{p}.attention.k_lin"),
+                v: format!("{p}.attention.v_lin"),
+                o: format!("{p}.attention.out_lin"),
+                ln1: format!("{p}.sa_layer_norm"),
+                ffn1: format!("{p}.ffn.lin1"),
+                ffn2: format!("{p}.ffn.lin2"),
+                ln2: format!("{p}.output_layer_norm"),
+            }
+        }
+        TextKind::Bert => {
+            let p = format!("text_model.encoder.layer.{i}");
+            LayerNames {
+                q: format!("{p}.attention.self.query"),
+                k: format!("{p}.attention.self.key"),
+                v: format!("{p}.attention.self.value"),
+                o: format!("{p}.attention.output.dense"),
+                ln1: format!("{p}.attention.output.LayerNorm"),
+                ffn1: format!("{p}.intermediate.dense"),
+                ffn2: format!("{p}.output.dense"),
+                ln2: format!("{p}.output.LayerNorm"),
+            }
+        }
+    }
+}
+
+/// Declare the text tower's tensors in Hugging Face state_dict order.
+pub fn declare(pb: &mut ParamsBuilder, c: &TextConfig) {
+    let (d, h) = (c.dim, c.hidden_dim);
+    pb.add("text_model.embeddings.word_embeddings.weight", &[c.vocab_size, d]);
+    pb.add("text_model.embeddings.position_embeddings.weight", &[c.max_position_embeddings, d]);
+    if c.kind == TextKind::Bert {
+        pb.add("text_model.embeddings.token_type_embeddings.weight", &[c.type_vocab_size.max(1), d]);
+    }
+    pb.add("text_model.embeddings.LayerNorm.weight", &[d]);
+    pb.add("text_model.embeddings.LayerNorm.bias", &[d]);
+    let lin = |pb: &mut ParamsBuilder, name: &str, din: usize, dout: usize| {
+        pb.add(format!("{name}.weight"), &[dout, din]);
+        pb.add(format!("{name}.bias"), &[dout]);
+    };
+    let ln = |pb: &mut ParamsBuilder, name: &str| {
+        pb.add(format!("{name}.weight"), &[d]);
+        pb.add(format!("{name}.bias"), &[d]);
+    };
+    for i in 0..c.layers {
+        let n = layer_names(c.kind, i);
+        lin(pb, &n.q, d, d);
+        lin(pb, &n.k, d, d);
+        lin(pb, &n.v, d, d);
+        lin(pb, &n.o, d, d);
+        ln(pb, &n.ln1);
+        lin(pb, &n.ffn1, d, h);
+        lin(pb, &n.ffn2, h, d);
+        ln(pb, &n.ln2);
+    }
+    if c.kind == TextKind::Bert {
+        // BertModel's pooler: in checkpoints, unused by retrieval (no gradient).
+        pb.add_unused("text_model.pooler.dense.weight", &[d, d]);
+        pb.add_unused("text_model.pooler.dense.bias", &[d]);
+    }
+}
+
+#[derive(Clone, Debug)]
+struct TextLayer {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    ln1: LayerNorm,
+    ffn1: Linear,
+    ffn2: Linear,
+    ln2: LayerNorm,
+}
+
+#[derive(Clone, Debug)]
+pub struct TextTower {
+    pub cfg: TextConfig,
+    word: Range<usize>,
+    pos: Range<usize>,
+    token_type: Option<Range<usize>>,
+    ln_emb: LayerNorm,
+    layers: Vec<TextLayer>,
+}
+
+/// What one layer keeps for its backward pass.
+#[derive(Clone, Debug, Default)]
+struct LayerActs {
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    probs: Vec<f32>,
+    ctx: Vec<f32>,
+    z1: Vec<f32>,
+    m1: Vec<f32>,
+    r1: Vec<f32>,
+    x1: Vec<f32>,
+    h: Vec<f32>,
+    z2: Vec<f32>,
+    m2: Vec<f32>,
+    r2: Vec<f32>,
+}
+
+/// Activation arena of the text tower (reused across steps).
+#[derive(Clone, Debug, Default)]
+pub struct TextActs {
+    pub batch: usize,
+    pub len: usize,
+    emb: Vec<f32>,
+    emb_mean: Vec<f32>,
+    emb_rstd: Vec<f32>,
+    mask_add: Vec<f32>,
+    /// Hidden states: xs[0] = embeddings output, xs[layers] = last_hidden_state.
+    xs: Vec<Vec<f32>>,
+    layers: Vec<LayerActs>,
+    ctx_h: Vec<f32>,
+    g: Vec<f32>,
+    // backward scratch
+    dx_a: Vec<f32>,
+    dx_b: Vec<f32>,
+    dz: Vec<f32>,
+    dg: Vec<f32>,
+    dh: Vec<f32>,
+    dctx: Vec<f32>,
+    dctx_h: Vec<f32>,
+    dq_h: Vec<f32>,
+    dk_h: Vec<f32>,
+    dv_h: Vec<f32>,
+    dq: Vec<f32>,
+}
+
+impl TextActs {
+    /// `[B, L, D]` output of the last layer.
+    pub fn last_hidden(&self) -> &[f32] {
+        self.xs.last().map(|v| &v[..]).unwrap_or(&[])
+    }
+}
+
+impl TextTower {
+    pub fn new(p: &Params, c: &TextConfig) -> Self {
+        let (d, h) = (c.dim, c.hidden_dim);
+        let layers = (0..c.layers)
+            .map(|i| {
+                let n = layer_names(c.kind, i);
+                TextLayer {
+                    q: Linear::new(p, &n.q, d, d, true),
+                    k: Linear::new(p, &n.k, d, d, true),
+                    v: Linear::new(p, &n.v, d, d, true),
+                    o: Linear::new(p, &n.o, d, d, true),
+                    ln1: LayerNorm::new(p, &n.ln1, d, c.layer_norm_eps),
+                    ffn1: Linear::new(p, &n.ffn1, d, h, true),
+                    ffn2: Linear::new(p, &n.ffn2, h, d, true),
+                    ln2: LayerNorm::new(p, &n.ln2, d, c.layer_norm_eps),
+                }
+            })
+            .collect();
+        TextTower {
+            cfg: c.clone(),
+            word: range(p, "text_model.embeddings.word_embeddings.weight"),
+            pos: range(p, "text_model.embeddings.position_embeddings.weight"),
+            token_type: (c.kind == TextKind::Bert).then(|| range(p, "text_model.embeddings.token_type_embeddings.weight")),
+            ln_emb: LayerNorm::new(p, "text_model.embeddings.LayerNorm", d, c.layer_norm_eps),
+            layers,
+        }
+    }
+
+    fn attn_shape(&self, b: usize, l: usize) -> AttnShape {
+        AttnShape { batch: b, heads: self.cfg.heads, seq: l, head_dim: self.cfg.dim / self.cfg.heads, pattern: KeyPattern::Full }
+    }
+
+    /// Runs the encoder; the result is `a.last_hidden()` `[B, L, D]`.
+    pub fn forward(&self, data: &[f32], a: &mut TextActs, ids: &[i64], mask: &[i64], b: usize, l: usize) {
+        let c = &self.cfg;
+        let (d, hid) = (c.dim, c.hidden_dim);
+        assert!(d % c.heads == 0, "text dim {d} not divisible by {} heads", c.heads);
+        assert!(l <= c.max_position_embeddings, "text length {l} exceeds max_position_embeddings {}", c.max_position_embeddings);
+        assert!(ids.len() == b * l && mask.len() == b * l, "text inputs must be [B={b}, L={l}]");
+        let n = b * l;
+        a.batch = b;
+        a.len = l;
+
+        // Embeddings: word + position (+ token type 0 for BERT), then LayerNorm.
+        fit(&mut a.emb, n * d);
+        embedding_forward(ids, &data[self.word.clone()], d, &mut a.emb, false);
+        let pos = &data[self.pos.clone()];
+        for row in a.emb.chunks_exact_mut(l * d) {
+            add_in_place(row, &pos[..l * d]);
+        }
+        if let Some(tt) = &self.token_type {
+            let t0 = &data[tt.start..tt.start + d];
+            a.emb.chunks_exact_mut(d).for_each(|r| add_in_place(r, t0));
+        }
+        a.xs.resize_with(c.layers + 1, Vec::new);
+        a.layers.resize_with(c.layers, Default::default);
+        fit(&mut a.xs[0], n * d);
+        fit(&mut a.emb_mean, n);
+        fit(&mut a.emb_rstd, n);
+        self.ln_emb.forward(data, &a.emb, &mut a.xs[0], &mut a.emb_mean, &mut a.emb_rstd);
+
+        fit(&mut a.mask_add, n);
+        for (m, &v) in a.mask_add.iter_mut().zip(mask) {
+            *m = if v == 0 { TEXT_MASK_NEG } else { 0.0 };
+        }
+
+        let shape = self.attn_shape(b, l);
+        let scale = 1.0 / ((d / c.heads) as f32).sqrt();
+        for (li, layer) in self.layers.iter().enumerate() {
+            let (before, after) = a.xs.split_at_mut(li + 1);
+            let (x, out) = (&before[li], &mut after[0]);
+            let la = &mut a.layers[li];
+            for (lin, buf) in [(&layer.q, &mut la.q), (&layer.k, &mut la.k), (&layer.v, &mut la.v)] {
+                fit(buf, n * d);
+                lin.forward(data, x, d, n, buf);
+            }
+            fit(&mut la.probs, shape.probs_len());
+            fit(&mut a.ctx_h, n * d);
+            attention_forward(&shape, scale, &la.q, &la.k, &la.v, d, &a.mask_add, &mut la.probs, &mut a.ctx_h);
+            fit(&mut la.ctx, n * d);
+            merge_heads(&a.ctx_h, &mut la.ctx, d, 0, b, c.heads, l, d / c.heads);
+            // z1 = out_lin(ctx) + x; x1 = LN(z1)
+            fit(&mut la.z1, n * d);
+            layer.o.forward(data, &la.ctx, d, n, &mut la.z1);
+            add_in_place(&mut la.z1, x);
+            fit(&mut la.x1, n * d);
+            fit(&mut la.m1, n);
+            fit(&mut la.r1, n);
+            layer.ln1.forward(data, &la.z1, &mut la.x1, &mut la.m1, &mut la.r1);
+            // z2 = lin2(gelu(lin1(x1))) + x1; out = LN(z2)
+            fit(&mut la.h, n * hid);
+            layer.ffn1.forward(data, &la.x1, d, n, &mut la.h);
+            fit(&mut a.g, n * hid);
+            gelu_forward(&la.h, &mut a.g);
+            fit(&mut la.z2, n * d);
+            layer.ffn2.forward(data, &a.g, hid, n, &mut la.z2);
+            add_in_place(&mut la.z2, &la.x1);
+            fit(out, n * d);
+            fit(&mut la.m2, n);
+            fit(&mut la.r2, n);
+            layer.ln2.forward(data, &la.z2, out, &mut la.m2, &mut la.r2);
+        }
+    }
+
+    /// Accumulates parameter gradients given d(last_hidden_state) `[B, L, D]`;
+    /// `ids` must be those of the preceding forward.
+    pub fn backward(&self, data: &[f32], grad: &mut [f32], a: &mut TextActs, ids: &[i64], dlast: &[f32]) {
+        let c = &self.cfg;
+        let (b, l) = (a.batch, a.len);
+        let (d, hid, heads) = (c.dim, c.hidden_dim, c.heads);
+        let hd = d / heads;
+        let n = b * l;
+        let shape = self.attn_shape(b, l);
+        let scale = 1.0 / (hd as f32).sqrt();
+        fit(&mut a.dx_a, n * d);
+        a.dx_a.copy_from_slice(&dlast[..n * d]);
+        for (li, layer) in self.layers.iter().enumerate().rev() {
+            let la = &a.layers[li];
+            let x = &a.xs[li];
+            // out = LN2(z2)
+            let dz2 = zeroed(&mut a.dz, n * d);
+            layer.ln2.backward(data, grad, &la.z2, &la.m2, &la.r2, &a.dx_a, dz2);
+            // z2 = ffn2(gelu(ffn1(x1))) + x1
+            fit(&mut a.g, n * hid);
+            gelu_forward(&la.h, &mut a.g);
+            let dg = zeroed(&mut a.dg, n * hid);
+            layer.ffn2.backward(data, grad, &a.g, hid, n, &a.dz, Some(dg));
+            let dh = zeroed(&mut a.dh, n * hid);
+            gelu_backward(&la.h, &a.dg, dh);
+            fit(&mut a.dx_b, n * d);
+            a.dx_b.copy_from_slice(&a.dz);
+            layer.ffn1.backward(data, grad, &la.x1, d, n, &a.dh, Some(&mut a.dx_b));
+            // x1 = LN1(z1)
+            let dz1 = zeroed(&mut a.dz, n * d);
+            layer.ln1.backward(data, grad, &la.z1, &la.m1, &la.r1, &a.dx_b, dz1);
+            // z1 = out_lin(attn(q, k, v)) + x
+            a.dx_a.copy_from_slice(&a.dz);
+            let dctx = zeroed(&mut a.dctx, n * d);
+            layer.o.backward(data, grad, &la.ctx, d, n, &a.dz, Some(dctx));
+            fit(&mut a.dctx_h, n * d);
+            split_heads(&a.dctx, d, 0, &mut a.dctx_h, b, heads, l, hd);
+            zeroed(&mut a.dq_h, n * d);
+            zeroed(&mut a.dk_h, n * d);
+            zeroed(&mut a.dv_h, n * d);
+            attention_backward(&shape, scale, &la.q, &la.k, &la.v, d, &la.probs, &a.dctx_h, &mut a.dq_h, &mut a.dk_h, &mut a.dv_h);
+            fit(&mut a.dq, n * d);
+            for (lin, dh) in [(&layer.q, &a.dq_h), (&layer.k, &a.dk_h), (&layer.v, &a.dv_h)] {
+                merge_heads(dh, &mut a.dq, d, 0, b, heads, l, hd);
+                lin.backward(data, grad, x, d, n, &a.dq, Some(&mut a.dx_a));
+            }
+        }
+        // Embeddings LayerNorm, then the three lookups.
+        let demb = zeroed(&mut a.dz, n * d);
+        self.ln_emb.backward(data, grad, &a.emb, &a.emb_mean, &a.emb_rstd, &a.dx_a, demb);
+        embedding_backward(ids, &a.dz, d, &mut grad[self.word.clone()]);
+        let dpos = &mut grad[self.pos.clone()];
+        for row in a.dz.chunks_exact(l * d) {
+            add_in_place(&mut dpos[..l * d], row);
+        }
+        if let Some(tt) = &self.token_type {
+            let dt0 = &mut grad[tt.start..tt.start + d];
+            a.dz.chunks_exact(d).for_each(|r| add_in_place(dt0, r));
+        }
+    }
+}

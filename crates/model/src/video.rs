@@ -1,0 +1,310 @@
+//! Video tower: the published "object transformer". Region tokens
+//! e = Linear(2048→D)(feature) + Linear(6→D)(box), a CLS token, CLS position
+//! `custom_pos_embed[0]` and `temporal_embed[f]` for frame f, additive key mask
+//! (0 CLS / real, −100 padded), pre-LN blocks whose attention lets CLS see every token and a
+//! region of frame f see [CLS, regions of f], then Linear(D→P, no bias) on every token.
+//! `norm3` of each block and the final `norm` exist in checkpoints but are never applied.
+
+use crate::config::VideoConfig;
+use crate::layers::{add_in_place, fit, range, zeroed, LayerNorm, Linear};
+use crate::params::{Params, ParamsBuilder};
+use demovlp_kernels::activation::{gelu_backward, gelu_forward};
+use demovlp_kernels::attention::{attention_backward, attention_forward, merge_heads, split_heads, AttnShape, KeyPattern};
+use std::ops::Range;
+
+/// Declare the video tower's tensors in the published state_dict order.
+pub fn declare(pb: &mut ParamsBuilder, c: &VideoConfig, proj_dim: usize) {
+    let (d, m) = (c.dim, c.mlp_dim);
+    pb.add("object_model.cls_token", &[1, 1, d]);
+    pb.add("object_model.custom_pos_embed", &[1, c.pos_embed_rows, d]);
+    pb.add("object_model.temporal_embed", &[1, c.max_frames, d]);
+    for i in 0..c.depth {
+        let p = format!("object_model.blocks.{i}");
+        pb.add(format!("{p}.norm1.weight"), &[d]);
+        pb.add(format!("{p}.norm1.bias"), &[d]);
+        pb.add(format!("{p}.attn.qkv.weight"), &[3 * d, d]);
+        pb.add(format!("{p}.attn.qkv.bias"), &[3 * d]);
+        pb.add(format!("{p}.attn.proj.weight"), &[d, d]);
+        pb.add(format!("{p}.attn.proj.bias"), &[d]);
+        pb.add(format!("{p}.norm2.weight"), &[d]);
+        pb.add(format!("{p}.norm2.bias"), &[d]);
+        pb.add(format!("{p}.mlp.fc1.weight"), &[m, d]);
+        pb.add(format!("{p}.mlp.fc1.bias"), &[m]);
+        pb.add(format!("{p}.mlp.fc2.weight"), &[d, m]);
+        pb.add(format!("{p}.mlp.fc2.bias"), &[d]);
+        pb.add_unused(format!("{p}.norm3.weight"), &[d]);
+        pb.add_unused(format!("{p}.norm3.bias"), &[d]);
+    }
+    pb.add_unused("object_model.norm.weight", &[d]);
+    pb.add_unused("object_model.norm.bias", &[d]);
+    pb.add("object_model.object_embedding.weight", &[d, c.feature_dim]);
+    pb.add("object_model.object_embedding.bias", &[d]);
+    pb.add("object_model.pos_embedding.weight", &[d, c.box_dim]);
+    pb.add("object_model.pos_embedding.bias", &[d]);
+    pb.add("object_model.proj.weight", &[proj_dim, d]);
+}
+
+#[derive(Clone, Debug)]
+struct Block {
+    norm1: LayerNorm,
+    qkv: Linear,
+    proj: Linear,
+    norm2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+}
+
+#[derive(Clone, Debug)]
+pub struct VideoTower {
+    pub cfg: VideoConfig,
+    cls: Range<usize>,
+    pos_embed: Range<usize>,
+    temporal: Range<usize>,
+    object_embedding: Linear,
+    pos_embedding: Linear,
+    blocks: Vec<Block>,
+    proj: Linear,
+}
+
+#[derive(Clone, Debug, Default)]
+struct BlockActs {
+    m1: Vec<f32>,
+    r1: Vec<f32>,
+    qkv: Vec<f32>,
+    probs: Vec<f32>,
+    ctx: Vec<f32>,
+    xmid: Vec<f32>,
+    m2: Vec<f32>,
+    r2: Vec<f32>,
+    h: Vec<f32>,
+}
+
+/// Activation arena of the video tower (reused across steps).
+#[derive(Clone, Debug, Default)]
+pub struct VideoActs {
+    pub batch: usize,
+    pub frames: usize,
+    pub regions: usize,
+    /// Additive key mask `[B, 1 + F·R]` (0 CLS / real, −100 padded).
+    pub mask_add: Vec<f32>,
+    /// Projected tokens `[B, 1 + F·R, P]`: token 0 global, the rest local.
+    pub out: Vec<f32>,
+    e: Vec<f32>,
+    xs: Vec<Vec<f32>>,
+    blocks: Vec<BlockActs>,
+    y: Vec<f32>,
+    ms: Vec<f32>,
+    rs: Vec<f32>,
+    ctx_h: Vec<f32>,
+    tmp: Vec<f32>,
+    g: Vec<f32>,
+    // backward scratch
+    dx_a: Vec<f32>,
+    dx_b: Vec<f32>,
+    dy: Vec<f32>,
+    dg: Vec<f32>,
+    dh: Vec<f32>,
+    dctx: Vec<f32>,
+    dctx_h: Vec<f32>,
+    dq_h: Vec<f32>,
+    dk_h: Vec<f32>,
+    dv_h: Vec<f32>,
+    dqkv: Vec<f32>,
+}
+
+impl VideoTower {
+    pub fn new(p: &Params, c: &VideoConfig, proj_dim: usize) -> Self {
+        let (d, m) = (c.dim, c.mlp_dim);
+        let blocks = (0..c.depth)
+            .map(|i| {
+                let p_ = format!("object_model.blocks.{i}");
+                Block {
+                    norm1: LayerNorm::new(p, &format!("{p_}.norm1"), d, c.layer_norm_eps),
+                    qkv: Linear::new(p, &format!("{p_}.attn.qkv"), d, 3 * d, true),
+                    proj: Linear::new(p, &format!("{p_}.attn.proj"), d, d, true),
+                    norm2: LayerNorm::new(p, &format!("{p_}.norm2"), d, c.layer_norm_eps),
+                    fc1: Linear::new(p, &format!("{p_}.mlp.fc1"), d, m, true),
+                    fc2: Linear::new(p, &format!("{p_}.mlp.fc2"), m, d, true),
+                }
+            })
+            .collect();
+        VideoTower {
+            cfg: c.clone(),
+            cls: range(p, "object_model.cls_token"),
+            pos_embed: range(p, "object_model.custom_pos_embed"),
+            temporal: range(p, "object_model.temporal_embed"),
+            object_embedding: Linear::new(p, "object_model.object_embedding", c.feature_dim, d, true),
+            pos_embedding: Linear::new(p, "object_model.pos_embedding", c.box_dim, d, true),
+            blocks,
+            proj: Linear::new(p, "object_model.proj", d, proj_dim, false),
+        }
+    }
+
+    fn attn_shape(&self, b: usize, f: usize, r: usize) -> AttnShape {
+        AttnShape { batch: b, heads: self.cfg.heads, seq: 1 + f * r, head_dim: self.cfg.dim / self.cfg.heads, pattern: KeyPattern::Frames { regions: r } }
+    }
+
+    /// `object` `[B, F, R, feature_dim + box_dim]`, `object_mask` `[B, F, R]` (1 real / 0 pad).
+    /// Fills `a.out` and `a.mask_add`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(&self, data: &[f32], a: &mut VideoActs, object: &[f32], object_mask: &[f32], b: usize, f: usize, r: usize) {
+        let c = &self.cfg;
+        let (d, mlp, heads) = (c.dim, c.mlp_dim, c.heads);
+        let row = c.feature_dim + c.box_dim;
+        assert!(d % heads == 0, "video dim {d} not divisible by {heads} heads");
+        assert!(f >= 1 && r >= 1, "video input needs at least one frame and one region");
+        assert!(f <= c.max_frames, "{f} frames but temporal_embed has {} rows", c.max_frames);
+        assert_eq!(object.len(), b * f * r * row, "object must be [B={b}, F={f}, R={r}, {row}]");
+        assert_eq!(object_mask.len(), b * f * r, "object_mask must be [B={b}, F={f}, R={r}]");
+        let nr = f * r;
+        let seq = 1 + nr;
+        let n = b * seq;
+        (a.batch, a.frames, a.regions) = (b, f, r);
+
+        // Region tokens: feature and box projections summed.
+        fit(&mut a.e, b * nr * d);
+        self.object_embedding.forward(data, object, row, b * nr, &mut a.e);
+        fit(&mut a.tmp, b * nr * d);
+        self.pos_embedding.forward(data, &object[c.feature_dim..], row, b * nr, &mut a.tmp);
+        add_in_place(&mut a.e, &a.tmp);
+
+        // Sequence [CLS, regions…] with CLS and temporal positions.
+        a.xs.resize_with(c.depth + 1, Vec::new);
+        a.blocks.resize_with(c.depth, Default::default);
+        let x0 = &mut a.xs[0];
+        fit(x0, n * d);
+        let cls = &data[self.cls.clone()];
+        let pos0 = &data[self.pos_embed.start..self.pos_embed.start + d];
+        let temporal = &data[self.temporal.clone()];
+        for bi in 0..b {
+            let xb = &mut x0[bi * seq * d..(bi + 1) * seq * d];
+            for i in 0..d {
+                xb[i] = cls[i] + pos0[i];
+            }
+            for j in 0..nr {
+                let tf = &temporal[(j / r) * d..(j / r + 1) * d];
+                let src = &a.e[(bi * nr + j) * d..(bi * nr + j + 1) * d];
+                let dst = &mut xb[(1 + j) * d..(2 + j) * d];
+                for i in 0..d {
+                    dst[i] = src[i] + tf[i];
+                }
+            }
+        }
+        fit(&mut a.mask_add, n);
+        for bi in 0..b {
+            a.mask_add[bi * seq] = 0.0;
+            for j in 0..nr {
+                a.mask_add[bi * seq + 1 + j] = (object_mask[bi * nr + j] - 1.0) * 100.0;
+            }
+        }
+
+        let shape = self.attn_shape(b, f, r);
+        let hd = d / heads;
+        let scale = (hd as f32).powf(-0.5);
+        for (li, blk) in self.blocks.iter().enumerate() {
+            let (before, after) = a.xs.split_at_mut(li + 1);
+            let (x, out) = (&before[li], &mut after[0]);
+            let ba = &mut a.blocks[li];
+            // x_mid = x + proj(attn(norm1(x)))
+            fit(&mut a.y, n * d);
+            fit(&mut ba.m1, n);
+            fit(&mut ba.r1, n);
+            blk.norm1.forward(data, x, &mut a.y, &mut ba.m1, &mut ba.r1);
+            fit(&mut ba.qkv, n * 3 * d);
+            blk.qkv.forward(data, &a.y, d, n, &mut ba.qkv);
+            fit(&mut ba.probs, shape.probs_len());
+            fit(&mut a.ctx_h, n * d);
+            attention_forward(&shape, scale, &ba.qkv, &ba.qkv[d..], &ba.qkv[2 * d..], 3 * d, &a.mask_add, &mut ba.probs, &mut a.ctx_h);
+            fit(&mut ba.ctx, n * d);
+            merge_heads(&a.ctx_h, &mut ba.ctx, d, 0, b, heads, seq, hd);
+            fit(&mut ba.xmid, n * d);
+            blk.proj.forward(data, &ba.ctx, d, n, &mut ba.xmid);
+            add_in_place(&mut ba.xmid, x);
+            // out = x_mid + fc2(gelu(fc1(norm2(x_mid))))
+            fit(&mut ba.m2, n);
+            fit(&mut ba.r2, n);
+            blk.norm2.forward(data, &ba.xmid, &mut a.y, &mut ba.m2, &mut ba.r2);
+            fit(&mut ba.h, n * mlp);
+            blk.fc1.forward(data, &a.y, d, n, &mut ba.h);
+            fit(&mut a.g, n * mlp);
+            gelu_forward(&ba.h, &mut a.g);
+            fit(out, n * d);
+            blk.fc2.forward(data, &a.g, mlp, n, out);
+            add_in_place(out, &ba.xmid);
+        }
+        fit(&mut a.out, n * self.proj.dout);
+        self.proj.forward(data, &a.xs[c.depth], d, n, &mut a.out);
+    }
+
+    /// Accumulates parameter gradients given d(out) `[B, 1 + F·R, P]`; `object` must be the
+    /// preceding forward's input.
+    pub fn backward(&self, data: &[f32], grad: &mut [f32], a: &mut VideoActs, object: &[f32], dout: &[f32]) {
+        let c = &self.cfg;
+        let (b, f, r) = (a.batch, a.frames, a.regions);
+        let (d, mlp, heads) = (c.dim, c.mlp_dim, c.heads);
+        let hd = d / heads;
+        let row = c.feature_dim + c.box_dim;
+        let nr = f * r;
+        let seq = 1 + nr;
+        let n = b * seq;
+        let shape = self.attn_shape(b, f, r);
+        let scale = (hd as f32).powf(-0.5);
+
+        let dx = zeroed(&mut a.dx_a, n * d);
+        self.proj.backward(data, grad, &a.xs[c.depth], d, n, dout, Some(dx));
+        for (li, blk) in self.blocks.iter().enumerate().rev() {
+            let ba = &a.blocks[li];
+            let x = &a.xs[li];
+            // MLP branch (norm2 output and GELU recomputed).
+            fit(&mut a.g, n * mlp);
+            gelu_forward(&ba.h, &mut a.g);
+            let dg = zeroed(&mut a.dg, n * mlp);
+            blk.fc2.backward(data, grad, &a.g, mlp, n, &a.dx_a, Some(dg));
+            let dh = zeroed(&mut a.dh, n * mlp);
+            gelu_backward(&ba.h, &a.dg, dh);
+            fit(&mut a.y, n * d);
+            fit(&mut a.ms, n);
+            fit(&mut a.rs, n);
+            blk.norm2.forward(data, &ba.xmid, &mut a.y, &mut a.ms, &mut a.rs);
+            let dy = zeroed(&mut a.dy, n * d);
+            blk.fc1.backward(data, grad, &a.y, d, n, &a.dh, Some(dy));
+            fit(&mut a.dx_b, n * d);
+            a.dx_b.copy_from_slice(&a.dx_a);
+            blk.norm2.backward(data, grad, &ba.xmid, &ba.m2, &ba.r2, &a.dy, &mut a.dx_b);
+            // Attention branch (norm1 output recomputed).
+            a.dx_a.copy_from_slice(&a.dx_b);
+            let dctx = zeroed(&mut a.dctx, n * d);
+            blk.proj.backward(data, grad, &ba.ctx, d, n, &a.dx_b, Some(dctx));
+            fit(&mut a.dctx_h, n * d);
+            split_heads(&a.dctx, d, 0, &mut a.dctx_h, b, heads, seq, hd);
+            zeroed(&mut a.dq_h, n * d);
+            zeroed(&mut a.dk_h, n * d);
+            zeroed(&mut a.dv_h, n * d);
+            attention_backward(&shape, scale, &ba.qkv, &ba.qkv[d..], &ba.qkv[2 * d..], 3 * d, &ba.probs, &a.dctx_h, &mut a.dq_h, &mut a.dk_h, &mut a.dv_h);
+            fit(&mut a.dqkv, n * 3 * d);
+            merge_heads(&a.dq_h, &mut a.dqkv, 3 * d, 0, b, heads, seq, hd);
+            merge_heads(&a.dk_h, &mut a.dqkv, 3 * d, d, b, heads, seq, hd);
+            merge_heads(&a.dv_h, &mut a.dqkv, 3 * d, 2 * d, b, heads, seq, hd);
+            blk.norm1.forward(data, x, &mut a.y, &mut a.ms, &mut a.rs);
+            let dy = zeroed(&mut a.dy, n * d);
+            blk.qkv.backward(data, grad, &a.y, d, n, &a.dqkv, Some(dy));
+            blk.norm1.backward(data, grad, x, &ba.m1, &ba.r1, &a.dy, &mut a.dx_a);
+        }
+
+        // Token assembly: CLS + custom_pos_embed[0], regions + temporal_embed[f].
+        let de = zeroed(&mut a.e, b * nr * d);
+        for bi in 0..b {
+            let xb = &a.dx_a[bi * seq * d..(bi + 1) * seq * d];
+            add_in_place(&mut grad[self.cls.clone()], &xb[..d]);
+            add_in_place(&mut grad[self.pos_embed.start..self.pos_embed.start + d], &xb[..d]);
+            for j in 0..nr {
+                let src = &xb[(1 + j) * d..(2 + j) * d];
+                let t = self.temporal.start + (j / r) * d;
+                add_in_place(&mut grad[t..t + d], src);
+                de[(bi * nr + j) * d..(bi * nr + j + 1) * d].copy_from_slice(src);
+            }
+        }
+        self.object_embedding.backward(data, grad, object, row, b * nr, &a.e, None);
+        self.pos_embedding.backward(data, grad, &object[c.feature_dim..], row, b * nr, &a.e, None);
+    }
+}
