@@ -162,6 +162,12 @@ impl Model {
     /// Accumulates into `params.grad` the gradient of Σ d_text·text_tokens + Σ d_video·video_tokens
     /// for the batch of the preceding [`Model::forward_tokens`].
     pub fn backward_tokens(&mut self, batch: &BatchRef, d_text: &[f32], d_video: &[f32]) {
+        self.backward_text_tokens(batch.input_ids, d_text);
+        self.backward_video_tokens(batch.object, d_video);
+    }
+
+    /// Text half of [`Model::backward_tokens`]: `d_text` `[B, L, P]`, `input_ids` of the forward.
+    pub fn backward_text_tokens(&mut self, input_ids: &[i64], d_text: &[f32]) {
         let a = &mut *self.arena;
         let (b, l) = (a.text.batch, a.text.len);
         let (d, p) = (self.config.text.dim, self.config.proj_dim);
@@ -172,8 +178,14 @@ impl Model {
         self.txt_proj.backward(data, grad, &a.relu, d, b * l, d_text, Some(d_relu));
         let d_hidden = zeroed(&mut a.d_hidden, b * l * d);
         relu_backward(a.text.last_hidden(), &a.d_relu, d_hidden);
-        self.text.backward(data, grad, &mut a.text, batch.input_ids, &a.d_hidden);
-        self.video.backward(data, grad, &mut a.video, batch.object, d_video);
+        self.text.backward(data, grad, &mut a.text, input_ids, &a.d_hidden);
+    }
+
+    /// Video half of [`Model::backward_tokens`]: `d_video` `[B, 1+F·R, P]`, `object` of the forward.
+    pub fn backward_video_tokens(&mut self, object: &[f32], d_video: &[f32]) {
+        let a = &mut self.arena.video;
+        assert_eq!(d_video.len(), a.out.len(), "d_video must be [B, 1+F·R, P]");
+        self.video.backward(&self.params.data, &mut self.params.grad, a, object, d_video);
     }
 
     /// Splits the projected tokens into the loss's global/local embeddings and masks (arena).
