@@ -13,7 +13,7 @@ pub mod pack;
 pub mod regions;
 pub mod tokenizer;
 
-// pub use annotations::Sample;
+pub use annotations::Sample;
 // pub use loader::{Batch, Loader, LoaderConfig};
 // pub use pack::PackedStore;
 pub use regions::{select_clip, ClipInput, FeatureSource, FrameChoice, NpzTree, TOKEN_DIM};
