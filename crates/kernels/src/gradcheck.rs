@@ -25,6 +25,23 @@ pub struct GradReport {
     pub analytic: f64,
 }
 
+/// Central differences of `f` at `x` on `coords`, divided by the step actually taken in f32.
+pub fn numeric_gradient(x: &[f32], coords: &[usize], eps: f32, mut f: impl FnMut(&[f32]) -> f64) -> Vec<f64> {
+    let mut xp = x.to_vec();
+    coords
+        .iter()
+        .map(|&i| {
+            let orig = xp[i];
+            xp[i] = orig + eps;
+            let fp = f(&xp);
+            xp[i] = orig - eps;
+            let fm = f(&xp);
+            xp[i] = orig;
+            (fp - fm) / ((orig + eps) as f64 - (orig - eps) as f64)
+        })
+        .collect()
+}
+
 /// Central differences of `f` at `x` on `coords` (all coordinates when `None`).
 pub fn numeric_vs_analytic(x: &[f32], analytic: &[f32], coords: Option<&[usize]>, eps: f32, mut f: impl FnMut(&[f32]) -> f64) -> GradReport {
     assert_eq!(x.len(), analytic.len(), "gradcheck: gradient length differs from input length");
@@ -36,18 +53,7 @@ pub fn numeric_vs_analytic(x: &[f32], analytic: &[f32], coords: Option<&[usize]>
             &all
         }
     };
-    let mut xp = x.to_vec();
-    let mut numeric = Vec::with_capacity(coords.len());
-    for &i in coords {
-        let orig = xp[i];
-        xp[i] = orig + eps;
-        let fp = f(&xp);
-        xp[i] = orig - eps;
-        let fm = f(&xp);
-        xp[i] = orig;
-        // Divide by the step actually taken in f32.
-        numeric.push((fp - fm) / ((orig + eps) as f64 - (orig - eps) as f64));
-    }
+    let numeric = numeric_gradient(x, coords, eps, &mut f);
     let scale = coords
         .iter()
         .zip(&numeric)
