@@ -11,6 +11,8 @@ use anyhow::{bail, Context, Result};
 use safetensors::tensor::{Dtype, SafeTensors, View};
 
 use crate::config::{ModelConfig, TextConfig, TextKind, VideoConfig};
+use crate::hf;
+use crate::model::{declare_params, Model};
 use crate::params::Params;
 
 // ---------------------------------------------------------------------------------------
@@ -313,6 +315,160 @@ pub fn grads_as_tensors<'a>(params: &'a Params, prefix: &str) -> Vec<(String, Ve
         .filter(|s| s.receives_grad)
         .map(|s| (format!("{prefix}{}", s.name), s.shape.clone(), TensorRef::F32(&params.grad[s.offset..s.offset + s.len])))
         .collect()
+}
+
+/// Map a timm ViT tensor name onto the video tower: `blocks.i.*` → `object_model.blocks.i.*`
+/// (norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2); everything else (patch
+/// embedding, pos_embed, cls_token, final norm, head) has no place: None.
+pub fn timm_vit_to_ours(name: &str) -> Option<String> {
+    let rest = name.strip_prefix("blocks.")?;
+    let (idx, _) = rest.split_once('.')?;
+    idx.parse::<usize>().ok()?;
+    Some(format!("object_model.{name}"))
+}
+
+/// Initialise the video tower's transformer blocks from timm ViT weights (as the published
+/// recipe does with `jx_vit_base_p16_224`), non-strictly: tensors without a place (other
+/// names, blocks beyond the tower's depth) are skipped; shape mismatches are errors.
+pub fn load_vit_blocks(params: &mut Params, vit: &BTreeMap<String, Tensor>) -> Result<LoadReport> {
+    let mut r = load_params(params, vit.iter().map(|(k, v)| (k.as_str(), v)), timm_vit_to_ours)?;
+    r.missing.retain(|n| n.starts_with("object_model.blocks."));
+    if r.loaded.is_empty() {
+        bail!("no `blocks.<i>.*` tensor of the ViT weights fits the video tower ({} tensors skipped)", r.skipped.len());
+    }
+    Ok(r)
+}
+
+/// Read weights from a `.pth` (torch zip) or `.safetensors` file, by content.
+pub fn read_weights(path: &Path) -> Result<BTreeMap<String, Tensor>> {
+    let mut head = [0u8; 2];
+    {
+        use std::io::Read;
+        let mut f = fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        f.read_exact(&mut head).with_context(|| format!("{}: file too short", path.display()))?;
+    }
+    if &head == b"PK" {
+        Ok(crate::torch::read_torch_state_dict(path)?.tensors)
+    } else {
+        Ok(read_safetensors(path)?.tensors.into_iter().map(|(k, v)| (k.strip_prefix("module.").map(String::from).unwrap_or(k), v)).collect())
+    }
+}
+
+/// Keep only names starting with `prefix`, with it removed (e.g. `param.` of a recorded batch).
+pub fn select_prefix(t: BTreeMap<String, Tensor>, prefix: &str, path: &Path) -> Result<BTreeMap<String, Tensor>> {
+    let out: BTreeMap<_, _> = t.into_iter().filter_map(|(k, v)| k.strip_prefix(prefix).map(|k| (k.to_string(), v))).collect();
+    if out.is_empty() {
+        bail!("{}: no tensor name starts with {prefix:?}", path.display());
+    }
+    Ok(out)
+}
+
+fn list_some(names: &[String]) -> String {
+    let mut s = names.iter().take(5).cloned().collect::<Vec<_>>().join(", ");
+    if names.len() > 5 {
+        s += &format!(", ... ({} in all)", names.len());
+    }
+    s
+}
+
+/// Fill every parameter from `t` (names already ours). Missing parameters are an error;
+/// extra tensors are an error when `strict`, else reported as skipped.
+pub fn load_all_params(params: &mut Params, t: &BTreeMap<String, Tensor>, strict: bool, what: &str) -> Result<LoadReport> {
+    let r = load_params(params, t.iter().map(|(k, v)| (k.as_str(), v)), |n| Some(n.to_string())).with_context(|| what.to_string())?;
+    // Unused tensors (video norm3/norm, BERT pooler) may be absent: they never affect outputs.
+    let needed: Vec<String> = r.missing.iter().filter(|n| params.id(n).map_or(false, |id| params.spec(id).receives_grad)).cloned().collect();
+    if !needed.is_empty() {
+        bail!("{what}: {} model tensors missing: {}", needed.len(), list_some(&needed));
+    }
+    if strict && !r.skipped.is_empty() {
+        bail!("{what}: {} tensors the model does not have: {}", r.skipped.len(), list_some(&r.skipped));
+    }
+    Ok(r)
+}
+
+// ---------------------------------------------------------------------------------------
+// Model directories
+
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+pub const CONFIG_FILE: &str = "config.json";
+
+/// Write `dir/model.safetensors` (published names) and `dir/config.json`, each atomically.
+pub fn save_params_dir(config: &ModelConfig, params: &Params, dir: &Path) -> Result<()> {
+    fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let json = serde_json::to_string_pretty(config)?;
+    write_safetensors_refs(&dir.join(WEIGHTS_FILE), &params_as_tensors(params), &[("format".into(), "pt".into())])?;
+    atomic_write(&dir.join(CONFIG_FILE), (json + "\n").as_bytes())
+}
+
+pub fn save_model_dir(model: &Model, dir: &Path) -> Result<()> {
+    save_params_dir(&model.config, &model.params, dir)
+}
+
+/// Load a model directory: ours (`config.json` = [`ModelConfig`], every tensor present, no
+/// extras) or a Hugging Face DistilBERT/BERT directory (text tower only; see
+/// [`load_hf_text_dir`], with the published video tower for 8 frames and P = 256).
+pub fn load_model_dir(dir: &Path) -> Result<Model> {
+    let cfg_path = dir.join(CONFIG_FILE);
+    let text = fs::read_to_string(&cfg_path).with_context(|| format!("cannot read {} (is {} a model directory?)", cfg_path.display(), dir.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not JSON", cfg_path.display()))?;
+    if hf::is_hf_config(&v) {
+        let published = ModelConfig::published(8);
+        return Ok(load_hf_text_dir(dir, published.video, published.proj_dim, 0)?.0);
+    }
+    let config: ModelConfig = serde_json::from_value(v).with_context(|| format!("{}: not a demovlp model config", cfg_path.display()))?;
+    let weights = dir.join(WEIGHTS_FILE);
+    let st = read_safetensors(&weights)?;
+    let mut params = declare_params(&config);
+    load_all_params(&mut params, &st.tensors, true, &weights.display().to_string())?;
+    Ok(Model::from_params(config, params))
+}
+
+/// A Hugging Face DistilBERT/BERT directory (`config.json` + `model.safetensors`, or a
+/// torch-zip `pytorch_model.bin`) as the text tower of a new model whose video tower and
+/// projection get the published random init (`seed`). Task heads (MLM, pooler of
+/// DistilBERT classifiers, ...) are skipped and reported.
+pub fn load_hf_text_dir(dir: &Path, video: VideoConfig, proj_dim: usize, seed: u64) -> Result<(Model, LoadReport)> {
+    let text = hf::read_hf_text_config(dir)?;
+    let weights = [WEIGHTS_FILE, "pytorch_model.bin"]
+        .iter()
+        .map(|f| dir.join(f))
+        .find(|p| p.exists())
+        .with_context(|| format!("{}: neither {WEIGHTS_FILE} nor pytorch_model.bin", dir.display()))?;
+    let t = read_weights(&weights)?;
+    let mut model = Model::new(ModelConfig { text, video, proj_dim });
+    model.init_random(seed);
+    let mut r = load_params(&mut model.params, t.iter().map(|(k, v)| (k.as_str(), v)), |n| Some(hf::hf_to_ours(n)))
+        .with_context(|| weights.display().to_string())?;
+    r.missing.retain(|n| n.starts_with("text_model."));
+    let needed: Vec<String> = r.missing.iter().filter(|n| !n.starts_with("text_model.pooler.")).cloned().collect();
+    if !needed.is_empty() {
+        bail!("{}: {} text-tower tensors missing: {}", weights.display(), needed.len(), list_some(&needed));
+    }
+    Ok((model, r))
+}
+
+/// Import weights with published names (a trainer `.pth`, or safetensors such as a recorded
+/// batch with `key_prefix = "param."`): sizes inferred from shapes, heads given.
+pub fn import_weights(path: &Path, key_prefix: Option<&str>, text_heads: usize, video_heads: usize) -> Result<Model> {
+    Ok(import_weights_report(path, key_prefix, text_heads, video_heads)?.0)
+}
+
+/// [`import_weights`] that also says what was loaded and skipped.
+pub fn import_weights_report(path: &Path, key_prefix: Option<&str>, text_heads: usize, video_heads: usize) -> Result<(Model, LoadReport)> {
+    let mut t = read_weights(path)?;
+    if let Some(p) = key_prefix.filter(|p| !p.is_empty()) {
+        t = select_prefix(t, p, path)?;
+    }
+    let config = infer_config(&t, text_heads, video_heads).with_context(|| path.display().to_string())?;
+    let mut params = declare_params(&config);
+    let r = load_all_params(&mut params, &t, false, &path.display().to_string())?;
+    Ok((Model::from_params(config, params), r))
+}
+
+/// Initialise `model`'s video-tower blocks from a timm ViT checkpoint (`.pth` or safetensors).
+pub fn init_video_from_vit(model: &mut Model, path: &Path) -> Result<LoadReport> {
+    let t = read_weights(path)?;
+    load_vit_blocks(&mut model.params, &t).with_context(|| path.display().to_string())
 }
 
 // ---------------------------------------------------------------------------------------
