@@ -10,10 +10,14 @@
 //!   materialising the per-block tensors like the published code. It is the oracle the
 //!   fused kernels are tested against and the baseline `demovlp bench eval-sims` times.
 
+pub mod eval;
 pub mod fastmath;
 pub mod global;
 pub mod local;
 pub mod loss;
+pub mod metrics;
 pub mod reference;
 
+pub use eval::{eval_scores, eval_scores_with, EmbeddingSet, EvalOptions, ScoreMode};
 pub use loss::{losses_forward, losses_forward_backward, LossConfig, LossGrads, LossInputs, LossOutputs};
+pub use metrics::{retrieval_metrics, retrieval_metrics_f64, DirectionMetrics, RetrievalMetrics};
