@@ -15,6 +15,6 @@ pub mod tokenizer;
 
 pub use annotations::Sample;
 // pub use loader::{Batch, Loader, LoaderConfig};
-// pub use pack::PackedStore;
+pub use pack::PackedStore;
 pub use regions::{select_clip, ClipInput, FeatureSource, FrameChoice, NpzTree, TOKEN_DIM};
 pub use tokenizer::TextTokenizer;

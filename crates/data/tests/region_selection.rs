@@ -1,67 +1,10 @@
 //! Region selection against the reference loader's output (testdata/region_selection.safetensors).
 
-use std::path::PathBuf;
+mod common;
 
-use demovlp_data::regions::{choose_frames, select_clip, FeatureSource, FrameChoice, NpzTree, TOKEN_DIM};
+use common::{check_all_cases, testdata};
+use demovlp_data::regions::{choose_frames, FrameChoice, NpzTree};
 use demovlp_kernels::rng::Rng;
-use safetensors::SafeTensors;
-
-pub fn testdata() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata")
-}
-
-fn f32s(st: &SafeTensors, name: &str) -> Vec<f32> {
-    let t = st.tensor(name).unwrap();
-    t.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
-}
-fn i64s(st: &SafeTensors, name: &str) -> Vec<i64> {
-    let t = st.tensor(name).unwrap();
-    t.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()
-}
-
-/// Checks every case of the fixture against `src`; `tol` bounds feature differences
-/// (0 for the exact .npz path, fp16 rounding for a half-precision store).
-pub fn check_all_cases(src: &dyn FeatureSource, feat_tol: f32) {
-    let bytes = std::fs::read(testdata().join("region_selection.safetensors")).unwrap();
-    let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
-    let meta = meta.metadata().as_ref().unwrap();
-    let cases: serde_json::Value = serde_json::from_str(&meta["cases"]).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let r = 30;
-    let mut checked_objects = 0;
-    for case in cases.as_array().unwrap() {
-        let clip = case["video"].as_str().unwrap();
-        let segments = case["segments"].as_u64().unwrap() as usize;
-        let name = case["tensor"].as_str().unwrap();
-        let got = select_clip(src, clip, segments, r, FrameChoice::Middle).unwrap();
-        let want_frames: Vec<usize> =
-            case["frame_indices"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
-        assert_eq!(got.frame_indices, want_frames, "{name}: frames");
-        let src_rows = i64s(&st, &format!("{name}.source_region"));
-        let got_rows: Vec<i64> = got.source_rows.iter().map(|&v| v as i64).collect();
-        assert_eq!(got_rows, src_rows, "{name}: source rows");
-        assert_eq!(got.mask, f32s(&st, &format!("{name}.mask")), "{name}: mask");
-        let counts: Vec<f32> = got.mask.chunks(r).map(|m| m.iter().sum()).collect();
-        let want_counts: Vec<f32> =
-            case["region_counts"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
-        assert_eq!(counts, want_counts, "{name}: region counts");
-        let spatial = f32s(&st, &format!("{name}.spatial"));
-        for (slot, want) in spatial.chunks(6).enumerate() {
-            let tok = &got.object[slot * TOKEN_DIM..(slot + 1) * TOKEN_DIM];
-            for (a, b) in tok[2048..].iter().zip(want) {
-                assert!((a - b).abs() <= 1e-6, "{name}: slot {slot} box {a} vs {b}");
-            }
-        }
-        if st.tensor(&format!("{name}.object")).is_ok() {
-            let want = f32s(&st, &format!("{name}.object"));
-            assert_eq!(want.len(), got.object.len());
-            let max = want.iter().zip(&got.object).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-            assert!(max <= feat_tol.max(1e-6), "{name}: object max diff {max}");
-            checked_objects += 1;
-        }
-    }
-    assert_eq!(checked_objects, 2);
-}
 
 #[test]
 fn npz_tree_reproduces_reference_selection() {
