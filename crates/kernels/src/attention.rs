@@ -89,8 +89,21 @@ fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
 }
 
 /// out[b,h,i,:] = Σ_j softmax_j(scale·q_i·k_j + mask[b,j]) v_j over the row's keys.
+/// `drop`, when given, multiplies each probability (layout of `probs`) before the weighted
+/// sum: attention dropout, with 0 or 1/(1−p) entries. `probs` keeps the undropped values.
 #[allow(clippy::too_many_arguments)]
-pub fn attention_forward(s: &AttnShape, scale: f32, q: &[f32], k: &[f32], v: &[f32], ld: usize, mask: &[f32], probs: &mut [f32], out: &mut [f32]) {
+pub fn attention_forward(
+    s: &AttnShape,
+    scale: f32,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    ld: usize,
+    mask: &[f32],
+    drop: Option<&[f32]>,
+    probs: &mut [f32],
+    out: &mut [f32],
+) {
     s.check();
     let (seq, hd, heads) = (s.seq, s.head_dim, s.heads);
     assert_eq!(mask.len(), s.batch * seq, "attention: mask must be [B, seq]");
@@ -112,8 +125,9 @@ pub fn attention_forward(s: &AttnShape, scale: f32, q: &[f32], k: &[f32], v: &[f
                 softmax_in_place(p);
                 let o = &mut out[i * hd..(i + 1) * hd];
                 o.iter_mut().for_each(|x| *x = 0.0);
-                for (&pj, j) in p.iter().zip(keys.iter()) {
-                    axpy(pj, &v[at(j)], o);
+                let dm = drop.map(|d| &d[bh * pph + keys.offset..bh * pph + keys.offset + keys.len()]);
+                for (n, (&pj, j)) in p.iter().zip(keys.iter()).enumerate() {
+                    axpy(pj * dm.map_or(1.0, |m| m[n]), &v[at(j)], o);
                 }
             }
         });
@@ -130,6 +144,7 @@ pub fn attention_backward(
     v: &[f32],
     ld: usize,
     probs: &[f32],
+    drop: Option<&[f32]>,
     dout: &[f32],
     dq: &mut [f32],
     dk: &mut [f32],
@@ -154,10 +169,12 @@ pub fn attention_backward(
                 let p = &probs[keys.offset..keys.offset + keys.len()];
                 let doi = &dout[i * hd..(i + 1) * hd];
                 let ds = &mut ds[..keys.len()];
-                // dv_j += p_j·dout_i; dp_j = dout_i·v_j
-                for ((dsj, &pj), j) in ds.iter_mut().zip(p).zip(keys.iter()) {
-                    axpy(pj, doi, &mut dv[j * hd..(j + 1) * hd]);
-                    *dsj = dot(doi, &v[at(j)]);
+                let dm = drop.map(|d| &d[bh * pph + keys.offset..bh * pph + keys.offset + keys.len()]);
+                // dv_j += p_j·m_j·dout_i; dp_j = m_j·(dout_i·v_j)
+                for (n, ((dsj, &pj), j)) in ds.iter_mut().zip(p).zip(keys.iter()).enumerate() {
+                    let m = dm.map_or(1.0, |m| m[n]);
+                    axpy(pj * m, doi, &mut dv[j * hd..(j + 1) * hd]);
+                    *dsj = m * dot(doi, &v[at(j)]);
                 }
                 // softmax backward, then the scale of the scores
                 let pdp: f32 = p.iter().zip(ds.iter()).map(|(a, b)| a * b).sum();
@@ -174,12 +191,25 @@ pub fn attention_backward(
 }
 
 /// dst[(b·seq + i)·ld + col + h·hd + d] = src[b, h, i, d] (head-major back to token rows).
+#[allow(clippy::too_many_arguments)]
 pub fn merge_heads(src: &[f32], dst: &mut [f32], ld: usize, col: usize, batch: usize, heads: usize, seq: usize, hd: usize) {
     dst[..batch * seq * ld].par_chunks_mut(ld).enumerate().with_min_len(8).for_each(|(r, row)| {
         let (b, i) = (r / seq, r % seq);
         for h in 0..heads {
             let s = ((b * heads + h) * seq + i) * hd;
             row[col + h * hd..col + (h + 1) * hd].copy_from_slice(&src[s..s + hd]);
+        }
+    });
+}
+
+/// dst[b, h, i, d] = src[(b·seq + i)·ld + col + h·hd + d] (token rows to head-major).
+#[allow(clippy::too_many_arguments)]
+pub fn split_heads(src: &[f32], ld: usize, col: usize, dst: &mut [f32], batch: usize, heads: usize, seq: usize, hd: usize) {
+    dst[..batch * heads * seq * hd].par_chunks_mut(seq * hd).enumerate().for_each(|(bh, blk)| {
+        let (b, h) = (bh / heads, bh % heads);
+        for i in 0..seq {
+            let s = (b * seq + i) * ld + col + h * hd;
+            blk[i * hd..(i + 1) * hd].copy_from_slice(&src[s..s + hd]);
         }
     });
 }

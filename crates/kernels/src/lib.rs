@@ -6,6 +6,7 @@
 
 pub mod activation;
 pub mod attention;
+pub mod dropout;
 pub mod embedding;
 pub mod gemm;
 pub mod gradcheck;
@@ -14,6 +15,6 @@ pub mod linear;
 pub mod rng;
 pub mod softmax;
 
-pub use attention::{attention_backward, attention_forward, merge_heads, AttnShape, KeyPattern};
+pub use attention::{attention_backward, attention_forward, merge_heads, split_heads, AttnShape, KeyPattern};
 pub use gemm::{sgemm, Trans};
 pub use rng::Rng;

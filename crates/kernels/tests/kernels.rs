@@ -202,6 +202,11 @@ fn naive_attention(b: usize, h: usize, seq: usize, hd: usize, pattern: KeyPatter
 }
 
 fn check_attention(pattern: KeyPattern, seq: usize, seed: u64) {
+    check_attention_dropout(pattern, seq, seed, false);
+    check_attention_dropout(pattern, seq, seed, true);
+}
+
+fn check_attention_dropout(pattern: KeyPattern, seq: usize, seed: u64, with_dropout: bool) {
     let (b, h, hd) = (2, 3, 4);
     let d = h * hd;
     let shape = AttnShape { batch: b, heads: h, seq, head_dim: hd, pattern };
@@ -213,39 +218,50 @@ fn check_attention(pattern: KeyPattern, seq: usize, seed: u64) {
     mask[seq - 1] = -100.0;
     mask[seq + 2] = -100.0;
     let r = random_vec(&mut rng, b * seq * d, 1.0);
+    // Dropout multipliers: 0 or 1/(1 − 0.25).
+    let drop: Vec<f32> = (0..shape.probs_len()).map(|_| if rng.uniform() < 0.25 { 0.0 } else { 1.0 / 0.75 }).collect();
+    let drop = with_dropout.then_some(&drop[..]);
     let fwd = |qkv: &[f32], probs: &mut Vec<f32>| {
         let mut heads_out = vec![0.0; b * h * seq * hd];
-        attention_forward(&shape, scale, qkv, &qkv[d..], &qkv[2 * d..], 3 * d, &mask, probs, &mut heads_out);
+        attention_forward(&shape, scale, qkv, &qkv[d..], &qkv[2 * d..], 3 * d, &mask, drop, probs, &mut heads_out);
         let mut out = vec![0.0; b * seq * d];
         merge_heads(&heads_out, &mut out, d, 0, b, h, seq, hd);
         out
     };
     let mut probs = vec![0.0; shape.probs_len()];
     let out = fwd(&qkv, &mut probs);
-    let want = naive_attention(b, h, seq, hd, pattern, scale, &qkv, &mask);
-    for (a, w) in out.iter().zip(&want) {
-        assert!((a - w).abs() < 1e-5, "{pattern:?}: {a} vs {w}");
+    if !with_dropout {
+        let want = naive_attention(b, h, seq, hd, pattern, scale, &qkv, &mask);
+        for (a, w) in out.iter().zip(&want) {
+            assert!((a - w).abs() < 1e-5, "{pattern:?}: {a} vs {w}");
+        }
+    } else {
+        let mut plain = vec![0.0; shape.probs_len()];
+        let mut heads_out = vec![0.0; b * h * seq * hd];
+        attention_forward(&shape, scale, &qkv, &qkv[d..], &qkv[2 * d..], 3 * d, &mask, None, &mut plain, &mut heads_out);
+        assert_eq!(plain, probs, "dropout must not change the stored probabilities");
     }
     // Backward: dout in head-major layout from r, grads merged back into a [B, seq, 3D] buffer.
     let mut dout = vec![0.0; b * h * seq * hd];
+    split_heads(&r, d, 0, &mut dout, b, h, seq, hd);
     for bb in 0..b {
         for hh in 0..h {
             for i in 0..seq {
                 for e in 0..hd {
-                    dout[((bb * h + hh) * seq + i) * hd + e] = r[(bb * seq + i) * d + hh * hd + e];
+                    assert_eq!(dout[((bb * h + hh) * seq + i) * hd + e], r[(bb * seq + i) * d + hh * hd + e]);
                 }
             }
         }
     }
     let n = b * h * seq * hd;
     let (mut dq, mut dk, mut dv) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
-    attention_backward(&shape, scale, &qkv, &qkv[d..], &qkv[2 * d..], 3 * d, &probs, &dout, &mut dq, &mut dk, &mut dv);
+    attention_backward(&shape, scale, &qkv, &qkv[d..], &qkv[2 * d..], 3 * d, &probs, drop, &dout, &mut dq, &mut dk, &mut dv);
     let mut dqkv = vec![0.0; b * seq * 3 * d];
     merge_heads(&dq, &mut dqkv, 3 * d, 0, b, h, seq, hd);
     merge_heads(&dk, &mut dqkv, 3 * d, d, b, h, seq, hd);
     merge_heads(&dv, &mut dqkv, 3 * d, 2 * d, b, h, seq, hd);
     let mut scratch = vec![0.0; shape.probs_len()];
-    assert_gradient(&format!("attention {pattern:?}"), &qkv, &dqkv, None, EPS, TOL, |x| weighted_sum(&fwd(x, &mut scratch), &r));
+    assert_gradient(&format!("attention {pattern:?} dropout {with_dropout}"), &qkv, &dqkv, None, EPS, TOL, |x| weighted_sum(&fwd(x, &mut scratch), &r));
 }
 
 #[test]

@@ -16,3 +16,4 @@ pub use config::{ModelConfig, TextConfig, TextKind, VideoConfig};
 pub use params::{ParamId, Params, ParamsBuilder};
 pub use adamw::{AdamW, AdamWSettings};
 pub use model::{declare_params, BatchRef, Model, TextEmbeddings, VideoEmbeddings};
+pub use text::TextDropout;

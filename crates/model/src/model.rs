@@ -6,7 +6,7 @@
 use crate::config::{ModelConfig, TextKind};
 use crate::layers::{fit, zeroed, Linear};
 use crate::params::{Params, ParamsBuilder};
-use crate::text::{self, TextActs, TextTower};
+use crate::text::{self, TextActs, TextDropout, TextTower};
 use crate::video::{self, VideoActs, VideoTower};
 use demovlp_kernels::activation::{relu_backward, relu_forward};
 use demovlp_kernels::Rng;
@@ -78,6 +78,9 @@ pub struct Model {
     video: VideoTower,
     txt_proj: Linear,
     arena: Box<Arena>,
+    /// Text dropout of training steps (off by default; see [`TextDropout::PUBLISHED`]).
+    text_dropout: TextDropout,
+    dropout_rng: Rng,
 }
 
 /// Declares every parameter of `config` in published state_dict order
@@ -103,7 +106,7 @@ impl Model {
         let text = TextTower::new(&params, &config.text);
         let video = VideoTower::new(&params, &config.video, config.proj_dim);
         let txt_proj = Linear::new(&params, "txt_proj.1", config.text.dim, config.proj_dim, true);
-        Model { config, params, text, video, txt_proj, arena: Box::default() }
+        Model { config, params, text, video, txt_proj, arena: Box::default(), text_dropout: TextDropout::default(), dropout_rng: Rng::new(0) }
     }
 
     /// Published-style initialisation for training from scratch: weights of linears and
@@ -137,18 +140,41 @@ impl Model {
         self.params.get_mut(word)[..d].fill(0.0);
     }
 
+    /// Text dropout used by training steps ([`Model::forward_backward`], and
+    /// [`Model::forward_tokens`] with `train`); masks are drawn from a generator seeded here.
+    /// Evaluation paths never drop.
+    pub fn set_text_dropout(&mut self, dropout: TextDropout, seed: u64) {
+        self.text_dropout = dropout;
+        self.dropout_rng = Rng::new(seed);
+    }
+
+    pub fn text_dropout(&self) -> TextDropout {
+        self.text_dropout
+    }
+
+    /// The dropout generator, for saving and restoring a run's exact state.
+    pub fn dropout_rng(&self) -> &Rng {
+        &self.dropout_rng
+    }
+
+    pub fn set_dropout_rng(&mut self, rng: Rng) {
+        self.dropout_rng = rng;
+    }
+
     /// Runs both towers; returns the projected tokens: text `[B, L, P]`, video `[B, 1+F·R, P]`.
-    pub fn forward_tokens(&mut self, batch: &BatchRef) -> (&[f32], &[f32]) {
-        self.forward_text(batch.input_ids, batch.attention_mask, batch.batch, batch.text_len);
+    /// `train` applies the text dropout (when set).
+    pub fn forward_tokens(&mut self, batch: &BatchRef, train: bool) -> (&[f32], &[f32]) {
+        self.forward_text(batch.input_ids, batch.attention_mask, batch.batch, batch.text_len, train);
         self.forward_video(batch.object, batch.object_mask, batch.batch, batch.frames, batch.regions);
         (&self.arena.text_out, &self.arena.video.out)
     }
 
-    fn forward_text(&mut self, ids: &[i64], mask: &[i64], b: usize, l: usize) {
+    fn forward_text(&mut self, ids: &[i64], mask: &[i64], b: usize, l: usize, train: bool) {
         let a = &mut *self.arena;
         let data = &self.params.data;
         let (d, p) = (self.config.text.dim, self.config.proj_dim);
-        self.text.forward(data, &mut a.text, ids, mask, b, l);
+        let dropout = (train && self.text_dropout != TextDropout::default()).then_some((self.text_dropout, &mut self.dropout_rng));
+        self.text.forward(data, &mut a.text, ids, mask, b, l, dropout);
         fit(&mut a.relu, b * l * d);
         relu_forward(a.text.last_hidden(), &mut a.relu);
         fit(&mut a.text_out, b * l * p);
@@ -238,7 +264,7 @@ impl Model {
     pub fn forward_backward(&mut self, batch: &BatchRef, loss: &LossConfig, use_local: bool) -> LossOutputs {
         self.check_batch(batch);
         self.params.zero_grad();
-        self.forward_tokens(batch);
+        self.forward_tokens(batch, true);
         self.gather_embeddings(batch);
         let p = self.config.proj_dim;
         let (out, g) = losses_forward_backward(loss, &Self::loss_inputs(&self.arena, batch, p), use_local);
@@ -264,10 +290,10 @@ impl Model {
         out
     }
 
-    /// Forward and losses only (no gradients touched).
+    /// Forward and losses only, in evaluation mode (no dropout, no gradients touched).
     pub fn forward_loss(&mut self, batch: &BatchRef, loss: &LossConfig, use_local: bool) -> LossOutputs {
         self.check_batch(batch);
-        self.forward_tokens(batch);
+        self.forward_tokens(batch, false);
         self.gather_embeddings(batch);
         losses_forward(loss, &Self::loss_inputs(&self.arena, batch, self.config.proj_dim), use_local)
     }
@@ -275,7 +301,7 @@ impl Model {
     /// Text embeddings for evaluation.
     pub fn embed_text(&mut self, input_ids: &[i64], attention_mask: &[i64], b: usize, l: usize) -> TextEmbeddings {
         assert!(l >= 2, "text length must be at least 2 (CLS + words)");
-        self.forward_text(input_ids, attention_mask, b, l);
+        self.forward_text(input_ids, attention_mask, b, l, false);
         let p = self.config.proj_dim;
         let t = &self.arena.text_out;
         let mut e = TextEmbeddings { global: Vec::with_capacity(b * p), local: Vec::with_capacity(b * (l - 1) * p), mask_additive: Vec::with_capacity(b * (l - 1)) };
@@ -304,7 +330,7 @@ impl Model {
 
     /// The text tower's `last_hidden_state` `[B, L, D]` (before ReLU and projection).
     pub fn text_hidden_states(&mut self, input_ids: &[i64], attention_mask: &[i64], b: usize, l: usize) -> Vec<f32> {
-        self.text.forward(&self.params.data, &mut self.arena.text, input_ids, attention_mask, b, l);
+        self.text.forward(&self.params.data, &mut self.arena.text, input_ids, attention_mask, b, l, None);
         self.arena.text.last_hidden().to_vec()
     }
 

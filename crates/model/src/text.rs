@@ -1,13 +1,17 @@
 //! Text tower: Hugging Face DistilBertModel or BertModel (post-LayerNorm encoder, GELU-erf
 //! FFN, padding keys masked out), forward and backward over the flat parameter buffers.
-//! Dropout is not applied (the recorded batches are deterministic).
+//! Dropout (training only) at Hugging Face's sites: after the embedding LayerNorm, on the
+//! attention probabilities, on the FFN output before its residual, and for BERT also on
+//! the attention output projection before its residual.
 
 use crate::config::{TextConfig, TextKind};
 use crate::layers::{add_in_place, fit, range, zeroed, LayerNorm, Linear};
 use crate::params::{Params, ParamsBuilder};
 use demovlp_kernels::activation::{gelu_backward, gelu_forward};
 use demovlp_kernels::attention::{attention_backward, attention_forward, merge_heads, split_heads, AttnShape, KeyPattern};
+use demovlp_kernels::dropout::{dropout_mask, mul_in_place};
 use demovlp_kernels::embedding::{embedding_backward, embedding_forward};
+use demovlp_kernels::Rng;
 use std::ops::Range;
 
 /// Score added to padded keys: exp underflows to exactly 0, like HF's `finfo.min` fill.
@@ -92,6 +96,19 @@ pub fn declare(pb: &mut ParamsBuilder, c: &TextConfig) {
     }
 }
 
+/// Dropout probabilities of the text tower in training. The published model trains its
+/// DistilBERT in train mode, i.e. with the Hugging Face defaults `dropout` = 0.1 and
+/// `attention_dropout` = 0.1 (BERT: hidden/attention_probs dropout 0.1).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct TextDropout {
+    pub hidden: f32,
+    pub attention: f32,
+}
+
+impl TextDropout {
+    pub const PUBLISHED: TextDropout = TextDropout { hidden: 0.1, attention: 0.1 };
+}
+
 #[derive(Clone, Debug)]
 struct TextLayer {
     q: Linear,
@@ -130,6 +147,9 @@ struct LayerActs {
     z2: Vec<f32>,
     m2: Vec<f32>,
     r2: Vec<f32>,
+    attn_drop: Vec<f32>,
+    sa_drop: Vec<f32>,
+    ffn_drop: Vec<f32>,
 }
 
 /// Activation arena of the text tower (reused across steps).
@@ -141,6 +161,10 @@ pub struct TextActs {
     emb_mean: Vec<f32>,
     emb_rstd: Vec<f32>,
     mask_add: Vec<f32>,
+    /// Dropout applied in the last forward (hidden, attention).
+    drop_hidden: bool,
+    drop_attn: bool,
+    emb_drop: Vec<f32>,
     /// Hidden states: xs[0] = embeddings output, xs[layers] = last_hidden_state.
     xs: Vec<Vec<f32>>,
     layers: Vec<LayerActs>,
@@ -158,6 +182,7 @@ pub struct TextActs {
     dk_h: Vec<f32>,
     dv_h: Vec<f32>,
     dq: Vec<f32>,
+    dtmp: Vec<f32>,
 }
 
 impl TextActs {
@@ -199,8 +224,10 @@ impl TextTower {
         AttnShape { batch: b, heads: self.cfg.heads, seq: l, head_dim: self.cfg.dim / self.cfg.heads, pattern: KeyPattern::Full }
     }
 
-    /// Runs the encoder; the result is `a.last_hidden()` `[B, L, D]`.
-    pub fn forward(&self, data: &[f32], a: &mut TextActs, ids: &[i64], mask: &[i64], b: usize, l: usize) {
+    /// Runs the encoder; the result is `a.last_hidden()` `[B, L, D]`. With `dropout`
+    /// (training), masks are drawn from the generator and kept for the backward pass.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(&self, data: &[f32], a: &mut TextActs, ids: &[i64], mask: &[i64], b: usize, l: usize, mut dropout: Option<(TextDropout, &mut Rng)>) {
         let c = &self.cfg;
         let (d, hid) = (c.dim, c.hidden_dim);
         assert!(d % c.heads == 0, "text dim {d} not divisible by {} heads", c.heads);
@@ -227,6 +254,20 @@ impl TextTower {
         fit(&mut a.emb_mean, n);
         fit(&mut a.emb_rstd, n);
         self.ln_emb.forward(data, &a.emb, &mut a.xs[0], &mut a.emb_mean, &mut a.emb_rstd);
+        let p = dropout.as_ref().map(|(p, _)| *p).unwrap_or_default();
+        a.drop_hidden = p.hidden > 0.0;
+        a.drop_attn = p.attention > 0.0;
+        // Draws a fresh mask into `buf` when that dropout is active.
+        let mut draw = |buf: &mut Vec<f32>, n: usize, prob: f32| {
+            if let (Some((_, rng)), true) = (dropout.as_mut(), prob > 0.0) {
+                fit(buf, n);
+                dropout_mask(rng, prob, buf);
+            }
+        };
+        draw(&mut a.emb_drop, n * d, p.hidden);
+        if a.drop_hidden {
+            mul_in_place(&mut a.xs[0], &a.emb_drop);
+        }
 
         fit(&mut a.mask_add, n);
         for (m, &v) in a.mask_add.iter_mut().zip(mask) {
@@ -245,12 +286,20 @@ impl TextTower {
             }
             fit(&mut la.probs, shape.probs_len());
             fit(&mut a.ctx_h, n * d);
-            attention_forward(&shape, scale, &la.q, &la.k, &la.v, d, &a.mask_add, &mut la.probs, &mut a.ctx_h);
+            draw(&mut la.attn_drop, shape.probs_len(), p.attention);
+            let attn_drop = a.drop_attn.then_some(&la.attn_drop[..]);
+            attention_forward(&shape, scale, &la.q, &la.k, &la.v, d, &a.mask_add, attn_drop, &mut la.probs, &mut a.ctx_h);
             fit(&mut la.ctx, n * d);
             merge_heads(&a.ctx_h, &mut la.ctx, d, 0, b, c.heads, l, d / c.heads);
             // z1 = out_lin(ctx) + x; x1 = LN(z1)
             fit(&mut la.z1, n * d);
             layer.o.forward(data, &la.ctx, d, n, &mut la.z1);
+            if self.cfg.kind == TextKind::Bert {
+                draw(&mut la.sa_drop, n * d, p.hidden);
+                if a.drop_hidden {
+                    mul_in_place(&mut la.z1, &la.sa_drop);
+                }
+            }
             add_in_place(&mut la.z1, x);
             fit(&mut la.x1, n * d);
             fit(&mut la.m1, n);
@@ -263,6 +312,10 @@ impl TextTower {
             gelu_forward(&la.h, &mut a.g);
             fit(&mut la.z2, n * d);
             layer.ffn2.forward(data, &a.g, hid, n, &mut la.z2);
+            draw(&mut la.ffn_drop, n * d, p.hidden);
+            if a.drop_hidden {
+                mul_in_place(&mut la.z2, &la.ffn_drop);
+            }
             add_in_place(&mut la.z2, &la.x1);
             fit(out, n * d);
             fit(&mut la.m2, n);
@@ -293,7 +346,15 @@ impl TextTower {
             fit(&mut a.g, n * hid);
             gelu_forward(&la.h, &mut a.g);
             let dg = zeroed(&mut a.dg, n * hid);
-            layer.ffn2.backward(data, grad, &a.g, hid, n, &a.dz, Some(dg));
+            let dffn = if a.drop_hidden {
+                fit(&mut a.dtmp, n * d);
+                a.dtmp.copy_from_slice(&a.dz);
+                mul_in_place(&mut a.dtmp, &la.ffn_drop);
+                &a.dtmp
+            } else {
+                &a.dz
+            };
+            layer.ffn2.backward(data, grad, &a.g, hid, n, dffn, Some(dg));
             let dh = zeroed(&mut a.dh, n * hid);
             gelu_backward(&la.h, &a.dg, dh);
             fit(&mut a.dx_b, n * d);
@@ -305,20 +366,32 @@ impl TextTower {
             // z1 = out_lin(attn(q, k, v)) + x
             a.dx_a.copy_from_slice(&a.dz);
             let dctx = zeroed(&mut a.dctx, n * d);
-            layer.o.backward(data, grad, &la.ctx, d, n, &a.dz, Some(dctx));
+            let dsa = if a.drop_hidden && c.kind == TextKind::Bert {
+                fit(&mut a.dtmp, n * d);
+                a.dtmp.copy_from_slice(&a.dz);
+                mul_in_place(&mut a.dtmp, &la.sa_drop);
+                &a.dtmp
+            } else {
+                &a.dz
+            };
+            layer.o.backward(data, grad, &la.ctx, d, n, dsa, Some(dctx));
             fit(&mut a.dctx_h, n * d);
             split_heads(&a.dctx, d, 0, &mut a.dctx_h, b, heads, l, hd);
             zeroed(&mut a.dq_h, n * d);
             zeroed(&mut a.dk_h, n * d);
             zeroed(&mut a.dv_h, n * d);
-            attention_backward(&shape, scale, &la.q, &la.k, &la.v, d, &la.probs, &a.dctx_h, &mut a.dq_h, &mut a.dk_h, &mut a.dv_h);
+            let attn_drop = a.drop_attn.then_some(&la.attn_drop[..]);
+            attention_backward(&shape, scale, &la.q, &la.k, &la.v, d, &la.probs, attn_drop, &a.dctx_h, &mut a.dq_h, &mut a.dk_h, &mut a.dv_h);
             fit(&mut a.dq, n * d);
             for (lin, dh) in [(&layer.q, &a.dq_h), (&layer.k, &a.dk_h), (&layer.v, &a.dv_h)] {
                 merge_heads(dh, &mut a.dq, d, 0, b, heads, l, hd);
                 lin.backward(data, grad, x, d, n, &a.dq, Some(&mut a.dx_a));
             }
         }
-        // Embeddings LayerNorm, then the three lookups.
+        // Embedding dropout and LayerNorm, then the three lookups.
+        if a.drop_hidden {
+            mul_in_place(&mut a.dx_a, &a.emb_drop);
+        }
         let demb = zeroed(&mut a.dz, n * d);
         self.ln_emb.backward(data, grad, &a.emb, &a.emb_mean, &a.emb_rstd, &a.dx_a, demb);
         embedding_backward(ids, &a.dz, d, &mut grad[self.word.clone()]);

@@ -4,7 +4,7 @@
 
 use demovlp_kernels::gradcheck::{numeric_gradient, sample_coords, weighted_sum};
 use demovlp_kernels::Rng;
-use demovlp_model::{BatchRef, Model, ModelConfig, TextConfig, TextKind, VideoConfig};
+use demovlp_model::{BatchRef, Model, ModelConfig, TextConfig, TextDropout, TextKind, VideoConfig};
 use demovlp_retrieval::LossConfig;
 
 /// Two step sizes: a coordinate passes if either agrees, since a step may cross a ReLU kink
@@ -119,13 +119,19 @@ fn check_all_tensors(what: &str, model: &mut Model, analytic: &[f32], mut loss: 
     assert!(worst.0 <= tol, "{what}: gradient mismatch {:.3e} at {}", worst.0, worst.1);
 }
 
-fn check_tokens(kind: TextKind) {
+/// With `dropout`, the generator is reset before every forward so all evaluations share masks.
+fn check_tokens(kind: TextKind, dropout: bool) {
     let mut rng = Rng::new(5);
     let x = inputs(&mut rng);
     let b = batch(&x);
     let mut model = random_model(kind, 1);
+    if dropout {
+        model.set_text_dropout(TextDropout { hidden: 0.2, attention: 0.2 }, 0);
+    }
+    let reset = |m: &mut Model| m.set_dropout_rng(Rng::new(17));
+    reset(&mut model);
     let (nt, nv) = {
-        let (t, v) = model.forward_tokens(&b);
+        let (t, v) = model.forward_tokens(&b, dropout);
         (t.len(), v.len())
     };
     let rt: Vec<f32> = (0..nt).map(|_| rng.uniform() * 2.0 - 1.0).collect();
@@ -134,20 +140,49 @@ fn check_tokens(kind: TextKind) {
     model.backward_tokens(&b, &rt, &rv);
     let analytic = model.params.grad.clone();
     let loss = |m: &mut Model| {
-        let (t, v) = m.forward_tokens(&b);
+        reset(m);
+        let (t, v) = m.forward_tokens(&b, dropout);
         weighted_sum(t, &rt) + weighted_sum(v, &rv)
     };
-    check_all_tensors(&format!("{kind:?} tokens"), &mut model, &analytic, loss, 3, 1e-2, &x.ids);
+    check_all_tensors(&format!("{kind:?} tokens dropout {dropout}"), &mut model, &analytic, loss, 3, 1e-2, &x.ids);
 }
 
 #[test]
 fn gradcheck_tokens_distilbert() {
-    check_tokens(TextKind::Distilbert);
+    check_tokens(TextKind::Distilbert, false);
 }
 
 #[test]
 fn gradcheck_tokens_bert() {
-    check_tokens(TextKind::Bert);
+    check_tokens(TextKind::Bert, false);
+}
+
+#[test]
+fn gradcheck_tokens_with_dropout() {
+    check_tokens(TextKind::Distilbert, true);
+    check_tokens(TextKind::Bert, true);
+}
+
+/// Dropout changes training outputs only; evaluation paths ignore it.
+#[test]
+fn dropout_only_in_training() {
+    let mut rng = Rng::new(8);
+    let x = inputs(&mut rng);
+    let b = batch(&x);
+    let mut model = random_model(TextKind::Distilbert, 3);
+    let eval = model.forward_tokens(&b, false).0.to_vec();
+    let hidden = model.text_hidden_states(&x.ids, &x.mask, B, L);
+    model.set_text_dropout(TextDropout::PUBLISHED, 1);
+    assert_eq!(model.forward_tokens(&b, false).0, &eval[..]);
+    assert_eq!(model.text_hidden_states(&x.ids, &x.mask, B, L), hidden);
+    let train1 = model.forward_tokens(&b, true).0.to_vec();
+    let train2 = model.forward_tokens(&b, true).0.to_vec();
+    assert_ne!(train1, eval);
+    assert_ne!(train1, train2, "each training step draws new masks");
+    let cfg = LossConfig::default();
+    let e1 = model.forward_loss(&b, &cfg, true).loss_total;
+    let e2 = model.forward_loss(&b, &cfg, true).loss_total;
+    assert_eq!(e1, e2);
 }
 
 /// Through the retrieval losses as `forward_backward` wires them (global-only and full).

@@ -1,0 +1,38 @@
+//! Inverted dropout: a multiplier mask of 0 (probability p) or 1/(1−p), drawn from [`Rng`]
+//! so a run is reproducible from its seed; applying it forward and backward is a product.
+
+use crate::rng::Rng;
+
+/// Fills `mask` with 0 (probability `p`) or 1/(1−p). p = 0 gives all ones.
+pub fn dropout_mask(rng: &mut Rng, p: f32, mask: &mut [f32]) {
+    assert!((0.0..1.0).contains(&p), "dropout probability {p} outside [0, 1)");
+    let keep = 1.0 / (1.0 - p);
+    for m in mask.iter_mut() {
+        *m = if rng.uniform() < p { 0.0 } else { keep };
+    }
+}
+
+/// x ⊙= mask.
+pub fn mul_in_place(x: &mut [f32], mask: &[f32]) {
+    assert_eq!(x.len(), mask.len(), "dropout: mask length");
+    x.iter_mut().zip(mask).for_each(|(x, m)| *x *= m);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drops_about_p_and_keeps_the_mean() {
+        let mut rng = Rng::new(3);
+        let mut m = vec![0.0; 100_000];
+        dropout_mask(&mut rng, 0.1, &mut m);
+        let zeros = m.iter().filter(|&&x| x == 0.0).count() as f64 / m.len() as f64;
+        let mean = m.iter().map(|&x| x as f64).sum::<f64>() / m.len() as f64;
+        assert!((zeros - 0.1).abs() < 0.005, "{zeros}");
+        assert!((mean - 1.0).abs() < 0.01, "{mean}");
+        assert!(m.iter().all(|&x| x == 0.0 || (x - 1.0 / 0.9).abs() < 1e-6));
+        dropout_mask(&mut rng, 0.0, &mut m);
+        assert!(m.iter().all(|&x| x == 1.0));
+    }
+}
