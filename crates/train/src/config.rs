@@ -47,6 +47,10 @@ pub struct ModelSection {
     /// recipe starts from `distilbert-base-uncased`).
     #[serde(default)]
     pub text_init: Option<PathBuf>,
+    /// Video-tower transformer blocks from a timm ViT checkpoint (the published recipe
+    /// starts from `jx_vit_base_p16_224`).
+    #[serde(default)]
+    pub video_init: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -323,6 +327,9 @@ impl TrainConfig {
         if let Some(p) = &self.model.text_init {
             paths.push(("model.text_init".into(), p));
         }
+        if let Some(p) = &self.model.video_init {
+            paths.push(("model.video_init".into(), p));
+        }
         for (key, p) in paths {
             if !p.exists() {
                 bail!("{key}: path does not exist: {}", p.display());
@@ -379,6 +386,49 @@ epochs = 2
         let bad = MINIMAL.replace("[train]", "[train]\nepochz = 3");
         let e = format!("{:#}", TrainConfig::parse_str(&bad).unwrap_err());
         assert!(e.contains("epochz"), "{e}");
+    }
+
+    fn shipped(name: &str) -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs").join(name)
+    }
+
+    #[test]
+    fn shipped_configs_mirror_the_published_recipes() {
+        let p = TrainConfig::parse_file(&shipped("pretrain_webvid_cc3m.toml")).unwrap();
+        assert_eq!((p.data.batch_size, p.data.frames, p.data.regions, p.data.text_len), (128, 1, 30, 100));
+        assert_eq!(p.data.samples_per_epoch, Some(1_000_000));
+        assert_eq!(p.data.train.iter().map(|d| d.format.as_str()).collect::<Vec<_>>(), ["webvid", "cc3m"]);
+        assert_eq!((p.train.epochs, p.optim.milestones.clone()), (50, vec![30, 40]));
+        for name in ["msrvtt", "didemo", "msvd", "lsmdc"] {
+            let c = TrainConfig::parse_file(&shipped(&format!("finetune_{name}.toml"))).unwrap();
+            assert_eq!((c.data.batch_size, c.data.frames, c.train.epochs), (32, 8, 10), "{name}");
+            assert_eq!(c.optim.milestones, vec![2, 4, 8], "{name}");
+            assert_eq!(c.data.train[0].format, name);
+            assert!(c.data.test.is_some() && c.data.val.is_some());
+        }
+        for c in [p] {
+            assert_eq!((c.optim.lr, c.optim.first_epoch_lr, c.optim.eps, c.optim.weight_decay), (2e-4, Some(1e-5), 1e-6, 0.0));
+            assert_eq!((c.loss.temperature, c.loss.lambda, c.loss.use_local), (0.05, 20.0, true));
+            assert_eq!(c.model_config().unwrap(), ModelConfig::published(1));
+        }
+    }
+
+    #[test]
+    fn missing_path_is_rejected_before_any_work_and_named() {
+        // The shipped configs point at data this checkout does not have.
+        let e = format!("{:#}", TrainConfig::load(&shipped("finetune_didemo.toml")).unwrap_err());
+        assert!(e.contains("finetune_didemo.toml") && e.contains("data.tokenizer") && e.contains("pretrained/distilbert-base-uncased"), "{e}");
+        // With the tokenizer present, the first missing dataset path is named.
+        let tok = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/bert-base-uncased");
+        let ann = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/annotations/DiDeMo_train.tsv");
+        let text = MINIMAL.replace("tok.json", &tok.display().to_string()).replace("a.jsonl", &ann.display().to_string());
+        let dir = std::env::temp_dir().join(format!("demovlp-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("run.toml");
+        std::fs::write(&path, text).unwrap();
+        let e = format!("{:#}", TrainConfig::load(&path).unwrap_err());
+        assert!(e.contains("data.train[0].features") && e.contains("feats"), "{e}");
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]

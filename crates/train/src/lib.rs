@@ -1,9 +1,25 @@
 //! Training, evaluation and the built-in demo: TOML configs, the training loop with
 //! resumable checkpoints, the retrieval evaluation runner, logs and plots, and a
 //! deterministic synthetic corpus that needs no downloads.
+//!
+//! - [`config`]: the TOML run config, strict (unknown keys, missing paths rejected).
+//! - [`schedule`]: the published step schedule, warm-up, cosine.
+//! - [`batches`]: deterministic, resumable epoch plans and batch assembly.
+//! - [`checkpoint`]: single-file, atomic, exactly-resumable checkpoints.
+//! - [`trainer`]: the training loop.
+//! - [`eval`]: the retrieval evaluation runner.
+//! - [`synthetic`] + [`demo`]: the built-in demo.
 
+pub mod annotations;
+pub mod batches;
+pub mod checkpoint;
 pub mod config;
+pub mod demo;
+pub mod eval;
+pub mod plot;
 pub mod schedule;
 pub mod synthetic;
+pub mod text;
+pub mod trainer;
 
 pub use config::TrainConfig;

@@ -14,7 +14,16 @@
 //! and a frame's regions from a per-(clip, frame) generator, so any frame can be produced on
 //! demand (the corpus never needs to sit in memory) and two runs see identical bytes.
 
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use demovlp_data::regions::{fill_frame, FrameFile, SortedFrame, FEAT_DIM};
+use demovlp_data::FeatureSource;
+use demovlp_formats::{write_npz, NpyArray, Value};
 use demovlp_kernels::rng::Rng;
+use rayon::prelude::*;
+
+use crate::batches::Sample;
 
 /// Object classes the captions name, with the category that picks their motion verbs.
 const OBJECTS: &[(&str, Cat)] = &[
@@ -122,6 +131,8 @@ pub struct CorpusConfig {
     pub pretrain_images: usize,
     /// Fine-tuning: MSR-VTT-like clips with several captions each, and held-out test clips.
     pub finetune_train: usize,
+    /// Held out for per-epoch validation (best checkpoint, early stopping).
+    pub val: usize,
     pub test: usize,
     pub captions_per_clip: usize,
 }
@@ -136,6 +147,7 @@ impl CorpusConfig {
             pretrain_videos: 2000,
             pretrain_images: 1000,
             finetune_train: 1500,
+            val: 200,
             test: 500,
             captions_per_clip: 3,
         }
@@ -147,11 +159,12 @@ pub enum Split {
     PretrainVideo,
     PretrainImage,
     FinetuneTrain,
+    Val,
     Test,
 }
 
 impl Split {
-    pub const ALL: [Split; 4] = [Split::PretrainVideo, Split::PretrainImage, Split::FinetuneTrain, Split::Test];
+    pub const ALL: [Split; 5] = [Split::PretrainVideo, Split::PretrainImage, Split::FinetuneTrain, Split::Val, Split::Test];
 
     /// Dataset name, also the first component of clip ids and the annotation file name.
     pub fn name(self) -> &'static str {
@@ -159,6 +172,7 @@ impl Split {
             Split::PretrainVideo => "synth_webvid",
             Split::PretrainImage => "synth_cc3m",
             Split::FinetuneTrain => "synth_msrvtt_train",
+            Split::Val => "synth_msrvtt_val",
             Split::Test => "synth_msrvtt_test",
         }
     }
@@ -169,6 +183,7 @@ impl Split {
             Split::PretrainImage => 2,
             Split::FinetuneTrain => 3,
             Split::Test => 4,
+            Split::Val => 5,
         }
     }
 }
@@ -253,6 +268,7 @@ impl SyntheticCorpus {
                 Split::PretrainVideo => corpus.config.pretrain_videos,
                 Split::PretrainImage => corpus.config.pretrain_images,
                 Split::FinetuneTrain => corpus.config.finetune_train,
+                Split::Val => corpus.config.val,
                 Split::Test => corpus.config.test,
             };
             let clips = (0..n).map(|i| corpus.make_clip(split, i)).collect();
@@ -295,7 +311,7 @@ impl SyntheticCorpus {
         let clutter = if rng.uniform() < 0.3 { rng.below(5) } else { 8 + rng.below(cfg.max_regions.saturating_sub(12).max(1)) };
         let objects = main.boxes + second.as_ref().map_or(0, |s| s.boxes);
         let clutter = clutter.min(cfg.max_regions.saturating_sub(objects));
-        let n_captions = if split == Split::FinetuneTrain || split == Split::Test { cfg.captions_per_clip.max(1) } else { 1 };
+        let n_captions = if matches!(split, Split::FinetuneTrain | Split::Val | Split::Test) { cfg.captions_per_clip.max(1) } else { 1 };
         let captions = (0..n_captions).map(|k| caption(&mut rng, &main, second.as_ref(), image, k)).collect();
         let prefix = if image { 'i' } else { 'v' };
         ClipSpec {
@@ -415,6 +431,104 @@ impl SyntheticCorpus {
     }
 }
 
+impl SyntheticCorpus {
+    /// The samples (clip + captions) of a split, in clip order.
+    pub fn samples(&self, split: Split) -> Vec<Sample> {
+        self.clips(split).iter().map(|c| Sample { clip: c.id.clone(), captions: c.captions.clone() }).collect()
+    }
+
+    fn lookup(&self, clip: &str) -> Result<&ClipSpec> {
+        self.clip(clip).with_context(|| format!("synthetic corpus (seed {}): no clip {clip:?}", self.config.seed))
+    }
+
+    /// Write the corpus in the extractor's layout — `<root>/features/<clip>/<i>.npz` with
+    /// `x`, `bbox`, `num_bbox`, `image_h`, `image_w` and the pickled `info` dict — and one
+    /// JSONL annotation file per split, `<root>/annotations/<split>.jsonl`
+    /// (`{"clip": ..., "captions": [...]}` per line). `progress(done, total)` counts clips.
+    pub fn write(&self, root: &Path, progress: &(dyn Fn(usize, usize) + Sync)) -> Result<()> {
+        let features = root.join("features");
+        let ann = root.join("annotations");
+        std::fs::create_dir_all(&ann).with_context(|| format!("creating {}", ann.display()))?;
+        let all: Vec<&ClipSpec> = Split::ALL.iter().flat_map(|&s| self.clips(s)).collect();
+        let done = std::sync::atomic::AtomicUsize::new(0);
+        all.par_iter().try_for_each(|clip| -> Result<()> {
+            let dir = features.join(&clip.id);
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            for f in 0..clip.frames {
+                self.write_frame(clip, f, &dir.join(format!("{f}.npz")))?;
+            }
+            progress(done.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1, all.len());
+            Ok(())
+        })?;
+        for split in Split::ALL {
+            let mut text = String::new();
+            for c in self.clips(split) {
+                text += &serde_json::json!({"clip": c.id, "captions": c.captions}).to_string();
+                text.push('\n');
+            }
+            let p = ann.join(format!("{}.jsonl", split.name()));
+            std::fs::write(&p, text).with_context(|| format!("writing {}", p.display()))?;
+        }
+        Ok(())
+    }
+
+    fn write_frame(&self, clip: &ClipSpec, frame: usize, path: &Path) -> Result<()> {
+        let f = self.frame(clip, frame);
+        let n = f.num_boxes;
+        let info = Value::Dict(vec![
+            (Value::Str("image_id".into()), Value::Str(format!("{}_{frame}", clip.id.replace('/', "_")))),
+            (Value::Str("image_h".into()), Value::Int(f.image_h as i64)),
+            (Value::Str("image_w".into()), Value::Int(f.image_w as i64)),
+            (Value::Str("num_boxes".into()), Value::Int(n as i64)),
+            (Value::Str("objects_id".into()), Value::Array(NpyArray::from_i64(&[n], &f.objects_id))),
+            (Value::Str("objects_conf".into()), Value::Array(NpyArray::from_f32(&[n], &f.objects_conf))),
+        ]);
+        let arrays = [
+            ("x", NpyArray::from_f32(&[n, self.config.feature_dim], &f.x)),
+            ("bbox", NpyArray::from_f32(&[n, 4], &f.bbox)),
+            ("num_bbox", NpyArray::from_i64(&[], &[n as i64])),
+            ("image_h", NpyArray::from_i64(&[], &[f.image_h as i64])),
+            ("image_w", NpyArray::from_i64(&[], &[f.image_w as i64])),
+            ("info", NpyArray::object_scalar(&info)?),
+        ];
+        let refs: Vec<(&str, &NpyArray)> = arrays.iter().map(|(k, a)| (*k, a)).collect();
+        write_npz(path, &refs).with_context(|| format!("writing {}", path.display()))
+    }
+}
+
+/// The corpus is its own feature source: frames are generated on demand, then selected
+/// exactly as frames read from `.npz` files are (sort by confidence, top-R, edge padding).
+impl FeatureSource for SyntheticCorpus {
+    fn describe(&self) -> String {
+        format!("synthetic corpus (seed {})", self.config.seed)
+    }
+
+    fn frame_count(&self, clip: &str) -> Result<usize> {
+        Ok(self.lookup(clip)?.frames)
+    }
+
+    fn frame_regions(&self, clip: &str, frame: usize, regions: usize, object: &mut [f32], mask: &mut [f32], rows: &mut Vec<usize>) -> Result<()> {
+        let spec = self.lookup(clip)?;
+        if frame >= spec.frames {
+            bail!("synthetic clip {clip}: frame {frame} of {}", spec.frames);
+        }
+        if self.config.feature_dim != FEAT_DIM {
+            bail!("synthetic corpus: feature_dim {} but region tokens need {FEAT_DIM}", self.config.feature_dim);
+        }
+        let g = self.frame(spec, frame);
+        let f = FrameFile { n: g.num_boxes, x: g.x, bbox: g.bbox, conf: g.objects_conf, image_w: g.image_w as f32, image_h: g.image_h as f32 };
+        let order = f.sorted_rows();
+        let keep = &order[..order.len().min(regions)];
+        let boxes = f.sorted_boxes(keep);
+        let feat = |i: usize, out: &mut [f32]| {
+            let r = keep[i] as usize;
+            out.copy_from_slice(&f.x[r * FEAT_DIM..(r + 1) * FEAT_DIM]);
+        };
+        fill_frame(&SortedFrame { n: keep.len(), feat: &feat, boxes: &boxes, source_rows: keep }, regions, object, mask, rows);
+        Ok(())
+    }
+}
+
 fn caption(rng: &mut Rng, main: &ObjectSpec, second: Option<&ObjectSpec>, image: bool, variant: usize) -> String {
     let (name, cat) = OBJECTS[main.class];
     let colour = COLOURS[main.colour];
@@ -454,6 +568,7 @@ mod tests {
         c.pretrain_videos = 30;
         c.pretrain_images = 10;
         c.finetune_train = 20;
+        c.val = 5;
         c.test = 20;
         SyntheticCorpus::new(c)
     }
@@ -526,6 +641,29 @@ mod tests {
             }
             assert!(cap.contains(COLOURS[clip.main.colour]) && cap.contains(OBJECTS[clip.main.class].0), "{cap}");
         }
+    }
+
+    #[test]
+    fn written_corpus_reads_back_identically() {
+        use demovlp_data::{select_clip, FrameChoice, NpzTree};
+        let mut c = CorpusConfig::new(11);
+        (c.pretrain_videos, c.pretrain_images, c.finetune_train, c.val, c.test) = (3, 2, 2, 1, 2);
+        let corpus = SyntheticCorpus::new(c);
+        let dir = std::env::temp_dir().join(format!("demovlp-synth-{}", std::process::id()));
+        corpus.write(&dir, &|_, _| {}).unwrap();
+        let tree = NpzTree::new(dir.join("features"));
+        for split in Split::ALL {
+            for clip in corpus.clips(split) {
+                for (segs, regs) in [(8, 30), (4, 10), (1, 5)] {
+                    let a = select_clip(&corpus, &clip.id, segs, regs, FrameChoice::Middle).unwrap();
+                    let b = select_clip(&tree, &clip.id, segs, regs, FrameChoice::Middle).unwrap();
+                    assert_eq!((a.frame_indices, a.object, a.mask), (b.frame_indices, b.object, b.mask), "{}", clip.id);
+                }
+            }
+            let lines = std::fs::read_to_string(dir.join("annotations").join(format!("{}.jsonl", split.name()))).unwrap();
+            assert_eq!(lines.lines().count(), corpus.clips(split).len());
+        }
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]

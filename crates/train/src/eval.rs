@@ -1,0 +1,145 @@
+//! Retrieval evaluation (SPEC §8): embed every test text and clip in batches, score
+//! global + local similarity (blocked, with progress), and compute t2v / v2t metrics.
+//!
+//! Several captions per video are laid out caption-major (rows v·k … v·k+k−1 belong to
+//! video v); videos with fewer than k captions get empty slots, embedded as empty text but
+//! dropped from the metrics by the query mask.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use demovlp_data::FeatureSource;
+use demovlp_model::Model;
+use demovlp_retrieval::{eval_scores_with, retrieval_metrics, EmbeddingSet, RetrievalMetrics, ScoreMode};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::batches::{assemble, Draw, InputShape, Sample, TrainSet};
+use crate::text::Tokenizer;
+
+/// A test set: videos and k caption slots per video.
+#[derive(Clone)]
+pub struct EvalSet {
+    pub name: String,
+    pub videos: Vec<String>,
+    /// `[videos · k]`, caption-major per video; None = missing caption.
+    pub captions: Vec<Option<String>>,
+    pub captions_per_video: usize,
+    pub source: Arc<dyn FeatureSource>,
+}
+
+impl EvalSet {
+    /// k = 1: the first caption of each sample (SPEC §4: "the first at test").
+    /// k > 1: the first k captions of each sample, missing ones masked.
+    pub fn from_samples(name: &str, samples: &[Sample], k: usize, source: Arc<dyn FeatureSource>) -> Result<EvalSet> {
+        if samples.is_empty() {
+            bail!("{name}: test set is empty");
+        }
+        let k = k.max(1);
+        let mut captions = Vec::with_capacity(samples.len() * k);
+        for s in samples {
+            for j in 0..k {
+                captions.push(s.captions.get(j).cloned());
+            }
+        }
+        Ok(EvalSet { name: name.into(), videos: samples.iter().map(|s| s.clip.clone()).collect(), captions, captions_per_video: k, source })
+    }
+
+    pub fn query_mask(&self) -> Vec<bool> {
+        self.captions.iter().map(Option::is_some).collect()
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct EvalOptions {
+    pub shape: InputShape,
+    pub batch_size: usize,
+    pub lambda: f32,
+    pub mode: ScoreMode,
+    /// Add the local (region-word) similarity to the global one.
+    pub use_local: bool,
+    /// Local means over real positions only (must match the loss the model was trained with).
+    pub masked_mean: bool,
+    pub progress: bool,
+}
+
+pub struct EvalResult {
+    pub metrics: RetrievalMetrics,
+    /// `[texts, videos]`, rows = caption slots.
+    pub sims: Vec<f32>,
+    pub texts: usize,
+    pub videos: usize,
+    pub seconds: f64,
+}
+
+fn bar(show: bool, len: usize, what: &str) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(len as u64);
+    pb.set_style(ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} {per_sec} ETA {eta}").unwrap().progress_chars("=> "));
+    pb.set_prefix(what.to_string());
+    pb
+}
+
+/// Embed, score and measure.
+pub fn evaluate(model: &mut Model, set: &EvalSet, tok: &Tokenizer, opt: &EvalOptions) -> Result<EvalResult> {
+    let t0 = Instant::now();
+    let (nv, nt) = (set.videos.len(), set.captions.len());
+    let (l, p) = (opt.shape.text_len, model.config.proj_dim);
+    let n_loc = opt.shape.frames * opt.shape.regions;
+    let bs = opt.batch_size.max(1);
+
+    // Videos: middle frame of each segment.
+    let samples: Vec<Sample> = set.videos.iter().map(|v| Sample { clip: v.clone(), captions: vec![String::new()] }).collect();
+    let vset = TrainSet { name: set.name.clone(), samples, source: set.source.clone() };
+    let (mut vg, mut vl, mut vm) = (Vec::with_capacity(nv * p), Vec::with_capacity(nv * n_loc * p), Vec::with_capacity(nv * n_loc));
+    let pb = bar(opt.progress, nv, "embed clips");
+    for start in (0..nv).step_by(bs) {
+        let idx: Vec<usize> = (start..(start + bs).min(nv)).collect();
+        let b = assemble(&vset, &idx, opt.shape, tok, Draw::Eval, false)?;
+        let e = model.embed_video(&b.object, &b.object_mask, b.batch, b.frames, b.regions);
+        vg.extend_from_slice(&e.global);
+        vl.extend_from_slice(&e.local);
+        vm.extend_from_slice(&e.mask_additive);
+        pb.inc(idx.len() as u64);
+    }
+    pb.finish_and_clear();
+
+    // Texts (missing captions embedded as empty text, masked out of the metrics).
+    let (mut tg, mut tl, mut tm) = (Vec::with_capacity(nt * p), Vec::with_capacity(nt * (l - 1) * p), Vec::with_capacity(nt * (l - 1)));
+    let pb = bar(opt.progress, nt, "embed texts");
+    for chunk in set.captions.chunks(bs) {
+        let mut ids = Vec::with_capacity(chunk.len() * l);
+        let mut am = Vec::with_capacity(chunk.len() * l);
+        for c in chunk {
+            let (i, m) = tok.encode(c.as_deref().unwrap_or(""), l)?;
+            ids.extend(i);
+            am.extend(m);
+        }
+        let e = model.embed_text(&ids, &am, chunk.len(), l);
+        tg.extend_from_slice(&e.global);
+        tl.extend_from_slice(&e.local);
+        tm.extend_from_slice(&e.mask_additive);
+        pb.inc(chunk.len() as u64);
+    }
+    pb.finish_and_clear();
+
+    let texts = EmbeddingSet { count: nt, len: l - 1, dim: p, global: &tg, local: &tl, mask_additive: &tm };
+    let videos = EmbeddingSet { count: nv, len: n_loc, dim: p, global: &vg, local: &vl, mask_additive: &vm };
+    let pb = bar(opt.progress && opt.use_local, nt as u64 as usize, "score");
+    let progress = |done: usize, total: usize| {
+        pb.set_length(total as u64);
+        pb.set_position(done as u64);
+    };
+    if opt.mode == ScoreMode::Reference && opt.use_local && nt != nv {
+        bail!("{}: the published (reference) score combination needs as many texts as videos, got {nt} texts and {nv} videos", set.name);
+    }
+    let so = demovlp_retrieval::EvalOptions { lambda: opt.lambda, mode: opt.mode, use_local: opt.use_local, masked_mean: opt.masked_mean };
+    let sims = eval_scores_with(&texts, &videos, &so, &progress);
+    pb.finish_and_clear();
+    let mask = set.query_mask();
+    let all = mask.iter().all(|&m| m);
+    let metrics = retrieval_metrics(&sims, nt, nv, if all { None } else { Some(&mask) });
+    Ok(EvalResult { metrics, sims, texts: nt, videos: nv, seconds: t0.elapsed().as_secs_f64() })
+}
