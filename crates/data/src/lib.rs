@@ -14,7 +14,7 @@ pub mod regions;
 pub mod tokenizer;
 
 pub use annotations::Sample;
-// pub use loader::{Batch, Loader, LoaderConfig};
+pub use loader::{Batch, DatasetSpec, Loader, LoaderConfig};
 pub use pack::PackedStore;
 pub use regions::{select_clip, ClipInput, FeatureSource, FrameChoice, NpzTree, TOKEN_DIM};
 pub use tokenizer::TextTokenizer;

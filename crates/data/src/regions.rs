@@ -346,3 +346,28 @@ impl ClipInput {
         Ok(())
     }
 }
+
+impl FrameFile {
+    /// Writes the frame in the extractor's layout (SPEC §2): `x`, `bbox`, `num_bbox`,
+    /// `image_h`, `image_w` and the pickled `info` dict (`image_id`, sizes, `num_boxes`,
+    /// `objects_id`, `objects_conf`). Used by tests and the demo corpus.
+    pub fn write(&self, path: &Path, image_id: &str, objects_id: &[i64]) -> Result<()> {
+        use demovlp_formats::NpyArray;
+        let n = self.n;
+        let info = Value::Dict(vec![
+            (Value::Str("image_id".into()), Value::Str(image_id.into())),
+            (Value::Str("image_h".into()), Value::Int(self.image_h as i64)),
+            (Value::Str("image_w".into()), Value::Int(self.image_w as i64)),
+            (Value::Str("num_boxes".into()), Value::Int(n as i64)),
+            (Value::Str("objects_id".into()), Value::Array(NpyArray::from_i64(&[n], objects_id))),
+            (Value::Str("objects_conf".into()), Value::Array(NpyArray::from_f32(&[n], &self.conf))),
+        ]);
+        let x = NpyArray::from_f32(&[n, self.x.len() / n.max(1)], &self.x);
+        let bbox = NpyArray::from_f32(&[n, 4], &self.bbox);
+        let num = NpyArray::from_i64(&[], &[n as i64]);
+        let h = NpyArray::from_i64(&[], &[self.image_h as i64]);
+        let w = NpyArray::from_i64(&[], &[self.image_w as i64]);
+        let info = NpyArray::object_scalar(&info)?;
+        demovlp_formats::write_npz(path, &[("x", &x), ("bbox", &bbox), ("num_bbox", &num), ("image_h", &h), ("image_w", &w), ("info", &info)])
+    }
+}

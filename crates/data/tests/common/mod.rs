@@ -63,3 +63,34 @@ pub fn check_all_cases(src: &dyn FeatureSource, feat_tol: f32) {
     assert_eq!(checked_objects, 2);
 }
 
+
+use demovlp_data::regions::FrameFile;
+use demovlp_kernels::rng::Rng;
+
+/// Writes a synthetic clip `<root>/<clip>/<i>.npz` with `frames` frames of `regions`
+/// regions each (random features, boxes inside a 640x480 image, distinct confidences).
+pub fn write_clip(root: &std::path::Path, clip: &str, frames: usize, regions: usize, seed: u64) {
+    let dir = root.join(clip);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut rng = Rng::new(seed);
+    for f in 0..frames {
+        let n = regions;
+        let x: Vec<f32> = (0..n * 2048).map(|_| rng.normal()).collect();
+        let mut bbox = Vec::new();
+        for _ in 0..n {
+            let (x1, y1) = (rng.uniform() * 500.0, rng.uniform() * 400.0);
+            bbox.extend_from_slice(&[x1, y1, x1 + 1.0 + rng.uniform() * 139.0, y1 + 1.0 + rng.uniform() * 79.0]);
+        }
+        let conf: Vec<f32> = (0..n).map(|i| 0.1 + 0.8 * ((i * 7919 + f * 31) % 997) as f32 / 997.0 + 1e-5 * i as f32).collect();
+        let ff = FrameFile { x, bbox, conf, image_w: 640.0, image_h: 480.0, n };
+        let ids: Vec<i64> = (0..n as i64).collect();
+        ff.write(&dir.join(format!("{f}.npz")), &format!("{clip}_{f}"), &ids).unwrap();
+    }
+}
+
+pub fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("demovlp_{name}_{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
