@@ -338,3 +338,92 @@ impl Model {
         self.config.text.kind
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{TextConfig, VideoConfig};
+
+    fn tiny() -> ModelConfig {
+        ModelConfig {
+            text: TextConfig { kind: TextKind::Distilbert, vocab_size: 50, dim: 16, layers: 2, heads: 2, hidden_dim: 32, max_position_embeddings: 12, type_vocab_size: 0, layer_norm_eps: 1e-12 },
+            video: VideoConfig { dim: 16, depth: 2, heads: 2, mlp_dim: 32, max_frames: 2, pos_embed_rows: 4, feature_dim: 2048, box_dim: 6, layer_norm_eps: 1e-6 },
+            proj_dim: 8,
+        }
+    }
+
+    fn arena_buffers(m: &Model) -> Vec<(usize, usize)> {
+        let a = &m.arena;
+        let mut v = a.text.buffers();
+        v.extend(a.video.buffers());
+        for b in [&a.relu, &a.text_out, &a.global_text, &a.local_text, &a.text_mask, &a.global_video, &a.local_video, &a.video_mask, &a.d_text_out, &a.d_video_out, &a.d_relu, &a.d_hidden] {
+            v.push((b.as_ptr() as usize, b.capacity()));
+        }
+        v
+    }
+
+    struct Data {
+        object: Vec<f32>,
+        mask: Vec<f32>,
+        ids: Vec<i64>,
+        am: Vec<i64>,
+    }
+
+    fn data(b: usize, f: usize, r: usize, l: usize) -> Data {
+        let mut rng = Rng::new(b as u64);
+        Data {
+            object: (0..b * f * r * 2054).map(|_| rng.uniform()).collect(),
+            mask: (0..b * f * r).map(|i| if i % 4 == 3 { 0.0 } else { 1.0 }).collect(),
+            ids: (0..b * l).map(|i| if i % l < l - 2 { 1 + (i % 40) as i64 } else { 0 }).collect(),
+            am: (0..b * l).map(|i| (i % l < l - 2) as i64).collect(),
+        }
+    }
+
+    fn batch(d: &Data, b: usize, f: usize, r: usize, l: usize) -> BatchRef<'_> {
+        BatchRef { batch: b, frames: f, regions: r, text_len: l, object: &d.object, object_mask: &d.mask, input_ids: &d.ids, attention_mask: &d.am }
+    }
+
+    #[test]
+    fn steady_state_steps_reuse_the_arena() {
+        let mut m = Model::new(tiny());
+        m.init_random(1);
+        m.set_text_dropout(TextDropout::PUBLISHED, 2);
+        let cfg = LossConfig::default();
+        let big = data(4, 2, 3, 10);
+        let small = data(2, 1, 3, 8);
+        m.forward_backward(&batch(&big, 4, 2, 3, 10), &cfg, true);
+        let after_first = arena_buffers(&m);
+        let l1 = m.forward_backward(&batch(&big, 4, 2, 3, 10), &cfg, true);
+        assert_eq!(arena_buffers(&m), after_first, "a same-shaped step reallocated");
+        m.forward_backward(&batch(&small, 2, 1, 3, 8), &cfg, true);
+        m.forward_loss(&batch(&small, 2, 1, 3, 8), &cfg, true);
+        let l2 = m.forward_backward(&batch(&big, 4, 2, 3, 10), &cfg, true);
+        assert_eq!(arena_buffers(&m), after_first, "a smaller batch in between reallocated");
+        assert!(l1.loss_total.is_finite() && l2.loss_total.is_finite());
+    }
+
+    #[test]
+    fn init_random_is_published_style() {
+        let mut m = Model::new(tiny());
+        m.init_random(7);
+        let p = &m.params;
+        let get = |n: &str| p.get(p.id(n).unwrap_or_else(|| panic!("{n}")));
+        assert!(get("text_model.embeddings.LayerNorm.weight").iter().all(|&x| x == 1.0));
+        assert!(get("object_model.blocks.0.norm3.weight").iter().all(|&x| x == 1.0));
+        assert!(get("object_model.blocks.1.attn.qkv.bias").iter().all(|&x| x == 0.0));
+        assert!(get("object_model.temporal_embed").iter().all(|&x| x == 0.0));
+        assert!(get("text_model.embeddings.word_embeddings.weight")[..16].iter().all(|&x| x == 0.0), "padding row");
+        let w = get("object_model.object_embedding.weight");
+        let n = w.len() as f64;
+        let mean = w.iter().map(|&x| x as f64).sum::<f64>() / n;
+        let std = (w.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n).sqrt();
+        assert!(mean.abs() < 1e-3 && (std - 0.0176).abs() < 1e-3, "mean {mean} std {std}"); // N(0, .02) cut at ±2σ has σ ≈ 0.0176
+        assert!(w.iter().all(|&x| x.abs() <= 0.04));
+        assert!(get("object_model.cls_token").iter().any(|&x| x != 0.0));
+        let mut again = Model::new(tiny());
+        again.init_random(7);
+        assert_eq!(again.params.data, m.params.data);
+        again.init_random(8);
+        assert_ne!(again.params.data, m.params.data);
+    }
+}

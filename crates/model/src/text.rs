@@ -192,6 +192,21 @@ impl TextActs {
     }
 }
 
+impl TextActs {
+    /// (address, capacity) of every arena buffer: lets tests prove steady-state steps reuse them.
+    pub(crate) fn buffers(&self) -> Vec<(usize, usize)> {
+        let buf = |v: &Vec<f32>| (v.as_ptr() as usize, v.capacity());
+        let mut out = vec![buf(&self.emb), buf(&self.emb_mean), buf(&self.emb_rstd), buf(&self.mask_add), buf(&self.emb_drop), buf(&self.ctx_h), buf(&self.g), buf(&self.dx_a), buf(&self.dx_b), buf(&self.dz), buf(&self.dg), buf(&self.dh), buf(&self.dctx), buf(&self.dctx_h), buf(&self.dq_h), buf(&self.dk_h), buf(&self.dv_h), buf(&self.dq), buf(&self.dtmp)];
+        for v in &self.xs {
+            out.push(buf(v));
+        }
+        for l in &self.layers {
+            out.extend([buf(&l.q), buf(&l.k), buf(&l.v), buf(&l.probs), buf(&l.ctx), buf(&l.z1), buf(&l.m1), buf(&l.r1), buf(&l.x1), buf(&l.h), buf(&l.z2), buf(&l.m2), buf(&l.r2), buf(&l.attn_drop), buf(&l.sa_drop), buf(&l.ffn_drop)]);
+        }
+        out
+    }
+}
+
 impl TextTower {
     pub fn new(p: &Params, c: &TextConfig) -> Self {
         let (d, h) = (c.dim, c.hidden_dim);

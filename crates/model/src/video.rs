@@ -112,6 +112,21 @@ pub struct VideoActs {
     dqkv: Vec<f32>,
 }
 
+impl VideoActs {
+    /// (address, capacity) of every arena buffer: lets tests prove steady-state steps reuse them.
+    pub(crate) fn buffers(&self) -> Vec<(usize, usize)> {
+        let buf = |v: &Vec<f32>| (v.as_ptr() as usize, v.capacity());
+        let mut out = vec![buf(&self.mask_add), buf(&self.out), buf(&self.e), buf(&self.y), buf(&self.ms), buf(&self.rs), buf(&self.ctx_h), buf(&self.tmp), buf(&self.g), buf(&self.dx_a), buf(&self.dx_b), buf(&self.dy), buf(&self.dg), buf(&self.dh), buf(&self.dctx), buf(&self.dctx_h), buf(&self.dq_h), buf(&self.dk_h), buf(&self.dv_h), buf(&self.dqkv)];
+        for v in &self.xs {
+            out.push(buf(v));
+        }
+        for l in &self.blocks {
+            out.extend([buf(&l.m1), buf(&l.r1), buf(&l.qkv), buf(&l.probs), buf(&l.ctx), buf(&l.xmid), buf(&l.m2), buf(&l.r2), buf(&l.h)]);
+        }
+        out
+    }
+}
+
 impl VideoTower {
     pub fn new(p: &Params, c: &VideoConfig, proj_dim: usize) -> Self {
         let (d, m) = (c.dim, c.mlp_dim);
@@ -214,7 +229,7 @@ impl VideoTower {
             blk.qkv.forward(data, &a.y, d, n, &mut ba.qkv);
             fit(&mut ba.probs, shape.probs_len());
             fit(&mut a.ctx_h, n * d);
-            attention_forward(&shape, scale, &ba.qkv, &ba.qkv[d..], &ba.qkv[2 * d..], 3 * d, &a.mask_add, &mut ba.probs, &mut a.ctx_h);
+            attention_forward(&shape, scale, &ba.qkv, &ba.qkv[d..], &ba.qkv[2 * d..], 3 * d, &a.mask_add, None, &mut ba.probs, &mut a.ctx_h);
             fit(&mut ba.ctx, n * d);
             merge_heads(&a.ctx_h, &mut ba.ctx, d, 0, b, heads, seq, hd);
             fit(&mut ba.xmid, n * d);
@@ -280,7 +295,7 @@ impl VideoTower {
             zeroed(&mut a.dq_h, n * d);
             zeroed(&mut a.dk_h, n * d);
             zeroed(&mut a.dv_h, n * d);
-            attention_backward(&shape, scale, &ba.qkv, &ba.qkv[d..], &ba.qkv[2 * d..], 3 * d, &ba.probs, &a.dctx_h, &mut a.dq_h, &mut a.dk_h, &mut a.dv_h);
+            attention_backward(&shape, scale, &ba.qkv, &ba.qkv[d..], &ba.qkv[2 * d..], 3 * d, &ba.probs, None, &a.dctx_h, &mut a.dq_h, &mut a.dk_h, &mut a.dv_h);
             fit(&mut a.dqkv, n * 3 * d);
             merge_heads(&a.dq_h, &mut a.dqkv, 3 * d, 0, b, heads, seq, hd);
             merge_heads(&a.dk_h, &mut a.dqkv, 3 * d, d, b, heads, seq, hd);
