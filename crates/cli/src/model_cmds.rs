@@ -1,9 +1,422 @@
-//! (placeholder: replaced by the owner of this module)
-#[derive(clap::Args)] pub struct ImportArgs {}
-pub fn import(_: ImportArgs) -> anyhow::Result<()> { anyhow::bail!("import: not implemented yet") }
-#[derive(clap::Args)] pub struct ReplayArgs {}
-pub fn replay(_: ReplayArgs) -> anyhow::Result<()> { anyhow::bail!("replay: not implemented yet") }
-#[derive(clap::Args)] pub struct BenchTrainStepArgs {}
-pub fn bench_train_step(_: BenchTrainStepArgs) -> anyhow::Result<()> { anyhow::bail!("bench_train_step: not implemented yet") }
-#[derive(clap::Args)] pub struct BenchEmbedArgs {}
-pub fn bench_embed(_: BenchEmbedArgs) -> anyhow::Result<()> { anyhow::bail!("bench_embed: not implemented yet") }
+//! Model commands: `import` (published .pth / safetensors → model directory), `replay`
+//! (one recorded batch through a model: outputs, gradients, one AdamW step), and the
+//! `bench train-step` / `bench embed` benchmarks.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, ensure, Context, Result};
+use demovlp_kernels::Rng;
+use demovlp_model::io::{self, TensorRef};
+use demovlp_model::{AdamW, AdamWSettings, BatchRef, Model, ModelConfig};
+use demovlp_retrieval::LossConfig;
+
+// ---------------------------------------------------------------------------------------
+// import
+
+#[derive(clap::Args)]
+pub struct ImportArgs {
+    /// Weights with published names: the trainer's .pth (torch zip) or a .safetensors file.
+    pub input: PathBuf,
+    /// Model directory to write (model.safetensors + config.json).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Use only tensors whose name starts with this prefix, with it removed (e.g. `param.`).
+    #[arg(long)]
+    pub key_prefix: Option<String>,
+    /// Attention heads of the text tower (not visible in weights; published: 12).
+    #[arg(long, default_value_t = 12)]
+    pub text_heads: usize,
+    /// Attention heads of the video tower (not visible in weights; published: 12).
+    #[arg(long, default_value_t = 12)]
+    pub video_heads: usize,
+}
+
+pub fn import(a: ImportArgs) -> Result<()> {
+    let (model, report) = io::import_weights_report(&a.input, a.key_prefix.as_deref(), a.text_heads, a.video_heads)?;
+    io::save_model_dir(&model, &a.out)?;
+    let c = &model.config;
+    eprintln!(
+        "imported {}: {:?} text tower {}x{} ({} heads), video tower {}x{} ({} heads, {} frames), P = {}; {}",
+        a.input.display(),
+        c.text.kind,
+        c.text.layers,
+        c.text.dim,
+        c.text.heads,
+        c.video.depth,
+        c.video.dim,
+        c.video.heads,
+        c.video.max_frames,
+        c.proj_dim,
+        report.summary()
+    );
+    if !report.skipped.is_empty() {
+        eprintln!("skipped (no place in the model): {}", report.skipped.join(", "));
+    }
+    if !report.missing.is_empty() {
+        eprintln!("absent from the input, left zero (unused by the model): {}", report.missing.join(", "));
+    }
+    println!("{}", a.out.display());
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// replay
+
+#[derive(clap::Args)]
+pub struct ReplayArgs {
+    /// Model directory (ours, or a Hugging Face DistilBERT/BERT directory).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// safetensors with `in.object`, `in.object_mask`, `in.input_ids`, `in.attention_mask`.
+    #[arg(long)]
+    pub batch: PathBuf,
+    /// Where to write `out.*` (and `grad.*`, `after_adamw.*`).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Also write `grad.<name>` for every parameter that receives a gradient.
+    #[arg(long)]
+    pub grads: bool,
+    /// Take one AdamW step from fresh state and write `after_adamw.<name>` for every
+    /// parameter: `lr,beta1,beta2,eps,weight_decay`.
+    #[arg(long, value_name = "LR,BETA1,BETA2,EPS,WD")]
+    pub adamw: Option<String>,
+    /// Region-word alignment means over real positions only (not the published behaviour).
+    #[arg(long)]
+    pub masked_mean: bool,
+    /// Contrastive loss only (no region-word alignment).
+    #[arg(long)]
+    pub global_only: bool,
+}
+
+/// A recorded batch's inputs.
+struct RecordedBatch {
+    b: usize,
+    f: usize,
+    r: usize,
+    l: usize,
+    object: Vec<f32>,
+    object_mask: Vec<f32>,
+    input_ids: Vec<i64>,
+    attention_mask: Vec<i64>,
+}
+
+fn read_batch(path: &std::path::Path) -> Result<RecordedBatch> {
+    let st = io::read_safetensors(path)?;
+    let ctx = || path.display().to_string();
+    let obj = st.get("in.object").with_context(ctx)?;
+    ensure!(obj.shape.len() == 4, "{}: in.object has shape {:?}, expected [B,F,R,2054]", path.display(), obj.shape);
+    let (b, f, r) = (obj.shape[0], obj.shape[1], obj.shape[2]);
+    let ids = st.get("in.input_ids").with_context(ctx)?;
+    ensure!(ids.shape.len() == 2 && ids.shape[0] == b, "{}: in.input_ids has shape {:?}, expected [{b},L]", path.display(), ids.shape);
+    let l = ids.shape[1];
+    let check = |name: &str, want: &[usize]| -> Result<()> {
+        let t = st.get(name).with_context(ctx)?;
+        ensure!(t.shape == want, "{}: {name} has shape {:?}, expected {want:?}", path.display(), t.shape);
+        Ok(())
+    };
+    check("in.object_mask", &[b, f, r])?;
+    check("in.attention_mask", &[b, l])?;
+    Ok(RecordedBatch {
+        b,
+        f,
+        r,
+        l,
+        object: st.f32("in.object").with_context(ctx)?,
+        object_mask: st.f32("in.object_mask").with_context(ctx)?,
+        input_ids: st.i64("in.input_ids").with_context(ctx)?,
+        attention_mask: st.i64("in.attention_mask").with_context(ctx)?,
+    })
+}
+
+pub fn replay(a: ReplayArgs) -> Result<()> {
+    let mut model = io::load_model_dir(&a.model)?;
+    let x = read_batch(&a.batch)?;
+    let c = &model.config;
+    ensure!(x.object.len() == x.b * x.f * x.r * (c.video.feature_dim + c.video.box_dim), "{}: in.object's last axis is not {}", a.batch.display(), c.video.feature_dim + c.video.box_dim);
+    ensure!(x.f <= c.video.max_frames, "{}: {} frames, the model has temporal embeddings for {}", a.batch.display(), x.f, c.video.max_frames);
+    ensure!(x.l <= c.text.max_position_embeddings, "{}: text length {} exceeds the model's {} positions", a.batch.display(), x.l, c.text.max_position_embeddings);
+    if let Some(bad) = x.input_ids.iter().find(|&&i| i < 0 || i as usize >= c.text.vocab_size) {
+        bail!("{}: token id {bad} outside the model's vocabulary of {}", a.batch.display(), c.text.vocab_size);
+    }
+    let adamw = a.adamw.as_deref().map(AdamWSettings::parse).transpose()?;
+    let loss_cfg = LossConfig { masked_mean: a.masked_mean, ..LossConfig::default() };
+    let use_local = !a.global_only;
+    let batch = BatchRef {
+        batch: x.b,
+        frames: x.f,
+        regions: x.r,
+        text_len: x.l,
+        object: &x.object,
+        object_mask: &x.object_mask,
+        input_ids: &x.input_ids,
+        attention_mask: &x.attention_mask,
+    };
+
+    // Embeddings first (a forward pass each), then the loss pass that fills the gradients.
+    let te = model.embed_text(&x.input_ids, &x.attention_mask, x.b, x.l);
+    let ve = model.embed_video(&x.object, &x.object_mask, x.b, x.f, x.r);
+    let need_grads = a.grads || adamw.is_some();
+    let lo = if need_grads { model.forward_backward(&batch, &loss_cfg, use_local) } else { model.forward_loss(&batch, &loss_cfg, use_local) };
+
+    let (b, p, l, n) = (x.b, model.config.proj_dim, x.l, x.f * x.r);
+    let losses = [[lo.loss_total], [lo.loss_global], [lo.loss_local]];
+    let mut out: Vec<(String, Vec<usize>, TensorRef)> = vec![
+        ("out.global_text".into(), vec![b, p], TensorRef::F32(&te.global)),
+        ("out.local_text".into(), vec![b, l - 1, p], TensorRef::F32(&te.local)),
+        ("out.text_mask_additive".into(), vec![b, l - 1], TensorRef::F32(&te.mask_additive)),
+        ("out.global_video".into(), vec![b, p], TensorRef::F32(&ve.global)),
+        ("out.local_video".into(), vec![b, n, p], TensorRef::F32(&ve.local)),
+        ("out.video_mask_additive".into(), vec![b, n], TensorRef::F32(&ve.mask_additive)),
+        ("out.global_sim_text_video".into(), vec![b, b], TensorRef::F32(&lo.global_sim_text_video)),
+        ("out.local_sim_video_text".into(), vec![b, b], TensorRef::F32(&lo.local_sim_video_text)),
+        ("out.loss_total".into(), vec![1], TensorRef::F32(&losses[0])),
+        ("out.loss_global".into(), vec![1], TensorRef::F32(&losses[1])),
+        ("out.loss_local".into(), vec![1], TensorRef::F32(&losses[2])),
+    ];
+    let grads_copy;
+    if a.grads {
+        grads_copy = model.params.grad.clone();
+        out.extend(model.params.specs().iter().filter(|s| s.receives_grad).map(|s| {
+            (format!("grad.{}", s.name), s.shape.clone(), TensorRef::F32(&grads_copy[s.offset..s.offset + s.len]))
+        }));
+    }
+    if let Some(s) = adamw {
+        let mut opt = AdamW::with_settings(model.params.len(), s);
+        opt.step(&mut model.params);
+        out.extend(
+            model.params.specs().iter().map(|sp| (format!("after_adamw.{}", sp.name), sp.shape.clone(), TensorRef::F32(&model.params.data[sp.offset..sp.offset + sp.len]))),
+        );
+    }
+    io::write_safetensors_refs(&a.out, &out, &[])?;
+    eprintln!(
+        "replayed {} (B={b}, F={}, R={}, L={l}): loss_total {:.6} (global {:.6}, local {:.6}); wrote {} tensors to {}",
+        a.batch.display(),
+        x.f,
+        x.r,
+        lo.loss_total,
+        lo.loss_global,
+        lo.loss_local,
+        out.len(),
+        a.out.display()
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// benchmarks
+
+/// Peak resident set size of this process (VmHWM), in MiB.
+fn peak_rss_mb() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn stats(mut xs: Vec<f64>) -> (f64, f64, f64) {
+    xs.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let n = xs.len();
+    let med = if n % 2 == 1 { xs[n / 2] } else { 0.5 * (xs[n / 2 - 1] + xs[n / 2]) };
+    (med, xs[0], xs[n - 1])
+}
+
+/// A synthetic batch with the published input layout: detector-like non-negative
+/// features, boxes in [0,1], a few padded regions; captions of varied length.
+struct SyntheticBatch {
+    object: Vec<f32>,
+    object_mask: Vec<f32>,
+    input_ids: Vec<i64>,
+    attention_mask: Vec<i64>,
+}
+
+fn synthetic_batch(c: &ModelConfig, b: usize, f: usize, r: usize, l: usize, seed: u64) -> SyntheticBatch {
+    let mut rng = Rng::new(seed);
+    let width = c.video.feature_dim + c.video.box_dim;
+    let mut object = vec![0.0f32; b * f * r * width];
+    let mut object_mask = vec![0.0f32; b * f * r];
+    for (slot, row) in object.chunks_mut(width).enumerate() {
+        for (j, v) in row.iter_mut().enumerate() {
+            *v = if j < c.video.feature_dim { rng.normal().abs() } else { rng.uniform() };
+        }
+        // About one region in eight is padding.
+        object_mask[slot] = if slot % r == 0 || rng.below(8) != 0 { 1.0 } else { 0.0 };
+    }
+    let mut input_ids = vec![0i64; b * l];
+    let mut attention_mask = vec![0i64; b * l];
+    for i in 0..b {
+        let len = 2 + rng.below(l - 1); // CLS .. SEP, 2..=l tokens
+        for t in 0..len {
+            input_ids[i * l + t] = if t == 0 {
+                101
+            } else if t == len - 1 {
+                102
+            } else {
+                1000 + rng.below(c.text.vocab_size - 1000) as i64
+            };
+            attention_mask[i * l + t] = 1;
+        }
+    }
+    SyntheticBatch { object, object_mask, input_ids, attention_mask }
+}
+
+#[derive(clap::Args)]
+pub struct BenchTrainStepArgs {
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 8)]
+    pub frames: usize,
+    #[arg(long, default_value_t = 30)]
+    pub regions: usize,
+    #[arg(long, default_value_t = 100)]
+    pub text_len: usize,
+    /// Timed steps (after one untimed warm-up step).
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Load this model directory instead of the published size with random init.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Print only the JSON line on stdout (progress still goes to stderr).
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn bench_model(dir: &Option<PathBuf>, frames: usize) -> Result<Model> {
+    Ok(match dir {
+        Some(d) => io::load_model_dir(d)?,
+        None => {
+            let mut m = Model::new(ModelConfig::published(frames));
+            m.init_random(0);
+            m
+        }
+    })
+}
+
+fn check_sizes(m: &Model, frames: usize, text_len: usize) -> Result<()> {
+    ensure!(frames >= 1 && frames <= m.config.video.max_frames, "--frames {frames}: the model has temporal embeddings for 1..={}", m.config.video.max_frames);
+    ensure!(text_len >= 2 && text_len <= m.config.text.max_position_embeddings, "--text-len {text_len}: must be 2..={}", m.config.text.max_position_embeddings);
+    ensure!(m.config.text.vocab_size > 1000, "the benchmark draws token ids from 1000..vocab; vocabulary {} is too small", m.config.text.vocab_size);
+    Ok(())
+}
+
+pub fn bench_train_step(a: BenchTrainStepArgs) -> Result<()> {
+    ensure!(a.runs >= 1 && a.batch >= 2 && a.regions >= 1, "need --runs ≥ 1, --batch ≥ 2 (contrastive loss), --regions ≥ 1");
+    let mut model = bench_model(&a.model, a.frames)?;
+    check_sizes(&model, a.frames, a.text_len)?;
+    let x = synthetic_batch(&model.config, a.batch, a.frames, a.regions, a.text_len, 1);
+    let batch = BatchRef {
+        batch: a.batch,
+        frames: a.frames,
+        regions: a.regions,
+        text_len: a.text_len,
+        object: &x.object,
+        object_mask: &x.object_mask,
+        input_ids: &x.input_ids,
+        attention_mask: &x.attention_mask,
+    };
+    let loss_cfg = LossConfig::default();
+    let mut opt = AdamW::with_settings(model.params.len(), AdamWSettings::published(1e-5));
+    let threads = rayon::current_num_threads();
+    eprintln!(
+        "bench train-step: {} parameters, B={} F={} R={} L={}, {threads} threads, 1 warm-up + {} timed steps",
+        model.params.len(),
+        a.batch,
+        a.frames,
+        a.regions,
+        a.text_len,
+        a.runs
+    );
+    let mut times = Vec::with_capacity(a.runs);
+    let mut last_loss = 0.0;
+    for i in 0..=a.runs {
+        let t0 = Instant::now();
+        let lo = model.forward_backward(&batch, &loss_cfg, true);
+        opt.step(&mut model.params);
+        let dt = t0.elapsed().as_secs_f64();
+        ensure!(lo.loss_total.is_finite(), "loss is not finite at step {i}");
+        last_loss = lo.loss_total;
+        if i > 0 {
+            times.push(dt);
+        }
+        eprintln!("  step {i}{}: {dt:.3} s, loss {:.4}", if i == 0 { " (warm-up)" } else { "" }, lo.loss_total);
+    }
+    let (median, min, max) = stats(times);
+    let rss = peak_rss_mb().unwrap_or(f64::NAN);
+    if !a.json {
+        println!("train step: median {median:.3} s (min {min:.3}, max {max:.3}), peak RSS {rss:.0} MiB");
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "train-step", "median_s": median, "min_s": min, "max_s": max, "peak_rss_mb": rss,
+            "batch": a.batch, "frames": a.frames, "regions": a.regions, "text_len": a.text_len,
+            "runs": a.runs, "threads": threads, "params": model.params.len(), "last_loss": last_loss,
+        })
+    );
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct BenchEmbedArgs {
+    /// Texts / clips per forward call.
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 8)]
+    pub frames: usize,
+    #[arg(long, default_value_t = 30)]
+    pub regions: usize,
+    #[arg(long, default_value_t = 100)]
+    pub text_len: usize,
+    /// Timed calls of each tower (after one untimed warm-up call each).
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Load this model directory instead of the published size with random init.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Print only the JSON line on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn bench_embed(a: BenchEmbedArgs) -> Result<()> {
+    ensure!(a.runs >= 1 && a.batch >= 1 && a.regions >= 1, "need --runs ≥ 1, --batch ≥ 1, --regions ≥ 1");
+    let mut model = bench_model(&a.model, a.frames)?;
+    check_sizes(&model, a.frames, a.text_len)?;
+    let x = synthetic_batch(&model.config, a.batch, a.frames, a.regions, a.text_len, 2);
+    let threads = rayon::current_num_threads();
+    eprintln!("bench embed: batch {} (F={} R={} L={}), {threads} threads, 1 warm-up + {} timed calls per tower", a.batch, a.frames, a.regions, a.text_len, a.runs);
+    let mut text_t = Vec::new();
+    let mut video_t = Vec::new();
+    for i in 0..=a.runs {
+        let t0 = Instant::now();
+        let te = model.embed_text(&x.input_ids, &x.attention_mask, a.batch, a.text_len);
+        let dt_text = t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        let ve = model.embed_video(&x.object, &x.object_mask, a.batch, a.frames, a.regions);
+        let dt_video = t1.elapsed().as_secs_f64();
+        ensure!(te.global.iter().chain(&ve.global).all(|v| v.is_finite()), "non-finite embeddings");
+        if i > 0 {
+            text_t.push(dt_text);
+            video_t.push(dt_video);
+        }
+        eprintln!("  call {i}{}: text {dt_text:.3} s, video {dt_video:.3} s", if i == 0 { " (warm-up)" } else { "" });
+    }
+    let (tm, tmin, tmax) = stats(text_t);
+    let (vm, vmin, vmax) = stats(video_t);
+    let (tps, cps) = (a.batch as f64 / tm, a.batch as f64 / vm);
+    let rss = peak_rss_mb().unwrap_or(f64::NAN);
+    if !a.json {
+        println!("embed: {tps:.1} texts/s, {cps:.1} clips/s (median of {} calls of {}), peak RSS {rss:.0} MiB", a.runs, a.batch);
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "embed", "texts_per_s": tps, "clips_per_s": cps,
+            "text_median_s": tm, "text_min_s": tmin, "text_max_s": tmax,
+            "video_median_s": vm, "video_min_s": vmin, "video_max_s": vmax, "peak_rss_mb": rss,
+            "batch": a.batch, "frames": a.frames, "regions": a.regions, "text_len": a.text_len,
+            "runs": a.runs, "threads": threads,
+        })
+    );
+    Ok(())
+}
