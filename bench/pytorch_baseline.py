@@ -594,25 +594,35 @@ def bench_train(args):
     print(f"train-step: torch {torch.__version__}, {torch.get_num_threads()} threads, {n_params / 1e6:.1f}M params, "
           f"batch {args.batch}, {args.frames}x{args.regions} regions, text {args.text_len}")
 
+    phases = {"forward": [], "backward": [], "adamw": []}
+
     def step():
+        t0 = time.perf_counter()
         opt.zero_grad()
         out = forward_losses(p, c, batch, text_dropout=args.text_dropout)
+        t1 = time.perf_counter()
         out["loss_total"].backward()
+        t2 = time.perf_counter()
         opt.step()
-        return out["loss_total"].item()
+        t3 = time.perf_counter()
+        return out["loss_total"].item(), (t1 - t0, t2 - t1, t3 - t2)
 
     for _ in range(args.warmup):
         step()
     times = []
     for i in range(args.runs):
         t0 = time.perf_counter()
-        loss = step()
+        loss, ph = step()
         times.append(time.perf_counter() - t0)
-        print(f"  run {i}: {times[-1]:.3f} s (loss {loss:.4f})")
+        for k, v in zip(phases, ph):
+            phases[k].append(v)
+        print(f"  run {i}: {times[-1]:.3f} s (forward+losses {ph[0]:.3f}, backward {ph[1]:.3f}, "
+              f"adamw {ph[2]:.3f}; loss {loss:.4f})")
     return summary("train-step", times, dict(
         bench="train-step", impl="pytorch", torch=torch.__version__, threads=torch.get_num_threads(),
         batch=args.batch, frames=args.frames, regions=args.regions, text_len=args.text_len, runs=args.runs,
-        warmup=args.warmup, text_dropout=args.text_dropout))
+        warmup=args.warmup, text_dropout=args.text_dropout,
+        phase_median_s={k: round(statistics.median(v), 4) for k, v in phases.items()}))
 
 
 def bench_eval_sims(args):
