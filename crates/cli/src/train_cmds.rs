@@ -1,9 +1,193 @@
-//! (placeholder: replaced by the owner of this module)
-#[derive(clap::Args)] pub struct DemoArgs {}
-pub fn demo(_: DemoArgs) -> anyhow::Result<()> { anyhow::bail!("demo: not implemented yet") }
-#[derive(clap::Args)] pub struct PretrainArgs {}
-pub fn pretrain(_: PretrainArgs) -> anyhow::Result<()> { anyhow::bail!("pretrain: not implemented yet") }
-#[derive(clap::Args)] pub struct FinetuneArgs {}
-pub fn finetune(_: FinetuneArgs) -> anyhow::Result<()> { anyhow::bail!("finetune: not implemented yet") }
-#[derive(clap::Args)] pub struct EvalArgs {}
-pub fn eval(_: EvalArgs) -> anyhow::Result<()> { anyhow::bail!("eval: not implemented yet") }
+//! `demovlp demo | pretrain | finetune | eval`: the training and evaluation commands.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use demovlp_data::FeatureSource;
+use demovlp_retrieval::ScoreMode;
+use demovlp_train::batches::{InputShape, Sample, TrainSet};
+use demovlp_train::config::DatasetConfig;
+use demovlp_train::eval::{evaluate, EvalOptions, EvalSet};
+use demovlp_train::trainer::{metrics_json, train, RunOptions, TrainInputs};
+use demovlp_train::{demo, TrainConfig};
+
+#[derive(clap::Args)]
+#[command(after_help = "Prints a results table; the last stdout line is one JSON object:\n  \
+{\"test_clips\": N, \"t2v\": {\"R1\",\"R5\",\"R10\",\"MedR\"}, \"v2t\": {...}, \"seconds\": S}")]
+pub struct DemoArgs {
+    /// A one-minute version (fewer clips, smaller model).
+    #[arg(long)]
+    quick: bool,
+    /// Keep the corpus (.npz tree + JSONL annotations), checkpoints, logs and plots here;
+    /// training then reads the corpus back from disk.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Seed of the corpus, the initialisation and the data order.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// No progress output on stderr.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(clap::Args)]
+pub struct PretrainArgs {
+    /// TOML run config (see configs/pretrain_webvid_cc3m.toml).
+    #[arg(long)]
+    config: PathBuf,
+    /// Continue from <output_dir>/checkpoint_latest.safetensors.
+    #[arg(long)]
+    resume: bool,
+    /// Override the config's output_dir.
+    #[arg(long)]
+    output_dir: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+pub struct FinetuneArgs {
+    /// TOML run config (see configs/finetune_*.toml).
+    #[arg(long)]
+    config: PathBuf,
+    /// Weights to start from: a training checkpoint, a model directory or a published .pth.
+    #[arg(long)]
+    init: Option<PathBuf>,
+    /// Continue from <output_dir>/checkpoint_latest.safetensors.
+    #[arg(long)]
+    resume: bool,
+    /// Override the config's output_dir.
+    #[arg(long)]
+    output_dir: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+pub struct EvalArgs {
+    /// A model directory (model.safetensors + config.json) or a training checkpoint.
+    #[arg(long)]
+    model: PathBuf,
+    /// Run config naming the test set (`[data.test]`, else `[data.val]`), tokenizer, frames, regions.
+    #[arg(long)]
+    config: PathBuf,
+    /// Combine scores as the published evaluation does (G + S_loc untransposed; SPEC §8).
+    #[arg(long)]
+    reference_eval: bool,
+    /// Global similarity only (no region-word term).
+    #[arg(long)]
+    global_only: bool,
+    /// Write the metrics JSON here (default: <model>/eval_<test set>.json or next to the checkpoint).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Also write the [texts, videos] score matrix as safetensors (tensor `sims`).
+    #[arg(long)]
+    save_sims: Option<PathBuf>,
+}
+
+fn stop_flag() -> Arc<AtomicBool> {
+    demovlp_train::trainer::install_ctrlc()
+}
+
+pub fn demo(a: DemoArgs) -> Result<()> {
+    let opts = demo::DemoOptions { quick: a.quick, out: a.out, seed: a.seed, quiet: a.quiet, stop: Some(stop_flag()), sizes: None };
+    let report = demo::run(&opts)?;
+    print!("{}", report.table());
+    if let Some(o) = &report.out {
+        println!("corpus, checkpoints, logs and plots: {}", o.display());
+    }
+    println!("{}", report.json_line());
+    Ok(())
+}
+
+fn read_samples(ds: &DatasetConfig, train: bool, skip_bad: bool) -> Result<Vec<Sample>> {
+    let (samples, skipped) = demovlp_train::annotations::read_dataset(ds, train, skip_bad)?;
+    if !skipped.is_empty() {
+        eprintln!("{}: skipped {} bad annotation records, e.g. {}", ds.name, skipped.len(), skipped[0]);
+    }
+    Ok(samples)
+}
+
+fn open_source(ds: &DatasetConfig) -> Result<Arc<dyn FeatureSource>> {
+    demovlp_train::annotations::open_features(&ds.features).with_context(|| format!("{}: features {}", ds.name, ds.features.display()))
+}
+
+fn run_training(config: &Path, resume: bool, init: Option<PathBuf>, output_dir: Option<PathBuf>) -> Result<()> {
+    let mut cfg = TrainConfig::load(config)?;
+    if let Some(o) = output_dir {
+        cfg.output_dir = o;
+    }
+    if let Some(p) = &init {
+        if !p.exists() {
+            bail!("--init: path does not exist: {}", p.display());
+        }
+    }
+    let tokenizer = Arc::new(demovlp_train::text::load_tokenizer(&cfg.data.tokenizer)?);
+    let mut train_sets = Vec::new();
+    for ds in &cfg.data.train {
+        train_sets.push(TrainSet { name: ds.name.clone(), samples: read_samples(ds, true, cfg.data.skip_bad_samples)?, source: open_source(ds)? });
+    }
+    let val = match &cfg.data.val {
+        Some(ds) => Some(EvalSet::from_samples(&ds.name, &read_samples(ds, false, false)?, ds.captions_per_video, open_source(ds)?)?),
+        None => None,
+    };
+    let inputs = TrainInputs { config: cfg, train: train_sets, val, tokenizer };
+    let r = train(&inputs, &RunOptions { resume, init, quiet: false, stop: Some(stop_flag()) })?;
+    if r.interrupted {
+        eprintln!("interrupted; continue with the same command plus --resume (checkpoint {})", r.latest.display());
+    }
+    Ok(())
+}
+
+pub fn pretrain(a: PretrainArgs) -> Result<()> {
+    run_training(&a.config, a.resume, None, a.output_dir)
+}
+
+pub fn finetune(a: FinetuneArgs) -> Result<()> {
+    run_training(&a.config, a.resume, a.init, a.output_dir)
+}
+
+pub fn eval(a: EvalArgs) -> Result<()> {
+    let cfg = TrainConfig::parse_file(&a.config)?;
+    let ds = cfg.data.test.as_ref().or(cfg.data.val.as_ref()).with_context(|| format!("{}: no [data.test] or [data.val] section", a.config.display()))?;
+    for (key, p) in [("data.tokenizer", &cfg.data.tokenizer), ("test annotations", &ds.annotations), ("test features", &ds.features), ("--model", &a.model)] {
+        if !p.exists() {
+            bail!("{key}: path does not exist: {}", p.display());
+        }
+    }
+    let mut model = demovlp_train::trainer::load_model(&a.model)?;
+    let tok = demovlp_train::text::load_tokenizer(&cfg.data.tokenizer)?;
+    let set = EvalSet::from_samples(&ds.name, &read_samples(ds, false, false)?, ds.captions_per_video, open_source(ds)?)?;
+    let opts = EvalOptions {
+        shape: InputShape { frames: cfg.data.frames, regions: cfg.data.regions, text_len: cfg.data.text_len },
+        batch_size: cfg.train.eval_batch_size,
+        lambda: cfg.loss.lambda,
+        mode: if a.reference_eval { ScoreMode::Reference } else { ScoreMode::Aligned },
+        use_local: !a.global_only,
+        masked_mean: cfg.loss.masked_mean,
+        progress: true,
+    };
+    eprintln!("evaluating {} on {}: {} videos, {} caption slots", a.model.display(), ds.name, set.videos.len(), set.captions.len());
+    let r = evaluate(&mut model, &set, &tok, &opts)?;
+    let m = &r.metrics;
+    println!("{:<6} {:>7} {:>7} {:>7} {:>7} {:>7} {:>8}", ds.name.chars().take(6).collect::<String>(), "R@1", "R@5", "R@10", "R@50", "MedR", "MeanR");
+    for (n, d) in [("t2v", &m.t2v), ("v2t", &m.v2t)] {
+        println!("{:<6} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>7.1} {:>8.1}", n, d.r1, d.r5, d.r10, d.r50, d.medr, d.meanr);
+    }
+    let mut j = metrics_json(m);
+    j["test_set"] = ds.name.clone().into();
+    j["videos"] = set.videos.len().into();
+    j["texts"] = set.captions.len().into();
+    j["mode"] = (if a.reference_eval { "reference" } else { "aligned" }).into();
+    j["seconds"] = r.seconds.into();
+    let out = a.out.unwrap_or_else(|| {
+        let base = if a.model.is_dir() { a.model.clone() } else { a.model.parent().map(Path::to_path_buf).unwrap_or_default() };
+        base.join(format!("eval_{}.json", ds.name))
+    });
+    std::fs::write(&out, serde_json::to_string_pretty(&j)? + "\n").with_context(|| format!("writing {}", out.display()))?;
+    if let Some(p) = a.save_sims {
+        use demovlp_model::io::{write_safetensors_refs, TensorRef};
+        write_safetensors_refs(&p, &[("sims".into(), vec![r.texts, r.videos], TensorRef::F32(&r.sims))], &[])?;
+    }
+    eprintln!("metrics written to {}", out.display());
+    println!("{}", serde_json::json!({"t2v": j["t2v"], "v2t": j["v2t"]}));
+    Ok(())
+}

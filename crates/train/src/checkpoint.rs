@@ -33,6 +33,8 @@ pub struct TrainerState {
     pub epoch_seed: u64,
     /// The run's generator, after drawing `epoch_seed`.
     pub rng: [u64; 4],
+    /// The model's text-dropout generator.
+    pub dropout_rng: [u64; 4],
     pub samples_seen: u64,
     /// Best monitored value so far and the epoch that reached it.
     pub best: Option<f64>,
@@ -185,6 +187,7 @@ mod tests {
             step: 11,
             epoch_seed: 99,
             rng: [1, 2, 3, u64::MAX],
+            dropout_rng: [5, 6, 7, 8],
             samples_seen: 44,
             best: Some(12.5),
             best_epoch: Some(1),

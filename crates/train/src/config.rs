@@ -185,6 +185,10 @@ pub struct TrainSection {
     /// Also write a resumable checkpoint every this many steps (0 = only at epoch ends).
     #[serde(default)]
     pub checkpoint_every: u64,
+    /// Text-tower dropout (hidden and attention) during training steps. The published model
+    /// trains DistilBERT in train mode with the Hugging Face default 0.1.
+    #[serde(default = "default_dropout")]
+    pub text_dropout: f32,
 }
 
 fn default_text_len() -> usize {
@@ -216,6 +220,9 @@ fn default_log_every() -> u64 {
 }
 fn default_monitor() -> String {
     "t2v_R1".into()
+}
+fn default_dropout() -> f32 {
+    0.1
 }
 fn default_eval_batch() -> usize {
     64
@@ -287,6 +294,9 @@ impl TrainConfig {
         }
         if !MONITORS.contains(&self.train.monitor.as_str()) {
             bail!("train.monitor: unknown metric {:?} (known: {})", self.train.monitor, MONITORS.join(", "));
+        }
+        if !(0.0..1.0).contains(&self.train.text_dropout) {
+            bail!("train.text_dropout must be in [0, 1), got {}", self.train.text_dropout);
         }
         if self.train.epochs == 0 {
             bail!("train.epochs must be >= 1");

@@ -213,6 +213,7 @@ fn stage_config(name: &str, out: &Path, seed: u64, sizes: &DemoSizes, st: &Stage
             max_steps: None,
             eval_batch_size: 64,
             checkpoint_every: 0,
+            text_dropout: 0.1,
         },
     }
 }

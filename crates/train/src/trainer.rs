@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use demovlp_kernels::rng::Rng;
-use demovlp_model::{AdamW, Model, ModelConfig, Params};
+use demovlp_model::{AdamW, Model, ModelConfig, Params, TextDropout};
 use demovlp_retrieval::{LossConfig, RetrievalMetrics, ScoreMode};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
@@ -55,6 +55,20 @@ pub struct RunResult {
     pub last_metrics: Option<RetrievalMetrics>,
     pub latest: PathBuf,
     pub best_checkpoint: Option<PathBuf>,
+}
+
+/// Ctrl-C handler: the first press raises the returned flag (the loop then saves a
+/// resumable checkpoint and stops); a second press exits at once.
+pub fn install_ctrlc() -> Arc<AtomicBool> {
+    let flag = Arc::new(AtomicBool::new(false));
+    let f = flag.clone();
+    let _ = ctrlc::set_handler(move || {
+        if f.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupt: finishing this step and saving a resumable checkpoint (Ctrl-C again to abort)");
+    });
+    flag
 }
 
 fn monitored(name: &str, m: Option<&RetrievalMetrics>, train_loss: f64) -> f64 {
@@ -217,6 +231,7 @@ pub fn train(inputs: &TrainInputs, opts: &RunOptions) -> Result<RunResult> {
             step: 0,
             epoch_seed,
             rng: rng.state(),
+            dropout_rng: Rng::new(cfg.seed ^ 0xD80_0C7).state(),
             samples_seen: 0,
             best: None,
             best_epoch: None,
@@ -225,6 +240,10 @@ pub fn train(inputs: &TrainInputs, opts: &RunOptions) -> Result<RunResult> {
         };
         (model, opt, state)
     };
+    // Dropout draws continue exactly where the checkpoint left them.
+    let p = cfg.train.text_dropout;
+    model.set_text_dropout(TextDropout { hidden: p, attention: p }, 0);
+    model.set_dropout_rng(Rng::from_state(state.dropout_rng));
     let resumed = state.step > 0 || state.epoch > 1;
     let mut log = Log::open(&out.join("log.jsonl"), resumed)?;
     if state.finished {
@@ -243,7 +262,11 @@ pub fn train(inputs: &TrainInputs, opts: &RunOptions) -> Result<RunResult> {
     let total_steps = (batches_per_epoch * cfg.train.epochs as u64).min(cfg.train.max_steps.unwrap_or(u64::MAX));
     let loss_cfg = LossConfig { temperature: cfg.loss.temperature, lambda: cfg.loss.lambda, masked_mean: cfg.loss.masked_mean };
     let higher = monitor_higher_is_better(&cfg.train.monitor);
-    let save = |model: &Model, opt: &AdamW, st: &TrainerState, path: &Path| checkpoint::save(path, &model.config, &model.params, opt, st, &config_text);
+    let save = |model: &Model, opt: &AdamW, st: &TrainerState, path: &Path| {
+        let mut st = st.clone();
+        st.dropout_rng = model.dropout_rng().state();
+        checkpoint::save(path, &model.config, &model.params, opt, &st, &config_text)
+    };
 
     let pb = if opts.quiet { ProgressBar::hidden() } else { ProgressBar::new(total_steps) };
     pb.set_style(ProgressStyle::with_template("{prefix} [{bar:28}] {pos}/{len} {msg} ETA {eta}").unwrap().progress_chars("=> "));
