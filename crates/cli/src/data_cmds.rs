@@ -76,13 +76,178 @@ pub fn tokenize(a: TokenizeArgs) -> Result<()> {
     Ok(())
 }
 
+/// Pack a tree of per-frame .npz files into a memory-mapped feature store.
+///
+/// Reads the clips named by the annotation file (or every clip directory with --all),
+/// stores each frame's regions sorted by confidence (f32, or f16 with --fp16) in
+/// shards, and writes manifest.json last: an interrupted pack never reads as complete.
+/// Re-running on unchanged input does nothing. Bad clips are skipped and reported.
 #[derive(Args)]
-pub struct PackArgs {}
-pub fn pack(_: PackArgs) -> Result<()> {
-    anyhow::bail!("pack: not implemented yet")
+pub struct PackArgs {
+    /// Feature root: <root>/<clip>/<i>.npz.
+    #[arg(long)]
+    pub features: PathBuf,
+    /// Annotation file naming the clips (layout detected from its name unless --layout).
+    #[arg(long, required_unless_present = "all")]
+    pub annotations: Option<PathBuf>,
+    /// Annotation layout: webvid, cc3m, didemo, msvd, lsmdc, jsonl.
+    #[arg(long)]
+    pub layout: Option<String>,
+    /// Pack every clip directory directly below --features instead of an annotation file.
+    #[arg(long)]
+    pub all: bool,
+    /// Output store directory.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Store the 2048-d features as fp16 (half the size; box features stay f32).
+    #[arg(long)]
+    pub fp16: bool,
+    /// Regions kept per frame (most confident first).
+    #[arg(long, default_value_t = 100)]
+    pub max_regions: usize,
+    /// Reader threads (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
 }
+
+pub fn pack(a: PackArgs) -> Result<()> {
+    use demovlp_data::annotations::{read_annotations, Layout};
+    use demovlp_data::pack::{list_clip_dirs, pack, PackConfig, StoreDtype};
+    let mut skipped_records = Vec::new();
+    let clips: Vec<String> = match &a.annotations {
+        Some(path) if !a.all => {
+            let layout = a.layout.as_deref().map(Layout::from_name).transpose()?;
+            let ann = read_annotations(path, layout, true)?;
+            skipped_records = ann.skipped;
+            ann.samples.into_iter().map(|s| s.clip).collect()
+        }
+        _ => list_clip_dirs(&a.features)?,
+    };
+    let cfg = PackConfig {
+        dtype: if a.fp16 { StoreDtype::F16 } else { StoreDtype::F32 },
+        max_regions: a.max_regions,
+        threads: a.threads,
+        progress: !a.quiet,
+    };
+    let t = std::time::Instant::now();
+    let s = pack(&a.features, &clips, &a.out, &cfg)?;
+    if s.up_to_date {
+        println!("{}: up to date (same input and options), nothing written", a.out.display());
+    }
+    println!(
+        "packed {} clips, {} frames, {} regions, {} bytes ({:.1} MiB, {}) into {} in {:.1}s",
+        s.clips,
+        s.frames,
+        s.regions,
+        s.bytes,
+        s.bytes as f64 / (1 << 20) as f64,
+        if a.fp16 { "fp16" } else { "f32" },
+        a.out.display(),
+        t.elapsed().as_secs_f64()
+    );
+    for r in &skipped_records {
+        println!("skipped annotation record: {r}");
+    }
+    if !s.skipped.is_empty() {
+        // Group by the problem (the last part of the message), then show a few examples.
+        let mut by_reason: std::collections::BTreeMap<String, usize> = Default::default();
+        for (_, r) in &s.skipped {
+            let kind = r.rsplit(": ").next().unwrap_or(r).to_string();
+            *by_reason.entry(kind).or_default() += 1;
+        }
+        println!("skipped {} clips:", s.skipped.len());
+        for (reason, n) in by_reason {
+            println!("  {n:>6}  {reason}");
+        }
+        for (clip, r) in s.skipped.iter().take(10) {
+            println!("  e.g. {clip}: {r}");
+        }
+    } else {
+        println!("skipped 0 clips");
+    }
+    Ok(())
+}
+
+/// Clips/s for load + region selection: per-frame .npz files vs the packed store.
+///
+/// Without --features a synthetic corpus (deflated .npz, like the extractor's) is
+/// written to a temporary directory first. Reports the median of --runs runs with one
+/// thread and with all threads, and the packed/npz ratio.
 #[derive(Args)]
-pub struct BenchDataArgs {}
-pub fn bench_data(_: BenchDataArgs) -> Result<()> {
-    anyhow::bail!("bench_data: not implemented yet")
+pub struct BenchDataArgs {
+    /// Feature root to measure (default: a synthetic corpus).
+    #[arg(long)]
+    pub features: Option<PathBuf>,
+    /// Synthetic corpus: number of clips.
+    #[arg(long, default_value_t = 64)]
+    pub clips: usize,
+    /// Synthetic corpus: frames per clip.
+    #[arg(long, default_value_t = 8)]
+    pub frames: usize,
+    /// Synthetic corpus: regions per frame.
+    #[arg(long, default_value_t = 50)]
+    pub corpus_regions: usize,
+    /// Segments S selected per clip.
+    #[arg(long, default_value_t = 8)]
+    pub segments: usize,
+    /// Regions R selected per frame.
+    #[arg(long, default_value_t = 30)]
+    pub regions: usize,
+    /// Runs per configuration (median reported).
+    #[arg(long, default_value_t = 5)]
+    pub runs: usize,
+    /// "All threads" count (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Store the packed copy as fp16.
+    #[arg(long)]
+    pub fp16: bool,
+}
+
+pub fn bench_data(a: BenchDataArgs) -> Result<()> {
+    use demovlp_data::bench::{clips_per_second, median, write_synthetic_clip};
+    use demovlp_data::pack::{list_clip_dirs, pack, PackConfig, PackedStore, StoreDtype};
+    use demovlp_data::regions::FeatureSource;
+    let work = std::env::temp_dir().join(format!("demovlp_bench_data_{}", std::process::id()));
+    std::fs::create_dir_all(&work)?;
+    let root = match &a.features {
+        Some(r) => r.clone(),
+        None => {
+            let root = work.join("npz");
+            eprintln!("writing synthetic corpus: {} clips x {} frames x {} regions (deflated .npz)", a.clips, a.frames, a.corpus_regions);
+            for i in 0..a.clips {
+                write_synthetic_clip(&root, &format!("clip{i:05}"), a.frames, a.corpus_regions, i as u64, true)?;
+            }
+            root
+        }
+    };
+    let clips = list_clip_dirs(&root)?;
+    anyhow::ensure!(!clips.is_empty(), "{}: no clip directories with 0.npz", root.display());
+    let store_dir = work.join("packed");
+    let cfg = PackConfig { dtype: if a.fp16 { StoreDtype::F16 } else { StoreDtype::F32 }, progress: false, ..Default::default() };
+    let s = pack(&root, &clips, &store_dir, &cfg)?;
+    anyhow::ensure!(s.skipped.is_empty(), "benchmark corpus has bad clips: {:?}", &s.skipped[..s.skipped.len().min(3)]);
+    let npz = NpzTree::new(&root);
+    let packed = PackedStore::open(&store_dir)?;
+    let all = if a.threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { a.threads };
+    println!("load + select, {} clips, S = {}, R = {}, median of {} runs", clips.len(), a.segments, a.regions, a.runs.max(1));
+    println!("{:<10} {:>8} {:>14} {:>14} {:>8}", "threads", "", "npz clips/s", "packed clips/s", "ratio");
+    let mut thread_counts = vec![1];
+    if all > 1 {
+        thread_counts.push(all);
+    }
+    for &t in &thread_counts {
+        let measure = |src: &dyn FeatureSource| -> Result<f64> {
+            clips_per_second(src, &clips, a.segments, a.regions, t)?; // warm the page cache
+            Ok(median((0..a.runs.max(1)).map(|_| clips_per_second(src, &clips, a.segments, a.regions, t)).collect::<Result<Vec<_>>>()?))
+        };
+        let n = measure(&npz)?;
+        let p = measure(&packed)?;
+        println!("{:<10} {:>8} {:>14.1} {:>14.1} {:>7.1}x", t, if t == 1 { "(1 core)" } else { "(all)" }, n, p, p / n);
+    }
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(())
 }

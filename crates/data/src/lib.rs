@@ -8,6 +8,7 @@
 //! - [`loader`]: multi-threaded prefetching batches, deterministic given a seed.
 
 pub mod annotations;
+pub mod bench;
 pub mod loader;
 pub mod pack;
 pub mod regions;

@@ -263,6 +263,9 @@ impl NpzTree {
 
 /// Counts the frames `0.npz, 1.npz, …` in a clip directory, refusing gaps.
 pub fn count_frames(dir: &Path) -> Result<usize> {
+    if !dir.is_dir() {
+        bail!("{}: clip directory missing", dir.display());
+    }
     let rd = std::fs::read_dir(dir).with_context(|| format!("{}: clip directory missing or unreadable", dir.display()))?;
     let mut idx = Vec::new();
     for e in rd {
@@ -352,6 +355,11 @@ impl FrameFile {
     /// `image_h`, `image_w` and the pickled `info` dict (`image_id`, sizes, `num_boxes`,
     /// `objects_id`, `objects_conf`). Used by tests and the demo corpus.
     pub fn write(&self, path: &Path, image_id: &str, objects_id: &[i64]) -> Result<()> {
+        self.write_with(path, image_id, objects_id, false)
+    }
+
+    /// [`FrameFile::write`], members deflated when `compress` (as the extractor's files are).
+    pub fn write_with(&self, path: &Path, image_id: &str, objects_id: &[i64], compress: bool) -> Result<()> {
         use demovlp_formats::NpyArray;
         let n = self.n;
         let info = Value::Dict(vec![
@@ -368,6 +376,6 @@ impl FrameFile {
         let h = NpyArray::from_i64(&[], &[self.image_h as i64]);
         let w = NpyArray::from_i64(&[], &[self.image_w as i64]);
         let info = NpyArray::object_scalar(&info)?;
-        demovlp_formats::write_npz(path, &[("x", &x), ("bbox", &bbox), ("num_bbox", &num), ("image_h", &h), ("image_w", &w), ("info", &info)])
+        demovlp_formats::write_npz_with(path, &[("x", &x), ("bbox", &bbox), ("num_bbox", &num), ("image_h", &h), ("image_w", &w), ("info", &info)], compress)
     }
 }

@@ -14,6 +14,6 @@ pub mod pickle;
 pub mod zip;
 
 pub use npy::{DType, NpyArray};
-pub use npz::{npz_bytes, write_npz, Npz};
+pub use npz::{npz_bytes, npz_bytes_with, write_npz, write_npz_with, Npz};
 pub use pickle::Value;
 pub use zip::ZipArchive;

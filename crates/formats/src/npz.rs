@@ -63,17 +63,27 @@ impl Npz {
 
 /// The bytes of a stored (uncompressed) `.npz`, as `np.savez` writes it.
 pub fn npz_bytes(arrays: &[(&str, &NpyArray)]) -> Result<Vec<u8>> {
+    npz_bytes_with(arrays, false)
+}
+
+/// The bytes of an `.npz`, members deflated when `compress` (as `np.savez_compressed`).
+pub fn npz_bytes_with(arrays: &[(&str, &NpyArray)], compress: bool) -> Result<Vec<u8>> {
     let members: Vec<(String, Vec<u8>)> = arrays.iter().map(|(n, a)| (format!("{n}.npy"), a.to_bytes())).collect();
     let refs: Vec<(&str, &[u8])> = members.iter().map(|(n, b)| (n.as_str(), b.as_slice())).collect();
     let mut out = Vec::new();
-    crate::zip::write_stored(&mut out, &refs)?;
+    crate::zip::write_zip(&mut out, &refs, compress)?;
     Ok(out)
 }
 
 /// Writes a stored `.npz` to `path` (via a temporary file and rename, so readers never
 /// see a half-written archive).
 pub fn write_npz(path: &Path, arrays: &[(&str, &NpyArray)]) -> Result<()> {
-    let bytes = npz_bytes(arrays)?;
+    write_npz_with(path, arrays, false)
+}
+
+/// [`write_npz`] with members deflated when `compress`.
+pub fn write_npz_with(path: &Path, arrays: &[(&str, &NpyArray)], compress: bool) -> Result<()> {
+    let bytes = npz_bytes_with(arrays, compress)?;
     let tmp = path.with_extension("npz.tmp");
     std::fs::write(&tmp, bytes).with_context(|| format!("{}: cannot write", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename into place", path.display()))?;

@@ -269,12 +269,27 @@ fn read_central_directory(b: &[u8]) -> Result<Vec<ZipEntry>> {
 /// Writes a zip archive of stored (uncompressed) entries, as `np.savez` does.
 /// Offsets are 32-bit (archives up to 4 GiB), which is all the tests and demo need.
 pub fn write_stored<W: Write>(out: &mut W, entries: &[(&str, &[u8])]) -> Result<()> {
+    write_zip(out, entries, false)
+}
+
+/// Writes a zip archive, entries deflated when `deflate` (as `np.savez_compressed`).
+pub fn write_zip<W: Write>(out: &mut W, entries: &[(&str, &[u8])], deflate: bool) -> Result<()> {
     let mut central = Vec::new();
     let mut offset: u64 = 0;
-    for (name, data) in entries {
+    let method = if deflate { METHOD_DEFLATED } else { METHOD_STORED };
+    for (name, raw) in entries {
         let mut crc = flate2::Crc::new();
-        crc.update(data);
+        crc.update(raw);
         let crc = crc.sum();
+        let packed;
+        let data: &[u8] = if deflate {
+            let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+            enc.write_all(raw)?;
+            packed = enc.finish()?;
+            &packed
+        } else {
+            raw
+        };
         if offset + data.len() as u64 + 30 + name.len() as u64 > u32::MAX as u64 {
             bail!("write_stored: archive would exceed 4 GiB (zip64 writing not supported)");
         }
@@ -282,11 +297,11 @@ pub fn write_stored<W: Write>(out: &mut W, entries: &[(&str, &[u8])]) -> Result<
         local.extend_from_slice(&LOCAL_SIG.to_le_bytes());
         local.extend_from_slice(&20u16.to_le_bytes()); // version needed
         local.extend_from_slice(&0x0800u16.to_le_bytes()); // UTF-8 names
-        local.extend_from_slice(&METHOD_STORED.to_le_bytes());
+        local.extend_from_slice(&method.to_le_bytes());
         local.extend_from_slice(&[0, 0, 0x21, 0]); // time 00:00, date 1980-01-01
         local.extend_from_slice(&crc.to_le_bytes());
         local.extend_from_slice(&(data.len() as u32).to_le_bytes());
-        local.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        local.extend_from_slice(&(raw.len() as u32).to_le_bytes());
         local.extend_from_slice(&(name.len() as u16).to_le_bytes());
         local.extend_from_slice(&0u16.to_le_bytes());
         local.extend_from_slice(name.as_bytes());
@@ -297,11 +312,11 @@ pub fn write_stored<W: Write>(out: &mut W, entries: &[(&str, &[u8])]) -> Result<
         central.extend_from_slice(&20u16.to_le_bytes()); // made by
         central.extend_from_slice(&20u16.to_le_bytes()); // needed
         central.extend_from_slice(&0x0800u16.to_le_bytes());
-        central.extend_from_slice(&METHOD_STORED.to_le_bytes());
+        central.extend_from_slice(&method.to_le_bytes());
         central.extend_from_slice(&[0, 0, 0x21, 0]);
         central.extend_from_slice(&crc.to_le_bytes());
         central.extend_from_slice(&(data.len() as u32).to_le_bytes());
-        central.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        central.extend_from_slice(&(raw.len() as u32).to_le_bytes());
         central.extend_from_slice(&(name.len() as u16).to_le_bytes());
         central.extend_from_slice(&[0; 8]); // extra, comment, disk, internal attrs
         central.extend_from_slice(&0u32.to_le_bytes()); // external attrs
@@ -332,6 +347,14 @@ mod tests {
         write_stored(&mut buf, &[("a.bin", b"hello"), ("dir/b.bin", &[1, 2, 3, 4])]).unwrap();
         let z = ZipArchive::from_bytes(buf.clone(), "mem").unwrap();
         assert_eq!(z.entries().len(), 2);
+        let mut deflated = Vec::new();
+        let big = vec![7u8; 5000];
+        write_zip(&mut deflated, &[("big", &big), ("a.bin", b"hello")], true).unwrap();
+        let zd = ZipArchive::from_bytes(deflated, "deflated").unwrap();
+        assert_eq!(zd.entries()[0].method, METHOD_DEFLATED);
+        assert!(zd.entries()[0].compressed_size < 100);
+        assert_eq!(&*zd.read("big").unwrap(), &big[..]);
+        assert_eq!(&*zd.read("a.bin").unwrap(), b"hello");
         assert_eq!(&*z.read("a.bin").unwrap(), b"hello");
         assert_eq!(&*z.read("dir/b.bin").unwrap(), &[1, 2, 3, 4]);
         let err = z.read("nope").unwrap_err().to_string();

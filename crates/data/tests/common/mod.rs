@@ -84,7 +84,8 @@ pub fn write_clip(root: &std::path::Path, clip: &str, frames: usize, regions: us
         let conf: Vec<f32> = (0..n).map(|i| 0.1 + 0.8 * ((i * 7919 + f * 31) % 997) as f32 / 997.0 + 1e-5 * i as f32).collect();
         let ff = FrameFile { x, bbox, conf, image_w: 640.0, image_h: 480.0, n };
         let ids: Vec<i64> = (0..n as i64).collect();
-        ff.write(&dir.join(format!("{f}.npz")), &format!("{clip}_{f}"), &ids).unwrap();
+        // Odd seeds write deflated members (as the extractor does), even seeds stored ones.
+        ff.write_with(&dir.join(format!("{f}.npz")), &format!("{clip}_{f}"), &ids, seed % 2 == 1).unwrap();
     }
 }
 
