@@ -4,13 +4,12 @@
 //! width, so it is computed pair by pair with O(words × regions) scratch per thread:
 //! - the word × region cosine block M = Ŵ_t R̂_vᵀ is computed once per pair and read by
 //!   both directions (the published code computes it twice);
-//! - the weighted context is never formed: ⟨q, Σ_s R_s ĉ_s⟩ = (‖q‖ + ε)·Σ_s R_s M[q, s]
-//!   and ‖Σ_s R_s ĉ_s‖² = Σ_{s,s'} R_s R_s' ⟨ĉ_s, ĉ_s'⟩ over the focal-kept s only (about
-//!   a tenth of the contexts), with the per-item Gram matrices ⟨ĉ_s, ĉ_s'⟩ computed once;
-//! - pairs run in parallel; the hot loops are compiled for AVX2 when the CPU has it.
-//! Memory: the normalised copies of the local embeddings, the text Grams [T, W, W], the
-//! Grams of one block of videos, and per-thread scratch — ~0.75 GB at 1000 × 1000 with
-//! 99 words, 240 regions, width 256 (inputs included), independent of the pair count.
+//! - the weighted context sums only the focal-kept contexts (about a tenth of them);
+//! - one GEMM per (video, 8 texts) task; tasks run in parallel; the element-wise loops
+//!   run on whole 8-lane chunks and are compiled for AVX2 when the CPU has it.
+//! Memory: the normalised copies of the local embeddings plus per-thread scratch
+//! (< 1 MB) — ~0.7 GB at 1000 × 1000 with 99 words, 240 regions, width 256, inputs
+//! included, independent of the pair count.
 
 use demovlp_kernels::gemm::{sgemm, Trans};
 use rayon::prelude::*;
@@ -93,165 +92,148 @@ pub fn eval_scores_with(texts: &EmbeddingSet, videos: &EmbeddingSet, opts: &Eval
     score
 }
 
-/// Videos per block: their Grams are computed together and every text is scored
-/// against the block before the next one.
-const VIDEO_BLOCK: usize = 8;
+/// Texts scored against one video per task: their cosine blocks come from one GEMM
+/// (the video's rows are packed once for all of them).
+const TEXT_BLOCK: usize = 8;
+/// Videos per progress report.
+const VIDEO_WAVE: usize = 8;
 
 /// S_loc [V, T] (rows = videos), SPEC §6 s1[v, t] + s2[t, v].
 pub fn local_scores(texts: &EmbeddingSet, videos: &EmbeddingSet, lambda: f32, masked_mean: bool, progress: &dyn Fn(usize, usize)) -> Vec<f32> {
     let (nt, nv, w, n, dim) = (texts.count, videos.count, texts.len, videos.len, texts.dim);
     let text = Items::new(texts.local, texts.mask_additive, nt, w, dim);
     let video = Items::new(videos.local, videos.mask_additive, nv, n, dim);
-    let text_gram = grams(&text, 0..nt);
+    let (text_gram, video_gram) = (grams(&text), grams(&video));
     let mut s = vec![0f32; nv * nt];
     let total = nv * nt;
+    let text_blocks = nt.div_ceil(TEXT_BLOCK);
     progress(0, total);
-    for v0 in (0..nv).step_by(VIDEO_BLOCK) {
-        let v1 = (v0 + VIDEO_BLOCK).min(nv);
-        let video_gram = grams(&video, v0..v1);
-        // Each task: one text against the block's videos.
-        let cols: Vec<Vec<f32>> = (0..nt)
+    for v0 in (0..nv).step_by(VIDEO_WAVE) {
+        let v1 = (v0 + VIDEO_WAVE).min(nv);
+        let tasks: Vec<(usize, usize, Vec<f32>)> = (0..(v1 - v0) * text_blocks)
             .into_par_iter()
-            .map_init(PairScratch::default, |sc, t| {
-                (v0..v1)
-                    .map(|v| {
-                        let tg = &text_gram[t * w * w..(t + 1) * w * w];
-                        let vg = &video_gram[(v - v0) * n * n..(v - v0 + 1) * n * n];
-                        pair_score(sc, &text, t, tg, &video, v, vg, lambda, masked_mean)
-                    })
-                    .collect()
+            .map_init(TaskScratch::default, |sc, k| {
+                let (v, tb) = (v0 + k / text_blocks, k % text_blocks);
+                let t0 = tb * TEXT_BLOCK;
+                let t1 = (t0 + TEXT_BLOCK).min(nt);
+                (v, t0, score_block(sc, &text, &text_gram, t0..t1, &video, &video_gram, v, lambda, masked_mean))
             })
             .collect();
-        for (t, col) in cols.iter().enumerate() {
-            for (i, &x) in col.iter().enumerate() {
-                s[(v0 + i) * nt + t] = x;
-            }
+        for (v, t0, vals) in tasks {
+            s[v * nt + t0..v * nt + t0 + vals.len()].copy_from_slice(&vals);
         }
         progress(v1 * nt, total);
     }
     s
 }
 
-/// Gram matrices ĉ ĉᵀ [len, len] of the given items.
-fn grams(items: &Items, range: std::ops::Range<usize>) -> Vec<f32> {
-    let (l, d) = (items.len, items.dim);
-    let mut g = vec![0f32; range.len() * l * l];
-    g.par_chunks_mut((l * l).max(1)).zip(range).for_each(|(out, i)| {
-        let h = items.hat(i);
-        sgemm(Trans::No, Trans::Yes, l, l, d, 1.0, h, d, h, d, 0.0, out, l);
-    });
-    g
-}
-
+/// Per-thread scratch; row lengths are padded to multiples of 8 so the hot loops run on
+/// whole 8-lane chunks (padding contexts get mask −∞, i.e. probability 0).
 #[derive(Default)]
-struct PairScratch {
-    m: Vec<f32>,       // [W, N]
-    mt: Vec<f32>,      // [N, W]
-    colnorm: Vec<f32>, // [N]  over words, per region (word→region step 3)
-    rownorm: Vec<f32>, // [W]  over regions, per word (region→word step 3)
+struct TaskScratch {
+    m: Vec<f32>,       // [texts·W, Np] cosine blocks of the task's texts with the video
+    mt: Vec<f32>,      // [N, Wp] one text's block transposed
+    colnorm: Vec<f32>, // [Np] over words, per region (word→region step 3)
+    rownorm: Vec<f32>, // [Wp] over regions, per word (region→word step 3)
+    vmask: Vec<f32>,   // [Np]
+    tmask: Vec<f32>,   // [Wp]
     z: Vec<f32>,
     kept_idx: Vec<u32>,
     kept_w: Vec<f32>,
 }
 
-/// s1[v, t] + s2[t, v] for one pair.
+fn pad8(x: usize) -> usize {
+    x.div_ceil(8) * 8
+}
+
+/// S_loc[v, t] for t in `texts`.
 #[allow(clippy::too_many_arguments)]
-fn pair_score(sc: &mut PairScratch, text: &Items, t: usize, tgram: &[f32], video: &Items, v: usize, vgram: &[f32], lambda: f32, masked_mean: bool) -> f32 {
+fn score_block(sc: &mut TaskScratch, text: &Items, tgram: &[f32], texts: std::ops::Range<usize>, video: &Items, vgram: &[f32], v: usize, lambda: f32, masked_mean: bool) -> Vec<f32> {
     let (w, n, dim) = (text.len, video.len, text.dim);
-    sc.m.resize(w * n, 0.0);
-    sc.mt.resize(n * w, 0.0);
-    sgemm(Trans::No, Trans::Yes, w, n, dim, 1.0, text.hat(t), dim, video.hat(v), dim, 0.0, &mut sc.m, n);
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU supports the features the function is compiled for.
-            return unsafe { pair_tail_avx2(sc, text, t, tgram, video, v, vgram, lambda, masked_mean) };
-        }
+    let (wp, np) = (pad8(w), pad8(n));
+    let rows = texts.len() * w;
+    // Padding columns are never written by the GEMM and stay 0.
+    if sc.m.len() != TEXT_BLOCK * w * np {
+        sc.m = vec![0.0; TEXT_BLOCK * w * np];
+        sc.mt = vec![0.0; n * wp];
     }
-    pair_tail(sc, text, t, tgram, video, v, vgram, lambda, masked_mean)
+    let hats = &text.hat[texts.start * w * dim..texts.end * w * dim];
+    sgemm(Trans::No, Trans::Yes, rows, n, dim, 1.0, hats, dim, video.hat(v), dim, 0.0, &mut sc.m, np);
+    sc.vmask.clear();
+    sc.vmask.extend_from_slice(video.mask(v));
+    sc.vmask.resize(np, f32::NEG_INFINITY);
+    texts
+        .enumerate()
+        .map(|(i, t)| {
+            #[cfg(target_arch = "x86_64")]
+            {
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU supports the features the function is compiled for.
+                    return unsafe { pair_avx2(sc, i, text, tgram, t, video, vgram, v, lambda, masked_mean) };
+                }
+            }
+            pair::<false>(sc, i, text, tgram, t, video, vgram, v, lambda, masked_mean)
+        })
+        .collect()
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn pair_tail_avx2(sc: &mut PairScratch, text: &Items, t: usize, tgram: &[f32], video: &Items, v: usize, vgram: &[f32], lambda: f32, masked_mean: bool) -> f32 {
-    pair_tail(sc, text, t, tgram, video, v, vgram, lambda, masked_mean)
+unsafe fn pair_avx2(sc: &mut TaskScratch, i: usize, text: &Items, tgram: &[f32], t: usize, video: &Items, vgram: &[f32], v: usize, lambda: f32, masked_mean: bool) -> f32 {
+    pair::<true>(sc, i, text, tgram, t, video, vgram, v, lambda, masked_mean)
 }
 
-/// Everything after the cosine block: both directions on `sc.m`.
+/// s2[t, v] + s1[v, t] from the task's i-th cosine block.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn pair_tail(sc: &mut PairScratch, text: &Items, t: usize, tgram: &[f32], video: &Items, v: usize, vgram: &[f32], lambda: f32, masked_mean: bool) -> f32 {
+fn pair<const AVX2: bool>(sc: &mut TaskScratch, i: usize, text: &Items, tgram: &[f32], t: usize, video: &Items, vgram: &[f32], v: usize, lambda: f32, masked_mean: bool) -> f32 {
     let (w, n) = (text.len, video.len);
-    let (tmask, vmask) = (text.mask(t), video.mask(v));
+    let (wp, np) = (pad8(w), pad8(n));
+    let m = &sc.m[i * w * np..(i + 1) * w * np];
     sc.colnorm.clear();
-    sc.colnorm.resize(n, 0.0);
+    sc.colnorm.resize(np, 0.0);
     sc.rownorm.clear();
-    sc.rownorm.resize(w, 0.0);
+    sc.rownorm.resize(wp, 1.0);
     // Step 3 norms of both directions from one pass over LeakyReLU(M).
-    for i in 0..w {
-        let row = &sc.m[i * n..(i + 1) * n];
-        let mut acc = [0f32; 8];
-        for (c, chunk) in row.chunks(8).enumerate() {
-            for (k, &x) in chunk.iter().enumerate() {
-                let y = leaky(x);
-                sc.colnorm[c * 8 + k] += y * y;
-                acc[k] += y * y;
-            }
-        }
-        sc.rownorm[i] = sum8(&acc).sqrt() + NORM_EPS;
+    for (r, row) in m.chunks_exact(np).enumerate() {
+        let acc = sq_norms::<AVX2>(row, &mut sc.colnorm);
+        sc.rownorm[r] = sum8(&acc).sqrt() + NORM_EPS;
     }
     for x in sc.colnorm.iter_mut() {
         *x = x.sqrt() + NORM_EPS;
     }
-    transpose(&sc.m, w, n, &mut sc.mt);
+    for (r, row) in m.chunks_exact(np).enumerate() {
+        for (c, &x) in row[..n].iter().enumerate() {
+            sc.mt[c * wp + r] = x;
+        }
+    }
+    sc.tmask.clear();
+    sc.tmask.extend_from_slice(text.mask(t));
+    sc.tmask.resize(wp, f32::NEG_INFINITY);
+    sc.z.resize(np.max(wp), 0.0);
+    let (tm, vm) = (text.mask(t), video.mask(v));
 
     // Word → region: query rows = words of t, contexts = regions of v.
-    let s1 = {
-        let (mut sum, mut real) = (0f32, 0usize);
-        for i in 0..w {
-            let c = query_row_cos(
-                &sc.m[i * n..(i + 1) * n],
-                &sc.colnorm,
-                tmask[i],
-                vmask,
-                lambda,
-                vgram,
-                text.norm(t)[i],
-                &mut sc.z,
-                &mut sc.kept_idx,
-                &mut sc.kept_w,
-            );
-            if !masked_mean || is_real(tmask[i]) {
-                sum += c;
-                real += 1;
-            }
+    let (mut sum, mut real) = (0f32, 0usize);
+    for (l, mrow) in m.chunks_exact(np).enumerate() {
+        let c = query_row_cos::<AVX2>(mrow, &sc.colnorm, tm[l], &sc.vmask, lambda, n, &vgram[v * n * n..(v + 1) * n * n], text.norm(t)[l], &mut sc.z[..np], (&mut sc.kept_idx, &mut sc.kept_w));
+        if !masked_mean || is_real(tm[l]) {
+            sum += c;
+            real += 1;
         }
-        mean(sum, real, w, masked_mean)
-    };
+    }
+    let s1 = mean(sum, real, w, masked_mean);
     // Region → word: query rows = regions of v, contexts = words of t.
-    let s2 = {
-        let (mut sum, mut real) = (0f32, 0usize);
-        for r in 0..n {
-            let c = query_row_cos(
-                &sc.mt[r * w..(r + 1) * w],
-                &sc.rownorm,
-                vmask[r],
-                tmask,
-                lambda,
-                tgram,
-                video.norm(v)[r],
-                &mut sc.z,
-                &mut sc.kept_idx,
-                &mut sc.kept_w,
-            );
-            if !masked_mean || is_real(vmask[r]) {
-                sum += c;
-                real += 1;
-            }
+    let (mut sum, mut real) = (0f32, 0usize);
+    for (r, mrow) in sc.mt.chunks_exact(wp).enumerate() {
+        let c = query_row_cos::<AVX2>(mrow, &sc.rownorm, vm[r], &sc.tmask, lambda, w, &tgram[t * w * w..(t + 1) * w * w], video.norm(v)[r], &mut sc.z[..wp], (&mut sc.kept_idx, &mut sc.kept_w));
+        if !masked_mean || is_real(vm[r]) {
+            sum += c;
+            real += 1;
         }
-        mean(sum, real, n, masked_mean)
-    };
+    }
+    let s2 = mean(sum, real, n, masked_mean);
     s2 + s1
 }
 
@@ -282,93 +264,266 @@ fn sum8(a: &[f32; 8]) -> f32 {
     ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))
 }
 
-/// One query row of attend: `mrow[s]` = ⟨q̂, ĉ_s⟩ over the contexts. Returns
-/// cos(q, Σ_s R_s ĉ_s) with the weighted context left implicit (see the module doc).
+/// One query row of attend → focal → context → cosine. `mrow[s]` = ⟨q̂, ĉ_s⟩ over the
+/// contexts (padded to a multiple of 8, padding masked with −∞); `lc` real contexts with
+/// Gram matrix `gram` [lc, lc]; `q_norm` = ‖q‖ of the raw query row. The weighted context
+/// w = Σ_s R_s ĉ_s stays implicit: ⟨q, w⟩ = (‖q‖ + ε)·Σ_s R_s mrow[s] and
+/// ‖w‖² = Σ_{s,s'} R_s R_s' ⟨ĉ_s, ĉ_s'⟩, both over the focal-kept s only.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn query_row_cos(
+fn query_row_cos<const AVX2: bool>(
     mrow: &[f32],
-    colnorm: &[f32],
+    norms: &[f32],
     mq: f32,
     mc: &[f32],
     lambda: f32,
+    lc: usize,
     gram: &[f32],
     q_norm: f32,
-    z: &mut Vec<f32>,
-    kept_idx: &mut Vec<u32>,
-    kept_w: &mut Vec<f32>,
+    z: &mut [f32],
+    kept: (&mut Vec<u32>, &mut Vec<f32>),
 ) -> f32 {
-    let lc = mrow.len();
-    z.clear();
-    z.resize(lc, 0.0);
-    // Logits in the published order, and their max.
+    // Logits in the published order ((A + m_q) + m_c)·λ, and their max.
+    let mx = logits::<AVX2>(z, mrow, norms, mq, mc, lambda);
+    let acc = exp_shifted::<AVX2>(z, mx);
+    let inv = 1.0 / sum8(&acc);
+    let acc = scale_sum::<AVX2>(z, inv);
+    let total = sum8(&acc);
+    // Focal "equal": keep P above the row mean (branch-free compaction; adding the
+    // dropped entries as 0 leaves the kept sum unchanged), renormalise.
+    let (idx, wts) = kept;
+    idx.resize(lc, 0);
+    wts.resize(lc, 0.0);
+    let (mut k, mut kept_sum) = (0usize, 0f32);
+    let thr = |p: f32| p * lc as f32 - total > 0.0;
+    for (c, zc) in z.chunks_exact(8).enumerate() {
+        let mut bits = 0u32;
+        for (q, &p) in zc.iter().enumerate() {
+            bits |= (thr(p) as u32) << q;
+        }
+        while bits != 0 {
+            let s = c * 8 + bits.trailing_zeros() as usize;
+            bits &= bits - 1;
+            if s < lc {
+                idx[k] = s as u32;
+                wts[k] = z[s];
+                kept_sum += z[s];
+                k += 1;
+            }
+        }
+    }
+    let (idx, wts) = (&idx[..k], &mut wts[..k]);
+    let mut u = 0f32;
+    for (&s, r) in idx.iter().zip(wts.iter_mut()) {
+        *r /= kept_sum;
+        u += *r * mrow[s as usize];
+    }
+    // ‖w‖² with the Gram matrix's symmetry: Σ_i R_i (R_i G_ii + 2 Σ_{j<i} R_j G_ij);
+    // four partial sums break the add latency chain.
+    let mut wn2 = 0f32;
+    for i in 0..k {
+        let si = idx[i] as usize;
+        let grow = &gram[si * lc..(si + 1) * lc];
+        let mut off = [0f32; 4];
+        let full = i / 4 * 4;
+        for j in (0..full).step_by(4) {
+            for q in 0..4 {
+                off[q] += wts[j + q] * grow[idx[j + q] as usize];
+            }
+        }
+        for j in full..i {
+            off[j - full] += wts[j] * grow[idx[j] as usize];
+        }
+        let off = (off[0] + off[1]) + (off[2] + off[3]);
+        wn2 += wts[i] * (wts[i] * grow[si] + 2.0 * off);
+    }
+    let wn = wn2.max(0.0).sqrt();
+    (q_norm + NORM_EPS) * u / (q_norm * wn).max(NORM_EPS)
+}
+
+/// z[s] = ((LeakyReLU(m[s]) / norms[s] + mq) + mc[s])·λ; returns max z.
+#[inline(always)]
+fn logits<const AVX2: bool>(z: &mut [f32], m: &[f32], norms: &[f32], mq: f32, mc: &[f32], lambda: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if AVX2 {
+        // SAFETY: see `exp_shifted`.
+        return unsafe { logits_avx2(z, m, norms, mq, mc, lambda) };
+    }
     let mut mx = [f32::NEG_INFINITY; 8];
-    for (c, (zc, (mr, (nr, mcr)))) in z.chunks_mut(8).zip(mrow.chunks(8).zip(colnorm.chunks(8).zip(mc.chunks(8)))).enumerate() {
-        let _ = c;
-        for k in 0..zc.len() {
+    for (((zc, mr), nr), mcr) in z.chunks_exact_mut(8).zip(m.chunks_exact(8)).zip(norms.chunks_exact(8)).zip(mc.chunks_exact(8)) {
+        for k in 0..8 {
             let v = ((leaky(mr[k]) / nr[k] + mq) + mcr[k]) * lambda;
             zc[k] = v;
             mx[k] = if v > mx[k] { v } else { mx[k] };
         }
     }
-    let mx = mx.iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+    mx.iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn logits_avx2(z: &mut [f32], m: &[f32], norms: &[f32], mq: f32, mc: &[f32], lambda: f32) -> f32 {
+    use std::arch::x86_64::*;
+    let (zero, slope, vmq, vl) = (_mm256_setzero_ps(), _mm256_set1_ps(LEAKY_SLOPE), _mm256_set1_ps(mq), _mm256_set1_ps(lambda));
+    let mut mx = _mm256_set1_ps(f32::NEG_INFINITY);
+    let n = z.len() / 8 * 8;
+    assert!(m.len() >= n && norms.len() >= n && mc.len() >= n);
+    for o in (0..n).step_by(8) {
+        let x = _mm256_loadu_ps(m.as_ptr().add(o));
+        let y = _mm256_blendv_ps(_mm256_mul_ps(slope, x), x, _mm256_cmp_ps::<_CMP_GT_OQ>(x, zero));
+        let a = _mm256_div_ps(y, _mm256_loadu_ps(norms.as_ptr().add(o)));
+        let v = _mm256_mul_ps(_mm256_add_ps(_mm256_add_ps(a, vmq), _mm256_loadu_ps(mc.as_ptr().add(o))), vl);
+        _mm256_storeu_ps(z.as_mut_ptr().add(o), v);
+        mx = _mm256_max_ps(v, mx);
+    }
+    let mut out = [0f32; 8];
+    _mm256_storeu_ps(out.as_mut_ptr(), mx);
+    out.iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
+}
+
+/// z ← z·inv; returns the 8 lane sums of the result.
+#[inline(always)]
+fn scale_sum<const AVX2: bool>(z: &mut [f32], inv: f32) -> [f32; 8] {
+    #[cfg(target_arch = "x86_64")]
+    if AVX2 {
+        // SAFETY: see `exp_shifted`.
+        return unsafe { scale_sum_avx2(z, inv) };
+    }
     let mut acc = [0f32; 8];
-    for zc in z.chunks_mut(8) {
-        for k in 0..zc.len() {
+    for zc in z.chunks_exact_mut(8) {
+        for k in 0..8 {
+            zc[k] *= inv;
+            acc[k] += zc[k];
+        }
+    }
+    acc
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn scale_sum_avx2(z: &mut [f32], inv: f32) -> [f32; 8] {
+    use std::arch::x86_64::*;
+    let vi = _mm256_set1_ps(inv);
+    let mut acc = _mm256_setzero_ps();
+    for zc in z.chunks_exact_mut(8) {
+        let p = _mm256_mul_ps(_mm256_loadu_ps(zc.as_ptr()), vi);
+        _mm256_storeu_ps(zc.as_mut_ptr(), p);
+        acc = _mm256_add_ps(acc, p);
+    }
+    let mut out = [0f32; 8];
+    _mm256_storeu_ps(out.as_mut_ptr(), acc);
+    out
+}
+
+/// Σ LeakyReLU(row)² per lane, and per column into `col`.
+#[inline(always)]
+fn sq_norms<const AVX2: bool>(row: &[f32], col: &mut [f32]) -> [f32; 8] {
+    #[cfg(target_arch = "x86_64")]
+    if AVX2 {
+        // SAFETY: see `exp_shifted`.
+        return unsafe { sq_norms_avx2(row, col) };
+    }
+    let mut acc = [0f32; 8];
+    for (cn, x) in col.chunks_exact_mut(8).zip(row.chunks_exact(8)) {
+        for k in 0..8 {
+            let y = leaky(x[k]);
+            cn[k] += y * y;
+            acc[k] += y * y;
+        }
+    }
+    acc
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn sq_norms_avx2(row: &[f32], col: &mut [f32]) -> [f32; 8] {
+    use std::arch::x86_64::*;
+    let (zero, slope) = (_mm256_setzero_ps(), _mm256_set1_ps(LEAKY_SLOPE));
+    let mut acc = _mm256_setzero_ps();
+    let n = col.len() / 8 * 8;
+    assert!(row.len() >= n);
+    for o in (0..n).step_by(8) {
+        let x = _mm256_loadu_ps(row.as_ptr().add(o));
+        let y = _mm256_blendv_ps(_mm256_mul_ps(slope, x), x, _mm256_cmp_ps::<_CMP_GT_OQ>(x, zero));
+        let y2 = _mm256_mul_ps(y, y);
+        _mm256_storeu_ps(col.as_mut_ptr().add(o), _mm256_add_ps(_mm256_loadu_ps(col.as_ptr().add(o)), y2));
+        acc = _mm256_add_ps(acc, y2);
+    }
+    let mut out = [0f32; 8];
+    _mm256_storeu_ps(out.as_mut_ptr(), acc);
+    out
+}
+
+/// z ← exp(z − mx) in place; returns the 8 lane sums (lane k sums the elements ≡ k mod 8,
+/// identically on both paths).
+#[inline(always)]
+fn exp_shifted<const AVX2: bool>(z: &mut [f32], mx: f32) -> [f32; 8] {
+    #[cfg(target_arch = "x86_64")]
+    if AVX2 {
+        // SAFETY: only instantiated with AVX2 = true inside `pair_avx2`, which runs after
+        // the CPU feature check.
+        return unsafe { exp_shifted_avx2(z, mx) };
+    }
+    let mut acc = [0f32; 8];
+    for zc in z.chunks_exact_mut(8) {
+        let zc: &mut [f32; 8] = zc.try_into().unwrap();
+        for k in 0..8 {
             let e = fastmath::exp(zc[k] - mx);
             zc[k] = e;
             acc[k] += e;
         }
     }
-    let inv = 1.0 / sum8(&acc);
-    let mut acc = [0f32; 8];
-    for zc in z.chunks_mut(8) {
-        for k in 0..zc.len() {
-            zc[k] *= inv;
-            acc[k] += zc[k];
-        }
-    }
-    let total = sum8(&acc);
-    // Focal "equal": keep P above the row mean; renormalise.
-    kept_idx.clear();
-    kept_w.clear();
-    let mut kept = 0f32;
-    for (s, &p) in z.iter().enumerate() {
-        if p * lc as f32 - total > 0.0 {
-            kept_idx.push(s as u32);
-            kept_w.push(p);
-            kept += p;
-        }
-    }
-    let mut u = 0f32;
-    for (&s, r) in kept_idx.iter().zip(kept_w.iter_mut()) {
-        *r /= kept;
-        u += *r * mrow[s as usize];
-    }
-    // ‖Σ R_s ĉ_s‖² through the Gram matrix, kept entries only.
-    let mut wn2 = 0f32;
-    for (&s, &r) in kept_idx.iter().zip(kept_w.iter()) {
-        let grow = &gram[s as usize * lc..(s as usize + 1) * lc];
-        let mut inner = 0f32;
-        for (&s2, &r2) in kept_idx.iter().zip(kept_w.iter()) {
-            inner += r2 * grow[s2 as usize];
-        }
-        wn2 += r * inner;
-    }
-    let wn = wn2.max(0.0).sqrt();
-    // ⟨q, ĉ_s⟩ = (‖q‖ + ε)·⟨q̂, ĉ_s⟩.
-    (q_norm + NORM_EPS) * u / (q_norm * wn).max(NORM_EPS)
+    acc
 }
 
-fn transpose(a: &[f32], rows: usize, cols: usize, out: &mut [f32]) {
-    const T: usize = 16;
-    for i0 in (0..rows).step_by(T) {
-        for j0 in (0..cols).step_by(T) {
-            for i in i0..(i0 + T).min(rows) {
-                for j in j0..(j0 + T).min(cols) {
-                    out[j * rows + i] = a[i * cols + j];
-                }
-            }
+/// [`fastmath::exp`] on 8 lanes with the same operations in the same order (no FMA), so
+/// results are bit-identical to the scalar path.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn exp_shifted_avx2(z: &mut [f32], mx: f32) -> [f32; 8] {
+    use std::arch::x86_64::*;
+    let set = |x: f32| _mm256_set1_ps(x);
+    let (lo, hi, log2e, magic) = (set(-87.0), set(88.0), set(std::f32::consts::LOG2_E), set(12_582_912.0));
+    let (ln2_hi, ln2_lo) = (set(0.693_359_4), set(-2.121_944_4e-4));
+    let c = [1.398_199_9e-3f32, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1];
+    let (p0, one, vmx) = (set(1.987_569_1e-4), set(1.0), set(mx));
+    let magic_bits = _mm256_set1_epi32(12_582_912.0f32.to_bits() as i32);
+    let bias = _mm256_set1_epi32(127);
+    let mut acc = _mm256_setzero_ps();
+    for zc in z.chunks_exact_mut(8) {
+        let x = _mm256_sub_ps(_mm256_loadu_ps(zc.as_ptr()), vmx);
+        let xc = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+        let t = _mm256_add_ps(_mm256_mul_ps(xc, log2e), magic);
+        let n = _mm256_sub_ps(t, magic);
+        let r = _mm256_sub_ps(_mm256_sub_ps(xc, _mm256_mul_ps(n, ln2_hi)), _mm256_mul_ps(n, ln2_lo));
+        let mut p = p0;
+        for &ck in &c {
+            p = _mm256_add_ps(_mm256_mul_ps(p, r), set(ck));
         }
+        let y = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(p, _mm256_mul_ps(r, r)), r), one);
+        let ni = _mm256_sub_epi32(_mm256_castps_si256(t), magic_bits);
+        let scale = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(ni, bias)));
+        let e = _mm256_mul_ps(y, scale);
+        let e = _mm256_andnot_ps(_mm256_cmp_ps::<_CMP_LT_OQ>(x, lo), e);
+        _mm256_storeu_ps(zc.as_mut_ptr(), e);
+        acc = _mm256_add_ps(acc, e);
     }
+    let mut out = [0f32; 8];
+    _mm256_storeu_ps(out.as_mut_ptr(), acc);
+    out
+}
+
+/// Gram matrices ĉ ĉᵀ [len, len] of every item.
+fn grams(items: &Items) -> Vec<f32> {
+    let (l, d) = (items.len, items.dim);
+    let mut g = vec![0f32; items.count * l * l];
+    g.par_chunks_mut((l * l).max(1)).enumerate().for_each(|(i, out)| {
+        let h = items.hat(i);
+        sgemm(Trans::No, Trans::Yes, l, l, d, 1.0, h, d, h, d, 0.0, out, l);
+    });
+    g
 }
