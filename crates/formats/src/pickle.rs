@@ -89,6 +89,8 @@ impl Value {
             {
                 Some(items)
             }
+            // torch's state dicts carry `_metadata`: OrderedDict() + SETITEMS, then BUILD.
+            Value::Build { obj, .. } if matches!(**obj, Value::Reduce { .. }) => obj.as_dict(),
             _ => None,
         }
     }
@@ -740,6 +742,16 @@ mod tests {
         );
         let v = parse(&p, &mut |id| Ok(Value::Str(format!("loaded {}", id.as_str().unwrap())))).unwrap();
         assert_eq!(v.as_seq().unwrap()[3], Value::Str("loaded k".into()));
+    }
+
+    #[test]
+    fn ordered_dict_with_metadata_reads_as_dict() {
+        // pickle.dumps(OrderedDict(w=1) with ._metadata = {}, protocol=2), as torch state dicts are
+        let p = b"\x80\x02ccollections\nOrderedDict\nq\x00)Rq\x01X\x01\x00\x00\x00wq\x02K\x01s}q\x03X\t\x00\x00\x00_metadataq\x04}q\x05sb.";
+        let v = parse_plain(p).unwrap();
+        assert!(matches!(v, Value::Build { .. }));
+        assert_eq!(v.get("w"), Some(&Value::Int(1)));
+        assert_eq!(v.as_dict().unwrap().len(), 1);
     }
 
     #[test]
