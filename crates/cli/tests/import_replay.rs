@@ -179,3 +179,28 @@ fn replay_rejects_bad_adamw_settings() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("expected 5"), "{}", String::from_utf8_lossy(&out.stderr));
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn bench_commands_end_with_one_json_line() {
+    let fx = testdata("model_tiny.safetensors");
+    let dir = std::env::temp_dir().join(format!("demovlp-cli-bench-{}", std::process::id()));
+    let model = dir.join("model");
+    demovlp(&["import", fx.to_str().unwrap(), "--out", model.to_str().unwrap(), "--key-prefix", "param.", "--text-heads", "4", "--video-heads", "4"]);
+    let m = model.to_str().unwrap();
+    let sizes = ["--batch", "3", "--frames", "2", "--regions", "4", "--text-len", "9", "--runs", "3", "--json"];
+    for (cmd, keys) in [("train-step", &["median_s", "min_s", "max_s", "peak_rss_mb"][..]), ("embed", &["texts_per_s", "clips_per_s", "peak_rss_mb"][..])] {
+        let out = Command::new(env!("CARGO_BIN_EXE_demovlp")).args(["bench", cmd, "--model", m]).args(sizes).output().unwrap();
+        assert!(out.status.success(), "bench {cmd}: {}", String::from_utf8_lossy(&out.stderr));
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        let v: serde_json::Value = serde_json::from_str(stdout.trim_end().lines().last().unwrap()).unwrap();
+        for k in keys {
+            let x = v[k].as_f64().unwrap_or_else(|| panic!("bench {cmd}: no number {k} in {v}"));
+            assert!(x > 0.0 && x.is_finite(), "bench {cmd}: {k} = {x}");
+        }
+        assert_eq!(v["runs"], 3);
+    }
+    // The tiny model has temporal embeddings for 3 frames only: a clear refusal.
+    let v = Command::new(env!("CARGO_BIN_EXE_demovlp")).args(["bench", "train-step", "--model", m, "--frames", "4", "--json"]).output().unwrap();
+    assert!(!v.status.success() && String::from_utf8_lossy(&v.stderr).contains("--frames 4"));
+    std::fs::remove_dir_all(&dir).ok();
+}
