@@ -63,16 +63,21 @@ pub struct TokenizeArgs {
 
 pub fn tokenize(a: TokenizeArgs) -> Result<()> {
     let tok = TextTokenizer::from_path(&a.tokenizer)?;
-    let stdin = std::io::stdin();
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
-    for (n, line) in stdin.lock().lines().enumerate() {
+    tokenize_stream(&tok, a.max_len, std::io::stdin().lock(), &mut out)?;
+    out.flush()?;
+    Ok(())
+}
+
+/// One JSON line per input line (the `tokenize` contract).
+fn tokenize_stream(tok: &TextTokenizer, max_len: usize, input: impl BufRead, out: &mut impl Write) -> Result<()> {
+    for (n, line) in input.lines().enumerate() {
         let line = line.with_context(|| format!("stdin line {}: not UTF-8", n + 1))?;
-        let (ids, mask) = tok.encode(&line, a.max_len)?;
-        serde_json::to_writer(&mut out, &serde_json::json!({ "input_ids": ids, "attention_mask": mask }))?;
+        let (ids, mask) = tok.encode(&line, max_len)?;
+        serde_json::to_writer(&mut *out, &serde_json::json!({ "input_ids": ids, "attention_mask": mask }))?;
         out.write_all(b"\n")?;
     }
-    out.flush()?;
     Ok(())
 }
 
@@ -250,4 +255,55 @@ pub fn bench_data(a: BenchDataArgs) -> Result<()> {
     }
     let _ = std::fs::remove_dir_all(&work);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn testdata() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata")
+    }
+
+    /// Header of a safetensors file: name -> (dtype, shape, byte length).
+    fn header(bytes: &[u8]) -> serde_json::Value {
+        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        serde_json::from_slice(&bytes[8..8 + n]).unwrap()
+    }
+
+    #[test]
+    fn regions_command_writes_the_contract() {
+        let out = std::env::temp_dir().join(format!("demovlp_regions_cmd_{}.safetensors", std::process::id()));
+        regions(RegionsArgs { clip_dir: testdata().join("region_features/video9771"), segments: 8, regions: 30, out: out.clone() }).unwrap();
+        let bytes = std::fs::read(&out).unwrap();
+        let h = header(&bytes);
+        // video9771 has 4 frames: k = min(8, 4) = 4, every frame in order.
+        assert_eq!(h["object"]["dtype"], "F32");
+        assert_eq!(h["object"]["shape"], serde_json::json!([4, 30, 2054]));
+        assert_eq!(h["mask"]["shape"], serde_json::json!([4, 30]));
+        assert_eq!((h["frames"]["dtype"].as_str(), &h["frames"]["shape"]), (Some("I64"), &serde_json::json!([4])));
+        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let off = h["frames"]["data_offsets"][0].as_u64().unwrap() as usize;
+        let frames: Vec<i64> = bytes[8 + n + off..8 + n + off + 32].chunks(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect();
+        assert_eq!(frames, vec![0, 1, 2, 3]);
+        let off = h["mask"]["data_offsets"][0].as_u64().unwrap() as usize;
+        let real: f32 = bytes[8 + n + off..8 + n + off + 4 * 120].chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).sum();
+        assert_eq!(real, (30 + 29 + 30 + 18) as f32); // region_counts of the fixture
+        std::fs::remove_file(&out).unwrap();
+        let err = regions(RegionsArgs { clip_dir: testdata().join("region_features/nope"), segments: 8, regions: 30, out }).unwrap_err();
+        assert!(format!("{err:#}").contains("nope"));
+    }
+
+    #[test]
+    fn tokenize_command_prints_one_json_object_per_line() {
+        let tok = TextTokenizer::from_path(&testdata().join("bert-base-uncased")).unwrap();
+        let mut out = Vec::new();
+        tokenize_stream(&tok, 6, "a dog\n\nCafé crème brûlée naïve\n".as_bytes(), &mut out).unwrap();
+        let lines: Vec<serde_json::Value> = std::str::from_utf8(&out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(lines.len(), 3);
+        assert_eq!(lines[0], serde_json::json!({"input_ids": [101, 1037, 3899, 102, 0, 0], "attention_mask": [1, 1, 1, 1, 0, 0]}));
+        assert_eq!(lines[1]["input_ids"], serde_json::json!([101, 102, 0, 0, 0, 0]));
+        assert_eq!(lines[2]["attention_mask"], serde_json::json!([1, 1, 1, 1, 1, 1]));
+        assert_eq!(lines[2]["input_ids"][5], 102);
+    }
 }
