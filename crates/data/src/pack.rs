@@ -232,7 +232,7 @@ pub fn pack(root: &Path, clips: &[String], out: &Path, cfg: &PackConfig) -> Resu
             };
             let first = frames_index.len() / 16;
             for f in &frames {
-                if shard.as_ref().map_or(true, |(_, len)| *len >= SHARD_BYTES) {
+                if shard.as_ref().is_none_or(|(_, len)| *len >= SHARD_BYTES) {
                     if let Some((mut w, _)) = shard.take() {
                         w.flush()?;
                     }
@@ -330,7 +330,7 @@ impl PackedStore {
             })
             .collect();
         for (i, &(s, n, off)) in frames.iter().enumerate() {
-            let ok = shards.get(s as usize).map_or(false, |m| off + (n as u64) * rec as u64 <= m.len() as u64) && n > 0;
+            let ok = shards.get(s as usize).is_some_and(|m| off + (n as u64) * rec as u64 <= m.len() as u64) && n > 0;
             if !ok {
                 bail!("{}: frame record {i} points outside its shard (corrupt store)", dir.display());
             }

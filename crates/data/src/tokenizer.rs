@@ -45,7 +45,7 @@ impl TextTokenizer {
         } else {
             bail!("{}: tokenizer file or directory not found", p.display());
         };
-        let mut inner = if file.extension().map_or(false, |e| e == "json") {
+        let mut inner = if file.extension().is_some_and(|e| e == "json") {
             Tokenizer::from_file(&file).map_err(|e| anyhow::anyhow!("{}: cannot load tokenizer: {e}", file.display()))?
         } else {
             Self::bert_uncased(&file)?

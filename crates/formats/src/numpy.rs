@@ -44,7 +44,7 @@ fn resolve_depth(v: &Value, depth: usize) -> Result<Value> {
 fn is_reconstruct(obj: &Value) -> bool {
     match obj {
         Value::Reduce { callable, args, .. } => {
-            callable.global_name().map_or(false, |(m, n)| is_multiarray(m) && n == "_reconstruct")
+            callable.global_name().is_some_and(|(m, n)| is_multiarray(m) && n == "_reconstruct")
                 && args.as_seq().and_then(|a| a.first()).and_then(|c| c.global_name()) == Some(("numpy", "ndarray"))
         }
         _ => false,

@@ -85,7 +85,7 @@ impl Value {
         match self {
             Value::Dict(d) => Some(d),
             Value::Reduce { callable, items, .. }
-                if callable.global_name().map_or(false, |(m, n)| m == "collections" && n == "OrderedDict") =>
+                if callable.global_name().is_some_and(|(m, n)| m == "collections" && n == "OrderedDict") =>
             {
                 Some(items)
             }
@@ -235,7 +235,7 @@ impl<'a> Machine<'a> {
         }
     }
     fn set_items(&mut self, target: usize, kv: Vec<usize>) -> Result<()> {
-        if kv.len() % 2 != 0 {
+        if !kv.len().is_multiple_of(2) {
             bail!("SETITEMS with an odd number of stack items");
         }
         let pairs = kv.chunks(2).map(|c| (c[0], c[1]));
@@ -385,7 +385,7 @@ impl<'a> Machine<'a> {
                 let v = self.pop_mark()?;
                 self.push_node(Node::Set(v))
             }
-            0x85 | 0x86 | 0x87 => {
+            0x85..=0x87 => {
                 let n = (op - 0x84) as usize;
                 let mut v = Vec::with_capacity(n);
                 for _ in 0..n {
@@ -524,7 +524,7 @@ impl<'a> Machine<'a> {
 /// LONG1/LONG4 payload: little-endian two's complement, possibly empty (= 0).
 fn long_from_le(b: Vec<u8>) -> Value {
     if b.len() <= 8 {
-        let neg = b.last().map_or(false, |&x| x & 0x80 != 0);
+        let neg = b.last().is_some_and(|&x| x & 0x80 != 0);
         let mut buf = if neg { [0xFFu8; 8] } else { [0u8; 8] };
         buf[..b.len()].copy_from_slice(&b);
         Value::Int(i64::from_le_bytes(buf))

@@ -126,7 +126,7 @@ impl ZipArchive {
         let b = self.data.bytes();
         let lho = e.local_header_offset as usize;
         let ctx = || format!("{}: entry {:?}", self.label, e.name);
-        if lho.checked_add(30).map_or(true, |end| end > b.len()) || u32_at(b, lho) != LOCAL_SIG {
+        if lho.checked_add(30).is_none_or(|end| end > b.len()) || u32_at(b, lho) != LOCAL_SIG {
             bail!("{}: local header missing or corrupt (archive truncated?)", ctx());
         }
         // The local header's own name/extra lengths decide where data starts; its size
@@ -208,7 +208,7 @@ fn read_central_directory(b: &[u8]) -> Result<Vec<ZipEntry>> {
     // A zip64 locator sits just before the EOCD; torch writes one even for small files.
     if eocd >= 20 && u32_at(b, eocd - 20) == EOCD64_LOCATOR_SIG {
         let off = u64_at(b, eocd - 20 + 8) as usize;
-        if off.checked_add(56).map_or(true, |e| e > b.len()) || u32_at(b, off) != EOCD64_SIG {
+        if off.checked_add(56).is_none_or(|e| e > b.len()) || u32_at(b, off) != EOCD64_SIG {
             bail!("zip64 end-of-central-directory record missing at offset {off}");
         }
         count = u64_at(b, off + 32);
