@@ -1,26 +1,31 @@
 //! Elementwise activations: GELU (exact, erf form, as `nn.GELU()`), ReLU, LeakyReLU.
 //! Backward passes accumulate into `dx`.
 
+use crate::fastmath;
 use rayon::prelude::*;
 
 const MIN_LEN: usize = 4096;
-const FRAC_1_SQRT_2: f64 = std::f64::consts::FRAC_1_SQRT_2;
-const INV_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
+const CHUNK: usize = 1024;
+const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
+const INV_SQRT_2PI: f32 = 0.398_942_3;
 
+/// gelu(x) = x·Φ(x) = ½x(1 + erf(x/√2)), computed as PyTorch's CPU kernel does.
 pub fn gelu_forward(x: &[f32], y: &mut [f32]) {
-    y[..x.len()].par_iter_mut().zip(x.par_iter()).with_min_len(MIN_LEN).for_each(|(y, &x)| {
-        let xf = x as f64;
-        *y = (0.5 * xf * (1.0 + libm::erf(xf * FRAC_1_SQRT_2))) as f32;
+    y[..x.len()].par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(y, x)| {
+        for (y, &x) in y.iter_mut().zip(x) {
+            *y = 0.5 * x * (1.0 + fastmath::erf(x * FRAC_1_SQRT_2));
+        }
     });
 }
 
 /// gelu'(x) = Φ(x) + x·φ(x).
 pub fn gelu_backward(x: &[f32], dy: &[f32], dx: &mut [f32]) {
-    dx[..x.len()].par_iter_mut().zip(x.par_iter().zip(dy.par_iter())).with_min_len(MIN_LEN).for_each(|(dx, (&x, &dy))| {
-        let xf = x as f64;
-        let cdf = 0.5 * (1.0 + libm::erf(xf * FRAC_1_SQRT_2));
-        let pdf = INV_SQRT_2PI * (-0.5 * xf * xf).exp();
-        *dx += dy * (cdf + xf * pdf) as f32;
+    dx[..x.len()].par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK))).for_each(|(dx, (x, dy))| {
+        for ((dx, &x), &dy) in dx.iter_mut().zip(x).zip(dy) {
+            let cdf = 0.5 * (1.0 + fastmath::erf(x * FRAC_1_SQRT_2));
+            let pdf = INV_SQRT_2PI * fastmath::exp(-0.5 * x * x);
+            *dx += dy * (cdf + x * pdf);
+        }
     });
 }
 

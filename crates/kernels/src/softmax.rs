@@ -17,7 +17,7 @@ pub fn softmax_in_place(v: &mut [f32]) {
     let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0.0f32;
     for x in v.iter_mut() {
-        *x = (*x - max).exp();
+        *x = crate::fastmath::exp(*x - max);
         sum += *x;
     }
     let inv = 1.0 / sum;
