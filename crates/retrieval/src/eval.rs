@@ -11,6 +11,8 @@
 //! (< 1 MB) — ~0.7 GB at 1000 × 1000 with 99 words, 240 regions, width 256, inputs
 //! included, independent of the pair count.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use demovlp_kernels::gemm::{sgemm, Trans};
 use rayon::prelude::*;
 
@@ -104,6 +106,7 @@ pub fn local_scores(texts: &EmbeddingSet, videos: &EmbeddingSet, lambda: f32, ma
     let text = Items::new(texts.local, texts.mask_additive, nt, w, dim);
     let video = Items::new(videos.local, videos.mask_additive, nv, n, dim);
     let (text_gram, video_gram) = (grams(&text), grams(&video));
+    let (text_active, video_active) = (Active::new(&text, lambda), Active::new(&video, lambda));
     let mut s = vec![0f32; nv * nt];
     let total = nv * nt;
     let text_blocks = nt.div_ceil(TEXT_BLOCK);
@@ -116,7 +119,7 @@ pub fn local_scores(texts: &EmbeddingSet, videos: &EmbeddingSet, lambda: f32, ma
                 let (v, tb) = (v0 + k / text_blocks, k % text_blocks);
                 let t0 = tb * TEXT_BLOCK;
                 let t1 = (t0 + TEXT_BLOCK).min(nt);
-                (v, t0, score_block(sc, &text, &text_gram, t0..t1, &video, &video_gram, v, lambda, masked_mean))
+                (v, t0, score_block(sc, Side { items: &text, gram: &text_gram, active: &text_active }, t0..t1, Side { items: &video, gram: &video_gram, active: &video_active }, v, lambda, masked_mean))
             })
             .collect();
         for (v, t0, vals) in tasks {
@@ -132,14 +135,21 @@ pub fn local_scores(texts: &EmbeddingSet, videos: &EmbeddingSet, lambda: f32, ma
 #[derive(Default)]
 struct TaskScratch {
     m: Vec<f32>,       // [texts·W, Np] cosine blocks of the task's texts with the video
-    mt: Vec<f32>,      // [N, Wp] one text's block transposed
     colnorm: Vec<f32>, // [Np] over words, per region (word→region step 3)
-    rownorm: Vec<f32>, // [Wp] over regions, per word (region→word step 3)
-    vmask: Vec<f32>,   // [Np]
-    tmask: Vec<f32>,   // [Wp]
+    rownorm: Vec<f32>, // [W]  over regions, per word (region→word step 3)
+    ctx: Vec<f32>,     // [queries, active contexts (padded)] one direction's cosines
+    cnorm: Vec<f32>,   // its step-3 norms per context
+    cmask: Vec<f32>,   // its context mask (−∞ on the padding)
     z: Vec<f32>,
-    kept_idx: Vec<u32>,
-    kept_w: Vec<f32>,
+    kept: Kept,
+}
+
+/// Focal-kept contexts of one query row.
+#[derive(Default)]
+struct Kept {
+    pos: Vec<u32>, // in the active list
+    ctx: Vec<u32>, // context index
+    w: Vec<f32>,
 }
 
 fn pad8(x: usize) -> usize {
@@ -147,32 +157,75 @@ fn pad8(x: usize) -> usize {
 }
 
 /// S_loc[v, t] for t in `texts`.
-#[allow(clippy::too_many_arguments)]
-fn score_block(sc: &mut TaskScratch, text: &Items, tgram: &[f32], texts: std::ops::Range<usize>, video: &Items, vgram: &[f32], v: usize, lambda: f32, masked_mean: bool) -> Vec<f32> {
-    let (w, n, dim) = (text.len, video.len, text.dim);
-    let (wp, np) = (pad8(w), pad8(n));
+/// One side of the pairs: items, their Gram matrices [count, len, len], active contexts.
+#[derive(Clone, Copy)]
+struct Side<'a> {
+    items: &'a Items<'a>,
+    gram: &'a [f32],
+    active: &'a Active,
+}
+
+/// Per item, the positions that can get non-zero attention as contexts: a context whose
+/// additive mask is far below the item's largest one (padding, −100 against 0) has
+/// exp(λ·(… − 100)) = 0 exactly in f32 whatever the cosines: it contributes nothing to
+/// the softmax sums and is never kept, so it is skipped; the focal threshold still uses
+/// the full context count.
+struct Active {
+    idx: Vec<u32>,
+    start: Vec<usize>,
+}
+
+impl Active {
+    fn new(items: &Items, lambda: f32) -> Self {
+        let mut idx = Vec::new();
+        let mut start = vec![0];
+        for i in 0..items.count {
+            let m = items.mask(i);
+            let top = m.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            // |A| ≤ 1, so logits differ by at most λ·(2 + Δmask); exp underflows below −88.
+            idx.extend((0..items.len as u32).filter(|&s| !(lambda * (top - m[s as usize] - 2.0) > 88.0)));
+            start.push(idx.len());
+        }
+        Active { idx, start }
+    }
+
+    fn of(&self, i: usize) -> &[u32] {
+        &self.idx[self.start[i]..self.start[i + 1]]
+    }
+}
+
+/// Testing hook: route every pair through the portable path even on AVX2 machines.
+static FORCE_PORTABLE: AtomicBool = AtomicBool::new(false);
+
+#[doc(hidden)]
+pub fn force_portable_path(on: bool) {
+    FORCE_PORTABLE.store(on, Ordering::Relaxed);
+}
+
+/// S_loc[v, t] for t in `texts`.
+fn score_block(sc: &mut TaskScratch, text: Side, texts: std::ops::Range<usize>, video: Side, v: usize, lambda: f32, masked_mean: bool) -> Vec<f32> {
+    let (w, n, dim) = (text.items.len, video.items.len, text.items.dim);
+    let np = pad8(n);
     let rows = texts.len() * w;
     // Padding columns are never written by the GEMM and stay 0.
     if sc.m.len() != TEXT_BLOCK * w * np {
         sc.m = vec![0.0; TEXT_BLOCK * w * np];
-        sc.mt = vec![0.0; n * wp];
     }
-    let hats = &text.hat[texts.start * w * dim..texts.end * w * dim];
-    sgemm(Trans::No, Trans::Yes, rows, n, dim, 1.0, hats, dim, video.hat(v), dim, 0.0, &mut sc.m, np);
-    sc.vmask.clear();
-    sc.vmask.extend_from_slice(video.mask(v));
-    sc.vmask.resize(np, f32::NEG_INFINITY);
+    let hats = &text.items.hat[texts.start * w * dim..texts.end * w * dim];
+    sgemm(Trans::No, Trans::Yes, rows, n, dim, 1.0, hats, dim, video.items.hat(v), dim, 0.0, &mut sc.m, np);
+    let portable = FORCE_PORTABLE.load(Ordering::Relaxed);
     texts
         .enumerate()
         .map(|(i, t)| {
             #[cfg(target_arch = "x86_64")]
             {
-                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                if !portable && std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
                     // SAFETY: the CPU supports the features the function is compiled for.
-                    return unsafe { pair_avx2(sc, i, text, tgram, t, video, vgram, v, lambda, masked_mean) };
+                    return unsafe { pair_avx2(sc, i, text, t, video, v, lambda, masked_mean) };
                 }
             }
-            pair::<false>(sc, i, text, tgram, t, video, vgram, v, lambda, masked_mean)
+            let _ = portable;
+            pair::<false>(sc, i, text, t, video, v, lambda, masked_mean)
         })
         .collect()
 }
@@ -180,21 +233,21 @@ fn score_block(sc: &mut TaskScratch, text: &Items, tgram: &[f32], texts: std::op
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn pair_avx2(sc: &mut TaskScratch, i: usize, text: &Items, tgram: &[f32], t: usize, video: &Items, vgram: &[f32], v: usize, lambda: f32, masked_mean: bool) -> f32 {
-    pair::<true>(sc, i, text, tgram, t, video, vgram, v, lambda, masked_mean)
+unsafe fn pair_avx2(sc: &mut TaskScratch, i: usize, text: Side, t: usize, video: Side, v: usize, lambda: f32, masked_mean: bool) -> f32 {
+    pair::<true>(sc, i, text, t, video, v, lambda, masked_mean)
 }
 
 /// s2[t, v] + s1[v, t] from the task's i-th cosine block.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn pair<const AVX2: bool>(sc: &mut TaskScratch, i: usize, text: &Items, tgram: &[f32], t: usize, video: &Items, vgram: &[f32], v: usize, lambda: f32, masked_mean: bool) -> f32 {
-    let (w, n) = (text.len, video.len);
-    let (wp, np) = (pad8(w), pad8(n));
+fn pair<const AVX2: bool>(sc: &mut TaskScratch, i: usize, text: Side, t: usize, video: Side, v: usize, lambda: f32, masked_mean: bool) -> f32 {
+    let (w, n) = (text.items.len, video.items.len);
+    let np = pad8(n);
     let m = &sc.m[i * w * np..(i + 1) * w * np];
     sc.colnorm.clear();
     sc.colnorm.resize(np, 0.0);
     sc.rownorm.clear();
-    sc.rownorm.resize(wp, 1.0);
+    sc.rownorm.resize(w, 0.0);
     // Step 3 norms of both directions from one pass over LeakyReLU(M).
     for (r, row) in m.chunks_exact(np).enumerate() {
         let acc = sq_norms::<AVX2>(row, &mut sc.colnorm);
@@ -203,31 +256,34 @@ fn pair<const AVX2: bool>(sc: &mut TaskScratch, i: usize, text: &Items, tgram: &
     for x in sc.colnorm.iter_mut() {
         *x = x.sqrt() + NORM_EPS;
     }
-    for (r, row) in m.chunks_exact(np).enumerate() {
-        for (c, &x) in row[..n].iter().enumerate() {
-            sc.mt[c * wp + r] = x;
-        }
-    }
-    sc.tmask.clear();
-    sc.tmask.extend_from_slice(text.mask(t));
-    sc.tmask.resize(wp, f32::NEG_INFINITY);
-    sc.z.resize(np.max(wp), 0.0);
-    let (tm, vm) = (text.mask(t), video.mask(v));
+    let (tm, vm) = (text.items.mask(t), video.items.mask(v));
+    let (ta, va) = (text.active.of(t), video.active.of(v));
+    let (wa, na) = (pad8(ta.len()), pad8(va.len()));
 
-    // Word → region: query rows = words of t, contexts = regions of v.
+    // Word → region: query rows = words of t, contexts = the active regions of v.
+    gather(&mut sc.ctx, m, np, w, va, na, false);
+    pad_gather(&mut sc.cnorm, &sc.colnorm, va, na, 1.0);
+    pad_gather(&mut sc.cmask, vm, va, na, f32::NEG_INFINITY);
+    sc.z.resize(na.max(wa), 0.0);
+    let vgram = &video.gram[v * n * n..(v + 1) * n * n];
     let (mut sum, mut real) = (0f32, 0usize);
-    for (l, mrow) in m.chunks_exact(np).enumerate() {
-        let c = query_row_cos::<AVX2>(mrow, &sc.colnorm, tm[l], &sc.vmask, lambda, n, &vgram[v * n * n..(v + 1) * n * n], text.norm(t)[l], &mut sc.z[..np], (&mut sc.kept_idx, &mut sc.kept_w));
+    for (l, mrow) in sc.ctx.chunks_exact(na).enumerate() {
+        let c = query_row_cos::<AVX2>(mrow, &sc.cnorm, tm[l], &sc.cmask, lambda, n, va, vgram, text.items.norm(t)[l], &mut sc.z[..na], &mut sc.kept);
         if !masked_mean || is_real(tm[l]) {
             sum += c;
             real += 1;
         }
     }
     let s1 = mean(sum, real, w, masked_mean);
-    // Region → word: query rows = regions of v, contexts = words of t.
+
+    // Region → word: query rows = regions of v, contexts = the active words of t.
+    gather(&mut sc.ctx, m, np, n, ta, wa, true);
+    pad_gather(&mut sc.cnorm, &sc.rownorm, ta, wa, 1.0);
+    pad_gather(&mut sc.cmask, tm, ta, wa, f32::NEG_INFINITY);
+    let tgram = &text.gram[t * w * w..(t + 1) * w * w];
     let (mut sum, mut real) = (0f32, 0usize);
-    for (r, mrow) in sc.mt.chunks_exact(wp).enumerate() {
-        let c = query_row_cos::<AVX2>(mrow, &sc.rownorm, vm[r], &sc.tmask, lambda, w, &tgram[t * w * w..(t + 1) * w * w], video.norm(v)[r], &mut sc.z[..wp], (&mut sc.kept_idx, &mut sc.kept_w));
+    for (r, mrow) in sc.ctx.chunks_exact(wa).enumerate() {
+        let c = query_row_cos::<AVX2>(mrow, &sc.cnorm, vm[r], &sc.cmask, lambda, w, ta, tgram, video.items.norm(v)[r], &mut sc.z[..wa], &mut sc.kept);
         if !masked_mean || is_real(vm[r]) {
             sum += c;
             real += 1;
@@ -235,6 +291,36 @@ fn pair<const AVX2: bool>(sc: &mut TaskScratch, i: usize, text: &Items, tgram: &
     }
     let s2 = mean(sum, real, n, masked_mean);
     s2 + s1
+}
+
+/// out [rows, width]: the `cols` columns of m [.., ld] (or, `transposed`, of its rows:
+/// out[r, j] = m[cols[j], r]), zero-padded to `width`.
+#[inline(always)]
+fn gather(out: &mut Vec<f32>, m: &[f32], ld: usize, rows: usize, cols: &[u32], width: usize, transposed: bool) {
+    out.clear();
+    out.resize(rows * width, 0.0);
+    if transposed {
+        for (j, &c) in cols.iter().enumerate() {
+            let src = &m[c as usize * ld..c as usize * ld + rows];
+            for (r, &x) in src.iter().enumerate() {
+                out[r * width + j] = x;
+            }
+        }
+    } else {
+        for r in 0..rows {
+            let (src, dst) = (&m[r * ld..(r + 1) * ld], &mut out[r * width..(r + 1) * width]);
+            for (d, &c) in dst.iter_mut().zip(cols) {
+                *d = src[c as usize];
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn pad_gather(out: &mut Vec<f32>, src: &[f32], idx: &[u32], width: usize, pad: f32) {
+    out.clear();
+    out.extend(idx.iter().map(|&i| src[i as usize]));
+    out.resize(width, pad);
 }
 
 #[inline(always)]
@@ -278,10 +364,11 @@ fn query_row_cos<const AVX2: bool>(
     mc: &[f32],
     lambda: f32,
     lc: usize,
+    active: &[u32],
     gram: &[f32],
     q_norm: f32,
     z: &mut [f32],
-    kept: (&mut Vec<u32>, &mut Vec<f32>),
+    kept: &mut Kept,
 ) -> f32 {
     // Logits in the published order ((A + m_q) + m_c)·λ, and their max.
     let mx = logits::<AVX2>(z, mrow, norms, mq, mc, lambda);
@@ -291,9 +378,10 @@ fn query_row_cos<const AVX2: bool>(
     let total = sum8(&acc);
     // Focal "equal": keep P above the row mean (branch-free compaction; adding the
     // dropped entries as 0 leaves the kept sum unchanged), renormalise.
-    let (idx, wts) = kept;
-    idx.resize(lc, 0);
-    wts.resize(lc, 0.0);
+    let la = active.len();
+    kept.pos.resize(la, 0);
+    kept.ctx.resize(la, 0);
+    kept.w.resize(la, 0.0);
     let (mut k, mut kept_sum) = (0usize, 0f32);
     let thr = |p: f32| p * lc as f32 - total > 0.0;
     for (c, zc) in z.chunks_exact(8).enumerate() {
@@ -304,17 +392,18 @@ fn query_row_cos<const AVX2: bool>(
         while bits != 0 {
             let s = c * 8 + bits.trailing_zeros() as usize;
             bits &= bits - 1;
-            if s < lc {
-                idx[k] = s as u32;
-                wts[k] = z[s];
+            if s < la {
+                kept.pos[k] = s as u32;
+                kept.ctx[k] = active[s];
+                kept.w[k] = z[s];
                 kept_sum += z[s];
                 k += 1;
             }
         }
     }
-    let (idx, wts) = (&idx[..k], &mut wts[..k]);
+    let (pos, idx, wts) = (&kept.pos[..k], &kept.ctx[..k], &mut kept.w[..k]);
     let mut u = 0f32;
-    for (&s, r) in idx.iter().zip(wts.iter_mut()) {
+    for (&s, r) in pos.iter().zip(wts.iter_mut()) {
         *r /= kept_sum;
         u += *r * mrow[s as usize];
     }
