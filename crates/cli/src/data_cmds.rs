@@ -95,9 +95,13 @@ pub struct PackArgs {
     /// Annotation file naming the clips (layout detected from its name unless --layout).
     #[arg(long, required_unless_present = "all")]
     pub annotations: Option<PathBuf>,
-    /// Annotation layout: webvid, cc3m, didemo, msvd, lsmdc, jsonl.
+    /// Annotation layout: webvid, cc3m, didemo, msvd, lsmdc, jsonl, msrvtt (--annotations =
+    /// the metadata directory with annotation/MSR_VTT.json), msrvtt-mc, msrvtt-qa, tgif-frameqa.
     #[arg(long)]
     pub layout: Option<String>,
+    /// MSR-VTT cut for --layout msrvtt: jsfusion, miech, full-val, full-test.
+    #[arg(long, default_value = "jsfusion")]
+    pub msrvtt_cut: String,
     /// Pack every clip directory directly below --features instead of an annotation file.
     #[arg(long)]
     pub all: bool,
@@ -123,12 +127,26 @@ pub fn pack(a: PackArgs) -> Result<()> {
     use demovlp_data::pack::{list_clip_dirs, pack, PackConfig, StoreDtype};
     let mut skipped_records = Vec::new();
     let clips: Vec<String> = match &a.annotations {
-        Some(path) if !a.all => {
-            let layout = a.layout.as_deref().map(Layout::from_name).transpose()?;
-            let ann = read_annotations(path, layout, true)?;
-            skipped_records = ann.skipped;
-            ann.samples.into_iter().map(|s| s.clip).collect()
-        }
+        Some(path) if !a.all => match a.layout.as_deref() {
+            // MSR-VTT: --annotations is the metadata directory; pack train + test of the cut.
+            Some("msrvtt") => {
+                use demovlp_data::annotations::{read_msrvtt, MsrvttCut};
+                let cut = MsrvttCut::from_name(&a.msrvtt_cut)?;
+                let mut clips: Vec<String> = read_msrvtt(path, cut, true)?.into_iter().map(|s| s.clip).collect();
+                clips.extend(read_msrvtt(path, cut, false)?.into_iter().map(|s| s.clip));
+                clips
+            }
+            Some("msrvtt-mc") => demovlp_data::annotations::read_msrvtt_mc(path)?.into_iter().map(|s| s.clip).collect(),
+            Some("msrvtt-qa") | Some("tgif-frameqa") => {
+                demovlp_data::annotations::read_jsonl_qa(path, &Default::default())?.into_iter().map(|s| s.clip).collect()
+            }
+            layout => {
+                let layout = layout.map(Layout::from_name).transpose()?;
+                let ann = read_annotations(path, layout, true)?;
+                skipped_records = ann.skipped;
+                ann.samples.into_iter().map(|s| s.clip).collect()
+            }
+        },
         _ => list_clip_dirs(&a.features)?,
     };
     let cfg = PackConfig {

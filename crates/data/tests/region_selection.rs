@@ -40,3 +40,20 @@ fn frame_choice_rules() {
     let b = choose_frames(40, 8, &mut FrameChoice::Random(&mut Rng::new(5))).unwrap();
     assert_eq!(a, b);
 }
+
+#[test]
+fn single_file_clip_counts_as_one_frame() {
+    // CC3M images: <root>/<clip>.npz instead of a directory.
+    let root = common::tmpdir("single_file");
+    std::fs::copy(testdata().join("region_features/video9771/1.npz"), root.join("img_42.npz")).unwrap();
+    let single = NpzTree::new(&root);
+    let got = demovlp_data::select_clip(&single, "img_42", 1, 30, FrameChoice::Middle).unwrap();
+    let dir = NpzTree::new(testdata().join("region_features"));
+    let mut want_obj = vec![0f32; 30 * demovlp_data::TOKEN_DIM];
+    let (mut want_mask, mut rows) = (vec![0f32; 30], Vec::new());
+    use demovlp_data::FeatureSource;
+    dir.frame_regions("video9771", 1, 30, &mut want_obj, &mut want_mask, &mut rows).unwrap();
+    assert_eq!(got.frame_indices, vec![0]);
+    assert!(got.object == want_obj && got.mask == want_mask && got.source_rows == rows);
+    std::fs::remove_dir_all(&root).unwrap();
+}
