@@ -14,6 +14,10 @@ use demovlp_data::tokenizer::{TextTokenizer, DEFAULT_MAX_LEN};
 /// top-R regions by confidence (edge-padded, masked) and writes a safetensors file with
 /// `object` f32 [k,R,2054], `mask` f32 [k,R] (1 real, 0 padding), `frames` i64 [k].
 #[derive(Args)]
+#[command(after_help = "Picks k = min(S, V) frames of the V stored ones (the middle frame of each of S segments), \
+keeps each frame's top-R regions by confidence (edge-padded and masked when fewer), and writes a safetensors \
+file with: object f32 [k,R,2054] (2048-d feature + 6-d box feature), mask f32 [k,R] (1 real, 0 padding), \
+frames i64 [k] (the frame indices used).")]
 pub struct RegionsArgs {
     /// Clip directory holding 0.npz, 1.npz, ... (the extractor's layout).
     pub clip_dir: PathBuf,
@@ -52,6 +56,9 @@ pub fn regions(a: RegionsArgs) -> Result<()> {
 /// Prints one JSON object per input line: {"input_ids": [...], "attention_mask": [...]},
 /// each exactly --max-len long ([CLS] ... [SEP], padded with id 0 / mask 0).
 #[derive(Args)]
+#[command(after_help = "Uncased WordPiece (lower-casing, accent stripping, CJK splitting). Reads one text per line \
+on stdin and prints one JSON object per line: {\"input_ids\": [...], \"attention_mask\": [...]}, \
+both exactly --max-len long: [CLS] ... [SEP], truncated, padded with id 0 / mask 0.")]
 pub struct TokenizeArgs {
     /// tokenizer.json, a BERT vocab.txt, or a directory containing either.
     #[arg(long)]
@@ -88,6 +95,10 @@ fn tokenize_stream(tok: &TextTokenizer, max_len: usize, input: impl BufRead, out
 /// shards, and writes manifest.json last: an interrupted pack never reads as complete.
 /// Re-running on unchanged input does nothing. Bad clips are skipped and reported.
 #[derive(Args)]
+#[command(after_help = "Stores each frame's regions sorted by confidence in shards memory-mapped at training time \
+(f32, or f16 with --fp16), an index clip id -> frames, and manifest.json written last: an interrupted pack never \
+reads as complete. Re-running on unchanged input does nothing. Bad clips are skipped; the summary lists clips, \
+frames, regions, bytes and the skipped clips with reasons.")]
 pub struct PackArgs {
     /// Feature root: <root>/<clip>/<i>.npz.
     #[arg(long)]
@@ -200,6 +211,8 @@ pub fn pack(a: PackArgs) -> Result<()> {
 /// written to a temporary directory first. Reports the median of --runs runs with one
 /// thread and with all threads, and the packed/npz ratio.
 #[derive(Args)]
+#[command(after_help = "Without --features a synthetic corpus of deflated .npz files is written to a temporary \
+directory and packed. Prints clips/s (median of --runs) for 1 thread and all threads, and packed/npz ratio.")]
 pub struct BenchDataArgs {
     /// Feature root to measure (default: a synthetic corpus).
     #[arg(long)]
