@@ -11,6 +11,7 @@
 //! task owns a contiguous block; [`merge_heads`] scatters them back. Probabilities are
 //! kept for the backward pass in a compact per-head layout (see [`AttnShape::probs_per_head`]).
 
+use crate::gemm::{sgemm, Trans};
 use crate::softmax::softmax_in_place;
 use rayon::prelude::*;
 use std::ops::Range;
@@ -60,6 +61,15 @@ impl AttnShape {
         self.batch * self.heads * self.probs_per_head()
     }
 
+    /// Every query sees every key in order: `Full`, or `Frames` with a single frame (whose
+    /// compact probability layout is then exactly seq × seq).
+    pub fn is_dense(&self) -> bool {
+        match self.pattern {
+            KeyPattern::Full => true,
+            KeyPattern::Frames { regions } => self.seq == 1 + regions,
+        }
+    }
+
     fn check(&self) {
         if let KeyPattern::Frames { regions } = self.pattern {
             assert!(regions > 0 && (self.seq - 1) % regions == 0, "attention: seq {} is not 1 + frames·{regions}", self.seq);
@@ -107,8 +117,150 @@ fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
 /// out[b,h,i,:] = Σ_j softmax_j(scale·q_i·k_j + mask[b,j]) v_j over the row's keys.
 /// `drop`, when given, multiplies each probability (layout of `probs`) before the weighted
 /// sum: attention dropout, with 0 or 1/(1−p) entries. `probs` keeps the undropped values.
+/// `Full` (and single-frame `Frames`) runs as per-(batch, head) GEMMs; multi-frame
+/// `Frames` (rows of R + 1 keys, and the one CLS row) as row loops.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_forward(
+    s: &AttnShape,
+    scale: f32,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    ld: usize,
+    mask: &[f32],
+    drop: Option<&[f32]>,
+    probs: &mut [f32],
+    out: &mut [f32],
+) {
+    if s.is_dense() {
+        attention_forward_gemm(s, scale, q, k, v, ld, mask, drop, probs, out)
+    } else {
+        attention_forward_loops(s, scale, q, k, v, ld, mask, drop, probs, out)
+    }
+}
+
+/// Gradients of [`attention_forward`] given its probabilities; dq, dk, dv are head-major
+/// `[B, H, seq, hd]` and accumulated into.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(
+    s: &AttnShape,
+    scale: f32,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    ld: usize,
+    probs: &[f32],
+    drop: Option<&[f32]>,
+    dout: &[f32],
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+) {
+    if s.is_dense() {
+        attention_backward_gemm(s, scale, q, k, v, ld, probs, drop, dout, dq, dk, dv)
+    } else {
+        attention_backward_loops(s, scale, q, k, v, ld, probs, drop, dout, dq, dk, dv)
+    }
+}
+
+/// `Full` pattern with per-(batch, head) GEMMs: S = scale·Q·Kᵀ + mask, P = softmax(S), O = P·V.
+#[allow(clippy::too_many_arguments)]
+fn attention_forward_gemm(
+    s: &AttnShape,
+    scale: f32,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    ld: usize,
+    mask: &[f32],
+    drop: Option<&[f32]>,
+    probs: &mut [f32],
+    out: &mut [f32],
+) {
+    let (seq, hd, heads) = (s.seq, s.head_dim, s.heads);
+    assert_eq!(mask.len(), s.batch * seq, "attention: mask must be [B, seq]");
+    let pph = seq * seq;
+    out[..s.batch * heads * seq * hd]
+        .par_chunks_mut(seq * hd)
+        .zip(probs[..s.probs_len()].par_chunks_mut(pph))
+        .enumerate()
+        .for_each(|(bh, (out, p))| {
+            let (b, h) = (bh / heads, bh % heads);
+            let o = b * seq * ld + h * hd;
+            sgemm(Trans::No, Trans::Yes, seq, seq, hd, scale, &q[o..], ld, &k[o..], ld, 0.0, p, seq);
+            let m = &mask[b * seq..(b + 1) * seq];
+            for row in p.chunks_exact_mut(seq) {
+                row.iter_mut().zip(m).for_each(|(x, m)| *x += m);
+                softmax_in_place(row);
+            }
+            let dropped: Vec<f32>;
+            let pv: &[f32] = match drop {
+                Some(d) => {
+                    dropped = p.iter().zip(&d[bh * pph..(bh + 1) * pph]).map(|(a, b)| a * b).collect();
+                    &dropped
+                }
+                None => p,
+            };
+            sgemm(Trans::No, Trans::No, seq, hd, seq, 1.0, pv, seq, &v[o..], ld, 0.0, out, hd);
+        });
+}
+
+#[allow(clippy::too_many_arguments)]
+fn attention_backward_gemm(
+    s: &AttnShape,
+    scale: f32,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    ld: usize,
+    probs: &[f32],
+    drop: Option<&[f32]>,
+    dout: &[f32],
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+) {
+    let (seq, hd, heads) = (s.seq, s.head_dim, s.heads);
+    let pph = seq * seq;
+    let n = s.batch * heads * seq * hd;
+    dq[..n]
+        .par_chunks_mut(seq * hd)
+        .zip(dk[..n].par_chunks_mut(seq * hd).zip(dv[..n].par_chunks_mut(seq * hd)))
+        .enumerate()
+        .for_each(|(bh, (dq, (dk, dv)))| {
+            let (b, h) = (bh / heads, bh % heads);
+            let o = b * seq * ld + h * hd;
+            let p = &probs[bh * pph..(bh + 1) * pph];
+            let dm = drop.map(|d| &d[bh * pph..(bh + 1) * pph]);
+            let d_o = &dout[bh * seq * hd..(bh + 1) * seq * hd];
+            // dV += P'ᵀ·dO with P' the dropped probabilities.
+            let dropped: Vec<f32>;
+            let pv: &[f32] = match dm {
+                Some(m) => {
+                    dropped = p.iter().zip(m).map(|(a, b)| a * b).collect();
+                    &dropped
+                }
+                None => p,
+            };
+            sgemm(Trans::Yes, Trans::No, seq, hd, seq, 1.0, pv, seq, d_o, hd, 1.0, dv, hd);
+            // dP = (dO·Vᵀ) ⊙ mask, then the softmax backward and the score scale.
+            let mut ds = vec![0.0f32; pph];
+            sgemm(Trans::No, Trans::Yes, seq, seq, hd, 1.0, d_o, hd, &v[o..], ld, 0.0, &mut ds, seq);
+            if let Some(m) = dm {
+                ds.iter_mut().zip(m).for_each(|(x, m)| *x *= m);
+            }
+            for (row, pr) in ds.chunks_exact_mut(seq).zip(p.chunks_exact(seq)) {
+                let pdp: f32 = row.iter().zip(pr).map(|(a, b)| a * b).sum();
+                row.iter_mut().zip(pr).for_each(|(x, &pj)| *x = scale * pj * (*x - pdp));
+            }
+            sgemm(Trans::No, Trans::No, seq, hd, seq, 1.0, &ds, seq, &k[o..], ld, 1.0, dq, hd);
+            sgemm(Trans::Yes, Trans::No, seq, hd, seq, 1.0, &ds, seq, &q[o..], ld, 1.0, dk, hd);
+        });
+}
+
+/// Row-loop implementation for any pattern (used for `Frames`; the reference for `Full`).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_forward_loops(
     s: &AttnShape,
     scale: f32,
     q: &[f32],
@@ -149,10 +301,9 @@ pub fn attention_forward(
         });
 }
 
-/// Gradients of [`attention_forward`] given its probabilities; dq, dk, dv are head-major
-/// `[B, H, seq, hd]` and accumulated into.
+/// Backward of [`attention_forward_loops`].
 #[allow(clippy::too_many_arguments)]
-pub fn attention_backward(
+pub fn attention_backward_loops(
     s: &AttnShape,
     scale: f32,
     q: &[f32],
