@@ -93,3 +93,20 @@ fn f16_store_error_is_bounded() {
     check_all_cases(&store, max_abs);
     std::fs::remove_dir_all(&out).unwrap();
 }
+
+#[test]
+fn store_refuses_more_regions_than_it_kept() {
+    let root = testdata().join("region_features");
+    let out = tmp("max10");
+    let cfg = PackConfig { max_regions: 10, progress: false, threads: 1, ..Default::default() };
+    let s = pack(&root, &["video9771".to_string()], &out, &cfg).unwrap();
+    assert_eq!(s.regions, 40);
+    let store = PackedStore::open(&out).unwrap();
+    let npz = NpzTree::new(&root);
+    let a = select_clip(&store, "video9771", 4, 10, FrameChoice::Middle).unwrap();
+    let b = select_clip(&npz, "video9771", 4, 10, FrameChoice::Middle).unwrap();
+    assert!(a.object == b.object && a.mask == b.mask);
+    let err = format!("{:#}", select_clip(&store, "video9771", 4, 30, FrameChoice::Middle).unwrap_err());
+    assert!(err.contains("at most 10 regions"), "{err}");
+    std::fs::remove_dir_all(&out).unwrap();
+}

@@ -316,6 +316,28 @@ mod tests {
     }
 
     #[test]
+    fn every_supported_dtype() {
+        let mk = |dtype: DType, data: Vec<u8>, n: usize| {
+            let a = NpyArray { dtype, shape: vec![n], fortran_order: false, data };
+            NpyArray::parse(&a.to_bytes()).unwrap()
+        };
+        let f2 = [half::f16::from_f32(1.5), half::f16::from_f32(-2.0)].iter().flat_map(|h| h.to_le_bytes()).collect();
+        assert_eq!(mk(DType::F16, f2, 2).to_f32().unwrap(), vec![1.5, -2.0]);
+        let f8 = [0.1f64, -3.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert_eq!(mk(DType::F64, f8, 2).to_f64().unwrap(), vec![0.1, -3.0]);
+        let i4 = [-7i32, 9].iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert_eq!(mk(DType::I32, i4, 2).to_i64().unwrap(), vec![-7, 9]);
+        assert_eq!(mk(DType::U8, vec![0, 255], 2).to_i64().unwrap(), vec![0, 255]);
+        assert_eq!(mk(DType::Bool, vec![1, 0], 2).to_i64().unwrap(), vec![1, 0]);
+        assert!(mk(DType::F32, vec![0; 4], 1).to_i64().is_err(), "floats are not silently cast to ints");
+        for d in ["<f4", "<f8", "<i8", "<i4", "|u1", "|b1", "<f2", "|O"] {
+            assert_eq!(DType::parse(d, None).unwrap().descr(), d);
+        }
+        let err = DType::parse("<c8", None).unwrap_err().to_string();
+        assert!(err.contains("unsupported dtype"), "{err}");
+    }
+
+    #[test]
     fn header_errors_are_clear() {
         let mut bytes = NpyArray::from_f32(&[4], &[1., 2., 3., 4.]).to_bytes();
         bytes.truncate(bytes.len() - 3);
