@@ -118,7 +118,8 @@ fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
 /// `drop`, when given, multiplies each probability (layout of `probs`) before the weighted
 /// sum: attention dropout, with 0 or 1/(1−p) entries. `probs` keeps the undropped values.
 /// `Full` (and single-frame `Frames`) runs as per-(batch, head) GEMMs; multi-frame
-/// `Frames` (rows of R + 1 keys, and the one CLS row) as row loops.
+/// `Frames` as one GEMM block per frame plus the CLS row. The row-loop versions
+/// ([`attention_forward_loops`]) are the reference the tests compare against.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_forward(
     s: &AttnShape,
@@ -135,7 +136,7 @@ pub fn attention_forward(
     if s.is_dense() {
         attention_forward_gemm(s, scale, q, k, v, ld, mask, drop, probs, out)
     } else {
-        attention_forward_loops(s, scale, q, k, v, ld, mask, drop, probs, out)
+        attention_forward_frames(s, scale, q, k, v, ld, mask, drop, probs, out)
     }
 }
 
@@ -159,7 +160,7 @@ pub fn attention_backward(
     if s.is_dense() {
         attention_backward_gemm(s, scale, q, k, v, ld, probs, drop, dout, dq, dk, dv)
     } else {
-        attention_backward_loops(s, scale, q, k, v, ld, probs, drop, dout, dq, dk, dv)
+        attention_backward_frames(s, scale, q, k, v, ld, probs, drop, dout, dq, dk, dv)
     }
 }
 
@@ -258,7 +259,179 @@ fn attention_backward_gemm(
         });
 }
 
-/// Row-loop implementation for any pattern (used for `Frames`; the reference for `Full`).
+/// Multi-frame `Frames` pattern: the CLS row as a loop over all keys, then per frame one
+/// small GEMM block, with the frame's keys gathered as `[CLS, its R regions]` so the
+/// scores land directly in the compact probability layout (rows of R + 1).
+#[allow(clippy::too_many_arguments)]
+fn attention_forward_frames(
+    s: &AttnShape,
+    scale: f32,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    ld: usize,
+    mask: &[f32],
+    drop: Option<&[f32]>,
+    probs: &mut [f32],
+    out: &mut [f32],
+) {
+    s.check();
+    let KeyPattern::Frames { regions: r } = s.pattern else { unreachable!("frames kernel on a dense pattern") };
+    let (seq, hd, heads) = (s.seq, s.head_dim, s.heads);
+    assert_eq!(mask.len(), s.batch * seq, "attention: mask must be [B, seq]");
+    let frames = (seq - 1) / r;
+    let pph = s.probs_per_head();
+    out[..s.batch * heads * seq * hd]
+        .par_chunks_mut(seq * hd)
+        .zip(probs[..s.probs_len()].par_chunks_mut(pph))
+        .enumerate()
+        .for_each(|(bh, (out, probs))| {
+            let (b, h) = (bh / heads, bh % heads);
+            let row = |j: usize| (b * seq + j) * ld + h * hd;
+            let m = &mask[b * seq..(b + 1) * seq];
+            let dm = drop.map(|d| &d[bh * pph..(bh + 1) * pph]);
+            // CLS query: every key.
+            let (p0, rest) = probs.split_at_mut(seq);
+            let q0 = &q[row(0)..row(0) + hd];
+            for (j, pj) in p0.iter_mut().enumerate() {
+                *pj = scale * dot(q0, &k[row(j)..row(j) + hd]) + m[j];
+            }
+            softmax_in_place(p0);
+            let o0 = &mut out[..hd];
+            o0.fill(0.0);
+            for (j, &pj) in p0.iter().enumerate() {
+                axpy(pj * dm.map_or(1.0, |d| d[j]), &v[row(j)..row(j) + hd], o0);
+            }
+            // Region queries, one frame at a time.
+            let w = r + 1;
+            let mut kf = vec![0.0f32; w * hd];
+            let mut vf = vec![0.0f32; w * hd];
+            let mut mf = vec![0.0f32; w];
+            let mut pd = vec![0.0f32; r * w];
+            for f in 0..frames {
+                let first = 1 + f * r;
+                for (slot, j) in std::iter::once(0).chain(first..first + r).enumerate() {
+                    kf[slot * hd..(slot + 1) * hd].copy_from_slice(&k[row(j)..row(j) + hd]);
+                    vf[slot * hd..(slot + 1) * hd].copy_from_slice(&v[row(j)..row(j) + hd]);
+                    mf[slot] = m[j];
+                }
+                let pf = &mut rest[f * r * w..(f + 1) * r * w];
+                sgemm(Trans::No, Trans::Yes, r, w, hd, scale, &q[row(first)..], ld, &kf, hd, 0.0, pf, w);
+                for prow in pf.chunks_exact_mut(w) {
+                    prow.iter_mut().zip(&mf).for_each(|(x, m)| *x += m);
+                    softmax_in_place(prow);
+                }
+                let pv: &[f32] = match dm {
+                    Some(d) => {
+                        let df = &d[seq + f * r * w..seq + (f + 1) * r * w];
+                        pd.iter_mut().zip(pf.iter().zip(df)).for_each(|(o, (a, b))| *o = a * b);
+                        &pd
+                    }
+                    None => pf,
+                };
+                sgemm(Trans::No, Trans::No, r, hd, w, 1.0, pv, w, &vf, hd, 0.0, &mut out[first * hd..(first + r) * hd], hd);
+            }
+        });
+}
+
+/// Backward of [`attention_forward_frames`].
+#[allow(clippy::too_many_arguments)]
+fn attention_backward_frames(
+    s: &AttnShape,
+    scale: f32,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    ld: usize,
+    probs: &[f32],
+    drop: Option<&[f32]>,
+    dout: &[f32],
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+) {
+    s.check();
+    let KeyPattern::Frames { regions: r } = s.pattern else { unreachable!("frames kernel on a dense pattern") };
+    let (seq, hd, heads) = (s.seq, s.head_dim, s.heads);
+    let frames = (seq - 1) / r;
+    let pph = s.probs_per_head();
+    let n = s.batch * heads * seq * hd;
+    dq[..n]
+        .par_chunks_mut(seq * hd)
+        .zip(dk[..n].par_chunks_mut(seq * hd).zip(dv[..n].par_chunks_mut(seq * hd)))
+        .enumerate()
+        .for_each(|(bh, (dq, (dk, dv)))| {
+            let (b, h) = (bh / heads, bh % heads);
+            let row = |j: usize| (b * seq + j) * ld + h * hd;
+            let probs = &probs[bh * pph..(bh + 1) * pph];
+            let dm = drop.map(|d| &d[bh * pph..(bh + 1) * pph]);
+            let dout = &dout[bh * seq * hd..(bh + 1) * seq * hd];
+            // CLS query row.
+            {
+                let p = &probs[..seq];
+                let d0 = &dout[..hd];
+                let mut ds = vec![0.0f32; seq];
+                for (j, dsj) in ds.iter_mut().enumerate() {
+                    let mj = dm.map_or(1.0, |d| d[j]);
+                    axpy(p[j] * mj, d0, &mut dv[j * hd..(j + 1) * hd]);
+                    *dsj = mj * dot(d0, &v[row(j)..row(j) + hd]);
+                }
+                let pdp: f32 = p.iter().zip(&ds).map(|(a, b)| a * b).sum();
+                let q0 = &q[row(0)..row(0) + hd];
+                for (j, dsj) in ds.iter().enumerate() {
+                    let g = scale * p[j] * (dsj - pdp);
+                    axpy(g, &k[row(j)..row(j) + hd], &mut dq[..hd]);
+                    axpy(g, q0, &mut dk[j * hd..(j + 1) * hd]);
+                }
+            }
+            let w = r + 1;
+            let mut kf = vec![0.0f32; w * hd];
+            let mut vf = vec![0.0f32; w * hd];
+            let mut pd = vec![0.0f32; r * w];
+            let mut ds = vec![0.0f32; r * w];
+            let mut gkv = vec![0.0f32; w * hd];
+            for f in 0..frames {
+                let first = 1 + f * r;
+                let keys = || std::iter::once(0).chain(first..first + r);
+                for (slot, j) in keys().enumerate() {
+                    kf[slot * hd..(slot + 1) * hd].copy_from_slice(&k[row(j)..row(j) + hd]);
+                    vf[slot * hd..(slot + 1) * hd].copy_from_slice(&v[row(j)..row(j) + hd]);
+                }
+                let pf = &probs[seq + f * r * w..seq + (f + 1) * r * w];
+                let dmf = dm.map(|d| &d[seq + f * r * w..seq + (f + 1) * r * w]);
+                let pv: &[f32] = match dmf {
+                    Some(df) => {
+                        pd.iter_mut().zip(pf.iter().zip(df)).for_each(|(o, (a, b))| *o = a * b);
+                        &pd
+                    }
+                    None => pf,
+                };
+                let d_o = &dout[first * hd..(first + r) * hd];
+                // dV' = P'ᵀ·dO, scattered to [CLS, frame keys].
+                sgemm(Trans::Yes, Trans::No, w, hd, r, 1.0, pv, w, d_o, hd, 0.0, &mut gkv, hd);
+                for (slot, j) in keys().enumerate() {
+                    dv[j * hd..(j + 1) * hd].iter_mut().zip(&gkv[slot * hd..(slot + 1) * hd]).for_each(|(a, b)| *a += b);
+                }
+                // dS = scale · P ⊙ (dP − rowsum(P ⊙ dP)), dP = (dO·V'ᵀ) ⊙ mask.
+                sgemm(Trans::No, Trans::Yes, r, w, hd, 1.0, d_o, hd, &vf, hd, 0.0, &mut ds, w);
+                if let Some(df) = dmf {
+                    ds.iter_mut().zip(df).for_each(|(x, m)| *x *= m);
+                }
+                for (drow, prow) in ds.chunks_exact_mut(w).zip(pf.chunks_exact(w)) {
+                    let pdp: f32 = drow.iter().zip(prow).map(|(a, b)| a * b).sum();
+                    drow.iter_mut().zip(prow).for_each(|(x, &pj)| *x = scale * pj * (*x - pdp));
+                }
+                // dQ_f += dS·K'; dK' = dSᵀ·Q_f, scattered.
+                sgemm(Trans::No, Trans::No, r, hd, w, 1.0, &ds, w, &kf, hd, 1.0, &mut dq[first * hd..(first + r) * hd], hd);
+                sgemm(Trans::Yes, Trans::No, w, hd, r, 1.0, &ds, w, &q[row(first)..], ld, 0.0, &mut gkv, hd);
+                for (slot, j) in keys().enumerate() {
+                    dk[j * hd..(j + 1) * hd].iter_mut().zip(&gkv[slot * hd..(slot + 1) * hd]).for_each(|(a, b)| *a += b);
+                }
+            }
+        });
+}
+
+/// Row-loop implementation for any pattern: the reference for the GEMM paths.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_forward_loops(
     s: &AttnShape,
