@@ -72,7 +72,7 @@ impl AttnShape {
 
     fn check(&self) {
         if let KeyPattern::Frames { regions } = self.pattern {
-            assert!(regions > 0 && (self.seq - 1) % regions == 0, "attention: seq {} is not 1 + frames·{regions}", self.seq);
+            assert!(regions > 0 && (self.seq - 1).is_multiple_of(regions), "attention: seq {} is not 1 + frames·{regions}", self.seq);
         }
     }
 

@@ -286,6 +286,9 @@ fn attention_gemm_matches_loops() {
     }
 }
 
+type Fwd = fn(&AttnShape, f32, &[f32], &[f32], &[f32], usize, &[f32], Option<&[f32]>, &mut [f32], &mut [f32]);
+type Bwd = fn(&AttnShape, f32, &[f32], &[f32], &[f32], usize, &[f32], Option<&[f32]>, &[f32], &mut [f32], &mut [f32], &mut [f32]);
+
 fn gemm_vs_loops(pattern: KeyPattern, seq: usize) {
     let (b, h, hd) = (2, 3, 8);
     let d = h * hd;
@@ -298,8 +301,7 @@ fn gemm_vs_loops(pattern: KeyPattern, seq: usize) {
     let drop: Vec<f32> = (0..shape.probs_len()).map(|_| if rng.uniform() < 0.2 { 0.0 } else { 1.25 }).collect();
     let dout = random_vec(&mut rng, b * h * seq * hd, 1.0);
     for dr in [None, Some(&drop[..])] {
-        let run = |fwd: fn(&AttnShape, f32, &[f32], &[f32], &[f32], usize, &[f32], Option<&[f32]>, &mut [f32], &mut [f32]),
-                   bwd: fn(&AttnShape, f32, &[f32], &[f32], &[f32], usize, &[f32], Option<&[f32]>, &[f32], &mut [f32], &mut [f32], &mut [f32])| {
+        let run = |fwd: Fwd, bwd: Bwd| {
             let mut probs = vec![0.0; shape.probs_len()];
             let mut out = vec![0.0; b * h * seq * hd];
             fwd(&shape, 0.3, &qkv, &qkv[d..], &qkv[2 * d..], 3 * d, &mask, dr, &mut probs, &mut out);

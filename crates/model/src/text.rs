@@ -194,6 +194,7 @@ impl TextActs {
 
 impl TextActs {
     /// (address, capacity) of every arena buffer: lets tests prove steady-state steps reuse them.
+    #[cfg(test)]
     pub(crate) fn buffers(&self) -> Vec<(usize, usize)> {
         let buf = |v: &Vec<f32>| (v.as_ptr() as usize, v.capacity());
         let mut out = vec![buf(&self.emb), buf(&self.emb_mean), buf(&self.emb_rstd), buf(&self.mask_add), buf(&self.emb_drop), buf(&self.ctx_h), buf(&self.g), buf(&self.dx_a), buf(&self.dx_b), buf(&self.dz), buf(&self.dg), buf(&self.dh), buf(&self.dctx), buf(&self.dctx_h), buf(&self.dq_h), buf(&self.dk_h), buf(&self.dv_h), buf(&self.dq), buf(&self.dtmp)];

@@ -114,6 +114,7 @@ pub struct VideoActs {
 
 impl VideoActs {
     /// (address, capacity) of every arena buffer: lets tests prove steady-state steps reuse them.
+    #[cfg(test)]
     pub(crate) fn buffers(&self) -> Vec<(usize, usize)> {
         let buf = |v: &Vec<f32>| (v.as_ptr() as usize, v.capacity());
         let mut out = vec![buf(&self.mask_add), buf(&self.out), buf(&self.e), buf(&self.y), buf(&self.ms), buf(&self.rs), buf(&self.ctx_h), buf(&self.tmp), buf(&self.g), buf(&self.dx_a), buf(&self.dx_b), buf(&self.dy), buf(&self.dg), buf(&self.dh), buf(&self.dctx), buf(&self.dctx_h), buf(&self.dq_h), buf(&self.dk_h), buf(&self.dv_h), buf(&self.dqkv)];
