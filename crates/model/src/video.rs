@@ -67,7 +67,7 @@ pub struct VideoTower {
 }
 
 #[derive(Clone, Debug, Default)]
-struct BlockActs {
+pub(crate) struct BlockActs {
     m1: Vec<f32>,
     r1: Vec<f32>,
     qkv: Vec<f32>,
@@ -76,7 +76,7 @@ struct BlockActs {
     xmid: Vec<f32>,
     m2: Vec<f32>,
     r2: Vec<f32>,
-    h: Vec<f32>,
+    pub(crate) h: Vec<f32>,
 }
 
 /// Activation arena of the video tower (reused across steps).
@@ -89,9 +89,13 @@ pub struct VideoActs {
     pub mask_add: Vec<f32>,
     /// Projected tokens `[B, 1 + F·R, P]`: token 0 global, the rest local.
     pub out: Vec<f32>,
+    /// Keep no MLP hidden activations (4·D per token per block) and recompute them in the
+    /// backward pass: about 9 % more arithmetic for a much smaller arena.
+    pub recompute_mlp: bool,
+    hs: Vec<f32>,
     e: Vec<f32>,
     xs: Vec<Vec<f32>>,
-    blocks: Vec<BlockActs>,
+    pub(crate) blocks: Vec<BlockActs>,
     y: Vec<f32>,
     ms: Vec<f32>,
     rs: Vec<f32>,
@@ -240,10 +244,16 @@ impl VideoTower {
             fit(&mut ba.m2, n);
             fit(&mut ba.r2, n);
             blk.norm2.forward(data, &ba.xmid, &mut a.y, &mut ba.m2, &mut ba.r2);
-            fit(&mut ba.h, n * mlp);
-            blk.fc1.forward(data, &a.y, d, n, &mut ba.h);
+            let h = if a.recompute_mlp {
+                ba.h = Vec::new();
+                &mut a.hs
+            } else {
+                &mut ba.h
+            };
+            fit(h, n * mlp);
+            blk.fc1.forward(data, &a.y, d, n, h);
             fit(&mut a.g, n * mlp);
-            gelu_forward(&ba.h, &mut a.g);
+            gelu_forward(h, &mut a.g);
             fit(out, n * d);
             blk.fc2.forward(data, &a.g, mlp, n, out);
             add_in_place(out, &ba.xmid);
@@ -271,17 +281,24 @@ impl VideoTower {
         for (li, blk) in self.blocks.iter().enumerate().rev() {
             let ba = &a.blocks[li];
             let x = &a.xs[li];
-            // MLP branch (norm2 output and GELU recomputed).
-            fit(&mut a.g, n * mlp);
-            gelu_forward(&ba.h, &mut a.g);
-            let dg = zeroed(&mut a.dg, n * mlp);
-            blk.fc2.backward(data, grad, &a.g, mlp, n, &a.dx_a, Some(dg));
-            let dh = zeroed(&mut a.dh, n * mlp);
-            gelu_backward(&ba.h, &a.dg, dh);
+            // MLP branch (norm2 output and GELU, optionally fc1, recomputed).
             fit(&mut a.y, n * d);
             fit(&mut a.ms, n);
             fit(&mut a.rs, n);
             blk.norm2.forward(data, &ba.xmid, &mut a.y, &mut a.ms, &mut a.rs);
+            let h: &[f32] = if a.recompute_mlp {
+                fit(&mut a.hs, n * mlp);
+                blk.fc1.forward(data, &a.y, d, n, &mut a.hs);
+                &a.hs
+            } else {
+                &ba.h
+            };
+            fit(&mut a.g, n * mlp);
+            gelu_forward(h, &mut a.g);
+            let dg = zeroed(&mut a.dg, n * mlp);
+            blk.fc2.backward(data, grad, &a.g, mlp, n, &a.dx_a, Some(dg));
+            let dh = zeroed(&mut a.dh, n * mlp);
+            gelu_backward(h, &a.dg, dh);
             let dy = zeroed(&mut a.dy, n * d);
             blk.fc1.backward(data, grad, &a.y, d, n, &a.dh, Some(dy));
             fit(&mut a.dx_b, n * d);
