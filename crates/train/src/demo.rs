@@ -50,31 +50,32 @@ impl DemoSizes {
     /// small object transformer; sized so the whole demo takes a few minutes on 2 cores.
     pub fn full(seed: u64) -> Self {
         let mut corpus = CorpusConfig::new(seed);
-        corpus.pretrain_videos = 2400;
-        corpus.pretrain_images = 1200;
-        corpus.finetune_train = 1600;
+        corpus.pretrain_videos = 3000;
+        corpus.pretrain_images = 1500;
+        corpus.finetune_train = 2000;
         corpus.val = 200;
         corpus.test = 500;
         DemoSizes {
             corpus,
-            model: small_model(128, 2, 4),
+            model: small_model(128, 2, 8),
             text_len: 24,
-            pretrain: Stage { frames: 1, regions: 12, batch: 32, epochs: 2, lr: 1e-3, warmup_steps: 20, samples_per_epoch: None },
-            finetune: Stage { frames: 4, regions: 10, batch: 32, epochs: 4, lr: 3e-4, warmup_steps: 10, samples_per_epoch: None },
+            pretrain: Stage { frames: 1, regions: 12, batch: 32, epochs: 3, lr: 1e-3, warmup_steps: 30, samples_per_epoch: None },
+            finetune: Stage { frames: 8, regions: 10, batch: 32, epochs: 4, lr: 5e-4, warmup_steps: 10, samples_per_epoch: None },
         }
     }
 
     /// The `--quick` version: same pipeline, far fewer clips and steps.
     pub fn quick(seed: u64) -> Self {
         let mut s = Self::full(seed);
-        s.corpus.pretrain_videos = 400;
-        s.corpus.pretrain_images = 200;
+        s.corpus.pretrain_videos = 600;
+        s.corpus.pretrain_images = 300;
         s.corpus.finetune_train = 400;
         s.corpus.val = 100;
         s.corpus.test = 500;
-        s.model = small_model(64, 1, 4);
-        s.pretrain.epochs = 2;
-        s.finetune.epochs = 3;
+        s.model = small_model(64, 2, 8);
+        s.finetune.frames = 4;
+        s.pretrain.epochs = 4;
+        s.finetune.epochs = 4;
         s
     }
 }
