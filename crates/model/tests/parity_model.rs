@@ -249,6 +249,17 @@ fn check_step_gradient_set(name: &str) {
         assert_eq!(nonzero, recorded, "{name}: {} has a gradient: {nonzero}, recorded: {recorded}", spec.name);
         assert!(got.iter().all(|x| x.is_finite()), "{name}: {} gradient not finite", spec.name);
     }
+    // Evaluation embeddings are the same token outputs, split, with the text mask (m − 1)·100.
+    let (b, l, p) = (c.b, c.l, model.config.proj_dim);
+    let tokens = model.forward_tokens(&batch, false).0.to_vec();
+    let te = model.embed_text(batch.input_ids, batch.attention_mask, b, l);
+    for bi in 0..b {
+        assert_eq!(&te.global[bi * p..(bi + 1) * p], &tokens[bi * l * p..bi * l * p + p]);
+        assert_eq!(&te.local[bi * (l - 1) * p..(bi + 1) * (l - 1) * p], &tokens[bi * l * p + p..(bi + 1) * l * p]);
+    }
+    let want_mask: Vec<f32> = batch.attention_mask.chunks(l).flat_map(|row| row[1..].iter().map(|&m| (m as f32 - 1.0) * 100.0)).collect();
+    assert_eq!(te.mask_additive, want_mask);
+    assert!(want_mask.contains(&-100.0) && want_mask.contains(&0.0));
     // Global-only ablation: loss_local reported as 0, total = global.
     let g = model.forward_backward(&batch, &LossConfig::default(), false);
     assert_eq!(g.loss_local, 0.0);
