@@ -1,0 +1,214 @@
+//! The training loop end to end on a tiny model and a tiny synthetic corpus: exact resume
+//! (straight vs interrupted + resumed), Ctrl-C, NaN detection, and a small demo run that
+//! must learn (recall far above chance).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::Result;
+use demovlp_data::FeatureSource;
+use demovlp_train::batches::TrainSet;
+use demovlp_train::checkpoint::{self, LATEST};
+use demovlp_train::demo::{self, DemoOptions, DemoSizes, Stage};
+use demovlp_train::eval::EvalSet;
+use demovlp_train::synthetic::{CorpusConfig, Split, SyntheticCorpus};
+use demovlp_train::text::builtin_tokenizer;
+use demovlp_train::trainer::{train, RunOptions, TrainInputs};
+use demovlp_train::TrainConfig;
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("demovlp-train-{name}-{}", std::process::id()));
+    std::fs::remove_dir_all(&d).ok();
+    d
+}
+
+const TINY: &str = r#"
+name = "tiny"
+seed = 3
+output_dir = "OUT"
+[model.config]
+proj_dim = 8
+[model.config.text]
+kind = "distilbert"
+vocab_size = 30522
+dim = 16
+layers = 1
+heads = 2
+hidden_dim = 32
+max_position_embeddings = 16
+layer_norm_eps = 1e-12
+[model.config.video]
+dim = 16
+depth = 1
+heads = 2
+mlp_dim = 32
+max_frames = 2
+pos_embed_rows = 3
+feature_dim = 2048
+box_dim = 6
+layer_norm_eps = 1e-6
+[data]
+tokenizer = "builtin"
+text_len = 12
+frames = 2
+regions = 4
+batch_size = 4
+[[data.train]]
+name = "synth_webvid"
+format = "jsonl"
+annotations = "synthetic"
+features = "synthetic"
+[[data.train]]
+name = "synth_cc3m"
+format = "jsonl"
+annotations = "synthetic"
+features = "synthetic"
+[optim]
+lr = 1e-3
+first_epoch_lr = 5e-4
+eps = 1e-6
+weight_decay = 0.01
+schedule = "step"
+milestones = [1]
+warmup_steps = 3
+[train]
+epochs = 3
+log_every = 2
+"#;
+
+fn corpus() -> Arc<SyntheticCorpus> {
+    let mut c = CorpusConfig::new(5);
+    (c.pretrain_videos, c.pretrain_images, c.finetune_train, c.val, c.test) = (16, 8, 4, 6, 4);
+    Arc::new(SyntheticCorpus::new(c))
+}
+
+/// A feature source that misbehaves on one clip: raises a flag (Ctrl-C) or returns NaN.
+struct Faulty {
+    inner: Arc<SyntheticCorpus>,
+    clip: String,
+    stop: Option<Arc<AtomicBool>>,
+    nan: bool,
+}
+
+impl FeatureSource for Faulty {
+    fn describe(&self) -> String {
+        "faulty synthetic".into()
+    }
+    fn frame_count(&self, clip: &str) -> Result<usize> {
+        self.inner.frame_count(clip)
+    }
+    fn frame_regions(&self, clip: &str, frame: usize, regions: usize, object: &mut [f32], mask: &mut [f32], rows: &mut Vec<usize>) -> Result<()> {
+        self.inner.frame_regions(clip, frame, regions, object, mask, rows)?;
+        if clip == self.clip {
+            if let Some(s) = &self.stop {
+                s.store(true, Ordering::SeqCst);
+            }
+            if self.nan {
+                object[0] = f32::NAN;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn inputs(out: &Path, max_steps: Option<u64>, source: Arc<dyn FeatureSource>, corpus: &SyntheticCorpus) -> TrainInputs {
+    let mut cfg = TrainConfig::parse_str(&TINY.replace("OUT", &out.display().to_string())).unwrap();
+    cfg.train.max_steps = max_steps;
+    let set = |s: Split| TrainSet { name: s.name().into(), samples: corpus.samples(s), source: source.clone() };
+    TrainInputs {
+        config: cfg,
+        train: vec![set(Split::PretrainVideo), set(Split::PretrainImage)],
+        val: Some(EvalSet::from_samples("val", &corpus.samples(Split::Val), 2, source.clone()).unwrap()),
+        tokenizer: Arc::new(builtin_tokenizer().unwrap()),
+    }
+}
+
+fn quiet() -> RunOptions {
+    RunOptions { quiet: true, ..Default::default() }
+}
+
+fn final_state(out: &Path) -> (Vec<(String, Vec<usize>, Vec<f32>)>, Vec<f32>, Vec<f32>, u64, checkpoint::TrainerState) {
+    let c = checkpoint::load(&out.join(LATEST)).unwrap();
+    (c.params, c.optimizer.m, c.optimizer.v, c.optimizer.t, c.state)
+}
+
+#[test]
+fn resume_continues_exactly_and_ctrl_c_saves_a_resumable_checkpoint() {
+    let corpus = corpus();
+    // 6 batches per epoch (4 + 2 alternating); 10 steps cross an epoch end and a validation.
+    let straight = tmp("straight");
+    let r = train(&inputs(&straight, Some(10), corpus.clone(), &corpus), &quiet()).unwrap();
+    assert_eq!(r.steps, 10);
+    let want = final_state(&straight);
+
+    // Half, then resume to the same total.
+    let split = tmp("split");
+    assert_eq!(train(&inputs(&split, Some(5), corpus.clone(), &corpus), &quiet()).unwrap().steps, 5);
+    let mid = final_state(&split);
+    assert_eq!(mid.4.step, 5);
+    assert_ne!(mid.0, want.0, "half-way weights must differ from the final ones");
+    let r = train(&inputs(&split, Some(10), corpus.clone(), &corpus), &RunOptions { resume: true, ..quiet() }).unwrap();
+    assert_eq!(r.steps, 10);
+    let got = final_state(&split);
+    assert!(got.0 == want.0, "weights differ after resume");
+    assert!(got.1 == want.1 && got.2 == want.2 && got.3 == want.3, "optimiser state differs after resume");
+    assert_eq!(got.4, want.4);
+
+    // Ctrl-C while loading a clip of the 3rd epoch's data: stops with a resumable checkpoint;
+    // resuming to the same step count again gives identical weights.
+    let stop = Arc::new(AtomicBool::new(false));
+    let victim = corpus.clips(Split::PretrainImage)[3].id.clone();
+    let faulty = Arc::new(Faulty { inner: corpus.clone(), clip: victim, stop: Some(stop.clone()), nan: false });
+    let ctrlc = tmp("ctrlc");
+    let r = train(&inputs(&ctrlc, Some(10), faulty, &corpus), &RunOptions { stop: Some(stop), ..quiet() }).unwrap();
+    assert!(r.interrupted && r.steps < 10, "{r:?}");
+    let r = train(&inputs(&ctrlc, Some(10), corpus.clone(), &corpus), &RunOptions { resume: true, ..quiet() }).unwrap();
+    assert_eq!(r.steps, 10);
+    assert!(final_state(&ctrlc).0 == want.0, "weights differ after Ctrl-C + resume");
+
+    // Logs and plots are written; the log holds steps and evaluations.
+    let log = std::fs::read_to_string(straight.join("log.jsonl")).unwrap();
+    assert!(log.lines().any(|l| l.contains("\"kind\":\"step\"")) && log.lines().any(|l| l.contains("\"kind\":\"eval\"")));
+    for f in ["loss.svg", "recall.svg", "summary.txt", "config.toml", "checkpoint_best.safetensors"] {
+        assert!(straight.join(f).is_file(), "{f} missing");
+    }
+    for d in [straight, split, ctrlc] {
+        std::fs::remove_dir_all(d).ok();
+    }
+}
+
+#[test]
+fn nan_loss_stops_naming_step_clips_and_last_checkpoint() {
+    let corpus = corpus();
+    let victim = corpus.clips(Split::PretrainVideo)[2].id.clone();
+    let out = tmp("nan");
+    let faulty = Arc::new(Faulty { inner: corpus.clone(), clip: victim.clone(), stop: None, nan: true });
+    let e = format!("{:#}", train(&inputs(&out, None, faulty, &corpus), &quiet()).unwrap_err());
+    assert!(e.contains("loss is NaN") && e.contains(&victim) && e.contains("at step") && e.contains("last good checkpoint"), "{e}");
+    std::fs::remove_dir_all(out).ok();
+}
+
+#[test]
+fn tiny_demo_learns_far_above_chance() {
+    let mut sizes = DemoSizes::quick(1);
+    (sizes.corpus.pretrain_videos, sizes.corpus.pretrain_images, sizes.corpus.finetune_train, sizes.corpus.val, sizes.corpus.test) = (320, 160, 320, 40, 100);
+    sizes.model.text.dim = 32;
+    sizes.model.text.hidden_dim = 64;
+    sizes.model.video.dim = 32;
+    sizes.model.video.mlp_dim = 64;
+    sizes.model.proj_dim = 32;
+    sizes.pretrain = Stage { frames: 1, regions: 6, batch: 32, epochs: 8, lr: 2e-3, warmup_steps: 20, samples_per_epoch: None };
+    sizes.finetune = Stage { frames: 2, regions: 6, batch: 32, epochs: 5, lr: 1e-3, warmup_steps: 5, samples_per_epoch: None };
+    let r = demo::run(&DemoOptions { quiet: true, seed: 1, sizes: Some(sizes), ..Default::default() }).unwrap();
+    assert_eq!(r.test_clips, 100);
+    assert_eq!(r.rows.len(), 3);
+    let chance = &r.rows[0].metrics.t2v;
+    assert!(chance.r1 < 6.0, "chance row {chance:?}");
+    let best = &r.final_metrics().t2v;
+    // Chance R@1 is 1% on 100 clips.
+    assert!(best.r1 >= 10.0 && best.medr <= 10.0, "global + region-word t2v {best:?}");
+    let line: serde_json::Value = serde_json::from_str(&r.json_line()).unwrap();
+    assert_eq!(line["test_clips"], 100);
+    assert!(line["t2v"]["R1"].as_f64().unwrap() >= 10.0 && line["v2t"]["MedR"].is_number() && line["seconds"].is_number());
+}
