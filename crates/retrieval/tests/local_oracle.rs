@@ -80,3 +80,34 @@ fn masked_mean_differs_from_faithful_when_padding_exists() {
     assert!((a[0] - b[0]).abs() < 1e-6);
     assert!(a.iter().zip(&b).any(|(x, y)| (x - y).abs() > 1e-3));
 }
+
+/// Resuming training must reproduce an uninterrupted run bit for bit, so the loss
+/// gradients may not depend on the thread count or scheduling.
+#[test]
+fn gradients_are_bitwise_deterministic_across_thread_counts() {
+    use demovlp_retrieval::{losses_forward_backward, LossConfig, LossInputs};
+    let c = case(20, 20, 7, 9, 12, 5);
+    let (gt, gv) = (randn(20 * 12, 6), randn(20 * 12, 7));
+    let x = LossInputs {
+        batch: 20,
+        words: c.w,
+        regions: c.n,
+        dim: c.dim,
+        global_text: &gt,
+        global_video: &gv,
+        local_text: &c.text,
+        local_video: &c.video,
+        text_mask_additive: &c.tmask,
+        video_mask_additive: &c.vmask,
+    };
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        pool.install(|| losses_forward_backward(&LossConfig::default(), &x, true))
+    };
+    let (o1, g1) = run(1);
+    let (o3, g3) = run(3);
+    assert_eq!(o1.loss_total.to_bits(), o3.loss_total.to_bits());
+    assert_eq!(g1.local_text, g3.local_text);
+    assert_eq!(g1.local_video, g3.local_video);
+    assert_eq!(g1.global_text, g3.global_text);
+}
