@@ -8,6 +8,7 @@
 //! - video → text: for each video, over its present captions, the rank of the caption
 //!   among all present captions of the row with ties averaged (missing captions count as
 //!   infinitely far); the best (smallest) of those ranks.
+//!
 //! Ranks are 0-based; R@K = 100·share of ranks < K (R@1: rank exactly 0); MedR and MeanR
 //! add 1; the geometric mean of R@1, R@5, R@10 is exp(mean(log)) (0 if any is 0).
 
@@ -78,7 +79,7 @@ pub fn retrieval_metrics(sims_text_by_video: &[f32], texts: usize, videos: usize
 /// [`retrieval_metrics`] on f64 scores (the published code ranks in float64).
 pub fn retrieval_metrics_f64(sims: &[f64], texts: usize, videos: usize, query_mask: Option<&[bool]>) -> RetrievalMetrics {
     assert_eq!(sims.len(), texts * videos, "similarity matrix has {} values, expected [{texts}, {videos}]", sims.len());
-    assert!(videos > 0 && texts % videos == 0, "{texts} texts are not a whole number of captions per video for {videos} videos");
+    assert!(videos > 0 && texts.is_multiple_of(videos), "{texts} texts are not a whole number of captions per video for {videos} videos");
     if let Some(m) = query_mask {
         assert_eq!(m.len(), texts, "query mask has {} entries, expected one per text ({texts})", m.len());
     }
