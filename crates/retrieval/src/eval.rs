@@ -107,11 +107,17 @@ const VIDEO_WAVE: usize = 8;
 
 /// S_loc [V, T] (rows = videos), SPEC §6 s1[v, t] + s2[t, v].
 pub fn local_scores(texts: &EmbeddingSet, videos: &EmbeddingSet, lambda: f32, masked_mean: bool, progress: &dyn Fn(usize, usize)) -> Vec<f32> {
-    let (nt, nv, w, n, dim) = (texts.count, videos.count, texts.len, videos.len, texts.dim);
-    let text = Items::new(texts.local, texts.mask_additive, nt, w, dim);
-    let video = Items::new(videos.local, videos.mask_additive, nv, n, dim);
-    let (text_gram, video_gram) = (grams(&text), grams(&video));
-    let (text_active, video_active) = (Active::new(&text, lambda), Active::new(&video, lambda));
+    let text = Items::new(texts.local, texts.mask_additive, texts.count, texts.len, texts.dim);
+    let video = Items::new(videos.local, videos.mask_additive, videos.count, videos.len, videos.dim);
+    local_scores_items(&text, &video, lambda, masked_mean, progress)
+}
+
+/// [`local_scores`] on prepared items (the training loss's forward uses it too).
+pub fn local_scores_items(text: &Items, video: &Items, lambda: f32, masked_mean: bool, progress: &dyn Fn(usize, usize)) -> Vec<f32> {
+    let (nt, nv) = (text.count, video.count);
+    let (text, video) = (text, video);
+    let (text_gram, video_gram) = (grams(text), grams(video));
+    let (text_active, video_active) = (Active::new(text, lambda), Active::new(video, lambda));
     let mut s = vec![0f32; nv * nt];
     let total = nv * nt;
     let text_blocks = nt.div_ceil(TEXT_BLOCK);
@@ -124,7 +130,7 @@ pub fn local_scores(texts: &EmbeddingSet, videos: &EmbeddingSet, lambda: f32, ma
                 let (v, tb) = (v0 + k / text_blocks, k % text_blocks);
                 let t0 = tb * TEXT_BLOCK;
                 let t1 = (t0 + TEXT_BLOCK).min(nt);
-                (v, t0, score_block(sc, Side { items: &text, gram: &text_gram, active: &text_active }, t0..t1, Side { items: &video, gram: &video_gram, active: &video_active }, v, lambda, masked_mean))
+                (v, t0, score_block(sc, Side { items: text, gram: &text_gram, active: &text_active }, t0..t1, Side { items: video, gram: &video_gram, active: &video_active }, v, lambda, masked_mean))
             })
             .collect();
         for (v, t0, vals) in tasks {

@@ -2,7 +2,8 @@
 //! hand-written backward.
 
 use crate::global::global_loss;
-use crate::local::{local_similarity, local_similarity_backward, AlignConfig, Items};
+use crate::eval::local_scores_items;
+use crate::local::{local_similarity_backward, AlignConfig, Items};
 
 /// Loss hyper-parameters. Defaults are the published ones.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -132,7 +133,9 @@ fn run(cfg: &LossConfig, x: &LossInputs, use_local: bool, want_grad: bool) -> (L
     let text = Items::new(x.local_text, x.text_mask_additive, b, x.words, p);
     let video = Items::new(x.local_video, x.video_mask_additive, b, x.regions, p);
     let align = cfg.align();
-    let s_loc = local_similarity(&text, &video, &align);
+    // Forward through the evaluation kernel (blocked GEMMs, implicit weighted context);
+    // the backward recomputes each pair with the fused training kernel.
+    let s_loc = local_scores_items(&text, &video, cfg.lambda, cfg.masked_mean, &|_, _| {});
     let (loss_local, g_s) = alignment_loss(&s_loc, b, cfg.lambda, want_grad);
     out.loss_local = loss_local;
     out.loss_total = loss_global + loss_local;
