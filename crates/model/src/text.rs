@@ -16,6 +16,8 @@ use std::ops::Range;
 
 /// Score added to padded keys: exp underflows to exactly 0, like HF's `finfo.min` fill.
 const TEXT_MASK_NEG: f32 = -1e30;
+/// `[PAD]` id of the uncased BERT vocabulary and Hugging Face's `padding_idx` of the word table.
+const PAD_TOKEN_ID: usize = 0;
 
 /// Parameter names of one encoder layer, per model family (Hugging Face layouts).
 struct LayerNames {
@@ -410,7 +412,11 @@ impl TextTower {
         }
         let demb = zeroed(&mut a.dz, n * d);
         self.ln_emb.backward(data, grad, &a.emb, &a.emb_mean, &a.emb_rstd, &a.dx_a, demb);
-        embedding_backward(ids, &a.dz, d, &mut grad[self.word.clone()]);
+        let dword = &mut grad[self.word.clone()];
+        embedding_backward(ids, &a.dz, d, dword);
+        // Hugging Face builds the word table with padding_idx = pad_token_id (0): the [PAD]
+        // row receives no gradient, however often it is looked up.
+        dword[PAD_TOKEN_ID * d..(PAD_TOKEN_ID + 1) * d].iter_mut().for_each(|g| *g = 0.0);
         let dpos = &mut grad[self.pos.clone()];
         for row in a.dz.chunks_exact(l * d) {
             add_in_place(&mut dpos[..l * d], row);

@@ -248,6 +248,18 @@ fn check_step_gradient_set(name: &str) {
         let nonzero = got.iter().any(|&x| x != 0.0);
         assert_eq!(nonzero, recorded, "{name}: {} has a gradient: {nonzero}, recorded: {recorded}", spec.name);
         assert!(got.iter().all(|x| x.is_finite()), "{name}: {} gradient not finite", spec.name);
+        // Row level for the word table: exactly the recorded rows get a gradient. Hugging Face
+        // declares the table with padding_idx = 0, so the [PAD] row never does.
+        if spec.name == "text_model.embeddings.word_embeddings.weight" {
+            let d = spec.shape[1];
+            let want = c.fx.f(&format!("grad.{}", spec.name));
+            let rows = |g: &[f32]| -> Vec<usize> {
+                g.chunks(d).enumerate().filter(|(_, r)| r.iter().any(|&x| x != 0.0)).map(|(i, _)| i).collect()
+            };
+            let (got_rows, want_rows) = (rows(got), rows(want));
+            assert!(!want_rows.contains(&0) && batch.input_ids.contains(&0));
+            assert_eq!(got_rows, want_rows, "{name}: word-embedding rows with a gradient");
+        }
     }
     // Evaluation embeddings are the same token outputs, split, with the text mask (m − 1)·100.
     let (b, l, p) = (c.b, c.l, model.config.proj_dim);
