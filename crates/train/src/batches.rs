@@ -177,12 +177,20 @@ pub struct Prefetcher {
 }
 
 impl Prefetcher {
-    pub fn start(sets: Vec<TrainSet>, plan: Vec<BatchSpec>, start: usize, shape: InputShape, tok: Arc<Tokenizer>, epoch_seed: u64, skip_bad: bool) -> Self {
+    /// `workers` > 0: assemble on a private pool of that many threads (else the global pool).
+    /// Results do not depend on it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn start(sets: Vec<TrainSet>, plan: Vec<BatchSpec>, start: usize, shape: InputShape, tok: Arc<Tokenizer>, epoch_seed: u64, skip_bad: bool, workers: usize) -> Self {
         let (tx, rx) = sync_channel(2);
         let handle = std::thread::spawn(move || {
+            let pool = (workers > 0).then(|| rayon::ThreadPoolBuilder::new().num_threads(workers).build()).and_then(Result::ok);
             for (i, spec) in plan.iter().enumerate().skip(start) {
                 let seed = mix(epoch_seed, 0xBA7C, i as u64);
-                let b = assemble(&sets[spec.dataset], &spec.indices, shape, &tok, Draw::Train { seed }, skip_bad);
+                let work = || assemble(&sets[spec.dataset], &spec.indices, shape, &tok, Draw::Train { seed }, skip_bad);
+                let b = match &pool {
+                    Some(p) => p.install(work),
+                    None => work(),
+                };
                 if tx.send((i, b)).is_err() {
                     return; // consumer stopped early
                 }

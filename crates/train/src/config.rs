@@ -172,8 +172,8 @@ pub struct TrainSection {
     /// Stop after this many epochs without improvement of the monitored metric.
     #[serde(default)]
     pub early_stopping_patience: Option<usize>,
-    /// Monitored metric: `val_loss` or `<t2v|v2t>_<R1|R5|R10|R50|MedR|MeanR>`, or `geometric_mean`
-    /// (of t2v R1/R5/R10). Without a validation set the training loss is monitored.
+    /// Monitored metric: `<t2v|v2t>_<R1|R5|R10|R50|MedR|MeanR>`, `geometric_mean` (of t2v
+    /// R1/R5/R10) or `train_loss`. Without a validation set the training loss is monitored.
     #[serde(default = "default_monitor")]
     pub monitor: String,
     /// Stop after this many optimiser steps in total (tests, smoke runs).
@@ -234,7 +234,7 @@ pub fn monitor_higher_is_better(monitor: &str) -> bool {
 }
 
 const MONITORS: &[&str] = &[
-    "val_loss", "train_loss", "geometric_mean", "t2v_R1", "t2v_R5", "t2v_R10", "t2v_R50", "t2v_MedR", "t2v_MeanR",
+    "train_loss", "geometric_mean", "t2v_R1", "t2v_R5", "t2v_R10", "t2v_R50", "t2v_MedR", "t2v_MeanR",
     "v2t_R1", "v2t_R5", "v2t_R10", "v2t_R50", "v2t_MedR", "v2t_MeanR",
 ];
 

@@ -143,3 +143,25 @@ pub fn evaluate(model: &mut Model, set: &EvalSet, tok: &Tokenizer, opt: &EvalOpt
     let metrics = retrieval_metrics(&sims, nt, nv, if all { None } else { Some(&mask) });
     Ok(EvalResult { metrics, sims, texts: nt, videos: nv, seconds: t0.elapsed().as_secs_f64() })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::synthetic::{CorpusConfig, SyntheticCorpus};
+
+    #[test]
+    fn several_captions_per_video_are_caption_major_and_missing_ones_masked() {
+        let mut c = CorpusConfig::new(0);
+        (c.pretrain_videos, c.pretrain_images, c.finetune_train, c.val, c.test) = (1, 1, 1, 1, 1);
+        let src: Arc<dyn FeatureSource> = Arc::new(SyntheticCorpus::new(c));
+        let s = |clip: &str, caps: &[&str]| Sample { clip: clip.into(), captions: caps.iter().map(|c| c.to_string()).collect() };
+        let samples = [s("a", &["a0", "a1", "a2"]), s("b", &["b0"]), s("c", &["c0", "c1"])];
+        let set = EvalSet::from_samples("t", &samples, 2, src.clone()).unwrap();
+        assert_eq!(set.videos, ["a", "b", "c"]);
+        let caps: Vec<Option<&str>> = set.captions.iter().map(|c| c.as_deref()).collect();
+        assert_eq!(caps, [Some("a0"), Some("a1"), Some("b0"), None, Some("c0"), Some("c1")]);
+        assert_eq!(set.query_mask(), [true, true, true, false, true, true]);
+        let one = EvalSet::from_samples("t", &samples, 1, src).unwrap();
+        assert_eq!(one.captions, [Some("a0".to_string()), Some("b0".into()), Some("c0".into())]);
+    }
+}

@@ -52,6 +52,8 @@ pub struct RunResult {
     pub interrupted: bool,
     pub best: Option<f64>,
     pub best_epoch: Option<usize>,
+    /// The metric `best` refers to.
+    pub monitor: String,
     pub last_metrics: Option<RetrievalMetrics>,
     pub latest: PathBuf,
     pub best_checkpoint: Option<PathBuf>,
@@ -250,7 +252,7 @@ pub fn train(inputs: &TrainInputs, opts: &RunOptions) -> Result<RunResult> {
         if !opts.quiet {
             eprintln!("{}: already finished ({} steps); nothing to do", latest.display(), state.step);
         }
-        return Ok(RunResult { output_dir: out, steps: state.step, epochs_done: state.epoch.saturating_sub(1), seconds: 0.0, interrupted: false, best: state.best, best_epoch: state.best_epoch, last_metrics: None, latest, best_checkpoint: best_path.exists().then(|| best_path.clone()) });
+        return Ok(RunResult { output_dir: out, steps: state.step, epochs_done: state.epoch.saturating_sub(1), seconds: 0.0, interrupted: false, best: state.best, best_epoch: state.best_epoch, monitor: cfg.train.monitor.clone(), last_metrics: None, latest, best_checkpoint: best_path.exists().then(|| best_path.clone()) });
     }
     log.write(json!({"kind": "start", "name": cfg.name, "step": state.step, "epoch": state.epoch, "resumed": resumed, "params": model.params.len()}))?;
 
@@ -261,7 +263,9 @@ pub fn train(inputs: &TrainInputs, opts: &RunOptions) -> Result<RunResult> {
     }
     let total_steps = (batches_per_epoch * cfg.train.epochs as u64).min(cfg.train.max_steps.unwrap_or(u64::MAX));
     let loss_cfg = LossConfig { temperature: cfg.loss.temperature, lambda: cfg.loss.lambda, masked_mean: cfg.loss.masked_mean };
-    let higher = monitor_higher_is_better(&cfg.train.monitor);
+    // Without a validation set only the training loss can be monitored.
+    let monitor = if inputs.val.is_some() { cfg.train.monitor.as_str() } else { "train_loss" };
+    let higher = monitor_higher_is_better(monitor);
     let save = |model: &Model, opt: &AdamW, st: &TrainerState, path: &Path| {
         let mut st = st.clone();
         st.dropout_rng = model.dropout_rng().state();
@@ -281,7 +285,7 @@ pub fn train(inputs: &TrainInputs, opts: &RunOptions) -> Result<RunResult> {
     let mut window = (0.0f64, 0usize, Instant::now(), 0usize); // loss sum, steps, since, samples
     'epochs: while state.epoch <= cfg.train.epochs {
         let plan = epoch_plan(&sizes, cfg.data.batch_size, cfg.data.samples_per_epoch, state.epoch_seed);
-        let mut pre = Prefetcher::start(inputs.train.clone(), plan.clone(), state.batch_in_epoch, shape, inputs.tokenizer.clone(), state.epoch_seed, cfg.data.skip_bad_samples);
+        let mut pre = Prefetcher::start(inputs.train.clone(), plan.clone(), state.batch_in_epoch, shape, inputs.tokenizer.clone(), state.epoch_seed, cfg.data.skip_bad_samples, cfg.data.workers);
         let (mut epoch_loss, mut epoch_steps) = (0.0f64, 0usize);
         while state.batch_in_epoch < plan.len() {
             if cfg.train.max_steps.is_some_and(|m| state.step >= m) {
@@ -353,7 +357,7 @@ pub fn train(inputs: &TrainInputs, opts: &RunOptions) -> Result<RunResult> {
         } else {
             log.write(json!({"kind": "epoch", "epoch": state.epoch, "step": state.step, "train_loss": train_loss}))?;
         }
-        let value = monitored(&cfg.train.monitor, metrics.as_ref(), train_loss);
+        let value = monitored(monitor, metrics.as_ref(), train_loss);
         last_metrics = metrics;
         let improved = value.is_finite() && state.best.map_or(true, |b| if higher { value > b } else { value < b });
         epochs_done = state.epoch;
@@ -401,6 +405,7 @@ pub fn train(inputs: &TrainInputs, opts: &RunOptions) -> Result<RunResult> {
         interrupted,
         best: state.best,
         best_epoch: state.best_epoch,
+        monitor: monitor.to_string(),
         last_metrics,
         latest: latest.clone(),
         best_checkpoint: best_path.exists().then(|| best_path.clone()),
@@ -454,7 +459,7 @@ fn summary_table(cfg: &TrainConfig, r: &RunResult, skipped: usize) -> String {
     s += &format!(" {:<24} {:.1}\n", "seconds", r.seconds);
     s += &format!(" {:<24} {}\n", "skipped samples", skipped);
     if let Some(b) = r.best {
-        s += &format!(" {:<24} {b:.3} (epoch {})\n", format!("best {}", cfg.train.monitor), r.best_epoch.unwrap_or(0));
+        s += &format!(" {:<24} {b:.3} (epoch {})\n", format!("best {}", r.monitor), r.best_epoch.unwrap_or(0));
     }
     if let Some(m) = &r.last_metrics {
         s += &format!(" {:<10} {:>7} {:>7} {:>7} {:>7} {:>7}\n", "last val", "R@1", "R@5", "R@10", "MedR", "MeanR");
