@@ -127,7 +127,7 @@ pub fn evaluate(model: &mut Model, set: &EvalSet, tok: &Tokenizer, opt: &EvalOpt
 
     let texts = EmbeddingSet { count: nt, len: l - 1, dim: p, global: &tg, local: &tl, mask_additive: &tm };
     let videos = EmbeddingSet { count: nv, len: n_loc, dim: p, global: &vg, local: &vl, mask_additive: &vm };
-    let pb = bar(opt.progress && opt.use_local, nt as u64 as usize, "score");
+    let pb = bar(opt.progress && opt.use_local, nt, "score");
     let progress = |done: usize, total: usize| {
         pb.set_length(total as u64);
         pb.set_position(done as u64);

@@ -441,6 +441,18 @@ impl SyntheticCorpus {
         self.clip(clip).with_context(|| format!("synthetic corpus (seed {}): no clip {clip:?}", self.config.seed))
     }
 
+    /// Bytes of region features (`x`) the written corpus holds, roughly its size on disk.
+    pub fn feature_bytes(&self) -> u64 {
+        Split::ALL
+            .iter()
+            .flat_map(|&s| self.clips(s))
+            .map(|c| {
+                let regions = c.main.boxes + c.second.as_ref().map_or(0, |s| s.boxes) + c.clutter;
+                (c.frames * regions * self.config.feature_dim * 4) as u64
+            })
+            .sum()
+    }
+
     /// Write the corpus in the extractor's layout — `<root>/features/<clip>/<i>.npz` with
     /// `x`, `bbox`, `num_bbox`, `image_h`, `image_w` and the pickled `info` dict — and one
     /// JSONL annotation file per split, `<root>/annotations/<split>.jsonl`

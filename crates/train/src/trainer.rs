@@ -214,9 +214,8 @@ pub fn train(inputs: &TrainInputs, opts: &RunOptions) -> Result<RunResult> {
     let o = &cfg.optim;
     let (mut model, mut opt, mut state) = if opts.resume && latest.exists() {
         let ck = checkpoint::load(&latest)?;
-        let mc = cfg.model_config().ok();
-        if mc.is_some_and(|m| m != ck.model_config) && opts.init.is_none() && cfg.model.init.is_none() {
-            bail!("{}: model config in the checkpoint differs from the config's", latest.display());
+        if cfg.model_config()? != ck.model_config {
+            bail!("{}: the checkpoint's model sizes differ from the config's [model]; resume with the config the run started with", latest.display());
         }
         let mut model = Model::new(ck.model_config.clone());
         ck.fill_params(&mut model.params)?;
