@@ -128,7 +128,8 @@ pub enum Draw {
 /// (then they are left out and listed in `Batch::skipped`).
 pub fn assemble(set: &TrainSet, indices: &[usize], shape: InputShape, tok: &Tokenizer, draw: Draw, skip_bad: bool) -> Result<Batch> {
     let (f, r, l) = (shape.frames, shape.regions, shape.text_len);
-    let loaded: Vec<Result<(String, Vec<f32>, Vec<f32>, Vec<i64>, Vec<i64>)>> = indices
+    type Loaded = (String, Vec<f32>, Vec<f32>, Vec<i64>, Vec<i64>);
+    let loaded: Vec<Result<Loaded>> = indices
         .par_iter()
         .enumerate()
         .map(|(pos, &i)| {
@@ -200,7 +201,7 @@ impl Prefetcher {
     }
 
     /// The next batch and its index in the plan; None when the plan is exhausted.
-    pub fn next(&mut self) -> Option<(usize, Result<Batch>)> {
+    pub fn next_batch(&mut self) -> Option<(usize, Result<Batch>)> {
         self.rx.recv().ok()
     }
 }

@@ -302,7 +302,7 @@ impl TrainConfig {
             bail!("train.epochs must be >= 1");
         }
         let o = &self.optim;
-        if !(o.lr > 0.0) || o.eps <= 0.0 || o.weight_decay < 0.0 {
+        if o.lr.is_nan() || o.lr <= 0.0 || o.eps <= 0.0 || o.weight_decay < 0.0 {
             bail!("optim: lr and eps must be > 0, weight_decay >= 0");
         }
         if o.milestones.windows(2).any(|w| w[0] >= w[1]) {
@@ -409,17 +409,21 @@ epochs = 2
         assert_eq!(p.data.samples_per_epoch, Some(1_000_000));
         assert_eq!(p.data.train.iter().map(|d| d.format.as_str()).collect::<Vec<_>>(), ["webvid", "cc3m"]);
         assert_eq!((p.train.epochs, p.optim.milestones.clone()), (50, vec![30, 40]));
+        assert_eq!(p.model_config().unwrap(), ModelConfig::published(1));
+        let mut all = vec![p];
         for name in ["msrvtt", "didemo", "msvd", "lsmdc"] {
             let c = TrainConfig::parse_file(&shipped(&format!("finetune_{name}.toml"))).unwrap();
             assert_eq!((c.data.batch_size, c.data.frames, c.train.epochs), (32, 8, 10), "{name}");
             assert_eq!(c.optim.milestones, vec![2, 4, 8], "{name}");
             assert_eq!(c.data.train[0].format, name);
             assert!(c.data.test.is_some() && c.data.val.is_some());
+            assert_eq!(c.model_config().unwrap(), ModelConfig::published(8));
+            all.push(c);
         }
-        for c in [p] {
+        for c in &all {
             assert_eq!((c.optim.lr, c.optim.first_epoch_lr, c.optim.eps, c.optim.weight_decay), (2e-4, Some(1e-5), 1e-6, 0.0));
-            assert_eq!((c.loss.temperature, c.loss.lambda, c.loss.use_local), (0.05, 20.0, true));
-            assert_eq!(c.model_config().unwrap(), ModelConfig::published(1));
+            assert_eq!((c.optim.schedule, c.optim.betas), (ScheduleKind::Step, [0.9, 0.999]));
+            assert_eq!((c.loss.temperature, c.loss.lambda, c.loss.use_local, c.loss.masked_mean), (0.05, 20.0, true, false));
         }
     }
 

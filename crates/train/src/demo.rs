@@ -241,7 +241,9 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
     ));
 
     // Where features and annotations come from: generated on demand, or written and read back.
-    let (source, samples, ds_paths): (Arc<dyn FeatureSource>, Box<dyn Fn(Split) -> Result<Vec<Sample>>>, Box<dyn Fn(Split) -> (PathBuf, PathBuf)>) = if keep {
+    type Samples = Box<dyn Fn(Split) -> Result<Vec<Sample>>>;
+    type Paths = Box<dyn Fn(Split) -> (PathBuf, PathBuf)>;
+    let (source, samples, ds_paths): (Arc<dyn FeatureSource>, Samples, Paths) = if keep {
         let root = work.join("corpus");
         say(format!("writing the corpus to {} (.npz per frame + JSONL annotations, about {:.1} GB)", root.display(), corpus.feature_bytes() as f64 / 1e9));
         corpus.write(&root, &|_, _| {})?;

@@ -628,7 +628,7 @@ mod tests {
     #[test]
     fn boxes_move_as_the_caption_says() {
         let corpus = small(3);
-        for clip in corpus.clips(Split::Test).iter().filter(|c| c.frames >= 4 && c.second.as_ref().map_or(true, |s| s.class != c.main.class)) {
+        for clip in corpus.clips(Split::Test).iter().filter(|c| c.frames >= 4 && c.second.as_ref().is_none_or(|s| s.class != c.main.class)) {
             let centre = |f: usize| {
                 let fr = corpus.frame(clip, f);
                 // Main object's whole box = the detection with its class, first part scale 1.

@@ -294,7 +294,7 @@ pub fn train(inputs: &TrainInputs, opts: &RunOptions) -> Result<RunResult> {
                 interrupted = true;
                 break 'epochs;
             }
-            let (i, batch) = pre.next().context("batch loader stopped")?;
+            let (i, batch) = pre.next_batch().context("batch loader stopped")?;
             debug_assert_eq!(i, state.batch_in_epoch);
             let batch = batch?;
             skipped_total += batch.skipped.len();
@@ -358,7 +358,7 @@ pub fn train(inputs: &TrainInputs, opts: &RunOptions) -> Result<RunResult> {
         }
         let value = monitored(monitor, metrics.as_ref(), train_loss);
         last_metrics = metrics;
-        let improved = value.is_finite() && state.best.map_or(true, |b| if higher { value > b } else { value < b });
+        let improved = value.is_finite() && state.best.is_none_or(|b| if higher { value > b } else { value < b });
         epochs_done = state.epoch;
         state.epoch += 1;
         state.batch_in_epoch = 0;

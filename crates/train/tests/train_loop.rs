@@ -128,7 +128,9 @@ fn quiet() -> RunOptions {
     RunOptions { quiet: true, ..Default::default() }
 }
 
-fn final_state(out: &Path) -> (Vec<(String, Vec<usize>, Vec<f32>)>, Vec<f32>, Vec<f32>, u64, checkpoint::TrainerState) {
+type Params = Vec<(String, Vec<usize>, Vec<f32>)>;
+
+fn final_state(out: &Path) -> (Params, Vec<f32>, Vec<f32>, u64, checkpoint::TrainerState) {
     let c = checkpoint::load(&out.join(LATEST)).unwrap();
     (c.params, c.optimizer.m, c.optimizer.v, c.optimizer.t, c.state)
 }
