@@ -217,3 +217,38 @@ fn tiny_demo_learns_far_above_chance() {
     assert_eq!(line["test_clips"], 100);
     assert!(line["t2v"]["R1"].as_f64().unwrap() >= 10.0 && line["v2t"]["MedR"].is_number() && line["seconds"].is_number());
 }
+
+fn testdata(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata").join(name)
+}
+
+#[test]
+fn init_from_published_checkpoint_and_from_our_model_dir() {
+    use demovlp_model::io;
+    use demovlp_train::trainer::{load_init, load_model};
+    // `finetune --init model_tiny_checkpoint.pth`: the published trainer's file.
+    let pth = testdata("model_tiny_checkpoint.pth");
+    let reference = io::import_weights(&pth, None, 4, 4).unwrap();
+    let mut model = demovlp_model::Model::new(reference.config.clone());
+    model.init_random(9);
+    load_init(&mut model.params, &pth).unwrap();
+    assert!(model.params.data == reference.params.data);
+    // More frames than the source: temporal_embed rows beyond it repeat its last row.
+    let mut wider = reference.config.clone();
+    wider.video.max_frames += 2;
+    wider.video.pos_embed_rows += 2;
+    let mut m2 = demovlp_model::Model::new(wider);
+    load_init(&mut m2.params, &pth).unwrap();
+    let id = |m: &demovlp_model::Model| m.params.id("object_model.temporal_embed").unwrap();
+    let (src, dst) = (reference.params.get(id(&reference)), m2.params.get(id(&m2)));
+    let d = reference.config.video.dim;
+    assert_eq!(&dst[..src.len()], src);
+    assert_eq!(&dst[src.len()..src.len() + d], &src[src.len() - d..]);
+    // Our model directory round trip, read by `eval --model`.
+    let dir = tmp("modeldir");
+    io::save_model_dir(&reference, &dir).unwrap();
+    assert!(load_model(&dir).unwrap().params.data == reference.params.data);
+    let e = format!("{:#}", load_model(&testdata("retrieval_metrics.json")).err().unwrap());
+    assert!(e.contains("retrieval_metrics.json"), "{e}");
+    std::fs::remove_dir_all(dir).ok();
+}
