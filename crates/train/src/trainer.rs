@@ -358,27 +358,9 @@ pub fn train(inputs: &TrainInputs, opts: &RunOptions) -> Result<RunResult> {
         }
         let value = monitored(monitor, metrics.as_ref(), train_loss);
         last_metrics = metrics;
-        let improved = value.is_finite() && state.best.is_none_or(|b| if higher { value > b } else { value < b });
         epochs_done = state.epoch;
-        state.epoch += 1;
-        state.batch_in_epoch = 0;
-        let mut rng = Rng::from_state(state.rng);
-        state.epoch_seed = rng.next_u64();
-        state.rng = rng.state();
-        if improved {
-            state.best = Some(value);
-            state.best_epoch = Some(epochs_done);
-            state.epochs_since_best = 0;
-        } else {
-            state.epochs_since_best += 1;
-        }
-        if cfg.train.early_stopping_patience.is_some_and(|p| state.epochs_since_best >= p) {
-            stopped_early = true;
-            state.finished = true;
-        }
-        if state.epoch > cfg.train.epochs {
-            state.finished = true;
-        }
+        let (improved, stop) = end_epoch(&mut state, value, higher, cfg.train.early_stopping_patience, cfg.train.epochs);
+        stopped_early = stop;
         if improved {
             save(&model, &opt, &state, &best_path)?;
         }
@@ -415,6 +397,27 @@ pub fn train(inputs: &TrainInputs, opts: &RunOptions) -> Result<RunResult> {
         eprint!("{table}");
     }
     Ok(result)
+}
+
+/// Book-keeping at the end of an epoch: best value, patience, next epoch's seed.
+/// Returns (improved, early stop).
+pub fn end_epoch(state: &mut TrainerState, value: f64, higher: bool, patience: Option<usize>, epochs: usize) -> (bool, bool) {
+    let improved = value.is_finite() && state.best.is_none_or(|b| if higher { value > b } else { value < b });
+    if improved {
+        state.best = Some(value);
+        state.best_epoch = Some(state.epoch);
+        state.epochs_since_best = 0;
+    } else {
+        state.epochs_since_best += 1;
+    }
+    state.epoch += 1;
+    state.batch_in_epoch = 0;
+    let mut rng = Rng::from_state(state.rng);
+    state.epoch_seed = rng.next_u64();
+    state.rng = rng.state();
+    let stop = patience.is_some_and(|p| state.epochs_since_best >= p);
+    state.finished = stop || state.epoch > epochs;
+    (improved, stop)
 }
 
 /// Loss curves and recall per epoch from the JSONL log (last entry per step wins, so a
@@ -473,4 +476,33 @@ fn summary_table(cfg: &TrainConfig, r: &RunResult, skipped: usize) -> String {
     s += &format!(" {:<24} {}\n", "log / plots", r.output_dir.join("log.jsonl, loss.svg, recall.svg").display());
     s += &format!("{line}\n");
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn best_value_patience_and_early_stop() {
+        let mut st = TrainerState {
+            epoch: 1, batch_in_epoch: 7, step: 0, epoch_seed: 0, rng: Rng::new(1).state(), dropout_rng: [0; 4],
+            samples_seen: 0, best: None, best_epoch: None, epochs_since_best: 0, finished: false,
+        };
+        // Recall (higher is better), patience 2, 10 epochs.
+        let seq = [(10.0, true, false), (12.0, true, false), (11.0, false, false), (12.0, false, true)];
+        let mut seeds = vec![];
+        for (v, imp, stop) in seq {
+            assert_eq!(end_epoch(&mut st, v, true, Some(2), 10), (imp, stop), "value {v}");
+            seeds.push(st.epoch_seed);
+        }
+        assert_eq!((st.best, st.best_epoch, st.epoch, st.batch_in_epoch, st.finished), (Some(12.0), Some(2), 5, 0, true));
+        seeds.dedup();
+        assert_eq!(seeds.len(), 4, "every epoch gets a fresh order");
+        // Losses: lower is better; NaN never counts as an improvement; the last epoch finishes.
+        st.best = None;
+        st.finished = false;
+        assert!(end_epoch(&mut st, 3.0, false, None, 6).0);
+        assert!(!st.finished && !end_epoch(&mut st, f64::NAN, false, None, 6).0);
+        assert!(st.finished && st.epoch == 7);
+    }
 }
