@@ -133,6 +133,8 @@ fn run_training(config: &Path, resume: bool, init: Option<PathBuf>, output_dir: 
     let r = train(&inputs, &RunOptions { resume, init, quiet: false, stop: Some(stop_flag()) })?;
     if r.interrupted {
         eprintln!("interrupted; continue with the same command plus --resume (checkpoint {})", r.latest.display());
+        // The conventional status of a run stopped by SIGINT, so scripts can tell.
+        std::process::exit(130);
     }
     Ok(())
 }
