@@ -333,8 +333,15 @@ pub fn bench_train_step(a: BenchTrainStepArgs) -> Result<()> {
     for i in 0..=a.runs {
         let t0 = Instant::now();
         let lo = model.forward_backward(&batch, &loss_cfg, true);
+        let t_opt = Instant::now();
         opt.step(&mut model.params);
+        let dt_opt = t_opt.elapsed().as_secs_f64();
         let dt = t0.elapsed().as_secs_f64();
+        let ph = model.phase_times;
+        eprintln!(
+            "    phases: text fwd {:.3}, video fwd {:.3}, loss fwd+bwd {:.3}, text bwd {:.3}, video bwd {:.3}, AdamW {dt_opt:.3} s",
+            ph.text_forward, ph.video_forward, ph.loss, ph.text_backward, ph.video_backward
+        );
         ensure!(lo.loss_total.is_finite(), "loss is not finite at step {i}");
         last_loss = lo.loss_total;
         if i > 0 {

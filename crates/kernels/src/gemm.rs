@@ -1,4 +1,13 @@
-//! Row-major single-precision GEMM on top of `matrixmultiply` (pure Rust, threaded).
+//! Row-major single-precision GEMM on top of `matrixmultiply` (pure Rust).
+//!
+//! Threading is ours, not matrixmultiply's: a large product is cut into tiles of C that rayon
+//! runs as independent single-threaded GEMMs. Measured on the step's shapes (2 cores), this
+//! beats matrixmultiply's own thread pool, which synchronises every k-block (a busy core
+//! stalls the other) and, called from inside rayon loops (attention, losses), oversubscribes
+//! the cores. Every element of C sees the same arithmetic whatever the tiling (the k order is
+//! fixed), so results do not depend on the thread count.
+
+use rayon::prelude::*;
 
 /// Whether an operand is used as stored or transposed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,26 +62,63 @@ pub fn sgemm(
         }
         return;
     }
-    // SAFETY: the asserts above guarantee every strided access stays inside the slices,
-    // and `c` is borrowed mutably so it cannot alias `a` or `b`.
-    unsafe {
-        matrixmultiply::sgemm(
-            m,
-            k,
-            n,
-            alpha,
-            a.as_ptr(),
-            rsa,
-            csa,
-            b.as_ptr(),
-            rsb,
-            csb,
-            beta,
-            c.as_mut_ptr(),
-            ldc as isize,
-            1,
-        );
+    let (tm, tn) = tiles(m, n, k, rayon::current_num_threads());
+    let (a_ptr, b_ptr, c_ptr) = (a.as_ptr() as usize, b.as_ptr() as usize, c.as_mut_ptr() as usize);
+    let tile = |t: usize| {
+        let (i0, j0) = ((t / n.div_ceil(tn)) * tm, (t % n.div_ceil(tn)) * tn);
+        let (mi, nj) = (tm.min(m - i0), tn.min(n - j0));
+        // SAFETY: the asserts above keep every strided access of the full product inside the
+        // slices; a tile reads a sub-block of A and B and writes the disjoint C block
+        // [i0..i0+mi, j0..j0+nj], so tiles never write the same element, and `c` is borrowed
+        // mutably so it cannot alias `a` or `b`.
+        unsafe {
+            matrixmultiply::sgemm(
+                mi,
+                k,
+                nj,
+                alpha,
+                (a_ptr as *const f32).offset(i0 as isize * rsa),
+                rsa,
+                csa,
+                (b_ptr as *const f32).offset(j0 as isize * csb),
+                rsb,
+                csb,
+                beta,
+                (c_ptr as *mut f32).add(i0 * ldc + j0),
+                ldc as isize,
+                1,
+            );
+        }
+    };
+    let count = m.div_ceil(tm) * n.div_ceil(tn);
+    if count == 1 {
+        tile(0);
+    } else {
+        (0..count).into_par_iter().with_max_len(1).for_each(tile);
     }
+}
+
+/// Products below this many multiply-adds run as one single-threaded GEMM (splitting costs
+/// more than it gains; the callers of small GEMMs are usually rayon loops already).
+const PAR_MIN_MACS: usize = 1 << 23;
+/// Columns per tile: matrixmultiply packs B in panels of 1024 columns anyway, so cutting N
+/// at that width adds no packing; cutting M re-packs B once per extra row block.
+const TILE_N: usize = 1024;
+/// Tile edges are multiples of the 16-wide AVX-512 micro-kernel.
+const ALIGN: usize = 16;
+
+/// Tile shape (rows, columns) of C: about two tiles per thread, for balance when a core is
+/// shared with other work, and as few row cuts as that allows.
+fn tiles(m: usize, n: usize, k: usize, threads: usize) -> (usize, usize) {
+    if threads <= 1 || m * n * k < PAR_MIN_MACS {
+        return (m, n);
+    }
+    let cn = n.div_ceil(TILE_N);
+    let tn = n.div_ceil(cn).next_multiple_of(ALIGN).min(n);
+    let cn = n.div_ceil(tn);
+    let cm = (2 * threads).div_ceil(cn).min(m.div_ceil(4 * ALIGN)).max(1);
+    let tm = m.div_ceil(cm).next_multiple_of(ALIGN).min(m);
+    (tm, tn)
 }
 
 #[cfg(test)]
@@ -93,6 +139,35 @@ mod tests {
             }
         }
         c
+    }
+
+    /// Large enough to be tiled (several row and column blocks, ragged edges): the tiled
+    /// product must equal the untiled one bit for bit, for every transpose and beta.
+    #[test]
+    fn tiled_equals_untiled_exactly() {
+        let (m, n, k) = (301, 2100, 40);
+        assert!(tiles(m, n, k, 2) != (m, n), "shape too small to exercise tiling");
+        let a: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| ((i * 13 % 97) as f32 - 48.0) * 0.021).collect();
+        let pool1 = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        let pool3 = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+        for ta in [Trans::No, Trans::Yes] {
+            for tb in [Trans::No, Trans::Yes] {
+                let lda = if ta == Trans::No { k } else { m };
+                let ldb = if tb == Trans::No { n } else { k };
+                for beta in [0.0, 0.5] {
+                    let init: Vec<f32> = (0..m * n).map(|i| (i % 7) as f32).collect();
+                    let (mut c1, mut c3) = (init.clone(), init.clone());
+                    pool1.install(|| sgemm(ta, tb, m, n, k, 1.5, &a, lda, &b, ldb, beta, &mut c1, n));
+                    pool3.install(|| sgemm(ta, tb, m, n, k, 1.5, &a, lda, &b, ldb, beta, &mut c3, n));
+                    assert!(c1.iter().zip(&c3).all(|(x, y)| x.to_bits() == y.to_bits()), "{ta:?} {tb:?} beta {beta}");
+                    let want = naive(ta, tb, m, n, k, &a, &b);
+                    for ((x, w), i) in c3.iter().zip(&want).zip(&init) {
+                        assert!((x - (1.5 * w + beta * i)).abs() < 1e-3 * (1.0 + w.abs()), "{x} vs {w}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]

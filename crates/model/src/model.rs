@@ -10,6 +10,7 @@ use crate::text::{self, TextActs, TextDropout, TextTower};
 use crate::video::{self, VideoActs, VideoTower};
 use demovlp_kernels::activation::{relu_backward, relu_forward};
 use demovlp_kernels::Rng;
+use std::time::Instant;
 use demovlp_retrieval::{losses_forward, losses_forward_backward, LossConfig, LossInputs, LossOutputs};
 
 /// One training/evaluation batch (borrowed).
@@ -50,6 +51,17 @@ pub struct VideoEmbeddings {
 }
 
 /// Reused buffers between the towers and the loss.
+/// Wall-clock seconds of each phase of the last [`Model::forward_backward`] call
+/// (for profiling; `bench train-step` prints them).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct PhaseTimes {
+    pub text_forward: f64,
+    pub video_forward: f64,
+    pub loss: f64,
+    pub text_backward: f64,
+    pub video_backward: f64,
+}
+
 #[derive(Clone, Debug, Default)]
 struct Arena {
     text: TextActs,
@@ -81,6 +93,8 @@ pub struct Model {
     /// Text dropout of training steps (off by default; see [`TextDropout::PUBLISHED`]).
     text_dropout: TextDropout,
     dropout_rng: Rng,
+    /// Phase timings of the last `forward_backward`.
+    pub phase_times: PhaseTimes,
 }
 
 /// Declares every parameter of `config` in published state_dict order
@@ -106,7 +120,7 @@ impl Model {
         let text = TextTower::new(&params, &config.text);
         let video = VideoTower::new(&params, &config.video, config.proj_dim);
         let txt_proj = Linear::new(&params, "txt_proj.1", config.text.dim, config.proj_dim, true);
-        Model { config, params, text, video, txt_proj, arena: Box::default(), text_dropout: TextDropout::default(), dropout_rng: Rng::new(0) }
+        Model { config, params, text, video, txt_proj, arena: Box::default(), text_dropout: TextDropout::default(), dropout_rng: Rng::new(0), phase_times: PhaseTimes::default() }
     }
 
     /// Published-style initialisation for training from scratch: weights of linears and
@@ -270,8 +284,12 @@ impl Model {
     /// Forward, losses, and backward: zeroes then fills `params.grad`.
     pub fn forward_backward(&mut self, batch: &BatchRef, loss: &LossConfig, use_local: bool) -> LossOutputs {
         self.check_batch(batch);
+        let clock = Instant::now();
         self.params.zero_grad();
-        self.forward_tokens(batch, true);
+        self.forward_text(batch.input_ids, batch.attention_mask, batch.batch, batch.text_len, true);
+        let t_text = clock.elapsed().as_secs_f64();
+        self.forward_video(batch.object, batch.object_mask, batch.batch, batch.frames, batch.regions);
+        let t_video = clock.elapsed().as_secs_f64();
         self.gather_embeddings(batch);
         let p = self.config.proj_dim;
         let (out, g) = losses_forward_backward(loss, &Self::loss_inputs(&self.arena, batch, p), use_local);
@@ -291,7 +309,18 @@ impl Model {
         }
         let dt = std::mem::take(&mut a.d_text_out);
         let dv = std::mem::take(&mut a.d_video_out);
-        self.backward_tokens(batch, &dt, &dv);
+        let t_loss = clock.elapsed().as_secs_f64();
+        self.backward_text_tokens(batch.input_ids, &dt);
+        let t_text_bwd = clock.elapsed().as_secs_f64();
+        self.backward_video_tokens(batch.object, &dv);
+        let t_end = clock.elapsed().as_secs_f64();
+        self.phase_times = PhaseTimes {
+            text_forward: t_text,
+            video_forward: t_video - t_text,
+            loss: t_loss - t_video,
+            text_backward: t_text_bwd - t_loss,
+            video_backward: t_end - t_text_bwd,
+        };
         self.arena.d_text_out = dt;
         self.arena.d_video_out = dv;
         out
