@@ -318,3 +318,62 @@ pub fn bench_eval_sims(a: BenchEvalSimsArgs) -> Result<()> {
     println!("{}", serde_json::to_string(&out)?);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A safetensors file with the given (name, dtype, shape, little-endian bytes).
+    fn write(path: &Path, tensors: &[(&str, &str, Vec<usize>, Vec<u8>)]) {
+        let mut header = serde_json::Map::new();
+        let mut data = Vec::new();
+        for (name, dtype, shape, bytes) in tensors {
+            header.insert(name.to_string(), json!({"dtype": dtype, "shape": shape, "data_offsets": [data.len(), data.len() + bytes.len()]}));
+            data.extend_from_slice(bytes);
+        }
+        header.insert("__metadata__".into(), json!({"note": "test"}));
+        let h = serde_json::to_vec(&header).unwrap();
+        let mut out = (h.len() as u64).to_le_bytes().to_vec();
+        out.extend_from_slice(&h);
+        out.extend_from_slice(&data);
+        std::fs::write(path, out).unwrap();
+    }
+
+    #[test]
+    fn reads_f64_and_f32_tensors_and_picks_the_default() {
+        let dir = std::env::temp_dir().join(format!("demovlp-metrics-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("sims.safetensors");
+        // 1 + 2^-40 is not representable in f32: the reader must keep f64 exact.
+        let sims = [1.0, 1.0 + 2f64.powi(-40), 0.0, 0.5];
+        let f64_bytes: Vec<u8> = sims.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let mask: Vec<u8> = [1f32, 0.0].iter().flat_map(|x| x.to_le_bytes()).collect();
+        write(&p, &[("sims_text_by_video", "F64", vec![2, 2], f64_bytes), ("query_mask", "F32", vec![2, 1], mask)]);
+        let f = RawSafetensors::read(&p).unwrap();
+        assert_eq!(f.default_name().as_deref(), Some("sims_text_by_video"));
+        let (shape, vals) = f.f64("sims_text_by_video").unwrap();
+        assert_eq!((shape, vals), (vec![2, 2], sims.to_vec()));
+        assert_eq!(f.f64("query_mask").unwrap().1, vec![1.0, 0.0]);
+        let err = match f.f64("nope") {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("missing tensor accepted"),
+        };
+        assert!(err.contains("no tensor \"nope\"") && err.contains("query_mask"), "{err}");
+        // Text 0's own video loses by 2^-40: rank 1 in f64 (in f32 it would tie, rank 0).
+        let r = retrieval_metrics_f64(&vals_of(&f), 2, 2, None);
+        assert_eq!(r.t2v.r1, 50.0);
+        assert!(metrics(MetricsArgs { sims: p.clone(), tensor: None, query_mask: Some("query_mask".into()) }).is_ok());
+        // A mask with the wrong number of entries is rejected.
+        assert!(metrics(MetricsArgs { sims: p.clone(), tensor: None, query_mask: Some("sims_text_by_video".into()) }).is_err());
+        std::fs::write(&p, b"junk").unwrap();
+        match RawSafetensors::read(&p) {
+            Err(e) => assert!(e.to_string().contains("not a safetensors file"), "{e}"),
+            Ok(_) => panic!("junk accepted"),
+        }
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    fn vals_of(f: &RawSafetensors) -> Vec<f64> {
+        f.f64("sims_text_by_video").unwrap().1
+    }
+}
