@@ -31,6 +31,9 @@ pub fn cosine_matrix(a: &[f32], a_n: usize, b: &[f32], b_n: usize, dim: usize) -
     g
 }
 
+/// (d loss / d text, d loss / d video).
+pub type GlobalGrads = (Vec<f32>, Vec<f32>);
+
 /// Forward and (optionally) backward of the global loss for a square batch.
 /// Returns (G [b, b] rows = texts, loss, grads (text, video) when `want_grad`).
 pub fn global_loss(
@@ -40,7 +43,7 @@ pub fn global_loss(
     dim: usize,
     temperature: f32,
     want_grad: bool,
-) -> (Vec<f32>, f32, Option<(Vec<f32>, Vec<f32>)>) {
+) -> (Vec<f32>, f32, Option<GlobalGrads>) {
     let (th, tn) = normalize_rows_clamped(text, b, dim);
     let (vh, vn) = normalize_rows_clamped(video, b, dim);
     let mut g = vec![0f32; b * b];
@@ -93,13 +96,13 @@ pub fn global_loss(
 /// g / eps where it is (the clamp passes no gradient to the norm).
 fn normalize_clamped_backward(g: &[f32], xh: &[f32], norms: &[f32], x: &[f32], n: usize, dim: usize) -> Vec<f32> {
     let mut out = vec![0f32; n * dim];
-    for i in 0..n {
+    for (i, &nrm) in norms.iter().enumerate().take(n) {
         let r = i * dim..(i + 1) * dim;
         let raw = x[r.clone()].iter().map(|v| v * v).sum::<f32>().sqrt();
         if raw > SIM_EPS {
             let d: f32 = g[r.clone()].iter().zip(&xh[r.clone()]).map(|(a, b)| a * b).sum();
             for k in r {
-                out[k] = (g[k] - xh[k] * d) / norms[i];
+                out[k] = (g[k] - xh[k] * d) / nrm;
             }
         } else {
             for k in r {
