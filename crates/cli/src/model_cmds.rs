@@ -281,6 +281,10 @@ pub struct BenchTrainStepArgs {
     /// Print only the JSON line on stdout (progress still goes to stderr).
     #[arg(long)]
     pub json: bool,
+    /// Keep the video MLP hidden activations instead of recomputing them in the backward
+    /// pass (faster by ~9 % of the arithmetic, ~280 MB more memory at the published size).
+    #[arg(long)]
+    pub keep_mlp: bool,
 }
 
 fn bench_model(dir: &Option<PathBuf>, frames: usize) -> Result<Model> {
@@ -304,6 +308,7 @@ fn check_sizes(m: &Model, frames: usize, text_len: usize) -> Result<()> {
 pub fn bench_train_step(a: BenchTrainStepArgs) -> Result<()> {
     ensure!(a.runs >= 1 && a.batch >= 2 && a.regions >= 1, "need --runs ≥ 1, --batch ≥ 2 (contrastive loss), --regions ≥ 1");
     let mut model = bench_model(&a.model, a.frames)?;
+    model.set_recompute_mlp(!a.keep_mlp);
     check_sizes(&model, a.frames, a.text_len)?;
     let x = synthetic_batch(&model.config, a.batch, a.frames, a.regions, a.text_len, 1);
     let batch = BatchRef {

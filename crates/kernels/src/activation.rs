@@ -29,6 +29,19 @@ pub fn gelu_backward(x: &[f32], dy: &[f32], dx: &mut [f32]) {
     });
 }
 
+/// In place: d ← d · gelu'(x). The MLP backward turns d(GELU output) into d(fc1 output)
+/// in the same buffer instead of zeroing and filling a second one ([`gelu_backward`] is the
+/// accumulating form and this one's test oracle).
+pub fn gelu_backward_in_place(x: &[f32], d: &mut [f32]) {
+    d[..x.len()].par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(d, x)| {
+        for (d, &x) in d.iter_mut().zip(x) {
+            let cdf = 0.5 * (1.0 + fastmath::erf(x * FRAC_1_SQRT_2));
+            let pdf = INV_SQRT_2PI * fastmath::exp(-0.5 * x * x);
+            *d *= cdf + x * pdf;
+        }
+    });
+}
+
 pub fn relu_forward(x: &[f32], y: &mut [f32]) {
     y[..x.len()].par_iter_mut().zip(x.par_iter()).with_min_len(MIN_LEN).for_each(|(y, &x)| *y = x.max(0.0));
 }
@@ -50,4 +63,20 @@ pub fn leaky_relu_backward(x: &[f32], slope: f32, dy: &[f32], dx: &mut [f32]) {
     dx[..x.len()].par_iter_mut().zip(x.par_iter().zip(dy.par_iter())).with_min_len(MIN_LEN).for_each(|(dx, (&x, &dy))| {
         *dx += if x > 0.0 { dy } else { slope * dy };
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gelu_backward_in_place_equals_accumulating_form() {
+        let x: Vec<f32> = (0..5000).map(|i| (i as f32 - 2500.0) * 0.003).collect();
+        let dy: Vec<f32> = (0..5000).map(|i| ((i * 7919) % 13) as f32 * 0.1 - 0.6).collect();
+        let mut want = vec![0.0; x.len()];
+        gelu_backward(&x, &dy, &mut want);
+        let mut got = dy.clone();
+        gelu_backward_in_place(&x, &mut got);
+        assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits() || (a - b).abs() <= 1e-7 * b.abs()));
+    }
 }

@@ -1,6 +1,6 @@
 //! Times `Model::forward_backward` at the published size (DistilBERT-base, ViT-B video tower,
 //! P = 256) on a random batch: `cargo run --release -p demovlp-model --example step_timing -- [B F R L steps]`.
-//! `RECOMPUTE_MLP=1` keeps no video MLP activations (see `Model::set_recompute_mlp`).
+//! `RECOMPUTE_MLP=0` keeps the video MLP activations instead of recomputing them (see `Model::set_recompute_mlp`).
 
 use demovlp_kernels::Rng;
 use demovlp_model::{BatchRef, Model, ModelConfig, TextDropout};
@@ -16,7 +16,7 @@ fn main() {
     let mut model = Model::new(cfg);
     model.init_random(1);
     model.set_text_dropout(TextDropout::PUBLISHED, 1);
-    model.set_recompute_mlp(std::env::var("RECOMPUTE_MLP").is_ok_and(|v| v == "1"));
+    model.set_recompute_mlp(std::env::var("RECOMPUTE_MLP").map_or(true, |v| v != "0"));
     let mut rng = Rng::new(2);
     let object: Vec<f32> = (0..b * f * r * 2054).map(|_| rng.uniform()).collect();
     let mask: Vec<f32> = (0..b * f * r).map(|i| if i % 7 == 6 { 0.0 } else { 1.0 }).collect();

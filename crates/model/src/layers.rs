@@ -3,6 +3,7 @@
 //! weights and write gradients at the same time. Backward passes accumulate (`+=`).
 
 use crate::params::Params;
+use demovlp_kernels::gemm::{sgemm, Trans};
 use demovlp_kernels::{layernorm, linear};
 use std::ops::Range;
 
@@ -58,6 +59,14 @@ impl Linear {
             }
             None => linear::linear_backward(x, ldx, w, dy, n, self.din, self.dout, dx, &mut grad[self.w.clone()], None),
         }
+    }
+}
+
+impl Linear {
+    /// dx = dy·W, overwriting `dx` (no zeroing pass). With [`Linear::backward`] given
+    /// `dx = None` first, the caller may reuse the forward input's buffer for `dx`.
+    pub fn backward_input(&self, data: &[f32], dy: &[f32], n: usize, dx: &mut [f32]) {
+        sgemm(Trans::No, Trans::No, n, self.din, self.dout, 1.0, dy, self.dout, &data[self.w.clone()], self.din, 0.0, dx, self.din);
     }
 }
 

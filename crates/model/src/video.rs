@@ -8,7 +8,7 @@
 use crate::config::VideoConfig;
 use crate::layers::{add_in_place, fit, range, zeroed, LayerNorm, Linear};
 use crate::params::{Params, ParamsBuilder};
-use demovlp_kernels::activation::{gelu_backward, gelu_forward};
+use demovlp_kernels::activation::{gelu_backward_in_place, gelu_forward};
 use demovlp_kernels::attention::{attention_backward, attention_forward, merge_heads, split_heads, AttnShape, KeyPattern};
 use std::ops::Range;
 
@@ -66,13 +66,13 @@ pub struct VideoTower {
     proj: Linear,
 }
 
+/// What one block keeps for its backward pass. The attention probabilities and context are
+/// not kept: the backward recomputes them from `qkv` (about 1 % of the block's arithmetic).
 #[derive(Clone, Debug, Default)]
 pub(crate) struct BlockActs {
     m1: Vec<f32>,
     r1: Vec<f32>,
     qkv: Vec<f32>,
-    probs: Vec<f32>,
-    ctx: Vec<f32>,
     xmid: Vec<f32>,
     m2: Vec<f32>,
     r2: Vec<f32>,
@@ -100,14 +100,14 @@ pub struct VideoActs {
     ms: Vec<f32>,
     rs: Vec<f32>,
     ctx_h: Vec<f32>,
+    probs: Vec<f32>,
+    ctx: Vec<f32>,
     tmp: Vec<f32>,
     g: Vec<f32>,
     // backward scratch
     dx_a: Vec<f32>,
     dx_b: Vec<f32>,
     dy: Vec<f32>,
-    dg: Vec<f32>,
-    dh: Vec<f32>,
     dctx: Vec<f32>,
     dctx_h: Vec<f32>,
     dq_h: Vec<f32>,
@@ -121,12 +121,12 @@ impl VideoActs {
     #[cfg(test)]
     pub(crate) fn buffers(&self) -> Vec<(usize, usize)> {
         let buf = |v: &Vec<f32>| (v.as_ptr() as usize, v.capacity());
-        let mut out = vec![buf(&self.mask_add), buf(&self.out), buf(&self.e), buf(&self.y), buf(&self.ms), buf(&self.rs), buf(&self.ctx_h), buf(&self.tmp), buf(&self.g), buf(&self.dx_a), buf(&self.dx_b), buf(&self.dy), buf(&self.dg), buf(&self.dh), buf(&self.dctx), buf(&self.dctx_h), buf(&self.dq_h), buf(&self.dk_h), buf(&self.dv_h), buf(&self.dqkv)];
+        let mut out = vec![buf(&self.mask_add), buf(&self.out), buf(&self.e), buf(&self.y), buf(&self.ms), buf(&self.rs), buf(&self.ctx_h), buf(&self.probs), buf(&self.ctx), buf(&self.tmp), buf(&self.g), buf(&self.dx_a), buf(&self.dx_b), buf(&self.dy), buf(&self.dctx), buf(&self.dctx_h), buf(&self.dq_h), buf(&self.dk_h), buf(&self.dv_h), buf(&self.dqkv)];
         for v in &self.xs {
             out.push(buf(v));
         }
         for l in &self.blocks {
-            out.extend([buf(&l.m1), buf(&l.r1), buf(&l.qkv), buf(&l.probs), buf(&l.ctx), buf(&l.xmid), buf(&l.m2), buf(&l.r2), buf(&l.h)]);
+            out.extend([buf(&l.m1), buf(&l.r1), buf(&l.qkv), buf(&l.xmid), buf(&l.m2), buf(&l.r2), buf(&l.h)]);
         }
         out
     }
@@ -232,13 +232,13 @@ impl VideoTower {
             blk.norm1.forward(data, x, &mut a.y, &mut ba.m1, &mut ba.r1);
             fit(&mut ba.qkv, n * 3 * d);
             blk.qkv.forward(data, &a.y, d, n, &mut ba.qkv);
-            fit(&mut ba.probs, shape.probs_len());
+            fit(&mut a.probs, shape.probs_len());
             fit(&mut a.ctx_h, n * d);
-            attention_forward(&shape, scale, &ba.qkv, &ba.qkv[d..], &ba.qkv[2 * d..], 3 * d, &a.mask_add, None, &mut ba.probs, &mut a.ctx_h);
-            fit(&mut ba.ctx, n * d);
-            merge_heads(&a.ctx_h, &mut ba.ctx, d, 0, b, heads, seq, hd);
+            attention_forward(&shape, scale, &ba.qkv, &ba.qkv[d..], &ba.qkv[2 * d..], 3 * d, &a.mask_add, None, &mut a.probs, &mut a.ctx_h);
+            fit(&mut a.ctx, n * d);
+            merge_heads(&a.ctx_h, &mut a.ctx, d, 0, b, heads, seq, hd);
             fit(&mut ba.xmid, n * d);
-            blk.proj.forward(data, &ba.ctx, d, n, &mut ba.xmid);
+            blk.proj.forward(data, &a.ctx, d, n, &mut ba.xmid);
             add_in_place(&mut ba.xmid, x);
             // out = x_mid + fc2(gelu(fc1(norm2(x_mid))))
             fit(&mut ba.m2, n);
@@ -295,25 +295,31 @@ impl VideoTower {
             };
             fit(&mut a.g, n * mlp);
             gelu_forward(h, &mut a.g);
-            let dg = zeroed(&mut a.dg, n * mlp);
-            blk.fc2.backward(data, grad, &a.g, mlp, n, &a.dx_a, Some(dg));
-            let dh = zeroed(&mut a.dh, n * mlp);
-            gelu_backward(h, &a.dg, dh);
+            // fc2's weight gradient first; then g is dead and its buffer takes d(g), which
+            // becomes d(fc1 output) in place: one MLP-wide scratch buffer instead of three.
+            blk.fc2.backward(data, grad, &a.g, mlp, n, &a.dx_a, None);
+            blk.fc2.backward_input(data, &a.dx_a, n, &mut a.g);
+            gelu_backward_in_place(h, &mut a.g);
             let dy = zeroed(&mut a.dy, n * d);
-            blk.fc1.backward(data, grad, &a.y, d, n, &a.dh, Some(dy));
+            blk.fc1.backward(data, grad, &a.y, d, n, &a.g, Some(dy));
             fit(&mut a.dx_b, n * d);
             a.dx_b.copy_from_slice(&a.dx_a);
             blk.norm2.backward(data, grad, &ba.xmid, &ba.m2, &ba.r2, &a.dy, &mut a.dx_b);
-            // Attention branch (norm1 output recomputed).
+            // Attention branch (probabilities, context and norm1 output recomputed).
             a.dx_a.copy_from_slice(&a.dx_b);
+            fit(&mut a.probs, shape.probs_len());
+            fit(&mut a.ctx_h, n * d);
+            attention_forward(&shape, scale, &ba.qkv, &ba.qkv[d..], &ba.qkv[2 * d..], 3 * d, &a.mask_add, None, &mut a.probs, &mut a.ctx_h);
+            fit(&mut a.ctx, n * d);
+            merge_heads(&a.ctx_h, &mut a.ctx, d, 0, b, heads, seq, hd);
             let dctx = zeroed(&mut a.dctx, n * d);
-            blk.proj.backward(data, grad, &ba.ctx, d, n, &a.dx_b, Some(dctx));
+            blk.proj.backward(data, grad, &a.ctx, d, n, &a.dx_b, Some(dctx));
             fit(&mut a.dctx_h, n * d);
             split_heads(&a.dctx, d, 0, &mut a.dctx_h, b, heads, seq, hd);
             zeroed(&mut a.dq_h, n * d);
             zeroed(&mut a.dk_h, n * d);
             zeroed(&mut a.dv_h, n * d);
-            attention_backward(&shape, scale, &ba.qkv, &ba.qkv[d..], &ba.qkv[2 * d..], 3 * d, &ba.probs, None, &a.dctx_h, &mut a.dq_h, &mut a.dk_h, &mut a.dv_h);
+            attention_backward(&shape, scale, &ba.qkv, &ba.qkv[d..], &ba.qkv[2 * d..], 3 * d, &a.probs, None, &a.dctx_h, &mut a.dq_h, &mut a.dk_h, &mut a.dv_h);
             fit(&mut a.dqkv, n * 3 * d);
             merge_heads(&a.dq_h, &mut a.dqkv, 3 * d, 0, b, heads, seq, hd);
             merge_heads(&a.dk_h, &mut a.dqkv, 3 * d, d, b, heads, seq, hd);
