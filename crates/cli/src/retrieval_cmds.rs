@@ -252,7 +252,6 @@ pub fn bench_eval_sims(a: BenchEvalSimsArgs) -> Result<()> {
         "bench": "eval-sims", "n": n, "words": w, "regions": nr, "dim": dim, "runs": a.runs,
         "median_s": med, "min_s": min, "max_s": max, "peak_rss_mb": peak,
         "threads": threads(),
-        "matmul_num_threads": std::env::var("MATMUL_NUM_THREADS").unwrap_or_default(),
     });
 
     // Baseline: the published blocked structure (8 × 8 blocks, every [8, 8, Lq, Lc]
