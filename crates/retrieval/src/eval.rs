@@ -443,6 +443,36 @@ fn query_row_cos<const AVX2: bool>(
     (q_norm + NORM_EPS) * u / (q_norm * wn).max(NORM_EPS)
 }
 
+/// Whether the AVX2 element-wise path runs here (also used by the training kernel).
+pub(crate) fn simd_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        !FORCE_PORTABLE.load(Ordering::Relaxed) && std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// One padded row (length a multiple of 8, padding masked with −∞ in `mc`):
+/// z ← softmax_s(((LeakyReLU(m[s]) / norms[s] + mq) + mc[s])·λ); returns Σ_s z[s].
+/// `simd` must come from [`simd_available`].
+pub(crate) fn softmax_row(simd: bool, z: &mut [f32], m: &[f32], norms: &[f32], mq: f32, mc: &[f32], lambda: f32) -> f32 {
+    #[inline(always)]
+    fn run<const AVX2: bool>(z: &mut [f32], m: &[f32], norms: &[f32], mq: f32, mc: &[f32], lambda: f32) -> f32 {
+        let mx = logits::<AVX2>(z, m, norms, mq, mc, lambda);
+        let acc = exp_shifted::<AVX2>(z, mx);
+        let inv = 1.0 / sum8(&acc);
+        sum8(&scale_sum::<AVX2>(z, inv))
+    }
+    if simd {
+        run::<true>(z, m, norms, mq, mc, lambda)
+    } else {
+        run::<false>(z, m, norms, mq, mc, lambda)
+    }
+}
+
 /// z[s] = ((LeakyReLU(m[s]) / norms[s] + mq) + mc[s])·λ; returns max z.
 #[inline(always)]
 fn logits<const AVX2: bool>(z: &mut [f32], m: &[f32], norms: &[f32], mq: f32, mc: &[f32], lambda: f32) -> f32 {
@@ -565,8 +595,8 @@ unsafe fn sq_norms_avx2(row: &[f32], col: &mut [f32]) -> [f32; 8] {
 fn exp_shifted<const AVX2: bool>(z: &mut [f32], mx: f32) -> [f32; 8] {
     #[cfg(target_arch = "x86_64")]
     if AVX2 {
-        // SAFETY: only instantiated with AVX2 = true inside `pair_avx2`, which runs after
-        // the CPU feature check.
+        // SAFETY: AVX2 = true is only instantiated inside `pair_avx2` and behind
+        // `simd_available()`, both after the CPU feature check.
         return unsafe { exp_shifted_avx2(z, mx) };
     }
     let mut acc = [0f32; 8];

@@ -116,6 +116,17 @@ struct Direction {
     gwc: Vec<f32>, // [lq, dim]
     gr: Vec<f32>,  // [lq, lc]
     colc: Vec<f32>, // [lc]
+    // padded row scratch
+    cn_p: Vec<f32>,
+    mc_p: Vec<f32>,
+    d_p: Vec<f32>,
+    z_p: Vec<f32>,
+}
+
+fn pad_into(out: &mut Vec<f32>, src: &[f32], len: usize, pad: f32) {
+    out.clear();
+    out.extend_from_slice(src);
+    out.resize(len, pad);
 }
 
 fn resize(v: &mut Vec<f32>, n: usize) {
@@ -153,27 +164,18 @@ impl Direction {
 
         // Steps 4–5 per query row: masked softmax over contexts, focal "equal" keep
         // (P·Lc − ΣP > 0, i.e. above the row mean), renormalise the kept weights.
+        // Rows are padded to whole 8-lane chunks for the shared (SIMD) softmax kernel.
+        let lcp = lc.div_ceil(8) * 8;
+        let simd = crate::eval::simd_available();
+        pad_into(&mut self.cn_p, &self.colnorm, lcp, 1.0);
+        pad_into(&mut self.mc_p, x.mc, lcp, f32::NEG_INFINITY);
+        resize(&mut self.d_p, lcp);
+        resize(&mut self.z_p, lcp);
         for l in 0..lq {
-            let lrow = &self.leaky[l * lc..(l + 1) * lc];
+            self.d_p[..lc].copy_from_slice(&x.d[l * lc..(l + 1) * lc]);
+            let total = crate::eval::softmax_row(simd, &mut self.z_p, &self.d_p, &self.cn_p, x.mq[l], &self.mc_p, cfg.lambda);
             let prow = &mut self.p[l * lc..(l + 1) * lc];
-            let mq = x.mq[l];
-            let mut mx = f32::NEG_INFINITY;
-            for s in 0..lc {
-                let z = ((lrow[s] / self.colnorm[s] + mq) + x.mc[s]) * cfg.lambda;
-                prow[s] = z;
-                mx = mx.max(z);
-            }
-            let mut sum = 0f32;
-            for v in prow.iter_mut() {
-                *v = fastmath::exp(*v - mx);
-                sum += *v;
-            }
-            let inv = 1.0 / sum;
-            let mut total = 0f32;
-            for v in prow.iter_mut() {
-                *v *= inv;
-                total += *v;
-            }
+            prow.copy_from_slice(&self.z_p[..lc]);
             let rrow = &mut self.r[l * lc..(l + 1) * lc];
             let mut kept = 0f32;
             for s in 0..lc {
