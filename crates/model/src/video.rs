@@ -106,14 +106,7 @@ pub struct VideoActs {
     g: Vec<f32>,
     // backward scratch
     dx_a: Vec<f32>,
-    dx_b: Vec<f32>,
     dy: Vec<f32>,
-    dctx: Vec<f32>,
-    dctx_h: Vec<f32>,
-    dq_h: Vec<f32>,
-    dk_h: Vec<f32>,
-    dv_h: Vec<f32>,
-    dqkv: Vec<f32>,
 }
 
 impl VideoActs {
@@ -121,7 +114,7 @@ impl VideoActs {
     #[cfg(test)]
     pub(crate) fn buffers(&self) -> Vec<(usize, usize)> {
         let buf = |v: &Vec<f32>| (v.as_ptr() as usize, v.capacity());
-        let mut out = vec![buf(&self.mask_add), buf(&self.out), buf(&self.e), buf(&self.y), buf(&self.ms), buf(&self.rs), buf(&self.ctx_h), buf(&self.probs), buf(&self.ctx), buf(&self.tmp), buf(&self.g), buf(&self.dx_a), buf(&self.dx_b), buf(&self.dy), buf(&self.dctx), buf(&self.dctx_h), buf(&self.dq_h), buf(&self.dk_h), buf(&self.dv_h), buf(&self.dqkv)];
+        let mut out = vec![buf(&self.mask_add), buf(&self.out), buf(&self.e), buf(&self.y), buf(&self.ms), buf(&self.rs), buf(&self.ctx_h), buf(&self.probs), buf(&self.ctx), buf(&self.tmp), buf(&self.g), buf(&self.dx_a), buf(&self.dy), buf(&self.hs)];
         for v in &self.xs {
             out.push(buf(v));
         }
@@ -300,33 +293,39 @@ impl VideoTower {
             blk.fc2.backward(data, grad, &a.g, mlp, n, &a.dx_a, None);
             blk.fc2.backward_input(data, &a.dx_a, n, &mut a.g);
             gelu_backward_in_place(h, &mut a.g);
-            let dy = zeroed(&mut a.dy, n * d);
-            blk.fc1.backward(data, grad, &a.y, d, n, &a.g, Some(dy));
-            fit(&mut a.dx_b, n * d);
-            a.dx_b.copy_from_slice(&a.dx_a);
-            blk.norm2.backward(data, grad, &ba.xmid, &ba.m2, &ba.r2, &a.dy, &mut a.dx_b);
-            // Attention branch (probabilities, context and norm1 output recomputed).
-            a.dx_a.copy_from_slice(&a.dx_b);
+            blk.fc1.backward(data, grad, &a.y, d, n, &a.g, None);
+            fit(&mut a.dy, n * d);
+            blk.fc1.backward_input(data, &a.g, n, &mut a.dy);
+            // dx_a (the residual stream's gradient) gains the norm2 branch.
+            blk.norm2.backward(data, grad, &ba.xmid, &ba.m2, &ba.r2, &a.dy, &mut a.dx_a);
+            // Attention branch (probabilities, context and norm1 output recomputed). Its
+            // scratch lives in the two MLP-wide buffers, free until the next block:
+            // g = [d(ctx) by head | dq | dk | dv by head], hs = [d(qkv) | d(ctx)].
             fit(&mut a.probs, shape.probs_len());
             fit(&mut a.ctx_h, n * d);
             attention_forward(&shape, scale, &ba.qkv, &ba.qkv[d..], &ba.qkv[2 * d..], 3 * d, &a.mask_add, None, &mut a.probs, &mut a.ctx_h);
             fit(&mut a.ctx, n * d);
             merge_heads(&a.ctx_h, &mut a.ctx, d, 0, b, heads, seq, hd);
-            let dctx = zeroed(&mut a.dctx, n * d);
-            blk.proj.backward(data, grad, &a.ctx, d, n, &a.dx_b, Some(dctx));
-            fit(&mut a.dctx_h, n * d);
-            split_heads(&a.dctx, d, 0, &mut a.dctx_h, b, heads, seq, hd);
-            zeroed(&mut a.dq_h, n * d);
-            zeroed(&mut a.dk_h, n * d);
-            zeroed(&mut a.dv_h, n * d);
-            attention_backward(&shape, scale, &ba.qkv, &ba.qkv[d..], &ba.qkv[2 * d..], 3 * d, &a.probs, None, &a.dctx_h, &mut a.dq_h, &mut a.dk_h, &mut a.dv_h);
-            fit(&mut a.dqkv, n * 3 * d);
-            merge_heads(&a.dq_h, &mut a.dqkv, 3 * d, 0, b, heads, seq, hd);
-            merge_heads(&a.dk_h, &mut a.dqkv, 3 * d, d, b, heads, seq, hd);
-            merge_heads(&a.dv_h, &mut a.dqkv, 3 * d, 2 * d, b, heads, seq, hd);
+            let wide = (n * mlp).max(4 * n * d);
+            fit(&mut a.g, wide);
+            fit(&mut a.hs, wide);
+            let (dqkv, dctx) = a.hs.split_at_mut(3 * n * d);
+            let dctx = &mut dctx[..n * d];
+            blk.proj.backward(data, grad, &a.ctx, d, n, &a.dx_a, None);
+            blk.proj.backward_input(data, &a.dx_a, n, dctx);
+            let (dctx_h, dqkv_h) = a.g.split_at_mut(n * d);
+            split_heads(dctx, d, 0, dctx_h, b, heads, seq, hd);
+            let dqkv_h = &mut dqkv_h[..3 * n * d];
+            dqkv_h.fill(0.0);
+            let (dq_h, dkv_h) = dqkv_h.split_at_mut(n * d);
+            let (dk_h, dv_h) = dkv_h.split_at_mut(n * d);
+            attention_backward(&shape, scale, &ba.qkv, &ba.qkv[d..], &ba.qkv[2 * d..], 3 * d, &a.probs, None, dctx_h, dq_h, dk_h, dv_h);
+            merge_heads(dq_h, dqkv, 3 * d, 0, b, heads, seq, hd);
+            merge_heads(dk_h, dqkv, 3 * d, d, b, heads, seq, hd);
+            merge_heads(dv_h, dqkv, 3 * d, 2 * d, b, heads, seq, hd);
             blk.norm1.forward(data, x, &mut a.y, &mut a.ms, &mut a.rs);
-            let dy = zeroed(&mut a.dy, n * d);
-            blk.qkv.backward(data, grad, &a.y, d, n, &a.dqkv, Some(dy));
+            blk.qkv.backward(data, grad, &a.y, d, n, dqkv, None);
+            blk.qkv.backward_input(data, dqkv, n, &mut a.dy);
             blk.norm1.backward(data, grad, x, &ba.m1, &ba.r1, &a.dy, &mut a.dx_a);
         }
 
