@@ -3,6 +3,7 @@
 //! Each group of subcommands lives in its own module; this file only wires them up.
 
 mod bench;
+mod bench_pytorch;
 mod data_cmds;
 mod model_cmds;
 mod retrieval_cmds;

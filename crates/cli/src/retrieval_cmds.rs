@@ -157,6 +157,12 @@ pub struct BenchEvalSimsArgs {
     /// End with one JSON line (it is printed either way; this keeps the flag of the contract).
     #[arg(long)]
     pub json: bool,
+    /// Texts/videos of the PyTorch side-by-side run (default min(n, 100): the published
+    /// blocked code takes minutes even there); the fast path is timed on the same size.
+    #[arg(long)]
+    pub pytorch_n: Option<usize>,
+    #[command(flatten)]
+    pub baseline: crate::bench_pytorch::BaselineArgs,
 }
 
 fn threads() -> usize {
@@ -313,6 +319,22 @@ pub fn bench_eval_sims(a: BenchEvalSimsArgs) -> Result<()> {
         o.insert("baseline_peak_rss_mb".into(), json!(base_peak));
         o.insert("max_abs_diff".into(), json!(max_diff));
         o.insert("share_diff_above_1e-5".into(), json!(share_above));
+    }
+    // PyTorch: the published blocked computation in torch, same sizes, same machine, this run.
+    let nt = a.pytorch_n.unwrap_or(n.min(100)).clamp(1, n);
+    let mode: Vec<String> = ["--bench-eval-sims", "--runs", "1", "--n", &nt.to_string(), "--width", &dim.to_string(), "--frames", &frames.to_string(), "--regions", &regions.to_string(), "--text-len", &(w + 1).to_string()]
+        .iter().map(|s| s.to_string()).collect();
+    if let Some(torch) = crate::bench_pytorch::run(&a.baseline, &mode)? {
+        let (ts, vs) = (set(&texts, nt, w), set(&videos, nt, nr));
+        let t0 = Instant::now();
+        eval_scores(&ts, &vs, 20.0, ScoreMode::Aligned, true, &|_, _| {});
+        let fast_nt = t0.elapsed().as_secs_f64();
+        println!("PyTorch comparison at {nt}×{nt} (demovlp fast path timed on the same size):");
+        let cmp = crate::bench_pytorch::compare(fast_nt, peak, &torch)?;
+        let o = out.as_object_mut().unwrap();
+        o.insert("pytorch_n".into(), json!(nt));
+        o.insert("fast_s_pytorch_n".into(), json!(fast_nt));
+        o.extend(cmp);
     }
     println!("{}", serde_json::to_string(&out)?);
     Ok(())

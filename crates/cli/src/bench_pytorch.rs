@@ -1,0 +1,129 @@
+//! The PyTorch side of side-by-side benchmarks: runs `bench/pytorch_baseline.py` (our own
+//! PyTorch implementation of the same model and losses, checked against the fixtures) in
+//! the same invocation as the Rust measurement, so the printed ratio compares two numbers
+//! taken on the same machine minutes apart.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+/// When to run the PyTorch baseline beside a Rust benchmark.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Baseline {
+    /// Run it when `python3 -c "import torch"` works; say so when it does not.
+    Auto,
+    /// Always run it; fail when PyTorch is missing.
+    Always,
+    /// Never run it.
+    Never,
+}
+
+/// Options shared by the benchmarks that have a PyTorch counterpart.
+#[derive(clap::Args, Clone, Debug)]
+pub struct BaselineArgs {
+    /// Also time the PyTorch baseline (bench/pytorch_baseline.py) in this run and print the ratio.
+    #[arg(long, value_enum, default_value_t = Baseline::Auto)]
+    pub pytorch: Baseline,
+    /// Path of the PyTorch baseline script (default: bench/pytorch_baseline.py of this checkout).
+    #[arg(long)]
+    pub pytorch_script: Option<PathBuf>,
+}
+
+fn script_path(args: &BaselineArgs) -> PathBuf {
+    if let Some(p) = &args.pytorch_script {
+        return p.clone();
+    }
+    let local = PathBuf::from("bench/pytorch_baseline.py");
+    if local.is_file() {
+        return local;
+    }
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../bench/pytorch_baseline.py")
+}
+
+fn torch_available() -> bool {
+    Command::new("python3")
+        .args(["-c", "import torch"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// Runs the baseline with `mode_args` (e.g. `["--bench", "--batch", "8"]`) plus `--json`, and
+/// returns its final JSON line; `None` when it is not to be run. Its own output is passed through
+/// to stderr so a person sees its progress.
+pub fn run(args: &BaselineArgs, mode_args: &[String]) -> Result<Option<Value>> {
+    match args.pytorch {
+        Baseline::Never => return Ok(None),
+        Baseline::Auto if !torch_available() => {
+            eprintln!("PyTorch baseline: skipped (python3 cannot import torch; see bench/README.md to install it)");
+            return Ok(None);
+        }
+        Baseline::Always if !torch_available() => {
+            bail!("--pytorch always: python3 cannot import torch (see bench/README.md to install it)")
+        }
+        _ => {}
+    }
+    let script = script_path(args);
+    if !script.is_file() {
+        bail!("PyTorch baseline script {} not found (use --pytorch-script)", script.display());
+    }
+    eprintln!("PyTorch baseline: python3 {} {} --json", script.display(), mode_args.join(" "));
+    let out = Command::new("python3")
+        .arg(&script)
+        .args(mode_args)
+        .arg("--json")
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("running python3 {}", script.display()))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for line in stdout.lines() {
+        eprintln!("  [pytorch] {line}");
+    }
+    if !out.status.success() {
+        bail!("PyTorch baseline {} failed with {}", script.display(), out.status);
+    }
+    last_json_line(&stdout).with_context(|| format!("PyTorch baseline {}: no JSON line at the end", script.display())).map(Some)
+}
+
+fn last_json_line(stdout: &str) -> Result<Value> {
+    let line = stdout.lines().rev().find(|l| !l.trim().is_empty()).context("empty output")?;
+    serde_json::from_str(line.trim()).with_context(|| format!("last line is not JSON: {line}"))
+}
+
+/// A number field of the baseline's JSON.
+pub fn number(v: &Value, key: &str) -> Result<f64> {
+    v.get(key).and_then(Value::as_f64).with_context(|| format!("PyTorch baseline JSON lacks number `{key}`"))
+}
+
+/// Prints the side-by-side lines and returns the fields to merge into the Rust JSON line.
+pub fn compare(rust_median_s: f64, rust_peak_mb: f64, torch: &Value) -> Result<serde_json::Map<String, Value>> {
+    let t_med = number(torch, "median_s")?;
+    let t_peak = number(torch, "peak_rss_mb")?;
+    println!("side by side (same run): demovlp median {rust_median_s:.3} s, peak {rust_peak_mb:.0} MB | PyTorch median {t_med:.3} s, peak {t_peak:.0} MB");
+    println!("ratio demovlp/PyTorch: time {:.3}x, peak memory {:.3}x", rust_median_s / t_med, rust_peak_mb / t_peak);
+    let mut m = serde_json::Map::new();
+    m.insert("pytorch_median_s".into(), t_med.into());
+    m.insert("pytorch_peak_rss_mb".into(), t_peak.into());
+    m.insert("time_ratio_vs_pytorch".into(), (rust_median_s / t_med).into());
+    m.insert("memory_ratio_vs_pytorch".into(), (rust_peak_mb / t_peak).into());
+    Ok(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_last_json_line_and_compares() {
+        let v = last_json_line("warming up\n{\"median_s\": 2.0, \"peak_rss_mb\": 1000}\n\n").unwrap();
+        let m = compare(1.0, 600.0, &v).unwrap();
+        assert_eq!(m["time_ratio_vs_pytorch"], 0.5);
+        assert_eq!(m["memory_ratio_vs_pytorch"], 0.6);
+        assert!(last_json_line("no json here").is_err());
+        assert!(compare(1.0, 1.0, &serde_json::json!({"median_s": 1.0})).is_err());
+    }
+}
