@@ -365,6 +365,7 @@ pub fn bench_train_step(a: BenchTrainStepArgs) -> Result<()> {
             "bench": "train-step", "median_s": median, "min_s": min, "max_s": max, "peak_rss_mb": rss,
             "batch": a.batch, "frames": a.frames, "regions": a.regions, "text_len": a.text_len,
             "runs": a.runs, "threads": threads, "params": model.params.len(), "last_loss": last_loss,
+            "recompute_mlp": !a.keep_mlp,
         })
     );
     Ok(())
@@ -406,7 +407,7 @@ pub fn bench_embed(a: BenchEmbedArgs) -> Result<()> {
         let te = model.embed_text(&x.input_ids, &x.attention_mask, a.batch, a.text_len);
         let dt_text = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
-        let ve = model.embed_video(&x.object, &x.object_mask, a.batch, a.frames, a.regions);
+        let ve = model.embed_video_inference(&x.object, &x.object_mask, a.batch, a.frames, a.regions);
         let dt_video = t1.elapsed().as_secs_f64();
         ensure!(te.global.iter().chain(&ve.global).all(|v| v.is_finite()), "non-finite embeddings");
         if i > 0 {

@@ -356,6 +356,18 @@ impl Model {
     /// Video embeddings for evaluation.
     pub fn embed_video(&mut self, object: &[f32], object_mask: &[f32], b: usize, f: usize, r: usize) -> VideoEmbeddings {
         self.forward_video(object, object_mask, b, f, r);
+        self.video_embeddings(b, f, r)
+    }
+
+    /// [`Model::embed_video`] for pure inference (evaluation, `bench embed`): the same values,
+    /// but the tower keeps one block's activations at a time instead of all of them (at
+    /// 32 clips × 241 tokens, ~1.4 GB less); no backward pass may follow it.
+    pub fn embed_video_inference(&mut self, object: &[f32], object_mask: &[f32], b: usize, f: usize, r: usize) -> VideoEmbeddings {
+        self.video.forward_inference(&self.params.data, &mut self.arena.video, object, object_mask, b, f, r);
+        self.video_embeddings(b, f, r)
+    }
+
+    fn video_embeddings(&self, b: usize, f: usize, r: usize) -> VideoEmbeddings {
         let (p, nr) = (self.config.proj_dim, f * r);
         let a = &self.arena.video;
         let mut e = VideoEmbeddings { global: Vec::with_capacity(b * p), local: Vec::with_capacity(b * nr * p), mask_additive: Vec::with_capacity(b * nr) };
@@ -440,6 +452,30 @@ mod tests {
         let l2 = m.forward_backward(&batch(&big, 4, 2, 3, 10), &cfg, true);
         assert_eq!(arena_buffers(&m), after_first, "a smaller batch in between reallocated");
         assert!(l1.loss_total.is_finite() && l2.loss_total.is_finite());
+    }
+
+    /// The inference forward (one block's buffers, ping-pong residual stream) gives the
+    /// training forward's outputs bit for bit, and leaves the kept activations usable.
+    #[test]
+    fn embed_video_inference_between_training_steps() {
+        let mut m = Model::new(tiny());
+        m.init_random(5);
+        let cfg = LossConfig::default();
+        let d = data(3, 2, 3, 10);
+        let b = batch(&d, 3, 2, 3, 10);
+        let first = m.forward_backward(&b, &cfg, true);
+        let g1 = m.params.grad.clone();
+        let tokens = m.forward_tokens(&b, false).1.to_vec();
+        let e = m.embed_video_inference(b.object, b.object_mask, 3, 2, 3);
+        let p = m.config.proj_dim;
+        for bi in 0..3 {
+            let t = &tokens[bi * 7 * p..(bi + 1) * 7 * p];
+            assert_eq!(&e.global[bi * p..(bi + 1) * p], &t[..p]);
+            assert_eq!(&e.local[bi * 6 * p..(bi + 1) * 6 * p], &t[p..]);
+        }
+        let again = m.forward_backward(&b, &cfg, true);
+        assert_eq!(first.loss_total, again.loss_total);
+        assert_eq!(g1, m.params.grad);
     }
 
     #[test]

@@ -158,9 +158,22 @@ impl VideoTower {
     }
 
     /// `object` `[B, F, R, feature_dim + box_dim]`, `object_mask` `[B, F, R]` (1 real / 0 pad).
-    /// Fills `a.out` and `a.mask_add`.
+    /// Fills `a.out` and `a.mask_add`, keeping every block's activations for [`Self::backward`].
     #[allow(clippy::too_many_arguments)]
     pub fn forward(&self, data: &[f32], a: &mut VideoActs, object: &[f32], object_mask: &[f32], b: usize, f: usize, r: usize) {
+        self.forward_impl(data, a, object, object_mask, b, f, r, true);
+    }
+
+    /// [`Self::forward`] for inference: every block reuses one set of activation buffers
+    /// (two for the residual stream), so memory does not grow with depth. Identical outputs;
+    /// no backward pass may follow.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_inference(&self, data: &[f32], a: &mut VideoActs, object: &[f32], object_mask: &[f32], b: usize, f: usize, r: usize) {
+        self.forward_impl(data, a, object, object_mask, b, f, r, false);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn forward_impl(&self, data: &[f32], a: &mut VideoActs, object: &[f32], object_mask: &[f32], b: usize, f: usize, r: usize, keep: bool) {
         let c = &self.cfg;
         let (d, mlp, heads) = (c.dim, c.mlp_dim, c.heads);
         let row = c.feature_dim + c.box_dim;
@@ -182,8 +195,10 @@ impl VideoTower {
         add_in_place(&mut a.e, &a.tmp);
 
         // Sequence [CLS, regions…] with CLS and temporal positions.
-        a.xs.resize_with(c.depth + 1, Vec::new);
-        a.blocks.resize_with(c.depth, Default::default);
+        // Kept: one residual-stream buffer per block boundary and one activation set per
+        // block. Inference: two and one, used in turn.
+        a.xs.resize_with(if keep { c.depth + 1 } else { a.xs.len().max(2) }, Vec::new);
+        a.blocks.resize_with(if keep { c.depth } else { a.blocks.len().max(1) }, Default::default);
         let x0 = &mut a.xs[0];
         fit(x0, n * d);
         let cls = &data[self.cls.clone()];
@@ -215,9 +230,15 @@ impl VideoTower {
         let hd = d / heads;
         let scale = (hd as f32).powf(-0.5);
         for (li, blk) in self.blocks.iter().enumerate() {
-            let (before, after) = a.xs.split_at_mut(li + 1);
-            let (x, out) = (&before[li], &mut after[0]);
-            let ba = &mut a.blocks[li];
+            let (xi, oi, bi) = if keep { (li, li + 1, li) } else { (li % 2, (li + 1) % 2, 0) };
+            let (x, out) = if xi < oi {
+                let (lo, hi) = a.xs.split_at_mut(oi);
+                (&lo[xi], &mut hi[0])
+            } else {
+                let (lo, hi) = a.xs.split_at_mut(xi);
+                (&hi[0], &mut lo[oi])
+            };
+            let ba = &mut a.blocks[bi];
             // x_mid = x + proj(attn(norm1(x)))
             fit(&mut a.y, n * d);
             fit(&mut ba.m1, n);
@@ -237,7 +258,9 @@ impl VideoTower {
             fit(&mut ba.m2, n);
             fit(&mut ba.r2, n);
             blk.norm2.forward(data, &ba.xmid, &mut a.y, &mut ba.m2, &mut ba.r2);
-            let h = if a.recompute_mlp {
+            let h = if !keep {
+                &mut a.hs
+            } else if a.recompute_mlp {
                 ba.h = Vec::new();
                 &mut a.hs
             } else {
@@ -252,7 +275,7 @@ impl VideoTower {
             add_in_place(out, &ba.xmid);
         }
         fit(&mut a.out, n * self.proj.dout);
-        self.proj.forward(data, &a.xs[c.depth], d, n, &mut a.out);
+        self.proj.forward(data, &a.xs[if keep { c.depth } else { c.depth % 2 }], d, n, &mut a.out);
     }
 
     /// Accumulates parameter gradients given d(out) `[B, 1 + F·R, P]`; `object` must be the
