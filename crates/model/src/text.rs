@@ -7,7 +7,7 @@
 use crate::config::{TextConfig, TextKind};
 use crate::layers::{add_in_place, fit, range, zeroed, LayerNorm, Linear};
 use crate::params::{Params, ParamsBuilder};
-use demovlp_kernels::activation::{gelu_backward, gelu_forward};
+use demovlp_kernels::activation::{gelu_backward_in_place, gelu_forward};
 use demovlp_kernels::attention::{attention_backward, attention_forward, merge_heads, split_heads, AttnShape, KeyPattern};
 use demovlp_kernels::dropout::{dropout_mask, mul_in_place};
 use demovlp_kernels::embedding::{embedding_backward, embedding_forward};
@@ -176,8 +176,6 @@ pub struct TextActs {
     dx_a: Vec<f32>,
     dx_b: Vec<f32>,
     dz: Vec<f32>,
-    dg: Vec<f32>,
-    dh: Vec<f32>,
     dctx: Vec<f32>,
     dctx_h: Vec<f32>,
     dq_h: Vec<f32>,
@@ -199,7 +197,7 @@ impl TextActs {
     #[cfg(test)]
     pub(crate) fn buffers(&self) -> Vec<(usize, usize)> {
         let buf = |v: &Vec<f32>| (v.as_ptr() as usize, v.capacity());
-        let mut out = vec![buf(&self.emb), buf(&self.emb_mean), buf(&self.emb_rstd), buf(&self.mask_add), buf(&self.emb_drop), buf(&self.ctx_h), buf(&self.g), buf(&self.dx_a), buf(&self.dx_b), buf(&self.dz), buf(&self.dg), buf(&self.dh), buf(&self.dctx), buf(&self.dctx_h), buf(&self.dq_h), buf(&self.dk_h), buf(&self.dv_h), buf(&self.dq), buf(&self.dtmp)];
+        let mut out = vec![buf(&self.emb), buf(&self.emb_mean), buf(&self.emb_rstd), buf(&self.mask_add), buf(&self.emb_drop), buf(&self.ctx_h), buf(&self.g), buf(&self.dx_a), buf(&self.dx_b), buf(&self.dz), buf(&self.dctx), buf(&self.dctx_h), buf(&self.dq_h), buf(&self.dk_h), buf(&self.dv_h), buf(&self.dq), buf(&self.dtmp)];
         for v in &self.xs {
             out.push(buf(v));
         }
@@ -363,7 +361,6 @@ impl TextTower {
             // z2 = ffn2(gelu(ffn1(x1))) + x1
             fit(&mut a.g, n * hid);
             gelu_forward(&la.h, &mut a.g);
-            let dg = zeroed(&mut a.dg, n * hid);
             let dffn = if a.drop_hidden {
                 fit(&mut a.dtmp, n * d);
                 a.dtmp.copy_from_slice(&a.dz);
@@ -372,12 +369,14 @@ impl TextTower {
             } else {
                 &a.dz
             };
-            layer.ffn2.backward(data, grad, &a.g, hid, n, dffn, Some(dg));
-            let dh = zeroed(&mut a.dh, n * hid);
-            gelu_backward(&la.h, &a.dg, dh);
+            // ffn2's weight gradient first; then g is dead and its buffer takes d(g), which
+            // becomes d(ffn1 output) in place (one hidden-wide scratch buffer, no zeroing).
+            layer.ffn2.backward(data, grad, &a.g, hid, n, dffn, None);
+            layer.ffn2.backward_input(data, dffn, n, &mut a.g);
+            gelu_backward_in_place(&la.h, &mut a.g);
             fit(&mut a.dx_b, n * d);
             a.dx_b.copy_from_slice(&a.dz);
-            layer.ffn1.backward(data, grad, &la.x1, d, n, &a.dh, Some(&mut a.dx_b));
+            layer.ffn1.backward(data, grad, &la.x1, d, n, &a.g, Some(&mut a.dx_b));
             // x1 = LN1(z1)
             let dz1 = zeroed(&mut a.dz, n * d);
             layer.ln1.backward(data, grad, &la.z1, &la.m1, &la.r1, &a.dx_b, dz1);
