@@ -285,6 +285,8 @@ pub struct BenchTrainStepArgs {
     /// pass (faster by ~9 % of the arithmetic, ~280 MB more memory at the published size).
     #[arg(long)]
     pub keep_mlp: bool,
+    #[command(flatten)]
+    pub baseline: crate::bench_pytorch::BaselineArgs,
 }
 
 fn bench_model(dir: &Option<PathBuf>, frames: usize) -> Result<Model> {
@@ -359,16 +361,30 @@ pub fn bench_train_step(a: BenchTrainStepArgs) -> Result<()> {
     if !a.json {
         println!("train step: median {median:.3} s (min {min:.3}, max {max:.3}), peak RSS {rss:.0} MiB");
     }
-    println!(
-        "{}",
-        serde_json::json!({
-            "bench": "train-step", "median_s": median, "min_s": min, "max_s": max, "peak_rss_mb": rss,
-            "batch": a.batch, "frames": a.frames, "regions": a.regions, "text_len": a.text_len,
-            "runs": a.runs, "threads": threads, "params": model.params.len(), "last_loss": last_loss,
-            "recompute_mlp": !a.keep_mlp,
-        })
-    );
+    let mut out = serde_json::json!({
+        "bench": "train-step", "median_s": median, "min_s": min, "max_s": max, "peak_rss_mb": rss,
+        "batch": a.batch, "frames": a.frames, "regions": a.regions, "text_len": a.text_len,
+        "runs": a.runs, "threads": threads, "params": model.params.len(), "last_loss": last_loss,
+        "recompute_mlp": !a.keep_mlp,
+    });
+    // The PyTorch baseline has the published size built in; a loaded model would not compare.
+    if a.model.is_none() {
+        let mode = torch_mode("--bench", a.batch, a.frames, a.regions, a.text_len, a.runs, threads);
+        if let Some(torch) = crate::bench_pytorch::run(&a.baseline, &mode)? {
+            out.as_object_mut().unwrap().extend(crate::bench_pytorch::compare(median, rss, &torch)?);
+        }
+    }
+    println!("{out}");
     Ok(())
+}
+
+/// Arguments of `bench/pytorch_baseline.py` for the same sizes and thread count.
+fn torch_mode(mode: &str, batch: usize, frames: usize, regions: usize, text_len: usize, runs: usize, threads: usize) -> Vec<String> {
+    let n = |x: usize| x.to_string();
+    vec![
+        mode.into(), "--batch".into(), n(batch), "--frames".into(), n(frames), "--regions".into(), n(regions),
+        "--text-len".into(), n(text_len), "--runs".into(), n(runs), "--threads".into(), n(threads),
+    ]
 }
 
 #[derive(clap::Args)]
@@ -391,6 +407,8 @@ pub struct BenchEmbedArgs {
     /// Print only the JSON line on stdout.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub baseline: crate::bench_pytorch::BaselineArgs,
 }
 
 pub fn bench_embed(a: BenchEmbedArgs) -> Result<()> {
@@ -423,15 +441,25 @@ pub fn bench_embed(a: BenchEmbedArgs) -> Result<()> {
     if !a.json {
         println!("embed: {tps:.1} texts/s, {cps:.1} clips/s (median of {} calls of {}), peak RSS {rss:.0} MiB", a.runs, a.batch);
     }
-    println!(
-        "{}",
-        serde_json::json!({
-            "bench": "embed", "texts_per_s": tps, "clips_per_s": cps,
-            "text_median_s": tm, "text_min_s": tmin, "text_max_s": tmax,
-            "video_median_s": vm, "video_min_s": vmin, "video_max_s": vmax, "peak_rss_mb": rss,
-            "batch": a.batch, "frames": a.frames, "regions": a.regions, "text_len": a.text_len,
-            "runs": a.runs, "threads": threads,
-        })
-    );
+    let mut out = serde_json::json!({
+        "bench": "embed", "texts_per_s": tps, "clips_per_s": cps,
+        "text_median_s": tm, "text_min_s": tmin, "text_max_s": tmax,
+        "video_median_s": vm, "video_min_s": vmin, "video_max_s": vmax, "peak_rss_mb": rss,
+        "batch": a.batch, "frames": a.frames, "regions": a.regions, "text_len": a.text_len,
+        "runs": a.runs, "threads": threads,
+    });
+    if a.model.is_none() {
+        let mode = torch_mode("--bench-embed", a.batch, a.frames, a.regions, a.text_len, a.runs, threads);
+        if let Some(torch) = crate::bench_pytorch::run(&a.baseline, &mode)? {
+            let (t_tps, t_cps) = (crate::bench_pytorch::number(&torch, "texts_per_s")?, crate::bench_pytorch::number(&torch, "clips_per_s")?);
+            println!("side by side (same run): demovlp {tps:.1} texts/s, {cps:.1} clips/s | PyTorch {t_tps:.1} texts/s, {t_cps:.1} clips/s");
+            println!("throughput ratio demovlp/PyTorch: texts {:.2}x, clips {:.2}x", tps / t_tps, cps / t_cps);
+            let o = out.as_object_mut().unwrap();
+            o.insert("pytorch_texts_per_s".into(), t_tps.into());
+            o.insert("pytorch_clips_per_s".into(), t_cps.into());
+            o.insert("pytorch_peak_rss_mb".into(), crate::bench_pytorch::number(&torch, "peak_rss_mb")?.into());
+        }
+    }
+    println!("{out}");
     Ok(())
 }

@@ -98,7 +98,7 @@ pub fn evaluate(model: &mut Model, set: &EvalSet, tok: &Tokenizer, opt: &EvalOpt
     for start in (0..nv).step_by(bs) {
         let idx: Vec<usize> = (start..(start + bs).min(nv)).collect();
         let b = assemble(&vset, &idx, opt.shape, tok, Draw::Eval, false)?;
-        let e = model.embed_video(&b.object, &b.object_mask, b.batch, b.frames, b.regions);
+        let e = model.embed_video_inference(&b.object, &b.object_mask, b.batch, b.frames, b.regions);
         vg.extend_from_slice(&e.global);
         vl.extend_from_slice(&e.local);
         vm.extend_from_slice(&e.mask_additive);
