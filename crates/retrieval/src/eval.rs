@@ -127,7 +127,10 @@ pub fn local_scores_items(text: &Items, video: &Items, lambda: f32, masked_mean:
         let tasks: Vec<(usize, usize, Vec<f32>)> = (0..(v1 - v0) * text_blocks)
             .into_par_iter()
             .map_init(TaskScratch::default, |sc, k| {
-                let (v, tb) = (v0 + k / text_blocks, k % text_blocks);
+                // Consecutive tasks share the text block: its rows (the GEMM's A, re-packed
+                // per call) stay in cache while the wave's videos go by.
+                let nw = v1 - v0;
+                let (v, tb) = (v0 + k % nw, k / nw);
                 let t0 = tb * TEXT_BLOCK;
                 let t1 = (t0 + TEXT_BLOCK).min(nt);
                 (v, t0, score_block(sc, Side { items: text, gram: &text_gram, active: &text_active }, t0..t1, Side { items: video, gram: &video_gram, active: &video_active }, v, lambda, masked_mean))
@@ -161,6 +164,16 @@ struct Kept {
     pos: Vec<u32>, // in the active list
     ctx: Vec<u32>, // context index
     w: Vec<f32>,
+}
+
+impl Kept {
+    fn fit(&mut self, len: usize) {
+        if self.pos.len() < len {
+            self.pos.resize(len, 0);
+            self.ctx.resize(len, 0);
+            self.w.resize(len, 0.0);
+        }
+    }
 }
 
 fn pad8(x: usize) -> usize {
@@ -273,14 +286,23 @@ fn pair<const AVX2: bool>(sc: &mut TaskScratch, i: usize, text: Side, t: usize, 
     let (ta, va) = (text.active.of(t), video.active.of(v));
     let (wa, na) = (pad8(ta.len()), pad8(va.len()));
 
-    // Word → region: query rows = words of t, contexts = the active regions of v.
-    gather(&mut sc.ctx, m, np, w, va, na, false);
+    // Word → region: query rows = words of t, contexts = the active regions of v. When
+    // every region is active the gathered block would equal M itself (its padding
+    // columns are 0 too), so M is read in place.
+    let all_active = va.len() == n && va.iter().enumerate().all(|(j, &c)| c as usize == j);
+    if !all_active {
+        gather(&mut sc.ctx, m, np, w, va, na, false);
+    }
     pad_gather(&mut sc.cnorm, &sc.colnorm, va, na, 1.0);
     pad_gather(&mut sc.cmask, vm, va, na, f32::NEG_INFINITY);
     sc.z.resize(na.max(wa), 0.0);
     let vgram = &video.gram[v * n * n..(v + 1) * n * n];
     let (mut sum, mut real) = (0f32, 0usize);
-    for (l, mrow) in sc.ctx.chunks_exact(na).enumerate() {
+    let ctx = if all_active { m } else { &sc.ctx[..] };
+    sc.kept.fit(na.max(wa));
+    // query_row_cos relies on every active context being < the context count.
+    assert!(va.iter().all(|&c| (c as usize) < n) && ta.iter().all(|&c| (c as usize) < w));
+    for (l, mrow) in ctx.chunks_exact(na).enumerate() {
         let c = query_row_cos::<AVX2>(mrow, &sc.cnorm, tm[l], &sc.cmask, lambda, n, va, vgram, text.items.norm(t)[l], &mut sc.z[..na], &mut sc.kept);
         if !masked_mean || is_real(tm[l]) {
             sum += c;
@@ -320,10 +342,13 @@ fn gather(out: &mut Vec<f32>, m: &[f32], ld: usize, rows: usize, cols: &[u32], w
             }
         }
     } else {
+        // Bounds checked once here so the inner loop is a plain indexed copy.
+        assert!(cols.iter().all(|&c| (c as usize) < ld) && cols.len() <= width);
         for r in 0..rows {
-            let (src, dst) = (&m[r * ld..(r + 1) * ld], &mut out[r * width..(r + 1) * width]);
+            let (src, dst) = (&m[r * ld..(r + 1) * ld], &mut out[r * width..r * width + cols.len()]);
             for (d, &c) in dst.iter_mut().zip(cols) {
-                *d = src[c as usize];
+                // SAFETY: every c < ld = src.len(), asserted above.
+                *d = unsafe { *src.get_unchecked(c as usize) };
             }
         }
     }
@@ -392,55 +417,121 @@ fn query_row_cos<const AVX2: bool>(
     // Focal "equal": keep P above the row mean (branch-free compaction; adding the
     // dropped entries as 0 leaves the kept sum unchanged), renormalise.
     let la = active.len();
-    kept.pos.resize(la, 0);
-    kept.ctx.resize(la, 0);
-    kept.w.resize(la, 0.0);
-    let (mut k, mut kept_sum) = (0usize, 0f32);
-    let thr = |p: f32| p * lc as f32 - total > 0.0;
+    // `kept` is sized and `active` (< lc) checked once per direction by the caller; the
+    // rest is checked here so the loops below index without bounds checks.
+    assert!(kept.pos.len() >= z.len() && kept.ctx.len() >= la && kept.w.len() >= z.len());
+    assert!(z.len() >= la && mrow.len() >= la && gram.len() >= lc * lc);
+    let (kp, kc, kw) = (&mut kept.pos[..], &mut kept.ctx[..la], &mut kept.w[..]);
+    // Branch-free left-pack per 8-lane chunk: every lane is written at slot k and k only
+    // advances past the kept ones (data-dependent branches here mispredict constantly).
+    let mut k = 0usize;
     for (c, zc) in z.chunks_exact(8).enumerate() {
-        let mut bits = 0u32;
-        for (q, &p) in zc.iter().enumerate() {
-            bits |= (thr(p) as u32) << q;
+        let valid = la.saturating_sub(c * 8).min(8);
+        let bits = focal_bits::<AVX2>(zc.try_into().unwrap(), lc as f32, total) & ((1u32 << valid) - 1);
+        if bits == 0 {
+            continue;
         }
-        while bits != 0 {
-            let s = c * 8 + bits.trailing_zeros() as usize;
-            bits &= bits - 1;
-            if s < la {
-                kept.pos[k] = s as u32;
-                kept.ctx[k] = active[s];
-                kept.w[k] = z[s];
-                kept_sum += z[s];
-                k += 1;
+        for (q, &p) in zc.iter().enumerate() {
+            // SAFETY: k ≤ c·8 + q < z.len() ≤ kp.len(), kw.len() (asserted above).
+            unsafe {
+                *kp.get_unchecked_mut(k) = (c * 8 + q) as u32;
+                *kw.get_unchecked_mut(k) = p;
             }
+            k += ((bits >> q) & 1) as usize;
         }
     }
-    let (pos, idx, wts) = (&kept.pos[..k], &kept.ctx[..k], &mut kept.w[..k]);
-    let mut u = 0f32;
-    for (&s, r) in pos.iter().zip(wts.iter_mut()) {
+    // Kept sum in kept order, as before.
+    let mut kept_sum = 0f32;
+    for i in 0..k {
+        kc[i] = active[kp[i] as usize];
+        kept_sum += kw[i];
+    }
+    let (pos, idx, wts) = (&kp[..k], &kc[..k], &mut kw[..k]);
+    // Renormalise in its own loop so the divisions vectorise (each is exact per lane).
+    for r in wts.iter_mut() {
         *r /= kept_sum;
-        u += *r * mrow[s as usize];
+    }
+    let mut u = 0f32;
+    for (&s, r) in pos.iter().zip(wts.iter()) {
+        // SAFETY: s < la ≤ mrow.len() (asserted above).
+        u += *r * unsafe { *mrow.get_unchecked(s as usize) };
     }
     // ‖w‖² with the Gram matrix's symmetry: Σ_i R_i (R_i G_ii + 2 Σ_{j<i} R_j G_ij);
     // four partial sums break the add latency chain.
+    let wts = &*wts;
     let mut wn2 = 0f32;
     for i in 0..k {
         let si = idx[i] as usize;
-        let grow = &gram[si * lc..(si + 1) * lc];
-        let mut off = [0f32; 4];
-        let full = i / 4 * 4;
-        for j in (0..full).step_by(4) {
-            for q in 0..4 {
-                off[q] += wts[j + q] * grow[idx[j + q] as usize];
-            }
-        }
-        for j in full..i {
-            off[j - full] += wts[j] * grow[idx[j] as usize];
-        }
-        let off = (off[0] + off[1]) + (off[2] + off[3]);
-        wn2 += wts[i] * (wts[i] * grow[si] + 2.0 * off);
+        // SAFETY: every kept context index is an active one, < lc (asserted above), and
+        // gram holds lc × lc values.
+        let off = unsafe { gram_off::<AVX2>(&wts[..i], &idx[..i], gram.as_ptr().add(si * lc)) };
+        wn2 += wts[i] * (wts[i] * gram[si * lc + si] + 2.0 * off);
     }
     let wn = wn2.max(0.0).sqrt();
     (q_norm + NORM_EPS) * u / (q_norm * wn).max(NORM_EPS)
+}
+
+/// Σ_j w[j]·grow[idx[j]] in four partial sums (lane j mod 4, then (0+1)+(2+3)), the same
+/// order on both paths.
+///
+/// # Safety
+/// grow[idx[j]] must be in bounds for every j.
+#[inline(always)]
+unsafe fn gram_off<const AVX2: bool>(w: &[f32], idx: &[u32], grow: *const f32) -> f32 {
+    let n = w.len().min(idx.len());
+    let full = n / 4 * 4;
+    let mut off = [0f32; 4];
+    #[cfg(target_arch = "x86_64")]
+    if AVX2 {
+        use std::arch::x86_64::*;
+        let mut acc = _mm_setzero_ps();
+        for j in (0..full).step_by(4) {
+            let g = _mm_set_ps(
+                *grow.add(*idx.get_unchecked(j + 3) as usize),
+                *grow.add(*idx.get_unchecked(j + 2) as usize),
+                *grow.add(*idx.get_unchecked(j + 1) as usize),
+                *grow.add(*idx.get_unchecked(j) as usize),
+            );
+            acc = _mm_add_ps(acc, _mm_mul_ps(_mm_loadu_ps(w.as_ptr().add(j)), g));
+        }
+        _mm_storeu_ps(off.as_mut_ptr(), acc);
+    }
+    if !AVX2 || cfg!(not(target_arch = "x86_64")) {
+        for j in (0..full).step_by(4) {
+            for q in 0..4 {
+                off[q] += *w.get_unchecked(j + q) * *grow.add(*idx.get_unchecked(j + q) as usize);
+            }
+        }
+    }
+    for j in full..n {
+        off[j - full] += *w.get_unchecked(j) * *grow.add(*idx.get_unchecked(j) as usize);
+    }
+    (off[0] + off[1]) + (off[2] + off[3])
+}
+
+/// Bit q set iff p[q]·lc − total > 0 (the focal "above the row mean" test; NaN → unset).
+#[inline(always)]
+fn focal_bits<const AVX2: bool>(p: &[f32; 8], lc: f32, total: f32) -> u32 {
+    #[cfg(target_arch = "x86_64")]
+    if AVX2 {
+        // SAFETY: see `exp_shifted`.
+        return unsafe { focal_bits_avx2(p, lc, total) };
+    }
+    let mut bits = 0u32;
+    for (q, &x) in p.iter().enumerate() {
+        bits |= ((x * lc - total > 0.0) as u32) << q;
+    }
+    bits
+}
+
+/// Same operations as the portable test (mul, then sub, no FMA), so the same bits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn focal_bits_avx2(p: &[f32; 8], lc: f32, total: f32) -> u32 {
+    use std::arch::x86_64::*;
+    let x = _mm256_sub_ps(_mm256_mul_ps(_mm256_loadu_ps(p.as_ptr()), _mm256_set1_ps(lc)), _mm256_set1_ps(total));
+    _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(x, _mm256_setzero_ps())) as u32
 }
 
 /// Whether the AVX2 element-wise path runs here (also used by the training kernel).
