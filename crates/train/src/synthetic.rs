@@ -19,7 +19,6 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use demovlp_data::regions::{fill_frame, FrameFile, SortedFrame, FEAT_DIM};
 use demovlp_data::FeatureSource;
-use demovlp_formats::{write_npz, NpyArray, Value};
 use demovlp_kernels::rng::Rng;
 use rayon::prelude::*;
 
@@ -230,6 +229,21 @@ pub struct SyntheticFrame {
     pub num_boxes: usize,
     pub image_w: usize,
     pub image_h: usize,
+}
+
+impl SyntheticFrame {
+    /// The frame as the data crate's in-memory `.npz` frame, plus its `objects_id`.
+    pub fn into_frame_file(self) -> (FrameFile, Vec<i64>) {
+        let f = FrameFile {
+            n: self.num_boxes,
+            x: self.x,
+            bbox: self.bbox,
+            conf: self.objects_conf,
+            image_w: self.image_w as f32,
+            image_h: self.image_h as f32,
+        };
+        (f, self.objects_id)
+    }
 }
 
 /// A sparse non-negative feature pattern: (dimension, value) pairs.
@@ -484,27 +498,12 @@ impl SyntheticCorpus {
         Ok(())
     }
 
+    /// One frame in the extractor's layout, through the data crate's writer (the same one
+    /// its tests use), so the demo's files are exactly what the real reader expects.
     fn write_frame(&self, clip: &ClipSpec, frame: usize, path: &Path) -> Result<()> {
-        let f = self.frame(clip, frame);
-        let n = f.num_boxes;
-        let info = Value::Dict(vec![
-            (Value::Str("image_id".into()), Value::Str(format!("{}_{frame}", clip.id.replace('/', "_")))),
-            (Value::Str("image_h".into()), Value::Int(f.image_h as i64)),
-            (Value::Str("image_w".into()), Value::Int(f.image_w as i64)),
-            (Value::Str("num_boxes".into()), Value::Int(n as i64)),
-            (Value::Str("objects_id".into()), Value::Array(NpyArray::from_i64(&[n], &f.objects_id))),
-            (Value::Str("objects_conf".into()), Value::Array(NpyArray::from_f32(&[n], &f.objects_conf))),
-        ]);
-        let arrays = [
-            ("x", NpyArray::from_f32(&[n, self.config.feature_dim], &f.x)),
-            ("bbox", NpyArray::from_f32(&[n, 4], &f.bbox)),
-            ("num_bbox", NpyArray::from_i64(&[], &[n as i64])),
-            ("image_h", NpyArray::from_i64(&[], &[f.image_h as i64])),
-            ("image_w", NpyArray::from_i64(&[], &[f.image_w as i64])),
-            ("info", NpyArray::object_scalar(&info)?),
-        ];
-        let refs: Vec<(&str, &NpyArray)> = arrays.iter().map(|(k, a)| (*k, a)).collect();
-        write_npz(path, &refs).with_context(|| format!("writing {}", path.display()))
+        let (f, objects_id) = self.frame(clip, frame).into_frame_file();
+        let image_id = format!("{}_{frame}", clip.id.replace('/', "_"));
+        f.write(path, &image_id, &objects_id).with_context(|| format!("writing {}", path.display()))
     }
 }
 
@@ -528,7 +527,7 @@ impl FeatureSource for SyntheticCorpus {
             bail!("synthetic corpus: feature_dim {} but region tokens need {FEAT_DIM}", self.config.feature_dim);
         }
         let g = self.frame(spec, frame);
-        let f = FrameFile { n: g.num_boxes, x: g.x, bbox: g.bbox, conf: g.objects_conf, image_w: g.image_w as f32, image_h: g.image_h as f32 };
+        let (f, _) = g.into_frame_file();
         let order = f.sorted_rows();
         let keep = &order[..order.len().min(regions)];
         let boxes = f.sorted_boxes(keep);
