@@ -54,22 +54,8 @@ pub fn global_loss(
     let mut row_sm = vec![0f64; b * b];
     let mut col_sm = vec![0f64; b * b];
     let mut loss = 0f64;
-    for i in 0..b {
-        let m = (0..b).map(|j| g[i * b + j] as f64 * inv_tau).fold(f64::NEG_INFINITY, f64::max);
-        let s: f64 = (0..b).map(|j| (g[i * b + j] as f64 * inv_tau - m).exp()).sum();
-        for j in 0..b {
-            row_sm[i * b + j] = (g[i * b + j] as f64 * inv_tau - m).exp() / s;
-        }
-        loss -= (g[i * b + i] as f64 * inv_tau - m - s.ln()) / b as f64;
-    }
-    for j in 0..b {
-        let m = (0..b).map(|i| g[i * b + j] as f64 * inv_tau).fold(f64::NEG_INFINITY, f64::max);
-        let s: f64 = (0..b).map(|i| (g[i * b + j] as f64 * inv_tau - m).exp()).sum();
-        for i in 0..b {
-            col_sm[i * b + j] = (g[i * b + j] as f64 * inv_tau - m).exp() / s;
-        }
-        loss -= (g[j * b + j] as f64 * inv_tau - m - s.ln()) / b as f64;
-    }
+    softmax_cross_entropy(&g, b, inv_tau, |i, j| i * b + j, &mut row_sm, &mut loss);
+    softmax_cross_entropy(&g, b, inv_tau, |j, i| i * b + j, &mut col_sm, &mut loss);
     if !want_grad {
         return (g, loss as f32, None);
     }
@@ -111,4 +97,19 @@ fn normalize_clamped_backward(g: &[f32], xh: &[f32], norms: &[f32], x: &[f32], n
         }
     }
     out
+}
+
+/// Softmax of G/τ along one axis for every index `o` of the other (`at(o, k)` is the flat
+/// position of entry k of line o), written to `sm`; subtracts the mean cross-entropy of the
+/// diagonal entries from `loss`. One function for both directions of the contrastive loss.
+fn softmax_cross_entropy(g: &[f32], b: usize, inv_tau: f64, at: impl Fn(usize, usize) -> usize, sm: &mut [f64], loss: &mut f64) {
+    for o in 0..b {
+        let z = |k: usize| g[at(o, k)] as f64 * inv_tau;
+        let m = (0..b).map(z).fold(f64::NEG_INFINITY, f64::max);
+        let s: f64 = (0..b).map(|k| (z(k) - m).exp()).sum();
+        for k in 0..b {
+            sm[at(o, k)] = (z(k) - m).exp() / s;
+        }
+        *loss -= (z(o) - m - s.ln()) / b as f64;
+    }
 }
