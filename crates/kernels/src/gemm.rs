@@ -1,4 +1,5 @@
-//! Row-major single-precision GEMM on top of `matrixmultiply` (pure Rust).
+//! Row-major single-precision GEMM: our AVX-512 kernel ([`crate::gemm_avx512`]) where the CPU
+//! has it, `matrixmultiply` (pure Rust) elsewhere or when asked ([`set_backend`]).
 //!
 //! Threading is ours, not matrixmultiply's: a large product is cut into tiles of C that rayon
 //! runs as independent single-threaded GEMMs. Measured on the step's shapes (2 cores), this
@@ -8,6 +9,62 @@
 //! fixed), so results do not depend on the thread count.
 
 use rayon::prelude::*;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+/// Which single-threaded GEMM runs the tiles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// Our AVX-512 12×32 kernel when the CPU has AVX-512F, else matrixmultiply.
+    Auto,
+    /// matrixmultiply everywhere (its own AVX-512/FMA/AVX kernels): the baseline of
+    /// `demovlp bench gemm` and a reference in tests.
+    MatrixMultiply,
+}
+
+/// 0 unset (read `DEMOVLP_GEMM` on first use), else `Backend as u8 + 1`.
+static BACKEND: AtomicU8 = AtomicU8::new(0);
+
+/// Selects the GEMM backend for the whole process (benchmarks and tests compare them).
+/// Without a call, the environment variable `DEMOVLP_GEMM=matrixmultiply` selects the
+/// baseline; anything else (or nothing) means [`Backend::Auto`].
+pub fn set_backend(b: Backend) {
+    BACKEND.store(b as u8 + 1, Ordering::Relaxed);
+}
+
+fn backend() -> Backend {
+    match BACKEND.load(Ordering::Relaxed) {
+        0 => {
+            let b = match std::env::var("DEMOVLP_GEMM").as_deref() {
+                Ok("matrixmultiply") => Backend::MatrixMultiply,
+                _ => Backend::Auto,
+            };
+            BACKEND.store(b as u8 + 1, Ordering::Relaxed);
+            b
+        }
+        1 => Backend::Auto,
+        _ => Backend::MatrixMultiply,
+    }
+}
+
+/// The backend that runs now: `Auto` resolved to what this CPU supports.
+pub fn backend_name() -> &'static str {
+    if use_avx512() {
+        "avx512-12x32"
+    } else {
+        "matrixmultiply"
+    }
+}
+
+fn use_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        backend() == Backend::Auto && crate::gemm_avx512::available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
 
 /// Whether an operand is used as stored or transposed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,6 +119,14 @@ pub fn sgemm(
         }
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if use_avx512() {
+        let parallel = rayon::current_num_threads() > 1 && m * n * k >= PAR_MIN_MACS;
+        // SAFETY: the CPU has AVX-512F (checked), the asserts above keep every strided access
+        // inside the slices, and `c` is borrowed mutably so it cannot alias `a` or `b`.
+        unsafe { crate::gemm_avx512::sgemm(m, n, k, alpha, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, beta, c.as_mut_ptr(), ldc, parallel) };
+        return;
+    }
     let (tm, tn) = tiles(m, n, k, rayon::current_num_threads());
     let (a_ptr, b_ptr, c_ptr) = (a.as_ptr() as usize, b.as_ptr() as usize, c.as_mut_ptr() as usize);
     let tile = |t: usize| {
@@ -104,8 +169,10 @@ const PAR_MIN_MACS: usize = 1 << 23;
 /// Columns per tile: matrixmultiply packs B in panels of 1024 columns anyway, so cutting N
 /// at that width adds no packing; cutting M re-packs B once per extra row block.
 const TILE_N: usize = 1024;
-/// Tile edges are multiples of the 16-wide AVX-512 micro-kernel.
-const ALIGN: usize = 16;
+/// Tile edges are multiples of the micro-kernels' tiles (12 × 32 ours, 16 × 16
+/// matrixmultiply's AVX-512 one): rows of 48, columns of 32.
+const ALIGN_M: usize = 48;
+const ALIGN_N: usize = 32;
 
 /// Tile shape (rows, columns) of C: column panels of at most `TILE_N`, and the fewest row
 /// cuts that make the tile count a multiple of the thread count (equal shares). Every row cut
@@ -115,7 +182,7 @@ fn tiles(m: usize, n: usize, k: usize, threads: usize) -> (usize, usize) {
         return (m, n);
     }
     let cn = n.div_ceil(TILE_N);
-    let tn = n.div_ceil(cn).next_multiple_of(ALIGN).min(n);
+    let tn = n.div_ceil(cn).next_multiple_of(ALIGN_N).min(n);
     let cn = n.div_ceil(tn);
     let gcd = |mut a: usize, mut b: usize| {
         while b != 0 {
@@ -123,8 +190,8 @@ fn tiles(m: usize, n: usize, k: usize, threads: usize) -> (usize, usize) {
         }
         a
     };
-    let cm = (threads / gcd(cn, threads)).min(m.div_ceil(4 * ALIGN)).max(1);
-    let tm = m.div_ceil(cm).next_multiple_of(ALIGN).min(m);
+    let cm = (threads / gcd(cn, threads)).min(m.div_ceil(4 * ALIGN_M)).max(1);
+    let tm = m.div_ceil(cm).next_multiple_of(ALIGN_M).min(m);
     (tm, tn)
 }
 
@@ -172,6 +239,45 @@ mod tests {
                     let want = naive(ta, tb, m, n, k, &a, &b);
                     for ((x, w), i) in c2.iter().zip(&want).zip(&init) {
                         assert!((x - (1.5 * w + beta * i)).abs() < 1e-3 * (1.0 + w.abs()), "{x} vs {w}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Our AVX-512 kernel directly (when this CPU has it): ragged edges in every dimension,
+    /// several KC-deep slices and NC-wide blocks, every transpose, beta 0 and not; serial and
+    /// parallel runs equal bit for bit.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx512_kernel_matches_naive_on_ragged_shapes() {
+        if !crate::gemm_avx512::available() {
+            eprintln!("no AVX-512F on this CPU: kernel not exercised");
+            return;
+        }
+        let pool2 = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        for (m, n, k) in [(1, 1, 1), (13, 33, 257), (25, 1030, 600), (12, 32, 256), (50, 70, 3)] {
+            let a: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013).collect();
+            let b: Vec<f32> = (0..k * n).map(|i| ((i * 13 % 97) as f32 - 48.0) * 0.021).collect();
+            for ta in [Trans::No, Trans::Yes] {
+                for tb in [Trans::No, Trans::Yes] {
+                    let (rsa, csa) = if ta == Trans::No { (k as isize, 1) } else { (1, m as isize) };
+                    let (rsb, csb) = if tb == Trans::No { (n as isize, 1) } else { (1, k as isize) };
+                    let want = naive(ta, tb, m, n, k, &a, &b);
+                    for beta in [0.0f32, 0.5] {
+                        let init: Vec<f32> = (0..m * n).map(|i| (i % 7) as f32).collect();
+                        let (mut c1, mut c2) = (init.clone(), init.clone());
+                        unsafe {
+                            crate::gemm_avx512::sgemm(m, n, k, 1.5, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, beta, c1.as_mut_ptr(), n, false);
+                        }
+                        pool2.install(|| unsafe {
+                            crate::gemm_avx512::sgemm(m, n, k, 1.5, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, beta, c2.as_mut_ptr(), n, true);
+                        });
+                        assert!(c1.iter().zip(&c2).all(|(x, y)| x.to_bits() == y.to_bits()), "{m}x{n}x{k} {ta:?} {tb:?}: serial != parallel");
+                        for ((x, w), i) in c1.iter().zip(&want).zip(&init) {
+                            let e = 1.5 * w + beta * i;
+                            assert!((x - e).abs() < 1e-3 * (1.0 + e.abs()), "{m}x{n}x{k} {ta:?} {tb:?} beta {beta}: {x} vs {e}");
+                        }
                     }
                 }
             }

@@ -10,6 +10,8 @@ pub mod dropout;
 pub mod embedding;
 pub mod fastmath;
 pub mod gemm;
+#[cfg(target_arch = "x86_64")]
+pub mod gemm_avx512;
 pub mod gradcheck;
 pub mod layernorm;
 pub mod linear;

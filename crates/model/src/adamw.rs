@@ -69,6 +69,87 @@ impl AdamWSettings {
     }
 }
 
+/// The per-step constants of an AdamW step (bias corrections folded into `step_size`).
+#[derive(Clone, Copy, Debug)]
+pub struct StepCoeffs {
+    step_size: f32,
+    decay: f32,
+    beta1: f32,
+    beta2: f32,
+    eps: f32,
+}
+
+impl StepCoeffs {
+    /// The update of one run of elements.
+    fn apply(&self, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
+        let (b1, b2, eps, step_size, decay) = (self.beta1, self.beta2, self.eps, self.step_size, self.decay);
+        let (one_b1, one_b2) = (1.0 - b1, 1.0 - b2);
+        for i in 0..g.len() {
+            let gi = g[i];
+            let mi = b1 * m[i] + one_b1 * gi;
+            let vi = b2 * v[i] + one_b2 * (gi * gi);
+            m[i] = mi;
+            v[i] = vi;
+            let mut pi = p[i] - step_size * (mi / (vi.sqrt() + eps));
+            pi -= decay * pi;
+            p[i] = pi;
+        }
+    }
+}
+
+/// Sorted, merged element ranges `[start, end)` of the tensors AdamW updates (those that
+/// receive gradients).
+pub fn updated_ranges(params: &Params) -> Vec<(usize, usize)> {
+    let mut ranges: Vec<(usize, usize)> = Vec::new();
+    for s in params.specs().iter().filter(|s| s.receives_grad && s.len > 0) {
+        match ranges.last_mut() {
+            Some(last) if last.1 == s.offset => last.1 = s.offset + s.len,
+            _ => ranges.push((s.offset, s.offset + s.len)),
+        }
+    }
+    ranges.sort_unstable();
+    ranges
+}
+
+/// One AdamW step applied window by window during the backward pass: a block's gradients
+/// are written to `scratch` (the size of one block, reused), then [`FusedStep::apply`]
+/// updates that block at once. The model never holds a whole-model gradient for the blocks,
+/// which is most of it. Same arithmetic per element as [`AdamW::step`].
+pub struct FusedStep<'a> {
+    pub opt: &'a mut AdamW,
+    pub coeffs: StepCoeffs,
+    pub ranges: &'a [(usize, usize)],
+    scratch: &'a mut Vec<f32>,
+    len: usize,
+}
+
+impl<'a> FusedStep<'a> {
+    /// Begins step t + 1 of `opt`; `ranges` from [`updated_ranges`].
+    pub fn begin(opt: &'a mut AdamW, ranges: &'a [(usize, usize)], scratch: &'a mut Vec<f32>) -> Self {
+        let coeffs = opt.begin_step();
+        FusedStep { opt, coeffs, ranges, scratch, len: 0 }
+    }
+
+    /// A zeroed gradient window of `len` values for the next block.
+    pub fn scratch(&mut self, len: usize) -> &mut [f32] {
+        self.len = len;
+        if self.scratch.len() < len {
+            self.scratch.resize(len, 0.0);
+        }
+        let g = &mut self.scratch[..len];
+        g.fill(0.0);
+        g
+    }
+
+    /// Updates the block `data` = elements `[base, base + data.len())` from the gradients
+    /// just written to the scratch window.
+    pub fn apply(&mut self, data: &mut [f32], base: usize) {
+        assert_eq!(data.len(), self.len, "fused AdamW: block and gradient window differ in length");
+        let c = self.coeffs;
+        self.opt.update_window(&c, self.ranges, data, &self.scratch[..self.len], base);
+    }
+}
+
 impl AdamW {
     pub fn new(n_params: usize, lr: f32, beta1: f32, beta2: f32, eps: f32, weight_decay: f32) -> Self {
         AdamW { lr, beta1, beta2, eps, weight_decay, m: vec![0.0; n_params], v: vec![0.0; n_params], t: 0 }
@@ -85,57 +166,48 @@ impl AdamW {
     /// One optimiser step from `params.grad`. Gradients are read, not cleared.
     pub fn step(&mut self, params: &mut Params) {
         assert_eq!(self.m.len(), params.data.len(), "AdamW state has {} values, model has {}", self.m.len(), params.data.len());
+        let c = self.begin_step();
+        let ranges = updated_ranges(params);
+        self.update_window(&c, &ranges, &mut params.data, &params.grad, 0);
+    }
+
+    /// Starts step t + 1: the coefficients every [`AdamW::update_window`] of this step uses.
+    /// (A step may be applied window by window, e.g. fused into the backward pass.)
+    pub fn begin_step(&mut self) -> StepCoeffs {
         self.t += 1;
         // The reference computes the step size in Python floats (f64), then scales f32 tensors.
         let t = self.t as i32;
         let bc1 = 1.0 - (self.beta1 as f64).powi(t);
         let bc2 = 1.0 - (self.beta2 as f64).powi(t);
-        let step_size = (self.lr as f64 * bc2.sqrt() / bc1) as f32;
-        let decay = (self.lr as f64 * self.weight_decay as f64) as f32;
-        let (b1, b2, eps) = (self.beta1, self.beta2, self.eps);
-        let (one_b1, one_b2) = (1.0 - b1, 1.0 - b2);
-
-        // Sorted, merged element ranges that get updated.
-        let mut ranges: Vec<(usize, usize)> = Vec::new();
-        for s in params.specs().iter().filter(|s| s.receives_grad && s.len > 0) {
-            match ranges.last_mut() {
-                Some(last) if last.1 == s.offset => last.1 = s.offset + s.len,
-                _ => ranges.push((s.offset, s.offset + s.len)),
-            }
+        StepCoeffs {
+            step_size: (self.lr as f64 * bc2.sqrt() / bc1) as f32,
+            decay: (self.lr as f64 * self.weight_decay as f64) as f32,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
         }
-        ranges.sort_unstable();
+    }
 
-        let grad = &params.grad;
-        params
-            .data
-            .par_chunks_mut(CHUNK)
-            .zip(self.m.par_chunks_mut(CHUNK))
-            .zip(self.v.par_chunks_mut(CHUNK))
-            .enumerate()
-            .for_each(|(ci, ((p, m), v))| {
-                let c0 = ci * CHUNK;
-                let c1 = c0 + p.len();
-                // First range that ends after this chunk starts.
-                let first = ranges.partition_point(|r| r.1 <= c0);
-                for &(r0, r1) in &ranges[first..] {
-                    if r0 >= c1 {
-                        break;
-                    }
-                    let (a, b) = (r0.max(c0), r1.min(c1));
-                    let g = &grad[a..b];
-                    let (p, m, v) = (&mut p[a - c0..b - c0], &mut m[a - c0..b - c0], &mut v[a - c0..b - c0]);
-                    for i in 0..g.len() {
-                        let gi = g[i];
-                        let mi = b1 * m[i] + one_b1 * gi;
-                        let vi = b2 * v[i] + one_b2 * (gi * gi);
-                        m[i] = mi;
-                        v[i] = vi;
-                        let mut pi = p[i] - step_size * (mi / (vi.sqrt() + eps));
-                        pi -= decay * pi;
-                        p[i] = pi;
-                    }
-                }
-            });
+    /// Updates the parameters `data` = elements `[base, base + data.len())` of the model from
+    /// their gradients `grad` (same window), touching only elements inside `ranges` (from
+    /// [`updated_ranges`]). Each element sees the same arithmetic however the step is cut.
+    pub fn update_window(&mut self, c: &StepCoeffs, ranges: &[(usize, usize)], data: &mut [f32], grad: &[f32], base: usize) {
+        assert_eq!(data.len(), grad.len(), "AdamW window: parameters and gradients differ in length");
+        let end = base + data.len();
+        assert!(end <= self.m.len(), "AdamW window ends at {end}, state has {} values", self.m.len());
+        let first = ranges.partition_point(|r| r.1 <= base);
+        for &(r0, r1) in &ranges[first..] {
+            if r0 >= end {
+                break;
+            }
+            let (a, b) = (r0.max(base), r1.min(end));
+            let (p, g) = (&mut data[a - base..b - base], &grad[a - base..b - base]);
+            let (m, v) = (&mut self.m[a..b], &mut self.v[a..b]);
+            p.par_chunks_mut(CHUNK)
+                .zip(g.par_chunks(CHUNK))
+                .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
+                .for_each(|((p, g), (m, v))| c.apply(p, g, m, v));
+        }
     }
 
     /// Write the optimiser state (moments as tensors, settings and step in the metadata).

@@ -62,7 +62,18 @@ impl Linear {
     }
 }
 
+/// `r` moved down by `base` (a tensor's place inside one block's window of the buffers).
+fn shift(r: &Range<usize>, base: usize) -> Range<usize> {
+    assert!(r.start >= base, "tensor at {r:?} lies before its block at {base}");
+    r.start - base..r.end - base
+}
+
 impl Linear {
+    /// The same layer addressed inside a window of the buffers that starts at `base`.
+    pub fn rebased(&self, base: usize) -> Linear {
+        Linear { w: shift(&self.w, base), b: self.b.as_ref().map(|b| shift(b, base)), ..self.clone() }
+    }
+
     /// dx = dy·W, overwriting `dx` (no zeroing pass). With [`Linear::backward`] given
     /// `dx = None` first, the caller may reuse the forward input's buffer for `dx`.
     pub fn backward_input(&self, data: &[f32], dy: &[f32], n: usize, dx: &mut [f32]) {
@@ -82,6 +93,11 @@ pub struct LayerNorm {
 impl LayerNorm {
     pub fn new(p: &Params, prefix: &str, dim: usize, eps: f32) -> Self {
         LayerNorm { w: range(p, &format!("{prefix}.weight")), b: range(p, &format!("{prefix}.bias")), dim, eps }
+    }
+
+    /// The same layer addressed inside a window of the buffers that starts at `base`.
+    pub fn rebased(&self, base: usize) -> LayerNorm {
+        LayerNorm { w: shift(&self.w, base), b: shift(&self.b, base), ..self.clone() }
     }
 
     pub fn forward(&self, data: &[f32], x: &[f32], y: &mut [f32], mean: &mut [f32], rstd: &mut [f32]) {
@@ -110,4 +126,16 @@ pub fn zeroed(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
 
 pub fn add_in_place(y: &mut [f32], x: &[f32]) {
     y.iter_mut().zip(x).for_each(|(y, x)| *y += x);
+}
+
+/// The window `[start, end)` of the buffers holding exactly the tensors whose names start
+/// with `prefix` (one transformer block): they must be contiguous, as declared.
+pub fn block_window(p: &Params, prefix: &str) -> Range<usize> {
+    let specs: Vec<_> = p.specs().iter().filter(|s| s.name.starts_with(prefix)).collect();
+    assert!(!specs.is_empty(), "no tensors named {prefix}*");
+    let start = specs.iter().map(|s| s.offset).min().unwrap_or(0);
+    let end = specs.iter().map(|s| s.offset + s.len).max().unwrap_or(0);
+    let total: usize = specs.iter().map(|s| s.len).sum();
+    assert_eq!(total, end - start, "tensors {prefix}* are not contiguous in the parameter buffer");
+    start..end
 }

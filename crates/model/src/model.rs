@@ -3,6 +3,7 @@
 //! `params.grad`. Activations live in an arena of reusable buffers sized by the largest
 //! batch seen so far, so steady-state training steps allocate nothing here.
 
+use crate::adamw::{updated_ranges, AdamW, FusedStep};
 use crate::config::{ModelConfig, TextKind};
 use crate::layers::{fit, zeroed, Linear};
 use crate::params::{Params, ParamsBuilder};
@@ -10,6 +11,7 @@ use crate::text::{self, TextActs, TextDropout, TextTower};
 use crate::video::{self, VideoActs, VideoTower};
 use demovlp_kernels::activation::{relu_backward, relu_forward};
 use demovlp_kernels::Rng;
+use std::ops::Range;
 use std::time::Instant;
 use demovlp_retrieval::{losses_forward, losses_forward_backward, LossConfig, LossInputs, LossOutputs};
 
@@ -95,6 +97,32 @@ pub struct Model {
     dropout_rng: Rng,
     /// Phase timings of the last `forward_backward`.
     pub phase_times: PhaseTimes,
+    /// Element ranges AdamW updates, and those of them outside every transformer block
+    /// (the fused step updates these from `params.grad` at the end).
+    updated_ranges: Vec<(usize, usize)>,
+    rest_ranges: Vec<(usize, usize)>,
+    /// One block's gradients during [`Model::train_step_fused`].
+    grad_scratch: Vec<f32>,
+}
+
+/// The parts of `ranges` (sorted, disjoint) outside every window of `windows` (sorted).
+fn subtract_windows(ranges: &[(usize, usize)], windows: &[Range<usize>]) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    for &(mut r0, r1) in ranges {
+        for w in windows {
+            if w.end <= r0 || w.start >= r1 {
+                continue;
+            }
+            if w.start > r0 {
+                out.push((r0, w.start));
+            }
+            r0 = r0.max(w.end);
+        }
+        if r0 < r1 {
+            out.push((r0, r1));
+        }
+    }
+    out
 }
 
 /// Declares every parameter of `config` in published state_dict order
@@ -124,7 +152,24 @@ impl Model {
         // ~9 % more arithmetic for ~280 MB less memory at the published size (issue 5's budget).
         let mut arena: Box<Arena> = Box::default();
         arena.video.recompute_mlp = true;
-        Model { config, params, text, video, txt_proj, arena, text_dropout: TextDropout::default(), dropout_rng: Rng::new(0), phase_times: PhaseTimes::default() }
+        let updated_ranges = updated_ranges(&params);
+        let mut windows: Vec<Range<usize>> = text.layer_windows().iter().chain(video.block_windows()).cloned().collect();
+        windows.sort_by_key(|w| w.start);
+        let rest_ranges = subtract_windows(&updated_ranges, &windows);
+        Model {
+            config,
+            params,
+            text,
+            video,
+            txt_proj,
+            arena,
+            text_dropout: TextDropout::default(),
+            dropout_rng: Rng::new(0),
+            phase_times: PhaseTimes::default(),
+            updated_ranges,
+            rest_ranges,
+            grad_scratch: Vec::new(),
+        }
     }
 
     /// Published-style initialisation for training from scratch: weights of linears and
@@ -287,9 +332,82 @@ impl Model {
 
     /// Forward, losses, and backward: zeroes then fills `params.grad`.
     pub fn forward_backward(&mut self, batch: &BatchRef, loss: &LossConfig, use_local: bool) -> LossOutputs {
-        self.check_batch(batch);
         let clock = Instant::now();
         self.params.zero_grad();
+        let (out, t_text, t_video) = self.forward_loss_grads(batch, loss, use_local, clock);
+        let t_loss = clock.elapsed().as_secs_f64();
+        let (dt, dv) = (std::mem::take(&mut self.arena.d_text_out), std::mem::take(&mut self.arena.d_video_out));
+        self.backward_text_tokens(batch.input_ids, &dt);
+        let t_text_bwd = clock.elapsed().as_secs_f64();
+        self.backward_video_tokens(batch.object, &dv);
+        self.arena.d_text_out = dt;
+        self.arena.d_video_out = dv;
+        self.set_phase_times([t_text, t_video, t_loss, t_text_bwd, clock.elapsed().as_secs_f64()]);
+        out
+    }
+
+    /// One whole training step — forward, losses, backward and the AdamW update of `opt` —
+    /// with the update fused into the backward pass: each transformer block's gradients
+    /// live in one block-sized scratch buffer and its update is applied as soon as they are
+    /// final; the remaining tensors (embeddings, projections) accumulate in `params.grad` and
+    /// are updated at the end. Parameters and optimiser state end exactly as after
+    /// [`Model::forward_backward`] + [`AdamW::step`], but the whole-model gradient is never
+    /// held (peak memory is lower by most of one parameter copy) and the update costs no
+    /// separate pass over memory. `params.grad` afterwards holds only the non-block
+    /// tensors' gradients (the blocks' are gone). A non-finite loss returns before any
+    /// update (nothing is changed but the dropout generator and the arena).
+    pub fn train_step_fused(&mut self, batch: &BatchRef, loss: &LossConfig, use_local: bool, opt: &mut AdamW) -> LossOutputs {
+        assert_eq!(opt.m.len(), self.params.len(), "AdamW state has {} values, model has {}", opt.m.len(), self.params.len());
+        let clock = Instant::now();
+        for &(r0, r1) in &self.rest_ranges {
+            self.params.grad[r0..r1].fill(0.0);
+        }
+        let (out, t_text, t_video) = self.forward_loss_grads(batch, loss, use_local, clock);
+        let t_loss = clock.elapsed().as_secs_f64();
+        if !out.loss_total.is_finite() {
+            return out;
+        }
+        let (dt, dv) = (std::mem::take(&mut self.arena.d_text_out), std::mem::take(&mut self.arena.d_video_out));
+        let mut scratch = std::mem::take(&mut self.grad_scratch);
+        let updated = std::mem::take(&mut self.updated_ranges);
+        let mut step = FusedStep::begin(opt, &updated, &mut scratch);
+        {
+            let a = &mut *self.arena;
+            let (b, l) = (a.text.batch, a.text.len);
+            let d = self.config.text.dim;
+            let (data, grad) = (&mut self.params.data, &mut self.params.grad);
+            let d_relu = zeroed(&mut a.d_relu, b * l * d);
+            self.txt_proj.backward(data, grad, &a.relu, d, b * l, &dt, Some(d_relu));
+            let d_hidden = zeroed(&mut a.d_hidden, b * l * d);
+            relu_backward(a.text.last_hidden(), &a.d_relu, d_hidden);
+            self.text.backward_fused(data, grad, &mut a.text, batch.input_ids, &a.d_hidden, &mut step);
+        }
+        let t_text_bwd = clock.elapsed().as_secs_f64();
+        self.video.backward_fused(&mut self.params.data, &mut self.params.grad, &mut self.arena.video, batch.object, &dv, &mut step);
+        let coeffs = step.coeffs;
+        opt.update_window(&coeffs, &self.rest_ranges, &mut self.params.data, &self.params.grad, 0);
+        self.grad_scratch = scratch;
+        self.updated_ranges = updated;
+        self.arena.d_text_out = dt;
+        self.arena.d_video_out = dv;
+        self.set_phase_times([t_text, t_video, t_loss, t_text_bwd, clock.elapsed().as_secs_f64()]);
+        out
+    }
+
+    fn set_phase_times(&mut self, [t_text, t_video, t_loss, t_text_bwd, t_end]: [f64; 5]) {
+        self.phase_times = PhaseTimes {
+            text_forward: t_text,
+            video_forward: t_video - t_text,
+            loss: t_loss - t_video,
+            text_backward: t_text_bwd - t_loss,
+            video_backward: t_end - t_text_bwd,
+        };
+    }
+
+    /// Forward through both towers and the losses; leaves d(text tokens) and d(video tokens)
+    /// in the arena. Returns the losses and the clock readings after each tower.
+    fn forward_loss_grads(&mut self, batch: &BatchRef, loss: &LossConfig, use_local: bool, clock: Instant) -> (LossOutputs, f64, f64) {
+        self.check_batch(batch);
         self.forward_text(batch.input_ids, batch.attention_mask, batch.batch, batch.text_len, true);
         let t_text = clock.elapsed().as_secs_f64();
         self.forward_video(batch.object, batch.object_mask, batch.batch, batch.frames, batch.regions);
@@ -311,23 +429,7 @@ impl Model {
             v[..p].copy_from_slice(&g.global_video[bi * p..(bi + 1) * p]);
             v[p..].copy_from_slice(&g.local_video[bi * nr * p..(bi + 1) * nr * p]);
         }
-        let dt = std::mem::take(&mut a.d_text_out);
-        let dv = std::mem::take(&mut a.d_video_out);
-        let t_loss = clock.elapsed().as_secs_f64();
-        self.backward_text_tokens(batch.input_ids, &dt);
-        let t_text_bwd = clock.elapsed().as_secs_f64();
-        self.backward_video_tokens(batch.object, &dv);
-        let t_end = clock.elapsed().as_secs_f64();
-        self.phase_times = PhaseTimes {
-            text_forward: t_text,
-            video_forward: t_video - t_text,
-            loss: t_loss - t_video,
-            text_backward: t_text_bwd - t_loss,
-            video_backward: t_end - t_text_bwd,
-        };
-        self.arena.d_text_out = dt;
-        self.arena.d_video_out = dv;
-        out
+        (out, t_text, t_video)
     }
 
     /// Forward and losses only, in evaluation mode (no dropout, no gradients touched).
@@ -433,6 +535,52 @@ mod tests {
 
     fn batch(d: &Data, b: usize, f: usize, r: usize, l: usize) -> BatchRef<'_> {
         BatchRef { batch: b, frames: f, regions: r, text_len: l, object: &d.object, object_mask: &d.mask, input_ids: &d.ids, attention_mask: &d.am }
+    }
+
+    /// The fused step (AdamW applied block by block inside the backward pass) must leave
+    /// parameters and both moments bit-identical to forward_backward + AdamW::step, over
+    /// several steps, for both text families, with dropout and weight decay on; and it must
+    /// never write a block's gradient into `params.grad`.
+    #[test]
+    fn fused_step_equals_backward_then_adamw_bit_for_bit() {
+        for kind in [TextKind::Distilbert, TextKind::Bert] {
+            let mut cfg = tiny();
+            cfg.text.kind = kind;
+            cfg.text.type_vocab_size = 2;
+            let mut plain = Model::new(cfg.clone());
+            plain.init_random(3);
+            plain.set_text_dropout(TextDropout::PUBLISHED, 11);
+            let mut fused = plain.clone();
+            let settings = crate::AdamWSettings { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-6, weight_decay: 0.01 };
+            let mut opt_plain = AdamW::with_settings(plain.params.len(), settings);
+            let mut opt_fused = opt_plain.clone();
+            let loss = LossConfig::default();
+            let d = data(3, 2, 3, 10);
+            for step in 0..3 {
+                let a = plain.forward_backward(&batch(&d, 3, 2, 3, 10), &loss, true);
+                opt_plain.step(&mut plain.params);
+                let b = fused.train_step_fused(&batch(&d, 3, 2, 3, 10), &loss, true, &mut opt_fused);
+                assert_eq!(a.loss_total.to_bits(), b.loss_total.to_bits(), "{kind:?} step {step}: loss");
+                let same = |x: &[f32], y: &[f32]| x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits());
+                assert!(same(&plain.params.data, &fused.params.data), "{kind:?} step {step}: parameters differ");
+                assert!(same(&opt_plain.m, &opt_fused.m) && same(&opt_plain.v, &opt_fused.v), "{kind:?} step {step}: moments differ");
+                assert_eq!(opt_plain.t, opt_fused.t);
+                for w in fused.text.layer_windows().iter().chain(fused.video.block_windows()) {
+                    assert!(fused.params.grad[w.clone()].iter().all(|&g| g == 0.0), "{kind:?}: a block gradient reached params.grad");
+                }
+            }
+            // The windows and the rest cover every updated element exactly once.
+            let mut count = vec![0u8; fused.params.len()];
+            for w in fused.text.layer_windows().iter().chain(fused.video.block_windows()) {
+                count[w.clone()].iter_mut().for_each(|c| *c += 1);
+            }
+            for &(r0, r1) in &fused.rest_ranges {
+                count[r0..r1].iter_mut().for_each(|c| *c += 1);
+            }
+            for s in fused.params.specs().iter().filter(|s| s.receives_grad) {
+                assert!(count[s.offset..s.offset + s.len].iter().all(|&c| c == 1), "{kind:?}: {} not covered exactly once", s.name);
+            }
+        }
     }
 
     #[test]

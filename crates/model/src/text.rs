@@ -5,7 +5,8 @@
 //! the attention output projection before its residual.
 
 use crate::config::{TextConfig, TextKind};
-use crate::layers::{add_in_place, fit, range, zeroed, LayerNorm, Linear};
+use crate::adamw::FusedStep;
+use crate::layers::{add_in_place, block_window, fit, range, zeroed, LayerNorm, Linear};
 use crate::params::{Params, ParamsBuilder};
 use demovlp_kernels::activation::{gelu_backward_in_place, gelu_forward};
 use demovlp_kernels::attention::{attention_backward, attention_forward, merge_heads, split_heads, AttnShape, KeyPattern};
@@ -123,6 +124,21 @@ struct TextLayer {
     ln2: LayerNorm,
 }
 
+impl TextLayer {
+    fn rebased(&self, base: usize) -> TextLayer {
+        TextLayer {
+            q: self.q.rebased(base),
+            k: self.k.rebased(base),
+            v: self.v.rebased(base),
+            o: self.o.rebased(base),
+            ln1: self.ln1.rebased(base),
+            ffn1: self.ffn1.rebased(base),
+            ffn2: self.ffn2.rebased(base),
+            ln2: self.ln2.rebased(base),
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct TextTower {
     pub cfg: TextConfig,
@@ -131,6 +147,10 @@ pub struct TextTower {
     token_type: Option<Range<usize>>,
     ln_emb: LayerNorm,
     layers: Vec<TextLayer>,
+    /// Where each layer's tensors lie in the flat buffers, and the layer addressed inside
+    /// that window (for the fused optimiser step).
+    layer_windows: Vec<Range<usize>>,
+    layers_local: Vec<TextLayer>,
 }
 
 /// What one layer keeps for its backward pass.
@@ -225,15 +245,31 @@ impl TextTower {
                     ln2: LayerNorm::new(p, &n.ln2, d, c.layer_norm_eps),
                 }
             })
+            .collect::<Vec<TextLayer>>();
+        let layer_windows: Vec<Range<usize>> = (0..c.layers)
+            .map(|i| {
+                let q = layer_names(c.kind, i).q;
+                // "text_model.transformer.layer.{i}." / "text_model.encoder.layer.{i}."
+                let prefix = &q[..q.find(".attention").expect("layer names contain .attention") + 1];
+                block_window(p, prefix)
+            })
             .collect();
+        let layers_local = layers.iter().zip(&layer_windows).map(|(l, w)| l.rebased(w.start)).collect();
         TextTower {
             cfg: c.clone(),
+            layer_windows,
+            layers_local,
             word: range(p, "text_model.embeddings.word_embeddings.weight"),
             pos: range(p, "text_model.embeddings.position_embeddings.weight"),
             token_type: (c.kind == TextKind::Bert).then(|| range(p, "text_model.embeddings.token_type_embeddings.weight")),
             ln_emb: LayerNorm::new(p, "text_model.embeddings.LayerNorm", d, c.layer_norm_eps),
             layers,
         }
+    }
+
+    /// Where each transformer block's tensors lie in the flat buffers.
+    pub fn layer_windows(&self) -> &[Range<usize>] {
+        &self.layer_windows
     }
 
     fn attn_shape(&self, b: usize, l: usize) -> AttnShape {
@@ -343,6 +379,32 @@ impl TextTower {
     /// Accumulates parameter gradients given d(last_hidden_state) `[B, L, D]`;
     /// `ids` must be those of the preceding forward.
     pub fn backward(&self, data: &[f32], grad: &mut [f32], a: &mut TextActs, ids: &[i64], dlast: &[f32]) {
+        fit(&mut a.dx_a, a.batch * a.len * self.cfg.dim);
+        a.dx_a.copy_from_slice(&dlast[..a.batch * a.len * self.cfg.dim]);
+        for li in (0..self.cfg.layers).rev() {
+            self.layer_backward(&self.layers[li], data, grad, a, li);
+        }
+        self.backward_embeddings(data, grad, a, ids);
+    }
+
+    /// [`Self::backward`] with the optimiser step fused in: each layer's gradients go to the
+    /// step's scratch window and its AdamW update is applied as soon as they are final.
+    /// The embeddings accumulate into `grad`; the caller updates them at the end.
+    pub fn backward_fused(&self, data: &mut [f32], grad: &mut [f32], a: &mut TextActs, ids: &[i64], dlast: &[f32], step: &mut FusedStep) {
+        fit(&mut a.dx_a, a.batch * a.len * self.cfg.dim);
+        a.dx_a.copy_from_slice(&dlast[..a.batch * a.len * self.cfg.dim]);
+        for li in (0..self.cfg.layers).rev() {
+            let w = self.layer_windows[li].clone();
+            let g = step.scratch(w.len());
+            self.layer_backward(&self.layers_local[li], &data[w.clone()], g, a, li);
+            step.apply(&mut data[w.clone()], w.start);
+        }
+        self.backward_embeddings(data, grad, a, ids);
+    }
+
+    /// One layer, given d(its output) in `a.dx_a` (replaced by d(its input)). `layer`
+    /// indexes `data` / `grad`, the whole buffers or this layer's window of them.
+    fn layer_backward(&self, layer: &TextLayer, data: &[f32], grad: &mut [f32], a: &mut TextActs, li: usize) {
         let c = &self.cfg;
         let (b, l) = (a.batch, a.len);
         let (d, hid, heads) = (c.dim, c.hidden_dim, c.heads);
@@ -350,62 +412,64 @@ impl TextTower {
         let n = b * l;
         let shape = self.attn_shape(b, l);
         let scale = 1.0 / (hd as f32).sqrt();
-        fit(&mut a.dx_a, n * d);
-        a.dx_a.copy_from_slice(&dlast[..n * d]);
-        for (li, layer) in self.layers.iter().enumerate().rev() {
-            let la = &a.layers[li];
-            let x = &a.xs[li];
-            // out = LN2(z2)
-            let dz2 = zeroed(&mut a.dz, n * d);
-            layer.ln2.backward(data, grad, &la.z2, &la.m2, &la.r2, &a.dx_a, dz2);
-            // z2 = ffn2(gelu(ffn1(x1))) + x1
-            fit(&mut a.g, n * hid);
-            gelu_forward(&la.h, &mut a.g);
-            let dffn = if a.drop_hidden {
-                fit(&mut a.dtmp, n * d);
-                a.dtmp.copy_from_slice(&a.dz);
-                mul_in_place(&mut a.dtmp, &la.ffn_drop);
-                &a.dtmp
-            } else {
-                &a.dz
-            };
-            // ffn2's weight gradient first; then g is dead and its buffer takes d(g), which
-            // becomes d(ffn1 output) in place (one hidden-wide scratch buffer, no zeroing).
-            layer.ffn2.backward(data, grad, &a.g, hid, n, dffn, None);
-            layer.ffn2.backward_input(data, dffn, n, &mut a.g);
-            gelu_backward_in_place(&la.h, &mut a.g);
-            fit(&mut a.dx_b, n * d);
-            a.dx_b.copy_from_slice(&a.dz);
-            layer.ffn1.backward(data, grad, &la.x1, d, n, &a.g, Some(&mut a.dx_b));
-            // x1 = LN1(z1)
-            let dz1 = zeroed(&mut a.dz, n * d);
-            layer.ln1.backward(data, grad, &la.z1, &la.m1, &la.r1, &a.dx_b, dz1);
-            // z1 = out_lin(attn(q, k, v)) + x
-            a.dx_a.copy_from_slice(&a.dz);
-            let dctx = zeroed(&mut a.dctx, n * d);
-            let dsa = if a.drop_hidden && c.kind == TextKind::Bert {
-                fit(&mut a.dtmp, n * d);
-                a.dtmp.copy_from_slice(&a.dz);
-                mul_in_place(&mut a.dtmp, &la.sa_drop);
-                &a.dtmp
-            } else {
-                &a.dz
-            };
-            layer.o.backward(data, grad, &la.ctx, d, n, dsa, Some(dctx));
-            fit(&mut a.dctx_h, n * d);
-            split_heads(&a.dctx, d, 0, &mut a.dctx_h, b, heads, l, hd);
-            zeroed(&mut a.dq_h, n * d);
-            zeroed(&mut a.dk_h, n * d);
-            zeroed(&mut a.dv_h, n * d);
-            let attn_drop = a.drop_attn.then_some(&la.attn_drop[..]);
-            attention_backward(&shape, scale, &la.q, &la.k, &la.v, d, &la.probs, attn_drop, &a.dctx_h, &mut a.dq_h, &mut a.dk_h, &mut a.dv_h);
-            fit(&mut a.dq, n * d);
-            for (lin, dh) in [(&layer.q, &a.dq_h), (&layer.k, &a.dk_h), (&layer.v, &a.dv_h)] {
-                merge_heads(dh, &mut a.dq, d, 0, b, heads, l, hd);
-                lin.backward(data, grad, x, d, n, &a.dq, Some(&mut a.dx_a));
-            }
+        let la = &a.layers[li];
+        let x = &a.xs[li];
+        // out = LN2(z2)
+        let dz2 = zeroed(&mut a.dz, n * d);
+        layer.ln2.backward(data, grad, &la.z2, &la.m2, &la.r2, &a.dx_a, dz2);
+        // z2 = ffn2(gelu(ffn1(x1))) + x1
+        fit(&mut a.g, n * hid);
+        gelu_forward(&la.h, &mut a.g);
+        let dffn = if a.drop_hidden {
+            fit(&mut a.dtmp, n * d);
+            a.dtmp.copy_from_slice(&a.dz);
+            mul_in_place(&mut a.dtmp, &la.ffn_drop);
+            &a.dtmp
+        } else {
+            &a.dz
+        };
+        // ffn2's weight gradient first; then g is dead and its buffer takes d(g), which
+        // becomes d(ffn1 output) in place (one hidden-wide scratch buffer, no zeroing).
+        layer.ffn2.backward(data, grad, &a.g, hid, n, dffn, None);
+        layer.ffn2.backward_input(data, dffn, n, &mut a.g);
+        gelu_backward_in_place(&la.h, &mut a.g);
+        fit(&mut a.dx_b, n * d);
+        a.dx_b.copy_from_slice(&a.dz);
+        layer.ffn1.backward(data, grad, &la.x1, d, n, &a.g, Some(&mut a.dx_b));
+        // x1 = LN1(z1)
+        let dz1 = zeroed(&mut a.dz, n * d);
+        layer.ln1.backward(data, grad, &la.z1, &la.m1, &la.r1, &a.dx_b, dz1);
+        // z1 = out_lin(attn(q, k, v)) + x
+        a.dx_a.copy_from_slice(&a.dz);
+        let dctx = zeroed(&mut a.dctx, n * d);
+        let dsa = if a.drop_hidden && c.kind == TextKind::Bert {
+            fit(&mut a.dtmp, n * d);
+            a.dtmp.copy_from_slice(&a.dz);
+            mul_in_place(&mut a.dtmp, &la.sa_drop);
+            &a.dtmp
+        } else {
+            &a.dz
+        };
+        layer.o.backward(data, grad, &la.ctx, d, n, dsa, Some(dctx));
+        fit(&mut a.dctx_h, n * d);
+        split_heads(&a.dctx, d, 0, &mut a.dctx_h, b, heads, l, hd);
+        zeroed(&mut a.dq_h, n * d);
+        zeroed(&mut a.dk_h, n * d);
+        zeroed(&mut a.dv_h, n * d);
+        let attn_drop = a.drop_attn.then_some(&la.attn_drop[..]);
+        attention_backward(&shape, scale, &la.q, &la.k, &la.v, d, &la.probs, attn_drop, &a.dctx_h, &mut a.dq_h, &mut a.dk_h, &mut a.dv_h);
+        fit(&mut a.dq, n * d);
+        for (lin, dh) in [(&layer.q, &a.dq_h), (&layer.k, &a.dk_h), (&layer.v, &a.dv_h)] {
+            merge_heads(dh, &mut a.dq, d, 0, b, heads, l, hd);
+            lin.backward(data, grad, x, d, n, &a.dq, Some(&mut a.dx_a));
         }
-        // Embedding dropout and LayerNorm, then the three lookups.
+    }
+
+    /// Embedding dropout and LayerNorm, then the word / position (/ token type) lookups,
+    /// from d(embedding output) in `a.dx_a`.
+    fn backward_embeddings(&self, data: &[f32], grad: &mut [f32], a: &mut TextActs, ids: &[i64]) {
+        let (l, d) = (a.len, self.cfg.dim);
+        let n = a.batch * l;
         if a.drop_hidden {
             mul_in_place(&mut a.dx_a, &a.emb_drop);
         }

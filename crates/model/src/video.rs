@@ -6,7 +6,8 @@
 //! `norm3` of each block and the final `norm` exist in checkpoints but are never applied.
 
 use crate::config::VideoConfig;
-use crate::layers::{add_in_place, fit, range, zeroed, LayerNorm, Linear};
+use crate::adamw::FusedStep;
+use crate::layers::{add_in_place, block_window, fit, range, zeroed, LayerNorm, Linear};
 use crate::params::{Params, ParamsBuilder};
 use demovlp_kernels::activation::{gelu_backward_in_place, gelu_forward};
 use demovlp_kernels::attention::{attention_backward, attention_forward, merge_heads, split_heads, AttnShape, KeyPattern};
@@ -54,6 +55,19 @@ struct Block {
     fc2: Linear,
 }
 
+impl Block {
+    fn rebased(&self, base: usize) -> Block {
+        Block {
+            norm1: self.norm1.rebased(base),
+            qkv: self.qkv.rebased(base),
+            proj: self.proj.rebased(base),
+            norm2: self.norm2.rebased(base),
+            fc1: self.fc1.rebased(base),
+            fc2: self.fc2.rebased(base),
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct VideoTower {
     pub cfg: VideoConfig,
@@ -63,6 +77,11 @@ pub struct VideoTower {
     object_embedding: Linear,
     pos_embedding: Linear,
     blocks: Vec<Block>,
+    /// Where each block's tensors lie in the flat buffers, and the block addressed inside
+    /// that window (for the fused optimiser step, whose gradients live in a block-sized
+    /// scratch buffer).
+    block_windows: Vec<Range<usize>>,
+    blocks_local: Vec<Block>,
     proj: Linear,
 }
 
@@ -140,9 +159,13 @@ impl VideoTower {
                     fc2: Linear::new(p, &format!("{p_}.mlp.fc2"), m, d, true),
                 }
             })
-            .collect();
+            .collect::<Vec<Block>>();
+        let block_windows: Vec<Range<usize>> = (0..c.depth).map(|i| block_window(p, &format!("object_model.blocks.{i}."))).collect();
+        let blocks_local = blocks.iter().zip(&block_windows).map(|(b, w)| b.rebased(w.start)).collect();
         VideoTower {
             cfg: c.clone(),
+            block_windows,
+            blocks_local,
             cls: range(p, "object_model.cls_token"),
             pos_embed: range(p, "object_model.custom_pos_embed"),
             temporal: range(p, "object_model.temporal_embed"),
@@ -151,6 +174,11 @@ impl VideoTower {
             blocks,
             proj: Linear::new(p, "object_model.proj", d, proj_dim, false),
         }
+    }
+
+    /// Where each transformer block's tensors lie in the flat buffers.
+    pub fn block_windows(&self) -> &[Range<usize>] {
+        &self.block_windows
     }
 
     fn attn_shape(&self, b: usize, f: usize, r: usize) -> AttnShape {
@@ -281,78 +309,113 @@ impl VideoTower {
     /// Accumulates parameter gradients given d(out) `[B, 1 + F·R, P]`; `object` must be the
     /// preceding forward's input.
     pub fn backward(&self, data: &[f32], grad: &mut [f32], a: &mut VideoActs, object: &[f32], dout: &[f32]) {
+        self.backward_head(data, grad, a, dout);
+        for li in (0..self.cfg.depth).rev() {
+            self.block_backward(&self.blocks[li], data, grad, a, li);
+        }
+        self.backward_tokens(data, grad, a, object);
+    }
+
+    /// [`Self::backward`] with the optimiser step fused in: each block's gradients go to the
+    /// step's block-sized scratch buffer and its AdamW update is applied as soon as they are
+    /// final (no later block reads its weights). Tensors outside the blocks accumulate into
+    /// `grad` as usual; the caller updates them at the end.
+    pub fn backward_fused(&self, data: &mut [f32], grad: &mut [f32], a: &mut VideoActs, object: &[f32], dout: &[f32], step: &mut FusedStep) {
+        self.backward_head(data, grad, a, dout);
+        for li in (0..self.cfg.depth).rev() {
+            let w = self.block_windows[li].clone();
+            let g = step.scratch(w.len());
+            self.block_backward(&self.blocks_local[li], &data[w.clone()], g, a, li);
+            step.apply(&mut data[w.clone()], w.start);
+        }
+        self.backward_tokens(data, grad, a, object);
+    }
+
+    /// Output projection: fills `a.dx_a` with d(last residual stream).
+    fn backward_head(&self, data: &[f32], grad: &mut [f32], a: &mut VideoActs, dout: &[f32]) {
+        let n = a.batch * (1 + a.frames * a.regions);
+        let d = self.cfg.dim;
+        let dx = zeroed(&mut a.dx_a, n * d);
+        self.proj.backward(data, grad, &a.xs[self.cfg.depth], d, n, dout, Some(dx));
+    }
+
+    /// One block, given d(its output) in `a.dx_a` (replaced by d(its input)). `blk` indexes
+    /// `data` / `grad`, which may be the whole buffers or this block's window of them.
+    fn block_backward(&self, blk: &Block, data: &[f32], grad: &mut [f32], a: &mut VideoActs, li: usize) {
         let c = &self.cfg;
         let (b, f, r) = (a.batch, a.frames, a.regions);
         let (d, mlp, heads) = (c.dim, c.mlp_dim, c.heads);
         let hd = d / heads;
-        let row = c.feature_dim + c.box_dim;
-        let nr = f * r;
-        let seq = 1 + nr;
+        let seq = 1 + f * r;
         let n = b * seq;
         let shape = self.attn_shape(b, f, r);
         let scale = (hd as f32).powf(-0.5);
+        let ba = &a.blocks[li];
+        let x = &a.xs[li];
+        // MLP branch (norm2 output and GELU, optionally fc1, recomputed).
+        fit(&mut a.y, n * d);
+        fit(&mut a.ms, n);
+        fit(&mut a.rs, n);
+        blk.norm2.forward(data, &ba.xmid, &mut a.y, &mut a.ms, &mut a.rs);
+        let h: &[f32] = if a.recompute_mlp {
+            fit(&mut a.hs, n * mlp);
+            blk.fc1.forward(data, &a.y, d, n, &mut a.hs);
+            &a.hs
+        } else {
+            &ba.h
+        };
+        fit(&mut a.g, n * mlp);
+        gelu_forward(h, &mut a.g);
+        // fc2's weight gradient first; then g is dead and its buffer takes d(g), which
+        // becomes d(fc1 output) in place: one MLP-wide scratch buffer instead of three.
+        blk.fc2.backward(data, grad, &a.g, mlp, n, &a.dx_a, None);
+        blk.fc2.backward_input(data, &a.dx_a, n, &mut a.g);
+        gelu_backward_in_place(h, &mut a.g);
+        blk.fc1.backward(data, grad, &a.y, d, n, &a.g, None);
+        fit(&mut a.dy, n * d);
+        blk.fc1.backward_input(data, &a.g, n, &mut a.dy);
+        // dx_a (the residual stream's gradient) gains the norm2 branch.
+        blk.norm2.backward(data, grad, &ba.xmid, &ba.m2, &ba.r2, &a.dy, &mut a.dx_a);
+        // Attention branch (probabilities, context and norm1 output recomputed). Its
+        // scratch lives in the two MLP-wide buffers, free until the next block:
+        // g = [d(ctx) by head | dq | dk | dv by head], hs = [d(qkv) | d(ctx)].
+        fit(&mut a.probs, shape.probs_len());
+        fit(&mut a.ctx_h, n * d);
+        attention_forward(&shape, scale, &ba.qkv, &ba.qkv[d..], &ba.qkv[2 * d..], 3 * d, &a.mask_add, None, &mut a.probs, &mut a.ctx_h);
+        fit(&mut a.ctx, n * d);
+        merge_heads(&a.ctx_h, &mut a.ctx, d, 0, b, heads, seq, hd);
+        let wide = (n * mlp).max(4 * n * d);
+        fit(&mut a.g, wide);
+        fit(&mut a.hs, wide);
+        let (dqkv, dctx) = a.hs.split_at_mut(3 * n * d);
+        let dctx = &mut dctx[..n * d];
+        blk.proj.backward(data, grad, &a.ctx, d, n, &a.dx_a, None);
+        blk.proj.backward_input(data, &a.dx_a, n, dctx);
+        let (dctx_h, dqkv_h) = a.g.split_at_mut(n * d);
+        split_heads(dctx, d, 0, dctx_h, b, heads, seq, hd);
+        let dqkv_h = &mut dqkv_h[..3 * n * d];
+        dqkv_h.fill(0.0);
+        let (dq_h, dkv_h) = dqkv_h.split_at_mut(n * d);
+        let (dk_h, dv_h) = dkv_h.split_at_mut(n * d);
+        attention_backward(&shape, scale, &ba.qkv, &ba.qkv[d..], &ba.qkv[2 * d..], 3 * d, &a.probs, None, dctx_h, dq_h, dk_h, dv_h);
+        merge_heads(dq_h, dqkv, 3 * d, 0, b, heads, seq, hd);
+        merge_heads(dk_h, dqkv, 3 * d, d, b, heads, seq, hd);
+        merge_heads(dv_h, dqkv, 3 * d, 2 * d, b, heads, seq, hd);
+        blk.norm1.forward(data, x, &mut a.y, &mut a.ms, &mut a.rs);
+        blk.qkv.backward(data, grad, &a.y, d, n, dqkv, None);
+        blk.qkv.backward_input(data, dqkv, n, &mut a.dy);
+        blk.norm1.backward(data, grad, x, &ba.m1, &ba.r1, &a.dy, &mut a.dx_a);
+    }
 
-        let dx = zeroed(&mut a.dx_a, n * d);
-        self.proj.backward(data, grad, &a.xs[c.depth], d, n, dout, Some(dx));
-        for (li, blk) in self.blocks.iter().enumerate().rev() {
-            let ba = &a.blocks[li];
-            let x = &a.xs[li];
-            // MLP branch (norm2 output and GELU, optionally fc1, recomputed).
-            fit(&mut a.y, n * d);
-            fit(&mut a.ms, n);
-            fit(&mut a.rs, n);
-            blk.norm2.forward(data, &ba.xmid, &mut a.y, &mut a.ms, &mut a.rs);
-            let h: &[f32] = if a.recompute_mlp {
-                fit(&mut a.hs, n * mlp);
-                blk.fc1.forward(data, &a.y, d, n, &mut a.hs);
-                &a.hs
-            } else {
-                &ba.h
-            };
-            fit(&mut a.g, n * mlp);
-            gelu_forward(h, &mut a.g);
-            // fc2's weight gradient first; then g is dead and its buffer takes d(g), which
-            // becomes d(fc1 output) in place: one MLP-wide scratch buffer instead of three.
-            blk.fc2.backward(data, grad, &a.g, mlp, n, &a.dx_a, None);
-            blk.fc2.backward_input(data, &a.dx_a, n, &mut a.g);
-            gelu_backward_in_place(h, &mut a.g);
-            blk.fc1.backward(data, grad, &a.y, d, n, &a.g, None);
-            fit(&mut a.dy, n * d);
-            blk.fc1.backward_input(data, &a.g, n, &mut a.dy);
-            // dx_a (the residual stream's gradient) gains the norm2 branch.
-            blk.norm2.backward(data, grad, &ba.xmid, &ba.m2, &ba.r2, &a.dy, &mut a.dx_a);
-            // Attention branch (probabilities, context and norm1 output recomputed). Its
-            // scratch lives in the two MLP-wide buffers, free until the next block:
-            // g = [d(ctx) by head | dq | dk | dv by head], hs = [d(qkv) | d(ctx)].
-            fit(&mut a.probs, shape.probs_len());
-            fit(&mut a.ctx_h, n * d);
-            attention_forward(&shape, scale, &ba.qkv, &ba.qkv[d..], &ba.qkv[2 * d..], 3 * d, &a.mask_add, None, &mut a.probs, &mut a.ctx_h);
-            fit(&mut a.ctx, n * d);
-            merge_heads(&a.ctx_h, &mut a.ctx, d, 0, b, heads, seq, hd);
-            let wide = (n * mlp).max(4 * n * d);
-            fit(&mut a.g, wide);
-            fit(&mut a.hs, wide);
-            let (dqkv, dctx) = a.hs.split_at_mut(3 * n * d);
-            let dctx = &mut dctx[..n * d];
-            blk.proj.backward(data, grad, &a.ctx, d, n, &a.dx_a, None);
-            blk.proj.backward_input(data, &a.dx_a, n, dctx);
-            let (dctx_h, dqkv_h) = a.g.split_at_mut(n * d);
-            split_heads(dctx, d, 0, dctx_h, b, heads, seq, hd);
-            let dqkv_h = &mut dqkv_h[..3 * n * d];
-            dqkv_h.fill(0.0);
-            let (dq_h, dkv_h) = dqkv_h.split_at_mut(n * d);
-            let (dk_h, dv_h) = dkv_h.split_at_mut(n * d);
-            attention_backward(&shape, scale, &ba.qkv, &ba.qkv[d..], &ba.qkv[2 * d..], 3 * d, &a.probs, None, dctx_h, dq_h, dk_h, dv_h);
-            merge_heads(dq_h, dqkv, 3 * d, 0, b, heads, seq, hd);
-            merge_heads(dk_h, dqkv, 3 * d, d, b, heads, seq, hd);
-            merge_heads(dv_h, dqkv, 3 * d, 2 * d, b, heads, seq, hd);
-            blk.norm1.forward(data, x, &mut a.y, &mut a.ms, &mut a.rs);
-            blk.qkv.backward(data, grad, &a.y, d, n, dqkv, None);
-            blk.qkv.backward_input(data, dqkv, n, &mut a.dy);
-            blk.norm1.backward(data, grad, x, &ba.m1, &ba.r1, &a.dy, &mut a.dx_a);
-        }
-
-        // Token assembly: CLS + custom_pos_embed[0], regions + temporal_embed[f].
+    /// Token assembly (CLS + custom_pos_embed[0], regions + temporal_embed[f]) and the two
+    /// region embeddings, from d(first residual stream) in `a.dx_a`.
+    fn backward_tokens(&self, data: &[f32], grad: &mut [f32], a: &mut VideoActs, object: &[f32]) {
+        let c = &self.cfg;
+        let (b, f, r) = (a.batch, a.frames, a.regions);
+        let d = c.dim;
+        let row = c.feature_dim + c.box_dim;
+        let nr = f * r;
+        let seq = 1 + nr;
         let de = zeroed(&mut a.e, b * nr * d);
         for bi in 0..b {
             let xb = &a.dx_a[bi * seq * d..(bi + 1) * seq * d];

@@ -1,0 +1,264 @@
+//! Single-threaded AVX-512 SGEMM: BLIS loop order, packed panels, a 12×32 micro-kernel.
+//!
+//! Why our own: matrixmultiply's AVX-512 kernel is 16×16 (one vector of B per k, sixteen
+//! broadcasts of A), so it issues about one load per FMA and stays near half of the FMA
+//! peak; a 12×32 tile keeps 24 accumulators in registers and needs 14 loads per 24 FMAs.
+//!
+//! Arithmetic per element of C: `acc = Σ_p A[i,p]·B[p,j]` by FMAs in increasing p within
+//! each `KC` block, then `C = alpha·acc + beta·C` as one FMA (beta = 1 after the first
+//! block). Interior and edge tiles do exactly this, so a result never depends on where a
+//! tile boundary falls (the caller's threading relies on it).
+
+use std::arch::x86_64::*;
+use rayon::prelude::*;
+use std::cell::RefCell;
+
+/// Rows of the micro-tile (broadcast elements of A).
+const MR: usize = 12;
+/// Columns of the micro-tile (two 16-lane vectors of B).
+const NR: usize = 32;
+/// Depth of one packed block: a B micro-panel (KC × NR) stays in the 48 KB L1.
+const KC: usize = 256;
+/// Columns of B packed at once (KC × NC = 1 MB, in each core's L2).
+const NC: usize = 1024;
+
+/// Whether this CPU runs the kernel (checked once; `is_x86_feature_detected` caches).
+pub fn available() -> bool {
+    is_x86_feature_detected!("avx512f")
+}
+
+thread_local! {
+    /// Packing buffers of the calling thread, grown once and reused (no allocation per call).
+    static PACK: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// A 64-byte-aligned window of `len` floats inside `v` (grown as needed).
+fn aligned(v: &mut Vec<f32>, len: usize) -> *mut f32 {
+    if v.len() < len + 16 {
+        v.resize(len + 16, 0.0);
+    }
+    let off = v.as_ptr().align_offset(64);
+    // SAFETY: off < 16 and the vector holds len + 16 floats.
+    unsafe { v.as_mut_ptr().add(off) }
+}
+
+/// Runs `f(0..parts)`, in parallel when asked (rayon), else in order on this thread.
+fn for_parts(parts: usize, parallel: bool, f: impl Fn(usize) + Sync + Send) {
+    if parallel && parts > 1 {
+        (0..parts).into_par_iter().with_max_len(1).for_each(f);
+    } else {
+        (0..parts).for_each(f);
+    }
+}
+
+/// Raw pointers handed to worker threads; every access pattern is documented at the use.
+#[derive(Clone, Copy)]
+struct SendPtr<T>(*mut T);
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
+impl<T> SendPtr<T> {
+    fn get(self) -> *mut T {
+        self.0
+    }
+}
+
+/// `C[i,j] = alpha · Σ_p A[i,p]·B[p,j] + beta · C[i,j]` for `i < m`, `j < n`, with
+/// `A[i,p] = a[i·rsa + p·csa]`, `B[p,j] = b[p·rsb + j·csb]`, `C[i,j] = c[i·ldc + j]`.
+///
+/// Loop order: for each KC-deep slice, all of A is packed once; for each NC-wide block of B,
+/// B is packed once; then row panels of C are computed. With `parallel`, the packing and the
+/// row panels are shared out over rayon's threads (one packed copy of each operand, not one
+/// per thread).
+///
+/// # Safety
+/// The CPU must support AVX-512F ([`available`]); every strided access above must be in
+/// bounds; `c` must not overlap `a` or `b`; `k > 0`.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn sgemm(m: usize, n: usize, k: usize, alpha: f32, a: *const f32, rsa: isize, csa: isize, b: *const f32, rsb: isize, csb: isize, beta: f32, c: *mut f32, ldc: usize, parallel: bool) {
+    let panels_m = m.div_ceil(MR);
+    let run = |pa: *mut f32, pb: *mut f32| {
+        let (pa, pb, c) = (SendPtr(pa), SendPtr(pb), SendPtr(c));
+        let (a, b) = (SendPtr(a as *mut f32), SendPtr(b as *mut f32));
+        // Row panels per task: a few tasks per thread so a busy core does not hold the rest.
+        let threads = if parallel { rayon::current_num_threads() } else { 1 };
+        let tasks_m = (4 * threads).min(panels_m);
+        for pc in (0..k).step_by(KC) {
+            let kc = KC.min(k - pc);
+            let beta_blk = if pc == 0 { beta } else { 1.0 };
+            // SAFETY (both packs): each task writes its own disjoint panels of pa / pb and
+            // reads A / B within the caller's bounds.
+            let pack_tasks = tasks_m;
+            for_parts(pack_tasks, parallel, |t| {
+                let (p0, p1) = (t * panels_m / pack_tasks, (t + 1) * panels_m / pack_tasks);
+                let (i0, i1) = (p0 * MR, (p1 * MR).min(m));
+                if i1 > i0 {
+                    pack_a(kc, i1 - i0, a.get().offset(i0 as isize * rsa + pc as isize * csa), rsa, csa, pa.get().add(p0 * MR * kc));
+                }
+            });
+            for jc in (0..n).step_by(NC) {
+                let nc = NC.min(n - jc);
+                let panels_n = nc.div_ceil(NR);
+                let tasks_n = (4 * threads).min(panels_n);
+                for_parts(tasks_n, parallel, |t| {
+                    let (p0, p1) = (t * panels_n / tasks_n, (t + 1) * panels_n / tasks_n);
+                    let (j0, j1) = (p0 * NR, (p1 * NR).min(nc));
+                    if j1 > j0 {
+                        pack_b(kc, j1 - j0, b.get().offset(pc as isize * rsb + (jc + j0) as isize * csb), rsb, csb, pb.get().add(p0 * NR * kc));
+                    }
+                });
+                // SAFETY: tasks write disjoint row ranges of C; the packed operands are only read.
+                for_parts(tasks_m, parallel, |t| {
+                    let (p0, p1) = (t * panels_m / tasks_m, (t + 1) * panels_m / tasks_m);
+                    for panel in p0..p1 {
+                        let ir = panel * MR;
+                        let mr = MR.min(m - ir);
+                        let ap = pa.get().add(panel * MR * kc);
+                        for jr in (0..nc).step_by(NR) {
+                            let nr = NR.min(nc - jr);
+                            let ct = c.get().add(ir * ldc + jc + jr);
+                            tile(kc, ap, pb.get().add(jr * kc), ct, ldc, mr, nr, alpha, beta_blk);
+                        }
+                    }
+                });
+            }
+        }
+    };
+    let (len_a, len_b) = (panels_m * MR * KC, NC * KC);
+    PACK.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut bufs) => {
+            let (va, vb) = &mut *bufs;
+            run(aligned(va, len_a), aligned(vb, len_b));
+        }
+        // Re-entered on this thread (a rayon worker stealing another GEMM while it waits
+        // in ours): use fresh buffers rather than the ones in use.
+        Err(_) => {
+            let (mut va, mut vb) = (Vec::new(), Vec::new());
+            run(aligned(&mut va, len_a), aligned(&mut vb, len_b));
+        }
+    });
+}
+
+/// Packs rows `0..mc` of the A block into MR-row panels, `dst[panel][p][i]`, zero-padded.
+unsafe fn pack_a(kc: usize, mc: usize, a: *const f32, rsa: isize, csa: isize, dst: *mut f32) {
+    for (panel, i0) in (0..mc).step_by(MR).enumerate() {
+        let rows = MR.min(mc - i0);
+        let d = dst.add(panel * MR * kc);
+        if csa == 1 {
+            for i in 0..rows {
+                let src = a.offset((i0 + i) as isize * rsa);
+                for p in 0..kc {
+                    *d.add(p * MR + i) = *src.add(p);
+                }
+            }
+        } else {
+            for p in 0..kc {
+                let src = a.offset(p as isize * csa + i0 as isize * rsa);
+                for i in 0..rows {
+                    *d.add(p * MR + i) = *src.offset(i as isize * rsa);
+                }
+            }
+        }
+        for i in rows..MR {
+            for p in 0..kc {
+                *d.add(p * MR + i) = 0.0;
+            }
+        }
+    }
+}
+
+/// Packs columns `0..nc` of the B block into NR-column panels, `dst[panel][p][j]`, zero-padded.
+unsafe fn pack_b(kc: usize, nc: usize, b: *const f32, rsb: isize, csb: isize, dst: *mut f32) {
+    for (panel, j0) in (0..nc).step_by(NR).enumerate() {
+        let cols = NR.min(nc - j0);
+        let d = dst.add(panel * NR * kc);
+        if csb == 1 {
+            for p in 0..kc {
+                let src = b.offset(p as isize * rsb + j0 as isize);
+                std::ptr::copy_nonoverlapping(src, d.add(p * NR), cols);
+                for j in cols..NR {
+                    *d.add(p * NR + j) = 0.0;
+                }
+            }
+        } else {
+            for j in 0..cols {
+                let src = b.offset((j0 + j) as isize * csb);
+                for p in 0..kc {
+                    *d.add(p * NR + j) = *src.offset(p as isize * rsb);
+                }
+            }
+            for j in cols..NR {
+                for p in 0..kc {
+                    *d.add(p * NR + j) = 0.0;
+                }
+            }
+        }
+    }
+}
+
+macro_rules! unroll12 {
+    ($i:ident, $body:block) => {{
+        { #[allow(non_upper_case_globals)] const $i: usize = 0; $body }
+        { #[allow(non_upper_case_globals)] const $i: usize = 1; $body }
+        { #[allow(non_upper_case_globals)] const $i: usize = 2; $body }
+        { #[allow(non_upper_case_globals)] const $i: usize = 3; $body }
+        { #[allow(non_upper_case_globals)] const $i: usize = 4; $body }
+        { #[allow(non_upper_case_globals)] const $i: usize = 5; $body }
+        { #[allow(non_upper_case_globals)] const $i: usize = 6; $body }
+        { #[allow(non_upper_case_globals)] const $i: usize = 7; $body }
+        { #[allow(non_upper_case_globals)] const $i: usize = 8; $body }
+        { #[allow(non_upper_case_globals)] const $i: usize = 9; $body }
+        { #[allow(non_upper_case_globals)] const $i: usize = 10; $body }
+        { #[allow(non_upper_case_globals)] const $i: usize = 11; $body }
+    }};
+}
+
+/// One MR × NR tile of C (`mr` × `nr` of it valid) from packed panels.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f")]
+unsafe fn tile(kc: usize, mut a: *const f32, mut b: *const f32, c: *mut f32, ldc: usize, mr: usize, nr: usize, alpha: f32, beta: f32) {
+    let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+    for _ in 0..kc {
+        let b0 = _mm512_load_ps(b);
+        let b1 = _mm512_load_ps(b.add(16));
+        unroll12!(i, {
+            let av = _mm512_set1_ps(*a.add(i));
+            acc[i][0] = _mm512_fmadd_ps(av, b0, acc[i][0]);
+            acc[i][1] = _mm512_fmadd_ps(av, b1, acc[i][1]);
+        });
+        a = a.add(MR);
+        b = b.add(NR);
+    }
+    let alphav = _mm512_set1_ps(alpha);
+    let betav = _mm512_set1_ps(beta);
+    if mr == MR && nr == NR {
+        unroll12!(i, {
+            let row = c.add(i * ldc);
+            for h in 0..2 {
+                let out = if beta == 0.0 {
+                    _mm512_mul_ps(alphav, acc[i][h])
+                } else {
+                    _mm512_fmadd_ps(alphav, acc[i][h], _mm512_mul_ps(_mm512_loadu_ps(row.add(16 * h)), betav))
+                };
+                _mm512_storeu_ps(row.add(16 * h), out);
+            }
+        });
+    } else {
+        // Edge tile: the same per-element arithmetic, through masked loads and stores.
+        for (i, acc_row) in acc.iter().enumerate().take(mr) {
+            let row = c.add(i * ldc);
+            for (h, &v) in acc_row.iter().enumerate() {
+                let lanes = nr.saturating_sub(16 * h).min(16);
+                if lanes == 0 {
+                    break;
+                }
+                let mask: __mmask16 = if lanes == 16 { 0xffff } else { (1u16 << lanes) - 1 };
+                let out = if beta == 0.0 {
+                    _mm512_mul_ps(alphav, v)
+                } else {
+                    _mm512_fmadd_ps(alphav, v, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, row.add(16 * h)), betav))
+                };
+                _mm512_mask_storeu_ps(row.add(16 * h), mask, out);
+            }
+        }
+    }
+}
