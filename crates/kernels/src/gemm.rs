@@ -124,7 +124,7 @@ pub fn sgemm(
         let parallel = rayon::current_num_threads() > 1 && m * n * k >= PAR_MIN_MACS;
         // SAFETY: the CPU has AVX-512F (checked), the asserts above keep every strided access
         // inside the slices, and `c` is borrowed mutably so it cannot alias `a` or `b`.
-        unsafe { crate::gemm_avx512::sgemm(m, n, k, alpha, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, beta, c.as_mut_ptr(), ldc, parallel) };
+        unsafe { crate::gemm_avx512::sgemm(m, n, k, alpha, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, beta, std::ptr::null(), c.as_mut_ptr(), ldc, parallel) };
         return;
     }
     let (tm, tn) = tiles(m, n, k, rayon::current_num_threads());
@@ -161,6 +161,30 @@ pub fn sgemm(
     } else {
         (0..count).into_par_iter().with_max_len(1).for_each(tile);
     }
+}
+
+/// C[m,n] = op(A)[m,k] · op(B)[k,n] + bias (broadcast over rows): a linear layer's forward.
+/// Same result as presetting every row of C to `bias` and calling [`sgemm`] with beta = 1,
+/// without that pass over C where the AVX-512 kernel runs.
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm_bias(ta: Trans, tb: Trans, m: usize, n: usize, k: usize, a: &[f32], lda: usize, b: &[f32], ldb: usize, bias: &[f32], c: &mut [f32], ldc: usize) {
+    assert_eq!(bias.len(), n, "sgemm_bias: bias has {} values, C has {n} columns", bias.len());
+    #[cfg(target_arch = "x86_64")]
+    if use_avx512() && m > 0 && n > 0 && k > 0 {
+        let (rsa, csa) = if ta == Trans::No { (lda as isize, 1) } else { (1, lda as isize) };
+        let (rsb, csb) = if tb == Trans::No { (ldb as isize, 1) } else { (1, ldb as isize) };
+        let a_need = (m - 1) * rsa.unsigned_abs() + (k - 1) * csa.unsigned_abs() + 1;
+        let b_need = (k - 1) * rsb.unsigned_abs() + (n - 1) * csb.unsigned_abs() + 1;
+        assert!(a.len() >= a_need && b.len() >= b_need && c.len() >= (m - 1) * ldc + n, "sgemm_bias: operand too small");
+        let parallel = rayon::current_num_threads() > 1 && m * n * k >= PAR_MIN_MACS;
+        // SAFETY: as in `sgemm`: AVX-512F checked, bounds asserted, `c` exclusively borrowed.
+        unsafe { crate::gemm_avx512::sgemm(m, n, k, 1.0, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, 0.0, bias.as_ptr(), c.as_mut_ptr(), ldc, parallel) };
+        return;
+    }
+    for i in 0..m {
+        c[i * ldc..i * ldc + n].copy_from_slice(bias);
+    }
+    sgemm(ta, tb, m, n, k, 1.0, a, lda, b, ldb, 1.0, c, ldc);
 }
 
 /// Products below this many multiply-adds run as one single-threaded GEMM (splitting costs
@@ -268,10 +292,10 @@ mod tests {
                         let init: Vec<f32> = (0..m * n).map(|i| (i % 7) as f32).collect();
                         let (mut c1, mut c2) = (init.clone(), init.clone());
                         unsafe {
-                            crate::gemm_avx512::sgemm(m, n, k, 1.5, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, beta, c1.as_mut_ptr(), n, false);
+                            crate::gemm_avx512::sgemm(m, n, k, 1.5, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, beta, std::ptr::null(), c1.as_mut_ptr(), n, false);
                         }
                         pool2.install(|| unsafe {
-                            crate::gemm_avx512::sgemm(m, n, k, 1.5, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, beta, c2.as_mut_ptr(), n, true);
+                            crate::gemm_avx512::sgemm(m, n, k, 1.5, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, beta, std::ptr::null(), c2.as_mut_ptr(), n, true);
                         });
                         assert!(c1.iter().zip(&c2).all(|(x, y)| x.to_bits() == y.to_bits()), "{m}x{n}x{k} {ta:?} {tb:?}: serial != parallel");
                         for ((x, w), i) in c1.iter().zip(&want).zip(&init) {
@@ -280,6 +304,28 @@ mod tests {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// The bias form equals presetting C to the bias and accumulating, bit for bit, on the
+    /// AVX-512 path and the fallback alike (edges, several KC slices, both transposes of B).
+    #[test]
+    fn bias_form_equals_preset_and_accumulate() {
+        for (m, n, k) in [(13, 33, 257), (50, 70, 3), (25, 1030, 600)] {
+            let a: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013).collect();
+            let b: Vec<f32> = (0..k * n).map(|i| ((i * 13 % 97) as f32 - 48.0) * 0.021).collect();
+            let bias: Vec<f32> = (0..n).map(|j| (j % 11) as f32 * 0.37 - 1.0).collect();
+            for tb in [Trans::No, Trans::Yes] {
+                let ldb = if tb == Trans::No { n } else { k };
+                let mut want = vec![0.0; m * n];
+                for row in want.chunks_exact_mut(n) {
+                    row.copy_from_slice(&bias);
+                }
+                sgemm(Trans::No, tb, m, n, k, 1.0, &a, k, &b, ldb, 1.0, &mut want, n);
+                let mut got = vec![f32::NAN; m * n];
+                sgemm_bias(Trans::No, tb, m, n, k, &a, k, &b, ldb, &bias, &mut got, n);
+                assert!(got.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits()), "{m}x{n}x{k} {tb:?}");
             }
         }
     }

@@ -70,21 +70,27 @@ impl<T> SendPtr<T> {
 /// row panels are shared out over rayon's threads (one packed copy of each operand, not one
 /// per thread).
 ///
+/// With a non-null `bias` (`n` values; `beta` must be 0), the first KC slice adds
+/// `bias[j]` where `beta·C` would go: `C = alpha·acc + bias`, exactly what presetting C to
+/// the bias and using beta = 1 computes, without the extra pass over C.
+///
 /// # Safety
 /// The CPU must support AVX-512F ([`available`]); every strided access above must be in
 /// bounds; `c` must not overlap `a` or `b`; `k > 0`.
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn sgemm(m: usize, n: usize, k: usize, alpha: f32, a: *const f32, rsa: isize, csa: isize, b: *const f32, rsb: isize, csb: isize, beta: f32, c: *mut f32, ldc: usize, parallel: bool) {
+pub unsafe fn sgemm(m: usize, n: usize, k: usize, alpha: f32, a: *const f32, rsa: isize, csa: isize, b: *const f32, rsb: isize, csb: isize, beta: f32, bias: *const f32, c: *mut f32, ldc: usize, parallel: bool) {
+    debug_assert!(bias.is_null() || beta == 0.0, "bias with beta != 0");
     let panels_m = m.div_ceil(MR);
     let run = |pa: *mut f32, pb: *mut f32| {
         let (pa, pb, c) = (SendPtr(pa), SendPtr(pb), SendPtr(c));
-        let (a, b) = (SendPtr(a as *mut f32), SendPtr(b as *mut f32));
+        let (a, b, bias) = (SendPtr(a as *mut f32), SendPtr(b as *mut f32), SendPtr(bias as *mut f32));
         // Row panels per task: a few tasks per thread so a busy core does not hold the rest.
         let threads = if parallel { rayon::current_num_threads() } else { 1 };
         let tasks_m = (4 * threads).min(panels_m);
         for pc in (0..k).step_by(KC) {
             let kc = KC.min(k - pc);
             let beta_blk = if pc == 0 { beta } else { 1.0 };
+            let bias_blk = SendPtr(if pc == 0 { bias.get() } else { std::ptr::null_mut() });
             // SAFETY (both packs): each task writes its own disjoint panels of pa / pb and
             // reads A / B within the caller's bounds.
             let pack_tasks = tasks_m;
@@ -116,7 +122,8 @@ pub unsafe fn sgemm(m: usize, n: usize, k: usize, alpha: f32, a: *const f32, rsa
                         for jr in (0..nc).step_by(NR) {
                             let nr = NR.min(nc - jr);
                             let ct = c.get().add(ir * ldc + jc + jr);
-                            tile(kc, ap, pb.get().add(jr * kc), ct, ldc, mr, nr, alpha, beta_blk);
+                            let bj = if bias_blk.get().is_null() { std::ptr::null() } else { bias_blk.get().add(jc + jr) as *const f32 };
+                            tile(kc, ap, pb.get().add(jr * kc), ct, ldc, mr, nr, alpha, beta_blk, bj);
                         }
                     }
                 });
@@ -212,10 +219,11 @@ macro_rules! unroll12 {
     }};
 }
 
-/// One MR × NR tile of C (`mr` × `nr` of it valid) from packed panels.
+/// One MR × NR tile of C (`mr` × `nr` of it valid) from packed panels; `bias` (null or the
+/// tile's `nr` bias values) replaces `beta·C`.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f")]
-unsafe fn tile(kc: usize, mut a: *const f32, mut b: *const f32, c: *mut f32, ldc: usize, mr: usize, nr: usize, alpha: f32, beta: f32) {
+unsafe fn tile(kc: usize, mut a: *const f32, mut b: *const f32, c: *mut f32, ldc: usize, mr: usize, nr: usize, alpha: f32, beta: f32, bias: *const f32) {
     let mut acc = [[_mm512_setzero_ps(); 2]; MR];
     for _ in 0..kc {
         let b0 = _mm512_load_ps(b);
@@ -231,6 +239,16 @@ unsafe fn tile(kc: usize, mut a: *const f32, mut b: *const f32, c: *mut f32, ldc
     let alphav = _mm512_set1_ps(alpha);
     let betav = _mm512_set1_ps(beta);
     if mr == MR && nr == NR {
+        if !bias.is_null() {
+            let bv = [_mm512_loadu_ps(bias), _mm512_loadu_ps(bias.add(16))];
+            unroll12!(i, {
+                let row = c.add(i * ldc);
+                for h in 0..2 {
+                    _mm512_storeu_ps(row.add(16 * h), _mm512_fmadd_ps(alphav, acc[i][h], bv[h]));
+                }
+            });
+            return;
+        }
         unroll12!(i, {
             let row = c.add(i * ldc);
             for h in 0..2 {
@@ -252,7 +270,9 @@ unsafe fn tile(kc: usize, mut a: *const f32, mut b: *const f32, c: *mut f32, ldc
                     break;
                 }
                 let mask: __mmask16 = if lanes == 16 { 0xffff } else { (1u16 << lanes) - 1 };
-                let out = if beta == 0.0 {
+                let out = if !bias.is_null() {
+                    _mm512_fmadd_ps(alphav, v, _mm512_maskz_loadu_ps(mask, bias.add(16 * h)))
+                } else if beta == 0.0 {
                     _mm512_mul_ps(alphav, v)
                 } else {
                     _mm512_fmadd_ps(alphav, v, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, row.add(16 * h)), betav))

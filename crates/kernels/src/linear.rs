@@ -1,7 +1,11 @@
 //! Fully connected layer in PyTorch's convention: `y = x · Wᵀ + b`, `W` stored `[out, in]`.
 //! Backward passes accumulate (`+=`) into every gradient buffer, as everywhere in this crate.
 
-use crate::gemm::{sgemm, Trans};
+use crate::gemm::{sgemm, sgemm_bias, Trans};
+use rayon::prelude::*;
+
+/// Bias-gradient columns per parallel task.
+const DB_COLS: usize = 128;
 
 /// y[n,out] = x[n,in] · w[out,in]ᵀ + b. `ldx` is the stored row length of `x` (≥ `din`),
 /// so a column block of a wider matrix (e.g. the first 2048 of 2054 region values) can be used in place.
@@ -9,17 +13,10 @@ use crate::gemm::{sgemm, Trans};
 pub fn linear_forward(x: &[f32], ldx: usize, w: &[f32], b: Option<&[f32]>, y: &mut [f32], n: usize, din: usize, dout: usize) {
     assert_eq!(w.len(), dout * din, "linear: weight has {} values, want {dout}x{din}", w.len());
     assert!(y.len() >= n * dout, "linear: output too small");
-    let beta = match b {
-        Some(b) => {
-            assert_eq!(b.len(), dout, "linear: bias length");
-            for row in y[..n * dout].chunks_exact_mut(dout) {
-                row.copy_from_slice(b);
-            }
-            1.0
-        }
-        None => 0.0,
-    };
-    sgemm(Trans::No, Trans::Yes, n, dout, din, 1.0, x, ldx, w, din, beta, y, dout);
+    match b {
+        Some(b) => sgemm_bias(Trans::No, Trans::Yes, n, dout, din, x, ldx, w, din, b, y, dout),
+        None => sgemm(Trans::No, Trans::Yes, n, dout, din, 1.0, x, ldx, w, din, 0.0, y, dout),
+    }
 }
 
 /// Gradients of [`linear_forward`]: dx += dy·W, dW += dyᵀ·x, db += Σ_rows dy.
@@ -41,10 +38,15 @@ pub fn linear_backward(
     }
     sgemm(Trans::Yes, Trans::No, dout, din, n, 1.0, dy, dout, x, ldx, 1.0, dw, din);
     if let Some(db) = db {
-        for row in dy[..n * dout].chunks_exact(dout) {
-            for (g, d) in db.iter_mut().zip(row) {
-                *g += d;
+        // Column blocks in parallel; each column still sums its rows in order.
+        let dy = &dy[..n * dout];
+        db.par_chunks_mut(DB_COLS).enumerate().for_each(|(ci, g)| {
+            let (j0, cols) = (ci * DB_COLS, g.len());
+            for row in dy.chunks_exact(dout) {
+                for (g, d) in g.iter_mut().zip(&row[j0..j0 + cols]) {
+                    *g += d;
+                }
             }
-        }
+        });
     }
 }

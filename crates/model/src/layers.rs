@@ -5,6 +5,7 @@
 use crate::params::Params;
 use demovlp_kernels::gemm::{sgemm, Trans};
 use demovlp_kernels::{layernorm, linear};
+use rayon::prelude::*;
 use std::ops::Range;
 
 /// Location of a named tensor; panics with the name when it was not declared.
@@ -124,8 +125,14 @@ pub fn zeroed(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
     &mut v[..]
 }
 
+/// y += x elementwise (in parallel chunks when long: the residual adds are whole activations).
 pub fn add_in_place(y: &mut [f32], x: &[f32]) {
-    y.iter_mut().zip(x).for_each(|(y, x)| *y += x);
+    const CHUNK: usize = 1 << 14;
+    if y.len() >= 4 * CHUNK {
+        y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(y, x)| y.iter_mut().zip(x).for_each(|(y, x)| *y += x));
+    } else {
+        y.iter_mut().zip(x).for_each(|(y, x)| *y += x);
+    }
 }
 
 /// The window `[start, end)` of the buffers holding exactly the tensors whose names start

@@ -306,7 +306,10 @@ pub fn train(inputs: &TrainInputs, opts: &RunOptions) -> Result<RunResult> {
                 continue;
             }
             let lr = learning_rate(o, state.epoch, state.step, total_steps);
-            let outp = model.forward_backward(&batch.as_ref(), &loss_cfg, cfg.loss.use_local);
+            // AdamW is fused into the backward pass (block by block; same results as a
+            // separate step, less memory). A non-finite loss returns before any update.
+            opt.lr = lr;
+            let outp = model.train_step_fused(&batch.as_ref(), &loss_cfg, cfg.loss.use_local, &mut opt);
             if !outp.loss_total.is_finite() {
                 let last_good = if latest.exists() { latest.display().to_string() } else { "none (no checkpoint written yet)".into() };
                 log.write(json!({"kind": "error", "step": state.step, "loss": outp.loss_total.to_string(), "clips": batch.clips}))?;
@@ -316,8 +319,6 @@ pub fn train(inputs: &TrainInputs, opts: &RunOptions) -> Result<RunResult> {
                     cfg.name, outp.loss_total, state.step + 1, state.epoch, state.batch_in_epoch, batch.clips.join(", "), last_good
                 );
             }
-            opt.lr = lr;
-            opt.step(&mut model.params);
             state.step += 1;
             state.batch_in_epoch += 1;
             state.samples_seen += batch.batch as u64;
