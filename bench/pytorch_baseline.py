@@ -610,7 +610,20 @@ def bench_train(args):
     for _ in range(args.warmup):
         step()
     times = []
-    for i in range(args.runs):
+    if args.serve:
+        # Interleaved timing: the caller (demovlp bench train-step) alternates its own steps
+        # with ours, so both see the same machine conditions. One command per stdin line.
+        print(json.dumps({"ready": True}), flush=True)
+        for line in sys.stdin:
+            if line.strip() != "step":
+                break
+            loss, ph = step()
+            times.append(sum(ph))
+            for k, v in zip(phases, ph):
+                phases[k].append(v)
+            print(json.dumps({"s": times[-1], "loss": loss}), flush=True)
+        args.runs = len(times)
+    for i in range(0 if args.serve else args.runs):
         t0 = time.perf_counter()
         loss, ph = step()
         times.append(time.perf_counter() - t0)
@@ -692,6 +705,9 @@ def main():
     ap.add_argument("--n", type=int, default=1000, help="--bench-eval-sims: videos = texts = N")
     ap.add_argument("--width", type=int, default=256, help="--bench-eval-sims: embedding width")
     ap.add_argument("--json", action="store_true", help="end with one JSON line")
+    ap.add_argument("--serve", action="store_true",
+                    help="--bench: after the warm-up, print {\"ready\": true}, then run one timed step per "
+                         "'step' line on stdin (printing {\"s\": seconds}) until 'done'; then the summary")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -3,8 +3,9 @@
 //! the same invocation as the Rust measurement, so the printed ratio compares two numbers
 //! taken on the same machine minutes apart.
 
+use std::io::{BufRead, BufReader, Lines, Write};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
@@ -52,10 +53,8 @@ fn torch_available() -> bool {
         .unwrap_or(false)
 }
 
-/// Runs the baseline with `mode_args` (e.g. `["--bench", "--batch", "8"]`) plus `--json`, and
-/// returns its final JSON line; `None` when it is not to be run. Its own output is passed through
-/// to stderr so a person sees its progress.
-pub fn run(args: &BaselineArgs, mode_args: &[String]) -> Result<Option<Value>> {
+/// Whether the baseline is to run; errors for `Always` without PyTorch.
+fn wanted(args: &BaselineArgs) -> Result<Option<PathBuf>> {
     match args.pytorch {
         Baseline::Never => return Ok(None),
         Baseline::Auto if !torch_available() => {
@@ -71,6 +70,93 @@ pub fn run(args: &BaselineArgs, mode_args: &[String]) -> Result<Option<Value>> {
     if !script.is_file() {
         bail!("PyTorch baseline script {} not found (use --pytorch-script)", script.display());
     }
+    Ok(Some(script))
+}
+
+/// The baseline running in `--serve` mode: it has built its model and taken its warm-up
+/// steps, and runs one timed step per [`Served::step`]. Alternating these with our own
+/// steps exposes both to the same machine conditions (these VMs are noisy: two sequential
+/// blocks of steps a minute apart can differ by 15 %).
+pub struct Served {
+    child: Child,
+    stdin: ChildStdin,
+    lines: Lines<BufReader<ChildStdout>>,
+}
+
+/// Starts the baseline with `mode_args` plus `--serve --json`; `None` when it is not to be
+/// run. It initialises in the background; [`Served::wait_ready`] waits for it.
+pub fn serve(args: &BaselineArgs, mode_args: &[String]) -> Result<Option<Served>> {
+    let Some(script) = wanted(args)? else { return Ok(None) };
+    eprintln!("PyTorch baseline (interleaved): python3 {} {} --serve --json", script.display(), mode_args.join(" "));
+    let mut child = Command::new("python3")
+        .arg(&script)
+        .args(mode_args)
+        .args(["--serve", "--json"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("running python3 {}", script.display()))?;
+    let stdin = child.stdin.take().context("baseline stdin")?;
+    let lines = BufReader::new(child.stdout.take().context("baseline stdout")?).lines();
+    Ok(Some(Served { child, stdin, lines }))
+}
+
+impl Served {
+    /// The next JSON line of the baseline (other lines are shown on stderr).
+    fn next_json(&mut self) -> Result<Value> {
+        for line in self.lines.by_ref() {
+            let line = line.context("reading the PyTorch baseline's output")?;
+            match serde_json::from_str::<Value>(line.trim()) {
+                Ok(v) if v.is_object() => return Ok(v),
+                _ => eprintln!("  [pytorch] {line}"),
+            }
+        }
+        let status = self.child.wait().ok();
+        bail!("the PyTorch baseline stopped early ({status:?})")
+    }
+
+    pub fn wait_ready(&mut self) -> Result<()> {
+        let v = self.next_json()?;
+        if v.get("ready").is_none() {
+            bail!("the PyTorch baseline sent {v} instead of ready");
+        }
+        Ok(())
+    }
+
+    /// One timed baseline step: its seconds.
+    pub fn step(&mut self) -> Result<f64> {
+        writeln!(self.stdin, "step").context("sending a step to the PyTorch baseline")?;
+        self.stdin.flush()?;
+        let v = self.next_json()?;
+        number(&v, "s")
+    }
+
+    /// Ends the baseline; its summary line (`median_s`, `peak_rss_mb`, …).
+    pub fn finish(mut self) -> Result<Value> {
+        writeln!(self.stdin, "done").context("ending the PyTorch baseline")?;
+        drop(self.stdin);
+        let mut last = None;
+        for line in self.lines.by_ref() {
+            let line = line?;
+            eprintln!("  [pytorch] {line}");
+            if !line.trim().is_empty() {
+                last = Some(line);
+            }
+        }
+        let status = self.child.wait()?;
+        if !status.success() {
+            bail!("PyTorch baseline failed with {status}");
+        }
+        last_json_line(&last.unwrap_or_default())
+    }
+}
+
+/// Runs the baseline with `mode_args` (e.g. `["--bench", "--batch", "8"]`) plus `--json`, and
+/// returns its final JSON line; `None` when it is not to be run. Its own output is passed through
+/// to stderr so a person sees its progress.
+pub fn run(args: &BaselineArgs, mode_args: &[String]) -> Result<Option<Value>> {
+    let Some(script) = wanted(args)? else { return Ok(None) };
     eprintln!("PyTorch baseline: python3 {} {} --json", script.display(), mode_args.join(" "));
     let out = Command::new("python3")
         .arg(&script)

@@ -340,9 +340,22 @@ pub fn bench_train_step(a: BenchTrainStepArgs) -> Result<()> {
         a.text_len,
         a.runs
     );
+    // The PyTorch baseline has the published size built in; a loaded model would not compare.
+    // It starts now (building its model while we build ours) and, once both have warmed up,
+    // its timed steps alternate with ours.
+    let mut torch = match a.model {
+        None => crate::bench_pytorch::serve(&a.baseline, &torch_mode("--bench", a.batch, a.frames, a.regions, a.text_len, a.runs, threads))?,
+        Some(_) => None,
+    };
     let mut times = Vec::with_capacity(a.runs);
+    let mut torch_times = Vec::with_capacity(a.runs);
     let mut last_loss = 0.0;
     for i in 0..=a.runs {
+        if i == 1 {
+            if let Some(t) = torch.as_mut() {
+                t.wait_ready()?;
+            }
+        }
         let t0 = Instant::now();
         let (lo, dt_opt) = if a.unfused {
             let lo = model.forward_backward(&batch, &loss_cfg, true);
@@ -369,6 +382,11 @@ pub fn bench_train_step(a: BenchTrainStepArgs) -> Result<()> {
             times.push(dt);
         }
         eprintln!("  step {i}{}: {dt:.3} s, loss {:.4}", if i == 0 { " (warm-up)" } else { "" }, lo.loss_total);
+        if let (Some(t), true) = (torch.as_mut(), i > 0) {
+            let s = t.step()?;
+            eprintln!("  PyTorch step {i}: {s:.3} s");
+            torch_times.push(s);
+        }
     }
     let (median, min, max) = stats(times);
     let rss = peak_rss_mb().unwrap_or(f64::NAN);
@@ -381,12 +399,13 @@ pub fn bench_train_step(a: BenchTrainStepArgs) -> Result<()> {
         "runs": a.runs, "threads": threads, "params": model.params.len(), "last_loss": last_loss,
         "recompute_mlp": !a.keep_mlp, "fused_adamw": !a.unfused,
     });
-    // The PyTorch baseline has the published size built in; a loaded model would not compare.
-    if a.model.is_none() {
-        let mode = torch_mode("--bench", a.batch, a.frames, a.regions, a.text_len, a.runs, threads);
-        if let Some(torch) = crate::bench_pytorch::run(&a.baseline, &mode)? {
-            out.as_object_mut().unwrap().extend(crate::bench_pytorch::compare(median, rss, &torch)?);
+    if let Some(t) = torch {
+        let summary = t.finish()?;
+        if !a.json {
+            println!("timed steps interleaved: demovlp, PyTorch, demovlp, PyTorch, … (each after its own warm-up)");
         }
+        out.as_object_mut().unwrap().extend(crate::bench_pytorch::compare(median, rss, &summary)?);
+        out["interleaved"] = true.into();
     }
     println!("{out}");
     Ok(())
