@@ -281,10 +281,15 @@ pub struct BenchTrainStepArgs {
     /// Print only the JSON line on stdout (progress still goes to stderr).
     #[arg(long)]
     pub json: bool,
-    /// Keep the video MLP hidden activations instead of recomputing them in the backward
-    /// pass (faster by ~9 % of the arithmetic, ~280 MB more memory at the published size).
+    /// Keep the video MLP hidden activations in every block instead of recomputing them in
+    /// the backward pass of some (same as --recompute-mlp-blocks 0).
     #[arg(long)]
     pub keep_mlp: bool,
+    /// Video blocks that recompute their MLP hidden activations in the backward pass
+    /// instead of keeping them: each costs ~0.75 % more arithmetic and saves ~24 MB at the
+    /// published size (12 = all, lowest memory).
+    #[arg(long, default_value_t = demovlp_model::DEFAULT_RECOMPUTE_MLP_BLOCKS)]
+    pub recompute_mlp_blocks: usize,
     /// Run the backward pass into a whole-model gradient, then AdamW as a separate pass
     /// (the default fuses each block's AdamW update into the backward pass: same results,
     /// one parameter copy less memory).
@@ -315,7 +320,7 @@ fn check_sizes(m: &Model, frames: usize, text_len: usize) -> Result<()> {
 pub fn bench_train_step(a: BenchTrainStepArgs) -> Result<()> {
     ensure!(a.runs >= 1 && a.batch >= 2 && a.regions >= 1, "need --runs ≥ 1, --batch ≥ 2 (contrastive loss), --regions ≥ 1");
     let mut model = bench_model(&a.model, a.frames)?;
-    model.set_recompute_mlp(!a.keep_mlp);
+    model.set_recompute_mlp_blocks(if a.keep_mlp { 0 } else { a.recompute_mlp_blocks });
     check_sizes(&model, a.frames, a.text_len)?;
     let x = synthetic_batch(&model.config, a.batch, a.frames, a.regions, a.text_len, 1);
     let batch = BatchRef {
@@ -397,7 +402,7 @@ pub fn bench_train_step(a: BenchTrainStepArgs) -> Result<()> {
         "bench": "train-step", "median_s": median, "min_s": min, "max_s": max, "peak_rss_mb": rss,
         "batch": a.batch, "frames": a.frames, "regions": a.regions, "text_len": a.text_len,
         "runs": a.runs, "threads": threads, "params": model.params.len(), "last_loss": last_loss,
-        "recompute_mlp": !a.keep_mlp, "fused_adamw": !a.unfused,
+        "recompute_mlp_blocks": model.recompute_mlp_blocks(), "fused_adamw": !a.unfused,
     });
     if let Some(t) = torch {
         let summary = t.finish()?;

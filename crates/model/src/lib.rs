@@ -15,5 +15,5 @@ pub mod video;
 pub use config::{ModelConfig, TextConfig, TextKind, VideoConfig};
 pub use params::{ParamId, Params, ParamsBuilder};
 pub use adamw::{AdamW, AdamWSettings};
-pub use model::{declare_params, BatchRef, Model, TextEmbeddings, VideoEmbeddings};
+pub use model::{declare_params, DEFAULT_RECOMPUTE_MLP_BLOCKS, BatchRef, Model, TextEmbeddings, VideoEmbeddings};
 pub use text::TextDropout;
