@@ -22,6 +22,9 @@ const KC: usize = 256;
 /// Columns of B packed at once (KC × NC = 1 MB, in each core's L2).
 const NC: usize = 1024;
 
+/// Parallel tasks per thread in each packing and compute phase.
+const TASKS_PER_THREAD: usize = 16;
+
 /// Whether this CPU runs the kernel (checked once; `is_x86_feature_detected` caches).
 pub fn available() -> bool {
     is_x86_feature_detected!("avx512f")
@@ -84,9 +87,11 @@ pub unsafe fn sgemm(m: usize, n: usize, k: usize, alpha: f32, a: *const f32, rsa
     let run = |pa: *mut f32, pb: *mut f32| {
         let (pa, pb, c) = (SendPtr(pa), SendPtr(pb), SendPtr(c));
         let (a, b, bias) = (SendPtr(a as *mut f32), SendPtr(b as *mut f32), SendPtr(bias as *mut f32));
-        // Row panels per task: a few tasks per thread so a busy core does not hold the rest.
+        // Row panels per task: many tasks per thread, so that when one core runs slower (a
+        // busy neighbour on a shared host) the other takes over its share instead of idling
+        // at the barrier that ends each block.
         let threads = if parallel { rayon::current_num_threads() } else { 1 };
-        let tasks_m = (4 * threads).min(panels_m);
+        let tasks_m = (TASKS_PER_THREAD * threads).min(panels_m);
         for pc in (0..k).step_by(KC) {
             let kc = KC.min(k - pc);
             let beta_blk = if pc == 0 { beta } else { 1.0 };
@@ -104,7 +109,7 @@ pub unsafe fn sgemm(m: usize, n: usize, k: usize, alpha: f32, a: *const f32, rsa
             for jc in (0..n).step_by(NC) {
                 let nc = NC.min(n - jc);
                 let panels_n = nc.div_ceil(NR);
-                let tasks_n = (4 * threads).min(panels_n);
+                let tasks_n = (TASKS_PER_THREAD * threads).min(panels_n);
                 for_parts(tasks_n, parallel, |t| {
                     let (p0, p1) = (t * panels_n / tasks_n, (t + 1) * panels_n / tasks_n);
                     let (j0, j1) = (p0 * NR, (p1 * NR).min(nc));
@@ -150,7 +155,29 @@ unsafe fn pack_a(kc: usize, mc: usize, a: *const f32, rsa: isize, csa: isize, ds
     for (panel, i0) in (0..mc).step_by(MR).enumerate() {
         let rows = MR.min(mc - i0);
         let d = dst.add(panel * MR * kc);
-        if csa == 1 {
+        if csa == 1 && rows == MR {
+            // Rows of A are contiguous: move 12 × 16 blocks through registers so that the
+            // packed panel is written sequentially (strided writes cost more than reads).
+            let mut p0 = 0;
+            while p0 + 16 <= kc {
+                let mut t = [[0.0f32; 16]; MR];
+                for (i, ti) in t.iter_mut().enumerate() {
+                    std::ptr::copy_nonoverlapping(a.offset((i0 + i) as isize * rsa).add(p0), ti.as_mut_ptr(), 16);
+                }
+                let out = d.add(p0 * MR);
+                for pp in 0..16 {
+                    for (i, ti) in t.iter().enumerate() {
+                        *out.add(pp * MR + i) = ti[pp];
+                    }
+                }
+                p0 += 16;
+            }
+            for p in p0..kc {
+                for i in 0..MR {
+                    *d.add(p * MR + i) = *a.offset((i0 + i) as isize * rsa).add(p);
+                }
+            }
+        } else if csa == 1 {
             for i in 0..rows {
                 let src = a.offset((i0 + i) as isize * rsa);
                 for p in 0..kc {
