@@ -121,7 +121,7 @@ pub fn sgemm(
     }
     #[cfg(target_arch = "x86_64")]
     if use_avx512() {
-        let parallel = rayon::current_num_threads() > 1 && m * n * k >= PAR_MIN_MACS;
+        let parallel = parallel_worth_it(m, n, k);
         // SAFETY: the CPU has AVX-512F (checked), the asserts above keep every strided access
         // inside the slices, and `c` is borrowed mutably so it cannot alias `a` or `b`.
         unsafe { crate::gemm_avx512::sgemm(m, n, k, alpha, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, beta, std::ptr::null(), c.as_mut_ptr(), ldc, parallel) };
@@ -176,7 +176,7 @@ pub fn sgemm_bias(ta: Trans, tb: Trans, m: usize, n: usize, k: usize, a: &[f32],
         let a_need = (m - 1) * rsa.unsigned_abs() + (k - 1) * csa.unsigned_abs() + 1;
         let b_need = (k - 1) * rsb.unsigned_abs() + (n - 1) * csb.unsigned_abs() + 1;
         assert!(a.len() >= a_need && b.len() >= b_need && c.len() >= (m - 1) * ldc + n, "sgemm_bias: operand too small");
-        let parallel = rayon::current_num_threads() > 1 && m * n * k >= PAR_MIN_MACS;
+        let parallel = parallel_worth_it(m, n, k);
         // SAFETY: as in `sgemm`: AVX-512F checked, bounds asserted, `c` exclusively borrowed.
         unsafe { crate::gemm_avx512::sgemm(m, n, k, 1.0, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, 0.0, bias.as_ptr(), c.as_mut_ptr(), ldc, parallel) };
         return;
@@ -185,6 +185,13 @@ pub fn sgemm_bias(ta: Trans, tb: Trans, m: usize, n: usize, k: usize, a: &[f32],
         c[i * ldc..i * ldc + n].copy_from_slice(bias);
     }
     sgemm(ta, tb, m, n, k, 1.0, a, lda, b, ldb, 1.0, c, ldc);
+}
+
+/// Whether the AVX-512 path shares one product over rayon's threads: large products only,
+/// and never from inside a rayon task — the caller is then one of many parallel tasks
+/// (e.g. evaluation's per-video GEMMs), and nesting would only add synchronisation.
+fn parallel_worth_it(m: usize, n: usize, k: usize) -> bool {
+    rayon::current_num_threads() > 1 && m * n * k >= PAR_MIN_MACS && rayon::current_thread_index().is_none()
 }
 
 /// Products below this many multiply-adds run as one single-threaded GEMM (splitting costs
