@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 # what the interpreter + torch's shared libraries hold before any work (the PyPI wheel loads its
 # CUDA libraries even on a CPU-only machine), reported next to the peak
-IMPORT_RSS_MB = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+IMPORT_RSS_MB = None  # set in main(), once peak_rss_mb is defined
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTDATA = os.path.join(ROOT, "testdata")
@@ -552,6 +552,15 @@ def run_check(args):
 
 
 def peak_rss_mb():
+    """This process's peak RSS in MB. VmHWM (Linux) starts afresh at exec; ru_maxrss does not:
+    a child of a big process (demovlp bench spawns us) inherits the parent's maxrss."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
@@ -709,6 +718,8 @@ def main():
                     help="--bench: after the warm-up, print {\"ready\": true}, then run one timed step per "
                          "'step' line on stdin (printing {\"s\": seconds}) until 'done'; then the summary")
     args = ap.parse_args()
+    global IMPORT_RSS_MB
+    IMPORT_RSS_MB = peak_rss_mb()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     if args.check:

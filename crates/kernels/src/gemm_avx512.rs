@@ -150,51 +150,41 @@ pub unsafe fn sgemm(m: usize, n: usize, k: usize, alpha: f32, a: *const f32, rsa
     });
 }
 
+/// Packs `rows` (≤ R) source rows, each contiguous along p (`row(i)` points at its p = 0),
+/// into one R-wide panel `dst[p·R + i]`, p < kc, zero-padding rows ≥ `rows`. Moves 16-deep
+/// blocks through a small buffer so that the panel is written sequentially (the strided
+/// writes of a direct transpose cost more than the reads).
+unsafe fn pack_transposed<const R: usize>(kc: usize, rows: usize, row: impl Fn(usize) -> *const f32, dst: *mut f32) {
+    let mut p0 = 0;
+    while p0 < kc {
+        let depth = 16.min(kc - p0);
+        let mut t = [[0.0f32; 16]; R];
+        for (i, ti) in t.iter_mut().enumerate().take(rows) {
+            std::ptr::copy_nonoverlapping(row(i).add(p0), ti.as_mut_ptr(), depth);
+        }
+        let out = dst.add(p0 * R);
+        for pp in 0..depth {
+            for (i, ti) in t.iter().enumerate() {
+                *out.add(pp * R + i) = ti[pp];
+            }
+        }
+        p0 += depth;
+    }
+}
+
 /// Packs rows `0..mc` of the A block into MR-row panels, `dst[panel][p][i]`, zero-padded.
 unsafe fn pack_a(kc: usize, mc: usize, a: *const f32, rsa: isize, csa: isize, dst: *mut f32) {
     for (panel, i0) in (0..mc).step_by(MR).enumerate() {
         let rows = MR.min(mc - i0);
         let d = dst.add(panel * MR * kc);
-        if csa == 1 && rows == MR {
-            // Rows of A are contiguous: move 12 × 16 blocks through registers so that the
-            // packed panel is written sequentially (strided writes cost more than reads).
-            let mut p0 = 0;
-            while p0 + 16 <= kc {
-                let mut t = [[0.0f32; 16]; MR];
-                for (i, ti) in t.iter_mut().enumerate() {
-                    std::ptr::copy_nonoverlapping(a.offset((i0 + i) as isize * rsa).add(p0), ti.as_mut_ptr(), 16);
-                }
-                let out = d.add(p0 * MR);
-                for pp in 0..16 {
-                    for (i, ti) in t.iter().enumerate() {
-                        *out.add(pp * MR + i) = ti[pp];
-                    }
-                }
-                p0 += 16;
-            }
-            for p in p0..kc {
-                for i in 0..MR {
-                    *d.add(p * MR + i) = *a.offset((i0 + i) as isize * rsa).add(p);
-                }
-            }
-        } else if csa == 1 {
-            for i in 0..rows {
-                let src = a.offset((i0 + i) as isize * rsa);
-                for p in 0..kc {
-                    *d.add(p * MR + i) = *src.add(p);
-                }
-            }
+        if csa == 1 {
+            pack_transposed::<MR>(kc, rows, |i| a.offset((i0 + i) as isize * rsa), d);
         } else {
             for p in 0..kc {
                 let src = a.offset(p as isize * csa + i0 as isize * rsa);
-                for i in 0..rows {
-                    *d.add(p * MR + i) = *src.offset(i as isize * rsa);
+                for i in 0..MR {
+                    *d.add(p * MR + i) = if i < rows { *src.offset(i as isize * rsa) } else { 0.0 };
                 }
-            }
-        }
-        for i in rows..MR {
-            for p in 0..kc {
-                *d.add(p * MR + i) = 0.0;
             }
         }
     }
@@ -213,16 +203,13 @@ unsafe fn pack_b(kc: usize, nc: usize, b: *const f32, rsb: isize, csb: isize, ds
                     *d.add(p * NR + j) = 0.0;
                 }
             }
+        } else if rsb == 1 {
+            // Bᵀ stored row-major (a weight used as `x·Wᵀ`): columns of B are contiguous.
+            pack_transposed::<NR>(kc, cols, |j| b.offset((j0 + j) as isize * csb), d);
         } else {
-            for j in 0..cols {
-                let src = b.offset((j0 + j) as isize * csb);
+            for j in 0..NR {
                 for p in 0..kc {
-                    *d.add(p * NR + j) = *src.offset(p as isize * rsb);
-                }
-            }
-            for j in cols..NR {
-                for p in 0..kc {
-                    *d.add(p * NR + j) = 0.0;
+                    *d.add(p * NR + j) = if j < cols { *b.offset((j0 + j) as isize * csb + p as isize * rsb) } else { 0.0 };
                 }
             }
         }
