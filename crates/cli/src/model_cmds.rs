@@ -393,6 +393,7 @@ pub fn bench_train_step(a: BenchTrainStepArgs) -> Result<()> {
             torch_times.push(s);
         }
     }
+    let times_copy = times.clone();
     let (median, min, max) = stats(times);
     let rss = peak_rss_mb().unwrap_or(f64::NAN);
     if !a.json {
@@ -411,6 +412,12 @@ pub fn bench_train_step(a: BenchTrainStepArgs) -> Result<()> {
         }
         out.as_object_mut().unwrap().extend(crate::bench_pytorch::compare(median, rss, &summary)?);
         out["interleaved"] = true.into();
+        // Paired statistic: each of our steps against the PyTorch step right after it.
+        let mut paired: Vec<f64> = times_copy.iter().zip(&torch_times).map(|(a, b)| a / b).collect();
+        paired.sort_by(f64::total_cmp);
+        let paired_median = paired[paired.len() / 2];
+        println!("paired: median of per-step time ratios (ours / the PyTorch step after it) {paired_median:.3}x over {} pairs", paired.len());
+        out["paired_time_ratio_median"] = paired_median.into();
     }
     println!("{out}");
     Ok(())
