@@ -12,6 +12,7 @@
 //! untouched, their moments stay zero. One fused pass over the flat buffers, parallel
 //! over fixed-size chunks.
 
+use std::ops::Range;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
@@ -112,7 +113,7 @@ pub fn updated_ranges(params: &Params) -> Vec<(usize, usize)> {
 }
 
 /// One AdamW step applied window by window during the backward pass: a block's gradients
-/// are written to `scratch` (the size of one block, reused), then [`FusedStep::apply`]
+/// are written to `scratch` (the size of one block, reused), then [`FusedStep::block`]
 /// updates that block at once. The model never holds a whole-model gradient for the blocks,
 /// which is most of it. Same arithmetic per element as [`AdamW::step`].
 pub struct FusedStep<'a> {
@@ -120,33 +121,27 @@ pub struct FusedStep<'a> {
     pub coeffs: StepCoeffs,
     pub ranges: &'a [(usize, usize)],
     scratch: &'a mut Vec<f32>,
-    len: usize,
 }
 
 impl<'a> FusedStep<'a> {
     /// Begins step t + 1 of `opt`; `ranges` from [`updated_ranges`].
     pub fn begin(opt: &'a mut AdamW, ranges: &'a [(usize, usize)], scratch: &'a mut Vec<f32>) -> Self {
         let coeffs = opt.begin_step();
-        FusedStep { opt, coeffs, ranges, scratch, len: 0 }
+        FusedStep { opt, coeffs, ranges, scratch }
     }
 
-    /// A zeroed gradient window of `len` values for the next block.
-    pub fn scratch(&mut self, len: usize) -> &mut [f32] {
-        self.len = len;
+    /// Runs `backward(block parameters, zeroed block gradients)` for the block whose
+    /// tensors are elements `window` of the model, then updates that block at once.
+    pub fn block(&mut self, data: &mut [f32], window: Range<usize>, backward: impl FnOnce(&[f32], &mut [f32])) {
+        let len = window.len();
         if self.scratch.len() < len {
             self.scratch.resize(len, 0.0);
         }
         let g = &mut self.scratch[..len];
         g.fill(0.0);
-        g
-    }
-
-    /// Updates the block `data` = elements `[base, base + data.len())` from the gradients
-    /// just written to the scratch window.
-    pub fn apply(&mut self, data: &mut [f32], base: usize) {
-        assert_eq!(data.len(), self.len, "fused AdamW: block and gradient window differ in length");
+        backward(&data[window.clone()], g);
         let c = self.coeffs;
-        self.opt.update_window(&c, self.ranges, data, &self.scratch[..self.len], base);
+        self.opt.update_window(&c, self.ranges, &mut data[window.clone()], &self.scratch[..len], window.start);
     }
 }
 

@@ -99,6 +99,18 @@ pub fn declare(pb: &mut ParamsBuilder, c: &TextConfig) {
     }
 }
 
+/// The gradient `dy` taken back through a dropout site: `dy ⊙ mask` in `tmp` when the
+/// dropout was applied, else `dy` itself.
+fn through_dropout<'a>(applied: bool, dy: &'a [f32], mask: &[f32], tmp: &'a mut Vec<f32>) -> &'a [f32] {
+    if !applied {
+        return dy;
+    }
+    fit(tmp, dy.len());
+    tmp.copy_from_slice(dy);
+    mul_in_place(tmp, mask);
+    tmp
+}
+
 /// Dropout probabilities of the text tower in training. The published model trains its
 /// DistilBERT in train mode, i.e. with the Hugging Face defaults `dropout` = 0.1 and
 /// `attention_dropout` = 0.1 (BERT: hidden/attention_probs dropout 0.1).
@@ -394,10 +406,7 @@ impl TextTower {
         fit(&mut a.dx_a, a.batch * a.len * self.cfg.dim);
         a.dx_a.copy_from_slice(&dlast[..a.batch * a.len * self.cfg.dim]);
         for li in (0..self.cfg.layers).rev() {
-            let w = self.layer_windows[li].clone();
-            let g = step.scratch(w.len());
-            self.layer_backward(&self.layers_local[li], &data[w.clone()], g, a, li);
-            step.apply(&mut data[w.clone()], w.start);
+            step.block(data, self.layer_windows[li].clone(), |data, grad| self.layer_backward(&self.layers_local[li], data, grad, a, li));
         }
         self.backward_embeddings(data, grad, a, ids);
     }
@@ -420,14 +429,7 @@ impl TextTower {
         // z2 = ffn2(gelu(ffn1(x1))) + x1
         fit(&mut a.g, n * hid);
         gelu_forward(&la.h, &mut a.g);
-        let dffn = if a.drop_hidden {
-            fit(&mut a.dtmp, n * d);
-            a.dtmp.copy_from_slice(&a.dz);
-            mul_in_place(&mut a.dtmp, &la.ffn_drop);
-            &a.dtmp
-        } else {
-            &a.dz
-        };
+        let dffn = through_dropout(a.drop_hidden, &a.dz, &la.ffn_drop, &mut a.dtmp);
         // ffn2's weight gradient first; then g is dead and its buffer takes d(g), which
         // becomes d(ffn1 output) in place (one hidden-wide scratch buffer, no zeroing).
         layer.ffn2.backward(data, grad, &a.g, hid, n, dffn, None);
@@ -442,14 +444,7 @@ impl TextTower {
         // z1 = out_lin(attn(q, k, v)) + x
         a.dx_a.copy_from_slice(&a.dz);
         let dctx = zeroed(&mut a.dctx, n * d);
-        let dsa = if a.drop_hidden && c.kind == TextKind::Bert {
-            fit(&mut a.dtmp, n * d);
-            a.dtmp.copy_from_slice(&a.dz);
-            mul_in_place(&mut a.dtmp, &la.sa_drop);
-            &a.dtmp
-        } else {
-            &a.dz
-        };
+        let dsa = through_dropout(a.drop_hidden && c.kind == TextKind::Bert, &a.dz, &la.sa_drop, &mut a.dtmp);
         layer.o.backward(data, grad, &la.ctx, d, n, dsa, Some(dctx));
         fit(&mut a.dctx_h, n * d);
         split_heads(&a.dctx, d, 0, &mut a.dctx_h, b, heads, l, hd);

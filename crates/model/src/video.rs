@@ -324,10 +324,7 @@ impl VideoTower {
     pub fn backward_fused(&self, data: &mut [f32], grad: &mut [f32], a: &mut VideoActs, object: &[f32], dout: &[f32], step: &mut FusedStep) {
         self.backward_head(data, grad, a, dout);
         for li in (0..self.cfg.depth).rev() {
-            let w = self.block_windows[li].clone();
-            let g = step.scratch(w.len());
-            self.block_backward(&self.blocks_local[li], &data[w.clone()], g, a, li);
-            step.apply(&mut data[w.clone()], w.start);
+            step.block(data, self.block_windows[li].clone(), |data, grad| self.block_backward(&self.blocks_local[li], data, grad, a, li));
         }
         self.backward_tokens(data, grad, a, object);
     }
