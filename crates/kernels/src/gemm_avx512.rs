@@ -19,7 +19,8 @@ const MR: usize = 12;
 const NR: usize = 32;
 /// Depth of one packed slice: an A micro-panel (MR × KC, 18 KB) stays in the 48 KB L1 while
 /// B micro-panels stream from L2; deeper slices mean fewer read-modify-write passes over C.
-/// (Measured with `bench gemm` against 256/1024 and 512/512: 384/768 was best.)
+/// (Measured with `bench gemm` against 256/1024 and 512/512: 384/768 was best; a whole-width
+/// B block, NC 3072, saves parallel regions but was 1.11× slower: B must stay in L2.)
 const KC: usize = 384;
 /// Columns of B packed at once (KC × NC = 1.1 MB, in each core's 2 MB L2).
 const NC: usize = 768;
