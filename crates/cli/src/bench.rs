@@ -32,6 +32,21 @@ pub struct BenchGemmArgs {
     pub json: bool,
 }
 
+/// Median, min and max of a non-empty list of timings.
+pub fn median_min_max(xs: Vec<f64>) -> (f64, f64, f64) {
+    let min = xs.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = xs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    (demovlp_data::bench::median(xs), min, max)
+}
+
+/// Peak resident set size of this process (VmHWM) in MiB; NaN where /proc is unavailable.
+pub fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
 pub fn run(c: BenchCommand) -> anyhow::Result<()> {
     match c {
         BenchCommand::Data(a) => data_cmds::bench_data(a),
@@ -80,12 +95,8 @@ fn bench_gemm(a: BenchGemmArgs) -> anyhow::Result<()> {
                 }
             }
         }
-        let median = |mut ts: Vec<f64>| {
-            ts.sort_by(f64::total_cmp);
-            ts[ts.len() / 2]
-        };
-        let (min_base, min_ours) = (t_base.iter().copied().fold(f64::MAX, f64::min), t_ours.iter().copied().fold(f64::MAX, f64::min));
-        let (base, ours) = (median(t_base), median(t_ours));
+        let (base, min_base, _) = median_min_max(t_base);
+        let (ours, min_ours, _) = median_min_max(t_ours);
         let gflop = 2.0 * (m * n * k) as f64 * 1e-9;
         total_ours += ours;
         total_base += base;

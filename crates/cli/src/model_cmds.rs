@@ -11,6 +11,8 @@ use demovlp_model::io::{self, TensorRef};
 use demovlp_model::{AdamW, AdamWSettings, BatchRef, Model, ModelConfig};
 use demovlp_retrieval::LossConfig;
 
+use crate::bench::{median_min_max, peak_rss_mb};
+
 // ---------------------------------------------------------------------------------------
 // import
 
@@ -206,21 +208,6 @@ pub fn replay(a: ReplayArgs) -> Result<()> {
 // ---------------------------------------------------------------------------------------
 // benchmarks
 
-/// Peak resident set size of this process (VmHWM), in MiB.
-fn peak_rss_mb() -> Option<f64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
-}
-
-fn stats(mut xs: Vec<f64>) -> (f64, f64, f64) {
-    xs.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let n = xs.len();
-    let med = if n % 2 == 1 { xs[n / 2] } else { 0.5 * (xs[n / 2 - 1] + xs[n / 2]) };
-    (med, xs[0], xs[n - 1])
-}
-
 /// A synthetic batch with the published input layout: detector-like non-negative
 /// features, boxes in [0,1], a few padded regions; captions of varied length.
 struct SyntheticBatch {
@@ -394,8 +381,8 @@ pub fn bench_train_step(a: BenchTrainStepArgs) -> Result<()> {
         }
     }
     let times_copy = times.clone();
-    let (median, min, max) = stats(times);
-    let rss = peak_rss_mb().unwrap_or(f64::NAN);
+    let (median, min, max) = median_min_max(times);
+    let rss = peak_rss_mb();
     if !a.json {
         println!("train step: median {median:.3} s (min {min:.3}, max {max:.3}), peak RSS {rss:.0} MiB");
     }
@@ -413,10 +400,10 @@ pub fn bench_train_step(a: BenchTrainStepArgs) -> Result<()> {
         out.as_object_mut().unwrap().extend(crate::bench_pytorch::compare(median, rss, &summary)?);
         out["interleaved"] = true.into();
         // Paired statistic: each of our steps against the PyTorch step right after it.
-        let mut paired: Vec<f64> = times_copy.iter().zip(&torch_times).map(|(a, b)| a / b).collect();
-        paired.sort_by(f64::total_cmp);
-        let paired_median = paired[paired.len() / 2];
-        println!("paired: median of per-step time ratios (ours / the PyTorch step after it) {paired_median:.3}x over {} pairs", paired.len());
+        let paired: Vec<f64> = times_copy.iter().zip(&torch_times).map(|(a, b)| a / b).collect();
+        let pairs = paired.len();
+        let (paired_median, _, _) = median_min_max(paired);
+        println!("paired: median of per-step time ratios (ours / the PyTorch step after it) {paired_median:.3}x over {pairs} pairs");
         out["paired_time_ratio_median"] = paired_median.into();
     }
     println!("{out}");
@@ -479,10 +466,10 @@ pub fn bench_embed(a: BenchEmbedArgs) -> Result<()> {
         }
         eprintln!("  call {i}{}: text {dt_text:.3} s, video {dt_video:.3} s", if i == 0 { " (warm-up)" } else { "" });
     }
-    let (tm, tmin, tmax) = stats(text_t);
-    let (vm, vmin, vmax) = stats(video_t);
+    let (tm, tmin, tmax) = median_min_max(text_t);
+    let (vm, vmin, vmax) = median_min_max(video_t);
     let (tps, cps) = (a.batch as f64 / tm, a.batch as f64 / vm);
-    let rss = peak_rss_mb().unwrap_or(f64::NAN);
+    let rss = peak_rss_mb();
     if !a.json {
         println!("embed: {tps:.1} texts/s, {cps:.1} clips/s (median of {} calls of {}), peak RSS {rss:.0} MiB", a.runs, a.batch);
     }

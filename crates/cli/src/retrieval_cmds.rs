@@ -11,6 +11,8 @@ use demovlp_retrieval::reference::local_similarity_segmented;
 use demovlp_retrieval::{eval_scores, global::cosine_matrix, retrieval_metrics_f64, EmbeddingSet, ScoreMode};
 use serde_json::json;
 
+use crate::bench::{median_min_max, peak_rss_mb};
+
 // ---------------------------------------------------------------------------------------
 // metrics
 
@@ -165,29 +167,9 @@ pub struct BenchEvalSimsArgs {
     pub baseline: crate::bench_pytorch::BaselineArgs,
 }
 
-fn threads() -> usize {
-    std::env::var("RAYON_NUM_THREADS").ok().and_then(|v| v.parse().ok()).filter(|&t| t > 0)
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-}
-
-/// Peak resident set size (VmHWM) in MiB.
-fn peak_rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
-
 /// Reset VmHWM to the current RSS so the next phase's peak is its own (Linux ≥ 4.0).
 fn reset_peak_rss() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
-}
-
-fn median_min_max(mut xs: Vec<f64>) -> (f64, f64, f64) {
-    xs.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let n = xs.len();
-    let med = if n % 2 == 1 { xs[n / 2] } else { 0.5 * (xs[n / 2 - 1] + xs[n / 2]) };
-    (med, xs[0], xs[n - 1])
 }
 
 /// Synthetic test set: unit-norm-ish random embeddings; captions with 6–40 real words of
@@ -235,7 +217,7 @@ pub fn bench_eval_sims(a: BenchEvalSimsArgs) -> Result<()> {
         }).collect()
     }, &mut rng);
     let set = |s, count, len| embedding_set(s, count, len, dim);
-    eprintln!("eval-sims: {n} texts × {n} videos, {w} words, {} frames × {} regions, width {dim}, {} threads", a.frames, a.regions, threads());
+    eprintln!("eval-sims: {n} texts × {n} videos, {w} words, {} frames × {} regions, width {dim}, {} threads", a.frames, a.regions, rayon::current_num_threads());
 
     // Fast path on the whole matrix.
     let can_reset = reset_peak_rss();
@@ -257,7 +239,7 @@ pub fn bench_eval_sims(a: BenchEvalSimsArgs) -> Result<()> {
     let mut out = json!({
         "bench": "eval-sims", "n": n, "words": w, "regions": nr, "dim": dim, "runs": a.runs,
         "median_s": med, "min_s": min, "max_s": max, "peak_rss_mb": peak,
-        "threads": threads(),
+        "threads": rayon::current_num_threads(),
     });
 
     // Baseline: the published blocked structure (8 × 8 blocks, every [8, 8, Lq, Lc]
