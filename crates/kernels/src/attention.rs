@@ -11,6 +11,7 @@
 //! task owns a contiguous block; [`merge_heads`] scatters them back. Probabilities are
 //! kept for the backward pass in a compact per-head layout (see [`AttnShape::probs_per_head`]).
 
+use crate::fastmath::dot;
 use crate::gemm::{sgemm, Trans};
 use crate::softmax::softmax_in_place;
 use rayon::prelude::*;
@@ -86,27 +87,6 @@ impl AttnShape {
             }
         }
     }
-}
-
-/// Dot product with 8 independent partial sums, so the compiler can vectorise it
-/// (a single running f32 sum cannot be reordered).
-#[inline]
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let n = a.len().min(b.len());
-    let (a, b) = (&a[..n], &b[..n]);
-    let mut acc = [0.0f32; 8];
-    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ar, br) = (ac.remainder(), bc.remainder());
-    for (x, y) in ac.zip(bc) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for (x, y) in ar.iter().zip(br) {
-        s += x * y;
-    }
-    s
 }
 
 #[inline]

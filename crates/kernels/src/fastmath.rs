@@ -29,6 +29,28 @@ pub fn exp(x: f32) -> f32 {
     }
 }
 
+/// Σ a[i]·b[i] over the shorter length, with eight partial sums so the compiler can
+/// vectorise it (a single running f32 sum cannot be reordered). The summation order is
+/// fixed, so results do not depend on the instruction set.
+#[inline(always)]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0.0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ar, br) = (ac.remainder(), bc.remainder());
+    for (x, y) in ac.zip(bc) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (x, y) in ar.iter().zip(br) {
+        s += x * y;
+    }
+    s
+}
+
 /// erf(x), |error| < 1e-6.
 #[inline]
 pub fn erf(x: f32) -> f32 {

@@ -34,26 +34,8 @@ pub fn exp(x: f32) -> f32 {
     }
 }
 
-/// Σ a[i]·b[i] with eight partial sums (vectorisable; the summation order is fixed, so
-/// results do not depend on the instruction set).
-#[inline(always)]
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let n = a.len().min(b.len());
-    let (a, b) = (&a[..n], &b[..n]);
-    let mut acc = [0f32; 8];
-    let chunks = n / 8;
-    for c in 0..chunks {
-        let (x, y) = (&a[c * 8..c * 8 + 8], &b[c * 8..c * 8 + 8]);
-        for k in 0..8 {
-            acc[k] += x[k] * y[k];
-        }
-    }
-    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for i in chunks * 8..n {
-        s += a[i] * b[i];
-    }
-    s
-}
+/// The vectorisable dot product with a fixed summation order, shared with the kernels.
+pub use demovlp_kernels::fastmath::dot;
 
 /// Euclidean norm, accumulated like [`dot`].
 #[inline(always)]
