@@ -1,8 +1,9 @@
 //! Row-major single-precision GEMM: our AVX-512 kernel ([`crate::gemm_avx512`]) where the CPU
 //! has it, `matrixmultiply` (pure Rust) elsewhere or when asked ([`set_backend`]).
 //!
-//! Threading is ours, not matrixmultiply's: a large product is cut into tiles of C that rayon
-//! runs as independent single-threaded GEMMs. Measured on the step's shapes (2 cores), this
+//! Threading is ours. The AVX-512 kernel packs each operand once and shares the row panels
+//! of C over rayon's threads. For matrixmultiply, a large product is cut into tiles of C that
+//! rayon runs as independent single-threaded GEMMs. Measured on the step's shapes (2 cores), this
 //! beats matrixmultiply's own thread pool, which synchronises every k-block (a busy core
 //! stalls the other) and, called from inside rayon loops (attention, losses), oversubscribes
 //! the cores. Every element of C sees the same arithmetic whatever the tiling (the k order is
@@ -93,6 +94,21 @@ pub fn sgemm(
     c: &mut [f32],
     ldc: usize,
 ) {
+    gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, None, c, ldc);
+}
+
+/// C[m,n] = op(A)[m,k] · op(B)[k,n] + bias (broadcast over rows): a linear layer's forward.
+/// Same result as presetting every row of C to `bias` and calling [`sgemm`] with beta = 1,
+/// without that pass over C where the AVX-512 kernel runs.
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm_bias(ta: Trans, tb: Trans, m: usize, n: usize, k: usize, a: &[f32], lda: usize, b: &[f32], ldb: usize, bias: &[f32], c: &mut [f32], ldc: usize) {
+    assert_eq!(bias.len(), n, "sgemm_bias: bias has {} values, C has {n} columns", bias.len());
+    gemm(ta, tb, m, n, k, 1.0, a, lda, b, ldb, 0.0, Some(bias), c, ldc);
+}
+
+/// Both forms: with `bias`, `beta` is 0 and the bias takes the place of `beta · C`.
+#[allow(clippy::too_many_arguments)]
+fn gemm(ta: Trans, tb: Trans, m: usize, n: usize, k: usize, alpha: f32, a: &[f32], lda: usize, b: &[f32], ldb: usize, mut beta: f32, bias: Option<&[f32]>, c: &mut [f32], ldc: usize) {
     if m == 0 || n == 0 {
         return;
     }
@@ -111,20 +127,28 @@ pub fn sgemm(
     assert!(a.len() >= a_need, "sgemm: A has {} elements, needs {a_need}", a.len());
     assert!(b.len() >= b_need, "sgemm: B has {} elements, needs {b_need}", b.len());
     assert!(c.len() >= c_need, "sgemm: C has {} elements, needs {c_need}", c.len());
+    #[cfg(target_arch = "x86_64")]
+    if k > 0 && use_avx512() {
+        let parallel = parallel_worth_it(m, n, k);
+        let bias = bias.map_or(std::ptr::null(), |b| b.as_ptr());
+        // SAFETY: the CPU has AVX-512F (checked), the asserts above keep every strided access
+        // inside the slices (and the bias has n values), and `c` is borrowed mutably so it
+        // cannot alias `a` or `b`.
+        unsafe { crate::gemm_avx512::sgemm(m, n, k, alpha, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, beta, bias, c.as_mut_ptr(), ldc, parallel) };
+        return;
+    }
+    if let Some(bias) = bias {
+        for i in 0..m {
+            c[i * ldc..i * ldc + n].copy_from_slice(bias);
+        }
+        beta = 1.0;
+    }
     if k == 0 {
         for i in 0..m {
             for x in &mut c[i * ldc..i * ldc + n] {
                 *x = if beta == 0.0 { 0.0 } else { *x * beta };
             }
         }
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
-    if use_avx512() {
-        let parallel = parallel_worth_it(m, n, k);
-        // SAFETY: the CPU has AVX-512F (checked), the asserts above keep every strided access
-        // inside the slices, and `c` is borrowed mutably so it cannot alias `a` or `b`.
-        unsafe { crate::gemm_avx512::sgemm(m, n, k, alpha, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, beta, std::ptr::null(), c.as_mut_ptr(), ldc, parallel) };
         return;
     }
     let (tm, tn) = tiles(m, n, k, rayon::current_num_threads());
@@ -161,30 +185,6 @@ pub fn sgemm(
     } else {
         (0..count).into_par_iter().with_max_len(1).for_each(tile);
     }
-}
-
-/// C[m,n] = op(A)[m,k] · op(B)[k,n] + bias (broadcast over rows): a linear layer's forward.
-/// Same result as presetting every row of C to `bias` and calling [`sgemm`] with beta = 1,
-/// without that pass over C where the AVX-512 kernel runs.
-#[allow(clippy::too_many_arguments)]
-pub fn sgemm_bias(ta: Trans, tb: Trans, m: usize, n: usize, k: usize, a: &[f32], lda: usize, b: &[f32], ldb: usize, bias: &[f32], c: &mut [f32], ldc: usize) {
-    assert_eq!(bias.len(), n, "sgemm_bias: bias has {} values, C has {n} columns", bias.len());
-    #[cfg(target_arch = "x86_64")]
-    if use_avx512() && m > 0 && n > 0 && k > 0 {
-        let (rsa, csa) = if ta == Trans::No { (lda as isize, 1) } else { (1, lda as isize) };
-        let (rsb, csb) = if tb == Trans::No { (ldb as isize, 1) } else { (1, ldb as isize) };
-        let a_need = (m - 1) * rsa.unsigned_abs() + (k - 1) * csa.unsigned_abs() + 1;
-        let b_need = (k - 1) * rsb.unsigned_abs() + (n - 1) * csb.unsigned_abs() + 1;
-        assert!(a.len() >= a_need && b.len() >= b_need && c.len() >= (m - 1) * ldc + n, "sgemm_bias: operand too small");
-        let parallel = parallel_worth_it(m, n, k);
-        // SAFETY: as in `sgemm`: AVX-512F checked, bounds asserted, `c` exclusively borrowed.
-        unsafe { crate::gemm_avx512::sgemm(m, n, k, 1.0, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, 0.0, bias.as_ptr(), c.as_mut_ptr(), ldc, parallel) };
-        return;
-    }
-    for i in 0..m {
-        c[i * ldc..i * ldc + n].copy_from_slice(bias);
-    }
-    sgemm(ta, tb, m, n, k, 1.0, a, lda, b, ldb, 1.0, c, ldc);
 }
 
 /// Whether the AVX-512 path shares one product over rayon's threads: large products only,

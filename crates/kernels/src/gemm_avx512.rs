@@ -101,9 +101,8 @@ pub unsafe fn sgemm(m: usize, n: usize, k: usize, alpha: f32, a: *const f32, rsa
             let bias_blk = SendPtr(if pc == 0 { bias.get() } else { std::ptr::null_mut() });
             // SAFETY (both packs): each task writes its own disjoint panels of pa / pb and
             // reads A / B within the caller's bounds.
-            let pack_tasks = tasks_m;
-            for_parts(pack_tasks, parallel, |t| {
-                let (p0, p1) = (t * panels_m / pack_tasks, (t + 1) * panels_m / pack_tasks);
+            for_parts(tasks_m, parallel, |t| {
+                let (p0, p1) = (t * panels_m / tasks_m, (t + 1) * panels_m / tasks_m);
                 let (i0, i1) = (p0 * MR, (p1 * MR).min(m));
                 if i1 > i0 {
                     pack_a(kc, i1 - i0, a.get().offset(i0 as isize * rsa + pc as isize * csa), rsa, csa, pa.get().add(p0 * MR * kc));
@@ -253,49 +252,26 @@ unsafe fn tile(kc: usize, mut a: *const f32, mut b: *const f32, c: *mut f32, ldc
         a = a.add(MR);
         b = b.add(NR);
     }
+    // C = alpha·acc + (bias | beta·C | 0) through masked loads and stores, all 16 lanes on
+    // interior tiles: edge tiles get exactly the same per-element arithmetic.
     let alphav = _mm512_set1_ps(alpha);
     let betav = _mm512_set1_ps(beta);
-    if mr == MR && nr == NR {
-        if !bias.is_null() {
-            let bv = [_mm512_loadu_ps(bias), _mm512_loadu_ps(bias.add(16))];
-            unroll12!(i, {
-                let row = c.add(i * ldc);
-                for h in 0..2 {
-                    _mm512_storeu_ps(row.add(16 * h), _mm512_fmadd_ps(alphav, acc[i][h], bv[h]));
-                }
-            });
-            return;
-        }
-        unroll12!(i, {
-            let row = c.add(i * ldc);
-            for h in 0..2 {
-                let out = if beta == 0.0 {
-                    _mm512_mul_ps(alphav, acc[i][h])
-                } else {
-                    _mm512_fmadd_ps(alphav, acc[i][h], _mm512_mul_ps(_mm512_loadu_ps(row.add(16 * h)), betav))
-                };
-                _mm512_storeu_ps(row.add(16 * h), out);
+    for (i, acc_row) in acc.iter().enumerate().take(mr) {
+        let row = c.add(i * ldc);
+        for (h, &v) in acc_row.iter().enumerate() {
+            let lanes = nr.saturating_sub(16 * h).min(16);
+            if lanes == 0 {
+                break;
             }
-        });
-    } else {
-        // Edge tile: the same per-element arithmetic, through masked loads and stores.
-        for (i, acc_row) in acc.iter().enumerate().take(mr) {
-            let row = c.add(i * ldc);
-            for (h, &v) in acc_row.iter().enumerate() {
-                let lanes = nr.saturating_sub(16 * h).min(16);
-                if lanes == 0 {
-                    break;
-                }
-                let mask: __mmask16 = if lanes == 16 { 0xffff } else { (1u16 << lanes) - 1 };
-                let out = if !bias.is_null() {
-                    _mm512_fmadd_ps(alphav, v, _mm512_maskz_loadu_ps(mask, bias.add(16 * h)))
-                } else if beta == 0.0 {
-                    _mm512_mul_ps(alphav, v)
-                } else {
-                    _mm512_fmadd_ps(alphav, v, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, row.add(16 * h)), betav))
-                };
-                _mm512_mask_storeu_ps(row.add(16 * h), mask, out);
-            }
+            let mask: __mmask16 = if lanes == 16 { 0xffff } else { (1u16 << lanes) - 1 };
+            let out = if !bias.is_null() {
+                _mm512_fmadd_ps(alphav, v, _mm512_maskz_loadu_ps(mask, bias.add(16 * h)))
+            } else if beta == 0.0 {
+                _mm512_mul_ps(alphav, v)
+            } else {
+                _mm512_fmadd_ps(alphav, v, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, row.add(16 * h)), betav))
+            };
+            _mm512_mask_storeu_ps(row.add(16 * h), mask, out);
         }
     }
 }
