@@ -22,11 +22,17 @@ pub fn gelu_forward(x: &[f32], y: &mut [f32]) {
 pub fn gelu_backward(x: &[f32], dy: &[f32], dx: &mut [f32]) {
     dx[..x.len()].par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK))).for_each(|(dx, (x, dy))| {
         for ((dx, &x), &dy) in dx.iter_mut().zip(x).zip(dy) {
-            let cdf = 0.5 * (1.0 + fastmath::erf(x * FRAC_1_SQRT_2));
-            let pdf = INV_SQRT_2PI * fastmath::exp(-0.5 * x * x);
-            *dx += dy * (cdf + x * pdf);
+            *dx += dy * gelu_grad(x);
         }
     });
+}
+
+/// gelu'(x) = Φ(x) + x·φ(x).
+#[inline(always)]
+fn gelu_grad(x: f32) -> f32 {
+    let cdf = 0.5 * (1.0 + fastmath::erf(x * FRAC_1_SQRT_2));
+    let pdf = INV_SQRT_2PI * fastmath::exp(-0.5 * x * x);
+    cdf + x * pdf
 }
 
 /// In place: d ← d · gelu'(x). The MLP backward turns d(GELU output) into d(fc1 output)
@@ -35,9 +41,7 @@ pub fn gelu_backward(x: &[f32], dy: &[f32], dx: &mut [f32]) {
 pub fn gelu_backward_in_place(x: &[f32], d: &mut [f32]) {
     d[..x.len()].par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(d, x)| {
         for (d, &x) in d.iter_mut().zip(x) {
-            let cdf = 0.5 * (1.0 + fastmath::erf(x * FRAC_1_SQRT_2));
-            let pdf = INV_SQRT_2PI * fastmath::exp(-0.5 * x * x);
-            *d *= cdf + x * pdf;
+            *d *= gelu_grad(x);
         }
     });
 }

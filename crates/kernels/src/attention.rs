@@ -11,9 +11,10 @@
 //! task owns a contiguous block; [`merge_heads`] scatters them back. Probabilities are
 //! kept for the backward pass in a compact per-head layout (see [`AttnShape::probs_per_head`]).
 
+use crate::dropout::masked;
 use crate::fastmath::dot;
 use crate::gemm::{sgemm, Trans};
-use crate::softmax::softmax_in_place;
+use crate::softmax::{softmax_backward_in_place, softmax_in_place};
 use rayon::prelude::*;
 use std::ops::Range;
 
@@ -174,14 +175,8 @@ fn attention_forward_gemm(
                 row.iter_mut().zip(m).for_each(|(x, m)| *x += m);
                 softmax_in_place(row);
             }
-            let dropped: Vec<f32>;
-            let pv: &[f32] = match drop {
-                Some(d) => {
-                    dropped = p.iter().zip(&d[bh * pph..(bh + 1) * pph]).map(|(a, b)| a * b).collect();
-                    &dropped
-                }
-                None => p,
-            };
+            let mut dropped = Vec::new();
+            let pv = masked(p, drop.map(|d| &d[bh * pph..(bh + 1) * pph]), &mut dropped);
             sgemm(Trans::No, Trans::No, seq, hd, seq, 1.0, pv, seq, &v[o..], ld, 0.0, out, hd);
         });
 }
@@ -215,14 +210,8 @@ fn attention_backward_gemm(
             let dm = drop.map(|d| &d[bh * pph..(bh + 1) * pph]);
             let d_o = &dout[bh * seq * hd..(bh + 1) * seq * hd];
             // dV += P'ᵀ·dO with P' the dropped probabilities.
-            let dropped: Vec<f32>;
-            let pv: &[f32] = match dm {
-                Some(m) => {
-                    dropped = p.iter().zip(m).map(|(a, b)| a * b).collect();
-                    &dropped
-                }
-                None => p,
-            };
+            let mut dropped = Vec::new();
+            let pv = masked(p, dm, &mut dropped);
             sgemm(Trans::Yes, Trans::No, seq, hd, seq, 1.0, pv, seq, d_o, hd, 1.0, dv, hd);
             // dP = (dO·Vᵀ) ⊙ mask, then the softmax backward and the score scale.
             let mut ds = vec![0.0f32; pph];
@@ -231,8 +220,7 @@ fn attention_backward_gemm(
                 ds.iter_mut().zip(m).for_each(|(x, m)| *x *= m);
             }
             for (row, pr) in ds.chunks_exact_mut(seq).zip(p.chunks_exact(seq)) {
-                let pdp: f32 = row.iter().zip(pr).map(|(a, b)| a * b).sum();
-                row.iter_mut().zip(pr).for_each(|(x, &pj)| *x = scale * pj * (*x - pdp));
+                softmax_backward_in_place(pr, row, scale);
             }
             sgemm(Trans::No, Trans::No, seq, hd, seq, 1.0, &ds, seq, &k[o..], ld, 1.0, dq, hd);
             sgemm(Trans::Yes, Trans::No, seq, hd, seq, 1.0, &ds, seq, &q[o..], ld, 1.0, dk, hd);
@@ -287,7 +275,7 @@ fn attention_forward_frames(
             let mut kf = vec![0.0f32; w * hd];
             let mut vf = vec![0.0f32; w * hd];
             let mut mf = vec![0.0f32; w];
-            let mut pd = vec![0.0f32; r * w];
+            let mut pd = Vec::with_capacity(r * w);
             for f in 0..frames {
                 let first = 1 + f * r;
                 for (slot, j) in std::iter::once(0).chain(first..first + r).enumerate() {
@@ -301,14 +289,7 @@ fn attention_forward_frames(
                     prow.iter_mut().zip(&mf).for_each(|(x, m)| *x += m);
                     softmax_in_place(prow);
                 }
-                let pv: &[f32] = match dm {
-                    Some(d) => {
-                        let df = &d[seq + f * r * w..seq + (f + 1) * r * w];
-                        pd.iter_mut().zip(pf.iter().zip(df)).for_each(|(o, (a, b))| *o = a * b);
-                        &pd
-                    }
-                    None => pf,
-                };
+                let pv = masked(pf, dm.map(|d| &d[seq + f * r * w..seq + (f + 1) * r * w]), &mut pd);
                 sgemm(Trans::No, Trans::No, r, hd, w, 1.0, pv, w, &vf, hd, 0.0, &mut out[first * hd..(first + r) * hd], hd);
             }
         });
@@ -356,10 +337,9 @@ fn attention_backward_frames(
                     axpy(p[j] * mj, d0, &mut dv[j * hd..(j + 1) * hd]);
                     *dsj = mj * dot(d0, &v[row(j)..row(j) + hd]);
                 }
-                let pdp: f32 = p.iter().zip(&ds).map(|(a, b)| a * b).sum();
+                softmax_backward_in_place(p, &mut ds, scale);
                 let q0 = &q[row(0)..row(0) + hd];
-                for (j, dsj) in ds.iter().enumerate() {
-                    let g = scale * p[j] * (dsj - pdp);
+                for (j, &g) in ds.iter().enumerate() {
                     axpy(g, &k[row(j)..row(j) + hd], &mut dq[..hd]);
                     axpy(g, q0, &mut dk[j * hd..(j + 1) * hd]);
                 }
@@ -367,7 +347,7 @@ fn attention_backward_frames(
             let w = r + 1;
             let mut kf = vec![0.0f32; w * hd];
             let mut vf = vec![0.0f32; w * hd];
-            let mut pd = vec![0.0f32; r * w];
+            let mut pd = Vec::with_capacity(r * w);
             let mut ds = vec![0.0f32; r * w];
             let mut gkv = vec![0.0f32; w * hd];
             for f in 0..frames {
@@ -379,13 +359,7 @@ fn attention_backward_frames(
                 }
                 let pf = &probs[seq + f * r * w..seq + (f + 1) * r * w];
                 let dmf = dm.map(|d| &d[seq + f * r * w..seq + (f + 1) * r * w]);
-                let pv: &[f32] = match dmf {
-                    Some(df) => {
-                        pd.iter_mut().zip(pf.iter().zip(df)).for_each(|(o, (a, b))| *o = a * b);
-                        &pd
-                    }
-                    None => pf,
-                };
+                let pv = masked(pf, dmf, &mut pd);
                 let d_o = &dout[first * hd..(first + r) * hd];
                 // dV' = P'ᵀ·dO, scattered to [CLS, frame keys].
                 sgemm(Trans::Yes, Trans::No, w, hd, r, 1.0, pv, w, d_o, hd, 0.0, &mut gkv, hd);
@@ -398,8 +372,7 @@ fn attention_backward_frames(
                     ds.iter_mut().zip(df).for_each(|(x, m)| *x *= m);
                 }
                 for (drow, prow) in ds.chunks_exact_mut(w).zip(pf.chunks_exact(w)) {
-                    let pdp: f32 = drow.iter().zip(prow).map(|(a, b)| a * b).sum();
-                    drow.iter_mut().zip(prow).for_each(|(x, &pj)| *x = scale * pj * (*x - pdp));
+                    softmax_backward_in_place(prow, drow, scale);
                 }
                 // dQ_f += dS·K'; dK' = dSᵀ·Q_f, scattered.
                 sgemm(Trans::No, Trans::No, r, hd, w, 1.0, &ds, w, &kf, hd, 1.0, &mut dq[first * hd..(first + r) * hd], hd);

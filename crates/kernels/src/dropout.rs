@@ -18,6 +18,16 @@ pub fn mul_in_place(x: &mut [f32], mask: &[f32]) {
     x.iter_mut().zip(mask).for_each(|(x, m)| *x *= m);
 }
 
+/// `x ⊙ mask` written to `buf` when a mask is given, else `x` itself (no copy): a tensor
+/// taken through a dropout site that may be inactive.
+pub fn masked<'a>(x: &'a [f32], mask: Option<&[f32]>, buf: &'a mut Vec<f32>) -> &'a [f32] {
+    let Some(mask) = mask else { return x };
+    assert_eq!(x.len(), mask.len(), "dropout: mask length");
+    buf.clear();
+    buf.extend(x.iter().zip(mask).map(|(x, m)| x * m));
+    buf
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

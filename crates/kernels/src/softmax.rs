@@ -24,6 +24,13 @@ pub fn softmax_in_place(v: &mut [f32]) {
     v.iter_mut().for_each(|x| *x *= inv);
 }
 
+/// One row in place: d ← scale · y ⊙ (d − ⟨y, d⟩), the gradient of the (scaled) scores of
+/// a softmax given the probabilities `y` and d(probabilities) `d` (attention's backward).
+pub fn softmax_backward_in_place(y: &[f32], d: &mut [f32], scale: f32) {
+    let yd: f32 = d.iter().zip(y).map(|(a, b)| a * b).sum();
+    d.iter_mut().zip(y).for_each(|(x, &yj)| *x = scale * yj * (*x - yd));
+}
+
 /// dx += y ⊙ (dy − ⟨y, dy⟩) per row.
 pub fn softmax_backward(y: &[f32], dy: &[f32], dx: &mut [f32], n: usize) {
     dx[..y.len()].par_chunks_mut(n).zip(y.par_chunks(n).zip(dy.par_chunks(n))).for_each(|(dxr, (yr, dyr))| {

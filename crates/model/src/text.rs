@@ -10,7 +10,7 @@ use crate::layers::{add_in_place, block_window, fit, range, zeroed, LayerNorm, L
 use crate::params::{Params, ParamsBuilder};
 use demovlp_kernels::activation::{gelu_backward_in_place, gelu_forward};
 use demovlp_kernels::attention::{attention_backward, attention_forward, merge_heads, split_heads, AttnShape, KeyPattern};
-use demovlp_kernels::dropout::{dropout_mask, mul_in_place};
+use demovlp_kernels::dropout::{dropout_mask, masked, mul_in_place};
 use demovlp_kernels::embedding::{embedding_backward, embedding_forward};
 use demovlp_kernels::Rng;
 use std::ops::Range;
@@ -97,18 +97,6 @@ pub fn declare(pb: &mut ParamsBuilder, c: &TextConfig) {
         pb.add_unused("text_model.pooler.dense.weight", &[d, d]);
         pb.add_unused("text_model.pooler.dense.bias", &[d]);
     }
-}
-
-/// The gradient `dy` taken back through a dropout site: `dy ⊙ mask` in `tmp` when the
-/// dropout was applied, else `dy` itself.
-fn through_dropout<'a>(applied: bool, dy: &'a [f32], mask: &[f32], tmp: &'a mut Vec<f32>) -> &'a [f32] {
-    if !applied {
-        return dy;
-    }
-    fit(tmp, dy.len());
-    tmp.copy_from_slice(dy);
-    mul_in_place(tmp, mask);
-    tmp
 }
 
 /// Dropout probabilities of the text tower in training. The published model trains its
@@ -429,7 +417,7 @@ impl TextTower {
         // z2 = ffn2(gelu(ffn1(x1))) + x1
         fit(&mut a.g, n * hid);
         gelu_forward(&la.h, &mut a.g);
-        let dffn = through_dropout(a.drop_hidden, &a.dz, &la.ffn_drop, &mut a.dtmp);
+        let dffn = masked(&a.dz, a.drop_hidden.then_some(&la.ffn_drop[..]), &mut a.dtmp);
         // ffn2's weight gradient first; then g is dead and its buffer takes d(g), which
         // becomes d(ffn1 output) in place (one hidden-wide scratch buffer, no zeroing).
         layer.ffn2.backward(data, grad, &a.g, hid, n, dffn, None);
@@ -444,7 +432,7 @@ impl TextTower {
         // z1 = out_lin(attn(q, k, v)) + x
         a.dx_a.copy_from_slice(&a.dz);
         let dctx = zeroed(&mut a.dctx, n * d);
-        let dsa = through_dropout(a.drop_hidden && c.kind == TextKind::Bert, &a.dz, &la.sa_drop, &mut a.dtmp);
+        let dsa = masked(&a.dz, (a.drop_hidden && c.kind == TextKind::Bert).then_some(&la.sa_drop[..]), &mut a.dtmp);
         layer.o.backward(data, grad, &la.ctx, d, n, dsa, Some(dctx));
         fit(&mut a.dctx_h, n * d);
         split_heads(&a.dctx, d, 0, &mut a.dctx_h, b, heads, l, hd);
