@@ -53,8 +53,8 @@ pub struct VideoEmbeddings {
 }
 
 /// Reused buffers between the towers and the loss.
-/// Wall-clock seconds of each phase of the last [`Model::forward_backward`] call
-/// (for profiling; `bench train-step` prints them).
+/// Wall-clock seconds of each phase of the last [`Model::forward_backward`] or
+/// [`Model::train_step_fused`] call (for profiling; `bench train-step` prints them).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct PhaseTimes {
     pub text_forward: f64,
@@ -95,7 +95,7 @@ pub struct Model {
     /// Text dropout of training steps (off by default; see [`TextDropout::PUBLISHED`]).
     text_dropout: TextDropout,
     dropout_rng: Rng,
-    /// Phase timings of the last `forward_backward`.
+    /// Phase timings of the last `forward_backward` / `train_step_fused`.
     pub phase_times: PhaseTimes,
     /// Element ranges AdamW updates, and those of them outside every transformer block
     /// (the fused step updates these from `params.grad` at the end).
@@ -109,6 +109,18 @@ pub struct Model {
 /// which keeps a published-size training step (batch 8, 8 × 30 regions) near 2.75 GB peak,
 /// under 0.6 × what the PyTorch implementation needs, while saving 5/12 of the recompute.
 pub const DEFAULT_RECOMPUTE_MLP_BLOCKS: usize = 7;
+
+/// The text head backward (`txt_proj`, then the ReLU): d(text tokens) `[B, L, P]` into
+/// `txt_proj`'s gradients and d(last hidden state) in `a.d_hidden`.
+fn text_head_backward(txt_proj: &Linear, config: &ModelConfig, data: &[f32], grad: &mut [f32], a: &mut Arena, d_text: &[f32]) {
+    let (b, l) = (a.text.batch, a.text.len);
+    let (d, p) = (config.text.dim, config.proj_dim);
+    assert_eq!(d_text.len(), b * l * p, "d_text must be [B, L, P]");
+    let d_relu = zeroed(&mut a.d_relu, b * l * d);
+    txt_proj.backward(data, grad, &a.relu, d, b * l, d_text, Some(d_relu));
+    let d_hidden = zeroed(&mut a.d_hidden, b * l * d);
+    relu_backward(a.text.last_hidden(), &a.d_relu, d_hidden);
+}
 
 /// The parts of `ranges` (sorted, disjoint) outside every window of `windows` (sorted).
 fn subtract_windows(ranges: &[(usize, usize)], windows: &[Range<usize>]) -> Vec<(usize, usize)> {
@@ -282,16 +294,8 @@ impl Model {
     /// Text half of [`Model::backward_tokens`]: `d_text` `[B, L, P]`, `input_ids` of the forward.
     pub fn backward_text_tokens(&mut self, input_ids: &[i64], d_text: &[f32]) {
         let a = &mut *self.arena;
-        let (b, l) = (a.text.batch, a.text.len);
-        let (d, p) = (self.config.text.dim, self.config.proj_dim);
-        assert_eq!(d_text.len(), b * l * p, "d_text must be [B, L, P]");
-        let data = &self.params.data;
-        let grad = &mut self.params.grad;
-        let d_relu = zeroed(&mut a.d_relu, b * l * d);
-        self.txt_proj.backward(data, grad, &a.relu, d, b * l, d_text, Some(d_relu));
-        let d_hidden = zeroed(&mut a.d_hidden, b * l * d);
-        relu_backward(a.text.last_hidden(), &a.d_relu, d_hidden);
-        self.text.backward(data, grad, &mut a.text, input_ids, &a.d_hidden);
+        text_head_backward(&self.txt_proj, &self.config, &self.params.data, &mut self.params.grad, a, d_text);
+        self.text.backward(&self.params.data, &mut self.params.grad, &mut a.text, input_ids, &a.d_hidden);
     }
 
     /// Video half of [`Model::backward_tokens`]: `d_video` `[B, 1+F·R, P]`, `object` of the forward.
@@ -390,14 +394,8 @@ impl Model {
         let mut step = FusedStep::begin(opt, &updated, &mut scratch);
         {
             let a = &mut *self.arena;
-            let (b, l) = (a.text.batch, a.text.len);
-            let d = self.config.text.dim;
-            let (data, grad) = (&mut self.params.data, &mut self.params.grad);
-            let d_relu = zeroed(&mut a.d_relu, b * l * d);
-            self.txt_proj.backward(data, grad, &a.relu, d, b * l, &dt, Some(d_relu));
-            let d_hidden = zeroed(&mut a.d_hidden, b * l * d);
-            relu_backward(a.text.last_hidden(), &a.d_relu, d_hidden);
-            self.text.backward_fused(data, grad, &mut a.text, batch.input_ids, &a.d_hidden, &mut step);
+            text_head_backward(&self.txt_proj, &self.config, &self.params.data, &mut self.params.grad, a, &dt);
+            self.text.backward_fused(&mut self.params.data, &mut self.params.grad, &mut a.text, batch.input_ids, &a.d_hidden, &mut step);
         }
         let t_text_bwd = clock.elapsed().as_secs_f64();
         self.video.backward_fused(&mut self.params.data, &mut self.params.grad, &mut self.arena.video, batch.object, &dv, &mut step);
