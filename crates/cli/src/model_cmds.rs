@@ -380,7 +380,8 @@ pub fn bench_train_step(a: BenchTrainStepArgs) -> Result<()> {
             torch_times.push(s);
         }
     }
-    let times_copy = times.clone();
+    // Paired statistic: each of our steps against the PyTorch step right after it.
+    let paired: Vec<f64> = times.iter().zip(&torch_times).map(|(a, b)| a / b).collect();
     let (median, min, max) = median_min_max(times);
     let rss = peak_rss_mb();
     if !a.json {
@@ -399,8 +400,6 @@ pub fn bench_train_step(a: BenchTrainStepArgs) -> Result<()> {
         }
         out.as_object_mut().unwrap().extend(crate::bench_pytorch::compare(median, rss, &summary)?);
         out["interleaved"] = true.into();
-        // Paired statistic: each of our steps against the PyTorch step right after it.
-        let paired: Vec<f64> = times_copy.iter().zip(&torch_times).map(|(a, b)| a / b).collect();
         let pairs = paired.len();
         let (paired_median, _, _) = median_min_max(paired);
         println!("paired: median of per-step time ratios (ours / the PyTorch step after it) {paired_median:.3}x over {pairs} pairs");
