@@ -11,20 +11,28 @@ const INV_SQRT_2PI: f32 = 0.398_942_3;
 
 /// gelu(x) = x·Φ(x) = ½x(1 + erf(x/√2)), computed as PyTorch's CPU kernel does.
 pub fn gelu_forward(x: &[f32], y: &mut [f32]) {
-    y[..x.len()].par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(y, x)| {
+    y[..x.len()].par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(y, x)| gelu_chunk(x, y));
+}
+
+crate::multiversion! {
+    fn gelu_chunk(x: &[f32], y: &mut [f32]) {
         for (y, &x) in y.iter_mut().zip(x) {
             *y = 0.5 * x * (1.0 + fastmath::erf(x * FRAC_1_SQRT_2));
         }
-    });
+    }
 }
 
 /// gelu'(x) = Φ(x) + x·φ(x).
 pub fn gelu_backward(x: &[f32], dy: &[f32], dx: &mut [f32]) {
-    dx[..x.len()].par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK))).for_each(|(dx, (x, dy))| {
+    dx[..x.len()].par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK))).for_each(|(dx, (x, dy))| gelu_backward_chunk(x, dy, dx));
+}
+
+crate::multiversion! {
+    fn gelu_backward_chunk(x: &[f32], dy: &[f32], dx: &mut [f32]) {
         for ((dx, &x), &dy) in dx.iter_mut().zip(x).zip(dy) {
             *dx += dy * gelu_grad(x);
         }
-    });
+    }
 }
 
 /// gelu'(x) = Φ(x) + x·φ(x).
@@ -39,11 +47,15 @@ fn gelu_grad(x: f32) -> f32 {
 /// in the same buffer instead of zeroing and filling a second one ([`gelu_backward`] is the
 /// accumulating form and this one's test oracle).
 pub fn gelu_backward_in_place(x: &[f32], d: &mut [f32]) {
-    d[..x.len()].par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(d, x)| {
+    d[..x.len()].par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(d, x)| gelu_scale_chunk(x, d));
+}
+
+crate::multiversion! {
+    fn gelu_scale_chunk(x: &[f32], d: &mut [f32]) {
         for (d, &x) in d.iter_mut().zip(x) {
             *d *= gelu_grad(x);
         }
-    });
+    }
 }
 
 pub fn relu_forward(x: &[f32], y: &mut [f32]) {

@@ -15,7 +15,13 @@ pub fn dropout_mask(rng: &mut Rng, p: f32, mask: &mut [f32]) {
 /// x ⊙= mask.
 pub fn mul_in_place(x: &mut [f32], mask: &[f32]) {
     assert_eq!(x.len(), mask.len(), "dropout: mask length");
-    x.iter_mut().zip(mask).for_each(|(x, m)| *x *= m);
+    mul_run(x, mask);
+}
+
+crate::multiversion! {
+    fn mul_run(x: &mut [f32], mask: &[f32]) {
+        x.iter_mut().zip(mask).for_each(|(x, m)| *x *= m);
+    }
 }
 
 /// `x ⊙ mask` written to `buf` when a mask is given, else `x` itself (no copy): a tensor

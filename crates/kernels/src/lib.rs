@@ -16,6 +16,7 @@ pub mod gradcheck;
 pub mod layernorm;
 pub mod linear;
 pub mod rng;
+pub mod simd;
 pub mod softmax;
 
 pub use attention::{attention_backward, attention_forward, merge_heads, split_heads, AttnShape, KeyPattern};

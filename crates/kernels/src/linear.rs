@@ -40,13 +40,18 @@ pub fn linear_backward(
     if let Some(db) = db {
         // Column blocks in parallel; each column still sums its rows in order.
         let dy = &dy[..n * dout];
-        db.par_chunks_mut(DB_COLS).enumerate().for_each(|(ci, g)| {
-            let (j0, cols) = (ci * DB_COLS, g.len());
-            for row in dy.chunks_exact(dout) {
-                for (g, d) in g.iter_mut().zip(&row[j0..j0 + cols]) {
-                    *g += d;
-                }
+        db.par_chunks_mut(DB_COLS).enumerate().for_each(|(ci, g)| bias_grad_cols(dy, dout, ci * DB_COLS, g));
+    }
+}
+
+crate::multiversion! {
+    /// g[c] += Σ_rows dy[row, j0 + c], rows in order.
+    fn bias_grad_cols(dy: &[f32], dout: usize, j0: usize, g: &mut [f32]) {
+        let cols = g.len();
+        for row in dy.chunks_exact(dout) {
+            for (g, d) in g.iter_mut().zip(&row[j0..j0 + cols]) {
+                *g += d;
             }
-        });
+        }
     }
 }

@@ -12,23 +12,27 @@ pub fn softmax_forward(x: &[f32], mask: Option<&[f32]>, y: &mut [f32], n: usize)
     });
 }
 
-/// Numerically stable softmax of one row, in place.
-pub fn softmax_in_place(v: &mut [f32]) {
-    let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0f32;
-    for x in v.iter_mut() {
-        *x = crate::fastmath::exp(*x - max);
-        sum += *x;
+crate::multiversion! {
+    /// Numerically stable softmax of one row, in place.
+    pub fn softmax_in_place(v: &mut [f32]) {
+        let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0.0f32;
+        for x in v.iter_mut() {
+            *x = crate::fastmath::exp(*x - max);
+            sum += *x;
+        }
+        let inv = 1.0 / sum;
+        v.iter_mut().for_each(|x| *x *= inv);
     }
-    let inv = 1.0 / sum;
-    v.iter_mut().for_each(|x| *x *= inv);
 }
 
-/// One row in place: d ← scale · y ⊙ (d − ⟨y, d⟩), the gradient of the (scaled) scores of
-/// a softmax given the probabilities `y` and d(probabilities) `d` (attention's backward).
-pub fn softmax_backward_in_place(y: &[f32], d: &mut [f32], scale: f32) {
-    let yd: f32 = d.iter().zip(y).map(|(a, b)| a * b).sum();
-    d.iter_mut().zip(y).for_each(|(x, &yj)| *x = scale * yj * (*x - yd));
+crate::multiversion! {
+    /// One row in place: d ← scale · y ⊙ (d − ⟨y, d⟩), the gradient of the (scaled) scores of
+    /// a softmax given the probabilities `y` and d(probabilities) `d` (attention's backward).
+    pub fn softmax_backward_in_place(y: &[f32], d: &mut [f32], scale: f32) {
+        let yd: f32 = d.iter().zip(y).map(|(a, b)| a * b).sum();
+        d.iter_mut().zip(y).for_each(|(x, &yj)| *x = scale * yj * (*x - yd));
+    }
 }
 
 /// dx += y ⊙ (dy − ⟨y, dy⟩) per row.

@@ -83,9 +83,17 @@ pub struct StepCoeffs {
 impl StepCoeffs {
     /// The update of one run of elements.
     fn apply(&self, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
-        let (b1, b2, eps, step_size, decay) = (self.beta1, self.beta2, self.eps, self.step_size, self.decay);
+        apply_run(self, p, g, m, v);
+    }
+}
+
+demovlp_kernels::multiversion! {
+    fn apply_run(c: &StepCoeffs, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
+        let (b1, b2, eps, step_size, decay) = (c.beta1, c.beta2, c.eps, c.step_size, c.decay);
         let (one_b1, one_b2) = (1.0 - b1, 1.0 - b2);
-        for i in 0..g.len() {
+        let n = g.len();
+        let (p, m, v) = (&mut p[..n], &mut m[..n], &mut v[..n]);
+        for i in 0..n {
             let gi = g[i];
             let mi = b1 * m[i] + one_b1 * gi;
             let vi = b2 * v[i] + one_b2 * (gi * gi);
@@ -296,6 +304,35 @@ mod tests {
                 assert!(p.data[i] != start[i]);
             }
         }
+    }
+
+    /// The update loop is multiversioned (`demovlp_kernels::multiversion!`): every
+    /// instruction-set level must give the same bits.
+    #[test]
+    fn update_is_identical_at_every_simd_level() {
+        use demovlp_kernels::simd::{self, Level};
+        let n = 10_007;
+        let mut rng = demovlp_kernels::Rng::new(5);
+        let p0: Vec<f32> = (0..n).map(|_| rng.normal()).collect();
+        let g: Vec<f32> = (0..n).map(|_| rng.normal() * 1e-3).collect();
+        let run = || {
+            let mut opt = AdamW::new(n, 1e-3, 0.9, 0.999, 1e-8, 0.01);
+            let mut p = p0.clone();
+            for _ in 0..3 {
+                let c = opt.begin_step();
+                opt.update_window(&c, &[(0, n)], &mut p, &g, 0);
+            }
+            (p, opt.m, opt.v)
+        };
+        let detected = simd::level();
+        simd::set_level(Level::Baseline);
+        let base = run();
+        simd::set_level(detected);
+        let wide = run();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&base.0), bits(&wide.0), "parameters differ");
+        assert_eq!(bits(&base.1), bits(&wide.1), "m differs");
+        assert_eq!(bits(&base.2), bits(&wide.2), "v differs");
     }
 
     #[test]

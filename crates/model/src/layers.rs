@@ -129,8 +129,14 @@ pub fn zeroed(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
 pub fn add_in_place(y: &mut [f32], x: &[f32]) {
     const CHUNK: usize = 1 << 14;
     if y.len() >= 4 * CHUNK {
-        y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(y, x)| y.iter_mut().zip(x).for_each(|(y, x)| *y += x));
+        y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(y, x)| add_chunk(y, x));
     } else {
+        add_chunk(y, x);
+    }
+}
+
+demovlp_kernels::multiversion! {
+    fn add_chunk(y: &mut [f32], x: &[f32]) {
         y.iter_mut().zip(x).for_each(|(y, x)| *y += x);
     }
 }
