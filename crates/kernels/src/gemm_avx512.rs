@@ -152,22 +152,67 @@ pub unsafe fn sgemm(m: usize, n: usize, k: usize, alpha: f32, a: *const f32, rsa
     });
 }
 
+/// Lane mask of the first `n` (≤ 16) lanes.
+#[inline(always)]
+fn lanes(n: usize) -> __mmask16 {
+    if n >= 16 {
+        0xffff
+    } else {
+        (1u16 << n) - 1
+    }
+}
+
+/// Transposes the 16×16 block held as 16 row vectors: afterwards `r[c]` holds column c.
+/// (Pairs of rows interleaved by 32 and by 64 bits, then 128-bit lanes regrouped twice.)
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose16(r: &mut [__m512; 16]) {
+    let mut t = [_mm512_setzero_ps(); 16];
+    for i in 0..8 {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    // u[4g + s]: rows 4g..4g+4 at column 4L + s in 128-bit lane L.
+    let mut u = [_mm512_setzero_ps(); 16];
+    for g in 0..4 {
+        let (a0, a1, b0, b1) = (t[4 * g], t[4 * g + 1], t[4 * g + 2], t[4 * g + 3]);
+        u[4 * g] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a0), _mm512_castps_pd(b0)));
+        u[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a0), _mm512_castps_pd(b0)));
+        u[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a1), _mm512_castps_pd(b1)));
+        u[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a1), _mm512_castps_pd(b1)));
+    }
+    for s in 0..4 {
+        let v88 = _mm512_shuffle_f32x4::<0x88>(u[s], u[4 + s]);
+        let vdd = _mm512_shuffle_f32x4::<0xdd>(u[s], u[4 + s]);
+        let w88 = _mm512_shuffle_f32x4::<0x88>(u[8 + s], u[12 + s]);
+        let wdd = _mm512_shuffle_f32x4::<0xdd>(u[8 + s], u[12 + s]);
+        r[s] = _mm512_shuffle_f32x4::<0x88>(v88, w88);
+        r[4 + s] = _mm512_shuffle_f32x4::<0x88>(vdd, wdd);
+        r[8 + s] = _mm512_shuffle_f32x4::<0xdd>(v88, w88);
+        r[12 + s] = _mm512_shuffle_f32x4::<0xdd>(vdd, wdd);
+    }
+}
+
 /// Packs `rows` (≤ R) source rows, each contiguous along p (`row(i)` points at its p = 0),
-/// into one R-wide panel `dst[p·R + i]`, p < kc, zero-padding rows ≥ `rows`. Moves 16-deep
-/// blocks through a small buffer so that the panel is written sequentially (the strided
-/// writes of a direct transpose cost more than the reads).
+/// into one R-wide panel `dst[p·R + i]`, p < kc, zero-padding rows ≥ `rows`: 16-deep blocks
+/// of 16 rows are loaded (masked), transposed in registers and stored as rows of the panel.
+#[target_feature(enable = "avx512f")]
 unsafe fn pack_transposed<const R: usize>(kc: usize, rows: usize, row: impl Fn(usize) -> *const f32, dst: *mut f32) {
     let mut p0 = 0;
     while p0 < kc {
         let depth = 16.min(kc - p0);
-        let mut t = [[0.0f32; 16]; R];
-        for (i, ti) in t.iter_mut().enumerate().take(rows) {
-            std::ptr::copy_nonoverlapping(row(i).add(p0), ti.as_mut_ptr(), depth);
-        }
         let out = dst.add(p0 * R);
-        for pp in 0..depth {
-            for (i, ti) in t.iter().enumerate() {
-                *out.add(pp * R + i) = ti[pp];
+        for g in (0..R).step_by(16) {
+            let mut r = [_mm512_setzero_ps(); 16];
+            for (i, ri) in r.iter_mut().enumerate() {
+                if g + i < rows {
+                    *ri = _mm512_maskz_loadu_ps(lanes(depth), row(g + i).add(p0));
+                }
+            }
+            transpose16(&mut r);
+            let keep = lanes(R - g);
+            for (pp, col) in r.iter().enumerate().take(depth) {
+                _mm512_mask_storeu_ps(out.add(pp * R + g), keep, *col);
             }
         }
         p0 += depth;
@@ -175,7 +220,21 @@ unsafe fn pack_transposed<const R: usize>(kc: usize, rows: usize, row: impl Fn(u
 }
 
 /// Packs rows `0..mc` of the A block into MR-row panels, `dst[panel][p][i]`, zero-padded.
+#[target_feature(enable = "avx512f")]
 unsafe fn pack_a(kc: usize, mc: usize, a: *const f32, rsa: isize, csa: isize, dst: *mut f32) {
+    if rsa == 1 && csa != 1 {
+        // Aᵀ stored row-major (the weight gradient's dYᵀ): for each p, the mc values are one
+        // contiguous run, cut into the panels' 12-wide rows (p outer: each source line is
+        // read once).
+        for p in 0..kc {
+            let src = a.offset(p as isize * csa);
+            for (panel, i0) in (0..mc).step_by(MR).enumerate() {
+                let v = _mm512_maskz_loadu_ps(lanes(MR.min(mc - i0)), src.add(i0));
+                _mm512_mask_storeu_ps(dst.add(panel * MR * kc + p * MR), lanes(MR), v);
+            }
+        }
+        return;
+    }
     for (panel, i0) in (0..mc).step_by(MR).enumerate() {
         let rows = MR.min(mc - i0);
         let d = dst.add(panel * MR * kc);
@@ -193,19 +252,26 @@ unsafe fn pack_a(kc: usize, mc: usize, a: *const f32, rsa: isize, csa: isize, ds
 }
 
 /// Packs columns `0..nc` of the B block into NR-column panels, `dst[panel][p][j]`, zero-padded.
+#[target_feature(enable = "avx512f")]
 unsafe fn pack_b(kc: usize, nc: usize, b: *const f32, rsb: isize, csb: isize, dst: *mut f32) {
+    if csb == 1 {
+        // B stored row-major: for each p the nc values are one contiguous run, cut into the
+        // panels' 32-wide rows (p outer: each source line is read once).
+        for p in 0..kc {
+            let src = b.offset(p as isize * rsb);
+            for (panel, j0) in (0..nc).step_by(NR).enumerate() {
+                let cols = NR.min(nc - j0);
+                let d = dst.add(panel * NR * kc + p * NR);
+                _mm512_store_ps(d, _mm512_maskz_loadu_ps(lanes(cols), src.add(j0)));
+                _mm512_store_ps(d.add(16), _mm512_maskz_loadu_ps(lanes(cols.saturating_sub(16)), src.wrapping_add(j0 + 16)));
+            }
+        }
+        return;
+    }
     for (panel, j0) in (0..nc).step_by(NR).enumerate() {
         let cols = NR.min(nc - j0);
         let d = dst.add(panel * NR * kc);
-        if csb == 1 {
-            for p in 0..kc {
-                let src = b.offset(p as isize * rsb + j0 as isize);
-                std::ptr::copy_nonoverlapping(src, d.add(p * NR), cols);
-                for j in cols..NR {
-                    *d.add(p * NR + j) = 0.0;
-                }
-            }
-        } else if rsb == 1 {
+        if rsb == 1 {
             // Bᵀ stored row-major (a weight used as `x·Wᵀ`): columns of B are contiguous.
             pack_transposed::<NR>(kc, cols, |j| b.offset((j0 + j) as isize * csb), d);
         } else {
@@ -288,6 +354,36 @@ unsafe fn tile(kc: usize, mut a: *const f32, mut b: *const f32, c: *mut f32, ldc
                 _mm512_fmadd_ps(alphav, v, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, row.add(16 * h)), betav))
             };
             _mm512_mask_storeu_ps(row.add(16 * h), mask, out);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transpose16_transposes() {
+        if !available() {
+            return;
+        }
+        let m: Vec<f32> = (0..256).map(|x| x as f32).collect();
+        let mut out = [0.0f32; 256];
+        // SAFETY: AVX-512F checked above; every load and store is within the 256 floats.
+        unsafe {
+            let mut r = [_mm512_setzero_ps(); 16];
+            for (i, ri) in r.iter_mut().enumerate() {
+                *ri = _mm512_loadu_ps(m.as_ptr().add(16 * i));
+            }
+            transpose16(&mut r);
+            for (c, rc) in r.iter().enumerate() {
+                _mm512_storeu_ps(out.as_mut_ptr().add(16 * c), *rc);
+            }
+        }
+        for i in 0..16 {
+            for j in 0..16 {
+                assert_eq!(out[16 * j + i], m[16 * i + j], "element ({i}, {j})");
+            }
         }
     }
 }
