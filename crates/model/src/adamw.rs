@@ -213,6 +213,37 @@ impl AdamW {
         }
     }
 
+    /// Updates a `[rows, dim]` table lying at elements `table` of the model (`data` is that
+    /// slice of the parameters) whose gradient is zero except on rows `ids` (increasing),
+    /// given as `grad_rows` `[ids.len(), dim]`: the same arithmetic per element as
+    /// [`AdamW::update_window`] over the dense gradient (zero rows still decay m, v and
+    /// the weights). Every element of the table must be updated (inside `ranges`).
+    pub fn update_table_rows(&mut self, c: &StepCoeffs, table: Range<usize>, data: &mut [f32], dim: usize, ids: &[usize], grad_rows: &[f32]) {
+        assert_eq!(data.len(), table.len(), "AdamW table: {} parameters for a window of {}", data.len(), table.len());
+        assert!(dim > 0 && table.len().is_multiple_of(dim), "AdamW table: {} values are not rows of {dim}", table.len());
+        assert_eq!(grad_rows.len(), ids.len() * dim, "AdamW table: gradient rows");
+        assert!(ids.windows(2).all(|w| w[0] < w[1]) && ids.last().is_none_or(|&i| i < table.len() / dim), "AdamW table: row ids must increase and lie in the table");
+        let zeros = vec![0.0f32; dim];
+        let (m, v) = (&mut self.m[table.clone()], &mut self.v[table]);
+        let rows_per_task = CHUNK.div_ceil(dim);
+        data.par_chunks_mut(rows_per_task * dim)
+            .zip(m.par_chunks_mut(rows_per_task * dim).zip(v.par_chunks_mut(rows_per_task * dim)))
+            .enumerate()
+            .for_each(|(t, (p, (m, v)))| {
+                let r0 = t * rows_per_task;
+                let mut next = ids.partition_point(|&i| i < r0);
+                for (r, ((p, m), v)) in p.chunks_mut(dim).zip(m.chunks_mut(dim)).zip(v.chunks_mut(dim)).enumerate() {
+                    let g = if next < ids.len() && ids[next] == r0 + r {
+                        next += 1;
+                        &grad_rows[(next - 1) * dim..next * dim]
+                    } else {
+                        &zeros[..]
+                    };
+                    c.apply(p, g, m, v);
+                }
+            });
+    }
+
     /// Write the optimiser state (moments as tensors, settings and step in the metadata).
     pub fn save(&self, path: &Path) -> Result<()> {
         let meta = serde_json::json!({

@@ -97,10 +97,12 @@ pub struct Model {
     dropout_rng: Rng,
     /// Phase timings of the last `forward_backward` / `train_step_fused`.
     pub phase_times: PhaseTimes,
-    /// Element ranges AdamW updates, and those of them outside every transformer block
-    /// (the fused step updates these from `params.grad` at the end).
+    /// Element ranges AdamW updates, and those of them outside every transformer block and
+    /// the word table (the fused step updates these from `params.grad` at the end).
     updated_ranges: Vec<(usize, usize)>,
     rest_ranges: Vec<(usize, usize)>,
+    /// The word-embedding table: the fused step updates it from its gradient rows.
+    word_range: Range<usize>,
     /// One block's gradients during [`Model::train_step_fused`].
     grad_scratch: Vec<f32>,
 }
@@ -170,7 +172,12 @@ impl Model {
         let mut arena: Box<Arena> = Box::default();
         arena.video.recompute_mlp_blocks = DEFAULT_RECOMPUTE_MLP_BLOCKS;
         let updated_ranges = updated_ranges(&params);
-        let mut windows: Vec<Range<usize>> = text.layer_windows().iter().chain(video.block_windows()).cloned().collect();
+        let word_range = text.word_range();
+        assert!(
+            updated_ranges.iter().any(|&(r0, r1)| r0 <= word_range.start && word_range.end <= r1),
+            "the word-embedding table must be trained as a whole"
+        );
+        let mut windows: Vec<Range<usize>> = text.layer_windows().iter().chain(video.block_windows()).chain([&word_range]).cloned().collect();
         windows.sort_by_key(|w| w.start);
         let rest_ranges = subtract_windows(&updated_ranges, &windows);
         Model {
@@ -185,6 +192,7 @@ impl Model {
             phase_times: PhaseTimes::default(),
             updated_ranges,
             rest_ranges,
+            word_range,
             grad_scratch: Vec::new(),
         }
     }
@@ -370,12 +378,13 @@ impl Model {
     /// One whole training step — forward, losses, backward and the AdamW update of `opt` —
     /// with the update fused into the backward pass: each transformer block's gradients
     /// live in one block-sized scratch buffer and its update is applied as soon as they are
-    /// final; the remaining tensors (embeddings, projections) accumulate in `params.grad` and
-    /// are updated at the end. Parameters and optimiser state end exactly as after
+    /// final; the word table's gradient is kept by row (only looked-up rows are nonzero);
+    /// the remaining tensors (other embeddings, projections) accumulate in `params.grad`; all
+    /// these are updated at the end. Parameters and optimiser state end exactly as after
     /// [`Model::forward_backward`] + [`AdamW::step`], but the whole-model gradient is never
     /// held (peak memory is lower by most of one parameter copy) and the update costs no
-    /// separate pass over memory. `params.grad` afterwards holds only the non-block
-    /// tensors' gradients (the blocks' are gone). A non-finite loss returns before any
+    /// separate pass over memory. `params.grad` afterwards holds only the gradients of the
+    /// tensors outside the blocks and the word table. A non-finite loss returns before any
     /// update (nothing is changed but the dropout generator and the arena).
     pub fn train_step_fused(&mut self, batch: &BatchRef, loss: &LossConfig, use_local: bool, opt: &mut AdamW) -> LossOutputs {
         assert_eq!(opt.m.len(), self.params.len(), "AdamW state has {} values, model has {}", opt.m.len(), self.params.len());
@@ -401,6 +410,9 @@ impl Model {
         self.video.backward_fused(&mut self.params.data, &mut self.params.grad, &mut self.arena.video, batch.object, &dv, &mut step);
         let coeffs = step.coeffs;
         opt.update_window(&coeffs, &self.rest_ranges, &mut self.params.data, &self.params.grad, 0);
+        let word = self.word_range.clone();
+        let rows = &self.arena.text.word_grad;
+        opt.update_table_rows(&coeffs, word.clone(), &mut self.params.data[word], self.config.text.dim, &rows.ids, &rows.grad);
         self.grad_scratch = scratch;
         self.updated_ranges = updated;
         self.arena.d_text_out = dt;
@@ -555,7 +567,7 @@ mod tests {
     /// The fused step (AdamW applied block by block inside the backward pass) must leave
     /// parameters and both moments bit-identical to forward_backward + AdamW::step, over
     /// several steps, for both text families, with dropout and weight decay on; and it must
-    /// never write a block's gradient into `params.grad`.
+    /// never write a block's or the word table's gradient into `params.grad`.
     #[test]
     fn fused_step_equals_backward_then_adamw_bit_for_bit() {
         for kind in [TextKind::Distilbert, TextKind::Bert] {
@@ -570,7 +582,13 @@ mod tests {
             let mut opt_plain = AdamW::with_settings(plain.params.len(), settings);
             let mut opt_fused = opt_plain.clone();
             let loss = LossConfig::default();
-            let d = data(3, 2, 3, 10);
+            let mut d = data(3, 2, 3, 10);
+            // Repeated ids (rows summed over several tokens) as well as [PAD].
+            for (i, id) in d.ids.iter_mut().enumerate() {
+                if *id != 0 {
+                    *id = 1 + (i * 7 % 13) as i64;
+                }
+            }
             for step in 0..3 {
                 let a = plain.forward_backward(&batch(&d, 3, 2, 3, 10), &loss, true);
                 opt_plain.step(&mut plain.params);
@@ -580,8 +598,8 @@ mod tests {
                 assert!(same(&plain.params.data, &fused.params.data), "{kind:?} step {step}: parameters differ");
                 assert!(same(&opt_plain.m, &opt_fused.m) && same(&opt_plain.v, &opt_fused.v), "{kind:?} step {step}: moments differ");
                 assert_eq!(opt_plain.t, opt_fused.t);
-                for w in fused.text.layer_windows().iter().chain(fused.video.block_windows()) {
-                    assert!(fused.params.grad[w.clone()].iter().all(|&g| g == 0.0), "{kind:?}: a block gradient reached params.grad");
+                for w in fused.text.layer_windows().iter().chain(fused.video.block_windows()).chain([&fused.word_range]) {
+                    assert!(fused.params.grad[w.clone()].iter().all(|&g| g == 0.0), "{kind:?}: a block or word-table gradient reached params.grad");
                 }
             }
             // The windows and the rest cover every updated element exactly once.
@@ -592,6 +610,7 @@ mod tests {
             for &(r0, r1) in &fused.rest_ranges {
                 count[r0..r1].iter_mut().for_each(|c| *c += 1);
             }
+            count[fused.word_range.clone()].iter_mut().for_each(|c| *c += 1);
             for s in fused.params.specs().iter().filter(|s| s.receives_grad) {
                 assert!(count[s.offset..s.offset + s.len].iter().all(|&c| c == 1), "{kind:?}: {} not covered exactly once", s.name);
             }

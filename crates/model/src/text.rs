@@ -203,6 +203,40 @@ pub struct TextActs {
     dv_h: Vec<f32>,
     dq: Vec<f32>,
     dtmp: Vec<f32>,
+    /// The word table's gradient of the last fused backward, by row (see [`WordGradRows`]).
+    pub word_grad: WordGradRows,
+}
+
+/// The word-embedding gradient of one batch, kept by row: only the rows of the ids the
+/// batch looks up can be nonzero (a few hundred of 30 522), so the fused step never holds
+/// the dense 94 MB table gradient. Rows in increasing id order; `[PAD]` excluded (it gets
+/// no gradient, as Hugging Face's `padding_idx`).
+#[derive(Clone, Debug, Default)]
+pub struct WordGradRows {
+    pub ids: Vec<usize>,
+    /// `[ids.len(), dim]`.
+    pub grad: Vec<f32>,
+}
+
+impl WordGradRows {
+    /// Accumulates d(embedding output) `dout` `[tokens, dim]` by looked-up id, tokens in
+    /// order (the dense [`embedding_backward`]'s summation order for every row).
+    fn accumulate(&mut self, ids: &[i64], dout: &[f32], dim: usize) {
+        self.ids.clear();
+        self.ids.extend(ids.iter().map(|&i| i as usize).filter(|&i| i != PAD_TOKEN_ID));
+        self.ids.sort_unstable();
+        self.ids.dedup();
+        self.grad.clear();
+        self.grad.resize(self.ids.len() * dim, 0.0);
+        for (t, &id) in ids.iter().enumerate() {
+            if id as usize == PAD_TOKEN_ID {
+                continue;
+            }
+            let row = self.ids.binary_search(&(id as usize)).expect("id collected above");
+            let dst = &mut self.grad[row * dim..(row + 1) * dim];
+            dst.iter_mut().zip(&dout[t * dim..(t + 1) * dim]).for_each(|(d, s)| *d += s);
+        }
+    }
 }
 
 impl TextActs {
@@ -265,6 +299,11 @@ impl TextTower {
             ln_emb: LayerNorm::new(p, "text_model.embeddings.LayerNorm", d, c.layer_norm_eps),
             layers,
         }
+    }
+
+    /// Where the word-embedding table lies in the flat buffers (`[vocab, dim]`).
+    pub fn word_range(&self) -> Range<usize> {
+        self.word.clone()
     }
 
     /// Where each transformer block's tensors lie in the flat buffers.
@@ -384,19 +423,21 @@ impl TextTower {
         for li in (0..self.cfg.layers).rev() {
             self.layer_backward(&self.layers[li], data, grad, a, li);
         }
-        self.backward_embeddings(data, grad, a, ids);
+        self.backward_embeddings(data, grad, a, ids, false);
     }
 
     /// [`Self::backward`] with the optimiser step fused in: each layer's gradients go to the
     /// step's scratch window and its AdamW update is applied as soon as they are final.
-    /// The embeddings accumulate into `grad`; the caller updates them at the end.
+    /// The position (/ token type) embeddings accumulate into `grad`, the word table's rows
+    /// into `a.word_grad` (the dense table gradient is not touched); the caller updates
+    /// them at the end.
     pub fn backward_fused(&self, data: &mut [f32], grad: &mut [f32], a: &mut TextActs, ids: &[i64], dlast: &[f32], step: &mut FusedStep) {
         fit(&mut a.dx_a, a.batch * a.len * self.cfg.dim);
         a.dx_a.copy_from_slice(&dlast[..a.batch * a.len * self.cfg.dim]);
         for li in (0..self.cfg.layers).rev() {
             step.block(data, self.layer_windows[li].clone(), |data, grad| self.layer_backward(&self.layers_local[li], data, grad, a, li));
         }
-        self.backward_embeddings(data, grad, a, ids);
+        self.backward_embeddings(data, grad, a, ids, true);
     }
 
     /// One layer, given d(its output) in `a.dx_a` (replaced by d(its input)). `layer`
@@ -449,8 +490,9 @@ impl TextTower {
     }
 
     /// Embedding dropout and LayerNorm, then the word / position (/ token type) lookups,
-    /// from d(embedding output) in `a.dx_a`.
-    fn backward_embeddings(&self, data: &[f32], grad: &mut [f32], a: &mut TextActs, ids: &[i64]) {
+    /// from d(embedding output) in `a.dx_a`. The word table's gradient goes to `grad`
+    /// (dense) or, with `word_rows`, to `a.word_grad`.
+    fn backward_embeddings(&self, data: &[f32], grad: &mut [f32], a: &mut TextActs, ids: &[i64], word_rows: bool) {
         let (l, d) = (a.len, self.cfg.dim);
         let n = a.batch * l;
         if a.drop_hidden {
@@ -458,11 +500,15 @@ impl TextTower {
         }
         let demb = zeroed(&mut a.dz, n * d);
         self.ln_emb.backward(data, grad, &a.emb, &a.emb_mean, &a.emb_rstd, &a.dx_a, demb);
-        let dword = &mut grad[self.word.clone()];
-        embedding_backward(ids, &a.dz, d, dword);
-        // Hugging Face builds the word table with padding_idx = pad_token_id (0): the [PAD]
-        // row receives no gradient, however often it is looked up.
-        dword[PAD_TOKEN_ID * d..(PAD_TOKEN_ID + 1) * d].iter_mut().for_each(|g| *g = 0.0);
+        if word_rows {
+            a.word_grad.accumulate(ids, &a.dz[..n * d], d);
+        } else {
+            let dword = &mut grad[self.word.clone()];
+            embedding_backward(ids, &a.dz, d, dword);
+            // Hugging Face builds the word table with padding_idx = pad_token_id (0): the [PAD]
+            // row receives no gradient, however often it is looked up.
+            dword[PAD_TOKEN_ID * d..(PAD_TOKEN_ID + 1) * d].iter_mut().for_each(|g| *g = 0.0);
+        }
         let dpos = &mut grad[self.pos.clone()];
         for row in a.dz.chunks_exact(l * d) {
             add_in_place(&mut dpos[..l * d], row);
