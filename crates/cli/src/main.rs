@@ -5,6 +5,7 @@
 mod bench;
 mod bench_pytorch;
 mod data_cmds;
+mod hugepages;
 mod model_cmds;
 mod retrieval_cmds;
 mod train_cmds;
@@ -52,7 +53,11 @@ enum Command {
     Bench(bench::BenchCommand),
 }
 
+#[global_allocator]
+static ALLOC: hugepages::HugePageAlloc = hugepages::HugePageAlloc;
+
 fn main() -> anyhow::Result<()> {
+    hugepages::init();
     let cli = Cli::parse();
     // The main thread is one of rayon's workers (RAYON_NUM_THREADS, default one per core):
     // its parallel loops then start on its own deque instead of being injected into the
