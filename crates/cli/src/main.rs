@@ -11,7 +11,6 @@ mod retrieval_cmds;
 mod train_cmds;
 
 use clap::{Parser, Subcommand};
-use anyhow::Context;
 
 #[derive(Parser)]
 #[command(
@@ -59,12 +58,6 @@ static ALLOC: hugepages::HugePageAlloc = hugepages::HugePageAlloc;
 fn main() -> anyhow::Result<()> {
     hugepages::init();
     let cli = Cli::parse();
-    // The main thread is one of rayon's workers (RAYON_NUM_THREADS, default one per core):
-    // its parallel loops then start on its own deque instead of being injected into the
-    // pool while it sleeps, which saved ~4/5 of the context switches of a training step
-    // (70k → 15k over `bench train-step --runs 2`) and ~5 % of its CPU time.
-    rayon::ThreadPoolBuilder::new().use_current_thread().build_global().context("starting the rayon thread pool")?;
-    demovlp_kernels::gemm::mark_driver_thread();
     match cli.command {
         Command::Demo(a) => train_cmds::demo(a),
         Command::Pretrain(a) => train_cmds::pretrain(a),

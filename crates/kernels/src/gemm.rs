@@ -191,21 +191,7 @@ fn gemm(ta: Trans, tb: Trans, m: usize, n: usize, k: usize, alpha: f32, a: &[f32
 /// and never from inside a rayon task — the caller is then one of many parallel tasks
 /// (e.g. evaluation's per-video GEMMs), and nesting would only add synchronisation.
 fn parallel_worth_it(m: usize, n: usize, k: usize) -> bool {
-    rayon::current_num_threads() > 1 && m * n * k >= PAR_MIN_MACS && (rayon::current_thread_index().is_none() || DRIVER.with(|d| d.get()))
-}
-
-thread_local! {
-    /// Set on the thread that drives the computation while it is itself one of rayon's
-    /// workers ([`mark_driver_thread`]): its GEMMs are top-level, not nested in a task.
-    static DRIVER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// Declares the calling thread the driver: a rayon worker (e.g. the main thread joined to
-/// the global pool with `use_current_thread`) whose own GEMMs still share their work out.
-/// Without it, a GEMM called on a worker thread runs single-threaded (it is taken to be
-/// one of many parallel tasks).
-pub fn mark_driver_thread() {
-    DRIVER.with(|d| d.set(true));
+    rayon::current_num_threads() > 1 && m * n * k >= PAR_MIN_MACS && rayon::current_thread_index().is_none()
 }
 
 /// Products below this many multiply-adds run as one single-threaded GEMM (splitting costs

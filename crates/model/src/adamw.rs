@@ -146,7 +146,7 @@ impl<'a> FusedStep<'a> {
             self.scratch.resize(len, 0.0);
         }
         let g = &mut self.scratch[..len];
-        g.fill(0.0);
+        crate::layers::fill_zero(g);
         backward(&data[window.clone()], g);
         let c = self.coeffs;
         self.opt.update_window(&c, self.ranges, &mut data[window.clone()], &self.scratch[..len], window.start);

@@ -121,8 +121,19 @@ pub fn fit(v: &mut Vec<f32>, n: usize) {
 /// Fit then zero (gradient accumulators).
 pub fn zeroed(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
     v.resize(n, 0.0);
-    v.iter_mut().for_each(|x| *x = 0.0);
+    fill_zero(v);
     &mut v[..]
+}
+
+/// Sets every value to 0, in parallel chunks when long (block gradients and activation
+/// gradients are tens of MB: one core alone would leave the other idle).
+pub fn fill_zero(v: &mut [f32]) {
+    const CHUNK: usize = 1 << 16;
+    if v.len() >= 4 * CHUNK {
+        v.par_chunks_mut(CHUNK).for_each(|c| c.fill(0.0));
+    } else {
+        v.fill(0.0);
+    }
 }
 
 /// y += x elementwise (in parallel chunks when long: the residual adds are whole activations).

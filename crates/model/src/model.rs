@@ -5,7 +5,7 @@
 
 use crate::adamw::{updated_ranges, AdamW, FusedStep};
 use crate::config::{ModelConfig, TextKind};
-use crate::layers::{fit, zeroed, Linear};
+use crate::layers::{fill_zero, fit, zeroed, Linear};
 use crate::params::{Params, ParamsBuilder};
 use crate::text::{self, TextActs, TextDropout, TextTower};
 use crate::video::{self, VideoActs, VideoTower};
@@ -392,7 +392,7 @@ impl Model {
         assert_eq!(opt.m.len(), self.params.len(), "AdamW state has {} values, model has {}", opt.m.len(), self.params.len());
         let clock = Instant::now();
         for &(r0, r1) in &self.rest_ranges {
-            self.params.grad[r0..r1].fill(0.0);
+            fill_zero(&mut self.params.grad[r0..r1]);
         }
         let (out, t_text, t_video) = self.forward_loss_grads(batch, loss, use_local, clock);
         let t_loss = clock.elapsed().as_secs_f64();

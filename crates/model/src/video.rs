@@ -7,7 +7,7 @@
 
 use crate::config::VideoConfig;
 use crate::adamw::FusedStep;
-use crate::layers::{add_in_place, block_window, fit, range, zeroed, LayerNorm, Linear};
+use crate::layers::{add_in_place, block_window, fill_zero, fit, range, zeroed, LayerNorm, Linear};
 use crate::params::{Params, ParamsBuilder};
 use demovlp_kernels::activation::{gelu_backward_in_place, gelu_forward};
 use demovlp_kernels::attention::{attention_backward, attention_forward, merge_heads, split_heads, AttnShape, KeyPattern};
@@ -392,7 +392,7 @@ impl VideoTower {
         let (dctx_h, dqkv_h) = a.g.split_at_mut(n * d);
         split_heads(dctx, d, 0, dctx_h, b, heads, seq, hd);
         let dqkv_h = &mut dqkv_h[..3 * n * d];
-        dqkv_h.fill(0.0);
+        fill_zero(dqkv_h);
         let (dq_h, dkv_h) = dqkv_h.split_at_mut(n * d);
         let (dk_h, dv_h) = dkv_h.split_at_mut(n * d);
         attention_backward(&shape, scale, &ba.qkv, &ba.qkv[d..], &ba.qkv[2 * d..], 3 * d, &a.probs, None, dctx_h, dq_h, dk_h, dv_h);
