@@ -268,13 +268,13 @@ pub struct BenchTrainStepArgs {
     /// Print only the JSON line on stdout (progress still goes to stderr).
     #[arg(long)]
     pub json: bool,
-    /// Keep the video MLP hidden activations in every block instead of recomputing them in
-    /// the backward pass of some (same as --recompute-mlp-blocks 0).
+    /// Keep the video MLP hidden activations in every block (same as
+    /// --recompute-mlp-blocks 0, the default).
     #[arg(long)]
     pub keep_mlp: bool,
     /// Video blocks that recompute their MLP hidden activations in the backward pass
-    /// instead of keeping them: each costs ~0.75 % more arithmetic and saves ~24 MB at the
-    /// published size (12 = all, lowest memory).
+    /// instead of keeping them: each costs ~0.8 % more arithmetic (9.4 GFLOP) and saves
+    /// ~23 MiB at the published size (12 = all, lowest memory).
     #[arg(long, default_value_t = demovlp_model::DEFAULT_RECOMPUTE_MLP_BLOCKS)]
     pub recompute_mlp_blocks: usize,
     /// Run the backward pass into a whole-model gradient, then AdamW as a separate pass
