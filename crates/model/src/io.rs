@@ -376,7 +376,7 @@ fn list_some(names: &[String]) -> String {
 pub fn load_all_params(params: &mut Params, t: &BTreeMap<String, Tensor>, strict: bool, what: &str) -> Result<LoadReport> {
     let r = load_params(params, t.iter().map(|(k, v)| (k.as_str(), v)), |n| Some(n.to_string())).with_context(|| what.to_string())?;
     // Unused tensors (video norm3/norm, BERT pooler) may be absent: they never affect outputs.
-    let needed: Vec<String> = r.missing.iter().filter(|n| params.id(n).map_or(false, |id| params.spec(id).receives_grad)).cloned().collect();
+    let needed: Vec<String> = r.missing.iter().filter(|n| params.id(n).is_some_and(|id| params.spec(id).receives_grad)).cloned().collect();
     if !needed.is_empty() {
         bail!("{what}: {} model tensors missing: {}", needed.len(), list_some(&needed));
     }
@@ -496,7 +496,7 @@ fn count_layers(t: &BTreeMap<String, Tensor>, prefix: &str) -> usize {
 }
 
 fn check_heads(what: &str, dim: usize, heads: usize) -> Result<()> {
-    if heads == 0 || dim % heads != 0 {
+    if heads == 0 || !dim.is_multiple_of(heads) {
         bail!("{what}: width {dim} is not divisible by {heads} heads");
     }
     Ok(())
