@@ -105,7 +105,7 @@ pub unsafe fn sgemm(m: usize, n: usize, k: usize, alpha: f32, a: *const f32, rsa
                 let (p0, p1) = (t * panels_m / tasks_m, (t + 1) * panels_m / tasks_m);
                 let (i0, i1) = (p0 * MR, (p1 * MR).min(m));
                 if i1 > i0 {
-                    pack_a(kc, i1 - i0, a.get().offset(i0 as isize * rsa + pc as isize * csa), rsa, csa, pa.get().add(p0 * MR * kc));
+                    pack_panels::<MR>(kc, i1 - i0, a.get().offset(i0 as isize * rsa + pc as isize * csa), rsa, csa, pa.get().add(p0 * MR * kc));
                 }
             });
             for jc in (0..n).step_by(NC) {
@@ -116,7 +116,7 @@ pub unsafe fn sgemm(m: usize, n: usize, k: usize, alpha: f32, a: *const f32, rsa
                     let (p0, p1) = (t * panels_n / tasks_n, (t + 1) * panels_n / tasks_n);
                     let (j0, j1) = (p0 * NR, (p1 * NR).min(nc));
                     if j1 > j0 {
-                        pack_b(kc, j1 - j0, b.get().offset(pc as isize * rsb + (jc + j0) as isize * csb), rsb, csb, pb.get().add(p0 * NR * kc));
+                        pack_panels::<NR>(kc, j1 - j0, b.get().offset(pc as isize * rsb + (jc + j0) as isize * csb), csb, rsb, pb.get().add(p0 * NR * kc));
                     }
                 });
                 // SAFETY: tasks write disjoint row ranges of C; the packed operands are only read.
@@ -219,65 +219,38 @@ unsafe fn pack_transposed<const R: usize>(kc: usize, rows: usize, row: impl Fn(u
     }
 }
 
-/// Packs rows `0..mc` of the A block into MR-row panels, `dst[panel][p][i]`, zero-padded.
+/// Packs `count` items — rows of the A block (R = MR) or columns of the B block (R = NR) —
+/// into R-wide panels `dst[panel][p][i]`, p < kc, zero-padded, where item i at depth p is
+/// `src[i·si + p·sp]`. For A: si, sp = rsa, csa; for B: si, sp = csb, rsb.
 #[target_feature(enable = "avx512f")]
-unsafe fn pack_a(kc: usize, mc: usize, a: *const f32, rsa: isize, csa: isize, dst: *mut f32) {
-    if rsa == 1 && csa != 1 {
-        // Aᵀ stored row-major (the weight gradient's dYᵀ): for each p, the mc values are one
-        // contiguous run, cut into the panels' 12-wide rows (p outer: each source line is
-        // read once).
+unsafe fn pack_panels<const R: usize>(kc: usize, count: usize, src: *const f32, si: isize, sp: isize, dst: *mut f32) {
+    if si == 1 && sp != 1 {
+        // The items are contiguous at each depth (B row-major, or Aᵀ stored row-major as
+        // the weight gradient's dYᵀ): for each p the count values are one run, cut into the
+        // panels' R-wide rows (p outer: each source line is read once).
         for p in 0..kc {
-            let src = a.offset(p as isize * csa);
-            for (panel, i0) in (0..mc).step_by(MR).enumerate() {
-                let v = _mm512_maskz_loadu_ps(lanes(MR.min(mc - i0)), src.add(i0));
-                _mm512_mask_storeu_ps(dst.add(panel * MR * kc + p * MR), lanes(MR), v);
-            }
-        }
-        return;
-    }
-    for (panel, i0) in (0..mc).step_by(MR).enumerate() {
-        let rows = MR.min(mc - i0);
-        let d = dst.add(panel * MR * kc);
-        if csa == 1 {
-            pack_transposed::<MR>(kc, rows, |i| a.offset((i0 + i) as isize * rsa), d);
-        } else {
-            for p in 0..kc {
-                let src = a.offset(p as isize * csa + i0 as isize * rsa);
-                for i in 0..MR {
-                    *d.add(p * MR + i) = if i < rows { *src.offset(i as isize * rsa) } else { 0.0 };
+            let s = src.offset(p as isize * sp);
+            for (panel, i0) in (0..count).step_by(R).enumerate() {
+                let n = R.min(count - i0);
+                let d = dst.add(panel * R * kc + p * R);
+                for g in (0..R).step_by(16) {
+                    let v = _mm512_maskz_loadu_ps(lanes(n.saturating_sub(g)), s.wrapping_add(i0 + g));
+                    _mm512_mask_storeu_ps(d.add(g), lanes(R - g), v);
                 }
             }
         }
-    }
-}
-
-/// Packs columns `0..nc` of the B block into NR-column panels, `dst[panel][p][j]`, zero-padded.
-#[target_feature(enable = "avx512f")]
-unsafe fn pack_b(kc: usize, nc: usize, b: *const f32, rsb: isize, csb: isize, dst: *mut f32) {
-    if csb == 1 {
-        // B stored row-major: for each p the nc values are one contiguous run, cut into the
-        // panels' 32-wide rows (p outer: each source line is read once).
-        for p in 0..kc {
-            let src = b.offset(p as isize * rsb);
-            for (panel, j0) in (0..nc).step_by(NR).enumerate() {
-                let cols = NR.min(nc - j0);
-                let d = dst.add(panel * NR * kc + p * NR);
-                _mm512_store_ps(d, _mm512_maskz_loadu_ps(lanes(cols), src.add(j0)));
-                _mm512_store_ps(d.add(16), _mm512_maskz_loadu_ps(lanes(cols.saturating_sub(16)), src.wrapping_add(j0 + 16)));
-            }
-        }
         return;
     }
-    for (panel, j0) in (0..nc).step_by(NR).enumerate() {
-        let cols = NR.min(nc - j0);
-        let d = dst.add(panel * NR * kc);
-        if rsb == 1 {
-            // Bᵀ stored row-major (a weight used as `x·Wᵀ`): columns of B are contiguous.
-            pack_transposed::<NR>(kc, cols, |j| b.offset((j0 + j) as isize * csb), d);
+    for (panel, i0) in (0..count).step_by(R).enumerate() {
+        let n = R.min(count - i0);
+        let d = dst.add(panel * R * kc);
+        if sp == 1 {
+            // Each item contiguous along p (A row-major, or a weight used as `x·Wᵀ`).
+            pack_transposed::<R>(kc, n, |i| src.offset((i0 + i) as isize * si), d);
         } else {
-            for j in 0..NR {
-                for p in 0..kc {
-                    *d.add(p * NR + j) = if j < cols { *b.offset((j0 + j) as isize * csb + p as isize * rsb) } else { 0.0 };
+            for p in 0..kc {
+                for i in 0..R {
+                    *d.add(p * R + i) = if i < n { *src.offset((i0 + i) as isize * si + p as isize * sp) } else { 0.0 };
                 }
             }
         }
