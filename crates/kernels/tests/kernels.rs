@@ -35,7 +35,7 @@ fn linear_forward_and_gradients() {
     let mut dx = vec![0.0; n * din];
     let mut dw = vec![0.0; dout * din];
     let mut db = vec![0.0; dout];
-    linear_backward(&x, ldx, &w, &r, n, din, dout, Some(&mut dx), &mut dw, Some(&mut db));
+    linear_backward(&x, ldx, &w, &r, n, din, dout, Some(&mut dx), &mut dw, Some(&mut db), Grads::Accumulate);
     // dx is dense [n, din]; compare on the used columns of x.
     let mut dx_full = vec![0.0; n * ldx];
     for i in 0..n {
@@ -44,6 +44,11 @@ fn linear_forward_and_gradients() {
     assert_gradient("linear dx", &x, &dx_full, None, EPS, TOL, |x| weighted_sum(&fwd(x, &w, &b), &r));
     assert_gradient("linear dw", &w, &dw, None, EPS, TOL, |w| weighted_sum(&fwd(&x, w, &b), &r));
     assert_gradient("linear db", &b, &db, None, EPS, TOL, |b| weighted_sum(&fwd(&x, &w, b), &r));
+    // Overwriting stale buffers gives the bits of accumulating into zeros (dx still adds).
+    let (mut dx2, mut dw2, mut db2) = (vec![0.0; n * din], vec![f32::NAN; dout * din], vec![7.5; dout]);
+    linear_backward(&x, ldx, &w, &r, n, din, dout, Some(&mut dx2), &mut dw2, Some(&mut db2), Grads::Overwrite);
+    let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits());
+    assert!(same(&dx, &dx2) && same(&dw, &dw2) && same(&db, &db2), "Grads::Overwrite differs from accumulating into zeros");
 }
 
 #[test]

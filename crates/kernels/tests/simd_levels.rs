@@ -5,7 +5,7 @@
 use demovlp_kernels::activation::{gelu_backward, gelu_backward_in_place, gelu_forward};
 use demovlp_kernels::dropout::mul_in_place;
 use demovlp_kernels::layernorm::{layernorm_backward, layernorm_forward};
-use demovlp_kernels::linear::linear_backward;
+use demovlp_kernels::linear::{linear_backward, Grads};
 use demovlp_kernels::simd::{self, Level};
 use demovlp_kernels::softmax::{softmax_backward_in_place, softmax_in_place};
 use demovlp_kernels::Rng;
@@ -49,7 +49,7 @@ fn run_all() -> Vec<Vec<f32>> {
     let (n, din, dout) = (23, 17, 131);
     let (xx, ww, dyy) = (randn(&mut rng, n * din, 1.0), randn(&mut rng, dout * din, 1.0), randn(&mut rng, n * dout, 1.0));
     let (mut dww, mut dbb) = (vec![0.0; dout * din], vec![0.0; dout]);
-    linear_backward(&xx, din, &ww, &dyy, n, din, dout, None, &mut dww, Some(&mut dbb));
+    linear_backward(&xx, din, &ww, &dyy, n, din, dout, None, &mut dww, Some(&mut dbb), Grads::Accumulate);
     out.push(dbb);
     // Dropout product
     let mut m = x.clone();

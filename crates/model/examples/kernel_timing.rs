@@ -2,7 +2,7 @@
 use demovlp_kernels::activation::{gelu_backward, gelu_forward};
 use demovlp_kernels::attention::{attention_backward, attention_forward, AttnShape, KeyPattern};
 use demovlp_kernels::layernorm::{layernorm_backward, layernorm_forward};
-use demovlp_kernels::linear::{linear_backward, linear_forward};
+use demovlp_kernels::linear::{linear_backward, linear_forward, Grads};
 use std::time::Instant;
 
 fn t(name: &str, reps: usize, mut f: impl FnMut()) {
@@ -24,7 +24,7 @@ fn main() {
     let mut dx = vec![0.0f32; n * d];
     let mut dw = vec![0.0f32; m * d];
     let mut db = vec![0.0f32; m];
-    t("linear bwd", 3, || linear_backward(&x, d, &w, &y, n, d, m, Some(&mut dx), &mut dw, Some(&mut db)));
+    t("linear bwd", 3, || linear_backward(&x, d, &w, &y, n, d, m, Some(&mut dx), &mut dw, Some(&mut db), Grads::Accumulate));
     let h = vec![0.3f32; n * m];
     let mut g = vec![0.0f32; n * m];
     t("gelu fwd 5.9M", 3, || gelu_forward(&h, &mut g));

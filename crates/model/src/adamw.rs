@@ -138,16 +138,18 @@ impl<'a> FusedStep<'a> {
         FusedStep { opt, coeffs, ranges, scratch }
     }
 
-    /// Runs `backward(block parameters, zeroed block gradients)` for the block whose
-    /// tensors are elements `window` of the model, then updates that block at once.
+    /// Runs `backward(block parameters, block gradients)` for the block whose tensors are
+    /// elements `window` of the model, then updates that block at once. The gradient
+    /// buffer is scratch holding the previous block's values, not zeros: `backward` must
+    /// overwrite every gradient the optimiser reads ([`crate::layers::Grads::Overwrite`];
+    /// each block weight is used once per step). Not zeroing saves a pass over the block's
+    /// 28 MB, and the weight-gradient GEMMs then never read their output.
     pub fn block(&mut self, data: &mut [f32], window: Range<usize>, backward: impl FnOnce(&[f32], &mut [f32])) {
         let len = window.len();
         if self.scratch.len() < len {
             self.scratch.resize(len, 0.0);
         }
-        let g = &mut self.scratch[..len];
-        crate::layers::fill_zero(g);
-        backward(&data[window.clone()], g);
+        backward(&data[window.clone()], &mut self.scratch[..len]);
         let c = self.coeffs;
         self.opt.update_window(&c, self.ranges, &mut data[window.clone()], &self.scratch[..len], window.start);
     }

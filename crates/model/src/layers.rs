@@ -6,6 +6,8 @@ use crate::params::Params;
 use demovlp_kernels::gemm::{sgemm, Trans};
 use demovlp_kernels::{layernorm, linear};
 use rayon::prelude::*;
+
+pub use demovlp_kernels::linear::Grads;
 use std::ops::Range;
 
 /// Location of a named tensor; panics with the name when it was not declared.
@@ -50,15 +52,16 @@ impl Linear {
         linear::linear_forward(x, ldx, &data[self.w.clone()], b, y, n, self.din, self.dout);
     }
 
+    /// dx += dy·W (when given); dW, db accumulated or overwritten as `grads` says.
     #[allow(clippy::too_many_arguments)]
-    pub fn backward(&self, data: &[f32], grad: &mut [f32], x: &[f32], ldx: usize, n: usize, dy: &[f32], dx: Option<&mut [f32]>) {
+    pub fn backward(&self, data: &[f32], grad: &mut [f32], x: &[f32], ldx: usize, n: usize, dy: &[f32], dx: Option<&mut [f32]>, grads: Grads) {
         let w = &data[self.w.clone()];
         match &self.b {
             Some(b) => {
                 let (dw, db) = two_mut(grad, self.w.clone(), b.clone());
-                linear::linear_backward(x, ldx, w, dy, n, self.din, self.dout, dx, dw, Some(db));
+                linear::linear_backward(x, ldx, w, dy, n, self.din, self.dout, dx, dw, Some(db), grads);
             }
-            None => linear::linear_backward(x, ldx, w, dy, n, self.din, self.dout, dx, &mut grad[self.w.clone()], None),
+            None => linear::linear_backward(x, ldx, w, dy, n, self.din, self.dout, dx, &mut grad[self.w.clone()], None, grads),
         }
     }
 }
@@ -105,9 +108,14 @@ impl LayerNorm {
         layernorm::layernorm_forward(x, &data[self.w.clone()], &data[self.b.clone()], self.eps, y, mean, rstd, self.dim);
     }
 
+    /// dx += ∂/∂x; dw, db accumulated or overwritten as `grads` says.
     #[allow(clippy::too_many_arguments)]
-    pub fn backward(&self, data: &[f32], grad: &mut [f32], x: &[f32], mean: &[f32], rstd: &[f32], dy: &[f32], dx: &mut [f32]) {
+    pub fn backward(&self, data: &[f32], grad: &mut [f32], x: &[f32], mean: &[f32], rstd: &[f32], dy: &[f32], dx: &mut [f32], grads: Grads) {
         let (dw, db) = two_mut(grad, self.w.clone(), self.b.clone());
+        if grads == Grads::Overwrite {
+            dw.fill(0.0);
+            db.fill(0.0);
+        }
         layernorm::layernorm_backward(x, &data[self.w.clone()], mean, rstd, dy, dx, dw, db, self.dim);
     }
 }

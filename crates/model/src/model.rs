@@ -5,7 +5,7 @@
 
 use crate::adamw::{updated_ranges, AdamW, FusedStep};
 use crate::config::{ModelConfig, TextKind};
-use crate::layers::{fill_zero, fit, zeroed, Linear};
+use crate::layers::{fill_zero, fit, zeroed, Grads, Linear};
 use crate::params::{Params, ParamsBuilder};
 use crate::text::{self, TextActs, TextDropout, TextTower};
 use crate::video::{self, VideoActs, VideoTower};
@@ -121,7 +121,7 @@ fn text_head_backward(txt_proj: &Linear, config: &ModelConfig, data: &[f32], gra
     let (d, p) = (config.text.dim, config.proj_dim);
     assert_eq!(d_text.len(), b * l * p, "d_text must be [B, L, P]");
     let d_relu = zeroed(&mut a.d_relu, b * l * d);
-    txt_proj.backward(data, grad, &a.relu, d, b * l, d_text, Some(d_relu));
+    txt_proj.backward(data, grad, &a.relu, d, b * l, d_text, Some(d_relu), Grads::Accumulate);
     let d_hidden = zeroed(&mut a.d_hidden, b * l * d);
     relu_backward(a.text.last_hidden(), &a.d_relu, d_hidden);
 }

@@ -6,7 +6,7 @@
 
 use crate::config::{TextConfig, TextKind};
 use crate::adamw::FusedStep;
-use crate::layers::{add_in_place, block_window, fit, range, zeroed, LayerNorm, Linear};
+use crate::layers::{add_in_place, block_window, fit, range, zeroed, Grads, LayerNorm, Linear};
 use crate::params::{Params, ParamsBuilder};
 use demovlp_kernels::activation::{gelu_backward_in_place, gelu_forward};
 use demovlp_kernels::attention::{attention_backward, attention_forward, merge_heads, split_heads, AttnShape, KeyPattern};
@@ -458,7 +458,7 @@ impl TextTower {
         let x = &a.xs[li];
         // out = LN2(z2)
         let dz2 = zeroed(&mut a.dz, n * d);
-        layer.ln2.backward(data, grad, &la.z2, &la.m2, &la.r2, &a.dx_a, dz2);
+        layer.ln2.backward(data, grad, &la.z2, &la.m2, &la.r2, &a.dx_a, dz2, Grads::Overwrite);
         // z2 = ffn2(gelu(ffn1(x1))) + x1, its hidden activations recomputed.
         fit(&mut a.hs, n * hid);
         layer.ffn1.forward(data, &la.x1, d, n, &mut a.hs);
@@ -467,20 +467,20 @@ impl TextTower {
         let dffn = masked(&a.dz, a.drop_hidden.then_some(&la.ffn_drop[..]), &mut a.dtmp);
         // ffn2's weight gradient first; then g is dead and its buffer takes d(g), which
         // becomes d(ffn1 output) in place (one hidden-wide scratch buffer, no zeroing).
-        layer.ffn2.backward(data, grad, &a.g, hid, n, dffn, None);
+        layer.ffn2.backward(data, grad, &a.g, hid, n, dffn, None, Grads::Overwrite);
         layer.ffn2.backward_input(data, dffn, n, &mut a.g);
         gelu_backward_in_place(&a.hs, &mut a.g);
         fit(&mut a.dx_b, n * d);
         a.dx_b.copy_from_slice(&a.dz);
-        layer.ffn1.backward(data, grad, &la.x1, d, n, &a.g, Some(&mut a.dx_b));
+        layer.ffn1.backward(data, grad, &la.x1, d, n, &a.g, Some(&mut a.dx_b), Grads::Overwrite);
         // x1 = LN1(z1)
         let dz1 = zeroed(&mut a.dz, n * d);
-        layer.ln1.backward(data, grad, &la.z1, &la.m1, &la.r1, &a.dx_b, dz1);
+        layer.ln1.backward(data, grad, &la.z1, &la.m1, &la.r1, &a.dx_b, dz1, Grads::Overwrite);
         // z1 = out_lin(attn(q, k, v)) + x
         a.dx_a.copy_from_slice(&a.dz);
         let dctx = zeroed(&mut a.dctx, n * d);
         let dsa = masked(&a.dz, (a.drop_hidden && c.kind == TextKind::Bert).then_some(&la.sa_drop[..]), &mut a.dtmp);
-        layer.o.backward(data, grad, &la.ctx, d, n, dsa, Some(dctx));
+        layer.o.backward(data, grad, &la.ctx, d, n, dsa, Some(dctx), Grads::Overwrite);
         fit(&mut a.dctx_h, n * d);
         split_heads(&a.dctx, d, 0, &mut a.dctx_h, b, heads, l, hd);
         zeroed(&mut a.dq_h, n * d);
@@ -495,7 +495,7 @@ impl TextTower {
         fit(&mut a.dq, n * d);
         for (lin, dh) in [(&layer.q, &a.dq_h), (&layer.k, &a.dk_h), (&layer.v, &a.dv_h)] {
             merge_heads(dh, &mut a.dq, d, 0, b, heads, l, hd);
-            lin.backward(data, grad, x, d, n, &a.dq, Some(&mut a.dx_a));
+            lin.backward(data, grad, x, d, n, &a.dq, Some(&mut a.dx_a), Grads::Overwrite);
         }
     }
 
@@ -509,7 +509,7 @@ impl TextTower {
             mul_in_place(&mut a.dx_a, &a.emb_drop);
         }
         let demb = zeroed(&mut a.dz, n * d);
-        self.ln_emb.backward(data, grad, &a.emb, &a.emb_mean, &a.emb_rstd, &a.dx_a, demb);
+        self.ln_emb.backward(data, grad, &a.emb, &a.emb_mean, &a.emb_rstd, &a.dx_a, demb, Grads::Accumulate);
         if word_rows {
             a.word_grad.accumulate(ids, &a.dz[..n * d], d);
         } else {

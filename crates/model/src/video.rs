@@ -7,7 +7,7 @@
 
 use crate::config::VideoConfig;
 use crate::adamw::FusedStep;
-use crate::layers::{add_in_place, block_window, fill_zero, fit, range, zeroed, LayerNorm, Linear};
+use crate::layers::{add_in_place, block_window, fill_zero, fit, range, zeroed, Grads, LayerNorm, Linear};
 use crate::params::{Params, ParamsBuilder};
 use demovlp_kernels::activation::{gelu_backward_in_place, gelu_forward};
 use demovlp_kernels::attention::{attention_backward, attention_forward, merge_heads, split_heads, AttnShape, KeyPattern};
@@ -334,7 +334,7 @@ impl VideoTower {
         let n = a.batch * (1 + a.frames * a.regions);
         let d = self.cfg.dim;
         let dx = zeroed(&mut a.dx_a, n * d);
-        self.proj.backward(data, grad, &a.xs[self.cfg.depth], d, n, dout, Some(dx));
+        self.proj.backward(data, grad, &a.xs[self.cfg.depth], d, n, dout, Some(dx), Grads::Accumulate);
     }
 
     /// One block, given d(its output) in `a.dx_a` (replaced by d(its input)). `blk` indexes
@@ -366,14 +366,14 @@ impl VideoTower {
         gelu_forward(h, &mut a.g);
         // fc2's weight gradient first; then g is dead and its buffer takes d(g), which
         // becomes d(fc1 output) in place: one MLP-wide scratch buffer instead of three.
-        blk.fc2.backward(data, grad, &a.g, mlp, n, &a.dx_a, None);
+        blk.fc2.backward(data, grad, &a.g, mlp, n, &a.dx_a, None, Grads::Overwrite);
         blk.fc2.backward_input(data, &a.dx_a, n, &mut a.g);
         gelu_backward_in_place(h, &mut a.g);
-        blk.fc1.backward(data, grad, &a.y, d, n, &a.g, None);
+        blk.fc1.backward(data, grad, &a.y, d, n, &a.g, None, Grads::Overwrite);
         fit(&mut a.dy, n * d);
         blk.fc1.backward_input(data, &a.g, n, &mut a.dy);
         // dx_a (the residual stream's gradient) gains the norm2 branch.
-        blk.norm2.backward(data, grad, &ba.xmid, &ba.m2, &ba.r2, &a.dy, &mut a.dx_a);
+        blk.norm2.backward(data, grad, &ba.xmid, &ba.m2, &ba.r2, &a.dy, &mut a.dx_a, Grads::Overwrite);
         // Attention branch (probabilities, context and norm1 output recomputed). Its
         // scratch lives in the two MLP-wide buffers, free until the next block:
         // g = [d(ctx) by head | dq | dk | dv by head], hs = [d(qkv) | d(ctx)].
@@ -387,7 +387,7 @@ impl VideoTower {
         fit(&mut a.hs, wide);
         let (dqkv, dctx) = a.hs.split_at_mut(3 * n * d);
         let dctx = &mut dctx[..n * d];
-        blk.proj.backward(data, grad, &a.ctx, d, n, &a.dx_a, None);
+        blk.proj.backward(data, grad, &a.ctx, d, n, &a.dx_a, None, Grads::Overwrite);
         blk.proj.backward_input(data, &a.dx_a, n, dctx);
         let (dctx_h, dqkv_h) = a.g.split_at_mut(n * d);
         split_heads(dctx, d, 0, dctx_h, b, heads, seq, hd);
@@ -400,9 +400,9 @@ impl VideoTower {
         merge_heads(dk_h, dqkv, 3 * d, d, b, heads, seq, hd);
         merge_heads(dv_h, dqkv, 3 * d, 2 * d, b, heads, seq, hd);
         blk.norm1.forward(data, x, &mut a.y, &mut a.ms, &mut a.rs);
-        blk.qkv.backward(data, grad, &a.y, d, n, dqkv, None);
+        blk.qkv.backward(data, grad, &a.y, d, n, dqkv, None, Grads::Overwrite);
         blk.qkv.backward_input(data, dqkv, n, &mut a.dy);
-        blk.norm1.backward(data, grad, x, &ba.m1, &ba.r1, &a.dy, &mut a.dx_a);
+        blk.norm1.backward(data, grad, x, &ba.m1, &ba.r1, &a.dy, &mut a.dx_a, Grads::Overwrite);
     }
 
     /// Token assembly (CLS + custom_pos_embed[0], regions + temporal_embed[f]) and the two
@@ -426,7 +426,7 @@ impl VideoTower {
                 de[(bi * nr + j) * d..(bi * nr + j + 1) * d].copy_from_slice(src);
             }
         }
-        self.object_embedding.backward(data, grad, object, row, b * nr, &a.e, None);
-        self.pos_embedding.backward(data, grad, &object[c.feature_dim..], row, b * nr, &a.e, None);
+        self.object_embedding.backward(data, grad, object, row, b * nr, &a.e, None, Grads::Accumulate);
+        self.pos_embedding.backward(data, grad, &object[c.feature_dim..], row, b * nr, &a.e, None, Grads::Accumulate);
     }
 }
