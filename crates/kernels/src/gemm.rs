@@ -1,7 +1,9 @@
-//! Row-major single-precision GEMM: our AVX-512 kernel ([`crate::gemm_avx512`]) where the CPU
-//! has it, `matrixmultiply` (pure Rust) elsewhere or when asked ([`set_backend`]).
+//! Row-major single-precision GEMM: our packed-panel GEMM ([`crate::gemm_packed`]) with the
+//! AVX-512 12×32 kernel ([`crate::gemm_avx512`]) or, on CPUs without AVX-512, the AVX2 6×16
+//! kernel ([`crate::gemm_avx2`]) — the two give the same bits; `matrixmultiply` (pure Rust)
+//! on other CPUs or when asked ([`set_backend`]).
 //!
-//! Threading is ours. The AVX-512 kernel packs each operand once and shares the row panels
+//! Threading is ours. The packed GEMM packs each operand once and shares the row panels
 //! of C over rayon's threads. For matrixmultiply, a large product is cut into tiles of C that
 //! rayon runs as independent single-threaded GEMMs. Measured on the step's shapes (2 cores), this
 //! beats matrixmultiply's own thread pool, which synchronises every k-block (a busy core
@@ -15,19 +17,23 @@ use std::sync::atomic::{AtomicU8, Ordering};
 /// Which single-threaded GEMM runs the tiles.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
-    /// Our AVX-512 12×32 kernel when the CPU has AVX-512F, else matrixmultiply.
+    /// Our AVX-512 12×32 kernel when the CPU has AVX-512F, else our AVX2 6×16 kernel when
+    /// it has AVX2 and FMA, else matrixmultiply.
     Auto,
     /// matrixmultiply everywhere (its own AVX-512/FMA/AVX kernels): the baseline of
     /// `demovlp bench gemm` and a reference in tests.
     MatrixMultiply,
+    /// Our AVX2 kernel even where AVX-512 is available (tests and benchmarks of the path
+    /// that AVX2-only CPUs take); matrixmultiply if the CPU lacks AVX2/FMA.
+    Avx2,
 }
 
 /// 0 unset (read `DEMOVLP_GEMM` on first use), else `Backend as u8 + 1`.
 static BACKEND: AtomicU8 = AtomicU8::new(0);
 
 /// Selects the GEMM backend for the whole process (benchmarks and tests compare them).
-/// Without a call, the environment variable `DEMOVLP_GEMM=matrixmultiply` selects the
-/// baseline; anything else (or nothing) means [`Backend::Auto`].
+/// Without a call, the environment variable `DEMOVLP_GEMM` selects it: `matrixmultiply`
+/// or `avx2`; anything else (or nothing) means [`Backend::Auto`].
 pub fn set_backend(b: Backend) {
     BACKEND.store(b as u8 + 1, Ordering::Relaxed);
 }
@@ -37,33 +43,45 @@ fn backend() -> Backend {
         0 => {
             let b = match std::env::var("DEMOVLP_GEMM").as_deref() {
                 Ok("matrixmultiply") => Backend::MatrixMultiply,
+                Ok("avx2") => Backend::Avx2,
                 _ => Backend::Auto,
             };
             BACKEND.store(b as u8 + 1, Ordering::Relaxed);
             b
         }
         1 => Backend::Auto,
-        _ => Backend::MatrixMultiply,
+        2 => Backend::MatrixMultiply,
+        _ => Backend::Avx2,
     }
+}
+
+/// Which kernel runs the products.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kernel {
+    Avx512,
+    Avx2,
+    MatrixMultiply,
+}
+
+/// The backend resolved to what this CPU supports.
+fn kernel() -> Kernel {
+    #[cfg(target_arch = "x86_64")]
+    {
+        match backend() {
+            Backend::Auto if crate::gemm_avx512::available() => return Kernel::Avx512,
+            Backend::Auto | Backend::Avx2 if crate::gemm_avx2::available() => return Kernel::Avx2,
+            _ => {}
+        }
+    }
+    Kernel::MatrixMultiply
 }
 
 /// The backend that runs now: `Auto` resolved to what this CPU supports.
 pub fn backend_name() -> &'static str {
-    if use_avx512() {
-        "avx512-12x32"
-    } else {
-        "matrixmultiply"
-    }
-}
-
-fn use_avx512() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        backend() == Backend::Auto && crate::gemm_avx512::available()
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
+    match kernel() {
+        Kernel::Avx512 => "avx512-12x32",
+        Kernel::Avx2 => "avx2-6x16",
+        Kernel::MatrixMultiply => "matrixmultiply",
     }
 }
 
@@ -128,13 +146,20 @@ fn gemm(ta: Trans, tb: Trans, m: usize, n: usize, k: usize, alpha: f32, a: &[f32
     assert!(b.len() >= b_need, "sgemm: B has {} elements, needs {b_need}", b.len());
     assert!(c.len() >= c_need, "sgemm: C has {} elements, needs {c_need}", c.len());
     #[cfg(target_arch = "x86_64")]
-    if k > 0 && use_avx512() {
+    if k > 0 && kernel() != Kernel::MatrixMultiply {
+        use crate::gemm_packed::sgemm as packed;
         let parallel = parallel_worth_it(m, n, k);
         let bias = bias.map_or(std::ptr::null(), |b| b.as_ptr());
-        // SAFETY: the CPU has AVX-512F (checked), the asserts above keep every strided access
-        // inside the slices (and the bias has n values), and `c` is borrowed mutably so it
-        // cannot alias `a` or `b`.
-        unsafe { crate::gemm_avx512::sgemm(m, n, k, alpha, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, beta, bias, c.as_mut_ptr(), ldc, parallel) };
+        let (a, b, c) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
+        // SAFETY: the CPU has the kernel's instructions (`kernel` checked), the asserts above
+        // keep every strided access inside the slices (and the bias has n values), and `c` is
+        // borrowed mutably so it cannot alias `a` or `b`.
+        unsafe {
+            match kernel() {
+                Kernel::Avx512 => packed::<crate::gemm_avx512::Avx512>(m, n, k, alpha, a, rsa, csa, b, rsb, csb, beta, bias, c, ldc, parallel),
+                _ => packed::<crate::gemm_avx2::Avx2>(m, n, k, alpha, a, rsa, csa, b, rsb, csb, beta, bias, c, ldc, parallel),
+            }
+        }
         return;
     }
     if let Some(bias) = bias {
@@ -276,38 +301,48 @@ mod tests {
         }
     }
 
-    /// Our AVX-512 kernel directly (when this CPU has it): ragged edges in every dimension,
-    /// several KC-deep slices and NC-wide blocks, every transpose, beta 0 and not; serial and
-    /// parallel runs equal bit for bit.
+    /// Each packed-GEMM kernel this CPU has, directly: ragged edges in every dimension,
+    /// several KC-deep slices and NC-wide blocks, every transpose, beta 0 and not, the bias
+    /// form; serial and parallel runs equal bit for bit, and the AVX2 and AVX-512 kernels
+    /// give the same bits.
     #[cfg(target_arch = "x86_64")]
     #[test]
-    fn avx512_kernel_matches_naive_on_ragged_shapes() {
-        if !crate::gemm_avx512::available() {
-            eprintln!("no AVX-512F on this CPU: kernel not exercised");
+    fn packed_kernels_match_naive_and_each_other_on_ragged_shapes() {
+        use crate::gemm_packed::{sgemm as packed, Kernel};
+        fn run<K: Kernel>(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], ta: Trans, tb: Trans, beta: f32, bias: Option<&[f32]>, init: &[f32]) -> Vec<f32> {
+            let (rsa, csa) = if ta == Trans::No { (k as isize, 1) } else { (1, m as isize) };
+            let (rsb, csb) = if tb == Trans::No { (n as isize, 1) } else { (1, k as isize) };
+            let bias_ptr = |b: Option<&[f32]>| b.map_or(std::ptr::null(), |b| b.as_ptr());
+            let pool2 = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+            let (mut c1, mut c2) = (init.to_vec(), init.to_vec());
+            // SAFETY: the caller checked the CPU; all strides stay inside a, b, c and bias.
+            unsafe { packed::<K>(m, n, k, 1.5, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, beta, bias_ptr(bias), c1.as_mut_ptr(), n, false) };
+            pool2.install(|| unsafe { packed::<K>(m, n, k, 1.5, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, beta, bias_ptr(bias), c2.as_mut_ptr(), n, true) });
+            assert!(c1.iter().zip(&c2).all(|(x, y)| x.to_bits() == y.to_bits()), "{m}x{n}x{k} {ta:?} {tb:?}: serial != parallel");
+            c1
+        }
+        let (has512, has2) = (crate::gemm_avx512::available(), crate::gemm_avx2::available());
+        if !has512 && !has2 {
+            eprintln!("neither AVX-512F nor AVX2/FMA on this CPU: packed kernels not exercised");
             return;
         }
-        let pool2 = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
-        for (m, n, k) in [(1, 1, 1), (13, 33, 257), (25, 1030, 600), (12, 32, 256), (50, 70, 3)] {
+        for (m, n, k) in [(1, 1, 1), (13, 33, 257), (25, 1030, 600), (12, 32, 256), (50, 70, 3), (7, 300, 800)] {
             let a: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013).collect();
             let b: Vec<f32> = (0..k * n).map(|i| ((i * 13 % 97) as f32 - 48.0) * 0.021).collect();
+            let bias: Vec<f32> = (0..n).map(|j| (j % 11) as f32 * 0.37 - 1.0).collect();
             for ta in [Trans::No, Trans::Yes] {
                 for tb in [Trans::No, Trans::Yes] {
-                    let (rsa, csa) = if ta == Trans::No { (k as isize, 1) } else { (1, m as isize) };
-                    let (rsb, csb) = if tb == Trans::No { (n as isize, 1) } else { (1, k as isize) };
                     let want = naive(ta, tb, m, n, k, &a, &b);
-                    for beta in [0.0f32, 0.5] {
+                    for (beta, with_bias) in [(0.0f32, false), (0.5, false), (0.0, true)] {
                         let init: Vec<f32> = (0..m * n).map(|i| (i % 7) as f32).collect();
-                        let (mut c1, mut c2) = (init.clone(), init.clone());
-                        unsafe {
-                            crate::gemm_avx512::sgemm(m, n, k, 1.5, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, beta, std::ptr::null(), c1.as_mut_ptr(), n, false);
-                        }
-                        pool2.install(|| unsafe {
-                            crate::gemm_avx512::sgemm(m, n, k, 1.5, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, beta, std::ptr::null(), c2.as_mut_ptr(), n, true);
-                        });
-                        assert!(c1.iter().zip(&c2).all(|(x, y)| x.to_bits() == y.to_bits()), "{m}x{n}x{k} {ta:?} {tb:?}: serial != parallel");
-                        for ((x, w), i) in c1.iter().zip(&want).zip(&init) {
-                            let e = 1.5 * w + beta * i;
+                        let bias = with_bias.then_some(&bias[..]);
+                        let outs: Vec<Vec<f32>> = [has512.then(|| run::<crate::gemm_avx512::Avx512>(m, n, k, &a, &b, ta, tb, beta, bias, &init)), has2.then(|| run::<crate::gemm_avx2::Avx2>(m, n, k, &a, &b, ta, tb, beta, bias, &init))].into_iter().flatten().collect();
+                        for (idx, (x, w)) in outs[0].iter().zip(&want).enumerate() {
+                            let e = 1.5 * w + bias.map_or(beta * init[idx], |b| b[idx % n]);
                             assert!((x - e).abs() < 1e-3 * (1.0 + e.abs()), "{m}x{n}x{k} {ta:?} {tb:?} beta {beta}: {x} vs {e}");
+                        }
+                        if let [x, y] = &outs[..] {
+                            assert!(x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits()), "{m}x{n}x{k} {ta:?} {tb:?} beta {beta} bias {with_bias}: AVX2 != AVX-512");
                         }
                     }
                 }

@@ -1,17 +1,12 @@
-//! Single-threaded AVX-512 SGEMM: BLIS loop order, packed panels, a 12×32 micro-kernel.
+//! The AVX-512 micro-kernel (12×32) and its packing, driven by [`crate::gemm_packed`].
 //!
 //! Why our own: matrixmultiply's AVX-512 kernel is 16×16 (one vector of B per k, sixteen
 //! broadcasts of A), so it issues about one load per FMA and stays near half of the FMA
 //! peak; a 12×32 tile keeps 24 accumulators in registers and needs 14 loads per 24 FMAs.
-//!
-//! Arithmetic per element of C: `acc = Σ_p A[i,p]·B[p,j]` by FMAs in increasing p within
-//! each `KC` block, then `C = alpha·acc + beta·C` as one FMA (beta = 1 after the first
-//! block). Interior and edge tiles do exactly this, so a result never depends on where a
-//! tile boundary falls (the caller's threading relies on it).
+//! Per element of C it computes what [`crate::gemm_packed`] describes.
 
+use crate::gemm_packed::Kernel;
 use std::arch::x86_64::*;
-use rayon::prelude::*;
-use std::cell::RefCell;
 
 /// Rows of the micro-tile (broadcast elements of A).
 const MR: usize = 12;
@@ -25,131 +20,28 @@ const KC: usize = 384;
 /// Columns of B packed at once (KC × NC = 1.1 MB, in each core's 2 MB L2).
 const NC: usize = 768;
 
-/// Parallel tasks per thread in each packing and compute phase.
-const TASKS_PER_THREAD: usize = 16;
-
 /// Whether this CPU runs the kernel (checked once; `is_x86_feature_detected` caches).
 pub fn available() -> bool {
     is_x86_feature_detected!("avx512f")
 }
 
-thread_local! {
-    /// Packing buffers of the calling thread, grown once and reused (no allocation per call).
-    static PACK: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
-}
+/// The AVX-512 12×32 micro-kernel for [`crate::gemm_packed::sgemm`].
+pub(crate) struct Avx512;
 
-/// A 64-byte-aligned window of `len` floats inside `v` (grown as needed).
-fn aligned(v: &mut Vec<f32>, len: usize) -> *mut f32 {
-    if v.len() < len + 16 {
-        v.resize(len + 16, 0.0);
+impl Kernel for Avx512 {
+    const MR: usize = MR;
+    const NR: usize = NR;
+    const KC: usize = KC;
+    const NC: usize = NC;
+    unsafe fn pack_a(kc: usize, count: usize, src: *const f32, si: isize, sp: isize, dst: *mut f32) {
+        pack_panels::<MR>(kc, count, src, si, sp, dst)
     }
-    let off = v.as_ptr().align_offset(64);
-    // SAFETY: off < 16 and the vector holds len + 16 floats.
-    unsafe { v.as_mut_ptr().add(off) }
-}
-
-/// Runs `f(0..parts)`, in parallel when asked (rayon), else in order on this thread.
-fn for_parts(parts: usize, parallel: bool, f: impl Fn(usize) + Sync + Send) {
-    if parallel && parts > 1 {
-        (0..parts).into_par_iter().with_max_len(1).for_each(f);
-    } else {
-        (0..parts).for_each(f);
+    unsafe fn pack_b(kc: usize, count: usize, src: *const f32, si: isize, sp: isize, dst: *mut f32) {
+        pack_panels::<NR>(kc, count, src, si, sp, dst)
     }
-}
-
-/// Raw pointers handed to worker threads; every access pattern is documented at the use.
-#[derive(Clone, Copy)]
-struct SendPtr<T>(*mut T);
-unsafe impl<T> Send for SendPtr<T> {}
-unsafe impl<T> Sync for SendPtr<T> {}
-impl<T> SendPtr<T> {
-    fn get(self) -> *mut T {
-        self.0
+    unsafe fn tile(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, mr: usize, nr: usize, alpha: f32, beta: f32, bias: *const f32) {
+        tile(kc, a, b, c, ldc, mr, nr, alpha, beta, bias)
     }
-}
-
-/// `C[i,j] = alpha · Σ_p A[i,p]·B[p,j] + beta · C[i,j]` for `i < m`, `j < n`, with
-/// `A[i,p] = a[i·rsa + p·csa]`, `B[p,j] = b[p·rsb + j·csb]`, `C[i,j] = c[i·ldc + j]`.
-///
-/// Loop order: for each KC-deep slice, all of A is packed once; for each NC-wide block of B,
-/// B is packed once; then row panels of C are computed. With `parallel`, the packing and the
-/// row panels are shared out over rayon's threads (one packed copy of each operand, not one
-/// per thread).
-///
-/// With a non-null `bias` (`n` values; `beta` must be 0), the first KC slice adds
-/// `bias[j]` where `beta·C` would go: `C = alpha·acc + bias`, exactly what presetting C to
-/// the bias and using beta = 1 computes, without the extra pass over C.
-///
-/// # Safety
-/// The CPU must support AVX-512F ([`available`]); every strided access above must be in
-/// bounds; `c` must not overlap `a` or `b`; `k > 0`.
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn sgemm(m: usize, n: usize, k: usize, alpha: f32, a: *const f32, rsa: isize, csa: isize, b: *const f32, rsb: isize, csb: isize, beta: f32, bias: *const f32, c: *mut f32, ldc: usize, parallel: bool) {
-    debug_assert!(bias.is_null() || beta == 0.0, "bias with beta != 0");
-    let panels_m = m.div_ceil(MR);
-    let run = |pa: *mut f32, pb: *mut f32| {
-        let (pa, pb, c) = (SendPtr(pa), SendPtr(pb), SendPtr(c));
-        let (a, b, bias) = (SendPtr(a as *mut f32), SendPtr(b as *mut f32), SendPtr(bias as *mut f32));
-        // Row panels per task: many tasks per thread, so that when one core runs slower (a
-        // busy neighbour on a shared host) the other takes over its share instead of idling
-        // at the barrier that ends each block.
-        let threads = if parallel { rayon::current_num_threads() } else { 1 };
-        let tasks_m = (TASKS_PER_THREAD * threads).min(panels_m);
-        for pc in (0..k).step_by(KC) {
-            let kc = KC.min(k - pc);
-            let beta_blk = if pc == 0 { beta } else { 1.0 };
-            let bias_blk = SendPtr(if pc == 0 { bias.get() } else { std::ptr::null_mut() });
-            // SAFETY (both packs): each task writes its own disjoint panels of pa / pb and
-            // reads A / B within the caller's bounds.
-            for_parts(tasks_m, parallel, |t| {
-                let (p0, p1) = (t * panels_m / tasks_m, (t + 1) * panels_m / tasks_m);
-                let (i0, i1) = (p0 * MR, (p1 * MR).min(m));
-                if i1 > i0 {
-                    pack_panels::<MR>(kc, i1 - i0, a.get().offset(i0 as isize * rsa + pc as isize * csa), rsa, csa, pa.get().add(p0 * MR * kc));
-                }
-            });
-            for jc in (0..n).step_by(NC) {
-                let nc = NC.min(n - jc);
-                let panels_n = nc.div_ceil(NR);
-                let tasks_n = (TASKS_PER_THREAD * threads).min(panels_n);
-                for_parts(tasks_n, parallel, |t| {
-                    let (p0, p1) = (t * panels_n / tasks_n, (t + 1) * panels_n / tasks_n);
-                    let (j0, j1) = (p0 * NR, (p1 * NR).min(nc));
-                    if j1 > j0 {
-                        pack_panels::<NR>(kc, j1 - j0, b.get().offset(pc as isize * rsb + (jc + j0) as isize * csb), csb, rsb, pb.get().add(p0 * NR * kc));
-                    }
-                });
-                // SAFETY: tasks write disjoint row ranges of C; the packed operands are only read.
-                for_parts(tasks_m, parallel, |t| {
-                    let (p0, p1) = (t * panels_m / tasks_m, (t + 1) * panels_m / tasks_m);
-                    for panel in p0..p1 {
-                        let ir = panel * MR;
-                        let mr = MR.min(m - ir);
-                        let ap = pa.get().add(panel * MR * kc);
-                        for jr in (0..nc).step_by(NR) {
-                            let nr = NR.min(nc - jr);
-                            let ct = c.get().add(ir * ldc + jc + jr);
-                            let bj = if bias_blk.get().is_null() { std::ptr::null() } else { bias_blk.get().add(jc + jr) as *const f32 };
-                            tile(kc, ap, pb.get().add(jr * kc), ct, ldc, mr, nr, alpha, beta_blk, bj);
-                        }
-                    }
-                });
-            }
-        }
-    };
-    let (len_a, len_b) = (panels_m * MR * KC, NC * KC);
-    PACK.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut bufs) => {
-            let (va, vb) = &mut *bufs;
-            run(aligned(va, len_a), aligned(vb, len_b));
-        }
-        // Re-entered on this thread (a rayon worker stealing another GEMM while it waits
-        // in ours): use fresh buffers rather than the ones in use.
-        Err(_) => {
-            let (mut va, mut vb) = (Vec::new(), Vec::new());
-            run(aligned(&mut va, len_a), aligned(&mut vb, len_b));
-        }
-    });
 }
 
 /// Lane mask of the first `n` (≤ 16) lanes.

@@ -11,7 +11,11 @@ pub mod embedding;
 pub mod fastmath;
 pub mod gemm;
 #[cfg(target_arch = "x86_64")]
+pub mod gemm_avx2;
+#[cfg(target_arch = "x86_64")]
 pub mod gemm_avx512;
+#[cfg(target_arch = "x86_64")]
+mod gemm_packed;
 pub mod gradcheck;
 pub mod layernorm;
 pub mod linear;
