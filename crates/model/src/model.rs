@@ -257,6 +257,12 @@ impl Model {
         self.arena.video.recompute_mlp_blocks = n;
     }
 
+    /// Whether training recomputes the text FFN hidden activations in the backward pass
+    /// (default: kept, 9.8 MB per layer at the published size).
+    pub fn set_text_recompute_ffn(&mut self, recompute: bool) {
+        self.arena.text.recompute_ffn = recompute;
+    }
+
     pub fn recompute_mlp_blocks(&self) -> usize {
         self.arena.video.recompute_mlp_blocks.min(self.config.video.depth)
     }
@@ -283,6 +289,9 @@ impl Model {
         let data = &self.params.data;
         let (d, p) = (self.config.text.dim, self.config.proj_dim);
         let dropout = (train && self.text_dropout != TextDropout::default()).then_some((self.text_dropout, &mut self.dropout_rng));
+        // Training keeps the FFN hidden activations for the backward pass (+9.8 MB per layer
+        // at the published size, 1.5 % less arithmetic per step); inference does not.
+        a.text.keep_ffn_hidden = train && !a.text.recompute_ffn;
         self.text.forward(data, &mut a.text, ids, mask, b, l, dropout);
         fit(&mut a.relu, b * l * d);
         relu_forward(a.text.last_hidden(), &mut a.relu);
@@ -628,6 +637,9 @@ mod tests {
         let big = data(4, 2, 3, 10);
         let small = data(2, 1, 3, 8);
         m.forward_backward(&batch(&big, 4, 2, 3, 10), &cfg, true);
+        // An evaluation forward grows the one buffer training does not use (the text FFN
+        // scratch: training keeps those activations per layer instead).
+        m.forward_loss(&batch(&big, 4, 2, 3, 10), &cfg, true);
         let after_first = arena_buffers(&m);
         let l1 = m.forward_backward(&batch(&big, 4, 2, 3, 10), &cfg, true);
         assert_eq!(arena_buffers(&m), after_first, "a same-shaped step reallocated");
@@ -684,6 +696,23 @@ mod tests {
         assert_eq!(kept.loss_total, part.loss_total);
         assert_eq!(g_kept, m.params.grad);
         assert!(m.arena.video.blocks[0].h.capacity() == 0 && m.arena.video.blocks[1].h.capacity() > 0);
+    }
+
+    #[test]
+    fn recomputing_the_text_ffn_gives_identical_gradients() {
+        let mut m = Model::new(tiny());
+        m.init_random(4);
+        let cfg = LossConfig::default();
+        let d = data(3, 2, 3, 10);
+        let b = batch(&d, 3, 2, 3, 10);
+        let kept = m.forward_backward(&b, &cfg, true);
+        let g_kept = m.params.grad.clone();
+        m.set_text_recompute_ffn(true);
+        // Stale kept activations must not be read: poison them.
+        m.arena.text.poison_kept_ffn_hidden();
+        let re = m.forward_backward(&b, &cfg, true);
+        assert_eq!(kept.loss_total, re.loss_total);
+        assert_eq!(g_kept, m.params.grad);
     }
 
     #[test]

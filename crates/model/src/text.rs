@@ -153,10 +153,11 @@ pub struct TextTower {
     layers_local: Vec<TextLayer>,
 }
 
-/// What one layer keeps for its backward pass. The attention probabilities and the FFN
-/// hidden activations are not kept: the backward recomputes them from q, k and from x1
-/// (about 1 % more arithmetic for the text tower, 13 of its 29 MB per layer at the
-/// published size).
+/// What one layer keeps for its backward pass. The attention probabilities are not kept:
+/// the backward recomputes them from q and k (under 1 % of the tower's arithmetic, 3.8 MB
+/// per layer at the published size). The FFN hidden activations `h` (9.8 MB per layer) are
+/// kept when [`TextActs::keep_ffn_hidden`] says so (training: recomputing them is 1.5 % of
+/// a step's arithmetic), else recomputed from x1.
 #[derive(Clone, Debug, Default)]
 struct LayerActs {
     q: Vec<f32>,
@@ -170,6 +171,8 @@ struct LayerActs {
     z2: Vec<f32>,
     m2: Vec<f32>,
     r2: Vec<f32>,
+    /// ffn1 output (before GELU), when kept.
+    h: Vec<f32>,
     attn_drop: Vec<f32>,
     sa_drop: Vec<f32>,
     ffn_drop: Vec<f32>,
@@ -180,6 +183,14 @@ struct LayerActs {
 pub struct TextActs {
     pub batch: usize,
     pub len: usize,
+    /// Keep each layer's FFN hidden activations for the backward pass (the model's training
+    /// step sets it, unless `recompute_ffn`) instead of recomputing them there; inference
+    /// leaves it off.
+    pub keep_ffn_hidden: bool,
+    /// Training recomputes the FFN hidden activations too (less memory, more arithmetic).
+    pub recompute_ffn: bool,
+    /// What the last forward pass did (the backward pass follows it, not the request).
+    ffn_hidden_kept: bool,
     emb: Vec<f32>,
     emb_mean: Vec<f32>,
     emb_rstd: Vec<f32>,
@@ -251,6 +262,12 @@ impl TextActs {
 }
 
 impl TextActs {
+    /// Fills every kept FFN hidden activation with NaN (tests: the recompute path must not read them).
+    #[cfg(test)]
+    pub(crate) fn poison_kept_ffn_hidden(&mut self) {
+        self.layers.iter_mut().for_each(|l| l.h.fill(f32::NAN));
+    }
+
     /// (address, capacity) of every arena buffer: lets tests prove steady-state steps reuse them.
     #[cfg(test)]
     pub(crate) fn buffers(&self) -> Vec<(usize, usize)> {
@@ -260,7 +277,7 @@ impl TextActs {
             out.push(buf(v));
         }
         for l in &self.layers {
-            out.extend([buf(&l.q), buf(&l.k), buf(&l.v), buf(&l.ctx), buf(&l.z1), buf(&l.m1), buf(&l.r1), buf(&l.x1), buf(&l.z2), buf(&l.m2), buf(&l.r2), buf(&l.attn_drop), buf(&l.sa_drop), buf(&l.ffn_drop)]);
+            out.extend([buf(&l.q), buf(&l.k), buf(&l.v), buf(&l.ctx), buf(&l.z1), buf(&l.m1), buf(&l.r1), buf(&l.x1), buf(&l.z2), buf(&l.m2), buf(&l.r2), buf(&l.h), buf(&l.attn_drop), buf(&l.sa_drop), buf(&l.ffn_drop)]);
         }
         out
     }
@@ -331,6 +348,7 @@ impl TextTower {
         let n = b * l;
         a.batch = b;
         a.len = l;
+        a.ffn_hidden_kept = a.keep_ffn_hidden;
 
         // Embeddings: word + position (+ token type 0 for BERT), then LayerNorm.
         fit(&mut a.emb, n * d);
@@ -401,10 +419,11 @@ impl TextTower {
             fit(&mut la.r1, n);
             layer.ln1.forward(data, &la.z1, &mut la.x1, &mut la.m1, &mut la.r1);
             // z2 = lin2(gelu(lin1(x1))) + x1; out = LN(z2)
-            fit(&mut a.hs, n * hid);
-            layer.ffn1.forward(data, &la.x1, d, n, &mut a.hs);
+            let h = if a.ffn_hidden_kept { &mut la.h } else { &mut a.hs };
+            fit(h, n * hid);
+            layer.ffn1.forward(data, &la.x1, d, n, h);
             fit(&mut a.g, n * hid);
-            gelu_forward(&a.hs, &mut a.g);
+            gelu_forward(h, &mut a.g);
             fit(&mut la.z2, n * d);
             layer.ffn2.forward(data, &a.g, hid, n, &mut la.z2);
             draw(&mut la.ffn_drop, n * d, p.hidden);
@@ -459,17 +478,22 @@ impl TextTower {
         // out = LN2(z2)
         let dz2 = zeroed(&mut a.dz, n * d);
         layer.ln2.backward(data, grad, &la.z2, &la.m2, &la.r2, &a.dx_a, dz2, Grads::Overwrite);
-        // z2 = ffn2(gelu(ffn1(x1))) + x1, its hidden activations recomputed.
-        fit(&mut a.hs, n * hid);
-        layer.ffn1.forward(data, &la.x1, d, n, &mut a.hs);
+        // z2 = ffn2(gelu(ffn1(x1))) + x1, its hidden activations kept or recomputed.
+        let h: &[f32] = if a.ffn_hidden_kept {
+            &la.h
+        } else {
+            fit(&mut a.hs, n * hid);
+            layer.ffn1.forward(data, &la.x1, d, n, &mut a.hs);
+            &a.hs
+        };
         fit(&mut a.g, n * hid);
-        gelu_forward(&a.hs, &mut a.g);
+        gelu_forward(h, &mut a.g);
         let dffn = masked(&a.dz, a.drop_hidden.then_some(&la.ffn_drop[..]), &mut a.dtmp);
         // ffn2's weight gradient first; then g is dead and its buffer takes d(g), which
         // becomes d(ffn1 output) in place (one hidden-wide scratch buffer, no zeroing).
         layer.ffn2.backward(data, grad, &a.g, hid, n, dffn, None, Grads::Overwrite);
         layer.ffn2.backward_input(data, dffn, n, &mut a.g);
-        gelu_backward_in_place(&a.hs, &mut a.g);
+        gelu_backward_in_place(h, &mut a.g);
         fit(&mut a.dx_b, n * d);
         a.dx_b.copy_from_slice(&a.dz);
         layer.ffn1.backward(data, grad, &la.x1, d, n, &a.g, Some(&mut a.dx_b), Grads::Overwrite);
