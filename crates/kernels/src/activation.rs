@@ -58,6 +58,38 @@ crate::multiversion! {
     }
 }
 
+/// y = gelu(x) and dydx = gelu'(x) in one pass (one erf and one exp per element instead of
+/// two erfs and an exp over two passes): for a backward pass that needs the GELU output
+/// again (the next layer's weight gradient) and then its derivative. Bit-identical to
+/// [`gelu_forward`] and to the factor [`gelu_backward_in_place`] applies.
+pub fn gelu_forward_with_grad(x: &[f32], y: &mut [f32], dydx: &mut [f32]) {
+    let n = x.len();
+    y[..n].par_chunks_mut(CHUNK).zip(dydx[..n].par_chunks_mut(CHUNK)).zip(x.par_chunks(CHUNK)).for_each(|((y, g), x)| gelu_with_grad_chunk(x, y, g));
+}
+
+crate::multiversion! {
+    fn gelu_with_grad_chunk(x: &[f32], y: &mut [f32], dydx: &mut [f32]) {
+        for ((y, g), &x) in y.iter_mut().zip(dydx.iter_mut()).zip(x) {
+            let e = fastmath::erf(x * FRAC_1_SQRT_2);
+            *y = 0.5 * x * (1.0 + e);
+            *g = 0.5 * (1.0 + e) + x * (INV_SQRT_2PI * fastmath::exp(-0.5 * x * x));
+        }
+    }
+}
+
+/// d ← d · dydx elementwise, in parallel chunks (the second half of
+/// [`gelu_forward_with_grad`]'s backward).
+pub fn scale_by(d: &mut [f32], dydx: &[f32]) {
+    let n = d.len();
+    d.par_chunks_mut(CHUNK).zip(dydx[..n].par_chunks(CHUNK)).for_each(|(d, g)| scale_chunk(d, g));
+}
+
+crate::multiversion! {
+    fn scale_chunk(d: &mut [f32], g: &[f32]) {
+        d.iter_mut().zip(g).for_each(|(d, g)| *d *= g);
+    }
+}
+
 pub fn relu_forward(x: &[f32], y: &mut [f32]) {
     y[..x.len()].par_iter_mut().zip(x.par_iter()).with_min_len(MIN_LEN).for_each(|(y, &x)| *y = x.max(0.0));
 }
@@ -94,5 +126,22 @@ mod tests {
         let mut got = dy.clone();
         gelu_backward_in_place(&x, &mut got);
         assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits() || (a - b).abs() <= 1e-7 * b.abs()));
+    }
+
+    /// The one-pass output and derivative equal the separate kernels bit for bit.
+    #[test]
+    fn gelu_with_grad_equals_separate_passes() {
+        let x: Vec<f32> = (0..5000).map(|i| (i as f32 - 2500.0) * 0.0031).collect();
+        let d: Vec<f32> = (0..5000).map(|i| ((i * 7919) % 13) as f32 * 0.1 - 0.6).collect();
+        let (mut y0, mut y1, mut g) = (vec![0.0; x.len()], vec![0.0; x.len()], vec![0.0; x.len()]);
+        gelu_forward(&x, &mut y0);
+        gelu_forward_with_grad(&x, &mut y1, &mut g);
+        let mut want = d.clone();
+        gelu_backward_in_place(&x, &mut want);
+        let mut got = d.clone();
+        scale_by(&mut got, &g);
+        let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits());
+        assert!(same(&y0, &y1), "outputs differ");
+        assert!(same(&want, &got), "derivatives differ");
     }
 }

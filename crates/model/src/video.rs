@@ -9,7 +9,7 @@ use crate::config::VideoConfig;
 use crate::adamw::FusedStep;
 use crate::layers::{add_in_place, block_window, fill_zero, fit, range, zeroed, Grads, LayerNorm, Linear};
 use crate::params::{Params, ParamsBuilder};
-use demovlp_kernels::activation::{gelu_backward_in_place, gelu_forward};
+use demovlp_kernels::activation::{gelu_backward_in_place, gelu_forward, gelu_forward_with_grad, scale_by};
 use demovlp_kernels::attention::{attention_backward, attention_forward, merge_heads, split_heads, AttnShape, KeyPattern};
 use std::ops::Range;
 
@@ -355,20 +355,28 @@ impl VideoTower {
         fit(&mut a.ms, n);
         fit(&mut a.rs, n);
         blk.norm2.forward(data, &ba.xmid, &mut a.y, &mut a.ms, &mut a.rs);
-        let h: &[f32] = if li < a.recompute_mlp_blocks {
+        let recompute = li < a.recompute_mlp_blocks;
+        if recompute {
             fit(&mut a.hs, n * mlp);
             blk.fc1.forward(data, &a.y, d, n, &mut a.hs);
-            &a.hs
-        } else {
-            &ba.h
-        };
+        }
         fit(&mut a.g, n * mlp);
-        gelu_forward(h, &mut a.g);
         // fc2's weight gradient first; then g is dead and its buffer takes d(g), which
         // becomes d(fc1 output) in place: one MLP-wide scratch buffer instead of three.
-        blk.fc2.backward(data, grad, &a.g, mlp, n, &a.dx_a, None, Grads::Overwrite);
-        blk.fc2.backward_input(data, &a.dx_a, n, &mut a.g);
-        gelu_backward_in_place(h, &mut a.g);
+        // With h kept, `hs` is free until the attention part: GELU's output and derivative
+        // then come from one pass (one erf per element, not two).
+        if recompute {
+            gelu_forward(&a.hs, &mut a.g);
+            blk.fc2.backward(data, grad, &a.g, mlp, n, &a.dx_a, None, Grads::Overwrite);
+            blk.fc2.backward_input(data, &a.dx_a, n, &mut a.g);
+            gelu_backward_in_place(&a.hs, &mut a.g);
+        } else {
+            fit(&mut a.hs, n * mlp);
+            gelu_forward_with_grad(&ba.h, &mut a.g, &mut a.hs);
+            blk.fc2.backward(data, grad, &a.g, mlp, n, &a.dx_a, None, Grads::Overwrite);
+            blk.fc2.backward_input(data, &a.dx_a, n, &mut a.g);
+            scale_by(&mut a.g, &a.hs);
+        }
         blk.fc1.backward(data, grad, &a.y, d, n, &a.g, None, Grads::Overwrite);
         fit(&mut a.dy, n * d);
         blk.fc1.backward_input(data, &a.g, n, &mut a.dy);
