@@ -13,7 +13,7 @@
 
 use crate::dropout::masked;
 use crate::fastmath::dot;
-use crate::gemm::{sgemm, Trans};
+use crate::gemm::{sgemm, sgemm_raw, Trans};
 use crate::softmax::{softmax_backward_in_place, softmax_in_place};
 use rayon::prelude::*;
 use std::ops::Range;
@@ -121,8 +121,45 @@ pub fn attention_forward(
     }
 }
 
-/// Gradients of [`attention_forward`] given its probabilities; dq, dk, dv are head-major
-/// `[B, H, seq, hd]` and accumulated into.
+/// Where one (batch item, head)'s rows lie in a buffer: row i of head h of item b starts at
+/// `offset + b·sb + h·sh + i·si` and holds `head_dim` values. The head-major `[B, H, seq, hd]`
+/// layout and row-major `[B·seq, ld]` token rows (head h at columns `col + h·hd`) are both.
+#[derive(Clone, Copy, Debug)]
+struct HeadRows {
+    offset: usize,
+    sb: usize,
+    sh: usize,
+    si: usize,
+}
+
+impl HeadRows {
+    fn head_major(s: &AttnShape) -> Self {
+        HeadRows { offset: 0, sb: s.heads * s.seq * s.head_dim, sh: s.seq * s.head_dim, si: s.head_dim }
+    }
+
+    fn row_major(s: &AttnShape, ld: usize, col: usize) -> Self {
+        assert!(col + s.heads * s.head_dim <= ld, "attention: columns {col}.. of rows {ld} wide cannot hold every head");
+        HeadRows { offset: col, sb: s.seq * ld, sh: s.head_dim, si: ld }
+    }
+
+    fn start(&self, b: usize, h: usize) -> usize {
+        self.offset + b * self.sb + h * self.sh
+    }
+
+    /// Elements a buffer needs to hold the whole view.
+    fn span(&self, s: &AttnShape) -> usize {
+        self.start(s.batch - 1, s.heads - 1) + (s.seq - 1) * self.si + s.head_dim
+    }
+}
+
+/// Raw pointers handed to the parallel tasks; each task touches only its own (b, h) rows.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+/// Gradients of [`attention_forward`] given its probabilities; `dout` (d(output)) and dq, dk,
+/// dv are head-major `[B, H, seq, hd]`; dq, dk, dv are overwritten.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
     s: &AttnShape,
@@ -138,11 +175,112 @@ pub fn attention_backward(
     dk: &mut [f32],
     dv: &mut [f32],
 ) {
-    if s.is_dense() {
-        attention_backward_gemm(s, scale, q, k, v, ld, probs, drop, dout, dq, dk, dv)
-    } else {
-        attention_backward_frames(s, scale, q, k, v, ld, probs, drop, dout, dq, dk, dv)
+    let view = HeadRows::head_major(s);
+    let n = view.span(s);
+    assert!(dout.len() >= n && dq.len() >= n && dk.len() >= n && dv.len() >= n, "attention backward: buffers must hold [B, H, seq, hd]");
+    // SAFETY: the three outputs are distinct &mut slices, each holding the whole view.
+    unsafe { backward_views(s, scale, q, k, v, ld, probs, drop, dout, view, [SendPtr(dq.as_mut_ptr()), SendPtr(dk.as_mut_ptr()), SendPtr(dv.as_mut_ptr())], view) }
+}
+
+/// [`attention_backward`] on token rows, with no head-major copies: d(output) is read from
+/// rows `ld_dout` wide (head h at columns `h·hd`), and dq, dk, dv are written (overwritten)
+/// into the rows of `dqkv`, `ld_dqkv` wide, at columns `0..D`, `D..2D`, `2D..3D` (D = H·hd) —
+/// the layout the fused qkv projection's backward reads.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward_rows(
+    s: &AttnShape,
+    scale: f32,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    ld: usize,
+    probs: &[f32],
+    drop: Option<&[f32]>,
+    dout: &[f32],
+    ld_dout: usize,
+    dqkv: &mut [f32],
+    ld_dqkv: usize,
+) {
+    let d = s.heads * s.head_dim;
+    let dview = HeadRows::row_major(s, ld_dout, 0);
+    let oview = HeadRows::row_major(s, ld_dqkv, 0);
+    assert!(3 * d <= ld_dqkv, "attention backward: rows of {ld_dqkv} cannot hold dq, dk and dv ({d} each)");
+    assert!(dout.len() >= dview.span(s), "attention backward: d(output) too small");
+    assert!(dqkv.len() >= oview.span(s) + 2 * d, "attention backward: dqkv too small");
+    let base = dqkv.as_mut_ptr();
+    // SAFETY: the three column ranges of `dqkv` are disjoint and inside it (asserted).
+    unsafe { backward_views(s, scale, q, k, v, ld, probs, drop, dout, dview, [SendPtr(base), SendPtr(base.add(d)), SendPtr(base.add(2 * d))], oview) }
+}
+
+/// Both layouts: the (b, h) tasks run in parallel, each zeroing then accumulating its own
+/// rows of dq, dk, dv (the order of every sum as when the caller zeroed head-major buffers).
+///
+/// # Safety
+/// `out[t]` with `oview` must address valid, writable memory for every (b, h, row) and
+/// no two of those rows may overlap, between or within the three outputs.
+#[allow(clippy::too_many_arguments)]
+unsafe fn backward_views(
+    s: &AttnShape,
+    scale: f32,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    ld: usize,
+    probs: &[f32],
+    drop: Option<&[f32]>,
+    dout: &[f32],
+    dview: HeadRows,
+    out: [SendPtr; 3],
+    oview: HeadRows,
+) {
+    let (seq, hd) = (s.seq, s.head_dim);
+    (0..s.batch * s.heads).into_par_iter().with_max_len(1).for_each(|bh| {
+        let (b, h) = (bh / s.heads, bh % s.heads);
+        let o = oview.start(b, h);
+        // SAFETY (rows and GEMM outputs): rows of this (b, h) only, which no other task
+        // touches; one such &mut at a time.
+        let rows = |t: usize| -> OutRows { OutRows { ptr: unsafe { out[t].0.add(o) }, si: oview.si, hd } };
+        let task = Task { bh, b, h, d_o: &dout[dview.start(b, h)..], dsi: dview.si, dq: rows(0), dk: rows(1), dv: rows(2) };
+        for t in [&task.dq, &task.dk, &task.dv] {
+            for i in 0..seq {
+                t.row(i).fill(0.0);
+            }
+        }
+        if s.is_dense() {
+            backward_dense(s, scale, q, k, v, ld, probs, drop, &task);
+        } else {
+            backward_frames(s, scale, q, k, v, ld, probs, drop, &task);
+        }
+    });
+}
+
+/// One (b, h)'s output rows: row i at `ptr + i·si`, `hd` values.
+struct OutRows {
+    ptr: *mut f32,
+    si: usize,
+    hd: usize,
+}
+
+impl OutRows {
+    /// Row i. The caller holds no other reference to it meanwhile.
+    #[allow(clippy::mut_from_ref)]
+    fn row(&self, i: usize) -> &mut [f32] {
+        // SAFETY: `backward_views`' contract: the row is valid, writable and this task's alone.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(i * self.si), self.hd) }
     }
+}
+
+/// What one (b, h) task of the backward pass reads and writes.
+struct Task<'a> {
+    bh: usize,
+    b: usize,
+    h: usize,
+    /// d(output) of this (b, h): row i at `d_o[i·dsi..]`.
+    d_o: &'a [f32],
+    dsi: usize,
+    dq: OutRows,
+    dk: OutRows,
+    dv: OutRows,
 }
 
 /// `Full` pattern with per-(batch, head) GEMMs: S = scale·Q·Kᵀ + mask, P = softmax(S), O = P·V.
@@ -178,52 +316,6 @@ fn attention_forward_gemm(
             let mut dropped = Vec::new();
             let pv = masked(p, drop.map(|d| &d[bh * pph..(bh + 1) * pph]), &mut dropped);
             sgemm(Trans::No, Trans::No, seq, hd, seq, 1.0, pv, seq, &v[o..], ld, 0.0, out, hd);
-        });
-}
-
-#[allow(clippy::too_many_arguments)]
-fn attention_backward_gemm(
-    s: &AttnShape,
-    scale: f32,
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    ld: usize,
-    probs: &[f32],
-    drop: Option<&[f32]>,
-    dout: &[f32],
-    dq: &mut [f32],
-    dk: &mut [f32],
-    dv: &mut [f32],
-) {
-    let (seq, hd, heads) = (s.seq, s.head_dim, s.heads);
-    let pph = seq * seq;
-    let n = s.batch * heads * seq * hd;
-    dq[..n]
-        .par_chunks_mut(seq * hd)
-        .zip(dk[..n].par_chunks_mut(seq * hd).zip(dv[..n].par_chunks_mut(seq * hd)))
-        .enumerate()
-        .for_each(|(bh, (dq, (dk, dv)))| {
-            let (b, h) = (bh / heads, bh % heads);
-            let o = b * seq * ld + h * hd;
-            let p = &probs[bh * pph..(bh + 1) * pph];
-            let dm = drop.map(|d| &d[bh * pph..(bh + 1) * pph]);
-            let d_o = &dout[bh * seq * hd..(bh + 1) * seq * hd];
-            // dV += P'ᵀ·dO with P' the dropped probabilities.
-            let mut dropped = Vec::new();
-            let pv = masked(p, dm, &mut dropped);
-            sgemm(Trans::Yes, Trans::No, seq, hd, seq, 1.0, pv, seq, d_o, hd, 1.0, dv, hd);
-            // dP = (dO·Vᵀ) ⊙ mask, then the softmax backward and the score scale.
-            let mut ds = vec![0.0f32; pph];
-            sgemm(Trans::No, Trans::Yes, seq, seq, hd, 1.0, d_o, hd, &v[o..], ld, 0.0, &mut ds, seq);
-            if let Some(m) = dm {
-                ds.iter_mut().zip(m).for_each(|(x, m)| *x *= m);
-            }
-            for (row, pr) in ds.chunks_exact_mut(seq).zip(p.chunks_exact(seq)) {
-                softmax_backward_in_place(pr, row, scale);
-            }
-            sgemm(Trans::No, Trans::No, seq, hd, seq, 1.0, &ds, seq, &k[o..], ld, 1.0, dq, hd);
-            sgemm(Trans::Yes, Trans::No, seq, hd, seq, 1.0, &ds, seq, &q[o..], ld, 1.0, dk, hd);
         });
 }
 
@@ -295,93 +387,103 @@ fn attention_forward_frames(
         });
 }
 
-/// Backward of [`attention_forward_frames`].
+/// `Full` pattern (and single-frame `Frames`) for one (b, h), as per-head GEMMs.
 #[allow(clippy::too_many_arguments)]
-fn attention_backward_frames(
-    s: &AttnShape,
-    scale: f32,
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    ld: usize,
-    probs: &[f32],
-    drop: Option<&[f32]>,
-    dout: &[f32],
-    dq: &mut [f32],
-    dk: &mut [f32],
-    dv: &mut [f32],
-) {
+fn backward_dense(s: &AttnShape, scale: f32, q: &[f32], k: &[f32], v: &[f32], ld: usize, probs: &[f32], drop: Option<&[f32]>, t: &Task) {
+    let (seq, hd) = (s.seq, s.head_dim);
+    let pph = seq * seq;
+    let o = t.b * seq * ld + t.h * hd;
+    let p = &probs[t.bh * pph..(t.bh + 1) * pph];
+    let dm = drop.map(|d| &d[t.bh * pph..(t.bh + 1) * pph]);
+    // dV += P'ᵀ·dO with P' the dropped probabilities.
+    let mut dropped = Vec::new();
+    let pv = masked(p, dm, &mut dropped);
+    // SAFETY (the three raw GEMMs): C is this task's rows of dv / dq / dk (see `OutRows`),
+    // seq rows of hd values `si` apart; A and B are slices read in bounds.
+    unsafe { sgemm_raw(Trans::Yes, Trans::No, seq, hd, seq, 1.0, pv.as_ptr(), seq, t.d_o.as_ptr(), t.dsi, 1.0, t.dv.ptr, t.dv.si) };
+    // dP = (dO·Vᵀ) ⊙ mask, then the softmax backward and the score scale.
+    let mut ds = vec![0.0f32; pph];
+    sgemm(Trans::No, Trans::Yes, seq, seq, hd, 1.0, t.d_o, t.dsi, &v[o..], ld, 0.0, &mut ds, seq);
+    if let Some(m) = dm {
+        ds.iter_mut().zip(m).for_each(|(x, m)| *x *= m);
+    }
+    for (row, pr) in ds.chunks_exact_mut(seq).zip(p.chunks_exact(seq)) {
+        softmax_backward_in_place(pr, row, scale);
+    }
+    unsafe {
+        sgemm_raw(Trans::No, Trans::No, seq, hd, seq, 1.0, ds.as_ptr(), seq, k[o..].as_ptr(), ld, 1.0, t.dq.ptr, t.dq.si);
+        sgemm_raw(Trans::Yes, Trans::No, seq, hd, seq, 1.0, ds.as_ptr(), seq, q[o..].as_ptr(), ld, 1.0, t.dk.ptr, t.dk.si);
+    }
+}
+
+/// Multi-frame `Frames` pattern for one (b, h): the CLS row as loops over all keys, then per
+/// frame small GEMMs over `[CLS, its R regions]` gathered.
+#[allow(clippy::too_many_arguments)]
+fn backward_frames(s: &AttnShape, scale: f32, q: &[f32], k: &[f32], v: &[f32], ld: usize, probs: &[f32], drop: Option<&[f32]>, t: &Task) {
     s.check();
     let KeyPattern::Frames { regions: r } = s.pattern else { unreachable!("frames kernel on a dense pattern") };
-    let (seq, hd, heads) = (s.seq, s.head_dim, s.heads);
+    let (seq, hd) = (s.seq, s.head_dim);
     let frames = (seq - 1) / r;
     let pph = s.probs_per_head();
-    let n = s.batch * heads * seq * hd;
-    dq[..n]
-        .par_chunks_mut(seq * hd)
-        .zip(dk[..n].par_chunks_mut(seq * hd).zip(dv[..n].par_chunks_mut(seq * hd)))
-        .enumerate()
-        .for_each(|(bh, (dq, (dk, dv)))| {
-            let (b, h) = (bh / heads, bh % heads);
-            let row = |j: usize| (b * seq + j) * ld + h * hd;
-            let probs = &probs[bh * pph..(bh + 1) * pph];
-            let dm = drop.map(|d| &d[bh * pph..(bh + 1) * pph]);
-            let dout = &dout[bh * seq * hd..(bh + 1) * seq * hd];
-            // CLS query row.
-            {
-                let p = &probs[..seq];
-                let d0 = &dout[..hd];
-                let mut ds = vec![0.0f32; seq];
-                for (j, dsj) in ds.iter_mut().enumerate() {
-                    let mj = dm.map_or(1.0, |d| d[j]);
-                    axpy(p[j] * mj, d0, &mut dv[j * hd..(j + 1) * hd]);
-                    *dsj = mj * dot(d0, &v[row(j)..row(j) + hd]);
-                }
-                softmax_backward_in_place(p, &mut ds, scale);
-                let q0 = &q[row(0)..row(0) + hd];
-                for (j, &g) in ds.iter().enumerate() {
-                    axpy(g, &k[row(j)..row(j) + hd], &mut dq[..hd]);
-                    axpy(g, q0, &mut dk[j * hd..(j + 1) * hd]);
-                }
-            }
-            let w = r + 1;
-            let mut kf = vec![0.0f32; w * hd];
-            let mut vf = vec![0.0f32; w * hd];
-            let mut pd = Vec::with_capacity(r * w);
-            let mut ds = vec![0.0f32; r * w];
-            let mut gkv = vec![0.0f32; w * hd];
-            for f in 0..frames {
-                let first = 1 + f * r;
-                let keys = || std::iter::once(0).chain(first..first + r);
-                for (slot, j) in keys().enumerate() {
-                    kf[slot * hd..(slot + 1) * hd].copy_from_slice(&k[row(j)..row(j) + hd]);
-                    vf[slot * hd..(slot + 1) * hd].copy_from_slice(&v[row(j)..row(j) + hd]);
-                }
-                let pf = &probs[seq + f * r * w..seq + (f + 1) * r * w];
-                let dmf = dm.map(|d| &d[seq + f * r * w..seq + (f + 1) * r * w]);
-                let pv = masked(pf, dmf, &mut pd);
-                let d_o = &dout[first * hd..(first + r) * hd];
-                // dV' = P'ᵀ·dO, scattered to [CLS, frame keys].
-                sgemm(Trans::Yes, Trans::No, w, hd, r, 1.0, pv, w, d_o, hd, 0.0, &mut gkv, hd);
-                for (slot, j) in keys().enumerate() {
-                    dv[j * hd..(j + 1) * hd].iter_mut().zip(&gkv[slot * hd..(slot + 1) * hd]).for_each(|(a, b)| *a += b);
-                }
-                // dS = scale · P ⊙ (dP − rowsum(P ⊙ dP)), dP = (dO·V'ᵀ) ⊙ mask.
-                sgemm(Trans::No, Trans::Yes, r, w, hd, 1.0, d_o, hd, &vf, hd, 0.0, &mut ds, w);
-                if let Some(df) = dmf {
-                    ds.iter_mut().zip(df).for_each(|(x, m)| *x *= m);
-                }
-                for (drow, prow) in ds.chunks_exact_mut(w).zip(pf.chunks_exact(w)) {
-                    softmax_backward_in_place(prow, drow, scale);
-                }
-                // dQ_f += dS·K'; dK' = dSᵀ·Q_f, scattered.
-                sgemm(Trans::No, Trans::No, r, hd, w, 1.0, &ds, w, &kf, hd, 1.0, &mut dq[first * hd..(first + r) * hd], hd);
-                sgemm(Trans::Yes, Trans::No, w, hd, r, 1.0, &ds, w, &q[row(first)..], ld, 0.0, &mut gkv, hd);
-                for (slot, j) in keys().enumerate() {
-                    dk[j * hd..(j + 1) * hd].iter_mut().zip(&gkv[slot * hd..(slot + 1) * hd]).for_each(|(a, b)| *a += b);
-                }
-            }
-        });
+    let row = |j: usize| (t.b * seq + j) * ld + t.h * hd;
+    let probs = &probs[t.bh * pph..(t.bh + 1) * pph];
+    let dm = drop.map(|d| &d[t.bh * pph..(t.bh + 1) * pph]);
+    let d_o = |i: usize| &t.d_o[i * t.dsi..i * t.dsi + hd];
+    // CLS query row.
+    {
+        let p = &probs[..seq];
+        let d0 = d_o(0);
+        let mut ds = vec![0.0f32; seq];
+        for (j, dsj) in ds.iter_mut().enumerate() {
+            let mj = dm.map_or(1.0, |d| d[j]);
+            axpy(p[j] * mj, d0, t.dv.row(j));
+            *dsj = mj * dot(d0, &v[row(j)..row(j) + hd]);
+        }
+        softmax_backward_in_place(p, &mut ds, scale);
+        let q0 = &q[row(0)..row(0) + hd];
+        for (j, &g) in ds.iter().enumerate() {
+            axpy(g, &k[row(j)..row(j) + hd], t.dq.row(0));
+            axpy(g, q0, t.dk.row(j));
+        }
+    }
+    let w = r + 1;
+    let mut kf = vec![0.0f32; w * hd];
+    let mut vf = vec![0.0f32; w * hd];
+    let mut pd = Vec::with_capacity(r * w);
+    let mut ds = vec![0.0f32; r * w];
+    let mut gkv = vec![0.0f32; w * hd];
+    for f in 0..frames {
+        let first = 1 + f * r;
+        let keys = || std::iter::once(0).chain(first..first + r);
+        for (slot, j) in keys().enumerate() {
+            kf[slot * hd..(slot + 1) * hd].copy_from_slice(&k[row(j)..row(j) + hd]);
+            vf[slot * hd..(slot + 1) * hd].copy_from_slice(&v[row(j)..row(j) + hd]);
+        }
+        let pf = &probs[seq + f * r * w..seq + (f + 1) * r * w];
+        let dmf = dm.map(|d| &d[seq + f * r * w..seq + (f + 1) * r * w]);
+        let pv = masked(pf, dmf, &mut pd);
+        let d_of = &t.d_o[first * t.dsi..];
+        // dV' = P'ᵀ·dO, scattered to [CLS, frame keys].
+        sgemm(Trans::Yes, Trans::No, w, hd, r, 1.0, pv, w, d_of, t.dsi, 0.0, &mut gkv, hd);
+        for (slot, j) in keys().enumerate() {
+            t.dv.row(j).iter_mut().zip(&gkv[slot * hd..(slot + 1) * hd]).for_each(|(a, b)| *a += b);
+        }
+        // dS = scale · P ⊙ (dP − rowsum(P ⊙ dP)), dP = (dO·V'ᵀ) ⊙ mask.
+        sgemm(Trans::No, Trans::Yes, r, w, hd, 1.0, d_of, t.dsi, &vf, hd, 0.0, &mut ds, w);
+        if let Some(df) = dmf {
+            ds.iter_mut().zip(df).for_each(|(x, m)| *x *= m);
+        }
+        for (drow, prow) in ds.chunks_exact_mut(w).zip(pf.chunks_exact(w)) {
+            softmax_backward_in_place(prow, drow, scale);
+        }
+        // dQ_f += dS·K'; dK' = dSᵀ·Q_f, scattered.
+        // SAFETY: C is this task's dq rows first..first + r (see `OutRows`).
+        unsafe { sgemm_raw(Trans::No, Trans::No, r, hd, w, 1.0, ds.as_ptr(), w, kf.as_ptr(), hd, 1.0, t.dq.ptr.add(first * t.dq.si), t.dq.si) };
+        sgemm(Trans::Yes, Trans::No, w, hd, r, 1.0, &ds, w, &q[row(first)..], ld, 0.0, &mut gkv, hd);
+        for (slot, j) in keys().enumerate() {
+            t.dk.row(j).iter_mut().zip(&gkv[slot * hd..(slot + 1) * hd]).for_each(|(a, b)| *a += b);
+        }
+    }
 }
 
 /// Row-loop implementation for any pattern: the reference for the GEMM paths.

@@ -126,18 +126,11 @@ pub fn sgemm_bias(ta: Trans, tb: Trans, m: usize, n: usize, k: usize, a: &[f32],
 
 /// Both forms: with `bias`, `beta` is 0 and the bias takes the place of `beta · C`.
 #[allow(clippy::too_many_arguments)]
-fn gemm(ta: Trans, tb: Trans, m: usize, n: usize, k: usize, alpha: f32, a: &[f32], lda: usize, b: &[f32], ldb: usize, mut beta: f32, bias: Option<&[f32]>, c: &mut [f32], ldc: usize) {
+fn gemm(ta: Trans, tb: Trans, m: usize, n: usize, k: usize, alpha: f32, a: &[f32], lda: usize, b: &[f32], ldb: usize, beta: f32, bias: Option<&[f32]>, c: &mut [f32], ldc: usize) {
     if m == 0 || n == 0 {
         return;
     }
-    let (rsa, csa) = match ta {
-        Trans::No => (lda as isize, 1),
-        Trans::Yes => (1, lda as isize),
-    };
-    let (rsb, csb) = match tb {
-        Trans::No => (ldb as isize, 1),
-        Trans::Yes => (1, ldb as isize),
-    };
+    let ((rsa, csa), (rsb, csb)) = (strides(ta, lda), strides(tb, ldb));
     // Bounds: the furthest element each operand's strides reach must be in the slice.
     let a_need = if k == 0 { 0 } else { (m - 1) * rsa.unsigned_abs() + (k - 1) * csa.unsigned_abs() + 1 };
     let b_need = if k == 0 { 0 } else { (k - 1) * rsb.unsigned_abs() + (n - 1) * csb.unsigned_abs() + 1 };
@@ -145,46 +138,73 @@ fn gemm(ta: Trans, tb: Trans, m: usize, n: usize, k: usize, alpha: f32, a: &[f32
     assert!(a.len() >= a_need, "sgemm: A has {} elements, needs {a_need}", a.len());
     assert!(b.len() >= b_need, "sgemm: B has {} elements, needs {b_need}", b.len());
     assert!(c.len() >= c_need, "sgemm: C has {} elements, needs {c_need}", c.len());
+    // SAFETY: the asserts keep every strided access inside the slices (the bias has n values,
+    // checked by `sgemm_bias`), and `c` is borrowed mutably so it cannot alias `a` or `b`.
+    unsafe { gemm_raw(ta, tb, m, n, k, alpha, a.as_ptr(), lda, b.as_ptr(), ldb, beta, bias.map(|b| b.as_ptr()), c.as_mut_ptr(), ldc) }
+}
+
+/// (row stride, column stride) of an operand stored row-major with leading dimension `ld`.
+fn strides(t: Trans, ld: usize) -> (isize, isize) {
+    match t {
+        Trans::No => (ld as isize, 1),
+        Trans::Yes => (1, ld as isize),
+    }
+}
+
+/// [`sgemm`] on raw pointers, for a caller whose C rows interleave with other threads'
+/// (the attention backward writes one head's columns of row-major gradient rows).
+///
+/// # Safety
+/// Every strided access of A, B and C must be in bounds; C must not overlap A or B, nor
+/// anything another thread touches meanwhile.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn sgemm_raw(ta: Trans, tb: Trans, m: usize, n: usize, k: usize, alpha: f32, a: *const f32, lda: usize, b: *const f32, ldb: usize, beta: f32, c: *mut f32, ldc: usize) {
+    if m > 0 && n > 0 {
+        gemm_raw(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, None, c, ldc)
+    }
+}
+
+/// # Safety
+/// As [`sgemm_raw`]; `m`, `n` > 0; a bias has `n` values.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_raw(ta: Trans, tb: Trans, m: usize, n: usize, k: usize, alpha: f32, a: *const f32, lda: usize, b: *const f32, ldb: usize, mut beta: f32, bias: Option<*const f32>, c: *mut f32, ldc: usize) {
+    let ((rsa, csa), (rsb, csb)) = (strides(ta, lda), strides(tb, ldb));
     #[cfg(target_arch = "x86_64")]
     if k > 0 && kernel() != Kernel::MatrixMultiply {
         use crate::gemm_packed::sgemm as packed;
         let parallel = parallel_worth_it(m, n, k);
-        let bias = bias.map_or(std::ptr::null(), |b| b.as_ptr());
-        let (a, b, c) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
-        // SAFETY: the CPU has the kernel's instructions (`kernel` checked), the asserts above
-        // keep every strided access inside the slices (and the bias has n values), and `c` is
-        // borrowed mutably so it cannot alias `a` or `b`.
-        unsafe {
-            match kernel() {
-                Kernel::Avx512 => packed::<crate::gemm_avx512::Avx512>(m, n, k, alpha, a, rsa, csa, b, rsb, csb, beta, bias, c, ldc, parallel),
-                _ => packed::<crate::gemm_avx2::Avx2>(m, n, k, alpha, a, rsa, csa, b, rsb, csb, beta, bias, c, ldc, parallel),
-            }
+        let bias = bias.unwrap_or(std::ptr::null());
+        // SAFETY: the CPU has the kernel's instructions (`kernel` checked); the caller keeps
+        // every access in bounds and C apart from A and B.
+        match kernel() {
+            Kernel::Avx512 => packed::<crate::gemm_avx512::Avx512>(m, n, k, alpha, a, rsa, csa, b, rsb, csb, beta, bias, c, ldc, parallel),
+            _ => packed::<crate::gemm_avx2::Avx2>(m, n, k, alpha, a, rsa, csa, b, rsb, csb, beta, bias, c, ldc, parallel),
         }
         return;
     }
     if let Some(bias) = bias {
         for i in 0..m {
-            c[i * ldc..i * ldc + n].copy_from_slice(bias);
+            std::ptr::copy_nonoverlapping(bias, c.add(i * ldc), n);
         }
         beta = 1.0;
     }
     if k == 0 {
         for i in 0..m {
-            for x in &mut c[i * ldc..i * ldc + n] {
+            for j in 0..n {
+                let x = c.add(i * ldc + j);
                 *x = if beta == 0.0 { 0.0 } else { *x * beta };
             }
         }
         return;
     }
     let (tm, tn) = tiles(m, n, k, rayon::current_num_threads());
-    let (a_ptr, b_ptr, c_ptr) = (a.as_ptr() as usize, b.as_ptr() as usize, c.as_mut_ptr() as usize);
+    let (a_ptr, b_ptr, c_ptr) = (a as usize, b as usize, c as usize);
     let tile = |t: usize| {
         let (i0, j0) = ((t / n.div_ceil(tn)) * tm, (t % n.div_ceil(tn)) * tn);
         let (mi, nj) = (tm.min(m - i0), tn.min(n - j0));
-        // SAFETY: the asserts above keep every strided access of the full product inside the
-        // slices; a tile reads a sub-block of A and B and writes the disjoint C block
-        // [i0..i0+mi, j0..j0+nj], so tiles never write the same element, and `c` is borrowed
-        // mutably so it cannot alias `a` or `b`.
+        // SAFETY: the caller keeps every strided access of the full product in bounds; a
+        // tile reads a sub-block of A and B and writes the disjoint C block
+        // [i0..i0+mi, j0..j0+nj], so tiles never write the same element.
         unsafe {
             matrixmultiply::sgemm(
                 mi,

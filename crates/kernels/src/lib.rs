@@ -1,8 +1,10 @@
 //! Numeric kernels: plain functions over `f32` slices, forward and backward,
 //! parallel with rayon where it pays. No model knowledge lives here.
 //!
-//! Conventions: row-major; weights in PyTorch's `[out, in]` layout; every backward
-//! function *accumulates* (`+=`) into its gradient outputs, so callers zero them first.
+//! Conventions: row-major; weights in PyTorch's `[out, in]` layout; backward functions
+//! *accumulate* (`+=`) into their gradient outputs, so callers zero them first — except
+//! where documented: the attention backward overwrites dq/dk/dv, and a linear layer's
+//! parameter gradients follow [`linear::Grads`].
 
 pub mod activation;
 pub mod attention;
@@ -23,6 +25,6 @@ pub mod rng;
 pub mod simd;
 pub mod softmax;
 
-pub use attention::{attention_backward, attention_forward, merge_heads, split_heads, AttnShape, KeyPattern};
+pub use attention::{attention_backward, attention_backward_rows, attention_forward, merge_heads, split_heads, AttnShape, KeyPattern};
 pub use gemm::{sgemm, Trans};
 pub use rng::Rng;

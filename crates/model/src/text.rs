@@ -507,9 +507,10 @@ impl TextTower {
         layer.o.backward(data, grad, &la.ctx, d, n, dsa, Some(dctx), Grads::Overwrite);
         fit(&mut a.dctx_h, n * d);
         split_heads(&a.dctx, d, 0, &mut a.dctx_h, b, heads, l, hd);
-        zeroed(&mut a.dq_h, n * d);
-        zeroed(&mut a.dk_h, n * d);
-        zeroed(&mut a.dv_h, n * d);
+        // Overwritten by the attention backward: no zeroing.
+        fit(&mut a.dq_h, n * d);
+        fit(&mut a.dk_h, n * d);
+        fit(&mut a.dv_h, n * d);
         let attn_drop = a.drop_attn.then_some(&la.attn_drop[..]);
         // The probabilities, recomputed (the context that comes with them is not needed).
         fit(&mut a.probs, shape.probs_len());

@@ -7,10 +7,10 @@
 
 use crate::config::VideoConfig;
 use crate::adamw::FusedStep;
-use crate::layers::{add_in_place, block_window, fill_zero, fit, range, zeroed, Grads, LayerNorm, Linear};
+use crate::layers::{add_in_place, block_window, fit, range, zeroed, Grads, LayerNorm, Linear};
 use crate::params::{Params, ParamsBuilder};
 use demovlp_kernels::activation::{gelu_backward_in_place, gelu_forward, gelu_forward_with_grad, scale_by};
-use demovlp_kernels::attention::{attention_backward, attention_forward, merge_heads, split_heads, AttnShape, KeyPattern};
+use demovlp_kernels::attention::{attention_backward_rows, attention_forward, merge_heads, AttnShape, KeyPattern};
 use std::ops::Range;
 
 /// Declare the video tower's tensors in the published state_dict order.
@@ -383,30 +383,19 @@ impl VideoTower {
         // dx_a (the residual stream's gradient) gains the norm2 branch.
         blk.norm2.backward(data, grad, &ba.xmid, &ba.m2, &ba.r2, &a.dy, &mut a.dx_a, Grads::Overwrite);
         // Attention branch (probabilities, context and norm1 output recomputed). Its
-        // scratch lives in the two MLP-wide buffers, free until the next block:
-        // g = [d(ctx) by head | dq | dk | dv by head], hs = [d(qkv) | d(ctx)].
+        // scratch lives in the MLP-wide `hs`, free until the next block: [d(qkv) | d(ctx)].
         fit(&mut a.probs, shape.probs_len());
         fit(&mut a.ctx_h, n * d);
         attention_forward(&shape, scale, &ba.qkv, &ba.qkv[d..], &ba.qkv[2 * d..], 3 * d, &a.mask_add, None, &mut a.probs, &mut a.ctx_h);
         fit(&mut a.ctx, n * d);
         merge_heads(&a.ctx_h, &mut a.ctx, d, 0, b, heads, seq, hd);
-        let wide = (n * mlp).max(4 * n * d);
-        fit(&mut a.g, wide);
-        fit(&mut a.hs, wide);
+        fit(&mut a.hs, (n * mlp).max(4 * n * d));
         let (dqkv, dctx) = a.hs.split_at_mut(3 * n * d);
         let dctx = &mut dctx[..n * d];
         blk.proj.backward(data, grad, &a.ctx, d, n, &a.dx_a, None, Grads::Overwrite);
         blk.proj.backward_input(data, &a.dx_a, n, dctx);
-        let (dctx_h, dqkv_h) = a.g.split_at_mut(n * d);
-        split_heads(dctx, d, 0, dctx_h, b, heads, seq, hd);
-        let dqkv_h = &mut dqkv_h[..3 * n * d];
-        fill_zero(dqkv_h);
-        let (dq_h, dkv_h) = dqkv_h.split_at_mut(n * d);
-        let (dk_h, dv_h) = dkv_h.split_at_mut(n * d);
-        attention_backward(&shape, scale, &ba.qkv, &ba.qkv[d..], &ba.qkv[2 * d..], 3 * d, &a.probs, None, dctx_h, dq_h, dk_h, dv_h);
-        merge_heads(dq_h, dqkv, 3 * d, 0, b, heads, seq, hd);
-        merge_heads(dk_h, dqkv, 3 * d, d, b, heads, seq, hd);
-        merge_heads(dv_h, dqkv, 3 * d, 2 * d, b, heads, seq, hd);
+        // d(ctx) read and dq, dk, dv written as token rows: no head-major copies, no zeroing.
+        attention_backward_rows(&shape, scale, &ba.qkv, &ba.qkv[d..], &ba.qkv[2 * d..], 3 * d, &a.probs, None, dctx, d, dqkv, 3 * d);
         blk.norm1.forward(data, x, &mut a.y, &mut a.ms, &mut a.rs);
         blk.qkv.backward(data, grad, &a.y, d, n, dqkv, None, Grads::Overwrite);
         blk.qkv.backward_input(data, dqkv, n, &mut a.dy);
