@@ -498,8 +498,8 @@ unsafe fn gram_off<const AVX2: bool>(w: &[f32], idx: &[u32], grow: *const f32) -
     }
     if !AVX2 || cfg!(not(target_arch = "x86_64")) {
         for j in (0..full).step_by(4) {
-            for q in 0..4 {
-                off[q] += *w.get_unchecked(j + q) * *grow.add(*idx.get_unchecked(j + q) as usize);
+            for (q, o) in off.iter_mut().enumerate() {
+                *o += *w.get_unchecked(j + q) * *grow.add(*idx.get_unchecked(j + q) as usize);
             }
         }
     }
