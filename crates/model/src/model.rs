@@ -291,8 +291,8 @@ impl Model {
         let dropout = (train && self.text_dropout != TextDropout::default()).then_some((self.text_dropout, &mut self.dropout_rng));
         // Training keeps the FFN hidden activations for the backward pass (+9.8 MB per layer
         // at the published size, 1.5 % less arithmetic per step); inference does not.
-        a.text.keep_ffn_hidden = train && !a.text.recompute_ffn;
-        self.text.forward(data, &mut a.text, ids, mask, b, l, dropout);
+        let keep = train && !a.text.recompute_ffn;
+        self.text.forward(data, &mut a.text, ids, mask, b, l, dropout, keep);
         fit(&mut a.relu, b * l * d);
         relu_forward(a.text.last_hidden(), &mut a.relu);
         fit(&mut a.text_out, b * l * p);
@@ -522,7 +522,7 @@ impl Model {
 
     /// The text tower's `last_hidden_state` `[B, L, D]` (before ReLU and projection).
     pub fn text_hidden_states(&mut self, input_ids: &[i64], attention_mask: &[i64], b: usize, l: usize) -> Vec<f32> {
-        self.text.forward(&self.params.data, &mut self.arena.text, input_ids, attention_mask, b, l, None);
+        self.text.forward(&self.params.data, &mut self.arena.text, input_ids, attention_mask, b, l, None, false);
         self.arena.text.last_hidden().to_vec()
     }
 

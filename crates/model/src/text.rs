@@ -156,8 +156,8 @@ pub struct TextTower {
 /// What one layer keeps for its backward pass. The attention probabilities are not kept:
 /// the backward recomputes them from q and k (under 1 % of the tower's arithmetic, 3.8 MB
 /// per layer at the published size). The FFN hidden activations `h` (9.8 MB per layer) are
-/// kept when [`TextActs::keep_ffn_hidden`] says so (training: recomputing them is 1.5 % of
-/// a step's arithmetic), else recomputed from x1.
+/// kept when the forward pass is asked to (`keep_ffn_hidden`; training: recomputing them
+/// is 1.5 % of a step's arithmetic), else recomputed from x1.
 #[derive(Clone, Debug, Default)]
 struct LayerActs {
     q: Vec<f32>,
@@ -183,13 +183,9 @@ struct LayerActs {
 pub struct TextActs {
     pub batch: usize,
     pub len: usize,
-    /// Keep each layer's FFN hidden activations for the backward pass (the model's training
-    /// step sets it, unless `recompute_ffn`) instead of recomputing them there; inference
-    /// leaves it off.
-    pub keep_ffn_hidden: bool,
     /// Training recomputes the FFN hidden activations too (less memory, more arithmetic).
     pub recompute_ffn: bool,
-    /// What the last forward pass did (the backward pass follows it, not the request).
+    /// Whether the last forward pass kept them (the backward pass follows it).
     ffn_hidden_kept: bool,
     emb: Vec<f32>,
     emb_mean: Vec<f32>,
@@ -337,9 +333,10 @@ impl TextTower {
     }
 
     /// Runs the encoder; the result is `a.last_hidden()` `[B, L, D]`. With `dropout`
-    /// (training), masks are drawn from the generator and kept for the backward pass.
+    /// (training), masks are drawn from the generator and kept for the backward pass;
+    /// `keep_ffn_hidden` keeps each layer's FFN hidden activations for it as well.
     #[allow(clippy::too_many_arguments)]
-    pub fn forward(&self, data: &[f32], a: &mut TextActs, ids: &[i64], mask: &[i64], b: usize, l: usize, mut dropout: Option<(TextDropout, &mut Rng)>) {
+    pub fn forward(&self, data: &[f32], a: &mut TextActs, ids: &[i64], mask: &[i64], b: usize, l: usize, mut dropout: Option<(TextDropout, &mut Rng)>, keep_ffn_hidden: bool) {
         let c = &self.cfg;
         let (d, hid) = (c.dim, c.hidden_dim);
         assert!(d % c.heads == 0, "text dim {d} not divisible by {} heads", c.heads);
@@ -348,7 +345,7 @@ impl TextTower {
         let n = b * l;
         a.batch = b;
         a.len = l;
-        a.ffn_hidden_kept = a.keep_ffn_hidden;
+        a.ffn_hidden_kept = keep_ffn_hidden;
 
         // Embeddings: word + position (+ token type 0 for BERT), then LayerNorm.
         fit(&mut a.emb, n * d);
