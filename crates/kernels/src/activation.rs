@@ -60,8 +60,9 @@ crate::multiversion! {
 
 /// y = gelu(x) and dydx = gelu'(x) in one pass (one erf and one exp per element instead of
 /// two erfs and an exp over two passes): for a backward pass that needs the GELU output
-/// again (the next layer's weight gradient) and then its derivative. Bit-identical to
-/// [`gelu_forward`] and to the factor [`gelu_backward_in_place`] applies.
+/// again (the next layer's weight gradient) and then its derivative (applied with
+/// [`crate::dropout::mul_in_place`]). Bit-identical to [`gelu_forward`] and to the factor
+/// [`gelu_backward_in_place`] applies.
 pub fn gelu_forward_with_grad(x: &[f32], y: &mut [f32], dydx: &mut [f32]) {
     let n = x.len();
     y[..n].par_chunks_mut(CHUNK).zip(dydx[..n].par_chunks_mut(CHUNK)).zip(x.par_chunks(CHUNK)).for_each(|((y, g), x)| gelu_with_grad_chunk(x, y, g));
@@ -74,19 +75,6 @@ crate::multiversion! {
             *y = 0.5 * x * (1.0 + e);
             *g = 0.5 * (1.0 + e) + x * (INV_SQRT_2PI * fastmath::exp(-0.5 * x * x));
         }
-    }
-}
-
-/// d ← d · dydx elementwise, in parallel chunks (the second half of
-/// [`gelu_forward_with_grad`]'s backward).
-pub fn scale_by(d: &mut [f32], dydx: &[f32]) {
-    let n = d.len();
-    d.par_chunks_mut(CHUNK).zip(dydx[..n].par_chunks(CHUNK)).for_each(|(d, g)| scale_chunk(d, g));
-}
-
-crate::multiversion! {
-    fn scale_chunk(d: &mut [f32], g: &[f32]) {
-        d.iter_mut().zip(g).for_each(|(d, g)| *d *= g);
     }
 }
 
@@ -139,7 +127,7 @@ mod tests {
         let mut want = d.clone();
         gelu_backward_in_place(&x, &mut want);
         let mut got = d.clone();
-        scale_by(&mut got, &g);
+        crate::dropout::mul_in_place(&mut got, &g);
         let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits());
         assert!(same(&y0, &y1), "outputs differ");
         assert!(same(&want, &got), "derivatives differ");

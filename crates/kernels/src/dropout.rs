@@ -2,6 +2,7 @@
 //! so a run is reproducible from its seed; applying it forward and backward is a product.
 
 use crate::rng::Rng;
+use rayon::prelude::*;
 
 /// Fills `mask` with 0 (probability `p`) or 1/(1−p). p = 0 gives all ones.
 pub fn dropout_mask(rng: &mut Rng, p: f32, mask: &mut [f32]) {
@@ -12,10 +13,16 @@ pub fn dropout_mask(rng: &mut Rng, p: f32, mask: &mut [f32]) {
     }
 }
 
-/// x ⊙= mask.
+/// x ⊙= mask (a dropout mask, or any elementwise factor such as GELU's derivative), in
+/// parallel chunks when long.
 pub fn mul_in_place(x: &mut [f32], mask: &[f32]) {
-    assert_eq!(x.len(), mask.len(), "dropout: mask length");
-    mul_run(x, mask);
+    const CHUNK: usize = 1 << 14;
+    assert_eq!(x.len(), mask.len(), "elementwise product: lengths {} and {}", x.len(), mask.len());
+    if x.len() >= 4 * CHUNK {
+        x.par_chunks_mut(CHUNK).zip(mask.par_chunks(CHUNK)).for_each(|(x, m)| mul_run(x, m));
+    } else {
+        mul_run(x, mask);
+    }
 }
 
 crate::multiversion! {

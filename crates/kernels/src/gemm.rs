@@ -170,17 +170,16 @@ pub(crate) unsafe fn sgemm_raw(ta: Trans, tb: Trans, m: usize, n: usize, k: usiz
 unsafe fn gemm_raw(ta: Trans, tb: Trans, m: usize, n: usize, k: usize, alpha: f32, a: *const f32, lda: usize, b: *const f32, ldb: usize, mut beta: f32, bias: Option<*const f32>, c: *mut f32, ldc: usize) {
     let ((rsa, csa), (rsb, csb)) = (strides(ta, lda), strides(tb, ldb));
     #[cfg(target_arch = "x86_64")]
-    if k > 0 && kernel() != Kernel::MatrixMultiply {
+    if k > 0 {
         use crate::gemm_packed::sgemm as packed;
-        let parallel = parallel_worth_it(m, n, k);
-        let bias = bias.unwrap_or(std::ptr::null());
+        let (parallel, bias_ptr) = (parallel_worth_it(m, n, k), bias.unwrap_or(std::ptr::null()));
         // SAFETY: the CPU has the kernel's instructions (`kernel` checked); the caller keeps
         // every access in bounds and C apart from A and B.
         match kernel() {
-            Kernel::Avx512 => packed::<crate::gemm_avx512::Avx512>(m, n, k, alpha, a, rsa, csa, b, rsb, csb, beta, bias, c, ldc, parallel),
-            _ => packed::<crate::gemm_avx2::Avx2>(m, n, k, alpha, a, rsa, csa, b, rsb, csb, beta, bias, c, ldc, parallel),
+            Kernel::Avx512 => return packed::<crate::gemm_avx512::Avx512>(m, n, k, alpha, a, rsa, csa, b, rsb, csb, beta, bias_ptr, c, ldc, parallel),
+            Kernel::Avx2 => return packed::<crate::gemm_avx2::Avx2>(m, n, k, alpha, a, rsa, csa, b, rsb, csb, beta, bias_ptr, c, ldc, parallel),
+            Kernel::MatrixMultiply => {}
         }
-        return;
     }
     if let Some(bias) = bias {
         for i in 0..m {
@@ -330,8 +329,8 @@ mod tests {
     fn packed_kernels_match_naive_and_each_other_on_ragged_shapes() {
         use crate::gemm_packed::{sgemm as packed, Kernel};
         fn run<K: Kernel>(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], ta: Trans, tb: Trans, beta: f32, bias: Option<&[f32]>, init: &[f32]) -> Vec<f32> {
-            let (rsa, csa) = if ta == Trans::No { (k as isize, 1) } else { (1, m as isize) };
-            let (rsb, csb) = if tb == Trans::No { (n as isize, 1) } else { (1, k as isize) };
+            let (rsa, csa) = strides(ta, if ta == Trans::No { k } else { m });
+            let (rsb, csb) = strides(tb, if tb == Trans::No { n } else { k });
             let bias_ptr = |b: Option<&[f32]>| b.map_or(std::ptr::null(), |b| b.as_ptr());
             let pool2 = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
             let (mut c1, mut c2) = (init.to_vec(), init.to_vec());

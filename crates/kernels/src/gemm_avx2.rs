@@ -133,11 +133,7 @@ unsafe fn pack_panels<const R: usize>(kc: usize, count: usize, src: *const f32, 
                 p0 += depth;
             }
         } else {
-            for p in 0..kc {
-                for i in 0..R {
-                    *d.add(p * R + i) = if i < n { *src.offset((i0 + i) as isize * si + p as isize * sp) } else { 0.0 };
-                }
-            }
+            crate::gemm_packed::pack_strided::<R>(kc, n, src.offset(i0 as isize * si), si, sp, d);
         }
     }
 }

@@ -140,11 +140,7 @@ unsafe fn pack_panels<const R: usize>(kc: usize, count: usize, src: *const f32, 
             // Each item contiguous along p (A row-major, or a weight used as `x·Wᵀ`).
             pack_transposed::<R>(kc, n, |i| src.offset((i0 + i) as isize * si), d);
         } else {
-            for p in 0..kc {
-                for i in 0..R {
-                    *d.add(p * R + i) = if i < n { *src.offset((i0 + i) as isize * si + p as isize * sp) } else { 0.0 };
-                }
-            }
+            crate::gemm_packed::pack_strided::<R>(kc, n, src.offset(i0 as isize * si), si, sp, d);
         }
     }
 }

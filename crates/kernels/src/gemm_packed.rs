@@ -35,6 +35,21 @@ pub(crate) trait Kernel {
     unsafe fn tile(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, mr: usize, nr: usize, alpha: f32, beta: f32, bias: *const f32);
 }
 
+/// One R-wide panel by element loads, for strides of which neither is 1 (the kernels'
+/// packers take vector paths otherwise): `dst[p·R + i]` = item i at depth p =
+/// `src[i·si + p·sp]` for i < `n` ≤ R, zero for the padding items.
+///
+/// # Safety
+/// Every item i < n, p < kc must be readable; `dst` must hold kc·R values.
+#[inline(always)]
+pub(crate) unsafe fn pack_strided<const R: usize>(kc: usize, n: usize, src: *const f32, si: isize, sp: isize, dst: *mut f32) {
+    for p in 0..kc {
+        for i in 0..R {
+            *dst.add(p * R + i) = if i < n { *src.offset(i as isize * si + p as isize * sp) } else { 0.0 };
+        }
+    }
+}
+
 /// Parallel tasks per thread in each packing and compute phase.
 const TASKS_PER_THREAD: usize = 16;
 
@@ -86,8 +101,8 @@ impl<T> SendPtr<T> {
 /// the bias and using beta = 1 computes, without the extra pass over C.
 ///
 /// # Safety
-/// The CPU must support the kernel's instructions (`K::available()`); every strided access above must be in
-/// bounds; `c` must not overlap `a` or `b`; `k > 0`.
+/// The CPU must support the kernel's instructions (its module's `available()`); every
+/// strided access above must be in bounds; `c` must not overlap `a` or `b`; `k > 0`.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn sgemm<K: Kernel>(m: usize, n: usize, k: usize, alpha: f32, a: *const f32, rsa: isize, csa: isize, b: *const f32, rsb: isize, csb: isize, beta: f32, bias: *const f32, c: *mut f32, ldc: usize, parallel: bool) {
     debug_assert!(bias.is_null() || beta == 0.0, "bias with beta != 0");

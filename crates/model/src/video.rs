@@ -9,7 +9,8 @@ use crate::config::VideoConfig;
 use crate::adamw::FusedStep;
 use crate::layers::{add_in_place, block_window, fit, range, zeroed, Grads, LayerNorm, Linear};
 use crate::params::{Params, ParamsBuilder};
-use demovlp_kernels::activation::{gelu_backward_in_place, gelu_forward, gelu_forward_with_grad, scale_by};
+use demovlp_kernels::activation::{gelu_backward_in_place, gelu_forward, gelu_forward_with_grad};
+use demovlp_kernels::dropout::mul_in_place;
 use demovlp_kernels::attention::{attention_backward_rows, attention_forward, merge_heads, AttnShape, KeyPattern};
 use std::ops::Range;
 
@@ -367,15 +368,16 @@ impl VideoTower {
         // then come from one pass (one erf per element, not two).
         if recompute {
             gelu_forward(&a.hs, &mut a.g);
-            blk.fc2.backward(data, grad, &a.g, mlp, n, &a.dx_a, None, Grads::Overwrite);
-            blk.fc2.backward_input(data, &a.dx_a, n, &mut a.g);
-            gelu_backward_in_place(&a.hs, &mut a.g);
         } else {
             fit(&mut a.hs, n * mlp);
             gelu_forward_with_grad(&ba.h, &mut a.g, &mut a.hs);
-            blk.fc2.backward(data, grad, &a.g, mlp, n, &a.dx_a, None, Grads::Overwrite);
-            blk.fc2.backward_input(data, &a.dx_a, n, &mut a.g);
-            scale_by(&mut a.g, &a.hs);
+        }
+        blk.fc2.backward(data, grad, &a.g, mlp, n, &a.dx_a, None, Grads::Overwrite);
+        blk.fc2.backward_input(data, &a.dx_a, n, &mut a.g);
+        if recompute {
+            gelu_backward_in_place(&a.hs, &mut a.g);
+        } else {
+            mul_in_place(&mut a.g, &a.hs);
         }
         blk.fc1.backward(data, grad, &a.y, d, n, &a.g, None, Grads::Overwrite);
         fit(&mut a.dy, n * d);
