@@ -210,23 +210,17 @@ mod tests {
         if !available() {
             return;
         }
-        let m: Vec<f32> = (0..64).map(|x| x as f32).collect();
-        let mut out = [0.0f32; 64];
-        // SAFETY: AVX2 checked above; every load and store is within the 64 floats.
-        unsafe {
-            let mut r = [_mm256_setzero_ps(); 8];
-            for (i, ri) in r.iter_mut().enumerate() {
-                *ri = _mm256_loadu_ps(m.as_ptr().add(8 * i));
+        crate::gemm_packed::check_transpose(8, |m| {
+            let mut out = vec![0.0f32; 64];
+            // SAFETY: AVX2 checked above; every load and store is within the 64 floats.
+            unsafe {
+                let mut r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(m.as_ptr().add(8 * i)));
+                transpose8(&mut r);
+                for (c, rc) in r.iter().enumerate() {
+                    _mm256_storeu_ps(out.as_mut_ptr().add(8 * c), *rc);
+                }
             }
-            transpose8(&mut r);
-            for (c, rc) in r.iter().enumerate() {
-                _mm256_storeu_ps(out.as_mut_ptr().add(8 * c), *rc);
-            }
-        }
-        for i in 0..8 {
-            for j in 0..8 {
-                assert_eq!(out[8 * j + i], m[8 * i + j], "element ({i}, {j})");
-            }
-        }
+            out
+        });
     }
 }

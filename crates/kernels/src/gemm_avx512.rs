@@ -228,23 +228,17 @@ mod tests {
         if !available() {
             return;
         }
-        let m: Vec<f32> = (0..256).map(|x| x as f32).collect();
-        let mut out = [0.0f32; 256];
-        // SAFETY: AVX-512F checked above; every load and store is within the 256 floats.
-        unsafe {
-            let mut r = [_mm512_setzero_ps(); 16];
-            for (i, ri) in r.iter_mut().enumerate() {
-                *ri = _mm512_loadu_ps(m.as_ptr().add(16 * i));
+        crate::gemm_packed::check_transpose(16, |m| {
+            let mut out = vec![0.0f32; 256];
+            // SAFETY: AVX-512F checked above; every load and store is within the 256 floats.
+            unsafe {
+                let mut r: [__m512; 16] = std::array::from_fn(|i| _mm512_loadu_ps(m.as_ptr().add(16 * i)));
+                transpose16(&mut r);
+                for (c, rc) in r.iter().enumerate() {
+                    _mm512_storeu_ps(out.as_mut_ptr().add(16 * c), *rc);
+                }
             }
-            transpose16(&mut r);
-            for (c, rc) in r.iter().enumerate() {
-                _mm512_storeu_ps(out.as_mut_ptr().add(16 * c), *rc);
-            }
-        }
-        for i in 0..16 {
-            for j in 0..16 {
-                assert_eq!(out[16 * j + i], m[16 * i + j], "element ({i}, {j})");
-            }
-        }
+            out
+        });
     }
 }

@@ -50,6 +50,19 @@ pub(crate) unsafe fn pack_strided<const R: usize>(kc: usize, n: usize, src: *con
     }
 }
 
+/// Test helper for the kernels' register transposes: `transpose` maps an n × n row-major
+/// block to its rows after transposing; the result must be the transposed block.
+#[cfg(test)]
+pub(crate) fn check_transpose(n: usize, transpose: impl Fn(&[f32]) -> Vec<f32>) {
+    let m: Vec<f32> = (0..n * n).map(|x| x as f32).collect();
+    let out = transpose(&m);
+    for i in 0..n {
+        for j in 0..n {
+            assert_eq!(out[n * j + i], m[n * i + j], "element ({i}, {j}) of {n} × {n}");
+        }
+    }
+}
+
 /// Parallel tasks per thread in each packing and compute phase.
 const TASKS_PER_THREAD: usize = 16;
 
