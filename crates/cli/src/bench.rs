@@ -122,6 +122,9 @@ fn bench_gemm(a: BenchGemmArgs) -> anyhow::Result<()> {
     if !a.json {
         println!("gemm: {ours_name} {total_ours:.3} s vs matrixmultiply {total_base:.3} s over the six shapes (time ratio {ratio:.3})");
     }
-    println!("{}", serde_json::json!({"bench": "gemm", "backend": ours_name, "threads": threads, "runs": a.runs, "median_s": total_ours, "baseline_median_s": total_base, "time_ratio": ratio, "shapes": rows}));
+    println!(
+        "{}",
+        serde_json::json!({"bench": "gemm", "backend": ours_name, "threads": threads, "runs": a.runs, "median_s": total_ours, "baseline_median_s": total_base, "time_ratio": ratio, "shapes": rows})
+    );
     Ok(())
 }

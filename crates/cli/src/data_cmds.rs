@@ -40,14 +40,7 @@ pub fn regions(a: RegionsArgs) -> Result<()> {
     let input = select_clip(&src, &clip, a.segments, a.regions, FrameChoice::Middle)?;
     input.write_safetensors(&a.out)?;
     let real: f32 = input.mask.iter().sum();
-    eprintln!(
-        "{}: frames {:?}, {} real regions of {} slots -> {}",
-        clip,
-        input.frame_indices,
-        real,
-        input.mask.len(),
-        a.out.display()
-    );
+    eprintln!("{}: frames {:?}, {} real regions of {} slots -> {}", clip, input.frame_indices, real, input.mask.len(), a.out.display());
     Ok(())
 }
 
@@ -305,7 +298,8 @@ mod tests {
     #[test]
     fn regions_command_writes_the_contract() {
         let out = std::env::temp_dir().join(format!("demovlp_regions_cmd_{}.safetensors", std::process::id()));
-        regions(RegionsArgs { clip_dir: testdata().join("region_features/video9771"), segments: 8, regions: 30, out: out.clone() }).unwrap();
+        regions(RegionsArgs { clip_dir: testdata().join("region_features/video9771"), segments: 8, regions: 30, out: out.clone() })
+            .unwrap();
         let bytes = std::fs::read(&out).unwrap();
         let h = header(&bytes);
         // video9771 has 4 frames: k = min(8, 4) = 4, every frame in order.

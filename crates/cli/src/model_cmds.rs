@@ -135,9 +135,26 @@ pub fn replay(a: ReplayArgs) -> Result<()> {
     let mut model = io::load_model_dir(&a.model)?;
     let x = read_batch(&a.batch)?;
     let c = &model.config;
-    ensure!(x.object.len() == x.b * x.f * x.r * (c.video.feature_dim + c.video.box_dim), "{}: in.object's last axis is not {}", a.batch.display(), c.video.feature_dim + c.video.box_dim);
-    ensure!(x.f <= c.video.max_frames, "{}: {} frames, the model has temporal embeddings for {}", a.batch.display(), x.f, c.video.max_frames);
-    ensure!(x.l <= c.text.max_position_embeddings, "{}: text length {} exceeds the model's {} positions", a.batch.display(), x.l, c.text.max_position_embeddings);
+    ensure!(
+        x.object.len() == x.b * x.f * x.r * (c.video.feature_dim + c.video.box_dim),
+        "{}: in.object's last axis is not {}",
+        a.batch.display(),
+        c.video.feature_dim + c.video.box_dim
+    );
+    ensure!(
+        x.f <= c.video.max_frames,
+        "{}: {} frames, the model has temporal embeddings for {}",
+        a.batch.display(),
+        x.f,
+        c.video.max_frames
+    );
+    ensure!(
+        x.l <= c.text.max_position_embeddings,
+        "{}: text length {} exceeds the model's {} positions",
+        a.batch.display(),
+        x.l,
+        c.text.max_position_embeddings
+    );
     if let Some(bad) = x.input_ids.iter().find(|&&i| i < 0 || i as usize >= c.text.vocab_size) {
         bail!("{}: token id {bad} outside the model's vocabulary of {}", a.batch.display(), c.text.vocab_size);
     }
@@ -159,7 +176,8 @@ pub fn replay(a: ReplayArgs) -> Result<()> {
     let te = model.embed_text(&x.input_ids, &x.attention_mask, x.b, x.l);
     let ve = model.embed_video(&x.object, &x.object_mask, x.b, x.f, x.r);
     let need_grads = a.grads || adamw.is_some();
-    let lo = if need_grads { model.forward_backward(&batch, &loss_cfg, use_local) } else { model.forward_loss(&batch, &loss_cfg, use_local) };
+    let lo =
+        if need_grads { model.forward_backward(&batch, &loss_cfg, use_local) } else { model.forward_loss(&batch, &loss_cfg, use_local) };
 
     let (b, p, l, n) = (x.b, model.config.proj_dim, x.l, x.f * x.r);
     let losses = [[lo.loss_total], [lo.loss_global], [lo.loss_local]];
@@ -179,16 +197,21 @@ pub fn replay(a: ReplayArgs) -> Result<()> {
     let grads_copy;
     if a.grads {
         grads_copy = model.params.grad.clone();
-        out.extend(model.params.specs().iter().filter(|s| s.receives_grad).map(|s| {
-            (format!("grad.{}", s.name), s.shape.clone(), TensorRef::F32(&grads_copy[s.offset..s.offset + s.len]))
-        }));
+        out.extend(
+            model
+                .params
+                .specs()
+                .iter()
+                .filter(|s| s.receives_grad)
+                .map(|s| (format!("grad.{}", s.name), s.shape.clone(), TensorRef::F32(&grads_copy[s.offset..s.offset + s.len]))),
+        );
     }
     if let Some(s) = adamw {
         let mut opt = AdamW::with_settings(model.params.len(), s);
         opt.step(&mut model.params);
-        out.extend(
-            model.params.specs().iter().map(|sp| (format!("after_adamw.{}", sp.name), sp.shape.clone(), TensorRef::F32(&model.params.data[sp.offset..sp.offset + sp.len]))),
-        );
+        out.extend(model.params.specs().iter().map(|sp| {
+            (format!("after_adamw.{}", sp.name), sp.shape.clone(), TensorRef::F32(&model.params.data[sp.offset..sp.offset + sp.len]))
+        }));
     }
     io::write_safetensors_refs(&a.out, &out, &[])?;
     eprintln!(
@@ -298,8 +321,16 @@ fn bench_model(dir: &Option<PathBuf>, frames: usize) -> Result<Model> {
 }
 
 fn check_sizes(m: &Model, frames: usize, text_len: usize) -> Result<()> {
-    ensure!(frames >= 1 && frames <= m.config.video.max_frames, "--frames {frames}: the model has temporal embeddings for 1..={}", m.config.video.max_frames);
-    ensure!(text_len >= 2 && text_len <= m.config.text.max_position_embeddings, "--text-len {text_len}: must be 2..={}", m.config.text.max_position_embeddings);
+    ensure!(
+        frames >= 1 && frames <= m.config.video.max_frames,
+        "--frames {frames}: the model has temporal embeddings for 1..={}",
+        m.config.video.max_frames
+    );
+    ensure!(
+        text_len >= 2 && text_len <= m.config.text.max_position_embeddings,
+        "--text-len {text_len}: must be 2..={}",
+        m.config.text.max_position_embeddings
+    );
     ensure!(m.config.text.vocab_size > 103, "vocabulary of {} is too small for synthetic captions", m.config.text.vocab_size);
     Ok(())
 }
@@ -336,7 +367,9 @@ pub fn bench_train_step(a: BenchTrainStepArgs) -> Result<()> {
     // It starts now (building its model while we build ours) and, once both have warmed up,
     // its timed steps alternate with ours.
     let mut torch = match a.model {
-        None => crate::bench_pytorch::serve(&a.baseline, &torch_mode("--bench", a.batch, a.frames, a.regions, a.text_len, a.runs, threads))?,
+        None => {
+            crate::bench_pytorch::serve(&a.baseline, &torch_mode("--bench", a.batch, a.frames, a.regions, a.text_len, a.runs, threads))?
+        }
         Some(_) => None,
     };
     let mut times = Vec::with_capacity(a.runs);
@@ -413,8 +446,19 @@ pub fn bench_train_step(a: BenchTrainStepArgs) -> Result<()> {
 fn torch_mode(mode: &str, batch: usize, frames: usize, regions: usize, text_len: usize, runs: usize, threads: usize) -> Vec<String> {
     let n = |x: usize| x.to_string();
     vec![
-        mode.into(), "--batch".into(), n(batch), "--frames".into(), n(frames), "--regions".into(), n(regions),
-        "--text-len".into(), n(text_len), "--runs".into(), n(runs), "--threads".into(), n(threads),
+        mode.into(),
+        "--batch".into(),
+        n(batch),
+        "--frames".into(),
+        n(frames),
+        "--regions".into(),
+        n(regions),
+        "--text-len".into(),
+        n(text_len),
+        "--runs".into(),
+        n(runs),
+        "--threads".into(),
+        n(threads),
     ]
 }
 
@@ -448,7 +492,10 @@ pub fn bench_embed(a: BenchEmbedArgs) -> Result<()> {
     check_sizes(&model, a.frames, a.text_len)?;
     let x = synthetic_batch(&model.config, a.batch, a.frames, a.regions, a.text_len, 2);
     let threads = rayon::current_num_threads();
-    eprintln!("bench embed: batch {} (F={} R={} L={}), {threads} threads, 1 warm-up + {} timed calls per tower", a.batch, a.frames, a.regions, a.text_len, a.runs);
+    eprintln!(
+        "bench embed: batch {} (F={} R={} L={}), {threads} threads, 1 warm-up + {} timed calls per tower",
+        a.batch, a.frames, a.regions, a.text_len, a.runs
+    );
     let mut text_t = Vec::new();
     let mut video_t = Vec::new();
     for i in 0..=a.runs {
@@ -482,8 +529,11 @@ pub fn bench_embed(a: BenchEmbedArgs) -> Result<()> {
     if a.model.is_none() {
         let mode = torch_mode("--bench-embed", a.batch, a.frames, a.regions, a.text_len, a.runs, threads);
         if let Some(torch) = crate::bench_pytorch::run(&a.baseline, &mode)? {
-            let (t_tps, t_cps) = (crate::bench_pytorch::number(&torch, "texts_per_s")?, crate::bench_pytorch::number(&torch, "clips_per_s")?);
-            println!("side by side (same run): demovlp {tps:.1} texts/s, {cps:.1} clips/s | PyTorch {t_tps:.1} texts/s, {t_cps:.1} clips/s");
+            let (t_tps, t_cps) =
+                (crate::bench_pytorch::number(&torch, "texts_per_s")?, crate::bench_pytorch::number(&torch, "clips_per_s")?);
+            println!(
+                "side by side (same run): demovlp {tps:.1} texts/s, {cps:.1} clips/s | PyTorch {t_tps:.1} texts/s, {t_cps:.1} clips/s"
+            );
             println!("throughput ratio demovlp/PyTorch: texts {:.2}x, clips {:.2}x", tps / t_tps, cps / t_cps);
             let o = out.as_object_mut().unwrap();
             o.insert("pytorch_texts_per_s".into(), t_tps.into());

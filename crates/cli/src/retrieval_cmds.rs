@@ -34,9 +34,9 @@ pub fn metrics(a: MetricsArgs) -> Result<()> {
     let file = RawSafetensors::read(&a.sims)?;
     let name = match &a.tensor {
         Some(n) => n.clone(),
-        None => file.default_name().with_context(|| {
-            format!("{}: several tensors ({}); name one with --tensor", a.sims.display(), file.names().join(", "))
-        })?,
+        None => file
+            .default_name()
+            .with_context(|| format!("{}: several tensors ({}); name one with --tensor", a.sims.display(), file.names().join(", ")))?,
     };
     let (shape, sims) = file.f64(&name)?;
     if shape.len() != 2 {
@@ -51,7 +51,10 @@ pub fn metrics(a: MetricsArgs) -> Result<()> {
         Some(m) => {
             let (mshape, vals) = file.f64(m)?;
             if vals.len() != texts {
-                bail!("{}: query mask {m:?} has shape {mshape:?}, expected {texts} entries (videos × captions per video)", a.sims.display());
+                bail!(
+                    "{}: query mask {m:?} has shape {mshape:?}, expected {texts} entries (videos × captions per video)",
+                    a.sims.display()
+                );
             }
             Some(vals.iter().map(|&x| x != 0.0).collect())
         }
@@ -79,7 +82,8 @@ impl RawSafetensors {
         if 8 + n > bytes.len() {
             return Err(bad("header length exceeds the file"));
         }
-        let mut header: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&bytes[8..8 + n]).map_err(|e| bad(&format!("header: {e}")))?;
+        let mut header: BTreeMap<String, serde_json::Value> =
+            serde_json::from_slice(&bytes[8..8 + n]).map_err(|e| bad(&format!("header: {e}")))?;
         header.remove("__metadata__");
         Ok(RawSafetensors { path: path.to_path_buf(), header, data: bytes[8 + n..].to_vec() })
     }
@@ -100,7 +104,12 @@ impl RawSafetensors {
         let p = self.path.display();
         let info = self.header.get(name).with_context(|| format!("{p}: no tensor {name:?} (has: {})", self.names().join(", ")))?;
         let dtype = info["dtype"].as_str().with_context(|| format!("{p}: tensor {name:?} has no dtype"))?;
-        let shape: Vec<usize> = info["shape"].as_array().with_context(|| format!("{p}: tensor {name:?} has no shape"))?.iter().map(|v| v.as_u64().unwrap_or(0) as usize).collect();
+        let shape: Vec<usize> = info["shape"]
+            .as_array()
+            .with_context(|| format!("{p}: tensor {name:?} has no shape"))?
+            .iter()
+            .map(|v| v.as_u64().unwrap_or(0) as usize)
+            .collect();
         let off = info["data_offsets"].as_array().with_context(|| format!("{p}: tensor {name:?} has no data_offsets"))?;
         let (a, b) = (off[0].as_u64().unwrap_or(0) as usize, off[1].as_u64().unwrap_or(0) as usize);
         if a > b || b > self.data.len() {
@@ -205,19 +214,38 @@ pub fn bench_eval_sims(a: BenchEvalSimsArgs) -> Result<()> {
     }
     let (n, w, nr, dim) = (a.n, a.words, a.frames * a.regions, a.dim);
     let mut rng = Rng::new(a.seed);
-    let texts = synthetic(n, w, dim, |r, _| {
-        let real = (6 + r.below(35)).min(w);
-        (0..w).map(|i| i < real).collect()
-    }, &mut rng);
+    let texts = synthetic(
+        n,
+        w,
+        dim,
+        |r, _| {
+            let real = (6 + r.below(35)).min(w);
+            (0..w).map(|i| i < real).collect()
+        },
+        &mut rng,
+    );
     let (frames, regions) = (a.frames, a.regions);
-    let videos = synthetic(n, nr, dim, |r, _| {
-        (0..frames).flat_map(|_| {
-            let real = (10 + r.below(regions.saturating_sub(10) + 1)).min(regions);
-            (0..regions).map(move |i| i < real)
-        }).collect()
-    }, &mut rng);
+    let videos = synthetic(
+        n,
+        nr,
+        dim,
+        |r, _| {
+            (0..frames)
+                .flat_map(|_| {
+                    let real = (10 + r.below(regions.saturating_sub(10) + 1)).min(regions);
+                    (0..regions).map(move |i| i < real)
+                })
+                .collect()
+        },
+        &mut rng,
+    );
     let set = |s, count, len| embedding_set(s, count, len, dim);
-    eprintln!("eval-sims: {n} texts × {n} videos, {w} words, {} frames × {} regions, width {dim}, {} threads", a.frames, a.regions, rayon::current_num_threads());
+    eprintln!(
+        "eval-sims: {n} texts × {n} videos, {w} words, {} frames × {} regions, width {dim}, {} threads",
+        a.frames,
+        a.regions,
+        rayon::current_num_threads()
+    );
 
     // Fast path on the whole matrix.
     let can_reset = reset_peak_rss();
@@ -234,7 +262,11 @@ pub fn bench_eval_sims(a: BenchEvalSimsArgs) -> Result<()> {
     }
     let peak = peak_rss_mb();
     let (med, min, max) = median_min_max(times);
-    println!("fast eval_scores {n}×{n}: median {med:.2} s (min {min:.2}, max {max:.2}, {} runs), peak RSS {peak:.0} MB{}", a.runs, if can_reset { "" } else { " (process peak; could not reset)" });
+    println!(
+        "fast eval_scores {n}×{n}: median {med:.2} s (min {min:.2}, max {max:.2}, {} runs), peak RSS {peak:.0} MB{}",
+        a.runs,
+        if can_reset { "" } else { " (process peak; could not reset)" }
+    );
 
     let mut out = json!({
         "bench": "eval-sims", "n": n, "words": w, "regions": nr, "dim": dim, "runs": a.runs,
@@ -258,7 +290,8 @@ pub fn bench_eval_sims(a: BenchEvalSimsArgs) -> Result<()> {
         for _ in 0..a.baseline_runs {
             let t0 = Instant::now();
             let mut g = cosine_matrix(ts.global, nb, vs.global, nb, dim);
-            let s_loc = local_similarity_segmented(ts.local, ts.mask_additive, nb, w, vs.local, vs.mask_additive, nb, nr, dim, &cfg, 8, &|_, _| {});
+            let s_loc =
+                local_similarity_segmented(ts.local, ts.mask_additive, nb, w, vs.local, vs.mask_additive, nb, nr, dim, &cfg, 8, &|_, _| {});
             for t in 0..nb {
                 for v in 0..nb {
                     g[t * nb + v] += s_loc[v * nb + t];
@@ -274,9 +307,8 @@ pub fn bench_eval_sims(a: BenchEvalSimsArgs) -> Result<()> {
         // hard threshold: where a P sits within an ulp of it, two correct implementations
         // can round to different sides and that one score moves by up to ~1e-4. Such ties
         // are rare; a real discrepancy moves many scores.
-        let diffs: Vec<f32> = (0..nb * nb)
-            .flat_map(|i| [(fast_sub[i] - base[i]).abs(), (full[(i / nb) * n + i % nb] - base[i]).abs()])
-            .collect();
+        let diffs: Vec<f32> =
+            (0..nb * nb).flat_map(|i| [(fast_sub[i] - base[i]).abs(), (full[(i / nb) * n + i % nb] - base[i]).abs()]).collect();
         let max_diff = diffs.iter().cloned().fold(0f32, f32::max);
         let above = diffs.iter().filter(|&&d| d > 1e-5).count();
         let share_above = above as f64 / diffs.len() as f64;
@@ -288,7 +320,10 @@ pub fn bench_eval_sims(a: BenchEvalSimsArgs) -> Result<()> {
         if nb < n {
             println!("  scaled by pairs to {n}×{n}: baseline ≈ {:.1} s vs fast {med:.2} s measured", bmed * scale);
         }
-        println!("  max |fast − baseline| = {max_diff:.2e}; {above} of {} compared scores differ by more than 1e-5 (focal-threshold ties)", diffs.len());
+        println!(
+            "  max |fast − baseline| = {max_diff:.2e}; {above} of {} compared scores differ by more than 1e-5 (focal-threshold ties)",
+            diffs.len()
+        );
         if share_above > 1e-3 || max_diff > 1e-3 {
             bail!("fast and baseline scores disagree: max |diff| {max_diff:.2e}, {:.3} % above 1e-5", 100.0 * share_above);
         }
@@ -304,8 +339,24 @@ pub fn bench_eval_sims(a: BenchEvalSimsArgs) -> Result<()> {
     }
     // PyTorch: the published blocked computation in torch, same sizes, same machine, this run.
     let nt = a.pytorch_n.unwrap_or(n.min(100)).clamp(1, n);
-    let mode: Vec<String> = ["--bench-eval-sims", "--runs", "1", "--n", &nt.to_string(), "--width", &dim.to_string(), "--frames", &frames.to_string(), "--regions", &regions.to_string(), "--text-len", &(w + 1).to_string()]
-        .iter().map(|s| s.to_string()).collect();
+    let mode: Vec<String> = [
+        "--bench-eval-sims",
+        "--runs",
+        "1",
+        "--n",
+        &nt.to_string(),
+        "--width",
+        &dim.to_string(),
+        "--frames",
+        &frames.to_string(),
+        "--regions",
+        &regions.to_string(),
+        "--text-len",
+        &(w + 1).to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     if let Some(torch) = crate::bench_pytorch::run(&a.baseline, &mode)? {
         let (ts, vs) = (set(&texts, nt, w), set(&videos, nt, nr));
         let t0 = Instant::now();
@@ -331,7 +382,8 @@ mod tests {
         let mut header = serde_json::Map::new();
         let mut data = Vec::new();
         for (name, dtype, shape, bytes) in tensors {
-            header.insert(name.to_string(), json!({"dtype": dtype, "shape": shape, "data_offsets": [data.len(), data.len() + bytes.len()]}));
+            header
+                .insert(name.to_string(), json!({"dtype": dtype, "shape": shape, "data_offsets": [data.len(), data.len() + bytes.len()]}));
             data.extend_from_slice(bytes);
         }
         header.insert("__metadata__".into(), json!({"note": "test"}));

@@ -123,7 +123,11 @@ fn run_training(config: &Path, resume: bool, init: Option<PathBuf>, output_dir: 
     let tokenizer = Arc::new(demovlp_train::text::load_tokenizer(&cfg.data.tokenizer)?);
     let mut train_sets = Vec::new();
     for ds in &cfg.data.train {
-        train_sets.push(TrainSet { name: ds.name.clone(), samples: read_samples(ds, true, cfg.data.skip_bad_samples)?, source: open_source(ds)? });
+        train_sets.push(TrainSet {
+            name: ds.name.clone(),
+            samples: read_samples(ds, true, cfg.data.skip_bad_samples)?,
+            source: open_source(ds)?,
+        });
     }
     let val = match &cfg.data.val {
         Some(ds) => Some(EvalSet::from_samples(&ds.name, &read_samples(ds, false, false)?, ds.captions_per_video, open_source(ds)?)?),
@@ -149,8 +153,18 @@ pub fn finetune(a: FinetuneArgs) -> Result<()> {
 
 pub fn eval(a: EvalArgs) -> Result<()> {
     let cfg = TrainConfig::parse_file(&a.config)?;
-    let ds = cfg.data.test.as_ref().or(cfg.data.val.as_ref()).with_context(|| format!("{}: no [data.test] or [data.val] section", a.config.display()))?;
-    for (key, p) in [("data.tokenizer", &cfg.data.tokenizer), ("test annotations", &ds.annotations), ("test features", &ds.features), ("--model", &a.model)] {
+    let ds = cfg
+        .data
+        .test
+        .as_ref()
+        .or(cfg.data.val.as_ref())
+        .with_context(|| format!("{}: no [data.test] or [data.val] section", a.config.display()))?;
+    for (key, p) in [
+        ("data.tokenizer", &cfg.data.tokenizer),
+        ("test annotations", &ds.annotations),
+        ("test features", &ds.features),
+        ("--model", &a.model),
+    ] {
         if !p.exists() {
             bail!("{key}: path does not exist: {}", p.display());
         }
@@ -170,7 +184,16 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     eprintln!("evaluating {} on {}: {} videos, {} caption slots", a.model.display(), ds.name, set.videos.len(), set.captions.len());
     let r = evaluate(&mut model, &set, &tok, &opts)?;
     let m = &r.metrics;
-    println!("{:<6} {:>7} {:>7} {:>7} {:>7} {:>7} {:>8}", ds.name.chars().take(6).collect::<String>(), "R@1", "R@5", "R@10", "R@50", "MedR", "MeanR");
+    println!(
+        "{:<6} {:>7} {:>7} {:>7} {:>7} {:>7} {:>8}",
+        ds.name.chars().take(6).collect::<String>(),
+        "R@1",
+        "R@5",
+        "R@10",
+        "R@50",
+        "MedR",
+        "MeanR"
+    );
     for (n, d) in [("t2v", &m.t2v), ("v2t", &m.v2t)] {
         println!("{:<6} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>7.1} {:>8.1}", n, d.r1, d.r5, d.r10, d.r50, d.medr, d.meanr);
     }

@@ -59,7 +59,18 @@ fn import_and_replay(tag: &str, input: &Path, key_prefix: Option<&str>, heads: (
         args.extend(["--key-prefix", p]);
     }
     let mut log = demovlp(&args);
-    log += &demovlp(&["replay", "--model", model.to_str().unwrap(), "--batch", fixture.to_str().unwrap(), "--out", out.to_str().unwrap(), "--grads", "--adamw", adamw]);
+    log += &demovlp(&[
+        "replay",
+        "--model",
+        model.to_str().unwrap(),
+        "--batch",
+        fixture.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--grads",
+        "--adamw",
+        adamw,
+    ]);
     let got = read_safetensors(&out).unwrap();
     std::fs::remove_dir_all(&dir).ok();
     Replayed { got, log }
@@ -170,9 +181,30 @@ fn replay_rejects_bad_adamw_settings() {
     let fx = testdata("model_tiny.safetensors");
     let dir = std::env::temp_dir().join(format!("demovlp-cli-bad-{}", std::process::id()));
     let model = dir.join("model");
-    demovlp(&["import", fx.to_str().unwrap(), "--out", model.to_str().unwrap(), "--key-prefix", "param.", "--text-heads", "4", "--video-heads", "4"]);
+    demovlp(&[
+        "import",
+        fx.to_str().unwrap(),
+        "--out",
+        model.to_str().unwrap(),
+        "--key-prefix",
+        "param.",
+        "--text-heads",
+        "4",
+        "--video-heads",
+        "4",
+    ]);
     let out = Command::new(env!("CARGO_BIN_EXE_demovlp"))
-        .args(["replay", "--model", model.to_str().unwrap(), "--batch", fx.to_str().unwrap(), "--out", dir.join("o.safetensors").to_str().unwrap(), "--adamw", "0.001,0.9"])
+        .args([
+            "replay",
+            "--model",
+            model.to_str().unwrap(),
+            "--batch",
+            fx.to_str().unwrap(),
+            "--out",
+            dir.join("o.safetensors").to_str().unwrap(),
+            "--adamw",
+            "0.001,0.9",
+        ])
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -185,10 +217,23 @@ fn bench_commands_end_with_one_json_line() {
     let fx = testdata("model_tiny.safetensors");
     let dir = std::env::temp_dir().join(format!("demovlp-cli-bench-{}", std::process::id()));
     let model = dir.join("model");
-    demovlp(&["import", fx.to_str().unwrap(), "--out", model.to_str().unwrap(), "--key-prefix", "param.", "--text-heads", "4", "--video-heads", "4"]);
+    demovlp(&[
+        "import",
+        fx.to_str().unwrap(),
+        "--out",
+        model.to_str().unwrap(),
+        "--key-prefix",
+        "param.",
+        "--text-heads",
+        "4",
+        "--video-heads",
+        "4",
+    ]);
     let m = model.to_str().unwrap();
     let sizes = ["--batch", "3", "--frames", "2", "--regions", "4", "--text-len", "9", "--runs", "3", "--json"];
-    for (cmd, keys) in [("train-step", &["median_s", "min_s", "max_s", "peak_rss_mb"][..]), ("embed", &["texts_per_s", "clips_per_s", "peak_rss_mb"][..])] {
+    for (cmd, keys) in
+        [("train-step", &["median_s", "min_s", "max_s", "peak_rss_mb"][..]), ("embed", &["texts_per_s", "clips_per_s", "peak_rss_mb"][..])]
+    {
         let out = Command::new(env!("CARGO_BIN_EXE_demovlp")).args(["bench", cmd, "--model", m]).args(sizes).output().unwrap();
         assert!(out.status.success(), "bench {cmd}: {}", String::from_utf8_lossy(&out.stderr));
         let stdout = String::from_utf8(out.stdout).unwrap();
@@ -200,7 +245,10 @@ fn bench_commands_end_with_one_json_line() {
         assert_eq!(v["runs"], 3);
     }
     // The tiny model has temporal embeddings for 3 frames only: a clear refusal.
-    let v = Command::new(env!("CARGO_BIN_EXE_demovlp")).args(["bench", "train-step", "--model", m, "--frames", "4", "--json"]).output().unwrap();
+    let v = Command::new(env!("CARGO_BIN_EXE_demovlp"))
+        .args(["bench", "train-step", "--model", m, "--frames", "4", "--json"])
+        .output()
+        .unwrap();
     assert!(!v.status.success() && String::from_utf8_lossy(&v.stderr).contains("--frames 4"));
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -127,8 +127,14 @@ pub fn read_annotations(path: &Path, layout: Option<Layout>, skip_bad: bool) -> 
                 _ => f.len() == 2,
             };
             if !ncols_ok {
-                bad(rec.line, format!("expected {} tab-separated columns, found {} (unknown annotation layout?)",
-                    if layout == Layout::Lsmdc { "at least 2" } else { "2" }, f.len()))?;
+                bad(
+                    rec.line,
+                    format!(
+                        "expected {} tab-separated columns, found {} (unknown annotation layout?)",
+                        if layout == Layout::Lsmdc { "at least 2" } else { "2" },
+                        f.len()
+                    ),
+                )?;
                 continue;
             }
             let (clip, caption) = match layout {
@@ -160,8 +166,8 @@ fn parse_user_line(line: &str) -> Result<Sample> {
     let v: serde_json::Value = serde_json::from_str(line).context("not a JSON object")?;
     let clip = v.get("clip").and_then(|c| c.as_str()).context("missing string field \"clip\"")?;
     let caps = v.get("captions").and_then(|c| c.as_array()).context("missing array field \"captions\"")?;
-    let captions = caps.iter().map(|c| c.as_str().map(str::to_string)).collect::<Option<Vec<_>>>()
-        .context("\"captions\" must hold strings")?;
+    let captions =
+        caps.iter().map(|c| c.as_str().map(str::to_string)).collect::<Option<Vec<_>>>().context("\"captions\" must hold strings")?;
     if clip.trim().is_empty() {
         bail!("empty clip id");
     }
@@ -282,7 +288,9 @@ pub fn read_msrvtt(meta_dir: &Path, cut: MsrvttCut, train: bool) -> Result<Vec<S
     let json_path = meta_dir.join("annotation").join("MSR_VTT.json");
     let text = std::fs::read_to_string(&json_path).with_context(|| format!("{}: cannot read", json_path.display()))?;
     let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not JSON", json_path.display()))?;
-    let anns = v.get("annotations").and_then(|a| a.as_array())
+    let anns = v
+        .get("annotations")
+        .and_then(|a| a.as_array())
         .with_context(|| format!("{}: no \"annotations\" list (unknown annotation layout)", json_path.display()))?;
     let split_dir = meta_dir.join("high-quality").join("structured-symlinks");
     let (train_list, test_list) = cut.lists();
@@ -291,9 +299,13 @@ pub fn read_msrvtt(meta_dir: &Path, cut: MsrvttCut, train: bool) -> Result<Vec<S
     let wanted: std::collections::HashSet<&str> = list.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
     let mut by_video: std::collections::BTreeMap<String, Vec<String>> = Default::default();
     for (i, a) in anns.iter().enumerate() {
-        let id = a.get("image_id").and_then(|x| x.as_str())
+        let id = a
+            .get("image_id")
+            .and_then(|x| x.as_str())
             .with_context(|| format!("{}: annotation {i} has no \"image_id\"", json_path.display()))?;
-        let cap = a.get("caption").and_then(|x| x.as_str())
+        let cap = a
+            .get("caption")
+            .and_then(|x| x.as_str())
             .with_context(|| format!("{}: annotation {i} has no \"caption\"", json_path.display()))?;
         if wanted.contains(id) {
             if cap.trim().is_empty() {
@@ -384,10 +396,13 @@ pub fn read_msrvtt_mc(path: &Path) -> Result<Vec<McSample>> {
     read_jsonl(path)?
         .into_iter()
         .map(|(line, v)| {
-            let options: Vec<String> = v.get("options").and_then(|o| o.as_array())
+            let options: Vec<String> = v
+                .get("options")
+                .and_then(|o| o.as_array())
                 .and_then(|o| o.iter().map(|s| s.as_str().map(str::to_string)).collect())
                 .with_context(|| format!("{}:{line}: missing string list \"options\"", path.display()))?;
-            let answer: usize = str_field(&v, "answer", path, line)?.parse()
+            let answer: usize = str_field(&v, "answer", path, line)?
+                .parse()
                 .with_context(|| format!("{}:{line}: answer is not an index", path.display()))?;
             if answer >= options.len() {
                 bail!("{}:{line}: answer {answer} out of {} options", path.display(), options.len());
@@ -400,7 +415,8 @@ pub fn read_msrvtt_mc(path: &Path) -> Result<Vec<McSample>> {
 /// An answer vocabulary `{answer: label}` (`*_ans2label.json`).
 pub fn read_ans2label(path: &Path) -> Result<HashMap<String, usize>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
-    let v: HashMap<String, usize> = serde_json::from_str(&text).with_context(|| format!("{}: expected {{answer: label}}", path.display()))?;
+    let v: HashMap<String, usize> =
+        serde_json::from_str(&text).with_context(|| format!("{}: expected {{answer: label}}", path.display()))?;
     Ok(v)
 }
 
@@ -410,7 +426,8 @@ pub fn read_jsonl_qa(path: &Path, ans2label: &HashMap<String, usize>) -> Result<
     read_jsonl(path)?
         .into_iter()
         .map(|(line, v)| {
-            let clip = if v.get("gif_name").is_some() { str_field(&v, "gif_name", path, line)? } else { str_field(&v, "video_id", path, line)? };
+            let clip =
+                if v.get("gif_name").is_some() { str_field(&v, "gif_name", path, line)? } else { str_field(&v, "video_id", path, line)? };
             let answer = str_field(&v, "answer", path, line)?;
             Ok(QaSample {
                 clip,
@@ -434,18 +451,25 @@ pub fn read_msvd_qa(qa_path: &Path, answer_set: &Path, mapping: &Path) -> Result
     for (i, l) in map_text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         let mut it = l.split_whitespace();
         let (clip, vid) = (it.next(), it.next());
-        let n: u64 = vid.and_then(|v| v.strip_prefix("vid")).and_then(|v| v.parse().ok())
+        let n: u64 = vid
+            .and_then(|v| v.strip_prefix("vid"))
+            .and_then(|v| v.parse().ok())
             .with_context(|| format!("{}:{}: expected '<clip> vid<N>'", mapping.display(), i + 1))?;
         vid2clip.insert(n, clip.unwrap().to_string());
     }
     let text = std::fs::read_to_string(qa_path).with_context(|| format!("{}: cannot read", qa_path.display()))?;
-    let items: Vec<serde_json::Value> = serde_json::from_str(&text).with_context(|| format!("{}: expected a JSON list", qa_path.display()))?;
+    let items: Vec<serde_json::Value> =
+        serde_json::from_str(&text).with_context(|| format!("{}: expected a JSON list", qa_path.display()))?;
     items
         .iter()
         .enumerate()
         .map(|(i, v)| {
-            let vid = v.get("video_id").and_then(|x| x.as_u64()).with_context(|| format!("{}: item {i}: no integer video_id", qa_path.display()))?;
-            let clip = vid2clip.get(&vid).with_context(|| format!("{}: item {i}: video {vid} not in {}", qa_path.display(), mapping.display()))?;
+            let vid = v
+                .get("video_id")
+                .and_then(|x| x.as_u64())
+                .with_context(|| format!("{}: item {i}: no integer video_id", qa_path.display()))?;
+            let clip =
+                vid2clip.get(&vid).with_context(|| format!("{}: item {i}: video {vid} not in {}", qa_path.display(), mapping.display()))?;
             let question = str_field(v, "question", qa_path, i)?;
             let answer = str_field(v, "answer", qa_path, i)?;
             Ok(QaSample {

@@ -53,7 +53,17 @@ pub struct LoaderConfig {
 
 impl Default for LoaderConfig {
     fn default() -> Self {
-        LoaderConfig { batch_size: 32, segments: 8, regions: 30, text_len: 100, train: true, seed: 0, threads: 0, prefetch: 4, skip_bad: false }
+        LoaderConfig {
+            batch_size: 32,
+            segments: 8,
+            regions: 30,
+            text_len: 100,
+            train: true,
+            seed: 0,
+            threads: 0,
+            prefetch: 4,
+            skip_bad: false,
+        }
     }
 }
 
@@ -193,7 +203,8 @@ impl Loader {
                 })
             })
             .collect();
-        let mut it = EpochIter { plans, next_job: 0, next_out: 0, done: BTreeMap::new(), job_tx: Some(job_tx), res_rx, workers, failed: false };
+        let mut it =
+            EpochIter { plans, next_job: 0, next_out: 0, done: BTreeMap::new(), job_tx: Some(job_tx), res_rx, workers, failed: false };
         for _ in 0..self.cfg.prefetch.max(1) {
             it.feed();
         }
@@ -260,7 +271,8 @@ impl WorkerCtx {
                     self.skipped.lock().unwrap().push((sample.clip.clone(), format!("{e:#}")));
                 }
                 Err(e) => {
-                    return Err(e).with_context(|| format!("dataset {:?}, sample {si}, clip {:?} ({})", ds.name, sample.clip, ds.source.describe()))
+                    return Err(e)
+                        .with_context(|| format!("dataset {:?}, sample {si}, clip {:?} ({})", ds.name, sample.clip, ds.source.describe()))
                 }
             }
         }

@@ -197,8 +197,7 @@ pub fn pack(root: &Path, clips: &[String], out: &Path, cfg: &PackConfig) -> Resu
     let threads = if cfg.threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { cfg.threads };
     let bar = if cfg.progress { indicatif::ProgressBar::new(clips.len() as u64) } else { indicatif::ProgressBar::hidden() };
     bar.set_style(
-        indicatif::ProgressStyle::with_template("packing {bar:40} {pos}/{len} clips [{elapsed_precise} < {eta_precise}] {msg}")
-            .unwrap(),
+        indicatif::ProgressStyle::with_template("packing {bar:40} {pos}/{len} clips [{elapsed_precise} < {eta_precise}] {msg}").unwrap(),
     );
 
     let mut summary = PackSummary::default();
@@ -237,7 +236,8 @@ pub fn pack(root: &Path, clips: &[String], out: &Path, cfg: &PackConfig) -> Resu
                         w.flush()?;
                     }
                     let name = format!("shard-{:05}.bin", shards.len());
-                    let file = std::fs::File::create(out.join(&name)).with_context(|| format!("{}: cannot create", out.join(&name).display()))?;
+                    let file =
+                        std::fs::File::create(out.join(&name)).with_context(|| format!("{}: cannot create", out.join(&name).display()))?;
                     shards.push(name);
                     shard = Some((std::io::BufWriter::with_capacity(1 << 20, file), 0));
                 }
@@ -304,7 +304,8 @@ impl PackedStore {
         if !mpath.is_file() {
             bail!("{}: not a complete packed store (no manifest.json; an interrupted pack? run `demovlp pack` again)", dir.display());
         }
-        let m: Manifest = serde_json::from_str(&std::fs::read_to_string(&mpath)?).with_context(|| format!("{}: bad manifest", mpath.display()))?;
+        let m: Manifest =
+            serde_json::from_str(&std::fs::read_to_string(&mpath)?).with_context(|| format!("{}: bad manifest", mpath.display()))?;
         if m.format != FORMAT || m.feat_dim != FEAT_DIM {
             bail!("{}: unsupported store format {:?} (feature width {})", mpath.display(), m.format, m.feat_dim);
         }
@@ -326,7 +327,11 @@ impl PackedStore {
         let frames: Vec<(u32, u32, u64)> = fb
             .chunks_exact(16)
             .map(|c| {
-                (u32::from_le_bytes(c[0..4].try_into().unwrap()), u32::from_le_bytes(c[4..8].try_into().unwrap()), u64::from_le_bytes(c[8..16].try_into().unwrap()))
+                (
+                    u32::from_le_bytes(c[0..4].try_into().unwrap()),
+                    u32::from_le_bytes(c[4..8].try_into().unwrap()),
+                    u64::from_le_bytes(c[8..16].try_into().unwrap()),
+                )
             })
             .collect();
         for (i, &(s, n, off)) in frames.iter().enumerate() {
@@ -348,7 +353,16 @@ impl PackedStore {
             clip_ids.push(id.clone());
             clips.insert(id, (first, count));
         }
-        Ok(PackedStore { dir: dir.to_path_buf(), dtype: m.dtype, max_regions: m.max_regions, shards, frames, clips, clip_ids, summary: m.summary })
+        Ok(PackedStore {
+            dir: dir.to_path_buf(),
+            dtype: m.dtype,
+            max_regions: m.max_regions,
+            shards,
+            frames,
+            clips,
+            clip_ids,
+            summary: m.summary,
+        })
     }
 
     fn clip(&self, clip: &str) -> Result<(usize, usize)> {
@@ -396,7 +410,9 @@ impl FeatureSource for PackedStore {
             let b = &feat_bytes[i * FEAT_DIM * es..(i + 1) * FEAT_DIM * es];
             match dtype {
                 StoreDtype::F32 => out.iter_mut().zip(b.chunks_exact(4)).for_each(|(o, c)| *o = f32::from_le_bytes(c.try_into().unwrap())),
-                StoreDtype::F16 => out.iter_mut().zip(b.chunks_exact(2)).for_each(|(o, c)| *o = half::f16::from_le_bytes([c[0], c[1]]).to_f32()),
+                StoreDtype::F16 => {
+                    out.iter_mut().zip(b.chunks_exact(2)).for_each(|(o, c)| *o = half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                }
             }
         };
         fill_frame(&SortedFrame { n: keep, feat: &feat, boxes: &boxes, source_rows: &src_rows }, regions, object, mask, rows);

@@ -112,13 +112,7 @@ pub fn choose_frames(frames: usize, segments: usize, choice: &mut FrameChoice) -
 }
 
 /// Frame choice + region selection for one clip (SPEC §3).
-pub fn select_clip(
-    src: &dyn FeatureSource,
-    clip: &str,
-    segments: usize,
-    regions: usize,
-    mut choice: FrameChoice,
-) -> Result<ClipInput> {
+pub fn select_clip(src: &dyn FeatureSource, clip: &str, segments: usize, regions: usize, mut choice: FrameChoice) -> Result<ClipInput> {
     if regions == 0 {
         bail!("regions per frame must be at least 1");
     }
@@ -175,7 +169,10 @@ impl FrameFile {
         let info = npz.object("info")?;
         let conf = match info.get("objects_conf") {
             Some(Value::Array(a)) => a.to_f32().with_context(|| format!("{p}: info['objects_conf']"))?,
-            Some(Value::List(l)) => l.iter().map(|v| v.as_f64().map(|f| f as f32)).collect::<Option<Vec<_>>>()
+            Some(Value::List(l)) => l
+                .iter()
+                .map(|v| v.as_f64().map(|f| f as f32))
+                .collect::<Option<Vec<_>>>()
                 .with_context(|| format!("{p}: info['objects_conf'] is not a list of numbers"))?,
             Some(other) => bail!("{p}: info['objects_conf'] is a {}, expected an array", other.kind()),
             None => bail!("{p}: info has no 'objects_conf'"),
@@ -205,9 +202,7 @@ impl FrameFile {
     /// row first, as the reference's `np.argsort(conf)[::-1]` does with a stable sort.
     pub fn sorted_rows(&self) -> Vec<u32> {
         let mut idx: Vec<u32> = (0..self.n as u32).collect();
-        idx.sort_by(|&a, &b| {
-            self.conf[b as usize].partial_cmp(&self.conf[a as usize]).unwrap().then(b.cmp(&a))
-        });
+        idx.sort_by(|&a, &b| self.conf[b as usize].partial_cmp(&self.conf[a as usize]).unwrap().then(b.cmp(&a)));
         idx
     }
 
@@ -343,8 +338,7 @@ impl ClipInput {
             ("frames", TensorView::new(Dtype::I64, vec![k], &frames)?),
         ];
         let tmp = path.with_extension("safetensors.tmp");
-        safetensors::tensor::serialize_to_file(tensors, &None, &tmp)
-            .with_context(|| format!("{}: cannot write", tmp.display()))?;
+        safetensors::tensor::serialize_to_file(tensors, &None, &tmp).with_context(|| format!("{}: cannot write", tmp.display()))?;
         std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename into place", path.display()))?;
         Ok(())
     }
@@ -376,6 +370,10 @@ impl FrameFile {
         let h = NpyArray::from_i64(&[], &[self.image_h as i64]);
         let w = NpyArray::from_i64(&[], &[self.image_w as i64]);
         let info = NpyArray::object_scalar(&info)?;
-        demovlp_formats::write_npz_with(path, &[("x", &x), ("bbox", &bbox), ("num_bbox", &num), ("image_h", &h), ("image_w", &w), ("info", &info)], compress)
+        demovlp_formats::write_npz_with(
+            path,
+            &[("x", &x), ("bbox", &bbox), ("num_bbox", &num), ("image_h", &h), ("image_w", &w), ("info", &info)],
+            compress,
+        )
     }
 }

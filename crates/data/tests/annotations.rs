@@ -97,16 +97,20 @@ fn msrvtt_cuts_from_published_layout() {
     let pkl = demovlp_formats::pickle::write(&demovlp_formats::Value::Dict(vec![
         (demovlp_formats::Value::Str("video10".into()), demovlp_formats::Value::Int(1)),
         (demovlp_formats::Value::Str("video2".into()), demovlp_formats::Value::Int(0)),
-    ])).unwrap();
+    ]))
+    .unwrap();
     std::fs::write(split.join("jsfusion_val_caption_idx.pkl"), pkl).unwrap();
     let train = read_msrvtt(&dir, MsrvttCut::JsFusion, true).unwrap();
     assert_eq!(train, vec![Sample { clip: "video7".into(), captions: vec!["seven".into()] }]);
     let test = read_msrvtt(&dir, MsrvttCut::JsFusion, false).unwrap();
     // sorted ids as pandas' groupby: "video10" < "video2"; fixed caption per video
-    assert_eq!(test, vec![
-        Sample { clip: "video10".into(), captions: vec!["ten b".into()] },
-        Sample { clip: "video2".into(), captions: vec!["two a".into()] },
-    ]);
+    assert_eq!(
+        test,
+        vec![
+            Sample { clip: "video10".into(), captions: vec!["ten b".into()] },
+            Sample { clip: "video2".into(), captions: vec!["two a".into()] },
+        ]
+    );
     std::fs::write(split.join("train_list_full.txt"), "video2\nvideo10\n").unwrap();
     let full = read_msrvtt(&dir, MsrvttCut::FullVal, true).unwrap();
     assert_eq!(full[0].captions, vec!["ten a", "ten b"]);
@@ -121,8 +125,12 @@ fn lsmdc_user_jsonl_and_bad_input() {
     let dir = std::env::temp_dir().join(format!("demovlp_ann_{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let lsmdc = dir.join("LSMDC16_annos_training.csv");
-    std::fs::write(&lsmdc, "0001_American_Beauty_00.00.51.926-00.00.54.129\t00.00.51.926\t00.00.54.129\t00.00.51.000\t00.00.55.000\tSomeone looks up.\n\
-1010_TITANIC_00.41.32.072-00.41.40.196\t1\t2\t3\t4\tSomeone runs, fast.\n").unwrap();
+    std::fs::write(
+        &lsmdc,
+        "0001_American_Beauty_00.00.51.926-00.00.54.129\t00.00.51.926\t00.00.54.129\t00.00.51.000\t00.00.55.000\tSomeone looks up.\n\
+1010_TITANIC_00.41.32.072-00.41.40.196\t1\t2\t3\t4\tSomeone runs, fast.\n",
+    )
+    .unwrap();
     let s = read_annotations(&lsmdc, None, false).unwrap().samples;
     assert_eq!(s.len(), 2, "first line kept");
     assert_eq!(s[0].clip, "0001_American_Beauty/0001_American_Beauty_00.00.51.926-00.00.54.129");

@@ -15,7 +15,11 @@ fn tokenizer() -> Arc<TextTokenizer> {
 }
 
 fn samples(ids: &[usize]) -> Arc<Vec<Sample>> {
-    Arc::new(ids.iter().map(|i| Sample { clip: format!("c{i}"), captions: vec![format!("clip number {i}"), format!("another caption {i}")] }).collect())
+    Arc::new(
+        ids.iter()
+            .map(|i| Sample { clip: format!("c{i}"), captions: vec![format!("clip number {i}"), format!("another caption {i}")] })
+            .collect(),
+    )
 }
 
 fn cfg(threads: usize, train: bool) -> LoaderConfig {
@@ -79,7 +83,8 @@ fn deterministic_interleaved_shuffled_and_padded() {
     // segments [0],[1],[2],[3,4]).
     let mut last_seen = false;
     for epoch in 0..30 {
-        let l = Loader::new(vec![DatasetSpec { name: "a".into(), samples: samples(&[4]), source: npz.clone() }], tokenizer(), cfg(1, true)).unwrap();
+        let l = Loader::new(vec![DatasetSpec { name: "a".into(), samples: samples(&[4]), source: npz.clone() }], tokenizer(), cfg(1, true))
+            .unwrap();
         let b = l.epoch(epoch).next().unwrap().unwrap();
         let c = select_clip(npz.as_ref(), "c4", 4, 8, FrameChoice::Middle).unwrap(); // frames 0,1,2,3
         let last = &b.object[3 * 8 * TOKEN_DIM..4 * 8 * TOKEN_DIM];
@@ -115,9 +120,13 @@ fn bad_inputs_are_named_or_counted() {
         std::fs::create_dir_all(root.join(name)).unwrap();
         let n = 4;
         let mut x = vec![0.5f32; n * width];
-        let mut bbox = vec![1.0, 2.0, 30.0, 40.0].repeat(n);
+        let mut bbox = [1.0, 2.0, 30.0, 40.0].repeat(n);
         if let Some((i, v)) = poison {
-            if poison_box { bbox[i] = v } else { x[i] = v }
+            if poison_box {
+                bbox[i] = v
+            } else {
+                x[i] = v
+            }
         }
         let f = FrameFile { x, bbox, conf: vec![0.9, 0.8, 0.7, 0.6], image_w: 100.0, image_h: 100.0, n };
         f.write(&root.join(name).join("0.npz"), name, &[1, 2, 3, 4]).unwrap();
@@ -150,7 +159,17 @@ fn bad_inputs_are_named_or_counted() {
     let mut bad_caption = all.clone();
     bad_caption[0].captions = vec!["  ".into()];
     let ds = |s: Vec<Sample>| vec![DatasetSpec { name: "bad".into(), samples: Arc::new(s), source: Arc::new(NpzTree::new(&root)) }];
-    let mut c = LoaderConfig { batch_size: 8, segments: 2, regions: 4, text_len: 8, train: false, seed: 0, threads: 2, prefetch: 2, skip_bad: false };
+    let mut c = LoaderConfig {
+        batch_size: 8,
+        segments: 2,
+        regions: 4,
+        text_len: 8,
+        train: false,
+        seed: 0,
+        threads: 2,
+        prefetch: 2,
+        skip_bad: false,
+    };
     let l = Loader::new(ds(all.clone()), tokenizer(), c.clone()).unwrap();
     let err = format!("{:#}", l.epoch(0).next().unwrap().unwrap_err());
     assert!(err.contains("missing_dir") && err.contains("clip directory missing"), "{err}");

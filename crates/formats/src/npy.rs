@@ -303,7 +303,8 @@ mod tests {
         let a = NpyArray::from_f32(&[2, 3], &[0., 1., 2., 3., 4., 5.]);
         let b = NpyArray::parse(&a.to_bytes()).unwrap();
         assert_eq!(a, b);
-        assert_eq!(a.to_bytes().len() % 64, 24 % 64); // header 64 + 24 data bytes
+        assert_eq!(a.to_bytes().len() % 64, 24); // header 64 + 24 data bytes
+
         // The same logical matrix stored column-major.
         let mut f = NpyArray::from_f32(&[2, 3], &[0., 3., 1., 4., 2., 5.]);
         f.fortran_order = true;

@@ -32,20 +32,37 @@ pub enum Value {
     Dict(Vec<(Value, Value)>),
     Set(Vec<Value>),
     /// `module.name`, unresolved.
-    Global { module: String, name: String },
+    Global {
+        module: String,
+        name: String,
+    },
     /// `callable(*args)`, unevaluated. `items`/`list_items` collect `SETITEM(S)` /
     /// `APPEND(S)` applied to the result (e.g. an `OrderedDict()` being filled).
-    Reduce { callable: Box<Value>, args: Box<Value>, items: Vec<(Value, Value)>, list_items: Vec<Value> },
+    Reduce {
+        callable: Box<Value>,
+        args: Box<Value>,
+        items: Vec<(Value, Value)>,
+        list_items: Vec<Value>,
+    },
     /// `cls.__new__(cls, *args)` (NEWOBJ / NEWOBJ_EX; kwargs dropped into `args` as a trailing dict).
-    NewObj { cls: Box<Value>, args: Box<Value> },
+    NewObj {
+        cls: Box<Value>,
+        args: Box<Value>,
+    },
     /// `obj.__setstate__(state)` (or `obj.__dict__.update(state)`).
-    Build { obj: Box<Value>, state: Box<Value> },
+    Build {
+        obj: Box<Value>,
+        state: Box<Value>,
+    },
     /// A persistent id, kept when no callback replaced it.
     PersistentId(Box<Value>),
     /// Produced only by [`crate::numpy::resolve`]: a numeric numpy array.
     Array(crate::npy::NpyArray),
     /// Produced only by [`crate::numpy::resolve`]: a numpy object array (C order).
-    ObjectArray { shape: Vec<usize>, items: Vec<Value> },
+    ObjectArray {
+        shape: Vec<usize>,
+        items: Vec<Value>,
+    },
 }
 
 impl Value {
@@ -171,9 +188,11 @@ pub fn parse(bytes: &[u8], persistent_load: &mut dyn FnMut(Value) -> Result<Valu
 
 impl<'a> Machine<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8]> {
-        let end = self.pos.checked_add(n).filter(|&e| e <= self.data.len()).with_context(|| {
-            format!("pickle truncated: need {n} bytes at offset {}, have {}", self.pos, self.data.len() - self.pos)
-        })?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.data.len())
+            .with_context(|| format!("pickle truncated: need {n} bytes at offset {}, have {}", self.pos, self.data.len() - self.pos))?;
         let s = &self.data[self.pos..end];
         self.pos = end;
         Ok(s)
@@ -260,8 +279,7 @@ impl<'a> Machine<'a> {
         loop {
             let at = self.pos;
             let op = self.u8().context("pickle ended without STOP")?;
-            self.step(op, persistent_load)
-                .with_context(|| format!("pickle opcode 0x{op:02x} ({:?}) at byte offset {at}", op as char))?;
+            self.step(op, persistent_load).with_context(|| format!("pickle opcode 0x{op:02x} ({:?}) at byte offset {at}", op as char))?;
             if op == b'.' {
                 return self.pop().context("STOP with an empty stack");
             }
@@ -575,11 +593,7 @@ fn numpy_array(shape: &[usize], dtype: Value, fortran: bool, data: Value) -> Val
     Value::Build {
         obj: Box::new(Value::Reduce {
             callable: Box::new(global("numpy.core.multiarray", "_reconstruct")),
-            args: Box::new(Value::Tuple(vec![
-                global("numpy", "ndarray"),
-                Value::Tuple(vec![Value::Int(0)]),
-                Value::Bytes(b"b".to_vec()),
-            ])),
+            args: Box::new(Value::Tuple(vec![global("numpy", "ndarray"), Value::Tuple(vec![Value::Int(0)]), Value::Bytes(b"b".to_vec())])),
             items: vec![],
             list_items: vec![],
         }),
@@ -733,12 +747,7 @@ mod tests {
         let v = parse_plain(&p).unwrap();
         assert_eq!(
             v,
-            Value::Tuple(vec![
-                Value::Int(-2),
-                Value::Float(1.5),
-                Value::Int(-1),
-                Value::PersistentId(Box::new(Value::Str("k".into())))
-            ])
+            Value::Tuple(vec![Value::Int(-2), Value::Float(1.5), Value::Int(-1), Value::PersistentId(Box::new(Value::Str("k".into())))])
         );
         let v = parse(&p, &mut |id| Ok(Value::Str(format!("loaded {}", id.as_str().unwrap())))).unwrap();
         assert_eq!(v.as_seq().unwrap()[3], Value::Str("loaded k".into()));

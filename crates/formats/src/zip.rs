@@ -80,18 +80,15 @@ fn u64_at(b: &[u8], o: usize) -> u64 {
 impl ZipArchive {
     /// Memory-maps `path` and reads its central directory.
     pub fn open(path: &Path) -> Result<ZipArchive> {
-        let file = std::fs::File::open(path)
-            .with_context(|| format!("{}: cannot open", path.display()))?;
+        let file = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
         // Safety: read-only map; the file is not expected to change while we read it.
-        let map = unsafe { memmap2::Mmap::map(&file) }
-            .with_context(|| format!("{}: cannot memory-map", path.display()))?;
+        let map = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("{}: cannot memory-map", path.display()))?;
         Self::from_backing(Backing::Mmap(map), path.display().to_string())
     }
 
     /// Reads `path` fully into memory (cheaper than a map for many small files).
     pub fn open_read(path: &Path) -> Result<ZipArchive> {
-        let bytes =
-            std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+        let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
         Self::from_backing(Backing::Owned(bytes), path.display().to_string())
     }
 
@@ -101,8 +98,7 @@ impl ZipArchive {
     }
 
     fn from_backing(data: Backing, label: String) -> Result<ZipArchive> {
-        let entries = read_central_directory(data.bytes())
-            .with_context(|| format!("{label}: not a readable zip archive"))?;
+        let entries = read_central_directory(data.bytes()).with_context(|| format!("{label}: not a readable zip archive"))?;
         Ok(ZipArchive { label, data, entries })
     }
 
@@ -144,9 +140,7 @@ impl ZipArchive {
     /// Errors name the archive and the entry: missing, unsupported method, encrypted,
     /// truncated, bad deflate stream, size or CRC-32 mismatch.
     pub fn read(&self, name: &str) -> Result<Cow<'_, [u8]>> {
-        let e = self.entry(name).with_context(|| {
-            format!("{}: no entry {name:?} (entries: {})", self.label, self.names_preview())
-        })?;
+        let e = self.entry(name).with_context(|| format!("{}: no entry {name:?} (entries: {})", self.label, self.names_preview()))?;
         self.read_entry(e)
     }
 
@@ -161,20 +155,13 @@ impl ZipArchive {
             METHOD_STORED => Cow::Borrowed(raw),
             METHOD_DEFLATED => {
                 let mut v = Vec::with_capacity(e.uncompressed_size as usize);
-                flate2::read::DeflateDecoder::new(raw)
-                    .read_to_end(&mut v)
-                    .with_context(|| format!("{}: corrupt deflate stream", ctx()))?;
+                flate2::read::DeflateDecoder::new(raw).read_to_end(&mut v).with_context(|| format!("{}: corrupt deflate stream", ctx()))?;
                 Cow::Owned(v)
             }
             m => bail!("{}: compression method {m} not supported (only stored and deflated)", ctx()),
         };
         if out.len() as u64 != e.uncompressed_size {
-            bail!(
-                "{}: expected {} bytes after decompression, got {} (corrupt archive)",
-                ctx(),
-                e.uncompressed_size,
-                out.len()
-            );
+            bail!("{}: expected {} bytes after decompression, got {} (corrupt archive)", ctx(), e.uncompressed_size, out.len());
         }
         let mut crc = flate2::Crc::new();
         crc.update(&out);
@@ -215,9 +202,10 @@ fn read_central_directory(b: &[u8]) -> Result<Vec<ZipEntry>> {
         cd_size = u64_at(b, off + 40);
         cd_offset = u64_at(b, off + 48);
     }
-    let cd_end = cd_offset.checked_add(cd_size).filter(|&e| e <= b.len() as u64).with_context(|| {
-        format!("central directory (offset {cd_offset}, {cd_size} bytes) lies past the end of the file")
-    })?;
+    let cd_end = cd_offset
+        .checked_add(cd_size)
+        .filter(|&e| e <= b.len() as u64)
+        .with_context(|| format!("central directory (offset {cd_offset}, {cd_size} bytes) lies past the end of the file"))?;
     let mut entries = Vec::with_capacity(count as usize);
     let mut p = cd_offset as usize;
     for i in 0..count {

@@ -24,7 +24,10 @@ crate::multiversion! {
 
 /// gelu'(x) = Φ(x) + x·φ(x).
 pub fn gelu_backward(x: &[f32], dy: &[f32], dx: &mut [f32]) {
-    dx[..x.len()].par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK))).for_each(|(dx, (x, dy))| gelu_backward_chunk(x, dy, dx));
+    dx[..x.len()]
+        .par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
+        .for_each(|(dx, (x, dy))| gelu_backward_chunk(x, dy, dx));
 }
 
 crate::multiversion! {
@@ -65,7 +68,11 @@ crate::multiversion! {
 /// [`gelu_backward_in_place`] applies.
 pub fn gelu_forward_with_grad(x: &[f32], y: &mut [f32], dydx: &mut [f32]) {
     let n = x.len();
-    y[..n].par_chunks_mut(CHUNK).zip(dydx[..n].par_chunks_mut(CHUNK)).zip(x.par_chunks(CHUNK)).for_each(|((y, g), x)| gelu_with_grad_chunk(x, y, g));
+    y[..n]
+        .par_chunks_mut(CHUNK)
+        .zip(dydx[..n].par_chunks_mut(CHUNK))
+        .zip(x.par_chunks(CHUNK))
+        .for_each(|((y, g), x)| gelu_with_grad_chunk(x, y, g));
 }
 
 crate::multiversion! {

@@ -179,7 +179,22 @@ pub fn attention_backward(
     let n = view.span(s);
     assert!(dout.len() >= n && dq.len() >= n && dk.len() >= n && dv.len() >= n, "attention backward: buffers must hold [B, H, seq, hd]");
     // SAFETY: the three outputs are distinct &mut slices, each holding the whole view.
-    unsafe { backward_views(s, scale, q, k, v, ld, probs, drop, dout, view, [SendPtr(dq.as_mut_ptr()), SendPtr(dk.as_mut_ptr()), SendPtr(dv.as_mut_ptr())], view) }
+    unsafe {
+        backward_views(
+            s,
+            scale,
+            q,
+            k,
+            v,
+            ld,
+            probs,
+            drop,
+            dout,
+            view,
+            [SendPtr(dq.as_mut_ptr()), SendPtr(dk.as_mut_ptr()), SendPtr(dv.as_mut_ptr())],
+            view,
+        )
+    }
 }
 
 /// [`attention_backward`] on token rows, with no head-major copies: d(output) is read from
@@ -209,7 +224,22 @@ pub fn attention_backward_rows(
     assert!(dqkv.len() >= oview.span(s) + 2 * d, "attention backward: dqkv too small");
     let base = dqkv.as_mut_ptr();
     // SAFETY: the three column ranges of `dqkv` are disjoint and inside it (asserted).
-    unsafe { backward_views(s, scale, q, k, v, ld, probs, drop, dout, dview, [SendPtr(base), SendPtr(base.add(d)), SendPtr(base.add(2 * d))], oview) }
+    unsafe {
+        backward_views(
+            s,
+            scale,
+            q,
+            k,
+            v,
+            ld,
+            probs,
+            drop,
+            dout,
+            dview,
+            [SendPtr(base), SendPtr(base.add(d)), SendPtr(base.add(2 * d))],
+            oview,
+        )
+    }
 }
 
 /// Both layouts: the (b, h) tasks run in parallel, each zeroing then accumulating its own
@@ -300,11 +330,8 @@ fn attention_forward_gemm(
     let (seq, hd, heads) = (s.seq, s.head_dim, s.heads);
     assert_eq!(mask.len(), s.batch * seq, "attention: mask must be [B, seq]");
     let pph = seq * seq;
-    out[..s.batch * heads * seq * hd]
-        .par_chunks_mut(seq * hd)
-        .zip(probs[..s.probs_len()].par_chunks_mut(pph))
-        .enumerate()
-        .for_each(|(bh, (out, p))| {
+    out[..s.batch * heads * seq * hd].par_chunks_mut(seq * hd).zip(probs[..s.probs_len()].par_chunks_mut(pph)).enumerate().for_each(
+        |(bh, (out, p))| {
             let (b, h) = (bh / heads, bh % heads);
             let o = b * seq * ld + h * hd;
             sgemm(Trans::No, Trans::Yes, seq, seq, hd, scale, &q[o..], ld, &k[o..], ld, 0.0, p, seq);
@@ -316,7 +343,8 @@ fn attention_forward_gemm(
             let mut dropped = Vec::new();
             let pv = masked(p, drop.map(|d| &d[bh * pph..(bh + 1) * pph]), &mut dropped);
             sgemm(Trans::No, Trans::No, seq, hd, seq, 1.0, pv, seq, &v[o..], ld, 0.0, out, hd);
-        });
+        },
+    );
 }
 
 /// Multi-frame `Frames` pattern: the CLS row as a loop over all keys, then per frame one
@@ -341,11 +369,8 @@ fn attention_forward_frames(
     assert_eq!(mask.len(), s.batch * seq, "attention: mask must be [B, seq]");
     let frames = (seq - 1) / r;
     let pph = s.probs_per_head();
-    out[..s.batch * heads * seq * hd]
-        .par_chunks_mut(seq * hd)
-        .zip(probs[..s.probs_len()].par_chunks_mut(pph))
-        .enumerate()
-        .for_each(|(bh, (out, probs))| {
+    out[..s.batch * heads * seq * hd].par_chunks_mut(seq * hd).zip(probs[..s.probs_len()].par_chunks_mut(pph)).enumerate().for_each(
+        |(bh, (out, probs))| {
             let (b, h) = (bh / heads, bh % heads);
             let row = |j: usize| (b * seq + j) * ld + h * hd;
             let m = &mask[b * seq..(b + 1) * seq];
@@ -384,7 +409,8 @@ fn attention_forward_frames(
                 let pv = masked(pf, dm.map(|d| &d[seq + f * r * w..seq + (f + 1) * r * w]), &mut pd);
                 sgemm(Trans::No, Trans::No, r, hd, w, 1.0, pv, w, &vf, hd, 0.0, &mut out[first * hd..(first + r) * hd], hd);
             }
-        });
+        },
+    );
 }
 
 /// `Full` pattern (and single-frame `Frames`) for one (b, h), as per-head GEMMs.
@@ -478,7 +504,9 @@ fn backward_frames(s: &AttnShape, scale: f32, q: &[f32], k: &[f32], v: &[f32], l
         }
         // dQ_f += dS·K'; dK' = dSᵀ·Q_f, scattered.
         // SAFETY: C is this task's dq rows first..first + r (see `OutRows`).
-        unsafe { sgemm_raw(Trans::No, Trans::No, r, hd, w, 1.0, ds.as_ptr(), w, kf.as_ptr(), hd, 1.0, t.dq.ptr.add(first * t.dq.si), t.dq.si) };
+        unsafe {
+            sgemm_raw(Trans::No, Trans::No, r, hd, w, 1.0, ds.as_ptr(), w, kf.as_ptr(), hd, 1.0, t.dq.ptr.add(first * t.dq.si), t.dq.si)
+        };
         sgemm(Trans::Yes, Trans::No, w, hd, r, 1.0, &ds, w, &q[row(first)..], ld, 0.0, &mut gkv, hd);
         for (slot, j) in keys().enumerate() {
             t.dk.row(j).iter_mut().zip(&gkv[slot * hd..(slot + 1) * hd]).for_each(|(a, b)| *a += b);
@@ -504,11 +532,8 @@ pub fn attention_forward_loops(
     let (seq, hd, heads) = (s.seq, s.head_dim, s.heads);
     assert_eq!(mask.len(), s.batch * seq, "attention: mask must be [B, seq]");
     let pph = s.probs_per_head();
-    out[..s.batch * heads * seq * hd]
-        .par_chunks_mut(seq * hd)
-        .zip(probs[..s.probs_len()].par_chunks_mut(pph))
-        .enumerate()
-        .for_each(|(bh, (out, probs))| {
+    out[..s.batch * heads * seq * hd].par_chunks_mut(seq * hd).zip(probs[..s.probs_len()].par_chunks_mut(pph)).enumerate().for_each(
+        |(bh, (out, probs))| {
             let (b, h) = (bh / heads, bh % heads);
             let at = |j: usize| (b * seq + j) * ld + h * hd..(b * seq + j) * ld + h * hd + hd;
             for i in 0..seq {
@@ -526,7 +551,8 @@ pub fn attention_forward_loops(
                     axpy(pj * dm.map_or(1.0, |m| m[n]), &v[at(j)], o);
                 }
             }
-        });
+        },
+    );
 }
 
 /// Backward of [`attention_forward_loops`].
@@ -549,11 +575,8 @@ pub fn attention_backward_loops(
     let (seq, hd, heads) = (s.seq, s.head_dim, s.heads);
     let pph = s.probs_per_head();
     let n = s.batch * heads * seq * hd;
-    dq[..n]
-        .par_chunks_mut(seq * hd)
-        .zip(dk[..n].par_chunks_mut(seq * hd).zip(dv[..n].par_chunks_mut(seq * hd)))
-        .enumerate()
-        .for_each(|(bh, (dq, (dk, dv)))| {
+    dq[..n].par_chunks_mut(seq * hd).zip(dk[..n].par_chunks_mut(seq * hd).zip(dv[..n].par_chunks_mut(seq * hd))).enumerate().for_each(
+        |(bh, (dq, (dk, dv)))| {
             let (b, h) = (bh / heads, bh % heads);
             let at = |j: usize| (b * seq + j) * ld + h * hd..(b * seq + j) * ld + h * hd + hd;
             let probs = &probs[bh * pph..(bh + 1) * pph];
@@ -582,7 +605,8 @@ pub fn attention_backward_loops(
                     axpy(dsj, qi, &mut dk[j * hd..(j + 1) * hd]);
                 }
             }
-        });
+        },
+    );
 }
 
 /// dst[(b·seq + i)·ld + col + h·hd + d] = src[b, h, i, d] (head-major back to token rows).

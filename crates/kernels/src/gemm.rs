@@ -119,14 +119,42 @@ pub fn sgemm(
 /// Same result as presetting every row of C to `bias` and calling [`sgemm`] with beta = 1,
 /// without that pass over C where the AVX-512 kernel runs.
 #[allow(clippy::too_many_arguments)]
-pub fn sgemm_bias(ta: Trans, tb: Trans, m: usize, n: usize, k: usize, a: &[f32], lda: usize, b: &[f32], ldb: usize, bias: &[f32], c: &mut [f32], ldc: usize) {
+pub fn sgemm_bias(
+    ta: Trans,
+    tb: Trans,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    bias: &[f32],
+    c: &mut [f32],
+    ldc: usize,
+) {
     assert_eq!(bias.len(), n, "sgemm_bias: bias has {} values, C has {n} columns", bias.len());
     gemm(ta, tb, m, n, k, 1.0, a, lda, b, ldb, 0.0, Some(bias), c, ldc);
 }
 
 /// Both forms: with `bias`, `beta` is 0 and the bias takes the place of `beta · C`.
 #[allow(clippy::too_many_arguments)]
-fn gemm(ta: Trans, tb: Trans, m: usize, n: usize, k: usize, alpha: f32, a: &[f32], lda: usize, b: &[f32], ldb: usize, beta: f32, bias: Option<&[f32]>, c: &mut [f32], ldc: usize) {
+fn gemm(
+    ta: Trans,
+    tb: Trans,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    beta: f32,
+    bias: Option<&[f32]>,
+    c: &mut [f32],
+    ldc: usize,
+) {
     if m == 0 || n == 0 {
         return;
     }
@@ -158,7 +186,21 @@ fn strides(t: Trans, ld: usize) -> (isize, isize) {
 /// Every strided access of A, B and C must be in bounds; C must not overlap A or B, nor
 /// anything another thread touches meanwhile.
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn sgemm_raw(ta: Trans, tb: Trans, m: usize, n: usize, k: usize, alpha: f32, a: *const f32, lda: usize, b: *const f32, ldb: usize, beta: f32, c: *mut f32, ldc: usize) {
+pub(crate) unsafe fn sgemm_raw(
+    ta: Trans,
+    tb: Trans,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    ldb: usize,
+    beta: f32,
+    c: *mut f32,
+    ldc: usize,
+) {
     if m > 0 && n > 0 {
         gemm_raw(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, None, c, ldc)
     }
@@ -167,7 +209,22 @@ pub(crate) unsafe fn sgemm_raw(ta: Trans, tb: Trans, m: usize, n: usize, k: usiz
 /// # Safety
 /// As [`sgemm_raw`]; `m`, `n` > 0; a bias has `n` values.
 #[allow(clippy::too_many_arguments)]
-unsafe fn gemm_raw(ta: Trans, tb: Trans, m: usize, n: usize, k: usize, alpha: f32, a: *const f32, lda: usize, b: *const f32, ldb: usize, mut beta: f32, bias: Option<*const f32>, c: *mut f32, ldc: usize) {
+unsafe fn gemm_raw(
+    ta: Trans,
+    tb: Trans,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    ldb: usize,
+    mut beta: f32,
+    bias: Option<*const f32>,
+    c: *mut f32,
+    ldc: usize,
+) {
     let ((rsa, csa), (rsb, csb)) = (strides(ta, lda), strides(tb, ldb));
     #[cfg(target_arch = "x86_64")]
     if k > 0 {
@@ -176,8 +233,12 @@ unsafe fn gemm_raw(ta: Trans, tb: Trans, m: usize, n: usize, k: usize, alpha: f3
         // SAFETY: the CPU has the kernel's instructions (`kernel` checked); the caller keeps
         // every access in bounds and C apart from A and B.
         match kernel() {
-            Kernel::Avx512 => return packed::<crate::gemm_avx512::Avx512>(m, n, k, alpha, a, rsa, csa, b, rsb, csb, beta, bias_ptr, c, ldc, parallel),
-            Kernel::Avx2 => return packed::<crate::gemm_avx2::Avx2>(m, n, k, alpha, a, rsa, csa, b, rsb, csb, beta, bias_ptr, c, ldc, parallel),
+            Kernel::Avx512 => {
+                return packed::<crate::gemm_avx512::Avx512>(m, n, k, alpha, a, rsa, csa, b, rsb, csb, beta, bias_ptr, c, ldc, parallel)
+            }
+            Kernel::Avx2 => {
+                return packed::<crate::gemm_avx2::Avx2>(m, n, k, alpha, a, rsa, csa, b, rsb, csb, beta, bias_ptr, c, ldc, parallel)
+            }
             Kernel::MatrixMultiply => {}
         }
     }
@@ -328,15 +389,31 @@ mod tests {
     #[test]
     fn packed_kernels_match_naive_and_each_other_on_ragged_shapes() {
         use crate::gemm_packed::{sgemm as packed, Kernel};
-        fn run<K: Kernel>(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], ta: Trans, tb: Trans, beta: f32, bias: Option<&[f32]>, init: &[f32]) -> Vec<f32> {
+        #[allow(clippy::too_many_arguments)] // the GEMM signature itself, plus the kernel under test
+        fn run<K: Kernel>(
+            m: usize,
+            n: usize,
+            k: usize,
+            a: &[f32],
+            b: &[f32],
+            ta: Trans,
+            tb: Trans,
+            beta: f32,
+            bias: Option<&[f32]>,
+            init: &[f32],
+        ) -> Vec<f32> {
             let (rsa, csa) = strides(ta, if ta == Trans::No { k } else { m });
             let (rsb, csb) = strides(tb, if tb == Trans::No { n } else { k });
             let bias_ptr = |b: Option<&[f32]>| b.map_or(std::ptr::null(), |b| b.as_ptr());
             let pool2 = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
             let (mut c1, mut c2) = (init.to_vec(), init.to_vec());
             // SAFETY: the caller checked the CPU; all strides stay inside a, b, c and bias.
-            unsafe { packed::<K>(m, n, k, 1.5, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, beta, bias_ptr(bias), c1.as_mut_ptr(), n, false) };
-            pool2.install(|| unsafe { packed::<K>(m, n, k, 1.5, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, beta, bias_ptr(bias), c2.as_mut_ptr(), n, true) });
+            unsafe {
+                packed::<K>(m, n, k, 1.5, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, beta, bias_ptr(bias), c1.as_mut_ptr(), n, false)
+            };
+            pool2.install(|| unsafe {
+                packed::<K>(m, n, k, 1.5, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, beta, bias_ptr(bias), c2.as_mut_ptr(), n, true)
+            });
             assert!(c1.iter().zip(&c2).all(|(x, y)| x.to_bits() == y.to_bits()), "{m}x{n}x{k} {ta:?} {tb:?}: serial != parallel");
             c1
         }
@@ -355,13 +432,22 @@ mod tests {
                     for (beta, with_bias) in [(0.0f32, false), (0.5, false), (0.0, true)] {
                         let init: Vec<f32> = (0..m * n).map(|i| (i % 7) as f32).collect();
                         let bias = with_bias.then_some(&bias[..]);
-                        let outs: Vec<Vec<f32>> = [has512.then(|| run::<crate::gemm_avx512::Avx512>(m, n, k, &a, &b, ta, tb, beta, bias, &init)), has2.then(|| run::<crate::gemm_avx2::Avx2>(m, n, k, &a, &b, ta, tb, beta, bias, &init))].into_iter().flatten().collect();
+                        let outs: Vec<Vec<f32>> = [
+                            has512.then(|| run::<crate::gemm_avx512::Avx512>(m, n, k, &a, &b, ta, tb, beta, bias, &init)),
+                            has2.then(|| run::<crate::gemm_avx2::Avx2>(m, n, k, &a, &b, ta, tb, beta, bias, &init)),
+                        ]
+                        .into_iter()
+                        .flatten()
+                        .collect();
                         for (idx, (x, w)) in outs[0].iter().zip(&want).enumerate() {
                             let e = 1.5 * w + bias.map_or(beta * init[idx], |b| b[idx % n]);
                             assert!((x - e).abs() < 1e-3 * (1.0 + e.abs()), "{m}x{n}x{k} {ta:?} {tb:?} beta {beta}: {x} vs {e}");
                         }
                         if let [x, y] = &outs[..] {
-                            assert!(x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits()), "{m}x{n}x{k} {ta:?} {tb:?} beta {beta} bias {with_bias}: AVX2 != AVX-512");
+                            assert!(
+                                x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits()),
+                                "{m}x{n}x{k} {ta:?} {tb:?} beta {beta} bias {with_bias}: AVX2 != AVX-512"
+                            );
                         }
                     }
                 }

@@ -39,7 +39,18 @@ impl Kernel for Avx2 {
     unsafe fn pack_b(kc: usize, count: usize, src: *const f32, si: isize, sp: isize, dst: *mut f32) {
         pack_panels::<NR>(kc, count, src, si, sp, dst)
     }
-    unsafe fn tile(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, mr: usize, nr: usize, alpha: f32, beta: f32, bias: *const f32) {
+    unsafe fn tile(
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        mr: usize,
+        nr: usize,
+        alpha: f32,
+        beta: f32,
+        bias: *const f32,
+    ) {
         tile(kc, a, b, c, ldc, mr, nr, alpha, beta, bias)
     }
 }
@@ -140,12 +151,36 @@ unsafe fn pack_panels<const R: usize>(kc: usize, count: usize, src: *const f32, 
 
 macro_rules! unroll6 {
     ($i:ident, $body:block) => {{
-        { #[allow(non_upper_case_globals)] const $i: usize = 0; $body }
-        { #[allow(non_upper_case_globals)] const $i: usize = 1; $body }
-        { #[allow(non_upper_case_globals)] const $i: usize = 2; $body }
-        { #[allow(non_upper_case_globals)] const $i: usize = 3; $body }
-        { #[allow(non_upper_case_globals)] const $i: usize = 4; $body }
-        { #[allow(non_upper_case_globals)] const $i: usize = 5; $body }
+        {
+            #[allow(non_upper_case_globals)]
+            const $i: usize = 0;
+            $body
+        }
+        {
+            #[allow(non_upper_case_globals)]
+            const $i: usize = 1;
+            $body
+        }
+        {
+            #[allow(non_upper_case_globals)]
+            const $i: usize = 2;
+            $body
+        }
+        {
+            #[allow(non_upper_case_globals)]
+            const $i: usize = 3;
+            $body
+        }
+        {
+            #[allow(non_upper_case_globals)]
+            const $i: usize = 4;
+            $body
+        }
+        {
+            #[allow(non_upper_case_globals)]
+            const $i: usize = 5;
+            $body
+        }
     }};
 }
 
@@ -153,7 +188,18 @@ macro_rules! unroll6 {
 /// tile's `nr` bias values) replaces `beta·C`. The same arithmetic as the AVX-512 tile.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn tile(kc: usize, mut a: *const f32, mut b: *const f32, c: *mut f32, ldc: usize, mr: usize, nr: usize, alpha: f32, beta: f32, bias: *const f32) {
+unsafe fn tile(
+    kc: usize,
+    mut a: *const f32,
+    mut b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    mr: usize,
+    nr: usize,
+    alpha: f32,
+    beta: f32,
+    bias: *const f32,
+) {
     let mut acc = [[_mm256_setzero_ps(); 2]; MR];
     // The C rows are only touched after the k loop: ask for them in L2 now (see the
     // AVX-512 tile). A prefetch never faults, so rows past C are harmless (wrapping_add).

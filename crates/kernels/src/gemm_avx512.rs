@@ -39,7 +39,18 @@ impl Kernel for Avx512 {
     unsafe fn pack_b(kc: usize, count: usize, src: *const f32, si: isize, sp: isize, dst: *mut f32) {
         pack_panels::<NR>(kc, count, src, si, sp, dst)
     }
-    unsafe fn tile(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, mr: usize, nr: usize, alpha: f32, beta: f32, bias: *const f32) {
+    unsafe fn tile(
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        mr: usize,
+        nr: usize,
+        alpha: f32,
+        beta: f32,
+        bias: *const f32,
+    ) {
         tile(kc, a, b, c, ldc, mr, nr, alpha, beta, bias)
     }
 }
@@ -147,18 +158,66 @@ unsafe fn pack_panels<const R: usize>(kc: usize, count: usize, src: *const f32, 
 
 macro_rules! unroll12 {
     ($i:ident, $body:block) => {{
-        { #[allow(non_upper_case_globals)] const $i: usize = 0; $body }
-        { #[allow(non_upper_case_globals)] const $i: usize = 1; $body }
-        { #[allow(non_upper_case_globals)] const $i: usize = 2; $body }
-        { #[allow(non_upper_case_globals)] const $i: usize = 3; $body }
-        { #[allow(non_upper_case_globals)] const $i: usize = 4; $body }
-        { #[allow(non_upper_case_globals)] const $i: usize = 5; $body }
-        { #[allow(non_upper_case_globals)] const $i: usize = 6; $body }
-        { #[allow(non_upper_case_globals)] const $i: usize = 7; $body }
-        { #[allow(non_upper_case_globals)] const $i: usize = 8; $body }
-        { #[allow(non_upper_case_globals)] const $i: usize = 9; $body }
-        { #[allow(non_upper_case_globals)] const $i: usize = 10; $body }
-        { #[allow(non_upper_case_globals)] const $i: usize = 11; $body }
+        {
+            #[allow(non_upper_case_globals)]
+            const $i: usize = 0;
+            $body
+        }
+        {
+            #[allow(non_upper_case_globals)]
+            const $i: usize = 1;
+            $body
+        }
+        {
+            #[allow(non_upper_case_globals)]
+            const $i: usize = 2;
+            $body
+        }
+        {
+            #[allow(non_upper_case_globals)]
+            const $i: usize = 3;
+            $body
+        }
+        {
+            #[allow(non_upper_case_globals)]
+            const $i: usize = 4;
+            $body
+        }
+        {
+            #[allow(non_upper_case_globals)]
+            const $i: usize = 5;
+            $body
+        }
+        {
+            #[allow(non_upper_case_globals)]
+            const $i: usize = 6;
+            $body
+        }
+        {
+            #[allow(non_upper_case_globals)]
+            const $i: usize = 7;
+            $body
+        }
+        {
+            #[allow(non_upper_case_globals)]
+            const $i: usize = 8;
+            $body
+        }
+        {
+            #[allow(non_upper_case_globals)]
+            const $i: usize = 9;
+            $body
+        }
+        {
+            #[allow(non_upper_case_globals)]
+            const $i: usize = 10;
+            $body
+        }
+        {
+            #[allow(non_upper_case_globals)]
+            const $i: usize = 11;
+            $body
+        }
     }};
 }
 
@@ -166,7 +225,18 @@ macro_rules! unroll12 {
 /// tile's `nr` bias values) replaces `beta·C`.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f")]
-unsafe fn tile(kc: usize, mut a: *const f32, mut b: *const f32, c: *mut f32, ldc: usize, mr: usize, nr: usize, alpha: f32, beta: f32, bias: *const f32) {
+unsafe fn tile(
+    kc: usize,
+    mut a: *const f32,
+    mut b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    mr: usize,
+    nr: usize,
+    alpha: f32,
+    beta: f32,
+    bias: *const f32,
+) {
     let mut acc = [[_mm512_setzero_ps(); 2]; MR];
     // The tile of C is read and written only after the k loop; its rows lie ldc apart
     // (often a multiple of 4 KB, so they compete for the same L1 sets). Asking for them in

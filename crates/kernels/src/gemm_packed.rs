@@ -32,7 +32,18 @@ pub(crate) trait Kernel {
     /// One MR × NR tile of C (`mr` × `nr` of it valid) from packed panels; `bias` (null or
     /// the tile's `nr` bias values) replaces `beta·C`.
     #[allow(clippy::too_many_arguments)]
-    unsafe fn tile(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, mr: usize, nr: usize, alpha: f32, beta: f32, bias: *const f32);
+    unsafe fn tile(
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        mr: usize,
+        nr: usize,
+        alpha: f32,
+        beta: f32,
+        bias: *const f32,
+    );
 }
 
 /// One R-wide panel by element loads, for strides of which neither is 1 (the kernels'
@@ -117,7 +128,23 @@ impl<T> SendPtr<T> {
 /// The CPU must support the kernel's instructions (its module's `available()`); every
 /// strided access above must be in bounds; `c` must not overlap `a` or `b`; `k > 0`.
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn sgemm<K: Kernel>(m: usize, n: usize, k: usize, alpha: f32, a: *const f32, rsa: isize, csa: isize, b: *const f32, rsb: isize, csb: isize, beta: f32, bias: *const f32, c: *mut f32, ldc: usize, parallel: bool) {
+pub unsafe fn sgemm<K: Kernel>(
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: *const f32,
+    rsa: isize,
+    csa: isize,
+    b: *const f32,
+    rsb: isize,
+    csb: isize,
+    beta: f32,
+    bias: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    parallel: bool,
+) {
     debug_assert!(bias.is_null() || beta == 0.0, "bias with beta != 0");
     let panels_m = m.div_ceil(K::MR);
     let run = |pa: *mut f32, pb: *mut f32| {
@@ -149,7 +176,14 @@ pub unsafe fn sgemm<K: Kernel>(m: usize, n: usize, k: usize, alpha: f32, a: *con
                     let (p0, p1) = (t * panels_n / tasks_n, (t + 1) * panels_n / tasks_n);
                     let (j0, j1) = (p0 * K::NR, (p1 * K::NR).min(nc));
                     if j1 > j0 {
-                        K::pack_b(kc, j1 - j0, b.get().offset(pc as isize * rsb + (jc + j0) as isize * csb), csb, rsb, pb.get().add(p0 * K::NR * kc));
+                        K::pack_b(
+                            kc,
+                            j1 - j0,
+                            b.get().offset(pc as isize * rsb + (jc + j0) as isize * csb),
+                            csb,
+                            rsb,
+                            pb.get().add(p0 * K::NR * kc),
+                        );
                     }
                 });
                 // SAFETY: tasks write disjoint row ranges of C; the packed operands are only read.
@@ -184,4 +218,3 @@ pub unsafe fn sgemm<K: Kernel>(m: usize, n: usize, k: usize, alpha: f32, a: *con
         }
     });
 }
-

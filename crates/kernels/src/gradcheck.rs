@@ -43,7 +43,13 @@ pub fn numeric_gradient(x: &[f32], coords: &[usize], eps: f32, mut f: impl FnMut
 }
 
 /// Central differences of `f` at `x` on `coords` (all coordinates when `None`).
-pub fn numeric_vs_analytic(x: &[f32], analytic: &[f32], coords: Option<&[usize]>, eps: f32, mut f: impl FnMut(&[f32]) -> f64) -> GradReport {
+pub fn numeric_vs_analytic(
+    x: &[f32],
+    analytic: &[f32],
+    coords: Option<&[usize]>,
+    eps: f32,
+    mut f: impl FnMut(&[f32]) -> f64,
+) -> GradReport {
     assert_eq!(x.len(), analytic.len(), "gradcheck: gradient length differs from input length");
     let all: Vec<usize>;
     let coords = match coords {
@@ -54,11 +60,7 @@ pub fn numeric_vs_analytic(x: &[f32], analytic: &[f32], coords: Option<&[usize]>
         }
     };
     let numeric = numeric_gradient(x, coords, eps, &mut f);
-    let scale = coords
-        .iter()
-        .zip(&numeric)
-        .map(|(&i, n)| (analytic[i] as f64).abs().max(n.abs()))
-        .fold(1e-6, f64::max);
+    let scale = coords.iter().zip(&numeric).map(|(&i, n)| (analytic[i] as f64).abs().max(n.abs())).fold(1e-6, f64::max);
     let mut rep = GradReport { max_rel_err: 0.0, worst_index: 0, numeric: 0.0, analytic: 0.0 };
     for (&i, &n) in coords.iter().zip(&numeric) {
         let e = (n - analytic[i] as f64).abs() / scale;
@@ -70,7 +72,15 @@ pub fn numeric_vs_analytic(x: &[f32], analytic: &[f32], coords: Option<&[usize]>
 }
 
 /// Panics with a readable message when the analytic gradient disagrees with finite differences.
-pub fn assert_gradient(name: &str, x: &[f32], analytic: &[f32], coords: Option<&[usize]>, eps: f32, tol: f64, f: impl FnMut(&[f32]) -> f64) -> GradReport {
+pub fn assert_gradient(
+    name: &str,
+    x: &[f32],
+    analytic: &[f32],
+    coords: Option<&[usize]>,
+    eps: f32,
+    tol: f64,
+    f: impl FnMut(&[f32]) -> f64,
+) -> GradReport {
     let rep = numeric_vs_analytic(x, analytic, coords, eps, f);
     assert!(
         rep.max_rel_err <= tol,

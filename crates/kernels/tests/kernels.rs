@@ -189,7 +189,9 @@ fn naive_attention(b: usize, h: usize, seq: usize, hd: usize, pattern: KeyPatter
                         if !allowed(j) {
                             return f64::NEG_INFINITY;
                         }
-                        let qk: f64 = (0..hd).map(|e| (qkv[(bb * seq + i) * ld + hh * hd + e] * qkv[(bb * seq + j) * ld + d + hh * hd + e]) as f64).sum();
+                        let qk: f64 = (0..hd)
+                            .map(|e| (qkv[(bb * seq + i) * ld + hh * hd + e] * qkv[(bb * seq + j) * ld + d + hh * hd + e]) as f64)
+                            .sum();
                         scale as f64 * qk + mask[bb * seq + j] as f64
                     })
                     .collect();
@@ -266,7 +268,9 @@ fn check_attention_dropout(pattern: KeyPattern, seq: usize, seed: u64, with_drop
     merge_heads(&dk, &mut dqkv, 3 * d, d, b, h, seq, hd);
     merge_heads(&dv, &mut dqkv, 3 * d, 2 * d, b, h, seq, hd);
     let mut scratch = vec![0.0; shape.probs_len()];
-    assert_gradient(&format!("attention {pattern:?} dropout {with_dropout}"), &qkv, &dqkv, None, EPS, TOL, |x| weighted_sum(&fwd(x, &mut scratch), &r));
+    assert_gradient(&format!("attention {pattern:?} dropout {with_dropout}"), &qkv, &dqkv, None, EPS, TOL, |x| {
+        weighted_sum(&fwd(x, &mut scratch), &r)
+    });
 }
 
 #[test]
@@ -286,7 +290,12 @@ fn attention_frames_matches_naive_and_gradients() {
 /// reference, masks and dropout included.
 #[test]
 fn attention_gemm_matches_loops() {
-    for (pattern, seq) in [(KeyPattern::Full, 9), (KeyPattern::Frames { regions: 8 }, 9), (KeyPattern::Frames { regions: 3 }, 13), (KeyPattern::Frames { regions: 1 }, 4)] {
+    for (pattern, seq) in [
+        (KeyPattern::Full, 9),
+        (KeyPattern::Frames { regions: 8 }, 9),
+        (KeyPattern::Frames { regions: 3 }, 13),
+        (KeyPattern::Frames { regions: 1 }, 4),
+    ] {
         gemm_vs_loops(pattern, seq);
     }
 }

@@ -40,9 +40,13 @@ fn main() {
     let mut out = vec![0.0; n * d];
     t("attention frames fwd", 3, || attention_forward(&s, 0.125, &qkv, &qkv[d..], &qkv[2 * d..], 3 * d, &mask, None, &mut probs, &mut out));
     let (mut a, mut b2, mut c) = (vec![0.0; n * d], vec![0.0; n * d], vec![0.0; n * d]);
-    t("attention frames bwd", 3, || attention_backward(&s, 0.125, &qkv, &qkv[d..], &qkv[2 * d..], 3 * d, &probs, None, &out, &mut a, &mut b2, &mut c));
+    t("attention frames bwd", 3, || {
+        attention_backward(&s, 0.125, &qkv, &qkv[d..], &qkv[2 * d..], 3 * d, &probs, None, &out, &mut a, &mut b2, &mut c)
+    });
     let s = AttnShape { batch: 8, heads: 12, seq: 100, head_dim: 64, pattern: KeyPattern::Full };
     let n2 = 800;
     let mut probs = vec![0.0; s.probs_len()];
-    t("attention text fwd", 3, || attention_forward(&s, 0.125, &qkv, &qkv[d..], &qkv[2 * d..], 3 * d, &mask[..n2], None, &mut probs, &mut out[..n2 * d]));
+    t("attention text fwd", 3, || {
+        attention_forward(&s, 0.125, &qkv, &qkv[d..], &qkv[2 * d..], 3 * d, &mask[..n2], None, &mut probs, &mut out[..n2 * d])
+    });
 }

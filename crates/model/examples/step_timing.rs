@@ -22,7 +22,16 @@ fn main() {
     let mask: Vec<f32> = (0..b * f * r).map(|i| if i % 7 == 6 { 0.0 } else { 1.0 }).collect();
     let ids: Vec<i64> = (0..b * l).map(|i| if i % l < 20 { 1000 + (i % 900) as i64 } else { 0 }).collect();
     let am: Vec<i64> = (0..b * l).map(|i| (i % l < 20) as i64).collect();
-    let batch = BatchRef { batch: b, frames: f, regions: r, text_len: l, object: &object, object_mask: &mask, input_ids: &ids, attention_mask: &am };
+    let batch = BatchRef {
+        batch: b,
+        frames: f,
+        regions: r,
+        text_len: l,
+        object: &object,
+        object_mask: &mask,
+        input_ids: &ids,
+        attention_mask: &am,
+    };
     let cfg = LossConfig::default();
     for s in 0..steps {
         let t = Instant::now();

@@ -220,11 +220,22 @@ impl AdamW {
     /// given as `grad_rows` `[ids.len(), dim]`: the same arithmetic per element as
     /// [`AdamW::update_window`] over the dense gradient (zero rows still decay m, v and
     /// the weights). Every element of the table must be updated (inside `ranges`).
-    pub fn update_table_rows(&mut self, c: &StepCoeffs, table: Range<usize>, data: &mut [f32], dim: usize, ids: &[usize], grad_rows: &[f32]) {
+    pub fn update_table_rows(
+        &mut self,
+        c: &StepCoeffs,
+        table: Range<usize>,
+        data: &mut [f32],
+        dim: usize,
+        ids: &[usize],
+        grad_rows: &[f32],
+    ) {
         assert_eq!(data.len(), table.len(), "AdamW table: {} parameters for a window of {}", data.len(), table.len());
         assert!(dim > 0 && table.len().is_multiple_of(dim), "AdamW table: {} values are not rows of {dim}", table.len());
         assert_eq!(grad_rows.len(), ids.len() * dim, "AdamW table: gradient rows");
-        assert!(ids.windows(2).all(|w| w[0] < w[1]) && ids.last().is_none_or(|&i| i < table.len() / dim), "AdamW table: row ids must increase and lie in the table");
+        assert!(
+            ids.windows(2).all(|w| w[0] < w[1]) && ids.last().is_none_or(|&i| i < table.len() / dim),
+            "AdamW table: row ids must increase and lie in the table"
+        );
         let zeros = vec![0.0f32; dim];
         let (m, v) = (&mut self.m[table.clone()], &mut self.v[table]);
         let rows_per_task = CHUNK.div_ceil(dim);
@@ -307,7 +318,7 @@ mod tests {
         let mut p = b.build();
         let mut rng = demovlp_kernels::rng::Rng::new(3);
         for x in p.data.iter_mut() {
-            *x = rng.normal() as f32;
+            *x = rng.normal();
         }
         let s = AdamWSettings { lr: 1e-2, beta1: 0.9, beta2: 0.99, eps: 1e-6, weight_decay: 0.1 };
         let mut opt = AdamW::with_settings(p.len(), s);
@@ -318,7 +329,7 @@ mod tests {
         let mask = p.update_mask();
         for t in 1..=3 {
             for g in p.grad.iter_mut() {
-                *g = rng.normal() as f32;
+                *g = rng.normal();
             }
             for i in 0..p.len() {
                 if mask[i] {

@@ -69,10 +69,9 @@ impl Tensor {
     pub fn to_i64(&self) -> Result<Vec<i64>> {
         match &self.data {
             TensorData::I64(v) => Ok(v.clone()),
-            TensorData::F32(v) => v
-                .iter()
-                .map(|&x| if x.fract() == 0.0 { Ok(x as i64) } else { bail!("value {x} is not an integer") })
-                .collect(),
+            TensorData::F32(v) => {
+                v.iter().map(|&x| if x.fract() == 0.0 { Ok(x as i64) } else { bail!("value {x} is not an integer") }).collect()
+            }
         }
     }
 
@@ -142,8 +141,7 @@ pub fn read_safetensors(path: &Path) -> Result<SafetensorsFile> {
     let st = SafeTensors::deserialize(&map).with_context(|| format!("{}: not a safetensors file", path.display()))?;
     let mut tensors = BTreeMap::new();
     for (name, view) in st.tensors() {
-        let t = decode_tensor(view.dtype(), view.shape(), view.data())
-            .with_context(|| format!("{}: tensor {name}", path.display()))?;
+        let t = decode_tensor(view.dtype(), view.shape(), view.data()).with_context(|| format!("{}: tensor {name}", path.display()))?;
         tensors.insert(name, t);
     }
     Ok(SafetensorsFile { tensors, metadata: meta.metadata().clone().unwrap_or_default() })
@@ -225,9 +223,8 @@ fn tmp_path(path: &Path) -> PathBuf {
 /// Run `write` on a temporary sibling of `path`, then rename it into place.
 pub fn atomic_write_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let tmp = tmp_path(path);
-    let res = write(&tmp).and_then(|_| {
-        fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
-    });
+    let res =
+        write(&tmp).and_then(|_| fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display())));
     if res.is_err() {
         fs::remove_file(&tmp).ok();
     }
@@ -300,11 +297,7 @@ fn squeeze(shape: &[usize]) -> &[usize] {
 
 /// Every parameter as a borrowed tensor under its (published) name.
 pub fn params_as_tensors(params: &Params) -> Vec<(String, Vec<usize>, TensorRef<'_>)> {
-    params
-        .specs()
-        .iter()
-        .map(|s| (s.name.clone(), s.shape.clone(), TensorRef::F32(&params.data[s.offset..s.offset + s.len])))
-        .collect()
+    params.specs().iter().map(|s| (s.name.clone(), s.shape.clone(), TensorRef::F32(&params.data[s.offset..s.offset + s.len]))).collect()
 }
 
 /// Every gradient (of tensors that receive one) as a borrowed tensor, names prefixed.
@@ -350,7 +343,11 @@ pub fn read_weights(path: &Path) -> Result<BTreeMap<String, Tensor>> {
     if &head == b"PK" {
         Ok(crate::torch::read_torch_state_dict(path)?.tensors)
     } else {
-        Ok(read_safetensors(path)?.tensors.into_iter().map(|(k, v)| (k.strip_prefix("module.").map(String::from).unwrap_or(k), v)).collect())
+        Ok(read_safetensors(path)?
+            .tensors
+            .into_iter()
+            .map(|(k, v)| (k.strip_prefix("module.").map(String::from).unwrap_or(k), v))
+            .collect())
     }
 }
 
@@ -409,7 +406,8 @@ pub fn save_model_dir(model: &Model, dir: &Path) -> Result<()> {
 /// [`load_hf_text_dir`], with the published video tower for 8 frames and P = 256).
 pub fn load_model_dir(dir: &Path) -> Result<Model> {
     let cfg_path = dir.join(CONFIG_FILE);
-    let text = fs::read_to_string(&cfg_path).with_context(|| format!("cannot read {} (is {} a model directory?)", cfg_path.display(), dir.display()))?;
+    let text = fs::read_to_string(&cfg_path)
+        .with_context(|| format!("cannot read {} (is {} a model directory?)", cfg_path.display(), dir.display()))?;
     let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not JSON", cfg_path.display()))?;
     if hf::is_hf_config(&v) {
         let published = ModelConfig::published(8);
@@ -616,7 +614,8 @@ mod tests {
         let mut p = b.build();
         let cls = Tensor::f32(vec![2], vec![5.0, 6.0]);
         let extra = Tensor::f32(vec![1], vec![0.0]);
-        let r = load_params(&mut p, [("module.x.cls", &cls), ("module.head", &extra)], |n| n.strip_prefix("module.").map(String::from)).unwrap();
+        let r = load_params(&mut p, [("module.x.cls", &cls), ("module.head", &extra)], |n| n.strip_prefix("module.").map(String::from))
+            .unwrap();
         assert_eq!(r.loaded, vec!["x.cls"]);
         assert_eq!(r.skipped, vec!["module.head"]);
         assert_eq!(r.missing, vec!["x.w"]);

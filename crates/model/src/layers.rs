@@ -54,7 +54,17 @@ impl Linear {
 
     /// dx += dy·W (when given); dW, db accumulated or overwritten as `grads` says.
     #[allow(clippy::too_many_arguments)]
-    pub fn backward(&self, data: &[f32], grad: &mut [f32], x: &[f32], ldx: usize, n: usize, dy: &[f32], dx: Option<&mut [f32]>, grads: Grads) {
+    pub fn backward(
+        &self,
+        data: &[f32],
+        grad: &mut [f32],
+        x: &[f32],
+        ldx: usize,
+        n: usize,
+        dy: &[f32],
+        dx: Option<&mut [f32]>,
+        grads: Grads,
+    ) {
         let w = &data[self.w.clone()];
         match &self.b {
             Some(b) => {
@@ -110,7 +120,17 @@ impl LayerNorm {
 
     /// dx += ∂/∂x; dw, db accumulated or overwritten as `grads` says.
     #[allow(clippy::too_many_arguments)]
-    pub fn backward(&self, data: &[f32], grad: &mut [f32], x: &[f32], mean: &[f32], rstd: &[f32], dy: &[f32], dx: &mut [f32], grads: Grads) {
+    pub fn backward(
+        &self,
+        data: &[f32],
+        grad: &mut [f32],
+        x: &[f32],
+        mean: &[f32],
+        rstd: &[f32],
+        dy: &[f32],
+        dx: &mut [f32],
+        grads: Grads,
+    ) {
         let (dw, db) = two_mut(grad, self.w.clone(), self.b.clone());
         if grads == Grads::Overwrite {
             dw.fill(0.0);

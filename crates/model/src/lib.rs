@@ -12,8 +12,8 @@ pub mod text;
 pub mod torch;
 pub mod video;
 
-pub use config::{ModelConfig, TextConfig, TextKind, VideoConfig};
-pub use params::{ParamId, Params, ParamsBuilder};
 pub use adamw::{AdamW, AdamWSettings};
-pub use model::{declare_params, DEFAULT_RECOMPUTE_MLP_BLOCKS, BatchRef, Model, TextEmbeddings, VideoEmbeddings};
+pub use config::{ModelConfig, TextConfig, TextKind, VideoConfig};
+pub use model::{declare_params, BatchRef, Model, TextEmbeddings, VideoEmbeddings, DEFAULT_RECOMPUTE_MLP_BLOCKS};
+pub use params::{ParamId, Params, ParamsBuilder};
 pub use text::TextDropout;

@@ -11,9 +11,9 @@ use crate::text::{self, TextActs, TextDropout, TextTower};
 use crate::video::{self, VideoActs, VideoTower};
 use demovlp_kernels::activation::{relu_backward, relu_forward};
 use demovlp_kernels::Rng;
+use demovlp_retrieval::{losses_forward, losses_forward_backward, LossConfig, LossInputs, LossOutputs};
 use std::ops::Range;
 use std::time::Instant;
-use demovlp_retrieval::{losses_forward, losses_forward_backward, LossConfig, LossInputs, LossOutputs};
 
 /// One training/evaluation batch (borrowed).
 #[derive(Clone, Copy, Debug)]
@@ -179,7 +179,8 @@ impl Model {
             updated_ranges.iter().any(|&(r0, r1)| r0 <= word_range.start && word_range.end <= r1),
             "the word-embedding table must be trained as a whole"
         );
-        let mut windows: Vec<Range<usize>> = text.layer_windows().iter().chain(video.block_windows()).chain([&word_range]).cloned().collect();
+        let mut windows: Vec<Range<usize>> =
+            text.layer_windows().iter().chain(video.block_windows()).chain([&word_range]).cloned().collect();
         windows.sort_by_key(|w| w.start);
         let rest_ranges = subtract_windows(&updated_ranges, &windows);
         Model {
@@ -484,7 +485,11 @@ impl Model {
         self.forward_text(input_ids, attention_mask, b, l, false);
         let p = self.config.proj_dim;
         let t = &self.arena.text_out;
-        let mut e = TextEmbeddings { global: Vec::with_capacity(b * p), local: Vec::with_capacity(b * (l - 1) * p), mask_additive: Vec::with_capacity(b * (l - 1)) };
+        let mut e = TextEmbeddings {
+            global: Vec::with_capacity(b * p),
+            local: Vec::with_capacity(b * (l - 1) * p),
+            mask_additive: Vec::with_capacity(b * (l - 1)),
+        };
         for bi in 0..b {
             e.global.extend_from_slice(&t[bi * l * p..bi * l * p + p]);
             e.local.extend_from_slice(&t[bi * l * p + p..(bi + 1) * l * p]);
@@ -510,7 +515,11 @@ impl Model {
     fn video_embeddings(&self, b: usize, f: usize, r: usize) -> VideoEmbeddings {
         let (p, nr) = (self.config.proj_dim, f * r);
         let a = &self.arena.video;
-        let mut e = VideoEmbeddings { global: Vec::with_capacity(b * p), local: Vec::with_capacity(b * nr * p), mask_additive: Vec::with_capacity(b * nr) };
+        let mut e = VideoEmbeddings {
+            global: Vec::with_capacity(b * p),
+            local: Vec::with_capacity(b * nr * p),
+            mask_additive: Vec::with_capacity(b * nr),
+        };
         for bi in 0..b {
             let v = &a.out[bi * (1 + nr) * p..(bi + 1) * (1 + nr) * p];
             e.global.extend_from_slice(&v[..p]);
@@ -538,8 +547,28 @@ mod tests {
 
     fn tiny() -> ModelConfig {
         ModelConfig {
-            text: TextConfig { kind: TextKind::Distilbert, vocab_size: 50, dim: 16, layers: 2, heads: 2, hidden_dim: 32, max_position_embeddings: 12, type_vocab_size: 0, layer_norm_eps: 1e-12 },
-            video: VideoConfig { dim: 16, depth: 2, heads: 2, mlp_dim: 32, max_frames: 2, pos_embed_rows: 4, feature_dim: 2048, box_dim: 6, layer_norm_eps: 1e-6 },
+            text: TextConfig {
+                kind: TextKind::Distilbert,
+                vocab_size: 50,
+                dim: 16,
+                layers: 2,
+                heads: 2,
+                hidden_dim: 32,
+                max_position_embeddings: 12,
+                type_vocab_size: 0,
+                layer_norm_eps: 1e-12,
+            },
+            video: VideoConfig {
+                dim: 16,
+                depth: 2,
+                heads: 2,
+                mlp_dim: 32,
+                max_frames: 2,
+                pos_embed_rows: 4,
+                feature_dim: 2048,
+                box_dim: 6,
+                layer_norm_eps: 1e-6,
+            },
             proj_dim: 8,
         }
     }
@@ -548,7 +577,20 @@ mod tests {
         let a = &m.arena;
         let mut v = a.text.buffers();
         v.extend(a.video.buffers());
-        for b in [&a.relu, &a.text_out, &a.global_text, &a.local_text, &a.text_mask, &a.global_video, &a.local_video, &a.video_mask, &a.d_text_out, &a.d_video_out, &a.d_relu, &a.d_hidden] {
+        for b in [
+            &a.relu,
+            &a.text_out,
+            &a.global_text,
+            &a.local_text,
+            &a.text_mask,
+            &a.global_video,
+            &a.local_video,
+            &a.video_mask,
+            &a.d_text_out,
+            &a.d_video_out,
+            &a.d_relu,
+            &a.d_hidden,
+        ] {
             v.push((b.as_ptr() as usize, b.capacity()));
         }
         v
@@ -572,7 +614,16 @@ mod tests {
     }
 
     fn batch(d: &Data, b: usize, f: usize, r: usize, l: usize) -> BatchRef<'_> {
-        BatchRef { batch: b, frames: f, regions: r, text_len: l, object: &d.object, object_mask: &d.mask, input_ids: &d.ids, attention_mask: &d.am }
+        BatchRef {
+            batch: b,
+            frames: f,
+            regions: r,
+            text_len: l,
+            object: &d.object,
+            object_mask: &d.mask,
+            input_ids: &d.ids,
+            attention_mask: &d.am,
+        }
     }
 
     /// The fused step (AdamW applied block by block inside the backward pass) must leave
@@ -610,7 +661,10 @@ mod tests {
                 assert!(same(&opt_plain.m, &opt_fused.m) && same(&opt_plain.v, &opt_fused.v), "{kind:?} step {step}: moments differ");
                 assert_eq!(opt_plain.t, opt_fused.t);
                 for w in fused.text.layer_windows().iter().chain(fused.video.block_windows()).chain([&fused.word_range]) {
-                    assert!(fused.params.grad[w.clone()].iter().all(|&g| g == 0.0), "{kind:?}: a block or word-table gradient reached params.grad");
+                    assert!(
+                        fused.params.grad[w.clone()].iter().all(|&g| g == 0.0),
+                        "{kind:?}: a block or word-table gradient reached params.grad"
+                    );
                 }
             }
             // The windows and the rest cover every updated element exactly once.

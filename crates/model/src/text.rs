@@ -4,8 +4,8 @@
 //! attention probabilities, on the FFN output before its residual, and for BERT also on
 //! the attention output projection before its residual.
 
-use crate::config::{TextConfig, TextKind};
 use crate::adamw::FusedStep;
+use crate::config::{TextConfig, TextKind};
 use crate::layers::{add_in_place, block_window, fit, range, zeroed, Grads, LayerNorm, Linear};
 use crate::params::{Params, ParamsBuilder};
 use demovlp_kernels::activation::{gelu_backward_in_place, gelu_forward};
@@ -268,12 +268,48 @@ impl TextActs {
     #[cfg(test)]
     pub(crate) fn buffers(&self) -> Vec<(usize, usize)> {
         let buf = |v: &Vec<f32>| (v.as_ptr() as usize, v.capacity());
-        let mut out = vec![buf(&self.emb), buf(&self.emb_mean), buf(&self.emb_rstd), buf(&self.mask_add), buf(&self.emb_drop), buf(&self.ctx_h), buf(&self.probs), buf(&self.hs), buf(&self.g), buf(&self.dx_a), buf(&self.dx_b), buf(&self.dz), buf(&self.dctx), buf(&self.dctx_h), buf(&self.dq_h), buf(&self.dk_h), buf(&self.dv_h), buf(&self.dq), buf(&self.dtmp)];
+        let mut out = vec![
+            buf(&self.emb),
+            buf(&self.emb_mean),
+            buf(&self.emb_rstd),
+            buf(&self.mask_add),
+            buf(&self.emb_drop),
+            buf(&self.ctx_h),
+            buf(&self.probs),
+            buf(&self.hs),
+            buf(&self.g),
+            buf(&self.dx_a),
+            buf(&self.dx_b),
+            buf(&self.dz),
+            buf(&self.dctx),
+            buf(&self.dctx_h),
+            buf(&self.dq_h),
+            buf(&self.dk_h),
+            buf(&self.dv_h),
+            buf(&self.dq),
+            buf(&self.dtmp),
+        ];
         for v in &self.xs {
             out.push(buf(v));
         }
         for l in &self.layers {
-            out.extend([buf(&l.q), buf(&l.k), buf(&l.v), buf(&l.ctx), buf(&l.z1), buf(&l.m1), buf(&l.r1), buf(&l.x1), buf(&l.z2), buf(&l.m2), buf(&l.r2), buf(&l.h), buf(&l.attn_drop), buf(&l.sa_drop), buf(&l.ffn_drop)]);
+            out.extend([
+                buf(&l.q),
+                buf(&l.k),
+                buf(&l.v),
+                buf(&l.ctx),
+                buf(&l.z1),
+                buf(&l.m1),
+                buf(&l.r1),
+                buf(&l.x1),
+                buf(&l.z2),
+                buf(&l.m2),
+                buf(&l.r2),
+                buf(&l.h),
+                buf(&l.attn_drop),
+                buf(&l.sa_drop),
+                buf(&l.ffn_drop),
+            ]);
         }
         out
     }
@@ -336,7 +372,17 @@ impl TextTower {
     /// (training), masks are drawn from the generator and kept for the backward pass;
     /// `keep_ffn_hidden` keeps each layer's FFN hidden activations for it as well.
     #[allow(clippy::too_many_arguments)]
-    pub fn forward(&self, data: &[f32], a: &mut TextActs, ids: &[i64], mask: &[i64], b: usize, l: usize, mut dropout: Option<(TextDropout, &mut Rng)>, keep_ffn_hidden: bool) {
+    pub fn forward(
+        &self,
+        data: &[f32],
+        a: &mut TextActs,
+        ids: &[i64],
+        mask: &[i64],
+        b: usize,
+        l: usize,
+        mut dropout: Option<(TextDropout, &mut Rng)>,
+        keep_ffn_hidden: bool,
+    ) {
         let c = &self.cfg;
         let (d, hid) = (c.dim, c.hidden_dim);
         assert!(d % c.heads == 0, "text dim {d} not divisible by {} heads", c.heads);

@@ -82,9 +82,7 @@ impl Reader<'_> {
         let mut expect = 1usize;
         for d in (0..size.len()).rev() {
             if size[d] != 1 && stride[d] != expect {
-                bail!(
-                    "tensor of size {size:?} has strides {stride:?}: not contiguous (save it with .contiguous() first)"
-                );
+                bail!("tensor of size {size:?} has strides {stride:?}: not contiguous (save it with .contiguous() first)");
             }
             expect *= size[d];
         }
@@ -104,12 +102,10 @@ impl Reader<'_> {
         let args = args.as_seq().unwrap_or(&[]);
         match callable.global_name() {
             Some(("torch._utils", "_rebuild_tensor_v2")) | Some(("torch._utils", "_rebuild_tensor")) => self.tensor(args).map(Some),
-            Some(("torch._utils", "_rebuild_parameter")) | Some(("torch._utils", "_rebuild_parameter_with_state")) => {
-                match args.first() {
-                    Some(inner) => self.value_tensor(inner),
-                    None => bail!("_rebuild_parameter without arguments"),
-                }
-            }
+            Some(("torch._utils", "_rebuild_parameter")) | Some(("torch._utils", "_rebuild_parameter_with_state")) => match args.first() {
+                Some(inner) => self.value_tensor(inner),
+                None => bail!("_rebuild_parameter without arguments"),
+            },
             _ => Ok(None),
         }
     }
@@ -127,11 +123,9 @@ fn dict_items(v: &Value) -> Option<&[(Value, Value)]> {
 /// entry of the top-level dict, or the top-level dict itself when it maps names to tensors.
 pub fn read_torch_state_dict(path: &Path) -> Result<TorchStateDict> {
     let zip = ZipArchive::open(path)?;
-    let pkl = zip
-        .entries()
-        .iter()
-        .find(|e| e.name == "data.pkl" || e.name.ends_with("/data.pkl"))
-        .with_context(|| format!("{}: no data.pkl entry: not a torch.save zip checkpoint (legacy non-zip .pth files are not supported)", path.display()))?;
+    let pkl = zip.entries().iter().find(|e| e.name == "data.pkl" || e.name.ends_with("/data.pkl")).with_context(|| {
+        format!("{}: no data.pkl entry: not a torch.save zip checkpoint (legacy non-zip .pth files are not supported)", path.display())
+    })?;
     let prefix = pkl.name.strip_suffix("data.pkl").unwrap().to_string();
     if let Ok(order) = zip.read(&format!("{prefix}byteorder")) {
         if order.as_ref() != b"little" {
@@ -160,7 +154,11 @@ pub fn read_torch_state_dict(path: &Path) -> Result<TorchStateDict> {
         }
     }
     if out.tensors.is_empty() {
-        bail!("{}: no tensors found in the checkpoint's {}", path.display(), if out.source_key.is_empty() { "top-level dict".to_string() } else { format!("`{}` entry", out.source_key) });
+        bail!(
+            "{}: no tensors found in the checkpoint's {}",
+            path.display(),
+            if out.source_key.is_empty() { "top-level dict".to_string() } else { format!("`{}` entry", out.source_key) }
+        );
     }
     Ok(out)
 }
@@ -175,7 +173,13 @@ mod tests {
 
     /// A tensor pickled the way torch does it.
     fn rebuild(key: &str, storage: &str, numel: i64, offset: i64, size: &[i64], stride: &[i64]) -> Value {
-        let pid = Value::Tuple(vec![Value::Str("storage".into()), g("torch", storage), Value::Str(key.into()), Value::Str("cpu".into()), Value::Int(numel)]);
+        let pid = Value::Tuple(vec![
+            Value::Str("storage".into()),
+            g("torch", storage),
+            Value::Str(key.into()),
+            Value::Str("cpu".into()),
+            Value::Int(numel),
+        ]);
         let tup = |xs: &[i64]| Value::Tuple(xs.iter().map(|&x| Value::Int(x)).collect());
         Value::Reduce {
             callable: Box::new(g("torch._utils", "_rebuild_tensor_v2")),
@@ -185,7 +189,12 @@ mod tests {
                 tup(size),
                 tup(stride),
                 Value::Bool(false),
-                Value::Reduce { callable: Box::new(g("collections", "OrderedDict")), args: Box::new(Value::Tuple(vec![])), items: vec![], list_items: vec![] },
+                Value::Reduce {
+                    callable: Box::new(g("collections", "OrderedDict")),
+                    args: Box::new(Value::Tuple(vec![])),
+                    items: vec![],
+                    list_items: vec![],
+                },
             ])),
             items: vec![],
             list_items: vec![],
@@ -198,7 +207,10 @@ mod tests {
             (
                 Value::Str("config".into()),
                 Value::Build {
-                    obj: Box::new(Value::NewObj { cls: Box::new(g("parse_config_dist_multi", "ConfigParser")), args: Box::new(Value::Tuple(vec![])) }),
+                    obj: Box::new(Value::NewObj {
+                        cls: Box::new(g("parse_config_dist_multi", "ConfigParser")),
+                        args: Box::new(Value::Tuple(vec![])),
+                    }),
                     state: Box::new(Value::Dict(vec![(Value::Str("x".into()), Value::Int(3))])),
                 },
             ),

@@ -5,13 +5,13 @@
 //! region of frame f see [CLS, regions of f], then Linear(D→P, no bias) on every token.
 //! `norm3` of each block and the final `norm` exist in checkpoints but are never applied.
 
-use crate::config::VideoConfig;
 use crate::adamw::FusedStep;
+use crate::config::VideoConfig;
 use crate::layers::{add_in_place, block_window, fit, range, zeroed, Grads, LayerNorm, Linear};
 use crate::params::{Params, ParamsBuilder};
 use demovlp_kernels::activation::{gelu_backward_in_place, gelu_forward, gelu_forward_with_grad};
-use demovlp_kernels::dropout::mul_in_place;
 use demovlp_kernels::attention::{attention_backward_rows, attention_forward, merge_heads, AttnShape, KeyPattern};
+use demovlp_kernels::dropout::mul_in_place;
 use std::ops::Range;
 
 /// Declare the video tower's tensors in the published state_dict order.
@@ -135,7 +135,22 @@ impl VideoActs {
     #[cfg(test)]
     pub(crate) fn buffers(&self) -> Vec<(usize, usize)> {
         let buf = |v: &Vec<f32>| (v.as_ptr() as usize, v.capacity());
-        let mut out = vec![buf(&self.mask_add), buf(&self.out), buf(&self.e), buf(&self.y), buf(&self.ms), buf(&self.rs), buf(&self.ctx_h), buf(&self.probs), buf(&self.ctx), buf(&self.tmp), buf(&self.g), buf(&self.dx_a), buf(&self.dy), buf(&self.hs)];
+        let mut out = vec![
+            buf(&self.mask_add),
+            buf(&self.out),
+            buf(&self.e),
+            buf(&self.y),
+            buf(&self.ms),
+            buf(&self.rs),
+            buf(&self.ctx_h),
+            buf(&self.probs),
+            buf(&self.ctx),
+            buf(&self.tmp),
+            buf(&self.g),
+            buf(&self.dx_a),
+            buf(&self.dy),
+            buf(&self.hs),
+        ];
         for v in &self.xs {
             out.push(buf(v));
         }
@@ -184,7 +199,13 @@ impl VideoTower {
     }
 
     fn attn_shape(&self, b: usize, f: usize, r: usize) -> AttnShape {
-        AttnShape { batch: b, heads: self.cfg.heads, seq: 1 + f * r, head_dim: self.cfg.dim / self.cfg.heads, pattern: KeyPattern::Frames { regions: r } }
+        AttnShape {
+            batch: b,
+            heads: self.cfg.heads,
+            seq: 1 + f * r,
+            head_dim: self.cfg.dim / self.cfg.heads,
+            pattern: KeyPattern::Frames { regions: r },
+        }
     }
 
     /// `object` `[B, F, R, feature_dim + box_dim]`, `object_mask` `[B, F, R]` (1 real / 0 pad).
@@ -322,7 +343,15 @@ impl VideoTower {
     /// step's block-sized scratch buffer and its AdamW update is applied as soon as they are
     /// final (no later block reads its weights). Tensors outside the blocks accumulate into
     /// `grad` as usual; the caller updates them at the end.
-    pub fn backward_fused(&self, data: &mut [f32], grad: &mut [f32], a: &mut VideoActs, object: &[f32], dout: &[f32], step: &mut FusedStep) {
+    pub fn backward_fused(
+        &self,
+        data: &mut [f32],
+        grad: &mut [f32],
+        a: &mut VideoActs,
+        object: &[f32],
+        dout: &[f32],
+        step: &mut FusedStep,
+    ) {
         self.backward_head(data, grad, a, dout);
         for li in (0..self.cfg.depth).rev() {
             step.block(data, self.block_windows[li].clone(), |data, grad| self.block_backward(&self.blocks_local[li], data, grad, a, li));

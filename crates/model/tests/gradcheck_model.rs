@@ -24,7 +24,17 @@ fn tiny_config(kind: TextKind) -> ModelConfig {
             type_vocab_size: if kind == TextKind::Bert { 2 } else { 0 },
             layer_norm_eps: 1e-12,
         },
-        video: VideoConfig { dim: 8, depth: 2, heads: 2, mlp_dim: 12, max_frames: 3, pos_embed_rows: 4, feature_dim: 10, box_dim: 6, layer_norm_eps: 1e-6 },
+        video: VideoConfig {
+            dim: 8,
+            depth: 2,
+            heads: 2,
+            mlp_dim: 12,
+            max_frames: 3,
+            pos_embed_rows: 4,
+            feature_dim: 10,
+            box_dim: 6,
+            layer_norm_eps: 1e-6,
+        },
         proj_dim: 4,
     }
 }
@@ -63,7 +73,16 @@ fn inputs(rng: &mut Rng) -> Inputs {
 }
 
 fn batch(x: &Inputs) -> BatchRef<'_> {
-    BatchRef { batch: B, frames: F, regions: R, text_len: L, object: &x.object, object_mask: &x.object_mask, input_ids: &x.ids, attention_mask: &x.mask }
+    BatchRef {
+        batch: B,
+        frames: F,
+        regions: R,
+        text_len: L,
+        object: &x.object,
+        object_mask: &x.object_mask,
+        input_ids: &x.ids,
+        attention_mask: &x.mask,
+    }
 }
 
 /// Random weights large enough that every nonlinearity is exercised (LayerNorm weights near 1).
@@ -72,7 +91,8 @@ fn random_model(kind: TextKind, seed: u64) -> Model {
     let mut rng = Rng::new(seed);
     let specs = m.params.specs().to_vec();
     for s in &specs {
-        let norm_weight = s.name.ends_with(".weight") && (s.name.contains("LayerNorm") || s.name.contains("layer_norm") || s.name.contains(".norm"));
+        let norm_weight =
+            s.name.ends_with(".weight") && (s.name.contains("LayerNorm") || s.name.contains("layer_norm") || s.name.contains(".norm"));
         for v in &mut m.params.data[s.offset..s.offset + s.len] {
             let u = rng.uniform() * 2.0 - 1.0;
             *v = if norm_weight { 1.0 + 0.3 * u } else { 0.5 * u };
@@ -83,13 +103,24 @@ fn random_model(kind: TextKind, seed: u64) -> Model {
 
 /// For each parameter tensor receiving a gradient: a few coordinates (for embedding tables,
 /// rows that the batch uses), numeric vs analytic with an error floor against f32 noise.
-fn check_all_tensors(what: &str, model: &mut Model, analytic: &[f32], mut loss: impl FnMut(&mut Model) -> f64, per_tensor: usize, tol: f64, ids: &[i64]) {
+fn check_all_tensors(
+    what: &str,
+    model: &mut Model,
+    analytic: &[f32],
+    mut loss: impl FnMut(&mut Model) -> f64,
+    per_tensor: usize,
+    tol: f64,
+    ids: &[i64],
+) {
     let mut rng = Rng::new(99);
     let x = model.params.data.clone();
     let specs = model.params.specs().to_vec();
     let mut worst = (0.0f64, String::new());
     for s in specs.iter().filter(|s| s.receives_grad) {
-        let mut coords: Vec<usize> = if s.name.ends_with("word_embeddings.weight") || s.name.ends_with("position_embeddings.weight") || s.name.ends_with("token_type_embeddings.weight") {
+        let mut coords: Vec<usize> = if s.name.ends_with("word_embeddings.weight")
+            || s.name.ends_with("position_embeddings.weight")
+            || s.name.ends_with("token_type_embeddings.weight")
+        {
             let d = s.shape[1];
             let row = if s.name.ends_with("word_embeddings.weight") { ids[rng.below(ids.len())] as usize } else { 0 };
             sample_coords(&mut rng, d, per_tensor).into_iter().map(|i| row * d + i).collect()
@@ -108,7 +139,13 @@ fn check_all_tensors(what: &str, model: &mut Model, analytic: &[f32], mut loss: 
             .collect();
         let scale = coords.iter().zip(&numeric[0]).map(|(&i, n)| (analytic[i] as f64).abs().max(n.abs())).fold(0.05, f64::max);
         for (k, &i) in coords.iter().enumerate() {
-            let (e, n) = numeric.iter().map(|nv| ((nv[k] - analytic[i] as f64).abs() / scale, nv[k])).fold((f64::MAX, 0.0), |a, b| if b.0 < a.0 { b } else { a });
+            let (e, n) = numeric.iter().map(|nv| ((nv[k] - analytic[i] as f64).abs() / scale, nv[k])).fold((f64::MAX, 0.0), |a, b| {
+                if b.0 < a.0 {
+                    b
+                } else {
+                    a
+                }
+            });
             if e > worst.0 {
                 worst = (e, format!("{}[{}]: numeric {n:.6}, analytic {:.6}", s.name, i - s.offset, analytic[i]));
             }

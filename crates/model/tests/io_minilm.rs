@@ -18,10 +18,7 @@ fn minilm_dir() -> Option<PathBuf> {
     if dir.join("config.json").is_file() && dir.join("model.safetensors").is_file() {
         return Some(dir);
     }
-    let msg = format!(
-        "MiniLM model directory not found at {} (run scripts/fetch-test-models.sh or set DEMOVLP_MINILM_DIR)",
-        dir.display()
-    );
+    let msg = format!("MiniLM model directory not found at {} (run scripts/fetch-test-models.sh or set DEMOVLP_MINILM_DIR)", dir.display());
     if std::env::var_os("CI").is_some() {
         panic!("{msg}");
     }
@@ -34,7 +31,8 @@ fn minilm_dir() -> Option<PathBuf> {
 #[test]
 fn minilm_last_hidden_state_matches_transformers() {
     let Some(dir) = minilm_dir() else { return };
-    let fx = read_safetensors(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/minilm_l6_last_hidden_state.safetensors")).unwrap();
+    let fx = read_safetensors(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/minilm_l6_last_hidden_state.safetensors"))
+        .unwrap();
     let ids = fx.get("in.input_ids").unwrap();
     let (b, l) = (ids.shape[0], ids.shape[1]);
     let input_ids = fx.i64("in.input_ids").unwrap();
@@ -62,6 +60,21 @@ fn minilm_last_hidden_state_matches_transformers() {
         }
     }
     let i = worst.1;
-    eprintln!("MiniLM: worst relative error {:.3e} at text {}, token {}, unit {} (got {}, want {})", worst.0, i / (l * d), i / d % l, i % d, got[i], want[i]);
-    assert!(worst.0 < 1e-4, "MiniLM last_hidden_state differs: {:.3e} at text {}, token {}, unit {}", worst.0, i / (l * d), i / d % l, i % d);
+    eprintln!(
+        "MiniLM: worst relative error {:.3e} at text {}, token {}, unit {} (got {}, want {})",
+        worst.0,
+        i / (l * d),
+        i / d % l,
+        i % d,
+        got[i],
+        want[i]
+    );
+    assert!(
+        worst.0 < 1e-4,
+        "MiniLM last_hidden_state differs: {:.3e} at text {}, token {}, unit {}",
+        worst.0,
+        i / (l * d),
+        i / d % l,
+        i % d
+    );
 }

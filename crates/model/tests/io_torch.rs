@@ -36,8 +36,16 @@ fn sizes_inferred_from_checkpoint_shapes() {
         let params = fx.tensors.iter().filter_map(|(k, v)| k.strip_prefix("param.").map(|k| (k.to_string(), v.clone()))).collect();
         let c = infer_config(&params, heads.0, heads.1).unwrap();
         assert_eq!(c.text.kind, TextKind::Distilbert);
-        assert_eq!((c.text.dim, c.text.layers, c.text.heads, c.text.vocab_size, c.text.max_position_embeddings), (u("tdim"), u("tlayers"), u("theads"), u("vocab"), u("maxpos")), "{fixture}");
-        assert_eq!((c.video.dim, c.video.depth, c.video.heads, c.video.max_frames), (u("dim"), u("depth"), u("heads"), u("F")), "{fixture}");
+        assert_eq!(
+            (c.text.dim, c.text.layers, c.text.heads, c.text.vocab_size, c.text.max_position_embeddings),
+            (u("tdim"), u("tlayers"), u("theads"), u("vocab"), u("maxpos")),
+            "{fixture}"
+        );
+        assert_eq!(
+            (c.video.dim, c.video.depth, c.video.heads, c.video.max_frames),
+            (u("dim"), u("depth"), u("heads"), u("F")),
+            "{fixture}"
+        );
         assert_eq!((c.text.hidden_dim, c.video.mlp_dim, c.video.feature_dim, c.video.box_dim), (4 * u("tdim"), 4 * u("dim"), 2048, 6));
         assert_eq!(c.proj_dim, u("out"));
         // Heads must divide the width.

@@ -50,7 +50,15 @@ fn timm_blocks_load_non_strictly() {
     let r = load_vit_blocks(&mut params, &vit).unwrap();
     assert_eq!(r.loaded.len(), blocks);
     assert_eq!(r.skipped.len(), 4);
-    assert_eq!(r.missing, vec!["object_model.blocks.0.norm3.bias", "object_model.blocks.0.norm3.weight", "object_model.blocks.1.norm3.bias", "object_model.blocks.1.norm3.weight"]);
+    assert_eq!(
+        r.missing,
+        vec![
+            "object_model.blocks.0.norm3.bias",
+            "object_model.blocks.0.norm3.weight",
+            "object_model.blocks.1.norm3.bias",
+            "object_model.blocks.1.norm3.weight"
+        ]
+    );
     for (k, t) in &vit {
         if let Some(id) = params.id(&format!("object_model.{k}")) {
             assert_eq!(params.get(id), t.as_f32().unwrap(), "{k}");

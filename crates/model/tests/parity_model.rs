@@ -42,10 +42,16 @@ impl Fixture {
             let d = v.data();
             match v.dtype() {
                 Dtype::F32 => {
-                    f32s.insert(k.clone(), (v.shape().to_vec(), d.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()));
+                    f32s.insert(
+                        k.clone(),
+                        (v.shape().to_vec(), d.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()),
+                    );
                 }
                 Dtype::I64 => {
-                    i64s.insert(k.clone(), (v.shape().to_vec(), d.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()));
+                    i64s.insert(
+                        k.clone(),
+                        (v.shape().to_vec(), d.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()),
+                    );
                 }
                 t => panic!("{name}: unexpected dtype {t:?} for {k}"),
             }

@@ -70,7 +70,14 @@ pub struct EvalOptions {
 /// Score matrix [T, V] (rows = texts). `progress(done, total)` is called from the calling
 /// thread as blocks of pairs finish. Panics on inconsistent shapes, and in
 /// `ScoreMode::Reference` when T ≠ V (the published code cannot combine those either).
-pub fn eval_scores(texts: &EmbeddingSet, videos: &EmbeddingSet, lambda: f32, mode: ScoreMode, use_local: bool, progress: &dyn Fn(usize, usize)) -> Vec<f32> {
+pub fn eval_scores(
+    texts: &EmbeddingSet,
+    videos: &EmbeddingSet,
+    lambda: f32,
+    mode: ScoreMode,
+    use_local: bool,
+    progress: &dyn Fn(usize, usize),
+) -> Vec<f32> {
     eval_scores_with(texts, videos, &EvalOptions { lambda, mode, use_local, masked_mean: false }, progress)
 }
 
@@ -106,7 +113,13 @@ const TEXT_BLOCK: usize = 8;
 const VIDEO_WAVE: usize = 8;
 
 /// S_loc [V, T] (rows = videos), SPEC §6 s1[v, t] + s2[t, v].
-pub fn local_scores(texts: &EmbeddingSet, videos: &EmbeddingSet, lambda: f32, masked_mean: bool, progress: &dyn Fn(usize, usize)) -> Vec<f32> {
+pub fn local_scores(
+    texts: &EmbeddingSet,
+    videos: &EmbeddingSet,
+    lambda: f32,
+    masked_mean: bool,
+    progress: &dyn Fn(usize, usize),
+) -> Vec<f32> {
     let text = Items::new(texts.local, texts.mask_additive, texts.count, texts.len, texts.dim);
     let video = Items::new(videos.local, videos.mask_additive, videos.count, videos.len, videos.dim);
     local_scores_items(&text, &video, lambda, masked_mean, progress)
@@ -133,7 +146,19 @@ pub fn local_scores_items(text: &Items, video: &Items, lambda: f32, masked_mean:
                 let (v, tb) = (v0 + k % nw, k / nw);
                 let t0 = tb * TEXT_BLOCK;
                 let t1 = (t0 + TEXT_BLOCK).min(nt);
-                (v, t0, score_block(sc, Side { items: text, gram: &text_gram, active: &text_active }, t0..t1, Side { items: video, gram: &video_gram, active: &video_active }, v, lambda, masked_mean))
+                (
+                    v,
+                    t0,
+                    score_block(
+                        sc,
+                        Side { items: text, gram: &text_gram, active: &text_active },
+                        t0..t1,
+                        Side { items: video, gram: &video_gram, active: &video_active },
+                        v,
+                        lambda,
+                        masked_mean,
+                    ),
+                )
             })
             .collect();
         for (v, t0, vals) in tasks {
@@ -229,7 +254,15 @@ pub fn force_portable_path(on: bool) {
 }
 
 /// S_loc[v, t] for t in `texts`.
-fn score_block(sc: &mut TaskScratch, text: Side, texts: std::ops::Range<usize>, video: Side, v: usize, lambda: f32, masked_mean: bool) -> Vec<f32> {
+fn score_block(
+    sc: &mut TaskScratch,
+    text: Side,
+    texts: std::ops::Range<usize>,
+    video: Side,
+    v: usize,
+    lambda: f32,
+    masked_mean: bool,
+) -> Vec<f32> {
     let (w, n, dim) = (text.items.len, video.items.len, text.items.dim);
     let np = pad8(n);
     let rows = texts.len() * w;
@@ -266,7 +299,16 @@ unsafe fn pair_avx2(sc: &mut TaskScratch, i: usize, text: Side, t: usize, video:
 /// s2[t, v] + s1[v, t] from the task's i-th cosine block.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn pair<const AVX2: bool>(sc: &mut TaskScratch, i: usize, text: Side, t: usize, video: Side, v: usize, lambda: f32, masked_mean: bool) -> f32 {
+fn pair<const AVX2: bool>(
+    sc: &mut TaskScratch,
+    i: usize,
+    text: Side,
+    t: usize,
+    video: Side,
+    v: usize,
+    lambda: f32,
+    masked_mean: bool,
+) -> f32 {
     let (w, n) = (text.items.len, video.items.len);
     let np = pad8(n);
     let m = &sc.m[i * w * np..(i + 1) * w * np];
@@ -303,7 +345,19 @@ fn pair<const AVX2: bool>(sc: &mut TaskScratch, i: usize, text: Side, t: usize, 
     // query_row_cos relies on every active context being < the context count.
     assert!(va.iter().all(|&c| (c as usize) < n) && ta.iter().all(|&c| (c as usize) < w));
     for (l, mrow) in ctx.chunks_exact(na).enumerate() {
-        let c = query_row_cos::<AVX2>(mrow, &sc.cnorm, tm[l], &sc.cmask, lambda, n, va, vgram, text.items.norm(t)[l], &mut sc.z[..na], &mut sc.kept);
+        let c = query_row_cos::<AVX2>(
+            mrow,
+            &sc.cnorm,
+            tm[l],
+            &sc.cmask,
+            lambda,
+            n,
+            va,
+            vgram,
+            text.items.norm(t)[l],
+            &mut sc.z[..na],
+            &mut sc.kept,
+        );
         if !masked_mean || is_real(tm[l]) {
             sum += c;
             real += 1;
@@ -318,7 +372,19 @@ fn pair<const AVX2: bool>(sc: &mut TaskScratch, i: usize, text: Side, t: usize, 
     let tgram = &text.gram[t * w * w..(t + 1) * w * w];
     let (mut sum, mut real) = (0f32, 0usize);
     for (r, mrow) in sc.ctx.chunks_exact(wa).enumerate() {
-        let c = query_row_cos::<AVX2>(mrow, &sc.cnorm, vm[r], &sc.cmask, lambda, w, ta, tgram, video.items.norm(v)[r], &mut sc.z[..wa], &mut sc.kept);
+        let c = query_row_cos::<AVX2>(
+            mrow,
+            &sc.cnorm,
+            vm[r],
+            &sc.cmask,
+            lambda,
+            w,
+            ta,
+            tgram,
+            video.items.norm(v)[r],
+            &mut sc.z[..wa],
+            &mut sc.kept,
+        );
         if !masked_mean || is_real(vm[r]) {
             sum += c;
             real += 1;

@@ -103,18 +103,18 @@ struct DirInputs<'a> {
 /// Scratch of one direction; kept between forward and backward of the same pair.
 #[derive(Default)]
 struct Direction {
-    leaky: Vec<f32>,   // [lq, lc] LeakyReLU(D)
-    colnorm: Vec<f32>, // [lc]  sqrt(Σ_l leaky²) + ε  (normalisation over the query axis)
-    p: Vec<f32>,       // [lq, lc] softmax over contexts
-    r: Vec<f32>,       // [lq, lc] focal-kept weights renormalised (0 where dropped)
+    leaky: Vec<f32>,    // [lq, lc] LeakyReLU(D)
+    colnorm: Vec<f32>,  // [lc]  sqrt(Σ_l leaky²) + ε  (normalisation over the query axis)
+    p: Vec<f32>,        // [lq, lc] softmax over contexts
+    r: Vec<f32>,        // [lq, lc] focal-kept weights renormalised (0 where dropped)
     kept_sum: Vec<f32>, // [lq] Σ of the kept P
-    wc: Vec<f32>,      // [lq, dim] weighted context
-    wnorm: Vec<f32>,   // [lq] ‖wc‖
-    cos: Vec<f32>,     // [lq]
-    weight: Vec<f32>,  // [lq] weight of each position in the mean
+    wc: Vec<f32>,       // [lq, dim] weighted context
+    wnorm: Vec<f32>,    // [lq] ‖wc‖
+    cos: Vec<f32>,      // [lq]
+    weight: Vec<f32>,   // [lq] weight of each position in the mean
     // backward scratch
-    gwc: Vec<f32>, // [lq, dim]
-    gr: Vec<f32>,  // [lq, lc]
+    gwc: Vec<f32>,  // [lq, dim]
+    gr: Vec<f32>,   // [lq, lc]
     colc: Vec<f32>, // [lc]
     // padded row scratch
     cn_p: Vec<f32>,
@@ -268,8 +268,7 @@ impl Direction {
 
         // Renormalisation of the kept weights, then the softmax; result dL/dA in `gd`.
         for l in 0..lq {
-            let (rrow, grow, prow) =
-                (&self.r[l * lc..(l + 1) * lc], &self.gr[l * lc..(l + 1) * lc], &self.p[l * lc..(l + 1) * lc]);
+            let (rrow, grow, prow) = (&self.r[l * lc..(l + 1) * lc], &self.gr[l * lc..(l + 1) * lc], &self.p[l * lc..(l + 1) * lc]);
             let out = &mut gd[l * lc..(l + 1) * lc];
             let rdot: f32 = rrow.iter().zip(grow).map(|(a, b)| a * b).sum();
             let inv = 1.0 / self.kept_sum[l];
@@ -338,8 +337,28 @@ impl PairKernel {
     fn inputs<'a>(m: &'a [f32], mt: &'a [f32], text: &'a Items, t: usize, video: &'a Items, v: usize) -> (DirInputs<'a>, DirInputs<'a>) {
         let (w, n, dim) = (text.len, video.len, text.dim);
         (
-            DirInputs { lq: w, lc: n, dim, d: m, q_raw: text.raw(t), q_norm: text.norm(t), c_hat: video.hat(v), mq: text.mask(t), mc: video.mask(v) },
-            DirInputs { lq: n, lc: w, dim, d: mt, q_raw: video.raw(v), q_norm: video.norm(v), c_hat: text.hat(t), mq: video.mask(v), mc: text.mask(t) },
+            DirInputs {
+                lq: w,
+                lc: n,
+                dim,
+                d: m,
+                q_raw: text.raw(t),
+                q_norm: text.norm(t),
+                c_hat: video.hat(v),
+                mq: text.mask(t),
+                mc: video.mask(v),
+            },
+            DirInputs {
+                lq: n,
+                lc: w,
+                dim,
+                d: mt,
+                q_raw: video.raw(v),
+                q_norm: video.norm(v),
+                c_hat: text.hat(t),
+                mq: video.mask(v),
+                mc: text.mask(t),
+            },
         )
     }
 
@@ -358,7 +377,18 @@ impl PairKernel {
     /// Recomputes the pair and accumulates the gradients of g1·s1 + g2·s2 into the raw
     /// local embeddings of text t (`g_text` [W, dim]) and video v (`g_video` [N, dim]).
     #[allow(clippy::too_many_arguments)]
-    pub fn backward(&mut self, g1: f32, g2: f32, text: &Items, t: usize, video: &Items, v: usize, cfg: &AlignConfig, g_text: &mut [f32], g_video: &mut [f32]) {
+    pub fn backward(
+        &mut self,
+        g1: f32,
+        g2: f32,
+        text: &Items,
+        t: usize,
+        video: &Items,
+        v: usize,
+        cfg: &AlignConfig,
+        g_text: &mut [f32],
+        g_video: &mut [f32],
+    ) {
         self.forward(text, t, video, v, cfg);
         let (w, n, dim) = (text.len, video.len, text.dim);
         resize(&mut self.gm, w * n);

@@ -57,7 +57,18 @@ fn l2norm_rows(x: &[f32], rows: usize, dim: usize) -> (Vec<f32>, Vec<f32>) {
 /// The published attend + cosine + mean for queries `q` [bq, lq, dim] over contexts
 /// `c` [bc, lc, dim] with additive masks `mq` [bq, lq], `mc` [bc, lc].
 #[allow(clippy::too_many_arguments)]
-pub fn attend(q: &[f32], bq: usize, lq: usize, mq: &[f32], c: &[f32], bc: usize, lc: usize, mc: &[f32], dim: usize, cfg: &AlignConfig) -> AttendTape {
+pub fn attend(
+    q: &[f32],
+    bq: usize,
+    lq: usize,
+    mq: &[f32],
+    c: &[f32],
+    bc: usize,
+    lc: usize,
+    mc: &[f32],
+    dim: usize,
+    cfg: &AlignConfig,
+) -> AttendTape {
     let (q_hat, q_norm) = l2norm_rows(q, bq * lq, dim);
     let (c_hat, c_norm) = l2norm_rows(c, bc * lc, dim);
     let blk = lq * lc;
@@ -67,7 +78,21 @@ pub fn attend(q: &[f32], bq: usize, lq: usize, mq: &[f32], c: &[f32], bc: usize,
     for ci in 0..bc {
         for qi in 0..bq {
             let o = (ci * bq + qi) * blk;
-            sgemm(Trans::No, Trans::Yes, lq, lc, dim, 1.0, &q_hat[qi * lq * dim..], dim, &c_hat[ci * lc * dim..], dim, 0.0, &mut d[o..o + blk], lc);
+            sgemm(
+                Trans::No,
+                Trans::Yes,
+                lq,
+                lc,
+                dim,
+                1.0,
+                &q_hat[qi * lq * dim..],
+                dim,
+                &c_hat[ci * lc * dim..],
+                dim,
+                0.0,
+                &mut d[o..o + blk],
+                lc,
+            );
         }
     }
     let leaky: Vec<f32> = d.iter().map(|&v| if v > 0.0 { v } else { LEAKY_SLOPE * v }).collect();
@@ -129,7 +154,21 @@ pub fn attend(q: &[f32], bq: usize, lq: usize, mq: &[f32], c: &[f32], bc: usize,
     for ci in 0..bc {
         for qi in 0..bq {
             let cq = ci * bq + qi;
-            sgemm(Trans::No, Trans::No, lq, dim, lc, 1.0, &r[cq * blk..], lc, &c_hat[ci * lc * dim..], dim, 0.0, &mut wctx[cq * lq * dim..(cq + 1) * lq * dim], dim);
+            sgemm(
+                Trans::No,
+                Trans::No,
+                lq,
+                dim,
+                lc,
+                1.0,
+                &r[cq * blk..],
+                lc,
+                &c_hat[ci * lc * dim..],
+                dim,
+                0.0,
+                &mut wctx[cq * lq * dim..(cq + 1) * lq * dim],
+                dim,
+            );
         }
     }
     // Cosine with the raw queries, mean over the query positions.

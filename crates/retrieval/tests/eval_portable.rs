@@ -11,7 +11,9 @@ use demovlp_retrieval::{eval_scores_with, EmbeddingSet, EvalOptions, ScoreMode};
 fn portable_and_simd_paths_agree_exactly() {
     let (nt, nv, w, n, p) = (10, 9, 13, 21, 24);
     let (gt, gv, lt, lv) = (randn(nt * p, 1), randn(nv * p, 2), randn(nt * w * p, 3), randn(nv * n * p, 4));
-    let mask = |count: usize, len: usize| -> Vec<f32> { (0..count * len).map(|k| if k % len < 3 + (k / len) % len { 0.0 } else { -100.0 }).collect() };
+    let mask = |count: usize, len: usize| -> Vec<f32> {
+        (0..count * len).map(|k| if k % len < 3 + (k / len) % len { 0.0 } else { -100.0 }).collect()
+    };
     let (mt, mv) = (mask(nt, w), mask(nv, n));
     let texts = EmbeddingSet { count: nt, len: w, dim: p, global: &gt, local: &lt, mask_additive: &mt };
     let videos = EmbeddingSet { count: nv, len: n, dim: p, global: &gv, local: &lv, mask_additive: &mv };

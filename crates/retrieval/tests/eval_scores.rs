@@ -14,8 +14,22 @@ fn fixture_case(name: &str) {
     let g = |k: &str| &t[k].1;
     let (b, w, p) = (t["in.local_text"].0[0], t["in.local_text"].0[1], t["in.local_text"].0[2]);
     let n = t["in.local_video"].0[1];
-    let texts = EmbeddingSet { count: b, len: w, dim: p, global: g("in.global_text"), local: g("in.local_text"), mask_additive: g("in.text_mask_additive") };
-    let videos = EmbeddingSet { count: b, len: n, dim: p, global: g("in.global_video"), local: g("in.local_video"), mask_additive: g("in.video_mask_additive") };
+    let texts = EmbeddingSet {
+        count: b,
+        len: w,
+        dim: p,
+        global: g("in.global_text"),
+        local: g("in.local_text"),
+        mask_additive: g("in.text_mask_additive"),
+    };
+    let videos = EmbeddingSet {
+        count: b,
+        len: n,
+        dim: p,
+        global: g("in.global_video"),
+        local: g("in.local_video"),
+        mask_additive: g("in.video_mask_additive"),
+    };
     let calls = RefCell::new(Vec::new());
     let aligned = eval_scores(&texts, &videos, 20.0, ScoreMode::Aligned, true, &|d, tot| calls.borrow_mut().push((d, tot)));
     let e = rel_to_max(&aligned, g("out.eval_sum_aligned"));

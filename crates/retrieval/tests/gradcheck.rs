@@ -73,7 +73,8 @@ fn loss64(e: &Emb, tmask: &[f32], vmask: &[f32], cfg: &LossConfig) -> f64 {
         let n = norm(v).max(1e-8);
         v.iter().map(|a| a / n).collect::<Vec<_>>()
     };
-    let g: Vec<Vec<f64>> = (0..B).map(|t| (0..B).map(|v| unit(&e.gt, t).iter().zip(unit(&e.gv, v)).map(|(a, b)| a * b).sum()).collect()).collect();
+    let g: Vec<Vec<f64>> =
+        (0..B).map(|t| (0..B).map(|v| unit(&e.gt, t).iter().zip(unit(&e.gv, v)).map(|(a, b)| a * b).sum()).collect()).collect();
     let lse = |xs: Vec<f64>| {
         let m = xs.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         m + xs.iter().map(|x| (x - m).exp()).sum::<f64>().ln()

@@ -48,7 +48,8 @@ fn check(c: &Case, masked_mean: bool) {
     assert!(et < 2e-5 && ev < 2e-5, "masked_mean={masked_mean}: grad rel err text {et}, video {ev}");
     // Padded words get gradient in both modes: in the faithful mean directly, in the
     // masked mean through the step-3 normalisation over the query axis they share.
-    let padded_text_grad: f32 = (0..c.nt * c.w).filter(|&i| c.tmask[i] < 0.0).map(|i| gt[i * c.dim..(i + 1) * c.dim].iter().map(|v| v.abs()).sum::<f32>()).sum();
+    let padded_text_grad: f32 =
+        (0..c.nt * c.w).filter(|&i| c.tmask[i] < 0.0).map(|i| gt[i * c.dim..(i + 1) * c.dim].iter().map(|v| v.abs()).sum::<f32>()).sum();
     assert!(padded_text_grad > 0.0);
 }
 

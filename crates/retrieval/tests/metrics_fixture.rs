@@ -37,11 +37,18 @@ fn every_published_case() {
     assert_eq!(cases.len(), 8);
     for c in &cases {
         let name = c["name"].as_str().unwrap();
-        let rows: Vec<Vec<f64>> = c["sims_text_by_video"].as_array().unwrap().iter().map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()).collect();
+        let rows: Vec<Vec<f64>> = c["sims_text_by_video"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect())
+            .collect();
         let (texts, videos) = (rows.len(), rows[0].len());
         let flat: Vec<f64> = rows.concat();
         // query_mask is [videos, k]; caption-major per video = row-major flattening.
-        let mask: Option<Vec<bool>> = c["query_mask"].as_array().map(|m| m.iter().flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() != 0.0)).collect());
+        let mask: Option<Vec<bool>> = c["query_mask"]
+            .as_array()
+            .map(|m| m.iter().flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() != 0.0)).collect());
         let m = retrieval_metrics_f64(&flat, texts, videos, mask.as_deref());
         check(name, "t2v", &m.t2v, &c["t2v"]);
         check(name, "v2t", &m.v2t, &c["v2t"]);

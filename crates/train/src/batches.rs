@@ -181,7 +181,16 @@ impl Prefetcher {
     /// `workers` > 0: assemble on a private pool of that many threads (else the global pool).
     /// Results do not depend on it.
     #[allow(clippy::too_many_arguments)]
-    pub fn start(sets: Vec<TrainSet>, plan: Vec<BatchSpec>, start: usize, shape: InputShape, tok: Arc<Tokenizer>, epoch_seed: u64, skip_bad: bool, workers: usize) -> Self {
+    pub fn start(
+        sets: Vec<TrainSet>,
+        plan: Vec<BatchSpec>,
+        start: usize,
+        shape: InputShape,
+        tok: Arc<Tokenizer>,
+        epoch_seed: u64,
+        skip_bad: bool,
+        workers: usize,
+    ) -> Self {
         let (tx, rx) = sync_channel(2);
         let handle = std::thread::spawn(move || {
             let pool = (workers > 0).then(|| rayon::ThreadPoolBuilder::new().num_threads(workers).build()).and_then(Result::ok);

@@ -139,7 +139,14 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
     opt.m = file.f32("optim.m").with_context(|| format!("{}: optimiser state", path.display()))?;
     opt.v = file.f32("optim.v").with_context(|| format!("{}: optimiser state", path.display()))?;
     opt.t = meta.adam_t;
-    Ok(Checkpoint { path: path.to_path_buf(), state: meta.state, model_config: meta.model_config, config: meta.config, params, optimizer: opt })
+    Ok(Checkpoint {
+        path: path.to_path_buf(),
+        state: meta.state,
+        model_config: meta.model_config,
+        config: meta.config,
+        params,
+        optimizer: opt,
+    })
 }
 
 impl Checkpoint {
@@ -236,7 +243,10 @@ mod tests {
         s2.step = 12;
         save(&path, &model_config(), &p, &opt, &s2, "").unwrap();
         assert_eq!(load(&path).unwrap().state.step, 12);
-        let ours = std::fs::read_dir(&dir).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().contains(&std::process::id().to_string())).count();
+        let ours = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().contains(&std::process::id().to_string()))
+            .count();
         assert_eq!(ours, 0);
         // A truncated final file is an error naming it, not a silent restart.
         std::fs::write(&path, &good[..good.len() - 9]).unwrap();

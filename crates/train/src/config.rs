@@ -234,8 +234,20 @@ pub fn monitor_higher_is_better(monitor: &str) -> bool {
 }
 
 const MONITORS: &[&str] = &[
-    "train_loss", "geometric_mean", "t2v_R1", "t2v_R5", "t2v_R10", "t2v_R50", "t2v_MedR", "t2v_MeanR",
-    "v2t_R1", "v2t_R5", "v2t_R10", "v2t_R50", "v2t_MedR", "v2t_MeanR",
+    "train_loss",
+    "geometric_mean",
+    "t2v_R1",
+    "t2v_R5",
+    "t2v_R10",
+    "t2v_R50",
+    "t2v_MedR",
+    "t2v_MeanR",
+    "v2t_R1",
+    "v2t_R5",
+    "v2t_R10",
+    "v2t_R50",
+    "v2t_MedR",
+    "v2t_MeanR",
 ];
 
 const FORMATS: &[&str] = &["webvid", "cc3m", "msrvtt", "didemo", "msvd", "lsmdc", "jsonl"];
@@ -431,7 +443,10 @@ epochs = 2
     fn missing_path_is_rejected_before_any_work_and_named() {
         // The shipped configs point at data this checkout does not have.
         let e = format!("{:#}", TrainConfig::load(&shipped("finetune_didemo.toml")).unwrap_err());
-        assert!(e.contains("finetune_didemo.toml") && e.contains("data.tokenizer") && e.contains("pretrained/distilbert-base-uncased"), "{e}");
+        assert!(
+            e.contains("finetune_didemo.toml") && e.contains("data.tokenizer") && e.contains("pretrained/distilbert-base-uncased"),
+            "{e}"
+        );
         // With the tokenizer present, the first missing dataset path is named.
         let tok = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/bert-base-uncased");
         let ann = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/annotations/DiDeMo_train.tsv");

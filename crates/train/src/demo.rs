@@ -141,9 +141,15 @@ impl DemoReport {
 
     pub fn table(&self) -> String {
         let mut s = String::new();
-        s += &format!("DemoVLP demo: text<->video retrieval on {} held-out synthetic clips ({} captions)\n", self.test_clips, self.test_texts);
+        s += &format!(
+            "DemoVLP demo: text<->video retrieval on {} held-out synthetic clips ({} captions)\n",
+            self.test_clips, self.test_texts
+        );
         s += &format!("{:<22} | {:^30} | {:^30}\n", "", "text -> video", "video -> text");
-        s += &format!("{:<22} | {:>6} {:>6} {:>7} {:>8} | {:>6} {:>6} {:>7} {:>8}\n", "model", "R@1", "R@5", "R@10", "MedR", "R@1", "R@5", "R@10", "MedR");
+        s += &format!(
+            "{:<22} | {:>6} {:>6} {:>7} {:>8} | {:>6} {:>6} {:>7} {:>8}\n",
+            "model", "R@1", "R@5", "R@10", "MedR", "R@1", "R@5", "R@10", "MedR"
+        );
         s += &format!("{}\n", "-".repeat(88));
         for r in &self.rows {
             let (t, v) = (&r.metrics.t2v, &r.metrics.v2t);
@@ -171,7 +177,15 @@ fn chance(texts: usize, videos: usize, mask: &[bool], seed: u64) -> RetrievalMet
     retrieval_metrics(&sims, texts, videos, if all { None } else { Some(mask) })
 }
 
-fn stage_config(name: &str, out: &Path, seed: u64, sizes: &DemoSizes, st: &Stage, use_local: bool, data: (&[DatasetConfig], &DatasetConfig, PathBuf)) -> TrainConfig {
+fn stage_config(
+    name: &str,
+    out: &Path,
+    seed: u64,
+    sizes: &DemoSizes,
+    st: &Stage,
+    use_local: bool,
+    data: (&[DatasetConfig], &DatasetConfig, PathBuf),
+) -> TrainConfig {
     let mut model = sizes.model.clone();
     model.video.max_frames = sizes.finetune.frames.max(sizes.pretrain.frames);
     model.video.pos_embed_rows = 1 + model.video.max_frames;
@@ -237,7 +251,12 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
     let corpus = Arc::new(SyntheticCorpus::new(sizes.corpus.clone()));
     say(format!(
         "synthetic corpus (seed {}): {} + {} pre-training clips/images, {} fine-tuning, {} validation, {} test clips",
-        opts.seed, sizes.corpus.pretrain_videos, sizes.corpus.pretrain_images, sizes.corpus.finetune_train, sizes.corpus.val, sizes.corpus.test
+        opts.seed,
+        sizes.corpus.pretrain_videos,
+        sizes.corpus.pretrain_images,
+        sizes.corpus.finetune_train,
+        sizes.corpus.val,
+        sizes.corpus.test
     ));
 
     // Where features and annotations come from: generated on demand, or written and read back.
@@ -245,7 +264,11 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
     type Paths = Box<dyn Fn(Split) -> (PathBuf, PathBuf)>;
     let (source, samples, ds_paths): (Arc<dyn FeatureSource>, Samples, Paths) = if keep {
         let root = work.join("corpus");
-        say(format!("writing the corpus to {} (.npz per frame + JSONL annotations, about {:.1} GB)", root.display(), corpus.feature_bytes() as f64 / 1e9));
+        say(format!(
+            "writing the corpus to {} (.npz per frame + JSONL annotations, about {:.1} GB)",
+            root.display(),
+            corpus.feature_bytes() as f64 / 1e9
+        ));
         corpus.write(&root, &|_, _| {})?;
         let r1 = root.clone();
         let r2 = root.clone();
@@ -265,26 +288,66 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
     let tok_path = PathBuf::from("builtin:bert-base-uncased");
     let ds_cfg = |s: Split, k: usize| {
         let (a, f) = ds_paths(s);
-        DatasetConfig { name: s.name().into(), format: "jsonl".into(), annotations: a, features: f, cut: None, max_samples: None, captions_per_video: k }
+        DatasetConfig {
+            name: s.name().into(),
+            format: "jsonl".into(),
+            annotations: a,
+            features: f,
+            cut: None,
+            max_samples: None,
+            captions_per_video: k,
+        }
     };
     let set = |s: Split| -> Result<TrainSet> { Ok(TrainSet { name: s.name().into(), samples: samples(s)?, source: source.clone() }) };
     let val = EvalSet::from_samples(Split::Val.name(), &samples(Split::Val)?, 1, source.clone())?;
     let test = EvalSet::from_samples(Split::Test.name(), &samples(Split::Test)?, 1, source.clone())?;
 
-    let mut rows = vec![DemoRow { name: "chance".into(), metrics: chance(test.captions.len(), test.videos.len(), &test.query_mask(), opts.seed) }];
+    let mut rows =
+        vec![DemoRow { name: "chance".into(), metrics: chance(test.captions.len(), test.videos.len(), &test.query_mask(), opts.seed) }];
     for (label, tag, use_local) in [("global loss only", "global", false), ("global + region-word", "global_rwa", true)] {
-        let pre_cfg = stage_config(&format!("{tag}_pretrain"), &work, opts.seed, &sizes, &sizes.pretrain, use_local, (&[ds_cfg(Split::PretrainVideo, 1), ds_cfg(Split::PretrainImage, 1)], &ds_cfg(Split::Val, 1), tok_path.clone()));
+        let pre_cfg = stage_config(
+            &format!("{tag}_pretrain"),
+            &work,
+            opts.seed,
+            &sizes,
+            &sizes.pretrain,
+            use_local,
+            (&[ds_cfg(Split::PretrainVideo, 1), ds_cfg(Split::PretrainImage, 1)], &ds_cfg(Split::Val, 1), tok_path.clone()),
+        );
         say(format!("{label}: pre-training ({} epochs, 1 frame) ...", sizes.pretrain.epochs));
-        let inputs = TrainInputs { config: pre_cfg, train: vec![set(Split::PretrainVideo)?, set(Split::PretrainImage)?], val: Some(val.clone()), tokenizer: tok.clone() };
+        let inputs = TrainInputs {
+            config: pre_cfg,
+            train: vec![set(Split::PretrainVideo)?, set(Split::PretrainImage)?],
+            val: Some(val.clone()),
+            tokenizer: tok.clone(),
+        };
         let run_opts = RunOptions { resume: false, init: None, quiet: opts.quiet, stop: opts.stop.clone() };
         let pre = train(&inputs, &run_opts)?;
         if pre.interrupted {
             bail!("interrupted during pre-training; resumable checkpoint: {}", pre.latest.display());
         }
         let init = pre.best_checkpoint.clone().unwrap_or(pre.latest.clone());
-        let fine_cfg = stage_config(&format!("{tag}_finetune"), &work, opts.seed, &sizes, &sizes.finetune, use_local, (&[ds_cfg(Split::FinetuneTrain, 1)], &ds_cfg(Split::Val, 1), tok_path.clone()));
-        say(format!("{label}: fine-tuning ({} epochs, {} frames) from {} ...", sizes.finetune.epochs, sizes.finetune.frames, init.display()));
-        let inputs = TrainInputs { config: fine_cfg.clone(), train: vec![set(Split::FinetuneTrain)?], val: Some(val.clone()), tokenizer: tok.clone() };
+        let fine_cfg = stage_config(
+            &format!("{tag}_finetune"),
+            &work,
+            opts.seed,
+            &sizes,
+            &sizes.finetune,
+            use_local,
+            (&[ds_cfg(Split::FinetuneTrain, 1)], &ds_cfg(Split::Val, 1), tok_path.clone()),
+        );
+        say(format!(
+            "{label}: fine-tuning ({} epochs, {} frames) from {} ...",
+            sizes.finetune.epochs,
+            sizes.finetune.frames,
+            init.display()
+        ));
+        let inputs = TrainInputs {
+            config: fine_cfg.clone(),
+            train: vec![set(Split::FinetuneTrain)?],
+            val: Some(val.clone()),
+            tokenizer: tok.clone(),
+        };
         let fine = train(&inputs, &RunOptions { init: Some(init), ..run_opts.clone() })?;
         if fine.interrupted {
             bail!("interrupted during fine-tuning; resumable checkpoint: {}", fine.latest.display());
@@ -314,7 +377,13 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
     if !keep {
         std::fs::remove_dir_all(&work).ok();
     }
-    Ok(DemoReport { test_clips: test.videos.len(), test_texts: test.captions.len(), rows, seconds: t0.elapsed().as_secs_f64(), out: keep.then_some(work) })
+    Ok(DemoReport {
+        test_clips: test.videos.len(),
+        test_texts: test.captions.len(),
+        rows,
+        seconds: t0.elapsed().as_secs_f64(),
+        out: keep.then_some(work),
+    })
 }
 
 /// The user JSONL layout (`{"clip": ..., "captions": [...]}` per line), via the data crate.

@@ -40,7 +40,10 @@ pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[Series]) 
     let sy = |y: f64| top + ph - (y - y0) / (y1 - y0) * ph;
 
     let mut s = String::new();
-    let _ = writeln!(s, r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">"#);
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">"#
+    );
     let _ = writeln!(s, r#"<rect width="{w}" height="{h}" fill="white"/>"#);
     let _ = writeln!(s, r#"<text x="{}" y="22" text-anchor="middle" font-size="15">{}</text>"#, left + pw / 2.0, esc(title));
     for i in 0..=5 {
@@ -55,14 +58,25 @@ pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[Series]) 
     let _ = writeln!(s, r#"<text transform="translate(18 {}) rotate(-90)" text-anchor="middle">{}</text>"#, top + ph / 2.0, esc(y_label));
     for (i, ser) in series.iter().enumerate() {
         let c = COLOURS[i % COLOURS.len()];
-        let p: Vec<String> = ser.points.iter().filter(|(x, y)| x.is_finite() && y.is_finite()).map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y))).collect();
+        let p: Vec<String> =
+            ser.points.iter().filter(|(x, y)| x.is_finite() && y.is_finite()).map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y))).collect();
         if p.len() == 1 {
-            let _ = writeln!(s, r#"<circle cx="{}" cy="{}" r="3" fill="{c}"/>"#, p[0].split(',').next().unwrap(), p[0].split(',').nth(1).unwrap());
+            let _ = writeln!(
+                s,
+                r#"<circle cx="{}" cy="{}" r="3" fill="{c}"/>"#,
+                p[0].split(',').next().unwrap(),
+                p[0].split(',').nth(1).unwrap()
+            );
         } else if !p.is_empty() {
             let _ = writeln!(s, r#"<polyline fill="none" stroke="{c}" stroke-width="1.8" points="{}"/>"#, p.join(" "));
         }
         let ly = top + 10.0 + 18.0 * i as f64;
-        let _ = writeln!(s, r#"<line x1="{0}" y1="{ly}" x2="{1}" y2="{ly}" stroke="{c}" stroke-width="3"/>"#, left + pw + 12.0, left + pw + 32.0);
+        let _ = writeln!(
+            s,
+            r#"<line x1="{0}" y1="{ly}" x2="{1}" y2="{ly}" stroke="{c}" stroke-width="3"/>"#,
+            left + pw + 12.0,
+            left + pw + 32.0
+        );
         let _ = writeln!(s, r#"<text x="{}" y="{}">{}</text>"#, left + pw + 38.0, ly + 4.0, esc(&ser.name));
     }
     s.push_str("</svg>\n");

@@ -328,23 +328,17 @@ impl SyntheticCorpus {
         let n_captions = if matches!(split, Split::FinetuneTrain | Split::Val | Split::Test) { cfg.captions_per_clip.max(1) } else { 1 };
         let captions = (0..n_captions).map(|k| caption(&mut rng, &main, second.as_ref(), image, k)).collect();
         let prefix = if image { 'i' } else { 'v' };
-        ClipSpec {
-            id: format!("{}/{prefix}{index:06}", split.name()),
-            frames,
-            image_w,
-            image_h,
-            main,
-            second,
-            clutter,
-            captions,
-            seed,
-        }
+        ClipSpec { id: format!("{}/{prefix}{index:06}", split.name()), frames, image_w, image_h, main, second, clutter, captions, seed }
     }
 
     fn make_object(&self, rng: &mut Rng, motion: Motion, frames: usize, main: bool) -> ObjectSpec {
         let class = rng.below(OBJECTS.len());
         let colour = rng.below(COLOURS.len());
-        let (w, h) = if main { (0.2 + 0.15 * rng.uniform(), 0.2 + 0.2 * rng.uniform()) } else { (0.1 + 0.15 * rng.uniform(), 0.1 + 0.15 * rng.uniform()) };
+        let (w, h) = if main {
+            (0.2 + 0.15 * rng.uniform(), 0.2 + 0.2 * rng.uniform())
+        } else {
+            (0.1 + 0.15 * rng.uniform(), 0.1 + 0.15 * rng.uniform())
+        };
         // Start where the whole trajectory stays inside the image.
         let (vx, vy) = motion.velocity();
         let span_x = vx * (frames.saturating_sub(1)) as f32;
@@ -382,12 +376,21 @@ impl SyntheticCorpus {
             let cy = obj.cy + vy * frame as f32;
             for b in 0..obj.boxes {
                 // Box 0 is the whole object; others are parts (smaller, shifted, weaker features).
-                let (s, dx, dy) = if b == 0 { (1.0, 0.0, 0.0) } else { (0.5 + 0.2 * rng.uniform(), 0.2 * (rng.uniform() - 0.5), 0.2 * (rng.uniform() - 0.5)) };
+                let (s, dx, dy) = if b == 0 {
+                    (1.0, 0.0, 0.0)
+                } else {
+                    (0.5 + 0.2 * rng.uniform(), 0.2 * (rng.uniform() - 0.5), 0.2 * (rng.uniform() - 0.5))
+                };
                 let w = obj.w * s;
                 let h = obj.h * s;
                 let x0 = cx + dx * obj.w + 0.01 * rng.normal();
                 let y0 = cy + dy * obj.h + 0.01 * rng.normal();
-                let bx = [((x0 - w / 2.0) * iw).clamp(0.0, iw - 1.0), ((y0 - h / 2.0) * ih).clamp(0.0, ih - 1.0), ((x0 + w / 2.0) * iw).clamp(1.0, iw), ((y0 + h / 2.0) * ih).clamp(1.0, ih)];
+                let bx = [
+                    ((x0 - w / 2.0) * iw).clamp(0.0, iw - 1.0),
+                    ((y0 - h / 2.0) * ih).clamp(0.0, ih - 1.0),
+                    ((x0 + w / 2.0) * iw).clamp(1.0, iw),
+                    ((y0 + h / 2.0) * ih).clamp(1.0, ih),
+                ];
                 let scale = if b == 0 { 1.0 } else { 0.7 };
                 let mut x: Vec<f32> = base.iter().map(|&v| v * scale).collect();
                 self.add_frame_noise(&mut rng, &mut x);
@@ -518,7 +521,15 @@ impl FeatureSource for SyntheticCorpus {
         Ok(self.lookup(clip)?.frames)
     }
 
-    fn frame_regions(&self, clip: &str, frame: usize, regions: usize, object: &mut [f32], mask: &mut [f32], rows: &mut Vec<usize>) -> Result<()> {
+    fn frame_regions(
+        &self,
+        clip: &str,
+        frame: usize,
+        regions: usize,
+        object: &mut [f32],
+        mask: &mut [f32],
+        rows: &mut Vec<usize>,
+    ) -> Result<()> {
         let spec = self.lookup(clip)?;
         if frame >= spec.frames {
             bail!("synthetic clip {clip}: frame {frame} of {}", spec.frames);
@@ -627,7 +638,8 @@ mod tests {
     #[test]
     fn boxes_move_as_the_caption_says() {
         let corpus = small(3);
-        for clip in corpus.clips(Split::Test).iter().filter(|c| c.frames >= 4 && c.second.as_ref().is_none_or(|s| s.class != c.main.class)) {
+        for clip in corpus.clips(Split::Test).iter().filter(|c| c.frames >= 4 && c.second.as_ref().is_none_or(|s| s.class != c.main.class))
+        {
             let centre = |f: usize| {
                 let fr = corpus.frame(clip, f);
                 // Main object's whole box = the detection with its class, first part scale 1.

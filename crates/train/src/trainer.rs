@@ -111,7 +111,11 @@ pub fn load_init(params: &mut Params, path: &Path) -> Result<usize> {
         let dst = params.get_mut(id);
         if &want == shape {
             dst.copy_from_slice(v);
-        } else if (name.ends_with("temporal_embed") || name.ends_with("custom_pos_embed")) && want.len() == 3 && shape.len() == 3 && want[2] == shape[2] {
+        } else if (name.ends_with("temporal_embed") || name.ends_with("custom_pos_embed"))
+            && want.len() == 3
+            && shape.len() == 3
+            && want[2] == shape[2]
+        {
             let d = want[2];
             for row in 0..want[1] {
                 let src = row.min(shape[1] - 1);
@@ -122,7 +126,8 @@ pub fn load_init(params: &mut Params, path: &Path) -> Result<usize> {
         }
         seen[id.0] = true;
     }
-    let missing: Vec<&str> = params.specs().iter().zip(&seen).filter(|(s, &ok)| !ok && s.receives_grad).map(|(s, _)| s.name.as_str()).collect();
+    let missing: Vec<&str> =
+        params.specs().iter().zip(&seen).filter(|(s, &ok)| !ok && s.receives_grad).map(|(s, _)| s.name.as_str()).collect();
     if !missing.is_empty() {
         bail!("{}: {} model tensors missing, e.g. {}", path.display(), missing.len(), missing[..missing.len().min(3)].join(", "));
     }
@@ -152,9 +157,7 @@ impl Log {
 }
 
 pub fn metrics_json(m: &RetrievalMetrics) -> serde_json::Value {
-    let d = |x: &demovlp_retrieval::DirectionMetrics| {
-        json!({"R1": x.r1, "R5": x.r5, "R10": x.r10, "R50": x.r50, "MedR": x.medr, "MeanR": x.meanr, "geometric_mean_R1-R5-R10": x.geometric_mean_r1_r5_r10})
-    };
+    let d = |x: &demovlp_retrieval::DirectionMetrics| json!({"R1": x.r1, "R5": x.r5, "R10": x.r10, "R50": x.r50, "MedR": x.medr, "MeanR": x.meanr, "geometric_mean_R1-R5-R10": x.geometric_mean_r1_r5_r10});
     json!({"t2v": d(&m.t2v), "v2t": d(&m.v2t)})
 }
 
@@ -171,7 +174,10 @@ pub fn load_model(path: &Path) -> Result<Model> {
         ck.fill_params(&mut model.params)?;
         return Ok(model);
     }
-    bail!("{}: neither a model directory nor a demovlp training checkpoint (import published weights with `demovlp import`)", path.display())
+    bail!(
+        "{}: neither a model directory nor a demovlp training checkpoint (import published weights with `demovlp import`)",
+        path.display()
+    )
 }
 
 /// Build a fresh model for the config (random init, then `init` / `text_init` weights).
@@ -215,7 +221,10 @@ pub fn train(inputs: &TrainInputs, opts: &RunOptions) -> Result<RunResult> {
     let (mut model, mut opt, mut state) = if opts.resume && latest.exists() {
         let ck = checkpoint::load(&latest)?;
         if cfg.model_config()? != ck.model_config {
-            bail!("{}: the checkpoint's model sizes differ from the config's [model]; resume with the config the run started with", latest.display());
+            bail!(
+                "{}: the checkpoint's model sizes differ from the config's [model]; resume with the config the run started with",
+                latest.display()
+            );
         }
         let mut model = Model::new(ck.model_config.clone());
         ck.fill_params(&mut model.params)?;
@@ -251,7 +260,19 @@ pub fn train(inputs: &TrainInputs, opts: &RunOptions) -> Result<RunResult> {
         if !opts.quiet {
             eprintln!("{}: already finished ({} steps); nothing to do", latest.display(), state.step);
         }
-        return Ok(RunResult { output_dir: out, steps: state.step, epochs_done: state.epoch.saturating_sub(1), seconds: 0.0, interrupted: false, best: state.best, best_epoch: state.best_epoch, monitor: cfg.train.monitor.clone(), last_metrics: None, latest, best_checkpoint: best_path.exists().then(|| best_path.clone()) });
+        return Ok(RunResult {
+            output_dir: out,
+            steps: state.step,
+            epochs_done: state.epoch.saturating_sub(1),
+            seconds: 0.0,
+            interrupted: false,
+            best: state.best,
+            best_epoch: state.best_epoch,
+            monitor: cfg.train.monitor.clone(),
+            last_metrics: None,
+            latest,
+            best_checkpoint: best_path.exists().then(|| best_path.clone()),
+        });
     }
     log.write(json!({"kind": "start", "name": cfg.name, "step": state.step, "epoch": state.epoch, "resumed": resumed, "params": model.params.len()}))?;
 
@@ -284,7 +305,16 @@ pub fn train(inputs: &TrainInputs, opts: &RunOptions) -> Result<RunResult> {
     let mut window = (0.0f64, 0usize, Instant::now(), 0usize); // loss sum, steps, since, samples
     'epochs: while state.epoch <= cfg.train.epochs {
         let plan = epoch_plan(&sizes, cfg.data.batch_size, cfg.data.samples_per_epoch, state.epoch_seed);
-        let mut pre = Prefetcher::start(inputs.train.clone(), plan.clone(), state.batch_in_epoch, shape, inputs.tokenizer.clone(), state.epoch_seed, cfg.data.skip_bad_samples, cfg.data.workers);
+        let mut pre = Prefetcher::start(
+            inputs.train.clone(),
+            plan.clone(),
+            state.batch_in_epoch,
+            shape,
+            inputs.tokenizer.clone(),
+            state.epoch_seed,
+            cfg.data.skip_bad_samples,
+            cfg.data.workers,
+        );
         let (mut epoch_loss, mut epoch_steps) = (0.0f64, 0usize);
         while state.batch_in_epoch < plan.len() {
             if cfg.train.max_steps.is_some_and(|m| state.step >= m) {
@@ -316,7 +346,13 @@ pub fn train(inputs: &TrainInputs, opts: &RunOptions) -> Result<RunResult> {
                 pb.abandon();
                 bail!(
                     "{}: loss is {} at step {} (epoch {}, batch {}); batch clips: {}; last good checkpoint: {}",
-                    cfg.name, outp.loss_total, state.step + 1, state.epoch, state.batch_in_epoch, batch.clips.join(", "), last_good
+                    cfg.name,
+                    outp.loss_total,
+                    state.step + 1,
+                    state.epoch,
+                    state.batch_in_epoch,
+                    batch.clips.join(", "),
+                    last_good
                 );
             }
             state.step += 1;
@@ -350,7 +386,15 @@ pub fn train(inputs: &TrainInputs, opts: &RunOptions) -> Result<RunResult> {
         let mut metrics = None;
         if let Some(val) = &inputs.val {
             pb.set_message("validating");
-            let eo = EvalOptions { shape, batch_size: cfg.train.eval_batch_size, lambda: cfg.loss.lambda, mode: ScoreMode::Aligned, use_local: cfg.loss.use_local, masked_mean: cfg.loss.masked_mean, progress: false };
+            let eo = EvalOptions {
+                shape,
+                batch_size: cfg.train.eval_batch_size,
+                lambda: cfg.loss.lambda,
+                mode: ScoreMode::Aligned,
+                use_local: cfg.loss.use_local,
+                masked_mean: cfg.loss.masked_mean,
+                progress: false,
+            };
             let r = evaluate(&mut model, val, &inputs.tokenizer, &eo)?;
             log.write(json!({"kind": "eval", "epoch": state.epoch, "step": state.step, "split": val.name, "train_loss": train_loss, "seconds": r.seconds, "metrics": metrics_json(&r.metrics)}))?;
             metrics = Some(r.metrics);
@@ -439,13 +483,20 @@ pub fn write_plots(out: &Path, name: &str) -> Result<()> {
             _ => {}
         }
     }
-    let series = |key: &str| Series { name: key.into(), points: steps.iter().filter_map(|(s, v)| v[key].as_f64().map(|y| (*s as f64, y))).collect() };
-    let svg = line_chart(&format!("{name}: training loss"), "step", "loss", &[series("loss_avg"), series("loss_global"), series("loss_local")]);
+    let series = |key: &str| Series {
+        name: key.into(),
+        points: steps.iter().filter_map(|(s, v)| v[key].as_f64().map(|y| (*s as f64, y))).collect(),
+    };
+    let svg =
+        line_chart(&format!("{name}: training loss"), "step", "loss", &[series("loss_avg"), series("loss_global"), series("loss_local")]);
     std::fs::write(out.join("loss.svg"), svg)?;
     let mut rs = Vec::new();
     for dir in ["t2v", "v2t"] {
         for k in ["R1", "R5", "R10"] {
-            rs.push(Series { name: format!("{dir} {k}"), points: evals.iter().filter_map(|(e, v)| v["metrics"][dir][k].as_f64().map(|y| (*e as f64, y))).collect() });
+            rs.push(Series {
+                name: format!("{dir} {k}"),
+                points: evals.iter().filter_map(|(e, v)| v["metrics"][dir][k].as_f64().map(|y| (*e as f64, y))).collect(),
+            });
         }
     }
     let svg = line_chart(&format!("{name}: validation recall"), "epoch", "recall (%)", &rs);
@@ -486,8 +537,17 @@ mod tests {
     #[test]
     fn best_value_patience_and_early_stop() {
         let mut st = TrainerState {
-            epoch: 1, batch_in_epoch: 7, step: 0, epoch_seed: 0, rng: Rng::new(1).state(), dropout_rng: [0; 4],
-            samples_seen: 0, best: None, best_epoch: None, epochs_since_best: 0, finished: false,
+            epoch: 1,
+            batch_in_epoch: 7,
+            step: 0,
+            epoch_seed: 0,
+            rng: Rng::new(1).state(),
+            dropout_rng: [0; 4],
+            samples_seen: 0,
+            best: None,
+            best_epoch: None,
+            epochs_since_best: 0,
+            finished: false,
         };
         // Recall (higher is better), patience 2, 10 epochs.
         let seq = [(10.0, true, false), (12.0, true, false), (11.0, false, false), (12.0, false, true)];

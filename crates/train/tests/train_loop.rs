@@ -98,7 +98,15 @@ impl FeatureSource for Faulty {
     fn frame_count(&self, clip: &str) -> Result<usize> {
         self.inner.frame_count(clip)
     }
-    fn frame_regions(&self, clip: &str, frame: usize, regions: usize, object: &mut [f32], mask: &mut [f32], rows: &mut Vec<usize>) -> Result<()> {
+    fn frame_regions(
+        &self,
+        clip: &str,
+        frame: usize,
+        regions: usize,
+        object: &mut [f32],
+        mask: &mut [f32],
+        rows: &mut Vec<usize>,
+    ) -> Result<()> {
         self.inner.frame_regions(clip, frame, regions, object, mask, rows)?;
         if clip == self.clip {
             if let Some(s) = &self.stop {
@@ -197,7 +205,8 @@ fn nan_loss_stops_naming_step_clips_and_last_checkpoint() {
 #[test]
 fn tiny_demo_learns_far_above_chance() {
     let mut sizes = DemoSizes::quick(1);
-    (sizes.corpus.pretrain_videos, sizes.corpus.pretrain_images, sizes.corpus.finetune_train, sizes.corpus.val, sizes.corpus.test) = (320, 160, 320, 40, 100);
+    (sizes.corpus.pretrain_videos, sizes.corpus.pretrain_images, sizes.corpus.finetune_train, sizes.corpus.val, sizes.corpus.test) =
+        (320, 160, 320, 40, 100);
     sizes.model.text.dim = 32;
     sizes.model.text.hidden_dim = 64;
     sizes.model.video.dim = 32;

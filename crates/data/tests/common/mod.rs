@@ -34,16 +34,14 @@ pub fn check_all_cases(src: &dyn FeatureSource, feat_tol: f32) {
         let segments = case["segments"].as_u64().unwrap() as usize;
         let name = case["tensor"].as_str().unwrap();
         let got = select_clip(src, clip, segments, r, FrameChoice::Middle).unwrap();
-        let want_frames: Vec<usize> =
-            case["frame_indices"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+        let want_frames: Vec<usize> = case["frame_indices"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
         assert_eq!(got.frame_indices, want_frames, "{name}: frames");
         let src_rows = i64s(&st, &format!("{name}.source_region"));
         let got_rows: Vec<i64> = got.source_rows.iter().map(|&v| v as i64).collect();
         assert_eq!(got_rows, src_rows, "{name}: source rows");
         assert_eq!(got.mask, f32s(&st, &format!("{name}.mask")), "{name}: mask");
         let counts: Vec<f32> = got.mask.chunks(r).map(|m| m.iter().sum()).collect();
-        let want_counts: Vec<f32> =
-            case["region_counts"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+        let want_counts: Vec<f32> = case["region_counts"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
         assert_eq!(counts, want_counts, "{name}: region counts");
         let spatial = f32s(&st, &format!("{name}.spatial"));
         for (slot, want) in spatial.chunks(6).enumerate() {
@@ -62,7 +60,6 @@ pub fn check_all_cases(src: &dyn FeatureSource, feat_tol: f32) {
     }
     assert_eq!(checked_objects, 2);
 }
-
 
 use demovlp_data::regions::FrameFile;
 use demovlp_kernels::rng::Rng;
