@@ -285,9 +285,7 @@ pub fn bench_data(a: BenchDataArgs) -> Result<()> {
 mod tests {
     use super::*;
 
-    fn testdata() -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata")
-    }
+    use demovlp_testutil::testdata_dir as testdata;
 
     /// Header of a safetensors file: name -> (dtype, shape, byte length).
     fn header(bytes: &[u8]) -> serde_json::Value {

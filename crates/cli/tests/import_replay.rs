@@ -2,39 +2,27 @@
 //! weights (`--key-prefix param.`) or the trainer's `.pth`, `demovlp replay` the batch with
 //! `--grads --adamw`, and check what was written.
 //!
-//! What can be compared with the recording: the recordings' text-tower outputs were made
-//! with DistilBERT's dropout active (see crates/model/tests/parity_model.rs), so the text
-//! embeddings, and everything downstream of them (similarities, losses, gradients), are not
-//! reproducible bit for bit. Checked here instead:
-//! - the video outputs and mask against the recording (the video tower has no dropout);
-//! - the text embeddings against the recording row by row, loosely (dropout-sized noise
-//!   only; wrong heads or misplaced weights decorrelate them);
+//! Checked against the recording (made with the text tower's dropout off, so every tensor is
+//! deterministic):
+//! - every `out.*` (text and video embeddings, masks, similarities, losses);
+//! - every `grad.*`, text tower included;
 //! - that the written similarities belong to the written embeddings, and the losses add up;
 //! - names and shapes of every `out.*`, `grad.*`, `after_adamw.*` as in the recording;
 //! - `after_adamw.*` = one published AdamW step from `param.*` with the written `grad.*`;
 //! - the `.pth` import replays identically to the safetensors import.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use demovlp_model::io::{read_safetensors, SafetensorsFile};
 use demovlp_model::{AdamW, ParamsBuilder};
 
-fn testdata(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata").join(name)
-}
+use demovlp_testutil::{max_abs, rel_err, rel_err_floor, testdata, Report};
 
 fn demovlp(args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_demovlp")).args(args).output().unwrap();
     assert!(out.status.success(), "demovlp {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// Largest |got − want| relative to the tensor's largest magnitude.
-fn rel_err(got: &[f32], want: &[f32]) -> f32 {
-    assert_eq!(got.len(), want.len());
-    let scale = want.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-12);
-    got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / scale
 }
 
 fn cos(a: &[f32], b: &[f32]) -> f32 {
@@ -82,7 +70,7 @@ fn adamw_arg(want: &SafetensorsFile) -> String {
     format!("{},{},{},{},{}", a["lr"], a["beta1"], a["beta2"], a["eps"], a["weight_decay"])
 }
 
-fn check(fixture: &str, heads: (usize, usize)) -> SafetensorsFile {
+fn check(fixture: &str, heads: (usize, usize), grad_tol: f64) -> SafetensorsFile {
     let fx = testdata(fixture);
     let want = read_safetensors(&fx).unwrap();
     let adamw = adamw_arg(&want);
@@ -98,22 +86,24 @@ fn check(fixture: &str, heads: (usize, usize)) -> SafetensorsFile {
     let grads_recorded = want.tensors.keys().filter(|k| k.starts_with("grad.")).count();
     assert_eq!(grads_written, grads_recorded, "{fixture}: gradient set differs from the recording");
 
-    // The video tower has no dropout: its outputs match the recording.
-    for name in ["out.global_video", "out.local_video", "out.video_mask_additive"] {
-        let e = rel_err(got.tensors[name].as_f32().unwrap(), want.tensors[name].as_f32().unwrap());
-        assert!(e < 1e-5, "{fixture}: {name} differs by {e:.3e}");
+    // Every output and every gradient against the recording (recorded with dropout off, so
+    // the text side is deterministic too); gradients relative to max(the tensor's max,
+    // 1e-3 × the largest gradient), as the fixtures README prescribes (see
+    // crates/model/tests/parity_model.rs for the measured errors and why model_tiny's are ~1e-4).
+    let floor =
+        1e-3 * want.tensors.iter().filter(|(k, _)| k.starts_with("grad.")).map(|(_, t)| max_abs(t.as_f32().unwrap())).fold(0.0, f64::max);
+    let mut rep = Report::default();
+    for (name, w) in want.tensors.iter().filter(|(k, _)| k.starts_with("out.") || k.starts_with("grad.")) {
+        let (g, w) = (got.tensors[name].as_f32().unwrap(), w.as_f32().unwrap());
+        if name.starts_with("grad.") {
+            rep.check(name, rel_err_floor(g, w, floor), grad_tol);
+        } else {
+            rep.check(name, rel_err(g, w), 5e-6);
+        }
     }
-    // Text embeddings: equal up to the recording's dropout noise (a few tokens reach cosine
-    // 0.8; a random or misplaced text tower gives ~0): a coarse check on average.
+    rep.finish(fixture);
     let p = want.tensors["out.global_text"].shape[1];
     let gt = got.tensors["out.global_text"].as_f32().unwrap();
-    for name in ["out.global_text", "out.local_text"] {
-        let (g, w) = (got.tensors[name].as_f32().unwrap(), want.tensors[name].as_f32().unwrap());
-        let cs: Vec<f32> = g.chunks(p).zip(w.chunks(p)).map(|(a, b)| cos(a, b)).collect();
-        let mean = cs.iter().sum::<f32>() / cs.len() as f32;
-        eprintln!("{fixture}: {name}: cosine(ours, recorded) mean {mean:.4}, min {:.4}", cs.iter().fold(1f32, |m, &x| m.min(x)));
-        assert!(mean > 0.9, "{fixture}: {name} decorrelated from the recording: mean cosine {mean}");
-    }
 
     // The similarities belong to the written embeddings; the losses add up.
     let b = want.tensors["out.global_text"].shape[0];
@@ -162,7 +152,7 @@ fn check(fixture: &str, heads: (usize, usize)) -> SafetensorsFile {
 
 #[test]
 fn import_and_replay_model_tiny_and_published_checkpoint() {
-    let got = check("model_tiny.safetensors", (4, 4));
+    let got = check("model_tiny.safetensors", (4, 4), 4e-4);
     // The trainer's .pth (module. prefix, pickled config object) holds the same weights:
     // replaying it writes exactly the same tensors.
     let fx = testdata("model_tiny.safetensors");
@@ -173,7 +163,7 @@ fn import_and_replay_model_tiny_and_published_checkpoint() {
 
 #[test]
 fn import_and_replay_model_tiny_1frame() {
-    check("model_tiny_1frame.safetensors", (3, 2));
+    check("model_tiny_1frame.safetensors", (3, 2), 3e-5);
 }
 
 #[test]

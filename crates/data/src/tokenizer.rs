@@ -104,9 +104,7 @@ impl TextTokenizer {
 mod tests {
     use super::*;
 
-    fn testdata() -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata")
-    }
+    use demovlp_testutil::testdata_dir as testdata;
 
     fn check_fixture(tok: &TextTokenizer) {
         let cases: serde_json::Value =

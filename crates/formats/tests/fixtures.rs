@@ -1,12 +1,8 @@
 //! The readers against the real fixture files (npz from the extractor, a torch 2.x .pth).
 
-use std::path::PathBuf;
-
 use demovlp_formats::{numpy, pickle, DType, Npz, Value, ZipArchive};
 
-fn testdata() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata")
-}
+use demovlp_testutil::testdata_dir as testdata;
 
 #[test]
 fn reads_extractor_npz_including_pickled_info() {

@@ -2,14 +2,10 @@
 //! published model must reproduce `after_adamw.*` (recorded by the reference trainer).
 //! Needs no forward pass: the gradients come from the fixture.
 
-use std::path::PathBuf;
-
 use demovlp_model::io::read_safetensors;
 use demovlp_model::{AdamW, ParamsBuilder};
 
-fn testdata(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata").join(name)
-}
+use demovlp_testutil::testdata;
 
 /// Unused checkpoint tensors of the video tower: present, never updated.
 fn is_unused(name: &str) -> bool {

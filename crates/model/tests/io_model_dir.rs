@@ -7,9 +7,7 @@ use std::path::{Path, PathBuf};
 use demovlp_model::io::{self, read_safetensors, Tensor};
 use demovlp_model::{ModelConfig, TextKind};
 
-fn testdata(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata").join(name)
-}
+use demovlp_testutil::testdata;
 
 fn tmpdir(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("demovlp-iomd-{tag}-{}", std::process::id()));

@@ -2,14 +2,10 @@
 //! pickled config object of a class that only exists in the published code) must yield
 //! exactly the weights recorded as `param.*` in model_tiny.safetensors.
 
-use std::path::PathBuf;
-
 use demovlp_model::io::read_safetensors;
 use demovlp_model::torch::read_torch_state_dict;
 
-fn testdata(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata").join(name)
-}
+use demovlp_testutil::testdata;
 
 #[test]
 fn published_checkpoint_state_dict_equals_recorded_params() {

@@ -2,14 +2,11 @@
 //! `object_model.blocks.i.*`, everything else is skipped and counted.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 
 use demovlp_model::io::{load_vit_blocks, read_safetensors, read_weights, write_safetensors, Tensor};
 use demovlp_model::ParamsBuilder;
 
-fn testdata(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata").join(name)
-}
+use demovlp_testutil::testdata;
 
 #[test]
 fn timm_blocks_load_non_strictly() {

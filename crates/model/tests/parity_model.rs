@@ -1,274 +1,268 @@
 //! Parity with the published PyTorch implementation on the recorded batches
-//! (`testdata/model_tiny*.safetensors`).
+//! (`testdata/model_tiny*.safetensors`, recorded with the text tower's dropout off, so every
+//! tensor is deterministic). Checked directly, nothing fed in from the recording:
+//! - both towers' outputs (global/local text and video embeddings, the video mask);
+//! - the similarity matrices and the three losses;
+//! - the gradient of every parameter (`text_model.*`, `object_model.*`, `txt_proj.*`),
+//!   against max(the tensor's max, 1e-3 × the largest gradient) as the fixtures README
+//!   prescribes (an attention key bias's true gradient is exactly zero: the recorded value
+//!   is round-off noise, so a relative error against itself would be meaningless);
+//! - exactly the recorded parameters (and word-table rows) receive a gradient;
+//! - the fused training step (what `train`/`finetune` run) against `after_adamw.*`, entry by
+//!   entry, within the bound that the difference of the two gradients allows through
+//!   Adam's first-step map g ↦ lr·g/(|g| + ε/√(1−β2)) (whose slope near g = 0 is 1/c, so a
+//!   round-off-sized gradient may move its weight by up to lr either way);
+//! - and, for the well-posed part, that entries with a clearly nonzero gradient moved as
+//!   recorded to f32 precision.
 //!
-//! Finding: the recordings' *text* outputs were produced with DistilBERT's dropout active
-//! (the published model calls `text_model.train()`; HF DistilBERT defaults to dropout 0.1 and
-//! attention_dropout 0.1). A dropout-free forward differs from `out.global_text` /
-//! `out.local_text` by per-token noise of exactly the size a simulated p = 0.1 dropout gives,
-//! while the same text math reproduces a real pretrained HF BERT to 3e-5 (io_minilm.rs) and
-//! the video tower (no dropout, drop rates 0) reproduces its outputs to 1e-6. Torch's dropout
-//! masks cannot be reproduced, so what depends on the text tower's forward (text-tower and
-//! `txt_proj.1.weight` gradients) is checked by finite differences (gradcheck_model.rs)
-//! instead, and everything else is checked here against the recording exactly:
-//! - video tower outputs and mask;
-//! - similarity matrices and the three losses, from the *recorded* text embeddings and ours
-//!   for the video;
-//! - every `object_model.*` gradient and `txt_proj.1.bias` (which only needs dLoss/dtext),
-//!   backpropagated from those losses;
-//! - a full training step: exactly the recorded parameters receive a gradient (norm3/norm none).
+//! Tolerances are a few times what is measured (printed on stderr with `--nocapture`).
 
-use demovlp_model::{BatchRef, Model, ModelConfig, TextConfig, TextKind, VideoConfig};
-use demovlp_retrieval::{losses_forward_backward, LossConfig, LossInputs};
-use safetensors::{Dtype, SafeTensors};
-use std::collections::HashMap;
-use std::path::PathBuf;
+use demovlp_model::{AdamW, BatchRef, Model, ModelConfig, TextConfig, TextKind, VideoConfig};
+use demovlp_retrieval::LossConfig;
+use demovlp_testutil::{grad_floor, max_abs, rel_err, rel_err_floor, Fixture, Report};
 
-struct Fixture {
-    f32s: HashMap<String, (Vec<usize>, Vec<f32>)>,
-    i64s: HashMap<String, (Vec<usize>, Vec<i64>)>,
-    meta: serde_json::Value,
-}
-
-impl Fixture {
-    fn load(name: &str) -> Fixture {
-        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata").join(name);
-        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        let (_, header) = SafeTensors::read_metadata(&bytes).unwrap();
-        let meta = header.metadata().as_ref().and_then(|m| m.get("config")).expect("config metadata");
-        let meta: serde_json::Value = serde_json::from_str(meta).unwrap();
-        let st = SafeTensors::deserialize(&bytes).unwrap();
-        let (mut f32s, mut i64s) = (HashMap::new(), HashMap::new());
-        for (k, v) in st.tensors() {
-            let d = v.data();
-            match v.dtype() {
-                Dtype::F32 => {
-                    f32s.insert(
-                        k.clone(),
-                        (v.shape().to_vec(), d.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()),
-                    );
-                }
-                Dtype::I64 => {
-                    i64s.insert(
-                        k.clone(),
-                        (v.shape().to_vec(), d.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()),
-                    );
-                }
-                t => panic!("{name}: unexpected dtype {t:?} for {k}"),
-            }
-        }
-        Fixture { f32s, i64s, meta }
-    }
-
-    fn f(&self, k: &str) -> &[f32] {
-        &self.f32s.get(k).unwrap_or_else(|| panic!("fixture lacks {k}")).1
-    }
-
-    fn shape(&self, k: &str) -> &[usize] {
-        &self.f32s.get(k).unwrap_or_else(|| panic!("fixture lacks {k}")).0
-    }
-
-    fn count(&self, prefix: &str, suffix: &str) -> usize {
-        (0..).take_while(|i| self.f32s.contains_key(&format!("{prefix}{i}{suffix}"))).count()
-    }
-
-    /// Sizes from the tensor shapes; head counts from the recorded config.
-    fn model_config(&self) -> ModelConfig {
-        let word = self.shape("param.text_model.embeddings.word_embeddings.weight");
-        let heads = |k: &str| self.meta[k].as_u64().unwrap() as usize;
-        ModelConfig {
-            text: TextConfig {
-                kind: TextKind::Distilbert,
-                vocab_size: word[0],
-                dim: word[1],
-                layers: self.count("param.text_model.transformer.layer.", ".attention.q_lin.weight"),
-                heads: heads("theads"),
-                hidden_dim: self.shape("param.text_model.transformer.layer.0.ffn.lin1.weight")[0],
-                max_position_embeddings: self.shape("param.text_model.embeddings.position_embeddings.weight")[0],
-                type_vocab_size: 0,
-                layer_norm_eps: 1e-12,
-            },
-            video: VideoConfig {
-                dim: self.shape("param.object_model.cls_token")[2],
-                depth: self.count("param.object_model.blocks.", ".attn.qkv.weight"),
-                heads: heads("heads"),
-                mlp_dim: self.shape("param.object_model.blocks.0.mlp.fc1.weight")[0],
-                max_frames: self.shape("param.object_model.temporal_embed")[1],
-                pos_embed_rows: self.shape("param.object_model.custom_pos_embed")[1],
-                feature_dim: self.shape("param.object_model.object_embedding.weight")[1],
-                box_dim: self.shape("param.object_model.pos_embedding.weight")[1],
-                layer_norm_eps: 1e-6,
-            },
-            proj_dim: self.shape("param.txt_proj.1.weight")[0],
-        }
-    }
-
-    fn model(&self) -> Model {
-        let mut m = Model::new(self.model_config());
-        let declared: Vec<String> = m.params.specs().iter().map(|s| s.name.clone()).collect();
-        for name in &declared {
-            let (shape, v) = self.f32s.get(&format!("param.{name}")).unwrap_or_else(|| panic!("fixture lacks param.{name}"));
-            let id = m.params.id(name).unwrap();
-            assert_eq!(shape, &m.params.spec(id).shape, "{name}: shape");
-            m.params.get_mut(id).copy_from_slice(v);
-        }
-        let in_fixture = self.f32s.keys().filter(|k| k.starts_with("param.")).count();
-        assert_eq!(in_fixture, declared.len(), "fixture has parameters the model does not declare");
-        m
+/// Sizes from the tensor shapes; head counts from the recorded config.
+fn model_config(fx: &Fixture) -> ModelConfig {
+    let word = fx.shape("param.text_model.embeddings.word_embeddings.weight");
+    let heads = |k: &str| fx.config[k].as_u64().unwrap() as usize;
+    ModelConfig {
+        text: TextConfig {
+            kind: TextKind::Distilbert,
+            vocab_size: word[0],
+            dim: word[1],
+            layers: fx.count("param.text_model.transformer.layer.", ".attention.q_lin.weight"),
+            heads: heads("theads"),
+            hidden_dim: fx.shape("param.text_model.transformer.layer.0.ffn.lin1.weight")[0],
+            max_position_embeddings: fx.shape("param.text_model.embeddings.position_embeddings.weight")[0],
+            type_vocab_size: 0,
+            layer_norm_eps: 1e-12,
+        },
+        video: VideoConfig {
+            dim: fx.shape("param.object_model.cls_token")[2],
+            depth: fx.count("param.object_model.blocks.", ".attn.qkv.weight"),
+            heads: heads("heads"),
+            mlp_dim: fx.shape("param.object_model.blocks.0.mlp.fc1.weight")[0],
+            max_frames: fx.shape("param.object_model.temporal_embed")[1],
+            pos_embed_rows: fx.shape("param.object_model.custom_pos_embed")[1],
+            feature_dim: fx.shape("param.object_model.object_embedding.weight")[1],
+            box_dim: fx.shape("param.object_model.pos_embedding.weight")[1],
+            layer_norm_eps: 1e-6,
+        },
+        proj_dim: fx.shape("param.txt_proj.1.weight")[0],
     }
 }
 
-/// max |got − want| / max |want| (both flattened).
-fn rel_err(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len(), "length");
-    let scale = want.iter().fold(0.0f64, |m, &x| m.max(x.abs() as f64)).max(1e-12);
-    got.iter().zip(want).map(|(&a, &b)| (a as f64 - b as f64).abs()).fold(0.0, f64::max) / scale
-}
-
-struct Case {
-    fx: Fixture,
-    b: usize,
-    f: usize,
-    r: usize,
-    l: usize,
-}
-
-impl Case {
-    fn load(name: &str) -> Case {
-        let fx = Fixture::load(name);
-        let s = fx.shape("in.object").to_vec();
-        let l = fx.i64s["in.input_ids"].0[1];
-        Case { fx, b: s[0], f: s[1], r: s[2], l }
+/// The model with the recorded weights (every declared parameter must be recorded, and
+/// nothing else).
+fn model(fx: &Fixture) -> Model {
+    let mut m = Model::new(model_config(fx));
+    let declared: Vec<String> = m.params.specs().iter().map(|s| s.name.clone()).collect();
+    for name in &declared {
+        let id = m.params.id(name).unwrap();
+        assert_eq!(fx.shape(&format!("param.{name}")), &m.params.spec(id).shape[..], "{name}: shape");
+        m.params.get_mut(id).copy_from_slice(fx.f(&format!("param.{name}")));
     }
+    assert_eq!(fx.names("param.").len(), declared.len(), "fixture has parameters the model does not declare");
+    m
+}
 
-    fn batch(&self) -> BatchRef<'_> {
-        BatchRef {
-            batch: self.b,
-            frames: self.f,
-            regions: self.r,
-            text_len: self.l,
-            object: self.fx.f("in.object"),
-            object_mask: self.fx.f("in.object_mask"),
-            input_ids: &self.fx.i64s["in.input_ids"].1,
-            attention_mask: &self.fx.i64s["in.attention_mask"].1,
-        }
+fn batch(fx: &Fixture) -> BatchRef<'_> {
+    let s = fx.shape("in.object");
+    BatchRef {
+        batch: s[0],
+        frames: s[1],
+        regions: s[2],
+        text_len: fx.shape("in.input_ids")[1],
+        object: fx.f("in.object"),
+        object_mask: fx.f("in.object_mask"),
+        input_ids: fx.i("in.input_ids"),
+        attention_mask: fx.i("in.attention_mask"),
     }
 }
 
-/// Video tower, losses and video/proj-bias gradients against the recording, using the
-/// recorded text embeddings (see the module comment).
-fn check_video_and_losses(name: &str) {
-    let c = Case::load(name);
-    let fx = &c.fx;
-    let (b, l, nr) = (c.b, c.l, c.f * c.r);
-    let mut model = fx.model();
-    let p = model.config.proj_dim;
-    let batch = c.batch();
-    let mut failures = Vec::new();
-    let mut report = Vec::new();
-    let mut cmp = |what: &str, got: &[f32], want: &[f32], tol: f64| {
-        let e = rel_err(got, want);
-        report.push(format!("{what} {e:.1e}"));
-        if e > tol {
-            failures.push(format!("{what}: relative error {e:.3e} > {tol:.0e}"));
-        }
-    };
+/// Outputs, losses and every gradient of one forward/backward pass.
+fn check_forward_backward(name: &str, grad_tol: f64) {
+    let fx = Fixture::load(name);
+    let mut model = model(&fx);
+    let batch = batch(&fx);
+    let (b, l, f, r) = (batch.batch, batch.text_len, batch.frames, batch.regions);
+    let mut rep = Report::default();
 
-    let ve = model.embed_video(batch.object, batch.object_mask, b, c.f, c.r);
-    cmp("out.global_video", &ve.global, fx.f("out.global_video"), 1e-5);
-    cmp("out.local_video", &ve.local, fx.f("out.local_video"), 1e-5);
-    cmp("out.video_mask_additive", &ve.mask_additive, fx.f("out.video_mask_additive"), 0.0);
+    // Evaluation embeddings (dropout never applies there; off in the recording too).
+    let te = model.embed_text(batch.input_ids, batch.attention_mask, b, l);
+    rep.check("out.global_text", rel_err(&te.global, fx.f("out.global_text")), 2e-6);
+    rep.check("out.local_text", rel_err(&te.local, fx.f("out.local_text")), 2e-6);
+    let ve = model.embed_video(batch.object, batch.object_mask, b, f, r);
+    rep.check("out.global_video", rel_err(&ve.global, fx.f("out.global_video")), 2e-6);
+    rep.check("out.local_video", rel_err(&ve.local, fx.f("out.local_video")), 2e-6);
+    rep.check("out.video_mask_additive", rel_err(&ve.mask_additive, fx.f("out.video_mask_additive")), 0.0);
 
-    let text_mask: Vec<f32> = batch.attention_mask.chunks(l).flat_map(|row| row[1..].iter().map(|&m| (m as f32 - 1.0) * 100.0)).collect();
-    let inputs = LossInputs {
-        batch: b,
-        words: l - 1,
-        regions: nr,
-        dim: p,
-        global_text: fx.f("out.global_text"),
-        global_video: &ve.global,
-        local_text: fx.f("out.local_text"),
-        local_video: &ve.local,
-        text_mask_additive: &text_mask,
-        video_mask_additive: &ve.mask_additive,
-    };
-    let (out, g) = losses_forward_backward(&LossConfig::default(), &inputs, true);
-    cmp("out.global_sim_text_video", &out.global_sim_text_video, fx.f("out.global_sim_text_video"), 1e-4);
-    cmp("out.local_sim_video_text", &out.local_sim_video_text, fx.f("out.local_sim_video_text"), 1e-4);
-    cmp("out.loss_total", &[out.loss_total], fx.f("out.loss_total"), 1e-4);
-    cmp("out.loss_global", &[out.loss_global], fx.f("out.loss_global"), 1e-4);
-    cmp("out.loss_local", &[out.loss_local], fx.f("out.loss_local"), 1e-4);
+    // A training pass: the model's default text dropout is off, as in the recording.
+    let out = model.forward_backward(&batch, &LossConfig::default(), true);
+    rep.check("out.global_sim_text_video", rel_err(&out.global_sim_text_video, fx.f("out.global_sim_text_video")), 5e-6);
+    rep.check("out.local_sim_video_text", rel_err(&out.local_sim_video_text, fx.f("out.local_sim_video_text")), 5e-6);
+    rep.check("out.loss_total", rel_err(&[out.loss_total], fx.f("out.loss_total")), 2e-6);
+    rep.check("out.loss_global", rel_err(&[out.loss_global], fx.f("out.loss_global")), 2e-6);
+    rep.check("out.loss_local", rel_err(&[out.loss_local], fx.f("out.loss_local")), 2e-6);
 
-    // Backpropagate dLoss/dvideo through the video tower.
-    model.params.zero_grad();
-    let mut d_video = vec![0.0; b * (1 + nr) * p];
-    for bi in 0..b {
-        let row = &mut d_video[bi * (1 + nr) * p..(bi + 1) * (1 + nr) * p];
-        row[..p].copy_from_slice(&g.global_video[bi * p..(bi + 1) * p]);
-        row[p..].copy_from_slice(&g.local_video[bi * nr * p..(bi + 1) * nr * p]);
-    }
-    model.backward_video_tokens(batch.object, &d_video);
-    let mut checked = 0;
+    let floor = grad_floor(&fx);
+    let mut compared = 0;
+    let mut worst = (0.0f64, String::new());
     for spec in model.params.specs() {
-        if !spec.name.starts_with("object_model.") {
-            continue;
-        }
         let got = &model.params.grad[spec.offset..spec.offset + spec.len];
-        match fx.f32s.get(&format!("grad.{}", spec.name)) {
+        assert!(got.iter().all(|x| x.is_finite()), "{name}: {} gradient not finite", spec.name);
+        let key = format!("grad.{}", spec.name);
+        match fx.f32s.get(&key) {
             Some((_, want)) => {
-                assert!(spec.receives_grad, "{name}: {} is recorded with a gradient but declared unused", spec.name);
-                cmp(&format!("grad.{}", spec.name), got, want, 1e-4);
-                checked += 1;
+                if !spec.receives_grad {
+                    rep.fail(format!("{}: recorded with a gradient but declared unused", spec.name));
+                }
+                let e = rel_err_floor(got, want, floor);
+                if e > worst.0 {
+                    worst = (e, spec.name.clone());
+                }
+                rep.check(&key, e, grad_tol);
+                compared += 1;
             }
             None => {
-                assert!(!spec.receives_grad, "{name}: {} should receive no gradient", spec.name);
-                assert!(got.iter().all(|&x| x == 0.0), "{name}: unused {} got a gradient", spec.name);
+                if spec.receives_grad {
+                    rep.fail(format!("{}: declared trained but the recording has no gradient", spec.name));
+                }
+                if got.iter().any(|&x| x != 0.0) {
+                    rep.fail(format!("{}: unused tensor received a gradient", spec.name));
+                }
             }
         }
-    }
-    assert!(checked >= 8, "{name}: only {checked} video gradients compared");
-    // txt_proj.1.bias: Σ over every text token of dLoss/d(token embedding).
-    let mut db = vec![0.0f32; p];
-    for row in g.global_text.chunks(p).chain(g.local_text.chunks(p)) {
-        db.iter_mut().zip(row).for_each(|(a, x)| *a += x);
-    }
-    cmp("grad.txt_proj.1.bias", &db, fx.f("grad.txt_proj.1.bias"), 1e-4);
-
-    eprintln!("{name}: {}", report.join(", "));
-    assert!(failures.is_empty(), "{name}: {} mismatches:\n{}", failures.len(), failures.join("\n"));
-}
-
-/// A whole training step: finite losses, and gradients on exactly the recorded parameters.
-fn check_step_gradient_set(name: &str) {
-    let c = Case::load(name);
-    let mut model = c.fx.model();
-    let batch = c.batch();
-    let out = model.forward_backward(&batch, &LossConfig::default(), true);
-    assert!(out.loss_total.is_finite() && out.loss_global.is_finite() && out.loss_local.is_finite());
-    assert!((out.loss_total - out.loss_global - out.loss_local).abs() < 1e-5 * out.loss_total.abs());
-    let again = model.forward_loss(&batch, &LossConfig::default(), true);
-    assert_eq!(again.loss_total, out.loss_total, "forward_loss and forward_backward disagree");
-    for spec in model.params.specs() {
-        let got = &model.params.grad[spec.offset..spec.offset + spec.len];
-        let recorded = c.fx.f32s.contains_key(&format!("grad.{}", spec.name));
-        assert_eq!(spec.receives_grad, recorded, "{name}: {} receives_grad", spec.name);
-        let nonzero = got.iter().any(|&x| x != 0.0);
-        assert_eq!(nonzero, recorded, "{name}: {} has a gradient: {nonzero}, recorded: {recorded}", spec.name);
-        assert!(got.iter().all(|x| x.is_finite()), "{name}: {} gradient not finite", spec.name);
         // Row level for the word table: exactly the recorded rows get a gradient. Hugging Face
         // declares the table with padding_idx = 0, so the [PAD] row never does.
         if spec.name == "text_model.embeddings.word_embeddings.weight" {
             let d = spec.shape[1];
-            let want = c.fx.f(&format!("grad.{}", spec.name));
             let rows = |g: &[f32]| -> Vec<usize> {
                 g.chunks(d).enumerate().filter(|(_, r)| r.iter().any(|&x| x != 0.0)).map(|(i, _)| i).collect()
             };
-            let (got_rows, want_rows) = (rows(got), rows(want));
-            assert!(!want_rows.contains(&0) && batch.input_ids.contains(&0));
-            assert_eq!(got_rows, want_rows, "{name}: word-embedding rows with a gradient");
+            let want_rows = rows(fx.f(&key));
+            assert!(!want_rows.contains(&0) && batch.input_ids.contains(&0), "{name}: the batch has no [PAD] or PAD got a gradient");
+            assert_eq!(rows(got), want_rows, "{name}: word-embedding rows with a gradient");
         }
     }
-    // Evaluation embeddings are the same token outputs, split, with the text mask (m − 1)·100.
-    let (b, l, p) = (c.b, c.l, model.config.proj_dim);
+    assert_eq!(compared, fx.names("grad.").len(), "{name}: every recorded gradient compared");
+    eprintln!("{name}: {compared} gradients, worst {:.2e} ({})", worst.0, worst.1);
+    rep.finish(name);
+}
+
+/// The fused training step against `after_adamw.*`, entry by entry (see the module doc).
+fn check_fused_step(name: &str, posed_tol: f64) {
+    let fx = Fixture::load(name);
+    let mut model = model(&fx);
+    let batch = batch(&fx);
+    let a = &fx.config["adamw"];
+    let s = |k: &str| a[k].as_f64().unwrap() as f32;
+    let (lr, beta2, eps) = (s("lr") as f64, s("beta2") as f64, s("eps") as f64);
+    let before = model.params.data.clone();
+
+    // Our own gradients of this batch (the plain backward: the fused step keeps no
+    // whole-model gradient to read afterwards).
+    let mut probe = model.clone();
+    probe.forward_backward(&batch, &LossConfig::default(), true);
+    let ours = probe.params.grad.clone();
+
+    let mut opt = AdamW::new(model.params.len(), s("lr"), s("beta1"), s("beta2"), s("eps"), s("weight_decay"));
+    let out = model.train_step_fused(&batch, &LossConfig::default(), true, &mut opt);
+    assert!((out.loss_total as f64 - fx.f("out.loss_total")[0] as f64).abs() < 2e-5 * out.loss_total.abs() as f64);
+
+    // Adam's first step: Δ = −lr·g/(|g| + c) (then the decoupled decay), c = ε/√(1−β2).
+    // Its slope is lr·c/(|g| + c)², largest (lr/c) at g = 0.
+    let c = eps / (1.0 - beta2).sqrt();
+    let mut rep = Report::default();
+    let (mut near_zero, mut well_posed, mut worst_bound, mut worst_posed) = (0usize, 0usize, 0.0f64, 0.0f64);
+    for spec in model.params.specs() {
+        let key = format!("after_adamw.{}", spec.name);
+        let want = fx.f(&key);
+        let got = &model.params.data[spec.offset..spec.offset + spec.len];
+        let p0 = &before[spec.offset..spec.offset + spec.len];
+        let Some((_, g_rec)) = fx.f32s.get(&format!("grad.{}", spec.name)) else {
+            if got != want || got != p0 {
+                rep.fail(format!("{}: a parameter without a gradient changed", spec.name));
+            }
+            continue;
+        };
+        let g_ours = &ours[spec.offset..spec.offset + spec.len];
+        let mut excess = 0.0f64;
+        let mut posed = 0.0f64;
+        for i in 0..got.len() {
+            let (go, gr) = (g_ours[i] as f64, g_rec[i] as f64);
+            let delta_g = (go - gr).abs();
+            // Distance of [go, gr] from zero: 0 when the two gradients differ in sign.
+            let dist = if go * gr <= 0.0 { 0.0 } else { go.abs().min(gr.abs()) };
+            // f32 rounding of both results, and the two implementations' different operation
+            // orders inside the update (measured: up to ~3e-6 of the step where |g| ≈ c, with
+            // identical gradients).
+            let rounding = 8.0 * f32::EPSILON as f64 * (p0[i].abs() as f64 + want[i].abs() as f64) + 1e-5 * lr;
+            let bound = lr * delta_g * c / ((dist + c) * (dist + c)) + rounding;
+            let diff = (got[i] as f64 - want[i] as f64).abs();
+            excess = excess.max(diff / bound);
+            if gr.abs() < c {
+                near_zero += 1;
+            } else if gr.abs() > 100.0 * c {
+                // Clearly nonzero gradient: the update is lr·sign(g) to within 1 %, and must be
+                // reproduced to a small fraction of the step.
+                well_posed += 1;
+                posed = posed.max(diff / lr);
+            }
+        }
+        worst_bound = worst_bound.max(excess);
+        worst_posed = worst_posed.max(posed);
+        // `excess` ≤ 1 means the difference is explained by the two gradients' difference.
+        rep.check(&format!("{key} (diff / bound)"), excess, 1.0);
+        rep.check(&format!("{key} (well-posed diff / lr)"), posed, posed_tol);
+    }
+    eprintln!(
+        "{name}: fused step vs after_adamw: worst diff/bound {worst_bound:.2e}, worst well-posed diff/lr {worst_posed:.2e} \
+         ({well_posed} well-posed entries, {near_zero} with |g| < ε/√(1−β2) = {c:.2e}; largest gradient {:.2e})",
+        fx.names("grad.").iter().map(|k| max_abs(fx.f(k))).fold(0.0, f64::max)
+    );
+    rep.finish(name);
+}
+
+#[test]
+fn parity_model_tiny_outputs_losses_every_gradient() {
+    // Measured worst 1.7e-4 (every gradient, text and video alike, ~1e-4): this batch's
+    // region-word loss is ill-conditioned in f32. Against an f64 finite-difference oracle of
+    // the losses on the recorded embeddings, the recorded `grad.txt_proj.1.bias` is 1.0e-4
+    // off and ours 5.9e-5, so the two f32 implementations cannot agree closer than that.
+    check_forward_backward("model_tiny.safetensors", 4e-4);
+}
+
+#[test]
+fn parity_model_tiny_1frame_outputs_losses_every_gradient() {
+    // Measured worst 8.4e-6.
+    check_forward_backward("model_tiny_1frame.safetensors", 3e-5);
+}
+
+#[test]
+fn parity_model_tiny_fused_step_matches_after_adamw() {
+    // Measured 2.1e-4 (the gradients' 1e-4, see above).
+    check_fused_step("model_tiny.safetensors", 1e-3);
+}
+
+#[test]
+fn parity_model_tiny_1frame_fused_step_matches_after_adamw() {
+    // Measured 2.1e-5.
+    check_fused_step("model_tiny_1frame.safetensors", 1e-4);
+}
+
+/// Evaluation embeddings are the training forward's token outputs, split, with the text
+/// mask (m − 1)·100; the global-only ablation reports loss_local = 0.
+#[test]
+fn embeddings_are_the_token_outputs_and_global_only_ablation() {
+    let fx = Fixture::load("model_tiny.safetensors");
+    let mut model = model(&fx);
+    let batch = batch(&fx);
+    let (b, l, p) = (batch.batch, batch.text_len, model.config.proj_dim);
+    let out = model.forward_backward(&batch, &LossConfig::default(), true);
+    assert!((out.loss_total - out.loss_global - out.loss_local).abs() < 1e-5 * out.loss_total.abs());
+    let again = model.forward_loss(&batch, &LossConfig::default(), true);
+    assert_eq!(again.loss_total, out.loss_total, "forward_loss and forward_backward disagree");
     let tokens = model.forward_tokens(&batch, false).0.to_vec();
     let te = model.embed_text(batch.input_ids, batch.attention_mask, b, l);
     for bi in 0..b {
@@ -278,28 +272,7 @@ fn check_step_gradient_set(name: &str) {
     let want_mask: Vec<f32> = batch.attention_mask.chunks(l).flat_map(|row| row[1..].iter().map(|&m| (m as f32 - 1.0) * 100.0)).collect();
     assert_eq!(te.mask_additive, want_mask);
     assert!(want_mask.contains(&-100.0) && want_mask.contains(&0.0));
-    // Global-only ablation: loss_local reported as 0, total = global.
     let g = model.forward_backward(&batch, &LossConfig::default(), false);
     assert_eq!(g.loss_local, 0.0);
     assert_eq!(g.loss_total, g.loss_global);
-}
-
-#[test]
-fn parity_model_tiny_video_losses_gradients() {
-    check_video_and_losses("model_tiny.safetensors");
-}
-
-#[test]
-fn parity_model_tiny_1frame_video_losses_gradients() {
-    check_video_and_losses("model_tiny_1frame.safetensors");
-}
-
-#[test]
-fn parity_model_tiny_step_gradient_set() {
-    check_step_gradient_set("model_tiny.safetensors");
-}
-
-#[test]
-fn parity_model_tiny_1frame_step_gradient_set() {
-    check_step_gradient_set("model_tiny_1frame.safetensors");
 }

@@ -227,9 +227,7 @@ fn tiny_demo_learns_far_above_chance() {
     assert!(line["t2v"]["R1"].as_f64().unwrap() >= 10.0 && line["v2t"]["MedR"].is_number() && line["seconds"].is_number());
 }
 
-fn testdata(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata").join(name)
-}
+use demovlp_testutil::testdata;
 
 #[test]
 fn init_from_published_checkpoint_and_from_our_model_dir() {

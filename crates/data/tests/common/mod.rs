@@ -6,9 +6,7 @@ use std::path::PathBuf;
 use demovlp_data::regions::{select_clip, FeatureSource, FrameChoice, TOKEN_DIM};
 use safetensors::SafeTensors;
 
-pub fn testdata() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata")
-}
+pub use demovlp_testutil::testdata_dir as testdata;
 
 fn f32s(st: &SafeTensors, name: &str) -> Vec<f32> {
     let t = st.tensor(name).unwrap();

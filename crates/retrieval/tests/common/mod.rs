@@ -2,11 +2,8 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 
-pub fn testdata(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata").join(name)
-}
+pub use demovlp_testutil::testdata;
 
 /// Every tensor of a safetensors file as (shape, f32 values).
 pub fn load(name: &str) -> HashMap<String, (Vec<usize>, Vec<f32>)> {

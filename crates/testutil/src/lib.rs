@@ -1,0 +1,151 @@
+//! Helpers shared by every crate's tests (a dev-dependency only): where the fixtures are,
+//! a reader for the recorded safetensors batches, the comparisons the fixtures README
+//! prescribes, and scratch directories that do not collide between test processes.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use safetensors::{Dtype, SafeTensors};
+
+/// The workspace's `testdata/` folder (ground truth recorded from the published code).
+pub fn testdata_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata")
+}
+
+/// A file or folder inside `testdata/`.
+pub fn testdata(name: &str) -> PathBuf {
+    testdata_dir().join(name)
+}
+
+/// A fresh, empty scratch directory for one test (`tag` keeps tests of one process apart,
+/// the process id keeps concurrent test binaries apart).
+pub fn tmpdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("demovlp-test-{tag}-{}", std::process::id()));
+    std::fs::remove_dir_all(&d).ok();
+    std::fs::create_dir_all(&d).unwrap_or_else(|e| panic!("{}: {e}", d.display()));
+    d
+}
+
+/// Every tensor of a recorded safetensors file, f32 and i64 apart, with the `config`
+/// metadata parsed when there is one.
+pub struct Fixture {
+    pub name: String,
+    pub f32s: HashMap<String, (Vec<usize>, Vec<f32>)>,
+    pub i64s: HashMap<String, (Vec<usize>, Vec<i64>)>,
+    pub config: serde_json::Value,
+}
+
+impl Fixture {
+    /// Loads `testdata/<name>`; panics with the path on any problem (tests only).
+    pub fn load(name: &str) -> Fixture {
+        Fixture::load_path(&testdata(name))
+    }
+
+    pub fn load_path(path: &Path) -> Fixture {
+        let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let (_, header) = SafeTensors::read_metadata(&bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let config = header
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get("config"))
+            .map(|c| serde_json::from_str(c).unwrap_or_else(|e| panic!("{}: config metadata: {e}", path.display())))
+            .unwrap_or(serde_json::Value::Null);
+        let st = SafeTensors::deserialize(&bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let (mut f32s, mut i64s) = (HashMap::new(), HashMap::new());
+        for (k, v) in st.tensors() {
+            let d = v.data();
+            match v.dtype() {
+                Dtype::F32 => {
+                    f32s.insert(k, (v.shape().to_vec(), d.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()));
+                }
+                Dtype::I64 => {
+                    i64s.insert(k, (v.shape().to_vec(), d.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()));
+                }
+                t => panic!("{}: unexpected dtype {t:?} for {k}", path.display()),
+            }
+        }
+        Fixture { name: path.file_name().unwrap_or_default().to_string_lossy().into_owned(), f32s, i64s, config }
+    }
+
+    /// An f32 tensor's values; panics naming the tensor when it is absent.
+    pub fn f(&self, k: &str) -> &[f32] {
+        &self.f32s.get(k).unwrap_or_else(|| panic!("{}: no f32 tensor {k}", self.name)).1
+    }
+
+    pub fn i(&self, k: &str) -> &[i64] {
+        &self.i64s.get(k).unwrap_or_else(|| panic!("{}: no i64 tensor {k}", self.name)).1
+    }
+
+    pub fn shape(&self, k: &str) -> &[usize] {
+        match self.f32s.get(k) {
+            Some(t) => &t.0,
+            None => &self.i64s.get(k).unwrap_or_else(|| panic!("{}: no tensor {k}", self.name)).0,
+        }
+    }
+
+    /// Names of the f32 tensors that start with `prefix`, sorted.
+    pub fn names(&self, prefix: &str) -> Vec<String> {
+        let mut v: Vec<String> = self.f32s.keys().filter(|k| k.starts_with(prefix)).cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// How many of `<prefix>0<suffix>`, `<prefix>1<suffix>`, … exist (layer counts).
+    pub fn count(&self, prefix: &str, suffix: &str) -> usize {
+        (0..).take_while(|i| self.f32s.contains_key(&format!("{prefix}{i}{suffix}"))).count()
+    }
+}
+
+/// Largest |x| of a slice (0 for an empty one).
+pub fn max_abs(v: &[f32]) -> f64 {
+    v.iter().fold(0.0f64, |m, &x| m.max((x as f64).abs()))
+}
+
+/// max |got − want| / max(max |want|, `floor`): the fixtures' "relative to the tensor's
+/// largest magnitude" comparison. `floor` keeps a tensor whose true value is (near) zero
+/// from turning round-off into a large relative error (see [`grad_floor`]).
+pub fn rel_err_floor(got: &[f32], want: &[f32], floor: f64) -> f64 {
+    assert_eq!(got.len(), want.len(), "length {} vs {}", got.len(), want.len());
+    let scale = max_abs(want).max(floor).max(1e-30);
+    got.iter().zip(want).map(|(&a, &b)| (a as f64 - b as f64).abs()).fold(0.0, f64::max) / scale
+}
+
+/// max |got − want| / max |want|.
+pub fn rel_err(got: &[f32], want: &[f32]) -> f64 {
+    rel_err_floor(got, want, 0.0)
+}
+
+/// The well-posed gradient scale of the fixtures README: 1e-3 × the largest recorded
+/// gradient of any parameter. An attention key bias's true gradient is exactly zero (softmax
+/// ignores a per-query constant), so its recorded value is round-off noise; compared
+/// against max(its own max, this floor) it is checked to the precision the others are.
+pub fn grad_floor(fx: &Fixture) -> f64 {
+    1e-3 * fx.names("grad.").iter().map(|k| max_abs(fx.f(k))).fold(0.0, f64::max)
+}
+
+/// Collects named comparisons, reports every measured error on stderr and fails once with
+/// all the mismatches (not just the first).
+#[derive(Default)]
+pub struct Report {
+    lines: Vec<String>,
+    failures: Vec<String>,
+}
+
+impl Report {
+    pub fn check(&mut self, what: &str, err: f64, tol: f64) {
+        self.lines.push(format!("{what} {err:.1e}"));
+        if err.is_nan() || err > tol {
+            self.failures.push(format!("{what}: error {err:.3e} > {tol:.1e}"));
+        }
+    }
+
+    pub fn fail(&mut self, what: String) {
+        self.failures.push(what);
+    }
+
+    /// Prints the measured errors and panics with every failure.
+    pub fn finish(self, title: &str) {
+        eprintln!("{title}: {}", self.lines.join(", "));
+        assert!(self.failures.is_empty(), "{title}: {} mismatches:\n{}", self.failures.len(), self.failures.join("\n"));
+    }
+}
