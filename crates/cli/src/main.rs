@@ -8,6 +8,7 @@ mod data_cmds;
 mod hugepages;
 mod model_cmds;
 mod retrieval_cmds;
+mod task_cmds;
 mod train_cmds;
 
 use clap::{Parser, Subcommand};
@@ -47,6 +48,10 @@ enum Command {
     Replay(model_cmds::ReplayArgs),
     /// Retrieval metrics of a text x video similarity matrix.
     Metrics(retrieval_cmds::MetricsArgs),
+    /// Multiple-choice scores and accuracy from option and clip embeddings.
+    McScores(task_cmds::McScoresArgs),
+    /// Video QA accuracy (overall and per answer type) of a JSONL predictions file.
+    QaMetrics(task_cmds::QaMetricsArgs),
     /// Benchmarks (medians of several runs, with peak memory).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -69,6 +74,8 @@ fn main() -> anyhow::Result<()> {
         Command::Import(a) => model_cmds::import(a),
         Command::Replay(a) => model_cmds::replay(a),
         Command::Metrics(a) => retrieval_cmds::metrics(a),
+        Command::McScores(a) => task_cmds::mc_scores_cmd(a),
+        Command::QaMetrics(a) => task_cmds::qa_metrics_cmd(a),
         Command::Bench(c) => bench::run(c),
     }
 }

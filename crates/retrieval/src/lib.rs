@@ -15,7 +15,9 @@ pub mod fastmath;
 pub mod global;
 pub mod local;
 pub mod loss;
+pub mod mc;
 pub mod metrics;
+pub mod qa_metrics;
 pub mod reference;
 
 pub use eval::{eval_scores, eval_scores_with, EmbeddingSet, EvalOptions, ScoreMode};
