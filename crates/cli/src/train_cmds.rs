@@ -5,9 +5,10 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
+use demovlp_data::batches::{Dataset, InputShape};
 use demovlp_data::FeatureSource;
+use demovlp_data::Sample;
 use demovlp_retrieval::ScoreMode;
-use demovlp_train::batches::{InputShape, Sample, TrainSet};
 use demovlp_train::config::DatasetConfig;
 use demovlp_train::eval::{evaluate, EvalOptions, EvalSet};
 use demovlp_train::trainer::{metrics_json, train, RunOptions, TrainInputs};
@@ -123,11 +124,7 @@ fn run_training(config: &Path, resume: bool, init: Option<PathBuf>, output_dir: 
     let tokenizer = Arc::new(demovlp_train::text::load_tokenizer(&cfg.data.tokenizer)?);
     let mut train_sets = Vec::new();
     for ds in &cfg.data.train {
-        train_sets.push(TrainSet {
-            name: ds.name.clone(),
-            samples: read_samples(ds, true, cfg.data.skip_bad_samples)?,
-            source: open_source(ds)?,
-        });
+        train_sets.push(Dataset::new(ds.name.clone(), read_samples(ds, true, cfg.data.skip_bad_samples)?, open_source(ds)?));
     }
     let val = match &cfg.data.val {
         Some(ds) => Some(EvalSet::from_samples(&ds.name, &read_samples(ds, false, false)?, ds.captions_per_video, open_source(ds)?)?),

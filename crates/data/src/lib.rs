@@ -5,17 +5,19 @@
 //! - [`pack`]: the packed, memory-mapped feature store (same trait).
 //! - [`annotations`]: per-dataset annotation readers → [`Sample`]s.
 //! - [`tokenizer`]: uncased WordPiece, padded/truncated (SPEC §4).
-//! - [`loader`]: multi-threaded prefetching batches, deterministic given a seed.
+//! - [`batches`]: the one batch pipeline — epoch plans, seeds, batch assembly (and the
+//!   video-only assembler evaluation uses), prefetching [`Loader`]; every batch a pure
+//!   function of (seed, epoch, batch index).
 
 pub mod annotations;
+pub mod batches;
 pub mod bench;
-pub mod loader;
 pub mod pack;
 pub mod regions;
 pub mod tokenizer;
 
 pub use annotations::Sample;
-pub use loader::{Batch, DatasetSpec, Loader, LoaderConfig};
+pub use batches::{assemble_videos, Batch, Dataset, InputShape, Loader, LoaderConfig, VideoBatch};
 pub use pack::PackedStore;
 pub use regions::{select_clip, ClipInput, FeatureSource, FrameChoice, NpzTree, TOKEN_DIM};
 pub use tokenizer::TextTokenizer;

@@ -135,7 +135,9 @@ pub fn select_clip(src: &dyn FeatureSource, clip: &str, segments: usize, regions
     Ok(ClipInput { frame_indices, regions, object, mask, source_rows })
 }
 
-/// One frame as the extractor stored it, validated.
+/// One frame as the extractor stores it: read from `<i>.npz` (validated) or made in memory
+/// (the demo's synthetic detector output, test fixtures) and written with [`FrameFile::write`].
+#[derive(Clone, Debug, PartialEq)]
 pub struct FrameFile {
     /// `[n, 2048]`
     pub x: Vec<f32>,
@@ -221,6 +223,21 @@ impl FrameFile {
     pub fn sorted_boxes(&self, order: &[u32]) -> Vec<f32> {
         order.iter().flat_map(|&i| self.box_feature(i as usize)).collect()
     }
+
+    /// Region selection of an in-memory frame (SPEC §3): sort by confidence, keep the top
+    /// `regions`, edge-pad (see [`fill_frame`]). What every source holding whole frames
+    /// (the `.npz` tree, the demo's synthetic corpus) does in `frame_regions`.
+    pub fn fill_regions(&self, regions: usize, object: &mut [f32], mask: &mut [f32], rows: &mut Vec<usize>) {
+        let order = self.sorted_rows();
+        // Only the kept rows' boxes are needed.
+        let keep = &order[..order.len().min(regions)];
+        let boxes = self.sorted_boxes(keep);
+        let feat = |i: usize, out: &mut [f32]| {
+            let r = keep[i] as usize;
+            out.copy_from_slice(&self.x[r * FEAT_DIM..(r + 1) * FEAT_DIM]);
+        };
+        fill_frame(&SortedFrame { n: keep.len(), feat: &feat, boxes: &boxes, source_rows: keep }, regions, object, mask, rows);
+    }
 }
 
 /// The extractor's layout: `<root>/<clip>/<i>.npz`, i = 0..V. A clip that is a single
@@ -304,16 +321,7 @@ impl FeatureSource for NpzTree {
         mask: &mut [f32],
         rows: &mut Vec<usize>,
     ) -> Result<()> {
-        let f = self.read_frame(clip, frame)?;
-        let order = f.sorted_rows();
-        // Only the kept rows' boxes are needed.
-        let keep = &order[..order.len().min(regions)];
-        let boxes = f.sorted_boxes(keep);
-        let feat = |i: usize, out: &mut [f32]| {
-            let r = keep[i] as usize;
-            out.copy_from_slice(&f.x[r * FEAT_DIM..(r + 1) * FEAT_DIM]);
-        };
-        fill_frame(&SortedFrame { n: keep.len(), feat: &feat, boxes: &boxes, source_rows: keep }, regions, object, mask, rows);
+        self.read_frame(clip, frame)?.fill_regions(regions, object, mask, rows);
         Ok(())
     }
 }

@@ -1,11 +1,12 @@
-//! Loader: determinism, epoch shuffling, interleaving, padding; bad inputs (issue item 8).
+//! The batch pipeline: determinism, epoch shuffling, interleaving, padding; every batch a
+//! pure function of (seed, epoch, index); the video-only assembler; bad inputs (issue item 8).
 
 mod common;
 
 use std::sync::Arc;
 
 use common::{testdata, tmpdir, write_clip};
-use demovlp_data::loader::{DatasetSpec, Loader, LoaderConfig};
+use demovlp_data::batches::{assemble, assemble_videos, epoch_seed, Dataset, Draw, InputShape, Loader, LoaderConfig};
 use demovlp_data::pack::{pack, PackConfig, PackedStore};
 use demovlp_data::regions::{select_clip, FeatureSource, FrameChoice, FrameFile, NpzTree, TOKEN_DIM};
 use demovlp_data::{Sample, TextTokenizer};
@@ -23,7 +24,16 @@ fn samples(ids: &[usize]) -> Arc<Vec<Sample>> {
 }
 
 fn cfg(threads: usize, train: bool) -> LoaderConfig {
-    LoaderConfig { batch_size: 3, segments: 4, regions: 8, text_len: 16, train, seed: 11, threads, prefetch: 3, skip_bad: false }
+    LoaderConfig {
+        batch_size: 3,
+        shape: InputShape { frames: 4, regions: 8, text_len: 16 },
+        train,
+        seed: 11,
+        samples_per_epoch: None,
+        threads,
+        prefetch: 3,
+        skip_bad: false,
+    }
 }
 
 #[test]
@@ -38,32 +48,33 @@ fn deterministic_interleaved_shuffled_and_padded() {
     pack(&root, &ids, &store_dir, &PackConfig { progress: false, threads: 1, ..Default::default() }).unwrap();
     let packed: Arc<dyn FeatureSource> = Arc::new(PackedStore::open(&store_dir).unwrap());
     let datasets = vec![
-        DatasetSpec { name: "a".into(), samples: samples(&[0, 1, 2, 3, 4, 5, 6]), source: npz.clone() },
-        DatasetSpec { name: "b".into(), samples: samples(&[7, 8, 9, 10, 11]), source: packed.clone() },
+        Dataset { name: "a".into(), samples: samples(&[0, 1, 2, 3, 4, 5, 6]), source: npz.clone() },
+        Dataset { name: "b".into(), samples: samples(&[7, 8, 9, 10, 11]), source: packed.clone() },
     ];
     let run = |threads, epoch, train| -> Vec<_> {
         let l = Loader::new(datasets.clone(), tokenizer(), cfg(threads, train)).unwrap();
         l.epoch(epoch).map(|b| b.unwrap()).collect()
     };
-    let e0 = run(1, 0, true);
-    // 7 samples -> 2 full batches of 3, 5 -> 1; interleaved a, b, a.
-    assert_eq!(e0.iter().map(|b| b.dataset).collect::<Vec<_>>(), vec![0, 1, 0]);
-    assert!(e0.iter().all(|b| b.batch == 3 && b.object.len() == 3 * 4 * 8 * TOKEN_DIM && b.input_ids.len() == 3 * 16));
+    let e0 = run(1, 1, true);
+    // 7 samples -> 3 + 3 (+ 1 dropped: a batch needs negatives), 5 -> 3 + 2; interleaved a, b, a, b.
+    assert_eq!(e0.iter().map(|b| b.dataset).collect::<Vec<_>>(), vec![0, 1, 0, 1]);
+    assert_eq!(e0.iter().map(|b| b.batch).collect::<Vec<_>>(), vec![3, 3, 3, 2]);
+    assert!(e0.iter().all(|b| b.object.len() == b.batch * 4 * 8 * TOKEN_DIM && b.input_ids.len() == b.batch * 16));
     // Same seed + epoch -> identical batches whatever the thread count.
-    for (a, b) in e0.iter().zip(run(3, 0, true)) {
+    for (a, b) in e0.iter().zip(run(3, 1, true)) {
         assert_eq!((&a.clips, &a.captions, &a.input_ids, &a.object_mask), (&b.clips, &b.captions, &b.input_ids, &b.object_mask));
         assert!(a.object == b.object);
     }
     // Another epoch reshuffles.
-    let e1 = run(2, 1, true);
+    let e1 = run(2, 2, true);
     let order = |e: &[demovlp_data::Batch]| e.iter().flat_map(|b| b.clips.clone()).collect::<Vec<_>>();
     assert_ne!(order(&e0), order(&e1));
     let all: std::collections::HashSet<String> = order(&e0).into_iter().collect();
-    assert_eq!(all.len(), 9, "no sample twice within an epoch");
+    assert_eq!(all.len(), 11, "no sample twice within an epoch");
 
     // Evaluation mode: file order, middle frames, first caption, every sample, and each
     // clip exactly as select_clip gives it, padded with masked zero frames.
-    let ev = run(2, 0, false);
+    let ev = run(2, 1, false);
     assert_eq!(order(&ev), vec!["c0", "c1", "c2", "c7", "c8", "c9", "c3", "c4", "c5", "c10", "c11", "c6"]);
     for b in &ev {
         for (j, clip) in b.clips.iter().enumerate() {
@@ -80,10 +91,10 @@ fn deterministic_interleaved_shuffled_and_padded() {
         }
     }
     // Training frame draws reach the last frame of a segment (c4 has 5 frames, S = 4:
-    // segments [0],[1],[2],[3,4]).
+    // segments [0],[1],[2],[3,4]; two samples: a training batch needs at least 2).
     let mut last_seen = false;
-    for epoch in 0..30 {
-        let l = Loader::new(vec![DatasetSpec { name: "a".into(), samples: samples(&[4]), source: npz.clone() }], tokenizer(), cfg(1, true))
+    for epoch in 1..=30 {
+        let l = Loader::new(vec![Dataset { name: "a".into(), samples: samples(&[4, 4]), source: npz.clone() }], tokenizer(), cfg(1, true))
             .unwrap();
         let b = l.epoch(epoch).next().unwrap().unwrap();
         let c = select_clip(npz.as_ref(), "c4", 4, 8, FrameChoice::Middle).unwrap(); // frames 0,1,2,3
@@ -158,32 +169,80 @@ fn bad_inputs_are_named_or_counted() {
         .collect();
     let mut bad_caption = all.clone();
     bad_caption[0].captions = vec!["  ".into()];
-    let ds = |s: Vec<Sample>| vec![DatasetSpec { name: "bad".into(), samples: Arc::new(s), source: Arc::new(NpzTree::new(&root)) }];
+    let ds = |s: Vec<Sample>| vec![Dataset { name: "bad".into(), samples: Arc::new(s), source: Arc::new(NpzTree::new(&root)) }];
     let mut c = LoaderConfig {
         batch_size: 8,
-        segments: 2,
-        regions: 4,
-        text_len: 8,
+        shape: InputShape { frames: 2, regions: 4, text_len: 8 },
         train: false,
         seed: 0,
+        samples_per_epoch: None,
         threads: 2,
         prefetch: 2,
         skip_bad: false,
     };
     let l = Loader::new(ds(all.clone()), tokenizer(), c.clone()).unwrap();
-    let err = format!("{:#}", l.epoch(0).next().unwrap().unwrap_err());
+    let err = format!("{:#}", l.epoch(1).next().unwrap().unwrap_err());
     assert!(err.contains("missing_dir") && err.contains("clip directory missing"), "{err}");
     // With skipping: only the good clip comes out; the seven bad ones are counted with reasons.
     c.skip_bad = true;
     let l = Loader::new(ds(all), tokenizer(), c.clone()).unwrap();
-    let batches: Vec<_> = l.epoch(0).map(|b| b.unwrap()).collect();
+    let batches: Vec<_> = l.epoch(1).map(|b| b.unwrap()).collect();
     assert_eq!(batches.len(), 1);
     assert_eq!(batches[0].clips, vec!["good"]);
     let skipped = l.skipped();
     assert_eq!(skipped.len(), 7);
-    assert!(skipped.iter().any(|(c, r)| c == "nan" && r.contains("non-finite")));
+    assert_eq!(batches[0].skipped, skipped, "the batch lists what the loader counts");
+    assert!(skipped.iter().any(|s| s.clip == "nan" && s.reason.contains("non-finite")));
     let l = Loader::new(ds(bad_caption), tokenizer(), c).unwrap();
-    let _ = l.epoch(0).count();
-    assert!(l.skipped().iter().any(|(c, r)| c == "good" && r.contains("empty caption")));
+    let _ = l.epoch(1).count();
+    assert!(l.skipped().iter().any(|s| s.clip == "good" && s.reason.contains("empty caption")));
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+/// Every batch is a pure function of (seed, epoch, batch index): built alone, from the
+/// epoch's iterator, or from an iterator started part-way (a resumed run), with any thread
+/// count, it is the same batch; and the video-only assembler evaluation uses gives exactly
+/// the video tensors of the full batch path.
+#[test]
+fn batches_are_pure_functions_of_seed_epoch_and_index() {
+    let root = tmpdir("loader_pure");
+    for i in 0..9 {
+        write_clip(&root, &format!("c{i}"), 1 + i % 4, 2 + 3 * i, 300 + i as u64);
+    }
+    let npz: Arc<dyn FeatureSource> = Arc::new(NpzTree::new(&root));
+    let datasets = vec![
+        Dataset { name: "a".into(), samples: samples(&[0, 1, 2, 3, 4]), source: npz.clone() },
+        Dataset { name: "b".into(), samples: samples(&[5, 6, 7, 8]), source: npz.clone() },
+    ];
+    let same = |a: &demovlp_data::Batch, b: &demovlp_data::Batch| {
+        (&a.clips, &a.captions, &a.sample_ids, &a.input_ids, &a.attention_mask, &a.object_mask, a.dataset, a.index)
+            == (&b.clips, &b.captions, &b.sample_ids, &b.input_ids, &b.attention_mask, &b.object_mask, b.dataset, b.index)
+            && a.object == b.object
+    };
+    for epoch in [1, 2, 5] {
+        let l = Loader::new(datasets.clone(), tokenizer(), cfg(2, true)).unwrap();
+        let all: Vec<_> = l.epoch(epoch).map(|b| b.unwrap()).collect();
+        assert_eq!(all.len(), l.batches_per_epoch());
+        for (i, b) in all.iter().enumerate() {
+            assert_eq!(b.index, i);
+            let fresh = Loader::new(datasets.clone(), tokenizer(), cfg(1, true)).unwrap();
+            assert!(same(b, &fresh.batch(epoch, i).unwrap()), "epoch {epoch} batch {i} built alone");
+            let resumed: Vec<_> = fresh.epoch_from(epoch_seed(11, epoch), i).map(|b| b.unwrap()).collect();
+            assert!(same(b, &resumed[0]), "epoch {epoch} batch {i} after resuming there");
+            assert_eq!(resumed.len(), all.len() - i);
+        }
+    }
+
+    // Evaluation's videos: the video-only assembler against the full batch path.
+    let shape = InputShape { frames: 3, regions: 5, text_len: 16 };
+    let ds = &datasets[0];
+    let idx: Vec<usize> = (0..ds.samples.len()).collect();
+    let full = assemble(ds, &idx, shape, &tokenizer(), Draw::Eval, false).unwrap();
+    let clips: Vec<String> = ds.samples.iter().map(|s| s.clip.clone()).collect();
+    let videos = assemble_videos(&ds.name, ds.source.as_ref(), &clips, shape).unwrap();
+    assert_eq!((videos.batch, videos.frames, videos.regions, &videos.clips), (full.batch, full.frames, full.regions, &full.clips));
+    assert!(videos.object == full.object && videos.object_mask == full.object_mask);
+    let err = format!("{:#}", assemble_videos("a", npz.as_ref(), &["c0".into(), "nope".into()], shape).unwrap_err());
+    assert!(err.contains("nope") && err.contains("clip directory missing"), "{err}");
     std::fs::remove_dir_all(&root).unwrap();
 }

@@ -7,8 +7,16 @@
 /// exp(x) in f32, relative error ≲ 2 ulp over the whole range (Cephes `expf` polynomial,
 /// the same scheme PyTorch's vectorised CPU `exp` uses). Returns 0 below the f32 range
 /// (e.g. the −2000 logits of padded positions), like `f32::exp`.
+///
+/// Why a second `exp` beside `demovlp_kernels::fastmath::exp` (the towers' softmax and
+/// GELU): the two are different polynomials (Cephes degree-5 minimax with a −87 / 88 clamp
+/// here, a degree-6 Taylor with −87.3 / 88.7 there), so they round differently in the last
+/// bit. The alignment softmax has always used this one, and its AVX2 form
+/// (`rows::exp_shifted_avx2`) repeats exactly these operations; switching either to the
+/// other would move every loss, score and trained weight by an ulp, so the retrieval
+/// numbers would no longer be bit-identical to the recorded runs.
 #[inline(always)]
-pub fn exp(x: f32) -> f32 {
+pub fn cephes_exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
@@ -52,14 +60,14 @@ mod tests {
         let mut worst = 0f32;
         let mut x = -87.0f32;
         while x < 88.0 {
-            let (got, want) = (exp(x), x.exp());
+            let (got, want) = (cephes_exp(x), x.exp());
             worst = worst.max(((got - want) / want).abs());
             x += 0.0137;
         }
         assert!(worst < 4e-7, "worst relative error {worst}");
-        assert_eq!(exp(-2000.0), 0.0);
-        assert_eq!(exp(-100.0), 0.0);
-        assert_eq!(exp(0.0), 1.0);
+        assert_eq!(cephes_exp(-2000.0), 0.0);
+        assert_eq!(cephes_exp(-100.0), 0.0);
+        assert_eq!(cephes_exp(0.0), 1.0);
     }
 
     #[test]

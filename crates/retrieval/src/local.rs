@@ -18,6 +18,7 @@ use demovlp_kernels::gemm::{sgemm, Trans};
 use rayon::prelude::*;
 
 use crate::fastmath;
+use crate::rows;
 
 /// ε of the published `l2norm` (added to the norm) and of the cosine clamp.
 pub const NORM_EPS: f32 = 1e-8;
@@ -162,24 +163,24 @@ impl Direction {
             *n = n.sqrt() + NORM_EPS;
         }
 
-        // Steps 4–5 per query row: masked softmax over contexts, focal "equal" keep
-        // (P·Lc − ΣP > 0, i.e. above the row mean), renormalise the kept weights.
+        // Steps 4–5 per query row: masked softmax over contexts, the focal "equal" keep
+        // (`rows::focal_keep`: above the row mean), renormalise the kept weights.
         // Rows are padded to whole 8-lane chunks for the shared (SIMD) softmax kernel.
         let lcp = lc.div_ceil(8) * 8;
-        let simd = crate::eval::simd_available();
+        let simd = rows::simd_available();
         pad_into(&mut self.cn_p, &self.colnorm, lcp, 1.0);
         pad_into(&mut self.mc_p, x.mc, lcp, f32::NEG_INFINITY);
         resize(&mut self.d_p, lcp);
         resize(&mut self.z_p, lcp);
         for l in 0..lq {
             self.d_p[..lc].copy_from_slice(&x.d[l * lc..(l + 1) * lc]);
-            let total = crate::eval::softmax_row(simd, &mut self.z_p, &self.d_p, &self.cn_p, x.mq[l], &self.mc_p, cfg.lambda);
+            let total = rows::softmax_row(simd, &mut self.z_p, &self.d_p, &self.cn_p, x.mq[l], &self.mc_p, cfg.lambda);
             let prow = &mut self.p[l * lc..(l + 1) * lc];
             prow.copy_from_slice(&self.z_p[..lc]);
             let rrow = &mut self.r[l * lc..(l + 1) * lc];
             let mut kept = 0f32;
             for s in 0..lc {
-                if prow[s] * lc as f32 - total > 0.0 {
+                if rows::focal_keep(prow[s], lc as f32, total) {
                     rrow[s] = prow[s];
                     kept += prow[s];
                 }

@@ -1,7 +1,7 @@
 //! The training loss on a batch of embeddings (SPEC §6): L = L_g + L_rwa, forward and
 //! hand-written backward.
 
-use crate::eval::local_scores_items;
+use crate::blocked::local_scores_items;
 use crate::global::global_loss;
 use crate::local::{local_similarity_backward, AlignConfig, Items};
 

@@ -12,6 +12,7 @@ use rayon::prelude::*;
 
 use crate::fastmath;
 use crate::local::{is_real, AlignConfig, LEAKY_SLOPE, NORM_EPS};
+use crate::rows::focal_keep;
 
 /// Every intermediate of one published `func_attention_fast` call plus the cosine/mean
 /// that follows it. 4-D tensors are [bc, bq, lq, lc]; `wctx` is [bc, bq, lq, dim].
@@ -123,7 +124,7 @@ pub fn attend(
                 let mx = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
                 let mut sum = 0f32;
                 for v in row.iter_mut() {
-                    *v = fastmath::exp(*v - mx);
+                    *v = fastmath::cephes_exp(*v - mx);
                     sum += *v;
                 }
                 let inv = 1.0 / sum;
@@ -141,7 +142,7 @@ pub fn attend(
         let pr = &p[row * lc..(row + 1) * lc];
         let total: f32 = pr.iter().sum();
         for s in 0..lc {
-            keep[row * lc + s] = if pr[s] * lc as f32 - total > 0.0 { 1.0 } else { 0.0 };
+            keep[row * lc + s] = if focal_keep(pr[s], lc as f32, total) { 1.0 } else { 0.0 };
         }
         let z: f32 = (0..lc).map(|s| keep[row * lc + s] * pr[s]).sum();
         kept_sum[row] = z;

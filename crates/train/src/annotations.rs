@@ -9,8 +9,8 @@ use demovlp_data::annotations::{read_annotations, read_msrvtt, Layout, MsrvttCut
 use demovlp_data::pack::PackedStore;
 use demovlp_data::{FeatureSource, NpzTree};
 
-use crate::batches::Sample;
 use crate::config::DatasetConfig;
+use demovlp_data::Sample;
 
 /// Samples of a dataset. MSR-VTT reads its metadata directory (`annotations` = the folder
 /// holding `annotation/MSR_VTT.json` and the split lists) with `cut` (default jsfusion),

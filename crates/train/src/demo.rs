@@ -16,12 +16,13 @@ use demovlp_kernels::rng::Rng;
 use demovlp_model::{ModelConfig, TextConfig, TextKind, VideoConfig};
 use demovlp_retrieval::{retrieval_metrics, RetrievalMetrics, ScoreMode};
 
-use crate::batches::{InputShape, Sample, TrainSet};
 use crate::config::{DataSection, DatasetConfig, LossSection, ModelSection, OptimConfig, ScheduleKind, TrainConfig, TrainSection};
 use crate::eval::{evaluate, EvalOptions, EvalSet};
 use crate::synthetic::{CorpusConfig, Split, SyntheticCorpus};
 use crate::text::builtin_tokenizer;
 use crate::trainer::{train, RunOptions, TrainInputs};
+use demovlp_data::batches::{Dataset, InputShape};
+use demovlp_data::Sample;
 
 /// One training stage of the demo.
 #[derive(Clone, Debug)]
@@ -298,7 +299,7 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
             captions_per_video: k,
         }
     };
-    let set = |s: Split| -> Result<TrainSet> { Ok(TrainSet { name: s.name().into(), samples: samples(s)?, source: source.clone() }) };
+    let set = |s: Split| -> Result<Dataset> { Ok(Dataset::new(s.name(), samples(s)?, source.clone())) };
     let val = EvalSet::from_samples(Split::Val.name(), &samples(Split::Val)?, 1, source.clone())?;
     let test = EvalSet::from_samples(Split::Test.name(), &samples(Split::Test)?, 1, source.clone())?;
 

@@ -9,12 +9,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use demovlp_data::FeatureSource;
+use demovlp_data::batches::{assemble_videos, InputShape};
+use demovlp_data::{FeatureSource, Sample};
 use demovlp_model::Model;
 use demovlp_retrieval::{eval_scores_with, retrieval_metrics, EmbeddingSet, RetrievalMetrics, ScoreMode};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::batches::{assemble, Draw, InputShape, Sample, TrainSet};
 use crate::text::Tokenizer;
 
 /// A test set: videos and k caption slots per video.
@@ -90,19 +90,16 @@ pub fn evaluate(model: &mut Model, set: &EvalSet, tok: &Tokenizer, opt: &EvalOpt
     let n_loc = opt.shape.frames * opt.shape.regions;
     let bs = opt.batch_size.max(1);
 
-    // Videos: middle frame of each segment.
-    let samples: Vec<Sample> = set.videos.iter().map(|v| Sample { clip: v.clone(), captions: vec![String::new()] }).collect();
-    let vset = TrainSet { name: set.name.clone(), samples, source: set.source.clone() };
+    // Videos: middle frame of each segment, through the video-only assembler.
     let (mut vg, mut vl, mut vm) = (Vec::with_capacity(nv * p), Vec::with_capacity(nv * n_loc * p), Vec::with_capacity(nv * n_loc));
     let pb = bar(opt.progress, nv, "embed clips");
-    for start in (0..nv).step_by(bs) {
-        let idx: Vec<usize> = (start..(start + bs).min(nv)).collect();
-        let b = assemble(&vset, &idx, opt.shape, tok, Draw::Eval, false)?;
+    for clips in set.videos.chunks(bs) {
+        let b = assemble_videos(&set.name, set.source.as_ref(), clips, opt.shape)?;
         let e = model.embed_video_inference(&b.object, &b.object_mask, b.batch, b.frames, b.regions);
         vg.extend_from_slice(&e.global);
         vl.extend_from_slice(&e.local);
         vm.extend_from_slice(&e.mask_additive);
-        pb.inc(idx.len() as u64);
+        pb.inc(clips.len() as u64);
     }
     pb.finish_and_clear();
 

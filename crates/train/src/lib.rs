@@ -4,14 +4,14 @@
 //!
 //! - [`config`]: the TOML run config, strict (unknown keys, missing paths rejected).
 //! - [`schedule`]: the published step schedule, warm-up, cosine.
-//! - [`batches`]: deterministic, resumable epoch plans and batch assembly.
+//! - batches come from the data crate's one pipeline, `demovlp_data::batches`
+//!   (deterministic, resumable epoch plans, batch assembly, prefetching).
 //! - [`checkpoint`]: single-file, atomic, exactly-resumable checkpoints.
 //! - [`trainer`]: the training loop.
 //! - [`eval`]: the retrieval evaluation runner.
 //! - [`synthetic`] + [`demo`]: the built-in demo.
 
 pub mod annotations;
-pub mod batches;
 pub mod checkpoint;
 pub mod config;
 pub mod demo;

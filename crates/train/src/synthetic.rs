@@ -17,12 +17,10 @@
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use demovlp_data::regions::{fill_frame, FrameFile, SortedFrame, FEAT_DIM};
-use demovlp_data::FeatureSource;
+use demovlp_data::regions::{FrameFile, FEAT_DIM};
+use demovlp_data::{FeatureSource, Sample};
 use demovlp_kernels::rng::Rng;
 use rayon::prelude::*;
-
-use crate::batches::Sample;
 
 /// Object classes the captions name, with the category that picks their motion verbs.
 const OBJECTS: &[(&str, Cat)] = &[
@@ -217,35 +215,6 @@ pub struct ClipSpec {
     seed: u64,
 }
 
-/// One frame as a detector writes it (SPEC §2): regions in detector order, not sorted.
-#[derive(Clone, Debug, PartialEq)]
-pub struct SyntheticFrame {
-    /// [N, feature_dim]
-    pub x: Vec<f32>,
-    /// [N, 4] (x1, y1, x2, y2) in pixels
-    pub bbox: Vec<f32>,
-    pub objects_conf: Vec<f32>,
-    pub objects_id: Vec<i64>,
-    pub num_boxes: usize,
-    pub image_w: usize,
-    pub image_h: usize,
-}
-
-impl SyntheticFrame {
-    /// The frame as the data crate's in-memory `.npz` frame, plus its `objects_id`.
-    pub fn into_frame_file(self) -> (FrameFile, Vec<i64>) {
-        let f = FrameFile {
-            n: self.num_boxes,
-            x: self.x,
-            bbox: self.bbox,
-            conf: self.objects_conf,
-            image_w: self.image_w as f32,
-            image_h: self.image_h as f32,
-        };
-        (f, self.objects_id)
-    }
-}
-
 /// A sparse non-negative feature pattern: (dimension, value) pairs.
 type Pattern = Vec<(usize, f32)>;
 
@@ -354,8 +323,10 @@ impl SyntheticCorpus {
         ObjectSpec { class, colour, motion, cx, cy, w, h, boxes }
     }
 
-    /// The detector output of one frame of a clip.
-    pub fn frame(&self, clip: &ClipSpec, frame: usize) -> SyntheticFrame {
+    /// The detector output of one frame of a clip (SPEC §2: regions in detector order, not
+    /// sorted), as the data crate's in-memory frame, and the class id of each region (the
+    /// extractor's `info['objects_id']`).
+    pub fn frame(&self, clip: &ClipSpec, frame: usize) -> (FrameFile, Vec<i64>) {
         assert!(frame < clip.frames, "clip {} has {} frames, asked for {frame}", clip.id, clip.frames);
         let d = self.config.feature_dim;
         let mut rng = Rng::new(mix(clip.seed, 0xF4A3E, frame as u64 + 1));
@@ -413,22 +384,22 @@ impl SyntheticCorpus {
         // Detector order is not confidence order.
         rng.shuffle(&mut regions);
         let n = regions.len();
-        let mut out = SyntheticFrame {
+        let mut out = FrameFile {
             x: Vec::with_capacity(n * d),
             bbox: Vec::with_capacity(n * 4),
-            objects_conf: Vec::with_capacity(n),
-            objects_id: Vec::with_capacity(n),
-            num_boxes: n,
-            image_w: clip.image_w,
-            image_h: clip.image_h,
+            conf: Vec::with_capacity(n),
+            n,
+            image_w: clip.image_w as f32,
+            image_h: clip.image_h as f32,
         };
+        let mut objects_id = Vec::with_capacity(n);
         for (x, b, c, id) in regions {
             out.x.extend_from_slice(&x);
             out.bbox.extend_from_slice(&b);
-            out.objects_conf.push(c);
-            out.objects_id.push(id);
+            out.conf.push(c);
+            objects_id.push(id);
         }
-        out
+        (out, objects_id)
     }
 
     /// Per-frame noise on the active dimensions plus a few spurious activations, then ReLU.
@@ -504,7 +475,7 @@ impl SyntheticCorpus {
     /// One frame in the extractor's layout, through the data crate's writer (the same one
     /// its tests use), so the demo's files are exactly what the real reader expects.
     fn write_frame(&self, clip: &ClipSpec, frame: usize, path: &Path) -> Result<()> {
-        let (f, objects_id) = self.frame(clip, frame).into_frame_file();
+        let (f, objects_id) = self.frame(clip, frame);
         let image_id = format!("{}_{frame}", clip.id.replace('/', "_"));
         f.write(path, &image_id, &objects_id).with_context(|| format!("writing {}", path.display()))
     }
@@ -537,16 +508,7 @@ impl FeatureSource for SyntheticCorpus {
         if self.config.feature_dim != FEAT_DIM {
             bail!("synthetic corpus: feature_dim {} but region tokens need {FEAT_DIM}", self.config.feature_dim);
         }
-        let g = self.frame(spec, frame);
-        let (f, _) = g.into_frame_file();
-        let order = f.sorted_rows();
-        let keep = &order[..order.len().min(regions)];
-        let boxes = f.sorted_boxes(keep);
-        let feat = |i: usize, out: &mut [f32]| {
-            let r = keep[i] as usize;
-            out.copy_from_slice(&f.x[r * FEAT_DIM..(r + 1) * FEAT_DIM]);
-        };
-        fill_frame(&SortedFrame { n: keep.len(), feat: &feat, boxes: &boxes, source_rows: keep }, regions, object, mask, rows);
+        self.frame(spec, frame).0.fill_regions(regions, object, mask, rows);
         Ok(())
     }
 }
@@ -619,17 +581,17 @@ mod tests {
         for clip in corpus.clips(Split::PretrainVideo).iter().chain(corpus.clips(Split::Test)) {
             assert!(clip.frames >= 1 && clip.frames <= 8);
             short += (clip.frames < 8) as usize;
-            let f = corpus.frame(clip, clip.frames - 1);
-            assert!(f.num_boxes >= 1 && f.num_boxes <= 30, "{}", f.num_boxes);
-            few_regions += (f.num_boxes < 10) as usize;
-            assert_eq!(f.x.len(), f.num_boxes * 2048);
+            let (f, objects_id) = corpus.frame(clip, clip.frames - 1);
+            assert!(f.n >= 1 && f.n <= 30, "{}", f.n);
+            few_regions += (f.n < 10) as usize;
+            assert_eq!(f.x.len(), f.n * 2048);
             assert!(f.x.iter().all(|v| v.is_finite() && *v >= 0.0));
             for b in f.bbox.chunks(4) {
-                assert!(b[0] < b[2] && b[1] < b[3] && b[2] <= f.image_w as f32 && b[3] <= f.image_h as f32, "{b:?}");
+                assert!(b[0] < b[2] && b[1] < b[3] && b[2] <= f.image_w && b[3] <= f.image_h, "{b:?}");
             }
             // The named objects are the confident detections.
-            let top = f.objects_conf.iter().cloned().fold(0.0, f32::max);
-            let top_id = f.objects_id[f.objects_conf.iter().position(|&c| c == top).unwrap()];
+            let top = f.conf.iter().cloned().fold(0.0, f32::max);
+            let top_id = objects_id[f.conf.iter().position(|&c| c == top).unwrap()];
             assert!(top >= 0.45 && top_id < 1000);
         }
         assert!(few_regions > 0 && short > 0, "padding paths must be exercised: {few_regions} {short}");
@@ -641,17 +603,17 @@ mod tests {
         for clip in corpus.clips(Split::Test).iter().filter(|c| c.frames >= 4 && c.second.as_ref().is_none_or(|s| s.class != c.main.class))
         {
             let centre = |f: usize| {
-                let fr = corpus.frame(clip, f);
+                let (fr, ids) = corpus.frame(clip, f);
                 // Main object's whole box = the detection with its class, first part scale 1.
-                let idx = (0..fr.num_boxes)
-                    .filter(|&i| fr.objects_id[i] == clip.main.class as i64)
+                let idx = (0..fr.n)
+                    .filter(|&i| ids[i] == clip.main.class as i64)
                     .max_by(|&a, &b| {
                         let area = |i: usize| (fr.bbox[4 * i + 2] - fr.bbox[4 * i]) * (fr.bbox[4 * i + 3] - fr.bbox[4 * i + 1]);
                         area(a).total_cmp(&area(b))
                     })
                     .unwrap();
                 let b = &fr.bbox[4 * idx..4 * idx + 4];
-                ((b[0] + b[2]) / 2.0 / fr.image_w as f32, (b[1] + b[3]) / 2.0 / fr.image_h as f32)
+                ((b[0] + b[2]) / 2.0 / fr.image_w, (b[1] + b[3]) / 2.0 / fr.image_h)
             };
             let (a, b) = (centre(0), centre(clip.frames - 1));
             let cap = &clip.captions[0];

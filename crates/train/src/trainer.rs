@@ -9,13 +9,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use demovlp_data::batches::{epoch_seed_rng, Batch, Dataset, InputShape, Loader, LoaderConfig};
 use demovlp_kernels::rng::Rng;
-use demovlp_model::{AdamW, Model, ModelConfig, Params, TextDropout};
+use demovlp_model::{AdamW, BatchRef, Model, ModelConfig, Params, TextDropout};
 use demovlp_retrieval::{LossConfig, RetrievalMetrics, ScoreMode};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
-use crate::batches::{epoch_plan, InputShape, Prefetcher, TrainSet};
 use crate::checkpoint::{self, TrainerState, BEST, LATEST};
 use crate::config::{monitor_higher_is_better, TrainConfig};
 use crate::eval::{evaluate, EvalOptions, EvalSet};
@@ -26,7 +26,7 @@ use crate::text::Tokenizer;
 /// Everything a run trains and validates on.
 pub struct TrainInputs {
     pub config: TrainConfig,
-    pub train: Vec<TrainSet>,
+    pub train: Vec<Dataset>,
     pub val: Option<EvalSet>,
     pub tokenizer: Arc<Tokenizer>,
 }
@@ -233,7 +233,7 @@ pub fn train(inputs: &TrainInputs, opts: &RunOptions) -> Result<RunResult> {
         let model = build_model(cfg, opts.init.as_deref())?;
         let n = model.params.len();
         let opt = AdamW::new(n, o.lr, o.betas[0], o.betas[1], o.eps, o.weight_decay);
-        let mut rng = Rng::new(cfg.seed ^ 0x7EA1_5EED);
+        let mut rng = epoch_seed_rng(cfg.seed);
         let epoch_seed = rng.next_u64();
         let state = TrainerState {
             epoch: 1,
@@ -277,7 +277,22 @@ pub fn train(inputs: &TrainInputs, opts: &RunOptions) -> Result<RunResult> {
     log.write(json!({"kind": "start", "name": cfg.name, "step": state.step, "epoch": state.epoch, "resumed": resumed, "params": model.params.len()}))?;
 
     let sizes: Vec<usize> = inputs.train.iter().map(|s| s.samples.len()).collect();
-    let batches_per_epoch = epoch_plan(&sizes, cfg.data.batch_size, cfg.data.samples_per_epoch, 0).len() as u64;
+    let loader = Loader::new(
+        inputs.train.clone(),
+        inputs.tokenizer.clone(),
+        LoaderConfig {
+            batch_size: cfg.data.batch_size,
+            shape,
+            train: true,
+            seed: cfg.seed,
+            samples_per_epoch: cfg.data.samples_per_epoch,
+            threads: cfg.data.workers,
+            prefetch: 2,
+            skip_bad: cfg.data.skip_bad_samples,
+        },
+    )
+    .with_context(|| format!("{}: training data", cfg.name))?;
+    let batches_per_epoch = loader.batches_per_epoch() as u64;
     if batches_per_epoch == 0 {
         bail!("{}: no training batch (datasets have {sizes:?} samples, batch size {})", cfg.name, cfg.data.batch_size);
     }
@@ -304,19 +319,11 @@ pub fn train(inputs: &TrainInputs, opts: &RunOptions) -> Result<RunResult> {
     let mut epochs_done = state.epoch - 1;
     let mut window = (0.0f64, 0usize, Instant::now(), 0usize); // loss sum, steps, since, samples
     'epochs: while state.epoch <= cfg.train.epochs {
-        let plan = epoch_plan(&sizes, cfg.data.batch_size, cfg.data.samples_per_epoch, state.epoch_seed);
-        let mut pre = Prefetcher::start(
-            inputs.train.clone(),
-            plan.clone(),
-            state.batch_in_epoch,
-            shape,
-            inputs.tokenizer.clone(),
-            state.epoch_seed,
-            cfg.data.skip_bad_samples,
-            cfg.data.workers,
-        );
+        // The epoch seed the state (checkpoint) carries: epoch_seed(cfg.seed, epoch) for runs of this code.
+        let mut pre = loader.epoch_from(state.epoch_seed, state.batch_in_epoch);
+        let planned = pre.planned();
         let (mut epoch_loss, mut epoch_steps) = (0.0f64, 0usize);
-        while state.batch_in_epoch < plan.len() {
+        while state.batch_in_epoch < planned {
             if cfg.train.max_steps.is_some_and(|m| state.step >= m) {
                 break 'epochs;
             }
@@ -324,12 +331,11 @@ pub fn train(inputs: &TrainInputs, opts: &RunOptions) -> Result<RunResult> {
                 interrupted = true;
                 break 'epochs;
             }
-            let (i, batch) = pre.next_batch().context("batch loader stopped")?;
-            debug_assert_eq!(i, state.batch_in_epoch);
-            let batch = batch?;
+            let batch = pre.next().context("batch loader stopped")??;
+            debug_assert_eq!(batch.index, state.batch_in_epoch);
             skipped_total += batch.skipped.len();
             for s in &batch.skipped {
-                log.write(json!({"kind": "skipped", "step": state.step, "reason": s}))?;
+                log.write(json!({"kind": "skipped", "step": state.step, "clip": s.clip, "reason": s.reason}))?;
             }
             if batch.batch < 2 {
                 state.batch_in_epoch += 1;
@@ -339,7 +345,7 @@ pub fn train(inputs: &TrainInputs, opts: &RunOptions) -> Result<RunResult> {
             // AdamW is fused into the backward pass (block by block; same results as a
             // separate step, less memory). A non-finite loss returns before any update.
             opt.lr = lr;
-            let outp = model.train_step_fused(&batch.as_ref(), &loss_cfg, cfg.loss.use_local, &mut opt);
+            let outp = model.train_step_fused(&batch_ref(&batch), &loss_cfg, cfg.loss.use_local, &mut opt);
             if !outp.loss_total.is_finite() {
                 let last_good = if latest.exists() { latest.display().to_string() } else { "none (no checkpoint written yet)".into() };
                 log.write(json!({"kind": "error", "step": state.step, "loss": outp.loss_total.to_string(), "clips": batch.clips}))?;
@@ -364,7 +370,7 @@ pub fn train(inputs: &TrainInputs, opts: &RunOptions) -> Result<RunResult> {
             window.1 += 1;
             window.3 += batch.batch;
             pb.set_position(state.step.min(total_steps));
-            if state.step % cfg.train.log_every.max(1) == 0 || state.batch_in_epoch == plan.len() {
+            if state.step % cfg.train.log_every.max(1) == 0 || state.batch_in_epoch == planned {
                 let secs = window.2.elapsed().as_secs_f64().max(1e-9);
                 let sps = window.3 as f64 / secs;
                 pb.set_message(format!("loss {:.4} lr {:.1e} {:.1} samples/s", window.0 / window.1 as f64, lr, sps));
@@ -442,6 +448,20 @@ pub fn train(inputs: &TrainInputs, opts: &RunOptions) -> Result<RunResult> {
         eprint!("{table}");
     }
     Ok(result)
+}
+
+/// The model's view of a batch.
+pub fn batch_ref(b: &Batch) -> BatchRef<'_> {
+    BatchRef {
+        batch: b.batch,
+        frames: b.frames,
+        regions: b.regions,
+        text_len: b.text_len,
+        object: &b.object,
+        object_mask: &b.object_mask,
+        input_ids: &b.input_ids,
+        attention_mask: &b.attention_mask,
+    }
 }
 
 /// Book-keeping at the end of an epoch: best value, patience, next epoch's seed.

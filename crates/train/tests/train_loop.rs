@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::Result;
+use demovlp_data::batches::Dataset;
 use demovlp_data::FeatureSource;
-use demovlp_train::batches::TrainSet;
 use demovlp_train::checkpoint::{self, LATEST};
 use demovlp_train::demo::{self, DemoOptions, DemoSizes, Stage};
 use demovlp_train::eval::EvalSet;
@@ -123,7 +123,7 @@ impl FeatureSource for Faulty {
 fn inputs(out: &Path, max_steps: Option<u64>, source: Arc<dyn FeatureSource>, corpus: &SyntheticCorpus) -> TrainInputs {
     let mut cfg = TrainConfig::parse_str(&TINY.replace("OUT", &out.display().to_string())).unwrap();
     cfg.train.max_steps = max_steps;
-    let set = |s: Split| TrainSet { name: s.name().into(), samples: corpus.samples(s), source: source.clone() };
+    let set = |s: Split| Dataset::new(s.name(), corpus.samples(s), source.clone());
     TrainInputs {
         config: cfg,
         train: vec![set(Split::PretrainVideo), set(Split::PretrainImage)],
