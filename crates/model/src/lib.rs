@@ -8,6 +8,7 @@ pub mod io;
 pub mod layers;
 pub mod model;
 pub mod params;
+pub mod qa;
 pub mod text;
 pub mod torch;
 pub mod video;
