@@ -166,7 +166,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
             bail!("{key}: path does not exist: {}", p.display());
         }
     }
-    let mut model = demovlp_train::trainer::load_model(&a.model)?;
+    let mut model = demovlp_train::weights::load_model(&a.model)?;
     let tok = demovlp_train::text::load_tokenizer(&cfg.data.tokenizer)?;
     let set = EvalSet::from_samples(&ds.name, &read_samples(ds, false, false)?, ds.captions_per_video, open_source(ds)?)?;
     let opts = EvalOptions {

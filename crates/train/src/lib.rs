@@ -8,6 +8,7 @@
 //!   (deterministic, resumable epoch plans, batch assembly, prefetching).
 //! - [`checkpoint`]: single-file, atomic, exactly-resumable checkpoints.
 //! - [`trainer`]: the training loop.
+//! - [`weights`]: where a run's weights come from (config, checkpoint, model-crate formats).
 //! - [`eval`]: the retrieval evaluation runner.
 //! - [`synthetic`] + [`demo`]: the built-in demo.
 
@@ -21,5 +22,6 @@ pub mod schedule;
 pub mod synthetic;
 pub mod text;
 pub mod trainer;
+pub mod weights;
 
 pub use config::TrainConfig;

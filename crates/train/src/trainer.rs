@@ -11,7 +11,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use demovlp_data::batches::{epoch_seed_rng, Batch, Dataset, InputShape, Loader, LoaderConfig};
 use demovlp_kernels::rng::Rng;
-use demovlp_model::{AdamW, BatchRef, Model, ModelConfig, Params, TextDropout};
+use demovlp_model::{AdamW, BatchRef, Model, TextDropout};
 use demovlp_retrieval::{LossConfig, RetrievalMetrics, ScoreMode};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
@@ -22,6 +22,7 @@ use crate::eval::{evaluate, EvalOptions, EvalSet};
 use crate::plot::{line_chart, Series};
 use crate::schedule::learning_rate;
 use crate::text::Tokenizer;
+use crate::weights::build_model;
 
 /// Everything a run trains and validates on.
 pub struct TrainInputs {
@@ -90,50 +91,6 @@ fn monitored(name: &str, m: Option<&RetrievalMetrics>, train_loss: f64) -> f64 {
     }
 }
 
-/// Copy weights from a file or directory into `params`, by published name. Extra tensors are
-/// skipped; missing trained tensors are an error. `temporal_embed` / `custom_pos_embed` may
-/// have a different number of rows (pre-training on 1 frame, fine-tuning on 8): the
-/// overlapping rows are copied and the rest repeat the last loaded row.
-pub fn load_init(params: &mut Params, path: &Path) -> Result<usize> {
-    use demovlp_model::io;
-    let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = if path.is_dir() {
-        let st = io::read_safetensors(&path.join(io::WEIGHTS_FILE))?;
-        st.tensors.into_iter().map(|(k, t)| Ok((k, t.shape.clone(), t.to_f32()?))).collect::<Result<_>>()?
-    } else if checkpoint::is_checkpoint(path) {
-        checkpoint::load(path)?.params
-    } else {
-        io::read_weights(path)?.into_iter().map(|(k, t)| Ok((k, t.shape.clone(), t.to_f32()?))).collect::<Result<_>>()?
-    };
-    let mut seen = vec![false; params.specs().len()];
-    for (name, shape, v) in &tensors {
-        let Some(id) = params.id(name) else { continue };
-        let want = params.spec(id).shape.clone();
-        let dst = params.get_mut(id);
-        if &want == shape {
-            dst.copy_from_slice(v);
-        } else if (name.ends_with("temporal_embed") || name.ends_with("custom_pos_embed"))
-            && want.len() == 3
-            && shape.len() == 3
-            && want[2] == shape[2]
-        {
-            let d = want[2];
-            for row in 0..want[1] {
-                let src = row.min(shape[1] - 1);
-                dst[row * d..(row + 1) * d].copy_from_slice(&v[src * d..(src + 1) * d]);
-            }
-        } else {
-            bail!("{}: tensor {name} has shape {shape:?}, the model wants {want:?}", path.display());
-        }
-        seen[id.0] = true;
-    }
-    let missing: Vec<&str> =
-        params.specs().iter().zip(&seen).filter(|(s, &ok)| !ok && s.receives_grad).map(|(s, _)| s.name.as_str()).collect();
-    if !missing.is_empty() {
-        bail!("{}: {} model tensors missing, e.g. {}", path.display(), missing.len(), missing[..missing.len().min(3)].join(", "));
-    }
-    Ok(seen.iter().filter(|&&s| s).count())
-}
-
 struct Log {
     file: std::fs::File,
 }
@@ -159,49 +116,6 @@ impl Log {
 pub fn metrics_json(m: &RetrievalMetrics) -> serde_json::Value {
     let d = |x: &demovlp_retrieval::DirectionMetrics| json!({"R1": x.r1, "R5": x.r5, "R10": x.r10, "R50": x.r50, "MedR": x.medr, "MeanR": x.meanr, "geometric_mean_R1-R5-R10": x.geometric_mean_r1_r5_r10});
     json!({"t2v": d(&m.t2v), "v2t": d(&m.v2t)})
-}
-
-/// A model to evaluate: a model directory (ours or Hugging Face text-only) or one of our
-/// training checkpoints. Published `.pth` files go through `demovlp import` first (heads
-/// cannot be inferred from shapes).
-pub fn load_model(path: &Path) -> Result<Model> {
-    if path.is_dir() {
-        return demovlp_model::io::load_model_dir(path);
-    }
-    if checkpoint::is_checkpoint(path) {
-        let ck = checkpoint::load(path)?;
-        let mut model = Model::new(ck.model_config.clone());
-        ck.fill_params(&mut model.params)?;
-        return Ok(model);
-    }
-    bail!(
-        "{}: neither a model directory nor a demovlp training checkpoint (import published weights with `demovlp import`)",
-        path.display()
-    )
-}
-
-/// Build a fresh model for the config (random init, then `init` / `text_init` weights).
-pub fn build_model(cfg: &TrainConfig, init: Option<&Path>) -> Result<Model> {
-    let mc: ModelConfig = cfg.model_config()?;
-    let mut model = Model::new(mc.clone());
-    model.init_random(cfg.seed);
-    if let Some(dir) = &cfg.model.text_init {
-        let (m, _) = demovlp_model::io::load_hf_text_dir(dir, mc.video.clone(), mc.proj_dim, cfg.seed)?;
-        if m.config.text != mc.text {
-            bail!("model.text_init {}: text tower config differs from the run's model config", dir.display());
-        }
-        for s in m.params.specs().iter().filter(|s| s.name.starts_with("text_model.")) {
-            let id = model.params.id(&s.name).context("text tensor")?;
-            model.params.get_mut(id).copy_from_slice(&m.params.data[s.offset..s.offset + s.len]);
-        }
-    }
-    if let Some(p) = &cfg.model.video_init {
-        demovlp_model::io::init_video_from_vit(&mut model, p).with_context(|| format!("model.video_init {}", p.display()))?;
-    }
-    if let Some(p) = init.or(cfg.model.init.as_deref()) {
-        load_init(&mut model.params, p).with_context(|| format!("initialising from {}", p.display()))?;
-    }
-    Ok(model)
 }
 
 /// Train per `inputs.config`. Returns when all epochs ran, early stopping triggered,
