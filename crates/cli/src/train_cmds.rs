@@ -11,7 +11,8 @@ use demovlp_data::Sample;
 use demovlp_retrieval::ScoreMode;
 use demovlp_train::config::DatasetConfig;
 use demovlp_train::eval::{evaluate, EvalOptions, EvalSet};
-use demovlp_train::trainer::{metrics_json, train, RunOptions, TrainInputs};
+use demovlp_train::runlog::metrics_json;
+use demovlp_train::trainer::{train, RunOptions, TrainInputs};
 use demovlp_train::{demo, TrainConfig};
 
 #[derive(clap::Args)]
