@@ -11,7 +11,8 @@ use demovlp_data::Sample;
 use demovlp_retrieval::ScoreMode;
 use demovlp_train::config::DatasetConfig;
 use demovlp_train::eval::{evaluate, EvalOptions, EvalSet};
-use demovlp_train::trainer::{metrics_json, train, RunOptions, TrainInputs};
+use demovlp_train::runlog::metrics_json;
+use demovlp_train::trainer::{train, RunOptions, TrainInputs};
 use demovlp_train::{demo, TrainConfig};
 
 #[derive(clap::Args)]
@@ -166,7 +167,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
             bail!("{key}: path does not exist: {}", p.display());
         }
     }
-    let mut model = demovlp_train::trainer::load_model(&a.model)?;
+    let mut model = demovlp_train::weights::load_model(&a.model)?;
     let tok = demovlp_train::text::load_tokenizer(&cfg.data.tokenizer)?;
     let set = EvalSet::from_samples(&ds.name, &read_samples(ds, false, false)?, ds.captions_per_video, open_source(ds)?)?;
     let opts = EvalOptions {

@@ -3,15 +3,16 @@
 
 pub mod adamw;
 pub mod config;
-pub mod hf;
 pub mod io;
 pub mod layers;
 pub mod model;
 pub mod params;
 pub mod qa;
 pub mod text;
-pub mod torch;
 pub mod video;
+
+/// Moved under [`io`] (`io/hf.rs`, `io/torch.rs`); the old paths still name them.
+pub use io::{hf, torch};
 
 pub use adamw::{AdamW, AdamWSettings};
 pub use config::{ModelConfig, TextConfig, TextKind, VideoConfig};

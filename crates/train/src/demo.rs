@@ -370,7 +370,7 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
         let r = evaluate(&mut model, &test, &tok, &eo)?;
         if keep {
             demovlp_model::io::save_model_dir(&model, &work.join(format!("{tag}_model")))?;
-            std::fs::write(work.join(format!("{tag}_test_metrics.json")), crate::trainer::metrics_json(&r.metrics).to_string())?;
+            std::fs::write(work.join(format!("{tag}_test_metrics.json")), crate::runlog::metrics_json(&r.metrics).to_string())?;
         }
         say(format!("{label}: t2v R@1 {:.1}, v2t R@1 {:.1}", r.metrics.t2v.r1, r.metrics.v2t.r1));
         rows.push(DemoRow { name: label.into(), metrics: r.metrics });

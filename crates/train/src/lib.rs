@@ -8,6 +8,8 @@
 //!   (deterministic, resumable epoch plans, batch assembly, prefetching).
 //! - [`checkpoint`]: single-file, atomic, exactly-resumable checkpoints.
 //! - [`trainer`]: the training loop.
+//! - [`runlog`]: the run's JSONL log, plots and summary table.
+//! - [`weights`]: where a run's weights come from (config, checkpoint, model-crate formats).
 //! - [`eval`]: the retrieval evaluation runner.
 //! - [`synthetic`] + [`demo`]: the built-in demo.
 
@@ -17,9 +19,11 @@ pub mod config;
 pub mod demo;
 pub mod eval;
 pub mod plot;
+pub mod runlog;
 pub mod schedule;
 pub mod synthetic;
 pub mod text;
 pub mod trainer;
+pub mod weights;
 
 pub use config::TrainConfig;

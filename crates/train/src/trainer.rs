@@ -2,7 +2,6 @@
 //! epoch, best/latest checkpoints, early stopping, exact resume, Ctrl-C and NaN handling,
 //! JSONL log, progress bar, and SVG plots + a summary table at the end.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -11,7 +10,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use demovlp_data::batches::{epoch_seed_rng, Batch, Dataset, InputShape, Loader, LoaderConfig};
 use demovlp_kernels::rng::Rng;
-use demovlp_model::{AdamW, BatchRef, Model, ModelConfig, Params, TextDropout};
+use demovlp_model::{AdamW, BatchRef, Model, TextDropout};
 use demovlp_retrieval::{LossConfig, RetrievalMetrics, ScoreMode};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
@@ -19,9 +18,10 @@ use serde_json::json;
 use crate::checkpoint::{self, TrainerState, BEST, LATEST};
 use crate::config::{monitor_higher_is_better, TrainConfig};
 use crate::eval::{evaluate, EvalOptions, EvalSet};
-use crate::plot::{line_chart, Series};
+use crate::runlog::{metrics_json, summary_table, write_plots, Log};
 use crate::schedule::learning_rate;
 use crate::text::Tokenizer;
+use crate::weights::build_model;
 
 /// Everything a run trains and validates on.
 pub struct TrainInputs {
@@ -90,364 +90,364 @@ fn monitored(name: &str, m: Option<&RetrievalMetrics>, train_loss: f64) -> f64 {
     }
 }
 
-/// Copy weights from a file or directory into `params`, by published name. Extra tensors are
-/// skipped; missing trained tensors are an error. `temporal_embed` / `custom_pos_embed` may
-/// have a different number of rows (pre-training on 1 frame, fine-tuning on 8): the
-/// overlapping rows are copied and the rest repeat the last loaded row.
-pub fn load_init(params: &mut Params, path: &Path) -> Result<usize> {
-    use demovlp_model::io;
-    let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = if path.is_dir() {
-        let st = io::read_safetensors(&path.join(io::WEIGHTS_FILE))?;
-        st.tensors.into_iter().map(|(k, t)| Ok((k, t.shape.clone(), t.to_f32()?))).collect::<Result<_>>()?
-    } else if checkpoint::is_checkpoint(path) {
-        checkpoint::load(path)?.params
-    } else {
-        io::read_weights(path)?.into_iter().map(|(k, t)| Ok((k, t.shape.clone(), t.to_f32()?))).collect::<Result<_>>()?
-    };
-    let mut seen = vec![false; params.specs().len()];
-    for (name, shape, v) in &tensors {
-        let Some(id) = params.id(name) else { continue };
-        let want = params.spec(id).shape.clone();
-        let dst = params.get_mut(id);
-        if &want == shape {
-            dst.copy_from_slice(v);
-        } else if (name.ends_with("temporal_embed") || name.ends_with("custom_pos_embed"))
-            && want.len() == 3
-            && shape.len() == 3
-            && want[2] == shape[2]
-        {
-            let d = want[2];
-            for row in 0..want[1] {
-                let src = row.min(shape[1] - 1);
-                dst[row * d..(row + 1) * d].copy_from_slice(&v[src * d..(src + 1) * d]);
-            }
-        } else {
-            bail!("{}: tensor {name} has shape {shape:?}, the model wants {want:?}", path.display());
-        }
-        seen[id.0] = true;
-    }
-    let missing: Vec<&str> =
-        params.specs().iter().zip(&seen).filter(|(s, &ok)| !ok && s.receives_grad).map(|(s, _)| s.name.as_str()).collect();
-    if !missing.is_empty() {
-        bail!("{}: {} model tensors missing, e.g. {}", path.display(), missing.len(), missing[..missing.len().min(3)].join(", "));
-    }
-    Ok(seen.iter().filter(|&&s| s).count())
-}
-
-struct Log {
-    file: std::fs::File,
-}
-
-impl Log {
-    fn open(path: &Path, append: bool) -> Result<Log> {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .write(true)
-            .append(append)
-            .truncate(!append)
-            .open(path)
-            .with_context(|| format!("opening log {}", path.display()))?;
-        Ok(Log { file })
-    }
-
-    fn write(&mut self, v: serde_json::Value) -> Result<()> {
-        writeln!(self.file, "{v}")?;
-        Ok(())
-    }
-}
-
-pub fn metrics_json(m: &RetrievalMetrics) -> serde_json::Value {
-    let d = |x: &demovlp_retrieval::DirectionMetrics| json!({"R1": x.r1, "R5": x.r5, "R10": x.r10, "R50": x.r50, "MedR": x.medr, "MeanR": x.meanr, "geometric_mean_R1-R5-R10": x.geometric_mean_r1_r5_r10});
-    json!({"t2v": d(&m.t2v), "v2t": d(&m.v2t)})
-}
-
-/// A model to evaluate: a model directory (ours or Hugging Face text-only) or one of our
-/// training checkpoints. Published `.pth` files go through `demovlp import` first (heads
-/// cannot be inferred from shapes).
-pub fn load_model(path: &Path) -> Result<Model> {
-    if path.is_dir() {
-        return demovlp_model::io::load_model_dir(path);
-    }
-    if checkpoint::is_checkpoint(path) {
-        let ck = checkpoint::load(path)?;
-        let mut model = Model::new(ck.model_config.clone());
-        ck.fill_params(&mut model.params)?;
-        return Ok(model);
-    }
-    bail!(
-        "{}: neither a model directory nor a demovlp training checkpoint (import published weights with `demovlp import`)",
-        path.display()
-    )
-}
-
-/// Build a fresh model for the config (random init, then `init` / `text_init` weights).
-pub fn build_model(cfg: &TrainConfig, init: Option<&Path>) -> Result<Model> {
-    let mc: ModelConfig = cfg.model_config()?;
-    let mut model = Model::new(mc.clone());
-    model.init_random(cfg.seed);
-    if let Some(dir) = &cfg.model.text_init {
-        let (m, _) = demovlp_model::io::load_hf_text_dir(dir, mc.video.clone(), mc.proj_dim, cfg.seed)?;
-        if m.config.text != mc.text {
-            bail!("model.text_init {}: text tower config differs from the run's model config", dir.display());
-        }
-        for s in m.params.specs().iter().filter(|s| s.name.starts_with("text_model.")) {
-            let id = model.params.id(&s.name).context("text tensor")?;
-            model.params.get_mut(id).copy_from_slice(&m.params.data[s.offset..s.offset + s.len]);
-        }
-    }
-    if let Some(p) = &cfg.model.video_init {
-        demovlp_model::io::init_video_from_vit(&mut model, p).with_context(|| format!("model.video_init {}", p.display()))?;
-    }
-    if let Some(p) = init.or(cfg.model.init.as_deref()) {
-        load_init(&mut model.params, p).with_context(|| format!("initialising from {}", p.display()))?;
-    }
-    Ok(model)
-}
-
 /// Train per `inputs.config`. Returns when all epochs ran, early stopping triggered,
 /// `max_steps` was reached, or the stop flag was raised (then `interrupted`).
+///
+/// Four stages: `Run::open` (a fresh model or the latest checkpoint), `Run::run_epoch`
+/// (the optimiser steps of one epoch), `Run::validate` + `Run::end_epoch` (metrics,
+/// best / latest checkpoints, early stopping) and `Run::finish` (log, plots, summary).
 pub fn train(inputs: &TrainInputs, opts: &RunOptions) -> Result<RunResult> {
-    let t0 = Instant::now();
-    let cfg = &inputs.config;
-    let out = cfg.output_dir.clone();
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    let latest = out.join(LATEST);
-    let best_path = out.join(BEST);
-    let config_text = cfg.to_toml();
-    std::fs::write(out.join("config.toml"), &config_text).with_context(|| format!("writing {}", out.join("config.toml").display()))?;
-
-    let shape = InputShape { frames: cfg.data.frames, regions: cfg.data.regions, text_len: cfg.data.text_len };
-    let o = &cfg.optim;
-    let (mut model, mut opt, mut state) = if opts.resume && latest.exists() {
-        let ck = checkpoint::load(&latest)?;
-        if cfg.model_config()? != ck.model_config {
-            bail!(
-                "{}: the checkpoint's model sizes differ from the config's [model]; resume with the config the run started with",
-                latest.display()
-            );
-        }
-        let mut model = Model::new(ck.model_config.clone());
-        ck.fill_params(&mut model.params)?;
-        (model, ck.optimizer, ck.state)
-    } else {
-        let model = build_model(cfg, opts.init.as_deref())?;
-        let n = model.params.len();
-        let opt = AdamW::new(n, o.lr, o.betas[0], o.betas[1], o.eps, o.weight_decay);
-        let mut rng = epoch_seed_rng(cfg.seed);
-        let epoch_seed = rng.next_u64();
-        let state = TrainerState {
-            epoch: 1,
-            batch_in_epoch: 0,
-            step: 0,
-            epoch_seed,
-            rng: rng.state(),
-            dropout_rng: Rng::new(cfg.seed ^ 0xD80_0C7).state(),
-            samples_seen: 0,
-            best: None,
-            best_epoch: None,
-            epochs_since_best: 0,
-            finished: false,
-        };
-        (model, opt, state)
+    let mut run = match Run::open(inputs, opts)? {
+        Opened::AlreadyFinished(r) => return Ok(*r),
+        Opened::Ready(run) => run,
     };
-    // Dropout draws continue exactly where the checkpoint left them.
-    let p = cfg.train.text_dropout;
-    model.set_text_dropout(TextDropout { hidden: p, attention: p }, 0);
-    model.set_dropout_rng(Rng::from_state(state.dropout_rng));
-    let resumed = state.step > 0 || state.epoch > 1;
-    let mut log = Log::open(&out.join("log.jsonl"), resumed)?;
-    if state.finished {
-        if !opts.quiet {
-            eprintln!("{}: already finished ({} steps); nothing to do", latest.display(), state.step);
-        }
-        return Ok(RunResult {
-            output_dir: out,
-            steps: state.step,
-            epochs_done: state.epoch.saturating_sub(1),
-            seconds: 0.0,
-            interrupted: false,
-            best: state.best,
-            best_epoch: state.best_epoch,
-            monitor: cfg.train.monitor.clone(),
-            last_metrics: None,
-            latest,
-            best_checkpoint: best_path.exists().then(|| best_path.clone()),
-        });
-    }
-    log.write(json!({"kind": "start", "name": cfg.name, "step": state.step, "epoch": state.epoch, "resumed": resumed, "params": model.params.len()}))?;
-
-    let sizes: Vec<usize> = inputs.train.iter().map(|s| s.samples.len()).collect();
-    let loader = Loader::new(
-        inputs.train.clone(),
-        inputs.tokenizer.clone(),
-        LoaderConfig {
-            batch_size: cfg.data.batch_size,
-            shape,
-            train: true,
-            seed: cfg.seed,
-            samples_per_epoch: cfg.data.samples_per_epoch,
-            threads: cfg.data.workers,
-            prefetch: 2,
-            skip_bad: cfg.data.skip_bad_samples,
-        },
-    )
-    .with_context(|| format!("{}: training data", cfg.name))?;
-    let batches_per_epoch = loader.batches_per_epoch() as u64;
-    if batches_per_epoch == 0 {
-        bail!("{}: no training batch (datasets have {sizes:?} samples, batch size {})", cfg.name, cfg.data.batch_size);
-    }
-    let total_steps = (batches_per_epoch * cfg.train.epochs as u64).min(cfg.train.max_steps.unwrap_or(u64::MAX));
-    let loss_cfg = LossConfig { temperature: cfg.loss.temperature, lambda: cfg.loss.lambda, masked_mean: cfg.loss.masked_mean };
-    // Without a validation set only the training loss can be monitored.
-    let monitor = if inputs.val.is_some() { cfg.train.monitor.as_str() } else { "train_loss" };
-    let higher = monitor_higher_is_better(monitor);
-    let save = |model: &Model, opt: &AdamW, st: &TrainerState, path: &Path| {
-        let mut st = st.clone();
-        st.dropout_rng = model.dropout_rng().state();
-        checkpoint::save(path, &model.config, &model.params, opt, &st, &config_text)
-    };
-
-    let pb = if opts.quiet { ProgressBar::hidden() } else { ProgressBar::new(total_steps) };
-    pb.set_style(ProgressStyle::with_template("{prefix} [{bar:28}] {pos}/{len} {msg} ETA {eta}").unwrap().progress_chars("=> "));
-    pb.set_prefix(cfg.name.clone());
-    pb.set_position(state.step.min(total_steps));
-
-    let mut interrupted = false;
-    let mut last_metrics = None;
-    let mut skipped_total = 0usize;
-    let mut stopped_early = false;
-    let mut epochs_done = state.epoch - 1;
-    let mut window = (0.0f64, 0usize, Instant::now(), 0usize); // loss sum, steps, since, samples
-    'epochs: while state.epoch <= cfg.train.epochs {
-        // The epoch seed the state (checkpoint) carries: epoch_seed(cfg.seed, epoch) for runs of this code.
-        let mut pre = loader.epoch_from(state.epoch_seed, state.batch_in_epoch);
-        let planned = pre.planned();
-        let (mut epoch_loss, mut epoch_steps) = (0.0f64, 0usize);
-        while state.batch_in_epoch < planned {
-            if cfg.train.max_steps.is_some_and(|m| state.step >= m) {
-                break 'epochs;
-            }
-            if opts.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst)) {
-                interrupted = true;
-                break 'epochs;
-            }
-            let batch = pre.next().context("batch loader stopped")??;
-            debug_assert_eq!(batch.index, state.batch_in_epoch);
-            skipped_total += batch.skipped.len();
-            for s in &batch.skipped {
-                log.write(json!({"kind": "skipped", "step": state.step, "clip": s.clip, "reason": s.reason}))?;
-            }
-            if batch.batch < 2 {
-                state.batch_in_epoch += 1;
-                continue;
-            }
-            let lr = learning_rate(o, state.epoch, state.step, total_steps);
-            // AdamW is fused into the backward pass (block by block; same results as a
-            // separate step, less memory). A non-finite loss returns before any update.
-            opt.lr = lr;
-            let outp = model.train_step_fused(&batch_ref(&batch), &loss_cfg, cfg.loss.use_local, &mut opt);
-            if !outp.loss_total.is_finite() {
-                let last_good = if latest.exists() { latest.display().to_string() } else { "none (no checkpoint written yet)".into() };
-                log.write(json!({"kind": "error", "step": state.step, "loss": outp.loss_total.to_string(), "clips": batch.clips}))?;
-                pb.abandon();
-                bail!(
-                    "{}: loss is {} at step {} (epoch {}, batch {}); batch clips: {}; last good checkpoint: {}",
-                    cfg.name,
-                    outp.loss_total,
-                    state.step + 1,
-                    state.epoch,
-                    state.batch_in_epoch,
-                    batch.clips.join(", "),
-                    last_good
-                );
-            }
-            state.step += 1;
-            state.batch_in_epoch += 1;
-            state.samples_seen += batch.batch as u64;
-            epoch_loss += outp.loss_total as f64;
-            epoch_steps += 1;
-            window.0 += outp.loss_total as f64;
-            window.1 += 1;
-            window.3 += batch.batch;
-            pb.set_position(state.step.min(total_steps));
-            if state.step % cfg.train.log_every.max(1) == 0 || state.batch_in_epoch == planned {
-                let secs = window.2.elapsed().as_secs_f64().max(1e-9);
-                let sps = window.3 as f64 / secs;
-                pb.set_message(format!("loss {:.4} lr {:.1e} {:.1} samples/s", window.0 / window.1 as f64, lr, sps));
-                log.write(json!({
-                    "kind": "step", "step": state.step, "epoch": state.epoch, "lr": lr,
-                    "loss": outp.loss_total, "loss_global": outp.loss_global, "loss_local": outp.loss_local,
-                    "loss_avg": window.0 / window.1 as f64, "samples_per_s": sps, "elapsed_s": t0.elapsed().as_secs_f64(),
-                }))?;
-                window = (0.0, 0, Instant::now(), 0);
-            }
-            if cfg.train.checkpoint_every > 0 && state.step % cfg.train.checkpoint_every == 0 {
-                save(&model, &opt, &state, &latest)?;
-            }
-        }
-        drop(pre);
-
-        // End of epoch: validate, keep the best, move on.
-        let train_loss = if epoch_steps > 0 { epoch_loss / epoch_steps as f64 } else { f64::NAN };
-        let mut metrics = None;
-        if let Some(val) = &inputs.val {
-            pb.set_message("validating");
-            let eo = EvalOptions {
-                shape,
-                batch_size: cfg.train.eval_batch_size,
-                lambda: cfg.loss.lambda,
-                mode: ScoreMode::Aligned,
-                use_local: cfg.loss.use_local,
-                masked_mean: cfg.loss.masked_mean,
-                progress: false,
-            };
-            let r = evaluate(&mut model, val, &inputs.tokenizer, &eo)?;
-            log.write(json!({"kind": "eval", "epoch": state.epoch, "step": state.step, "split": val.name, "train_loss": train_loss, "seconds": r.seconds, "metrics": metrics_json(&r.metrics)}))?;
-            metrics = Some(r.metrics);
-        } else {
-            log.write(json!({"kind": "epoch", "epoch": state.epoch, "step": state.step, "train_loss": train_loss}))?;
-        }
-        let value = monitored(monitor, metrics.as_ref(), train_loss);
-        last_metrics = metrics;
-        epochs_done = state.epoch;
-        let (improved, stop) = end_epoch(&mut state, value, higher, cfg.train.early_stopping_patience, cfg.train.epochs);
-        stopped_early = stop;
-        if improved {
-            save(&model, &opt, &state, &best_path)?;
-        }
-        save(&model, &opt, &state, &latest)?;
-        if stopped_early {
-            log.write(json!({"kind": "early_stop", "epoch": epochs_done, "best_epoch": state.best_epoch, "best": state.best}))?;
+    while run.state.epoch <= inputs.config.train.epochs {
+        let Some(train_loss) = run.run_epoch()? else { break };
+        let metrics = run.validate(train_loss)?;
+        if run.end_epoch(train_loss, metrics)? {
             break;
         }
     }
-    if interrupted || cfg.train.max_steps.is_some_and(|m| state.step >= m) && !state.finished {
-        save(&model, &opt, &state, &latest)?;
+    run.finish()
+}
+
+/// What [`Run::open`] found.
+enum Opened<'a> {
+    /// The latest checkpoint says the run is over: nothing to do.
+    AlreadyFinished(Box<RunResult>),
+    Ready(Box<Run<'a>>),
+}
+
+/// A run in progress: the model, the optimiser, the state a checkpoint records, and the
+/// book-keeping of the loop.
+struct Run<'a> {
+    inputs: &'a TrainInputs,
+    opts: &'a RunOptions,
+    t0: Instant,
+    out: PathBuf,
+    latest: PathBuf,
+    best_path: PathBuf,
+    config_text: String,
+    shape: InputShape,
+    model: Model,
+    opt: AdamW,
+    state: TrainerState,
+    log: Log,
+    loader: Loader,
+    loss_cfg: LossConfig,
+    total_steps: u64,
+    /// The monitored metric (`train_loss` without a validation set).
+    monitor: &'a str,
+    pb: ProgressBar,
+    interrupted: bool,
+    stopped_early: bool,
+    epochs_done: usize,
+    last_metrics: Option<RetrievalMetrics>,
+    skipped_total: usize,
+    /// Since the last step log line: loss sum, steps, start, samples.
+    window: (f64, usize, Instant, usize),
+}
+
+impl<'a> Run<'a> {
+    /// Output directory and config copy, then a fresh model (or the latest checkpoint with
+    /// `resume`), the dropout generator where the checkpoint left it, the log, the loader.
+    fn open(inputs: &'a TrainInputs, opts: &'a RunOptions) -> Result<Opened<'a>> {
+        let t0 = Instant::now();
+        let cfg = &inputs.config;
+        let out = cfg.output_dir.clone();
+        std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+        let latest = out.join(LATEST);
+        let best_path = out.join(BEST);
+        let config_text = cfg.to_toml();
+        std::fs::write(out.join("config.toml"), &config_text).with_context(|| format!("writing {}", out.join("config.toml").display()))?;
+
+        let shape = InputShape { frames: cfg.data.frames, regions: cfg.data.regions, text_len: cfg.data.text_len };
+        let o = &cfg.optim;
+        let (mut model, opt, state) = if opts.resume && latest.exists() {
+            let ck = checkpoint::load(&latest)?;
+            if cfg.model_config()? != ck.model_config {
+                bail!(
+                    "{}: the checkpoint's model sizes differ from the config's [model]; resume with the config the run started with",
+                    latest.display()
+                );
+            }
+            let mut model = Model::new(ck.model_config.clone());
+            ck.fill_params(&mut model.params)?;
+            (model, ck.optimizer, ck.state)
+        } else {
+            let model = build_model(cfg, opts.init.as_deref())?;
+            let n = model.params.len();
+            let opt = AdamW::new(n, o.lr, o.betas[0], o.betas[1], o.eps, o.weight_decay);
+            let mut rng = epoch_seed_rng(cfg.seed);
+            let epoch_seed = rng.next_u64();
+            let state = TrainerState {
+                epoch: 1,
+                batch_in_epoch: 0,
+                step: 0,
+                epoch_seed,
+                rng: rng.state(),
+                dropout_rng: Rng::new(cfg.seed ^ 0xD80_0C7).state(),
+                samples_seen: 0,
+                best: None,
+                best_epoch: None,
+                epochs_since_best: 0,
+                finished: false,
+            };
+            (model, opt, state)
+        };
+        // Dropout draws continue exactly where the checkpoint left them.
+        let p = cfg.train.text_dropout;
+        model.set_text_dropout(TextDropout { hidden: p, attention: p }, 0);
+        model.set_dropout_rng(Rng::from_state(state.dropout_rng));
+        let resumed = state.step > 0 || state.epoch > 1;
+        let mut log = Log::open(&out.join("log.jsonl"), resumed)?;
+        if state.finished {
+            if !opts.quiet {
+                eprintln!("{}: already finished ({} steps); nothing to do", latest.display(), state.step);
+            }
+            return Ok(Opened::AlreadyFinished(Box::new(RunResult {
+                output_dir: out,
+                steps: state.step,
+                epochs_done: state.epoch.saturating_sub(1),
+                seconds: 0.0,
+                interrupted: false,
+                best: state.best,
+                best_epoch: state.best_epoch,
+                monitor: cfg.train.monitor.clone(),
+                last_metrics: None,
+                latest,
+                best_checkpoint: best_path.exists().then(|| best_path.clone()),
+            })));
+        }
+        log.write(json!({"kind": "start", "name": cfg.name, "step": state.step, "epoch": state.epoch, "resumed": resumed, "params": model.params.len()}))?;
+
+        let sizes: Vec<usize> = inputs.train.iter().map(|s| s.samples.len()).collect();
+        let loader = Loader::new(
+            inputs.train.clone(),
+            inputs.tokenizer.clone(),
+            LoaderConfig {
+                batch_size: cfg.data.batch_size,
+                shape,
+                train: true,
+                seed: cfg.seed,
+                samples_per_epoch: cfg.data.samples_per_epoch,
+                threads: cfg.data.workers,
+                prefetch: 2,
+                skip_bad: cfg.data.skip_bad_samples,
+            },
+        )
+        .with_context(|| format!("{}: training data", cfg.name))?;
+        let batches_per_epoch = loader.batches_per_epoch() as u64;
+        if batches_per_epoch == 0 {
+            bail!("{}: no training batch (datasets have {sizes:?} samples, batch size {})", cfg.name, cfg.data.batch_size);
+        }
+        let total_steps = (batches_per_epoch * cfg.train.epochs as u64).min(cfg.train.max_steps.unwrap_or(u64::MAX));
+        let loss_cfg = LossConfig { temperature: cfg.loss.temperature, lambda: cfg.loss.lambda, masked_mean: cfg.loss.masked_mean };
+        // Without a validation set only the training loss can be monitored.
+        let monitor = if inputs.val.is_some() { cfg.train.monitor.as_str() } else { "train_loss" };
+
+        let pb = if opts.quiet { ProgressBar::hidden() } else { ProgressBar::new(total_steps) };
+        pb.set_style(ProgressStyle::with_template("{prefix} [{bar:28}] {pos}/{len} {msg} ETA {eta}").unwrap().progress_chars("=> "));
+        pb.set_prefix(cfg.name.clone());
+        pb.set_position(state.step.min(total_steps));
+        let epochs_done = state.epoch - 1;
+        Ok(Opened::Ready(Box::new(Run {
+            inputs,
+            opts,
+            t0,
+            out,
+            latest,
+            best_path,
+            config_text,
+            shape,
+            model,
+            opt,
+            state,
+            log,
+            loader,
+            loss_cfg,
+            total_steps,
+            monitor,
+            pb,
+            interrupted: false,
+            stopped_early: false,
+            epochs_done,
+            last_metrics: None,
+            skipped_total: 0,
+            window: (0.0, 0, Instant::now(), 0),
+        })))
     }
-    pb.finish_and_clear();
-    let seconds = t0.elapsed().as_secs_f64();
-    log.write(json!({"kind": "end", "step": state.step, "epoch": epochs_done, "interrupted": interrupted, "early_stopped": stopped_early, "seconds": seconds, "skipped_samples": skipped_total}))?;
-    drop(log);
-    write_plots(&out, &cfg.name)?;
-    let result = RunResult {
-        output_dir: out.clone(),
-        steps: state.step,
-        epochs_done,
-        seconds,
-        interrupted,
-        best: state.best,
-        best_epoch: state.best_epoch,
-        monitor: monitor.to_string(),
-        last_metrics,
-        latest: latest.clone(),
-        best_checkpoint: best_path.exists().then(|| best_path.clone()),
-    };
-    let table = summary_table(cfg, &result, skipped_total);
-    std::fs::write(out.join("summary.txt"), &table)?;
-    if !opts.quiet {
-        eprint!("{table}");
+
+    /// A checkpoint of the current weights, optimiser and state (with the dropout
+    /// generator as it is now).
+    fn save(&self, path: &Path) -> Result<()> {
+        let mut st = self.state.clone();
+        st.dropout_rng = self.model.dropout_rng().state();
+        checkpoint::save(path, &self.model.config, &self.model.params, &self.opt, &st, &self.config_text)
     }
-    Ok(result)
+
+    /// The optimiser steps of the epoch in progress, from `state.batch_in_epoch` on.
+    /// Returns the epoch's mean training loss (NaN without a step), or None when the run
+    /// stopped inside it (`max_steps` reached, or the stop flag: then `interrupted`).
+    fn run_epoch(&mut self) -> Result<Option<f64>> {
+        let cfg = &self.inputs.config;
+        // The epoch seed the state (checkpoint) carries: epoch_seed(cfg.seed, epoch) for runs of this code.
+        let mut pre = self.loader.epoch_from(self.state.epoch_seed, self.state.batch_in_epoch);
+        let planned = pre.planned();
+        let (mut epoch_loss, mut epoch_steps) = (0.0f64, 0usize);
+        while self.state.batch_in_epoch < planned {
+            if cfg.train.max_steps.is_some_and(|m| self.state.step >= m) {
+                return Ok(None);
+            }
+            if self.opts.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst)) {
+                self.interrupted = true;
+                return Ok(None);
+            }
+            let batch = pre.next().context("batch loader stopped")??;
+            debug_assert_eq!(batch.index, self.state.batch_in_epoch);
+            self.skipped_total += batch.skipped.len();
+            for s in &batch.skipped {
+                self.log.write(json!({"kind": "skipped", "step": self.state.step, "clip": s.clip, "reason": s.reason}))?;
+            }
+            if batch.batch < 2 {
+                self.state.batch_in_epoch += 1;
+                continue;
+            }
+            let loss = self.step(&batch, planned)?;
+            epoch_loss += loss as f64;
+            epoch_steps += 1;
+        }
+        Ok(Some(if epoch_steps > 0 { epoch_loss / epoch_steps as f64 } else { f64::NAN }))
+    }
+
+    /// One optimiser step on `batch` (of an epoch of `planned` batches); returns its loss.
+    fn step(&mut self, batch: &Batch, planned: usize) -> Result<f32> {
+        let cfg = &self.inputs.config;
+        let state = &mut self.state;
+        let lr = learning_rate(&cfg.optim, state.epoch, state.step, self.total_steps);
+        // AdamW is fused into the backward pass (block by block; same results as a
+        // separate step, less memory). A non-finite loss returns before any update.
+        self.opt.lr = lr;
+        let outp = self.model.train_step_fused(&batch_ref(batch), &self.loss_cfg, cfg.loss.use_local, &mut self.opt);
+        if !outp.loss_total.is_finite() {
+            let last_good =
+                if self.latest.exists() { self.latest.display().to_string() } else { "none (no checkpoint written yet)".into() };
+            self.log.write(json!({"kind": "error", "step": state.step, "loss": outp.loss_total.to_string(), "clips": batch.clips}))?;
+            self.pb.abandon();
+            bail!(
+                "{}: loss is {} at step {} (epoch {}, batch {}); batch clips: {}; last good checkpoint: {}",
+                cfg.name,
+                outp.loss_total,
+                state.step + 1,
+                state.epoch,
+                state.batch_in_epoch,
+                batch.clips.join(", "),
+                last_good
+            );
+        }
+        state.step += 1;
+        state.batch_in_epoch += 1;
+        state.samples_seen += batch.batch as u64;
+        let window = &mut self.window;
+        window.0 += outp.loss_total as f64;
+        window.1 += 1;
+        window.3 += batch.batch;
+        self.pb.set_position(state.step.min(self.total_steps));
+        if state.step.is_multiple_of(cfg.train.log_every.max(1)) || state.batch_in_epoch == planned {
+            let secs = window.2.elapsed().as_secs_f64().max(1e-9);
+            let sps = window.3 as f64 / secs;
+            self.pb.set_message(format!("loss {:.4} lr {:.1e} {:.1} samples/s", window.0 / window.1 as f64, lr, sps));
+            self.log.write(json!({
+                "kind": "step", "step": state.step, "epoch": state.epoch, "lr": lr,
+                "loss": outp.loss_total, "loss_global": outp.loss_global, "loss_local": outp.loss_local,
+                "loss_avg": window.0 / window.1 as f64, "samples_per_s": sps, "elapsed_s": self.t0.elapsed().as_secs_f64(),
+            }))?;
+            *window = (0.0, 0, Instant::now(), 0);
+        }
+        if cfg.train.checkpoint_every > 0 && state.step.is_multiple_of(cfg.train.checkpoint_every) {
+            self.save(&self.latest)?;
+        }
+        Ok(outp.loss_total)
+    }
+
+    /// End of an epoch: the validation metrics (None without a validation set), logged
+    /// with the epoch's training loss.
+    fn validate(&mut self, train_loss: f64) -> Result<Option<RetrievalMetrics>> {
+        let cfg = &self.inputs.config;
+        let state = &self.state;
+        let Some(val) = &self.inputs.val else {
+            self.log.write(json!({"kind": "epoch", "epoch": state.epoch, "step": state.step, "train_loss": train_loss}))?;
+            return Ok(None);
+        };
+        self.pb.set_message("validating");
+        let eo = EvalOptions {
+            shape: self.shape,
+            batch_size: cfg.train.eval_batch_size,
+            lambda: cfg.loss.lambda,
+            mode: ScoreMode::Aligned,
+            use_local: cfg.loss.use_local,
+            masked_mean: cfg.loss.masked_mean,
+            progress: false,
+        };
+        let r = evaluate(&mut self.model, val, &self.inputs.tokenizer, &eo)?;
+        self.log.write(json!({"kind": "eval", "epoch": state.epoch, "step": state.step, "split": val.name, "train_loss": train_loss, "seconds": r.seconds, "metrics": metrics_json(&r.metrics)}))?;
+        Ok(Some(r.metrics))
+    }
+
+    /// Keep the best, save the latest, move to the next epoch ([`end_epoch`]). Returns
+    /// whether early stopping ends the run.
+    fn end_epoch(&mut self, train_loss: f64, metrics: Option<RetrievalMetrics>) -> Result<bool> {
+        let cfg = &self.inputs.config;
+        let value = monitored(self.monitor, metrics.as_ref(), train_loss);
+        self.last_metrics = metrics;
+        self.epochs_done = self.state.epoch;
+        let higher = monitor_higher_is_better(self.monitor);
+        let (improved, stop) = end_epoch(&mut self.state, value, higher, cfg.train.early_stopping_patience, cfg.train.epochs);
+        self.stopped_early = stop;
+        if improved {
+            self.save(&self.best_path)?;
+        }
+        self.save(&self.latest)?;
+        if stop {
+            let st = &self.state;
+            self.log.write(json!({"kind": "early_stop", "epoch": self.epochs_done, "best_epoch": st.best_epoch, "best": st.best}))?;
+        }
+        Ok(stop)
+    }
+
+    /// A resumable checkpoint when the run stopped inside an epoch, then the end of the
+    /// log, the plots and the summary table.
+    fn finish(mut self) -> Result<RunResult> {
+        let cfg = &self.inputs.config;
+        let state = &self.state;
+        if self.interrupted || cfg.train.max_steps.is_some_and(|m| state.step >= m) && !state.finished {
+            self.save(&self.latest)?;
+        }
+        self.pb.finish_and_clear();
+        let seconds = self.t0.elapsed().as_secs_f64();
+        self.log.write(json!({"kind": "end", "step": state.step, "epoch": self.epochs_done, "interrupted": self.interrupted, "early_stopped": self.stopped_early, "seconds": seconds, "skipped_samples": self.skipped_total}))?;
+        drop(self.log);
+        write_plots(&self.out, &cfg.name)?;
+        let result = RunResult {
+            output_dir: self.out.clone(),
+            steps: state.step,
+            epochs_done: self.epochs_done,
+            seconds,
+            interrupted: self.interrupted,
+            best: state.best,
+            best_epoch: state.best_epoch,
+            monitor: self.monitor.to_string(),
+            last_metrics: self.last_metrics,
+            latest: self.latest.clone(),
+            best_checkpoint: self.best_path.exists().then(|| self.best_path.clone()),
+        };
+        let table = summary_table(cfg, &result, self.skipped_total);
+        std::fs::write(self.out.join("summary.txt"), &table)?;
+        if !self.opts.quiet {
+            eprint!("{table}");
+        }
+        Ok(result)
+    }
 }
 
 /// The model's view of a batch.
@@ -483,71 +483,6 @@ pub fn end_epoch(state: &mut TrainerState, value: f64, higher: bool, patience: O
     let stop = patience.is_some_and(|p| state.epochs_since_best >= p);
     state.finished = stop || state.epoch > epochs;
     (improved, stop)
-}
-
-/// Loss curves and recall per epoch from the JSONL log (last entry per step wins, so a
-/// resumed run's re-done steps replace the old ones).
-pub fn write_plots(out: &Path, name: &str) -> Result<()> {
-    let text = std::fs::read_to_string(out.join("log.jsonl")).unwrap_or_default();
-    let mut steps = std::collections::BTreeMap::new();
-    let mut evals = std::collections::BTreeMap::new();
-    for line in text.lines() {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
-        match v["kind"].as_str() {
-            Some("step") => {
-                steps.insert(v["step"].as_u64().unwrap_or(0), v);
-            }
-            Some("eval") => {
-                evals.insert(v["epoch"].as_u64().unwrap_or(0), v);
-            }
-            _ => {}
-        }
-    }
-    let series = |key: &str| Series {
-        name: key.into(),
-        points: steps.iter().filter_map(|(s, v)| v[key].as_f64().map(|y| (*s as f64, y))).collect(),
-    };
-    let svg =
-        line_chart(&format!("{name}: training loss"), "step", "loss", &[series("loss_avg"), series("loss_global"), series("loss_local")]);
-    std::fs::write(out.join("loss.svg"), svg)?;
-    let mut rs = Vec::new();
-    for dir in ["t2v", "v2t"] {
-        for k in ["R1", "R5", "R10"] {
-            rs.push(Series {
-                name: format!("{dir} {k}"),
-                points: evals.iter().filter_map(|(e, v)| v["metrics"][dir][k].as_f64().map(|y| (*e as f64, y))).collect(),
-            });
-        }
-    }
-    let svg = line_chart(&format!("{name}: validation recall"), "epoch", "recall (%)", &rs);
-    std::fs::write(out.join("recall.svg"), svg)?;
-    Ok(())
-}
-
-fn summary_table(cfg: &TrainConfig, r: &RunResult, skipped: usize) -> String {
-    let mut s = String::new();
-    let line = "-".repeat(60);
-    s += &format!("{line}\n run {:<30} {}\n{line}\n", cfg.name, if r.interrupted { "INTERRUPTED (resumable)" } else { "done" });
-    s += &format!(" {:<24} {}\n", "steps", r.steps);
-    s += &format!(" {:<24} {}\n", "epochs", r.epochs_done);
-    s += &format!(" {:<24} {:.1}\n", "seconds", r.seconds);
-    s += &format!(" {:<24} {}\n", "skipped samples", skipped);
-    if let Some(b) = r.best {
-        s += &format!(" {:<24} {b:.3} (epoch {})\n", format!("best {}", r.monitor), r.best_epoch.unwrap_or(0));
-    }
-    if let Some(m) = &r.last_metrics {
-        s += &format!(" {:<10} {:>7} {:>7} {:>7} {:>7} {:>7}\n", "last val", "R@1", "R@5", "R@10", "MedR", "MeanR");
-        for (n, d) in [("t2v", &m.t2v), ("v2t", &m.v2t)] {
-            s += &format!(" {:<10} {:>7.2} {:>7.2} {:>7.2} {:>7.1} {:>7.1}\n", n, d.r1, d.r5, d.r10, d.medr, d.meanr);
-        }
-    }
-    s += &format!(" {:<24} {}\n", "latest checkpoint", r.latest.display());
-    if let Some(b) = &r.best_checkpoint {
-        s += &format!(" {:<24} {}\n", "best checkpoint", b.display());
-    }
-    s += &format!(" {:<24} {}\n", "log / plots", r.output_dir.join("log.jsonl, loss.svg, recall.svg").display());
-    s += &format!("{line}\n");
-    s
 }
 
 #[cfg(test)]

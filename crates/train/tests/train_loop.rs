@@ -232,7 +232,7 @@ use demovlp_testutil::testdata;
 #[test]
 fn init_from_published_checkpoint_and_from_our_model_dir() {
     use demovlp_model::io;
-    use demovlp_train::trainer::{load_init, load_model};
+    use demovlp_train::weights::{load_init, load_model};
     // `finetune --init model_tiny_checkpoint.pth`: the published trainer's file.
     let pth = testdata("model_tiny_checkpoint.pth");
     let reference = io::import_weights(&pth, None, 4, 4).unwrap();

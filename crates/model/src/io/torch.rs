@@ -13,7 +13,7 @@ use demovlp_formats::pickle::{self, Value};
 use demovlp_formats::ZipArchive;
 use safetensors::tensor::Dtype;
 
-use crate::io::{decode_tensor, Tensor};
+use super::safetensors::{decode_tensor, Tensor};
 
 /// Tensors of a checkpoint's state dict, `module.` (data-parallel wrapper) stripped.
 #[derive(Debug, Default)]

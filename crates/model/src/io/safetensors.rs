@@ -1,0 +1,269 @@
+//! safetensors files: read any float dtype as f32 and integers as i64; write atomically
+//! (a temporary sibling renamed into place). Also the in-memory [`Tensor`] every weights
+//! reader of this module hands out.
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use safetensors::tensor::{Dtype, SafeTensors, View};
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum TensorData {
+    F32(Vec<f32>),
+    I64(Vec<i64>),
+}
+
+/// A named tensor's shape and values, as read from or written to a file.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tensor {
+    pub shape: Vec<usize>,
+    pub data: TensorData,
+}
+
+impl Tensor {
+    pub fn f32(shape: Vec<usize>, data: Vec<f32>) -> Self {
+        debug_assert_eq!(shape.iter().product::<usize>(), data.len());
+        Tensor { shape, data: TensorData::F32(data) }
+    }
+
+    pub fn i64(shape: Vec<usize>, data: Vec<i64>) -> Self {
+        debug_assert_eq!(shape.iter().product::<usize>(), data.len());
+        Tensor { shape, data: TensorData::I64(data) }
+    }
+
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn as_f32(&self) -> Option<&[f32]> {
+        match &self.data {
+            TensorData::F32(v) => Some(v),
+            TensorData::I64(_) => None,
+        }
+    }
+
+    /// Values as f32 (integers converted).
+    pub fn to_f32(&self) -> Result<Vec<f32>> {
+        Ok(match &self.data {
+            TensorData::F32(v) => v.clone(),
+            TensorData::I64(v) => v.iter().map(|&x| x as f32).collect(),
+        })
+    }
+
+    /// Values as i64; float tensors must hold whole numbers.
+    pub fn to_i64(&self) -> Result<Vec<i64>> {
+        match &self.data {
+            TensorData::I64(v) => Ok(v.clone()),
+            TensorData::F32(v) => {
+                v.iter().map(|&x| if x.fract() == 0.0 { Ok(x as i64) } else { bail!("value {x} is not an integer") }).collect()
+            }
+        }
+    }
+
+    pub fn view(&self) -> TensorRef<'_> {
+        match &self.data {
+            TensorData::F32(v) => TensorRef::F32(v),
+            TensorData::I64(v) => TensorRef::I64(v),
+        }
+    }
+}
+
+/// Borrowed tensor values for writing without copies.
+#[derive(Clone, Copy, Debug)]
+pub enum TensorRef<'a> {
+    F32(&'a [f32]),
+    I64(&'a [i64]),
+}
+
+/// Everything in one safetensors file.
+#[derive(Clone, Debug, Default)]
+pub struct SafetensorsFile {
+    pub tensors: BTreeMap<String, Tensor>,
+    pub metadata: HashMap<String, String>,
+}
+
+impl SafetensorsFile {
+    pub fn get(&self, name: &str) -> Result<&Tensor> {
+        self.tensors.get(name).with_context(|| format!("no tensor named {name:?}"))
+    }
+
+    pub fn f32(&self, name: &str) -> Result<Vec<f32>> {
+        self.get(name)?.to_f32().with_context(|| format!("tensor {name:?}"))
+    }
+
+    pub fn i64(&self, name: &str) -> Result<Vec<i64>> {
+        self.get(name)?.to_i64().with_context(|| format!("tensor {name:?}"))
+    }
+}
+
+/// Decode raw little-endian tensor bytes of any float or integer dtype.
+pub fn decode_tensor(dtype: Dtype, shape: &[usize], bytes: &[u8]) -> Result<Tensor> {
+    fn le<const N: usize, T>(bytes: &[u8], f: impl Fn([u8; N]) -> T) -> Vec<T> {
+        bytes.chunks_exact(N).map(|c| f(c.try_into().unwrap())).collect()
+    }
+    let shape = shape.to_vec();
+    let t = match dtype {
+        Dtype::F32 => Tensor::f32(shape, le(bytes, f32::from_le_bytes)),
+        Dtype::F16 => Tensor::f32(shape, le(bytes, |b| half::f16::from_le_bytes(b).to_f32())),
+        Dtype::BF16 => Tensor::f32(shape, le(bytes, |b| half::bf16::from_le_bytes(b).to_f32())),
+        Dtype::F64 => Tensor::f32(shape, le(bytes, |b| f64::from_le_bytes(b) as f32)),
+        Dtype::I64 => Tensor::i64(shape, le(bytes, i64::from_le_bytes)),
+        Dtype::I32 => Tensor::i64(shape, le(bytes, |b| i32::from_le_bytes(b) as i64)),
+        Dtype::I16 => Tensor::i64(shape, le(bytes, |b| i16::from_le_bytes(b) as i64)),
+        Dtype::I8 => Tensor::i64(shape, bytes.iter().map(|&b| b as i8 as i64).collect()),
+        Dtype::U8 | Dtype::BOOL => Tensor::i64(shape, bytes.iter().map(|&b| b as i64).collect()),
+        other => bail!("unsupported dtype {other:?}"),
+    };
+    Ok(t)
+}
+
+/// Read every tensor of a safetensors file (floats → f32, integers → i64).
+pub fn read_safetensors(path: &Path) -> Result<SafetensorsFile> {
+    let file = fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    // SAFETY: read-only mapping of a file we do not modify while it is mapped.
+    let map = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
+    let (_, meta) = SafeTensors::read_metadata(&map).with_context(|| format!("{}: not a safetensors file", path.display()))?;
+    let st = SafeTensors::deserialize(&map).with_context(|| format!("{}: not a safetensors file", path.display()))?;
+    let mut tensors = BTreeMap::new();
+    for (name, view) in st.tensors() {
+        let t = decode_tensor(view.dtype(), view.shape(), view.data()).with_context(|| format!("{}: tensor {name}", path.display()))?;
+        tensors.insert(name, t);
+    }
+    Ok(SafetensorsFile { tensors, metadata: meta.metadata().clone().unwrap_or_default() })
+}
+
+struct WriteView<'a> {
+    shape: &'a [usize],
+    data: TensorRef<'a>,
+}
+
+fn as_le_bytes<T: Copy, const N: usize>(xs: &[T], f: impl Fn(T) -> [u8; N]) -> Cow<'_, [u8]> {
+    #[cfg(target_endian = "little")]
+    {
+        let _ = f;
+        // SAFETY: plain-old-data numbers; on little-endian hosts the in-memory bytes are the file bytes.
+        Cow::Borrowed(unsafe { std::slice::from_raw_parts(xs.as_ptr() as *const u8, std::mem::size_of_val(xs)) })
+    }
+    #[cfg(not(target_endian = "little"))]
+    {
+        Cow::Owned(xs.iter().flat_map(|&x| f(x)).collect())
+    }
+}
+
+impl View for WriteView<'_> {
+    fn dtype(&self) -> Dtype {
+        match self.data {
+            TensorRef::F32(_) => Dtype::F32,
+            TensorRef::I64(_) => Dtype::I64,
+        }
+    }
+    fn shape(&self) -> &[usize] {
+        self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        match self.data {
+            TensorRef::F32(v) => as_le_bytes(v, f32::to_le_bytes),
+            TensorRef::I64(v) => as_le_bytes(v, i64::to_le_bytes),
+        }
+    }
+    fn data_len(&self) -> usize {
+        match self.data {
+            TensorRef::F32(v) => v.len() * 4,
+            TensorRef::I64(v) => v.len() * 8,
+        }
+    }
+}
+
+/// Write tensors to `path` atomically (a temporary file in the same directory, then rename),
+/// so a crash never leaves a half-written file under the final name.
+pub fn write_safetensors_refs(path: &Path, tensors: &[(String, Vec<usize>, TensorRef)], metadata: &[(String, String)]) -> Result<()> {
+    for (name, shape, data) in tensors {
+        let n: usize = shape.iter().product();
+        let len = match data {
+            TensorRef::F32(v) => v.len(),
+            TensorRef::I64(v) => v.len(),
+        };
+        if n != len {
+            bail!("{}: tensor {name} has shape {shape:?} but {len} values", path.display());
+        }
+    }
+    let views = tensors.iter().map(|(n, s, d)| (n.as_str(), WriteView { shape: s, data: *d }));
+    let meta = if metadata.is_empty() { None } else { Some(metadata.iter().cloned().collect::<HashMap<_, _>>()) };
+    atomic_write_with(path, |tmp| {
+        safetensors::tensor::serialize_to_file(views, &meta, tmp).with_context(|| format!("cannot write {}", tmp.display()))
+    })
+}
+
+/// [`write_safetensors_refs`] for owned tensors.
+pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)], metadata: &[(String, String)]) -> Result<()> {
+    let refs: Vec<_> = tensors.iter().map(|(n, t)| (n.clone(), t.shape.clone(), t.view())).collect();
+    write_safetensors_refs(path, &refs, metadata)
+}
+
+fn tmp_path(path: &Path) -> PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
+}
+
+/// Run `write` on a temporary sibling of `path`, then rename it into place.
+pub fn atomic_write_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let tmp = tmp_path(path);
+    let res =
+        write(&tmp).and_then(|_| fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display())));
+    if res.is_err() {
+        fs::remove_file(&tmp).ok();
+    }
+    res
+}
+
+pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
+    atomic_write_with(path, |tmp| fs::write(tmp, bytes).with_context(|| format!("cannot write {}", tmp.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmpdir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("demovlp-io-{tag}-{}", std::process::id()));
+        fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn safetensors_round_trip_with_metadata() {
+        let d = tmpdir("rt");
+        let f = d.join("x.safetensors");
+        let ts = vec![
+            ("a".to_string(), Tensor::f32(vec![2, 2], vec![1.0, -2.5, 3.25, 1e-7])),
+            ("b".to_string(), Tensor::i64(vec![3], vec![101, 0, -7])),
+        ];
+        write_safetensors(&f, &ts, &[("k".into(), "v".into())]).unwrap();
+        let back = read_safetensors(&f).unwrap();
+        assert_eq!(back.tensors.len(), 2);
+        assert_eq!(back.tensors["a"], ts[0].1);
+        assert_eq!(back.tensors["b"], ts[1].1);
+        assert_eq!(back.metadata.get("k").map(String::as_str), Some("v"));
+        // No temporary left behind.
+        assert_eq!(fs::read_dir(&d).unwrap().count(), 1);
+        fs::remove_dir_all(&d).ok();
+    }
+
+    #[test]
+    fn half_precision_inputs_become_f32() {
+        let vals = [1.5f32, -0.125, 65504.0];
+        let f16: Vec<u8> = vals.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect();
+        let bf16: Vec<u8> = vals.iter().flat_map(|&x| half::bf16::from_f32(x).to_le_bytes()).collect();
+        assert_eq!(decode_tensor(Dtype::F16, &[3], &f16).unwrap().as_f32().unwrap(), &vals);
+        let b = decode_tensor(Dtype::BF16, &[3], &bf16).unwrap();
+        assert_eq!(&b.as_f32().unwrap()[..2], &vals[..2]);
+        assert_eq!(b.as_f32().unwrap()[2], half::bf16::from_f32(65504.0).to_f32());
+    }
+}

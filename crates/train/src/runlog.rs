@@ -1,0 +1,106 @@
+//! What a run leaves beside its checkpoints: the JSONL log (one object per line: start,
+//! step, skipped, eval / epoch, early_stop, error, end), the loss and recall plots drawn
+//! from it, and the summary table.
+
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use demovlp_retrieval::RetrievalMetrics;
+use serde_json::json;
+
+use crate::config::TrainConfig;
+use crate::plot::{line_chart, Series};
+use crate::trainer::RunResult;
+
+pub(crate) struct Log {
+    file: std::fs::File,
+}
+
+impl Log {
+    pub(crate) fn open(path: &Path, append: bool) -> Result<Log> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .append(append)
+            .truncate(!append)
+            .open(path)
+            .with_context(|| format!("opening log {}", path.display()))?;
+        Ok(Log { file })
+    }
+
+    pub(crate) fn write(&mut self, v: serde_json::Value) -> Result<()> {
+        writeln!(self.file, "{v}")?;
+        Ok(())
+    }
+}
+
+pub fn metrics_json(m: &RetrievalMetrics) -> serde_json::Value {
+    let d = |x: &demovlp_retrieval::DirectionMetrics| json!({"R1": x.r1, "R5": x.r5, "R10": x.r10, "R50": x.r50, "MedR": x.medr, "MeanR": x.meanr, "geometric_mean_R1-R5-R10": x.geometric_mean_r1_r5_r10});
+    json!({"t2v": d(&m.t2v), "v2t": d(&m.v2t)})
+}
+
+/// Loss curves and recall per epoch from the JSONL log (last entry per step wins, so a
+/// resumed run's re-done steps replace the old ones).
+pub fn write_plots(out: &Path, name: &str) -> Result<()> {
+    let text = std::fs::read_to_string(out.join("log.jsonl")).unwrap_or_default();
+    let mut steps = std::collections::BTreeMap::new();
+    let mut evals = std::collections::BTreeMap::new();
+    for line in text.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        match v["kind"].as_str() {
+            Some("step") => {
+                steps.insert(v["step"].as_u64().unwrap_or(0), v);
+            }
+            Some("eval") => {
+                evals.insert(v["epoch"].as_u64().unwrap_or(0), v);
+            }
+            _ => {}
+        }
+    }
+    let series = |key: &str| Series {
+        name: key.into(),
+        points: steps.iter().filter_map(|(s, v)| v[key].as_f64().map(|y| (*s as f64, y))).collect(),
+    };
+    let svg =
+        line_chart(&format!("{name}: training loss"), "step", "loss", &[series("loss_avg"), series("loss_global"), series("loss_local")]);
+    std::fs::write(out.join("loss.svg"), svg)?;
+    let mut rs = Vec::new();
+    for dir in ["t2v", "v2t"] {
+        for k in ["R1", "R5", "R10"] {
+            rs.push(Series {
+                name: format!("{dir} {k}"),
+                points: evals.iter().filter_map(|(e, v)| v["metrics"][dir][k].as_f64().map(|y| (*e as f64, y))).collect(),
+            });
+        }
+    }
+    let svg = line_chart(&format!("{name}: validation recall"), "epoch", "recall (%)", &rs);
+    std::fs::write(out.join("recall.svg"), svg)?;
+    Ok(())
+}
+
+pub(crate) fn summary_table(cfg: &TrainConfig, r: &RunResult, skipped: usize) -> String {
+    let mut s = String::new();
+    let line = "-".repeat(60);
+    s += &format!("{line}\n run {:<30} {}\n{line}\n", cfg.name, if r.interrupted { "INTERRUPTED (resumable)" } else { "done" });
+    s += &format!(" {:<24} {}\n", "steps", r.steps);
+    s += &format!(" {:<24} {}\n", "epochs", r.epochs_done);
+    s += &format!(" {:<24} {:.1}\n", "seconds", r.seconds);
+    s += &format!(" {:<24} {}\n", "skipped samples", skipped);
+    if let Some(b) = r.best {
+        s += &format!(" {:<24} {b:.3} (epoch {})\n", format!("best {}", r.monitor), r.best_epoch.unwrap_or(0));
+    }
+    if let Some(m) = &r.last_metrics {
+        s += &format!(" {:<10} {:>7} {:>7} {:>7} {:>7} {:>7}\n", "last val", "R@1", "R@5", "R@10", "MedR", "MeanR");
+        for (n, d) in [("t2v", &m.t2v), ("v2t", &m.v2t)] {
+            s += &format!(" {:<10} {:>7.2} {:>7.2} {:>7.2} {:>7.1} {:>7.1}\n", n, d.r1, d.r5, d.r10, d.medr, d.meanr);
+        }
+    }
+    s += &format!(" {:<24} {}\n", "latest checkpoint", r.latest.display());
+    if let Some(b) = &r.best_checkpoint {
+        s += &format!(" {:<24} {}\n", "best checkpoint", b.display());
+    }
+    s += &format!(" {:<24} {}\n", "log / plots", r.output_dir.join("log.jsonl, loss.svg, recall.svg").display());
+    s += &format!("{line}\n");
+    s
+}
