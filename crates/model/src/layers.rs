@@ -1,6 +1,7 @@
 //! Parameterised building blocks over the flat parameter buffers: each layer holds the
 //! ranges of its tensors inside `Params::data` / `Params::grad`, so a backward pass can read
-//! weights and write gradients at the same time. Backward passes accumulate (`+=`).
+//! weights and write gradients at the same time. Backward passes accumulate (`+=`) into the
+//! input gradient; parameter gradients are accumulated or overwritten as [`Grads`] says.
 
 use crate::params::Params;
 use demovlp_kernels::gemm::{sgemm, Trans};

@@ -6,6 +6,7 @@ pub mod config;
 pub mod hf;
 pub mod io;
 pub mod layers;
+pub mod mask;
 pub mod model;
 pub mod params;
 pub mod text;

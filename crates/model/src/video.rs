@@ -8,6 +8,7 @@
 use crate::adamw::FusedStep;
 use crate::config::VideoConfig;
 use crate::layers::{add_in_place, block_window, fit, range, zeroed, Grads, LayerNorm, Linear};
+use crate::mask::{additive_mask, PAD_SCORE};
 use crate::params::{Params, ParamsBuilder};
 use demovlp_kernels::activation::{gelu_backward_in_place, gelu_forward, gelu_forward_with_grad};
 use demovlp_kernels::attention::{attention_backward_rows, attention_forward, merge_heads, AttnShape, KeyPattern};
@@ -46,6 +47,31 @@ pub fn declare(pb: &mut ParamsBuilder, c: &VideoConfig, proj_dim: usize) {
     pb.add("object_model.proj.weight", &[proj_dim, d]);
 }
 
+/// Sizes of one video batch: `batch` clips of `frames` frames of `regions` regions.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VideoShape {
+    pub batch: usize,
+    pub frames: usize,
+    pub regions: usize,
+}
+
+impl VideoShape {
+    /// Region tokens per clip: F·R.
+    pub fn region_tokens(&self) -> usize {
+        self.frames * self.regions
+    }
+
+    /// Tokens per clip: CLS + F·R.
+    pub fn seq(&self) -> usize {
+        1 + self.region_tokens()
+    }
+
+    /// Token rows of every activation: B·(1 + F·R).
+    pub fn tokens(&self) -> usize {
+        self.batch * self.seq()
+    }
+}
+
 #[derive(Clone, Debug)]
 struct Block {
     norm1: LayerNorm,
@@ -54,6 +80,113 @@ struct Block {
     norm2: LayerNorm,
     fc1: Linear,
     fc2: Linear,
+}
+
+/// What one block keeps for its backward pass (n = B·(1 + F·R) tokens, D = dim,
+/// M = mlp_dim). The attention probabilities and context are not kept: the backward
+/// recomputes them from `qkv` (about 1 % of the block's arithmetic).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct BlockActs {
+    /// `[n]` each: norm1's row statistics.
+    ln1_mean: Vec<f32>,
+    ln1_rstd: Vec<f32>,
+    /// `[n, 3D]` the fused q | k | v projection of norm1's output.
+    qkv: Vec<f32>,
+    /// `[n, D]` x + proj(attention): the residual stream between the two branches.
+    attn_res: Vec<f32>,
+    /// `[n]` each: norm2's row statistics.
+    ln2_mean: Vec<f32>,
+    ln2_rstd: Vec<f32>,
+    /// `[n, M]` fc1 output before GELU; empty in blocks that recompute it.
+    pub(crate) fc1_out: Vec<f32>,
+}
+
+/// Buffers every block uses in turn (forward and backward scratch).
+#[derive(Clone, Debug, Default)]
+struct VideoScratch {
+    /// `[n, D]` norm1 / norm2 output (recomputed in the backward).
+    ln_out: Vec<f32>,
+    /// `[n]` each: statistics of a LayerNorm recomputed in the backward (not needed again).
+    ln_mean: Vec<f32>,
+    ln_rstd: Vec<f32>,
+    /// `[B·H·probs_per_head]` attention probabilities (compact per-frame layout).
+    probs: Vec<f32>,
+    /// `[B, H, 1 + F·R, D/H]` head-major attention context, before the merge.
+    ctx_heads: Vec<f32>,
+    /// `[n, D]` attention context, token rows.
+    ctx: Vec<f32>,
+    /// `[n, M]` GELU output; in the backward d(GELU output), then d(fc1 output) in place.
+    gelu_out: Vec<f32>,
+    /// `[n, max(M, 4D)]` fc1 output when the block does not keep it; in the backward GELU's
+    /// derivative, then `[d(qkv) [n, 3D] | d(ctx) [n, D]]`.
+    mlp: Vec<f32>,
+    /// `[n, D]` d(block output) on entry to a block's backward, d(block input) on exit.
+    d_x: Vec<f32>,
+    /// `[n, D]` d(norm2 output), then d(norm1 output).
+    d_ln_out: Vec<f32>,
+}
+
+/// Activation arena of the video tower (reused across steps).
+#[derive(Clone, Debug, Default)]
+pub struct VideoActs {
+    pub batch: usize,
+    pub frames: usize,
+    pub regions: usize,
+    /// Additive key mask `[B, 1 + F·R]` (0 CLS / real, [`PAD_SCORE`] padded).
+    pub mask_add: Vec<f32>,
+    /// Projected tokens `[B, 1 + F·R, P]`: token 0 global, the rest local.
+    pub out: Vec<f32>,
+    /// Blocks `0..recompute_mlp_blocks` keep no MLP hidden activations (4·D per token) and
+    /// recompute them in the backward pass: about 0.75 % more arithmetic per block for
+    /// 4·D floats less per token and block. The other blocks keep them.
+    pub recompute_mlp_blocks: usize,
+    /// `[B·F·R, D]` feature + box embeddings of the regions; in the backward, their gradient.
+    region_emb: Vec<f32>,
+    /// `[B·F·R, D]` box embeddings (forward only).
+    box_emb: Vec<f32>,
+    /// `[n, D]` residual stream: `hidden[0]` the assembled tokens, `hidden[depth]` the last
+    /// block's output (inference: two buffers used in turn).
+    hidden: Vec<Vec<f32>>,
+    pub(crate) blocks: Vec<BlockActs>,
+    scratch: VideoScratch,
+}
+
+impl VideoActs {
+    pub fn shape(&self) -> VideoShape {
+        VideoShape { batch: self.batch, frames: self.frames, regions: self.regions }
+    }
+
+    /// (address, capacity) of every arena buffer: lets tests prove steady-state steps reuse them.
+    #[cfg(test)]
+    pub(crate) fn buffers(&self) -> Vec<(usize, usize)> {
+        let buf = |v: &Vec<f32>| (v.as_ptr() as usize, v.capacity());
+        let s = &self.scratch;
+        let mut out: Vec<_> = [&self.mask_add, &self.out, &self.region_emb, &self.box_emb].into_iter().map(buf).collect();
+        out.extend(
+            [&s.ln_out, &s.ln_mean, &s.ln_rstd, &s.probs, &s.ctx_heads, &s.ctx, &s.gelu_out, &s.mlp, &s.d_x, &s.d_ln_out]
+                .into_iter()
+                .map(buf),
+        );
+        out.extend(self.hidden.iter().map(buf));
+        for l in &self.blocks {
+            out.extend([&l.ln1_mean, &l.ln1_rstd, &l.qkv, &l.attn_res, &l.ln2_mean, &l.ln2_rstd, &l.fc1_out].into_iter().map(buf));
+        }
+        out
+    }
+}
+
+/// What each block's pass takes from the tower.
+#[derive(Clone, Copy)]
+struct BlockRun<'a> {
+    shape: VideoShape,
+    dim: usize,
+    mlp_dim: usize,
+    attn: AttnShape,
+    scale: f32,
+    /// `[B, 1 + F·R]` additive key mask.
+    mask_add: &'a [f32],
+    /// This block keeps its fc1 output (else the backward recomputes it).
+    keep_fc1_out: bool,
 }
 
 impl Block {
@@ -66,6 +199,100 @@ impl Block {
             fc1: self.fc1.rebased(base),
             fc2: self.fc2.rebased(base),
         }
+    }
+
+    /// attn_res = x + proj(attention(norm1(x))); out = attn_res + fc2(gelu(fc1(norm2(attn_res)))).
+    fn forward(&self, data: &[f32], run: &BlockRun, x: &[f32], out: &mut Vec<f32>, acts: &mut BlockActs, s: &mut VideoScratch) {
+        let (n, d, mlp) = (run.shape.tokens(), run.dim, run.mlp_dim);
+        let hd = run.attn.head_dim;
+        fit(&mut s.ln_out, n * d);
+        fit(&mut acts.ln1_mean, n);
+        fit(&mut acts.ln1_rstd, n);
+        self.norm1.forward(data, x, &mut s.ln_out, &mut acts.ln1_mean, &mut acts.ln1_rstd);
+        fit(&mut acts.qkv, n * 3 * d);
+        self.qkv.forward(data, &s.ln_out, d, n, &mut acts.qkv);
+        fit(&mut s.probs, run.attn.probs_len());
+        fit(&mut s.ctx_heads, n * d);
+        let qkv = &acts.qkv;
+        attention_forward(&run.attn, run.scale, qkv, &qkv[d..], &qkv[2 * d..], 3 * d, run.mask_add, None, &mut s.probs, &mut s.ctx_heads);
+        fit(&mut s.ctx, n * d);
+        merge_heads(&s.ctx_heads, &mut s.ctx, d, 0, run.shape.batch, run.attn.heads, run.shape.seq(), hd);
+        fit(&mut acts.attn_res, n * d);
+        self.proj.forward(data, &s.ctx, d, n, &mut acts.attn_res);
+        add_in_place(&mut acts.attn_res, x);
+        // MLP branch.
+        fit(&mut acts.ln2_mean, n);
+        fit(&mut acts.ln2_rstd, n);
+        self.norm2.forward(data, &acts.attn_res, &mut s.ln_out, &mut acts.ln2_mean, &mut acts.ln2_rstd);
+        let fc1_out = if run.keep_fc1_out { &mut acts.fc1_out } else { &mut s.mlp };
+        fit(fc1_out, n * mlp);
+        self.fc1.forward(data, &s.ln_out, d, n, fc1_out);
+        fit(&mut s.gelu_out, n * mlp);
+        gelu_forward(fc1_out, &mut s.gelu_out);
+        fit(out, n * d);
+        self.fc2.forward(data, &s.gelu_out, mlp, n, out);
+        add_in_place(out, &acts.attn_res);
+    }
+
+    /// Given d(block output) in `s.d_x`, writes this block's parameter gradients
+    /// (overwritten) and leaves d(`x`) in `s.d_x`. `self` indexes `data` / `grad`, which may
+    /// be the whole buffers or this block's window of them.
+    fn backward(&self, data: &[f32], grad: &mut [f32], run: &BlockRun, x: &[f32], acts: &BlockActs, s: &mut VideoScratch) {
+        let (n, d, mlp) = (run.shape.tokens(), run.dim, run.mlp_dim);
+        let hd = run.attn.head_dim;
+        // MLP branch (norm2 output and GELU, optionally fc1, recomputed).
+        fit(&mut s.ln_out, n * d);
+        fit(&mut s.ln_mean, n);
+        fit(&mut s.ln_rstd, n);
+        self.norm2.forward(data, &acts.attn_res, &mut s.ln_out, &mut s.ln_mean, &mut s.ln_rstd);
+        let recompute = !run.keep_fc1_out;
+        if recompute {
+            fit(&mut s.mlp, n * mlp);
+            self.fc1.forward(data, &s.ln_out, d, n, &mut s.mlp);
+        }
+        fit(&mut s.gelu_out, n * mlp);
+        // fc2's weight gradient first; then gelu_out is dead and its buffer takes
+        // d(gelu_out), which becomes d(fc1_out) in place: one MLP-wide scratch buffer instead
+        // of three. With fc1_out kept, `mlp` is free until the attention part: GELU's output
+        // and derivative then come from one pass (one erf per element, not two).
+        if recompute {
+            gelu_forward(&s.mlp, &mut s.gelu_out);
+        } else {
+            fit(&mut s.mlp, n * mlp);
+            gelu_forward_with_grad(&acts.fc1_out, &mut s.gelu_out, &mut s.mlp);
+        }
+        self.fc2.backward(data, grad, &s.gelu_out, mlp, n, &s.d_x, None, Grads::Overwrite);
+        self.fc2.backward_input(data, &s.d_x, n, &mut s.gelu_out);
+        if recompute {
+            gelu_backward_in_place(&s.mlp, &mut s.gelu_out);
+        } else {
+            mul_in_place(&mut s.gelu_out, &s.mlp);
+        }
+        self.fc1.backward(data, grad, &s.ln_out, d, n, &s.gelu_out, None, Grads::Overwrite);
+        fit(&mut s.d_ln_out, n * d);
+        self.fc1.backward_input(data, &s.gelu_out, n, &mut s.d_ln_out);
+        // d_x (the residual stream's gradient) gains the norm2 branch.
+        self.norm2.backward(data, grad, &acts.attn_res, &acts.ln2_mean, &acts.ln2_rstd, &s.d_ln_out, &mut s.d_x, Grads::Overwrite);
+        // Attention branch (probabilities, context and norm1 output recomputed). Its
+        // scratch lives in the MLP-wide `mlp`, free until the next block: [d(qkv) | d(ctx)].
+        let qkv = &acts.qkv;
+        fit(&mut s.probs, run.attn.probs_len());
+        fit(&mut s.ctx_heads, n * d);
+        attention_forward(&run.attn, run.scale, qkv, &qkv[d..], &qkv[2 * d..], 3 * d, run.mask_add, None, &mut s.probs, &mut s.ctx_heads);
+        fit(&mut s.ctx, n * d);
+        merge_heads(&s.ctx_heads, &mut s.ctx, d, 0, run.shape.batch, run.attn.heads, run.shape.seq(), hd);
+        fit(&mut s.mlp, (n * mlp).max(4 * n * d));
+        let (d_qkv, d_ctx) = s.mlp.split_at_mut(3 * n * d);
+        let d_ctx = &mut d_ctx[..n * d];
+        self.proj.backward(data, grad, &s.ctx, d, n, &s.d_x, None, Grads::Overwrite);
+        self.proj.backward_input(data, &s.d_x, n, d_ctx);
+        // d(ctx) read and dq, dk, dv written as token rows: no head-major copies, no zeroing.
+        #[rustfmt::skip]
+        attention_backward_rows(&run.attn, run.scale, qkv, &qkv[d..], &qkv[2 * d..], 3 * d, &s.probs, None, d_ctx, d, d_qkv, 3 * d);
+        self.norm1.forward(data, x, &mut s.ln_out, &mut s.ln_mean, &mut s.ln_rstd);
+        self.qkv.backward(data, grad, &s.ln_out, d, n, d_qkv, None, Grads::Overwrite);
+        self.qkv.backward_input(data, d_qkv, n, &mut s.d_ln_out);
+        self.norm1.backward(data, grad, x, &acts.ln1_mean, &acts.ln1_rstd, &s.d_ln_out, &mut s.d_x, Grads::Overwrite);
     }
 }
 
@@ -84,81 +311,6 @@ pub struct VideoTower {
     block_windows: Vec<Range<usize>>,
     blocks_local: Vec<Block>,
     proj: Linear,
-}
-
-/// What one block keeps for its backward pass. The attention probabilities and context are
-/// not kept: the backward recomputes them from `qkv` (about 1 % of the block's arithmetic).
-#[derive(Clone, Debug, Default)]
-pub(crate) struct BlockActs {
-    m1: Vec<f32>,
-    r1: Vec<f32>,
-    qkv: Vec<f32>,
-    xmid: Vec<f32>,
-    m2: Vec<f32>,
-    r2: Vec<f32>,
-    pub(crate) h: Vec<f32>,
-}
-
-/// Activation arena of the video tower (reused across steps).
-#[derive(Clone, Debug, Default)]
-pub struct VideoActs {
-    pub batch: usize,
-    pub frames: usize,
-    pub regions: usize,
-    /// Additive key mask `[B, 1 + F·R]` (0 CLS / real, −100 padded).
-    pub mask_add: Vec<f32>,
-    /// Projected tokens `[B, 1 + F·R, P]`: token 0 global, the rest local.
-    pub out: Vec<f32>,
-    /// Blocks `0..recompute_mlp_blocks` keep no MLP hidden activations (4·D per token) and
-    /// recompute them in the backward pass: about 0.75 % more arithmetic per block for
-    /// 4·D floats less per token and block. The other blocks keep them.
-    pub recompute_mlp_blocks: usize,
-    hs: Vec<f32>,
-    e: Vec<f32>,
-    xs: Vec<Vec<f32>>,
-    pub(crate) blocks: Vec<BlockActs>,
-    y: Vec<f32>,
-    ms: Vec<f32>,
-    rs: Vec<f32>,
-    ctx_h: Vec<f32>,
-    probs: Vec<f32>,
-    ctx: Vec<f32>,
-    tmp: Vec<f32>,
-    g: Vec<f32>,
-    // backward scratch
-    dx_a: Vec<f32>,
-    dy: Vec<f32>,
-}
-
-impl VideoActs {
-    /// (address, capacity) of every arena buffer: lets tests prove steady-state steps reuse them.
-    #[cfg(test)]
-    pub(crate) fn buffers(&self) -> Vec<(usize, usize)> {
-        let buf = |v: &Vec<f32>| (v.as_ptr() as usize, v.capacity());
-        let mut out = vec![
-            buf(&self.mask_add),
-            buf(&self.out),
-            buf(&self.e),
-            buf(&self.y),
-            buf(&self.ms),
-            buf(&self.rs),
-            buf(&self.ctx_h),
-            buf(&self.probs),
-            buf(&self.ctx),
-            buf(&self.tmp),
-            buf(&self.g),
-            buf(&self.dx_a),
-            buf(&self.dy),
-            buf(&self.hs),
-        ];
-        for v in &self.xs {
-            out.push(buf(v));
-        }
-        for l in &self.blocks {
-            out.extend([buf(&l.m1), buf(&l.r1), buf(&l.qkv), buf(&l.xmid), buf(&l.m2), buf(&l.r2), buf(&l.h)]);
-        }
-        out
-    }
 }
 
 impl VideoTower {
@@ -198,60 +350,92 @@ impl VideoTower {
         &self.block_windows
     }
 
-    fn attn_shape(&self, b: usize, f: usize, r: usize) -> AttnShape {
-        AttnShape {
-            batch: b,
-            heads: self.cfg.heads,
-            seq: 1 + f * r,
-            head_dim: self.cfg.dim / self.cfg.heads,
-            pattern: KeyPattern::Frames { regions: r },
+    /// The per-block context of a pass over `shape` (block `li`: does it keep fc1's output?).
+    fn run<'a>(&self, shape: VideoShape, mask_add: &'a [f32]) -> BlockRun<'a> {
+        let head_dim = self.cfg.dim / self.cfg.heads;
+        BlockRun {
+            shape,
+            dim: self.cfg.dim,
+            mlp_dim: self.cfg.mlp_dim,
+            attn: AttnShape {
+                batch: shape.batch,
+                heads: self.cfg.heads,
+                seq: shape.seq(),
+                head_dim,
+                pattern: KeyPattern::Frames { regions: shape.regions },
+            },
+            scale: (head_dim as f32).powf(-0.5),
+            mask_add,
+            keep_fc1_out: true,
         }
     }
 
     /// `object` `[B, F, R, feature_dim + box_dim]`, `object_mask` `[B, F, R]` (1 real / 0 pad).
     /// Fills `a.out` and `a.mask_add`, keeping every block's activations for [`Self::backward`].
-    #[allow(clippy::too_many_arguments)]
-    pub fn forward(&self, data: &[f32], a: &mut VideoActs, object: &[f32], object_mask: &[f32], b: usize, f: usize, r: usize) {
-        self.forward_impl(data, a, object, object_mask, b, f, r, true);
+    pub fn forward(&self, data: &[f32], a: &mut VideoActs, object: &[f32], object_mask: &[f32], shape: VideoShape) {
+        self.forward_impl(data, a, object, object_mask, shape, true);
     }
 
     /// [`Self::forward`] for inference: every block reuses one set of activation buffers
     /// (two for the residual stream), so memory does not grow with depth. Identical outputs;
     /// no backward pass may follow.
-    #[allow(clippy::too_many_arguments)]
-    pub fn forward_inference(&self, data: &[f32], a: &mut VideoActs, object: &[f32], object_mask: &[f32], b: usize, f: usize, r: usize) {
-        self.forward_impl(data, a, object, object_mask, b, f, r, false);
+    pub fn forward_inference(&self, data: &[f32], a: &mut VideoActs, object: &[f32], object_mask: &[f32], shape: VideoShape) {
+        self.forward_impl(data, a, object, object_mask, shape, false);
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn forward_impl(&self, data: &[f32], a: &mut VideoActs, object: &[f32], object_mask: &[f32], b: usize, f: usize, r: usize, keep: bool) {
+    fn forward_impl(&self, data: &[f32], a: &mut VideoActs, object: &[f32], object_mask: &[f32], shape: VideoShape, keep: bool) {
         let c = &self.cfg;
-        let (d, mlp, heads) = (c.dim, c.mlp_dim, c.heads);
+        let VideoShape { batch: b, frames: f, regions: r } = shape;
         let row = c.feature_dim + c.box_dim;
-        assert!(d % heads == 0, "video dim {d} not divisible by {heads} heads");
+        assert!(c.dim.is_multiple_of(c.heads), "video dim {} not divisible by {} heads", c.dim, c.heads);
         assert!(f >= 1 && r >= 1, "video input needs at least one frame and one region");
         assert!(f <= c.max_frames, "{f} frames but temporal_embed has {} rows", c.max_frames);
         assert_eq!(object.len(), b * f * r * row, "object must be [B={b}, F={f}, R={r}, {row}]");
         assert_eq!(object_mask.len(), b * f * r, "object_mask must be [B={b}, F={f}, R={r}]");
-        let nr = f * r;
-        let seq = 1 + nr;
-        let n = b * seq;
         (a.batch, a.frames, a.regions) = (b, f, r);
-
-        // Region tokens: feature and box projections summed.
-        fit(&mut a.e, b * nr * d);
-        self.object_embedding.forward(data, object, row, b * nr, &mut a.e);
-        fit(&mut a.tmp, b * nr * d);
-        self.pos_embedding.forward(data, &object[c.feature_dim..], row, b * nr, &mut a.tmp);
-        add_in_place(&mut a.e, &a.tmp);
-
-        // Sequence [CLS, regions…] with CLS and temporal positions.
         // Kept: one residual-stream buffer per block boundary and one activation set per
         // block. Inference: two and one, used in turn.
-        a.xs.resize_with(if keep { c.depth + 1 } else { a.xs.len().max(2) }, Vec::new);
+        a.hidden.resize_with(if keep { c.depth + 1 } else { a.hidden.len().max(2) }, Vec::new);
         a.blocks.resize_with(if keep { c.depth } else { a.blocks.len().max(1) }, Default::default);
-        let x0 = &mut a.xs[0];
-        fit(x0, n * d);
+        self.tokens_forward(data, a, object, object_mask);
+        let (mut hidden, mut blocks, mut s) =
+            (std::mem::take(&mut a.hidden), std::mem::take(&mut a.blocks), std::mem::take(&mut a.scratch));
+        let run = self.run(shape, &a.mask_add);
+        for (li, blk) in self.blocks.iter().enumerate() {
+            let (xi, oi, bi) = if keep { (li, li + 1, li) } else { (li % 2, (li + 1) % 2, 0) };
+            let (x, out) = if xi < oi {
+                let (lo, hi) = hidden.split_at_mut(oi);
+                (&lo[xi], &mut hi[0])
+            } else {
+                let (lo, hi) = hidden.split_at_mut(xi);
+                (&hi[0], &mut lo[oi])
+            };
+            let keep_fc1_out = keep && li >= a.recompute_mlp_blocks;
+            if keep && !keep_fc1_out {
+                blocks[bi].fc1_out = Vec::new();
+            }
+            blk.forward(data, &BlockRun { keep_fc1_out, ..run }, x, out, &mut blocks[bi], &mut s);
+        }
+        fit(&mut a.out, shape.tokens() * self.proj.dout);
+        self.proj.forward(data, &hidden[if keep { c.depth } else { c.depth % 2 }], c.dim, shape.tokens(), &mut a.out);
+        (a.hidden, a.blocks, a.scratch) = (hidden, blocks, s);
+    }
+
+    /// Region tokens (feature and box projections summed), the sequence [CLS, regions…] with
+    /// CLS and temporal positions in `a.hidden[0]`, and the additive key mask.
+    fn tokens_forward(&self, data: &[f32], a: &mut VideoActs, object: &[f32], object_mask: &[f32]) {
+        let c = &self.cfg;
+        let shape = a.shape();
+        let (b, r, d) = (shape.batch, shape.regions, c.dim);
+        let (nr, seq) = (shape.region_tokens(), shape.seq());
+        let row = c.feature_dim + c.box_dim;
+        fit(&mut a.region_emb, b * nr * d);
+        self.object_embedding.forward(data, object, row, b * nr, &mut a.region_emb);
+        fit(&mut a.box_emb, b * nr * d);
+        self.pos_embedding.forward(data, &object[c.feature_dim..], row, b * nr, &mut a.box_emb);
+        add_in_place(&mut a.region_emb, &a.box_emb);
+        let x0 = &mut a.hidden[0];
+        fit(x0, shape.tokens() * d);
         let cls = &data[self.cls.clone()];
         let pos0 = &data[self.pos_embed.start..self.pos_embed.start + d];
         let temporal = &data[self.temporal.clone()];
@@ -262,81 +446,32 @@ impl VideoTower {
             }
             for j in 0..nr {
                 let tf = &temporal[(j / r) * d..(j / r + 1) * d];
-                let src = &a.e[(bi * nr + j) * d..(bi * nr + j + 1) * d];
+                let src = &a.region_emb[(bi * nr + j) * d..(bi * nr + j + 1) * d];
                 let dst = &mut xb[(1 + j) * d..(2 + j) * d];
                 for i in 0..d {
                     dst[i] = src[i] + tf[i];
                 }
             }
         }
-        fit(&mut a.mask_add, n);
+        fit(&mut a.mask_add, shape.tokens());
         for bi in 0..b {
             a.mask_add[bi * seq] = 0.0;
             for j in 0..nr {
-                a.mask_add[bi * seq + 1 + j] = (object_mask[bi * nr + j] - 1.0) * 100.0;
+                a.mask_add[bi * seq + 1 + j] = additive_mask(object_mask[bi * nr + j], PAD_SCORE);
             }
         }
-
-        let shape = self.attn_shape(b, f, r);
-        let hd = d / heads;
-        let scale = (hd as f32).powf(-0.5);
-        for (li, blk) in self.blocks.iter().enumerate() {
-            let (xi, oi, bi) = if keep { (li, li + 1, li) } else { (li % 2, (li + 1) % 2, 0) };
-            let (x, out) = if xi < oi {
-                let (lo, hi) = a.xs.split_at_mut(oi);
-                (&lo[xi], &mut hi[0])
-            } else {
-                let (lo, hi) = a.xs.split_at_mut(xi);
-                (&hi[0], &mut lo[oi])
-            };
-            let ba = &mut a.blocks[bi];
-            // x_mid = x + proj(attn(norm1(x)))
-            fit(&mut a.y, n * d);
-            fit(&mut ba.m1, n);
-            fit(&mut ba.r1, n);
-            blk.norm1.forward(data, x, &mut a.y, &mut ba.m1, &mut ba.r1);
-            fit(&mut ba.qkv, n * 3 * d);
-            blk.qkv.forward(data, &a.y, d, n, &mut ba.qkv);
-            fit(&mut a.probs, shape.probs_len());
-            fit(&mut a.ctx_h, n * d);
-            attention_forward(&shape, scale, &ba.qkv, &ba.qkv[d..], &ba.qkv[2 * d..], 3 * d, &a.mask_add, None, &mut a.probs, &mut a.ctx_h);
-            fit(&mut a.ctx, n * d);
-            merge_heads(&a.ctx_h, &mut a.ctx, d, 0, b, heads, seq, hd);
-            fit(&mut ba.xmid, n * d);
-            blk.proj.forward(data, &a.ctx, d, n, &mut ba.xmid);
-            add_in_place(&mut ba.xmid, x);
-            // out = x_mid + fc2(gelu(fc1(norm2(x_mid))))
-            fit(&mut ba.m2, n);
-            fit(&mut ba.r2, n);
-            blk.norm2.forward(data, &ba.xmid, &mut a.y, &mut ba.m2, &mut ba.r2);
-            let h = if !keep {
-                &mut a.hs
-            } else if li < a.recompute_mlp_blocks {
-                ba.h = Vec::new();
-                &mut a.hs
-            } else {
-                &mut ba.h
-            };
-            fit(h, n * mlp);
-            blk.fc1.forward(data, &a.y, d, n, h);
-            fit(&mut a.g, n * mlp);
-            gelu_forward(h, &mut a.g);
-            fit(out, n * d);
-            blk.fc2.forward(data, &a.g, mlp, n, out);
-            add_in_place(out, &ba.xmid);
-        }
-        fit(&mut a.out, n * self.proj.dout);
-        self.proj.forward(data, &a.xs[if keep { c.depth } else { c.depth % 2 }], d, n, &mut a.out);
     }
 
     /// Accumulates parameter gradients given d(out) `[B, 1 + F·R, P]`; `object` must be the
     /// preceding forward's input.
     pub fn backward(&self, data: &[f32], grad: &mut [f32], a: &mut VideoActs, object: &[f32], dout: &[f32]) {
-        self.backward_head(data, grad, a, dout);
+        let mut s = self.head_backward(data, grad, a, dout);
         for li in (0..self.cfg.depth).rev() {
-            self.block_backward(&self.blocks[li], data, grad, a, li);
+            let run = BlockRun { keep_fc1_out: li >= a.recompute_mlp_blocks, ..self.run(a.shape(), &a.mask_add) };
+            self.blocks[li].backward(data, grad, &run, &a.hidden[li], &a.blocks[li], &mut s);
         }
-        self.backward_tokens(data, grad, a, object);
+        a.scratch = s;
+        self.tokens_backward(data, grad, a, object);
     }
 
     /// [`Self::backward`] with the optimiser step fused in: each block's gradients go to the
@@ -352,109 +487,47 @@ impl VideoTower {
         dout: &[f32],
         step: &mut FusedStep,
     ) {
-        self.backward_head(data, grad, a, dout);
+        let mut s = self.head_backward(data, grad, a, dout);
         for li in (0..self.cfg.depth).rev() {
-            step.block(data, self.block_windows[li].clone(), |data, grad| self.block_backward(&self.blocks_local[li], data, grad, a, li));
+            let run = BlockRun { keep_fc1_out: li >= a.recompute_mlp_blocks, ..self.run(a.shape(), &a.mask_add) };
+            let (blk, x, acts) = (&self.blocks_local[li], &a.hidden[li], &a.blocks[li]);
+            step.block(data, self.block_windows[li].clone(), |data, grad| blk.backward(data, grad, &run, x, acts, &mut s));
         }
-        self.backward_tokens(data, grad, a, object);
+        a.scratch = s;
+        self.tokens_backward(data, grad, a, object);
     }
 
-    /// Output projection: fills `a.dx_a` with d(last residual stream).
-    fn backward_head(&self, data: &[f32], grad: &mut [f32], a: &mut VideoActs, dout: &[f32]) {
-        let n = a.batch * (1 + a.frames * a.regions);
-        let d = self.cfg.dim;
-        let dx = zeroed(&mut a.dx_a, n * d);
-        self.proj.backward(data, grad, &a.xs[self.cfg.depth], d, n, dout, Some(dx), Grads::Accumulate);
-    }
-
-    /// One block, given d(its output) in `a.dx_a` (replaced by d(its input)). `blk` indexes
-    /// `data` / `grad`, which may be the whole buffers or this block's window of them.
-    fn block_backward(&self, blk: &Block, data: &[f32], grad: &mut [f32], a: &mut VideoActs, li: usize) {
-        let c = &self.cfg;
-        let (b, f, r) = (a.batch, a.frames, a.regions);
-        let (d, mlp, heads) = (c.dim, c.mlp_dim, c.heads);
-        let hd = d / heads;
-        let seq = 1 + f * r;
-        let n = b * seq;
-        let shape = self.attn_shape(b, f, r);
-        let scale = (hd as f32).powf(-0.5);
-        let ba = &a.blocks[li];
-        let x = &a.xs[li];
-        // MLP branch (norm2 output and GELU, optionally fc1, recomputed).
-        fit(&mut a.y, n * d);
-        fit(&mut a.ms, n);
-        fit(&mut a.rs, n);
-        blk.norm2.forward(data, &ba.xmid, &mut a.y, &mut a.ms, &mut a.rs);
-        let recompute = li < a.recompute_mlp_blocks;
-        if recompute {
-            fit(&mut a.hs, n * mlp);
-            blk.fc1.forward(data, &a.y, d, n, &mut a.hs);
-        }
-        fit(&mut a.g, n * mlp);
-        // fc2's weight gradient first; then g is dead and its buffer takes d(g), which
-        // becomes d(fc1 output) in place: one MLP-wide scratch buffer instead of three.
-        // With h kept, `hs` is free until the attention part: GELU's output and derivative
-        // then come from one pass (one erf per element, not two).
-        if recompute {
-            gelu_forward(&a.hs, &mut a.g);
-        } else {
-            fit(&mut a.hs, n * mlp);
-            gelu_forward_with_grad(&ba.h, &mut a.g, &mut a.hs);
-        }
-        blk.fc2.backward(data, grad, &a.g, mlp, n, &a.dx_a, None, Grads::Overwrite);
-        blk.fc2.backward_input(data, &a.dx_a, n, &mut a.g);
-        if recompute {
-            gelu_backward_in_place(&a.hs, &mut a.g);
-        } else {
-            mul_in_place(&mut a.g, &a.hs);
-        }
-        blk.fc1.backward(data, grad, &a.y, d, n, &a.g, None, Grads::Overwrite);
-        fit(&mut a.dy, n * d);
-        blk.fc1.backward_input(data, &a.g, n, &mut a.dy);
-        // dx_a (the residual stream's gradient) gains the norm2 branch.
-        blk.norm2.backward(data, grad, &ba.xmid, &ba.m2, &ba.r2, &a.dy, &mut a.dx_a, Grads::Overwrite);
-        // Attention branch (probabilities, context and norm1 output recomputed). Its
-        // scratch lives in the MLP-wide `hs`, free until the next block: [d(qkv) | d(ctx)].
-        fit(&mut a.probs, shape.probs_len());
-        fit(&mut a.ctx_h, n * d);
-        attention_forward(&shape, scale, &ba.qkv, &ba.qkv[d..], &ba.qkv[2 * d..], 3 * d, &a.mask_add, None, &mut a.probs, &mut a.ctx_h);
-        fit(&mut a.ctx, n * d);
-        merge_heads(&a.ctx_h, &mut a.ctx, d, 0, b, heads, seq, hd);
-        fit(&mut a.hs, (n * mlp).max(4 * n * d));
-        let (dqkv, dctx) = a.hs.split_at_mut(3 * n * d);
-        let dctx = &mut dctx[..n * d];
-        blk.proj.backward(data, grad, &a.ctx, d, n, &a.dx_a, None, Grads::Overwrite);
-        blk.proj.backward_input(data, &a.dx_a, n, dctx);
-        // d(ctx) read and dq, dk, dv written as token rows: no head-major copies, no zeroing.
-        attention_backward_rows(&shape, scale, &ba.qkv, &ba.qkv[d..], &ba.qkv[2 * d..], 3 * d, &a.probs, None, dctx, d, dqkv, 3 * d);
-        blk.norm1.forward(data, x, &mut a.y, &mut a.ms, &mut a.rs);
-        blk.qkv.backward(data, grad, &a.y, d, n, dqkv, None, Grads::Overwrite);
-        blk.qkv.backward_input(data, dqkv, n, &mut a.dy);
-        blk.norm1.backward(data, grad, x, &ba.m1, &ba.r1, &a.dy, &mut a.dx_a, Grads::Overwrite);
+    /// Output projection: returns the scratch buffers, taken out of the arena, with
+    /// d(last residual stream) in `d_x`.
+    fn head_backward(&self, data: &[f32], grad: &mut [f32], a: &mut VideoActs, dout: &[f32]) -> VideoScratch {
+        let (n, d) = (a.shape().tokens(), self.cfg.dim);
+        let mut s = std::mem::take(&mut a.scratch);
+        let d_x = zeroed(&mut s.d_x, n * d);
+        self.proj.backward(data, grad, &a.hidden[self.cfg.depth], d, n, dout, Some(d_x), Grads::Accumulate);
+        s
     }
 
     /// Token assembly (CLS + custom_pos_embed[0], regions + temporal_embed[f]) and the two
-    /// region embeddings, from d(first residual stream) in `a.dx_a`.
-    fn backward_tokens(&self, data: &[f32], grad: &mut [f32], a: &mut VideoActs, object: &[f32]) {
+    /// region embeddings, from d(first residual stream) in `a.scratch.d_x`.
+    fn tokens_backward(&self, data: &[f32], grad: &mut [f32], a: &mut VideoActs, object: &[f32]) {
         let c = &self.cfg;
-        let (b, f, r) = (a.batch, a.frames, a.regions);
-        let d = c.dim;
+        let shape = a.shape();
+        let (b, r, d) = (shape.batch, shape.regions, c.dim);
+        let (nr, seq) = (shape.region_tokens(), shape.seq());
         let row = c.feature_dim + c.box_dim;
-        let nr = f * r;
-        let seq = 1 + nr;
-        let de = zeroed(&mut a.e, b * nr * d);
+        let d_region = zeroed(&mut a.region_emb, b * nr * d);
         for bi in 0..b {
-            let xb = &a.dx_a[bi * seq * d..(bi + 1) * seq * d];
+            let xb = &a.scratch.d_x[bi * seq * d..(bi + 1) * seq * d];
             add_in_place(&mut grad[self.cls.clone()], &xb[..d]);
             add_in_place(&mut grad[self.pos_embed.start..self.pos_embed.start + d], &xb[..d]);
             for j in 0..nr {
                 let src = &xb[(1 + j) * d..(2 + j) * d];
                 let t = self.temporal.start + (j / r) * d;
                 add_in_place(&mut grad[t..t + d], src);
-                de[(bi * nr + j) * d..(bi * nr + j + 1) * d].copy_from_slice(src);
+                d_region[(bi * nr + j) * d..(bi * nr + j + 1) * d].copy_from_slice(src);
             }
         }
-        self.object_embedding.backward(data, grad, object, row, b * nr, &a.e, None, Grads::Accumulate);
-        self.pos_embedding.backward(data, grad, &object[c.feature_dim..], row, b * nr, &a.e, None, Grads::Accumulate);
+        self.object_embedding.backward(data, grad, object, row, b * nr, &a.region_emb, None, Grads::Accumulate);
+        self.pos_embedding.backward(data, grad, &object[c.feature_dim..], row, b * nr, &a.region_emb, None, Grads::Accumulate);
     }
 }
