@@ -2,6 +2,7 @@
 //! tower, their projections, explicit forward and backward passes, AdamW, and weights I/O.
 
 pub mod adamw;
+pub mod backend;
 pub mod config;
 pub mod hf;
 pub mod io;

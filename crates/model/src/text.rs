@@ -4,15 +4,18 @@
 //! attention probabilities, on the FFN output before its residual, and for BERT also on
 //! the attention output projection before its residual.
 
+mod acts;
+
+pub use acts::{TextActs, WordGradRows};
+
 use crate::adamw::FusedStep;
+use crate::backend::{zeroed, Backend};
 use crate::config::{TextConfig, TextKind};
-use crate::layers::{add_in_place, block_window, fit, range, zeroed, Grads, LayerNorm, Linear};
+use crate::layers::{block_window, range, Grads, LayerNorm, Linear};
 use crate::mask::{additive_mask, TEXT_ATTENTION_PAD_SCORE};
 use crate::params::{Params, ParamsBuilder};
-use demovlp_kernels::activation::{gelu_backward_in_place, gelu_forward};
-use demovlp_kernels::attention::{attention_backward_rows_split, attention_forward, merge_heads, AttnShape, KeyPattern};
-use demovlp_kernels::dropout::{dropout_mask, masked, mul_in_place};
-use demovlp_kernels::embedding::{embedding_backward, embedding_forward};
+use acts::{TextLayerActs, TextScratch};
+use demovlp_kernels::attention::{AttnShape, KeyPattern};
 use demovlp_kernels::Rng;
 use std::ops::Range;
 
@@ -125,7 +128,8 @@ impl TextShape {
     }
 }
 
-/// One batch of text input: token ids and attention mask (1 real / 0 padding), both `[B, L]`.
+/// One batch of text input, on the host: token ids and attention mask (1 real / 0
+/// padding), both `[B, L]`.
 #[derive(Clone, Copy, Debug)]
 pub struct TextInput<'a> {
     pub ids: &'a [i64],
@@ -145,200 +149,10 @@ struct TextLayer {
     ln2: LayerNorm,
 }
 
-/// What one layer keeps for its backward pass (n = B·L tokens, D = dim, F = hidden_dim).
-/// The attention probabilities are not kept: the backward recomputes them from q and k
-/// (under 1 % of the tower's arithmetic, 3.8 MB per layer at the published size). The FFN
-/// hidden activations `ffn1_out` (9.8 MB per layer) are kept when the forward pass is asked
-/// to (training), else the backward recomputes them from `ln1_out`.
-#[derive(Clone, Debug, Default)]
-struct TextLayerActs {
-    /// `[n, D]` each: the attention's query, key and value projections.
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
-    /// `[n, D]` attention context, token rows.
-    ctx: Vec<f32>,
-    /// `[n, D]` out_lin(ctx) (dropped for BERT) + x: the input of ln1.
-    attn_res: Vec<f32>,
-    /// `[n]` each: ln1's row statistics.
-    ln1_mean: Vec<f32>,
-    ln1_rstd: Vec<f32>,
-    /// `[n, D]` ln1 output, the FFN's input.
-    ln1_out: Vec<f32>,
-    /// `[n, F]` ffn1 output before GELU, when kept.
-    ffn1_out: Vec<f32>,
-    /// `[n, D]` ffn2(gelu(ffn1_out)) (dropped) + ln1_out: the input of ln2.
-    ffn_res: Vec<f32>,
-    /// `[n]` each: ln2's row statistics.
-    ln2_mean: Vec<f32>,
-    ln2_rstd: Vec<f32>,
-    /// Dropout multipliers, when that dropout is active: `[B·H·L·L]` on the attention
-    /// probabilities, `[n, D]` on the BERT attention output and on the FFN output.
-    attn_drop: Vec<f32>,
-    attn_out_drop: Vec<f32>,
-    ffn_drop: Vec<f32>,
-}
-
-/// Buffers every layer uses in turn (forward and backward scratch).
-#[derive(Clone, Debug, Default)]
-struct TextScratch {
-    /// `[B·H·L·L]` attention probabilities of the layer at hand (recomputed in the backward).
-    probs: Vec<f32>,
-    /// `[B, H, L, D/H]` head-major attention context, before the merge into token rows.
-    ctx_heads: Vec<f32>,
-    /// `[n, F]` ffn1 output when the layer does not keep it.
-    ffn1_out: Vec<f32>,
-    /// `[n, F]` GELU output; in the backward, d(GELU output) then d(ffn1 output) in place.
-    gelu_out: Vec<f32>,
-    /// `[n, D]` d(layer output) on entry to a layer's backward, d(layer input) on exit.
-    d_x: Vec<f32>,
-    /// `[n, D]` d(ln1 output): the FFN branch and the residual.
-    d_ln1_out: Vec<f32>,
-    /// `[n, D]` d(LayerNorm input): d(ffn_res), then d(attn_res), then d(embeddings).
-    d_res: Vec<f32>,
-    /// `[n, D]` d(attention context), token rows.
-    d_ctx: Vec<f32>,
-    /// `[n, D]` each: d(q), d(k), d(v), token rows.
-    d_q: Vec<f32>,
-    d_k: Vec<f32>,
-    d_v: Vec<f32>,
-    /// `[n, D]` a gradient taken through a dropout site.
-    d_dropped: Vec<f32>,
-}
-
-/// Activation arena of the text tower (reused across steps).
-#[derive(Clone, Debug, Default)]
-pub struct TextActs {
-    pub batch: usize,
-    pub len: usize,
-    /// Training recomputes the FFN hidden activations too (less memory, more arithmetic).
-    pub recompute_ffn: bool,
-    /// Whether the last forward pass kept them (the backward pass follows it).
-    ffn_hidden_kept: bool,
-    /// Dropout applied in the last forward (hidden, attention).
-    drop_hidden: bool,
-    drop_attn: bool,
-    /// `[n, D]` word + position (+ token type) embeddings, the input of the embedding LayerNorm.
-    emb: Vec<f32>,
-    /// `[n]` each: the embedding LayerNorm's row statistics.
-    emb_mean: Vec<f32>,
-    emb_rstd: Vec<f32>,
-    /// `[n, D]` dropout multipliers on the embedding output, when active.
-    emb_drop: Vec<f32>,
-    /// `[B, L]` additive key mask of the attention (0 real, [`TEXT_ATTENTION_PAD_SCORE`] padding).
-    mask_add: Vec<f32>,
-    /// `[n, D]` hidden states: `hidden[0]` the embeddings' output, `hidden[layers]` the
-    /// last_hidden_state.
-    hidden: Vec<Vec<f32>>,
-    layers: Vec<TextLayerActs>,
-    scratch: TextScratch,
-    /// The word table's gradient of the last fused backward, by row (see [`WordGradRows`]).
-    pub word_grad: WordGradRows,
-}
-
-/// The word-embedding gradient of one batch, kept by row: only the rows of the ids the
-/// batch looks up can be nonzero (a few hundred of 30 522), so the fused step never holds
-/// the dense 94 MB table gradient. Rows in increasing id order; `[PAD]` excluded (it gets
-/// no gradient, as Hugging Face's `padding_idx`).
-#[derive(Clone, Debug, Default)]
-pub struct WordGradRows {
-    pub ids: Vec<usize>,
-    /// `[ids.len(), dim]`.
-    pub grad: Vec<f32>,
-}
-
-impl WordGradRows {
-    /// Accumulates d(embedding output) `dout` `[tokens, dim]` by looked-up id, tokens in
-    /// order (the dense [`embedding_backward`]'s summation order for every row).
-    fn accumulate(&mut self, ids: &[i64], dout: &[f32], dim: usize) {
-        self.ids.clear();
-        self.ids.extend(ids.iter().map(|&i| i as usize).filter(|&i| i != PAD_TOKEN_ID));
-        self.ids.sort_unstable();
-        self.ids.dedup();
-        self.grad.clear();
-        self.grad.resize(self.ids.len() * dim, 0.0);
-        for (t, &id) in ids.iter().enumerate() {
-            if id as usize == PAD_TOKEN_ID {
-                continue;
-            }
-            let row = self.ids.binary_search(&(id as usize)).expect("id collected above");
-            let dst = &mut self.grad[row * dim..(row + 1) * dim];
-            dst.iter_mut().zip(&dout[t * dim..(t + 1) * dim]).for_each(|(d, s)| *d += s);
-        }
-    }
-}
-
-impl TextActs {
-    /// `[B, L, D]` output of the last layer.
-    pub fn last_hidden(&self) -> &[f32] {
-        self.hidden.last().map(|v| &v[..]).unwrap_or(&[])
-    }
-
-    fn shape(&self) -> TextShape {
-        TextShape { batch: self.batch, len: self.len }
-    }
-
-    /// Fills every kept FFN hidden activation with NaN (tests: the recompute path must not read them).
-    #[cfg(test)]
-    pub(crate) fn poison_kept_ffn_hidden(&mut self) {
-        self.layers.iter_mut().for_each(|l| l.ffn1_out.fill(f32::NAN));
-    }
-
-    /// (address, capacity) of every arena buffer: lets tests prove steady-state steps reuse them.
-    #[cfg(test)]
-    pub(crate) fn buffers(&self) -> Vec<(usize, usize)> {
-        let buf = |v: &Vec<f32>| (v.as_ptr() as usize, v.capacity());
-        let s = &self.scratch;
-        let mut out: Vec<_> = [&self.emb, &self.emb_mean, &self.emb_rstd, &self.mask_add, &self.emb_drop].into_iter().map(buf).collect();
-        out.extend(
-            [
-                &s.probs,
-                &s.ctx_heads,
-                &s.ffn1_out,
-                &s.gelu_out,
-                &s.d_x,
-                &s.d_ln1_out,
-                &s.d_res,
-                &s.d_ctx,
-                &s.d_q,
-                &s.d_k,
-                &s.d_v,
-                &s.d_dropped,
-            ]
-            .into_iter()
-            .map(buf),
-        );
-        out.extend(self.hidden.iter().map(buf));
-        for l in &self.layers {
-            out.extend(
-                [
-                    &l.q,
-                    &l.k,
-                    &l.v,
-                    &l.ctx,
-                    &l.attn_res,
-                    &l.ln1_mean,
-                    &l.ln1_rstd,
-                    &l.ln1_out,
-                    &l.ffn1_out,
-                    &l.ffn_res,
-                    &l.ln2_mean,
-                    &l.ln2_rstd,
-                    &l.attn_drop,
-                    &l.attn_out_drop,
-                    &l.ffn_drop,
-                ]
-                .into_iter()
-                .map(buf),
-            );
-        }
-        out
-    }
-}
-
-/// What each layer's pass takes from the tower: sizes, the attention mask and which dropout
-/// is active (with the generator that draws the forward pass's masks).
-struct LayerRun<'a> {
+/// What each layer's pass takes from the tower: the backend, sizes, the attention mask and
+/// which dropout is active (with the generator that draws the forward pass's masks).
+struct LayerRun<'a, B: Backend> {
+    be: &'a B,
     kind: TextKind,
     shape: TextShape,
     dim: usize,
@@ -346,7 +160,7 @@ struct LayerRun<'a> {
     attn: AttnShape,
     scale: f32,
     /// `[B, L]` additive key mask.
-    mask_add: &'a [f32],
+    mask_add: B::View<'a>,
     dropout: TextDropout,
     drop_hidden: bool,
     drop_attn: bool,
@@ -354,12 +168,11 @@ struct LayerRun<'a> {
     ffn_hidden_kept: bool,
 }
 
-impl LayerRun<'_> {
+impl<B: Backend> LayerRun<'_, B> {
     /// Draws a fresh dropout mask of `n` values into `buf` when that dropout is active.
-    fn draw(&mut self, buf: &mut Vec<f32>, n: usize, prob: f32) {
+    fn draw(&mut self, buf: &mut B::Buf, n: usize, prob: f32) {
         if let (Some(rng), true) = (self.rng.as_deref_mut(), prob > 0.0) {
-            fit(buf, n);
-            dropout_mask(rng, prob, buf);
+            self.be.dropout_mask(rng, prob, buf, n);
         }
     }
 }
@@ -379,108 +192,157 @@ impl TextLayer {
     }
 
     /// out = ln2(ffn(x1) + x1) with x1 = ln1(attn_out(attention(x)) + x) (post-LN).
-    fn forward(&self, data: &[f32], run: &mut LayerRun, x: &[f32], out: &mut Vec<f32>, acts: &mut TextLayerActs, s: &mut TextScratch) {
+    fn forward<B: Backend>(
+        &self,
+        data: B::View<'_>,
+        run: &mut LayerRun<B>,
+        x: B::View<'_>,
+        out: &mut B::Buf,
+        acts: &mut TextLayerActs<B>,
+        s: &mut TextScratch<B>,
+    ) {
+        let be = run.be;
         let (n, d, hid) = (run.shape.tokens(), run.dim, run.hidden_dim);
         let TextShape { batch, len } = run.shape;
         for (lin, buf) in [(&self.q, &mut acts.q), (&self.k, &mut acts.k), (&self.v, &mut acts.v)] {
-            fit(buf, n * d);
-            lin.forward(data, x, d, n, buf);
+            be.fit(buf, n * d);
+            lin.forward(be, data, x, d, n, B::view_mut(buf));
         }
         // Attention.
-        fit(&mut s.probs, run.attn.probs_len());
-        fit(&mut s.ctx_heads, n * d);
-        let p_attn = run.dropout.attention;
-        run.draw(&mut acts.attn_drop, run.attn.probs_len(), p_attn);
-        let attn_drop = run.drop_attn.then_some(&acts.attn_drop[..]);
-        attention_forward(&run.attn, run.scale, &acts.q, &acts.k, &acts.v, d, run.mask_add, attn_drop, &mut s.probs, &mut s.ctx_heads);
-        fit(&mut acts.ctx, n * d);
-        merge_heads(&s.ctx_heads, &mut acts.ctx, d, 0, batch, run.attn.heads, len, run.attn.head_dim);
+        be.fit(&mut s.probs, run.attn.probs_len());
+        be.fit(&mut s.ctx_heads, n * d);
+        let (p_attn, probs_len) = (run.dropout.attention, run.attn.probs_len());
+        run.draw(&mut acts.attn_drop, probs_len, p_attn);
+        let attn_drop = run.drop_attn.then(|| B::view(&acts.attn_drop));
+        let (q, k, v) = (B::view(&acts.q), B::view(&acts.k), B::view(&acts.v));
+        be.attention_forward(
+            &run.attn,
+            run.scale,
+            q,
+            k,
+            v,
+            d,
+            run.mask_add,
+            attn_drop,
+            B::view_mut(&mut s.probs),
+            B::view_mut(&mut s.ctx_heads),
+        );
+        be.fit(&mut acts.ctx, n * d);
+        be.merge_heads(B::view(&s.ctx_heads), B::view_mut(&mut acts.ctx), d, batch, run.attn.heads, len, run.attn.head_dim);
         // attn_res = out_lin(ctx) (+ dropout, BERT) + x; ln1_out = ln1(attn_res)
-        fit(&mut acts.attn_res, n * d);
-        self.o.forward(data, &acts.ctx, d, n, &mut acts.attn_res);
+        be.fit(&mut acts.attn_res, n * d);
+        self.o.forward(be, data, B::view(&acts.ctx), d, n, B::view_mut(&mut acts.attn_res));
         if run.kind == TextKind::Bert {
             let p = run.dropout.hidden;
             run.draw(&mut acts.attn_out_drop, n * d, p);
             if run.drop_hidden {
-                mul_in_place(&mut acts.attn_res, &acts.attn_out_drop);
+                be.mul_in_place(B::view_mut(&mut acts.attn_res), B::view(&acts.attn_out_drop));
             }
         }
-        add_in_place(&mut acts.attn_res, x);
-        fit(&mut acts.ln1_out, n * d);
-        fit(&mut acts.ln1_mean, n);
-        fit(&mut acts.ln1_rstd, n);
-        self.ln1.forward(data, &acts.attn_res, &mut acts.ln1_out, &mut acts.ln1_mean, &mut acts.ln1_rstd);
+        be.add_in_place(B::view_mut(&mut acts.attn_res), x);
+        be.fit(&mut acts.ln1_out, n * d);
+        be.fit(&mut acts.ln1_mean, n);
+        be.fit(&mut acts.ln1_rstd, n);
+        #[rustfmt::skip]
+        self.ln1.forward(be, data, B::view(&acts.attn_res), B::view_mut(&mut acts.ln1_out), B::view_mut(&mut acts.ln1_mean), B::view_mut(&mut acts.ln1_rstd));
         // ffn_res = ffn2(gelu(ffn1(ln1_out))) (+ dropout) + ln1_out; out = ln2(ffn_res)
         let ffn1_out = if run.ffn_hidden_kept { &mut acts.ffn1_out } else { &mut s.ffn1_out };
-        fit(ffn1_out, n * hid);
-        self.ffn1.forward(data, &acts.ln1_out, d, n, ffn1_out);
-        fit(&mut s.gelu_out, n * hid);
-        gelu_forward(ffn1_out, &mut s.gelu_out);
-        fit(&mut acts.ffn_res, n * d);
-        self.ffn2.forward(data, &s.gelu_out, hid, n, &mut acts.ffn_res);
+        be.fit(ffn1_out, n * hid);
+        self.ffn1.forward(be, data, B::view(&acts.ln1_out), d, n, B::view_mut(ffn1_out));
+        be.fit(&mut s.gelu_out, n * hid);
+        be.gelu_forward(B::view(ffn1_out), B::view_mut(&mut s.gelu_out));
+        be.fit(&mut acts.ffn_res, n * d);
+        self.ffn2.forward(be, data, B::view(&s.gelu_out), hid, n, B::view_mut(&mut acts.ffn_res));
         let p = run.dropout.hidden;
         run.draw(&mut acts.ffn_drop, n * d, p);
         if run.drop_hidden {
-            mul_in_place(&mut acts.ffn_res, &acts.ffn_drop);
+            be.mul_in_place(B::view_mut(&mut acts.ffn_res), B::view(&acts.ffn_drop));
         }
-        add_in_place(&mut acts.ffn_res, &acts.ln1_out);
-        fit(out, n * d);
-        fit(&mut acts.ln2_mean, n);
-        fit(&mut acts.ln2_rstd, n);
-        self.ln2.forward(data, &acts.ffn_res, out, &mut acts.ln2_mean, &mut acts.ln2_rstd);
+        be.add_in_place(B::view_mut(&mut acts.ffn_res), B::view(&acts.ln1_out));
+        be.fit(out, n * d);
+        be.fit(&mut acts.ln2_mean, n);
+        be.fit(&mut acts.ln2_rstd, n);
+        #[rustfmt::skip]
+        self.ln2.forward(be, data, B::view(&acts.ffn_res), B::view_mut(out), B::view_mut(&mut acts.ln2_mean), B::view_mut(&mut acts.ln2_rstd));
     }
 
     /// Given d(layer output) in `s.d_x`, writes this layer's parameter gradients (overwritten)
     /// and leaves d(`x`) in `s.d_x`. `self` indexes `data` / `grad`: the whole buffers or
     /// this layer's window of them.
-    fn backward(&self, data: &[f32], grad: &mut [f32], run: &LayerRun, x: &[f32], acts: &TextLayerActs, s: &mut TextScratch) {
+    fn backward<B: Backend>(
+        &self,
+        data: B::View<'_>,
+        mut grad: B::ViewMut<'_>,
+        run: &LayerRun<B>,
+        x: B::View<'_>,
+        acts: &TextLayerActs<B>,
+        s: &mut TextScratch<B>,
+    ) {
+        let be = run.be;
+        let g = &mut grad;
         let (n, d, hid) = (run.shape.tokens(), run.dim, run.hidden_dim);
         // out = ln2(ffn_res)
-        let d_ffn_res = zeroed(&mut s.d_res, n * d);
-        self.ln2.backward(data, grad, &acts.ffn_res, &acts.ln2_mean, &acts.ln2_rstd, &s.d_x, d_ffn_res, Grads::Overwrite);
+        let d_ffn_res = zeroed(be, &mut s.d_res, n * d);
+        let (mean, rstd) = (B::view(&acts.ln2_mean), B::view(&acts.ln2_rstd));
+        self.ln2.backward(be, data, B::reborrow(g), B::view(&acts.ffn_res), mean, rstd, B::view(&s.d_x), d_ffn_res, Grads::Overwrite);
         // ffn_res = ffn2(gelu(ffn1(ln1_out))) + ln1_out, ffn1's output kept or recomputed.
-        let ffn1_out: &[f32] = if run.ffn_hidden_kept {
-            &acts.ffn1_out
+        let ffn1_out = if run.ffn_hidden_kept {
+            B::view(&acts.ffn1_out)
         } else {
-            fit(&mut s.ffn1_out, n * hid);
-            self.ffn1.forward(data, &acts.ln1_out, d, n, &mut s.ffn1_out);
-            &s.ffn1_out
+            be.fit(&mut s.ffn1_out, n * hid);
+            self.ffn1.forward(be, data, B::view(&acts.ln1_out), d, n, B::view_mut(&mut s.ffn1_out));
+            B::view(&s.ffn1_out)
         };
-        fit(&mut s.gelu_out, n * hid);
-        gelu_forward(ffn1_out, &mut s.gelu_out);
-        let d_ffn2_out = masked(&s.d_res, run.drop_hidden.then_some(&acts.ffn_drop[..]), &mut s.d_dropped);
+        be.fit(&mut s.gelu_out, n * hid);
+        be.gelu_forward(ffn1_out, B::view_mut(&mut s.gelu_out));
+        let ffn_drop = run.drop_hidden.then(|| B::view(&acts.ffn_drop));
+        let d_ffn2_out = be.masked(B::view(&s.d_res), ffn_drop, &mut s.d_dropped);
         // ffn2's weight gradient first; then gelu_out is dead and its buffer takes
         // d(gelu_out), which becomes d(ffn1_out) in place (one hidden-wide scratch buffer,
         // no zeroing).
-        self.ffn2.backward(data, grad, &s.gelu_out, hid, n, d_ffn2_out, None, Grads::Overwrite);
-        self.ffn2.backward_input(data, d_ffn2_out, n, &mut s.gelu_out);
-        gelu_backward_in_place(ffn1_out, &mut s.gelu_out);
-        fit(&mut s.d_ln1_out, n * d);
-        s.d_ln1_out.copy_from_slice(&s.d_res);
-        self.ffn1.backward(data, grad, &acts.ln1_out, d, n, &s.gelu_out, Some(&mut s.d_ln1_out), Grads::Overwrite);
+        self.ffn2.backward(be, data, B::reborrow(g), B::view(&s.gelu_out), hid, n, d_ffn2_out, None, Grads::Overwrite);
+        self.ffn2.backward_input(be, data, d_ffn2_out, n, B::view_mut(&mut s.gelu_out));
+        be.gelu_backward_in_place(ffn1_out, B::view_mut(&mut s.gelu_out));
+        be.fit(&mut s.d_ln1_out, n * d);
+        be.copy(B::view(&s.d_res), B::view_mut(&mut s.d_ln1_out));
+        let d_ln1_out = Some(B::view_mut(&mut s.d_ln1_out));
+        self.ffn1.backward(be, data, B::reborrow(g), B::view(&acts.ln1_out), d, n, B::view(&s.gelu_out), d_ln1_out, Grads::Overwrite);
         // ln1_out = ln1(attn_res)
-        let d_attn_res = zeroed(&mut s.d_res, n * d);
-        self.ln1.backward(data, grad, &acts.attn_res, &acts.ln1_mean, &acts.ln1_rstd, &s.d_ln1_out, d_attn_res, Grads::Overwrite);
+        let d_attn_res = zeroed(be, &mut s.d_res, n * d);
+        let (mean, rstd) = (B::view(&acts.ln1_mean), B::view(&acts.ln1_rstd));
+        self.ln1.backward(
+            be,
+            data,
+            B::reborrow(g),
+            B::view(&acts.attn_res),
+            mean,
+            rstd,
+            B::view(&s.d_ln1_out),
+            d_attn_res,
+            Grads::Overwrite,
+        );
         // attn_res = out_lin(attention(q, k, v)) + x
-        s.d_x.copy_from_slice(&s.d_res);
-        let d_ctx = zeroed(&mut s.d_ctx, n * d);
-        let attn_out_drop = (run.drop_hidden && run.kind == TextKind::Bert).then_some(&acts.attn_out_drop[..]);
-        let d_attn_out = masked(&s.d_res, attn_out_drop, &mut s.d_dropped);
-        self.o.backward(data, grad, &acts.ctx, d, n, d_attn_out, Some(d_ctx), Grads::Overwrite);
+        be.copy(B::view(&s.d_res), B::view_mut(&mut s.d_x));
+        let d_ctx = zeroed(be, &mut s.d_ctx, n * d);
+        let attn_out_drop = (run.drop_hidden && run.kind == TextKind::Bert).then(|| B::view(&acts.attn_out_drop));
+        let d_attn_out = be.masked(B::view(&s.d_res), attn_out_drop, &mut s.d_dropped);
+        self.o.backward(be, data, B::reborrow(g), B::view(&acts.ctx), d, n, d_attn_out, Some(d_ctx), Grads::Overwrite);
         // The probabilities, recomputed (the context that comes with them is not needed).
-        let attn_drop = run.drop_attn.then_some(&acts.attn_drop[..]);
-        fit(&mut s.probs, run.attn.probs_len());
-        fit(&mut s.ctx_heads, n * d);
-        attention_forward(&run.attn, run.scale, &acts.q, &acts.k, &acts.v, d, run.mask_add, attn_drop, &mut s.probs, &mut s.ctx_heads);
+        let attn_drop = run.drop_attn.then(|| B::view(&acts.attn_drop));
+        let qkv = [B::view(&acts.q), B::view(&acts.k), B::view(&acts.v)];
+        be.fit(&mut s.probs, run.attn.probs_len());
+        be.fit(&mut s.ctx_heads, n * d);
+        let (probs, ctx_heads) = (B::view_mut(&mut s.probs), B::view_mut(&mut s.ctx_heads));
+        be.attention_forward(&run.attn, run.scale, qkv[0], qkv[1], qkv[2], d, run.mask_add, attn_drop, probs, ctx_heads);
         // d(ctx) read and d(q), d(k), d(v) written as token rows: no head-major copies.
         // Overwritten: no zeroing.
         for buf in [&mut s.d_q, &mut s.d_k, &mut s.d_v] {
-            fit(buf, n * d);
+            be.fit(buf, n * d);
         }
-        #[rustfmt::skip]
-        attention_backward_rows_split(&run.attn, run.scale, &acts.q, &acts.k, &acts.v, d, &s.probs, attn_drop, &s.d_ctx, d, &mut s.d_q, &mut s.d_k, &mut s.d_v, d);
+        let d_qkv = [B::view_mut(&mut s.d_q), B::view_mut(&mut s.d_k), B::view_mut(&mut s.d_v)];
+        be.attention_backward_rows_split(&run.attn, run.scale, qkv, d, B::view(&s.probs), attn_drop, B::view(&s.d_ctx), d, d_qkv, d);
         for (lin, dy) in [(&self.q, &s.d_q), (&self.k, &s.d_k), (&self.v, &s.d_v)] {
-            lin.backward(data, grad, x, d, n, dy, Some(&mut s.d_x), Grads::Overwrite);
+            lin.backward(be, data, B::reborrow(g), x, d, n, B::view(dy), Some(B::view_mut(&mut s.d_x)), Grads::Overwrite);
         }
     }
 }
@@ -500,7 +362,7 @@ pub struct TextTower {
 }
 
 impl TextTower {
-    pub fn new(p: &Params, c: &TextConfig) -> Self {
+    pub fn new<B: Backend>(p: &Params<B>, c: &TextConfig) -> Self {
         let (d, h) = (c.dim, c.hidden_dim);
         let layers = (0..c.layers)
             .map(|i| {
@@ -549,18 +411,19 @@ impl TextTower {
     }
 
     /// The per-layer context of a pass over `a`'s batch (`rng` only for a forward pass).
-    fn run<'a>(&self, a: &'a TextActs, dropout: TextDropout, rng: Option<&'a mut Rng>) -> LayerRun<'a> {
+    fn run<'a, B: Backend>(&self, be: &'a B, a: &'a TextActs<B>, dropout: TextDropout, rng: Option<&'a mut Rng>) -> LayerRun<'a, B> {
         let c = &self.cfg;
         let shape = a.shape();
         let head_dim = c.dim / c.heads;
         LayerRun {
+            be,
             kind: c.kind,
             shape,
             dim: c.dim,
             hidden_dim: c.hidden_dim,
             attn: AttnShape { batch: shape.batch, heads: c.heads, seq: shape.len, head_dim, pattern: KeyPattern::Full },
             scale: 1.0 / (head_dim as f32).sqrt(),
-            mask_add: &a.mask_add,
+            mask_add: B::view(&a.mask_add),
             dropout,
             drop_hidden: a.drop_hidden,
             drop_attn: a.drop_attn,
@@ -572,14 +435,8 @@ impl TextTower {
     /// Runs the encoder; the result is `a.last_hidden()` `[B, L, D]`. With `dropout`
     /// (training), masks are drawn from the generator and kept for the backward pass;
     /// `keep_ffn_hidden` keeps each layer's FFN hidden activations for it as well.
-    pub fn forward(
-        &self,
-        data: &[f32],
-        a: &mut TextActs,
-        input: TextInput,
-        dropout: Option<(TextDropout, &mut Rng)>,
-        keep_ffn_hidden: bool,
-    ) {
+    #[rustfmt::skip]
+    pub fn forward<B: Backend>(&self, be: &B, data: B::View<'_>, a: &mut TextActs<B>, input: TextInput, dropout: Option<(TextDropout, &mut Rng)>, keep_ffn_hidden: bool) {
         let c = &self.cfg;
         let TextShape { batch, len } = input.shape;
         assert!(c.dim.is_multiple_of(c.heads), "text dim {} not divisible by {} heads", c.dim, c.heads);
@@ -593,59 +450,71 @@ impl TextTower {
         };
         a.drop_hidden = p.hidden > 0.0;
         a.drop_attn = p.attention > 0.0;
-        a.hidden.resize_with(c.layers + 1, Vec::new);
+        a.hidden.resize_with(c.layers + 1, Default::default);
         a.layers.resize_with(c.layers, Default::default);
-        self.embeddings_forward(data, a, input, p, rng.as_deref_mut());
-        fit(&mut a.mask_add, input.shape.tokens());
-        for (m, &v) in a.mask_add.iter_mut().zip(input.mask) {
-            *m = additive_mask((v != 0) as u8 as f32, TEXT_ATTENTION_PAD_SCORE);
-        }
-        let (mut hidden, mut layers, mut scratch) =
-            (std::mem::take(&mut a.hidden), std::mem::take(&mut a.layers), std::mem::take(&mut a.scratch));
-        let mut run = self.run(a, p, rng);
+        self.embeddings_forward(be, data, a, input, p, rng.as_deref_mut());
+        be.write_host(&mut a.mask_add, input.shape.tokens(), |mask_add| {
+            for (m, &v) in mask_add.iter_mut().zip(input.mask) {
+                *m = additive_mask((v != 0) as u8 as f32, TEXT_ATTENTION_PAD_SCORE);
+            }
+        });
+        let (mut hidden, mut layers, mut scratch) = (std::mem::take(&mut a.hidden), std::mem::take(&mut a.layers), std::mem::take(&mut a.scratch));
+        let mut run = self.run(be, a, p, rng);
         for (li, (layer, acts)) in self.layers.iter().zip(&mut layers).enumerate() {
             let (before, after) = hidden.split_at_mut(li + 1);
-            layer.forward(data, &mut run, &before[li], &mut after[0], acts, &mut scratch);
+            layer.forward(data, &mut run, B::view(&before[li]), &mut after[0], acts, &mut scratch);
         }
         (a.hidden, a.layers, a.scratch) = (hidden, layers, scratch);
     }
 
     /// word + position (+ token type 0 for BERT) embeddings, LayerNorm, dropout: `a.hidden[0]`.
-    fn embeddings_forward(&self, data: &[f32], a: &mut TextActs, input: TextInput, p: TextDropout, rng: Option<&mut Rng>) {
+    fn embeddings_forward<B: Backend>(
+        &self,
+        be: &B,
+        data: B::View<'_>,
+        a: &mut TextActs<B>,
+        input: TextInput,
+        p: TextDropout,
+        rng: Option<&mut Rng>,
+    ) {
         let (n, d, len) = (input.shape.tokens(), self.cfg.dim, input.shape.len);
-        fit(&mut a.emb, n * d);
-        embedding_forward(input.ids, &data[self.word.clone()], d, &mut a.emb, false);
-        let pos = &data[self.pos.clone()];
-        for row in a.emb.chunks_exact_mut(len * d) {
-            add_in_place(row, &pos[..len * d]);
-        }
+        be.fit(&mut a.emb, n * d);
+        be.embedding_forward(input.ids, B::slice(data, self.word.clone()), d, B::view_mut(&mut a.emb));
+        be.add_to_rows(B::view_mut(&mut a.emb), B::slice(data, self.pos.start..self.pos.start + len * d));
         if let Some(tt) = &self.token_type {
-            let t0 = &data[tt.start..tt.start + d];
-            a.emb.chunks_exact_mut(d).for_each(|r| add_in_place(r, t0));
+            be.add_to_rows(B::view_mut(&mut a.emb), B::slice(data, tt.start..tt.start + d));
         }
-        fit(&mut a.hidden[0], n * d);
-        fit(&mut a.emb_mean, n);
-        fit(&mut a.emb_rstd, n);
-        self.ln_emb.forward(data, &a.emb, &mut a.hidden[0], &mut a.emb_mean, &mut a.emb_rstd);
+        be.fit(&mut a.hidden[0], n * d);
+        be.fit(&mut a.emb_mean, n);
+        be.fit(&mut a.emb_rstd, n);
+        #[rustfmt::skip]
+        self.ln_emb.forward(be, data, B::view(&a.emb), B::view_mut(&mut a.hidden[0]), B::view_mut(&mut a.emb_mean), B::view_mut(&mut a.emb_rstd));
         if let (Some(rng), true) = (rng, p.hidden > 0.0) {
-            fit(&mut a.emb_drop, n * d);
-            dropout_mask(rng, p.hidden, &mut a.emb_drop);
+            be.dropout_mask(rng, p.hidden, &mut a.emb_drop, n * d);
         }
         if a.drop_hidden {
-            mul_in_place(&mut a.hidden[0], &a.emb_drop);
+            be.mul_in_place(B::view_mut(&mut a.hidden[0]), B::view(&a.emb_drop));
         }
     }
 
     /// Accumulates parameter gradients given d(last_hidden_state) `[B, L, D]`;
     /// `ids` must be those of the preceding forward.
-    pub fn backward(&self, data: &[f32], grad: &mut [f32], a: &mut TextActs, ids: &[i64], dlast: &[f32]) {
-        let mut s = self.backward_begin(a, dlast);
-        let run = self.run(a, TextDropout::default(), None);
+    pub fn backward<B: Backend>(
+        &self,
+        be: &B,
+        data: B::View<'_>,
+        mut grad: B::ViewMut<'_>,
+        a: &mut TextActs<B>,
+        ids: &[i64],
+        dlast: B::View<'_>,
+    ) {
+        let mut s = self.backward_begin(be, a, dlast);
+        let run = self.run(be, a, TextDropout::default(), None);
         for li in (0..self.cfg.layers).rev() {
-            self.layers[li].backward(data, grad, &run, &a.hidden[li], &a.layers[li], &mut s);
+            self.layers[li].backward(data, B::reborrow(&mut grad), &run, B::view(&a.hidden[li]), &a.layers[li], &mut s);
         }
         a.scratch = s;
-        self.embeddings_backward(data, grad, a, ids, false);
+        self.embeddings_backward(be, data, grad, a, ids, false);
     }
 
     /// [`Self::backward`] with the optimiser step fused in: each layer's gradients go to the
@@ -653,55 +522,63 @@ impl TextTower {
     /// The position (/ token type) embeddings accumulate into `grad`, the word table's rows
     /// into `a.word_grad` (the dense table gradient is not touched); the caller updates
     /// them at the end.
-    pub fn backward_fused(&self, data: &mut [f32], grad: &mut [f32], a: &mut TextActs, ids: &[i64], dlast: &[f32], step: &mut FusedStep) {
-        let mut s = self.backward_begin(a, dlast);
-        let run = self.run(a, TextDropout::default(), None);
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_fused<B: Backend>(
+        &self,
+        be: &B,
+        data: &mut B::Buf,
+        grad: &mut B::Buf,
+        a: &mut TextActs<B>,
+        ids: &[i64],
+        dlast: B::View<'_>,
+        step: &mut FusedStep<B>,
+    ) {
+        let mut s = self.backward_begin(be, a, dlast);
+        let run = self.run(be, a, TextDropout::default(), None);
         for li in (0..self.cfg.layers).rev() {
-            let (layer, x, acts) = (&self.layers_local[li], &a.hidden[li], &a.layers[li]);
+            let (layer, x, acts) = (&self.layers_local[li], B::view(&a.hidden[li]), &a.layers[li]);
             step.block(data, self.layer_windows[li].clone(), |data, grad| layer.backward(data, grad, &run, x, acts, &mut s));
         }
         a.scratch = s;
-        self.embeddings_backward(data, grad, a, ids, true);
+        self.embeddings_backward(be, B::view(data), B::view_mut(grad), a, ids, true);
     }
 
     /// The scratch buffers, taken out of the arena, with d(last hidden state) in `d_x`.
-    fn backward_begin(&self, a: &mut TextActs, dlast: &[f32]) -> TextScratch {
+    fn backward_begin<B: Backend>(&self, be: &B, a: &mut TextActs<B>, dlast: B::View<'_>) -> TextScratch<B> {
         let n = a.shape().tokens() * self.cfg.dim;
         let mut s = std::mem::take(&mut a.scratch);
-        fit(&mut s.d_x, n);
-        s.d_x.copy_from_slice(&dlast[..n]);
+        be.fit(&mut s.d_x, n);
+        be.copy(B::slice(dlast, 0..n), B::view_mut(&mut s.d_x));
         s
     }
 
     /// Embedding dropout and LayerNorm, then the word / position (/ token type) lookups,
     /// from d(embedding output) in `a.scratch.d_x`. The word table's gradient goes to `grad`
     /// (dense) or, with `word_rows`, to `a.word_grad`.
-    fn embeddings_backward(&self, data: &[f32], grad: &mut [f32], a: &mut TextActs, ids: &[i64], word_rows: bool) {
+    #[rustfmt::skip]
+    fn embeddings_backward<B: Backend>(&self, be: &B, data: B::View<'_>, mut grad: B::ViewMut<'_>, a: &mut TextActs<B>, ids: &[i64], word_rows: bool) {
         let (len, d) = (a.len, self.cfg.dim);
         let n = a.shape().tokens();
         let s = &mut a.scratch;
         if a.drop_hidden {
-            mul_in_place(&mut s.d_x, &a.emb_drop);
+            be.mul_in_place(B::view_mut(&mut s.d_x), B::view(&a.emb_drop));
         }
-        let d_emb = zeroed(&mut s.d_res, n * d);
-        self.ln_emb.backward(data, grad, &a.emb, &a.emb_mean, &a.emb_rstd, &s.d_x, d_emb, Grads::Accumulate);
-        let d_emb = &s.d_res[..n * d];
+        let d_emb = zeroed(be, &mut s.d_res, n * d);
+        let (mean, rstd) = (B::view(&a.emb_mean), B::view(&a.emb_rstd));
+        self.ln_emb.backward(be, data, B::reborrow(&mut grad), B::view(&a.emb), mean, rstd, B::view(&s.d_x), d_emb, Grads::Accumulate);
+        let d_emb = B::slice(B::view(&s.d_res), 0..n * d);
         if word_rows {
-            a.word_grad.accumulate(ids, d_emb, d);
+            a.word_grad.accumulate(be, ids, PAD_TOKEN_ID, d_emb, d);
         } else {
-            let d_word = &mut grad[self.word.clone()];
-            embedding_backward(ids, d_emb, d, d_word);
+            let mut d_word = B::slice_mut(B::reborrow(&mut grad), self.word.clone());
+            be.embedding_backward(ids, d_emb, d, B::reborrow(&mut d_word));
             // Hugging Face builds the word table with padding_idx = pad_token_id (0): the [PAD]
             // row receives no gradient, however often it is looked up.
-            d_word[PAD_TOKEN_ID * d..(PAD_TOKEN_ID + 1) * d].iter_mut().for_each(|g| *g = 0.0);
+            be.fill_zero(B::slice_mut(d_word, PAD_TOKEN_ID * d..(PAD_TOKEN_ID + 1) * d));
         }
-        let d_pos = &mut grad[self.pos.clone()];
-        for row in d_emb.chunks_exact(len * d) {
-            add_in_place(&mut d_pos[..len * d], row);
-        }
+        be.sum_rows_into(B::slice_mut(B::reborrow(&mut grad), self.pos.start..self.pos.start + len * d), d_emb);
         if let Some(tt) = &self.token_type {
-            let d_type0 = &mut grad[tt.start..tt.start + d];
-            d_emb.chunks_exact(d).for_each(|r| add_in_place(d_type0, r));
+            be.sum_rows_into(B::slice_mut(grad, tt.start..tt.start + d), d_emb);
         }
     }
 }

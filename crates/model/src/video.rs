@@ -6,13 +6,12 @@
 //! `norm3` of each block and the final `norm` exist in checkpoints but are never applied.
 
 use crate::adamw::FusedStep;
+use crate::backend::{zeroed, Backend, Cpu, TokenDims};
 use crate::config::VideoConfig;
-use crate::layers::{add_in_place, block_window, fit, range, zeroed, Grads, LayerNorm, Linear};
+use crate::layers::{block_window, range, Grads, LayerNorm, Linear};
 use crate::mask::{additive_mask, PAD_SCORE};
 use crate::params::{Params, ParamsBuilder};
-use demovlp_kernels::activation::{gelu_backward_in_place, gelu_forward, gelu_forward_with_grad};
-use demovlp_kernels::attention::{attention_backward_rows, attention_forward, merge_heads, AttnShape, KeyPattern};
-use demovlp_kernels::dropout::mul_in_place;
+use demovlp_kernels::attention::{AttnShape, KeyPattern};
 use std::ops::Range;
 
 /// Declare the video tower's tensors in the published state_dict order.
@@ -86,76 +85,78 @@ struct Block {
 /// M = mlp_dim). The attention probabilities and context are not kept: the backward
 /// recomputes them from `qkv` (about 1 % of the block's arithmetic).
 #[derive(Clone, Debug, Default)]
-pub(crate) struct BlockActs {
+pub(crate) struct BlockActs<B: Backend = Cpu> {
     /// `[n]` each: norm1's row statistics.
-    ln1_mean: Vec<f32>,
-    ln1_rstd: Vec<f32>,
+    ln1_mean: B::Buf,
+    ln1_rstd: B::Buf,
     /// `[n, 3D]` the fused q | k | v projection of norm1's output.
-    qkv: Vec<f32>,
+    qkv: B::Buf,
     /// `[n, D]` x + proj(attention): the residual stream between the two branches.
-    attn_res: Vec<f32>,
+    attn_res: B::Buf,
     /// `[n]` each: norm2's row statistics.
-    ln2_mean: Vec<f32>,
-    ln2_rstd: Vec<f32>,
+    ln2_mean: B::Buf,
+    ln2_rstd: B::Buf,
     /// `[n, M]` fc1 output before GELU; empty in blocks that recompute it.
-    pub(crate) fc1_out: Vec<f32>,
+    pub(crate) fc1_out: B::Buf,
 }
 
 /// Buffers every block uses in turn (forward and backward scratch).
 #[derive(Clone, Debug, Default)]
-struct VideoScratch {
+struct VideoScratch<B: Backend> {
     /// `[n, D]` norm1 / norm2 output (recomputed in the backward).
-    ln_out: Vec<f32>,
+    ln_out: B::Buf,
     /// `[n]` each: statistics of a LayerNorm recomputed in the backward (not needed again).
-    ln_mean: Vec<f32>,
-    ln_rstd: Vec<f32>,
+    ln_mean: B::Buf,
+    ln_rstd: B::Buf,
     /// `[B·H·probs_per_head]` attention probabilities (compact per-frame layout).
-    probs: Vec<f32>,
+    probs: B::Buf,
     /// `[B, H, 1 + F·R, D/H]` head-major attention context, before the merge.
-    ctx_heads: Vec<f32>,
+    ctx_heads: B::Buf,
     /// `[n, D]` attention context, token rows.
-    ctx: Vec<f32>,
+    ctx: B::Buf,
     /// `[n, M]` GELU output; in the backward d(GELU output), then d(fc1 output) in place.
-    gelu_out: Vec<f32>,
+    gelu_out: B::Buf,
     /// `[n, max(M, 4D)]` fc1 output when the block does not keep it; in the backward GELU's
     /// derivative, then `[d(qkv) [n, 3D] | d(ctx) [n, D]]`.
-    mlp: Vec<f32>,
+    mlp: B::Buf,
     /// `[n, D]` d(block output) on entry to a block's backward, d(block input) on exit.
-    d_x: Vec<f32>,
+    d_x: B::Buf,
     /// `[n, D]` d(norm2 output), then d(norm1 output).
-    d_ln_out: Vec<f32>,
+    d_ln_out: B::Buf,
 }
 
 /// Activation arena of the video tower (reused across steps).
 #[derive(Clone, Debug, Default)]
-pub struct VideoActs {
+pub struct VideoActs<B: Backend = Cpu> {
     pub batch: usize,
     pub frames: usize,
     pub regions: usize,
     /// Additive key mask `[B, 1 + F·R]` (0 CLS / real, [`PAD_SCORE`] padded).
-    pub mask_add: Vec<f32>,
+    pub mask_add: B::Buf,
     /// Projected tokens `[B, 1 + F·R, P]`: token 0 global, the rest local.
-    pub out: Vec<f32>,
+    pub out: B::Buf,
     /// Blocks `0..recompute_mlp_blocks` keep no MLP hidden activations (4·D per token) and
     /// recompute them in the backward pass: about 0.75 % more arithmetic per block for
     /// 4·D floats less per token and block. The other blocks keep them.
     pub recompute_mlp_blocks: usize,
     /// `[B·F·R, D]` feature + box embeddings of the regions; in the backward, their gradient.
-    region_emb: Vec<f32>,
+    region_emb: B::Buf,
     /// `[B·F·R, D]` box embeddings (forward only).
-    box_emb: Vec<f32>,
+    box_emb: B::Buf,
     /// `[n, D]` residual stream: `hidden[0]` the assembled tokens, `hidden[depth]` the last
     /// block's output (inference: two buffers used in turn).
-    hidden: Vec<Vec<f32>>,
-    pub(crate) blocks: Vec<BlockActs>,
-    scratch: VideoScratch,
+    hidden: Vec<B::Buf>,
+    pub(crate) blocks: Vec<BlockActs<B>>,
+    scratch: VideoScratch<B>,
 }
 
-impl VideoActs {
+impl<B: Backend> VideoActs<B> {
     pub fn shape(&self) -> VideoShape {
         VideoShape { batch: self.batch, frames: self.frames, regions: self.regions }
     }
+}
 
+impl VideoActs<Cpu> {
     /// (address, capacity) of every arena buffer: lets tests prove steady-state steps reuse them.
     #[cfg(test)]
     pub(crate) fn buffers(&self) -> Vec<(usize, usize)> {
@@ -176,18 +177,25 @@ impl VideoActs {
 }
 
 /// What each block's pass takes from the tower.
-#[derive(Clone, Copy)]
-struct BlockRun<'a> {
+struct BlockRun<'a, B: Backend> {
+    be: &'a B,
     shape: VideoShape,
     dim: usize,
     mlp_dim: usize,
     attn: AttnShape,
     scale: f32,
     /// `[B, 1 + F·R]` additive key mask.
-    mask_add: &'a [f32],
+    mask_add: B::View<'a>,
     /// This block keeps its fc1 output (else the backward recomputes it).
     keep_fc1_out: bool,
 }
+
+impl<B: Backend> Clone for BlockRun<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B: Backend> Copy for BlockRun<'_, B> {}
 
 impl Block {
     fn rebased(&self, base: usize) -> Block {
@@ -202,97 +210,148 @@ impl Block {
     }
 
     /// attn_res = x + proj(attention(norm1(x))); out = attn_res + fc2(gelu(fc1(norm2(attn_res)))).
-    fn forward(&self, data: &[f32], run: &BlockRun, x: &[f32], out: &mut Vec<f32>, acts: &mut BlockActs, s: &mut VideoScratch) {
+    fn forward<B: Backend>(
+        &self,
+        data: B::View<'_>,
+        run: &BlockRun<B>,
+        x: B::View<'_>,
+        out: &mut B::Buf,
+        acts: &mut BlockActs<B>,
+        s: &mut VideoScratch<B>,
+    ) {
+        let be = run.be;
         let (n, d, mlp) = (run.shape.tokens(), run.dim, run.mlp_dim);
         let hd = run.attn.head_dim;
-        fit(&mut s.ln_out, n * d);
-        fit(&mut acts.ln1_mean, n);
-        fit(&mut acts.ln1_rstd, n);
-        self.norm1.forward(data, x, &mut s.ln_out, &mut acts.ln1_mean, &mut acts.ln1_rstd);
-        fit(&mut acts.qkv, n * 3 * d);
-        self.qkv.forward(data, &s.ln_out, d, n, &mut acts.qkv);
-        fit(&mut s.probs, run.attn.probs_len());
-        fit(&mut s.ctx_heads, n * d);
-        let qkv = &acts.qkv;
-        attention_forward(&run.attn, run.scale, qkv, &qkv[d..], &qkv[2 * d..], 3 * d, run.mask_add, None, &mut s.probs, &mut s.ctx_heads);
-        fit(&mut s.ctx, n * d);
-        merge_heads(&s.ctx_heads, &mut s.ctx, d, 0, run.shape.batch, run.attn.heads, run.shape.seq(), hd);
-        fit(&mut acts.attn_res, n * d);
-        self.proj.forward(data, &s.ctx, d, n, &mut acts.attn_res);
-        add_in_place(&mut acts.attn_res, x);
+        be.fit(&mut s.ln_out, n * d);
+        be.fit(&mut acts.ln1_mean, n);
+        be.fit(&mut acts.ln1_rstd, n);
+        self.norm1.forward(be, data, x, B::view_mut(&mut s.ln_out), B::view_mut(&mut acts.ln1_mean), B::view_mut(&mut acts.ln1_rstd));
+        be.fit(&mut acts.qkv, n * 3 * d);
+        self.qkv.forward(be, data, B::view(&s.ln_out), d, n, B::view_mut(&mut acts.qkv));
+        be.fit(&mut s.probs, run.attn.probs_len());
+        be.fit(&mut s.ctx_heads, n * d);
+        let qkv = B::view(&acts.qkv);
+        let (q, k, v) = (qkv, B::slice(qkv, d..3 * n * d), B::slice(qkv, 2 * d..3 * n * d));
+        be.attention_forward(
+            &run.attn,
+            run.scale,
+            q,
+            k,
+            v,
+            3 * d,
+            run.mask_add,
+            None,
+            B::view_mut(&mut s.probs),
+            B::view_mut(&mut s.ctx_heads),
+        );
+        be.fit(&mut s.ctx, n * d);
+        be.merge_heads(B::view(&s.ctx_heads), B::view_mut(&mut s.ctx), d, run.shape.batch, run.attn.heads, run.shape.seq(), hd);
+        be.fit(&mut acts.attn_res, n * d);
+        self.proj.forward(be, data, B::view(&s.ctx), d, n, B::view_mut(&mut acts.attn_res));
+        be.add_in_place(B::view_mut(&mut acts.attn_res), x);
         // MLP branch.
-        fit(&mut acts.ln2_mean, n);
-        fit(&mut acts.ln2_rstd, n);
-        self.norm2.forward(data, &acts.attn_res, &mut s.ln_out, &mut acts.ln2_mean, &mut acts.ln2_rstd);
+        be.fit(&mut acts.ln2_mean, n);
+        be.fit(&mut acts.ln2_rstd, n);
+        #[rustfmt::skip]
+        self.norm2.forward(be, data, B::view(&acts.attn_res), B::view_mut(&mut s.ln_out), B::view_mut(&mut acts.ln2_mean), B::view_mut(&mut acts.ln2_rstd));
         let fc1_out = if run.keep_fc1_out { &mut acts.fc1_out } else { &mut s.mlp };
-        fit(fc1_out, n * mlp);
-        self.fc1.forward(data, &s.ln_out, d, n, fc1_out);
-        fit(&mut s.gelu_out, n * mlp);
-        gelu_forward(fc1_out, &mut s.gelu_out);
-        fit(out, n * d);
-        self.fc2.forward(data, &s.gelu_out, mlp, n, out);
-        add_in_place(out, &acts.attn_res);
+        be.fit(fc1_out, n * mlp);
+        self.fc1.forward(be, data, B::view(&s.ln_out), d, n, B::view_mut(fc1_out));
+        be.fit(&mut s.gelu_out, n * mlp);
+        be.gelu_forward(B::view(fc1_out), B::view_mut(&mut s.gelu_out));
+        be.fit(out, n * d);
+        self.fc2.forward(be, data, B::view(&s.gelu_out), mlp, n, B::view_mut(out));
+        be.add_in_place(B::view_mut(out), B::view(&acts.attn_res));
     }
 
     /// Given d(block output) in `s.d_x`, writes this block's parameter gradients
     /// (overwritten) and leaves d(`x`) in `s.d_x`. `self` indexes `data` / `grad`, which may
     /// be the whole buffers or this block's window of them.
-    fn backward(&self, data: &[f32], grad: &mut [f32], run: &BlockRun, x: &[f32], acts: &BlockActs, s: &mut VideoScratch) {
+    fn backward<B: Backend>(
+        &self,
+        data: B::View<'_>,
+        mut grad: B::ViewMut<'_>,
+        run: &BlockRun<B>,
+        x: B::View<'_>,
+        acts: &BlockActs<B>,
+        s: &mut VideoScratch<B>,
+    ) {
+        let be = run.be;
         let (n, d, mlp) = (run.shape.tokens(), run.dim, run.mlp_dim);
         let hd = run.attn.head_dim;
+        let g = &mut grad;
         // MLP branch (norm2 output and GELU, optionally fc1, recomputed).
-        fit(&mut s.ln_out, n * d);
-        fit(&mut s.ln_mean, n);
-        fit(&mut s.ln_rstd, n);
-        self.norm2.forward(data, &acts.attn_res, &mut s.ln_out, &mut s.ln_mean, &mut s.ln_rstd);
+        be.fit(&mut s.ln_out, n * d);
+        be.fit(&mut s.ln_mean, n);
+        be.fit(&mut s.ln_rstd, n);
+        #[rustfmt::skip]
+        self.norm2.forward(be, data, B::view(&acts.attn_res), B::view_mut(&mut s.ln_out), B::view_mut(&mut s.ln_mean), B::view_mut(&mut s.ln_rstd));
         let recompute = !run.keep_fc1_out;
         if recompute {
-            fit(&mut s.mlp, n * mlp);
-            self.fc1.forward(data, &s.ln_out, d, n, &mut s.mlp);
+            be.fit(&mut s.mlp, n * mlp);
+            self.fc1.forward(be, data, B::view(&s.ln_out), d, n, B::view_mut(&mut s.mlp));
         }
-        fit(&mut s.gelu_out, n * mlp);
+        be.fit(&mut s.gelu_out, n * mlp);
         // fc2's weight gradient first; then gelu_out is dead and its buffer takes
         // d(gelu_out), which becomes d(fc1_out) in place: one MLP-wide scratch buffer instead
         // of three. With fc1_out kept, `mlp` is free until the attention part: GELU's output
         // and derivative then come from one pass (one erf per element, not two).
         if recompute {
-            gelu_forward(&s.mlp, &mut s.gelu_out);
+            be.gelu_forward(B::view(&s.mlp), B::view_mut(&mut s.gelu_out));
         } else {
-            fit(&mut s.mlp, n * mlp);
-            gelu_forward_with_grad(&acts.fc1_out, &mut s.gelu_out, &mut s.mlp);
+            be.fit(&mut s.mlp, n * mlp);
+            be.gelu_forward_with_grad(B::view(&acts.fc1_out), B::view_mut(&mut s.gelu_out), B::view_mut(&mut s.mlp));
         }
-        self.fc2.backward(data, grad, &s.gelu_out, mlp, n, &s.d_x, None, Grads::Overwrite);
-        self.fc2.backward_input(data, &s.d_x, n, &mut s.gelu_out);
+        let d_x = B::view(&s.d_x);
+        self.fc2.backward(be, data, B::reborrow(g), B::view(&s.gelu_out), mlp, n, d_x, None, Grads::Overwrite);
+        self.fc2.backward_input(be, data, d_x, n, B::view_mut(&mut s.gelu_out));
         if recompute {
-            gelu_backward_in_place(&s.mlp, &mut s.gelu_out);
+            be.gelu_backward_in_place(B::view(&s.mlp), B::view_mut(&mut s.gelu_out));
         } else {
-            mul_in_place(&mut s.gelu_out, &s.mlp);
+            be.mul_in_place(B::view_mut(&mut s.gelu_out), B::view(&s.mlp));
         }
-        self.fc1.backward(data, grad, &s.ln_out, d, n, &s.gelu_out, None, Grads::Overwrite);
-        fit(&mut s.d_ln_out, n * d);
-        self.fc1.backward_input(data, &s.gelu_out, n, &mut s.d_ln_out);
+        self.fc1.backward(be, data, B::reborrow(g), B::view(&s.ln_out), d, n, B::view(&s.gelu_out), None, Grads::Overwrite);
+        be.fit(&mut s.d_ln_out, n * d);
+        self.fc1.backward_input(be, data, B::view(&s.gelu_out), n, B::view_mut(&mut s.d_ln_out));
         // d_x (the residual stream's gradient) gains the norm2 branch.
-        self.norm2.backward(data, grad, &acts.attn_res, &acts.ln2_mean, &acts.ln2_rstd, &s.d_ln_out, &mut s.d_x, Grads::Overwrite);
+        let (mean, rstd) = (B::view(&acts.ln2_mean), B::view(&acts.ln2_rstd));
+        #[rustfmt::skip]
+        self.norm2.backward(be, data, B::reborrow(g), B::view(&acts.attn_res), mean, rstd, B::view(&s.d_ln_out), B::view_mut(&mut s.d_x), Grads::Overwrite);
         // Attention branch (probabilities, context and norm1 output recomputed). Its
         // scratch lives in the MLP-wide `mlp`, free until the next block: [d(qkv) | d(ctx)].
-        let qkv = &acts.qkv;
-        fit(&mut s.probs, run.attn.probs_len());
-        fit(&mut s.ctx_heads, n * d);
-        attention_forward(&run.attn, run.scale, qkv, &qkv[d..], &qkv[2 * d..], 3 * d, run.mask_add, None, &mut s.probs, &mut s.ctx_heads);
-        fit(&mut s.ctx, n * d);
-        merge_heads(&s.ctx_heads, &mut s.ctx, d, 0, run.shape.batch, run.attn.heads, run.shape.seq(), hd);
-        fit(&mut s.mlp, (n * mlp).max(4 * n * d));
-        let (d_qkv, d_ctx) = s.mlp.split_at_mut(3 * n * d);
-        let d_ctx = &mut d_ctx[..n * d];
-        self.proj.backward(data, grad, &s.ctx, d, n, &s.d_x, None, Grads::Overwrite);
-        self.proj.backward_input(data, &s.d_x, n, d_ctx);
+        let qkv = B::view(&acts.qkv);
+        let (q, k, v) = (qkv, B::slice(qkv, d..3 * n * d), B::slice(qkv, 2 * d..3 * n * d));
+        be.fit(&mut s.probs, run.attn.probs_len());
+        be.fit(&mut s.ctx_heads, n * d);
+        be.attention_forward(
+            &run.attn,
+            run.scale,
+            q,
+            k,
+            v,
+            3 * d,
+            run.mask_add,
+            None,
+            B::view_mut(&mut s.probs),
+            B::view_mut(&mut s.ctx_heads),
+        );
+        be.fit(&mut s.ctx, n * d);
+        be.merge_heads(B::view(&s.ctx_heads), B::view_mut(&mut s.ctx), d, run.shape.batch, run.attn.heads, run.shape.seq(), hd);
+        be.fit(&mut s.mlp, (n * mlp).max(4 * n * d));
+        let (mut d_qkv, d_ctx) = B::split_at_mut(B::view_mut(&mut s.mlp), 3 * n * d);
+        let mut d_ctx = B::slice_mut(d_ctx, 0..n * d);
+        let d_x = B::view(&s.d_x);
+        self.proj.backward(be, data, B::reborrow(g), B::view(&s.ctx), d, n, d_x, None, Grads::Overwrite);
+        self.proj.backward_input(be, data, d_x, n, B::reborrow(&mut d_ctx));
         // d(ctx) read and dq, dk, dv written as token rows: no head-major copies, no zeroing.
-        #[rustfmt::skip]
-        attention_backward_rows(&run.attn, run.scale, qkv, &qkv[d..], &qkv[2 * d..], 3 * d, &s.probs, None, d_ctx, d, d_qkv, 3 * d);
-        self.norm1.forward(data, x, &mut s.ln_out, &mut s.ln_mean, &mut s.ln_rstd);
-        self.qkv.backward(data, grad, &s.ln_out, d, n, d_qkv, None, Grads::Overwrite);
-        self.qkv.backward_input(data, d_qkv, n, &mut s.d_ln_out);
-        self.norm1.backward(data, grad, x, &acts.ln1_mean, &acts.ln1_rstd, &s.d_ln_out, &mut s.d_x, Grads::Overwrite);
+        let probs = B::view(&s.probs);
+        be.attention_backward_rows(&run.attn, run.scale, qkv, 3 * d, probs, None, B::as_view(&d_ctx), d, B::reborrow(&mut d_qkv), 3 * d);
+        self.norm1.forward(be, data, x, B::view_mut(&mut s.ln_out), B::view_mut(&mut s.ln_mean), B::view_mut(&mut s.ln_rstd));
+        let d_qkv = B::as_view(&d_qkv);
+        self.qkv.backward(be, data, B::reborrow(g), B::view(&s.ln_out), d, n, d_qkv, None, Grads::Overwrite);
+        self.qkv.backward_input(be, data, d_qkv, n, B::view_mut(&mut s.d_ln_out));
+        let (mean, rstd) = (B::view(&acts.ln1_mean), B::view(&acts.ln1_rstd));
+        self.norm1.backward(be, data, B::reborrow(g), x, mean, rstd, B::view(&s.d_ln_out), B::view_mut(&mut s.d_x), Grads::Overwrite);
     }
 }
 
@@ -314,7 +373,7 @@ pub struct VideoTower {
 }
 
 impl VideoTower {
-    pub fn new(p: &Params, c: &VideoConfig, proj_dim: usize) -> Self {
+    pub fn new<B: Backend>(p: &Params<B>, c: &VideoConfig, proj_dim: usize) -> Self {
         let (d, m) = (c.dim, c.mlp_dim);
         let blocks = (0..c.depth)
             .map(|i| {
@@ -350,10 +409,11 @@ impl VideoTower {
         &self.block_windows
     }
 
-    /// The per-block context of a pass over `shape` (block `li`: does it keep fc1's output?).
-    fn run<'a>(&self, shape: VideoShape, mask_add: &'a [f32]) -> BlockRun<'a> {
+    /// The per-block context of a pass over `shape`.
+    fn run<'a, B: Backend>(&self, be: &'a B, shape: VideoShape, mask_add: B::View<'a>) -> BlockRun<'a, B> {
         let head_dim = self.cfg.dim / self.cfg.heads;
         BlockRun {
+            be,
             shape,
             dim: self.cfg.dim,
             mlp_dim: self.cfg.mlp_dim,
@@ -370,37 +430,57 @@ impl VideoTower {
         }
     }
 
-    /// `object` `[B, F, R, feature_dim + box_dim]`, `object_mask` `[B, F, R]` (1 real / 0 pad).
-    /// Fills `a.out` and `a.mask_add`, keeping every block's activations for [`Self::backward`].
-    pub fn forward(&self, data: &[f32], a: &mut VideoActs, object: &[f32], object_mask: &[f32], shape: VideoShape) {
-        self.forward_impl(data, a, object, object_mask, shape, true);
+    /// `object` `[B, F, R, feature_dim + box_dim]`, `object_mask` `[B, F, R]` (1 real / 0 pad,
+    /// on the host). Fills `a.out` and `a.mask_add`, keeping every block's activations for
+    /// [`Self::backward`].
+    pub fn forward<B: Backend>(
+        &self,
+        be: &B,
+        data: B::View<'_>,
+        a: &mut VideoActs<B>,
+        object: B::View<'_>,
+        object_mask: &[f32],
+        shape: VideoShape,
+    ) {
+        self.forward_impl(be, data, a, object, object_mask, shape, true);
     }
 
     /// [`Self::forward`] for inference: every block reuses one set of activation buffers
     /// (two for the residual stream), so memory does not grow with depth. Identical outputs;
     /// no backward pass may follow.
-    pub fn forward_inference(&self, data: &[f32], a: &mut VideoActs, object: &[f32], object_mask: &[f32], shape: VideoShape) {
-        self.forward_impl(data, a, object, object_mask, shape, false);
+    #[rustfmt::skip]
+    pub fn forward_inference<B: Backend>(&self, be: &B, data: B::View<'_>, a: &mut VideoActs<B>, object: B::View<'_>, object_mask: &[f32], shape: VideoShape) {
+        self.forward_impl(be, data, a, object, object_mask, shape, false);
     }
 
-    fn forward_impl(&self, data: &[f32], a: &mut VideoActs, object: &[f32], object_mask: &[f32], shape: VideoShape, keep: bool) {
+    #[allow(clippy::too_many_arguments)]
+    fn forward_impl<B: Backend>(
+        &self,
+        be: &B,
+        data: B::View<'_>,
+        a: &mut VideoActs<B>,
+        object: B::View<'_>,
+        object_mask: &[f32],
+        shape: VideoShape,
+        keep: bool,
+    ) {
         let c = &self.cfg;
         let VideoShape { batch: b, frames: f, regions: r } = shape;
         let row = c.feature_dim + c.box_dim;
         assert!(c.dim.is_multiple_of(c.heads), "video dim {} not divisible by {} heads", c.dim, c.heads);
         assert!(f >= 1 && r >= 1, "video input needs at least one frame and one region");
         assert!(f <= c.max_frames, "{f} frames but temporal_embed has {} rows", c.max_frames);
-        assert_eq!(object.len(), b * f * r * row, "object must be [B={b}, F={f}, R={r}, {row}]");
+        assert_eq!(B::view_len(object), b * f * r * row, "object must be [B={b}, F={f}, R={r}, {row}]");
         assert_eq!(object_mask.len(), b * f * r, "object_mask must be [B={b}, F={f}, R={r}]");
         (a.batch, a.frames, a.regions) = (b, f, r);
         // Kept: one residual-stream buffer per block boundary and one activation set per
         // block. Inference: two and one, used in turn.
-        a.hidden.resize_with(if keep { c.depth + 1 } else { a.hidden.len().max(2) }, Vec::new);
+        a.hidden.resize_with(if keep { c.depth + 1 } else { a.hidden.len().max(2) }, Default::default);
         a.blocks.resize_with(if keep { c.depth } else { a.blocks.len().max(1) }, Default::default);
-        self.tokens_forward(data, a, object, object_mask);
+        self.tokens_forward(be, data, a, object, object_mask);
         let (mut hidden, mut blocks, mut s) =
             (std::mem::take(&mut a.hidden), std::mem::take(&mut a.blocks), std::mem::take(&mut a.scratch));
-        let run = self.run(shape, &a.mask_add);
+        let run = self.run(be, shape, B::view(&a.mask_add));
         for (li, blk) in self.blocks.iter().enumerate() {
             let (xi, oi, bi) = if keep { (li, li + 1, li) } else { (li % 2, (li + 1) % 2, 0) };
             let (x, out) = if xi < oi {
@@ -412,122 +492,128 @@ impl VideoTower {
             };
             let keep_fc1_out = keep && li >= a.recompute_mlp_blocks;
             if keep && !keep_fc1_out {
-                blocks[bi].fc1_out = Vec::new();
+                blocks[bi].fc1_out = B::Buf::default();
             }
-            blk.forward(data, &BlockRun { keep_fc1_out, ..run }, x, out, &mut blocks[bi], &mut s);
+            blk.forward(data, &BlockRun { keep_fc1_out, ..run }, B::view(x), out, &mut blocks[bi], &mut s);
         }
-        fit(&mut a.out, shape.tokens() * self.proj.dout);
-        self.proj.forward(data, &hidden[if keep { c.depth } else { c.depth % 2 }], c.dim, shape.tokens(), &mut a.out);
+        be.fit(&mut a.out, shape.tokens() * self.proj.dout);
+        let last = B::view(&hidden[if keep { c.depth } else { c.depth % 2 }]);
+        self.proj.forward(be, data, last, c.dim, shape.tokens(), B::view_mut(&mut a.out));
         (a.hidden, a.blocks, a.scratch) = (hidden, blocks, s);
+    }
+
+    fn token_dims(&self, shape: VideoShape) -> TokenDims {
+        TokenDims { batch: shape.batch, frames: shape.frames, regions: shape.regions, dim: self.cfg.dim }
     }
 
     /// Region tokens (feature and box projections summed), the sequence [CLS, regions…] with
     /// CLS and temporal positions in `a.hidden[0]`, and the additive key mask.
-    fn tokens_forward(&self, data: &[f32], a: &mut VideoActs, object: &[f32], object_mask: &[f32]) {
+    fn tokens_forward<B: Backend>(&self, be: &B, data: B::View<'_>, a: &mut VideoActs<B>, object: B::View<'_>, object_mask: &[f32]) {
         let c = &self.cfg;
         let shape = a.shape();
-        let (b, r, d) = (shape.batch, shape.regions, c.dim);
+        let (b, d) = (shape.batch, c.dim);
         let (nr, seq) = (shape.region_tokens(), shape.seq());
         let row = c.feature_dim + c.box_dim;
-        fit(&mut a.region_emb, b * nr * d);
-        self.object_embedding.forward(data, object, row, b * nr, &mut a.region_emb);
-        fit(&mut a.box_emb, b * nr * d);
-        self.pos_embedding.forward(data, &object[c.feature_dim..], row, b * nr, &mut a.box_emb);
-        add_in_place(&mut a.region_emb, &a.box_emb);
-        let x0 = &mut a.hidden[0];
-        fit(x0, shape.tokens() * d);
-        let cls = &data[self.cls.clone()];
-        let pos0 = &data[self.pos_embed.start..self.pos_embed.start + d];
-        let temporal = &data[self.temporal.clone()];
-        for bi in 0..b {
-            let xb = &mut x0[bi * seq * d..(bi + 1) * seq * d];
-            for i in 0..d {
-                xb[i] = cls[i] + pos0[i];
-            }
-            for j in 0..nr {
-                let tf = &temporal[(j / r) * d..(j / r + 1) * d];
-                let src = &a.region_emb[(bi * nr + j) * d..(bi * nr + j + 1) * d];
-                let dst = &mut xb[(1 + j) * d..(2 + j) * d];
-                for i in 0..d {
-                    dst[i] = src[i] + tf[i];
+        let len = B::view_len(object);
+        be.fit(&mut a.region_emb, b * nr * d);
+        self.object_embedding.forward(be, data, object, row, b * nr, B::view_mut(&mut a.region_emb));
+        be.fit(&mut a.box_emb, b * nr * d);
+        self.pos_embedding.forward(be, data, B::slice(object, c.feature_dim..len), row, b * nr, B::view_mut(&mut a.box_emb));
+        be.add_in_place(B::view_mut(&mut a.region_emb), B::view(&a.box_emb));
+        be.fit(&mut a.hidden[0], shape.tokens() * d);
+        let (cls, pos0, temporal) = (
+            B::slice(data, self.cls.clone()),
+            B::slice(data, self.pos_embed.start..self.pos_embed.start + d),
+            B::slice(data, self.temporal.clone()),
+        );
+        be.video_tokens_forward(self.token_dims(shape), cls, pos0, temporal, B::view(&a.region_emb), B::view_mut(&mut a.hidden[0]));
+        be.write_host(&mut a.mask_add, shape.tokens(), |mask_add| {
+            for bi in 0..b {
+                mask_add[bi * seq] = 0.0;
+                for j in 0..nr {
+                    mask_add[bi * seq + 1 + j] = additive_mask(object_mask[bi * nr + j], PAD_SCORE);
                 }
             }
-        }
-        fit(&mut a.mask_add, shape.tokens());
-        for bi in 0..b {
-            a.mask_add[bi * seq] = 0.0;
-            for j in 0..nr {
-                a.mask_add[bi * seq + 1 + j] = additive_mask(object_mask[bi * nr + j], PAD_SCORE);
-            }
-        }
+        });
     }
 
     /// Accumulates parameter gradients given d(out) `[B, 1 + F·R, P]`; `object` must be the
     /// preceding forward's input.
-    pub fn backward(&self, data: &[f32], grad: &mut [f32], a: &mut VideoActs, object: &[f32], dout: &[f32]) {
-        let mut s = self.head_backward(data, grad, a, dout);
+    pub fn backward<B: Backend>(
+        &self,
+        be: &B,
+        data: B::View<'_>,
+        mut grad: B::ViewMut<'_>,
+        a: &mut VideoActs<B>,
+        object: B::View<'_>,
+        dout: B::View<'_>,
+    ) {
+        let mut s = self.head_backward(be, data, B::reborrow(&mut grad), a, dout);
         for li in (0..self.cfg.depth).rev() {
-            let run = BlockRun { keep_fc1_out: li >= a.recompute_mlp_blocks, ..self.run(a.shape(), &a.mask_add) };
-            self.blocks[li].backward(data, grad, &run, &a.hidden[li], &a.blocks[li], &mut s);
+            let run = BlockRun { keep_fc1_out: li >= a.recompute_mlp_blocks, ..self.run(be, a.shape(), B::view(&a.mask_add)) };
+            self.blocks[li].backward(data, B::reborrow(&mut grad), &run, B::view(&a.hidden[li]), &a.blocks[li], &mut s);
         }
         a.scratch = s;
-        self.tokens_backward(data, grad, a, object);
+        self.tokens_backward(be, data, grad, a, object);
     }
 
     /// [`Self::backward`] with the optimiser step fused in: each block's gradients go to the
     /// step's block-sized scratch buffer and its AdamW update is applied as soon as they are
     /// final (no later block reads its weights). Tensors outside the blocks accumulate into
     /// `grad` as usual; the caller updates them at the end.
-    pub fn backward_fused(
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_fused<B: Backend>(
         &self,
-        data: &mut [f32],
-        grad: &mut [f32],
-        a: &mut VideoActs,
-        object: &[f32],
-        dout: &[f32],
-        step: &mut FusedStep,
+        be: &B,
+        data: &mut B::Buf,
+        grad: &mut B::Buf,
+        a: &mut VideoActs<B>,
+        object: B::View<'_>,
+        dout: B::View<'_>,
+        step: &mut FusedStep<B>,
     ) {
-        let mut s = self.head_backward(data, grad, a, dout);
+        let mut s = self.head_backward(be, B::view(data), B::view_mut(grad), a, dout);
         for li in (0..self.cfg.depth).rev() {
-            let run = BlockRun { keep_fc1_out: li >= a.recompute_mlp_blocks, ..self.run(a.shape(), &a.mask_add) };
-            let (blk, x, acts) = (&self.blocks_local[li], &a.hidden[li], &a.blocks[li]);
+            let run = BlockRun { keep_fc1_out: li >= a.recompute_mlp_blocks, ..self.run(be, a.shape(), B::view(&a.mask_add)) };
+            let (blk, x, acts) = (&self.blocks_local[li], B::view(&a.hidden[li]), &a.blocks[li]);
             step.block(data, self.block_windows[li].clone(), |data, grad| blk.backward(data, grad, &run, x, acts, &mut s));
         }
         a.scratch = s;
-        self.tokens_backward(data, grad, a, object);
+        self.tokens_backward(be, B::view(data), B::view_mut(grad), a, object);
     }
 
     /// Output projection: returns the scratch buffers, taken out of the arena, with
     /// d(last residual stream) in `d_x`.
-    fn head_backward(&self, data: &[f32], grad: &mut [f32], a: &mut VideoActs, dout: &[f32]) -> VideoScratch {
+    fn head_backward<B: Backend>(
+        &self,
+        be: &B,
+        data: B::View<'_>,
+        grad: B::ViewMut<'_>,
+        a: &mut VideoActs<B>,
+        dout: B::View<'_>,
+    ) -> VideoScratch<B> {
         let (n, d) = (a.shape().tokens(), self.cfg.dim);
         let mut s = std::mem::take(&mut a.scratch);
-        let d_x = zeroed(&mut s.d_x, n * d);
-        self.proj.backward(data, grad, &a.hidden[self.cfg.depth], d, n, dout, Some(d_x), Grads::Accumulate);
+        let d_x = zeroed(be, &mut s.d_x, n * d);
+        self.proj.backward(be, data, grad, B::view(&a.hidden[self.cfg.depth]), d, n, dout, Some(d_x), Grads::Accumulate);
         s
     }
 
     /// Token assembly (CLS + custom_pos_embed[0], regions + temporal_embed[f]) and the two
     /// region embeddings, from d(first residual stream) in `a.scratch.d_x`.
-    fn tokens_backward(&self, data: &[f32], grad: &mut [f32], a: &mut VideoActs, object: &[f32]) {
+    fn tokens_backward<B: Backend>(&self, be: &B, data: B::View<'_>, mut grad: B::ViewMut<'_>, a: &mut VideoActs<B>, object: B::View<'_>) {
         let c = &self.cfg;
         let shape = a.shape();
-        let (b, r, d) = (shape.batch, shape.regions, c.dim);
-        let (nr, seq) = (shape.region_tokens(), shape.seq());
+        let (b, d) = (shape.batch, c.dim);
+        let nr = shape.region_tokens();
         let row = c.feature_dim + c.box_dim;
-        let d_region = zeroed(&mut a.region_emb, b * nr * d);
-        for bi in 0..b {
-            let xb = &a.scratch.d_x[bi * seq * d..(bi + 1) * seq * d];
-            add_in_place(&mut grad[self.cls.clone()], &xb[..d]);
-            add_in_place(&mut grad[self.pos_embed.start..self.pos_embed.start + d], &xb[..d]);
-            for j in 0..nr {
-                let src = &xb[(1 + j) * d..(2 + j) * d];
-                let t = self.temporal.start + (j / r) * d;
-                add_in_place(&mut grad[t..t + d], src);
-                d_region[(bi * nr + j) * d..(bi * nr + j + 1) * d].copy_from_slice(src);
-            }
-        }
-        self.object_embedding.backward(data, grad, object, row, b * nr, &a.region_emb, None, Grads::Accumulate);
-        self.pos_embedding.backward(data, grad, &object[c.feature_dim..], row, b * nr, &a.region_emb, None, Grads::Accumulate);
+        let d_region = zeroed(be, &mut a.region_emb, b * nr * d);
+        let pos0 = self.pos_embed.start..self.pos_embed.start + d;
+        #[rustfmt::skip]
+        be.video_tokens_backward(self.token_dims(shape), B::view(&a.scratch.d_x), B::reborrow(&mut grad), self.cls.clone(), pos0, self.temporal.clone(), d_region);
+        let d_region = B::view(&a.region_emb);
+        self.object_embedding.backward(be, data, B::reborrow(&mut grad), object, row, b * nr, d_region, None, Grads::Accumulate);
+        let boxes = B::slice(object, c.feature_dim..B::view_len(object));
+        self.pos_embedding.backward(be, data, grad, boxes, row, b * nr, d_region, None, Grads::Accumulate);
     }
 }
