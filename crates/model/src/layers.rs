@@ -33,7 +33,7 @@ impl Linear {
         Linear { w, b, din, dout }
     }
 
-    /// y[n,out] = x[n,in]·Wᵀ + b with x rows `ldx` apart.
+    /// `y[n, out] = x[n, in]·Wᵀ + b` with x rows `ldx` apart.
     pub fn forward<B: Backend>(&self, be: &B, data: B::View<'_>, x: B::View<'_>, ldx: usize, n: usize, y: B::ViewMut<'_>) {
         let b = self.b.as_ref().map(|r| B::slice(data, r.clone()));
         be.linear_forward(x, ldx, B::slice(data, self.w.clone()), b, y, n, self.din, self.dout);

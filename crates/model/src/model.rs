@@ -14,7 +14,7 @@ use crate::layers::{Grads, Linear};
 use crate::mask::{additive_mask, PAD_SCORE};
 use crate::params::{Params, ParamsBuilder};
 use crate::text::{self, TextActs, TextDropout, TextInput, TextShape, TextTower};
-use crate::video::{self, VideoActs, VideoShape, VideoTower};
+use crate::video::{self, VideoActs, VideoInput, VideoShape, VideoTower};
 use demovlp_kernels::Rng;
 use demovlp_retrieval::{LossConfig, LossOutputs};
 use std::ops::Range;
@@ -338,8 +338,8 @@ impl<B: Backend> Model<B> {
     fn forward_video(&mut self, object: &[f32], mask: &[f32], b: usize, f: usize, r: usize) {
         let be = &self.backend;
         let object = be.input(object, &mut self.staging.object);
-        let shape = VideoShape { batch: b, frames: f, regions: r };
-        self.video.forward(be, B::view(&self.params.data), &mut self.arena.video, object, mask, shape);
+        let input = VideoInput { object, mask, shape: VideoShape { batch: b, frames: f, regions: r } };
+        self.video.forward(be, B::view(&self.params.data), &mut self.arena.video, input);
     }
 
     /// Accumulates into `params.grad` the gradient of Σ d_text·text_tokens + Σ d_video·video_tokens
@@ -352,7 +352,9 @@ impl<B: Backend> Model<B> {
     /// Text half of [`Model::backward_tokens`]: `d_text` `[B, L, P]`, `input_ids` of the forward.
     pub fn backward_text_tokens(&mut self, input_ids: &[i64], d_text: &[f32]) {
         let d_text = self.backend.input(d_text, &mut self.staging.d_text);
-        Self::text_backward(&self.backend, &self.text, &self.txt_proj, &self.config, &mut self.params, &mut self.arena, input_ids, d_text);
+        let (be, a, params) = (&self.backend, &mut *self.arena, &mut self.params);
+        Self::text_head_backward(be, &self.txt_proj, &self.config, params, a, d_text);
+        self.text.backward(be, B::view(&params.data), B::view_mut(&mut params.grad), &mut a.text, input_ids, B::view(&a.d_hidden));
     }
 
     /// Video half of [`Model::backward_tokens`]: `d_video` `[B, 1+F·R, P]`, `object` of the forward.
@@ -362,23 +364,6 @@ impl<B: Backend> Model<B> {
         let a = &mut self.arena.video;
         assert_eq!(B::view_len(d_video), B::buf_len(&a.out), "d_video must be [B, 1+F·R, P]");
         self.video.backward(be, B::view(&self.params.data), B::view_mut(&mut self.params.grad), a, object, d_video);
-    }
-
-    /// The text head backward (`txt_proj`, then the ReLU) from d(text tokens) `[B, L, P]`,
-    /// then the tower's into `params.grad`.
-    #[allow(clippy::too_many_arguments)]
-    fn text_backward(
-        be: &B,
-        text: &TextTower,
-        txt_proj: &Linear,
-        config: &ModelConfig,
-        params: &mut Params<B>,
-        a: &mut Arena<B>,
-        ids: &[i64],
-        d_text: B::View<'_>,
-    ) {
-        Self::text_head_backward(be, txt_proj, config, params, a, d_text);
-        text.backward(be, B::view(&params.data), B::view_mut(&mut params.grad), &mut a.text, ids, B::view(&a.d_hidden));
     }
 
     /// `txt_proj`'s gradients and d(last hidden state) in `a.d_hidden`, from d(text tokens).
@@ -445,7 +430,9 @@ impl<B: Backend> Model<B> {
         let be = &self.backend;
         let a = &mut *self.arena;
         let (dt, dv) = (std::mem::take(&mut a.d_text_out), std::mem::take(&mut a.d_video_out));
-        Self::text_backward(be, &self.text, &self.txt_proj, &self.config, &mut self.params, a, batch.input_ids, B::view(&dt));
+        let params = &mut self.params;
+        Self::text_head_backward(be, &self.txt_proj, &self.config, params, a, B::view(&dt));
+        self.text.backward(be, B::view(&params.data), B::view_mut(&mut params.grad), &mut a.text, batch.input_ids, B::view(&a.d_hidden));
         let t_text_bwd = clock.elapsed().as_secs_f64();
         let object = be.input(batch.object, &mut self.staging.object);
         let (data, grad) = (B::view(&self.params.data), B::view_mut(&mut self.params.grad));
@@ -485,10 +472,10 @@ impl<B: Backend> Model<B> {
         let (dt, dv) = (std::mem::take(&mut a.d_text_out), std::mem::take(&mut a.d_video_out));
         Self::text_head_backward(be, &self.txt_proj, &self.config, params, a, B::view(&dt));
         let d_hidden = B::view(&a.d_hidden);
-        self.text.backward_fused(be, &mut params.data, &mut params.grad, &mut a.text, batch.input_ids, d_hidden, &mut step);
+        self.text.backward_fused(be, params, &mut a.text, batch.input_ids, d_hidden, &mut step);
         let t_text_bwd = clock.elapsed().as_secs_f64();
         let object = be.input(batch.object, &mut self.staging.object);
-        self.video.backward_fused(be, &mut params.data, &mut params.grad, &mut a.video, object, B::view(&dv), &mut step);
+        self.video.backward_fused(be, params, &mut a.video, object, B::view(&dv), &mut step);
         let coeffs = step.coeffs;
         opt.update_window(&coeffs, &self.rest_ranges, B::view_mut(&mut params.data), B::view(&params.grad), 0);
         let word = self.word_range.clone();

@@ -522,17 +522,9 @@ impl TextTower {
     /// The position (/ token type) embeddings accumulate into `grad`, the word table's rows
     /// into `a.word_grad` (the dense table gradient is not touched); the caller updates
     /// them at the end.
-    #[allow(clippy::too_many_arguments)]
-    pub fn backward_fused<B: Backend>(
-        &self,
-        be: &B,
-        data: &mut B::Buf,
-        grad: &mut B::Buf,
-        a: &mut TextActs<B>,
-        ids: &[i64],
-        dlast: B::View<'_>,
-        step: &mut FusedStep<B>,
-    ) {
+    #[rustfmt::skip]
+    pub fn backward_fused<B: Backend>(&self, be: &B, params: &mut Params<B>, a: &mut TextActs<B>, ids: &[i64], dlast: B::View<'_>, step: &mut FusedStep<B>) {
+        let (data, grad) = (&mut params.data, &mut params.grad);
         let mut s = self.backward_begin(be, a, dlast);
         let run = self.run(be, a, TextDropout::default(), None);
         for li in (0..self.cfg.layers).rev() {

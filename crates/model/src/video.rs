@@ -5,12 +5,17 @@
 //! region of frame f see [CLS, regions of f], then Linear(D→P, no bias) on every token.
 //! `norm3` of each block and the final `norm` exist in checkpoints but are never applied.
 
+mod acts;
+
+pub use acts::VideoActs;
+
 use crate::adamw::FusedStep;
-use crate::backend::{zeroed, Backend, Cpu, TokenDims};
+use crate::backend::{zeroed, Backend, TokenDims};
 use crate::config::VideoConfig;
 use crate::layers::{block_window, range, Grads, LayerNorm, Linear};
 use crate::mask::{additive_mask, PAD_SCORE};
 use crate::params::{Params, ParamsBuilder};
+use acts::{BlockActs, VideoScratch};
 use demovlp_kernels::attention::{AttnShape, KeyPattern};
 use std::ops::Range;
 
@@ -46,6 +51,21 @@ pub fn declare(pb: &mut ParamsBuilder, c: &VideoConfig, proj_dim: usize) {
     pb.add("object_model.proj.weight", &[proj_dim, d]);
 }
 
+/// One batch of video input: region features `object` `[B, F, R, feature_dim + box_dim]`
+/// on the backend, `mask` `[B, F, R]` (1 real / 0 padding) on the host.
+pub struct VideoInput<'a, B: Backend> {
+    pub object: B::View<'a>,
+    pub mask: &'a [f32],
+    pub shape: VideoShape,
+}
+
+impl<B: Backend> Clone for VideoInput<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B: Backend> Copy for VideoInput<'_, B> {}
+
 /// Sizes of one video batch: `batch` clips of `frames` frames of `regions` regions.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct VideoShape {
@@ -79,101 +99,6 @@ struct Block {
     norm2: LayerNorm,
     fc1: Linear,
     fc2: Linear,
-}
-
-/// What one block keeps for its backward pass (n = B·(1 + F·R) tokens, D = dim,
-/// M = mlp_dim). The attention probabilities and context are not kept: the backward
-/// recomputes them from `qkv` (about 1 % of the block's arithmetic).
-#[derive(Clone, Debug, Default)]
-pub(crate) struct BlockActs<B: Backend = Cpu> {
-    /// `[n]` each: norm1's row statistics.
-    ln1_mean: B::Buf,
-    ln1_rstd: B::Buf,
-    /// `[n, 3D]` the fused q | k | v projection of norm1's output.
-    qkv: B::Buf,
-    /// `[n, D]` x + proj(attention): the residual stream between the two branches.
-    attn_res: B::Buf,
-    /// `[n]` each: norm2's row statistics.
-    ln2_mean: B::Buf,
-    ln2_rstd: B::Buf,
-    /// `[n, M]` fc1 output before GELU; empty in blocks that recompute it.
-    pub(crate) fc1_out: B::Buf,
-}
-
-/// Buffers every block uses in turn (forward and backward scratch).
-#[derive(Clone, Debug, Default)]
-struct VideoScratch<B: Backend> {
-    /// `[n, D]` norm1 / norm2 output (recomputed in the backward).
-    ln_out: B::Buf,
-    /// `[n]` each: statistics of a LayerNorm recomputed in the backward (not needed again).
-    ln_mean: B::Buf,
-    ln_rstd: B::Buf,
-    /// `[B·H·probs_per_head]` attention probabilities (compact per-frame layout).
-    probs: B::Buf,
-    /// `[B, H, 1 + F·R, D/H]` head-major attention context, before the merge.
-    ctx_heads: B::Buf,
-    /// `[n, D]` attention context, token rows.
-    ctx: B::Buf,
-    /// `[n, M]` GELU output; in the backward d(GELU output), then d(fc1 output) in place.
-    gelu_out: B::Buf,
-    /// `[n, max(M, 4D)]` fc1 output when the block does not keep it; in the backward GELU's
-    /// derivative, then `[d(qkv) [n, 3D] | d(ctx) [n, D]]`.
-    mlp: B::Buf,
-    /// `[n, D]` d(block output) on entry to a block's backward, d(block input) on exit.
-    d_x: B::Buf,
-    /// `[n, D]` d(norm2 output), then d(norm1 output).
-    d_ln_out: B::Buf,
-}
-
-/// Activation arena of the video tower (reused across steps).
-#[derive(Clone, Debug, Default)]
-pub struct VideoActs<B: Backend = Cpu> {
-    pub batch: usize,
-    pub frames: usize,
-    pub regions: usize,
-    /// Additive key mask `[B, 1 + F·R]` (0 CLS / real, [`PAD_SCORE`] padded).
-    pub mask_add: B::Buf,
-    /// Projected tokens `[B, 1 + F·R, P]`: token 0 global, the rest local.
-    pub out: B::Buf,
-    /// Blocks `0..recompute_mlp_blocks` keep no MLP hidden activations (4·D per token) and
-    /// recompute them in the backward pass: about 0.75 % more arithmetic per block for
-    /// 4·D floats less per token and block. The other blocks keep them.
-    pub recompute_mlp_blocks: usize,
-    /// `[B·F·R, D]` feature + box embeddings of the regions; in the backward, their gradient.
-    region_emb: B::Buf,
-    /// `[B·F·R, D]` box embeddings (forward only).
-    box_emb: B::Buf,
-    /// `[n, D]` residual stream: `hidden[0]` the assembled tokens, `hidden[depth]` the last
-    /// block's output (inference: two buffers used in turn).
-    hidden: Vec<B::Buf>,
-    pub(crate) blocks: Vec<BlockActs<B>>,
-    scratch: VideoScratch<B>,
-}
-
-impl<B: Backend> VideoActs<B> {
-    pub fn shape(&self) -> VideoShape {
-        VideoShape { batch: self.batch, frames: self.frames, regions: self.regions }
-    }
-}
-
-impl VideoActs<Cpu> {
-    /// (address, capacity) of every arena buffer: lets tests prove steady-state steps reuse them.
-    #[cfg(test)]
-    pub(crate) fn buffers(&self) -> Vec<(usize, usize)> {
-        let buf = |v: &Vec<f32>| (v.as_ptr() as usize, v.capacity());
-        let s = &self.scratch;
-        let mut out: Vec<_> = [&self.mask_add, &self.out, &self.region_emb, &self.box_emb].into_iter().map(buf).collect();
-        out.extend(
-            [&s.ln_out, &s.ln_mean, &s.ln_rstd, &s.probs, &s.ctx_heads, &s.ctx, &s.gelu_out, &s.mlp, &s.d_x, &s.d_ln_out]
-                .into_iter()
-                .map(buf),
-        );
-        out.extend(self.hidden.iter().map(buf));
-        for l in &self.blocks {
-            out.extend([&l.ln1_mean, &l.ln1_rstd, &l.qkv, &l.attn_res, &l.ln2_mean, &l.ln2_rstd, &l.fc1_out].into_iter().map(buf));
-        }
-        out
-    }
 }
 
 /// What each block's pass takes from the tower.
@@ -430,40 +355,20 @@ impl VideoTower {
         }
     }
 
-    /// `object` `[B, F, R, feature_dim + box_dim]`, `object_mask` `[B, F, R]` (1 real / 0 pad,
-    /// on the host). Fills `a.out` and `a.mask_add`, keeping every block's activations for
-    /// [`Self::backward`].
-    pub fn forward<B: Backend>(
-        &self,
-        be: &B,
-        data: B::View<'_>,
-        a: &mut VideoActs<B>,
-        object: B::View<'_>,
-        object_mask: &[f32],
-        shape: VideoShape,
-    ) {
-        self.forward_impl(be, data, a, object, object_mask, shape, true);
+    /// Fills `a.out` and `a.mask_add`, keeping every block's activations for [`Self::backward`].
+    pub fn forward<B: Backend>(&self, be: &B, data: B::View<'_>, a: &mut VideoActs<B>, input: VideoInput<'_, B>) {
+        self.forward_impl(be, data, a, input, true);
     }
 
     /// [`Self::forward`] for inference: every block reuses one set of activation buffers
     /// (two for the residual stream), so memory does not grow with depth. Identical outputs;
     /// no backward pass may follow.
-    #[rustfmt::skip]
-    pub fn forward_inference<B: Backend>(&self, be: &B, data: B::View<'_>, a: &mut VideoActs<B>, object: B::View<'_>, object_mask: &[f32], shape: VideoShape) {
-        self.forward_impl(be, data, a, object, object_mask, shape, false);
+    pub fn forward_inference<B: Backend>(&self, be: &B, data: B::View<'_>, a: &mut VideoActs<B>, input: VideoInput<'_, B>) {
+        self.forward_impl(be, data, a, input, false);
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn forward_impl<B: Backend>(
-        &self,
-        be: &B,
-        data: B::View<'_>,
-        a: &mut VideoActs<B>,
-        object: B::View<'_>,
-        object_mask: &[f32],
-        shape: VideoShape,
-        keep: bool,
-    ) {
+    fn forward_impl<B: Backend>(&self, be: &B, data: B::View<'_>, a: &mut VideoActs<B>, input: VideoInput<'_, B>, keep: bool) {
+        let VideoInput { object, mask: object_mask, shape } = input;
         let c = &self.cfg;
         let VideoShape { batch: b, frames: f, regions: r } = shape;
         let row = c.feature_dim + c.box_dim;
@@ -561,17 +466,9 @@ impl VideoTower {
     /// step's block-sized scratch buffer and its AdamW update is applied as soon as they are
     /// final (no later block reads its weights). Tensors outside the blocks accumulate into
     /// `grad` as usual; the caller updates them at the end.
-    #[allow(clippy::too_many_arguments)]
-    pub fn backward_fused<B: Backend>(
-        &self,
-        be: &B,
-        data: &mut B::Buf,
-        grad: &mut B::Buf,
-        a: &mut VideoActs<B>,
-        object: B::View<'_>,
-        dout: B::View<'_>,
-        step: &mut FusedStep<B>,
-    ) {
+    #[rustfmt::skip]
+    pub fn backward_fused<B: Backend>(&self, be: &B, params: &mut Params<B>, a: &mut VideoActs<B>, object: B::View<'_>, dout: B::View<'_>, step: &mut FusedStep<B>) {
+        let (data, grad) = (&mut params.data, &mut params.grad);
         let mut s = self.head_backward(be, B::view(data), B::view_mut(grad), a, dout);
         for li in (0..self.cfg.depth).rev() {
             let run = BlockRun { keep_fc1_out: li >= a.recompute_mlp_blocks, ..self.run(be, a.shape(), B::view(&a.mask_add)) };

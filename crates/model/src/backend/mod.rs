@@ -135,7 +135,7 @@ pub trait Backend: Clone + Debug + Default + Send + Sync + 'static {
     fn fill_zero(&self, v: Self::ViewMut<'_>);
     /// dst = src (same lengths).
     fn copy(&self, src: Self::View<'_>, dst: Self::ViewMut<'_>);
-    /// `rows` runs of `cols` values: dst[d0 + i·dld ..][..cols] = src[s0 + i·sld ..][..cols].
+    /// `rows` runs of `cols` values: `dst[d0 + i·dld ..][..cols] = src[s0 + i·sld ..][..cols]`.
     fn copy_2d(&self, src: Self::View<'_>, s0: usize, sld: usize, dst: Self::ViewMut<'_>, d0: usize, dld: usize, rows: usize, cols: usize);
 
     // ---- host transfers ------------------------------------------------------------------
@@ -214,13 +214,13 @@ pub trait Backend: Clone + Debug + Default + Send + Sync + 'static {
     /// d ⊙= gelu'(x), in place.
     fn gelu_backward_in_place(&self, x: Self::View<'_>, d: Self::ViewMut<'_>);
     fn relu_forward(&self, x: Self::View<'_>, y: Self::ViewMut<'_>);
-    /// dx += dy·[x > 0].
+    /// `dx += dy·(x > 0)`.
     fn relu_backward(&self, x: Self::View<'_>, dy: Self::View<'_>, dx: Self::ViewMut<'_>);
     /// x ⊙= m, in place.
     fn mul_in_place(&self, x: Self::ViewMut<'_>, m: Self::View<'_>);
     /// y += x, in place.
     fn add_in_place(&self, y: Self::ViewMut<'_>, x: Self::View<'_>);
-    /// y[i] += x[i mod len(x)]: `x` added to every run of len(x) values of `y`.
+    /// `y[i] += x[i mod len(x)]`: `x` added to every run of len(x) values of `y`.
     fn add_to_rows(&self, y: Self::ViewMut<'_>, x: Self::View<'_>);
     /// acc += each run of len(acc) values of `x`, runs in order.
     fn sum_rows_into(&self, acc: Self::ViewMut<'_>, x: Self::View<'_>);
@@ -278,12 +278,12 @@ pub trait Backend: Clone + Debug + Default + Send + Sync + 'static {
 
     // ---- embeddings ----------------------------------------------------------------------
 
-    /// out[i] = table[ids[i]] (rows of `dim`).
+    /// `out[i] = table[ids[i]]` (rows of `dim`).
     fn embedding_forward(&self, ids: &[i64], table: Self::View<'_>, dim: usize, out: Self::ViewMut<'_>);
-    /// dtable[ids[i]] += dout[i].
+    /// `dtable[ids[i]] += dout[i]`.
     fn embedding_backward(&self, ids: &[i64], dout: Self::View<'_>, dim: usize, dtable: Self::ViewMut<'_>);
     /// The same by table row: `rows` (increasing) are the distinct ids other than `skip`;
-    /// grad_rows `[rows.len(), dim]` (zeroed first) += dout[i] at the row of ids[i], tokens in order.
+    /// `grad_rows` `[rows.len(), dim]` (zeroed first) `+= dout[i]` at the row of `ids[i]`, tokens in order.
     fn embedding_backward_rows(
         &self,
         ids: &[i64],
@@ -293,7 +293,7 @@ pub trait Backend: Clone + Debug + Default + Send + Sync + 'static {
         dim: usize,
         grad_rows: Self::ViewMut<'_>,
     );
-    /// Video tokens `[B, 1 + F·R, D]`: CLS row cls + pos0, region row j of a clip region_emb[j] + temporal[j / R].
+    /// Video tokens `[B, 1 + F·R, D]`: CLS row `cls + pos0`, region row j of a clip `region_emb[j] + temporal[j / R]`.
     fn video_tokens_forward(
         &self,
         t: TokenDims,

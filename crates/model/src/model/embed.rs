@@ -5,7 +5,7 @@ use super::{Model, TextEmbeddings, VideoEmbeddings};
 use crate::backend::Backend;
 use crate::mask::{additive_mask, PAD_SCORE};
 use crate::text::{TextInput, TextShape};
-use crate::video::VideoShape;
+use crate::video::{VideoInput, VideoShape};
 
 impl<B: Backend> Model<B> {
     /// Text embeddings for evaluation.
@@ -39,8 +39,8 @@ impl<B: Backend> Model<B> {
     pub fn embed_video_inference(&mut self, object: &[f32], object_mask: &[f32], b: usize, f: usize, r: usize) -> VideoEmbeddings {
         let be = &self.backend;
         let object = be.input(object, &mut self.staging.object);
-        let shape = VideoShape { batch: b, frames: f, regions: r };
-        self.video.forward_inference(be, B::view(&self.params.data), &mut self.arena.video, object, object_mask, shape);
+        let input = VideoInput { object, mask: object_mask, shape: VideoShape { batch: b, frames: f, regions: r } };
+        self.video.forward_inference(be, B::view(&self.params.data), &mut self.arena.video, input);
         self.video_embeddings(b, f, r)
     }
 
