@@ -88,12 +88,27 @@ impl CheckBatch {
 /// `Err` naming the first value of `got` farther from `want` than `tol` × the largest
 /// magnitude of `want` (0 compares bits).
 pub fn close(what: &str, got: &[f32], want: &[f32], tol: f32) -> Result<(), String> {
+    close_with_floor(what, got, want, tol, 0.0)
+}
+
+fn max_abs(v: &[f32]) -> f32 {
+    v.iter().fold(0.0f32, |m, x| m.max(x.abs()))
+}
+
+/// [`close`] with the magnitude taken as at least `floor`: a tensor whose exact values are
+/// 0 (a key bias's gradient: softmax ignores a constant shift) holds rounding noise only.
+pub fn close_with_floor(what: &str, got: &[f32], want: &[f32], tol: f32, floor: f32) -> Result<(), String> {
+    close_plus(what, got, want, tol, floor, 0.0)
+}
+
+/// [`close_with_floor`] allowing `abs` more per value.
+fn close_plus(what: &str, got: &[f32], want: &[f32], tol: f32, floor: f32, abs: f32) -> Result<(), String> {
     if got.len() != want.len() {
         return Err(format!("{what}: {} values, want {}", got.len(), want.len()));
     }
-    let scale = want.iter().fold(0.0f32, |m, x| m.max(x.abs())).max(1e-30);
+    let scale = max_abs(want).max(floor).max(1e-30);
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        let ok = if tol == 0.0 { g.to_bits() == w.to_bits() } else { (g - w).abs() <= tol * scale };
+        let ok = if tol == 0.0 { g.to_bits() == w.to_bits() } else { (g - w).abs() <= tol * scale + abs };
         if !ok {
             return Err(format!("{what}[{i}]: {g} vs {w} (scale {scale}, tolerance {tol})"));
         }
@@ -121,17 +136,19 @@ fn compare_one<B: Backend>(backend: B, kind: TextKind, tol: f32) -> Result<(), S
     close("initial parameters", &backend.to_host(B::view(&dev.params.data)), &cpu.params.data, 0.0)?;
     let host = |b: &B::Buf| backend.to_host(B::view(b));
     let specs = cpu.params.specs().to_vec();
-    let per_tensor = |what: &str, got: &[f32], want: &[f32]| -> Result<(), String> {
+    // Each tensor against its own largest magnitude, at least 1e-3 of the whole buffer's.
+    let per_tensor = |what: &str, got: &[f32], want: &[f32], abs: f32| -> Result<(), String> {
+        let floor = 1e-3 * max_abs(want);
         for s in &specs {
             let r = s.offset..s.offset + s.len;
-            close(&format!("{what} {}", s.name), &got[r.clone()], &want[r], tol)?;
+            close_plus(&format!("{what} {}", s.name), &got[r.clone()], &want[r], tol, floor, abs)?;
         }
         Ok(())
     };
 
     let (a, b) = (cpu.forward_backward(&batch, &loss, true), dev.forward_backward(&batch, &loss, true));
     close("losses", &[b.loss_total, b.loss_global, b.loss_local], &[a.loss_total, a.loss_global, a.loss_local], tol)?;
-    per_tensor("gradient", &host(&dev.params.grad), &cpu.params.grad)?;
+    per_tensor("gradient", &host(&dev.params.grad), &cpu.params.grad, 0.0)?;
 
     let (ta, tb) = (cpu.embed_text(&data.ids, &data.attention_mask, 3, 10), dev.embed_text(&data.ids, &data.attention_mask, 3, 10));
     close("text global", &tb.global, &ta.global, tol)?;
@@ -151,7 +168,18 @@ fn compare_one<B: Backend>(backend: B, kind: TextKind, tol: f32) -> Result<(), S
         let (a, b) = (cpu.train_step_fused(&batch, &loss, true, &mut opt_cpu), dev.train_step_fused(&batch, &loss, true, &mut opt_dev));
         close(&format!("fused step {step} loss"), &[b.loss_total], &[a.loss_total], tol)?;
     }
-    per_tensor("parameters after 2 fused steps", &host(&dev.params.data), &cpu.params.data)?;
+    // AdamW divides by √v: a gradient that is rounding noise around 0 (different on each
+    // backend) moves its weight by up to lr per step either way. So the parameters may
+    // differ by 2·lr per step on top of the relative tolerance (none at tolerance 0).
+    let adam_noise = if tol == 0.0 { 0.0 } else { 2.0 * 2.0 * settings.lr };
+    let (got, want) = (host(&dev.params.data), &cpu.params.data);
+    per_tensor("parameters after 2 fused steps", &got, want, adam_noise)?;
+    // ... but only where the gradient is noise: nearly every value must meet the tolerance.
+    let scale = max_abs(want);
+    let off = got.iter().zip(want).filter(|(g, w)| (*g - *w).abs() > tol * scale).count();
+    if off * 1000 > want.len() {
+        return Err(format!("parameters after 2 fused steps: {off} of {} values off by more than {tol} × {scale}", want.len()));
+    }
     let loss_eval = (cpu.forward_loss(&batch, &loss, true), dev.forward_loss(&batch, &loss, true));
     close("evaluation loss", &[loss_eval.1.loss_total], &[loss_eval.0.loss_total], tol)
 }
