@@ -111,6 +111,10 @@ impl Backend for Reference {
     fn to_host(&self, v: &[f32]) -> Vec<f32> {
         v.to_vec()
     }
+    fn read_host<R>(&self, v: &[f32], f: impl FnOnce(&[f32]) -> R) -> R {
+        // A device backend's path: downloaded first.
+        f(&self.to_host(v))
+    }
 
     fn linear_forward(&self, x: &[f32], ldx: usize, w: &[f32], b: Option<&[f32]>, y: &mut [f32], n: usize, din: usize, dout: usize) {
         for i in 0..n {

@@ -103,6 +103,10 @@ impl Backend for Cpu {
     fn to_host(&self, v: &[f32]) -> Vec<f32> {
         v.to_vec()
     }
+    #[inline]
+    fn read_host<R>(&self, v: &[f32], f: impl FnOnce(&[f32]) -> R) -> R {
+        f(v)
+    }
 
     #[inline]
     fn linear_forward(&self, x: &[f32], ldx: usize, w: &[f32], b: Option<&[f32]>, y: &mut [f32], n: usize, din: usize, dout: usize) {

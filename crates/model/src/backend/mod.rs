@@ -18,7 +18,7 @@
 //! - **Host transfers, at batch boundaries only.** [`Backend::input`] (a batch's region
 //!   features: zero-copy on the CPU, one upload on a device), [`Backend::write_host`] (masks,
 //!   initial weights: the closure fills host memory that then lands in the buffer),
-//!   [`Backend::to_host`] (embeddings, losses' scalars, checkpoints). Token ids and dropout
+//!   [`Backend::to_host`] / [`Backend::read_host`] (embeddings, checkpoints). Token ids and dropout
 //!   generators stay on the host and are passed as host values: a device backend uploads
 //!   the ids and the dropout masks it draws from the given [`Rng`] (the masks must be the
 //!   ones [`dropout_mask`](demovlp_kernels::dropout::dropout_mask) draws, for runs to be
@@ -149,6 +149,8 @@ pub trait Backend: Clone + Debug + Default + Send + Sync + 'static {
     fn modify_host(&self, b: &mut Self::Buf, r: Range<usize>, f: impl FnOnce(&mut [f32]));
     /// A view's values, on the host.
     fn to_host(&self, v: Self::View<'_>) -> Vec<f32>;
+    /// Lets `f` read a view's values on the host (no copy on the CPU).
+    fn read_host<R>(&self, v: Self::View<'_>, f: impl FnOnce(&[f32]) -> R) -> R;
 
     // ---- dense layers --------------------------------------------------------------------
 

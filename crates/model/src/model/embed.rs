@@ -13,15 +13,18 @@ impl<B: Backend> Model<B> {
         assert!(l >= 2, "text length must be at least 2 (CLS + words)");
         self.forward_text(input_ids, attention_mask, b, l, false);
         let p = self.config.proj_dim;
-        let t = self.backend.to_host(B::view(&self.arena.text_out));
         let mut e = TextEmbeddings {
             global: Vec::with_capacity(b * p),
             local: Vec::with_capacity(b * (l - 1) * p),
             mask_additive: Vec::with_capacity(b * (l - 1)),
         };
+        self.backend.read_host(B::view(&self.arena.text_out), |t| {
+            for bi in 0..b {
+                e.global.extend_from_slice(&t[bi * l * p..bi * l * p + p]);
+                e.local.extend_from_slice(&t[bi * l * p + p..(bi + 1) * l * p]);
+            }
+        });
         for bi in 0..b {
-            e.global.extend_from_slice(&t[bi * l * p..bi * l * p + p]);
-            e.local.extend_from_slice(&t[bi * l * p + p..(bi + 1) * l * p]);
             e.mask_additive.extend(attention_mask[bi * l + 1..(bi + 1) * l].iter().map(|&m| additive_mask(m as f32, PAD_SCORE)));
         }
         e
@@ -47,18 +50,23 @@ impl<B: Backend> Model<B> {
     fn video_embeddings(&self, b: usize, f: usize, r: usize) -> VideoEmbeddings {
         let (p, nr) = (self.config.proj_dim, f * r);
         let a = &self.arena.video;
-        let (out, mask_add) = (self.backend.to_host(B::view(&a.out)), self.backend.to_host(B::view(&a.mask_add)));
         let mut e = VideoEmbeddings {
             global: Vec::with_capacity(b * p),
             local: Vec::with_capacity(b * nr * p),
             mask_additive: Vec::with_capacity(b * nr),
         };
-        for bi in 0..b {
-            let v = &out[bi * (1 + nr) * p..(bi + 1) * (1 + nr) * p];
-            e.global.extend_from_slice(&v[..p]);
-            e.local.extend_from_slice(&v[p..]);
-            e.mask_additive.extend_from_slice(&mask_add[bi * (1 + nr) + 1..(bi + 1) * (1 + nr)]);
-        }
+        self.backend.read_host(B::view(&a.out), |out| {
+            for bi in 0..b {
+                let v = &out[bi * (1 + nr) * p..(bi + 1) * (1 + nr) * p];
+                e.global.extend_from_slice(&v[..p]);
+                e.local.extend_from_slice(&v[p..]);
+            }
+        });
+        self.backend.read_host(B::view(&a.mask_add), |mask_add| {
+            for bi in 0..b {
+                e.mask_additive.extend_from_slice(&mask_add[bi * (1 + nr) + 1..(bi + 1) * (1 + nr)]);
+            }
+        });
         e
     }
 
