@@ -242,6 +242,51 @@ pub fn attention_backward_rows(
     }
 }
 
+/// [`attention_backward_rows`] with dq, dk and dv in three buffers of token rows, `ld_d`
+/// wide (head h at columns `h·hd`), for towers whose q, k and v projections are separate
+/// layers (the text tower). d(output) is read from rows `ld_dout` wide. Same bits as the
+/// head-major [`attention_backward`] followed by [`merge_heads`].
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward_rows_split(
+    s: &AttnShape,
+    scale: f32,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    ld: usize,
+    probs: &[f32],
+    drop: Option<&[f32]>,
+    dout: &[f32],
+    ld_dout: usize,
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+    ld_d: usize,
+) {
+    let dview = HeadRows::row_major(s, ld_dout, 0);
+    let oview = HeadRows::row_major(s, ld_d, 0);
+    assert!(dout.len() >= dview.span(s), "attention backward: d(output) too small");
+    let n = oview.span(s);
+    assert!(dq.len() >= n && dk.len() >= n && dv.len() >= n, "attention backward: dq, dk, dv must hold [B·seq, {ld_d}] rows");
+    // SAFETY: three distinct &mut slices, each holding the whole view.
+    unsafe {
+        backward_views(
+            s,
+            scale,
+            q,
+            k,
+            v,
+            ld,
+            probs,
+            drop,
+            dout,
+            dview,
+            [SendPtr(dq.as_mut_ptr()), SendPtr(dk.as_mut_ptr()), SendPtr(dv.as_mut_ptr())],
+            oview,
+        )
+    }
+}
+
 /// Both layouts: the (b, h) tasks run in parallel, each zeroing then accumulating its own
 /// rows of dq, dk, dv (the order of every sum as when the caller zeroed head-major buffers).
 ///

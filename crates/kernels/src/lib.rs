@@ -25,6 +25,9 @@ pub mod rng;
 pub mod simd;
 pub mod softmax;
 
-pub use attention::{attention_backward, attention_backward_rows, attention_forward, merge_heads, split_heads, AttnShape, KeyPattern};
+pub use attention::{
+    attention_backward, attention_backward_rows, attention_backward_rows_split, attention_forward, merge_heads, split_heads, AttnShape,
+    KeyPattern,
+};
 pub use gemm::{sgemm, Trans};
 pub use rng::Rng;

@@ -366,3 +366,43 @@ fn attention_backward_rows_equals_head_major() {
         assert!(got.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits()), "{pattern:?}: token-row backward differs");
     }
 }
+
+/// The split token-row backward (separate q, k, v buffers of rows D wide, as the text tower
+/// has them; dq, dk, dv written into three such buffers) equals the head-major backward plus
+/// the merges bit for bit, and overwrites stale contents; masks and dropout included.
+#[test]
+fn attention_backward_rows_split_equals_head_major() {
+    for (pattern, seq) in [(KeyPattern::Full, 9), (KeyPattern::Full, 17), (KeyPattern::Frames { regions: 3 }, 13)] {
+        let (b, h, hd) = (2, 3, 8);
+        let d = h * hd;
+        let shape = AttnShape { batch: b, heads: h, seq, head_dim: hd, pattern };
+        let mut rng = Rng::new(22);
+        let (q, k, v) =
+            (random_vec(&mut rng, b * seq * d, 1.5), random_vec(&mut rng, b * seq * d, 1.5), random_vec(&mut rng, b * seq * d, 1.5));
+        let mut mask = vec![0.0f32; b * seq];
+        mask[seq - 1] = -1e30;
+        mask[2 * seq - 2] = -1e30;
+        let drop: Vec<f32> = (0..shape.probs_len()).map(|_| if rng.uniform() < 0.2 { 0.0 } else { 1.25 }).collect();
+        let dout_rows = random_vec(&mut rng, b * seq * d, 1.0);
+        for dr in [None, Some(&drop[..])] {
+            let mut probs = vec![0.0; shape.probs_len()];
+            let mut out = vec![0.0; b * h * seq * hd];
+            attention_forward(&shape, 0.3, &q, &k, &v, d, &mask, dr, &mut probs, &mut out);
+            let mut dout = vec![0.0; b * h * seq * hd];
+            split_heads(&dout_rows, d, 0, &mut dout, b, h, seq, hd);
+            let n = b * h * seq * hd;
+            let (mut dq, mut dk, mut dv) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+            attention_backward(&shape, 0.3, &q, &k, &v, d, &probs, dr, &dout, &mut dq, &mut dk, &mut dv);
+            let mut want = [vec![0.0; b * seq * d], vec![0.0; b * seq * d], vec![0.0; b * seq * d]];
+            for (w, hm) in want.iter_mut().zip([&dq, &dk, &dv]) {
+                merge_heads(hm, w, d, 0, b, h, seq, hd);
+            }
+            let mut got = [vec![f32::NAN; b * seq * d], vec![f32::NAN; b * seq * d], vec![f32::NAN; b * seq * d]];
+            let [gq, gk, gv] = &mut got;
+            attention_backward_rows_split(&shape, 0.3, &q, &k, &v, d, &probs, dr, &dout_rows, d, gq, gk, gv, d);
+            for (name, g, w) in [("dq", &got[0], &want[0]), ("dk", &got[1], &want[1]), ("dv", &got[2], &want[2])] {
+                assert!(g.iter().zip(w).all(|(x, y)| x.to_bits() == y.to_bits()), "{pattern:?} {name}: split token-row backward differs");
+            }
+        }
+    }
+}

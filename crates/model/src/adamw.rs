@@ -16,28 +16,29 @@ use std::ops::Range;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use rayon::prelude::*;
 
+use crate::backend::{Backend, Cpu};
 use crate::io::{self, Tensor, TensorData};
 use crate::params::Params;
 
-/// Elements per parallel work item: large enough to amortise scheduling, small enough
-/// to balance across cores.
+#[cfg(test)]
 const CHUNK: usize = 1 << 15;
 
+/// The optimiser: settings, step count, and both moments as buffers of the backend `B`.
 #[derive(Clone, Debug)]
-pub struct AdamW {
+pub struct AdamW<B: Backend = Cpu> {
     pub lr: f32,
     pub beta1: f32,
     pub beta2: f32,
     pub eps: f32,
     pub weight_decay: f32,
     /// First moment, same layout as `Params::data`.
-    pub m: Vec<f32>,
+    pub m: B::Buf,
     /// Second moment, same layout as `Params::data`.
-    pub v: Vec<f32>,
+    pub v: B::Buf,
     /// Steps taken so far (the next step uses t + 1).
     pub t: u64,
+    backend: B,
 }
 
 /// Hyper-parameters of one optimiser, as given on the command line
@@ -82,7 +83,7 @@ pub struct StepCoeffs {
 
 impl StepCoeffs {
     /// The update of one run of elements.
-    fn apply(&self, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
+    pub(crate) fn apply(&self, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
         apply_run(self, p, g, m, v);
     }
 }
@@ -108,7 +109,7 @@ demovlp_kernels::multiversion! {
 
 /// Sorted, merged element ranges `[start, end)` of the tensors AdamW updates (those that
 /// receive gradients).
-pub fn updated_ranges(params: &Params) -> Vec<(usize, usize)> {
+pub fn updated_ranges<B: Backend>(params: &Params<B>) -> Vec<(usize, usize)> {
     let mut ranges: Vec<(usize, usize)> = Vec::new();
     for s in params.specs().iter().filter(|s| s.receives_grad && s.len > 0) {
         match ranges.last_mut() {
@@ -124,16 +125,16 @@ pub fn updated_ranges(params: &Params) -> Vec<(usize, usize)> {
 /// are written to `scratch` (the size of one block, reused), then [`FusedStep::block`]
 /// updates that block at once. The model never holds a whole-model gradient for the blocks,
 /// which is most of it. Same arithmetic per element as [`AdamW::step`].
-pub struct FusedStep<'a> {
-    pub opt: &'a mut AdamW,
+pub struct FusedStep<'a, B: Backend = Cpu> {
+    pub opt: &'a mut AdamW<B>,
     pub coeffs: StepCoeffs,
     pub ranges: &'a [(usize, usize)],
-    scratch: &'a mut Vec<f32>,
+    scratch: &'a mut B::Buf,
 }
 
-impl<'a> FusedStep<'a> {
+impl<'a, B: Backend> FusedStep<'a, B> {
     /// Begins step t + 1 of `opt`; `ranges` from [`updated_ranges`].
-    pub fn begin(opt: &'a mut AdamW, ranges: &'a [(usize, usize)], scratch: &'a mut Vec<f32>) -> Self {
+    pub fn begin(opt: &'a mut AdamW<B>, ranges: &'a [(usize, usize)], scratch: &'a mut B::Buf) -> Self {
         let coeffs = opt.begin_step();
         FusedStep { opt, coeffs, ranges, scratch }
     }
@@ -144,36 +145,55 @@ impl<'a> FusedStep<'a> {
     /// overwrite every gradient the optimiser reads ([`crate::layers::Grads::Overwrite`];
     /// each block weight is used once per step). Not zeroing saves a pass over the block's
     /// 28 MB, and the weight-gradient GEMMs then never read their output.
-    pub fn block(&mut self, data: &mut [f32], window: Range<usize>, backward: impl FnOnce(&[f32], &mut [f32])) {
+    pub fn block(&mut self, data: &mut B::Buf, window: Range<usize>, backward: impl FnOnce(B::View<'_>, B::ViewMut<'_>)) {
         let len = window.len();
-        if self.scratch.len() < len {
-            self.scratch.resize(len, 0.0);
+        let be = self.opt.backend.clone();
+        if B::buf_len(self.scratch) < len {
+            be.fit(self.scratch, len);
         }
-        backward(&data[window.clone()], &mut self.scratch[..len]);
+        backward(B::slice(B::view(data), window.clone()), B::slice_mut(B::view_mut(self.scratch), 0..len));
         let c = self.coeffs;
-        self.opt.update_window(&c, self.ranges, &mut data[window.clone()], &self.scratch[..len], window.start);
+        let grad = B::slice(B::view(self.scratch), 0..len);
+        self.opt.update_window(&c, self.ranges, B::slice_mut(B::view_mut(data), window.clone()), grad, window.start);
     }
 }
 
-impl AdamW {
+impl AdamW<Cpu> {
     pub fn new(n_params: usize, lr: f32, beta1: f32, beta2: f32, eps: f32, weight_decay: f32) -> Self {
-        AdamW { lr, beta1, beta2, eps, weight_decay, m: vec![0.0; n_params], v: vec![0.0; n_params], t: 0 }
+        AdamW::new_on(Cpu, n_params, AdamWSettings { lr, beta1, beta2, eps, weight_decay })
     }
 
     pub fn with_settings(n_params: usize, s: AdamWSettings) -> Self {
         Self::new(n_params, s.lr, s.beta1, s.beta2, s.eps, s.weight_decay)
+    }
+}
+
+impl<B: Backend> AdamW<B> {
+    /// An optimiser whose moments (zero) live on `backend`.
+    pub fn new_on(backend: B, n_params: usize, s: AdamWSettings) -> Self {
+        let (m, v) = (backend.zeros(n_params), backend.zeros(n_params));
+        AdamW { lr: s.lr, beta1: s.beta1, beta2: s.beta2, eps: s.eps, weight_decay: s.weight_decay, m, v, t: 0, backend }
     }
 
     pub fn settings(&self) -> AdamWSettings {
         AdamWSettings { lr: self.lr, beta1: self.beta1, beta2: self.beta2, eps: self.eps, weight_decay: self.weight_decay }
     }
 
+    /// Values of each moment (the model's parameter count).
+    pub fn len(&self) -> usize {
+        B::buf_len(&self.m)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// One optimiser step from `params.grad`. Gradients are read, not cleared.
-    pub fn step(&mut self, params: &mut Params) {
-        assert_eq!(self.m.len(), params.data.len(), "AdamW state has {} values, model has {}", self.m.len(), params.data.len());
+    pub fn step(&mut self, params: &mut Params<B>) {
+        assert_eq!(self.len(), params.len(), "AdamW state has {} values, model has {}", self.len(), params.len());
         let c = self.begin_step();
         let ranges = updated_ranges(params);
-        self.update_window(&c, &ranges, &mut params.data, &params.grad, 0);
+        self.update_window(&c, &ranges, B::view_mut(&mut params.data), B::view(&params.grad), 0);
     }
 
     /// Starts step t + 1: the coefficients every [`AdamW::update_window`] of this step uses.
@@ -196,22 +216,20 @@ impl AdamW {
     /// Updates the parameters `data` = elements `[base, base + data.len())` of the model from
     /// their gradients `grad` (same window), touching only elements inside `ranges` (from
     /// [`updated_ranges`]). Each element sees the same arithmetic however the step is cut.
-    pub fn update_window(&mut self, c: &StepCoeffs, ranges: &[(usize, usize)], data: &mut [f32], grad: &[f32], base: usize) {
-        assert_eq!(data.len(), grad.len(), "AdamW window: parameters and gradients differ in length");
-        let end = base + data.len();
-        assert!(end <= self.m.len(), "AdamW window ends at {end}, state has {} values", self.m.len());
+    pub fn update_window(&mut self, c: &StepCoeffs, ranges: &[(usize, usize)], mut data: B::ViewMut<'_>, grad: B::View<'_>, base: usize) {
+        let len = B::view_mut_len(&data);
+        assert_eq!(len, B::view_len(grad), "AdamW window: parameters and gradients differ in length");
+        let end = base + len;
+        assert!(end <= self.len(), "AdamW window ends at {end}, state has {} values", self.len());
         let first = ranges.partition_point(|r| r.1 <= base);
         for &(r0, r1) in &ranges[first..] {
             if r0 >= end {
                 break;
             }
             let (a, b) = (r0.max(base), r1.min(end));
-            let (p, g) = (&mut data[a - base..b - base], &grad[a - base..b - base]);
-            let (m, v) = (&mut self.m[a..b], &mut self.v[a..b]);
-            p.par_chunks_mut(CHUNK)
-                .zip(g.par_chunks(CHUNK))
-                .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
-                .for_each(|((p, g), (m, v))| c.apply(p, g, m, v));
+            let (p, g) = (B::slice_mut(B::reborrow(&mut data), a - base..b - base), B::slice(grad, a - base..b - base));
+            let (m, v) = (B::slice_mut(B::view_mut(&mut self.m), a..b), B::slice_mut(B::view_mut(&mut self.v), a..b));
+            self.backend.adamw_update(c, p, g, m, v);
         }
     }
 
@@ -224,39 +242,25 @@ impl AdamW {
         &mut self,
         c: &StepCoeffs,
         table: Range<usize>,
-        data: &mut [f32],
+        data: B::ViewMut<'_>,
         dim: usize,
         ids: &[usize],
-        grad_rows: &[f32],
+        grad_rows: B::View<'_>,
     ) {
-        assert_eq!(data.len(), table.len(), "AdamW table: {} parameters for a window of {}", data.len(), table.len());
+        let len = B::view_mut_len(&data);
+        assert_eq!(len, table.len(), "AdamW table: {len} parameters for a window of {}", table.len());
         assert!(dim > 0 && table.len().is_multiple_of(dim), "AdamW table: {} values are not rows of {dim}", table.len());
-        assert_eq!(grad_rows.len(), ids.len() * dim, "AdamW table: gradient rows");
+        assert_eq!(B::view_len(grad_rows), ids.len() * dim, "AdamW table: gradient rows");
         assert!(
             ids.windows(2).all(|w| w[0] < w[1]) && ids.last().is_none_or(|&i| i < table.len() / dim),
             "AdamW table: row ids must increase and lie in the table"
         );
-        let zeros = vec![0.0f32; dim];
-        let (m, v) = (&mut self.m[table.clone()], &mut self.v[table]);
-        let rows_per_task = CHUNK.div_ceil(dim);
-        data.par_chunks_mut(rows_per_task * dim)
-            .zip(m.par_chunks_mut(rows_per_task * dim).zip(v.par_chunks_mut(rows_per_task * dim)))
-            .enumerate()
-            .for_each(|(t, (p, (m, v)))| {
-                let r0 = t * rows_per_task;
-                let mut next = ids.partition_point(|&i| i < r0);
-                for (r, ((p, m), v)) in p.chunks_mut(dim).zip(m.chunks_mut(dim)).zip(v.chunks_mut(dim)).enumerate() {
-                    let g = if next < ids.len() && ids[next] == r0 + r {
-                        next += 1;
-                        &grad_rows[(next - 1) * dim..next * dim]
-                    } else {
-                        &zeros[..]
-                    };
-                    c.apply(p, g, m, v);
-                }
-            });
+        let (m, v) = (B::slice_mut(B::view_mut(&mut self.m), table.clone()), B::slice_mut(B::view_mut(&mut self.v), table));
+        self.backend.adamw_update_table_rows(c, data, m, v, dim, ids, grad_rows);
     }
+}
 
+impl AdamW<Cpu> {
     /// Write the optimiser state (moments as tensors, settings and step in the metadata).
     pub fn save(&self, path: &Path) -> Result<()> {
         let meta = serde_json::json!({

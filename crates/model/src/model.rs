@@ -1,17 +1,22 @@
 //! The whole DemoVLP model: text tower → ReLU → `txt_proj` Linear(D→P) on every token, video
 //! tower with its own projection, the retrieval losses, and explicit backward passes into
 //! `params.grad`. Activations live in an arena of reusable buffers sized by the largest
-//! batch seen so far, so steady-state training steps allocate nothing here.
+//! batch seen so far, so steady-state training steps allocate nothing here. Every buffer is
+//! one of the backend `B` and every kernel runs through it ([`crate::backend`]); the default
+//! `Model` is `Model<Cpu>`. Evaluation embeddings are in `model/embed.rs`.
+
+mod embed;
 
 use crate::adamw::{updated_ranges, AdamW, FusedStep};
+use crate::backend::{zeroed, Backend, Cpu, LossDims, LossViews};
 use crate::config::{ModelConfig, TextKind};
-use crate::layers::{fill_zero, fit, zeroed, Grads, Linear};
+use crate::layers::{Grads, Linear};
+use crate::mask::{additive_mask, PAD_SCORE};
 use crate::params::{Params, ParamsBuilder};
-use crate::text::{self, TextActs, TextDropout, TextTower};
-use crate::video::{self, VideoActs, VideoTower};
-use demovlp_kernels::activation::{relu_backward, relu_forward};
+use crate::text::{self, TextActs, TextDropout, TextInput, TextShape, TextTower};
+use crate::video::{self, VideoActs, VideoInput, VideoShape, VideoTower};
 use demovlp_kernels::Rng;
-use demovlp_retrieval::{losses_forward, losses_forward_backward, LossConfig, LossInputs, LossOutputs};
+use demovlp_retrieval::{LossConfig, LossOutputs};
 use std::ops::Range;
 use std::time::Instant;
 
@@ -52,7 +57,6 @@ pub struct VideoEmbeddings {
     pub mask_additive: Vec<f32>,
 }
 
-/// Reused buffers between the towers and the loss.
 /// Wall-clock seconds of each phase of the last [`Model::forward_backward`] or
 /// [`Model::train_step_fused`] call (for profiling; `bench train-step` prints them).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -64,34 +68,52 @@ pub struct PhaseTimes {
     pub video_backward: f64,
 }
 
+/// Reused buffers: the towers' arenas, the heads, and the loss's inputs and gradients.
 #[derive(Clone, Debug, Default)]
-struct Arena {
-    text: TextActs,
-    video: VideoActs,
+struct Arena<B: Backend> {
+    text: TextActs<B>,
+    video: VideoActs<B>,
     /// ReLU(last hidden state) `[B, L, D]`
-    relu: Vec<f32>,
+    relu: B::Buf,
     /// txt_proj output `[B, L, P]`
-    text_out: Vec<f32>,
-    global_text: Vec<f32>,
-    local_text: Vec<f32>,
-    text_mask: Vec<f32>,
-    global_video: Vec<f32>,
-    local_video: Vec<f32>,
-    video_mask: Vec<f32>,
-    d_text_out: Vec<f32>,
-    d_video_out: Vec<f32>,
-    d_relu: Vec<f32>,
-    d_hidden: Vec<f32>,
+    text_out: B::Buf,
+    /// The loss's inputs: `[B, P]` token 0 of each tower, `[B, L-1, P]` the words,
+    /// `[B, F·R, P]` the regions, `[B, L-1]` and `[B, F·R]` their additive masks.
+    global_text: B::Buf,
+    local_text: B::Buf,
+    text_mask: B::Buf,
+    global_video: B::Buf,
+    local_video: B::Buf,
+    video_mask: B::Buf,
+    /// The loss's gradients on the token layouts: `[B, L, P]` and `[B, 1+F·R, P]`.
+    d_text_out: B::Buf,
+    d_video_out: B::Buf,
+    /// `[B, L, D]` each: d(ReLU output), d(last hidden state).
+    d_relu: B::Buf,
+    d_hidden: B::Buf,
+}
+
+/// Where host inputs land on a device backend for one batch (unused on the CPU, whose
+/// views of host memory are the host slices themselves).
+#[derive(Clone, Debug, Default)]
+struct Staging<B: Backend> {
+    /// `[B, F, R, 2054]` region features.
+    object: B::Buf,
+    /// Token gradients given to [`Model::backward_tokens`].
+    d_text: B::Buf,
+    d_video: B::Buf,
 }
 
 #[derive(Clone, Debug)]
-pub struct Model {
+pub struct Model<B: Backend = Cpu> {
     pub config: ModelConfig,
-    pub params: Params,
+    pub params: Params<B>,
+    backend: B,
     text: TextTower,
     video: VideoTower,
     txt_proj: Linear,
-    arena: Box<Arena>,
+    arena: Box<Arena<B>>,
+    staging: Staging<B>,
     /// Text dropout of training steps (off by default; see [`TextDropout::PUBLISHED`]).
     text_dropout: TextDropout,
     dropout_rng: Rng,
@@ -104,27 +126,14 @@ pub struct Model {
     /// The word-embedding table: the fused step updates it from its gradient rows.
     word_range: Range<usize>,
     /// One block's gradients during [`Model::train_step_fused`].
-    grad_scratch: Vec<f32>,
+    grad_scratch: B::Buf,
 }
 
 /// Video blocks that recompute their MLP activations by default: none. Since the word
-/// table's gradient is kept by row and the text tower recomputes its own (cheaper) FFN
-/// activations, a published-size training step (batch 8, 8 × 30 regions) keeps every
-/// video block's and still peaks near 2.73 GiB, under 0.6 × what the PyTorch
-/// implementation needs. Each recomputing block saves ~23 MiB for 9.4 GFLOP.
+/// table's gradient is kept by row, a published-size training step (batch 8, 8 × 30
+/// regions) keeps every video block's and still peaks near 2.73 GiB, under 0.6 × what the
+/// PyTorch implementation needs. Each recomputing block saves ~23 MiB for 9.4 GFLOP.
 pub const DEFAULT_RECOMPUTE_MLP_BLOCKS: usize = 0;
-
-/// The text head backward (`txt_proj`, then the ReLU): d(text tokens) `[B, L, P]` into
-/// `txt_proj`'s gradients and d(last hidden state) in `a.d_hidden`.
-fn text_head_backward(txt_proj: &Linear, config: &ModelConfig, data: &[f32], grad: &mut [f32], a: &mut Arena, d_text: &[f32]) {
-    let (b, l) = (a.text.batch, a.text.len);
-    let (d, p) = (config.text.dim, config.proj_dim);
-    assert_eq!(d_text.len(), b * l * p, "d_text must be [B, L, P]");
-    let d_relu = zeroed(&mut a.d_relu, b * l * d);
-    txt_proj.backward(data, grad, &a.relu, d, b * l, d_text, Some(d_relu), Grads::Accumulate);
-    let d_hidden = zeroed(&mut a.d_hidden, b * l * d);
-    relu_backward(a.text.last_hidden(), &a.d_relu, d_hidden);
-}
 
 /// The parts of `ranges` (sorted, disjoint) outside every window of `windows` (sorted).
 fn subtract_windows(ranges: &[(usize, usize)], windows: &[Range<usize>]) -> Vec<(usize, usize)> {
@@ -146,32 +155,50 @@ fn subtract_windows(ranges: &[(usize, usize)], windows: &[Range<usize>]) -> Vec<
     out
 }
 
-/// Declares every parameter of `config` in published state_dict order
-/// (`text_model.*`, `object_model.*`, `txt_proj.1.*`).
-pub fn declare_params(config: &ModelConfig) -> Params {
+/// The tensors of `config` in published state_dict order (`text_model.*`, `object_model.*`,
+/// `txt_proj.1.*`), not yet allocated.
+fn param_builder(config: &ModelConfig) -> ParamsBuilder {
     let mut pb = ParamsBuilder::new();
     text::declare(&mut pb, &config.text);
     video::declare(&mut pb, &config.video, config.proj_dim);
     pb.add("txt_proj.1.weight", &[config.proj_dim, config.text.dim]);
     pb.add("txt_proj.1.bias", &[config.proj_dim]);
-    pb.build()
+    pb
 }
 
-impl Model {
+/// Declares every parameter of `config` in published state_dict order
+/// (`text_model.*`, `object_model.*`, `txt_proj.1.*`).
+pub fn declare_params(config: &ModelConfig) -> Params {
+    param_builder(config).build()
+}
+
+impl Model<Cpu> {
     /// All parameters declared and zero.
     pub fn new(config: ModelConfig) -> Model {
-        let params = declare_params(&config);
-        Model::from_params(config, params)
+        Model::new_on(Cpu, config)
     }
 
     /// Wraps parameters declared by [`declare_params`] for the same config (e.g. loaded ones).
     pub fn from_params(config: ModelConfig, params: Params) -> Model {
+        Model::from_params_on(Cpu, config, params)
+    }
+}
+
+impl<B: Backend> Model<B> {
+    /// All parameters declared and zero, on `backend`.
+    pub fn new_on(backend: B, config: ModelConfig) -> Self {
+        let params = param_builder(&config).build_on(&backend);
+        Model::from_params_on(backend, config, params)
+    }
+
+    /// Wraps parameters of `backend` declared by [`declare_params`] for the same config.
+    pub fn from_params_on(backend: B, config: ModelConfig, params: Params<B>) -> Self {
         let text = TextTower::new(&params, &config.text);
         let video = VideoTower::new(&params, &config.video, config.proj_dim);
         let txt_proj = Linear::new(&params, "txt_proj.1", config.text.dim, config.proj_dim, true);
         // By default the first DEFAULT_RECOMPUTE_MLP_BLOCKS video blocks recompute their MLP
         // hidden activations in the backward pass (see `set_recompute_mlp_blocks`).
-        let mut arena: Box<Arena> = Box::default();
+        let mut arena: Box<Arena<B>> = Box::default();
         arena.video.recompute_mlp_blocks = DEFAULT_RECOMPUTE_MLP_BLOCKS;
         let updated_ranges = updated_ranges(&params);
         let word_range = text.word_range();
@@ -186,18 +213,25 @@ impl Model {
         Model {
             config,
             params,
+            backend,
             text,
             video,
             txt_proj,
             arena,
+            staging: Staging::default(),
             text_dropout: TextDropout::default(),
             dropout_rng: Rng::new(0),
             phase_times: PhaseTimes::default(),
             updated_ranges,
             rest_ranges,
             word_range,
-            grad_scratch: Vec::new(),
+            grad_scratch: B::Buf::default(),
         }
+    }
+
+    /// The backend every buffer and kernel of this model lives on.
+    pub fn backend(&self) -> &B {
+        &self.backend
     }
 
     /// Published-style initialisation for training from scratch: weights of linears and
@@ -208,27 +242,28 @@ impl Model {
         let mut rng = Rng::new(seed);
         let specs = self.params.specs().to_vec();
         for s in &specs {
-            let v = &mut self.params.data[s.offset..s.offset + s.len];
             let n = &s.name;
             let is_norm = n.contains("LayerNorm") || n.contains("layer_norm") || n.contains(".norm");
-            if is_norm && n.ends_with(".weight") {
-                v.fill(1.0);
-            } else if n.ends_with(".bias") || n == "object_model.temporal_embed" {
-                v.fill(0.0);
-            } else {
-                for x in v.iter_mut() {
-                    *x = loop {
-                        let z = rng.normal();
-                        if z.abs() <= 2.0 {
-                            break 0.02 * z;
-                        }
-                    };
+            self.backend.modify_host(&mut self.params.data, s.offset..s.offset + s.len, |v| {
+                if is_norm && n.ends_with(".weight") {
+                    v.fill(1.0);
+                } else if n.ends_with(".bias") || n == "object_model.temporal_embed" {
+                    v.fill(0.0);
+                } else {
+                    for x in v.iter_mut() {
+                        *x = loop {
+                            let z = rng.normal();
+                            if z.abs() <= 2.0 {
+                                break 0.02 * z;
+                            }
+                        };
+                    }
                 }
-            }
+            });
         }
         let word = self.params.id("text_model.embeddings.word_embeddings.weight").expect("word embeddings declared");
-        let d = self.config.text.dim;
-        self.params.get_mut(word)[..d].fill(0.0);
+        let start = self.params.range(word).start;
+        self.backend.modify_host(&mut self.params.data, start..start + self.config.text.dim, |v| v.fill(0.0));
     }
 
     /// Text dropout used by training steps ([`Model::forward_backward`], and
@@ -279,29 +314,32 @@ impl Model {
 
     /// Runs both towers; returns the projected tokens: text `[B, L, P]`, video `[B, 1+F·R, P]`.
     /// `train` applies the text dropout (when set).
-    pub fn forward_tokens(&mut self, batch: &BatchRef, train: bool) -> (&[f32], &[f32]) {
+    pub fn forward_tokens(&mut self, batch: &BatchRef, train: bool) -> (B::View<'_>, B::View<'_>) {
         self.forward_text(batch.input_ids, batch.attention_mask, batch.batch, batch.text_len, train);
         self.forward_video(batch.object, batch.object_mask, batch.batch, batch.frames, batch.regions);
-        (&self.arena.text_out, &self.arena.video.out)
+        (B::view(&self.arena.text_out), B::view(&self.arena.video.out))
     }
 
     fn forward_text(&mut self, ids: &[i64], mask: &[i64], b: usize, l: usize, train: bool) {
-        let a = &mut *self.arena;
-        let data = &self.params.data;
+        let (be, a) = (&self.backend, &mut *self.arena);
+        let data = B::view(&self.params.data);
         let (d, p) = (self.config.text.dim, self.config.proj_dim);
         let dropout = (train && self.text_dropout != TextDropout::default()).then_some((self.text_dropout, &mut self.dropout_rng));
         // Training keeps the FFN hidden activations for the backward pass (+9.8 MB per layer
         // at the published size, 1.5 % less arithmetic per step); inference does not.
         let keep = train && !a.text.recompute_ffn;
-        self.text.forward(data, &mut a.text, ids, mask, b, l, dropout, keep);
-        fit(&mut a.relu, b * l * d);
-        relu_forward(a.text.last_hidden(), &mut a.relu);
-        fit(&mut a.text_out, b * l * p);
-        self.txt_proj.forward(data, &a.relu, d, b * l, &mut a.text_out);
+        self.text.forward(be, data, &mut a.text, TextInput { ids, mask, shape: TextShape { batch: b, len: l } }, dropout, keep);
+        be.fit(&mut a.relu, b * l * d);
+        be.relu_forward(a.text.last_hidden(), B::view_mut(&mut a.relu));
+        be.fit(&mut a.text_out, b * l * p);
+        self.txt_proj.forward(be, data, B::view(&a.relu), d, b * l, B::view_mut(&mut a.text_out));
     }
 
     fn forward_video(&mut self, object: &[f32], mask: &[f32], b: usize, f: usize, r: usize) {
-        self.video.forward(&self.params.data, &mut self.arena.video, object, mask, b, f, r);
+        let be = &self.backend;
+        let object = be.input(object, &mut self.staging.object);
+        let input = VideoInput { object, mask, shape: VideoShape { batch: b, frames: f, regions: r } };
+        self.video.forward(be, B::view(&self.params.data), &mut self.arena.video, input);
     }
 
     /// Accumulates into `params.grad` the gradient of Σ d_text·text_tokens + Σ d_video·video_tokens
@@ -313,56 +351,68 @@ impl Model {
 
     /// Text half of [`Model::backward_tokens`]: `d_text` `[B, L, P]`, `input_ids` of the forward.
     pub fn backward_text_tokens(&mut self, input_ids: &[i64], d_text: &[f32]) {
-        let a = &mut *self.arena;
-        text_head_backward(&self.txt_proj, &self.config, &self.params.data, &mut self.params.grad, a, d_text);
-        self.text.backward(&self.params.data, &mut self.params.grad, &mut a.text, input_ids, &a.d_hidden);
+        let d_text = self.backend.input(d_text, &mut self.staging.d_text);
+        let (be, a, params) = (&self.backend, &mut *self.arena, &mut self.params);
+        Self::text_head_backward(be, &self.txt_proj, &self.config, params, a, d_text);
+        self.text.backward(be, B::view(&params.data), B::view_mut(&mut params.grad), &mut a.text, input_ids, B::view(&a.d_hidden));
     }
 
     /// Video half of [`Model::backward_tokens`]: `d_video` `[B, 1+F·R, P]`, `object` of the forward.
     pub fn backward_video_tokens(&mut self, object: &[f32], d_video: &[f32]) {
+        let be = &self.backend;
+        let (object, d_video) = (be.input(object, &mut self.staging.object), be.input(d_video, &mut self.staging.d_video));
         let a = &mut self.arena.video;
-        assert_eq!(d_video.len(), a.out.len(), "d_video must be [B, 1+F·R, P]");
-        self.video.backward(&self.params.data, &mut self.params.grad, a, object, d_video);
+        assert_eq!(B::view_len(d_video), B::buf_len(&a.out), "d_video must be [B, 1+F·R, P]");
+        self.video.backward(be, B::view(&self.params.data), B::view_mut(&mut self.params.grad), a, object, d_video);
+    }
+
+    /// `txt_proj`'s gradients and d(last hidden state) in `a.d_hidden`, from d(text tokens).
+    fn text_head_backward(be: &B, txt_proj: &Linear, config: &ModelConfig, params: &mut Params<B>, a: &mut Arena<B>, d_text: B::View<'_>) {
+        let (b, l) = (a.text.batch, a.text.len);
+        let (d, p) = (config.text.dim, config.proj_dim);
+        assert_eq!(B::view_len(d_text), b * l * p, "d_text must be [B, L, P]");
+        let d_relu = zeroed(be, &mut a.d_relu, b * l * d);
+        let (data, grad) = (B::view(&params.data), B::view_mut(&mut params.grad));
+        txt_proj.backward(be, data, grad, B::view(&a.relu), d, b * l, d_text, Some(d_relu), Grads::Accumulate);
+        let d_hidden = zeroed(be, &mut a.d_hidden, b * l * d);
+        be.relu_backward(a.text.last_hidden(), B::view(&a.d_relu), d_hidden);
     }
 
     /// Splits the projected tokens into the loss's global/local embeddings and masks (arena).
     fn gather_embeddings(&mut self, batch: &BatchRef) {
-        let a = &mut *self.arena;
+        let (be, a) = (&self.backend, &mut *self.arena);
         let p = self.config.proj_dim;
         let (b, l) = (batch.batch, batch.text_len);
         let nr = batch.frames * batch.regions;
-        fit(&mut a.global_text, b * p);
-        fit(&mut a.local_text, b * (l - 1) * p);
-        fit(&mut a.text_mask, b * (l - 1));
-        fit(&mut a.global_video, b * p);
-        fit(&mut a.local_video, b * nr * p);
-        fit(&mut a.video_mask, b * nr);
-        for bi in 0..b {
-            let t = &a.text_out[bi * l * p..(bi + 1) * l * p];
-            a.global_text[bi * p..(bi + 1) * p].copy_from_slice(&t[..p]);
-            a.local_text[bi * (l - 1) * p..(bi + 1) * (l - 1) * p].copy_from_slice(&t[p..]);
-            for j in 1..l {
-                a.text_mask[bi * (l - 1) + j - 1] = (batch.attention_mask[bi * l + j] as f32 - 1.0) * 100.0;
+        be.fit(&mut a.global_text, b * p);
+        be.fit(&mut a.local_text, b * (l - 1) * p);
+        be.fit(&mut a.global_video, b * p);
+        be.fit(&mut a.local_video, b * nr * p);
+        be.fit(&mut a.video_mask, b * nr);
+        let (t, v) = (B::view(&a.text_out), B::view(&a.video.out));
+        be.copy_2d(t, 0, l * p, B::view_mut(&mut a.global_text), 0, p, b, p);
+        be.copy_2d(t, p, l * p, B::view_mut(&mut a.local_text), 0, (l - 1) * p, b, (l - 1) * p);
+        be.copy_2d(v, 0, (1 + nr) * p, B::view_mut(&mut a.global_video), 0, p, b, p);
+        be.copy_2d(v, p, (1 + nr) * p, B::view_mut(&mut a.local_video), 0, nr * p, b, nr * p);
+        be.copy_2d(B::view(&a.video.mask_add), 1, 1 + nr, B::view_mut(&mut a.video_mask), 0, nr, b, nr);
+        be.write_host(&mut a.text_mask, b * (l - 1), |text_mask| {
+            for bi in 0..b {
+                for j in 1..l {
+                    text_mask[bi * (l - 1) + j - 1] = additive_mask(batch.attention_mask[bi * l + j] as f32, PAD_SCORE);
+                }
             }
-            let v = &a.video.out[bi * (1 + nr) * p..(bi + 1) * (1 + nr) * p];
-            a.global_video[bi * p..(bi + 1) * p].copy_from_slice(&v[..p]);
-            a.local_video[bi * nr * p..(bi + 1) * nr * p].copy_from_slice(&v[p..]);
-            a.video_mask[bi * nr..(bi + 1) * nr].copy_from_slice(&a.video.mask_add[bi * (1 + nr) + 1..(bi + 1) * (1 + nr)]);
-        }
+        });
     }
 
-    fn loss_inputs<'a>(a: &'a Arena, batch: &BatchRef, p: usize) -> LossInputs<'a> {
-        LossInputs {
-            batch: batch.batch,
-            words: batch.text_len - 1,
-            regions: batch.frames * batch.regions,
-            dim: p,
-            global_text: &a.global_text,
-            global_video: &a.global_video,
-            local_text: &a.local_text,
-            local_video: &a.local_video,
-            text_mask_additive: &a.text_mask,
-            video_mask_additive: &a.video_mask,
+    fn loss_views<'a>(a: &'a Arena<B>, batch: &BatchRef, p: usize) -> LossViews<'a, B> {
+        LossViews {
+            dims: LossDims { batch: batch.batch, words: batch.text_len - 1, regions: batch.frames * batch.regions, dim: p },
+            global_text: B::view(&a.global_text),
+            global_video: B::view(&a.global_video),
+            local_text: B::view(&a.local_text),
+            local_video: B::view(&a.local_video),
+            text_mask: B::view(&a.text_mask),
+            video_mask: B::view(&a.video_mask),
         }
     }
 
@@ -374,15 +424,20 @@ impl Model {
     /// Forward, losses, and backward: zeroes then fills `params.grad`.
     pub fn forward_backward(&mut self, batch: &BatchRef, loss: &LossConfig, use_local: bool) -> LossOutputs {
         let clock = Instant::now();
-        self.params.zero_grad();
+        self.backend.fill_zero(B::view_mut(&mut self.params.grad));
         let (out, t_text, t_video) = self.forward_loss_grads(batch, loss, use_local, clock);
         let t_loss = clock.elapsed().as_secs_f64();
-        let (dt, dv) = (std::mem::take(&mut self.arena.d_text_out), std::mem::take(&mut self.arena.d_video_out));
-        self.backward_text_tokens(batch.input_ids, &dt);
+        let be = &self.backend;
+        let a = &mut *self.arena;
+        let (dt, dv) = (std::mem::take(&mut a.d_text_out), std::mem::take(&mut a.d_video_out));
+        let params = &mut self.params;
+        Self::text_head_backward(be, &self.txt_proj, &self.config, params, a, B::view(&dt));
+        self.text.backward(be, B::view(&params.data), B::view_mut(&mut params.grad), &mut a.text, batch.input_ids, B::view(&a.d_hidden));
         let t_text_bwd = clock.elapsed().as_secs_f64();
-        self.backward_video_tokens(batch.object, &dv);
-        self.arena.d_text_out = dt;
-        self.arena.d_video_out = dv;
+        let object = be.input(batch.object, &mut self.staging.object);
+        let (data, grad) = (B::view(&self.params.data), B::view_mut(&mut self.params.grad));
+        self.video.backward(be, data, grad, &mut a.video, object, B::view(&dv));
+        (a.d_text_out, a.d_video_out) = (dt, dv);
         self.set_phase_times([t_text, t_video, t_loss, t_text_bwd, clock.elapsed().as_secs_f64()]);
         out
     }
@@ -398,37 +453,37 @@ impl Model {
     /// separate pass over memory. `params.grad` afterwards holds only the gradients of the
     /// tensors outside the blocks and the word table. A non-finite loss returns before any
     /// update (nothing is changed but the dropout generator and the arena).
-    pub fn train_step_fused(&mut self, batch: &BatchRef, loss: &LossConfig, use_local: bool, opt: &mut AdamW) -> LossOutputs {
-        assert_eq!(opt.m.len(), self.params.len(), "AdamW state has {} values, model has {}", opt.m.len(), self.params.len());
+    pub fn train_step_fused(&mut self, batch: &BatchRef, loss: &LossConfig, use_local: bool, opt: &mut AdamW<B>) -> LossOutputs {
+        assert_eq!(opt.len(), self.params.len(), "AdamW state has {} values, model has {}", opt.len(), self.params.len());
         let clock = Instant::now();
         for &(r0, r1) in &self.rest_ranges {
-            fill_zero(&mut self.params.grad[r0..r1]);
+            self.backend.fill_zero(B::slice_mut(B::view_mut(&mut self.params.grad), r0..r1));
         }
         let (out, t_text, t_video) = self.forward_loss_grads(batch, loss, use_local, clock);
         let t_loss = clock.elapsed().as_secs_f64();
         if !out.loss_total.is_finite() {
             return out;
         }
-        let (dt, dv) = (std::mem::take(&mut self.arena.d_text_out), std::mem::take(&mut self.arena.d_video_out));
-        let mut scratch = std::mem::take(&mut self.grad_scratch);
+        let be = &self.backend;
+        let a = &mut *self.arena;
         let updated = std::mem::take(&mut self.updated_ranges);
-        let mut step = FusedStep::begin(opt, &updated, &mut scratch);
-        {
-            let a = &mut *self.arena;
-            text_head_backward(&self.txt_proj, &self.config, &self.params.data, &mut self.params.grad, a, &dt);
-            self.text.backward_fused(&mut self.params.data, &mut self.params.grad, &mut a.text, batch.input_ids, &a.d_hidden, &mut step);
-        }
+        let mut step = FusedStep::begin(opt, &updated, &mut self.grad_scratch);
+        let params = &mut self.params;
+        let (dt, dv) = (std::mem::take(&mut a.d_text_out), std::mem::take(&mut a.d_video_out));
+        Self::text_head_backward(be, &self.txt_proj, &self.config, params, a, B::view(&dt));
+        let d_hidden = B::view(&a.d_hidden);
+        self.text.backward_fused(be, params, &mut a.text, batch.input_ids, d_hidden, &mut step);
         let t_text_bwd = clock.elapsed().as_secs_f64();
-        self.video.backward_fused(&mut self.params.data, &mut self.params.grad, &mut self.arena.video, batch.object, &dv, &mut step);
+        let object = be.input(batch.object, &mut self.staging.object);
+        self.video.backward_fused(be, params, &mut a.video, object, B::view(&dv), &mut step);
         let coeffs = step.coeffs;
-        opt.update_window(&coeffs, &self.rest_ranges, &mut self.params.data, &self.params.grad, 0);
+        opt.update_window(&coeffs, &self.rest_ranges, B::view_mut(&mut params.data), B::view(&params.grad), 0);
         let word = self.word_range.clone();
-        let rows = &self.arena.text.word_grad;
-        opt.update_table_rows(&coeffs, word.clone(), &mut self.params.data[word], self.config.text.dim, &rows.ids, &rows.grad);
-        self.grad_scratch = scratch;
+        let rows = &a.text.word_grad;
+        let table = B::slice_mut(B::view_mut(&mut params.data), word.clone());
+        opt.update_table_rows(&coeffs, word, table, self.config.text.dim, &rows.ids, B::view(&rows.grad));
         self.updated_ranges = updated;
-        self.arena.d_text_out = dt;
-        self.arena.d_video_out = dv;
+        (a.d_text_out, a.d_video_out) = (dt, dv);
         self.set_phase_times([t_text, t_video, t_loss, t_text_bwd, clock.elapsed().as_secs_f64()]);
         out
     }
@@ -453,21 +508,19 @@ impl Model {
         let t_video = clock.elapsed().as_secs_f64();
         self.gather_embeddings(batch);
         let p = self.config.proj_dim;
-        let (out, g) = losses_forward_backward(loss, &Self::loss_inputs(&self.arena, batch, p), use_local);
+        let be = &self.backend;
+        let (out, g) = be.losses(loss, &Self::loss_views(&self.arena, batch, p), use_local, true);
+        let g = g.expect("gradients asked for");
         // Scatter the embedding gradients back onto the token layouts.
         let a = &mut *self.arena;
         let (b, l) = (batch.batch, batch.text_len);
         let nr = batch.frames * batch.regions;
-        fit(&mut a.d_text_out, b * l * p);
-        fit(&mut a.d_video_out, b * (1 + nr) * p);
-        for bi in 0..b {
-            let t = &mut a.d_text_out[bi * l * p..(bi + 1) * l * p];
-            t[..p].copy_from_slice(&g.global_text[bi * p..(bi + 1) * p]);
-            t[p..].copy_from_slice(&g.local_text[bi * (l - 1) * p..(bi + 1) * (l - 1) * p]);
-            let v = &mut a.d_video_out[bi * (1 + nr) * p..(bi + 1) * (1 + nr) * p];
-            v[..p].copy_from_slice(&g.global_video[bi * p..(bi + 1) * p]);
-            v[p..].copy_from_slice(&g.local_video[bi * nr * p..(bi + 1) * nr * p]);
-        }
+        be.fit(&mut a.d_text_out, b * l * p);
+        be.fit(&mut a.d_video_out, b * (1 + nr) * p);
+        be.copy_2d(B::view(&g.global_text), 0, p, B::view_mut(&mut a.d_text_out), 0, l * p, b, p);
+        be.copy_2d(B::view(&g.local_text), 0, (l - 1) * p, B::view_mut(&mut a.d_text_out), p, l * p, b, (l - 1) * p);
+        be.copy_2d(B::view(&g.global_video), 0, p, B::view_mut(&mut a.d_video_out), 0, (1 + nr) * p, b, p);
+        be.copy_2d(B::view(&g.local_video), 0, nr * p, B::view_mut(&mut a.d_video_out), p, (1 + nr) * p, b, nr * p);
         (out, t_text, t_video)
     }
 
@@ -476,63 +529,7 @@ impl Model {
         self.check_batch(batch);
         self.forward_tokens(batch, false);
         self.gather_embeddings(batch);
-        losses_forward(loss, &Self::loss_inputs(&self.arena, batch, self.config.proj_dim), use_local)
-    }
-
-    /// Text embeddings for evaluation.
-    pub fn embed_text(&mut self, input_ids: &[i64], attention_mask: &[i64], b: usize, l: usize) -> TextEmbeddings {
-        assert!(l >= 2, "text length must be at least 2 (CLS + words)");
-        self.forward_text(input_ids, attention_mask, b, l, false);
-        let p = self.config.proj_dim;
-        let t = &self.arena.text_out;
-        let mut e = TextEmbeddings {
-            global: Vec::with_capacity(b * p),
-            local: Vec::with_capacity(b * (l - 1) * p),
-            mask_additive: Vec::with_capacity(b * (l - 1)),
-        };
-        for bi in 0..b {
-            e.global.extend_from_slice(&t[bi * l * p..bi * l * p + p]);
-            e.local.extend_from_slice(&t[bi * l * p + p..(bi + 1) * l * p]);
-            e.mask_additive.extend(attention_mask[bi * l + 1..(bi + 1) * l].iter().map(|&m| (m as f32 - 1.0) * 100.0));
-        }
-        e
-    }
-
-    /// Video embeddings for evaluation.
-    pub fn embed_video(&mut self, object: &[f32], object_mask: &[f32], b: usize, f: usize, r: usize) -> VideoEmbeddings {
-        self.forward_video(object, object_mask, b, f, r);
-        self.video_embeddings(b, f, r)
-    }
-
-    /// [`Model::embed_video`] for pure inference (evaluation, `bench embed`): the same values,
-    /// but the tower keeps one block's activations at a time instead of all of them (at
-    /// 32 clips × 241 tokens, ~1.4 GB less); no backward pass may follow it.
-    pub fn embed_video_inference(&mut self, object: &[f32], object_mask: &[f32], b: usize, f: usize, r: usize) -> VideoEmbeddings {
-        self.video.forward_inference(&self.params.data, &mut self.arena.video, object, object_mask, b, f, r);
-        self.video_embeddings(b, f, r)
-    }
-
-    fn video_embeddings(&self, b: usize, f: usize, r: usize) -> VideoEmbeddings {
-        let (p, nr) = (self.config.proj_dim, f * r);
-        let a = &self.arena.video;
-        let mut e = VideoEmbeddings {
-            global: Vec::with_capacity(b * p),
-            local: Vec::with_capacity(b * nr * p),
-            mask_additive: Vec::with_capacity(b * nr),
-        };
-        for bi in 0..b {
-            let v = &a.out[bi * (1 + nr) * p..(bi + 1) * (1 + nr) * p];
-            e.global.extend_from_slice(&v[..p]);
-            e.local.extend_from_slice(&v[p..]);
-            e.mask_additive.extend_from_slice(&a.mask_add[bi * (1 + nr) + 1..(bi + 1) * (1 + nr)]);
-        }
-        e
-    }
-
-    /// The text tower's `last_hidden_state` `[B, L, D]` (before ReLU and projection).
-    pub fn text_hidden_states(&mut self, input_ids: &[i64], attention_mask: &[i64], b: usize, l: usize) -> Vec<f32> {
-        self.text.forward(&self.params.data, &mut self.arena.text, input_ids, attention_mask, b, l, None, false);
-        self.arena.text.last_hidden().to_vec()
+        self.backend.losses(loss, &Self::loss_views(&self.arena, batch, self.config.proj_dim), use_local, false).0
     }
 
     pub fn text_kind(&self) -> TextKind {
@@ -541,256 +538,4 @@ impl Model {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::{TextConfig, VideoConfig};
-
-    fn tiny() -> ModelConfig {
-        ModelConfig {
-            text: TextConfig {
-                kind: TextKind::Distilbert,
-                vocab_size: 50,
-                dim: 16,
-                layers: 2,
-                heads: 2,
-                hidden_dim: 32,
-                max_position_embeddings: 12,
-                type_vocab_size: 0,
-                layer_norm_eps: 1e-12,
-            },
-            video: VideoConfig {
-                dim: 16,
-                depth: 2,
-                heads: 2,
-                mlp_dim: 32,
-                max_frames: 2,
-                pos_embed_rows: 4,
-                feature_dim: 2048,
-                box_dim: 6,
-                layer_norm_eps: 1e-6,
-            },
-            proj_dim: 8,
-        }
-    }
-
-    fn arena_buffers(m: &Model) -> Vec<(usize, usize)> {
-        let a = &m.arena;
-        let mut v = a.text.buffers();
-        v.extend(a.video.buffers());
-        for b in [
-            &a.relu,
-            &a.text_out,
-            &a.global_text,
-            &a.local_text,
-            &a.text_mask,
-            &a.global_video,
-            &a.local_video,
-            &a.video_mask,
-            &a.d_text_out,
-            &a.d_video_out,
-            &a.d_relu,
-            &a.d_hidden,
-        ] {
-            v.push((b.as_ptr() as usize, b.capacity()));
-        }
-        v
-    }
-
-    struct Data {
-        object: Vec<f32>,
-        mask: Vec<f32>,
-        ids: Vec<i64>,
-        am: Vec<i64>,
-    }
-
-    fn data(b: usize, f: usize, r: usize, l: usize) -> Data {
-        let mut rng = Rng::new(b as u64);
-        Data {
-            object: (0..b * f * r * 2054).map(|_| rng.uniform()).collect(),
-            mask: (0..b * f * r).map(|i| if i % 4 == 3 { 0.0 } else { 1.0 }).collect(),
-            ids: (0..b * l).map(|i| if i % l < l - 2 { 1 + (i % 40) as i64 } else { 0 }).collect(),
-            am: (0..b * l).map(|i| (i % l < l - 2) as i64).collect(),
-        }
-    }
-
-    fn batch(d: &Data, b: usize, f: usize, r: usize, l: usize) -> BatchRef<'_> {
-        BatchRef {
-            batch: b,
-            frames: f,
-            regions: r,
-            text_len: l,
-            object: &d.object,
-            object_mask: &d.mask,
-            input_ids: &d.ids,
-            attention_mask: &d.am,
-        }
-    }
-
-    /// The fused step (AdamW applied block by block inside the backward pass) must leave
-    /// parameters and both moments bit-identical to forward_backward + AdamW::step, over
-    /// several steps, for both text families, with dropout and weight decay on; and it must
-    /// never write a block's or the word table's gradient into `params.grad`.
-    #[test]
-    fn fused_step_equals_backward_then_adamw_bit_for_bit() {
-        for kind in [TextKind::Distilbert, TextKind::Bert] {
-            let mut cfg = tiny();
-            cfg.text.kind = kind;
-            cfg.text.type_vocab_size = 2;
-            let mut plain = Model::new(cfg.clone());
-            plain.init_random(3);
-            plain.set_text_dropout(TextDropout::PUBLISHED, 11);
-            let mut fused = plain.clone();
-            let settings = crate::AdamWSettings { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-6, weight_decay: 0.01 };
-            let mut opt_plain = AdamW::with_settings(plain.params.len(), settings);
-            let mut opt_fused = opt_plain.clone();
-            let loss = LossConfig::default();
-            let mut d = data(3, 2, 3, 10);
-            // Repeated ids (rows summed over several tokens) as well as [PAD].
-            for (i, id) in d.ids.iter_mut().enumerate() {
-                if *id != 0 {
-                    *id = 1 + (i * 7 % 13) as i64;
-                }
-            }
-            for step in 0..3 {
-                let a = plain.forward_backward(&batch(&d, 3, 2, 3, 10), &loss, true);
-                opt_plain.step(&mut plain.params);
-                let b = fused.train_step_fused(&batch(&d, 3, 2, 3, 10), &loss, true, &mut opt_fused);
-                assert_eq!(a.loss_total.to_bits(), b.loss_total.to_bits(), "{kind:?} step {step}: loss");
-                let same = |x: &[f32], y: &[f32]| x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits());
-                assert!(same(&plain.params.data, &fused.params.data), "{kind:?} step {step}: parameters differ");
-                assert!(same(&opt_plain.m, &opt_fused.m) && same(&opt_plain.v, &opt_fused.v), "{kind:?} step {step}: moments differ");
-                assert_eq!(opt_plain.t, opt_fused.t);
-                for w in fused.text.layer_windows().iter().chain(fused.video.block_windows()).chain([&fused.word_range]) {
-                    assert!(
-                        fused.params.grad[w.clone()].iter().all(|&g| g == 0.0),
-                        "{kind:?}: a block or word-table gradient reached params.grad"
-                    );
-                }
-            }
-            // The windows and the rest cover every updated element exactly once.
-            let mut count = vec![0u8; fused.params.len()];
-            for w in fused.text.layer_windows().iter().chain(fused.video.block_windows()) {
-                count[w.clone()].iter_mut().for_each(|c| *c += 1);
-            }
-            for &(r0, r1) in &fused.rest_ranges {
-                count[r0..r1].iter_mut().for_each(|c| *c += 1);
-            }
-            count[fused.word_range.clone()].iter_mut().for_each(|c| *c += 1);
-            for s in fused.params.specs().iter().filter(|s| s.receives_grad) {
-                assert!(count[s.offset..s.offset + s.len].iter().all(|&c| c == 1), "{kind:?}: {} not covered exactly once", s.name);
-            }
-        }
-    }
-
-    #[test]
-    fn steady_state_steps_reuse_the_arena() {
-        let mut m = Model::new(tiny());
-        m.init_random(1);
-        m.set_text_dropout(TextDropout::PUBLISHED, 2);
-        let cfg = LossConfig::default();
-        let big = data(4, 2, 3, 10);
-        let small = data(2, 1, 3, 8);
-        m.forward_backward(&batch(&big, 4, 2, 3, 10), &cfg, true);
-        // An evaluation forward grows the one buffer training does not use (the text FFN
-        // scratch: training keeps those activations per layer instead).
-        m.forward_loss(&batch(&big, 4, 2, 3, 10), &cfg, true);
-        let after_first = arena_buffers(&m);
-        let l1 = m.forward_backward(&batch(&big, 4, 2, 3, 10), &cfg, true);
-        assert_eq!(arena_buffers(&m), after_first, "a same-shaped step reallocated");
-        m.forward_backward(&batch(&small, 2, 1, 3, 8), &cfg, true);
-        m.forward_loss(&batch(&small, 2, 1, 3, 8), &cfg, true);
-        let l2 = m.forward_backward(&batch(&big, 4, 2, 3, 10), &cfg, true);
-        assert_eq!(arena_buffers(&m), after_first, "a smaller batch in between reallocated");
-        assert!(l1.loss_total.is_finite() && l2.loss_total.is_finite());
-    }
-
-    /// The inference forward (one block's buffers, ping-pong residual stream) gives the
-    /// training forward's outputs bit for bit, and leaves the kept activations usable.
-    #[test]
-    fn embed_video_inference_between_training_steps() {
-        let mut m = Model::new(tiny());
-        m.init_random(5);
-        let cfg = LossConfig::default();
-        let d = data(3, 2, 3, 10);
-        let b = batch(&d, 3, 2, 3, 10);
-        let first = m.forward_backward(&b, &cfg, true);
-        let g1 = m.params.grad.clone();
-        let tokens = m.forward_tokens(&b, false).1.to_vec();
-        let e = m.embed_video_inference(b.object, b.object_mask, 3, 2, 3);
-        let p = m.config.proj_dim;
-        for bi in 0..3 {
-            let t = &tokens[bi * 7 * p..(bi + 1) * 7 * p];
-            assert_eq!(&e.global[bi * p..(bi + 1) * p], &t[..p]);
-            assert_eq!(&e.local[bi * 6 * p..(bi + 1) * 6 * p], &t[p..]);
-        }
-        let again = m.forward_backward(&b, &cfg, true);
-        assert_eq!(first.loss_total, again.loss_total);
-        assert_eq!(g1, m.params.grad);
-    }
-
-    #[test]
-    fn recomputing_the_mlp_gives_identical_gradients() {
-        let mut m = Model::new(tiny());
-        m.init_random(3);
-        let cfg = LossConfig::default();
-        let d = data(3, 2, 3, 10);
-        let b = batch(&d, 3, 2, 3, 10);
-        m.set_recompute_mlp(false);
-        let kept = m.forward_backward(&b, &cfg, true);
-        assert!(m.arena.video.blocks.iter().all(|b| b.h.capacity() > 0), "hidden activations not kept");
-        let g_kept = m.params.grad.clone();
-        m.set_recompute_mlp(true);
-        let re = m.forward_backward(&b, &cfg, true);
-        assert_eq!(kept.loss_total, re.loss_total);
-        assert_eq!(g_kept, m.params.grad);
-        assert!(m.arena.video.blocks.iter().all(|b| b.h.capacity() == 0), "hidden activations still kept");
-        // Some blocks recomputing, the others keeping.
-        m.set_recompute_mlp_blocks(1);
-        let part = m.forward_backward(&b, &cfg, true);
-        assert_eq!(kept.loss_total, part.loss_total);
-        assert_eq!(g_kept, m.params.grad);
-        assert!(m.arena.video.blocks[0].h.capacity() == 0 && m.arena.video.blocks[1].h.capacity() > 0);
-    }
-
-    #[test]
-    fn recomputing_the_text_ffn_gives_identical_gradients() {
-        let mut m = Model::new(tiny());
-        m.init_random(4);
-        let cfg = LossConfig::default();
-        let d = data(3, 2, 3, 10);
-        let b = batch(&d, 3, 2, 3, 10);
-        let kept = m.forward_backward(&b, &cfg, true);
-        let g_kept = m.params.grad.clone();
-        m.set_text_recompute_ffn(true);
-        // Stale kept activations must not be read: poison them.
-        m.arena.text.poison_kept_ffn_hidden();
-        let re = m.forward_backward(&b, &cfg, true);
-        assert_eq!(kept.loss_total, re.loss_total);
-        assert_eq!(g_kept, m.params.grad);
-    }
-
-    #[test]
-    fn init_random_is_published_style() {
-        let mut m = Model::new(tiny());
-        m.init_random(7);
-        let p = &m.params;
-        let get = |n: &str| p.get(p.id(n).unwrap_or_else(|| panic!("{n}")));
-        assert!(get("text_model.embeddings.LayerNorm.weight").iter().all(|&x| x == 1.0));
-        assert!(get("object_model.blocks.0.norm3.weight").iter().all(|&x| x == 1.0));
-        assert!(get("object_model.blocks.1.attn.qkv.bias").iter().all(|&x| x == 0.0));
-        assert!(get("object_model.temporal_embed").iter().all(|&x| x == 0.0));
-        assert!(get("text_model.embeddings.word_embeddings.weight")[..16].iter().all(|&x| x == 0.0), "padding row");
-        let w = get("object_model.object_embedding.weight");
-        let n = w.len() as f64;
-        let mean = w.iter().map(|&x| x as f64).sum::<f64>() / n;
-        let std = (w.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n).sqrt();
-        assert!(mean.abs() < 1e-3 && (std - 0.0176).abs() < 1e-3, "mean {mean} std {std}"); // N(0, .02) cut at ±2σ has σ ≈ 0.0176
-        assert!(w.iter().all(|&x| x.abs() <= 0.04));
-        assert!(get("object_model.cls_token").iter().any(|&x| x != 0.0));
-        let mut again = Model::new(tiny());
-        again.init_random(7);
-        assert_eq!(again.params.data, m.params.data);
-        again.init_random(8);
-        assert_ne!(again.params.data, m.params.data);
-    }
-}
+mod tests;

@@ -2,6 +2,7 @@
 //! layout, and named views into both. Names are the published state_dict names
 //! (`text_model.*`, `object_model.*`, `txt_proj.1.*`), so checkpoints map one to one.
 
+use crate::backend::{Backend, Cpu};
 use std::collections::HashMap;
 
 /// Index of one named tensor inside [`Params`].
@@ -52,21 +53,26 @@ impl ParamsBuilder {
     }
 
     pub fn build(self) -> Params {
+        self.build_on(&Cpu)
+    }
+
+    /// The buffers (zeros) on a backend.
+    pub fn build_on<B: Backend>(self, be: &B) -> Params<B> {
         let index = self.specs.iter().enumerate().map(|(i, s)| (s.name.clone(), ParamId(i))).collect();
-        Params { data: vec![0.0; self.total], grad: vec![0.0; self.total], specs: self.specs, index }
+        Params { data: be.zeros(self.total), grad: be.zeros(self.total), specs: self.specs, index }
     }
 }
 
-/// The flat parameter and gradient buffers with their named views.
+/// The flat parameter and gradient buffers (of the backend `B`) with their named views.
 #[derive(Clone, Debug)]
-pub struct Params {
-    pub data: Vec<f32>,
-    pub grad: Vec<f32>,
+pub struct Params<B: Backend = Cpu> {
+    pub data: B::Buf,
+    pub grad: B::Buf,
     specs: Vec<ParamSpec>,
     index: HashMap<String, ParamId>,
 }
 
-impl Params {
+impl<B: Backend> Params<B> {
     pub fn specs(&self) -> &[ParamSpec] {
         &self.specs
     }
@@ -80,13 +86,43 @@ impl Params {
     }
 
     pub fn len(&self) -> usize {
-        self.data.len()
+        B::buf_len(&self.data)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.data.is_empty()
+        self.len() == 0
     }
 
+    /// Where a tensor lies in the buffers.
+    pub fn range(&self, id: ParamId) -> std::ops::Range<usize> {
+        let s = &self.specs[id.0];
+        s.offset..s.offset + s.len
+    }
+
+    /// The same tensors and values on another backend `to` (copied through the host).
+    pub fn to_backend<C: Backend>(&self, from: &B, to: &C) -> Params<C> {
+        let copy = |buf: &B::Buf| {
+            let host = from.to_host(B::view(buf));
+            let mut out = C::Buf::default();
+            to.write_host(&mut out, host.len(), |d| d.copy_from_slice(&host));
+            out
+        };
+        Params { data: copy(&self.data), grad: copy(&self.grad), specs: self.specs.clone(), index: self.index.clone() }
+    }
+
+    /// Per-element flag: does this element receive gradient / get updated?
+    pub fn update_mask(&self) -> Vec<bool> {
+        let mut m = vec![false; self.len()];
+        for s in &self.specs {
+            if s.receives_grad {
+                m[s.offset..s.offset + s.len].iter_mut().for_each(|x| *x = true);
+            }
+        }
+        m
+    }
+}
+
+impl Params<Cpu> {
     pub fn get(&self, id: ParamId) -> &[f32] {
         let s = &self.specs[id.0];
         &self.data[s.offset..s.offset + s.len]
@@ -115,17 +151,6 @@ impl Params {
 
     pub fn zero_grad(&mut self) {
         self.grad.iter_mut().for_each(|g| *g = 0.0);
-    }
-
-    /// Per-element flag: does this element receive gradient / get updated?
-    pub fn update_mask(&self) -> Vec<bool> {
-        let mut m = vec![false; self.data.len()];
-        for s in &self.specs {
-            if s.receives_grad {
-                m[s.offset..s.offset + s.len].iter_mut().for_each(|x| *x = true);
-            }
-        }
-        m
     }
 }
 

@@ -4,19 +4,21 @@
 //! attention probabilities, on the FFN output before its residual, and for BERT also on
 //! the attention output projection before its residual.
 
+mod acts;
+
+pub use acts::{TextActs, WordGradRows};
+
 use crate::adamw::FusedStep;
+use crate::backend::{zeroed, Backend};
 use crate::config::{TextConfig, TextKind};
-use crate::layers::{add_in_place, block_window, fit, range, zeroed, Grads, LayerNorm, Linear};
+use crate::layers::{block_window, range, Grads, LayerNorm, Linear};
+use crate::mask::{additive_mask, TEXT_ATTENTION_PAD_SCORE};
 use crate::params::{Params, ParamsBuilder};
-use demovlp_kernels::activation::{gelu_backward_in_place, gelu_forward};
-use demovlp_kernels::attention::{attention_backward, attention_forward, merge_heads, split_heads, AttnShape, KeyPattern};
-use demovlp_kernels::dropout::{dropout_mask, masked, mul_in_place};
-use demovlp_kernels::embedding::{embedding_backward, embedding_forward};
+use acts::{TextLayerActs, TextScratch};
+use demovlp_kernels::attention::{AttnShape, KeyPattern};
 use demovlp_kernels::Rng;
 use std::ops::Range;
 
-/// Score added to padded keys: exp underflows to exactly 0, like HF's `finfo.min` fill.
-const TEXT_MASK_NEG: f32 = -1e30;
 /// `[PAD]` id of the uncased BERT vocabulary and Hugging Face's `padding_idx` of the word table.
 const PAD_TOKEN_ID: usize = 0;
 
@@ -112,6 +114,29 @@ impl TextDropout {
     pub const PUBLISHED: TextDropout = TextDropout { hidden: 0.1, attention: 0.1 };
 }
 
+/// Sizes of one text batch: `batch` sequences of `len` tokens.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TextShape {
+    pub batch: usize,
+    pub len: usize,
+}
+
+impl TextShape {
+    /// Token rows of every activation: batch · len.
+    pub fn tokens(&self) -> usize {
+        self.batch * self.len
+    }
+}
+
+/// One batch of text input, on the host: token ids and attention mask (1 real / 0
+/// padding), both `[B, L]`.
+#[derive(Clone, Copy, Debug)]
+pub struct TextInput<'a> {
+    pub ids: &'a [i64],
+    pub mask: &'a [i64],
+    pub shape: TextShape,
+}
+
 #[derive(Clone, Debug)]
 struct TextLayer {
     q: Linear,
@@ -122,6 +147,34 @@ struct TextLayer {
     ffn1: Linear,
     ffn2: Linear,
     ln2: LayerNorm,
+}
+
+/// What each layer's pass takes from the tower: the backend, sizes, the attention mask and
+/// which dropout is active (with the generator that draws the forward pass's masks).
+struct LayerRun<'a, B: Backend> {
+    be: &'a B,
+    kind: TextKind,
+    shape: TextShape,
+    dim: usize,
+    hidden_dim: usize,
+    attn: AttnShape,
+    scale: f32,
+    /// `[B, L]` additive key mask.
+    mask_add: B::View<'a>,
+    dropout: TextDropout,
+    drop_hidden: bool,
+    drop_attn: bool,
+    rng: Option<&'a mut Rng>,
+    ffn_hidden_kept: bool,
+}
+
+impl<B: Backend> LayerRun<'_, B> {
+    /// Draws a fresh dropout mask of `n` values into `buf` when that dropout is active.
+    fn draw(&mut self, buf: &mut B::Buf, n: usize, prob: f32) {
+        if let (Some(rng), true) = (self.rng.as_deref_mut(), prob > 0.0) {
+            self.be.dropout_mask(rng, prob, buf, n);
+        }
+    }
 }
 
 impl TextLayer {
@@ -135,6 +188,161 @@ impl TextLayer {
             ffn1: self.ffn1.rebased(base),
             ffn2: self.ffn2.rebased(base),
             ln2: self.ln2.rebased(base),
+        }
+    }
+
+    /// out = ln2(ffn(x1) + x1) with x1 = ln1(attn_out(attention(x)) + x) (post-LN).
+    fn forward<B: Backend>(
+        &self,
+        data: B::View<'_>,
+        run: &mut LayerRun<B>,
+        x: B::View<'_>,
+        out: &mut B::Buf,
+        acts: &mut TextLayerActs<B>,
+        s: &mut TextScratch<B>,
+    ) {
+        let be = run.be;
+        let (n, d, hid) = (run.shape.tokens(), run.dim, run.hidden_dim);
+        let TextShape { batch, len } = run.shape;
+        for (lin, buf) in [(&self.q, &mut acts.q), (&self.k, &mut acts.k), (&self.v, &mut acts.v)] {
+            be.fit(buf, n * d);
+            lin.forward(be, data, x, d, n, B::view_mut(buf));
+        }
+        // Attention.
+        be.fit(&mut s.probs, run.attn.probs_len());
+        be.fit(&mut s.ctx_heads, n * d);
+        let (p_attn, probs_len) = (run.dropout.attention, run.attn.probs_len());
+        run.draw(&mut acts.attn_drop, probs_len, p_attn);
+        let attn_drop = run.drop_attn.then(|| B::view(&acts.attn_drop));
+        let (q, k, v) = (B::view(&acts.q), B::view(&acts.k), B::view(&acts.v));
+        be.attention_forward(
+            &run.attn,
+            run.scale,
+            q,
+            k,
+            v,
+            d,
+            run.mask_add,
+            attn_drop,
+            B::view_mut(&mut s.probs),
+            B::view_mut(&mut s.ctx_heads),
+        );
+        be.fit(&mut acts.ctx, n * d);
+        be.merge_heads(B::view(&s.ctx_heads), B::view_mut(&mut acts.ctx), d, batch, run.attn.heads, len, run.attn.head_dim);
+        // attn_res = out_lin(ctx) (+ dropout, BERT) + x; ln1_out = ln1(attn_res)
+        be.fit(&mut acts.attn_res, n * d);
+        self.o.forward(be, data, B::view(&acts.ctx), d, n, B::view_mut(&mut acts.attn_res));
+        if run.kind == TextKind::Bert {
+            let p = run.dropout.hidden;
+            run.draw(&mut acts.attn_out_drop, n * d, p);
+            if run.drop_hidden {
+                be.mul_in_place(B::view_mut(&mut acts.attn_res), B::view(&acts.attn_out_drop));
+            }
+        }
+        be.add_in_place(B::view_mut(&mut acts.attn_res), x);
+        be.fit(&mut acts.ln1_out, n * d);
+        be.fit(&mut acts.ln1_mean, n);
+        be.fit(&mut acts.ln1_rstd, n);
+        #[rustfmt::skip]
+        self.ln1.forward(be, data, B::view(&acts.attn_res), B::view_mut(&mut acts.ln1_out), B::view_mut(&mut acts.ln1_mean), B::view_mut(&mut acts.ln1_rstd));
+        // ffn_res = ffn2(gelu(ffn1(ln1_out))) (+ dropout) + ln1_out; out = ln2(ffn_res)
+        let ffn1_out = if run.ffn_hidden_kept { &mut acts.ffn1_out } else { &mut s.ffn1_out };
+        be.fit(ffn1_out, n * hid);
+        self.ffn1.forward(be, data, B::view(&acts.ln1_out), d, n, B::view_mut(ffn1_out));
+        be.fit(&mut s.gelu_out, n * hid);
+        be.gelu_forward(B::view(ffn1_out), B::view_mut(&mut s.gelu_out));
+        be.fit(&mut acts.ffn_res, n * d);
+        self.ffn2.forward(be, data, B::view(&s.gelu_out), hid, n, B::view_mut(&mut acts.ffn_res));
+        let p = run.dropout.hidden;
+        run.draw(&mut acts.ffn_drop, n * d, p);
+        if run.drop_hidden {
+            be.mul_in_place(B::view_mut(&mut acts.ffn_res), B::view(&acts.ffn_drop));
+        }
+        be.add_in_place(B::view_mut(&mut acts.ffn_res), B::view(&acts.ln1_out));
+        be.fit(out, n * d);
+        be.fit(&mut acts.ln2_mean, n);
+        be.fit(&mut acts.ln2_rstd, n);
+        #[rustfmt::skip]
+        self.ln2.forward(be, data, B::view(&acts.ffn_res), B::view_mut(out), B::view_mut(&mut acts.ln2_mean), B::view_mut(&mut acts.ln2_rstd));
+    }
+
+    /// Given d(layer output) in `s.d_x`, writes this layer's parameter gradients (overwritten)
+    /// and leaves d(`x`) in `s.d_x`. `self` indexes `data` / `grad`: the whole buffers or
+    /// this layer's window of them.
+    fn backward<B: Backend>(
+        &self,
+        data: B::View<'_>,
+        mut grad: B::ViewMut<'_>,
+        run: &LayerRun<B>,
+        x: B::View<'_>,
+        acts: &TextLayerActs<B>,
+        s: &mut TextScratch<B>,
+    ) {
+        let be = run.be;
+        let g = &mut grad;
+        let (n, d, hid) = (run.shape.tokens(), run.dim, run.hidden_dim);
+        // out = ln2(ffn_res)
+        let d_ffn_res = zeroed(be, &mut s.d_res, n * d);
+        let (mean, rstd) = (B::view(&acts.ln2_mean), B::view(&acts.ln2_rstd));
+        self.ln2.backward(be, data, B::reborrow(g), B::view(&acts.ffn_res), mean, rstd, B::view(&s.d_x), d_ffn_res, Grads::Overwrite);
+        // ffn_res = ffn2(gelu(ffn1(ln1_out))) + ln1_out, ffn1's output kept or recomputed.
+        let ffn1_out = if run.ffn_hidden_kept {
+            B::view(&acts.ffn1_out)
+        } else {
+            be.fit(&mut s.ffn1_out, n * hid);
+            self.ffn1.forward(be, data, B::view(&acts.ln1_out), d, n, B::view_mut(&mut s.ffn1_out));
+            B::view(&s.ffn1_out)
+        };
+        be.fit(&mut s.gelu_out, n * hid);
+        be.gelu_forward(ffn1_out, B::view_mut(&mut s.gelu_out));
+        let ffn_drop = run.drop_hidden.then(|| B::view(&acts.ffn_drop));
+        let d_ffn2_out = be.masked(B::view(&s.d_res), ffn_drop, &mut s.d_dropped);
+        // ffn2's weight gradient first; then gelu_out is dead and its buffer takes
+        // d(gelu_out), which becomes d(ffn1_out) in place (one hidden-wide scratch buffer,
+        // no zeroing).
+        self.ffn2.backward(be, data, B::reborrow(g), B::view(&s.gelu_out), hid, n, d_ffn2_out, None, Grads::Overwrite);
+        self.ffn2.backward_input(be, data, d_ffn2_out, n, B::view_mut(&mut s.gelu_out));
+        be.gelu_backward_in_place(ffn1_out, B::view_mut(&mut s.gelu_out));
+        be.fit(&mut s.d_ln1_out, n * d);
+        be.copy(B::view(&s.d_res), B::view_mut(&mut s.d_ln1_out));
+        let d_ln1_out = Some(B::view_mut(&mut s.d_ln1_out));
+        self.ffn1.backward(be, data, B::reborrow(g), B::view(&acts.ln1_out), d, n, B::view(&s.gelu_out), d_ln1_out, Grads::Overwrite);
+        // ln1_out = ln1(attn_res)
+        let d_attn_res = zeroed(be, &mut s.d_res, n * d);
+        let (mean, rstd) = (B::view(&acts.ln1_mean), B::view(&acts.ln1_rstd));
+        self.ln1.backward(
+            be,
+            data,
+            B::reborrow(g),
+            B::view(&acts.attn_res),
+            mean,
+            rstd,
+            B::view(&s.d_ln1_out),
+            d_attn_res,
+            Grads::Overwrite,
+        );
+        // attn_res = out_lin(attention(q, k, v)) + x
+        be.copy(B::view(&s.d_res), B::view_mut(&mut s.d_x));
+        let d_ctx = zeroed(be, &mut s.d_ctx, n * d);
+        let attn_out_drop = (run.drop_hidden && run.kind == TextKind::Bert).then(|| B::view(&acts.attn_out_drop));
+        let d_attn_out = be.masked(B::view(&s.d_res), attn_out_drop, &mut s.d_dropped);
+        self.o.backward(be, data, B::reborrow(g), B::view(&acts.ctx), d, n, d_attn_out, Some(d_ctx), Grads::Overwrite);
+        // The probabilities, recomputed (the context that comes with them is not needed).
+        let attn_drop = run.drop_attn.then(|| B::view(&acts.attn_drop));
+        let qkv = [B::view(&acts.q), B::view(&acts.k), B::view(&acts.v)];
+        be.fit(&mut s.probs, run.attn.probs_len());
+        be.fit(&mut s.ctx_heads, n * d);
+        let (probs, ctx_heads) = (B::view_mut(&mut s.probs), B::view_mut(&mut s.ctx_heads));
+        be.attention_forward(&run.attn, run.scale, qkv[0], qkv[1], qkv[2], d, run.mask_add, attn_drop, probs, ctx_heads);
+        // d(ctx) read and d(q), d(k), d(v) written as token rows: no head-major copies.
+        // Overwritten: no zeroing.
+        for buf in [&mut s.d_q, &mut s.d_k, &mut s.d_v] {
+            be.fit(buf, n * d);
+        }
+        let d_qkv = [B::view_mut(&mut s.d_q), B::view_mut(&mut s.d_k), B::view_mut(&mut s.d_v)];
+        be.attention_backward_rows_split(&run.attn, run.scale, qkv, d, B::view(&s.probs), attn_drop, B::view(&s.d_ctx), d, d_qkv, d);
+        for (lin, dy) in [(&self.q, &s.d_q), (&self.k, &s.d_k), (&self.v, &s.d_v)] {
+            lin.backward(be, data, B::reborrow(g), x, d, n, B::view(dy), Some(B::view_mut(&mut s.d_x)), Grads::Overwrite);
         }
     }
 }
@@ -153,170 +361,8 @@ pub struct TextTower {
     layers_local: Vec<TextLayer>,
 }
 
-/// What one layer keeps for its backward pass. The attention probabilities are not kept:
-/// the backward recomputes them from q and k (under 1 % of the tower's arithmetic, 3.8 MB
-/// per layer at the published size). The FFN hidden activations `h` (9.8 MB per layer) are
-/// kept when the forward pass is asked to (`keep_ffn_hidden`; training: recomputing them
-/// is 1.5 % of a step's arithmetic), else recomputed from x1.
-#[derive(Clone, Debug, Default)]
-struct LayerActs {
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
-    ctx: Vec<f32>,
-    z1: Vec<f32>,
-    m1: Vec<f32>,
-    r1: Vec<f32>,
-    x1: Vec<f32>,
-    z2: Vec<f32>,
-    m2: Vec<f32>,
-    r2: Vec<f32>,
-    /// ffn1 output (before GELU), when kept.
-    h: Vec<f32>,
-    attn_drop: Vec<f32>,
-    sa_drop: Vec<f32>,
-    ffn_drop: Vec<f32>,
-}
-
-/// Activation arena of the text tower (reused across steps).
-#[derive(Clone, Debug, Default)]
-pub struct TextActs {
-    pub batch: usize,
-    pub len: usize,
-    /// Training recomputes the FFN hidden activations too (less memory, more arithmetic).
-    pub recompute_ffn: bool,
-    /// Whether the last forward pass kept them (the backward pass follows it).
-    ffn_hidden_kept: bool,
-    emb: Vec<f32>,
-    emb_mean: Vec<f32>,
-    emb_rstd: Vec<f32>,
-    mask_add: Vec<f32>,
-    /// Dropout applied in the last forward (hidden, attention).
-    drop_hidden: bool,
-    drop_attn: bool,
-    emb_drop: Vec<f32>,
-    /// Hidden states: xs[0] = embeddings output, xs[layers] = last_hidden_state.
-    xs: Vec<Vec<f32>>,
-    layers: Vec<LayerActs>,
-    ctx_h: Vec<f32>,
-    /// Attention probabilities and FFN hidden activations of the layer at hand.
-    probs: Vec<f32>,
-    hs: Vec<f32>,
-    g: Vec<f32>,
-    // backward scratch
-    dx_a: Vec<f32>,
-    dx_b: Vec<f32>,
-    dz: Vec<f32>,
-    dctx: Vec<f32>,
-    dctx_h: Vec<f32>,
-    dq_h: Vec<f32>,
-    dk_h: Vec<f32>,
-    dv_h: Vec<f32>,
-    dq: Vec<f32>,
-    dtmp: Vec<f32>,
-    /// The word table's gradient of the last fused backward, by row (see [`WordGradRows`]).
-    pub word_grad: WordGradRows,
-}
-
-/// The word-embedding gradient of one batch, kept by row: only the rows of the ids the
-/// batch looks up can be nonzero (a few hundred of 30 522), so the fused step never holds
-/// the dense 94 MB table gradient. Rows in increasing id order; `[PAD]` excluded (it gets
-/// no gradient, as Hugging Face's `padding_idx`).
-#[derive(Clone, Debug, Default)]
-pub struct WordGradRows {
-    pub ids: Vec<usize>,
-    /// `[ids.len(), dim]`.
-    pub grad: Vec<f32>,
-}
-
-impl WordGradRows {
-    /// Accumulates d(embedding output) `dout` `[tokens, dim]` by looked-up id, tokens in
-    /// order (the dense [`embedding_backward`]'s summation order for every row).
-    fn accumulate(&mut self, ids: &[i64], dout: &[f32], dim: usize) {
-        self.ids.clear();
-        self.ids.extend(ids.iter().map(|&i| i as usize).filter(|&i| i != PAD_TOKEN_ID));
-        self.ids.sort_unstable();
-        self.ids.dedup();
-        self.grad.clear();
-        self.grad.resize(self.ids.len() * dim, 0.0);
-        for (t, &id) in ids.iter().enumerate() {
-            if id as usize == PAD_TOKEN_ID {
-                continue;
-            }
-            let row = self.ids.binary_search(&(id as usize)).expect("id collected above");
-            let dst = &mut self.grad[row * dim..(row + 1) * dim];
-            dst.iter_mut().zip(&dout[t * dim..(t + 1) * dim]).for_each(|(d, s)| *d += s);
-        }
-    }
-}
-
-impl TextActs {
-    /// `[B, L, D]` output of the last layer.
-    pub fn last_hidden(&self) -> &[f32] {
-        self.xs.last().map(|v| &v[..]).unwrap_or(&[])
-    }
-}
-
-impl TextActs {
-    /// Fills every kept FFN hidden activation with NaN (tests: the recompute path must not read them).
-    #[cfg(test)]
-    pub(crate) fn poison_kept_ffn_hidden(&mut self) {
-        self.layers.iter_mut().for_each(|l| l.h.fill(f32::NAN));
-    }
-
-    /// (address, capacity) of every arena buffer: lets tests prove steady-state steps reuse them.
-    #[cfg(test)]
-    pub(crate) fn buffers(&self) -> Vec<(usize, usize)> {
-        let buf = |v: &Vec<f32>| (v.as_ptr() as usize, v.capacity());
-        let mut out = vec![
-            buf(&self.emb),
-            buf(&self.emb_mean),
-            buf(&self.emb_rstd),
-            buf(&self.mask_add),
-            buf(&self.emb_drop),
-            buf(&self.ctx_h),
-            buf(&self.probs),
-            buf(&self.hs),
-            buf(&self.g),
-            buf(&self.dx_a),
-            buf(&self.dx_b),
-            buf(&self.dz),
-            buf(&self.dctx),
-            buf(&self.dctx_h),
-            buf(&self.dq_h),
-            buf(&self.dk_h),
-            buf(&self.dv_h),
-            buf(&self.dq),
-            buf(&self.dtmp),
-        ];
-        for v in &self.xs {
-            out.push(buf(v));
-        }
-        for l in &self.layers {
-            out.extend([
-                buf(&l.q),
-                buf(&l.k),
-                buf(&l.v),
-                buf(&l.ctx),
-                buf(&l.z1),
-                buf(&l.m1),
-                buf(&l.r1),
-                buf(&l.x1),
-                buf(&l.z2),
-                buf(&l.m2),
-                buf(&l.r2),
-                buf(&l.h),
-                buf(&l.attn_drop),
-                buf(&l.sa_drop),
-                buf(&l.ffn_drop),
-            ]);
-        }
-        out
-    }
-}
-
 impl TextTower {
-    pub fn new(p: &Params, c: &TextConfig) -> Self {
+    pub fn new<B: Backend>(p: &Params<B>, c: &TextConfig) -> Self {
         let (d, h) = (c.dim, c.hidden_dim);
         let layers = (0..c.layers)
             .map(|i| {
@@ -364,132 +410,111 @@ impl TextTower {
         &self.layer_windows
     }
 
-    fn attn_shape(&self, b: usize, l: usize) -> AttnShape {
-        AttnShape { batch: b, heads: self.cfg.heads, seq: l, head_dim: self.cfg.dim / self.cfg.heads, pattern: KeyPattern::Full }
+    /// The per-layer context of a pass over `a`'s batch (`rng` only for a forward pass).
+    fn run<'a, B: Backend>(&self, be: &'a B, a: &'a TextActs<B>, dropout: TextDropout, rng: Option<&'a mut Rng>) -> LayerRun<'a, B> {
+        let c = &self.cfg;
+        let shape = a.shape();
+        let head_dim = c.dim / c.heads;
+        LayerRun {
+            be,
+            kind: c.kind,
+            shape,
+            dim: c.dim,
+            hidden_dim: c.hidden_dim,
+            attn: AttnShape { batch: shape.batch, heads: c.heads, seq: shape.len, head_dim, pattern: KeyPattern::Full },
+            scale: 1.0 / (head_dim as f32).sqrt(),
+            mask_add: B::view(&a.mask_add),
+            dropout,
+            drop_hidden: a.drop_hidden,
+            drop_attn: a.drop_attn,
+            rng,
+            ffn_hidden_kept: a.ffn_hidden_kept,
+        }
     }
 
     /// Runs the encoder; the result is `a.last_hidden()` `[B, L, D]`. With `dropout`
     /// (training), masks are drawn from the generator and kept for the backward pass;
     /// `keep_ffn_hidden` keeps each layer's FFN hidden activations for it as well.
-    #[allow(clippy::too_many_arguments)]
-    pub fn forward(
-        &self,
-        data: &[f32],
-        a: &mut TextActs,
-        ids: &[i64],
-        mask: &[i64],
-        b: usize,
-        l: usize,
-        mut dropout: Option<(TextDropout, &mut Rng)>,
-        keep_ffn_hidden: bool,
-    ) {
+    #[rustfmt::skip]
+    pub fn forward<B: Backend>(&self, be: &B, data: B::View<'_>, a: &mut TextActs<B>, input: TextInput, dropout: Option<(TextDropout, &mut Rng)>, keep_ffn_hidden: bool) {
         let c = &self.cfg;
-        let (d, hid) = (c.dim, c.hidden_dim);
-        assert!(d % c.heads == 0, "text dim {d} not divisible by {} heads", c.heads);
-        assert!(l <= c.max_position_embeddings, "text length {l} exceeds max_position_embeddings {}", c.max_position_embeddings);
-        assert!(ids.len() == b * l && mask.len() == b * l, "text inputs must be [B={b}, L={l}]");
-        let n = b * l;
-        a.batch = b;
-        a.len = l;
+        let TextShape { batch, len } = input.shape;
+        assert!(c.dim.is_multiple_of(c.heads), "text dim {} not divisible by {} heads", c.dim, c.heads);
+        assert!(len <= c.max_position_embeddings, "text length {len} exceeds max_position_embeddings {}", c.max_position_embeddings);
+        assert!(input.ids.len() == batch * len && input.mask.len() == batch * len, "text inputs must be [B={batch}, L={len}]");
+        (a.batch, a.len) = (batch, len);
         a.ffn_hidden_kept = keep_ffn_hidden;
-
-        // Embeddings: word + position (+ token type 0 for BERT), then LayerNorm.
-        fit(&mut a.emb, n * d);
-        embedding_forward(ids, &data[self.word.clone()], d, &mut a.emb, false);
-        let pos = &data[self.pos.clone()];
-        for row in a.emb.chunks_exact_mut(l * d) {
-            add_in_place(row, &pos[..l * d]);
-        }
-        if let Some(tt) = &self.token_type {
-            let t0 = &data[tt.start..tt.start + d];
-            a.emb.chunks_exact_mut(d).for_each(|r| add_in_place(r, t0));
-        }
-        a.xs.resize_with(c.layers + 1, Vec::new);
-        a.layers.resize_with(c.layers, Default::default);
-        fit(&mut a.xs[0], n * d);
-        fit(&mut a.emb_mean, n);
-        fit(&mut a.emb_rstd, n);
-        self.ln_emb.forward(data, &a.emb, &mut a.xs[0], &mut a.emb_mean, &mut a.emb_rstd);
-        let p = dropout.as_ref().map(|(p, _)| *p).unwrap_or_default();
+        let (p, mut rng) = match dropout {
+            Some((p, rng)) => (p, Some(rng)),
+            None => (TextDropout::default(), None),
+        };
         a.drop_hidden = p.hidden > 0.0;
         a.drop_attn = p.attention > 0.0;
-        // Draws a fresh mask into `buf` when that dropout is active.
-        let mut draw = |buf: &mut Vec<f32>, n: usize, prob: f32| {
-            if let (Some((_, rng)), true) = (dropout.as_mut(), prob > 0.0) {
-                fit(buf, n);
-                dropout_mask(rng, prob, buf);
+        a.hidden.resize_with(c.layers + 1, Default::default);
+        a.layers.resize_with(c.layers, Default::default);
+        self.embeddings_forward(be, data, a, input, p, rng.as_deref_mut());
+        be.write_host(&mut a.mask_add, input.shape.tokens(), |mask_add| {
+            for (m, &v) in mask_add.iter_mut().zip(input.mask) {
+                *m = additive_mask((v != 0) as u8 as f32, TEXT_ATTENTION_PAD_SCORE);
             }
-        };
-        draw(&mut a.emb_drop, n * d, p.hidden);
+        });
+        let (mut hidden, mut layers, mut scratch) = (std::mem::take(&mut a.hidden), std::mem::take(&mut a.layers), std::mem::take(&mut a.scratch));
+        let mut run = self.run(be, a, p, rng);
+        for (li, (layer, acts)) in self.layers.iter().zip(&mut layers).enumerate() {
+            let (before, after) = hidden.split_at_mut(li + 1);
+            layer.forward(data, &mut run, B::view(&before[li]), &mut after[0], acts, &mut scratch);
+        }
+        (a.hidden, a.layers, a.scratch) = (hidden, layers, scratch);
+    }
+
+    /// word + position (+ token type 0 for BERT) embeddings, LayerNorm, dropout: `a.hidden[0]`.
+    fn embeddings_forward<B: Backend>(
+        &self,
+        be: &B,
+        data: B::View<'_>,
+        a: &mut TextActs<B>,
+        input: TextInput,
+        p: TextDropout,
+        rng: Option<&mut Rng>,
+    ) {
+        let (n, d, len) = (input.shape.tokens(), self.cfg.dim, input.shape.len);
+        be.fit(&mut a.emb, n * d);
+        be.embedding_forward(input.ids, B::slice(data, self.word.clone()), d, B::view_mut(&mut a.emb));
+        be.add_to_rows(B::view_mut(&mut a.emb), B::slice(data, self.pos.start..self.pos.start + len * d));
+        if let Some(tt) = &self.token_type {
+            be.add_to_rows(B::view_mut(&mut a.emb), B::slice(data, tt.start..tt.start + d));
+        }
+        be.fit(&mut a.hidden[0], n * d);
+        be.fit(&mut a.emb_mean, n);
+        be.fit(&mut a.emb_rstd, n);
+        #[rustfmt::skip]
+        self.ln_emb.forward(be, data, B::view(&a.emb), B::view_mut(&mut a.hidden[0]), B::view_mut(&mut a.emb_mean), B::view_mut(&mut a.emb_rstd));
+        if let (Some(rng), true) = (rng, p.hidden > 0.0) {
+            be.dropout_mask(rng, p.hidden, &mut a.emb_drop, n * d);
+        }
         if a.drop_hidden {
-            mul_in_place(&mut a.xs[0], &a.emb_drop);
-        }
-
-        fit(&mut a.mask_add, n);
-        for (m, &v) in a.mask_add.iter_mut().zip(mask) {
-            *m = if v == 0 { TEXT_MASK_NEG } else { 0.0 };
-        }
-
-        let shape = self.attn_shape(b, l);
-        let scale = 1.0 / ((d / c.heads) as f32).sqrt();
-        for (li, layer) in self.layers.iter().enumerate() {
-            let (before, after) = a.xs.split_at_mut(li + 1);
-            let (x, out) = (&before[li], &mut after[0]);
-            let la = &mut a.layers[li];
-            for (lin, buf) in [(&layer.q, &mut la.q), (&layer.k, &mut la.k), (&layer.v, &mut la.v)] {
-                fit(buf, n * d);
-                lin.forward(data, x, d, n, buf);
-            }
-            fit(&mut a.probs, shape.probs_len());
-            fit(&mut a.ctx_h, n * d);
-            draw(&mut la.attn_drop, shape.probs_len(), p.attention);
-            let attn_drop = a.drop_attn.then_some(&la.attn_drop[..]);
-            attention_forward(&shape, scale, &la.q, &la.k, &la.v, d, &a.mask_add, attn_drop, &mut a.probs, &mut a.ctx_h);
-            fit(&mut la.ctx, n * d);
-            merge_heads(&a.ctx_h, &mut la.ctx, d, 0, b, c.heads, l, d / c.heads);
-            // z1 = out_lin(ctx) + x; x1 = LN(z1)
-            fit(&mut la.z1, n * d);
-            layer.o.forward(data, &la.ctx, d, n, &mut la.z1);
-            if self.cfg.kind == TextKind::Bert {
-                draw(&mut la.sa_drop, n * d, p.hidden);
-                if a.drop_hidden {
-                    mul_in_place(&mut la.z1, &la.sa_drop);
-                }
-            }
-            add_in_place(&mut la.z1, x);
-            fit(&mut la.x1, n * d);
-            fit(&mut la.m1, n);
-            fit(&mut la.r1, n);
-            layer.ln1.forward(data, &la.z1, &mut la.x1, &mut la.m1, &mut la.r1);
-            // z2 = lin2(gelu(lin1(x1))) + x1; out = LN(z2)
-            let h = if a.ffn_hidden_kept { &mut la.h } else { &mut a.hs };
-            fit(h, n * hid);
-            layer.ffn1.forward(data, &la.x1, d, n, h);
-            fit(&mut a.g, n * hid);
-            gelu_forward(h, &mut a.g);
-            fit(&mut la.z2, n * d);
-            layer.ffn2.forward(data, &a.g, hid, n, &mut la.z2);
-            draw(&mut la.ffn_drop, n * d, p.hidden);
-            if a.drop_hidden {
-                mul_in_place(&mut la.z2, &la.ffn_drop);
-            }
-            add_in_place(&mut la.z2, &la.x1);
-            fit(out, n * d);
-            fit(&mut la.m2, n);
-            fit(&mut la.r2, n);
-            layer.ln2.forward(data, &la.z2, out, &mut la.m2, &mut la.r2);
+            be.mul_in_place(B::view_mut(&mut a.hidden[0]), B::view(&a.emb_drop));
         }
     }
 
     /// Accumulates parameter gradients given d(last_hidden_state) `[B, L, D]`;
     /// `ids` must be those of the preceding forward.
-    pub fn backward(&self, data: &[f32], grad: &mut [f32], a: &mut TextActs, ids: &[i64], dlast: &[f32]) {
-        fit(&mut a.dx_a, a.batch * a.len * self.cfg.dim);
-        a.dx_a.copy_from_slice(&dlast[..a.batch * a.len * self.cfg.dim]);
+    pub fn backward<B: Backend>(
+        &self,
+        be: &B,
+        data: B::View<'_>,
+        mut grad: B::ViewMut<'_>,
+        a: &mut TextActs<B>,
+        ids: &[i64],
+        dlast: B::View<'_>,
+    ) {
+        let mut s = self.backward_begin(be, a, dlast);
+        let run = self.run(be, a, TextDropout::default(), None);
         for li in (0..self.cfg.layers).rev() {
-            self.layer_backward(&self.layers[li], data, grad, a, li);
+            self.layers[li].backward(data, B::reborrow(&mut grad), &run, B::view(&a.hidden[li]), &a.layers[li], &mut s);
         }
-        self.backward_embeddings(data, grad, a, ids, false);
+        a.scratch = s;
+        self.embeddings_backward(be, data, grad, a, ids, false);
     }
 
     /// [`Self::backward`] with the optimiser step fused in: each layer's gradients go to the
@@ -497,103 +522,55 @@ impl TextTower {
     /// The position (/ token type) embeddings accumulate into `grad`, the word table's rows
     /// into `a.word_grad` (the dense table gradient is not touched); the caller updates
     /// them at the end.
-    pub fn backward_fused(&self, data: &mut [f32], grad: &mut [f32], a: &mut TextActs, ids: &[i64], dlast: &[f32], step: &mut FusedStep) {
-        fit(&mut a.dx_a, a.batch * a.len * self.cfg.dim);
-        a.dx_a.copy_from_slice(&dlast[..a.batch * a.len * self.cfg.dim]);
+    #[rustfmt::skip]
+    pub fn backward_fused<B: Backend>(&self, be: &B, params: &mut Params<B>, a: &mut TextActs<B>, ids: &[i64], dlast: B::View<'_>, step: &mut FusedStep<B>) {
+        let (data, grad) = (&mut params.data, &mut params.grad);
+        let mut s = self.backward_begin(be, a, dlast);
+        let run = self.run(be, a, TextDropout::default(), None);
         for li in (0..self.cfg.layers).rev() {
-            step.block(data, self.layer_windows[li].clone(), |data, grad| self.layer_backward(&self.layers_local[li], data, grad, a, li));
+            let (layer, x, acts) = (&self.layers_local[li], B::view(&a.hidden[li]), &a.layers[li]);
+            step.block(data, self.layer_windows[li].clone(), |data, grad| layer.backward(data, grad, &run, x, acts, &mut s));
         }
-        self.backward_embeddings(data, grad, a, ids, true);
+        a.scratch = s;
+        self.embeddings_backward(be, B::view(data), B::view_mut(grad), a, ids, true);
     }
 
-    /// One layer, given d(its output) in `a.dx_a` (replaced by d(its input)). `layer`
-    /// indexes `data` / `grad`, the whole buffers or this layer's window of them.
-    fn layer_backward(&self, layer: &TextLayer, data: &[f32], grad: &mut [f32], a: &mut TextActs, li: usize) {
-        let c = &self.cfg;
-        let (b, l) = (a.batch, a.len);
-        let (d, hid, heads) = (c.dim, c.hidden_dim, c.heads);
-        let hd = d / heads;
-        let n = b * l;
-        let shape = self.attn_shape(b, l);
-        let scale = 1.0 / (hd as f32).sqrt();
-        let la = &a.layers[li];
-        let x = &a.xs[li];
-        // out = LN2(z2)
-        let dz2 = zeroed(&mut a.dz, n * d);
-        layer.ln2.backward(data, grad, &la.z2, &la.m2, &la.r2, &a.dx_a, dz2, Grads::Overwrite);
-        // z2 = ffn2(gelu(ffn1(x1))) + x1, its hidden activations kept or recomputed.
-        let h: &[f32] = if a.ffn_hidden_kept {
-            &la.h
-        } else {
-            fit(&mut a.hs, n * hid);
-            layer.ffn1.forward(data, &la.x1, d, n, &mut a.hs);
-            &a.hs
-        };
-        fit(&mut a.g, n * hid);
-        gelu_forward(h, &mut a.g);
-        let dffn = masked(&a.dz, a.drop_hidden.then_some(&la.ffn_drop[..]), &mut a.dtmp);
-        // ffn2's weight gradient first; then g is dead and its buffer takes d(g), which
-        // becomes d(ffn1 output) in place (one hidden-wide scratch buffer, no zeroing).
-        layer.ffn2.backward(data, grad, &a.g, hid, n, dffn, None, Grads::Overwrite);
-        layer.ffn2.backward_input(data, dffn, n, &mut a.g);
-        gelu_backward_in_place(h, &mut a.g);
-        fit(&mut a.dx_b, n * d);
-        a.dx_b.copy_from_slice(&a.dz);
-        layer.ffn1.backward(data, grad, &la.x1, d, n, &a.g, Some(&mut a.dx_b), Grads::Overwrite);
-        // x1 = LN1(z1)
-        let dz1 = zeroed(&mut a.dz, n * d);
-        layer.ln1.backward(data, grad, &la.z1, &la.m1, &la.r1, &a.dx_b, dz1, Grads::Overwrite);
-        // z1 = out_lin(attn(q, k, v)) + x
-        a.dx_a.copy_from_slice(&a.dz);
-        let dctx = zeroed(&mut a.dctx, n * d);
-        let dsa = masked(&a.dz, (a.drop_hidden && c.kind == TextKind::Bert).then_some(&la.sa_drop[..]), &mut a.dtmp);
-        layer.o.backward(data, grad, &la.ctx, d, n, dsa, Some(dctx), Grads::Overwrite);
-        fit(&mut a.dctx_h, n * d);
-        split_heads(&a.dctx, d, 0, &mut a.dctx_h, b, heads, l, hd);
-        // Overwritten by the attention backward: no zeroing.
-        fit(&mut a.dq_h, n * d);
-        fit(&mut a.dk_h, n * d);
-        fit(&mut a.dv_h, n * d);
-        let attn_drop = a.drop_attn.then_some(&la.attn_drop[..]);
-        // The probabilities, recomputed (the context that comes with them is not needed).
-        fit(&mut a.probs, shape.probs_len());
-        fit(&mut a.ctx_h, n * d);
-        attention_forward(&shape, scale, &la.q, &la.k, &la.v, d, &a.mask_add, attn_drop, &mut a.probs, &mut a.ctx_h);
-        attention_backward(&shape, scale, &la.q, &la.k, &la.v, d, &a.probs, attn_drop, &a.dctx_h, &mut a.dq_h, &mut a.dk_h, &mut a.dv_h);
-        fit(&mut a.dq, n * d);
-        for (lin, dh) in [(&layer.q, &a.dq_h), (&layer.k, &a.dk_h), (&layer.v, &a.dv_h)] {
-            merge_heads(dh, &mut a.dq, d, 0, b, heads, l, hd);
-            lin.backward(data, grad, x, d, n, &a.dq, Some(&mut a.dx_a), Grads::Overwrite);
-        }
+    /// The scratch buffers, taken out of the arena, with d(last hidden state) in `d_x`.
+    fn backward_begin<B: Backend>(&self, be: &B, a: &mut TextActs<B>, dlast: B::View<'_>) -> TextScratch<B> {
+        let n = a.shape().tokens() * self.cfg.dim;
+        let mut s = std::mem::take(&mut a.scratch);
+        be.fit(&mut s.d_x, n);
+        be.copy(B::slice(dlast, 0..n), B::view_mut(&mut s.d_x));
+        s
     }
 
     /// Embedding dropout and LayerNorm, then the word / position (/ token type) lookups,
-    /// from d(embedding output) in `a.dx_a`. The word table's gradient goes to `grad`
+    /// from d(embedding output) in `a.scratch.d_x`. The word table's gradient goes to `grad`
     /// (dense) or, with `word_rows`, to `a.word_grad`.
-    fn backward_embeddings(&self, data: &[f32], grad: &mut [f32], a: &mut TextActs, ids: &[i64], word_rows: bool) {
-        let (l, d) = (a.len, self.cfg.dim);
-        let n = a.batch * l;
+    #[rustfmt::skip]
+    fn embeddings_backward<B: Backend>(&self, be: &B, data: B::View<'_>, mut grad: B::ViewMut<'_>, a: &mut TextActs<B>, ids: &[i64], word_rows: bool) {
+        let (len, d) = (a.len, self.cfg.dim);
+        let n = a.shape().tokens();
+        let s = &mut a.scratch;
         if a.drop_hidden {
-            mul_in_place(&mut a.dx_a, &a.emb_drop);
+            be.mul_in_place(B::view_mut(&mut s.d_x), B::view(&a.emb_drop));
         }
-        let demb = zeroed(&mut a.dz, n * d);
-        self.ln_emb.backward(data, grad, &a.emb, &a.emb_mean, &a.emb_rstd, &a.dx_a, demb, Grads::Accumulate);
+        let d_emb = zeroed(be, &mut s.d_res, n * d);
+        let (mean, rstd) = (B::view(&a.emb_mean), B::view(&a.emb_rstd));
+        self.ln_emb.backward(be, data, B::reborrow(&mut grad), B::view(&a.emb), mean, rstd, B::view(&s.d_x), d_emb, Grads::Accumulate);
+        let d_emb = B::slice(B::view(&s.d_res), 0..n * d);
         if word_rows {
-            a.word_grad.accumulate(ids, &a.dz[..n * d], d);
+            a.word_grad.accumulate(be, ids, PAD_TOKEN_ID, d_emb, d);
         } else {
-            let dword = &mut grad[self.word.clone()];
-            embedding_backward(ids, &a.dz, d, dword);
+            let mut d_word = B::slice_mut(B::reborrow(&mut grad), self.word.clone());
+            be.embedding_backward(ids, d_emb, d, B::reborrow(&mut d_word));
             // Hugging Face builds the word table with padding_idx = pad_token_id (0): the [PAD]
             // row receives no gradient, however often it is looked up.
-            dword[PAD_TOKEN_ID * d..(PAD_TOKEN_ID + 1) * d].iter_mut().for_each(|g| *g = 0.0);
+            be.fill_zero(B::slice_mut(d_word, PAD_TOKEN_ID * d..(PAD_TOKEN_ID + 1) * d));
         }
-        let dpos = &mut grad[self.pos.clone()];
-        for row in a.dz.chunks_exact(l * d) {
-            add_in_place(&mut dpos[..l * d], row);
-        }
+        be.sum_rows_into(B::slice_mut(B::reborrow(&mut grad), self.pos.start..self.pos.start + len * d), d_emb);
         if let Some(tt) = &self.token_type {
-            let dt0 = &mut grad[tt.start..tt.start + d];
-            a.dz.chunks_exact(d).for_each(|r| add_in_place(dt0, r));
+            be.sum_rows_into(B::slice_mut(grad, tt.start..tt.start + d), d_emb);
         }
     }
 }

@@ -1,0 +1,361 @@
+//! The device seam: every kernel the model runs, and every buffer it holds, goes through one
+//! [`Backend`]. The model code (towers, heads, losses, AdamW) is generic over it; [`Cpu`]
+//! implements it with today's `demovlp_kernels` (owned buffers are `Vec<f32>`, views are
+//! `&[f32]` / `&mut [f32]`: monomorphised, the same calls as before, no cost).
+//!
+//! # What a backend must provide
+//!
+//! A checklist for a new implementation (e.g. CUDA: cudarc buffers, cuBLASLt GEMMs,
+//! NVRTC-compiled elementwise kernels, fp32 master weights with bf16 GEMM inputs):
+//!
+//! - **Memory.** An owned buffer [`Backend::Buf`] of `f32` (parameters, gradients, AdamW
+//!   moments, every activation), shared and mutable views of element ranges of it
+//!   ([`Backend::View`] must be `Copy`; [`Backend::ViewMut`] is reborrowed with
+//!   [`Backend::reborrow`]), disjoint splits ([`Backend::split_at_mut`]), [`Backend::fit`]
+//!   (resize keeping the allocation: the arenas rely on a steady stream of same-shaped
+//!   batches allocating nothing), fills and copies, including the strided 2-D copy
+//!   [`Backend::copy_2d`] that gathers embeddings for the losses and scatters their gradients.
+//! - **Host transfers, at batch boundaries only.** [`Backend::input`] (a batch's region
+//!   features: zero-copy on the CPU, one upload on a device), [`Backend::write_host`] (masks,
+//!   initial weights: the closure fills host memory that then lands in the buffer),
+//!   [`Backend::to_host`] / [`Backend::read_host`] (embeddings, checkpoints). Token ids and dropout
+//!   generators stay on the host and are passed as host values: a device backend uploads
+//!   the ids and the dropout masks it draws from the given [`Rng`] (the masks must be the
+//!   ones [`dropout_mask`](demovlp_kernels::dropout::dropout_mask) draws, for runs to be
+//!   reproducible across backends).
+//! - **Kernels**, one method each, with the semantics of the `demovlp_kernels` function of
+//!   the same name: linear forward (bias folded in) and backward ([`Grads`] says whether the
+//!   parameter gradients are `=` or `+=`), `dy·W` alone, LayerNorm forward/backward, GELU
+//!   forward / with its derivative / backward in place, ReLU forward/backward, elementwise
+//!   product and sum, broadcast row adds and row sums, dropout masks, attention forward
+//!   (head-major output) and backward on token rows (fused qkv, or split q/k/v), head merge,
+//!   embedding lookup and its backward (dense, or by table row), the video token assembly
+//!   and its backward, the retrieval losses (forward, and forward + backward on the
+//!   embeddings), and the AdamW update of a run of elements and of a table by gradient rows.
+//!
+//! # Conventions
+//!
+//! - Row-major; weights in PyTorch's `[out, in]` layout; `ld*` arguments are stored row
+//!   lengths (a column block of a wider matrix is used in place).
+//! - Backward kernels accumulate (`+=`) into input gradients; parameter gradients follow
+//!   [`Grads`] (`Overwrite` buffers hold stale values that must not be read); the attention
+//!   backward overwrites dq, dk, dv.
+//! - No kernel's output aliases one of its inputs unless the method says "in place".
+//! - Bit-for-bit reproducibility is the CPU backend's contract (the tests compare fused and
+//!   unfused steps, recompute and keep, bit for bit); another backend is compared with it
+//!   to a tolerance ([`check`] holds the comparison a second backend can reuse).
+
+#![allow(clippy::too_many_arguments)] // kernel signatures mirror demovlp_kernels' functions
+
+pub mod check;
+mod cpu;
+
+pub use cpu::Cpu;
+
+use demovlp_kernels::attention::AttnShape;
+pub use demovlp_kernels::linear::Grads;
+use demovlp_kernels::Rng;
+use demovlp_retrieval::{LossConfig, LossOutputs};
+use std::fmt::Debug;
+use std::ops::Range;
+
+use crate::adamw::StepCoeffs;
+
+/// Sizes of the retrieval losses' inputs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LossDims {
+    pub batch: usize,
+    pub words: usize,
+    pub regions: usize,
+    pub dim: usize,
+}
+
+/// The losses' inputs as views of one backend (see [`demovlp_retrieval::LossInputs`]).
+pub struct LossViews<'a, B: Backend> {
+    pub dims: LossDims,
+    /// `[B, P]`
+    pub global_text: B::View<'a>,
+    /// `[B, P]`
+    pub global_video: B::View<'a>,
+    /// `[B, W, P]`
+    pub local_text: B::View<'a>,
+    /// `[B, N, P]`
+    pub local_video: B::View<'a>,
+    /// `[B, W]`, additive
+    pub text_mask: B::View<'a>,
+    /// `[B, N]`, additive
+    pub video_mask: B::View<'a>,
+}
+
+/// The losses' gradients on their four embedding inputs (layouts of [`LossViews`]).
+pub struct LossGradBufs<B: Backend> {
+    pub global_text: B::Buf,
+    pub global_video: B::Buf,
+    pub local_text: B::Buf,
+    pub local_video: B::Buf,
+}
+
+/// Sizes of the video token assembly: `batch` clips of `frames` × `regions` region tokens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TokenDims {
+    pub batch: usize,
+    pub frames: usize,
+    pub regions: usize,
+    pub dim: usize,
+}
+
+/// One compute device: its buffers and every kernel the model calls. See the module docs
+/// for what an implementation must provide.
+pub trait Backend: Clone + Debug + Default + Send + Sync + 'static {
+    /// An owned buffer of `f32` on the device.
+    type Buf: Clone + Debug + Default + Send + Sync;
+    /// A shared view of a range of a buffer.
+    type View<'a>: Copy + Send + Sync;
+    /// A mutable view of a range of a buffer.
+    type ViewMut<'a>: Send;
+
+    // ---- memory -------------------------------------------------------------------------
+
+    fn buf_len(b: &Self::Buf) -> usize;
+    fn view_len(v: Self::View<'_>) -> usize;
+    fn view_mut_len(v: &Self::ViewMut<'_>) -> usize;
+    /// A buffer of `n` zeros.
+    fn zeros(&self, n: usize) -> Self::Buf;
+    /// Resizes `b` to `n` values, reusing its allocation when it is big enough (new
+    /// elements are unspecified).
+    fn fit(&self, b: &mut Self::Buf, n: usize);
+    fn view(b: &Self::Buf) -> Self::View<'_>;
+    fn view_mut(b: &mut Self::Buf) -> Self::ViewMut<'_>;
+    fn slice<'a>(v: Self::View<'a>, r: Range<usize>) -> Self::View<'a>;
+    fn slice_mut<'a>(v: Self::ViewMut<'a>, r: Range<usize>) -> Self::ViewMut<'a>;
+    fn reborrow<'b>(v: &'b mut Self::ViewMut<'_>) -> Self::ViewMut<'b>;
+    fn as_view<'b>(v: &'b Self::ViewMut<'_>) -> Self::View<'b>;
+    fn split_at_mut<'a>(v: Self::ViewMut<'a>, at: usize) -> (Self::ViewMut<'a>, Self::ViewMut<'a>);
+    /// Sets every value to 0 (in parallel chunks when long, on the CPU).
+    fn fill_zero(&self, v: Self::ViewMut<'_>);
+    /// dst = src (same lengths).
+    fn copy(&self, src: Self::View<'_>, dst: Self::ViewMut<'_>);
+    /// `rows` runs of `cols` values: `dst[d0 + i·dld ..][..cols] = src[s0 + i·sld ..][..cols]`.
+    fn copy_2d(&self, src: Self::View<'_>, s0: usize, sld: usize, dst: Self::ViewMut<'_>, d0: usize, dld: usize, rows: usize, cols: usize);
+
+    // ---- host transfers ------------------------------------------------------------------
+
+    /// A host input as a view for one batch: the host slice itself on the CPU, else
+    /// uploaded into `staging`.
+    fn input<'a>(&self, host: &'a [f32], staging: &'a mut Self::Buf) -> Self::View<'a>;
+    /// Fits `b` to `n` values and lets `f` write them on the host (in place on the CPU).
+    fn write_host(&self, b: &mut Self::Buf, n: usize, f: impl FnOnce(&mut [f32]));
+    /// Lets `f` modify elements `r` of `b` on the host (in place on the CPU).
+    fn modify_host(&self, b: &mut Self::Buf, r: Range<usize>, f: impl FnOnce(&mut [f32]));
+    /// A view's values, on the host.
+    fn to_host(&self, v: Self::View<'_>) -> Vec<f32>;
+    /// Lets `f` read a view's values on the host (no copy on the CPU).
+    fn read_host<R>(&self, v: Self::View<'_>, f: impl FnOnce(&[f32]) -> R) -> R;
+
+    // ---- dense layers --------------------------------------------------------------------
+
+    /// y[n, dout] = x[n, din] (rows `ldx` apart) · wᵀ + b.
+    fn linear_forward(
+        &self,
+        x: Self::View<'_>,
+        ldx: usize,
+        w: Self::View<'_>,
+        b: Option<Self::View<'_>>,
+        y: Self::ViewMut<'_>,
+        n: usize,
+        din: usize,
+        dout: usize,
+    );
+    /// dx += dy·W (when given); dW, db (+)= as `grads` says.
+    fn linear_backward(
+        &self,
+        x: Self::View<'_>,
+        ldx: usize,
+        w: Self::View<'_>,
+        dy: Self::View<'_>,
+        n: usize,
+        din: usize,
+        dout: usize,
+        dx: Option<Self::ViewMut<'_>>,
+        dw: Self::ViewMut<'_>,
+        db: Option<Self::ViewMut<'_>>,
+        grads: Grads,
+    );
+    /// dx[n, din] = dy[n, dout] · w[dout, din], overwriting `dx`.
+    fn linear_backward_input(&self, dy: Self::View<'_>, w: Self::View<'_>, dx: Self::ViewMut<'_>, n: usize, din: usize, dout: usize);
+    fn layernorm_forward(
+        &self,
+        x: Self::View<'_>,
+        w: Self::View<'_>,
+        b: Self::View<'_>,
+        eps: f32,
+        y: Self::ViewMut<'_>,
+        mean: Self::ViewMut<'_>,
+        rstd: Self::ViewMut<'_>,
+        dim: usize,
+    );
+    /// dx += ∂/∂x; dw, db accumulate.
+    fn layernorm_backward(
+        &self,
+        x: Self::View<'_>,
+        w: Self::View<'_>,
+        mean: Self::View<'_>,
+        rstd: Self::View<'_>,
+        dy: Self::View<'_>,
+        dx: Self::ViewMut<'_>,
+        dw: Self::ViewMut<'_>,
+        db: Self::ViewMut<'_>,
+        dim: usize,
+    );
+
+    // ---- elementwise ---------------------------------------------------------------------
+
+    fn gelu_forward(&self, x: Self::View<'_>, y: Self::ViewMut<'_>);
+    /// y = gelu(x), dydx = gelu'(x) in one pass.
+    fn gelu_forward_with_grad(&self, x: Self::View<'_>, y: Self::ViewMut<'_>, dydx: Self::ViewMut<'_>);
+    /// d ⊙= gelu'(x), in place.
+    fn gelu_backward_in_place(&self, x: Self::View<'_>, d: Self::ViewMut<'_>);
+    fn relu_forward(&self, x: Self::View<'_>, y: Self::ViewMut<'_>);
+    /// `dx += dy·(x > 0)`.
+    fn relu_backward(&self, x: Self::View<'_>, dy: Self::View<'_>, dx: Self::ViewMut<'_>);
+    /// x ⊙= m, in place.
+    fn mul_in_place(&self, x: Self::ViewMut<'_>, m: Self::View<'_>);
+    /// y += x, in place.
+    fn add_in_place(&self, y: Self::ViewMut<'_>, x: Self::View<'_>);
+    /// `y[i] += x[i mod len(x)]`: `x` added to every run of len(x) values of `y`.
+    fn add_to_rows(&self, y: Self::ViewMut<'_>, x: Self::View<'_>);
+    /// acc += each run of len(acc) values of `x`, runs in order.
+    fn sum_rows_into(&self, acc: Self::ViewMut<'_>, x: Self::View<'_>);
+    /// `x ⊙ mask` in `buf` when a mask is given, else `x` itself.
+    fn masked<'a>(&self, x: Self::View<'a>, mask: Option<Self::View<'a>>, buf: &'a mut Self::Buf) -> Self::View<'a>;
+    /// Fits `b` to `n` values and draws an inverted-dropout mask (0 with probability p, else 1/(1−p)).
+    fn dropout_mask(&self, rng: &mut Rng, p: f32, b: &mut Self::Buf, n: usize);
+
+    // ---- attention -----------------------------------------------------------------------
+
+    /// Probabilities and head-major output `[B, H, seq, hd]` (see `demovlp_kernels::attention`).
+    fn attention_forward(
+        &self,
+        s: &AttnShape,
+        scale: f32,
+        q: Self::View<'_>,
+        k: Self::View<'_>,
+        v: Self::View<'_>,
+        ld: usize,
+        mask: Self::View<'_>,
+        drop: Option<Self::View<'_>>,
+        probs: Self::ViewMut<'_>,
+        out: Self::ViewMut<'_>,
+    );
+    /// d(out) rows `ld_dout` wide; dq | dk | dv written into rows `ld_dqkv` wide (overwritten).
+    fn attention_backward_rows(
+        &self,
+        s: &AttnShape,
+        scale: f32,
+        qkv: Self::View<'_>,
+        ld: usize,
+        probs: Self::View<'_>,
+        drop: Option<Self::View<'_>>,
+        dout: Self::View<'_>,
+        ld_dout: usize,
+        dqkv: Self::ViewMut<'_>,
+        ld_dqkv: usize,
+    );
+    /// Separate q, k, v (rows `ld` wide) and dq, dk, dv (rows `ld_d` wide, overwritten).
+    fn attention_backward_rows_split(
+        &self,
+        s: &AttnShape,
+        scale: f32,
+        qkv: [Self::View<'_>; 3],
+        ld: usize,
+        probs: Self::View<'_>,
+        drop: Option<Self::View<'_>>,
+        dout: Self::View<'_>,
+        ld_dout: usize,
+        dqkv: [Self::ViewMut<'_>; 3],
+        ld_d: usize,
+    );
+    /// Head-major `[B, H, seq, hd]` to token rows `ld` wide.
+    fn merge_heads(&self, src: Self::View<'_>, dst: Self::ViewMut<'_>, ld: usize, batch: usize, heads: usize, seq: usize, hd: usize);
+
+    // ---- embeddings ----------------------------------------------------------------------
+
+    /// `out[i] = table[ids[i]]` (rows of `dim`).
+    fn embedding_forward(&self, ids: &[i64], table: Self::View<'_>, dim: usize, out: Self::ViewMut<'_>);
+    /// `dtable[ids[i]] += dout[i]`.
+    fn embedding_backward(&self, ids: &[i64], dout: Self::View<'_>, dim: usize, dtable: Self::ViewMut<'_>);
+    /// The same by table row: `rows` (increasing) are the distinct ids other than `skip`;
+    /// `grad_rows` `[rows.len(), dim]` (zeroed first) `+= dout[i]` at the row of `ids[i]`, tokens in order.
+    fn embedding_backward_rows(
+        &self,
+        ids: &[i64],
+        skip: usize,
+        rows: &[usize],
+        dout: Self::View<'_>,
+        dim: usize,
+        grad_rows: Self::ViewMut<'_>,
+    );
+    /// Video tokens `[B, 1 + F·R, D]`: CLS row `cls + pos0`, region row j of a clip `region_emb[j] + temporal[j / R]`.
+    fn video_tokens_forward(
+        &self,
+        t: TokenDims,
+        cls: Self::View<'_>,
+        pos0: Self::View<'_>,
+        temporal: Self::View<'_>,
+        region_emb: Self::View<'_>,
+        x: Self::ViewMut<'_>,
+    );
+    /// Backward of [`Backend::video_tokens_forward`] from d(tokens) `dx`: elements `cls`,
+    /// `pos0`, `temporal` of `grad` accumulate (clips in order, regions in order), d(region_emb) is overwritten.
+    fn video_tokens_backward(
+        &self,
+        t: TokenDims,
+        dx: Self::View<'_>,
+        grad: Self::ViewMut<'_>,
+        cls: Range<usize>,
+        pos0: Range<usize>,
+        temporal: Range<usize>,
+        d_region: Self::ViewMut<'_>,
+    );
+
+    // ---- losses --------------------------------------------------------------------------
+
+    /// The retrieval losses; with `grads`, also their gradients on the four embeddings.
+    fn losses(&self, cfg: &LossConfig, x: &LossViews<'_, Self>, use_local: bool, grads: bool) -> (LossOutputs, Option<LossGradBufs<Self>>);
+
+    // ---- optimiser -----------------------------------------------------------------------
+
+    /// One AdamW step of a run of elements: parameters `p`, gradients `g`, moments `m`, `v`.
+    fn adamw_update(&self, c: &StepCoeffs, p: Self::ViewMut<'_>, g: Self::View<'_>, m: Self::ViewMut<'_>, v: Self::ViewMut<'_>);
+    /// One AdamW step of a `[rows, dim]` table whose gradient is zero except on rows `ids`
+    /// (increasing), given as `grad_rows` `[ids.len(), dim]`.
+    fn adamw_update_table_rows(
+        &self,
+        c: &StepCoeffs,
+        p: Self::ViewMut<'_>,
+        m: Self::ViewMut<'_>,
+        v: Self::ViewMut<'_>,
+        dim: usize,
+        ids: &[usize],
+        grad_rows: Self::View<'_>,
+    );
+}
+
+/// A resized buffer, zeroed: gradient accumulators.
+pub fn zeroed<'a, B: Backend>(be: &B, b: &'a mut B::Buf, n: usize) -> B::ViewMut<'a> {
+    be.fit(b, n);
+    be.fill_zero(B::view_mut(b));
+    B::view_mut(b)
+}
+
+/// Two disjoint mutable ranges of one view.
+pub fn two_mut<'a, B: Backend>(v: B::ViewMut<'a>, a: Range<usize>, b: Range<usize>) -> (B::ViewMut<'a>, B::ViewMut<'a>) {
+    assert!(a.end <= b.start || b.end <= a.start, "overlapping ranges {a:?} and {b:?}");
+    if a.start < b.start {
+        let (lo, hi) = B::split_at_mut(v, b.start);
+        (B::slice_mut(lo, a), B::slice_mut(hi, 0..b.len()))
+    } else {
+        let (lo, hi) = B::split_at_mut(v, a.start);
+        (B::slice_mut(hi, 0..a.len()), B::slice_mut(lo, b))
+    }
+}

@@ -1,0 +1,357 @@
+//! A second backend, deliberately different from `Cpu` where the arithmetic is: its dense
+//! layers are plain triple loops summing in f64 (no packed GEMM, no blocking) and its
+//! attention is the kernels' row-loop reference (head-major, then merged). Everything else
+//! delegates to `Cpu`. The whole model runs on it unchanged (the model code is generic over
+//! the backend) and `backend::check::compare_with_cpu` holds within a float tolerance —
+//! what a CUDA backend's test would assert.
+
+use demovlp_kernels::attention::{attention_backward_loops, attention_forward_loops, merge_heads, split_heads, AttnShape};
+use demovlp_kernels::Rng;
+use demovlp_model::adamw::StepCoeffs;
+use demovlp_model::backend::{check, Backend, Cpu, Grads, LossGradBufs, LossViews, TokenDims};
+use demovlp_retrieval::{LossConfig, LossOutputs};
+use std::ops::Range;
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Reference;
+
+const CPU: Cpu = Cpu;
+
+/// Token rows `ld` wide (head h at columns `col + h·hd`) to head-major `[B, H, seq, hd]`.
+fn heads_of(s: &AttnShape, rows: &[f32], ld: usize, col: usize) -> Vec<f32> {
+    let mut out = vec![0.0; s.batch * s.heads * s.seq * s.head_dim];
+    split_heads(rows, ld, col, &mut out, s.batch, s.heads, s.seq, s.head_dim);
+    out
+}
+
+#[allow(clippy::too_many_arguments)]
+fn attention_backward_reference(
+    s: &AttnShape,
+    scale: f32,
+    [q, k, v]: [&[f32]; 3],
+    ld: usize,
+    probs: &[f32],
+    drop: Option<&[f32]>,
+    dout: &[f32],
+    ld_dout: usize,
+) -> [Vec<f32>; 3] {
+    let n = s.batch * s.heads * s.seq * s.head_dim;
+    let (mut dq, mut dk, mut dv) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+    let dout = heads_of(s, dout, ld_dout, 0);
+    attention_backward_loops(s, scale, q, k, v, ld, probs, drop, &dout, &mut dq, &mut dk, &mut dv);
+    [dq, dk, dv]
+}
+
+impl Backend for Reference {
+    type Buf = Vec<f32>;
+    type View<'a> = &'a [f32];
+    type ViewMut<'a> = &'a mut [f32];
+
+    fn buf_len(b: &Vec<f32>) -> usize {
+        b.len()
+    }
+    fn view_len(v: &[f32]) -> usize {
+        v.len()
+    }
+    fn view_mut_len(v: &&mut [f32]) -> usize {
+        v.len()
+    }
+    fn zeros(&self, n: usize) -> Vec<f32> {
+        vec![0.0; n]
+    }
+    fn fit(&self, b: &mut Vec<f32>, n: usize) {
+        b.resize(n, 0.0);
+    }
+    fn view(b: &Vec<f32>) -> &[f32] {
+        b
+    }
+    fn view_mut(b: &mut Vec<f32>) -> &mut [f32] {
+        b
+    }
+    fn slice<'a>(v: Self::View<'a>, r: Range<usize>) -> Self::View<'a> {
+        &v[r]
+    }
+    fn slice_mut<'a>(v: Self::ViewMut<'a>, r: Range<usize>) -> Self::ViewMut<'a> {
+        &mut v[r]
+    }
+    fn reborrow<'b>(v: &'b mut &mut [f32]) -> &'b mut [f32] {
+        v
+    }
+    fn as_view<'b>(v: &'b &mut [f32]) -> &'b [f32] {
+        v
+    }
+    fn split_at_mut<'a>(v: Self::ViewMut<'a>, at: usize) -> (Self::ViewMut<'a>, Self::ViewMut<'a>) {
+        v.split_at_mut(at)
+    }
+    fn fill_zero(&self, v: &mut [f32]) {
+        v.fill(0.0);
+    }
+    fn copy(&self, src: &[f32], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
+    }
+    fn copy_2d(&self, src: &[f32], s0: usize, sld: usize, dst: &mut [f32], d0: usize, dld: usize, rows: usize, cols: usize) {
+        CPU.copy_2d(src, s0, sld, dst, d0, dld, rows, cols);
+    }
+    fn input<'a>(&self, host: &'a [f32], staging: &'a mut Vec<f32>) -> &'a [f32] {
+        // A device backend's path: the host values copied into the staging buffer.
+        staging.clear();
+        staging.extend_from_slice(host);
+        staging
+    }
+    fn write_host(&self, b: &mut Vec<f32>, n: usize, f: impl FnOnce(&mut [f32])) {
+        let mut host = vec![0.0; n];
+        f(&mut host);
+        *b = host;
+    }
+    fn modify_host(&self, b: &mut Vec<f32>, r: Range<usize>, f: impl FnOnce(&mut [f32])) {
+        let mut host = b[r.clone()].to_vec();
+        f(&mut host);
+        b[r].copy_from_slice(&host);
+    }
+    fn to_host(&self, v: &[f32]) -> Vec<f32> {
+        v.to_vec()
+    }
+    fn read_host<R>(&self, v: &[f32], f: impl FnOnce(&[f32]) -> R) -> R {
+        // A device backend's path: downloaded first.
+        f(&self.to_host(v))
+    }
+
+    fn linear_forward(&self, x: &[f32], ldx: usize, w: &[f32], b: Option<&[f32]>, y: &mut [f32], n: usize, din: usize, dout: usize) {
+        for i in 0..n {
+            for o in 0..dout {
+                let s: f64 = (0..din).map(|k| x[i * ldx + k] as f64 * w[o * din + k] as f64).sum();
+                y[i * dout + o] = (s + b.map_or(0.0, |b| b[o] as f64)) as f32;
+            }
+        }
+    }
+    fn linear_backward(
+        &self,
+        x: &[f32],
+        ldx: usize,
+        w: &[f32],
+        dy: &[f32],
+        n: usize,
+        din: usize,
+        dout: usize,
+        dx: Option<&mut [f32]>,
+        dw: &mut [f32],
+        db: Option<&mut [f32]>,
+        grads: Grads,
+    ) {
+        let keep = if grads == Grads::Overwrite { 0.0 } else { 1.0 };
+        if let Some(dx) = dx {
+            for i in 0..n {
+                for k in 0..din {
+                    let s: f64 = (0..dout).map(|o| dy[i * dout + o] as f64 * w[o * din + k] as f64).sum();
+                    dx[i * din + k] += s as f32;
+                }
+            }
+        }
+        for o in 0..dout {
+            for k in 0..din {
+                let s: f64 = (0..n).map(|i| dy[i * dout + o] as f64 * x[i * ldx + k] as f64).sum();
+                dw[o * din + k] = keep * dw[o * din + k] + s as f32;
+            }
+        }
+        if let Some(db) = db {
+            for o in 0..dout {
+                let s: f64 = (0..n).map(|i| dy[i * dout + o] as f64).sum();
+                db[o] = keep * db[o] + s as f32;
+            }
+        }
+    }
+    fn linear_backward_input(&self, dy: &[f32], w: &[f32], dx: &mut [f32], n: usize, din: usize, dout: usize) {
+        dx[..n * din].fill(0.0);
+        self.linear_backward_dx(dy, w, dx, n, din, dout);
+    }
+    fn layernorm_forward(&self, x: &[f32], w: &[f32], b: &[f32], eps: f32, y: &mut [f32], mean: &mut [f32], rstd: &mut [f32], dim: usize) {
+        CPU.layernorm_forward(x, w, b, eps, y, mean, rstd, dim);
+    }
+    fn layernorm_backward(
+        &self,
+        x: &[f32],
+        w: &[f32],
+        mean: &[f32],
+        rstd: &[f32],
+        dy: &[f32],
+        dx: &mut [f32],
+        dw: &mut [f32],
+        db: &mut [f32],
+        dim: usize,
+    ) {
+        CPU.layernorm_backward(x, w, mean, rstd, dy, dx, dw, db, dim);
+    }
+    fn gelu_forward(&self, x: &[f32], y: &mut [f32]) {
+        CPU.gelu_forward(x, y);
+    }
+    fn gelu_forward_with_grad(&self, x: &[f32], y: &mut [f32], dydx: &mut [f32]) {
+        CPU.gelu_forward_with_grad(x, y, dydx);
+    }
+    fn gelu_backward_in_place(&self, x: &[f32], d: &mut [f32]) {
+        CPU.gelu_backward_in_place(x, d);
+    }
+    fn relu_forward(&self, x: &[f32], y: &mut [f32]) {
+        CPU.relu_forward(x, y);
+    }
+    fn relu_backward(&self, x: &[f32], dy: &[f32], dx: &mut [f32]) {
+        CPU.relu_backward(x, dy, dx);
+    }
+    fn mul_in_place(&self, x: &mut [f32], m: &[f32]) {
+        CPU.mul_in_place(x, m);
+    }
+    fn add_in_place(&self, y: &mut [f32], x: &[f32]) {
+        y.iter_mut().zip(x).for_each(|(y, x)| *y += x);
+    }
+    fn add_to_rows(&self, y: &mut [f32], x: &[f32]) {
+        CPU.add_to_rows(y, x);
+    }
+    fn sum_rows_into(&self, acc: &mut [f32], x: &[f32]) {
+        CPU.sum_rows_into(acc, x);
+    }
+    fn masked<'a>(&self, x: &'a [f32], mask: Option<&'a [f32]>, buf: &'a mut Vec<f32>) -> &'a [f32] {
+        CPU.masked(x, mask, buf)
+    }
+    fn dropout_mask(&self, rng: &mut Rng, p: f32, b: &mut Vec<f32>, n: usize) {
+        CPU.dropout_mask(rng, p, b, n);
+    }
+
+    fn attention_forward(
+        &self,
+        s: &AttnShape,
+        scale: f32,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        ld: usize,
+        mask: &[f32],
+        drop: Option<&[f32]>,
+        probs: &mut [f32],
+        out: &mut [f32],
+    ) {
+        attention_forward_loops(s, scale, q, k, v, ld, mask, drop, probs, out);
+    }
+    fn attention_backward_rows(
+        &self,
+        s: &AttnShape,
+        scale: f32,
+        qkv: &[f32],
+        ld: usize,
+        probs: &[f32],
+        drop: Option<&[f32]>,
+        dout: &[f32],
+        ld_dout: usize,
+        dqkv: &mut [f32],
+        ld_dqkv: usize,
+    ) {
+        let d = s.heads * s.head_dim;
+        let views = [qkv, &qkv[d..], &qkv[2 * d..]];
+        let grads = attention_backward_reference(s, scale, views, ld, probs, drop, dout, ld_dout);
+        for (t, g) in grads.iter().enumerate() {
+            merge_heads(g, dqkv, ld_dqkv, t * d, s.batch, s.heads, s.seq, s.head_dim);
+        }
+    }
+    fn attention_backward_rows_split(
+        &self,
+        s: &AttnShape,
+        scale: f32,
+        qkv: [&[f32]; 3],
+        ld: usize,
+        probs: &[f32],
+        drop: Option<&[f32]>,
+        dout: &[f32],
+        ld_dout: usize,
+        dqkv: [&mut [f32]; 3],
+        ld_d: usize,
+    ) {
+        let grads = attention_backward_reference(s, scale, qkv, ld, probs, drop, dout, ld_dout);
+        for (g, dst) in grads.iter().zip(dqkv) {
+            merge_heads(g, dst, ld_d, 0, s.batch, s.heads, s.seq, s.head_dim);
+        }
+    }
+    fn merge_heads(&self, src: &[f32], dst: &mut [f32], ld: usize, batch: usize, heads: usize, seq: usize, hd: usize) {
+        CPU.merge_heads(src, dst, ld, batch, heads, seq, hd);
+    }
+
+    fn embedding_forward(&self, ids: &[i64], table: &[f32], dim: usize, out: &mut [f32]) {
+        CPU.embedding_forward(ids, table, dim, out);
+    }
+    fn embedding_backward(&self, ids: &[i64], dout: &[f32], dim: usize, dtable: &mut [f32]) {
+        CPU.embedding_backward(ids, dout, dim, dtable);
+    }
+    fn embedding_backward_rows(&self, ids: &[i64], skip: usize, rows: &[usize], dout: &[f32], dim: usize, grad_rows: &mut [f32]) {
+        CPU.embedding_backward_rows(ids, skip, rows, dout, dim, grad_rows);
+    }
+    fn video_tokens_forward(&self, t: TokenDims, cls: &[f32], pos0: &[f32], temporal: &[f32], region_emb: &[f32], x: &mut [f32]) {
+        CPU.video_tokens_forward(t, cls, pos0, temporal, region_emb, x);
+    }
+    fn video_tokens_backward(
+        &self,
+        t: TokenDims,
+        dx: &[f32],
+        grad: &mut [f32],
+        cls: Range<usize>,
+        pos0: Range<usize>,
+        temporal: Range<usize>,
+        d_region: &mut [f32],
+    ) {
+        CPU.video_tokens_backward(t, dx, grad, cls, pos0, temporal, d_region);
+    }
+    fn losses(&self, cfg: &LossConfig, x: &LossViews<'_, Self>, use_local: bool, grads: bool) -> (LossOutputs, Option<LossGradBufs<Self>>) {
+        let v = LossViews::<Cpu> {
+            dims: x.dims,
+            global_text: x.global_text,
+            global_video: x.global_video,
+            local_text: x.local_text,
+            local_video: x.local_video,
+            text_mask: x.text_mask,
+            video_mask: x.video_mask,
+        };
+        let (out, g) = CPU.losses(cfg, &v, use_local, grads);
+        let g = g.map(|g| LossGradBufs {
+            global_text: g.global_text,
+            global_video: g.global_video,
+            local_text: g.local_text,
+            local_video: g.local_video,
+        });
+        (out, g)
+    }
+    fn adamw_update(&self, c: &StepCoeffs, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
+        CPU.adamw_update(c, p, g, m, v);
+    }
+    fn adamw_update_table_rows(
+        &self,
+        c: &StepCoeffs,
+        p: &mut [f32],
+        m: &mut [f32],
+        v: &mut [f32],
+        dim: usize,
+        ids: &[usize],
+        grad_rows: &[f32],
+    ) {
+        CPU.adamw_update_table_rows(c, p, m, v, dim, ids, grad_rows);
+    }
+}
+
+impl Reference {
+    /// dx += dy·W.
+    fn linear_backward_dx(&self, dy: &[f32], w: &[f32], dx: &mut [f32], n: usize, din: usize, dout: usize) {
+        for i in 0..n {
+            for k in 0..din {
+                let s: f64 = (0..dout).map(|o| dy[i * dout + o] as f64 * w[o * din + k] as f64).sum();
+                dx[i * din + k] += s as f32;
+            }
+        }
+    }
+}
+
+#[test]
+fn the_model_runs_unchanged_on_a_reference_backend() {
+    check::compare_with_cpu(Reference, 2e-4).unwrap();
+}
+
+#[test]
+fn the_reference_backend_really_differs_from_cpu() {
+    // Bit-for-bit equality would mean the model bypassed the backend for its GEMMs.
+    let err = check::compare_with_cpu(Reference, 0.0).unwrap_err();
+    assert!(!err.contains("initial parameters"), "{err}");
+}
