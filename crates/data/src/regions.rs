@@ -332,7 +332,7 @@ impl ClipInput {
         self.frame_indices.len()
     }
 
-    /// Writes `object` f32 [k,R,2054], `mask` f32 [k,R], `frames` i64 [k] as safetensors
+    /// Writes `object` f32 `[k,R,2054]`, `mask` f32 `[k,R]`, `frames` i64 `[k]` as safetensors
     /// (via a temporary file and rename).
     pub fn write_safetensors(&self, path: &Path) -> Result<()> {
         use safetensors::tensor::{Dtype, TensorView};

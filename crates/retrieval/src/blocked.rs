@@ -24,7 +24,7 @@ use demovlp_kernels::gemm::{sgemm, Trans};
 use rayon::prelude::*;
 
 use crate::local::{is_real, Items, NORM_EPS};
-use crate::rows::{focal_bits, gram_off, pad8, simd_available, softmax_lanes, sq_norms, sum8};
+use crate::rows::{focal_bits, focal_renormalise, gram_off, pad8, simd_available, softmax_lanes, sq_norms, sum8};
 
 /// Texts scored against one video per task: their cosine blocks come from one GEMM
 /// (the video's rows are packed once for all of them).
@@ -390,10 +390,7 @@ fn query_row_cos<const AVX2: bool>(
         kept_sum += kw[i];
     }
     let (pos, idx, wts) = (&kp[..k], &kc[..k], &mut kw[..k]);
-    // Renormalise in its own loop so the divisions vectorise (each is exact per lane).
-    for r in wts.iter_mut() {
-        *r /= kept_sum;
-    }
+    focal_renormalise(wts, kept_sum);
     let mut u = 0f32;
     for (&s, r) in pos.iter().zip(wts.iter()) {
         // SAFETY: s < la ≤ mrow.len() (asserted above).

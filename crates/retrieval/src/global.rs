@@ -1,6 +1,6 @@
 //! Global contrastive loss (SPEC §6): cosine similarities G[t, v] of the global text and
 //! video embeddings (norms clamped below at 1e-8), then a symmetric InfoNCE at
-//! temperature τ: L_g = −mean_i log softmax_v(G[i,:]/τ)[i] − mean_j log softmax_t(G[:,j]/τ)[j].
+//! temperature τ: L_g = −mean_i log `softmax_v(G[i,:]/τ)[i]` − mean_j log `softmax_t(G[:,j]/τ)[j]`.
 
 use demovlp_kernels::gemm::{sgemm, Trans};
 

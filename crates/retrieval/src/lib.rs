@@ -12,7 +12,7 @@
 //!   `demovlp_kernels::simd`).
 //! - [`fastmath`]: the alignment's `exp` (and why it is not the kernels' one), dot, norm.
 //! - [`metrics`]: R@K / MedR / MeanR exactly as the published evaluation computes them.
-//! - [`reference`]: a straightforward unfused implementation of the same computations,
+//! - [`reference`](mod@reference): a straightforward unfused implementation of the same computations,
 //!   materialising the per-block tensors like the published code. It is the oracle the
 //!   fused kernels are tested against and the baseline `demovlp bench eval-sims` times.
 

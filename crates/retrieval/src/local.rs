@@ -185,9 +185,7 @@ impl Direction {
                     kept += prow[s];
                 }
             }
-            for v in rrow.iter_mut() {
-                *v /= kept;
-            }
+            rows::focal_renormalise(rrow, kept);
             self.kept_sum[l] = kept;
         }
 

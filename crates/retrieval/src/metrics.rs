@@ -2,7 +2,7 @@
 //!
 //! Layout: `sims` is [texts, videos] (rows = text queries) with k = texts / videos
 //! captions per video laid out caption-major per video: rows v·k … v·k + k − 1 belong to
-//! video v. A query mask [texts] marks which caption slots exist.
+//! video v. A query mask `[texts]` marks which caption slots exist.
 //! - text → video: the rank of a query's own video among all videos, ties broken
 //!   optimistically (rank = number of strictly higher scores); masked queries dropped.
 //! - video → text: for each video, over its present captions, the rank of the caption

@@ -6,7 +6,7 @@
 //! loop over whole 8-lane chunks plus an AVX2 version with the same operations in the same
 //! order, so both give the same bits.
 //!
-//! Which runs is [`simd_available`]: the level `demovlp_kernels::simd` selected (so
+//! Which runs is `simd_available`: the level `demovlp_kernels::simd` selected (so
 //! `DEMOVLP_SIMD=baseline` forces the portable loops here as it does in the kernels), unless
 //! a test forced the portable path with [`force_portable_path`].
 
@@ -16,13 +16,23 @@ use crate::fastmath;
 use crate::local::LEAKY_SLOPE;
 
 /// The focal "equal" rule of step 5, the only place it is written: context s of a query
-/// row is kept when its attention is above the row mean, P[s] > ΣP / Lc, evaluated as the
+/// row is kept when its attention is above the row mean, `P[s] > ΣP / Lc`, evaluated as the
 /// published `P·Lc − ΣP > 0` in f32 (so exactly the same entries are kept). The kept
-/// weights are then renormalised to sum to 1; the dropped ones get weight 0, and the
-/// keep/drop decision passes no gradient.
+/// weights are then renormalised to sum to 1 ([`focal_renormalise`]); the dropped ones get
+/// weight 0, and the keep/drop decision passes no gradient.
 #[inline(always)]
 pub fn focal_keep(p: f32, lc: f32, total: f32) -> bool {
     p * lc - total > 0.0
+}
+
+/// The second half of the focal rule: the kept weights divided by their sum `kept_sum`
+/// (dropped entries, 0, stay 0). Its own loop so the divisions vectorise; each is exact
+/// per lane.
+#[inline(always)]
+pub fn focal_renormalise(weights: &mut [f32], kept_sum: f32) {
+    for w in weights.iter_mut() {
+        *w /= kept_sum;
+    }
 }
 
 /// Testing hook: route every row through the portable loops even where AVX2 runs.

@@ -3,7 +3,8 @@
 //! deterministic synthetic corpus that needs no downloads.
 //!
 //! - [`config`]: the TOML run config, strict (unknown keys, missing paths rejected).
-//! - [`schedule`]: the published step schedule, warm-up, cosine.
+//! - [`schedule`]: the learning rate — the one place it is computed (the published step
+//!   schedule, warm-up, cosine); the trainer asks it before every optimiser step.
 //! - batches come from the data crate's one pipeline, `demovlp_data::batches`
 //!   (deterministic, resumable epoch plans, batch assembly, prefetching).
 //! - [`checkpoint`]: single-file, atomic, exactly-resumable checkpoints.

@@ -1,4 +1,5 @@
-//! Learning-rate schedules.
+//! Learning-rate schedules: the only code that computes a learning rate (the trainer sets
+//! `AdamW::lr` from [`learning_rate`] before every step; configs only hold its parameters).
 //!
 //! Published (SPEC §7): the whole first epoch runs at `first_epoch_lr` (1e-5); at the end of
 //! every epoch the rate is set to `lr × gamma^k`, k = number of milestones ≤ the epoch just

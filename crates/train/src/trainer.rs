@@ -164,36 +164,12 @@ impl<'a> Run<'a> {
         let shape = InputShape { frames: cfg.data.frames, regions: cfg.data.regions, text_len: cfg.data.text_len };
         let o = &cfg.optim;
         let (mut model, opt, state) = if opts.resume && latest.exists() {
-            let ck = checkpoint::load(&latest)?;
-            if cfg.model_config()? != ck.model_config {
-                bail!(
-                    "{}: the checkpoint's model sizes differ from the config's [model]; resume with the config the run started with",
-                    latest.display()
-                );
-            }
-            let mut model = Model::new(ck.model_config.clone());
-            ck.fill_params(&mut model.params)?;
-            (model, ck.optimizer, ck.state)
+            resume_from(cfg, &latest)?
         } else {
             let model = build_model(cfg, opts.init.as_deref())?;
             let n = model.params.len();
             let opt = AdamW::new(n, o.lr, o.betas[0], o.betas[1], o.eps, o.weight_decay);
-            let mut rng = epoch_seed_rng(cfg.seed);
-            let epoch_seed = rng.next_u64();
-            let state = TrainerState {
-                epoch: 1,
-                batch_in_epoch: 0,
-                step: 0,
-                epoch_seed,
-                rng: rng.state(),
-                dropout_rng: Rng::new(cfg.seed ^ 0xD80_0C7).state(),
-                samples_seen: 0,
-                best: None,
-                best_epoch: None,
-                epochs_since_best: 0,
-                finished: false,
-            };
-            (model, opt, state)
+            (model, opt, fresh_state(cfg.seed))
         };
         // Dropout draws continue exactly where the checkpoint left them.
         let p = cfg.train.text_dropout;
@@ -450,6 +426,42 @@ impl<'a> Run<'a> {
     }
 }
 
+/// The model, optimiser and state of the checkpoint at `latest`, refused when its model
+/// sizes are not the config's.
+fn resume_from(cfg: &TrainConfig, latest: &Path) -> Result<(Model, AdamW, TrainerState)> {
+    let ck = checkpoint::load(latest)?;
+    if cfg.model_config()? != ck.model_config {
+        bail!(
+            "{}: the checkpoint's model sizes differ from the config's [model]; resume with the config the run started with",
+            latest.display()
+        );
+    }
+    let mut model = Model::new(ck.model_config.clone());
+    ck.fill_params(&mut model.params)?;
+    Ok((model, ck.optimizer, ck.state))
+}
+
+/// The state of a run with seed `seed` before its first step: epoch 1, whose seed is the
+/// first draw of the run's epoch-seed generator (`demovlp_data::batches::epoch_seed(seed, 1)`;
+/// [`end_epoch`] draws the next ones), and the text-dropout generator.
+pub fn fresh_state(seed: u64) -> TrainerState {
+    let mut rng = epoch_seed_rng(seed);
+    let epoch_seed = rng.next_u64();
+    TrainerState {
+        epoch: 1,
+        batch_in_epoch: 0,
+        step: 0,
+        epoch_seed,
+        rng: rng.state(),
+        dropout_rng: Rng::new(seed ^ 0xD80_0C7).state(),
+        samples_seen: 0,
+        best: None,
+        best_epoch: None,
+        epochs_since_best: 0,
+        finished: false,
+    }
+}
+
 /// The model's view of a batch.
 pub fn batch_ref(b: &Batch) -> BatchRef<'_> {
     BatchRef {
@@ -488,6 +500,17 @@ pub fn end_epoch(state: &mut TrainerState, value: f64, higher: bool, patience: O
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn epoch_seeds_of_the_state_are_the_batch_pipelines() {
+        // The checkpointed epoch seeds are demovlp_data::batches::epoch_seed(seed, epoch), so a
+        // batch is a pure function of (seed, epoch, index) for the trainer too.
+        let mut st = fresh_state(3);
+        for epoch in 1..5 {
+            assert_eq!((st.epoch, st.epoch_seed), (epoch, demovlp_data::batches::epoch_seed(3, epoch)));
+            end_epoch(&mut st, 1.0, true, None, 10);
+        }
+    }
 
     #[test]
     fn best_value_patience_and_early_stop() {
