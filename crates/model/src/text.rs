@@ -243,8 +243,14 @@ impl TextLayer {
         be.fit(&mut acts.ln1_out, n * d);
         be.fit(&mut acts.ln1_mean, n);
         be.fit(&mut acts.ln1_rstd, n);
-        #[rustfmt::skip]
-        self.ln1.forward(be, data, B::view(&acts.attn_res), B::view_mut(&mut acts.ln1_out), B::view_mut(&mut acts.ln1_mean), B::view_mut(&mut acts.ln1_rstd));
+        self.ln1.forward(
+            be,
+            data,
+            B::view(&acts.attn_res),
+            B::view_mut(&mut acts.ln1_out),
+            B::view_mut(&mut acts.ln1_mean),
+            B::view_mut(&mut acts.ln1_rstd),
+        );
         // ffn_res = ffn2(gelu(ffn1(ln1_out))) (+ dropout) + ln1_out; out = ln2(ffn_res)
         let ffn1_out = if run.ffn_hidden_kept { &mut acts.ffn1_out } else { &mut s.ffn1_out };
         be.fit(ffn1_out, n * hid);
@@ -262,8 +268,14 @@ impl TextLayer {
         be.fit(out, n * d);
         be.fit(&mut acts.ln2_mean, n);
         be.fit(&mut acts.ln2_rstd, n);
-        #[rustfmt::skip]
-        self.ln2.forward(be, data, B::view(&acts.ffn_res), B::view_mut(out), B::view_mut(&mut acts.ln2_mean), B::view_mut(&mut acts.ln2_rstd));
+        self.ln2.forward(
+            be,
+            data,
+            B::view(&acts.ffn_res),
+            B::view_mut(out),
+            B::view_mut(&mut acts.ln2_mean),
+            B::view_mut(&mut acts.ln2_rstd),
+        );
     }
 
     /// Given d(layer output) in `s.d_x`, writes this layer's parameter gradients (overwritten)
@@ -435,8 +447,15 @@ impl TextTower {
     /// Runs the encoder; the result is `a.last_hidden()` `[B, L, D]`. With `dropout`
     /// (training), masks are drawn from the generator and kept for the backward pass;
     /// `keep_ffn_hidden` keeps each layer's FFN hidden activations for it as well.
-    #[rustfmt::skip]
-    pub fn forward<B: Backend>(&self, be: &B, data: B::View<'_>, a: &mut TextActs<B>, input: TextInput, dropout: Option<(TextDropout, &mut Rng)>, keep_ffn_hidden: bool) {
+    pub fn forward<B: Backend>(
+        &self,
+        be: &B,
+        data: B::View<'_>,
+        a: &mut TextActs<B>,
+        input: TextInput,
+        dropout: Option<(TextDropout, &mut Rng)>,
+        keep_ffn_hidden: bool,
+    ) {
         let c = &self.cfg;
         let TextShape { batch, len } = input.shape;
         assert!(c.dim.is_multiple_of(c.heads), "text dim {} not divisible by {} heads", c.dim, c.heads);
@@ -458,7 +477,8 @@ impl TextTower {
                 *m = additive_mask((v != 0) as u8 as f32, TEXT_ATTENTION_PAD_SCORE);
             }
         });
-        let (mut hidden, mut layers, mut scratch) = (std::mem::take(&mut a.hidden), std::mem::take(&mut a.layers), std::mem::take(&mut a.scratch));
+        let (mut hidden, mut layers, mut scratch) =
+            (std::mem::take(&mut a.hidden), std::mem::take(&mut a.layers), std::mem::take(&mut a.scratch));
         let mut run = self.run(be, a, p, rng);
         for (li, (layer, acts)) in self.layers.iter().zip(&mut layers).enumerate() {
             let (before, after) = hidden.split_at_mut(li + 1);
@@ -487,8 +507,14 @@ impl TextTower {
         be.fit(&mut a.hidden[0], n * d);
         be.fit(&mut a.emb_mean, n);
         be.fit(&mut a.emb_rstd, n);
-        #[rustfmt::skip]
-        self.ln_emb.forward(be, data, B::view(&a.emb), B::view_mut(&mut a.hidden[0]), B::view_mut(&mut a.emb_mean), B::view_mut(&mut a.emb_rstd));
+        self.ln_emb.forward(
+            be,
+            data,
+            B::view(&a.emb),
+            B::view_mut(&mut a.hidden[0]),
+            B::view_mut(&mut a.emb_mean),
+            B::view_mut(&mut a.emb_rstd),
+        );
         if let (Some(rng), true) = (rng, p.hidden > 0.0) {
             be.dropout_mask(rng, p.hidden, &mut a.emb_drop, n * d);
         }
@@ -522,8 +548,15 @@ impl TextTower {
     /// The position (/ token type) embeddings accumulate into `grad`, the word table's rows
     /// into `a.word_grad` (the dense table gradient is not touched); the caller updates
     /// them at the end.
-    #[rustfmt::skip]
-    pub fn backward_fused<B: Backend>(&self, be: &B, params: &mut Params<B>, a: &mut TextActs<B>, ids: &[i64], dlast: B::View<'_>, step: &mut FusedStep<B>) {
+    pub fn backward_fused<B: Backend>(
+        &self,
+        be: &B,
+        params: &mut Params<B>,
+        a: &mut TextActs<B>,
+        ids: &[i64],
+        dlast: B::View<'_>,
+        step: &mut FusedStep<B>,
+    ) {
         let (data, grad) = (&mut params.data, &mut params.grad);
         let mut s = self.backward_begin(be, a, dlast);
         let run = self.run(be, a, TextDropout::default(), None);
@@ -547,8 +580,15 @@ impl TextTower {
     /// Embedding dropout and LayerNorm, then the word / position (/ token type) lookups,
     /// from d(embedding output) in `a.scratch.d_x`. The word table's gradient goes to `grad`
     /// (dense) or, with `word_rows`, to `a.word_grad`.
-    #[rustfmt::skip]
-    fn embeddings_backward<B: Backend>(&self, be: &B, data: B::View<'_>, mut grad: B::ViewMut<'_>, a: &mut TextActs<B>, ids: &[i64], word_rows: bool) {
+    fn embeddings_backward<B: Backend>(
+        &self,
+        be: &B,
+        data: B::View<'_>,
+        mut grad: B::ViewMut<'_>,
+        a: &mut TextActs<B>,
+        ids: &[i64],
+        word_rows: bool,
+    ) {
         let (len, d) = (a.len, self.cfg.dim);
         let n = a.shape().tokens();
         let s = &mut a.scratch;

@@ -326,8 +326,16 @@ impl Backend for Reference {
             p[i] = pi - c.decay * pi;
         }
     }
-    #[rustfmt::skip]
-    fn adamw_update_table_rows(&self, c: &StepCoeffs, p: &mut [f32], m: &mut [f32], v: &mut [f32], dim: usize, ids: &[usize], grad_rows: &[f32]) {
+    fn adamw_update_table_rows(
+        &self,
+        c: &StepCoeffs,
+        p: &mut [f32],
+        m: &mut [f32],
+        v: &mut [f32],
+        dim: usize,
+        ids: &[usize],
+        grad_rows: &[f32],
+    ) {
         let mut dense = vec![0.0; p.len()];
         for (row, &id) in ids.iter().enumerate() {
             dense[id * dim..(id + 1) * dim].copy_from_slice(&grad_rows[row * dim..(row + 1) * dim]);
