@@ -7,9 +7,13 @@
 //!
 //! Queries, keys and values are read in place from row-major `[B, seq, ld]` buffers, head h
 //! at columns `h·hd .. (h+1)·hd` (so one fused qkv buffer can be passed as three offset
-//! slices). Outputs and gradients are head-major `[B, H, seq, hd]` so each (batch, head)
-//! task owns a contiguous block; [`merge_heads`] scatters them back. Probabilities are
-//! kept for the backward pass in a compact per-head layout (see [`AttnShape::probs_per_head`]).
+//! slices). The forward output is head-major `[B, H, seq, hd]` so each (batch, head) task
+//! owns a contiguous block; [`merge_heads`] scatters it back. The backward reads d(output)
+//! and writes dq, dk, dv as token rows, for a fused qkv buffer ([`attention_backward_rows`],
+//! the video tower) or three separate ones ([`attention_backward_rows_split`], the text
+//! tower); [`attention_backward`] is the head-major form they are tested against.
+//! Probabilities are kept for the backward pass in a compact per-head layout (see
+//! [`AttnShape::probs_per_head`]).
 
 use crate::dropout::masked;
 use crate::fastmath::dot;
