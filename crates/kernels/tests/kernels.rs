@@ -372,8 +372,15 @@ fn attention_backward_rows_equals_head_major() {
 /// the merges bit for bit, and overwrites stale contents; masks and dropout included.
 #[test]
 fn attention_backward_rows_split_equals_head_major() {
-    for (pattern, seq) in [(KeyPattern::Full, 9), (KeyPattern::Full, 17), (KeyPattern::Frames { regions: 3 }, 13)] {
-        let (b, h, hd) = (2, 3, 8);
+    // Small shapes, and the published text attention's (L = 100, head_dim 64: GEMMs of
+    // several micro-tiles and a partial one, as in training).
+    let cases = [
+        (KeyPattern::Full, 9, 2, 3, 8),
+        (KeyPattern::Full, 17, 2, 3, 8),
+        (KeyPattern::Frames { regions: 3 }, 13, 2, 3, 8),
+        (KeyPattern::Full, 100, 2, 2, 64),
+    ];
+    for (pattern, seq, b, h, hd) in cases {
         let d = h * hd;
         let shape = AttnShape { batch: b, heads: h, seq, head_dim: hd, pattern };
         let mut rng = Rng::new(22);

@@ -72,18 +72,24 @@ impl AdamWSettings {
 }
 
 /// The per-step constants of an AdamW step (bias corrections folded into `step_size`).
-#[derive(Clone, Copy, Debug)]
+/// Per element, in this order and in f32 (a backend's update kernel must do the same):
+///
+/// ```text
+/// m ← β1·m + (1−β1)·g;  v ← β2·v + (1−β2)·(g·g)
+/// p ← p − step_size·(m / (√v + ε));  p ← p − decay·p
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct StepCoeffs {
-    step_size: f32,
-    decay: f32,
-    beta1: f32,
-    beta2: f32,
-    eps: f32,
+    pub step_size: f32,
+    pub decay: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
 }
 
 impl StepCoeffs {
-    /// The update of one run of elements.
-    pub(crate) fn apply(&self, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
+    /// The update of one run of elements on the host (the CPU backend's kernel).
+    pub fn apply(&self, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
         apply_run(self, p, g, m, v);
     }
 }

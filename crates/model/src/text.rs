@@ -5,101 +5,25 @@
 //! the attention output projection before its residual.
 
 mod acts;
+mod declare;
 
 pub use acts::{TextActs, WordGradRows};
+pub use declare::declare;
 
 use crate::adamw::FusedStep;
 use crate::backend::{zeroed, Backend};
 use crate::config::{TextConfig, TextKind};
 use crate::layers::{block_window, range, Grads, LayerNorm, Linear};
 use crate::mask::{additive_mask, TEXT_ATTENTION_PAD_SCORE};
-use crate::params::{Params, ParamsBuilder};
+use crate::params::Params;
 use acts::{TextLayerActs, TextScratch};
+use declare::layer_names;
 use demovlp_kernels::attention::{AttnShape, KeyPattern};
 use demovlp_kernels::Rng;
 use std::ops::Range;
 
 /// `[PAD]` id of the uncased BERT vocabulary and Hugging Face's `padding_idx` of the word table.
 const PAD_TOKEN_ID: usize = 0;
-
-/// Parameter names of one encoder layer, per model family (Hugging Face layouts).
-struct LayerNames {
-    q: String,
-    k: String,
-    v: String,
-    o: String,
-    ln1: String,
-    ffn1: String,
-    ffn2: String,
-    ln2: String,
-}
-
-fn layer_names(kind: TextKind, i: usize) -> LayerNames {
-    match kind {
-        TextKind::Distilbert => {
-            let p = format!("text_model.transformer.layer.{i}");
-            LayerNames {
-                q: format!("{p}.attention.q_lin"),
-                k: format!("{p}.attention.k_lin"),
-                v: format!("{p}.attention.v_lin"),
-                o: format!("{p}.attention.out_lin"),
-                ln1: format!("{p}.sa_layer_norm"),
-                ffn1: format!("{p}.ffn.lin1"),
-                ffn2: format!("{p}.ffn.lin2"),
-                ln2: format!("{p}.output_layer_norm"),
-            }
-        }
-        TextKind::Bert => {
-            let p = format!("text_model.encoder.layer.{i}");
-            LayerNames {
-                q: format!("{p}.attention.self.query"),
-                k: format!("{p}.attention.self.key"),
-                v: format!("{p}.attention.self.value"),
-                o: format!("{p}.attention.output.dense"),
-                ln1: format!("{p}.attention.output.LayerNorm"),
-                ffn1: format!("{p}.intermediate.dense"),
-                ffn2: format!("{p}.output.dense"),
-                ln2: format!("{p}.output.LayerNorm"),
-            }
-        }
-    }
-}
-
-/// Declare the text tower's tensors in Hugging Face state_dict order.
-pub fn declare(pb: &mut ParamsBuilder, c: &TextConfig) {
-    let (d, h) = (c.dim, c.hidden_dim);
-    pb.add("text_model.embeddings.word_embeddings.weight", &[c.vocab_size, d]);
-    pb.add("text_model.embeddings.position_embeddings.weight", &[c.max_position_embeddings, d]);
-    if c.kind == TextKind::Bert {
-        pb.add("text_model.embeddings.token_type_embeddings.weight", &[c.type_vocab_size.max(1), d]);
-    }
-    pb.add("text_model.embeddings.LayerNorm.weight", &[d]);
-    pb.add("text_model.embeddings.LayerNorm.bias", &[d]);
-    let lin = |pb: &mut ParamsBuilder, name: &str, din: usize, dout: usize| {
-        pb.add(format!("{name}.weight"), &[dout, din]);
-        pb.add(format!("{name}.bias"), &[dout]);
-    };
-    let ln = |pb: &mut ParamsBuilder, name: &str| {
-        pb.add(format!("{name}.weight"), &[d]);
-        pb.add(format!("{name}.bias"), &[d]);
-    };
-    for i in 0..c.layers {
-        let n = layer_names(c.kind, i);
-        lin(pb, &n.q, d, d);
-        lin(pb, &n.k, d, d);
-        lin(pb, &n.v, d, d);
-        lin(pb, &n.o, d, d);
-        ln(pb, &n.ln1);
-        lin(pb, &n.ffn1, d, h);
-        lin(pb, &n.ffn2, h, d);
-        ln(pb, &n.ln2);
-    }
-    if c.kind == TextKind::Bert {
-        // BertModel's pooler: in checkpoints, unused by retrieval (no gradient).
-        pb.add_unused("text_model.pooler.dense.weight", &[d, d]);
-        pb.add_unused("text_model.pooler.dense.bias", &[d]);
-    }
-}
 
 /// Dropout probabilities of the text tower in training. The published model trains its
 /// DistilBERT in train mode, i.e. with the Hugging Face defaults `dropout` = 0.1 and
@@ -243,8 +167,14 @@ impl TextLayer {
         be.fit(&mut acts.ln1_out, n * d);
         be.fit(&mut acts.ln1_mean, n);
         be.fit(&mut acts.ln1_rstd, n);
-        #[rustfmt::skip]
-        self.ln1.forward(be, data, B::view(&acts.attn_res), B::view_mut(&mut acts.ln1_out), B::view_mut(&mut acts.ln1_mean), B::view_mut(&mut acts.ln1_rstd));
+        self.ln1.forward(
+            be,
+            data,
+            B::view(&acts.attn_res),
+            B::view_mut(&mut acts.ln1_out),
+            B::view_mut(&mut acts.ln1_mean),
+            B::view_mut(&mut acts.ln1_rstd),
+        );
         // ffn_res = ffn2(gelu(ffn1(ln1_out))) (+ dropout) + ln1_out; out = ln2(ffn_res)
         let ffn1_out = if run.ffn_hidden_kept { &mut acts.ffn1_out } else { &mut s.ffn1_out };
         be.fit(ffn1_out, n * hid);
@@ -262,8 +192,14 @@ impl TextLayer {
         be.fit(out, n * d);
         be.fit(&mut acts.ln2_mean, n);
         be.fit(&mut acts.ln2_rstd, n);
-        #[rustfmt::skip]
-        self.ln2.forward(be, data, B::view(&acts.ffn_res), B::view_mut(out), B::view_mut(&mut acts.ln2_mean), B::view_mut(&mut acts.ln2_rstd));
+        self.ln2.forward(
+            be,
+            data,
+            B::view(&acts.ffn_res),
+            B::view_mut(out),
+            B::view_mut(&mut acts.ln2_mean),
+            B::view_mut(&mut acts.ln2_rstd),
+        );
     }
 
     /// Given d(layer output) in `s.d_x`, writes this layer's parameter gradients (overwritten)
@@ -435,8 +371,15 @@ impl TextTower {
     /// Runs the encoder; the result is `a.last_hidden()` `[B, L, D]`. With `dropout`
     /// (training), masks are drawn from the generator and kept for the backward pass;
     /// `keep_ffn_hidden` keeps each layer's FFN hidden activations for it as well.
-    #[rustfmt::skip]
-    pub fn forward<B: Backend>(&self, be: &B, data: B::View<'_>, a: &mut TextActs<B>, input: TextInput, dropout: Option<(TextDropout, &mut Rng)>, keep_ffn_hidden: bool) {
+    pub fn forward<B: Backend>(
+        &self,
+        be: &B,
+        data: B::View<'_>,
+        a: &mut TextActs<B>,
+        input: TextInput,
+        dropout: Option<(TextDropout, &mut Rng)>,
+        keep_ffn_hidden: bool,
+    ) {
         let c = &self.cfg;
         let TextShape { batch, len } = input.shape;
         assert!(c.dim.is_multiple_of(c.heads), "text dim {} not divisible by {} heads", c.dim, c.heads);
@@ -458,7 +401,8 @@ impl TextTower {
                 *m = additive_mask((v != 0) as u8 as f32, TEXT_ATTENTION_PAD_SCORE);
             }
         });
-        let (mut hidden, mut layers, mut scratch) = (std::mem::take(&mut a.hidden), std::mem::take(&mut a.layers), std::mem::take(&mut a.scratch));
+        let (mut hidden, mut layers, mut scratch) =
+            (std::mem::take(&mut a.hidden), std::mem::take(&mut a.layers), std::mem::take(&mut a.scratch));
         let mut run = self.run(be, a, p, rng);
         for (li, (layer, acts)) in self.layers.iter().zip(&mut layers).enumerate() {
             let (before, after) = hidden.split_at_mut(li + 1);
@@ -487,8 +431,14 @@ impl TextTower {
         be.fit(&mut a.hidden[0], n * d);
         be.fit(&mut a.emb_mean, n);
         be.fit(&mut a.emb_rstd, n);
-        #[rustfmt::skip]
-        self.ln_emb.forward(be, data, B::view(&a.emb), B::view_mut(&mut a.hidden[0]), B::view_mut(&mut a.emb_mean), B::view_mut(&mut a.emb_rstd));
+        self.ln_emb.forward(
+            be,
+            data,
+            B::view(&a.emb),
+            B::view_mut(&mut a.hidden[0]),
+            B::view_mut(&mut a.emb_mean),
+            B::view_mut(&mut a.emb_rstd),
+        );
         if let (Some(rng), true) = (rng, p.hidden > 0.0) {
             be.dropout_mask(rng, p.hidden, &mut a.emb_drop, n * d);
         }
@@ -522,8 +472,15 @@ impl TextTower {
     /// The position (/ token type) embeddings accumulate into `grad`, the word table's rows
     /// into `a.word_grad` (the dense table gradient is not touched); the caller updates
     /// them at the end.
-    #[rustfmt::skip]
-    pub fn backward_fused<B: Backend>(&self, be: &B, params: &mut Params<B>, a: &mut TextActs<B>, ids: &[i64], dlast: B::View<'_>, step: &mut FusedStep<B>) {
+    pub fn backward_fused<B: Backend>(
+        &self,
+        be: &B,
+        params: &mut Params<B>,
+        a: &mut TextActs<B>,
+        ids: &[i64],
+        dlast: B::View<'_>,
+        step: &mut FusedStep<B>,
+    ) {
         let (data, grad) = (&mut params.data, &mut params.grad);
         let mut s = self.backward_begin(be, a, dlast);
         let run = self.run(be, a, TextDropout::default(), None);
@@ -547,8 +504,15 @@ impl TextTower {
     /// Embedding dropout and LayerNorm, then the word / position (/ token type) lookups,
     /// from d(embedding output) in `a.scratch.d_x`. The word table's gradient goes to `grad`
     /// (dense) or, with `word_rows`, to `a.word_grad`.
-    #[rustfmt::skip]
-    fn embeddings_backward<B: Backend>(&self, be: &B, data: B::View<'_>, mut grad: B::ViewMut<'_>, a: &mut TextActs<B>, ids: &[i64], word_rows: bool) {
+    fn embeddings_backward<B: Backend>(
+        &self,
+        be: &B,
+        data: B::View<'_>,
+        mut grad: B::ViewMut<'_>,
+        a: &mut TextActs<B>,
+        ids: &[i64],
+        word_rows: bool,
+    ) {
         let (len, d) = (a.len, self.cfg.dim);
         let n = a.shape().tokens();
         let s = &mut a.scratch;

@@ -177,8 +177,14 @@ impl Block {
         // MLP branch.
         be.fit(&mut acts.ln2_mean, n);
         be.fit(&mut acts.ln2_rstd, n);
-        #[rustfmt::skip]
-        self.norm2.forward(be, data, B::view(&acts.attn_res), B::view_mut(&mut s.ln_out), B::view_mut(&mut acts.ln2_mean), B::view_mut(&mut acts.ln2_rstd));
+        self.norm2.forward(
+            be,
+            data,
+            B::view(&acts.attn_res),
+            B::view_mut(&mut s.ln_out),
+            B::view_mut(&mut acts.ln2_mean),
+            B::view_mut(&mut acts.ln2_rstd),
+        );
         let fc1_out = if run.keep_fc1_out { &mut acts.fc1_out } else { &mut s.mlp };
         be.fit(fc1_out, n * mlp);
         self.fc1.forward(be, data, B::view(&s.ln_out), d, n, B::view_mut(fc1_out));
@@ -209,8 +215,14 @@ impl Block {
         be.fit(&mut s.ln_out, n * d);
         be.fit(&mut s.ln_mean, n);
         be.fit(&mut s.ln_rstd, n);
-        #[rustfmt::skip]
-        self.norm2.forward(be, data, B::view(&acts.attn_res), B::view_mut(&mut s.ln_out), B::view_mut(&mut s.ln_mean), B::view_mut(&mut s.ln_rstd));
+        self.norm2.forward(
+            be,
+            data,
+            B::view(&acts.attn_res),
+            B::view_mut(&mut s.ln_out),
+            B::view_mut(&mut s.ln_mean),
+            B::view_mut(&mut s.ln_rstd),
+        );
         let recompute = !run.keep_fc1_out;
         if recompute {
             be.fit(&mut s.mlp, n * mlp);
@@ -240,8 +252,17 @@ impl Block {
         self.fc1.backward_input(be, data, B::view(&s.gelu_out), n, B::view_mut(&mut s.d_ln_out));
         // d_x (the residual stream's gradient) gains the norm2 branch.
         let (mean, rstd) = (B::view(&acts.ln2_mean), B::view(&acts.ln2_rstd));
-        #[rustfmt::skip]
-        self.norm2.backward(be, data, B::reborrow(g), B::view(&acts.attn_res), mean, rstd, B::view(&s.d_ln_out), B::view_mut(&mut s.d_x), Grads::Overwrite);
+        self.norm2.backward(
+            be,
+            data,
+            B::reborrow(g),
+            B::view(&acts.attn_res),
+            mean,
+            rstd,
+            B::view(&s.d_ln_out),
+            B::view_mut(&mut s.d_x),
+            Grads::Overwrite,
+        );
         // Attention branch (probabilities, context and norm1 output recomputed). Its
         // scratch lives in the MLP-wide `mlp`, free until the next block: [d(qkv) | d(ctx)].
         let qkv = B::view(&acts.qkv);
@@ -466,8 +487,15 @@ impl VideoTower {
     /// step's block-sized scratch buffer and its AdamW update is applied as soon as they are
     /// final (no later block reads its weights). Tensors outside the blocks accumulate into
     /// `grad` as usual; the caller updates them at the end.
-    #[rustfmt::skip]
-    pub fn backward_fused<B: Backend>(&self, be: &B, params: &mut Params<B>, a: &mut VideoActs<B>, object: B::View<'_>, dout: B::View<'_>, step: &mut FusedStep<B>) {
+    pub fn backward_fused<B: Backend>(
+        &self,
+        be: &B,
+        params: &mut Params<B>,
+        a: &mut VideoActs<B>,
+        object: B::View<'_>,
+        dout: B::View<'_>,
+        step: &mut FusedStep<B>,
+    ) {
         let (data, grad) = (&mut params.data, &mut params.grad);
         let mut s = self.head_backward(be, B::view(data), B::view_mut(grad), a, dout);
         for li in (0..self.cfg.depth).rev() {
@@ -506,8 +534,15 @@ impl VideoTower {
         let row = c.feature_dim + c.box_dim;
         let d_region = zeroed(be, &mut a.region_emb, b * nr * d);
         let pos0 = self.pos_embed.start..self.pos_embed.start + d;
-        #[rustfmt::skip]
-        be.video_tokens_backward(self.token_dims(shape), B::view(&a.scratch.d_x), B::reborrow(&mut grad), self.cls.clone(), pos0, self.temporal.clone(), d_region);
+        be.video_tokens_backward(
+            self.token_dims(shape),
+            B::view(&a.scratch.d_x),
+            B::reborrow(&mut grad),
+            self.cls.clone(),
+            pos0,
+            self.temporal.clone(),
+            d_region,
+        );
         let d_region = B::view(&a.region_emb);
         self.object_embedding.backward(be, data, B::reborrow(&mut grad), object, row, b * nr, d_region, None, Grads::Accumulate);
         let boxes = B::slice(object, c.feature_dim..B::view_len(object));

@@ -1,9 +1,11 @@
 //! A second backend, deliberately different from `Cpu` where the arithmetic is: its dense
 //! layers are plain triple loops summing in f64 (no packed GEMM, no blocking) and its
-//! attention is the kernels' row-loop reference (head-major, then merged). Everything else
-//! delegates to `Cpu`. The whole model runs on it unchanged (the model code is generic over
-//! the backend) and `backend::check::compare_with_cpu` holds within a float tolerance —
-//! what a CUDA backend's test would assert.
+//! attention is the kernels' row-loop reference (head-major, then merged), its AdamW a loop
+//! written from `StepCoeffs`' documented arithmetic, and host inputs are staged as a device
+//! backend would. Everything else delegates to `Cpu`. The whole model runs on it unchanged
+//! (the model code is generic over the backend) and `backend::check::compare_with_cpu`
+//! holds within a float tolerance — what a CUDA backend's test would assert. It lives
+//! outside the crate, as a CUDA backend would: the trait is implementable from there.
 
 use demovlp_kernels::attention::{attention_backward_loops, attention_forward_loops, merge_heads, split_heads, AttnShape};
 use demovlp_kernels::Rng;
@@ -316,7 +318,13 @@ impl Backend for Reference {
         (out, g)
     }
     fn adamw_update(&self, c: &StepCoeffs, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
-        CPU.adamw_update(c, p, g, m, v);
+        // From the documented per-element arithmetic, as a device kernel would be written.
+        for i in 0..g.len() {
+            m[i] = c.beta1 * m[i] + (1.0 - c.beta1) * g[i];
+            v[i] = c.beta2 * v[i] + (1.0 - c.beta2) * (g[i] * g[i]);
+            let pi = p[i] - c.step_size * (m[i] / (v[i].sqrt() + c.eps));
+            p[i] = pi - c.decay * pi;
+        }
     }
     fn adamw_update_table_rows(
         &self,
@@ -328,7 +336,11 @@ impl Backend for Reference {
         ids: &[usize],
         grad_rows: &[f32],
     ) {
-        CPU.adamw_update_table_rows(c, p, m, v, dim, ids, grad_rows);
+        let mut dense = vec![0.0; p.len()];
+        for (row, &id) in ids.iter().enumerate() {
+            dense[id * dim..(id + 1) * dim].copy_from_slice(&grad_rows[row * dim..(row + 1) * dim]);
+        }
+        self.adamw_update(c, p, &dense, m, v);
     }
 }
 

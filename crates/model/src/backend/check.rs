@@ -1,6 +1,7 @@
 //! The comparison a second backend runs against [`Cpu`](super::Cpu): tiny models of both text families,
-//! with dropout and weight decay on, through a forward/backward pass, the evaluation
-//! embeddings and fused training steps, on `B` and on `Cpu` from the same initial weights;
+//! with dropout and weight decay on, through a forward/backward pass, the token-level API
+//! (projected tokens, given token gradients), the evaluation embeddings and fused training
+//! steps, on `B` and on `Cpu` from the same initial weights;
 //! every loss, gradient tensor, embedding and updated parameter tensor must agree within a
 //! relative tolerance (of the tensor's largest magnitude). A backend's test suite calls
 //! [`compare_with_cpu`]; `Cpu` itself passes it at tolerance 0 (bit for bit).
@@ -149,6 +150,24 @@ fn compare_one<B: Backend>(backend: B, kind: TextKind, tol: f32) -> Result<(), S
     let (a, b) = (cpu.forward_backward(&batch, &loss, true), dev.forward_backward(&batch, &loss, true));
     close("losses", &[b.loss_total, b.loss_global, b.loss_local], &[a.loss_total, a.loss_global, a.loss_local], tol)?;
     per_tensor("gradient", &host(&dev.params.grad), &cpu.params.grad, 0.0)?;
+
+    // The token-level API: projected tokens out, given token gradients in (host values).
+    let (tokens_cpu, tokens_dev) = {
+        let (t, v) = cpu.forward_tokens(&batch, false);
+        let (t, v) = (t.to_vec(), v.to_vec());
+        let (dt, dv) = dev.forward_tokens(&batch, false);
+        ((t, v), (backend.to_host(dt), backend.to_host(dv)))
+    };
+    close("text tokens", &tokens_dev.0, &tokens_cpu.0, tol)?;
+    close("video tokens", &tokens_dev.1, &tokens_cpu.1, tol)?;
+    let mut rng = Rng::new(17);
+    let d_text: Vec<f32> = tokens_cpu.0.iter().map(|_| rng.normal()).collect();
+    let d_video: Vec<f32> = tokens_cpu.1.iter().map(|_| rng.normal()).collect();
+    cpu.params.zero_grad();
+    backend.fill_zero(B::view_mut(&mut dev.params.grad));
+    cpu.backward_tokens(&batch, &d_text, &d_video);
+    dev.backward_tokens(&batch, &d_text, &d_video);
+    per_tensor("gradient of the token API", &host(&dev.params.grad), &cpu.params.grad, 0.0)?;
 
     let (ta, tb) = (cpu.embed_text(&data.ids, &data.attention_mask, 3, 10), dev.embed_text(&data.ids, &data.attention_mask, 3, 10));
     close("text global", &tb.global, &ta.global, tol)?;

@@ -31,7 +31,24 @@
 //!   (head-major output) and backward on token rows (fused qkv, or split q/k/v), head merge,
 //!   embedding lookup and its backward (dense, or by table row), the video token assembly
 //!   and its backward, the retrieval losses (forward, and forward + backward on the
-//!   embeddings), and the AdamW update of a run of elements and of a table by gradient rows.
+//!   embeddings), and the AdamW update of a run of elements and of a table by gradient rows
+//!   (the per-element arithmetic is [`StepCoeffs`]'s).
+//! - **Trait bounds.** A backend value is a cheap handle (`Clone`; a device backend shares
+//!   its context, streams and handles behind it), `Default` gives the default device, and it
+//!   is `Send + Sync + 'static`. `Buf: Clone` is a deep copy (models are cloned in tests).
+//!
+//! Precision is the backend's business behind these signatures: buffers hold f32 values
+//! (the master weights, moments and gradients stay f32), and a GPU backend may run its
+//! GEMMs on bf16 copies of weights and activations (it updates the weights itself, in
+//! [`Backend::adamw_update`], so it knows when a cached bf16 copy goes stale), as long as
+//! [`check::compare_with_cpu`] holds at the tolerance it claims.
+//!
+//! What the model still does on the host: token ids, masks (built on the host, then
+//! [`Backend::write_host`]), dropout masks' random draws, the losses' scalar outputs and
+//! similarity matrices ([`LossOutputs`]), evaluation embeddings (read back once per batch),
+//! and weights I/O ([`crate::io`] reads and writes `Params<Cpu>`; [`crate::Params::to_backend`]
+//! moves them). A batch's region features go up once per pass through [`Backend::input`]
+//! (twice per training step: forward and backward).
 //!
 //! # Conventions
 //!
