@@ -39,9 +39,13 @@ pub struct PretrainArgs {
     /// TOML run config (see configs/pretrain_webvid_cc3m.toml).
     #[arg(long)]
     config: PathBuf,
-    /// Continue from <output_dir>/checkpoint_latest.safetensors.
+    /// Continue from <output_dir>/checkpoint_latest.safetensors (an error when there is none).
     #[arg(long)]
     resume: bool,
+    /// Start over in an output_dir that already holds a run: its checkpoints, log, summary
+    /// and plots are deleted first.
+    #[arg(long, conflicts_with = "resume")]
+    force: bool,
     /// Override the config's output_dir.
     #[arg(long)]
     output_dir: Option<PathBuf>,
@@ -55,9 +59,13 @@ pub struct FinetuneArgs {
     /// Weights to start from: a training checkpoint, a model directory or a published .pth.
     #[arg(long)]
     init: Option<PathBuf>,
-    /// Continue from <output_dir>/checkpoint_latest.safetensors.
+    /// Continue from <output_dir>/checkpoint_latest.safetensors (an error when there is none).
     #[arg(long)]
     resume: bool,
+    /// Start over in an output_dir that already holds a run: its checkpoints, log, summary
+    /// and plots are deleted first.
+    #[arg(long, conflicts_with = "resume")]
+    force: bool,
     /// Override the config's output_dir.
     #[arg(long)]
     output_dir: Option<PathBuf>,
@@ -112,7 +120,61 @@ fn open_source(ds: &DatasetConfig) -> Result<Arc<dyn FeatureSource>> {
     demovlp_train::annotations::open_features(&ds.features).with_context(|| format!("{}: features {}", ds.name, ds.features.display()))
 }
 
-fn run_training(config: &Path, resume: bool, init: Option<PathBuf>, output_dir: Option<PathBuf>) -> Result<()> {
+/// The files a training run writes into its output_dir.
+const RUN_FILES: &[&str] = &[
+    demovlp_train::checkpoint::LATEST,
+    demovlp_train::checkpoint::BEST,
+    "log.jsonl",
+    "summary.txt",
+    "loss.svg",
+    "recall.svg",
+    "config.toml",
+];
+
+/// Never destroy an earlier run: a fresh run into an output_dir that holds one is refused
+/// unless `force` (then its files are deleted first); `--resume` needs a checkpoint.
+fn guard_output_dir(out: &Path, resume: bool, force: bool) -> Result<()> {
+    let latest = out.join(demovlp_train::checkpoint::LATEST);
+    if resume {
+        if !latest.is_file() {
+            bail!(
+                "--resume: there is no checkpoint to resume in {} ({} not found); start a fresh run without --resume",
+                out.display(),
+                demovlp_train::checkpoint::LATEST
+            );
+        }
+        return Ok(());
+    }
+    let held: Vec<&str> = RUN_FILES[..3].iter().copied().filter(|f| out.join(f).exists()).collect();
+    if held.is_empty() {
+        return Ok(());
+    }
+    if !force {
+        bail!(
+            "output_dir {} already holds a run ({}); continue it with --resume, overwrite it with --force, \
+             or choose a new directory with --output-dir",
+            out.display(),
+            held.join(", ")
+        );
+    }
+    for f in RUN_FILES {
+        let p = out.join(f);
+        if p.exists() {
+            std::fs::remove_file(&p).with_context(|| format!("--force: removing {}", p.display()))?;
+        }
+    }
+    eprintln!("--force: removed the earlier run's files in {}", out.display());
+    Ok(())
+}
+
+fn run_training(
+    config: &Path,
+    resume: bool,
+    force: bool,
+    init: Option<PathBuf>,
+    output_dir: Option<PathBuf>,
+    finetune: bool,
+) -> Result<()> {
     let mut cfg = TrainConfig::load(config)?;
     if let Some(o) = output_dir {
         cfg.output_dir = o;
@@ -121,6 +183,25 @@ fn run_training(config: &Path, resume: bool, init: Option<PathBuf>, output_dir: 
         if !p.exists() {
             bail!("--init: path does not exist: {}", p.display());
         }
+    }
+    guard_output_dir(&cfg.output_dir, resume, force)?;
+    if finetune && !resume && init.is_none() && cfg.model.init.is_none() {
+        let m = &cfg.model;
+        let what = match (&m.text_init, &m.video_init) {
+            (None, None) => "random weights".to_string(),
+            (t, v) => format!(
+                "random weights except {}",
+                [
+                    t.as_ref().map(|p| format!("the text tower ({})", p.display())),
+                    v.as_ref().map(|p| format!("the video blocks ({})", p.display()))
+                ]
+                .into_iter()
+                .flatten()
+                .collect::<Vec<_>>()
+                .join(" and ")
+            ),
+        };
+        eprintln!("warning: fine-tuning without --init (and no model.init in {}): starting from {what}", config.display());
     }
     let tokenizer = Arc::new(demovlp_train::text::load_tokenizer(&cfg.data.tokenizer)?);
     let mut train_sets = Vec::new();
@@ -135,18 +216,19 @@ fn run_training(config: &Path, resume: bool, init: Option<PathBuf>, output_dir: 
     let r = train(&inputs, &RunOptions { resume, init, quiet: false, stop: Some(stop_flag()) })?;
     if r.interrupted {
         eprintln!("interrupted; continue with the same command plus --resume (checkpoint {})", r.latest.display());
-        // The conventional status of a run stopped by SIGINT, so scripts can tell.
-        std::process::exit(130);
+        // The conventional status of a run stopped by a signal (SIGINT 130, SIGTERM 143), so
+        // schedulers and scripts can tell.
+        std::process::exit(demovlp_train::trainer::stop_exit_code());
     }
     Ok(())
 }
 
 pub fn pretrain(a: PretrainArgs) -> Result<()> {
-    run_training(&a.config, a.resume, None, a.output_dir)
+    run_training(&a.config, a.resume, a.force, None, a.output_dir, false)
 }
 
 pub fn finetune(a: FinetuneArgs) -> Result<()> {
-    run_training(&a.config, a.resume, a.init, a.output_dir)
+    run_training(&a.config, a.resume, a.force, a.init, a.output_dir, true)
 }
 
 pub fn eval(a: EvalArgs) -> Result<()> {
@@ -157,13 +239,14 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         .as_ref()
         .or(cfg.data.val.as_ref())
         .with_context(|| format!("{}: no [data.test] or [data.val] section", a.config.display()))?;
+    let builtin_tok = demovlp_train::text::is_builtin(&cfg.data.tokenizer);
     for (key, p) in [
         ("data.tokenizer", &cfg.data.tokenizer),
         ("test annotations", &ds.annotations),
         ("test features", &ds.features),
         ("--model", &a.model),
     ] {
-        if !p.exists() {
+        if !(p.exists() || key == "data.tokenizer" && builtin_tok) {
             bail!("{key}: path does not exist: {}", p.display());
         }
     }

@@ -98,6 +98,34 @@ pub fn save(path: &Path, model_config: &ModelConfig, params: &Params, opt: &Adam
     write_safetensors_refs(path, &tensors, &[(META_KEY.to_string(), meta)]).with_context(|| format!("saving checkpoint {}", path.display()))
 }
 
+/// Remove the temporary files (`.<name>.<pid>.tmp`, see `demovlp_model::io::atomic_write_with`)
+/// that a run killed mid-save left in `dir`, when the process that wrote them is gone.
+/// Returns the removed paths.
+pub fn remove_stale_temporaries(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else { return Ok(removed) };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix('.').and_then(|r| r.strip_suffix(".tmp")) else { continue };
+        let Some((_, pid)) = rest.rsplit_once('.') else { continue };
+        let Ok(pid) = pid.parse::<u32>() else { continue };
+        if pid == std::process::id() || process_alive(pid) {
+            continue;
+        }
+        let p = e.path();
+        std::fs::remove_file(&p).with_context(|| format!("removing stale temporary {}", p.display()))?;
+        removed.push(p);
+    }
+    removed.sort();
+    Ok(removed)
+}
+
+fn process_alive(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else { return false };
+    // Signal 0 checks existence; EPERM means it exists but belongs to someone else.
+    unsafe { libc::kill(pid, 0) == 0 || *libc::__errno_location() == libc::EPERM }
+}
+
 /// Is this file one of our training checkpoints (cheap check of the metadata)?
 pub fn is_checkpoint(path: &Path) -> bool {
     read_header_meta(path).map(|m| m.contains_key(META_KEY)).unwrap_or(false)
@@ -252,6 +280,23 @@ mod tests {
         std::fs::write(&path, &good[..good.len() - 9]).unwrap();
         let e = format!("{:#}", load(&path).err().expect("truncated checkpoint must fail"));
         assert!(e.contains(LATEST), "{e}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn stale_temporaries_of_dead_runs_are_removed_live_ones_kept() {
+        let dir = std::env::temp_dir().join(format!("demovlp-ckpt-stale-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // A pid that cannot be alive (above the kernel's pid_max limit of 2^22).
+        let dead = dir.join(format!(".{LATEST}.{}.tmp", (1u32 << 22) + 17));
+        let ours = dir.join(format!(".{LATEST}.{}.tmp", std::process::id()));
+        let live = dir.join(format!(".{BEST}.1.tmp")); // init is always alive
+        let other = dir.join("notes.tmp");
+        for p in [&dead, &ours, &live, &other] {
+            std::fs::write(p, b"partial").unwrap();
+        }
+        assert_eq!(remove_stale_temporaries(&dir).unwrap(), vec![dead.clone()]);
+        assert!(!dead.exists() && ours.exists() && live.exists() && other.exists());
         std::fs::remove_dir_all(&dir).ok();
     }
 

@@ -338,7 +338,10 @@ impl TrainConfig {
 
     /// Every input path must exist (outputs are created).
     pub fn check_paths(&self) -> Result<()> {
-        let mut paths: Vec<(String, &Path)> = vec![("data.tokenizer".into(), self.data.tokenizer.as_path())];
+        let mut paths: Vec<(String, &Path)> = Vec::new();
+        if !crate::text::is_builtin(&self.data.tokenizer) {
+            paths.push(("data.tokenizer".into(), self.data.tokenizer.as_path()));
+        }
         for (key, ds) in self.datasets() {
             paths.push((format!("{key}.annotations"), ds.annotations.as_path()));
             paths.push((format!("{key}.features"), ds.features.as_path()));

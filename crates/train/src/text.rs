@@ -23,8 +23,23 @@ pub fn builtin_tokenizer() -> Result<Tokenizer> {
     tok
 }
 
-/// A tokenizer from a config path.
+/// The names of the embedded tokenizer a config may give instead of a path (the demo writes
+/// `builtin:bert-base-uncased` into its saved configs).
+pub const BUILTIN_NAMES: &[&str] = &["builtin", "builtin:bert-base-uncased"];
+
+/// Does this config path name the embedded tokenizer?
+pub fn is_builtin(path: &Path) -> bool {
+    path.to_str().is_some_and(|p| BUILTIN_NAMES.contains(&p))
+}
+
+/// A tokenizer from a config path (or one of [`BUILTIN_NAMES`]).
 pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
+    if is_builtin(path) {
+        return builtin_tokenizer();
+    }
+    if let Some(name) = path.to_str().and_then(|p| p.strip_prefix("builtin:")) {
+        anyhow::bail!("tokenizer {name:?}: no such built-in tokenizer (built in: {})", BUILTIN_NAMES.join(", "));
+    }
     Tokenizer::from_path(path).with_context(|| format!("loading tokenizer {}", path.display()))
 }
 
@@ -40,5 +55,11 @@ mod tests {
         // [CLS] a red dog runs to the left [SEP] pad pad pad
         assert_eq!(ids, vec![101, 1037, 2417, 3899, 3216, 2000, 1996, 2187, 102, 0, 0, 0]);
         assert_eq!(mask.iter().sum::<i64>(), 9);
+        // The names a config may give (the demo saves `builtin:bert-base-uncased`).
+        for name in BUILTIN_NAMES {
+            assert_eq!(load_tokenizer(Path::new(name)).unwrap().encode("A red dog", 5).unwrap(), t.encode("A red dog", 5).unwrap());
+        }
+        let e = format!("{:#}", load_tokenizer(Path::new("builtin:gpt2")).err().expect("unknown built-in"));
+        assert!(e.contains("gpt2") && e.contains("builtin:bert-base-uncased"), "{e}");
     }
 }

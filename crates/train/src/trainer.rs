@@ -33,7 +33,7 @@ pub struct TrainInputs {
 
 #[derive(Clone, Debug, Default)]
 pub struct RunOptions {
-    /// Continue from `output_dir/checkpoint_latest.safetensors` if present.
+    /// Continue from `output_dir/checkpoint_latest.safetensors` (an error when there is none).
     pub resume: bool,
     /// Weights to start from (overrides `model.init`).
     pub init: Option<PathBuf>,
@@ -59,18 +59,48 @@ pub struct RunResult {
     pub best_checkpoint: Option<PathBuf>,
 }
 
-/// Ctrl-C handler: the first press raises the returned flag (the loop then saves a
-/// resumable checkpoint and stops); a second press exits at once.
+/// The signal that raised the stop flag (SIGINT or SIGTERM), 0 while none arrived.
+static STOP_SIGNAL: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+static STOP_FLAG: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();
+
+extern "C" fn on_stop_signal(sig: libc::c_int) {
+    // Async-signal-safe only: atomics, write(2), _exit(2).
+    if STOP_SIGNAL.swap(sig, Ordering::SeqCst) != 0 {
+        unsafe { libc::_exit(128 + sig) };
+    }
+    if let Some(f) = STOP_FLAG.get() {
+        f.store(true, Ordering::SeqCst);
+    }
+    let msg: &[u8] = if sig == libc::SIGTERM {
+        b"\nSIGTERM: finishing this step and saving a resumable checkpoint (a second signal aborts)\n"
+    } else {
+        b"\ninterrupt: finishing this step and saving a resumable checkpoint (Ctrl-C again to abort)\n"
+    };
+    unsafe { libc::write(2, msg.as_ptr().cast(), msg.len()) };
+}
+
+/// SIGINT (Ctrl-C) and SIGTERM (what schedulers and `docker stop` send) handler: the first
+/// signal raises the returned flag (the loop then finishes its step, saves a resumable
+/// checkpoint and stops); a second one exits at once with 128 + its number.
+/// [`stop_signal`] tells which signal it was.
 pub fn install_ctrlc() -> Arc<AtomicBool> {
-    let flag = Arc::new(AtomicBool::new(false));
-    let f = flag.clone();
-    let _ = ctrlc::set_handler(move || {
-        if f.swap(true, Ordering::SeqCst) {
-            std::process::exit(130);
-        }
-        eprintln!("\ninterrupt: finishing this step and saving a resumable checkpoint (Ctrl-C again to abort)");
-    });
+    let flag = STOP_FLAG.get_or_init(|| Arc::new(AtomicBool::new(false))).clone();
+    let handler = on_stop_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        unsafe { libc::signal(sig, handler) };
+    }
     flag
+}
+
+/// The signal that stopped the run (`libc::SIGINT` or `libc::SIGTERM`), if one did.
+pub fn stop_signal() -> Option<i32> {
+    Some(STOP_SIGNAL.load(Ordering::SeqCst)).filter(|&s| s != 0)
+}
+
+/// The conventional exit status of a run stopped by the signal [`stop_signal`] reports
+/// (130 for SIGINT, 143 for SIGTERM; 130 when the flag was raised otherwise).
+pub fn stop_exit_code() -> i32 {
+    128 + stop_signal().unwrap_or(libc::SIGINT)
 }
 
 fn monitored(name: &str, m: Option<&RetrievalMetrics>, train_loss: f64) -> f64 {
@@ -158,12 +188,23 @@ impl<'a> Run<'a> {
         std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
         let latest = out.join(LATEST);
         let best_path = out.join(BEST);
+        for stale in checkpoint::remove_stale_temporaries(&out)? {
+            if !opts.quiet {
+                eprintln!("removed {}, a partial checkpoint of a run that is no longer alive", stale.display());
+            }
+        }
+        if opts.resume && !latest.exists() {
+            bail!(
+                "--resume: there is no checkpoint to resume in {} ({LATEST} not found); start a fresh run without --resume",
+                out.display()
+            );
+        }
         let config_text = cfg.to_toml();
         std::fs::write(out.join("config.toml"), &config_text).with_context(|| format!("writing {}", out.join("config.toml").display()))?;
 
         let shape = InputShape { frames: cfg.data.frames, regions: cfg.data.regions, text_len: cfg.data.text_len };
         let o = &cfg.optim;
-        let (mut model, opt, state) = if opts.resume && latest.exists() {
+        let (mut model, opt, state) = if opts.resume {
             resume_from(cfg, &latest)?
         } else {
             let model = build_model(cfg, opts.init.as_deref())?;
