@@ -7,6 +7,7 @@ mod bench_pytorch;
 mod data_cmds;
 mod hugepages;
 mod model_cmds;
+mod qa_cmds;
 mod retrieval_cmds;
 mod task_cmds;
 mod train_cmds;

@@ -20,6 +20,7 @@ pub mod config;
 pub mod demo;
 pub mod eval;
 pub mod plot;
+pub mod qa;
 pub mod runlog;
 pub mod schedule;
 pub mod synthetic;
