@@ -19,6 +19,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod demo;
 pub mod eval;
+pub mod mc;
 pub mod plot;
 pub mod qa;
 pub mod runlog;
