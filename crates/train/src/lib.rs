@@ -22,6 +22,7 @@ pub mod eval;
 pub mod mc;
 pub mod plot;
 pub mod qa;
+pub mod qa_train;
 pub mod runlog;
 pub mod schedule;
 pub mod synthetic;
