@@ -6,7 +6,9 @@ mod bench;
 mod bench_pytorch;
 mod data_cmds;
 mod hugepages;
+mod mc_cmds;
 mod model_cmds;
+mod qa_cmds;
 mod retrieval_cmds;
 mod task_cmds;
 mod train_cmds;
@@ -48,6 +50,8 @@ enum Command {
     Replay(model_cmds::ReplayArgs),
     /// Retrieval metrics of a text x video similarity matrix.
     Metrics(retrieval_cmds::MetricsArgs),
+    /// Multiple-choice evaluation of a model (MSR-VTT-MC, LSMDC-MC, own JSONL): accuracy and predictions.
+    EvalMc(mc_cmds::EvalMcArgs),
     /// Multiple-choice scores and accuracy from option and clip embeddings.
     McScores(task_cmds::McScoresArgs),
     /// Video QA accuracy (overall and per answer type) of a JSONL predictions file.
@@ -74,6 +78,7 @@ fn main() -> anyhow::Result<()> {
         Command::Import(a) => model_cmds::import(a),
         Command::Replay(a) => model_cmds::replay(a),
         Command::Metrics(a) => retrieval_cmds::metrics(a),
+        Command::EvalMc(a) => mc_cmds::eval_mc(a),
         Command::McScores(a) => task_cmds::mc_scores_cmd(a),
         Command::QaMetrics(a) => task_cmds::qa_metrics_cmd(a),
         Command::Bench(c) => bench::run(c),

@@ -20,7 +20,9 @@ use crate::bench::{median_min_max, peak_rss_mb};
 pub struct ImportArgs {
     /// Weights with published names: the trainer's .pth (torch zip) or a .safetensors file.
     pub input: PathBuf,
-    /// Model directory to write (model.safetensors + config.json).
+    /// Model directory to write (model.safetensors + config.json). Weights with `head.*`
+    /// tensors (the published QA model) give a QA model directory: the head's sizes under
+    /// `qa_head` in config.json, its tensors in model.safetensors.
     #[arg(long)]
     pub out: PathBuf,
     /// Use only tensors whose name starts with this prefix, with it removed (e.g. `param.`).
@@ -35,6 +37,9 @@ pub struct ImportArgs {
 }
 
 pub fn import(a: ImportArgs) -> Result<()> {
+    if crate::qa_cmds::import_qa(&a)? {
+        return Ok(());
+    }
     let (model, report) = io::import_weights_report(&a.input, a.key_prefix.as_deref(), a.text_heads, a.video_heads)?;
     io::save_model_dir(&model, &a.out)?;
     let c = &model.config;
@@ -67,7 +72,10 @@ pub fn import(a: ImportArgs) -> Result<()> {
 
 #[derive(clap::Args)]
 pub struct ReplayArgs {
-    /// Model directory (ours, or a Hugging Face DistilBERT/BERT directory).
+    /// Model directory (ours, or a Hugging Face DistilBERT/BERT directory). A QA model
+    /// directory replays the QA model: the batch needs `in.labels` [B], and it writes
+    /// `out.text_tokens`, `out.video_tokens`, `out.question`, `out.attention`, `out.logits`,
+    /// `out.loss` (and `grad.*` of the towers and the head).
     #[arg(long)]
     pub model: PathBuf,
     /// safetensors with `in.object`, `in.object_mask`, `in.input_ids`, `in.attention_mask`.
@@ -92,18 +100,18 @@ pub struct ReplayArgs {
 }
 
 /// A recorded batch's inputs.
-struct RecordedBatch {
-    b: usize,
-    f: usize,
-    r: usize,
-    l: usize,
-    object: Vec<f32>,
-    object_mask: Vec<f32>,
-    input_ids: Vec<i64>,
-    attention_mask: Vec<i64>,
+pub(crate) struct RecordedBatch {
+    pub(crate) b: usize,
+    pub(crate) f: usize,
+    pub(crate) r: usize,
+    pub(crate) l: usize,
+    pub(crate) object: Vec<f32>,
+    pub(crate) object_mask: Vec<f32>,
+    pub(crate) input_ids: Vec<i64>,
+    pub(crate) attention_mask: Vec<i64>,
 }
 
-fn read_batch(path: &std::path::Path) -> Result<RecordedBatch> {
+pub(crate) fn read_batch(path: &std::path::Path) -> Result<RecordedBatch> {
     let st = io::read_safetensors(path)?;
     let ctx = || path.display().to_string();
     let obj = st.get("in.object").with_context(ctx)?;
@@ -132,6 +140,9 @@ fn read_batch(path: &std::path::Path) -> Result<RecordedBatch> {
 }
 
 pub fn replay(a: ReplayArgs) -> Result<()> {
+    if demovlp_train::qa::is_qa_dir(&a.model) {
+        return crate::qa_cmds::replay_qa(a);
+    }
     let mut model = io::load_model_dir(&a.model)?;
     let x = read_batch(&a.batch)?;
     let c = &model.config;

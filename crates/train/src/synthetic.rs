@@ -22,6 +22,7 @@ use demovlp_data::{FeatureSource, Sample};
 use demovlp_kernels::rng::Rng;
 use rayon::prelude::*;
 
+pub mod questions;
 mod world;
 
 pub use world::Motion;

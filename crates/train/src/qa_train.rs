@@ -1,0 +1,644 @@
+//! Video QA fine-tuning and evaluation (SPEC §8; issue 13 C): the retrieval model plus the
+//! BUTD head ([`demovlp_model::qa`]), cross-entropy over the answer vocabulary.
+//!
+//! - Datasets: MSRVTT-QA and TGIF-FrameQA (JSONL), MSVD-QA (JSON list + answer set + YouTube
+//!   mapping), and our own JSONL: one `{"clip", "question", "answer", "answer_type"?}` per
+//!   line. Answer vocabularies: `{answer: label}` JSON (`*_ans2label.json`), a JSON list in
+//!   label order, or a text file with one answer per line (line index = label).
+//! - Training skips (and counts) questions whose answer is outside the vocabulary; the
+//!   published loader fails on them.
+//! - Schedule (published): AdamW, lr `first_epoch_lr` (1e-4) for the first epoch, then
+//!   `lr × gamma^k` (2e-4 × 0.1 per milestone 2, 4, 8 passed) — [`crate::schedule::step_rate`].
+//!   One AdamW for the towers, one for the head (unfused: the head is small).
+//! - Dropout: text tower (published 0.1) and the head's attention dropout (0.2), both
+//!   reseeded from (seed, epoch, step) before every step, and the epoch's batch plan drawn
+//!   from (seed, epoch): resuming from the end of an epoch is bit-exact.
+//! - Model selection on validation accuracy (the published monitor is a loss that is never
+//!   accumulated). Evaluation: overall and per answer type via
+//!   [`demovlp_retrieval::qa_metrics`], plus the share of questions whose answer is outside
+//!   the vocabulary (the accuracy ceiling is 100 − that share).
+//!
+//! Run directory: `last/` (QA model directory + `adamw_towers.safetensors`,
+//! `adamw_head.safetensors`, `state.json`), `best/` (QA model directory with the answer
+//! vocabulary), `log.jsonl` (one JSON object per logged step and per epoch), `config.toml`.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, ensure, Context, Result};
+use demovlp_data::annotations::{read_jsonl_qa, read_msvd_qa, QaSample};
+use demovlp_data::batches::{assemble, batch_seed, derive_seed, epoch_plan, epoch_seed, Dataset, Draw, InputShape};
+use demovlp_data::{FeatureSource, Sample};
+use demovlp_model::qa::{QaHead, QaHeadConfig, QaModel};
+use demovlp_model::{AdamW, BatchRef, TextDropout};
+use demovlp_retrieval::mc::argmax_first;
+use demovlp_retrieval::qa_metrics::{qa_metrics, QaRecord};
+use serde::Deserialize;
+
+use crate::config::OptimConfig;
+use crate::qa::{load_qa_dir, save_qa_dir};
+use crate::text::Tokenizer;
+
+// ---------------------------------------------------------------------------------------
+// config
+
+/// A QA run config (`configs/msrvtt_qa.toml`, `msvd_qa.toml`, `tgif_qa-frame.toml`).
+#[derive(Clone, Debug, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct QaConfig {
+    pub name: String,
+    #[serde(default)]
+    pub seed: u64,
+    pub output_dir: PathBuf,
+    pub task: QaTask,
+    #[serde(default)]
+    pub model: QaModelSection,
+    pub data: QaDataSection,
+    pub optim: OptimConfig,
+    pub train: QaTrainSection,
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct QaTask {
+    /// Must be `"qa"`.
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct QaModelSection {
+    /// A retrieval checkpoint / model directory (the head starts from scratch) or a QA model
+    /// directory (head included). `--init` overrides it.
+    #[serde(default)]
+    pub init: Option<PathBuf>,
+    /// The head's hidden width (published 256).
+    #[serde(default = "default_hidden")]
+    pub hidden: usize,
+}
+
+impl Default for QaModelSection {
+    fn default() -> Self {
+        QaModelSection { init: None, hidden: 256 }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct QaDataSection {
+    /// `tokenizer.json`, `vocab.txt` or a directory; absent = the built-in uncased WordPiece.
+    #[serde(default)]
+    pub tokenizer: Option<PathBuf>,
+    #[serde(default = "default_text_len")]
+    pub text_len: usize,
+    #[serde(default = "default_frames")]
+    pub frames: usize,
+    #[serde(default = "default_regions")]
+    pub regions: usize,
+    #[serde(default = "default_batch")]
+    pub batch_size: usize,
+    /// The answer vocabulary (`{answer: label}` JSON, JSON list, or one answer per line).
+    pub answers: PathBuf,
+    pub train: QaDatasetConfig,
+    #[serde(default)]
+    pub val: Option<QaDatasetConfig>,
+    #[serde(default)]
+    pub test: Option<QaDatasetConfig>,
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct QaDatasetConfig {
+    pub name: String,
+    /// `msrvtt-qa`, `msvd-qa`, `tgif-frameqa` or `jsonl`.
+    pub format: String,
+    pub annotations: PathBuf,
+    /// A packed store or an `.npz` tree.
+    pub features: PathBuf,
+    /// MSVD-QA: the YouTube mapping (`<clip id> vid<N>` per line).
+    #[serde(default)]
+    pub mapping: Option<PathBuf>,
+    #[serde(default)]
+    pub max_samples: Option<usize>,
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct QaTrainSection {
+    pub epochs: usize,
+    #[serde(default = "default_log_every")]
+    pub log_every: u64,
+    /// The head's attention dropout (published 0.2).
+    #[serde(default = "default_att_dropout")]
+    pub attention_dropout: bool,
+    /// The text tower's dropout (published 0.1).
+    #[serde(default = "default_text_dropout")]
+    pub text_dropout: f32,
+    #[serde(default = "default_batch")]
+    pub eval_batch_size: usize,
+}
+
+fn default_hidden() -> usize {
+    256
+}
+fn default_text_len() -> usize {
+    100
+}
+fn default_frames() -> usize {
+    8
+}
+fn default_regions() -> usize {
+    30
+}
+fn default_batch() -> usize {
+    64
+}
+fn default_log_every() -> u64 {
+    20
+}
+fn default_att_dropout() -> bool {
+    true
+}
+fn default_text_dropout() -> f32 {
+    0.1
+}
+
+pub const QA_FORMATS: &[&str] = &["msrvtt-qa", "msvd-qa", "tgif-frameqa", "jsonl"];
+
+impl QaConfig {
+    pub fn parse_str(text: &str) -> Result<QaConfig> {
+        let c: QaConfig = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        ensure!(c.task.kind == "qa", "task.kind: {:?}, a QA config needs \"qa\"", c.task.kind);
+        let d = &c.data;
+        ensure!(
+            d.frames > 0 && d.regions > 0 && d.batch_size > 0 && d.text_len >= 2,
+            "data: frames, regions, batch_size > 0, text_len >= 2"
+        );
+        for (key, ds) in [("data.train", Some(&d.train)), ("data.val", d.val.as_ref()), ("data.test", d.test.as_ref())] {
+            if let Some(ds) = ds {
+                ensure!(QA_FORMATS.contains(&ds.format.as_str()), "{key}.format: {:?} (known: {})", ds.format, QA_FORMATS.join(", "));
+                ensure!(ds.format != "msvd-qa" || ds.mapping.is_some(), "{key}: msvd-qa needs `mapping` (msvd_youtube_mapping.txt)");
+            }
+        }
+        ensure!(c.train.epochs >= 1, "train.epochs must be >= 1");
+        ensure!((0.0..1.0).contains(&c.train.text_dropout), "train.text_dropout must be in [0, 1)");
+        ensure!(c.model.hidden >= 1, "model.hidden must be >= 1");
+        let o = &c.optim;
+        ensure!(o.lr > 0.0 && o.eps > 0.0 && o.weight_decay >= 0.0, "optim: lr and eps must be > 0, weight_decay >= 0");
+        ensure!(o.milestones.windows(2).all(|w| w[0] < w[1]), "optim.milestones must be strictly increasing");
+        Ok(c)
+    }
+
+    pub fn parse_file(path: &Path) -> Result<QaConfig> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+        Self::parse_str(&text).with_context(|| format!("config {}", path.display()))
+    }
+
+    pub fn shape(&self) -> InputShape {
+        InputShape { frames: self.data.frames, regions: self.data.regions, text_len: self.data.text_len }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// data
+
+/// An answer vocabulary: label → answer, and answer → label.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Vocabulary {
+    pub label2ans: Vec<String>,
+    pub ans2label: HashMap<String, usize>,
+}
+
+impl Vocabulary {
+    pub fn from_list(label2ans: Vec<String>) -> Result<Vocabulary> {
+        let mut ans2label = HashMap::new();
+        for (i, a) in label2ans.iter().enumerate() {
+            ensure!(ans2label.insert(a.clone(), i).is_none(), "answer {a:?} appears twice in the vocabulary");
+        }
+        ensure!(!label2ans.is_empty(), "empty answer vocabulary");
+        Ok(Vocabulary { label2ans, ans2label })
+    }
+
+    /// `{answer: label}` JSON (labels 0..n, each once), a JSON list, or one answer per line.
+    pub fn read(path: &Path) -> Result<Vocabulary> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+        let is_json = path.extension().is_some_and(|e| e == "json");
+        let list: Vec<String> = if is_json {
+            let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
+            match v {
+                serde_json::Value::Array(a) => {
+                    a.into_iter().map(|x| x.as_str().map(str::to_string)).collect::<Option<_>>().context("a list of strings expected")?
+                }
+                serde_json::Value::Object(o) => {
+                    let mut l = vec![None; o.len()];
+                    for (a, i) in o {
+                        let i = i
+                            .as_u64()
+                            .map(|i| i as usize)
+                            .filter(|&i| i < l.len())
+                            .with_context(|| format!("label of {a:?} is not 0..{}", l.len()))?;
+                        ensure!(l[i].is_none(), "label {i} given twice");
+                        l[i] = Some(a);
+                    }
+                    l.into_iter().map(|x| x.unwrap()).collect()
+                }
+                _ => bail!("expected {{answer: label}} or a list"),
+            }
+        } else {
+            text.lines().map(|l| l.trim().to_string()).collect()
+        };
+        Vocabulary::from_list(list).with_context(|| path.display().to_string())
+    }
+}
+
+/// Our own QA JSONL: `{"clip", "question", "answer", "answer_type"?}` per line.
+pub fn read_own_qa(path: &Path, vocab: &Vocabulary) -> Result<Vec<QaSample>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let mut out = Vec::new();
+    for (i, l) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let at = || format!("{}:{}", path.display(), i + 1);
+        let v: serde_json::Value = serde_json::from_str(l).with_context(|| format!("{}: not JSON", at()))?;
+        let s = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
+        let clip = s("clip").with_context(|| format!("{}: missing string \"clip\"", at()))?;
+        let question = s("question").with_context(|| format!("{}: missing string \"question\"", at()))?;
+        let answer = s("answer").with_context(|| format!("{}: missing string \"answer\"", at()))?;
+        out.push(QaSample {
+            label: vocab.ans2label.get(&answer).copied(),
+            clip,
+            question,
+            answer,
+            answer_type: s("answer_type").unwrap_or_default(),
+        });
+    }
+    Ok(out)
+}
+
+/// Questions of a dataset in its format, labels from `vocab`.
+pub fn read_qa_dataset(ds: &QaDatasetConfig, vocab: &Vocabulary, answers_path: &Path) -> Result<Vec<QaSample>> {
+    let mut s = match ds.format.as_str() {
+        "msrvtt-qa" | "tgif-frameqa" => read_jsonl_qa(&ds.annotations, &vocab.ans2label)?,
+        "msvd-qa" => read_msvd_qa(&ds.annotations, answers_path, ds.mapping.as_deref().context("msvd-qa needs `mapping`")?)?,
+        "jsonl" => read_own_qa(&ds.annotations, vocab)?,
+        f => bail!("unknown QA format {f:?} (known: {})", QA_FORMATS.join(", ")),
+    };
+    if let Some(n) = ds.max_samples {
+        s.truncate(n);
+    }
+    ensure!(!s.is_empty(), "{} ({}): no questions", ds.name, ds.annotations.display());
+    Ok(s)
+}
+
+/// A question set ready for the batch pipeline: each question is a sample whose one
+/// "caption" is the question.
+#[derive(Clone)]
+pub struct QaSet {
+    pub name: String,
+    pub questions: Vec<QaSample>,
+    pub dataset: Dataset,
+}
+
+impl QaSet {
+    pub fn new(name: &str, questions: Vec<QaSample>, source: Arc<dyn FeatureSource>) -> QaSet {
+        let samples = questions.iter().map(|q| Sample { clip: q.clip.clone(), captions: vec![q.question.clone()] }).collect();
+        QaSet { name: name.into(), dataset: Dataset::new(name, samples, source), questions }
+    }
+
+    /// The questions whose answer is in the vocabulary (training), and how many were not.
+    pub fn answerable(&self) -> (QaSet, usize) {
+        let keep: Vec<QaSample> = self.questions.iter().filter(|q| q.label.is_some()).cloned().collect();
+        let skipped = self.questions.len() - keep.len();
+        (QaSet::new(&self.name, keep, self.dataset.source.clone()), skipped)
+    }
+
+    /// Percent of questions whose answer is outside the vocabulary.
+    pub fn out_of_vocabulary_percent(&self) -> f64 {
+        100.0 * self.questions.iter().filter(|q| q.label.is_none()).count() as f64 / self.questions.len().max(1) as f64
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// training and evaluation
+
+/// Options of the step loop.
+#[derive(Clone, Copy, Debug)]
+pub struct QaTrainOptions {
+    pub shape: InputShape,
+    pub batch_size: usize,
+    pub seed: u64,
+    pub text_dropout: f32,
+    pub attention_dropout: bool,
+}
+
+/// Seeds of an epoch's batch plan and draws, and of every step's dropout.
+fn step_seed(seed: u64, epoch: usize, step: usize, stream: u64) -> u64 {
+    derive_seed(seed ^ stream, epoch as u64, step as u64)
+}
+
+/// One epoch (1-based) of training on `set` (answerable questions only) at learning rate
+/// `lr`. `on_step(step, loss)` is called after every step. Returns the mean loss and the
+/// number of steps (batches of fewer than 2 questions are dropped, as in retrieval).
+#[allow(clippy::too_many_arguments)]
+pub fn train_epoch(
+    model: &mut QaModel,
+    opt_towers: &mut AdamW,
+    opt_head: &mut AdamW,
+    set: &QaSet,
+    tok: &Tokenizer,
+    o: &QaTrainOptions,
+    epoch: usize,
+    lr: f32,
+    stop: Option<&AtomicBool>,
+    on_step: &mut dyn FnMut(usize, f32),
+) -> Result<(f64, usize)> {
+    ensure!(set.questions.iter().all(|q| q.label.is_some()), "{}: training questions need answers in the vocabulary", set.name);
+    let es = epoch_seed(o.seed, epoch);
+    let plan = epoch_plan(&[set.questions.len()], o.batch_size, None, es, true);
+    opt_towers.lr = lr;
+    opt_head.lr = lr;
+    let mut total = 0f64;
+    for (step, spec) in plan.iter().enumerate() {
+        if stop.is_some_and(|s| s.load(Ordering::SeqCst)) {
+            bail!("stopped (interrupt) during epoch {epoch}");
+        }
+        let b = assemble(&set.dataset, &spec.indices, o.shape, tok, Draw::Train { seed: batch_seed(es, step) }, false)?;
+        let labels: Vec<usize> = b.sample_ids.iter().map(|&i| set.questions[i].label.unwrap()).collect();
+        let p = o.text_dropout;
+        model.base.set_text_dropout(TextDropout { hidden: p, attention: p }, step_seed(o.seed, epoch, step, 0x7E47));
+        model.set_attention_dropout(o.attention_dropout, step_seed(o.seed, epoch, step, 0xA77E));
+        let batch = BatchRef {
+            batch: b.batch,
+            frames: b.frames,
+            regions: b.regions,
+            text_len: b.text_len,
+            object: &b.object,
+            object_mask: &b.object_mask,
+            input_ids: &b.input_ids,
+            attention_mask: &b.attention_mask,
+        };
+        let out = model.forward_backward(&batch, &labels);
+        ensure!(out.loss.is_finite(), "{}: loss is not finite at epoch {epoch} step {step}", set.name);
+        opt_towers.step(&mut model.base.params);
+        opt_head.step(&mut model.head.params);
+        total += out.loss as f64;
+        on_step(step, out.loss);
+    }
+    Ok((total / plan.len().max(1) as f64, plan.len()))
+}
+
+/// What an evaluation found.
+#[derive(Clone, Debug)]
+pub struct QaEval {
+    /// The published metrics dict (fractions) + `questions`.
+    pub metrics: serde_json::Value,
+    /// Percent right.
+    pub accuracy: f64,
+    /// Percent of questions whose answer is outside the vocabulary (never right).
+    pub out_of_vocabulary: f64,
+    /// Predicted label per question.
+    pub predictions: Vec<usize>,
+    pub records: Vec<QaRecord>,
+    pub seconds: f64,
+}
+
+/// Predict every question (no dropout; the middle frame of each segment) and score it as the
+/// published `evaluate_qa` does.
+pub fn evaluate_qa(
+    model: &mut QaModel,
+    set: &QaSet,
+    vocab: &Vocabulary,
+    tok: &Tokenizer,
+    shape: InputShape,
+    batch_size: usize,
+) -> Result<QaEval> {
+    let t0 = Instant::now();
+    ensure!(
+        vocab.label2ans.len() == model.head.config.answers,
+        "the vocabulary has {} answers, the head {}",
+        vocab.label2ans.len(),
+        model.head.config.answers
+    );
+    let na = model.head.config.answers;
+    let mut predictions = Vec::with_capacity(set.questions.len());
+    let idx: Vec<usize> = (0..set.questions.len()).collect();
+    for chunk in idx.chunks(batch_size.max(1)) {
+        let b = assemble(&set.dataset, chunk, shape, tok, Draw::Eval, false)?;
+        let batch = BatchRef {
+            batch: b.batch,
+            frames: b.frames,
+            regions: b.regions,
+            text_len: b.text_len,
+            object: &b.object,
+            object_mask: &b.object_mask,
+            input_ids: &b.input_ids,
+            attention_mask: &b.attention_mask,
+        };
+        let logits = model.forward(&batch, false);
+        ensure!(logits.iter().all(|x| x.is_finite()), "{}: non-finite logits", set.name);
+        predictions.extend(logits.chunks(na).map(argmax_first));
+    }
+    let records: Vec<QaRecord> = set
+        .questions
+        .iter()
+        .zip(&predictions)
+        .enumerate()
+        .map(|(i, (q, &p))| QaRecord {
+            question_id: i.to_string(),
+            prediction: vocab.label2ans[p].clone(),
+            answer: q.answer.clone(),
+            answer_type: (!q.answer_type.is_empty()).then(|| q.answer_type.clone()),
+        })
+        .collect();
+    let metrics = qa_metrics(&records);
+    let accuracy = 100.0 * metrics["overall_acc"].as_f64().unwrap_or(0.0);
+    Ok(QaEval {
+        metrics,
+        accuracy,
+        out_of_vocabulary: set.out_of_vocabulary_percent(),
+        predictions,
+        records,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}
+
+/// A new QA model from an init path: a QA model directory (head included; its answer count
+/// must be `answers`), else a retrieval model directory or checkpoint with a fresh head
+/// (`QaHead::init_random(seed)`).
+pub fn init_qa_model(init: &Path, hidden: usize, answers: usize, seed: u64) -> Result<QaModel> {
+    if crate::qa::is_qa_dir(init) {
+        let m = load_qa_dir(init)?.model;
+        ensure!(
+            m.head.config.answers == answers,
+            "{}: the head has {} answers, the vocabulary {answers}",
+            init.display(),
+            m.head.config.answers
+        );
+        return Ok(m);
+    }
+    let base = crate::weights::load_model(init)?;
+    let mut head = QaHead::new(QaHeadConfig { dim: base.config.proj_dim, hidden, answers });
+    head.init_random(seed);
+    Ok(QaModel::new(base, head))
+}
+
+// ---------------------------------------------------------------------------------------
+// the run
+
+/// The resumable state written at the end of every epoch (`last/state.json`).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, Deserialize)]
+pub struct QaRunState {
+    /// Epochs finished.
+    pub epoch: usize,
+    pub global_step: u64,
+    pub best_accuracy: Option<f64>,
+    pub best_epoch: Option<usize>,
+    pub skipped_out_of_vocabulary: usize,
+}
+
+pub struct QaRunReport {
+    pub state: QaRunState,
+    pub test: Option<QaEval>,
+    pub output_dir: PathBuf,
+}
+
+fn log_line(path: &Path, v: &serde_json::Value) -> Result<()> {
+    let mut f =
+        std::fs::OpenOptions::new().create(true).append(true).open(path).with_context(|| format!("{}: cannot append", path.display()))?;
+    writeln!(f, "{v}")?;
+    Ok(())
+}
+
+fn open_set(ds: &QaDatasetConfig, vocab: &Vocabulary, answers_path: &Path) -> Result<QaSet> {
+    let q = read_qa_dataset(ds, vocab, answers_path)?;
+    let src =
+        crate::annotations::open_features(&ds.features).with_context(|| format!("{}: features {}", ds.name, ds.features.display()))?;
+    Ok(QaSet::new(&ds.name, q, src))
+}
+
+/// Fine-tune (or resume) a QA model as `cfg` says; evaluate the best model on the test set.
+pub fn run_qa(cfg: &QaConfig, init: Option<&Path>, resume: bool, stop: Option<&AtomicBool>, quiet: bool) -> Result<QaRunReport> {
+    let vocab = Vocabulary::read(&cfg.data.answers)?;
+    let tok = match &cfg.data.tokenizer {
+        Some(p) => crate::text::load_tokenizer(p)?,
+        None => crate::text::builtin_tokenizer()?,
+    };
+    let out = cfg.output_dir.clone();
+    let last = out.join("last");
+    let state_path = last.join("state.json");
+    let log = out.join("log.jsonl");
+    let train_all = open_set(&cfg.data.train, &vocab, &cfg.data.answers)?;
+    let (train, skipped) = train_all.answerable();
+    ensure!(!train.questions.is_empty(), "{}: no training question has its answer in the vocabulary", cfg.data.train.name);
+    let val = cfg.data.val.as_ref().map(|d| open_set(d, &vocab, &cfg.data.answers)).transpose()?;
+    let test = cfg.data.test.as_ref().map(|d| open_set(d, &vocab, &cfg.data.answers)).transpose()?;
+    let na = vocab.label2ans.len();
+    let s = cfg.optim.clone();
+    let adamw = |n: usize| AdamW::new(n, s.lr, s.betas[0], s.betas[1], s.eps, s.weight_decay);
+
+    let (mut model, mut opt_t, mut opt_h, mut state) = if resume && state_path.exists() {
+        let st: QaRunState =
+            serde_json::from_str(&std::fs::read_to_string(&state_path)?).with_context(|| state_path.display().to_string())?;
+        let m = load_qa_dir(&last)?.model;
+        ensure!(m.head.config.answers == na, "{}: the head has {} answers, the vocabulary {na}", last.display(), m.head.config.answers);
+        let ot = AdamW::load(&last.join("adamw_towers.safetensors"), m.base.params.len())?;
+        let oh = AdamW::load(&last.join("adamw_head.safetensors"), m.head.params.len())?;
+        if !quiet {
+            eprintln!("resuming {} after epoch {}", out.display(), st.epoch);
+        }
+        (m, ot, oh, st)
+    } else {
+        ensure!(!resume || !out.join("log.jsonl").exists(), "{}: --resume, but no last/state.json", out.display());
+        ensure!(
+            !out.join("log.jsonl").exists(),
+            "{}: holds a run already (log.jsonl); pass --resume or choose another output_dir",
+            out.display()
+        );
+        let init = init.or(cfg.model.init.as_deref()).context("no initial model: give --init or [model] init")?;
+        let m = init_qa_model(init, cfg.model.hidden, na, cfg.seed)?;
+        let (nt, nh) = (m.base.params.len(), m.head.params.len());
+        (
+            m,
+            adamw(nt),
+            adamw(nh),
+            QaRunState { epoch: 0, global_step: 0, best_accuracy: None, best_epoch: None, skipped_out_of_vocabulary: skipped },
+        )
+    };
+    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    std::fs::write(out.join("config.toml"), toml::to_string_pretty(cfg)?)?;
+    if state.epoch == 0 && !quiet {
+        eprintln!(
+            "{}: {} training questions ({skipped} skipped: answer outside the {na}-answer vocabulary), {} per batch",
+            cfg.name,
+            train.questions.len(),
+            cfg.data.batch_size
+        );
+    }
+    let o = QaTrainOptions {
+        shape: cfg.shape(),
+        batch_size: cfg.data.batch_size,
+        seed: cfg.seed,
+        text_dropout: cfg.train.text_dropout,
+        attention_dropout: cfg.train.attention_dropout,
+    };
+    for epoch in state.epoch + 1..=cfg.train.epochs {
+        let t0 = Instant::now();
+        let lr = crate::schedule::step_rate(&cfg.optim, epoch);
+        let every = cfg.train.log_every.max(1);
+        let g0 = state.global_step;
+        let mut on_step = |step: usize, loss: f32| {
+            let g = g0 + step as u64 + 1;
+            if g.is_multiple_of(every) {
+                let _ = log_line(&log, &serde_json::json!({"epoch": epoch, "step": g, "loss": loss, "lr": lr}));
+                if !quiet {
+                    eprintln!("  epoch {epoch} step {g}: loss {loss:.4}, lr {lr:e}");
+                }
+            }
+        };
+        let (loss, steps) = train_epoch(&mut model, &mut opt_t, &mut opt_h, &train, &tok, &o, epoch, lr, stop, &mut on_step)?;
+        state.global_step += steps as u64;
+        let val_eval = val.as_ref().map(|v| evaluate_qa(&mut model, v, &vocab, &tok, o.shape, cfg.train.eval_batch_size)).transpose()?;
+        let mut line = serde_json::json!({"epoch": epoch, "train_loss": loss, "lr": lr, "seconds": t0.elapsed().as_secs_f64()});
+        let better = match &val_eval {
+            Some(e) => {
+                line["val_accuracy"] = e.accuracy.into();
+                line["val_metrics"] = e.metrics.clone();
+                state.best_accuracy.is_none_or(|b| e.accuracy > b)
+            }
+            None => true, // no validation set: the last epoch is the best
+        };
+        if better {
+            state.best_accuracy = val_eval.as_ref().map(|e| e.accuracy);
+            state.best_epoch = Some(epoch);
+            save_qa_dir(&model, Some(&vocab.label2ans), &out.join("best"))?;
+        }
+        state.epoch = epoch;
+        save_qa_dir(&model, Some(&vocab.label2ans), &last)?;
+        opt_t.save(&last.join("adamw_towers.safetensors"))?;
+        opt_h.save(&last.join("adamw_head.safetensors"))?;
+        demovlp_model::io::atomic_write(&state_path, (serde_json::to_string_pretty(&state)? + "\n").as_bytes())?;
+        line["best_epoch"] = state.best_epoch.into();
+        log_line(&log, &line)?;
+        if !quiet {
+            eprintln!(
+                "epoch {epoch}: train loss {loss:.4}{}",
+                val_eval.map(|e| format!(", val accuracy {:.2}%{}", e.accuracy, if better { " (best)" } else { "" })).unwrap_or_default()
+            );
+        }
+    }
+    let test_eval = match &test {
+        Some(t) => {
+            let mut best = load_qa_dir(&out.join("best"))?.model;
+            let e = evaluate_qa(&mut best, t, &vocab, &tok, o.shape, cfg.train.eval_batch_size)?;
+            log_line(
+                &log,
+                &serde_json::json!({"test": t.name, "accuracy": e.accuracy, "out_of_vocabulary": e.out_of_vocabulary, "metrics": e.metrics}),
+            )?;
+            Some(e)
+        }
+        None => None,
+    };
+    Ok(QaRunReport { state, test: test_eval, output_dir: out })
+}
