@@ -349,9 +349,22 @@ impl<B: Backend> Model<B> {
         self.backward_video_tokens(batch.object, d_video);
     }
 
+    /// [`Model::backward_tokens`] from token gradients already on the backend (a head's
+    /// backward pass wrote them there): nothing crosses to the host.
+    pub fn backward_tokens_on(&mut self, batch: &BatchRef, d_text: B::View<'_>, d_video: B::View<'_>) {
+        self.backward_text_tokens_on(batch.input_ids, d_text);
+        self.backward_video_tokens_on(batch.object, d_video);
+    }
+
     /// Text half of [`Model::backward_tokens`]: `d_text` `[B, L, P]`, `input_ids` of the forward.
     pub fn backward_text_tokens(&mut self, input_ids: &[i64], d_text: &[f32]) {
-        let d_text = self.backend.input(d_text, &mut self.staging.d_text);
+        let mut staging = std::mem::take(&mut self.staging.d_text);
+        let d = self.backend.input(d_text, &mut staging);
+        self.backward_text_tokens_on(input_ids, d);
+        self.staging.d_text = staging;
+    }
+
+    fn backward_text_tokens_on(&mut self, input_ids: &[i64], d_text: B::View<'_>) {
         let (be, a, params) = (&self.backend, &mut *self.arena, &mut self.params);
         Self::text_head_backward(be, &self.txt_proj, &self.config, params, a, d_text);
         self.text.backward(be, B::view(&params.data), B::view_mut(&mut params.grad), &mut a.text, input_ids, B::view(&a.d_hidden));
@@ -359,8 +372,15 @@ impl<B: Backend> Model<B> {
 
     /// Video half of [`Model::backward_tokens`]: `d_video` `[B, 1+F·R, P]`, `object` of the forward.
     pub fn backward_video_tokens(&mut self, object: &[f32], d_video: &[f32]) {
+        let mut staging = std::mem::take(&mut self.staging.d_video);
+        let d = self.backend.input(d_video, &mut staging);
+        self.backward_video_tokens_on(object, d);
+        self.staging.d_video = staging;
+    }
+
+    fn backward_video_tokens_on(&mut self, object: &[f32], d_video: B::View<'_>) {
         let be = &self.backend;
-        let (object, d_video) = (be.input(object, &mut self.staging.object), be.input(d_video, &mut self.staging.d_video));
+        let object = be.input(object, &mut self.staging.object);
         let a = &mut self.arena.video;
         assert_eq!(B::view_len(d_video), B::buf_len(&a.out), "d_video must be [B, 1+F·R, P]");
         self.video.backward(be, B::view(&self.params.data), B::view_mut(&mut self.params.grad), a, object, d_video);

@@ -16,11 +16,9 @@
 //! Its backward: `dg = ⟨dW, V⟩ / ‖V‖`, `dV = (g / ‖V‖)·dW − (g·⟨dW, V⟩ / ‖V‖³)·V`.
 //! Parameter names are the published state_dict's (`head.v_att.v_proj.main.0.*`, …).
 
-use demovlp_kernels::activation::{relu_backward, relu_forward};
-use demovlp_kernels::dropout::dropout_mask;
-use demovlp_kernels::linear::{linear_backward, linear_forward, Grads};
 use demovlp_kernels::Rng;
 
+use crate::backend::{host, two_mut, zeroed, Backend, Cpu, Grads};
 use crate::layers::range;
 use crate::model::{BatchRef, Model};
 use crate::params::{Params, ParamsBuilder};
@@ -72,48 +70,49 @@ struct WnLinear {
     dout: usize,
 }
 
+/// Parameter-gradient scratch of the head's backward pass (`Overwrite` targets).
+#[derive(Clone, Debug, Default)]
+struct GradScratch<B: Backend> {
+    dw: B::Buf,
+    db: B::Buf,
+}
+
 impl WnLinear {
-    fn new(p: &Params, prefix: &str, din: usize, dout: usize) -> Self {
+    fn new<B: Backend>(p: &Params<B>, prefix: &str, din: usize, dout: usize) -> Self {
         let v = range(p, &format!("{prefix}.weight_v"));
         assert_eq!(v.len(), din * dout, "{prefix}.weight_v: wrong size");
         WnLinear { g: range(p, &format!("{prefix}.weight_g")), v, b: range(p, &format!("{prefix}.bias")), din, dout }
     }
 
-    /// ‖V‖_F in f64, and the effective weight `w [dout, din]` (written into `w`).
-    fn weight(&self, data: &[f32], w: &mut Vec<f32>) -> f64 {
-        let v = &data[self.v.clone()];
-        let norm = v.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
-        let scale = (data[self.g.start] as f64 / norm) as f32;
-        w.clear();
-        w.extend(v.iter().map(|&x| x * scale));
-        norm
-    }
-
-    /// Forward: `y [n, dout]`; keeps the effective weight in `w`.
-    fn forward(&self, data: &[f32], x: &[f32], n: usize, w: &mut Vec<f32>, y: &mut [f32]) {
-        self.weight(data, w);
-        linear_forward(x, self.din, w, Some(&data[self.b.clone()]), y, n, self.din, self.dout);
+    /// Forward: `y [n, dout]`; keeps the effective weight `g·V/‖V‖` in `w`.
+    fn forward<B: Backend>(&self, be: &B, data: B::View<'_>, x: B::View<'_>, n: usize, w: &mut B::Buf, y: B::ViewMut<'_>) {
+        be.fit(w, self.din * self.dout);
+        be.weight_norm(B::slice(data, self.g.clone()), B::slice(data, self.v.clone()), B::view_mut(w));
+        be.linear_forward(x, self.din, B::view(w), Some(B::slice(data, self.b.clone())), y, n, self.din, self.dout);
     }
 
     /// Backward from `dy [n, dout]`: `dx += dy·W` (when given), and `dg`, `dV`, `db` accumulated
     /// into `grad` through the weight norm. `w` is the effective weight of the forward.
     #[allow(clippy::too_many_arguments)]
-    fn backward(&self, data: &[f32], grad: &mut [f32], x: &[f32], n: usize, w: &[f32], dy: &[f32], dx: Option<&mut [f32]>) {
-        let mut dw = vec![0f32; self.din * self.dout];
-        let mut db = vec![0f32; self.dout];
-        linear_backward(x, self.din, w, dy, n, self.din, self.dout, dx, &mut dw, Some(&mut db), Grads::Overwrite);
-        let v = &data[self.v.clone()];
-        let g = data[self.g.start] as f64;
-        let norm = v.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
-        let dot: f64 = dw.iter().zip(v).map(|(&a, &b)| a as f64 * b as f64).sum();
-        grad[self.g.start] += (dot / norm) as f32;
-        let (a, c) = (g / norm, g * dot / (norm * norm * norm));
-        for (gv, (&d, &vv)) in grad[self.v.clone()].iter_mut().zip(dw.iter().zip(v)) {
-            *gv += (a * d as f64 - c * vv as f64) as f32;
-        }
-        for (gb, d) in grad[self.b.clone()].iter_mut().zip(&db) {
-            *gb += d;
-        }
+    fn backward<B: Backend>(
+        &self,
+        be: &B,
+        data: B::View<'_>,
+        mut grad: B::ViewMut<'_>,
+        s: &mut GradScratch<B>,
+        x: B::View<'_>,
+        n: usize,
+        w: &B::Buf,
+        dy: B::View<'_>,
+        dx: Option<B::ViewMut<'_>>,
+    ) {
+        be.fit(&mut s.dw, self.din * self.dout);
+        be.fit(&mut s.db, self.dout);
+        let (dw, db) = (B::view_mut(&mut s.dw), B::view_mut(&mut s.db));
+        be.linear_backward(x, self.din, B::view(w), dy, n, self.din, self.dout, dx, dw, Some(db), Grads::Overwrite);
+        let (dg, dv) = two_mut::<B>(B::reborrow(&mut grad), self.g.clone(), self.v.clone());
+        be.weight_norm_backward(B::slice(data, self.g.clone()), B::slice(data, self.v.clone()), B::view(&s.dw), dg, dv);
+        be.add_in_place(B::slice_mut(grad, self.b.clone()), B::view(&s.db));
     }
 }
 
@@ -127,81 +126,126 @@ struct PlainLinear {
 }
 
 impl PlainLinear {
-    fn new(p: &Params, prefix: &str, din: usize, dout: usize) -> Self {
+    fn new<B: Backend>(p: &Params<B>, prefix: &str, din: usize, dout: usize) -> Self {
         PlainLinear { w: range(p, &format!("{prefix}.weight")), b: range(p, &format!("{prefix}.bias")), din, dout }
     }
 
-    fn forward(&self, data: &[f32], x: &[f32], n: usize, y: &mut [f32]) {
-        linear_forward(x, self.din, &data[self.w.clone()], Some(&data[self.b.clone()]), y, n, self.din, self.dout);
+    fn forward<B: Backend>(&self, be: &B, data: B::View<'_>, x: B::View<'_>, n: usize, y: B::ViewMut<'_>) {
+        let (w, b) = (B::slice(data, self.w.clone()), B::slice(data, self.b.clone()));
+        be.linear_forward(x, self.din, w, Some(b), y, n, self.din, self.dout);
     }
 
-    fn backward(&self, data: &[f32], grad: &mut [f32], x: &[f32], n: usize, dy: &[f32], dx: Option<&mut [f32]>) {
-        let (wr, br) = (self.w.clone(), self.b.clone());
-        let mut db = vec![0f32; self.dout];
-        let mut dw = vec![0f32; self.din * self.dout];
-        linear_backward(x, self.din, &data[wr.clone()], dy, n, self.din, self.dout, dx, &mut dw, Some(&mut db), Grads::Overwrite);
-        grad[wr].iter_mut().zip(&dw).for_each(|(g, d)| *g += d);
-        grad[br].iter_mut().zip(&db).for_each(|(g, d)| *g += d);
+    #[allow(clippy::too_many_arguments)]
+    fn backward<B: Backend>(
+        &self,
+        be: &B,
+        data: B::View<'_>,
+        mut grad: B::ViewMut<'_>,
+        s: &mut GradScratch<B>,
+        x: B::View<'_>,
+        n: usize,
+        dy: B::View<'_>,
+        dx: Option<B::ViewMut<'_>>,
+    ) {
+        be.fit(&mut s.dw, self.din * self.dout);
+        be.fit(&mut s.db, self.dout);
+        let (dw, db) = (B::view_mut(&mut s.dw), B::view_mut(&mut s.db));
+        let w = B::slice(data, self.w.clone());
+        be.linear_backward(x, self.din, w, dy, n, self.din, self.dout, dx, dw, Some(db), Grads::Overwrite);
+        be.add_in_place(B::slice_mut(B::reborrow(&mut grad), self.w.clone()), B::view(&s.dw));
+        be.add_in_place(B::slice_mut(grad, self.b.clone()), B::view(&s.db));
     }
 }
 
-/// The head's inputs: the towers' tokens of one batch.
-#[derive(Clone, Copy, Debug)]
-pub struct HeadInput<'a> {
+/// The head's inputs: the towers' tokens of one batch (views of the backend `B`).
+pub struct HeadInput<'a, B: Backend = Cpu> {
     pub batch: usize,
     pub text_len: usize,
     /// N = F·R region tokens per clip.
     pub regions: usize,
     /// `[B, L, P]` text tokens (after `txt_proj`).
-    pub text: &'a [f32],
+    pub text: B::View<'a>,
     /// `[B, 1+N, P]` video tokens (CLS first).
-    pub video: &'a [f32],
+    pub video: B::View<'a>,
     /// `[B, N]` 1 real / 0 padded region.
-    pub object_mask: &'a [f32],
+    pub object_mask: B::View<'a>,
 }
 
-/// What the head computed for one batch (kept for the backward pass).
+impl<B: Backend> Clone for HeadInput<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B: Backend> Copy for HeadInput<'_, B> {}
+
+/// What the head computed for one batch (kept for the backward pass), in buffers of `B`.
 #[derive(Clone, Debug, Default)]
-pub struct HeadActs {
+pub struct HeadActs<B: Backend = Cpu> {
     pub batch: usize,
     pub regions: usize,
-    /// `q [B, P]`: max over text positions; `q_arg [B, P]` the position that won.
-    pub question: Vec<f32>,
-    q_arg: Vec<usize>,
+    /// `q [B, P]`: max over text positions; `q_arg [B, P]` the position that won (as f32).
+    pub question: B::Buf,
+    q_arg: B::Buf,
     /// `o [B, N, P]`, `m [B, N]`.
-    regions_in: Vec<f32>,
-    mask: Vec<f32>,
+    regions_in: B::Buf,
+    mask: B::Buf,
     /// Attention branch: `vproj_pre/vproj [B, N, H]`, `qproj_pre/qproj [B, H]`,
-    /// `joint [B, N, H]` (after dropout), `drop_mask [B, N, H]` (empty when off),
-    /// `attention [B, N]` (softmax of the masked logits).
-    vproj_pre: Vec<f32>,
-    vproj: Vec<f32>,
-    qproj_pre: Vec<f32>,
-    qproj: Vec<f32>,
-    joint: Vec<f32>,
-    drop_mask: Vec<f32>,
-    pub attention: Vec<f32>,
+    /// `joint [B, N, H]` (after dropout), `drop_mask [B, N, H]` (unused when off),
+    /// `att_logits [B, N]` (masked), `attention [B, N]` (their softmax).
+    vproj_pre: B::Buf,
+    vproj: B::Buf,
+    qproj_pre: B::Buf,
+    qproj: B::Buf,
+    joint: B::Buf,
+    drop_mask: B::Buf,
+    dropped: bool,
+    att_logits: B::Buf,
+    pub attention: B::Buf,
     /// `pooled [B, P]` = Σ attention · o.
-    pooled: Vec<f32>,
+    pooled: B::Buf,
     /// Classifier: `cq_pre/cq [B, H]`, `cv_pre/cv [B, H]`, `cjoint [B, H]`,
     /// `hid_pre/hid [B, 2H]`, `logits [B, answers]`.
-    cq_pre: Vec<f32>,
-    cq: Vec<f32>,
-    cv_pre: Vec<f32>,
-    cv: Vec<f32>,
-    cjoint: Vec<f32>,
-    hid_pre: Vec<f32>,
-    hid: Vec<f32>,
-    pub logits: Vec<f32>,
+    cq_pre: B::Buf,
+    cq: B::Buf,
+    cv_pre: B::Buf,
+    cv: B::Buf,
+    cjoint: B::Buf,
+    hid_pre: B::Buf,
+    hid: B::Buf,
+    pub logits: B::Buf,
     /// Effective weights of the five weight-normalised layers.
-    w: [Vec<f32>; 5],
+    w: [B::Buf; 5],
 }
 
-/// The BUTD head with its own parameter buffers (`head.*`).
+/// The backward pass's buffers (fitted once per shape, reused).
+#[derive(Clone, Debug, Default)]
+struct HeadGrads<B: Backend> {
+    scratch: GradScratch<B>,
+    hid: B::Buf,
+    hid_pre: B::Buf,
+    cjoint: B::Buf,
+    cq: B::Buf,
+    cv: B::Buf,
+    cq_pre: B::Buf,
+    cv_pre: B::Buf,
+    question: B::Buf,
+    pooled: B::Buf,
+    regions: B::Buf,
+    att: B::Buf,
+    att_logits: B::Buf,
+    joint: B::Buf,
+    vproj: B::Buf,
+    qproj: B::Buf,
+    vproj_pre: B::Buf,
+    qproj_pre: B::Buf,
+}
+
+/// The BUTD head with its own parameter buffers (`head.*`) on the backend `B`.
 #[derive(Clone, Debug)]
-pub struct QaHead {
+pub struct QaHead<B: Backend = Cpu> {
     pub config: QaHeadConfig,
-    pub params: Params,
+    pub params: Params<B>,
+    backend: B,
     v_proj: WnLinear,
     q_proj: WnLinear,
     att_linear: WnLinear,
@@ -209,18 +253,31 @@ pub struct QaHead {
     cls_v: WnLinear,
     main0: PlainLinear,
     main3: PlainLinear,
-    pub acts: HeadActs,
+    pub acts: HeadActs<B>,
+    grads: HeadGrads<B>,
 }
 
-impl QaHead {
+impl QaHead<Cpu> {
     /// Declared, all zero.
     pub fn new(config: QaHeadConfig) -> QaHead {
-        let mut pb = ParamsBuilder::new();
-        declare_head(&mut pb, &config);
-        QaHead::from_params(config, pb.build())
+        QaHead::new_on(Cpu, config)
     }
 
     pub fn from_params(config: QaHeadConfig, params: Params) -> QaHead {
+        QaHead::from_params_on(Cpu, config, params)
+    }
+}
+
+impl<B: Backend> QaHead<B> {
+    /// Declared, all zero, on `backend`.
+    pub fn new_on(backend: B, config: QaHeadConfig) -> Self {
+        let mut pb = ParamsBuilder::new();
+        declare_head(&mut pb, &config);
+        let params = pb.build_on(&backend);
+        QaHead::from_params_on(backend, config, params)
+    }
+
+    pub fn from_params_on(backend: B, config: QaHeadConfig, params: Params<B>) -> Self {
         let (p, h, a) = (config.dim, config.hidden, config.answers);
         QaHead {
             v_proj: WnLinear::new(&params, "head.v_att.v_proj.main.0", p, h),
@@ -232,280 +289,286 @@ impl QaHead {
             main3: PlainLinear::new(&params, "head.classifier.main.3", 2 * h, a),
             config,
             params,
+            backend,
             acts: HeadActs::default(),
+            grads: HeadGrads::default(),
         }
+    }
+
+    /// The backend every buffer and kernel of this head lives on.
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// Sets every parameter gradient to 0.
+    pub fn zero_grad(&mut self) {
+        self.backend.fill_zero(B::view_mut(&mut self.params.grad));
     }
 
     /// Published-style initialisation: `nn.Linear`'s default (uniform ±1/√in for weights and
     /// biases); a weight-normalised layer's `g` starts at ‖V‖ (so W = V at first), as
-    /// `weight_norm` initialises it.
+    /// `weight_norm` initialises it. Drawn on the host, then written to the backend.
     pub fn init_random(&mut self, seed: u64) {
         let mut rng = Rng::new(seed);
+        let be = self.backend.clone();
+        let mut data = be.to_host(B::view(&self.params.data));
         let specs = self.params.specs().to_vec();
+        let p = &self.params;
         for s in &specs {
             if s.name.ends_with(".weight_g") {
                 continue;
             }
             let fan_in = if s.name.ends_with(".bias") {
-                let w = s.name.replace(
-                    ".bias",
-                    if self.params.id(&s.name.replace(".bias", ".weight_v")).is_some() { ".weight_v" } else { ".weight" },
-                );
-                self.params.spec(self.params.id(&w).expect("weight of a bias")).shape[1]
+                let w =
+                    s.name.replace(".bias", if p.id(&s.name.replace(".bias", ".weight_v")).is_some() { ".weight_v" } else { ".weight" });
+                p.spec(p.id(&w).expect("weight of a bias")).shape[1]
             } else {
                 s.shape[1]
             };
             let bound = 1.0 / (fan_in as f32).sqrt();
-            for x in &mut self.params.data[s.offset..s.offset + s.len] {
+            for x in &mut data[s.offset..s.offset + s.len] {
                 *x = (2.0 * rng.uniform() - 1.0) * bound;
             }
         }
         for s in &specs {
             if let Some(prefix) = s.name.strip_suffix(".weight_g") {
-                let v = self.params.get(self.params.id(&format!("{prefix}.weight_v")).unwrap());
-                let norm = v.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt() as f32;
-                self.params.data[s.offset] = norm;
+                let v = p.range(p.id(&format!("{prefix}.weight_v")).unwrap());
+                let norm = data[v].iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt() as f32;
+                data[s.offset] = norm;
             }
         }
+        let n = data.len();
+        be.write_host(&mut self.params.data, n, |d| d.copy_from_slice(&data));
     }
 
     /// Forward from the towers' tokens. `dropout` = the attention dropout's generator in
     /// training (`None`: no dropout).
-    pub fn forward(&mut self, x: &HeadInput, dropout: Option<&mut Rng>) {
+    pub fn forward(&mut self, x: &HeadInput<'_, B>, dropout: Option<&mut Rng>) {
         let (p, h, na) = (self.config.dim, self.config.hidden, self.config.answers);
-        let (text, video, object_mask) = (x.text, x.video, x.object_mask);
         let (b, l, n) = (x.batch, x.text_len, x.regions);
-        assert_eq!(text.len(), b * l * p, "text tokens must be [B, L, P]");
-        assert_eq!(video.len(), b * (1 + n) * p, "video tokens must be [B, 1+N, P]");
-        assert_eq!(object_mask.len(), b * n, "object mask must be [B, N]");
-        let data = &self.params.data;
+        assert_eq!(B::view_len(x.text), b * l * p, "text tokens must be [B, L, P]");
+        assert_eq!(B::view_len(x.video), b * (1 + n) * p, "video tokens must be [B, 1+N, P]");
+        assert_eq!(B::view_len(x.object_mask), b * n, "object mask must be [B, N]");
+        let be = &self.backend;
+        let data = B::view(&self.params.data);
         let a = &mut self.acts;
         a.batch = b;
         a.regions = n;
+        let fit = |buf: &mut B::Buf, len: usize| {
+            be.fit(buf, len);
+        };
         // 1. question = max over all L positions (the first maximum wins, as torch.max).
-        a.question.clear();
-        a.q_arg.clear();
-        for bi in 0..b {
-            for k in 0..p {
-                let (mut best, mut arg) = (text[bi * l * p + k], 0);
-                for t in 1..l {
-                    let x = text[(bi * l + t) * p + k];
-                    if x > best {
-                        best = x;
-                        arg = t;
-                    }
-                }
-                a.question.push(best);
-                a.q_arg.push(arg);
-            }
-        }
+        fit(&mut a.question, b * p);
+        fit(&mut a.q_arg, b * p);
+        be.max_over_positions(x.text, B::view_mut(&mut a.q_arg), B::view_mut(&mut a.question), b, l, p);
         // 2. regions without CLS.
-        a.regions_in.clear();
-        for bi in 0..b {
-            a.regions_in.extend_from_slice(&video[(bi * (1 + n) + 1) * p..(bi + 1) * (1 + n) * p]);
-        }
-        a.mask.clear();
-        a.mask.extend_from_slice(object_mask);
+        fit(&mut a.regions_in, b * n * p);
+        be.copy_2d(x.video, p, (1 + n) * p, B::view_mut(&mut a.regions_in), 0, n * p, b, n * p);
+        fit(&mut a.mask, b * n);
+        be.copy(x.object_mask, B::view_mut(&mut a.mask));
         // 3. attention.
         let [w_v, w_q, w_att, w_cq, w_cv] = &mut a.w;
         fit(&mut a.vproj_pre, b * n * h);
-        self.v_proj.forward(data, &a.regions_in, b * n, w_v, &mut a.vproj_pre);
+        self.v_proj.forward(be, data, B::view(&a.regions_in), b * n, w_v, B::view_mut(&mut a.vproj_pre));
         fit(&mut a.vproj, b * n * h);
-        relu_forward(&a.vproj_pre, &mut a.vproj);
+        be.relu_forward(B::view(&a.vproj_pre), B::view_mut(&mut a.vproj));
         fit(&mut a.qproj_pre, b * h);
-        self.q_proj.forward(data, &a.question, b, w_q, &mut a.qproj_pre);
+        self.q_proj.forward(be, data, B::view(&a.question), b, w_q, B::view_mut(&mut a.qproj_pre));
         fit(&mut a.qproj, b * h);
-        relu_forward(&a.qproj_pre, &mut a.qproj);
+        be.relu_forward(B::view(&a.qproj_pre), B::view_mut(&mut a.qproj));
         fit(&mut a.joint, b * n * h);
-        for bi in 0..b {
-            for r in 0..n {
-                let row = &mut a.joint[(bi * n + r) * h..(bi * n + r + 1) * h];
-                let (vr, qr) = (&a.vproj[(bi * n + r) * h..(bi * n + r + 1) * h], &a.qproj[bi * h..(bi + 1) * h]);
-                row.iter_mut().zip(vr.iter().zip(qr)).for_each(|(o, (x, y))| *o = x * y);
-            }
-        }
-        a.drop_mask.clear();
+        be.mul_broadcast(B::view(&a.vproj), B::view(&a.qproj), B::view_mut(&mut a.joint), b, n, h);
+        a.dropped = dropout.is_some();
         if let Some(rng) = dropout {
-            a.drop_mask.resize(b * n * h, 0.0);
-            dropout_mask(rng, ATTENTION_DROPOUT, &mut a.drop_mask);
-            a.joint.iter_mut().zip(&a.drop_mask).for_each(|(x, m)| *x *= m);
+            be.dropout_mask(rng, ATTENTION_DROPOUT, &mut a.drop_mask, b * n * h);
+            be.mul_in_place(B::view_mut(&mut a.joint), B::view(&a.drop_mask));
         }
-        let mut logits = vec![0f32; b * n];
-        self.att_linear.forward(data, &a.joint, b * n, w_att, &mut logits);
-        logits.iter_mut().zip(&a.mask).for_each(|(x, m)| *x *= m);
+        fit(&mut a.att_logits, b * n);
+        self.att_linear.forward(be, data, B::view(&a.joint), b * n, w_att, B::view_mut(&mut a.att_logits));
+        be.mul_in_place(B::view_mut(&mut a.att_logits), B::view(&a.mask));
         fit(&mut a.attention, b * n);
-        for bi in 0..b {
-            softmax_row(&logits[bi * n..(bi + 1) * n], &mut a.attention[bi * n..(bi + 1) * n]);
-        }
-        a.pooled.clear();
-        a.pooled.resize(b * p, 0.0);
-        for bi in 0..b {
-            for r in 0..n {
-                let wgt = a.attention[bi * n + r];
-                let o = &a.regions_in[(bi * n + r) * p..(bi * n + r + 1) * p];
-                a.pooled[bi * p..(bi + 1) * p].iter_mut().zip(o).for_each(|(acc, x)| *acc += wgt * x);
-            }
-        }
+        be.softmax_rows(B::view(&a.att_logits), B::view_mut(&mut a.attention), n);
+        fit(&mut a.pooled, b * p);
+        be.weighted_sum(B::view(&a.attention), B::view(&a.regions_in), B::view_mut(&mut a.pooled), b, n, p);
         // 4. classifier.
         fit(&mut a.cq_pre, b * h);
-        self.cls_q.forward(data, &a.question, b, w_cq, &mut a.cq_pre);
+        self.cls_q.forward(be, data, B::view(&a.question), b, w_cq, B::view_mut(&mut a.cq_pre));
         fit(&mut a.cq, b * h);
-        relu_forward(&a.cq_pre, &mut a.cq);
+        be.relu_forward(B::view(&a.cq_pre), B::view_mut(&mut a.cq));
         fit(&mut a.cv_pre, b * h);
-        self.cls_v.forward(data, &a.pooled, b, w_cv, &mut a.cv_pre);
+        self.cls_v.forward(be, data, B::view(&a.pooled), b, w_cv, B::view_mut(&mut a.cv_pre));
         fit(&mut a.cv, b * h);
-        relu_forward(&a.cv_pre, &mut a.cv);
+        be.relu_forward(B::view(&a.cv_pre), B::view_mut(&mut a.cv));
         fit(&mut a.cjoint, b * h);
-        a.cjoint.iter_mut().zip(a.cq.iter().zip(&a.cv)).for_each(|(o, (x, y))| *o = x * y);
+        be.copy(B::view(&a.cq), B::view_mut(&mut a.cjoint));
+        be.mul_in_place(B::view_mut(&mut a.cjoint), B::view(&a.cv));
         fit(&mut a.hid_pre, b * 2 * h);
-        self.main0.forward(data, &a.cjoint, b, &mut a.hid_pre);
+        self.main0.forward(be, data, B::view(&a.cjoint), b, B::view_mut(&mut a.hid_pre));
         fit(&mut a.hid, b * 2 * h);
-        relu_forward(&a.hid_pre, &mut a.hid);
+        be.relu_forward(B::view(&a.hid_pre), B::view_mut(&mut a.hid));
         fit(&mut a.logits, b * na);
-        self.main3.forward(data, &a.hid, b, &mut a.logits);
+        self.main3.forward(be, data, B::view(&a.hid), b, B::view_mut(&mut a.logits));
     }
 
     /// Backward of the head from `d_logits [B, answers]`: accumulates into `self.params.grad`
     /// and writes d(text tokens) `[B, L, P]` and d(video tokens) `[B, 1+N, P]` (overwritten).
-    pub fn backward(&mut self, d_logits: &[f32], l: usize, d_text: &mut [f32], d_video: &mut [f32]) {
+    pub fn backward(&mut self, d_logits: B::View<'_>, l: usize, d_text: B::ViewMut<'_>, mut d_video: B::ViewMut<'_>) {
         let (p, h) = (self.config.dim, self.config.hidden);
+        let be = &self.backend;
         let a = &self.acts;
         let (b, n) = (a.batch, a.regions);
-        let data = &self.params.data;
-        let grad = &mut self.params.grad;
+        let data = B::view(&self.params.data);
+        let mut grad = B::view_mut(&mut self.params.grad);
+        let g = &mut self.grads;
         let [w_v, w_q, w_att, w_cq, w_cv] = &a.w;
         // 4. classifier.
-        let mut d_hid = vec![0f32; b * 2 * h];
-        self.main3.backward(data, grad, &a.hid, b, d_logits, Some(&mut d_hid));
-        let mut d_hid_pre = vec![0f32; b * 2 * h];
-        relu_backward(&a.hid_pre, &d_hid, &mut d_hid_pre);
-        let mut d_cjoint = vec![0f32; b * h];
-        self.main0.backward(data, grad, &a.cjoint, b, &d_hid_pre, Some(&mut d_cjoint));
-        let d_cq: Vec<f32> = d_cjoint.iter().zip(&a.cv).map(|(d, y)| d * y).collect();
-        let d_cv: Vec<f32> = d_cjoint.iter().zip(&a.cq).map(|(d, x)| d * x).collect();
-        let mut d_cq_pre = vec![0f32; b * h];
-        relu_backward(&a.cq_pre, &d_cq, &mut d_cq_pre);
-        let mut d_cv_pre = vec![0f32; b * h];
-        relu_backward(&a.cv_pre, &d_cv, &mut d_cv_pre);
-        let mut d_question = vec![0f32; b * p];
-        self.cls_q.backward(data, grad, &a.question, b, w_cq, &d_cq_pre, Some(&mut d_question));
-        let mut d_pooled = vec![0f32; b * p];
-        self.cls_v.backward(data, grad, &a.pooled, b, w_cv, &d_cv_pre, Some(&mut d_pooled));
-        // 3. pooling: d o += attention · d_pooled; d attention = ⟨d_pooled, o⟩.
-        let mut d_regions = vec![0f32; b * n * p];
-        let mut d_att = vec![0f32; b * n];
-        for bi in 0..b {
-            let dp = &d_pooled[bi * p..(bi + 1) * p];
-            for r in 0..n {
-                let o = &a.regions_in[(bi * n + r) * p..(bi * n + r + 1) * p];
-                d_att[bi * n + r] = o.iter().zip(dp).map(|(x, y)| x * y).sum();
-                let wgt = a.attention[bi * n + r];
-                d_regions[(bi * n + r) * p..(bi * n + r + 1) * p].iter_mut().zip(dp).for_each(|(g, d)| *g = wgt * d);
-            }
-        }
+        let d_hid = zeroed(be, &mut g.hid, b * 2 * h);
+        self.main3.backward(be, data, B::reborrow(&mut grad), &mut g.scratch, v::<B>(&a.hid), b, d_logits, Some(d_hid));
+        let d_hid_pre = zeroed(be, &mut g.hid_pre, b * 2 * h);
+        be.relu_backward(v::<B>(&a.hid_pre), v::<B>(&g.hid), d_hid_pre);
+        let d_cjoint = zeroed(be, &mut g.cjoint, b * h);
+        self.main0.backward(be, data, B::reborrow(&mut grad), &mut g.scratch, v::<B>(&a.cjoint), b, v::<B>(&g.hid_pre), Some(d_cjoint));
+        be.fit(&mut g.cq, b * h);
+        be.copy(v::<B>(&g.cjoint), B::view_mut(&mut g.cq));
+        be.mul_in_place(B::view_mut(&mut g.cq), v::<B>(&a.cv));
+        be.fit(&mut g.cv, b * h);
+        be.copy(v::<B>(&g.cjoint), B::view_mut(&mut g.cv));
+        be.mul_in_place(B::view_mut(&mut g.cv), v::<B>(&a.cq));
+        let d_cq_pre = zeroed(be, &mut g.cq_pre, b * h);
+        be.relu_backward(v::<B>(&a.cq_pre), v::<B>(&g.cq), d_cq_pre);
+        let d_cv_pre = zeroed(be, &mut g.cv_pre, b * h);
+        be.relu_backward(v::<B>(&a.cv_pre), v::<B>(&g.cv), d_cv_pre);
+        let d_question = zeroed(be, &mut g.question, b * p);
+        self.cls_q.backward(
+            be,
+            data,
+            B::reborrow(&mut grad),
+            &mut g.scratch,
+            v::<B>(&a.question),
+            b,
+            w_cq,
+            v::<B>(&g.cq_pre),
+            Some(d_question),
+        );
+        let d_pooled = zeroed(be, &mut g.pooled, b * p);
+        self.cls_v.backward(
+            be,
+            data,
+            B::reborrow(&mut grad),
+            &mut g.scratch,
+            v::<B>(&a.pooled),
+            b,
+            w_cv,
+            v::<B>(&g.cv_pre),
+            Some(d_pooled),
+        );
+        // 3. pooling: d o = attention · d_pooled; d attention = ⟨d_pooled, o⟩.
+        be.fit(&mut g.regions, b * n * p);
+        be.fit(&mut g.att, b * n);
+        be.weighted_sum_backward(
+            v::<B>(&a.attention),
+            v::<B>(&a.regions_in),
+            v::<B>(&g.pooled),
+            B::view_mut(&mut g.att),
+            B::view_mut(&mut g.regions),
+            b,
+            n,
+            p,
+        );
         // softmax backward per row, then the mask product.
-        let mut d_logits_att = vec![0f32; b * n];
-        for bi in 0..b {
-            let (y, dy) = (&a.attention[bi * n..(bi + 1) * n], &d_att[bi * n..(bi + 1) * n]);
-            let dot: f32 = y.iter().zip(dy).map(|(a, b)| a * b).sum();
-            for r in 0..n {
-                d_logits_att[bi * n + r] = y[r] * (dy[r] - dot) * a.mask[bi * n + r];
-            }
+        be.fit(&mut g.att_logits, b * n);
+        be.softmax_rows_backward(v::<B>(&a.attention), v::<B>(&g.att), B::view_mut(&mut g.att_logits), n);
+        be.mul_in_place(B::view_mut(&mut g.att_logits), v::<B>(&a.mask));
+        let d_joint = zeroed(be, &mut g.joint, b * n * h);
+        self.att_linear.backward(
+            be,
+            data,
+            B::reborrow(&mut grad),
+            &mut g.scratch,
+            v::<B>(&a.joint),
+            b * n,
+            w_att,
+            v::<B>(&g.att_logits),
+            Some(d_joint),
+        );
+        if a.dropped {
+            be.mul_in_place(B::view_mut(&mut g.joint), v::<B>(&a.drop_mask));
         }
-        let mut d_joint = vec![0f32; b * n * h];
-        self.att_linear.backward(data, grad, &a.joint, b * n, w_att, &d_logits_att, Some(&mut d_joint));
-        if !a.drop_mask.is_empty() {
-            d_joint.iter_mut().zip(&a.drop_mask).for_each(|(d, m)| *d *= m);
-        }
-        let mut d_vproj = vec![0f32; b * n * h];
-        let mut d_qproj = vec![0f32; b * h];
-        for bi in 0..b {
-            let qr = &a.qproj[bi * h..(bi + 1) * h];
-            for r in 0..n {
-                let i = (bi * n + r) * h;
-                for k in 0..h {
-                    d_vproj[i + k] = d_joint[i + k] * qr[k];
-                    d_qproj[bi * h + k] += d_joint[i + k] * a.vproj[i + k];
-                }
-            }
-        }
-        let mut d_vproj_pre = vec![0f32; b * n * h];
-        relu_backward(&a.vproj_pre, &d_vproj, &mut d_vproj_pre);
-        let mut d_qproj_pre = vec![0f32; b * h];
-        relu_backward(&a.qproj_pre, &d_qproj, &mut d_qproj_pre);
-        self.v_proj.backward(data, grad, &a.regions_in, b * n, w_v, &d_vproj_pre, Some(&mut d_regions));
-        self.q_proj.backward(data, grad, &a.question, b, w_q, &d_qproj_pre, Some(&mut d_question));
+        be.fit(&mut g.vproj, b * n * h);
+        let d_qproj = zeroed(be, &mut g.qproj, b * h);
+        be.mul_broadcast_backward(v::<B>(&a.vproj), v::<B>(&a.qproj), v::<B>(&g.joint), B::view_mut(&mut g.vproj), d_qproj, b, n, h);
+        let d_vproj_pre = zeroed(be, &mut g.vproj_pre, b * n * h);
+        be.relu_backward(v::<B>(&a.vproj_pre), v::<B>(&g.vproj), d_vproj_pre);
+        let d_qproj_pre = zeroed(be, &mut g.qproj_pre, b * h);
+        be.relu_backward(v::<B>(&a.qproj_pre), v::<B>(&g.qproj), d_qproj_pre);
+        let d_regions = B::view_mut(&mut g.regions);
+        self.v_proj.backward(
+            be,
+            data,
+            B::reborrow(&mut grad),
+            &mut g.scratch,
+            v::<B>(&a.regions_in),
+            b * n,
+            w_v,
+            v::<B>(&g.vproj_pre),
+            Some(d_regions),
+        );
+        let d_question = B::view_mut(&mut g.question);
+        self.q_proj.backward(be, data, grad, &mut g.scratch, v::<B>(&a.question), b, w_q, v::<B>(&g.qproj_pre), Some(d_question));
         // 1–2. scatter onto the token layouts.
-        assert_eq!(d_text.len(), b * l * p, "d_text must be [B, L, P]");
-        assert_eq!(d_video.len(), b * (1 + n) * p, "d_video must be [B, 1+N, P]");
-        d_text.fill(0.0);
-        for bi in 0..b {
-            for k in 0..p {
-                d_text[(bi * l + a.q_arg[bi * p + k]) * p + k] = d_question[bi * p + k];
-            }
-        }
-        for bi in 0..b {
-            d_video[bi * (1 + n) * p..(bi * (1 + n) + 1) * p].fill(0.0);
-            d_video[(bi * (1 + n) + 1) * p..(bi + 1) * (1 + n) * p].copy_from_slice(&d_regions[bi * n * p..(bi + 1) * n * p]);
-        }
+        assert_eq!(B::view_mut_len(&d_text), b * l * p, "d_text must be [B, L, P]");
+        assert_eq!(B::view_mut_len(&d_video), b * (1 + n) * p, "d_video must be [B, 1+N, P]");
+        be.max_over_positions_backward(v::<B>(&g.question), v::<B>(&a.q_arg), d_text, b, l, p);
+        be.fill_zero(B::reborrow(&mut d_video));
+        be.copy_2d(v::<B>(&g.regions), 0, n * p, d_video, p, (1 + n) * p, b, n * p);
     }
 }
 
-fn fit(v: &mut Vec<f32>, n: usize) {
-    v.resize(n, 0.0);
-}
-
-/// Softmax of one row (max-subtracted, f32 like the published `nn.functional.softmax`).
-fn softmax_row(x: &[f32], y: &mut [f32]) {
-    let m = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    let mut s = 0f32;
-    for (o, &v) in y.iter_mut().zip(x) {
-        *o = (v - m).exp();
-        s += *o;
-    }
-    y.iter_mut().for_each(|o| *o /= s);
+fn v<B: Backend>(x: &B::Buf) -> B::View<'_> {
+    B::view(x)
 }
 
 /// Mean cross-entropy of `logits [B, answers]` against `labels`, and d(loss)/d(logits).
 pub fn cross_entropy(logits: &[f32], labels: &[usize], answers: usize) -> (f32, Vec<f32>) {
-    let b = labels.len();
-    assert_eq!(logits.len(), b * answers, "logits must be [B, answers]");
-    let mut loss = 0f64;
-    let mut d = vec![0f32; b * answers];
-    for (bi, &y) in labels.iter().enumerate() {
-        assert!(y < answers, "label {y} outside the {answers} answers");
-        let row = &logits[bi * answers..(bi + 1) * answers];
-        let m = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-        let s: f64 = row.iter().map(|&v| ((v - m) as f64).exp()).sum();
-        loss += s.ln() + m as f64 - row[y] as f64;
-        for k in 0..answers {
-            let pk = ((row[k] - m) as f64).exp() / s;
-            d[bi * answers + k] = ((pk - (k == y) as u8 as f64) / b as f64) as f32;
-        }
-    }
-    ((loss / b as f64) as f32, d)
+    let mut d = vec![0f32; labels.len() * answers];
+    let loss = host::cross_entropy(logits, labels, answers, &mut d);
+    (loss, d)
 }
 
-/// Everything one QA forward produced (borrowed from the model's buffers).
+/// Everything one QA forward produced (on the host).
 #[derive(Clone, Debug)]
 pub struct QaOutputs {
     pub loss: f32,
     pub logits: Vec<f32>,
 }
 
-/// The published `ObjectQARelation`: the retrieval model plus the head.
+/// The published `ObjectQARelation`: the retrieval model plus the head, on the backend `B`.
 #[derive(Clone, Debug)]
-pub struct QaModel {
-    pub base: Model,
-    pub head: QaHead,
+pub struct QaModel<B: Backend = Cpu> {
+    pub base: Model<B>,
+    pub head: QaHead<B>,
     dropout_rng: Rng,
     attention_dropout: bool,
+    /// The batch's object mask uploaded, d(logits), d(text tokens), d(video tokens).
+    mask: B::Buf,
+    d_logits: B::Buf,
+    d_text: B::Buf,
+    d_video: B::Buf,
 }
 
-impl QaModel {
-    pub fn new(base: Model, head: QaHead) -> QaModel {
+impl<B: Backend> QaModel<B> {
+    pub fn new(base: Model<B>, head: QaHead<B>) -> Self {
         assert_eq!(base.config.proj_dim, head.config.dim, "the head's width must be the model's projection width");
-        QaModel { base, head, dropout_rng: Rng::new(0), attention_dropout: false }
+        QaModel {
+            base,
+            head,
+            dropout_rng: Rng::new(0),
+            attention_dropout: false,
+            mask: B::Buf::default(),
+            d_logits: B::Buf::default(),
+            d_text: B::Buf::default(),
+            d_video: B::Buf::default(),
+        }
     }
 
     /// The head's attention dropout in training steps (published: on, p = 0.2), seeded.
@@ -516,27 +579,31 @@ impl QaModel {
 
     /// Forward through both towers and the head. `train` applies the text and attention
     /// dropouts when set. Returns the logits `[B, answers]`.
-    pub fn forward(&mut self, batch: &BatchRef, train: bool) -> &[f32] {
+    pub fn forward(&mut self, batch: &BatchRef, train: bool) -> B::View<'_> {
         let (b, l, n) = (batch.batch, batch.text_len, batch.frames * batch.regions);
+        let be = self.base.backend().clone();
         let (text, video) = self.base.forward_tokens(batch, train);
+        let object_mask = be.input(batch.object_mask, &mut self.mask);
         let dropout = (train && self.attention_dropout).then_some(&mut self.dropout_rng);
-        let input = HeadInput { batch: b, text_len: l, regions: n, text, video, object_mask: batch.object_mask };
+        let input = HeadInput { batch: b, text_len: l, regions: n, text, video, object_mask };
         self.head.forward(&input, dropout);
-        &self.head.acts.logits
+        B::view(&self.head.acts.logits)
     }
 
     /// Forward, cross-entropy against `labels`, and backward into both parameter sets'
-    /// gradients (zeroed first).
+    /// gradients (zeroed first). The token gradients stay on the backend.
     pub fn forward_backward(&mut self, batch: &BatchRef, labels: &[usize]) -> QaOutputs {
-        self.base.params.zero_grad();
-        self.head.params.zero_grad();
+        let be = self.base.backend().clone();
+        be.fill_zero(B::view_mut(&mut self.base.params.grad));
+        self.head.zero_grad();
         self.forward(batch, true);
-        let (loss, d_logits) = cross_entropy(&self.head.acts.logits, labels, self.head.config.answers);
+        let answers = self.head.config.answers;
+        let loss = be.cross_entropy(B::view(&self.head.acts.logits), labels, answers, &mut self.d_logits);
         let (b, l, n, p) = (batch.batch, batch.text_len, batch.frames * batch.regions, self.head.config.dim);
-        let mut d_text = vec![0f32; b * l * p];
-        let mut d_video = vec![0f32; b * (1 + n) * p];
-        self.head.backward(&d_logits, l, &mut d_text, &mut d_video);
-        self.base.backward_tokens(batch, &d_text, &d_video);
-        QaOutputs { loss, logits: self.head.acts.logits.clone() }
+        be.fit(&mut self.d_text, b * l * p);
+        be.fit(&mut self.d_video, b * (1 + n) * p);
+        self.head.backward(B::view(&self.d_logits), l, B::view_mut(&mut self.d_text), B::view_mut(&mut self.d_video));
+        self.base.backward_tokens_on(batch, B::view(&self.d_text), B::view(&self.d_video));
+        QaOutputs { loss, logits: be.to_host(B::view(&self.head.acts.logits)) }
     }
 }

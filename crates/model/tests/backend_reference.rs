@@ -10,7 +10,7 @@
 use demovlp_kernels::attention::{attention_backward_loops, attention_forward_loops, merge_heads, split_heads, AttnShape};
 use demovlp_kernels::Rng;
 use demovlp_model::adamw::StepCoeffs;
-use demovlp_model::backend::{check, Backend, Cpu, Grads, LossGradBufs, LossViews, TokenDims};
+use demovlp_model::backend::{check, host, Backend, Cpu, Grads, LossGradBufs, LossViews, TokenDims};
 use demovlp_retrieval::{LossConfig, LossOutputs};
 use std::ops::Range;
 
@@ -298,6 +298,84 @@ impl Backend for Reference {
     ) {
         CPU.video_tokens_backward(t, dx, grad, cls, pos0, temporal, d_region);
     }
+    // The QA head's kernels: the softmax, pooling and broadcast product summed in f64 here
+    // (a different order of rounding than `Cpu`'s f32 loops); the rest from `backend::host`.
+    fn max_over_positions(&self, x: &[f32], arg: &mut [f32], out: &mut [f32], batch: usize, len: usize, dim: usize) {
+        host::max_over_positions(x, arg, out, batch, len, dim);
+    }
+    fn max_over_positions_backward(&self, dout: &[f32], arg: &[f32], dx: &mut [f32], batch: usize, len: usize, dim: usize) {
+        host::max_over_positions_backward(dout, arg, dx, batch, len, dim);
+    }
+    fn weight_norm(&self, g: &[f32], v: &[f32], w: &mut [f32]) {
+        host::weight_norm(g, v, w);
+    }
+    fn weight_norm_backward(&self, g: &[f32], v: &[f32], dw: &[f32], dg: &mut [f32], dv: &mut [f32]) {
+        host::weight_norm_backward(g, v, dw, dg, dv);
+    }
+    fn mul_broadcast(&self, x: &[f32], y: &[f32], out: &mut [f32], batch: usize, n: usize, h: usize) {
+        host::mul_broadcast(x, y, out, batch, n, h);
+    }
+    fn mul_broadcast_backward(&self, x: &[f32], y: &[f32], dout: &[f32], dx: &mut [f32], dy: &mut [f32], batch: usize, n: usize, h: usize) {
+        for bi in 0..batch {
+            for k in 0..h {
+                let mut s = 0f64;
+                for r in 0..n {
+                    let i = (bi * n + r) * h + k;
+                    dx[i] = dout[i] * y[bi * h + k];
+                    s += dout[i] as f64 * x[i] as f64;
+                }
+                dy[bi * h + k] += s as f32;
+            }
+        }
+    }
+    fn softmax_rows(&self, x: &[f32], y: &mut [f32], n: usize) {
+        for (x, y) in x.chunks_exact(n).zip(y.chunks_exact_mut(n)) {
+            let m = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+            let s: f64 = x.iter().map(|&v| (v as f64 - m).exp()).sum();
+            y.iter_mut().zip(x).for_each(|(y, &v)| *y = ((v as f64 - m).exp() / s) as f32);
+        }
+    }
+    fn softmax_rows_backward(&self, y: &[f32], dy: &[f32], dx: &mut [f32], n: usize) {
+        for ((y, dy), dx) in y.chunks_exact(n).zip(dy.chunks_exact(n)).zip(dx.chunks_exact_mut(n)) {
+            let dot: f64 = y.iter().zip(dy).map(|(&a, &b)| a as f64 * b as f64).sum();
+            for r in 0..n {
+                dx[r] = (y[r] as f64 * (dy[r] as f64 - dot)) as f32;
+            }
+        }
+    }
+    fn weighted_sum(&self, w: &[f32], o: &[f32], out: &mut [f32], batch: usize, n: usize, dim: usize) {
+        for bi in 0..batch {
+            for k in 0..dim {
+                out[bi * dim + k] = (0..n).map(|r| w[bi * n + r] as f64 * o[(bi * n + r) * dim + k] as f64).sum::<f64>() as f32;
+            }
+        }
+    }
+    fn weighted_sum_backward(
+        &self,
+        w: &[f32],
+        o: &[f32],
+        dout: &[f32],
+        dw: &mut [f32],
+        d_o: &mut [f32],
+        batch: usize,
+        n: usize,
+        dim: usize,
+    ) {
+        for bi in 0..batch {
+            for r in 0..n {
+                let i = (bi * n + r) * dim;
+                dw[bi * n + r] = (0..dim).map(|k| o[i + k] as f64 * dout[bi * dim + k] as f64).sum::<f64>() as f32;
+                for k in 0..dim {
+                    d_o[i + k] = w[bi * n + r] * dout[bi * dim + k];
+                }
+            }
+        }
+    }
+    fn cross_entropy(&self, logits: &[f32], labels: &[usize], answers: usize, d: &mut Vec<f32>) -> f32 {
+        d.resize(labels.len() * answers, 0.0);
+        host::cross_entropy(logits, labels, answers, d)
+    }
+
     fn losses(&self, cfg: &LossConfig, x: &LossViews<'_, Self>, use_local: bool, grads: bool) -> (LossOutputs, Option<LossGradBufs<Self>>) {
         let v = LossViews::<Cpu> {
             dims: x.dims,

@@ -1,7 +1,9 @@
 //! The comparison a second backend runs against [`Cpu`](super::Cpu): tiny models of both text families,
 //! with dropout and weight decay on, through a forward/backward pass, the token-level API
 //! (projected tokens, given token gradients), the evaluation embeddings and fused training
-//! steps, on `B` and on `Cpu` from the same initial weights;
+//! steps, and the QA model (towers + `BUTDQAHead`, attention dropout on: loss, logits, every
+//! gradient of both parameter sets, evaluation logits), on `B` and on `Cpu` from the same
+//! initial weights;
 //! every loss, gradient tensor, embedding and updated parameter tensor must agree within a
 //! relative tolerance (of the tensor's largest magnitude). A backend's test suite calls
 //! [`compare_with_cpu`]; `Cpu` itself passes it at tolerance 0 (bit for bit).
@@ -10,6 +12,7 @@ use super::Backend;
 use crate::adamw::{AdamW, AdamWSettings};
 use crate::config::{ModelConfig, TextConfig, TextKind, VideoConfig};
 use crate::model::{BatchRef, Model};
+use crate::qa::{QaHead, QaHeadConfig, QaModel};
 use crate::text::TextDropout;
 use demovlp_kernels::Rng;
 use demovlp_retrieval::LossConfig;
@@ -122,7 +125,50 @@ pub fn compare_with_cpu<B: Backend>(backend: B, tol: f32) -> Result<(), String> 
     for kind in [TextKind::Distilbert, TextKind::Bert] {
         compare_one(backend.clone(), kind, tol).map_err(|e| format!("{kind:?}: {e}"))?;
     }
+    compare_qa(backend, tol).map_err(|e| format!("QA model: {e}"))
+}
+
+/// Each tensor of `specs` against its own largest magnitude, at least 1e-3 of the whole buffer's.
+fn per_tensor(what: &str, specs: &[crate::params::ParamSpec], got: &[f32], want: &[f32], tol: f32) -> Result<(), String> {
+    let floor = 1e-3 * max_abs(want);
+    for s in specs {
+        let r = s.offset..s.offset + s.len;
+        close_with_floor(&format!("{what} {}", s.name), &got[r.clone()], &want[r], tol, floor)?;
+    }
     Ok(())
+}
+
+/// The QA model on `B` and on `Cpu`: one training forward/backward (text and attention
+/// dropout on, padded regions), then evaluation logits.
+fn compare_qa<B: Backend>(backend: B, tol: f32) -> Result<(), String> {
+    let cfg = tiny_config(TextKind::Distilbert);
+    let head_cfg = QaHeadConfig { dim: cfg.proj_dim, hidden: 12, answers: 5 };
+    let data = CheckBatch::new(4, 3, 2, 3, 10);
+    let batch = data.as_ref();
+    let labels = [1, 4, 0];
+    let mut cpu_base = Model::new(cfg.clone());
+    let mut dev_base = Model::new_on(backend.clone(), cfg);
+    setup(&mut cpu_base);
+    setup(&mut dev_base);
+    let (mut cpu_head, mut dev_head) = (QaHead::new(head_cfg), QaHead::new_on(backend.clone(), head_cfg));
+    cpu_head.init_random(7);
+    dev_head.init_random(7);
+    let mut cpu = QaModel::new(cpu_base, cpu_head);
+    let mut dev = QaModel::new(dev_base, dev_head);
+    cpu.set_attention_dropout(true, 13);
+    dev.set_attention_dropout(true, 13);
+    let host = |b: &B::Buf| backend.to_host(B::view(b));
+    close("initial head parameters", &host(&dev.head.params.data), &cpu.head.params.data, 0.0)?;
+    let (a, b) = (cpu.forward_backward(&batch, &labels), dev.forward_backward(&batch, &labels));
+    close("loss", &[b.loss], &[a.loss], tol)?;
+    close("logits", &b.logits, &a.logits, tol)?;
+    close("attention", &host(&dev.head.acts.attention), &cpu.head.acts.attention, tol)?;
+    close("question", &host(&dev.head.acts.question), &cpu.head.acts.question, tol)?;
+    per_tensor("head gradient", cpu.head.params.specs(), &host(&dev.head.params.grad), &cpu.head.params.grad, tol)?;
+    per_tensor("tower gradient", cpu.base.params.specs(), &host(&dev.base.params.grad), &cpu.base.params.grad, tol)?;
+    let want = cpu.forward(&batch, false).to_vec();
+    let got = backend.to_host(dev.forward(&batch, false));
+    close("evaluation logits", &got, &want, tol)
 }
 
 fn compare_one<B: Backend>(backend: B, kind: TextKind, tol: f32) -> Result<(), String> {

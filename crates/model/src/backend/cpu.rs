@@ -1,6 +1,6 @@
 //! The CPU backend: `Vec<f32>` buffers, slice views, the `demovlp_kernels` functions.
 
-use super::{Backend, Grads, LossGradBufs, LossViews, TokenDims};
+use super::{host, Backend, Grads, LossGradBufs, LossViews, TokenDims};
 use crate::adamw::StepCoeffs;
 use demovlp_kernels::attention::{self, AttnShape};
 use demovlp_kernels::gemm::{sgemm, Trans};
@@ -321,6 +321,51 @@ impl Backend for Cpu {
                 d_region[(bi * nr + j) * d..(bi * nr + j + 1) * d].copy_from_slice(src);
             }
         }
+    }
+
+    fn max_over_positions(&self, x: &[f32], arg: &mut [f32], out: &mut [f32], batch: usize, len: usize, dim: usize) {
+        host::max_over_positions(x, arg, out, batch, len, dim);
+    }
+    fn max_over_positions_backward(&self, dout: &[f32], arg: &[f32], dx: &mut [f32], batch: usize, len: usize, dim: usize) {
+        host::max_over_positions_backward(dout, arg, dx, batch, len, dim);
+    }
+    fn weight_norm(&self, g: &[f32], v: &[f32], w: &mut [f32]) {
+        host::weight_norm(g, v, w);
+    }
+    fn weight_norm_backward(&self, g: &[f32], v: &[f32], dw: &[f32], dg: &mut [f32], dv: &mut [f32]) {
+        host::weight_norm_backward(g, v, dw, dg, dv);
+    }
+    fn mul_broadcast(&self, x: &[f32], y: &[f32], out: &mut [f32], batch: usize, n: usize, h: usize) {
+        host::mul_broadcast(x, y, out, batch, n, h);
+    }
+    fn mul_broadcast_backward(&self, x: &[f32], y: &[f32], dout: &[f32], dx: &mut [f32], dy: &mut [f32], batch: usize, n: usize, h: usize) {
+        host::mul_broadcast_backward(x, y, dout, dx, dy, batch, n, h);
+    }
+    fn softmax_rows(&self, x: &[f32], y: &mut [f32], n: usize) {
+        host::softmax_rows(x, y, n);
+    }
+    fn softmax_rows_backward(&self, y: &[f32], dy: &[f32], dx: &mut [f32], n: usize) {
+        host::softmax_rows_backward(y, dy, dx, n);
+    }
+    fn weighted_sum(&self, w: &[f32], o: &[f32], out: &mut [f32], batch: usize, n: usize, dim: usize) {
+        host::weighted_sum(w, o, out, batch, n, dim);
+    }
+    fn weighted_sum_backward(
+        &self,
+        w: &[f32],
+        o: &[f32],
+        dout: &[f32],
+        dw: &mut [f32],
+        d_o: &mut [f32],
+        batch: usize,
+        n: usize,
+        dim: usize,
+    ) {
+        host::weighted_sum_backward(w, o, dout, dw, d_o, batch, n, dim);
+    }
+    fn cross_entropy(&self, logits: &[f32], labels: &[usize], answers: usize, d: &mut Vec<f32>) -> f32 {
+        d.resize(labels.len() * answers, 0.0);
+        host::cross_entropy(logits, labels, answers, d)
     }
 
     fn losses(&self, cfg: &LossConfig, x: &LossViews<'_, Cpu>, use_local: bool, grads: bool) -> (LossOutputs, Option<LossGradBufs<Cpu>>) {

@@ -30,7 +30,9 @@
 //!   product and sum, broadcast row adds and row sums, dropout masks, attention forward
 //!   (head-major output) and backward on token rows (fused qkv, or split q/k/v), head merge,
 //!   embedding lookup and its backward (dense, or by table row), the video token assembly
-//!   and its backward, the retrieval losses (forward, and forward + backward on the
+//!   and its backward, the task heads' small kernels (max over positions with its
+//!   argmax, weight normalisation, broadcast product, row softmax, attention pooling,
+//!   cross-entropy; host versions in [`host`]), the retrieval losses (forward, and forward + backward on the
 //!   embeddings), and the AdamW update of a run of elements and of a table by gradient rows
 //!   (the per-element arithmetic is [`StepCoeffs`]'s).
 //! - **Trait bounds.** A backend value is a cheap handle (`Clone`; a device backend shares
@@ -66,6 +68,7 @@
 
 pub mod check;
 mod cpu;
+pub mod host;
 
 pub use cpu::Cpu;
 
@@ -334,6 +337,61 @@ pub trait Backend: Clone + Debug + Default + Send + Sync + 'static {
         temporal: Range<usize>,
         d_region: Self::ViewMut<'_>,
     );
+
+    // ---- task heads (the QA head; host semantics in [`host`]) -----------------------------
+
+    /// `out [B, dim]` = max over the `len` positions of `x [B, len, dim]`; `arg [B, dim]` the
+    /// winning position as an f32 (the first maximum wins).
+    fn max_over_positions(&self, x: Self::View<'_>, arg: Self::ViewMut<'_>, out: Self::ViewMut<'_>, batch: usize, len: usize, dim: usize);
+    /// `dx [B, len, dim]` overwritten: `dout` at the winning positions, 0 elsewhere.
+    fn max_over_positions_backward(
+        &self,
+        dout: Self::View<'_>,
+        arg: Self::View<'_>,
+        dx: Self::ViewMut<'_>,
+        batch: usize,
+        len: usize,
+        dim: usize,
+    );
+    /// `w = g · v / ‖v‖_F` (`g` one value; the norm and scale in f64).
+    fn weight_norm(&self, g: Self::View<'_>, v: Self::View<'_>, w: Self::ViewMut<'_>);
+    /// From `dw`: `dg`, `dv` accumulate (see [`host::weight_norm_backward`]).
+    fn weight_norm_backward(&self, g: Self::View<'_>, v: Self::View<'_>, dw: Self::View<'_>, dg: Self::ViewMut<'_>, dv: Self::ViewMut<'_>);
+    /// `out[b, n, :] = x[b, n, :] ⊙ y[b, :]`.
+    fn mul_broadcast(&self, x: Self::View<'_>, y: Self::View<'_>, out: Self::ViewMut<'_>, batch: usize, n: usize, h: usize);
+    /// `dx = dout ⊙ y` (overwritten), `dy[b] += Σ_n dout[b, n] ⊙ x[b, n]`.
+    fn mul_broadcast_backward(
+        &self,
+        x: Self::View<'_>,
+        y: Self::View<'_>,
+        dout: Self::View<'_>,
+        dx: Self::ViewMut<'_>,
+        dy: Self::ViewMut<'_>,
+        batch: usize,
+        n: usize,
+        h: usize,
+    );
+    /// Softmax of each run of `n` values.
+    fn softmax_rows(&self, x: Self::View<'_>, y: Self::ViewMut<'_>, n: usize);
+    /// From the softmax output `y`: `dx = y ⊙ (dy − ⟨y, dy⟩)` per run of `n` (overwritten).
+    fn softmax_rows_backward(&self, y: Self::View<'_>, dy: Self::View<'_>, dx: Self::ViewMut<'_>, n: usize);
+    /// `out[b] = Σ_n w[b, n] · o[b, n, :]` (overwritten).
+    fn weighted_sum(&self, w: Self::View<'_>, o: Self::View<'_>, out: Self::ViewMut<'_>, batch: usize, n: usize, dim: usize);
+    /// `dw[b, n] = ⟨o[b, n], dout[b]⟩`, `d_o[b, n] = w[b, n] · dout[b]` (both overwritten).
+    fn weighted_sum_backward(
+        &self,
+        w: Self::View<'_>,
+        o: Self::View<'_>,
+        dout: Self::View<'_>,
+        dw: Self::ViewMut<'_>,
+        d_o: Self::ViewMut<'_>,
+        batch: usize,
+        n: usize,
+        dim: usize,
+    );
+    /// Mean cross-entropy of `logits [labels.len(), answers]` (returned to the host) and
+    /// d(loss)/d(logits) in `d` (fitted). Labels are host values.
+    fn cross_entropy(&self, logits: Self::View<'_>, labels: &[usize], answers: usize, d: &mut Self::Buf) -> f32;
 
     // ---- losses --------------------------------------------------------------------------
 

@@ -1,0 +1,72 @@
+//! The CUDA libraries, opened at run time: checked before the first call (cudarc panics when
+//! a library is missing), with a message naming the library and how to provide it.
+
+use crate::{DeviceInfo, LIBRARY_HINT};
+use cudarc::driver::{result as drv, sys as dsys};
+
+/// One of the shared libraries the backend opens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lib {
+    Driver,
+    Nvrtc,
+    Cublas,
+    CublasLt,
+}
+
+impl Lib {
+    pub fn file(self) -> &'static str {
+        match self {
+            Lib::Driver => "libcuda.so",
+            Lib::Nvrtc => "libnvrtc.so",
+            Lib::Cublas => "libcublas.so",
+            Lib::CublasLt => "libcublasLt.so",
+        }
+    }
+
+    pub fn present(self) -> bool {
+        // SAFETY: these only try to dlopen candidate names.
+        unsafe {
+            match self {
+                Lib::Driver => dsys::is_culib_present(),
+                Lib::Nvrtc => cudarc::nvrtc::sys::is_culib_present(),
+                Lib::Cublas => cudarc::cublas::sys::is_culib_present(),
+                Lib::CublasLt => cudarc::cublaslt::sys::is_culib_present(),
+            }
+        }
+    }
+}
+
+/// `Err` naming every library of `libs` that cannot be opened.
+pub fn require(libs: &[Lib]) -> Result<(), String> {
+    let missing: Vec<&str> = libs.iter().filter(|l| !l.present()).map(|l| l.file()).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let driver = if missing.contains(&"libcuda.so") {
+        " (libcuda.so is the NVIDIA driver's: is there an NVIDIA GPU and driver on this machine?)"
+    } else {
+        ""
+    };
+    Err(format!("CUDA library not found: {}{driver}; {LIBRARY_HINT}", missing.join(", ")))
+}
+
+/// Libraries, driver initialisation and the device, without compiling anything.
+pub fn probe(ordinal: usize) -> Result<DeviceInfo, String> {
+    require(&[Lib::Driver])?;
+    drv::init().map_err(|e| format!("the CUDA driver failed to initialise ({e:?}): no usable NVIDIA GPU?"))?;
+    let count = drv::device::get_count().map_err(|e| format!("cannot count CUDA devices: {e:?}"))? as usize;
+    if ordinal >= count {
+        return Err(format!("no CUDA device {ordinal}: this machine has {count}"));
+    }
+    let dev = drv::device::get(ordinal as i32).map_err(|e| format!("CUDA device {ordinal}: {e:?}"))?;
+    // SAFETY: `dev` is a valid device handle from the driver.
+    let (major, minor, memory_bytes, name) = unsafe {
+        use dsys::CUdevice_attribute::*;
+        let major = drv::device::get_attribute(dev, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR).map_err(|e| format!("{e:?}"))?;
+        let minor = drv::device::get_attribute(dev, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR).map_err(|e| format!("{e:?}"))?;
+        let mem = drv::device::total_mem(dev).map_err(|e| format!("{e:?}"))?;
+        let name = drv::device::get_name(dev).map_err(|e| format!("{e:?}"))?;
+        (major, minor, mem, name)
+    };
+    Ok(DeviceInfo { ordinal, name, capability: (major, minor), memory_bytes })
+}
