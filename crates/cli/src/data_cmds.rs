@@ -3,7 +3,7 @@
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use demovlp_data::regions::{select_clip, FrameChoice, NpzTree};
 use demovlp_data::tokenizer::{TextTokenizer, DEFAULT_MAX_LEN};
@@ -53,7 +53,8 @@ pub fn regions(a: RegionsArgs) -> Result<()> {
 on stdin and prints one JSON object per line: {\"input_ids\": [...], \"attention_mask\": [...]}, \
 both exactly --max-len long: [CLS] ... [SEP], truncated, padded with id 0 / mask 0.")]
 pub struct TokenizeArgs {
-    /// tokenizer.json, a BERT vocab.txt, or a directory containing either.
+    /// tokenizer.json, a BERT vocab.txt, a directory containing either, or `builtin`
+    /// (`builtin:bert-base-uncased`, the embedded uncased WordPiece vocabulary).
     #[arg(long)]
     pub tokenizer: PathBuf,
     /// Output length (truncate / pad to exactly this many tokens).
@@ -62,7 +63,10 @@ pub struct TokenizeArgs {
 }
 
 pub fn tokenize(a: TokenizeArgs) -> Result<()> {
-    let tok = TextTokenizer::from_path(&a.tokenizer)?;
+    if a.max_len < 2 {
+        bail!("--max-len: must be at least 2 (room for [CLS] and [SEP]), got {}", a.max_len);
+    }
+    let tok = demovlp_train::text::load_tokenizer(&a.tokenizer)?;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     tokenize_stream(&tok, a.max_len, std::io::stdin().lock(), &mut out)?;

@@ -51,6 +51,11 @@ pub struct ModelSection {
     /// starts from `jx_vit_base_p16_224`).
     #[serde(default)]
     pub video_init: Option<PathBuf>,
+    /// Weights pre-trained on fewer frames than `data.frames`: how `temporal_embed` grows,
+    /// as the published loader's `load_temporal_fix` — `"zeros"` (default: the new rows
+    /// start at zero) or `"bilinear"` (interpolated over the frame axis).
+    #[serde(default)]
+    pub load_temporal_fix: demovlp_model::io::TemporalFix,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -320,7 +325,10 @@ impl TrainConfig {
         if o.milestones.windows(2).any(|w| w[0] >= w[1]) {
             bail!("optim.milestones must be strictly increasing, got {:?}", o.milestones);
         }
-        self.model_config()?;
+        let mc = self.model_config()?;
+        let key = if self.model.preset.is_some() { "model.preset" } else { "model.config" };
+        demovlp_model::io::check_model_config(&mc, key)?;
+        demovlp_model::io::check_inputs_fit(&mc, d.frames, d.text_len, None, ["data.frames", "data.text_len"], key)?;
         Ok(())
     }
 
@@ -471,5 +479,33 @@ epochs = 2
         assert!(format!("{:#}", TrainConfig::parse_str(&bad).unwrap_err()).contains("milestones"));
         let bad = MINIMAL.replace("epochs = 2", "epochs = 2\nmonitor = \"t2v_R2\"");
         assert!(format!("{:#}", TrainConfig::parse_str(&bad).unwrap_err()).contains("train.monitor"));
+    }
+
+    #[test]
+    fn model_sizes_that_cannot_work_are_rejected_with_the_key() {
+        let cfg = |model: &str, data_extra: &str| {
+            let text = MINIMAL
+                .replace("[model]\npreset = \"published\"", model)
+                .replace("batch_size = 4", &format!("batch_size = 4\n{data_extra}"));
+            TrainConfig::parse_str(&text).map(|_| ()).map_err(|e| format!("{e:#}"))
+        };
+        let own = |text: &str, video: &str| {
+            format!(
+                "[model.config]\nproj_dim = 8\n[model.config.text]\nkind = \"distilbert\"\nvocab_size = 30522\ndim = 16\nlayers = 1\n{text}\nhidden_dim = 32\nlayer_norm_eps = 1e-12\n[model.config.video]\ndim = 16\ndepth = 1\nmlp_dim = 32\npos_embed_rows = 9\nfeature_dim = 2048\nbox_dim = 6\nlayer_norm_eps = 1e-6\n{video}"
+            )
+        };
+        let good = own("heads = 2\nmax_position_embeddings = 100", "heads = 2\nmax_frames = 8");
+        cfg(&good, "").unwrap();
+        for (model, data, key) in [
+            (own("heads = 0\nmax_position_embeddings = 100", "heads = 2\nmax_frames = 8"), "", "model.config.text.heads"),
+            (own("heads = 3\nmax_position_embeddings = 100", "heads = 2\nmax_frames = 8"), "", "model.config.text.dim"),
+            (own("heads = 2\nmax_position_embeddings = 100", "heads = 5\nmax_frames = 8"), "", "model.config.video.dim"),
+            (own("heads = 2\nmax_position_embeddings = 100", "heads = 2\nmax_frames = 4"), "", "data.frames = 8"),
+            (own("heads = 2\nmax_position_embeddings = 50", "heads = 2\nmax_frames = 8"), "", "data.text_len = 100"),
+            ("[model]\npreset = \"published\"".to_string(), "text_len = 600", "data.text_len = 600"),
+        ] {
+            let e = cfg(&model, data).unwrap_err();
+            assert!(e.contains(key), "{key}: {e}");
+        }
     }
 }

@@ -194,7 +194,14 @@ fn stage_config(
         name: name.into(),
         seed,
         output_dir: out.join(name),
-        model: ModelSection { preset: None, config: Some(model), init: None, text_init: None, video_init: None },
+        model: ModelSection {
+            preset: None,
+            config: Some(model),
+            init: None,
+            text_init: None,
+            video_init: None,
+            load_temporal_fix: Default::default(),
+        },
         data: DataSection {
             tokenizer: data.2,
             text_len: sizes.text_len,

@@ -135,6 +135,15 @@ pub fn evaluate(model: &mut Model, set: &EvalSet, tok: &Tokenizer, opt: &EvalOpt
     let so = demovlp_retrieval::EvalOptions { lambda: opt.lambda, mode: opt.mode, use_local: opt.use_local, masked_mean: opt.masked_mean };
     let sims = eval_scores_with(&texts, &videos, &so, &progress);
     pb.finish_and_clear();
+    if let Some(i) = sims.iter().position(|x| !x.is_finite()) {
+        let (t, v) = (i / nv, i % nv);
+        bail!(
+            "{}: the similarity of text {t} and video {v} ({}) is {}: the model's embeddings are not finite, no metrics computed",
+            set.name,
+            set.videos[v],
+            sims[i]
+        );
+    }
     let mask = set.query_mask();
     let all = mask.iter().all(|&m| m);
     let metrics = retrieval_metrics(&sims, nt, nv, if all { None } else { Some(&mask) });
