@@ -94,8 +94,10 @@ fn tokenize_stream(tok: &TextTokenizer, max_len: usize, input: impl BufRead, out
 #[derive(Args)]
 #[command(after_help = "Stores each frame's regions sorted by confidence in shards memory-mapped at training time \
 (f32, or f16 with --fp16), an index clip id -> frames, and manifest.json written last: an interrupted pack never \
-reads as complete. Re-running on unchanged input does nothing. Bad clips are skipped; the summary lists clips, \
-frames, regions, bytes and the skipped clips with reasons.")]
+reads as complete. Re-running on unchanged input does nothing. Bad clips and annotation lines are left out and \
+listed with their reasons; unless --skip-bad allows it, `pack` then exits with status 1 (also when it packed \
+nothing). The last stdout line is one JSON object: out, clips, frames, regions, bytes, up_to_date, skipped_clips, \
+skipped_annotation_records, seconds.")]
 pub struct PackArgs {
     /// Feature root: <root>/<clip>/<i>.npz.
     #[arg(long)]
@@ -128,6 +130,10 @@ pub struct PackArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Accept dropping bad annotation lines and unreadable clips (they are counted and
+    /// listed); without it any drop makes `pack` exit with status 1 after writing the store.
+    #[arg(long)]
+    pub skip_bad: bool,
 }
 
 pub fn pack(a: PackArgs) -> Result<()> {
@@ -183,11 +189,10 @@ pub fn pack(a: PackArgs) -> Result<()> {
         println!("skipped annotation record: {r}");
     }
     if !s.skipped.is_empty() {
-        // Group by the problem (the last part of the message), then show a few examples.
+        // Group by the whole reason (with the clip's own name replaced), then show examples.
         let mut by_reason: std::collections::BTreeMap<String, usize> = Default::default();
-        for (_, r) in &s.skipped {
-            let kind = r.rsplit(": ").next().unwrap_or(r).to_string();
-            *by_reason.entry(kind).or_default() += 1;
+        for (clip, r) in &s.skipped {
+            *by_reason.entry(r.replace(clip.as_str(), "<clip>")).or_default() += 1;
         }
         println!("skipped {} clips:", s.skipped.len());
         for (reason, n) in by_reason {
@@ -198,6 +203,26 @@ pub fn pack(a: PackArgs) -> Result<()> {
         }
     } else {
         println!("skipped 0 clips");
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "out": a.out.display().to_string(), "clips": s.clips, "frames": s.frames, "regions": s.regions, "bytes": s.bytes,
+            "up_to_date": s.up_to_date, "skipped_clips": s.skipped.len(), "skipped_annotation_records": skipped_records.len(),
+            "seconds": t.elapsed().as_secs_f64(),
+        })
+    );
+    if s.clips == 0 && !s.up_to_date {
+        bail!("packed nothing: none of the {} clips named could be read (see the reasons above)", clips.len());
+    }
+    if !a.skip_bad && (!skipped_records.is_empty() || !s.skipped.is_empty()) {
+        bail!(
+            "dropped {} annotation records and {} clips (listed above); the store {} was written without them. \
+             Fix the input, or pass --skip-bad to accept skipping",
+            skipped_records.len(),
+            s.skipped.len(),
+            a.out.display()
+        );
     }
     Ok(())
 }

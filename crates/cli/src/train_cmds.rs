@@ -225,7 +225,18 @@ fn run_training(
         None => None,
     };
     let inputs = TrainInputs { config: cfg, train: train_sets, val, tokenizer };
+    let name = inputs.config.name.clone();
     let r = train(&inputs, &RunOptions { resume, init, quiet: false, stop: Some(stop_flag()) })?;
+    let mut j = serde_json::json!({
+        "name": name, "output_dir": r.output_dir.display().to_string(), "steps": r.steps, "epochs_done": r.epochs_done,
+        "interrupted": r.interrupted, "monitor": r.monitor, "best": r.best, "best_epoch": r.best_epoch,
+        "latest": r.latest.display().to_string(), "best_checkpoint": r.best_checkpoint.as_ref().map(|p| p.display().to_string()),
+        "seconds": r.seconds,
+    });
+    if let Some(m) = &r.last_metrics {
+        j["last_val"] = metrics_json(m);
+    }
+    println!("{j}");
     if r.interrupted {
         eprintln!("interrupted; continue with the same command plus --resume (checkpoint {})", r.latest.display());
         // The conventional status of a run stopped by a signal (SIGINT 130, SIGTERM 143), so

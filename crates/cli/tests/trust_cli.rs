@@ -19,14 +19,21 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-/// A tiny synthetic corpus written once per test binary in the extractor's layout.
+/// A tiny synthetic corpus in the extractor's layout, written once and shared by every run
+/// of these tests (deterministic; staged under a private name and renamed into place).
 fn corpus_root() -> &'static Path {
     static ROOT: OnceLock<PathBuf> = OnceLock::new();
     ROOT.get_or_init(|| {
-        let root = tmpdir("trust-corpus");
-        let mut c = CorpusConfig::new(5);
-        (c.pretrain_videos, c.pretrain_images, c.finetune_train, c.val, c.test, c.frames) = (16, 8, 8, 6, 4, 4);
-        SyntheticCorpus::new(c).write(&root, &|_, _| {}).unwrap();
+        let root = std::env::temp_dir().join("demovlp-test-trust-corpus-v1");
+        if !root.join("annotations").join(format!("{}.jsonl", Split::Test.name())).is_file() {
+            let stage = tmpdir("trust-corpus-stage");
+            let mut c = CorpusConfig::new(5);
+            (c.pretrain_videos, c.pretrain_images, c.finetune_train, c.val, c.test, c.frames, c.max_regions) = (16, 8, 8, 6, 4, 4, 8);
+            SyntheticCorpus::new(c).write(&stage, &|_, _| {}).unwrap();
+            if std::fs::rename(&stage, &root).is_err() {
+                std::fs::remove_dir_all(&stage).ok(); // another test binary got there first
+            }
+        }
         root
     })
 }
@@ -127,6 +134,9 @@ fn a_second_run_never_replaces_the_first_and_resume_needs_a_checkpoint() {
 
     let o = demovlp(&["pretrain", "--config", cfg]);
     assert!(o.status.success(), "{}", stderr(&o));
+    // One JSON summary line ends stdout.
+    let last: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().last().unwrap()).unwrap();
+    assert_eq!((last["steps"].as_u64(), last["interrupted"].as_bool()), (Some(2), Some(false)), "{last}");
     let first = std::fs::read(out.join(LATEST)).unwrap();
     let best = std::fs::read(out.join(checkpoint::BEST)).ok();
 
@@ -347,6 +357,62 @@ fn eval_of_a_model_trained_on_fewer_frames_inflates_it_and_names_the_scoring_mod
         assert_eq!((last["mode"].as_str(), last["test_set"].as_str()), (Some(mode), Some("synth_val")), "{stdout}");
         assert!(last["t2v"]["R1"].as_f64().unwrap().is_finite());
         assert!(stdout.contains(&format!("scores: {mode}")) && stdout.contains("synth_val "), "{stdout}");
+        // stderr is a pipe here: progress comes as plain lines.
+        assert!(stderr(&o).contains("embed clips: 6/6") && stderr(&o).contains("embed texts: 6/6"), "{}", stderr(&o));
     }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn pack_exits_1_when_it_drops_what_was_not_allowed_or_packs_nothing() {
+    let dir = tmpdir("trust-pack");
+    let root = corpus_root();
+    let feats = root.join("features");
+    let good = std::fs::read_to_string(root.join("annotations").join(format!("{}.jsonl", Split::Test.name()))).unwrap();
+    let ann = dir.join("clips.jsonl");
+    std::fs::write(&ann, format!("{good}{{\"clip\": \"no/such/clip\", \"captions\": [\"x\"]}}\nnot json\n")).unwrap();
+    let pack = |out: &str, ann: &Path, extra: &[&str]| {
+        let mut args = vec!["pack", "--features", feats.to_str().unwrap(), "--annotations", ann.to_str().unwrap(), "--layout", "jsonl"];
+        let out = dir.join(out);
+        args.extend(["--out", out.to_str().unwrap(), "--quiet"]);
+        args.extend(extra);
+        Command::new(env!("CARGO_BIN_EXE_demovlp")).args(&args).env("RUST_BACKTRACE", "0").output().unwrap()
+    };
+    let last_json =
+        |o: &Output| -> serde_json::Value { serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().last().unwrap()).unwrap() };
+    // One missing clip and one bad line: the store is written, the status says what was lost.
+    let o = pack("a", &ann, &[]);
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(e.contains("--skip-bad") && e.contains("1 annotation records and 1 clips"), "{e}");
+    let j = last_json(&o);
+    assert_eq!((j["clips"].as_u64(), j["skipped_clips"].as_u64(), j["skipped_annotation_records"].as_u64()), (Some(4), Some(1), Some(1)));
+    // The whole reason is printed, not its last fragment.
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.lines().any(|l| l.trim_start().starts_with("1  ") && l.contains("features/<clip>: clip directory missing")), "{stdout}");
+    // Allowed: exit 0.
+    let o = pack("b", &ann, &["--skip-bad"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(last_json(&o)["skipped_clips"].as_u64(), Some(1));
+    // Nothing packed is a failure even with --skip-bad.
+    let none = dir.join("none.jsonl");
+    std::fs::write(&none, "{\"clip\": \"no/such/clip\", \"captions\": [\"x\"]}\n").unwrap();
+    let o = pack("c", &none, &["--skip-bad"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("packed nothing"), "{}", stderr(&o));
+
+    // An interrupted pack (no manifest yet) reads as such where a run opens it.
+    let store = dir.join("b");
+    std::fs::remove_file(store.join("manifest.json")).unwrap();
+    let cfg = config(&dir, &dir.join("run"), 1, "max_steps = 1");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(feats.to_str().unwrap(), store.to_str().unwrap());
+    std::fs::write(&cfg, text).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_demovlp"))
+        .args(["pretrain", "--config", cfg.to_str().unwrap()])
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("incomplete store: re-run pack"), "{}", stderr(&o));
     std::fs::remove_dir_all(&dir).ok();
 }

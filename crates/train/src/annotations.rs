@@ -36,6 +36,11 @@ pub fn read_dataset(ds: &DatasetConfig, train: bool, skip_bad: bool) -> Result<(
 pub fn open_features(path: &Path) -> Result<Arc<dyn FeatureSource>> {
     if path.join("manifest.json").is_file() {
         Ok(Arc::new(PackedStore::open(path).with_context(|| format!("opening packed store {}", path.display()))?))
+    } else if path.is_dir() && (path.join("manifest.json.tmp").exists() || path.join("shard-00000.bin").exists()) {
+        anyhow::bail!(
+            "{}: incomplete store: re-run pack (shards but no manifest.json: the `demovlp pack` that wrote it was interrupted)",
+            path.display()
+        )
     } else if path.is_dir() {
         Ok(Arc::new(NpzTree::new(path)))
     } else {

@@ -176,6 +176,9 @@ struct Run<'a> {
     skipped_total: usize,
     /// Since the last step log line: loss sum, steps, start, samples.
     window: (f64, usize, Instant, usize),
+    /// Is stderr a terminal (else plain progress lines every few seconds)?
+    tty: bool,
+    last_line: Instant,
 }
 
 impl<'a> Run<'a> {
@@ -292,6 +295,8 @@ impl<'a> Run<'a> {
             last_metrics: None,
             skipped_total: 0,
             window: (0.0, 0, Instant::now(), 0),
+            tty: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            last_line: Instant::now(),
         })))
     }
 
@@ -380,6 +385,16 @@ impl<'a> Run<'a> {
                 "loss_avg": window.0 / window.1 as f64, "samples_per_s": sps, "elapsed_s": self.t0.elapsed().as_secs_f64(),
             }))?;
             *window = (0.0, 0, Instant::now(), 0);
+        }
+        // Without a terminal the bar draws nothing (logs of batch jobs): a plain line every
+        // few seconds instead.
+        if !self.opts.quiet && !self.tty && self.last_line.elapsed().as_secs_f64() >= 5.0 {
+            let elapsed = self.t0.elapsed().as_secs_f64();
+            eprintln!(
+                "{}: step {}/{} (epoch {}), lr {:.2e}, loss {:.4}, {:.0}s",
+                cfg.name, state.step, self.total_steps, state.epoch, lr, outp.loss_total, elapsed
+            );
+            self.last_line = Instant::now();
         }
         if cfg.train.checkpoint_every > 0 && state.step.is_multiple_of(cfg.train.checkpoint_every) {
             self.save(&self.latest)?;
