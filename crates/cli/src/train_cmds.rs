@@ -187,6 +187,17 @@ fn run_training(
             bail!("--init: path does not exist: {}", p.display());
         }
     }
+    let tokenizer = Arc::new(demovlp_train::text::load_tokenizer(&cfg.data.tokenizer)?);
+    demovlp_model::io::check_inputs_fit(
+        &cfg.model_config()?,
+        cfg.data.frames,
+        cfg.data.text_len,
+        Some(tokenizer.vocab_size()),
+        ["data.frames", "data.text_len"],
+        "the config's [model]",
+    )
+    .with_context(|| format!("config {}", config.display()))?;
+    guard_output_dir(&cfg.output_dir, resume, force)?;
     if finetune && !resume && init.is_none() && cfg.model.init.is_none() {
         let m = &cfg.model;
         let what = match (&m.text_init, &m.video_init) {
@@ -205,17 +216,6 @@ fn run_training(
         };
         eprintln!("warning: fine-tuning without --init (and no model.init in {}): starting from {what}", config.display());
     }
-    let tokenizer = Arc::new(demovlp_train::text::load_tokenizer(&cfg.data.tokenizer)?);
-    demovlp_model::io::check_inputs_fit(
-        &cfg.model_config()?,
-        cfg.data.frames,
-        cfg.data.text_len,
-        Some(tokenizer.vocab_size()),
-        ["data.frames", "data.text_len"],
-        "the config's [model]",
-    )
-    .with_context(|| format!("config {}", config.display()))?;
-    guard_output_dir(&cfg.output_dir, resume, force)?;
     let mut train_sets = Vec::new();
     for ds in &cfg.data.train {
         train_sets.push(Dataset::new(ds.name.clone(), read_samples(ds, true, cfg.data.skip_bad_samples)?, open_source(ds)?));

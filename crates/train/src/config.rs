@@ -34,6 +34,8 @@ pub struct TrainConfig {
 #[serde(deny_unknown_fields)]
 pub struct ModelSection {
     /// `"published"`: DistilBERT-base text tower, 12-layer ViT-B-sized video tower, P = 256.
+    /// `"tiny"`: the full demo's sizes (width 128, 2 layers and 2 heads per tower, P = 64;
+    /// position table of max(64, text_len) rows), for a first run on a laptop.
     /// Leave out and give `[model.config]` for any other size.
     #[serde(default)]
     pub preset: Option<String>,
@@ -286,7 +288,12 @@ impl TrainConfig {
     pub fn model_config(&self) -> Result<ModelConfig> {
         match (&self.model.preset, &self.model.config) {
             (Some(p), None) if p == "published" => Ok(ModelConfig::published(self.data.frames.max(1))),
-            (Some(p), None) => bail!("model.preset: unknown preset {p:?} (known: \"published\")"),
+            (Some(p), None) if p == "tiny" => {
+                let mut c = crate::demo::small_model(128, 2, self.data.frames.max(1));
+                c.text.max_position_embeddings = c.text.max_position_embeddings.max(self.data.text_len);
+                Ok(c)
+            }
+            (Some(p), None) => bail!("model.preset: unknown preset {p:?} (known: \"published\", \"tiny\")"),
             (None, Some(c)) => Ok(c.clone()),
             (Some(_), Some(_)) => bail!("model: give either `preset` or `[model.config]`, not both"),
             (None, None) => bail!("model: missing `preset` or `[model.config]`"),
@@ -448,6 +455,19 @@ epochs = 2
             assert_eq!((c.optim.schedule, c.optim.betas), (ScheduleKind::Step, [0.9, 0.999]));
             assert_eq!((c.loss.temperature, c.loss.lambda, c.loss.use_local, c.loss.masked_mean), (0.05, 20.0, true, false));
         }
+    }
+
+    #[test]
+    fn the_own_data_example_uses_the_tiny_preset_and_jsonl() {
+        let c = TrainConfig::parse_file(&shipped("own_data_tiny.toml")).unwrap();
+        let m = c.model_config().unwrap();
+        assert_eq!((m.text.dim, m.text.layers, m.text.heads, m.video.dim, m.video.depth, m.proj_dim), (128, 2, 2, 128, 2, 64));
+        assert_eq!((m.video.max_frames, m.text.max_position_embeddings), (c.data.frames, 64));
+        assert!(crate::text::is_builtin(&c.data.tokenizer));
+        assert!(c.datasets().iter().all(|(_, d)| d.format == "jsonl"));
+        // The preset follows the run's frames and text length.
+        let t = TrainConfig::parse_str(&MINIMAL.replace("preset = \"published\"", "preset = \"tiny\"")).unwrap();
+        assert_eq!((t.model_config().unwrap().video.max_frames, t.model_config().unwrap().text.max_position_embeddings), (8, 100));
     }
 
     #[test]

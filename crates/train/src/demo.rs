@@ -81,7 +81,7 @@ impl DemoSizes {
     }
 }
 
-fn small_model(dim: usize, layers: usize, max_frames: usize) -> ModelConfig {
+pub(crate) fn small_model(dim: usize, layers: usize, max_frames: usize) -> ModelConfig {
     ModelConfig {
         text: TextConfig {
             kind: TextKind::Distilbert,
