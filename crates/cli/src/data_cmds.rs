@@ -130,6 +130,10 @@ pub struct PackArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Clip boxes that reach outside the image to it (default: such a frame is an error
+    /// and its clip is left out).
+    #[arg(long)]
+    pub clip_boxes: bool,
     /// Accept dropping bad annotation lines and unreadable clips (they are counted and
     /// listed); without it any drop makes `pack` exit with status 1 after writing the store.
     #[arg(long)]
@@ -168,6 +172,7 @@ pub fn pack(a: PackArgs) -> Result<()> {
         max_regions: a.max_regions,
         threads: a.threads,
         progress: !a.quiet,
+        clip_boxes: a.clip_boxes,
     };
     let t = std::time::Instant::now();
     let s = pack(&a.features, &clips, &a.out, &cfg)?;

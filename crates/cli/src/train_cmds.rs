@@ -119,8 +119,9 @@ fn read_samples(ds: &DatasetConfig, train: bool, skip_bad: bool) -> Result<Vec<S
     Ok(samples)
 }
 
-fn open_source(ds: &DatasetConfig) -> Result<Arc<dyn FeatureSource>> {
-    demovlp_train::annotations::open_features(&ds.features).with_context(|| format!("{}: features {}", ds.name, ds.features.display()))
+fn open_source(ds: &DatasetConfig, clip_boxes: bool) -> Result<Arc<dyn FeatureSource>> {
+    demovlp_train::annotations::open_features_with(&ds.features, clip_boxes)
+        .with_context(|| format!("{}: features {}", ds.name, ds.features.display()))
 }
 
 /// The files a training run writes into its output_dir.
@@ -218,10 +219,19 @@ fn run_training(
     }
     let mut train_sets = Vec::new();
     for ds in &cfg.data.train {
-        train_sets.push(Dataset::new(ds.name.clone(), read_samples(ds, true, cfg.data.skip_bad_samples)?, open_source(ds)?));
+        train_sets.push(Dataset::new(
+            ds.name.clone(),
+            read_samples(ds, true, cfg.data.skip_bad_samples)?,
+            open_source(ds, cfg.data.clip_boxes)?,
+        ));
     }
     let val = match &cfg.data.val {
-        Some(ds) => Some(EvalSet::from_samples(&ds.name, &read_samples(ds, false, false)?, ds.captions_per_video, open_source(ds)?)?),
+        Some(ds) => Some(EvalSet::from_samples(
+            &ds.name,
+            &read_samples(ds, false, false)?,
+            ds.captions_per_video,
+            open_source(ds, cfg.data.clip_boxes)?,
+        )?),
         None => None,
     };
     let inputs = TrainInputs { config: cfg, train: train_sets, val, tokenizer };
@@ -286,7 +296,8 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         &a.model.display().to_string(),
     )
     .with_context(|| format!("config {}", a.config.display()))?;
-    let set = EvalSet::from_samples(&ds.name, &read_samples(ds, false, false)?, ds.captions_per_video, open_source(ds)?)?;
+    let set =
+        EvalSet::from_samples(&ds.name, &read_samples(ds, false, false)?, ds.captions_per_video, open_source(ds, cfg.data.clip_boxes)?)?;
     let opts = EvalOptions {
         shape: InputShape { frames: cfg.data.frames, regions: cfg.data.regions, text_len: cfg.data.text_len },
         batch_size: cfg.train.eval_batch_size,

@@ -57,11 +57,13 @@ pub struct PackConfig {
     pub threads: usize,
     /// Show a progress bar on stderr.
     pub progress: bool,
+    /// Clip boxes that reach outside the image to it instead of skipping the clip.
+    pub clip_boxes: bool,
 }
 
 impl Default for PackConfig {
     fn default() -> Self {
-        PackConfig { dtype: StoreDtype::F32, max_regions: 100, threads: 0, progress: true }
+        PackConfig { dtype: StoreDtype::F32, max_regions: 100, threads: 0, progress: true, clip_boxes: false }
     }
 }
 
@@ -138,6 +140,9 @@ fn fingerprint(root: &Path, clips: &[String], cfg: &PackConfig) -> String {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     (FORMAT, cfg.dtype.size(), cfg.max_regions, root.to_string_lossy().as_ref()).hash(&mut h);
+    if cfg.clip_boxes {
+        "clip_boxes".hash(&mut h); // only when on: stores packed before the option stay up to date
+    }
     for c in clips {
         c.hash(&mut h);
         let dir = root.join(c);
@@ -193,7 +198,7 @@ pub fn pack(root: &Path, clips: &[String], out: &Path, cfg: &PackConfig) -> Resu
         }
     }
 
-    let src = NpzTree::new(root);
+    let src = NpzTree::new(root).with_clip_boxes(cfg.clip_boxes);
     let threads = if cfg.threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { cfg.threads };
     let bar = if cfg.progress { indicatif::ProgressBar::new(clips.len() as u64) } else { indicatif::ProgressBar::hidden() };
     bar.set_style(

@@ -83,6 +83,10 @@ pub struct DataSection {
     /// Skip (and count) clips that fail to load instead of stopping the run.
     #[serde(default)]
     pub skip_bad_samples: bool,
+    /// `.npz` features: clip boxes that reach outside the image to it (by default such a
+    /// frame is an error, or a counted skip with `skip_bad_samples`).
+    #[serde(default)]
+    pub clip_boxes: bool,
     pub train: Vec<DatasetConfig>,
     /// Evaluated after every epoch; its metrics drive best-checkpoint selection.
     #[serde(default)]

@@ -211,6 +211,7 @@ fn stage_config(
             samples_per_epoch: st.samples_per_epoch,
             workers: 0,
             skip_bad_samples: false,
+            clip_boxes: false,
             train: data.0.to_vec(),
             val: Some(data.1.clone()),
             test: None,
