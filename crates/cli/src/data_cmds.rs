@@ -140,9 +140,18 @@ pub struct PackArgs {
     pub skip_bad: bool,
 }
 
+/// The layouts `pack --layout` takes (as its --help lists them).
+const PACK_LAYOUTS: &str = "webvid, cc3m, didemo, msvd, lsmdc, jsonl, msrvtt, msrvtt-mc, msrvtt-qa, tgif-frameqa";
+
 pub fn pack(a: PackArgs) -> Result<()> {
     use demovlp_data::annotations::{read_annotations, Layout};
     use demovlp_data::pack::{list_clip_dirs, pack, PackConfig, StoreDtype};
+    if !a.features.is_dir() {
+        bail!("--features: {} is not a directory of clip features", a.features.display());
+    }
+    if let Some(p) = a.annotations.as_ref().filter(|p| !a.all && !p.exists()) {
+        bail!("--annotations: {} not found", p.display());
+    }
     let mut skipped_records = Vec::new();
     let clips: Vec<String> = match &a.annotations {
         Some(path) if !a.all => match a.layout.as_deref() {
@@ -158,8 +167,19 @@ pub fn pack(a: PackArgs) -> Result<()> {
             Some("msrvtt-qa") | Some("tgif-frameqa") => {
                 demovlp_data::annotations::read_jsonl_qa(path, &Default::default())?.into_iter().map(|s| s.clip).collect()
             }
+            Some(name) if Layout::from_name(name).is_err() => {
+                bail!("--layout: unknown annotation layout {name:?} (known: {PACK_LAYOUTS})")
+            }
             layout => {
-                let layout = layout.map(Layout::from_name).transpose()?;
+                let layout = match layout {
+                    Some(name) => Some(Layout::from_name(name)?),
+                    None => Some(Layout::detect(path).map_err(|_| {
+                        anyhow::anyhow!(
+                            "{}: cannot tell the annotation layout from the file name; name it with --layout ({PACK_LAYOUTS})",
+                            path.display()
+                        )
+                    })?),
+                };
                 let ann = read_annotations(path, layout, true)?;
                 skipped_records = ann.skipped;
                 ann.samples.into_iter().map(|s| s.clip).collect()

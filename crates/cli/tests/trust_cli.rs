@@ -401,6 +401,29 @@ fn pack_exits_1_when_it_drops_what_was_not_allowed_or_packs_nothing() {
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     assert!(stderr(&o).contains("packed nothing"), "{}", stderr(&o));
 
+    // An unknown layout lists exactly the layouts --help lists.
+    let o = Command::new(env!("CARGO_BIN_EXE_demovlp"))
+        .args(["pack", "--features", feats.to_str().unwrap(), "--annotations", ann.to_str().unwrap(), "--layout", "youtube"])
+        .args(["--out", dir.join("d").to_str().unwrap()])
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    let listed = e.split("(known: ").nth(1).and_then(|r| r.split(')').next()).unwrap_or_else(|| panic!("{e}"));
+    let help = String::from_utf8_lossy(&demovlp(&["pack", "--help"]).stdout).into_owned();
+    let help_layouts = help.split("--layout <LAYOUT>").nth(1).unwrap().split("--msrvtt-cut").next().unwrap().to_string();
+    let words = |t: &str| -> Vec<String> {
+        t.split(|c: char| !(c.is_ascii_alphanumeric() || c == '-')).filter(|w| !w.is_empty()).map(String::from).collect()
+    };
+    let names: Vec<String> = listed.split(", ").map(String::from).collect();
+    assert_eq!(names.len(), 10, "{listed}");
+    for n in &names {
+        assert!(words(&help_layouts).contains(n), "{n} missing from --help:\n{help_layouts}");
+    }
+    let o = pack("d", &dir.join("clips.tsv.unknown"), &[]);
+    assert!(stderr(&o).contains("not found"), "{}", stderr(&o));
+
     // An interrupted pack (no manifest yet) reads as such where a run opens it.
     let store = dir.join("b");
     std::fs::remove_file(store.join("manifest.json")).unwrap();

@@ -247,7 +247,7 @@ pub fn pack(root: &Path, clips: &[String], out: &Path, cfg: &PackConfig) -> Resu
             for f in &frames {
                 if shard.as_ref().is_none_or(|(_, len)| *len >= SHARD_BYTES) {
                     if let Some((mut w, _)) = shard.take() {
-                        w.flush()?;
+                        w.flush().with_context(|| format!("cannot write {}", out.join(shards.last().unwrap()).display()))?;
                     }
                     let name = format!("shard-{:05}.bin", shards.len());
                     let file =
@@ -255,14 +255,18 @@ pub fn pack(root: &Path, clips: &[String], out: &Path, cfg: &PackConfig) -> Resu
                     shards.push(name);
                     shard = Some((std::io::BufWriter::with_capacity(1 << 20, file), 0));
                 }
-                let (w, len) = shard.as_mut().unwrap();
+                let (w, len) = shard.as_mut().context("no open shard")?;
                 let offset = *len;
-                w.write_all(&f.feat)?;
-                w.write_all(&f.boxes)?;
-                w.write_all(&f.rows)?;
                 let written = (f.feat.len() + f.boxes.len() + f.rows.len()) as u64;
                 let pad = (ALIGN - written % ALIGN) % ALIGN;
-                w.write_all(&vec![0u8; pad as usize])?;
+                let shard_path = || out.join(shards.last().map(String::as_str).unwrap_or_default()).display().to_string();
+                (|| -> std::io::Result<()> {
+                    w.write_all(&f.feat)?;
+                    w.write_all(&f.boxes)?;
+                    w.write_all(&f.rows)?;
+                    w.write_all(&vec![0u8; pad as usize])
+                })()
+                .with_context(|| format!("cannot write {}", shard_path()))?;
                 *len += written + pad;
                 summary.bytes += written + pad;
                 frames_index.extend_from_slice(&(shards.len() as u32 - 1).to_le_bytes());
@@ -276,12 +280,15 @@ pub fn pack(root: &Path, clips: &[String], out: &Path, cfg: &PackConfig) -> Resu
         }
     }
     if let Some((mut w, _)) = shard.take() {
-        w.flush()?;
-        w.get_ref().sync_all()?;
+        let last = out.join(shards.last().context("no shard written")?);
+        w.flush().and_then(|_| w.get_ref().sync_all()).with_context(|| format!("cannot write {}", last.display()))?;
     }
     bar.finish_and_clear();
-    std::fs::write(out.join("frames.bin"), &frames_index)?;
-    std::fs::write(out.join("clips.tsv"), &clips_index)?;
+    let write = |name: &str, bytes: &[u8]| {
+        std::fs::write(out.join(name), bytes).with_context(|| format!("cannot write {}", out.join(name).display()))
+    };
+    write("frames.bin", &frames_index)?;
+    write("clips.tsv", clips_index.as_bytes())?;
     let manifest = Manifest {
         format: FORMAT.into(),
         dtype: cfg.dtype,
@@ -292,8 +299,8 @@ pub fn pack(root: &Path, clips: &[String], out: &Path, cfg: &PackConfig) -> Resu
         summary: summary.clone(),
     };
     let tmp = out.join("manifest.json.tmp");
-    std::fs::write(&tmp, serde_json::to_string_pretty(&manifest)?)?;
-    std::fs::rename(&tmp, &manifest_path)?;
+    std::fs::write(&tmp, serde_json::to_string_pretty(&manifest)?).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, &manifest_path).with_context(|| format!("cannot rename {} to {}", tmp.display(), manifest_path.display()))?;
     Ok(summary)
 }
 

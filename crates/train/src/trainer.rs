@@ -474,7 +474,8 @@ impl<'a> Run<'a> {
             best_checkpoint: self.best_path.exists().then(|| self.best_path.clone()),
         };
         let table = summary_table(cfg, &result, self.skipped_total);
-        std::fs::write(self.out.join("summary.txt"), &table)?;
+        let summary = self.out.join("summary.txt");
+        std::fs::write(&summary, &table).with_context(|| format!("cannot write {}", summary.display()))?;
         if !self.opts.quiet {
             eprint!("{table}");
         }
