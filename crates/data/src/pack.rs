@@ -16,7 +16,7 @@
 //! sorted, the box features precomputed in f32), so both sources give identical
 //! output in f32 mode; f16 mode rounds the 2048-d features only (error measured in tests).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -91,6 +91,35 @@ struct Manifest {
     shards: Vec<String>,
     fingerprint: String,
     summary: PackSummary,
+    /// Content checksum per file (shards, frames.bin, clips.tsv); absent in stores packed
+    /// before checksums existed, which then load unverified.
+    #[serde(default)]
+    checksums: BTreeMap<String, String>,
+}
+
+/// A 64-bit checksum of `bytes`: every step is a bijection of the running state for a
+/// fixed input word, so a change confined to one 8-byte word (a flipped bit) always shows.
+fn checksum(bytes: &[u8]) -> String {
+    fn mix(h: u64, w: u64) -> u64 {
+        (h ^ w).wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29)
+    }
+    let mut h = mix(0x7061_636b_6564_7631, bytes.len() as u64);
+    let mut words = bytes.chunks_exact(8);
+    for w in &mut words {
+        h = mix(h, u64::from_le_bytes(w.try_into().unwrap()));
+    }
+    for &b in words.remainder() {
+        h = mix(h, b as u64);
+    }
+    format!("v1:{h:016x}")
+}
+
+/// [`checksum`] of a file, memory-mapped.
+fn file_checksum(path: &Path) -> Result<String> {
+    let f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    // Safety: read-only map of a file this process just wrote and no longer writes.
+    let map = unsafe { memmap2::Mmap::map(&f) }.with_context(|| format!("cannot memory-map {}", path.display()))?;
+    Ok(checksum(&map))
 }
 
 /// One frame ready to write.
@@ -289,6 +318,12 @@ pub fn pack(root: &Path, clips: &[String], out: &Path, cfg: &PackConfig) -> Resu
     };
     write("frames.bin", &frames_index)?;
     write("clips.tsv", clips_index.as_bytes())?;
+    let mut checksums = BTreeMap::new();
+    checksums.insert("frames.bin".to_string(), checksum(&frames_index));
+    checksums.insert("clips.tsv".to_string(), checksum(clips_index.as_bytes()));
+    for name in &shards {
+        checksums.insert(name.clone(), file_checksum(&out.join(name))?);
+    }
     let manifest = Manifest {
         format: FORMAT.into(),
         dtype: cfg.dtype,
@@ -297,6 +332,7 @@ pub fn pack(root: &Path, clips: &[String], out: &Path, cfg: &PackConfig) -> Resu
         shards,
         fingerprint: fp,
         summary: summary.clone(),
+        checksums,
     };
     let tmp = out.join("manifest.json.tmp");
     std::fs::write(&tmp, serde_json::to_string_pretty(&manifest)?).with_context(|| format!("cannot write {}", tmp.display()))?;
@@ -310,6 +346,8 @@ pub struct PackedStore {
     pub dtype: StoreDtype,
     pub max_regions: usize,
     shards: Vec<memmap2::Mmap>,
+    /// Expected checksum per shard (None: an older store), checked once, on first use.
+    shard_sums: Vec<(PathBuf, Option<String>, std::sync::OnceLock<bool>)>,
     /// (shard, n, offset) per frame
     frames: Vec<(u32, u32, u64)>,
     clips: HashMap<String, (usize, usize)>,
@@ -341,6 +379,16 @@ impl PackedStore {
             })
             .collect::<Result<Vec<_>>>()?;
         let fb = std::fs::read(dir.join("frames.bin")).with_context(|| format!("{}: missing frames.bin", dir.display()))?;
+        let verify = |name: &str, bytes: &[u8]| -> Result<()> {
+            match m.checksums.get(name) {
+                Some(want) if *want != checksum(bytes) => bail!(
+                    "{}: checksum mismatch: the file changed after `demovlp pack` wrote it (a flipped bit, a partial copy); re-run pack",
+                    dir.join(name).display()
+                ),
+                _ => Ok(()),
+            }
+        };
+        verify("frames.bin", &fb)?;
         if fb.len() % 16 != 0 {
             bail!("{}: frames.bin is truncated", dir.display());
         }
@@ -362,6 +410,7 @@ impl PackedStore {
             }
         }
         let text = std::fs::read_to_string(dir.join("clips.tsv")).with_context(|| format!("{}: missing clips.tsv", dir.display()))?;
+        verify("clips.tsv", text.as_bytes())?;
         let mut clips = HashMap::new();
         let mut clip_ids = Vec::new();
         for (i, line) in text.lines().enumerate() {
@@ -374,16 +423,31 @@ impl PackedStore {
             clip_ids.push(id.clone());
             clips.insert(id, (first, count));
         }
+        let shard_sums = m.shards.iter().map(|s| (dir.join(s), m.checksums.get(s).cloned(), std::sync::OnceLock::new())).collect();
         Ok(PackedStore {
             dir: dir.to_path_buf(),
             dtype: m.dtype,
             max_regions: m.max_regions,
             shards,
+            shard_sums,
             frames,
             clips,
             clip_ids,
             summary: m.summary,
         })
+    }
+
+    /// Shard `s` checked against its checksum (hashed once, the first time it is read).
+    fn check_shard(&self, s: usize) -> Result<()> {
+        let (path, want, ok) = &self.shard_sums[s];
+        let Some(want) = want else { return Ok(()) };
+        if !*ok.get_or_init(|| checksum(&self.shards[s]) == *want) {
+            bail!(
+                "{}: checksum mismatch: the shard changed after `demovlp pack` wrote it (a flipped bit, a partial copy); re-run pack",
+                path.display()
+            );
+        }
+        Ok(())
     }
 
     fn clip(&self, clip: &str) -> Result<(usize, usize)> {
@@ -414,6 +478,7 @@ impl FeatureSource for PackedStore {
             bail!("{}: clip {clip:?} has {count} frames, asked for frame {frame}", self.dir.display());
         }
         let (s, n, off) = self.frames[first + frame];
+        self.check_shard(s as usize)?;
         let n = n as usize;
         if regions > self.max_regions && n == self.max_regions {
             bail!("{}: store keeps at most {} regions per frame, asked for {regions}", self.dir.display(), self.max_regions);
