@@ -412,7 +412,8 @@ fn pack_exits_1_when_it_drops_what_was_not_allowed_or_packs_nothing() {
     assert_eq!(o.status.code(), Some(1), "{e}");
     let listed = e.split("(known: ").nth(1).and_then(|r| r.split(')').next()).unwrap_or_else(|| panic!("{e}"));
     let help = String::from_utf8_lossy(&demovlp(&["pack", "--help"]).stdout).into_owned();
-    let help_layouts = help.split("--layout <LAYOUT>").nth(1).unwrap().split("--msrvtt-cut").next().unwrap().to_string();
+    let options = help.split("Options:").nth(1).unwrap();
+    let help_layouts = options.split("--layout <LAYOUT>").nth(1).unwrap().split("--msrvtt-cut").next().unwrap().to_string();
     let words = |t: &str| -> Vec<String> {
         t.split(|c: char| !(c.is_ascii_alphanumeric() || c == '-')).filter(|w| !w.is_empty()).map(String::from).collect()
     };
