@@ -259,6 +259,7 @@ pub fn write_safetensors_refs(path: &Path, tensors: &[(String, Vec<usize>, Tenso
     atomic_write_with(path, |tmp| {
         safetensors::tensor::serialize_to_file(views, &meta, tmp).with_context(|| format!("cannot write {}", tmp.display()))
     })
+    .with_context(|| format!("writing {}", path.display()))
 }
 
 /// [`write_safetensors_refs`] for owned tensors.
