@@ -132,8 +132,11 @@ fn a_second_run_never_replaces_the_first_and_resume_needs_a_checkpoint() {
     assert!(stderr(&o).contains("no checkpoint to resume") && stderr(&o).contains(&out.display().to_string()), "{}", stderr(&o));
     assert!(!out.join(LATEST).exists());
 
-    let o = demovlp(&["pretrain", "--config", cfg]);
+    let o =
+        Command::new(env!("CARGO_BIN_EXE_demovlp")).args(["pretrain", "--config", cfg]).env("DEMOVLP_PROGRESS_SECS", "0").output().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
+    // stderr is a pipe: progress comes as plain lines (here after every step).
+    assert!(stderr(&o).contains("tiny: step 1/2 (epoch 1)") && stderr(&o).contains("tiny: step 2/2"), "{}", stderr(&o));
     // One JSON summary line ends stdout.
     let last: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().last().unwrap()).unwrap();
     assert_eq!((last["steps"].as_u64(), last["interrupted"].as_bool()), (Some(2), Some(false)), "{last}");

@@ -243,10 +243,11 @@ pub fn pack(root: &Path, clips: &[String], out: &Path, cfg: &PackConfig) -> Resu
     let chunk = threads * 8;
     // Without a terminal the bar draws nothing: a plain progress line every few seconds instead.
     let plain = cfg.progress && !std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let interval = crate::plain_progress_interval();
     let (t0, mut last_line) = (std::time::Instant::now(), std::time::Instant::now());
     let mut done = 0usize;
     for group in clips.chunks(chunk) {
-        if plain && last_line.elapsed().as_secs_f64() >= 5.0 {
+        if plain && last_line.elapsed().as_secs_f64() >= interval {
             eprintln!("packing: {done}/{} clips, {} skipped, {:.0}s", clips.len(), summary.skipped.len(), t0.elapsed().as_secs_f64());
             last_line = std::time::Instant::now();
         }

@@ -333,6 +333,22 @@ impl TrainConfig {
         if o.lr.is_nan() || o.lr <= 0.0 || o.eps <= 0.0 || o.weight_decay < 0.0 {
             bail!("optim: lr and eps must be > 0, weight_decay >= 0");
         }
+        if !o.betas.iter().all(|b| (0.0..1.0).contains(b)) {
+            bail!("optim.betas must each be in [0, 1), got {:?}", o.betas);
+        }
+        if !(o.gamma.is_finite() && o.gamma > 0.0 && o.min_lr.is_finite() && o.min_lr >= 0.0) {
+            bail!("optim: gamma must be > 0 and min_lr >= 0, got gamma {} and min_lr {}", o.gamma, o.min_lr);
+        }
+        if o.first_epoch_lr.is_some_and(|l| !(l.is_finite() && l > 0.0)) || !o.lr.is_finite() {
+            bail!("optim: lr and first_epoch_lr must be finite and > 0");
+        }
+        let l = &self.loss;
+        if !(l.temperature.is_finite() && l.temperature > 0.0) {
+            bail!("loss.temperature must be > 0, got {}", l.temperature);
+        }
+        if !(l.lambda.is_finite() && l.lambda >= 0.0) {
+            bail!("loss.lambda must be finite and >= 0, got {}", l.lambda);
+        }
         if o.milestones.windows(2).any(|w| w[0] >= w[1]) {
             bail!("optim.milestones must be strictly increasing, got {:?}", o.milestones);
         }
@@ -503,6 +519,16 @@ epochs = 2
         assert!(format!("{:#}", TrainConfig::parse_str(&bad).unwrap_err()).contains("milestones"));
         let bad = MINIMAL.replace("epochs = 2", "epochs = 2\nmonitor = \"t2v_R2\"");
         assert!(format!("{:#}", TrainConfig::parse_str(&bad).unwrap_err()).contains("train.monitor"));
+        for (from, to, key) in [
+            ("schedule = \"step\"", "schedule = \"step\"\nbetas = [0.9, 1.0]", "optim.betas"),
+            ("schedule = \"step\"", "schedule = \"step\"\ngamma = 0.0", "gamma"),
+            ("lr = 2e-4", "lr = inf", "lr"),
+            ("epochs = 2", "epochs = 2\n[loss]\ntemperature = 0.0", "loss.temperature"),
+            ("epochs = 2", "epochs = 2\n[loss]\nlambda = nan", "loss.lambda"),
+        ] {
+            let e = format!("{:#}", TrainConfig::parse_str(&MINIMAL.replace(from, to)).unwrap_err());
+            assert!(e.contains(key), "{key}: {e}");
+        }
     }
 
     #[test]

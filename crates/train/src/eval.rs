@@ -84,7 +84,7 @@ impl PlainProgress {
     }
 
     fn tick(&self, what: &str, done: usize, total: usize) {
-        if self.on && (done == total || self.last.get().elapsed().as_secs_f64() >= 5.0) {
+        if self.on && (done == total || self.last.get().elapsed().as_secs_f64() >= demovlp_data::plain_progress_interval()) {
             eprintln!("{what}: {done}/{total}");
             self.last.set(Instant::now());
         }

@@ -388,7 +388,7 @@ impl<'a> Run<'a> {
         }
         // Without a terminal the bar draws nothing (logs of batch jobs): a plain line every
         // few seconds instead.
-        if !self.opts.quiet && !self.tty && self.last_line.elapsed().as_secs_f64() >= 5.0 {
+        if !self.opts.quiet && !self.tty && self.last_line.elapsed().as_secs_f64() >= demovlp_data::plain_progress_interval() {
             let elapsed = self.t0.elapsed().as_secs_f64();
             eprintln!(
                 "{}: step {}/{} (epoch {}), lr {:.2e}, loss {:.4}, {:.0}s",
