@@ -3,7 +3,7 @@
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use demovlp_data::regions::{select_clip, FrameChoice, NpzTree};
 use demovlp_data::tokenizer::{TextTokenizer, DEFAULT_MAX_LEN};
@@ -53,7 +53,8 @@ pub fn regions(a: RegionsArgs) -> Result<()> {
 on stdin and prints one JSON object per line: {\"input_ids\": [...], \"attention_mask\": [...]}, \
 both exactly --max-len long: [CLS] ... [SEP], truncated, padded with id 0 / mask 0.")]
 pub struct TokenizeArgs {
-    /// tokenizer.json, a BERT vocab.txt, or a directory containing either.
+    /// tokenizer.json, a BERT vocab.txt, a directory containing either, or `builtin`
+    /// (`builtin:bert-base-uncased`, the embedded uncased WordPiece vocabulary).
     #[arg(long)]
     pub tokenizer: PathBuf,
     /// Output length (truncate / pad to exactly this many tokens).
@@ -62,7 +63,10 @@ pub struct TokenizeArgs {
 }
 
 pub fn tokenize(a: TokenizeArgs) -> Result<()> {
-    let tok = TextTokenizer::from_path(&a.tokenizer)?;
+    if a.max_len < 2 {
+        bail!("--max-len: must be at least 2 (room for [CLS] and [SEP]), got {}", a.max_len);
+    }
+    let tok = demovlp_train::text::load_tokenizer(&a.tokenizer)?;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     tokenize_stream(&tok, a.max_len, std::io::stdin().lock(), &mut out)?;
@@ -90,8 +94,10 @@ fn tokenize_stream(tok: &TextTokenizer, max_len: usize, input: impl BufRead, out
 #[derive(Args)]
 #[command(after_help = "Stores each frame's regions sorted by confidence in shards memory-mapped at training time \
 (f32, or f16 with --fp16), an index clip id -> frames, and manifest.json written last: an interrupted pack never \
-reads as complete. Re-running on unchanged input does nothing. Bad clips are skipped; the summary lists clips, \
-frames, regions, bytes and the skipped clips with reasons.")]
+reads as complete. Re-running on unchanged input does nothing. Bad clips and annotation lines are left out and \
+listed with their reasons; unless --skip-bad allows it, `pack` then exits with status 1 (also when it packed \
+nothing). The last stdout line is one JSON object: out, clips, frames, regions, bytes, up_to_date, skipped_clips, \
+skipped_annotation_records, seconds.")]
 pub struct PackArgs {
     /// Feature root: <root>/<clip>/<i>.npz.
     #[arg(long)]
@@ -124,11 +130,28 @@ pub struct PackArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Clip boxes that reach outside the image to it (default: such a frame is an error
+    /// and its clip is left out).
+    #[arg(long)]
+    pub clip_boxes: bool,
+    /// Accept dropping bad annotation lines and unreadable clips (they are counted and
+    /// listed); without it any drop makes `pack` exit with status 1 after writing the store.
+    #[arg(long)]
+    pub skip_bad: bool,
 }
+
+/// The layouts `pack --layout` takes (as its --help lists them).
+const PACK_LAYOUTS: &str = "webvid, cc3m, didemo, msvd, lsmdc, jsonl, msrvtt, msrvtt-mc, msrvtt-qa, tgif-frameqa";
 
 pub fn pack(a: PackArgs) -> Result<()> {
     use demovlp_data::annotations::{read_annotations, Layout};
     use demovlp_data::pack::{list_clip_dirs, pack, PackConfig, StoreDtype};
+    if !a.features.is_dir() {
+        bail!("--features: {} is not a directory of clip features", a.features.display());
+    }
+    if let Some(p) = a.annotations.as_ref().filter(|p| !a.all && !p.exists()) {
+        bail!("--annotations: {} not found", p.display());
+    }
     let mut skipped_records = Vec::new();
     let clips: Vec<String> = match &a.annotations {
         Some(path) if !a.all => match a.layout.as_deref() {
@@ -144,8 +167,19 @@ pub fn pack(a: PackArgs) -> Result<()> {
             Some("msrvtt-qa") | Some("tgif-frameqa") => {
                 demovlp_data::annotations::read_jsonl_qa(path, &Default::default())?.into_iter().map(|s| s.clip).collect()
             }
+            Some(name) if Layout::from_name(name).is_err() => {
+                bail!("--layout: unknown annotation layout {name:?} (known: {PACK_LAYOUTS})")
+            }
             layout => {
-                let layout = layout.map(Layout::from_name).transpose()?;
+                let layout = match layout {
+                    Some(name) => Some(Layout::from_name(name)?),
+                    None => Some(Layout::detect(path).map_err(|_| {
+                        anyhow::anyhow!(
+                            "{}: cannot tell the annotation layout from the file name; name it with --layout ({PACK_LAYOUTS})",
+                            path.display()
+                        )
+                    })?),
+                };
                 let ann = read_annotations(path, layout, true)?;
                 skipped_records = ann.skipped;
                 ann.samples.into_iter().map(|s| s.clip).collect()
@@ -158,6 +192,7 @@ pub fn pack(a: PackArgs) -> Result<()> {
         max_regions: a.max_regions,
         threads: a.threads,
         progress: !a.quiet,
+        clip_boxes: a.clip_boxes,
     };
     let t = std::time::Instant::now();
     let s = pack(&a.features, &clips, &a.out, &cfg)?;
@@ -179,11 +214,10 @@ pub fn pack(a: PackArgs) -> Result<()> {
         println!("skipped annotation record: {r}");
     }
     if !s.skipped.is_empty() {
-        // Group by the problem (the last part of the message), then show a few examples.
+        // Group by the whole reason (with the clip's own name replaced), then show examples.
         let mut by_reason: std::collections::BTreeMap<String, usize> = Default::default();
-        for (_, r) in &s.skipped {
-            let kind = r.rsplit(": ").next().unwrap_or(r).to_string();
-            *by_reason.entry(kind).or_default() += 1;
+        for (clip, r) in &s.skipped {
+            *by_reason.entry(r.replace(clip.as_str(), "<clip>")).or_default() += 1;
         }
         println!("skipped {} clips:", s.skipped.len());
         for (reason, n) in by_reason {
@@ -194,6 +228,26 @@ pub fn pack(a: PackArgs) -> Result<()> {
         }
     } else {
         println!("skipped 0 clips");
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "out": a.out.display().to_string(), "clips": s.clips, "frames": s.frames, "regions": s.regions, "bytes": s.bytes,
+            "up_to_date": s.up_to_date, "skipped_clips": s.skipped.len(), "skipped_annotation_records": skipped_records.len(),
+            "seconds": t.elapsed().as_secs_f64(),
+        })
+    );
+    if s.clips == 0 && !s.up_to_date {
+        bail!("packed nothing: none of the {} clips named could be read (see the reasons above)", clips.len());
+    }
+    if !a.skip_bad && (!skipped_records.is_empty() || !s.skipped.is_empty()) {
+        bail!(
+            "dropped {} annotation records and {} clips (listed above); the store {} was written without them. \
+             Fix the input, or pass --skip-bad to accept skipping",
+            skipped_records.len(),
+            s.skipped.len(),
+            a.out.display()
+        );
     }
     Ok(())
 }

@@ -12,8 +12,9 @@ mod qa_cmds;
 mod retrieval_cmds;
 mod task_cmds;
 mod train_cmds;
+mod usage;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -66,7 +67,7 @@ static ALLOC: hugepages::HugePageAlloc = hugepages::HugePageAlloc;
 
 fn main() -> anyhow::Result<()> {
     hugepages::init();
-    let cli = Cli::parse();
+    let cli = Cli::from_arg_matches(&usage::with_full_usage(Cli::command()).get_matches()).unwrap_or_else(|e| e.exit());
     match cli.command {
         Command::Demo(a) => train_cmds::demo(a),
         Command::Pretrain(a) => train_cmds::pretrain(a),

@@ -28,19 +28,47 @@ pub struct ImportArgs {
     /// Use only tensors whose name starts with this prefix, with it removed (e.g. `param.`).
     #[arg(long)]
     pub key_prefix: Option<String>,
-    /// Attention heads of the text tower (not visible in weights; published: 12).
-    #[arg(long, default_value_t = 12)]
-    pub text_heads: usize,
-    /// Attention heads of the video tower (not visible in weights; published: 12).
-    #[arg(long, default_value_t = 12)]
-    pub video_heads: usize,
+    /// Attention heads of the text tower (not visible in weights; default: the checkpoint's
+    /// saved config when it has one, else the published 12).
+    #[arg(long)]
+    pub text_heads: Option<usize>,
+    /// Attention heads of the video tower (not visible in weights; default: the checkpoint's
+    /// saved config when it has one, else the published 12).
+    #[arg(long)]
+    pub video_heads: Option<usize>,
+}
+
+/// One of our training checkpoints: its weights with the sizes its saved config gives.
+fn import_training_checkpoint(a: &ImportArgs) -> Result<(Model, io::LoadReport)> {
+    let ck = demovlp_train::checkpoint::load(&a.input)?;
+    let c = &ck.model_config;
+    for (flag, given, saved) in [("--text-heads", a.text_heads, c.text.heads), ("--video-heads", a.video_heads, c.video.heads)] {
+        if let Some(g) = given.filter(|&g| g != saved) {
+            bail!("{flag} {g}: {} is a training checkpoint whose saved config has {saved} heads; leave {flag} out", a.input.display());
+        }
+    }
+    io::check_model_config(c, "").with_context(|| format!("{}: saved model config", a.input.display()))?;
+    let mut model = Model::new(c.clone());
+    ck.fill_params(&mut model.params)?;
+    let loaded = ck.params.iter().map(|p| p.0.clone()).collect();
+    Ok((model, io::LoadReport { loaded, ..Default::default() }))
 }
 
 pub fn import(a: ImportArgs) -> Result<()> {
     if crate::qa_cmds::import_qa(&a)? {
         return Ok(());
     }
-    let (model, report) = io::import_weights_report(&a.input, a.key_prefix.as_deref(), a.text_heads, a.video_heads)?;
+    let (model, report) = if !a.input.is_dir() && demovlp_train::checkpoint::is_checkpoint(&a.input) {
+        import_training_checkpoint(&a)?
+    } else {
+        let (th, vh) = (a.text_heads.unwrap_or(12), a.video_heads.unwrap_or(12));
+        for (flag, h) in [("--text-heads", th), ("--video-heads", vh)] {
+            if h == 0 {
+                bail!("{flag}: must be at least 1, got 0");
+            }
+        }
+        io::import_weights_report(&a.input, a.key_prefix.as_deref(), th, vh)?
+    };
     io::save_model_dir(&model, &a.out)?;
     let c = &model.config;
     eprintln!(

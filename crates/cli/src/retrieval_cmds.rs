@@ -43,6 +43,18 @@ pub fn metrics(a: MetricsArgs) -> Result<()> {
         bail!("{}: tensor {name:?} has shape {shape:?}, expected [texts, videos]", a.sims.display());
     }
     let (texts, videos) = (shape[0], shape[1]);
+    if let Some(i) = sims.iter().position(|x| !x.is_finite()) {
+        bail!(
+            "{}: tensor {name:?}: entry [{}, {}] (text {}, video {}) is {}, the first non-finite similarity; \
+             recall of non-finite scores is meaningless",
+            a.sims.display(),
+            i / videos.max(1),
+            i % videos.max(1),
+            i / videos.max(1),
+            i % videos.max(1),
+            sims[i]
+        );
+    }
     if videos == 0 || texts % videos != 0 {
         bail!("{}: {texts} texts are not a whole number of captions per video for {videos} videos", a.sims.display());
     }

@@ -80,6 +80,9 @@ pub struct EvalArgs {
     #[arg(long)]
     config: PathBuf,
     /// Combine scores as the published evaluation does (G + S_loc untransposed; SPEC §8).
+    /// Its local term for (text t, video v) is the one of (text v, video t): on a square test
+    /// set a text's local terms compare its own video with the other texts, so the ground
+    /// truth leaks in and recall comes out too high. The default adds it aligned.
     #[arg(long)]
     reference_eval: bool,
     /// Global similarity only (no region-word term).
@@ -116,8 +119,9 @@ fn read_samples(ds: &DatasetConfig, train: bool, skip_bad: bool) -> Result<Vec<S
     Ok(samples)
 }
 
-fn open_source(ds: &DatasetConfig) -> Result<Arc<dyn FeatureSource>> {
-    demovlp_train::annotations::open_features(&ds.features).with_context(|| format!("{}: features {}", ds.name, ds.features.display()))
+fn open_source(ds: &DatasetConfig, clip_boxes: bool) -> Result<Arc<dyn FeatureSource>> {
+    demovlp_train::annotations::open_features_with(&ds.features, clip_boxes)
+        .with_context(|| format!("{}: features {}", ds.name, ds.features.display()))
 }
 
 /// The files a training run writes into its output_dir.
@@ -184,6 +188,16 @@ fn run_training(
             bail!("--init: path does not exist: {}", p.display());
         }
     }
+    let tokenizer = Arc::new(demovlp_train::text::load_tokenizer(&cfg.data.tokenizer)?);
+    demovlp_model::io::check_inputs_fit(
+        &cfg.model_config()?,
+        cfg.data.frames,
+        cfg.data.text_len,
+        Some(tokenizer.vocab_size()),
+        ["data.frames", "data.text_len"],
+        "the config's [model]",
+    )
+    .with_context(|| format!("config {}", config.display()))?;
     guard_output_dir(&cfg.output_dir, resume, force)?;
     if finetune && !resume && init.is_none() && cfg.model.init.is_none() {
         let m = &cfg.model;
@@ -203,17 +217,36 @@ fn run_training(
         };
         eprintln!("warning: fine-tuning without --init (and no model.init in {}): starting from {what}", config.display());
     }
-    let tokenizer = Arc::new(demovlp_train::text::load_tokenizer(&cfg.data.tokenizer)?);
     let mut train_sets = Vec::new();
     for ds in &cfg.data.train {
-        train_sets.push(Dataset::new(ds.name.clone(), read_samples(ds, true, cfg.data.skip_bad_samples)?, open_source(ds)?));
+        train_sets.push(Dataset::new(
+            ds.name.clone(),
+            read_samples(ds, true, cfg.data.skip_bad_samples)?,
+            open_source(ds, cfg.data.clip_boxes)?,
+        ));
     }
     let val = match &cfg.data.val {
-        Some(ds) => Some(EvalSet::from_samples(&ds.name, &read_samples(ds, false, false)?, ds.captions_per_video, open_source(ds)?)?),
+        Some(ds) => Some(EvalSet::from_samples(
+            &ds.name,
+            &read_samples(ds, false, false)?,
+            ds.captions_per_video,
+            open_source(ds, cfg.data.clip_boxes)?,
+        )?),
         None => None,
     };
     let inputs = TrainInputs { config: cfg, train: train_sets, val, tokenizer };
+    let name = inputs.config.name.clone();
     let r = train(&inputs, &RunOptions { resume, init, quiet: false, stop: Some(stop_flag()) })?;
+    let mut j = serde_json::json!({
+        "name": name, "output_dir": r.output_dir.display().to_string(), "steps": r.steps, "epochs_done": r.epochs_done,
+        "interrupted": r.interrupted, "monitor": r.monitor, "best": r.best, "best_epoch": r.best_epoch,
+        "latest": r.latest.display().to_string(), "best_checkpoint": r.best_checkpoint.as_ref().map(|p| p.display().to_string()),
+        "seconds": r.seconds,
+    });
+    if let Some(m) = &r.last_metrics {
+        j["last_val"] = metrics_json(m);
+    }
+    println!("{j}");
     if r.interrupted {
         eprintln!("interrupted; continue with the same command plus --resume (checkpoint {})", r.latest.display());
         // The conventional status of a run stopped by a signal (SIGINT 130, SIGTERM 143), so
@@ -250,9 +283,21 @@ pub fn eval(a: EvalArgs) -> Result<()> {
             bail!("{key}: path does not exist: {}", p.display());
         }
     }
-    let mut model = demovlp_train::weights::load_model(&a.model)?;
+    let model = demovlp_train::weights::load_model(&a.model)?;
+    // A model pre-trained on fewer frames: inflate its temporal embedding as training would.
+    let mut model = demovlp_train::weights::fit_to_frames(model, cfg.data.frames, cfg.model.load_temporal_fix, &a.model)?;
     let tok = demovlp_train::text::load_tokenizer(&cfg.data.tokenizer)?;
-    let set = EvalSet::from_samples(&ds.name, &read_samples(ds, false, false)?, ds.captions_per_video, open_source(ds)?)?;
+    demovlp_model::io::check_inputs_fit(
+        &model.config,
+        cfg.data.frames,
+        cfg.data.text_len,
+        Some(tok.vocab_size()),
+        ["data.frames", "data.text_len"],
+        &a.model.display().to_string(),
+    )
+    .with_context(|| format!("config {}", a.config.display()))?;
+    let set =
+        EvalSet::from_samples(&ds.name, &read_samples(ds, false, false)?, ds.captions_per_video, open_source(ds, cfg.data.clip_boxes)?)?;
     let opts = EvalOptions {
         shape: InputShape { frames: cfg.data.frames, regions: cfg.data.regions, text_len: cfg.data.text_len },
         batch_size: cfg.train.eval_batch_size,
@@ -265,24 +310,22 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     eprintln!("evaluating {} on {}: {} videos, {} caption slots", a.model.display(), ds.name, set.videos.len(), set.captions.len());
     let r = evaluate(&mut model, &set, &tok, &opts)?;
     let m = &r.metrics;
-    println!(
-        "{:<6} {:>7} {:>7} {:>7} {:>7} {:>7} {:>8}",
-        ds.name.chars().take(6).collect::<String>(),
-        "R@1",
-        "R@5",
-        "R@10",
-        "R@50",
-        "MedR",
-        "MeanR"
-    );
+    let mode = match (a.global_only, a.reference_eval) {
+        (true, _) => "global",
+        (false, true) => "reference",
+        (false, false) => "aligned",
+    };
+    println!("{}: {} videos, {} texts, scores: {}", ds.name, set.videos.len(), set.captions.len(), mode_description(mode));
+    let w = ds.name.chars().count().max(3);
+    println!("{:<w$} {:>7} {:>7} {:>7} {:>7} {:>7} {:>8}", ds.name, "R@1", "R@5", "R@10", "R@50", "MedR", "MeanR");
     for (n, d) in [("t2v", &m.t2v), ("v2t", &m.v2t)] {
-        println!("{:<6} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>7.1} {:>8.1}", n, d.r1, d.r5, d.r10, d.r50, d.medr, d.meanr);
+        println!("{:<w$} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>7.1} {:>8.1}", n, d.r1, d.r5, d.r10, d.r50, d.medr, d.meanr);
     }
     let mut j = metrics_json(m);
     j["test_set"] = ds.name.clone().into();
     j["videos"] = set.videos.len().into();
     j["texts"] = set.captions.len().into();
-    j["mode"] = (if a.reference_eval { "reference" } else { "aligned" }).into();
+    j["mode"] = mode.into();
     j["seconds"] = r.seconds.into();
     let out = a.out.unwrap_or_else(|| {
         let base = if a.model.is_dir() { a.model.clone() } else { a.model.parent().map(Path::to_path_buf).unwrap_or_default() };
@@ -294,6 +337,21 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         write_safetensors_refs(&p, &[("sims".into(), vec![r.texts, r.videos], TensorRef::F32(&r.sims))], &[])?;
     }
     eprintln!("metrics written to {}", out.display());
-    println!("{}", serde_json::json!({"t2v": j["t2v"], "v2t": j["v2t"]}));
+    println!(
+        "{}",
+        serde_json::json!({"test_set": ds.name, "videos": set.videos.len(), "texts": set.captions.len(), "mode": mode, "t2v": j["t2v"], "v2t": j["v2t"], "seconds": r.seconds})
+    );
     Ok(())
+}
+
+/// What each scoring mode of `eval` computes (printed with its results).
+fn mode_description(mode: &str) -> &'static str {
+    match mode {
+        "global" => "global (video-sentence cosine only, no region-word term)",
+        "reference" => {
+            "reference (global + region-word similarity added untransposed, as the published evaluation; \
+             leaks the ground truth on square test sets, see --help)"
+        }
+        _ => "aligned (global + region-word similarity of the same text-video pair)",
+    }
 }

@@ -21,3 +21,9 @@ pub use batches::{assemble_videos, Batch, Dataset, InputShape, Loader, LoaderCon
 pub use pack::PackedStore;
 pub use regions::{select_clip, ClipInput, FeatureSource, FrameChoice, NpzTree, TOKEN_DIM};
 pub use tokenizer::TextTokenizer;
+
+/// Seconds between the plain progress lines long commands print when stderr is not a
+/// terminal: 5, or `DEMOVLP_PROGRESS_SECS`.
+pub fn plain_progress_interval() -> f64 {
+    std::env::var("DEMOVLP_PROGRESS_SECS").ok().and_then(|v| v.parse::<f64>().ok()).filter(|v| *v >= 0.0).unwrap_or(5.0)
+}

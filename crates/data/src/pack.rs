@@ -16,7 +16,7 @@
 //! sorted, the box features precomputed in f32), so both sources give identical
 //! output in f32 mode; f16 mode rounds the 2048-d features only (error measured in tests).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -57,11 +57,13 @@ pub struct PackConfig {
     pub threads: usize,
     /// Show a progress bar on stderr.
     pub progress: bool,
+    /// Clip boxes that reach outside the image to it instead of skipping the clip.
+    pub clip_boxes: bool,
 }
 
 impl Default for PackConfig {
     fn default() -> Self {
-        PackConfig { dtype: StoreDtype::F32, max_regions: 100, threads: 0, progress: true }
+        PackConfig { dtype: StoreDtype::F32, max_regions: 100, threads: 0, progress: true, clip_boxes: false }
     }
 }
 
@@ -89,6 +91,35 @@ struct Manifest {
     shards: Vec<String>,
     fingerprint: String,
     summary: PackSummary,
+    /// Content checksum per file (shards, frames.bin, clips.tsv); absent in stores packed
+    /// before checksums existed, which then load unverified.
+    #[serde(default)]
+    checksums: BTreeMap<String, String>,
+}
+
+/// A 64-bit checksum of `bytes`: every step is a bijection of the running state for a
+/// fixed input word, so a change confined to one 8-byte word (a flipped bit) always shows.
+fn checksum(bytes: &[u8]) -> String {
+    fn mix(h: u64, w: u64) -> u64 {
+        (h ^ w).wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29)
+    }
+    let mut h = mix(0x7061_636b_6564_7631, bytes.len() as u64);
+    let mut words = bytes.chunks_exact(8);
+    for w in &mut words {
+        h = mix(h, u64::from_le_bytes(w.try_into().unwrap()));
+    }
+    for &b in words.remainder() {
+        h = mix(h, b as u64);
+    }
+    format!("v1:{h:016x}")
+}
+
+/// [`checksum`] of a file, memory-mapped.
+fn file_checksum(path: &Path) -> Result<String> {
+    let f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    // Safety: read-only map of a file this process just wrote and no longer writes.
+    let map = unsafe { memmap2::Mmap::map(&f) }.with_context(|| format!("cannot memory-map {}", path.display()))?;
+    Ok(checksum(&map))
 }
 
 /// One frame ready to write.
@@ -138,6 +169,9 @@ fn fingerprint(root: &Path, clips: &[String], cfg: &PackConfig) -> String {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     (FORMAT, cfg.dtype.size(), cfg.max_regions, root.to_string_lossy().as_ref()).hash(&mut h);
+    if cfg.clip_boxes {
+        "clip_boxes".hash(&mut h); // only when on: stores packed before the option stay up to date
+    }
     for c in clips {
         c.hash(&mut h);
         let dir = root.join(c);
@@ -193,7 +227,7 @@ pub fn pack(root: &Path, clips: &[String], out: &Path, cfg: &PackConfig) -> Resu
         }
     }
 
-    let src = NpzTree::new(root);
+    let src = NpzTree::new(root).with_clip_boxes(cfg.clip_boxes);
     let threads = if cfg.threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { cfg.threads };
     let bar = if cfg.progress { indicatif::ProgressBar::new(clips.len() as u64) } else { indicatif::ProgressBar::hidden() };
     bar.set_style(
@@ -207,7 +241,17 @@ pub fn pack(root: &Path, clips: &[String], out: &Path, cfg: &PackConfig) -> Resu
     let mut clips_index = String::new();
     // Read chunks of clips in parallel, write them in order (deterministic output).
     let chunk = threads * 8;
+    // Without a terminal the bar draws nothing: a plain progress line every few seconds instead.
+    let plain = cfg.progress && !std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let interval = crate::plain_progress_interval();
+    let (t0, mut last_line) = (std::time::Instant::now(), std::time::Instant::now());
+    let mut done = 0usize;
     for group in clips.chunks(chunk) {
+        if plain && last_line.elapsed().as_secs_f64() >= interval {
+            eprintln!("packing: {done}/{} clips, {} skipped, {:.0}s", clips.len(), summary.skipped.len(), t0.elapsed().as_secs_f64());
+            last_line = std::time::Instant::now();
+        }
+        done += group.len();
         let results: Vec<Result<Vec<PackedFrame>>> = std::thread::scope(|s| {
             let per = group.len().div_ceil(threads);
             let handles: Vec<_> = group
@@ -233,7 +277,7 @@ pub fn pack(root: &Path, clips: &[String], out: &Path, cfg: &PackConfig) -> Resu
             for f in &frames {
                 if shard.as_ref().is_none_or(|(_, len)| *len >= SHARD_BYTES) {
                     if let Some((mut w, _)) = shard.take() {
-                        w.flush()?;
+                        w.flush().with_context(|| format!("cannot write {}", out.join(shards.last().unwrap()).display()))?;
                     }
                     let name = format!("shard-{:05}.bin", shards.len());
                     let file =
@@ -241,14 +285,18 @@ pub fn pack(root: &Path, clips: &[String], out: &Path, cfg: &PackConfig) -> Resu
                     shards.push(name);
                     shard = Some((std::io::BufWriter::with_capacity(1 << 20, file), 0));
                 }
-                let (w, len) = shard.as_mut().unwrap();
+                let (w, len) = shard.as_mut().context("no open shard")?;
                 let offset = *len;
-                w.write_all(&f.feat)?;
-                w.write_all(&f.boxes)?;
-                w.write_all(&f.rows)?;
                 let written = (f.feat.len() + f.boxes.len() + f.rows.len()) as u64;
                 let pad = (ALIGN - written % ALIGN) % ALIGN;
-                w.write_all(&vec![0u8; pad as usize])?;
+                let shard_path = || out.join(shards.last().map(String::as_str).unwrap_or_default()).display().to_string();
+                (|| -> std::io::Result<()> {
+                    w.write_all(&f.feat)?;
+                    w.write_all(&f.boxes)?;
+                    w.write_all(&f.rows)?;
+                    w.write_all(&vec![0u8; pad as usize])
+                })()
+                .with_context(|| format!("cannot write {}", shard_path()))?;
                 *len += written + pad;
                 summary.bytes += written + pad;
                 frames_index.extend_from_slice(&(shards.len() as u32 - 1).to_le_bytes());
@@ -262,12 +310,21 @@ pub fn pack(root: &Path, clips: &[String], out: &Path, cfg: &PackConfig) -> Resu
         }
     }
     if let Some((mut w, _)) = shard.take() {
-        w.flush()?;
-        w.get_ref().sync_all()?;
+        let last = out.join(shards.last().context("no shard written")?);
+        w.flush().and_then(|_| w.get_ref().sync_all()).with_context(|| format!("cannot write {}", last.display()))?;
     }
     bar.finish_and_clear();
-    std::fs::write(out.join("frames.bin"), &frames_index)?;
-    std::fs::write(out.join("clips.tsv"), &clips_index)?;
+    let write = |name: &str, bytes: &[u8]| {
+        std::fs::write(out.join(name), bytes).with_context(|| format!("cannot write {}", out.join(name).display()))
+    };
+    write("frames.bin", &frames_index)?;
+    write("clips.tsv", clips_index.as_bytes())?;
+    let mut checksums = BTreeMap::new();
+    checksums.insert("frames.bin".to_string(), checksum(&frames_index));
+    checksums.insert("clips.tsv".to_string(), checksum(clips_index.as_bytes()));
+    for name in &shards {
+        checksums.insert(name.clone(), file_checksum(&out.join(name))?);
+    }
     let manifest = Manifest {
         format: FORMAT.into(),
         dtype: cfg.dtype,
@@ -276,10 +333,11 @@ pub fn pack(root: &Path, clips: &[String], out: &Path, cfg: &PackConfig) -> Resu
         shards,
         fingerprint: fp,
         summary: summary.clone(),
+        checksums,
     };
     let tmp = out.join("manifest.json.tmp");
-    std::fs::write(&tmp, serde_json::to_string_pretty(&manifest)?)?;
-    std::fs::rename(&tmp, &manifest_path)?;
+    std::fs::write(&tmp, serde_json::to_string_pretty(&manifest)?).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, &manifest_path).with_context(|| format!("cannot rename {} to {}", tmp.display(), manifest_path.display()))?;
     Ok(summary)
 }
 
@@ -289,6 +347,8 @@ pub struct PackedStore {
     pub dtype: StoreDtype,
     pub max_regions: usize,
     shards: Vec<memmap2::Mmap>,
+    /// Expected checksum per shard (None: an older store), checked once, on first use.
+    shard_sums: Vec<(PathBuf, Option<String>, std::sync::OnceLock<bool>)>,
     /// (shard, n, offset) per frame
     frames: Vec<(u32, u32, u64)>,
     clips: HashMap<String, (usize, usize)>,
@@ -320,6 +380,16 @@ impl PackedStore {
             })
             .collect::<Result<Vec<_>>>()?;
         let fb = std::fs::read(dir.join("frames.bin")).with_context(|| format!("{}: missing frames.bin", dir.display()))?;
+        let verify = |name: &str, bytes: &[u8]| -> Result<()> {
+            match m.checksums.get(name) {
+                Some(want) if *want != checksum(bytes) => bail!(
+                    "{}: checksum mismatch: the file changed after `demovlp pack` wrote it (a flipped bit, a partial copy); re-run pack",
+                    dir.join(name).display()
+                ),
+                _ => Ok(()),
+            }
+        };
+        verify("frames.bin", &fb)?;
         if fb.len() % 16 != 0 {
             bail!("{}: frames.bin is truncated", dir.display());
         }
@@ -341,6 +411,7 @@ impl PackedStore {
             }
         }
         let text = std::fs::read_to_string(dir.join("clips.tsv")).with_context(|| format!("{}: missing clips.tsv", dir.display()))?;
+        verify("clips.tsv", text.as_bytes())?;
         let mut clips = HashMap::new();
         let mut clip_ids = Vec::new();
         for (i, line) in text.lines().enumerate() {
@@ -353,16 +424,31 @@ impl PackedStore {
             clip_ids.push(id.clone());
             clips.insert(id, (first, count));
         }
+        let shard_sums = m.shards.iter().map(|s| (dir.join(s), m.checksums.get(s).cloned(), std::sync::OnceLock::new())).collect();
         Ok(PackedStore {
             dir: dir.to_path_buf(),
             dtype: m.dtype,
             max_regions: m.max_regions,
             shards,
+            shard_sums,
             frames,
             clips,
             clip_ids,
             summary: m.summary,
         })
+    }
+
+    /// Shard `s` checked against its checksum (hashed once, the first time it is read).
+    fn check_shard(&self, s: usize) -> Result<()> {
+        let (path, want, ok) = &self.shard_sums[s];
+        let Some(want) = want else { return Ok(()) };
+        if !*ok.get_or_init(|| checksum(&self.shards[s]) == *want) {
+            bail!(
+                "{}: checksum mismatch: the shard changed after `demovlp pack` wrote it (a flipped bit, a partial copy); re-run pack",
+                path.display()
+            );
+        }
+        Ok(())
     }
 
     fn clip(&self, clip: &str) -> Result<(usize, usize)> {
@@ -393,6 +479,7 @@ impl FeatureSource for PackedStore {
             bail!("{}: clip {clip:?} has {count} frames, asked for frame {frame}", self.dir.display());
         }
         let (s, n, off) = self.frames[first + frame];
+        self.check_shard(s as usize)?;
         let n = n as usize;
         if regions > self.max_regions && n == self.max_regions {
             bail!("{}: store keeps at most {} regions per frame, asked for {regions}", self.dir.display(), self.max_regions);

@@ -151,9 +151,18 @@ pub struct FrameFile {
 }
 
 impl FrameFile {
-    /// Reads and validates `<i>.npz`: shapes, the info dict, finite values.
-    /// Every error names the file and the problem.
+    /// Reads and validates `<i>.npz`: shapes, the info dict, finite values, and that the
+    /// metadata agrees with itself (see [`FrameFile::read_checked`]; boxes outside the
+    /// image are an error). Every error names the file and the problem.
     pub fn read(path: &Path) -> Result<FrameFile> {
+        Self::read_checked(path, false)
+    }
+
+    /// [`FrameFile::read`]; with `clip_boxes`, boxes reaching outside the image are clipped
+    /// to it instead of refused. Checked: `num_bbox` and `info['num_boxes']` equal the rows
+    /// of `x`; the top-level `image_h`/`image_w` equal `info`'s and are positive; no box is
+    /// inverted (x2 < x1 or y2 < y1) or outside the image by more than one pixel.
+    pub fn read_checked(path: &Path, clip_boxes: bool) -> Result<FrameFile> {
         let npz = Npz::open(path)?;
         let p = path.display();
         let x = npz.array("x")?;
@@ -190,11 +199,61 @@ impl FrameFile {
             Ok(v as f32)
         };
         let (image_w, image_h) = (dim("image_w")?, dim("image_h")?);
+        // The top-level copies of the counts and sizes must agree with the rows and `info`.
+        let scalar = |key: &str| -> Result<Option<f64>> {
+            if !npz.contains(key) {
+                return Ok(None);
+            }
+            let a = npz.array(key)?;
+            let v = a.to_f64().with_context(|| format!("{p}: '{key}'"))?;
+            if v.len() != 1 {
+                bail!("{p}: '{key}' has shape {:?}, expected a single number", a.shape);
+            }
+            Ok(Some(v[0]))
+        };
+        if let Some(k) = scalar("num_bbox")? {
+            if k != n as f64 {
+                bail!("{p}: num_bbox = {k} but 'x' has {n} rows");
+            }
+        }
+        if let Some(k) = info.get("num_boxes").and_then(Value::as_f64) {
+            if k != n as f64 {
+                bail!("{p}: info['num_boxes'] = {k} but 'x' has {n} rows");
+            }
+        }
+        for (key, want) in [("image_h", image_h), ("image_w", image_w)] {
+            if let Some(v) = scalar(key)? {
+                if !(v > 0.0 && v.is_finite()) {
+                    bail!("{p}: {key} = {v}, expected a positive size");
+                }
+                if v as f32 != want {
+                    bail!("{p}: {key} = {v} but info['{key}'] = {want}");
+                }
+            }
+        }
         let x = x.to_f32()?;
-        let bbox = bbox.to_f32()?;
+        let mut bbox = bbox.to_f32()?;
         for (name, vals) in [("x", &x), ("bbox", &bbox), ("info['objects_conf']", &conf)] {
             if let Some(i) = vals.iter().position(|v| !v.is_finite()) {
                 bail!("{p}: '{name}' holds a non-finite value ({}) at flat index {i}", vals[i]);
+            }
+        }
+        const SLACK: f32 = 1.0; // pixels: extractors clip to [0, w - 1] or [0, w]
+        for (i, b) in bbox.chunks_exact_mut(4).enumerate() {
+            if b[2] < b[0] || b[3] < b[1] {
+                bail!("{p}: box {i} = {b:?} is inverted (x2 < x1 or y2 < y1)");
+            }
+            let outside = b[0] < -SLACK || b[1] < -SLACK || b[2] > image_w + SLACK || b[3] > image_h + SLACK;
+            if clip_boxes {
+                b[0] = b[0].clamp(0.0, image_w);
+                b[2] = b[2].clamp(0.0, image_w);
+                b[1] = b[1].clamp(0.0, image_h);
+                b[3] = b[3].clamp(0.0, image_h);
+            } else if outside {
+                bail!(
+                    "{p}: box {i} = {b:?} lies outside the {image_w} x {image_h} image (clip boxes to the image with \
+                     --clip-boxes / data.clip_boxes = true)"
+                );
             }
         }
         Ok(FrameFile { x, bbox, conf, image_w, image_h, n })
@@ -244,11 +303,19 @@ impl FrameFile {
 /// file `<root>/<clip>.npz` (CC3M images) counts as a one-frame clip.
 pub struct NpzTree {
     pub root: PathBuf,
+    /// Clip boxes that reach outside the image to it instead of refusing the frame.
+    clip_boxes: bool,
 }
 
 impl NpzTree {
     pub fn new(root: impl Into<PathBuf>) -> NpzTree {
-        NpzTree { root: root.into() }
+        NpzTree { root: root.into(), clip_boxes: false }
+    }
+
+    /// The same tree, clipping boxes outside the image to it (see [`FrameFile::read_checked`]).
+    pub fn with_clip_boxes(mut self, on: bool) -> NpzTree {
+        self.clip_boxes = on;
+        self
     }
 
     /// The file holding frame `frame` of `clip`.
@@ -269,7 +336,7 @@ impl NpzTree {
         if !path.exists() {
             bail!("{}: frame file missing", path.display());
         }
-        FrameFile::read(&path)
+        FrameFile::read_checked(&path, self.clip_boxes)
     }
 }
 

@@ -34,10 +34,21 @@ pub fn read_dataset(ds: &DatasetConfig, train: bool, skip_bad: bool) -> Result<(
 
 /// A packed store (a directory with `manifest.json`) or an `.npz` tree.
 pub fn open_features(path: &Path) -> Result<Arc<dyn FeatureSource>> {
+    open_features_with(path, false)
+}
+
+/// [`open_features`]; `clip_boxes` clips `.npz` boxes outside the image to it (a packed
+/// store was clipped, or not, when it was packed).
+pub fn open_features_with(path: &Path, clip_boxes: bool) -> Result<Arc<dyn FeatureSource>> {
     if path.join("manifest.json").is_file() {
         Ok(Arc::new(PackedStore::open(path).with_context(|| format!("opening packed store {}", path.display()))?))
+    } else if path.is_dir() && (path.join("manifest.json.tmp").exists() || path.join("shard-00000.bin").exists()) {
+        anyhow::bail!(
+            "{}: incomplete store: re-run pack (shards but no manifest.json: the `demovlp pack` that wrote it was interrupted)",
+            path.display()
+        )
     } else if path.is_dir() {
-        Ok(Arc::new(NpzTree::new(path)))
+        Ok(Arc::new(NpzTree::new(path).with_clip_boxes(clip_boxes)))
     } else {
         anyhow::bail!("{}: neither a packed store nor a directory of clip features", path.display())
     }

@@ -276,6 +276,13 @@ mod tests {
             .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().contains(&std::process::id().to_string()))
             .count();
         assert_eq!(ours, 0);
+        // A flipped bit in the weights or moments is an error naming the file.
+        let mut flipped = good.clone();
+        let at = flipped.len() - 5;
+        flipped[at] ^= 0x10;
+        std::fs::write(&path, &flipped).unwrap();
+        let e = format!("{:#}", load(&path).err().expect("flipped bit must fail"));
+        assert!(e.contains(LATEST) && e.contains("checksum mismatch"), "{e}");
         // A truncated final file is an error naming it, not a silent restart.
         std::fs::write(&path, &good[..good.len() - 9]).unwrap();
         let e = format!("{:#}", load(&path).err().expect("truncated checkpoint must fail"));

@@ -34,6 +34,8 @@ pub struct TrainConfig {
 #[serde(deny_unknown_fields)]
 pub struct ModelSection {
     /// `"published"`: DistilBERT-base text tower, 12-layer ViT-B-sized video tower, P = 256.
+    /// `"tiny"`: the full demo's sizes (width 128, 2 layers and 2 heads per tower, P = 64;
+    /// position table of max(64, text_len) rows), for a first run on a laptop.
     /// Leave out and give `[model.config]` for any other size.
     #[serde(default)]
     pub preset: Option<String>,
@@ -51,6 +53,11 @@ pub struct ModelSection {
     /// starts from `jx_vit_base_p16_224`).
     #[serde(default)]
     pub video_init: Option<PathBuf>,
+    /// Weights pre-trained on fewer frames than `data.frames`: how `temporal_embed` grows,
+    /// as the published loader's `load_temporal_fix` — `"zeros"` (default: the new rows
+    /// start at zero) or `"bilinear"` (interpolated over the frame axis).
+    #[serde(default)]
+    pub load_temporal_fix: demovlp_model::io::TemporalFix,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -76,6 +83,10 @@ pub struct DataSection {
     /// Skip (and count) clips that fail to load instead of stopping the run.
     #[serde(default)]
     pub skip_bad_samples: bool,
+    /// `.npz` features: clip boxes that reach outside the image to it (by default such a
+    /// frame is an error, or a counted skip with `skip_bad_samples`).
+    #[serde(default)]
+    pub clip_boxes: bool,
     pub train: Vec<DatasetConfig>,
     /// Evaluated after every epoch; its metrics drive best-checkpoint selection.
     #[serde(default)]
@@ -281,7 +292,12 @@ impl TrainConfig {
     pub fn model_config(&self) -> Result<ModelConfig> {
         match (&self.model.preset, &self.model.config) {
             (Some(p), None) if p == "published" => Ok(ModelConfig::published(self.data.frames.max(1))),
-            (Some(p), None) => bail!("model.preset: unknown preset {p:?} (known: \"published\")"),
+            (Some(p), None) if p == "tiny" => {
+                let mut c = crate::demo::small_model(128, 2, self.data.frames.max(1));
+                c.text.max_position_embeddings = c.text.max_position_embeddings.max(self.data.text_len);
+                Ok(c)
+            }
+            (Some(p), None) => bail!("model.preset: unknown preset {p:?} (known: \"published\", \"tiny\")"),
             (None, Some(c)) => Ok(c.clone()),
             (Some(_), Some(_)) => bail!("model: give either `preset` or `[model.config]`, not both"),
             (None, None) => bail!("model: missing `preset` or `[model.config]`"),
@@ -317,10 +333,29 @@ impl TrainConfig {
         if o.lr.is_nan() || o.lr <= 0.0 || o.eps <= 0.0 || o.weight_decay < 0.0 {
             bail!("optim: lr and eps must be > 0, weight_decay >= 0");
         }
+        if !o.betas.iter().all(|b| (0.0..1.0).contains(b)) {
+            bail!("optim.betas must each be in [0, 1), got {:?}", o.betas);
+        }
+        if !(o.gamma.is_finite() && o.gamma > 0.0 && o.min_lr.is_finite() && o.min_lr >= 0.0) {
+            bail!("optim: gamma must be > 0 and min_lr >= 0, got gamma {} and min_lr {}", o.gamma, o.min_lr);
+        }
+        if o.first_epoch_lr.is_some_and(|l| !(l.is_finite() && l > 0.0)) || !o.lr.is_finite() {
+            bail!("optim: lr and first_epoch_lr must be finite and > 0");
+        }
+        let l = &self.loss;
+        if !(l.temperature.is_finite() && l.temperature > 0.0) {
+            bail!("loss.temperature must be > 0, got {}", l.temperature);
+        }
+        if !(l.lambda.is_finite() && l.lambda >= 0.0) {
+            bail!("loss.lambda must be finite and >= 0, got {}", l.lambda);
+        }
         if o.milestones.windows(2).any(|w| w[0] >= w[1]) {
             bail!("optim.milestones must be strictly increasing, got {:?}", o.milestones);
         }
-        self.model_config()?;
+        let mc = self.model_config()?;
+        let key = if self.model.preset.is_some() { "model.preset" } else { "model.config" };
+        demovlp_model::io::check_model_config(&mc, key)?;
+        demovlp_model::io::check_inputs_fit(&mc, d.frames, d.text_len, None, ["data.frames", "data.text_len"], key)?;
         Ok(())
     }
 
@@ -443,6 +478,19 @@ epochs = 2
     }
 
     #[test]
+    fn the_own_data_example_uses_the_tiny_preset_and_jsonl() {
+        let c = TrainConfig::parse_file(&shipped("own_data_tiny.toml")).unwrap();
+        let m = c.model_config().unwrap();
+        assert_eq!((m.text.dim, m.text.layers, m.text.heads, m.video.dim, m.video.depth, m.proj_dim), (128, 2, 2, 128, 2, 64));
+        assert_eq!((m.video.max_frames, m.text.max_position_embeddings), (c.data.frames, 64));
+        assert!(crate::text::is_builtin(&c.data.tokenizer));
+        assert!(c.datasets().iter().all(|(_, d)| d.format == "jsonl"));
+        // The preset follows the run's frames and text length.
+        let t = TrainConfig::parse_str(&MINIMAL.replace("preset = \"published\"", "preset = \"tiny\"")).unwrap();
+        assert_eq!((t.model_config().unwrap().video.max_frames, t.model_config().unwrap().text.max_position_embeddings), (8, 100));
+    }
+
+    #[test]
     fn missing_path_is_rejected_before_any_work_and_named() {
         // The shipped configs point at data this checkout does not have.
         let e = format!("{:#}", TrainConfig::load(&shipped("finetune_didemo.toml")).unwrap_err());
@@ -471,5 +519,43 @@ epochs = 2
         assert!(format!("{:#}", TrainConfig::parse_str(&bad).unwrap_err()).contains("milestones"));
         let bad = MINIMAL.replace("epochs = 2", "epochs = 2\nmonitor = \"t2v_R2\"");
         assert!(format!("{:#}", TrainConfig::parse_str(&bad).unwrap_err()).contains("train.monitor"));
+        for (from, to, key) in [
+            ("schedule = \"step\"", "schedule = \"step\"\nbetas = [0.9, 1.0]", "optim.betas"),
+            ("schedule = \"step\"", "schedule = \"step\"\ngamma = 0.0", "gamma"),
+            ("lr = 2e-4", "lr = inf", "lr"),
+            ("epochs = 2", "epochs = 2\n[loss]\ntemperature = 0.0", "loss.temperature"),
+            ("epochs = 2", "epochs = 2\n[loss]\nlambda = nan", "loss.lambda"),
+        ] {
+            let e = format!("{:#}", TrainConfig::parse_str(&MINIMAL.replace(from, to)).unwrap_err());
+            assert!(e.contains(key), "{key}: {e}");
+        }
+    }
+
+    #[test]
+    fn model_sizes_that_cannot_work_are_rejected_with_the_key() {
+        let cfg = |model: &str, data_extra: &str| {
+            let text = MINIMAL
+                .replace("[model]\npreset = \"published\"", model)
+                .replace("batch_size = 4", &format!("batch_size = 4\n{data_extra}"));
+            TrainConfig::parse_str(&text).map(|_| ()).map_err(|e| format!("{e:#}"))
+        };
+        let own = |text: &str, video: &str| {
+            format!(
+                "[model.config]\nproj_dim = 8\n[model.config.text]\nkind = \"distilbert\"\nvocab_size = 30522\ndim = 16\nlayers = 1\n{text}\nhidden_dim = 32\nlayer_norm_eps = 1e-12\n[model.config.video]\ndim = 16\ndepth = 1\nmlp_dim = 32\npos_embed_rows = 9\nfeature_dim = 2048\nbox_dim = 6\nlayer_norm_eps = 1e-6\n{video}"
+            )
+        };
+        let good = own("heads = 2\nmax_position_embeddings = 100", "heads = 2\nmax_frames = 8");
+        cfg(&good, "").unwrap();
+        for (model, data, key) in [
+            (own("heads = 0\nmax_position_embeddings = 100", "heads = 2\nmax_frames = 8"), "", "model.config.text.heads"),
+            (own("heads = 3\nmax_position_embeddings = 100", "heads = 2\nmax_frames = 8"), "", "model.config.text.dim"),
+            (own("heads = 2\nmax_position_embeddings = 100", "heads = 5\nmax_frames = 8"), "", "model.config.video.dim"),
+            (own("heads = 2\nmax_position_embeddings = 100", "heads = 2\nmax_frames = 4"), "", "data.frames = 8"),
+            (own("heads = 2\nmax_position_embeddings = 50", "heads = 2\nmax_frames = 8"), "", "data.text_len = 100"),
+            ("[model]\npreset = \"published\"".to_string(), "text_len = 600", "data.text_len = 600"),
+        ] {
+            let e = cfg(&model, data).unwrap_err();
+            assert!(e.contains(key), "{key}: {e}");
+        }
     }
 }

@@ -81,7 +81,7 @@ impl DemoSizes {
     }
 }
 
-fn small_model(dim: usize, layers: usize, max_frames: usize) -> ModelConfig {
+pub(crate) fn small_model(dim: usize, layers: usize, max_frames: usize) -> ModelConfig {
     ModelConfig {
         text: TextConfig {
             kind: TextKind::Distilbert,
@@ -194,7 +194,14 @@ fn stage_config(
         name: name.into(),
         seed,
         output_dir: out.join(name),
-        model: ModelSection { preset: None, config: Some(model), init: None, text_init: None, video_init: None },
+        model: ModelSection {
+            preset: None,
+            config: Some(model),
+            init: None,
+            text_init: None,
+            video_init: None,
+            load_temporal_fix: Default::default(),
+        },
         data: DataSection {
             tokenizer: data.2,
             text_len: sizes.text_len,
@@ -204,6 +211,7 @@ fn stage_config(
             samples_per_epoch: st.samples_per_epoch,
             workers: 0,
             skip_bad_samples: false,
+            clip_boxes: false,
             train: data.0.to_vec(),
             val: Some(data.1.clone()),
             test: None,

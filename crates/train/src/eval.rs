@@ -72,6 +72,25 @@ pub struct EvalResult {
     pub seconds: f64,
 }
 
+/// Without a terminal the bars draw nothing: one plain line per phase and every few seconds.
+struct PlainProgress {
+    on: bool,
+    last: std::cell::Cell<Instant>,
+}
+
+impl PlainProgress {
+    fn new(show: bool) -> Self {
+        PlainProgress { on: show && !std::io::IsTerminal::is_terminal(&std::io::stderr()), last: std::cell::Cell::new(Instant::now()) }
+    }
+
+    fn tick(&self, what: &str, done: usize, total: usize) {
+        if self.on && (done == total || self.last.get().elapsed().as_secs_f64() >= demovlp_data::plain_progress_interval()) {
+            eprintln!("{what}: {done}/{total}");
+            self.last.set(Instant::now());
+        }
+    }
+}
+
 fn bar(show: bool, len: usize, what: &str) -> ProgressBar {
     if !show {
         return ProgressBar::hidden();
@@ -89,6 +108,7 @@ pub fn evaluate(model: &mut Model, set: &EvalSet, tok: &Tokenizer, opt: &EvalOpt
     let (l, p) = (opt.shape.text_len, model.config.proj_dim);
     let n_loc = opt.shape.frames * opt.shape.regions;
     let bs = opt.batch_size.max(1);
+    let plain = PlainProgress::new(opt.progress);
 
     // Videos: middle frame of each segment, through the video-only assembler.
     let (mut vg, mut vl, mut vm) = (Vec::with_capacity(nv * p), Vec::with_capacity(nv * n_loc * p), Vec::with_capacity(nv * n_loc));
@@ -100,6 +120,7 @@ pub fn evaluate(model: &mut Model, set: &EvalSet, tok: &Tokenizer, opt: &EvalOpt
         vl.extend_from_slice(&e.local);
         vm.extend_from_slice(&e.mask_additive);
         pb.inc(clips.len() as u64);
+        plain.tick("embed clips", vm.len() / n_loc.max(1), nv);
     }
     pb.finish_and_clear();
 
@@ -119,6 +140,7 @@ pub fn evaluate(model: &mut Model, set: &EvalSet, tok: &Tokenizer, opt: &EvalOpt
         tl.extend_from_slice(&e.local);
         tm.extend_from_slice(&e.mask_additive);
         pb.inc(chunk.len() as u64);
+        plain.tick("embed texts", tg.len() / p.max(1), nt);
     }
     pb.finish_and_clear();
 
@@ -128,6 +150,7 @@ pub fn evaluate(model: &mut Model, set: &EvalSet, tok: &Tokenizer, opt: &EvalOpt
     let progress = |done: usize, total: usize| {
         pb.set_length(total as u64);
         pb.set_position(done as u64);
+        plain.tick("score", done, total);
     };
     if opt.mode == ScoreMode::Reference && opt.use_local && nt != nv {
         bail!("{}: the published (reference) score combination needs as many texts as videos, got {nt} texts and {nv} videos", set.name);
@@ -135,6 +158,15 @@ pub fn evaluate(model: &mut Model, set: &EvalSet, tok: &Tokenizer, opt: &EvalOpt
     let so = demovlp_retrieval::EvalOptions { lambda: opt.lambda, mode: opt.mode, use_local: opt.use_local, masked_mean: opt.masked_mean };
     let sims = eval_scores_with(&texts, &videos, &so, &progress);
     pb.finish_and_clear();
+    if let Some(i) = sims.iter().position(|x| !x.is_finite()) {
+        let (t, v) = (i / nv, i % nv);
+        bail!(
+            "{}: the similarity of text {t} and video {v} ({}) is {}: the model's embeddings are not finite, no metrics computed",
+            set.name,
+            set.videos[v],
+            sims[i]
+        );
+    }
     let mask = set.query_mask();
     let all = mask.iter().all(|&m| m);
     let metrics = retrieval_metrics(&sims, nt, nv, if all { None } else { Some(&mask) });

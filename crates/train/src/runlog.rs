@@ -15,6 +15,7 @@ use crate::trainer::RunResult;
 
 pub(crate) struct Log {
     file: std::fs::File,
+    path: std::path::PathBuf,
 }
 
 impl Log {
@@ -26,11 +27,11 @@ impl Log {
             .truncate(!append)
             .open(path)
             .with_context(|| format!("opening log {}", path.display()))?;
-        Ok(Log { file })
+        Ok(Log { file, path: path.to_path_buf() })
     }
 
     pub(crate) fn write(&mut self, v: serde_json::Value) -> Result<()> {
-        writeln!(self.file, "{v}")?;
+        writeln!(self.file, "{v}").with_context(|| format!("cannot write {}", self.path.display()))?;
         Ok(())
     }
 }
@@ -64,7 +65,7 @@ pub fn write_plots(out: &Path, name: &str) -> Result<()> {
     };
     let svg =
         line_chart(&format!("{name}: training loss"), "step", "loss", &[series("loss_avg"), series("loss_global"), series("loss_local")]);
-    std::fs::write(out.join("loss.svg"), svg)?;
+    std::fs::write(out.join("loss.svg"), svg).with_context(|| format!("cannot write {}", out.join("loss.svg").display()))?;
     let mut rs = Vec::new();
     for dir in ["t2v", "v2t"] {
         for k in ["R1", "R5", "R10"] {
@@ -75,7 +76,7 @@ pub fn write_plots(out: &Path, name: &str) -> Result<()> {
         }
     }
     let svg = line_chart(&format!("{name}: validation recall"), "epoch", "recall (%)", &rs);
-    std::fs::write(out.join("recall.svg"), svg)?;
+    std::fs::write(out.join("recall.svg"), svg).with_context(|| format!("cannot write {}", out.join("recall.svg").display()))?;
     Ok(())
 }
 

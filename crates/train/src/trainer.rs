@@ -176,6 +176,9 @@ struct Run<'a> {
     skipped_total: usize,
     /// Since the last step log line: loss sum, steps, start, samples.
     window: (f64, usize, Instant, usize),
+    /// Is stderr a terminal (else plain progress lines every few seconds)?
+    tty: bool,
+    last_line: Instant,
 }
 
 impl<'a> Run<'a> {
@@ -292,6 +295,8 @@ impl<'a> Run<'a> {
             last_metrics: None,
             skipped_total: 0,
             window: (0.0, 0, Instant::now(), 0),
+            tty: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            last_line: Instant::now(),
         })))
     }
 
@@ -381,6 +386,16 @@ impl<'a> Run<'a> {
             }))?;
             *window = (0.0, 0, Instant::now(), 0);
         }
+        // Without a terminal the bar draws nothing (logs of batch jobs): a plain line every
+        // few seconds instead.
+        if !self.opts.quiet && !self.tty && self.last_line.elapsed().as_secs_f64() >= demovlp_data::plain_progress_interval() {
+            let elapsed = self.t0.elapsed().as_secs_f64();
+            eprintln!(
+                "{}: step {}/{} (epoch {}), lr {:.2e}, loss {:.4}, {:.0}s",
+                cfg.name, state.step, self.total_steps, state.epoch, lr, outp.loss_total, elapsed
+            );
+            self.last_line = Instant::now();
+        }
         if cfg.train.checkpoint_every > 0 && state.step.is_multiple_of(cfg.train.checkpoint_every) {
             self.save(&self.latest)?;
         }
@@ -459,7 +474,8 @@ impl<'a> Run<'a> {
             best_checkpoint: self.best_path.exists().then(|| self.best_path.clone()),
         };
         let table = summary_table(cfg, &result, self.skipped_total);
-        std::fs::write(self.out.join("summary.txt"), &table)?;
+        let summary = self.out.join("summary.txt");
+        std::fs::write(&summary, &table).with_context(|| format!("cannot write {}", summary.display()))?;
         if !self.opts.quiet {
             eprint!("{table}");
         }

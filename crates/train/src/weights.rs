@@ -7,6 +7,7 @@
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
+use demovlp_model::io::TemporalFix;
 use demovlp_model::{io, Model, ModelConfig, Params};
 
 use crate::checkpoint;
@@ -15,9 +16,35 @@ use crate::config::TrainConfig;
 /// Copy weights from a model directory, a weights file or one of our training checkpoints
 /// into `params`, by published name (see [`io::copy_init_weights`] for the rules).
 pub fn load_init(params: &mut Params, path: &Path) -> Result<usize> {
+    load_init_with(params, path, TemporalFix::default())
+}
+
+/// [`load_init`] with the way `temporal_embed` grows when the source has fewer frames.
+pub fn load_init_with(params: &mut Params, path: &Path, fix: TemporalFix) -> Result<usize> {
     let tensors =
         if !path.is_dir() && checkpoint::is_checkpoint(path) { checkpoint::load(path)?.params } else { io::read_init_weights(path)? };
-    io::copy_init_weights(params, &tensors, path)
+    io::copy_init_weights_with(params, &tensors, path, fix)
+}
+
+/// `model` able to take clips of `frames` frames: as it is when its temporal embedding has
+/// the rows, else a copy whose `temporal_embed` is inflated by `fix` (what the published
+/// loader does for a model pre-trained on fewer frames).
+pub fn fit_to_frames(model: Model, frames: usize, fix: TemporalFix, origin: &Path) -> Result<Model> {
+    if frames <= model.config.video.max_frames {
+        return Ok(model);
+    }
+    let mut mc = model.config.clone();
+    mc.video.max_frames = frames;
+    mc.video.pos_embed_rows = mc.video.pos_embed_rows.max(1 + frames);
+    let tensors: io::NamedWeights = model
+        .params
+        .specs()
+        .iter()
+        .map(|s| (s.name.clone(), s.shape.clone(), model.params.data[s.offset..s.offset + s.len].to_vec()))
+        .collect();
+    let mut wider = Model::new(mc);
+    io::copy_init_weights_with(&mut wider.params, &tensors, origin, fix)?;
+    Ok(wider)
 }
 
 /// A model to evaluate: a model directory (ours or Hugging Face text-only) or one of our
@@ -29,6 +56,7 @@ pub fn load_model(path: &Path) -> Result<Model> {
     }
     if checkpoint::is_checkpoint(path) {
         let ck = checkpoint::load(path)?;
+        io::check_model_config(&ck.model_config, "").with_context(|| format!("{}: model config", path.display()))?;
         let mut model = Model::new(ck.model_config.clone());
         ck.fill_params(&mut model.params)?;
         return Ok(model);
@@ -52,7 +80,7 @@ pub fn build_model(cfg: &TrainConfig, init: Option<&Path>) -> Result<Model> {
         io::init_video_from_vit(&mut model, p).with_context(|| format!("model.video_init {}", p.display()))?;
     }
     if let Some(p) = init.or(cfg.model.init.as_deref()) {
-        load_init(&mut model.params, p).with_context(|| format!("initialising from {}", p.display()))?;
+        load_init_with(&mut model.params, p, cfg.model.load_temporal_fix).with_context(|| format!("initialising from {}", p.display()))?;
     }
     Ok(model)
 }

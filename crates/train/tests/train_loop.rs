@@ -240,17 +240,35 @@ fn init_from_published_checkpoint_and_from_our_model_dir() {
     model.init_random(9);
     load_init(&mut model.params, &pth).unwrap();
     assert!(model.params.data == reference.params.data);
-    // More frames than the source: temporal_embed rows beyond it repeat its last row.
+    // More frames than the source: temporal_embed grows as the published loader's
+    // load_temporal_fix says: zero rows after the copied ones, or interpolated rows.
     let mut wider = reference.config.clone();
     wider.video.max_frames += 2;
     wider.video.pos_embed_rows += 2;
-    let mut m2 = demovlp_model::Model::new(wider);
+    let mut m2 = demovlp_model::Model::new(wider.clone());
+    m2.init_random(4);
     load_init(&mut m2.params, &pth).unwrap();
     let id = |m: &demovlp_model::Model| m.params.id("object_model.temporal_embed").unwrap();
     let (src, dst) = (reference.params.get(id(&reference)), m2.params.get(id(&m2)));
     let d = reference.config.video.dim;
+    let rows = reference.config.video.max_frames;
     assert_eq!(&dst[..src.len()], src);
-    assert_eq!(&dst[src.len()..src.len() + d], &src[src.len() - d..]);
+    assert!(dst[src.len()..].iter().all(|&x| x == 0.0) && dst.len() == src.len() + 2 * d);
+    let mut m3 = demovlp_model::Model::new(wider);
+    demovlp_train::weights::load_init_with(&mut m3.params, &pth, io::TemporalFix::Bilinear).unwrap();
+    let dst = m3.params.get(id(&m3));
+    // align_corners: the first and last rows are the source's, the middle ones in between.
+    assert_eq!((&dst[..d], &dst[dst.len() - d..]), (&src[..d], &src[src.len() - d..]));
+    let pos = (rows - 1) as f32 / (rows + 1) as f32; // output row 1
+    let (i0, l) = (pos as usize, pos - (pos as usize) as f32);
+    for k in 0..d {
+        let want = (1.0 - l) * src[i0 * d + k] + l * src[(i0 + 1) * d + k];
+        assert_eq!(dst[d + k], want);
+    }
+    // eval: a model of fewer frames is widened the same way.
+    let fitted = demovlp_train::weights::fit_to_frames(reference.clone(), rows + 2, io::TemporalFix::Bilinear, &pth).unwrap();
+    assert_eq!(fitted.config.video.max_frames, rows + 2);
+    assert!(fitted.params.get(id(&fitted)) == m3.params.get(id(&m3)));
     // Our model directory round trip, read by `eval --model`.
     let dir = tmp("modeldir");
     io::save_model_dir(&reference, &dir).unwrap();

@@ -93,8 +93,17 @@ pub fn read_weights(path: &Path) -> Result<BTreeMap<String, Tensor>> {
     }
     if &head == b"PK" {
         Ok(super::torch::read_torch_state_dict(path)?.tensors)
+    } else if head[0] == 0x80 && (2..=5).contains(&head[1]) {
+        // A pickle stream (PROTO opcode) at the start: torch.save's legacy non-zip format.
+        bail!(
+            "{}: a legacy (non-zip) torch.save file (it starts with a pickle stream, not a zip archive); \
+             demovlp reads the zip format that torch.save writes since PyTorch 1.6: re-save it with \
+             `torch.save(torch.load(path), new_path)` (without _use_new_zipfile_serialization=False)",
+            path.display()
+        )
     } else {
-        Ok(read_safetensors(path)?
+        Ok(read_safetensors(path)
+            .with_context(|| format!("{}: neither a torch.save zip (.pth) nor a safetensors file", path.display()))?
             .tensors
             .into_iter()
             .map(|(k, v)| (k.strip_prefix("module.").map(String::from).unwrap_or(k), v))

@@ -9,12 +9,14 @@
 //! - [`hf`]: the Hugging Face config and tensor-name mapping;
 //! - [`vit`]: timm ViT weights as the video tower's blocks;
 //! - [`infer`]: model sizes from tensor shapes;
+//! - [`check`]: model sizes that cannot work, refused with the key;
 //! - [`init`]: initialising a model's parameters from weights on disk.
 //!
 //! Everything is re-exported here, so `demovlp_model::io::read_safetensors` and the like
 //! name the same items as before the split.
 
 pub mod by_name;
+pub mod check;
 pub mod hf;
 pub mod infer;
 pub mod init;
@@ -24,8 +26,9 @@ pub mod torch;
 pub mod vit;
 
 pub use by_name::{grads_as_tensors, load_all_params, load_params, params_as_tensors, read_weights, select_prefix, LoadReport};
+pub use check::{check_inputs_fit, check_model_config};
 pub use infer::{infer_config, infer_text_config};
-pub use init::{copy_init_weights, init_text_from_hf, load_init, read_init_weights, NamedWeights};
+pub use init::{copy_init_weights, copy_init_weights_with, init_text_from_hf, load_init, read_init_weights, NamedWeights, TemporalFix};
 pub use model_dir::{
     import_weights, import_weights_report, load_hf_text_dir, load_model_dir, save_model_dir, save_params_dir, CONFIG_FILE, WEIGHTS_FILE,
 };

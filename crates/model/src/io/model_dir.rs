@@ -44,6 +44,7 @@ pub fn load_model_dir(dir: &Path) -> Result<Model> {
         return Ok(load_hf_text_dir(dir, published.video, published.proj_dim, 0)?.0);
     }
     let config: ModelConfig = serde_json::from_value(v).with_context(|| format!("{}: not a demovlp model config", cfg_path.display()))?;
+    super::check::check_model_config(&config, "").with_context(|| format!("{}", cfg_path.display()))?;
     let weights = dir.join(WEIGHTS_FILE);
     let st = read_safetensors(&weights)?;
     let mut params = declare_params(&config);

@@ -124,19 +124,66 @@ pub fn decode_tensor(dtype: Dtype, shape: &[usize], bytes: &[u8]) -> Result<Tens
     Ok(t)
 }
 
-/// Read every tensor of a safetensors file (floats → f32, integers → i64).
+/// The metadata key of the content checksum every file we write carries (verified on read).
+pub const CHECKSUM_KEY: &str = "demovlp_checksum";
+
+/// A 64-bit checksum of tensors (name, shape, raw bytes), taken in name order. Every step
+/// is a bijection of the running state for a fixed input word, so a change confined to
+/// one word (a flipped bit) always changes the result.
+fn checksum<'a>(tensors: impl Iterator<Item = (&'a str, &'a [usize], Cow<'a, [u8]>)>) -> String {
+    fn mix(h: u64, w: u64) -> u64 {
+        (h ^ w).wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29)
+    }
+    fn bytes(mut h: u64, b: &[u8]) -> u64 {
+        h = mix(h, b.len() as u64);
+        let mut words = b.chunks_exact(8);
+        for w in &mut words {
+            h = mix(h, u64::from_le_bytes(w.try_into().unwrap()));
+        }
+        for &x in words.remainder() {
+            h = mix(h, x as u64);
+        }
+        h
+    }
+    let mut all: Vec<_> = tensors.collect();
+    all.sort_by(|a, b| a.0.cmp(b.0));
+    let mut h = 0x6465_6d6f_766c_7031u64;
+    for (name, shape, data) in all {
+        h = bytes(h, name.as_bytes());
+        for &d in shape {
+            h = mix(h, d as u64);
+        }
+        h = bytes(h, &data);
+    }
+    format!("v1:{h:016x}")
+}
+
+/// Read every tensor of a safetensors file (floats → f32, integers → i64). A file that
+/// carries our content checksum is verified: a changed bit is an error naming the file.
 pub fn read_safetensors(path: &Path) -> Result<SafetensorsFile> {
     let file = fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     // SAFETY: read-only mapping of a file we do not modify while it is mapped.
     let map = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
     let (_, meta) = SafeTensors::read_metadata(&map).with_context(|| format!("{}: not a safetensors file", path.display()))?;
     let st = SafeTensors::deserialize(&map).with_context(|| format!("{}: not a safetensors file", path.display()))?;
+    let mut metadata = meta.metadata().clone().unwrap_or_default();
+    if let Some(want) = metadata.remove(CHECKSUM_KEY) {
+        let views = st.tensors();
+        let got = checksum(views.iter().map(|(n, v)| (n.as_str(), v.shape(), Cow::Borrowed(v.data()))));
+        if got != want {
+            bail!(
+                "{}: checksum mismatch (stored {want}, contents give {got}): the file changed after it was written \
+                 (a flipped bit, a partial copy); it cannot be trusted",
+                path.display()
+            );
+        }
+    }
     let mut tensors = BTreeMap::new();
     for (name, view) in st.tensors() {
         let t = decode_tensor(view.dtype(), view.shape(), view.data()).with_context(|| format!("{}: tensor {name}", path.display()))?;
         tensors.insert(name, t);
     }
-    Ok(SafetensorsFile { tensors, metadata: meta.metadata().clone().unwrap_or_default() })
+    Ok(SafetensorsFile { tensors, metadata })
 }
 
 struct WriteView<'a> {
@@ -154,6 +201,16 @@ fn as_le_bytes<T: Copy, const N: usize>(xs: &[T], f: impl Fn(T) -> [u8; N]) -> C
     #[cfg(not(target_endian = "little"))]
     {
         Cow::Owned(xs.iter().flat_map(|&x| f(x)).collect())
+    }
+}
+
+impl<'a> WriteView<'a> {
+    /// The file bytes, borrowed from the values on little-endian hosts.
+    fn data_owned(&self) -> Cow<'a, [u8]> {
+        match self.data {
+            TensorRef::F32(v) => as_le_bytes(v, f32::to_le_bytes),
+            TensorRef::I64(v) => as_le_bytes(v, i64::to_le_bytes),
+        }
     }
 }
 
@@ -195,10 +252,14 @@ pub fn write_safetensors_refs(path: &Path, tensors: &[(String, Vec<usize>, Tenso
         }
     }
     let views = tensors.iter().map(|(n, s, d)| (n.as_str(), WriteView { shape: s, data: *d }));
-    let meta = if metadata.is_empty() { None } else { Some(metadata.iter().cloned().collect::<HashMap<_, _>>()) };
+    let sum = checksum(tensors.iter().map(|(n, s, d)| (n.as_str(), s.as_slice(), WriteView { shape: s, data: *d }.data_owned())));
+    let mut meta: HashMap<String, String> = metadata.iter().cloned().collect();
+    meta.insert(CHECKSUM_KEY.into(), sum);
+    let meta = Some(meta);
     atomic_write_with(path, |tmp| {
         safetensors::tensor::serialize_to_file(views, &meta, tmp).with_context(|| format!("cannot write {}", tmp.display()))
     })
+    .with_context(|| format!("writing {}", path.display()))
 }
 
 /// [`write_safetensors_refs`] for owned tensors.
@@ -253,6 +314,27 @@ mod tests {
         assert_eq!(back.metadata.get("k").map(String::as_str), Some("v"));
         // No temporary left behind.
         assert_eq!(fs::read_dir(&d).unwrap().count(), 1);
+        fs::remove_dir_all(&d).ok();
+    }
+
+    #[test]
+    fn a_flipped_bit_is_a_named_error() {
+        let d = tmpdir("flip");
+        let f = d.join("w.safetensors");
+        let ts = vec![("a".to_string(), Tensor::f32(vec![3], vec![1.0, 2.0, 3.0])), ("b".to_string(), Tensor::i64(vec![2], vec![7, 8]))];
+        write_safetensors(&f, &ts, &[]).unwrap();
+        let good = fs::read(&f).unwrap();
+        // The checksum is ours, not the caller's metadata.
+        assert!(read_safetensors(&f).unwrap().metadata.is_empty());
+        for byte in [good.len() - 1, good.len() - 20] {
+            for bit in [0, 7] {
+                let mut bad = good.clone();
+                bad[byte] ^= 1 << bit;
+                fs::write(&f, &bad).unwrap();
+                let e = format!("{:#}", read_safetensors(&f).unwrap_err());
+                assert!(e.contains("checksum mismatch") && e.contains("w.safetensors"), "{e}");
+            }
+        }
         fs::remove_dir_all(&d).ok();
     }
 
