@@ -69,6 +69,7 @@
 pub mod check;
 mod cpu;
 pub mod host;
+pub mod kernels_check;
 
 pub use cpu::Cpu;
 
