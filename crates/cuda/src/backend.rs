@@ -762,6 +762,10 @@ impl Backend for CudaBackend {
     }
 
     fn embedding_forward(&self, ids: &[i64], table: DevView<'_>, dim: usize, out: DevViewMut<'_>) {
+        let rows = table.len / dim.max(1);
+        if let Some(bad) = ids.iter().find(|&&id| id < 0 || id as usize >= rows) {
+            panic!("embedding: id {bad} outside a table of {rows} rows");
+        }
         self.inner.bind();
         let mut s = self.inner.scratch.lock().unwrap();
         let p = self.ids(&mut s, ids);
