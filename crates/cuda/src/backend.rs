@@ -448,12 +448,11 @@ impl CudaBackend {
         let mut sc = self.inner.scratch.lock().unwrap();
         let ds = self.inner.grow(&mut sc.ds, s.probs_len() * F as usize);
         let grid = (s.seq as u32, s.heads as u32, s.batch as u32);
-        let (seq, heads, hd, regions) = (s.seq as i32, s.heads as i32, s.head_dim as i32, regions_of(s));
         let drop = drop.map_or(0, |d| d.ptr);
         launch!(self, "attention_backward_rows_ds", grid, (128, 1, 1), 0;
-            seq, heads, hd, regions, scale, k, v, ld as i64, probs.ptr, drop, dout.ptr, ld_dout as i64, ds, dq, ld_d as i64);
+            s.seq as i32, s.heads as i32, s.head_dim as i32, regions_of(s), scale, k, v, ld as i64, probs.ptr, drop, dout.ptr, ld_dout as i64, ds, dq, ld_d as i64);
         launch!(self, "attention_backward_rows_dkv", grid, (64, 1, 1), 0;
-            seq, heads, hd, regions, q, ld as i64, probs.ptr, drop, dout.ptr, ld_dout as i64, ds, dk, dv, ld_d as i64);
+            s.seq as i32, s.heads as i32, s.head_dim as i32, regions_of(s), q, ld as i64, probs.ptr, drop, dout.ptr, ld_dout as i64, ds, dk, dv, ld_d as i64);
     }
 }
 
@@ -719,9 +718,8 @@ impl Backend for CudaBackend {
     ) {
         self.inner.bind();
         let grid = (s.seq as u32, s.heads as u32, s.batch as u32);
-        let (seq, heads, hd, regions) = (s.seq as i32, s.heads as i32, s.head_dim as i32, regions_of(s));
         launch!(self, "attention_forward", grid, (128, 1, 1), (s.seq * 4) as u32;
-            seq, heads, hd, regions, scale, q.ptr, k.ptr, v.ptr, ld as i64, mask.ptr, drop.map_or(0, |d| d.ptr), probs.ptr, out.ptr);
+            s.seq as i32, s.heads as i32, s.head_dim as i32, regions_of(s), scale, q.ptr, k.ptr, v.ptr, ld as i64, mask.ptr, drop.map_or(0, |d| d.ptr), probs.ptr, out.ptr);
     }
     fn attention_backward_rows(
         &self,
@@ -820,10 +818,10 @@ impl Backend for CudaBackend {
     ) {
         self.inner.bind();
         assert!(cls.end <= grad.len && pos0.end <= grad.len && temporal.end <= grad.len);
-        let (b, f, r, d) = (t.batch as i32, t.frames as i32, t.regions as i32, t.dim as i64);
         launch!(self, "video_tokens_backward_params", blocks((1 + t.frames) * t.dim), T256, 0;
-            b, f, r, d, dx.ptr, at(grad.ptr, cls.start), at(grad.ptr, pos0.start), at(grad.ptr, temporal.start));
-        launch!(self, "video_tokens_backward_regions", blocks(t.batch * t.frames * t.regions * t.dim), T256, 0; b, f, r, d, dx.ptr, d_region.ptr);
+            t.batch as i32, t.frames as i32, t.regions as i32, t.dim as i64, dx.ptr, at(grad.ptr, cls.start), at(grad.ptr, pos0.start), at(grad.ptr, temporal.start));
+        launch!(self, "video_tokens_backward_regions", blocks(t.batch * t.frames * t.regions * t.dim), T256, 0;
+            t.batch as i32, t.frames as i32, t.regions as i32, t.dim as i64, dx.ptr, d_region.ptr);
     }
 
     fn max_over_positions(&self, x: DevView<'_>, arg: DevViewMut<'_>, out: DevViewMut<'_>, batch: usize, len: usize, dim: usize) {
@@ -946,8 +944,124 @@ impl Backend for CudaBackend {
             row_of[id] = i as i32;
         }
         let mut s = self.inner.scratch.lock().unwrap();
-        let r = self.rows(&mut s, &row_of);
+        let rows_p = self.rows(&mut s, &row_of);
         launch!(self, "adamw_update_table_rows", blocks(p.len), T256, 0;
-            p.ptr, m.ptr, v.ptr, rows as i64, dim as i64, r, grad_rows.ptr, c.step_size, c.decay, c.beta1, c.beta2, c.eps);
+            p.ptr, m.ptr, v.ptr, rows as i64, dim as i64, rows_p, grad_rows.ptr, c.step_size, c.decay, c.beta1, c.beta2, c.eps);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Without a GPU the launches cannot run; this checks every `launch!` against the kernel
+    //! it names: same number of arguments, and each argument's type (from its spelling: a
+    //! pointer `.ptr`/`at(..)`/a pointer local, `as i64` = `long long`, `as i32` = `int`, the
+    //! f32 names) the kernel parameter's.
+    use std::collections::HashMap;
+
+    #[derive(Debug, PartialEq, Clone, Copy)]
+    enum Ty {
+        Ptr,
+        I64,
+        I32,
+        F32,
+    }
+
+    fn split_top(s: &str) -> Vec<String> {
+        let (mut out, mut depth, mut cur) = (Vec::new(), 0i32, String::new());
+        for ch in s.chars() {
+            match ch {
+                '(' | '[' | '{' => depth += 1,
+                ')' | ']' | '}' => depth -= 1,
+                _ => {}
+            }
+            if ch == ',' && depth == 0 {
+                out.push(cur.trim().to_string());
+                cur.clear();
+            } else {
+                cur.push(ch);
+            }
+        }
+        if !cur.trim().is_empty() {
+            out.push(cur.trim().to_string());
+        }
+        out
+    }
+
+    fn kernel_params() -> HashMap<String, Vec<Ty>> {
+        let mut m = HashMap::new();
+        for (_, src) in crate::SOURCES {
+            let mut rest = *src;
+            while let Some(i) = rest.find("__global__ void ") {
+                rest = &rest[i + "__global__ void ".len()..];
+                let open = rest.find('(').unwrap();
+                let close = rest.find(')').unwrap();
+                let name = rest[..open].trim().to_string();
+                let tys = rest[open + 1..close]
+                    .split(',')
+                    .map(|p| {
+                        let p = p.trim();
+                        if p.contains('*') {
+                            Ty::Ptr
+                        } else if p.starts_with("long long") {
+                            Ty::I64
+                        } else if p.starts_with("int ") {
+                            Ty::I32
+                        } else if p.starts_with("float ") {
+                            Ty::F32
+                        } else {
+                            panic!("{name}: parameter type of {p:?}")
+                        }
+                    })
+                    .collect();
+                m.insert(name, tys);
+            }
+        }
+        m
+    }
+
+    fn arg_ty(a: &str) -> Option<Ty> {
+        let a = a.trim();
+        if a.ends_with("as i64") {
+            Some(Ty::I64)
+        } else if a.ends_with("as i32") || a.starts_with("regions_of(") {
+            Some(Ty::I32)
+        } else if a.contains(".ptr")
+            || a.starts_with("at(")
+            || ["a", "b", "a16", "b16", "p", "ds", "drop", "q", "k", "v", "dq", "dk", "dv", "rows_p"].contains(&a)
+        {
+            Some(Ty::Ptr)
+        } else if ["scale", "eps"].contains(&a) || a.starts_with("c.") {
+            Some(Ty::F32)
+        } else {
+            None
+        }
+    }
+
+    #[test]
+    fn every_launch_matches_its_kernel_signature() {
+        let params = kernel_params();
+        let src = include_str!("backend.rs");
+        let body = &src[..src.find("#[cfg(test)]").unwrap()];
+        let mut checked = 0;
+        let mut rest = body;
+        while let Some(i) = rest.find("launch!(self, \"") {
+            rest = &rest[i + "launch!(self, \"".len()..];
+            let name = &rest[..rest.find('"').unwrap()];
+            let semi = rest.find(';').unwrap();
+            let end = rest.find(");").unwrap();
+            let args = split_top(&rest[semi + 1..end]);
+            let want = params.get(name).unwrap_or_else(|| panic!("launch of unknown kernel {name}"));
+            assert_eq!(args.len(), want.len(), "{name}: {} arguments, the kernel takes {}: {args:?}", args.len(), want.len());
+            for (k, (a, w)) in args.iter().zip(want).enumerate() {
+                let got = arg_ty(a).unwrap_or_else(|| panic!("{name}: cannot tell the type of argument {k} `{a}`"));
+                assert_eq!(got, *w, "{name}: argument {k} `{a}`");
+            }
+            checked += 1;
+        }
+        assert!(checked >= 40, "only {checked} launches found");
+        // Every kernel is launched somewhere.
+        for k in params.keys() {
+            assert!(body.contains(&format!("\"{k}\"")), "kernel {k} is never launched");
+        }
     }
 }
