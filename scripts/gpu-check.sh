@@ -61,7 +61,12 @@ limit() { # the smaller of $1 seconds and what is left of the budget
 tail_of() { tail -c 1500 "$1" 2>/dev/null; }
 
 # ---- 1. libraries ---------------------------------------------------------------------
+# Libraries carried along (the machine may have no network): a `cuda-libs/` folder next to
+# the script, e.g. made elsewhere with
+#   pip install --target cuda-libs nvidia-cuda-nvrtc-cu12 nvidia-cublas-cu12
+# (its nvidia/*/lib folders), then the Python wheels installed here, then the system's.
 LIBDIRS=()
+for lib in "$HERE"/cuda-libs/nvidia/*/lib "$HERE"/cuda-libs/lib; do [ -d "$lib" ] && LIBDIRS+=("$lib"); done
 if [ -n "$PY" ]; then
   while IFS= read -r d; do
     for lib in "$d"/nvidia/*/lib; do [ -d "$lib" ] && LIBDIRS+=("$lib"); done

@@ -192,6 +192,18 @@ impl CudaBackend {
             let ctx = drv::primary_ctx::retain(dev).map_err(|e| format!("cuDevicePrimaryCtxRetain: {e:?}"))?;
             drv::ctx::set_current(ctx).map_err(|e| format!("cuCtxSetCurrent: {e:?}"))?;
             let stream = drv::stream::create(drv::stream::StreamKind::NonBlocking).map_err(|e| format!("cuStreamCreate: {e:?}"))?;
+            // Keep freed memory in the stream-ordered pool (the default threshold 0 hands it
+            // back to the OS at every synchronisation): a steady stream of same-shaped
+            // batches then allocates nothing new.
+            let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+            if sys::cuDeviceGetDefaultMemPool(&mut pool, dev).result().is_ok() {
+                let mut keep = u64::MAX;
+                let _ = sys::cuMemPoolSetAttribute(
+                    pool,
+                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                    &mut keep as *mut u64 as *mut c_void,
+                );
+            }
             (ctx, stream)
         };
         let mut funcs = HashMap::new();
