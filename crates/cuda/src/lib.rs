@@ -18,6 +18,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("attention", include_str!("../kernels/attention.cu")),
     ("tokens", include_str!("../kernels/tokens.cu")),
     ("heads", include_str!("../kernels/heads.cu")),
+    ("gemm", include_str!("../kernels/gemm.cu")),
 ];
 
 /// The `extern "C" __global__` kernel names of a source, in order.

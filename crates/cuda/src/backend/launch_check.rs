@@ -73,10 +73,10 @@ fn arg_ty(a: &str) -> Option<Ty> {
         Some(Ty::I32)
     } else if a.contains(".ptr")
         || a.starts_with("at(")
-        || ["a", "b", "a16", "b16", "p", "ds", "drop", "q", "k", "v", "dq", "dk", "dv", "rows_p"].contains(&a)
+        || ["a", "b", "a16", "b16", "p", "ds", "drop", "q", "k", "v", "dq", "dk", "dv", "rows_p", "c"].contains(&a)
     {
         Some(Ty::Ptr)
-    } else if ["scale", "eps"].contains(&a) || a.starts_with("c.") {
+    } else if ["scale", "eps", "beta"].contains(&a) || a.starts_with("c.") {
         Some(Ty::F32)
     } else {
         None

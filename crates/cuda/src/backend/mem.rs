@@ -33,7 +33,8 @@ pub(super) struct Inner {
     pub(super) precision: Precision,
     pub(super) ctx: sys::CUcontext,
     pub(super) stream: sys::CUstream,
-    pub(super) blas: bsys::cublasHandle_t,
+    /// `None` when libcublas is not available (our tiled GEMM kernel runs instead).
+    pub(super) blas: Option<bsys::cublasHandle_t>,
     pub(super) funcs: HashMap<String, sys::CUfunction>,
     pub(super) scratch: Mutex<Scratch>,
 }

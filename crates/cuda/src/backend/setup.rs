@@ -14,11 +14,16 @@ use std::ffi::{c_void, CString};
 use std::sync::{Arc, Mutex};
 
 impl CudaBackend {
-    /// Opens GPU `ordinal`: the libraries (a message naming any missing one), the driver,
-    /// the device, a stream, cuBLAS, and the kernels compiled for its architecture (or taken
-    /// from the NVRTC cache).
+    /// Opens GPU `ordinal`: the driver (a message naming any missing library), the device,
+    /// a stream, cuBLAS when its libraries are present (else our tiled fp32 GEMM kernel;
+    /// the bf16 mode needs cuBLAS), and the kernels compiled by NVRTC for its architecture
+    /// (or from the NVRTC cache, or prebuilt CUBINs: [`nvrtc::cubin_for`]).
     pub fn open(ordinal: usize, precision: Precision) -> Result<Self, String> {
-        libs::require(&[Lib::Driver, Lib::Nvrtc, Lib::Cublas, Lib::CublasLt])?;
+        libs::require(&[Lib::Driver])?;
+        let have_blas = Lib::Cublas.present() && Lib::CublasLt.present();
+        if !have_blas && precision == Precision::Bf16 {
+            libs::require(&[Lib::Cublas, Lib::CublasLt]).map_err(|e| format!("--precision bf16 needs cuBLAS: {e}"))?;
+        }
         let info = libs::probe(ordinal)?;
         let (major, minor) = info.capability;
         let arch = format!("sm_{major}{minor}");
@@ -44,7 +49,7 @@ impl CudaBackend {
         };
         let mut funcs = HashMap::new();
         for (name, src) in SOURCES {
-            let (cubin, _cached) = nvrtc::cubin_cached(name, src, &arch)?;
+            let cubin = nvrtc::cubin_for(name, src, &arch)?;
             // SAFETY: a CUBIN NVRTC produced for this device's architecture; kept alive by the module.
             let module = unsafe { drv::module::load_data(cubin.as_ptr() as *const c_void) }
                 .map_err(|e| format!("loading the {name} kernels for {arch}: {e:?}"))?;
@@ -54,15 +59,24 @@ impl CudaBackend {
                 funcs.insert(k.to_string(), f);
             }
         }
-        let handle = blas::create_handle().map_err(|e| format!("cublasCreate: {e:?}"))?;
-        // SAFETY: a live handle and stream.
-        unsafe {
-            blas::set_stream(handle, stream as bsys::cudaStream_t).map_err(|e| format!("cublasSetStream: {e:?}"))?;
-            bsys::cublasSetMathMode(handle, bsys::cublasMath_t::CUBLAS_DEFAULT_MATH)
-                .result()
-                .map_err(|e| format!("cublasSetMathMode: {e:?}"))?;
-        }
-        let inner = Inner { info, precision, ctx, stream, blas: handle, funcs, scratch: Mutex::default() };
+        let blas_handle = if have_blas {
+            let handle = blas::create_handle().map_err(|e| format!("cublasCreate: {e:?}"))?;
+            // SAFETY: a live handle and stream.
+            unsafe {
+                blas::set_stream(handle, stream as bsys::cudaStream_t).map_err(|e| format!("cublasSetStream: {e:?}"))?;
+                bsys::cublasSetMathMode(handle, bsys::cublasMath_t::CUBLAS_DEFAULT_MATH)
+                    .result()
+                    .map_err(|e| format!("cublasSetMathMode: {e:?}"))?;
+            }
+            Some(handle)
+        } else {
+            eprintln!(
+                "CUDA backend: libcublas/libcublasLt not found, GEMMs run on our tiled fp32 kernel (slower; {})",
+                crate::LIBRARY_HINT
+            );
+            None
+        };
+        let inner = Inner { info, precision, ctx, stream, blas: blas_handle, funcs, scratch: Mutex::default() };
         Ok(CudaBackend { inner: Arc::new(inner) })
     }
 
@@ -114,6 +128,13 @@ impl CudaBackend {
             }
             return;
         }
+        let Some(handle) = inner.blas else {
+            // No cuBLAS: our tiled kernel (fp32 only; `open` refuses bf16 without cuBLAS).
+            let grid = (m.div_ceil(16) as u32, n.div_ceil(16) as u32, 1);
+            launch!(self, "sgemm_tiled", grid, (16, 16, 1), 0;
+                ta as i32, tb as i32, m as i32, n as i32, k as i32, a, lda as i64, b, ldb as i64, beta, c, ldc as i64);
+            return;
+        };
         match inner.precision {
             Precision::Fp32 => {
                 // SAFETY: the matrices lie in live device memory of the sizes the leading
@@ -121,7 +142,7 @@ impl CudaBackend {
                 ck(
                     unsafe {
                         blas::sgemm(
-                            inner.blas,
+                            handle,
                             op(ta),
                             op(tb),
                             m as i32,
@@ -153,7 +174,7 @@ impl CudaBackend {
                 ck(
                     unsafe {
                         blas::gemm_ex(
-                            inner.blas,
+                            handle,
                             op(ta),
                             op(tb),
                             m as i32,
