@@ -5,6 +5,7 @@
 mod bench;
 mod bench_pytorch;
 mod data_cmds;
+mod device;
 mod hugepages;
 mod mc_cmds;
 mod model_cmds;
@@ -60,6 +61,10 @@ enum Command {
     /// Benchmarks (medians of several runs, with peak memory).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Every backend kernel and the whole model against the CPU, one JSON line per check
+    /// (`scripts/gpu-check.sh` runs it with `--device cuda`).
+    #[command(hide = true)]
+    Selftest(device::SelftestArgs),
 }
 
 #[global_allocator]
@@ -70,9 +75,9 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::from_arg_matches(&usage::with_full_usage(Cli::command()).get_matches()).unwrap_or_else(|e| e.exit());
     match cli.command {
         Command::Demo(a) => train_cmds::demo(a),
-        Command::Pretrain(a) => train_cmds::pretrain(a),
-        Command::Finetune(a) => train_cmds::finetune(a),
-        Command::Eval(a) => train_cmds::eval(a),
+        Command::Pretrain(a) => device::cpu_only(&a.device, "pretrain").and_then(|()| train_cmds::pretrain(a)),
+        Command::Finetune(a) => device::cpu_only(&a.device, "finetune").and_then(|()| train_cmds::finetune(a)),
+        Command::Eval(a) => device::cpu_only(&a.device, "eval").and_then(|()| train_cmds::eval(a)),
         Command::Regions(a) => data_cmds::regions(a),
         Command::Tokenize(a) => data_cmds::tokenize(a),
         Command::Pack(a) => data_cmds::pack(a),
@@ -83,5 +88,6 @@ fn main() -> anyhow::Result<()> {
         Command::McScores(a) => task_cmds::mc_scores_cmd(a),
         Command::QaMetrics(a) => task_cmds::qa_metrics_cmd(a),
         Command::Bench(c) => bench::run(c),
+        Command::Selftest(a) => device::selftest(a),
     }
 }

@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::{bail, ensure, Context, Result};
 use demovlp_kernels::Rng;
 use demovlp_model::io::{self, TensorRef};
-use demovlp_model::{AdamW, AdamWSettings, BatchRef, Model, ModelConfig};
+use demovlp_model::{AdamW, AdamWSettings, Backend, BatchRef, Model, ModelConfig};
 use demovlp_retrieval::LossConfig;
 
 use crate::bench::{median_min_max, peak_rss_mb};
@@ -125,6 +125,9 @@ pub struct ReplayArgs {
     /// Contrastive loss only (no region-word alignment).
     #[arg(long)]
     pub global_only: bool,
+    /// Where to compute (and the GEMM precision on a GPU).
+    #[command(flatten)]
+    pub device: crate::device::DeviceArgs,
 }
 
 /// A recorded batch's inputs.
@@ -171,7 +174,21 @@ pub fn replay(a: ReplayArgs) -> Result<()> {
     if demovlp_train::qa::is_qa_dir(&a.model) {
         return crate::qa_cmds::replay_qa(a);
     }
-    let mut model = io::load_model_dir(&a.model)?;
+    crate::device::check_available(&a.device)?;
+    let model = io::load_model_dir(&a.model)?;
+    let device = a.device.clone();
+    crate::device::run_model(&device, model, Replay(a))
+}
+
+struct Replay(ReplayArgs);
+
+impl crate::device::OnModel for Replay {
+    fn run<B: Backend>(self, model: Model<B>, _device: &str) -> Result<()> {
+        replay_on(self.0, model)
+    }
+}
+
+fn replay_on<B: Backend>(a: ReplayArgs, mut model: Model<B>) -> Result<()> {
     let x = read_batch(&a.batch)?;
     let c = &model.config;
     ensure!(
@@ -235,7 +252,7 @@ pub fn replay(a: ReplayArgs) -> Result<()> {
     ];
     let grads_copy;
     if a.grads {
-        grads_copy = model.params.grad.clone();
+        grads_copy = model.backend().to_host(B::view(&model.params.grad));
         out.extend(
             model
                 .params
@@ -245,12 +262,16 @@ pub fn replay(a: ReplayArgs) -> Result<()> {
                 .map(|s| (format!("grad.{}", s.name), s.shape.clone(), TensorRef::F32(&grads_copy[s.offset..s.offset + s.len]))),
         );
     }
+    let after_adamw;
     if let Some(s) = adamw {
-        let mut opt = AdamW::with_settings(model.params.len(), s);
+        let mut opt = AdamW::new_on(model.backend().clone(), model.params.len(), s);
         opt.step(&mut model.params);
-        out.extend(model.params.specs().iter().map(|sp| {
-            (format!("after_adamw.{}", sp.name), sp.shape.clone(), TensorRef::F32(&model.params.data[sp.offset..sp.offset + sp.len]))
-        }));
+        after_adamw = model.backend().to_host(B::view(&model.params.data));
+        out.extend(
+            model.params.specs().iter().map(|sp| {
+                (format!("after_adamw.{}", sp.name), sp.shape.clone(), TensorRef::F32(&after_adamw[sp.offset..sp.offset + sp.len]))
+            }),
+        );
     }
     io::write_safetensors_refs(&a.out, &out, &[])?;
     eprintln!(
@@ -346,6 +367,9 @@ pub struct BenchTrainStepArgs {
     pub unfused: bool,
     #[command(flatten)]
     pub baseline: crate::bench_pytorch::BaselineArgs,
+    /// Where to compute (and the GEMM precision on a GPU).
+    #[command(flatten)]
+    pub device: crate::device::DeviceArgs,
 }
 
 fn bench_model(dir: &Option<PathBuf>, frames: usize) -> Result<Model> {
@@ -376,6 +400,7 @@ fn check_sizes(m: &Model, frames: usize, text_len: usize) -> Result<()> {
 
 pub fn bench_train_step(a: BenchTrainStepArgs) -> Result<()> {
     ensure!(a.runs >= 1 && a.batch >= 2 && a.regions >= 1, "need --runs ≥ 1, --batch ≥ 2 (contrastive loss), --regions ≥ 1");
+    crate::device::check_available(&a.device)?;
     let mut model = bench_model(&a.model, a.frames)?;
     model.set_recompute_mlp_blocks(if a.keep_mlp { 0 } else { a.recompute_mlp_blocks });
     check_sizes(&model, a.frames, a.text_len)?;
@@ -390,6 +415,10 @@ pub fn bench_train_step(a: BenchTrainStepArgs) -> Result<()> {
         input_ids: &x.input_ids,
         attention_mask: &x.attention_mask,
     };
+    if a.device.device != crate::device::Device::Cpu {
+        let inputs = crate::device::BenchInputs { batch, runs: a.runs, json: a.json };
+        return crate::device::run_model(&a.device, model, crate::device::TrainStepBench(inputs));
+    }
     let loss_cfg = LossConfig::default();
     let mut opt = AdamW::with_settings(model.params.len(), AdamWSettings::published(1e-5));
     let threads = rayon::current_num_threads();
@@ -523,13 +552,31 @@ pub struct BenchEmbedArgs {
     pub json: bool,
     #[command(flatten)]
     pub baseline: crate::bench_pytorch::BaselineArgs,
+    /// Where to compute (and the GEMM precision on a GPU).
+    #[command(flatten)]
+    pub device: crate::device::DeviceArgs,
 }
 
 pub fn bench_embed(a: BenchEmbedArgs) -> Result<()> {
     ensure!(a.runs >= 1 && a.batch >= 1 && a.regions >= 1, "need --runs ≥ 1, --batch ≥ 1, --regions ≥ 1");
+    crate::device::check_available(&a.device)?;
     let mut model = bench_model(&a.model, a.frames)?;
     check_sizes(&model, a.frames, a.text_len)?;
     let x = synthetic_batch(&model.config, a.batch, a.frames, a.regions, a.text_len, 2);
+    if a.device.device != crate::device::Device::Cpu {
+        let batch = BatchRef {
+            batch: a.batch,
+            frames: a.frames,
+            regions: a.regions,
+            text_len: a.text_len,
+            object: &x.object,
+            object_mask: &x.object_mask,
+            input_ids: &x.input_ids,
+            attention_mask: &x.attention_mask,
+        };
+        let inputs = crate::device::BenchInputs { batch, runs: a.runs, json: a.json };
+        return crate::device::run_model(&a.device, model, crate::device::EmbedBench(inputs));
+    }
     let threads = rayon::current_num_threads();
     eprintln!(
         "bench embed: batch {} (F={} R={} L={}), {threads} threads, 1 warm-up + {} timed calls per tower",

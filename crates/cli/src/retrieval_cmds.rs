@@ -186,6 +186,9 @@ pub struct BenchEvalSimsArgs {
     pub pytorch_n: Option<usize>,
     #[command(flatten)]
     pub baseline: crate::bench_pytorch::BaselineArgs,
+    /// Where to compute (and the GEMM precision on a GPU).
+    #[command(flatten)]
+    pub device: crate::device::DeviceArgs,
 }
 
 /// Reset VmHWM to the current RSS so the next phase's peak is its own (Linux ≥ 4.0).

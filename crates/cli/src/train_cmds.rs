@@ -49,6 +49,9 @@ pub struct PretrainArgs {
     /// Override the config's output_dir.
     #[arg(long)]
     output_dir: Option<PathBuf>,
+    /// Where to compute (and the GEMM precision on a GPU).
+    #[command(flatten)]
+    pub device: crate::device::DeviceArgs,
 }
 
 #[derive(clap::Args)]
@@ -69,6 +72,9 @@ pub struct FinetuneArgs {
     /// Override the config's output_dir.
     #[arg(long)]
     output_dir: Option<PathBuf>,
+    /// Where to compute (and the GEMM precision on a GPU).
+    #[command(flatten)]
+    pub device: crate::device::DeviceArgs,
 }
 
 #[derive(clap::Args)]
@@ -94,6 +100,9 @@ pub struct EvalArgs {
     /// Also write the [texts, videos] score matrix as safetensors (tensor `sims`).
     #[arg(long)]
     save_sims: Option<PathBuf>,
+    /// Where to compute (and the GEMM precision on a GPU).
+    #[command(flatten)]
+    pub device: crate::device::DeviceArgs,
 }
 
 fn stop_flag() -> Arc<AtomicBool> {

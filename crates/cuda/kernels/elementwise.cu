@@ -4,10 +4,6 @@
 
 #define GRID_STRIDE(i, n) for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < (n); i += (long long)gridDim.x * blockDim.x)
 
-extern "C" __global__ void fill_value(float* x, long long n, float v) {
-    GRID_STRIDE(i, n) x[i] = v;
-}
-
 extern "C" __global__ void copy_2d(const float* src, long long sld, float* dst, long long dld, long long rows, long long cols) {
     GRID_STRIDE(i, rows * cols) {
         long long r = i / cols, c = i % cols;

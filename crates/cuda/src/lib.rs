@@ -1,15 +1,15 @@
 //! The CUDA backend of demovlp's device seam ([`demovlp_model::backend::Backend`]).
 //!
 //! Everything GPU-specific sits behind the non-default cargo feature `cuda`, which builds on
-//! any machine: [cudarc] opens `libcuda`, `libnvrtc` and `libcublas` at run time (no CUDA
+//! any machine: `cudarc` opens `libcuda`, `libnvrtc` and `libcublas` at run time (no CUDA
 //! toolkit and no `nvcc` at build time). The kernels are CUDA C sources in `kernels/*.cu`,
 //! compiled by NVRTC at run time to a CUBIN for the detected GPU and cached on disk
-//! ([`nvrtc`]). Without the feature, or without a GPU, [`open`] returns an error that names
+//! (module `nvrtc`). Without the feature, or without a GPU, `open` / [`probe`] return an error that names
 //! what is missing (never a panic).
 //!
-//! Status (see the crate README section in the workspace README): compiled and linted
-//! everywhere, the kernels compiled by NVRTC for sm_80 and sm_90 in the tests; **the
-//! backend itself has not yet run on a GPU**.
+//! Status (the workspace README's GPU section): compiled and linted everywhere, the kernels
+//! compiled by NVRTC for sm_80 and sm_90 in the tests; **the backend itself has never run
+//! on a GPU**.
 
 /// The kernel sources: (module name, CUDA C source).
 pub const SOURCES: &[(&str, &str)] = &[
@@ -18,6 +18,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("attention", include_str!("../kernels/attention.cu")),
     ("tokens", include_str!("../kernels/tokens.cu")),
     ("heads", include_str!("../kernels/heads.cu")),
+    ("gemm", include_str!("../kernels/gemm.cu")),
 ];
 
 /// The `extern "C" __global__` kernel names of a source, in order.
@@ -68,7 +69,7 @@ pub mod nvrtc;
 #[cfg(feature = "cuda")]
 pub use backend::{CudaBackend, DevBuf, DevView, DevViewMut};
 
-/// What [`open`] found.
+/// What [`probe`] found.
 #[derive(Clone, Debug)]
 pub struct DeviceInfo {
     pub ordinal: usize,

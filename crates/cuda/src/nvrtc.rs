@@ -111,6 +111,65 @@ pub fn cubin_cached(name: &str, source: &str, arch: &str) -> Result<(Vec<u8>, bo
     Ok((cubin, false))
 }
 
+/// The file name of a prebuilt CUBIN: keyed by source and options (not by NVRTC version:
+/// the machine that loads it may have no NVRTC).
+pub fn prebuilt_name(name: &str, source: &str, arch: &str) -> String {
+    let opts = options(arch).join(" ");
+    format!("prebuilt-{name}-{arch}-{:016x}.cubin", fnv1a(&[source.as_bytes(), opts.as_bytes()]))
+}
+
+/// Where prebuilt CUBINs are looked for: `$DEMOVLP_CUDA_KERNELS` (`:`-separated), a
+/// `cuda-kernels/` folder next to the executable, the NVRTC cache directory.
+pub fn prebuilt_dirs() -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::env::var("DEMOVLP_CUDA_KERNELS")
+        .map(|v| v.split(':').filter(|s| !s.is_empty()).map(PathBuf::from).collect())
+        .unwrap_or_default();
+    if let Some(d) = std::env::current_exe().ok().and_then(|e| e.parent().map(|p| p.join("cuda-kernels"))) {
+        dirs.push(d);
+    }
+    dirs.extend(cache_dir());
+    dirs
+}
+
+/// Compiles every kernel source for each of `archs` into `dir` as prebuilt CUBINs (needs NVRTC,
+/// no GPU); returns the files written.
+pub fn write_prebuilt(dir: &std::path::Path, archs: &[&str]) -> Result<Vec<PathBuf>, String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let mut out = Vec::new();
+    for arch in archs {
+        for (name, src) in crate::SOURCES {
+            let cubin = compile_cubin(name, src, arch)?;
+            let p = dir.join(prebuilt_name(name, src, arch));
+            std::fs::write(&p, cubin).map_err(|e| format!("{}: {e}", p.display()))?;
+            out.push(p);
+        }
+    }
+    Ok(out)
+}
+
+/// The CUBIN of one kernel source for `arch`: compiled by NVRTC (through the disk cache)
+/// when libnvrtc is present, else a prebuilt one ([`prebuilt_dirs`]); `Err` says how to
+/// provide either.
+pub fn cubin_for(name: &str, source: &str, arch: &str) -> Result<Vec<u8>, String> {
+    if Lib::Nvrtc.present() {
+        return cubin_cached(name, source, arch).map(|(c, _)| c);
+    }
+    let file = prebuilt_name(name, source, arch);
+    for d in prebuilt_dirs() {
+        if let Ok(bytes) = std::fs::read(d.join(&file)) {
+            if bytes.starts_with(b"\x7fELF") {
+                return Ok(bytes);
+            }
+        }
+    }
+    Err(format!(
+        "libnvrtc not found and no prebuilt {file} (looked in {:?}): {}; or write them where NVRTC is available (no GPU needed) \
+         with `demovlp_cuda::nvrtc::write_prebuilt` and set DEMOVLP_CUDA_KERNELS=DIR",
+        prebuilt_dirs(),
+        crate::LIBRARY_HINT
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

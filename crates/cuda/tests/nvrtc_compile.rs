@@ -35,5 +35,11 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
     let (a, hit_a) = nvrtc::cubin_cached("heads", SOURCES[4].1, "sm_90").unwrap();
     let (b, hit_b) = nvrtc::cubin_cached("heads", SOURCES[4].1, "sm_90").unwrap();
     assert!(!hit_a && hit_b && a == b);
-    let _ = std::fs::remove_dir_all(dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    // Prebuilt CUBINs for a machine without NVRTC: one per source and architecture.
+    let pre = std::env::temp_dir().join(format!("demovlp-prebuilt-{}", std::process::id()));
+    let files = nvrtc::write_prebuilt(&pre, &["sm_90"]).unwrap();
+    assert_eq!(files.len(), SOURCES.len());
+    assert!(files.iter().all(|f| std::fs::read(f).unwrap().starts_with(b"\x7fELF")));
+    let _ = std::fs::remove_dir_all(pre);
 }

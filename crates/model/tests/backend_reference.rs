@@ -445,3 +445,19 @@ fn the_reference_backend_really_differs_from_cpu() {
     let err = check::compare_with_cpu(Reference, 0.0).unwrap_err();
     assert!(!err.contains("initial parameters"), "{err}");
 }
+
+#[test]
+fn kernel_by_kernel_verdicts_on_the_reference_backend() {
+    use demovlp_model::backend::kernels_check::{compare_kernels_with_cpu, CASES};
+    let verdicts = compare_kernels_with_cpu(&Reference, 1e-5);
+    assert_eq!(verdicts.len(), CASES.len(), "one verdict per kernel");
+    for v in &verdicts {
+        assert!(v.ok, "{}: {} (max relative error {:e})", v.name, v.detail, v.max_rel_err);
+    }
+    // At tolerance 0 the kernels the reference computes differently are reported, each with
+    // its own verdict (the others still pass).
+    let exact = compare_kernels_with_cpu(&Reference, 0.0);
+    let failed: Vec<&str> = exact.iter().filter(|v| !v.ok).map(|v| v.name).collect();
+    assert!(failed.contains(&"linear_forward") && failed.contains(&"softmax_rows (+ backward)"), "{failed:?}");
+    assert!(exact.iter().any(|v| v.ok && v.name == "dropout_mask"), "{failed:?}");
+}

@@ -6,7 +6,8 @@
 //! # What a backend must provide
 //!
 //! A checklist for a new implementation (e.g. CUDA: cudarc buffers, cuBLASLt GEMMs,
-//! NVRTC-compiled elementwise kernels, fp32 master weights with bf16 GEMM inputs):
+//! NVRTC-compiled elementwise kernels, fp32 master weights with bf16 GEMM inputs — the
+//! `demovlp-cuda` crate, behind its `cuda` feature):
 //!
 //! - **Memory.** An owned buffer [`Backend::Buf`] of `f32` (parameters, gradients, AdamW
 //!   moments, every activation), shared and mutable views of element ranges of it
@@ -43,7 +44,8 @@
 //! (the master weights, moments and gradients stay f32), and a GPU backend may run its
 //! GEMMs on bf16 copies of weights and activations (it updates the weights itself, in
 //! [`Backend::adamw_update`], so it knows when a cached bf16 copy goes stale), as long as
-//! [`check::compare_with_cpu`] holds at the tolerance it claims.
+//! [`check::compare_with_cpu`] holds at the tolerance it claims, and
+//! [`kernels_check::compare_kernels_with_cpu`] gives each kernel its own verdict.
 //!
 //! What the model still does on the host: token ids, masks (built on the host, then
 //! [`Backend::write_host`]), dropout masks' random draws, the losses' scalar outputs and
@@ -69,6 +71,7 @@
 pub mod check;
 mod cpu;
 pub mod host;
+pub mod kernels_check;
 
 pub use cpu::Cpu;
 

@@ -1,0 +1,262 @@
+//! Opening the device (libraries, context, stream, kernels from NVRTC, cuBLAS), the GEMM
+//! in both precisions, and the helpers the kernel methods share.
+
+use super::mem::{ck, Inner, Scratch, F};
+use super::{blocks, CudaBackend, DevBuf, DevView, T256};
+use crate::libs::{self, Lib};
+use crate::{nvrtc, DeviceInfo, Precision, SOURCES};
+use cudarc::cublas::{result as blas, sys as bsys};
+use cudarc::driver::{result as drv, sys};
+use demovlp_kernels::attention::{AttnShape, KeyPattern};
+use demovlp_model::backend::Backend;
+use std::collections::HashMap;
+use std::ffi::{c_void, CString};
+use std::sync::{Arc, Mutex};
+
+impl CudaBackend {
+    /// Opens GPU `ordinal`: the driver (a message naming any missing library), the device,
+    /// a stream, cuBLAS when its libraries are present (else our tiled fp32 GEMM kernel;
+    /// the bf16 mode needs cuBLAS), and the kernels compiled by NVRTC for its architecture
+    /// (or from the NVRTC cache, or prebuilt CUBINs: [`nvrtc::cubin_for`]).
+    pub fn open(ordinal: usize, precision: Precision) -> Result<Self, String> {
+        libs::require(&[Lib::Driver])?;
+        let have_blas = Lib::Cublas.present() && Lib::CublasLt.present();
+        if !have_blas && precision == Precision::Bf16 {
+            libs::require(&[Lib::Cublas, Lib::CublasLt]).map_err(|e| format!("--precision bf16 needs cuBLAS: {e}"))?;
+        }
+        let info = libs::probe(ordinal)?;
+        let (major, minor) = info.capability;
+        let arch = format!("sm_{major}{minor}");
+        let dev = drv::device::get(ordinal as i32).map_err(|e| format!("{e:?}"))?;
+        // SAFETY: driver calls on a valid device; the context stays retained for the process.
+        let (ctx, stream) = unsafe {
+            let ctx = drv::primary_ctx::retain(dev).map_err(|e| format!("cuDevicePrimaryCtxRetain: {e:?}"))?;
+            drv::ctx::set_current(ctx).map_err(|e| format!("cuCtxSetCurrent: {e:?}"))?;
+            let stream = drv::stream::create(drv::stream::StreamKind::NonBlocking).map_err(|e| format!("cuStreamCreate: {e:?}"))?;
+            // Keep freed memory in the stream-ordered pool (the default threshold 0 hands it
+            // back to the OS at every synchronisation): a steady stream of same-shaped
+            // batches then allocates nothing new.
+            let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+            if sys::cuDeviceGetDefaultMemPool(&mut pool, dev).result().is_ok() {
+                let mut keep = u64::MAX;
+                let _ = sys::cuMemPoolSetAttribute(
+                    pool,
+                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                    &mut keep as *mut u64 as *mut c_void,
+                );
+            }
+            (ctx, stream)
+        };
+        let mut funcs = HashMap::new();
+        for (name, src) in SOURCES {
+            let cubin = nvrtc::cubin_for(name, src, &arch)?;
+            // SAFETY: a CUBIN NVRTC produced for this device's architecture; kept alive by the module.
+            let module = unsafe { drv::module::load_data(cubin.as_ptr() as *const c_void) }
+                .map_err(|e| format!("loading the {name} kernels for {arch}: {e:?}"))?;
+            for k in crate::kernel_names(src) {
+                // SAFETY: the module is loaded; the name is one of its kernels.
+                let f = unsafe { drv::module::get_function(module, CString::new(k).unwrap()) }.map_err(|e| format!("kernel {k}: {e:?}"))?;
+                funcs.insert(k.to_string(), f);
+            }
+        }
+        let blas_handle = if have_blas {
+            let handle = blas::create_handle().map_err(|e| format!("cublasCreate: {e:?}"))?;
+            // SAFETY: a live handle and stream.
+            unsafe {
+                blas::set_stream(handle, stream as bsys::cudaStream_t).map_err(|e| format!("cublasSetStream: {e:?}"))?;
+                bsys::cublasSetMathMode(handle, bsys::cublasMath_t::CUBLAS_DEFAULT_MATH)
+                    .result()
+                    .map_err(|e| format!("cublasSetMathMode: {e:?}"))?;
+            }
+            Some(handle)
+        } else {
+            eprintln!(
+                "CUDA backend: libcublas/libcublasLt not found, GEMMs run on our tiled fp32 kernel (slower; {})",
+                crate::LIBRARY_HINT
+            );
+            None
+        };
+        let inner = Inner { info, precision, ctx, stream, blas: blas_handle, funcs, scratch: Mutex::default() };
+        Ok(CudaBackend { inner: Arc::new(inner) })
+    }
+
+    pub fn info(&self) -> &DeviceInfo {
+        &self.inner.info
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.inner.precision
+    }
+
+    /// Waits for every queued kernel (timings).
+    pub fn synchronize(&self) {
+        self.inner.bind();
+        // SAFETY: our live stream.
+        ck(unsafe { drv::stream::synchronize(self.inner.stream) }, "cuStreamSynchronize");
+    }
+
+    /// Column-major GEMM `C = op(A)·op(B) + beta·C` (`m × n`, inner `k`), fp32 or bf16 inputs
+    /// as the precision says.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn gemm(
+        &self,
+        ta: bool,
+        tb: bool,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: u64,
+        lda: usize,
+        b: u64,
+        ldb: usize,
+        beta: f32,
+        c: u64,
+        ldc: usize,
+    ) {
+        if m == 0 || n == 0 {
+            return;
+        }
+        let inner = &self.inner;
+        let op = |t: bool| if t { bsys::cublasOperation_t::CUBLAS_OP_T } else { bsys::cublasOperation_t::CUBLAS_OP_N };
+        let alpha = 1.0f32;
+        if k == 0 {
+            // C = beta·C: only the zeroing case occurs (beta 0 or 1).
+            if beta == 0.0 {
+                for col in 0..n {
+                    inner.zero(c + (col * ldc) as u64 * F, m);
+                }
+            }
+            return;
+        }
+        let Some(handle) = inner.blas else {
+            // No cuBLAS: our tiled kernel (fp32 only; `open` refuses bf16 without cuBLAS).
+            let grid = (m.div_ceil(16) as u32, n.div_ceil(16) as u32, 1);
+            launch!(self, "sgemm_tiled", grid, (16, 16, 1), 0;
+                ta as i32, tb as i32, m as i32, n as i32, k as i32, a, lda as i64, b, ldb as i64, beta, c, ldc as i64);
+            return;
+        };
+        match inner.precision {
+            Precision::Fp32 => {
+                // SAFETY: the matrices lie in live device memory of the sizes the leading
+                // dimensions say (the trait's conventions).
+                ck(
+                    unsafe {
+                        blas::sgemm(
+                            handle,
+                            op(ta),
+                            op(tb),
+                            m as i32,
+                            n as i32,
+                            k as i32,
+                            &alpha,
+                            a as *const f32,
+                            lda as i32,
+                            b as *const f32,
+                            ldb as i32,
+                            &beta,
+                            c as *mut f32,
+                            ldc as i32,
+                        )
+                    },
+                    "cublasSgemm",
+                );
+            }
+            Precision::Bf16 => {
+                // Stored shapes (inner, outer) of op(A) and op(B), packed to bf16.
+                let (ai, ao) = if ta { (k, m) } else { (m, k) };
+                let (bi, bo) = if tb { (n, k) } else { (k, n) };
+                let mut s = inner.scratch.lock().unwrap();
+                let a16 = inner.grow(&mut s.a16, ai * ao * 2);
+                let b16 = inner.grow(&mut s.b16, bi * bo * 2);
+                launch!(self, "to_bf16", blocks(ai * ao), T256, 0; a, lda as i64, a16, ao as i64, ai as i64);
+                launch!(self, "to_bf16", blocks(bi * bo), T256, 0; b, ldb as i64, b16, bo as i64, bi as i64);
+                // SAFETY: as above, the bf16 copies packed with leading dimensions ai, bi.
+                ck(
+                    unsafe {
+                        blas::gemm_ex(
+                            handle,
+                            op(ta),
+                            op(tb),
+                            m as i32,
+                            n as i32,
+                            k as i32,
+                            &alpha as *const f32 as *const c_void,
+                            a16 as *const c_void,
+                            bsys::cudaDataType::CUDA_R_16BF,
+                            ai as i32,
+                            b16 as *const c_void,
+                            bsys::cudaDataType::CUDA_R_16BF,
+                            bi as i32,
+                            &beta as *const f32 as *const c_void,
+                            c as *mut c_void,
+                            bsys::cudaDataType::CUDA_R_32F,
+                            ldc as i32,
+                            bsys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                            bsys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                        )
+                    },
+                    "cublasGemmEx (bf16)",
+                );
+            }
+        }
+    }
+
+    pub(super) fn ids(&self, s: &mut Scratch, ids: &[i64]) -> u64 {
+        let p = self.inner.grow(&mut s.ids, ids.len() * 8);
+        self.inner.upload(p, ids);
+        p
+    }
+
+    pub(super) fn rows(&self, s: &mut Scratch, rows: &[i32]) -> u64 {
+        let p = self.inner.grow(&mut s.rows, rows.len() * 4);
+        self.inner.upload(p, rows);
+        p
+    }
+
+    pub(super) fn host_of(&self, v: DevView<'_>) -> Vec<f32> {
+        let mut out = vec![0.0f32; v.len];
+        self.inner.download(&mut out, v.ptr);
+        out
+    }
+
+    pub(super) fn buf_from(&self, host: &[f32]) -> DevBuf {
+        let mut b = DevBuf::default();
+        self.fit(&mut b, host.len());
+        self.inner.upload(b.ptr, host);
+        b
+    }
+}
+
+pub(super) fn regions_of(s: &AttnShape) -> i32 {
+    match s.pattern {
+        KeyPattern::Full => 0,
+        KeyPattern::Frames { regions } => regions as i32,
+    }
+}
+
+impl CudaBackend {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn attention_backward_ptrs(
+        &self,
+        s: &AttnShape,
+        scale: f32,
+        [q, k, v]: [u64; 3],
+        ld: usize,
+        probs: DevView<'_>,
+        drop: Option<DevView<'_>>,
+        dout: DevView<'_>,
+        ld_dout: usize,
+        [dq, dk, dv]: [u64; 3],
+        ld_d: usize,
+    ) {
+        self.inner.bind();
+        let mut sc = self.inner.scratch.lock().unwrap();
+        let ds = self.inner.grow(&mut sc.ds, s.probs_len() * F as usize);
+        let grid = (s.seq as u32, s.heads as u32, s.batch as u32);
+        let drop = drop.map_or(0, |d| d.ptr);
+        launch!(self, "attention_backward_rows_ds", grid, (128, 1, 1), 0;
+            s.seq as i32, s.heads as i32, s.head_dim as i32, regions_of(s), scale, k, v, ld as i64, probs.ptr, drop, dout.ptr, ld_dout as i64, ds, dq, ld_d as i64);
+        launch!(self, "attention_backward_rows_dkv", grid, (64, 1, 1), 0;
+            s.seq as i32, s.heads as i32, s.head_dim as i32, regions_of(s), q, ld as i64, probs.ptr, drop, dout.ptr, ld_dout as i64, ds, dk, dv, ld_d as i64);
+    }
+}
