@@ -11,6 +11,7 @@ mod mc_cmds;
 mod model_cmds;
 mod qa_cmds;
 mod retrieval_cmds;
+mod search_cmds;
 mod task_cmds;
 mod train_cmds;
 mod usage;
@@ -58,6 +59,14 @@ enum Command {
     McScores(task_cmds::McScoresArgs),
     /// Video QA accuracy (overall and per answer type) of a JSONL predictions file.
     QaMetrics(task_cmds::QaMetricsArgs),
+    /// Embed a collection of clips into a search index (resumable, appendable, --shard i/n).
+    Index(search_cmds::IndexArgs),
+    /// Combine indexes built with the same settings (e.g. shards) into a new one.
+    IndexMerge(search_cmds::IndexMergeArgs),
+    /// Search an index with a text: global candidates, then global + region-word re-rank.
+    Search(search_cmds::SearchArgs),
+    /// Which regions each word of a text attends to in one clip (JSON and SVG).
+    Explain(search_cmds::ExplainArgs),
     /// Benchmarks (medians of several runs, with peak memory).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -87,6 +96,10 @@ fn main() -> anyhow::Result<()> {
         Command::EvalMc(a) => mc_cmds::eval_mc(a),
         Command::McScores(a) => task_cmds::mc_scores_cmd(a),
         Command::QaMetrics(a) => task_cmds::qa_metrics_cmd(a),
+        Command::Index(a) => search_cmds::index(a),
+        Command::IndexMerge(a) => search_cmds::index_merge(a),
+        Command::Search(a) => search_cmds::search(a),
+        Command::Explain(a) => search_cmds::explain(a),
         Command::Bench(c) => bench::run(c),
         Command::Selftest(a) => device::selftest(a),
     }

@@ -1,0 +1,371 @@
+//! `demovlp index`: embed every clip of a collection and write (or extend) an index.
+//!
+//! Clips are embedded in segments of `segment_clips`; each segment is written atomically
+//! and recorded in `index.json` as soon as it is complete, so a run stopped at any point
+//! resumes where it stopped (clips already in the index are never re-embedded), and a
+//! later run with more clips only embeds the new ones. `shard = (i, n)` keeps the clips
+//! at positions ≡ i (mod n) of the (deduplicated) list, so n jobs can index in parallel
+//! into n directories that [`merge`] then combines.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use demovlp_data::annotations::{read_annotations, read_msrvtt, Layout, MsrvttCut};
+use demovlp_data::batches::{assemble_videos, InputShape};
+use demovlp_data::regions::{choose_frames, FEAT_DIM};
+use demovlp_data::{FeatureSource, FrameChoice};
+use demovlp_model::Model;
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::store::{normalize_rows, write_segment, Index, Manifest, SegmentData, Settings, FORMAT, VERSION};
+
+/// Which clips to index.
+#[derive(Clone, Debug)]
+pub enum ClipList {
+    /// An annotation file (layout detected from its name unless given) or an MSR-VTT
+    /// metadata directory.
+    Annotations { path: PathBuf, layout: Option<String> },
+    /// Every clip directory under the feature root (or every clip of a packed store).
+    All,
+    /// Given explicitly (tests, merges).
+    Ids(Vec<String>),
+}
+
+#[derive(Clone, Debug)]
+pub struct IndexOptions {
+    pub model: PathBuf,
+    pub features: PathBuf,
+    pub clips: ClipList,
+    pub out: PathBuf,
+    /// None: the existing index's, else 8.
+    pub frames: Option<usize>,
+    /// None: the existing index's, else 30.
+    pub regions: Option<usize>,
+    /// None: the existing index's, else `builtin:bert-base-uncased`.
+    pub tokenizer: Option<String>,
+    /// None: the existing index's, else min(100, the model's text positions).
+    pub text_len: Option<usize>,
+    pub lambda: f32,
+    pub masked_mean: bool,
+    /// Keep the local embeddings in f32 instead of f16.
+    pub fp32: bool,
+    pub batch_size: usize,
+    pub segment_clips: usize,
+    pub shard: Option<(usize, usize)>,
+    pub progress: bool,
+    /// Checked between batches: stop after the current segment.
+    pub stop: Option<Arc<AtomicBool>>,
+}
+
+impl IndexOptions {
+    pub fn new(model: PathBuf, features: PathBuf, clips: ClipList, out: PathBuf) -> Self {
+        IndexOptions {
+            model,
+            features,
+            clips,
+            out,
+            frames: None,
+            regions: None,
+            tokenizer: None,
+            text_len: None,
+            lambda: 20.0,
+            masked_mean: false,
+            fp32: false,
+            batch_size: 32,
+            segment_clips: 1024,
+            shard: None,
+            progress: true,
+            stop: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct IndexSummary {
+    /// Clips embedded by this run.
+    pub clips: usize,
+    /// Clips in the index afterwards.
+    pub total_clips: usize,
+    /// Already in the index (not re-embedded).
+    pub already_indexed: usize,
+    /// Bytes written by this run.
+    pub bytes: u64,
+    pub seconds: f64,
+    /// `(clip, reason)` of every clip that could not be embedded.
+    pub skipped: Vec<(String, String)>,
+    pub fp16_max_rel_err: f64,
+    pub interrupted: bool,
+}
+
+/// Parses `i/n` (0 ≤ i < n).
+pub fn parse_shard(s: &str) -> Result<(usize, usize)> {
+    let (a, b) = s.split_once('/').with_context(|| format!("--shard {s:?}: expected i/n, e.g. 0/4"))?;
+    let (i, n): (usize, usize) = (a.trim().parse().context("--shard: i")?, b.trim().parse().context("--shard: n")?);
+    if n == 0 || i >= n {
+        bail!("--shard {s:?}: need 0 ≤ i < n");
+    }
+    Ok((i, n))
+}
+
+/// The clip ids to index, deduplicated, in annotation order.
+pub fn list_clips(list: &ClipList, features: &Path) -> Result<Vec<String>> {
+    let ids: Vec<String> = match list {
+        ClipList::Ids(v) => v.clone(),
+        ClipList::All => {
+            if features.join("manifest.json").is_file() {
+                // A packed store: `clips.tsv` is `clip id<TAB>first frame<TAB>frame count`.
+                let t = std::fs::read_to_string(features.join("clips.tsv"))
+                    .with_context(|| format!("{}: reading clips.tsv", features.display()))?;
+                t.lines().filter(|l| !l.is_empty()).map(|l| l.split('\t').next().unwrap_or("").to_string()).collect()
+            } else {
+                demovlp_data::pack::list_clip_dirs(features)?
+            }
+        }
+        ClipList::Annotations { path, layout } => {
+            if path.is_dir() {
+                read_msrvtt(path, MsrvttCut::from_name("jsfusion")?, false)?.into_iter().map(|s| s.clip).collect()
+            } else {
+                let layout = layout.as_deref().map(Layout::from_name).transpose()?;
+                let a = read_annotations(path, layout, true)?;
+                if !a.skipped.is_empty() {
+                    eprintln!("{}: skipped {} bad annotation records, e.g. {}", path.display(), a.skipped.len(), a.skipped[0]);
+                }
+                a.samples.into_iter().map(|s| s.clip).collect()
+            }
+        }
+    };
+    let mut seen = HashSet::new();
+    Ok(ids.into_iter().filter(|c| seen.insert(c.clone())).collect())
+}
+
+fn segment_name(i: usize) -> String {
+    format!("seg-{i:05}")
+}
+
+/// Removes `*.tmp` leftovers and segment directories `index.json` does not list.
+fn clean_strays(dir: &Path, m: &Manifest) -> Result<()> {
+    let listed: HashSet<&str> = m.segments.iter().map(String::as_str).collect();
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        let name = e.file_name().to_string_lossy().to_string();
+        if e.path().is_dir() && name.starts_with("seg-") && !listed.contains(name.as_str()) {
+            std::fs::remove_dir_all(e.path())?;
+        }
+    }
+    Ok(())
+}
+
+/// Embeds a batch of loaded clips; returns the segment rows.
+pub fn embed_clips(
+    model: &mut Model,
+    source: &dyn FeatureSource,
+    clips: &[String],
+    shape: InputShape,
+    out: &mut SegmentData,
+    skipped: &mut Vec<(String, String)>,
+) {
+    let (f, r, p) = (shape.frames, shape.regions, model.config.proj_dim);
+    // One clip at a time through the shared assembler, so one bad clip is skipped, not the batch.
+    #[allow(clippy::type_complexity)]
+    let loaded: Vec<(String, Result<(demovlp_data::VideoBatch, Vec<i32>)>)> = clips
+        .par_iter()
+        .map(|c| {
+            let res = (|| {
+                let b = assemble_videos("index", source, std::slice::from_ref(c), shape)?;
+                let v = source.frame_count(c)?;
+                let mut fr: Vec<i32> = choose_frames(v, f, &mut FrameChoice::Middle)?.into_iter().map(|x| x as i32).collect();
+                fr.resize(f, -1);
+                Ok((b, fr))
+            })();
+            (c.clone(), res)
+        })
+        .collect();
+    let mut object = Vec::new();
+    let mut mask = Vec::new();
+    let mut ok = Vec::new();
+    for (c, res) in loaded {
+        match res {
+            Ok((b, fr)) => {
+                // Box fractions (x1, y1, x2, y2) are the first four box-feature entries of each token.
+                for t in b.object.chunks_exact(demovlp_data::TOKEN_DIM) {
+                    out.boxes.extend_from_slice(&t[FEAT_DIM..FEAT_DIM + 4]);
+                }
+                out.frames.extend(fr);
+                object.extend(b.object);
+                mask.extend(b.object_mask);
+                ok.push(c);
+            }
+            Err(e) => skipped.push((c, format!("{e:#}"))),
+        }
+    }
+    if ok.is_empty() {
+        return;
+    }
+    let e = model.embed_video_inference(&object, &mask, ok.len(), f, r);
+    let mut g = e.global;
+    normalize_rows(&mut g, p);
+    out.global.extend(g);
+    out.local.extend(e.local);
+    out.mask.extend(e.mask_additive.iter().map(|&m| u8::from(demovlp_retrieval::local::is_real(m))));
+    out.clips.extend(ok);
+}
+
+/// Builds or extends the index at `opt.out`.
+pub fn build_index(opt: &IndexOptions) -> Result<IndexSummary> {
+    let t0 = Instant::now();
+    let mut model = demovlp_train::weights::load_model(&opt.model).with_context(|| format!("loading model {}", opt.model.display()))?;
+    let source = demovlp_train::annotations::open_features(&opt.features)?;
+    let mut clips = list_clips(&opt.clips, &opt.features)?;
+    if let Some((i, n)) = opt.shard {
+        clips = clips.into_iter().enumerate().filter(|(k, _)| k % n == i).map(|(_, c)| c).collect();
+    }
+    std::fs::create_dir_all(&opt.out).with_context(|| format!("creating {}", opt.out.display()))?;
+    let max_text = model.config.text.max_position_embeddings;
+    let existing = if Manifest::path(&opt.out).is_file() { Some(Manifest::read(&opt.out)?) } else { None };
+    let settings = Settings {
+        model: opt.model.display().to_string(),
+        tokenizer: opt
+            .tokenizer
+            .clone()
+            .or(existing.as_ref().map(|m| m.settings.tokenizer.clone()))
+            .unwrap_or_else(|| crate::text::BUILTIN.into()),
+        text_len: opt.text_len.or(existing.as_ref().map(|m| m.settings.text_len)).unwrap_or(100.min(max_text)),
+        frames: opt.frames.or(existing.as_ref().map(|m| m.settings.frames)).unwrap_or(8),
+        regions: opt.regions.or(existing.as_ref().map(|m| m.settings.regions)).unwrap_or(30),
+        proj_dim: model.config.proj_dim,
+        lambda: opt.lambda,
+        masked_mean: opt.masked_mean,
+        local_dtype: if opt.fp32 { "f32" } else { "f16" }.into(),
+    };
+    if settings.text_len < 2 || settings.text_len > max_text {
+        bail!("--text-len {}: the model has {max_text} text positions (need 2 ≤ L ≤ {max_text})", settings.text_len);
+    }
+    if settings.frames > model.config.video.max_frames {
+        bail!("--frames {}: the model was built for at most {} frames", settings.frames, model.config.video.max_frames);
+    }
+    crate::text::load_tokenizer(&settings.tokenizer).with_context(|| format!("--tokenizer {}", settings.tokenizer))?;
+    let mut manifest = match existing {
+        Some(m) => {
+            let (a, b) = (&m.settings, &settings);
+            if (a.tokenizer.as_str(), a.text_len, a.frames, a.regions, a.proj_dim, a.local_dtype.as_str())
+                != (b.tokenizer.as_str(), b.text_len, b.frames, b.regions, b.proj_dim, b.local_dtype.as_str())
+            {
+                bail!("{}: the existing index was built with other settings ({a:?}); this run asks for {b:?}", opt.out.display());
+            }
+            clean_strays(&opt.out, &m)?;
+            m
+        }
+        None => Manifest {
+            format: FORMAT.into(),
+            version: VERSION,
+            settings: settings.clone(),
+            segments: vec![],
+            clips: 0,
+            fp16_max_rel_err: 0.0,
+        },
+    };
+    let have: HashSet<String> =
+        if manifest.segments.is_empty() { HashSet::new() } else { Index::open(&opt.out)?.by_id.into_keys().collect() };
+    let before = clips.len();
+    clips.retain(|c| !have.contains(c));
+    let mut sum = IndexSummary { already_indexed: before - clips.len(), ..Default::default() };
+    let shape = InputShape { frames: settings.frames, regions: settings.regions, text_len: settings.text_len };
+    let total = clips.len();
+    let mut done = 0;
+    for seg_clips in clips.chunks(opt.segment_clips.max(1)) {
+        let mut data = SegmentData::default();
+        for b in seg_clips.chunks(opt.batch_size.max(1)) {
+            embed_clips(&mut model, source.as_ref(), b, shape, &mut data, &mut sum.skipped);
+            done += b.len();
+            if opt.progress {
+                let el = t0.elapsed().as_secs_f64();
+                eprint!("\rindexing: {done}/{total} clips, {:.1} clips/s, {} skipped   ", done as f64 / el.max(1e-9), sum.skipped.len());
+            }
+        }
+        if !data.clips.is_empty() {
+            let name = (manifest.segments.len()..).map(segment_name).find(|n| !opt.out.join(n).exists()).unwrap();
+            let (bytes, err) = write_segment(&opt.out, &name, &settings, &data)?;
+            manifest.segments.push(name);
+            manifest.clips += data.clips.len();
+            manifest.fp16_max_rel_err = manifest.fp16_max_rel_err.max(err);
+            manifest.write(&opt.out)?;
+            sum.clips += data.clips.len();
+            sum.bytes += bytes;
+            sum.fp16_max_rel_err = sum.fp16_max_rel_err.max(err);
+        }
+        if opt.stop.as_ref().is_some_and(|s| s.load(Ordering::Relaxed)) {
+            sum.interrupted = true;
+            break;
+        }
+    }
+    if manifest.segments.is_empty() {
+        manifest.write(&opt.out)?;
+    }
+    if opt.progress && total > 0 {
+        eprintln!();
+    }
+    sum.total_clips = manifest.clips;
+    sum.seconds = t0.elapsed().as_secs_f64();
+    Ok(sum)
+}
+
+/// Combines indexes built with the same settings (e.g. the `--shard i/n` parts) into `out`:
+/// segments are hard-linked (copied across file systems), clip ids must be disjoint.
+pub fn merge(inputs: &[PathBuf], out: &Path) -> Result<Manifest> {
+    if inputs.is_empty() {
+        bail!("merge: no input indexes");
+    }
+    if Manifest::path(out).exists() {
+        bail!("{}: already an index; merge writes a new one", out.display());
+    }
+    let mut seen = HashSet::new();
+    let mut m: Option<Manifest> = None;
+    std::fs::create_dir_all(out)?;
+    for dir in inputs {
+        let idx = Index::open(dir)?;
+        let s = &idx.manifest.settings;
+        let mm = m.get_or_insert_with(|| Manifest {
+            format: FORMAT.into(),
+            version: VERSION,
+            settings: s.clone(),
+            segments: vec![],
+            clips: 0,
+            fp16_max_rel_err: 0.0,
+        });
+        let (a, b) = (&mm.settings, s);
+        if (a.tokenizer.as_str(), a.text_len, a.frames, a.regions, a.proj_dim, a.local_dtype.as_str(), &a.model)
+            != (b.tokenizer.as_str(), b.text_len, b.frames, b.regions, b.proj_dim, b.local_dtype.as_str(), &b.model)
+        {
+            bail!("{}: built with other settings than {} ({b:?} vs {a:?})", dir.display(), inputs[0].display());
+        }
+        for c in idx.by_id.keys() {
+            if !seen.insert(c.clone()) {
+                bail!("merge: clip {c:?} is in more than one input (second: {})", dir.display());
+            }
+        }
+        for seg in &idx.manifest.segments {
+            let name = segment_name(mm.segments.len());
+            let (src, tmp) = (dir.join(seg), out.join(format!("{name}.tmp")));
+            std::fs::create_dir_all(&tmp)?;
+            for e in std::fs::read_dir(&src)? {
+                let e = e?;
+                let to = tmp.join(e.file_name());
+                if std::fs::hard_link(e.path(), &to).is_err() {
+                    std::fs::copy(e.path(), &to).with_context(|| format!("copying {}", e.path().display()))?;
+                }
+            }
+            std::fs::rename(&tmp, out.join(&name))?;
+            mm.segments.push(name);
+        }
+        mm.clips += idx.len();
+        mm.fp16_max_rel_err = mm.fp16_max_rel_err.max(idx.manifest.fp16_max_rel_err);
+    }
+    let m = m.unwrap();
+    m.write(out)?;
+    Ok(m)
+}

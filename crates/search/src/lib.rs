@@ -1,0 +1,14 @@
+//! demovlp-search: search your own video collection with a trained DemoVLP model.
+//!
+//! - [`store`]: the index directory (segments of memory-mapped embeddings, boxes, masks).
+//! - [`build`]: `demovlp index` — embed a collection, resumable, appendable, sharded, merged.
+//! - [`ann`]: global top-N candidates (exact below a threshold, a graph index above).
+//! - [`search`]: query embedding, candidates, exact global + region-word re-rank.
+//! - [`explain`]: per word the regions it attends to, per region its best word, and an SVG.
+
+pub mod ann;
+pub mod build;
+pub mod explain;
+pub mod search;
+pub mod store;
+pub mod text;

@@ -1,0 +1,192 @@
+//! Queries: embed the text, take the global top-N candidates (exact scan below a size
+//! threshold, the graph index above it), then re-rank those N by the exact evaluation
+//! score — global cosine + region-word similarity (SPEC §8, aligned combination) — on the
+//! stored (fp16) local embeddings.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use demovlp_data::TextTokenizer;
+use demovlp_model::Model;
+use demovlp_retrieval::EmbeddingSet;
+use serde::Serialize;
+
+use crate::ann::{exact_top_k, Ann};
+use crate::store::Index;
+
+/// Below this many clips the global candidates come from an exact scan.
+pub const DEFAULT_EXACT_THRESHOLD: usize = 50_000;
+/// Longest query text accepted (bytes).
+pub const MAX_QUERY_BYTES: usize = 4096;
+
+/// One query text, embedded.
+#[derive(Clone, Debug)]
+pub struct TextQuery {
+    pub text: String,
+    pub ids: Vec<i64>,
+    /// `[P]` raw global embedding.
+    pub global: Vec<f32>,
+    /// `[P]` L2-normalised.
+    pub global_unit: Vec<f32>,
+    /// `[L−1, P]`, `[L−1]` additive.
+    pub local: Vec<f32>,
+    pub mask_additive: Vec<f32>,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Hit {
+    pub clip: String,
+    /// Ranking score: global + local when re-ranked, else global.
+    pub score: f32,
+    pub global: f32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub local: Option<f32>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct SearchResult {
+    pub query: String,
+    pub results: Vec<Hit>,
+}
+
+/// Everything a query needs besides a model: the index, the tokenizer, the ANN graph.
+pub struct Engine {
+    pub index: Index,
+    pub tokenizer: TextTokenizer,
+    pub vocab: Vec<String>,
+    pub ann: Option<Ann>,
+    pub exact_threshold: usize,
+}
+
+impl Engine {
+    /// Opens an index and its tokenizer; builds no graph (see [`Engine::open_with_ann`]).
+    pub fn open(dir: &Path) -> Result<Engine> {
+        let index = Index::open(dir)?;
+        let spec = index.settings().tokenizer.clone();
+        let tokenizer = crate::text::load_tokenizer(&spec).with_context(|| format!("the index's tokenizer {spec}"))?;
+        let vocab = crate::text::vocab_table(&spec)?;
+        Ok(Engine { index, tokenizer, vocab, ann: None, exact_threshold: DEFAULT_EXACT_THRESHOLD })
+    }
+
+    /// [`Engine::open`] plus the ANN graph when the index is above the exact threshold
+    /// (loaded from `ann.*` in the index when it matches, else built and saved).
+    pub fn open_with_ann(dir: &Path, threshold: usize) -> Result<Engine> {
+        let mut e = Self::open(dir)?;
+        e.exact_threshold = threshold;
+        if e.index.len() >= threshold {
+            e.ann = Some(Ann::load_or_build(&e.index)?);
+        }
+        Ok(e)
+    }
+
+    /// The model the index was built with.
+    pub fn load_model(&self) -> Result<Model> {
+        let p = &self.index.settings().model;
+        demovlp_train::weights::load_model(Path::new(p)).with_context(|| format!("loading the index's model {p}"))
+    }
+
+    pub fn check_query(text: &str) -> Result<()> {
+        if text.trim().is_empty() {
+            bail!("empty query");
+        }
+        if text.len() > MAX_QUERY_BYTES {
+            bail!("query is {} bytes, the limit is {MAX_QUERY_BYTES}", text.len());
+        }
+        Ok(())
+    }
+
+    pub fn embed_query(&self, model: &mut Model, text: &str) -> Result<TextQuery> {
+        Self::check_query(text)?;
+        let st = self.index.settings();
+        let l = st.text_len;
+        let (ids, am) = self.tokenizer.encode(text, l)?;
+        let e = model.embed_text(&ids, &am, 1, l);
+        if e.global.len() != st.proj_dim {
+            bail!("model has width {}, the index {}", e.global.len(), st.proj_dim);
+        }
+        let mut unit = e.global.clone();
+        crate::store::normalize_rows(&mut unit, st.proj_dim);
+        Ok(TextQuery { text: text.into(), ids, global: e.global, global_unit: unit, local: e.local, mask_additive: e.mask_additive })
+    }
+
+    /// Global candidates: exact below the threshold (or without a graph), else the graph.
+    pub fn candidates(&self, q: &[f32], n: usize) -> Vec<(usize, f32)> {
+        match &self.ann {
+            Some(a) if self.index.len() >= self.exact_threshold => a.search(&self.index, q, n),
+            _ => exact_top_k(&self.index, q, n),
+        }
+    }
+
+    /// Exact global + local scores of `clips` for the query (the evaluation's score).
+    pub fn rerank_scores(&self, q: &TextQuery, clips: &[usize]) -> Vec<(f32, f32)> {
+        let st = self.index.settings();
+        let (p, nl) = (st.proj_dim, st.locals());
+        let n = clips.len();
+        let mut vg = Vec::with_capacity(n * p);
+        let mut vl = Vec::with_capacity(n * nl * p);
+        let mut vm = Vec::with_capacity(n * nl);
+        for &c in clips {
+            vg.extend_from_slice(self.index.global(c));
+            self.index.local_into(c, &mut vl);
+            self.index.mask_additive_into(c, &mut vm);
+        }
+        let lt = q.mask_additive.len();
+        let texts = EmbeddingSet { count: 1, len: lt, dim: p, global: &q.global, local: &q.local, mask_additive: &q.mask_additive };
+        let videos = EmbeddingSet { count: n, len: nl, dim: p, global: &vg, local: &vl, mask_additive: &vm };
+        let g = demovlp_retrieval::global::cosine_matrix(&q.global, 1, &vg, n, p);
+        let s = demovlp_retrieval::eval::local_scores(&texts, &videos, st.lambda, st.masked_mean, &|_, _| {});
+        g.into_iter().zip(s).collect()
+    }
+
+    /// Top `k` for an embedded query; `rerank` = N candidates re-ranked (0: global only).
+    pub fn search_embedded(&self, q: &TextQuery, k: usize, rerank: usize) -> Vec<Hit> {
+        if self.index.is_empty() || k == 0 {
+            return vec![];
+        }
+        if rerank == 0 {
+            let c = self.candidates(&q.global_unit, k);
+            let ids: Vec<usize> = c.iter().map(|x| x.0).collect();
+            let g =
+                demovlp_retrieval::global::cosine_matrix(&q.global, 1, &self.global_rows(&ids), ids.len(), self.index.settings().proj_dim);
+            let mut hits: Vec<Hit> =
+                ids.iter().zip(g).map(|(&i, g)| Hit { clip: self.index.clip_id(i).into(), score: g, global: g, local: None }).collect();
+            sort_hits(&mut hits);
+            return hits;
+        }
+        let c = self.candidates(&q.global_unit, rerank.max(k));
+        let ids: Vec<usize> = c.iter().map(|x| x.0).collect();
+        let s = self.rerank_scores(q, &ids);
+        let mut hits: Vec<Hit> = ids
+            .iter()
+            .zip(s)
+            .map(|(&i, (g, l))| Hit { clip: self.index.clip_id(i).into(), score: g + l, global: g, local: Some(l) })
+            .collect();
+        sort_hits(&mut hits);
+        hits.truncate(k);
+        hits
+    }
+
+    fn global_rows(&self, ids: &[usize]) -> Vec<f32> {
+        ids.iter().flat_map(|&i| self.index.global(i).iter().copied()).collect()
+    }
+
+    pub fn search(&self, model: &mut Model, text: &str, k: usize, rerank: usize) -> Result<SearchResult> {
+        let q = self.embed_query(model, text)?;
+        Ok(SearchResult { query: text.into(), results: self.search_embedded(&q, k, rerank) })
+    }
+}
+
+/// Best first; ties by clip id (so results are deterministic).
+pub fn sort_hits(h: &mut [Hit]) {
+    h.sort_by(|a, b| b.score.total_cmp(&a.score).then_with(|| a.clip.cmp(&b.clip)));
+}
+
+/// A human-readable table of results.
+pub fn table(r: &SearchResult) -> String {
+    let mut s = format!("query: {}\n{:>4}  {:>8}  {:>8}  {:>8}  clip\n", r.query, "rank", "score", "global", "local");
+    for (i, h) in r.results.iter().enumerate() {
+        let l = h.local.map(|l| format!("{l:8.4}")).unwrap_or_else(|| format!("{:>8}", "-"));
+        s += &format!("{:>4}  {:8.4}  {:8.4}  {l}  {}\n", i + 1, h.score, h.global, h.clip);
+    }
+    s
+}
