@@ -277,3 +277,29 @@ pub fn eval_qa(a: EvalQaArgs) -> Result<()> {
     );
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------
+// demo --task
+
+/// `demovlp demo --task qa|mc`.
+pub fn demo_task(
+    task: &str,
+    quick: bool,
+    has_out: bool,
+    seed: u64,
+    quiet: bool,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Result<()> {
+    use demovlp_train::demo_tasks::{run_task, DemoTask};
+    ensure!(!has_out, "--out is for the retrieval demo; `demo --task` keeps nothing on disk");
+    let t = match task {
+        "qa" => DemoTask::Qa,
+        "mc" => DemoTask::Mc,
+        _ => bail!("--task: qa or mc"),
+    };
+    let opts = demovlp_train::demo::DemoOptions { quick, out: None, seed, quiet, stop: Some(stop), sizes: None };
+    let r = run_task(t, &opts)?;
+    print!("{}", r.table);
+    println!("{}", r.json_line());
+    Ok(())
+}
