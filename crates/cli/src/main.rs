@@ -39,6 +39,12 @@ enum Command {
     Pretrain(train_cmds::PretrainArgs),
     /// Fine-tune a checkpoint from a TOML config.
     Finetune(train_cmds::FinetuneArgs),
+    /// Fine-tune a video QA model from a QA config ([task] kind = "qa").
+    #[command(long_about = qa_cmds::finetune_qa_help())]
+    FinetuneQa(qa_cmds::FinetuneQaArgs),
+    /// Evaluate a video QA model: accuracy overall and per answer type, answers outside the vocabulary.
+    #[command(long_about = qa_cmds::eval_qa_help())]
+    EvalQa(qa_cmds::EvalQaArgs),
     /// Evaluate text<->video retrieval of a model on a test set.
     Eval(train_cmds::EvalArgs),
     /// Write the evaluation-path model input of one clip directory.
@@ -54,6 +60,7 @@ enum Command {
     /// Retrieval metrics of a text x video similarity matrix.
     Metrics(retrieval_cmds::MetricsArgs),
     /// Multiple-choice evaluation of a model (MSR-VTT-MC, LSMDC-MC, own JSONL): accuracy and predictions.
+    #[command(long_about = mc_cmds::EVAL_MC_HELP)]
     EvalMc(mc_cmds::EvalMcArgs),
     /// Multiple-choice scores and accuracy from option and clip embeddings.
     McScores(task_cmds::McScoresArgs),
@@ -86,6 +93,8 @@ fn main() -> anyhow::Result<()> {
         Command::Demo(a) => train_cmds::demo(a),
         Command::Pretrain(a) => device::cpu_only(&a.device, "pretrain").and_then(|()| train_cmds::pretrain(a)),
         Command::Finetune(a) => device::cpu_only(&a.device, "finetune").and_then(|()| train_cmds::finetune(a)),
+        Command::FinetuneQa(a) => qa_cmds::finetune_qa(a),
+        Command::EvalQa(a) => qa_cmds::eval_qa(a),
         Command::Eval(a) => device::cpu_only(&a.device, "eval").and_then(|()| train_cmds::eval(a)),
         Command::Regions(a) => data_cmds::regions(a),
         Command::Tokenize(a) => data_cmds::tokenize(a),

@@ -8,8 +8,8 @@ use demovlp_data::batches::InputShape;
 use demovlp_train::mc::{evaluate_mc, read_mc, McConfig, McFormat, McOptions};
 use serde_json::json;
 
-#[derive(clap::Args)]
-#[command(long_about = "Multiple-choice evaluation of a retrieval model (SPEC §8): for every question, embed its \
+/// `demovlp eval-mc --help`.
+pub const EVAL_MC_HELP: &str = "Multiple-choice evaluation of a retrieval model (SPEC §8): for every question, embed its \
 K option texts and its clip, score each option with global + local (region-word) similarity, and count the \
 questions whose best-scoring option is the answer. Nothing is trained (the published runs evaluate the model \
 fine-tuned for MSR-VTT retrieval).\n\n\
@@ -27,7 +27,9 @@ Give either --config (configs/msrvtt_mc.toml, configs/lsmdc_mc.toml: [task] kind
 tokenizer, [data.test] questions and features, [loss] lambda) or --questions and --features; flags override \
 the config.\n\n\
 --predictions writes one JSON object per question: {\"qid\", \"clip\", \"answer\", \"prediction\", \"correct\", \
-\"prediction_reference\", \"scores\" (the chosen combination), \"scores_aligned\", \"scores_reference\"}.")]
+\"prediction_reference\", \"scores\" (the chosen combination), \"scores_aligned\", \"scores_reference\"}.";
+
+#[derive(clap::Args)]
 pub struct EvalMcArgs {
     /// A model directory or a training checkpoint (a retrieval model).
     #[arg(long)]

@@ -2,10 +2,13 @@
 //! a QA model directory (`demovlp_train::qa`), and `replay` on such a directory runs the
 //! published `ObjectQARelation` on a recorded batch with `in.labels`.
 
+use std::path::PathBuf;
+
 use anyhow::{bail, ensure, Context, Result};
 use demovlp_model::io::{self, TensorRef};
 use demovlp_model::BatchRef;
 use demovlp_train::qa::{import_qa_weights, load_qa_dir, save_qa_dir};
+use serde_json::json;
 
 use crate::model_cmds::{read_batch, ImportArgs, ReplayArgs};
 
@@ -129,5 +132,174 @@ pub fn replay_qa(a: ReplayArgs) -> Result<()> {
         out.len(),
         a.out.display()
     );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// finetune-qa / eval-qa
+
+const QA_CONFIG_HELP: &str = "A QA config is TOML with [task] kind = \"qa\" (configs/msrvtt_qa.toml, msvd_qa.toml, \
+tgif_qa-frame.toml): [model] init (a retrieval checkpoint or model directory: the head starts from scratch; or a QA \
+model directory) and hidden; [data] tokenizer (absent: the built-in uncased WordPiece), text_len, frames, regions, \
+batch_size, answers (the answer vocabulary: {answer: label} JSON, a JSON list, or one answer per line); [data.train], \
+[data.val], [data.test] with name, format (msrvtt-qa, msvd-qa (+ mapping = msvd_youtube_mapping.txt), tgif-frameqa, \
+or jsonl: our own {\"clip\", \"question\", \"answer\", \"answer_type\"?} per line), annotations, features; [optim] as \
+for retrieval (published: lr 2e-4, first_epoch_lr 1e-4, milestones [2, 4, 8]); [train] epochs, log_every, \
+attention_dropout, text_dropout, eval_batch_size.";
+
+/// `--help` of the command.
+pub fn finetune_qa_help() -> String {
+    format!(
+        "Fine-tunes a video QA model (SPEC §8: the retrieval towers + the BUTD head, \
+cross-entropy over the answer vocabulary). Training questions whose answer is outside the vocabulary are skipped and \
+counted. The best epoch is chosen on validation accuracy and written to <output_dir>/best (a QA model directory); \
+<output_dir>/last holds the end of the latest epoch with both optimisers' state, from which --resume continues \
+bit-exactly; <output_dir>/log.jsonl has one line per logged step and per epoch. At the end the best model is evaluated \
+on [data.test]. The last stdout line is JSON: {{\"task\": \"qa\", \"accuracy\", \"out_of_vocabulary\", \"metrics\", \
+\"best_epoch\", \"skipped_out_of_vocabulary\"}}.\n\n{QA_CONFIG_HELP}"
+    )
+}
+
+#[derive(clap::Args)]
+pub struct FinetuneQaArgs {
+    /// The QA config.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Initial model (overrides [model] init): a retrieval checkpoint / model directory, or a QA model directory.
+    #[arg(long)]
+    pub init: Option<PathBuf>,
+    /// Continue the run in output_dir from its last finished epoch.
+    #[arg(long)]
+    pub resume: bool,
+    /// Override output_dir.
+    #[arg(long)]
+    pub output_dir: Option<PathBuf>,
+}
+
+pub fn finetune_qa(a: FinetuneQaArgs) -> Result<()> {
+    let mut cfg = demovlp_train::qa_train::QaConfig::parse_file(&a.config)?;
+    if let Some(o) = a.output_dir {
+        cfg.output_dir = o;
+    }
+    let stop = demovlp_train::trainer::install_ctrlc();
+    let r = demovlp_train::qa_train::run_qa(&cfg, a.init.as_deref(), a.resume, Some(&stop), false)?;
+    let mut line = json!({
+        "task": "qa", "best_epoch": r.state.best_epoch, "best_val_accuracy": r.state.best_accuracy,
+        "skipped_out_of_vocabulary": r.state.skipped_out_of_vocabulary, "output_dir": r.output_dir.display().to_string(),
+    });
+    if let Some(t) = &r.test {
+        print_qa_table(t);
+        line["accuracy"] = t.accuracy.into();
+        line["out_of_vocabulary"] = t.out_of_vocabulary.into();
+        line["metrics"] = t.metrics.clone();
+    }
+    println!("{line}");
+    Ok(())
+}
+
+fn print_qa_table(e: &demovlp_train::qa_train::QaEval) {
+    let m = &e.metrics;
+    println!("{:<12} {:>9} {:>10}", "answer type", "accuracy", "questions");
+    println!("{:<12} {:>8.2}% {:>10}", "overall", e.accuracy, m["questions"]);
+    for t in demovlp_retrieval::qa_metrics::ANSWER_TYPES {
+        let n = m["ratios"][format!("{t}_ratio")][1].as_u64().unwrap_or(0);
+        if n > 0 {
+            println!("{:<12} {:>8.2}% {:>10}", t, 100.0 * m[format!("{t}_acc")].as_f64().unwrap_or(0.0), n);
+        }
+    }
+    println!("answers outside the vocabulary: {:.2}% (accuracy ceiling {:.2}%)", e.out_of_vocabulary, 100.0 - e.out_of_vocabulary);
+}
+
+/// `--help` of the command.
+pub fn eval_qa_help() -> String {
+    format!(
+        "Evaluates a QA model directory on the test set of a QA config ([data.test], else \
+[data.val]): accuracy overall and per answer type as the published evaluate_qa computes it (a prediction is right when \
+its answer string equals the ground truth), and the share of questions whose answer is outside the vocabulary (never \
+right: the accuracy ceiling). The last stdout line is JSON: {{\"task\": \"qa\", \"accuracy\", \"out_of_vocabulary\", \
+\"metrics\", \"questions\"}}. --predictions writes {{\"question\", \"clip\", \"answer\", \"answer_type\", \"prediction\", \
+\"correct\"}} per question (JSONL).\n\n{QA_CONFIG_HELP}"
+    )
+}
+
+#[derive(clap::Args)]
+pub struct EvalQaArgs {
+    /// A QA model directory (from finetune-qa, or `demovlp import` of weights with head.* tensors).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The QA config naming the test set, vocabulary, tokenizer and input sizes.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Write per-question predictions here (JSONL).
+    #[arg(long)]
+    pub predictions: Option<PathBuf>,
+}
+
+pub fn eval_qa(a: EvalQaArgs) -> Result<()> {
+    use demovlp_train::qa_train::{evaluate_qa, read_qa_dataset, QaConfig, QaSet, Vocabulary};
+    let cfg = QaConfig::parse_file(&a.config)?;
+    let ds = cfg
+        .data
+        .test
+        .as_ref()
+        .or(cfg.data.val.as_ref())
+        .with_context(|| format!("{}: no [data.test] or [data.val]", a.config.display()))?;
+    let vocab = Vocabulary::read(&cfg.data.answers)?;
+    let dir = load_qa_dir(&a.model)?;
+    if let Some(ans) = &dir.answers {
+        ensure!(ans == &vocab.label2ans, "{}: the model's answers.json differs from {}", a.model.display(), cfg.data.answers.display());
+    }
+    let mut model = dir.model;
+    let tok = match &cfg.data.tokenizer {
+        Some(p) => demovlp_train::text::load_tokenizer(p)?,
+        None => demovlp_train::text::builtin_tokenizer()?,
+    };
+    let source = demovlp_train::annotations::open_features(&ds.features)?;
+    let set = QaSet::new(&ds.name, read_qa_dataset(ds, &vocab, &cfg.data.answers)?, source);
+    eprintln!("evaluating {} on {}: {} questions", a.model.display(), ds.name, set.questions.len());
+    let e = evaluate_qa(&mut model, &set, &vocab, &tok, cfg.shape(), cfg.train.eval_batch_size)?;
+    if let Some(p) = &a.predictions {
+        let mut out = String::new();
+        for (q, r) in set.questions.iter().zip(&e.records) {
+            out += &format!(
+                "{}\n",
+                json!({"question": q.question, "clip": q.clip, "answer": q.answer, "answer_type": q.answer_type,
+                       "prediction": r.prediction, "correct": r.prediction == r.answer})
+            );
+        }
+        io::atomic_write(p, out.as_bytes())?;
+    }
+    print_qa_table(&e);
+    println!(
+        "{}",
+        json!({"task": "qa", "accuracy": e.accuracy, "out_of_vocabulary": e.out_of_vocabulary, "metrics": e.metrics,
+               "questions": set.questions.len(), "seconds": e.seconds})
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// demo --task
+
+/// `demovlp demo --task qa|mc`.
+pub fn demo_task(
+    task: &str,
+    quick: bool,
+    has_out: bool,
+    seed: u64,
+    quiet: bool,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Result<()> {
+    use demovlp_train::demo_tasks::{run_task, DemoTask};
+    ensure!(!has_out, "--out is for the retrieval demo; `demo --task` keeps nothing on disk");
+    let t = match task {
+        "qa" => DemoTask::Qa,
+        "mc" => DemoTask::Mc,
+        _ => bail!("--task: qa or mc"),
+    };
+    let opts = demovlp_train::demo::DemoOptions { quick, out: None, seed, quiet, stop: Some(stop), sizes: None };
+    let r = run_task(t, &opts)?;
+    print!("{}", r.table);
+    println!("{}", r.json_line());
     Ok(())
 }

@@ -32,6 +32,12 @@ pub struct DemoArgs {
     /// No progress output on stderr.
     #[arg(long)]
     quiet: bool,
+    /// A downstream task instead of retrieval, after the same retrieval training: `qa`
+    /// (video QA about what the test clips show, against always answering the most frequent
+    /// training answer) or `mc` (5-way multiple choice of captions, against chance). Last
+    /// stdout line: {"task", "accuracy", "baseline", "test_questions", "seconds"}.
+    #[arg(long, value_parser = ["qa", "mc"])]
+    task: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -110,6 +116,9 @@ fn stop_flag() -> Arc<AtomicBool> {
 }
 
 pub fn demo(a: DemoArgs) -> Result<()> {
+    if let Some(t) = a.task.as_deref() {
+        return crate::qa_cmds::demo_task(t, a.quick, a.out.is_some(), a.seed, a.quiet, stop_flag());
+    }
     let opts = demo::DemoOptions { quick: a.quick, out: a.out, seed: a.seed, quiet: a.quiet, stop: Some(stop_flag()), sizes: None };
     let report = demo::run(&opts)?;
     print!("{}", report.table());

@@ -178,7 +178,7 @@ fn chance(texts: usize, videos: usize, mask: &[bool], seed: u64) -> RetrievalMet
     retrieval_metrics(&sims, texts, videos, if all { None } else { Some(mask) })
 }
 
-fn stage_config(
+pub(crate) fn stage_config(
     name: &str,
     out: &Path,
     seed: u64,

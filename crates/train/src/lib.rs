@@ -18,6 +18,7 @@ pub mod annotations;
 pub mod checkpoint;
 pub mod config;
 pub mod demo;
+pub mod demo_tasks;
 pub mod eval;
 pub mod mc;
 pub mod plot;

@@ -218,3 +218,42 @@ mod tests {
         fs::remove_dir_all(&dir).ok();
     }
 }
+
+/// Helpers the crate's tests share.
+#[cfg(test)]
+pub(crate) mod tests_support {
+    use demovlp_model::{Model, ModelConfig, TextConfig, TextKind, VideoConfig};
+
+    pub fn tiny_retrieval_model(vocab: usize, frames: usize) -> Model {
+        let text = TextConfig {
+            kind: TextKind::Distilbert,
+            vocab_size: vocab,
+            dim: 16,
+            layers: 1,
+            heads: 2,
+            hidden_dim: 32,
+            max_position_embeddings: 24,
+            type_vocab_size: 0,
+            layer_norm_eps: 1e-12,
+        };
+        let video = VideoConfig {
+            dim: 16,
+            depth: 1,
+            heads: 2,
+            mlp_dim: 32,
+            max_frames: frames,
+            pos_embed_rows: 1 + frames,
+            feature_dim: 2048,
+            box_dim: 6,
+            layer_norm_eps: 1e-6,
+        };
+        Model::new(ModelConfig { text, video, proj_dim: 8 })
+    }
+
+    pub fn tmp(tag: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("demovlp-{tag}-{}", std::process::id()));
+        std::fs::remove_dir_all(&d).ok();
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+}

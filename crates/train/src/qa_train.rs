@@ -498,6 +498,7 @@ pub struct QaRunState {
     pub skipped_out_of_vocabulary: usize,
 }
 
+#[derive(Debug)]
 pub struct QaRunReport {
     pub state: QaRunState,
     pub test: Option<QaEval>,
@@ -641,4 +642,202 @@ pub fn run_qa(cfg: &QaConfig, init: Option<&Path>, resume: bool, stop: Option<&A
         None => None,
     };
     Ok(QaRunReport { state, test: test_eval, output_dir: out })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::synthetic::questions::{answer_vocabulary, questions};
+    use crate::synthetic::{CorpusConfig, Split, SyntheticCorpus};
+
+    fn repo(p: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(p)
+    }
+
+    #[test]
+    fn shipped_qa_configs_parse_with_the_published_recipe() {
+        for (name, format) in [("msrvtt_qa", "msrvtt-qa"), ("msvd_qa", "msvd-qa"), ("tgif_qa-frame", "tgif-frameqa")] {
+            let c = QaConfig::parse_file(&repo(&format!("configs/{name}.toml"))).unwrap();
+            assert_eq!((c.name.as_str(), c.data.train.format.as_str()), (name, format));
+            assert_eq!((c.data.batch_size, c.data.frames, c.data.regions, c.train.epochs, c.model.hidden), (64, 8, 30, 10, 256));
+            // lr 1e-4 the first epoch, then 2e-4 × 0.1 per milestone passed (2, 4, 8).
+            let lr: Vec<f32> = (1..=10).map(|e| crate::schedule::step_rate(&c.optim, e)).collect();
+            let want = [1e-4, 2e-4, 2e-5, 2e-5, 2e-6, 2e-6, 2e-6, 2e-6, 2e-7, 2e-7];
+            for (g, w) in lr.iter().zip(want) {
+                assert!((g - w).abs() <= 1e-6 * w, "{name}: {lr:?}");
+            }
+        }
+        let text = std::fs::read_to_string(repo("configs/msrvtt_qa.toml")).unwrap();
+        assert!(QaConfig::parse_str(&text.replace("kind = \"qa\"", "kind = \"mc\"")).unwrap_err().to_string().contains("task.kind"));
+        assert!(QaConfig::parse_str(&text.replace("format = \"msrvtt-qa\"", "format = \"youtube\"")).is_err());
+        assert!(QaConfig::parse_str(&text.replace("hidden = 256", "hiden = 256")).is_err());
+        let msvd = std::fs::read_to_string(repo("configs/msvd_qa.toml")).unwrap();
+        assert!(QaConfig::parse_str(&msvd.replace("mapping = ", "# mapping = ")).unwrap_err().to_string().contains("mapping"));
+    }
+
+    #[test]
+    fn published_answer_vocabularies_and_annotations_read() {
+        let ann = |f: &str| repo(&format!("testdata/annotations/{f}"));
+        let msrvtt = Vocabulary::read(&ann("msrvtt_train_ans2label.json")).unwrap();
+        let msvd = Vocabulary::read(&ann("msvd_answer_set.txt")).unwrap();
+        let tgif = Vocabulary::read(&ann("frameqa_trainval_ans2label.json")).unwrap();
+        assert_eq!((msrvtt.label2ans.len(), msvd.label2ans.len(), tgif.label2ans.len()), (1500, 1000, 1540));
+        for v in [&msrvtt, &msvd, &tgif] {
+            assert!(v.label2ans.iter().enumerate().all(|(i, a)| v.ans2label[a] == i));
+        }
+        let ds = |format: &str, a: &str, mapping: Option<&str>| QaDatasetConfig {
+            name: "t".into(),
+            format: format.into(),
+            annotations: ann(a),
+            features: PathBuf::from("unused"),
+            mapping: mapping.map(ann),
+            max_samples: None,
+        };
+        for (cfg, vocab, answers) in [
+            (ds("msrvtt-qa", "msrvtt_qa_val.jsonl", None), &msrvtt, "msrvtt_train_ans2label.json"),
+            (ds("msvd-qa", "msvd_val_qa_encode.json", Some("msvd_youtube_mapping.txt")), &msvd, "msvd_answer_set.txt"),
+            (ds("tgif-frameqa", "frameqa_val.jsonl", None), &tgif, "frameqa_trainval_ans2label.json"),
+        ] {
+            let q = read_qa_dataset(&cfg, vocab, &ann(answers)).unwrap();
+            let set = QaSet::new("t", q.clone(), Arc::new(SyntheticCorpus::new(CorpusConfig::new(0))));
+            let oov = set.out_of_vocabulary_percent();
+            if cfg.format == "tgif-frameqa" {
+                assert_eq!(oov, 0.0, "the TGIF vocabulary is built on train + val");
+            } else {
+                assert!(oov > 0.0 && oov < 50.0, "{}: {oov}% outside the vocabulary", cfg.format);
+            }
+            let (ans, skipped) = set.answerable();
+            assert_eq!(ans.questions.len() + skipped, q.len());
+            assert!(ans.questions.iter().all(|x| vocab.label2ans[x.label.unwrap()] == x.answer));
+        }
+        // Duplicates and gaps are refused.
+        let dir = std::env::temp_dir().join(format!("demovlp-vocab-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("gap.json"), r#"{"a": 0, "b": 2}"#).unwrap();
+        assert!(Vocabulary::read(&dir.join("gap.json")).is_err());
+        std::fs::write(dir.join("dup.txt"), "a\nb\na\n").unwrap();
+        assert!(Vocabulary::read(&dir.join("dup.txt")).is_err());
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// Writes a small synthetic corpus with QA annotations in our JSONL (plus one training
+    /// question whose answer is outside the vocabulary) and returns a config for it.
+    fn synthetic_run(dir: &Path, epochs: usize) -> QaConfig {
+        let mut c = CorpusConfig::new(21);
+        (c.pretrain_videos, c.pretrain_images, c.finetune_train, c.val, c.test, c.frames) = (1, 1, 48, 12, 12, 4);
+        let corpus = SyntheticCorpus::new(c);
+        corpus.write(&dir.join("corpus"), &|_, _| {}).unwrap();
+        let lines = |split: Split| {
+            let mut s = String::new();
+            for clip in corpus.clips(split) {
+                for q in questions(clip) {
+                    let v = serde_json::json!({"clip": clip.id, "question": q.question, "answer": q.answer, "answer_type": q.answer_type});
+                    s += &format!("{v}\n");
+                }
+            }
+            s
+        };
+        let train = lines(Split::FinetuneTrain)
+            + &format!(
+                "{}\n",
+                serde_json::json!({"clip": corpus.clips(Split::FinetuneTrain)[0].id, "question": "what?", "answer": "zebra"})
+            );
+        std::fs::write(dir.join("train.jsonl"), train).unwrap();
+        std::fs::write(dir.join("val.jsonl"), lines(Split::Val)).unwrap();
+        std::fs::write(dir.join("test.jsonl"), lines(Split::Test)).unwrap();
+        std::fs::write(dir.join("answers.json"), serde_json::to_string(&answer_vocabulary()).unwrap()).unwrap();
+        // A small retrieval model as the initial checkpoint (the head starts from scratch).
+        let mut m = crate::qa::tests_support::tiny_retrieval_model(30522, 4);
+        m.init_random(5);
+        demovlp_model::io::save_model_dir(&m, &dir.join("init")).unwrap();
+        let p = |f: &str| dir.join(f).display().to_string();
+        let text = format!(
+            r#"name = "synthetic_qa"
+seed = 3
+output_dir = "{out}"
+[task]
+kind = "qa"
+[model]
+init = "{init}"
+hidden = 16
+[data]
+text_len = 12
+frames = 2
+regions = 6
+batch_size = 16
+answers = "{answers}"
+[data.train]
+name = "train"
+format = "jsonl"
+annotations = "{train}"
+features = "{features}"
+[data.val]
+name = "val"
+format = "jsonl"
+annotations = "{val}"
+features = "{features}"
+[data.test]
+name = "test"
+format = "jsonl"
+annotations = "{test}"
+features = "{features}"
+[optim]
+lr = 2e-3
+first_epoch_lr = 1e-3
+eps = 1e-6
+weight_decay = 0.0
+schedule = "step"
+milestones = [2]
+[train]
+epochs = {epochs}
+log_every = 5
+eval_batch_size = 20
+"#,
+            out = p("run"),
+            init = p("init"),
+            answers = p("answers.json"),
+            train = p("train.jsonl"),
+            val = p("val.jsonl"),
+            test = p("test.jsonl"),
+            features = dir.join("corpus/features").display(),
+        );
+        QaConfig::parse_str(&text).unwrap()
+    }
+
+    #[test]
+    fn qa_training_skips_oov_selects_on_val_and_resumes_bit_exactly() {
+        let dir = crate::qa::tests_support::tmp("qa-train");
+        let mut cfg = synthetic_run(&dir, 3);
+        let straight = run_qa(&cfg, None, false, None, true).unwrap();
+        assert_eq!(straight.state.skipped_out_of_vocabulary, 1, "the zebra question is skipped and counted");
+        assert_eq!(straight.state.epoch, 3);
+        let test = straight.test.as_ref().unwrap();
+        assert_eq!(test.out_of_vocabulary, 0.0);
+        assert!(test.metrics["number_acc"].as_f64().is_some() && test.metrics["color_acc"].as_f64().is_some());
+        // The log has a line per epoch with the validation accuracy, and the best epoch is the
+        // one with the highest.
+        let log = std::fs::read_to_string(dir.join("run/log.jsonl")).unwrap();
+        let epochs: Vec<serde_json::Value> =
+            log.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).filter(|v| v.get("train_loss").is_some()).collect();
+        assert_eq!(epochs.len(), 3);
+        let accs: Vec<f64> = epochs.iter().map(|e| e["val_accuracy"].as_f64().unwrap()).collect();
+        let best = (0..3).fold(0, |b, i| if accs[i] > accs[b] { i } else { b });
+        assert_eq!(straight.state.best_epoch, Some(best + 1), "{accs:?}");
+        assert_eq!(straight.state.best_accuracy, Some(accs[best]));
+        let last = load_qa_dir(&dir.join("run/last")).unwrap().model;
+
+        // Interrupted after 1 epoch, resumed to 3: the same bits.
+        cfg.output_dir = dir.join("run2");
+        cfg.train.epochs = 1;
+        run_qa(&cfg, None, false, None, true).unwrap();
+        assert!(run_qa(&cfg, None, false, None, true).unwrap_err().to_string().contains("--resume"), "a second fresh run is refused");
+        cfg.train.epochs = 3;
+        let resumed = run_qa(&cfg, None, true, None, true).unwrap();
+        assert_eq!(resumed.state, straight.state);
+        let last2 = load_qa_dir(&dir.join("run2/last")).unwrap().model;
+        assert!(last2.base.params.data == last.base.params.data, "towers differ after resuming");
+        assert!(last2.head.params.data == last.head.params.data, "head differs after resuming");
+        assert_eq!(resumed.test.unwrap().predictions, test.predictions);
+        std::fs::remove_dir_all(&dir).ok();
+    }
 }

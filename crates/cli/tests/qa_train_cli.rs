@@ -1,0 +1,97 @@
+//! `demovlp finetune-qa` and `demovlp eval-qa` end to end (issue 13 C) on a small synthetic
+//! corpus written in the extractor's layout with our QA JSONL: the run writes a QA model
+//! directory, eval-qa on it reproduces the run's test accuracy, and its predictions file
+//! agrees with the accuracy it prints; `import`-style refusals: a retrieval model directory
+//! is not a QA model.
+
+use std::process::Command;
+
+use demovlp_testutil::tmpdir;
+use demovlp_train::synthetic::questions::{answer_vocabulary, questions};
+use demovlp_train::synthetic::{CorpusConfig, Split, SyntheticCorpus};
+use serde_json::Value;
+
+fn demovlp(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_demovlp")).args(args).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn finetune_qa_then_eval_qa_agree() {
+    let dir = tmpdir("qa-train-cli");
+    let mut c = CorpusConfig::new(8);
+    (c.pretrain_videos, c.pretrain_images, c.finetune_train, c.val, c.test, c.frames) = (1, 1, 32, 8, 10, 2);
+    let corpus = SyntheticCorpus::new(c);
+    corpus.write(&dir.join("corpus"), &|_, _| {}).unwrap();
+    for (split, file) in [(Split::FinetuneTrain, "train.jsonl"), (Split::Val, "val.jsonl"), (Split::Test, "test.jsonl")] {
+        let mut s = String::new();
+        for clip in corpus.clips(split) {
+            for q in questions(clip) {
+                s += &format!(
+                    "{}\n",
+                    serde_json::json!({"clip": clip.id, "question": q.question, "answer": q.answer, "answer_type": q.answer_type})
+                );
+            }
+        }
+        if split == Split::Test {
+            // An answer outside the vocabulary: counted in the ceiling, never right.
+            s += &format!("{}\n", serde_json::json!({"clip": corpus.clips(split)[0].id, "question": "what is it?", "answer": "zebra"}));
+        }
+        std::fs::write(dir.join(file), s).unwrap();
+    }
+    std::fs::write(dir.join("answers.txt"), answer_vocabulary().join("\n") + "\n").unwrap();
+    // A small retrieval model to start from.
+    let mut cfg = demovlp_model::ModelConfig::published(2);
+    (cfg.text.dim, cfg.text.layers, cfg.text.heads, cfg.text.hidden_dim, cfg.text.max_position_embeddings) = (16, 1, 2, 32, 16);
+    (cfg.video.dim, cfg.video.depth, cfg.video.heads, cfg.video.mlp_dim) = (16, 1, 2, 32);
+    cfg.proj_dim = 8;
+    let mut m = demovlp_model::Model::new(cfg);
+    m.init_random(2);
+    demovlp_model::io::save_model_dir(&m, &dir.join("init")).unwrap();
+    let p = |f: &str| dir.join(f).display().to_string();
+    let ds = |name: &str, f: &str| {
+        format!(
+            "[data.{name}]\nname = \"{name}\"\nformat = \"jsonl\"\nannotations = \"{}\"\nfeatures = \"{}\"\n",
+            p(f),
+            p("corpus/features")
+        )
+    };
+    let config = format!(
+        "name = \"cli_qa\"\noutput_dir = \"{}\"\n[task]\nkind = \"qa\"\n[model]\nhidden = 8\n[data]\ntext_len = 12\nframes = 2\nregions = 5\n\
+         batch_size = 8\nanswers = \"{}\"\n{}{}{}[optim]\nlr = 1e-3\nfirst_epoch_lr = 1e-3\neps = 1e-6\nweight_decay = 0.0\n\
+         schedule = \"step\"\n[train]\nepochs = 2\neval_batch_size = 7\n",
+        p("run"),
+        p("answers.txt"),
+        ds("train", "train.jsonl"),
+        ds("val", "val.jsonl"),
+        ds("test", "test.jsonl"),
+    );
+    std::fs::write(dir.join("qa.toml"), config).unwrap();
+
+    let (ok, _, err) = demovlp(&["finetune-qa", "--config", &p("qa.toml")]);
+    assert!(!ok && err.contains("--init"), "no initial model: {err}");
+    let (ok, out, err) = demovlp(&["finetune-qa", "--config", &p("qa.toml"), "--init", &p("init")]);
+    assert!(ok, "{err}");
+    let run: Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(run["task"], "qa");
+    let n_test = std::fs::read_to_string(dir.join("test.jsonl")).unwrap().lines().count() as f64;
+    assert!((run["out_of_vocabulary"].as_f64().unwrap() - 100.0 / n_test).abs() < 1e-9, "{run}");
+    assert!(run["best_epoch"].as_u64().is_some_and(|e| (1..=2).contains(&e)));
+
+    let (ok, out, err) = demovlp(&["eval-qa", "--model", &p("run/best"), "--config", &p("qa.toml"), "--predictions", &p("pred.jsonl")]);
+    assert!(ok, "{err}");
+    let ev: Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(ev["accuracy"], run["accuracy"], "eval-qa on the best model = the run's test accuracy");
+    let rows: Vec<Value> =
+        std::fs::read_to_string(dir.join("pred.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.len() as f64, n_test);
+    let right = rows.iter().filter(|r| r["correct"].as_bool().unwrap()).count();
+    assert!((ev["accuracy"].as_f64().unwrap() - 100.0 * right as f64 / n_test).abs() < 1e-9);
+    assert!(rows.iter().all(|r| r["correct"].as_bool().unwrap() == (r["prediction"] == r["answer"])));
+    assert!(rows.iter().any(|r| r["answer"] == "zebra" && r["correct"] == false));
+
+    // A retrieval model directory is not a QA model.
+    let (ok, _, err) = demovlp(&["eval-qa", "--model", &p("init"), "--config", &p("qa.toml")]);
+    assert!(!ok && err.contains("not a QA model"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
