@@ -278,6 +278,8 @@ fn every_subcommand_answers_bad_settings_with_exit_code_1_and_a_message() {
     std::fs::write(&legacy, [0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19]).unwrap();
     let legacy = legacy.display().to_string();
     let missing = dir.join("missing").display().to_string();
+    let feats = corpus_root().join("features").display().to_string();
+    let clip = corpus_root().join("features").join(Split::Val.name()).join("v000000").display().to_string();
     let o1 = dir.join("o1").display().to_string();
     let good = good.display().to_string();
 
@@ -304,6 +306,13 @@ fn every_subcommand_answers_bad_settings_with_exit_code_1_and_a_message() {
         (vec!["tokenize", "--tokenizer", "builtin", "--max-len", "1"], "--max-len"),
         (vec!["regions", &missing, "--segments", "4", "--regions", "3", "--out", &o1], "missing"),
         (vec!["pack", "--features", &missing, "--annotations", &missing, "--out", &o1], "missing"),
+        (vec!["pack", "--features", &feats, "--all", "--max-regions", "0", "--out", &o1], "max_regions"),
+        (vec!["regions", &clip, "--segments", "0", "--regions", "3", "--out", &o1], "0 segments"),
+        (vec!["regions", &clip, "--segments", "2", "--regions", "0", "--out", &o1], "regions per frame"),
+        (
+            vec!["eval", "--model", &ckpt, "--config", &good, "--reference-eval", "--save-sims", "/nonexistent/s.safetensors"],
+            "/nonexistent/s.safetensors",
+        ),
         (vec!["import", &junk, "--out", &o1], "junk.safetensors"),
         (vec!["import", &ckpt, "--out", &o1, "--text-heads", "0"], "--text-heads 0"),
         (vec!["import", &legacy, "--out", &o1, "--text-heads", "2"], "legacy (non-zip) torch.save"),

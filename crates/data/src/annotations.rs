@@ -46,7 +46,7 @@ pub enum Layout {
 
 impl Layout {
     /// Names accepted on the command line and in configs.
-    pub const NAMES: &'static str = "webvid, cc3m, didemo, msvd, lsmdc, jsonl (and msrvtt via read_msrvtt)";
+    pub const NAMES: &'static str = "webvid, cc3m, didemo, msvd, lsmdc, jsonl";
 
     pub fn from_name(name: &str) -> Result<Layout> {
         Ok(match name.to_ascii_lowercase().as_str() {
