@@ -14,7 +14,9 @@ use crate::model_cmds::{read_batch, ImportArgs, ReplayArgs};
 
 /// `import` of weights holding `head.*` tensors. `Ok(false)`: none, not a QA model.
 pub fn import_qa(a: &ImportArgs) -> Result<bool> {
-    let Some((model, report)) = import_qa_weights(&a.input, a.key_prefix.as_deref(), a.text_heads.unwrap_or(12), a.video_heads.unwrap_or(12))? else {
+    let Some((model, report)) =
+        import_qa_weights(&a.input, a.key_prefix.as_deref(), a.text_heads.unwrap_or(12), a.video_heads.unwrap_or(12))?
+    else {
         return Ok(false);
     };
     save_qa_dir(&model, None, &a.out)?;
