@@ -55,6 +55,11 @@ fn import_training_checkpoint(a: &ImportArgs) -> Result<(Model, io::LoadReport)>
 }
 
 pub fn import(a: ImportArgs) -> Result<()> {
+    for (flag, h) in [("--text-heads", a.text_heads), ("--video-heads", a.video_heads)] {
+        if h == Some(0) {
+            bail!("{flag} 0: a model needs at least one attention head");
+        }
+    }
     if crate::qa_cmds::import_qa(&a)? {
         return Ok(());
     }
