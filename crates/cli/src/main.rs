@@ -63,8 +63,10 @@ enum Command {
     #[command(long_about = mc_cmds::EVAL_MC_HELP)]
     EvalMc(mc_cmds::EvalMcArgs),
     /// Multiple-choice scores and accuracy from option and clip embeddings.
+    #[command(long_about = task_cmds::MC_SCORES_HELP)]
     McScores(task_cmds::McScoresArgs),
     /// Video QA accuracy (overall and per answer type) of a JSONL predictions file.
+    #[command(long_about = task_cmds::QA_METRICS_HELP)]
     QaMetrics(task_cmds::QaMetricsArgs),
     /// Embed a collection of clips into a search index (resumable, appendable, --shard i/n).
     Index(search_cmds::IndexArgs),

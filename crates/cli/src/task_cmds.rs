@@ -14,8 +14,9 @@ use serde_json::json;
 // ---------------------------------------------------------------------------------------
 // mc-scores
 
-#[derive(clap::Args)]
-#[command(long_about = "Scores multiple-choice questions from their embeddings, in both combinations, and \
+/// `--help` of the subcommand (clap takes a variant's doc comment over a struct's `long_about`,
+/// so `main.rs` attaches this to the variant).
+pub const MC_SCORES_HELP: &str = "Scores multiple-choice questions from their embeddings, in both combinations, and \
 reports both accuracies.\n\n\
 Input (safetensors, the layout of the `mc_small` fixture): in.global_text [Q,K,P], in.local_text [Q,K,W,P], \
 in.attention_mask [Q,K,W+1] (int64, 1 real / 0 padding; position 0 is the CLS token), in.global_video [Q,P], \
@@ -23,7 +24,9 @@ in.local_video [Q,N,P], in.video_mask_additive [Q,N] (0 real / -100 padding), an
 Output: out.scores_reference and out.scores_aligned [Q,K] (f32), out.pred_reference and out.pred_aligned [Q] \
 (int64). `aligned` = cos(text_k, v) + local(v, text_k), the correct combination; `reference` = cos(text_0, v) + \
 local(v, text_k), what the published evaluation ranks (its global term is the same for every option). \
-The last stdout line is JSON: {\"accuracy_reference\", \"accuracy_aligned\" (percent; null without in.answers), \"questions\"}.")]
+The last stdout line is JSON: {\"accuracy_reference\", \"accuracy_aligned\" (percent; null without in.answers), \"questions\"}.";
+
+#[derive(clap::Args)]
 pub struct McScoresArgs {
     /// safetensors file with the in.* tensors described above.
     #[arg(long)]
@@ -125,13 +128,16 @@ pub fn mc_scores_cmd(a: McScoresArgs) -> Result<()> {
 // ---------------------------------------------------------------------------------------
 // qa-metrics
 
-#[derive(clap::Args)]
-#[command(long_about = "Video QA accuracy of a predictions file, as the published evaluate_qa computes it: a \
+/// `--help` of the subcommand (clap takes a variant's doc comment over a struct's `long_about`,
+/// so `main.rs` attaches this to the variant).
+pub const QA_METRICS_HELP: &str = "Video QA accuracy of a predictions file, as the published evaluate_qa computes it: a \
 prediction is right when its answer string equals the ground truth's; accuracy overall and per answer type \
 (what, who, how, where, when, object, number, color, location; 0 for a type without questions), as fractions.\n\n\
 Input: JSONL, one object per line: {\"question_id\": ..., \"prediction\": \"<answer>\", \"answer\": \"<ground \
 truth>\", \"answer_type\": \"<type>\"} (answer_type optional: questions without one count overall only). \
-Prints one JSON line: {\"overall_acc\", \"<type>_acc\"..., \"ratios\": {\"<type>_ratio\": [share, count]}, \"questions\"}.")]
+Prints one JSON line: {\"overall_acc\", \"<type>_acc\"..., \"ratios\": {\"<type>_ratio\": [share, count]}, \"questions\"}.";
+
+#[derive(clap::Args)]
 pub struct QaMetricsArgs {
     /// JSONL predictions file (see above); `-` reads standard input.
     #[arg(long)]
