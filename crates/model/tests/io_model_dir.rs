@@ -2,19 +2,12 @@
 //! and the trainer's .pth), saving/loading our own directories, and Hugging Face
 //! DistilBERT directories as the text tower.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use demovlp_model::io::{self, read_safetensors, Tensor};
 use demovlp_model::{ModelConfig, TextKind};
 
-use demovlp_testutil::testdata;
-
-fn tmpdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("demovlp-iomd-{tag}-{}", std::process::id()));
-    std::fs::remove_dir_all(&d).ok();
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
+use demovlp_testutil::{testdata, tmpdir};
 
 fn assert_params_equal_fixture(model: &demovlp_model::Model, fixture: &Path) {
     let fx = read_safetensors(fixture).unwrap();

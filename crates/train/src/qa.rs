@@ -249,11 +249,4 @@ pub(crate) mod tests_support {
         };
         Model::new(ModelConfig { text, video, proj_dim: 8 })
     }
-
-    pub fn tmp(tag: &str) -> std::path::PathBuf {
-        let d = std::env::temp_dir().join(format!("demovlp-{tag}-{}", std::process::id()));
-        std::fs::remove_dir_all(&d).ok();
-        std::fs::create_dir_all(&d).unwrap();
-        d
-    }
 }

@@ -806,7 +806,7 @@ eval_batch_size = 20
 
     #[test]
     fn qa_training_skips_oov_selects_on_val_and_resumes_bit_exactly() {
-        let dir = crate::qa::tests_support::tmp("qa-train");
+        let dir = demovlp_testutil::tmpdir("qa-train");
         let mut cfg = synthetic_run(&dir, 3);
         let straight = run_qa(&cfg, None, false, None, true).unwrap();
         assert_eq!(straight.state.skipped_out_of_vocabulary, 1, "the zebra question is skipped and counted");

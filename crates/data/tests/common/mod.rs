@@ -1,12 +1,12 @@
 //! Shared test helpers.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
-
 use demovlp_data::regions::{select_clip, FeatureSource, FrameChoice, TOKEN_DIM};
 use safetensors::SafeTensors;
 
 pub use demovlp_testutil::testdata_dir as testdata;
+#[allow(unused_imports)] // not every test binary that includes this module needs it
+pub use demovlp_testutil::tmpdir;
 
 fn f32s(st: &SafeTensors, name: &str) -> Vec<f32> {
     let t = st.tensor(name).unwrap();
@@ -82,11 +82,4 @@ pub fn write_clip(root: &std::path::Path, clip: &str, frames: usize, regions: us
         // Odd seeds write deflated members (as the extractor does), even seeds stored ones.
         ff.write_with(&dir.join(format!("{f}.npz")), &format!("{clip}_{f}"), &ids, seed % 2 == 1).unwrap();
     }
-}
-
-pub fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("demovlp_{name}_{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
 }
