@@ -6,10 +6,13 @@
 //!   i.e. TF32 off; `cublasGemmEx` with bf16 inputs, fp32 accumulation and fp32 outputs in
 //!   the bf16 speed mode, the inputs converted per call into a scratch buffer).
 //! - Every other kernel: the NVRTC-compiled sources of `kernels/*.cu`, one stream.
+//! - The retrieval losses on the device, fused (module `losses`, `kernels/losses.cu`): the
+//!   global contrastive loss and the region-word alignment, forward and backward, with one
+//!   read-back per call (the two loss scalars and the `[B, B]` similarity matrices of
+//!   `LossOutputs`); the evaluation scores likewise ([`CudaBackend::eval_scores`]).
 //! - On the host, through the seam: token ids and dropout masks (drawn with the given `Rng`,
-//!   exactly the CPU's masks, then uploaded), the retrieval losses (the six embedding
-//!   tensors are read back, `Cpu::losses` runs, the four gradients go up: a fused GPU loss is
-//!   not written yet) and the QA cross-entropy (logits `[B, answers]` read back).
+//!   exactly the CPU's masks, then uploaded) and the QA cross-entropy (logits
+//!   `[B, answers]` read back).
 //!
 //! Errors of the driver or cuBLAS in a kernel call panic with the call named (the trait's
 //! methods return nothing); opening the device ([`CudaBackend::open`]) returns them.
@@ -26,7 +29,7 @@ use crate::Precision;
 use demovlp_kernels::attention::AttnShape;
 use demovlp_kernels::Rng;
 use demovlp_model::adamw::StepCoeffs;
-use demovlp_model::backend::{host, Backend, Cpu, Grads, LossGradBufs, LossViews, TokenDims};
+use demovlp_model::backend::{host, Backend, Grads, LossGradBufs, LossViews, TokenDims};
 use demovlp_retrieval::{LossConfig, LossOutputs};
 use std::ffi::c_void;
 use std::fmt;
@@ -69,6 +72,7 @@ impl Default for CudaBackend {
     }
 }
 
+mod losses;
 mod setup;
 use setup::regions_of;
 
@@ -515,28 +519,9 @@ impl Backend for CudaBackend {
     }
 
     fn losses(&self, cfg: &LossConfig, x: &LossViews<'_, Self>, use_local: bool, grads: bool) -> (LossOutputs, Option<LossGradBufs<Self>>) {
-        // On the host through the seam (a fused GPU loss is not written yet): the embeddings
-        // go down once, the four gradients come back up.
-        let h = |v: DevView<'_>| self.to_host(v);
-        let (gt, gv, lt, lv, tm, vm) =
-            (h(x.global_text), h(x.global_video), h(x.local_text), h(x.local_video), h(x.text_mask), h(x.video_mask));
-        let v = LossViews::<Cpu> {
-            dims: x.dims,
-            global_text: &gt,
-            global_video: &gv,
-            local_text: &lt,
-            local_video: &lv,
-            text_mask: &tm,
-            video_mask: &vm,
-        };
-        let (out, g) = Cpu.losses(cfg, &v, use_local, grads);
-        let g = g.map(|g| LossGradBufs {
-            global_text: self.buf_from(&g.global_text),
-            global_video: self.buf_from(&g.global_video),
-            local_text: self.buf_from(&g.local_text),
-            local_video: self.buf_from(&g.local_video),
-        });
-        (out, g)
+        // On the device, fused (kernels/losses.cu): one read-back of the loss scalars and
+        // the two [B, B] similarity matrices; the gradients stay on the device.
+        self.losses_on_device(cfg, x, use_local, grads)
     }
 
     fn adamw_update(&self, c: &StepCoeffs, p: DevViewMut<'_>, g: DevView<'_>, m: DevViewMut<'_>, v: DevViewMut<'_>) {

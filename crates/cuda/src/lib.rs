@@ -19,6 +19,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("tokens", include_str!("../kernels/tokens.cu")),
     ("heads", include_str!("../kernels/heads.cu")),
     ("gemm", include_str!("../kernels/gemm.cu")),
+    ("losses", include_str!("../kernels/losses.cu")),
 ];
 
 /// The `extern "C" __global__` kernel names of a source, in order.
@@ -60,6 +61,8 @@ pub const LIBRARY_HINT: &str = "the NVIDIA driver provides libcuda.so.1; libnvrt
 toolkit or from the PyPI wheels (`pip install nvidia-cuda-nvrtc-cu12 nvidia-cublas-cu12`, or the -cu13 ones): put their \
 `lib` folders (site-packages/nvidia/*/lib) on LD_LIBRARY_PATH";
 
+pub mod plan;
+
 #[cfg(feature = "cuda")]
 mod backend;
 #[cfg(feature = "cuda")]
@@ -77,6 +80,8 @@ pub struct DeviceInfo {
     /// Compute capability (major, minor).
     pub capability: (i32, i32),
     pub memory_bytes: usize,
+    /// Streaming multiprocessors (sizes the grids of the pair kernels).
+    pub multiprocessors: usize,
 }
 
 /// Whether this build has the CUDA backend at all.

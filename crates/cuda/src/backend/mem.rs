@@ -37,6 +37,9 @@ pub(super) struct Inner {
     pub(super) blas: Option<bsys::cublasHandle_t>,
     pub(super) funcs: HashMap<String, sys::CUfunction>,
     pub(super) scratch: Mutex<Scratch>,
+    /// The losses' and evaluation scores' scratch (its own lock: they call `gemm`, which
+    /// takes `scratch`'s).
+    pub(super) losses: Mutex<super::losses::LossScratch>,
 }
 
 // SAFETY: the context, stream, handle and functions are driver objects usable from any

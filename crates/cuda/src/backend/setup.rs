@@ -76,7 +76,7 @@ impl CudaBackend {
             );
             None
         };
-        let inner = Inner { info, precision, ctx, stream, blas: blas_handle, funcs, scratch: Mutex::default() };
+        let inner = Inner { info, precision, ctx, stream, blas: blas_handle, funcs, scratch: Mutex::default(), losses: Mutex::default() };
         Ok(CudaBackend { inner: Arc::new(inner) })
     }
 
@@ -98,8 +98,16 @@ impl CudaBackend {
     /// Column-major GEMM `C = op(A)·op(B) + beta·C` (`m × n`, inner `k`), fp32 or bf16 inputs
     /// as the precision says.
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn gemm(
+    pub(super) fn gemm(&self, ta: bool, tb: bool, m: usize, n: usize, k: usize, a: u64, lda: usize, b: u64, ldb: usize, beta: f32, c: u64, ldc: usize) {
+        self.gemm_in(self.inner.precision, ta, tb, m, n, k, a, lda, b, ldb, beta, c, ldc)
+    }
+
+    /// [`Self::gemm`] in the given precision (the losses and evaluation scores run theirs in
+    /// fp32 whatever the backend's precision: fp32 statistics in the bf16 mode).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn gemm_in(
         &self,
+        precision: Precision,
         ta: bool,
         tb: bool,
         m: usize,
@@ -135,7 +143,7 @@ impl CudaBackend {
                 ta as i32, tb as i32, m as i32, n as i32, k as i32, a, lda as i64, b, ldb as i64, beta, c, ldc as i64);
             return;
         };
-        match inner.precision {
+        match precision {
             Precision::Fp32 => {
                 // SAFETY: the matrices lie in live device memory of the sizes the leading
                 // dimensions say (the trait's conventions).
