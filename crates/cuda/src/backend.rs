@@ -10,8 +10,9 @@
 //!   global contrastive loss and the region-word alignment, forward and backward, with one
 //!   read-back per call (the two loss scalars and the `[B, B]` similarity matrices of
 //!   `LossOutputs`); the evaluation scores likewise ([`CudaBackend::eval_scores`]).
-//! - On the host, through the seam: token ids and dropout masks (drawn with the given `Rng`,
-//!   exactly the CPU's masks, then uploaded) and the QA cross-entropy (logits
+//! - Dropout masks on the device from the given `Rng`'s state, exactly the CPU's masks
+//!   (`crate::plan`: xoshiro256++ jumped ahead per thread by GF(2) matrix powers).
+//! - On the host, through the seam: token ids and the QA cross-entropy (logits
 //!   `[B, answers]` read back).
 //!
 //! Errors of the driver or cuBLAS in a kernel call panic with the call named (the trait's
@@ -319,8 +320,21 @@ impl Backend for CudaBackend {
         }
     }
     fn dropout_mask(&self, rng: &mut Rng, p: f32, b: &mut DevBuf, n: usize) {
-        // Drawn on the host from the given generator: the CPU backend's masks, bit for bit.
-        self.write_host(b, n, |h| demovlp_kernels::dropout::dropout_mask(rng, p, h));
+        // Drawn on the device from the given generator's state, the CPU backend's masks bit
+        // for bit (crate::plan: jump-ahead of xoshiro256++), then the host generator is
+        // advanced past the n draws as the CPU's would be.
+        assert!((0.0..1.0).contains(&p), "dropout probability {p} outside [0, 1)");
+        self.fit(b, n);
+        if n == 0 {
+            return;
+        }
+        let s = rng.state();
+        let (drop_p, keep) = (p, 1.0 / (1.0 - p));
+        let table = self.inner.jumps;
+        let threads = crate::plan::dropout_threads(n);
+        launch!(self, "dropout_xoshiro", blocks(threads), T256, 0;
+            s[0] as i64, s[1] as i64, s[2] as i64, s[3] as i64, table, crate::plan::DROPOUT_CHUNK_LOG2 as i32, n as i64, drop_p, keep, b.ptr);
+        *rng = Rng::from_state(crate::plan::advance(s, n as u64));
     }
 
     fn attention_forward(

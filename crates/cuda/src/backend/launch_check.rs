@@ -71,6 +71,8 @@ fn arg_ty(a: &str) -> Option<Ty> {
         Some(Ty::I64)
     } else if a.ends_with("as i32") || a.starts_with("regions_of(") {
         Some(Ty::I32)
+    } else if ["drop_p"].contains(&a) {
+        Some(Ty::F32)
     } else if a.contains(".ptr")
         || a.starts_with("at(")
         || a.starts_with("at_f(")
@@ -79,12 +81,12 @@ fn arg_ty(a: &str) -> Option<Ty> {
         || a.starts_with("video.")
         || [
             "a", "b", "a16", "b16", "p", "ds", "drop", "q", "k", "v", "dq", "dk", "dv", "c", "x", "rb", "gg", "dscr", "gs", "g_t_raw",
-            "g_v_raw", "g_t_hat", "g_v_hat", "s_out",
+            "g_v_raw", "g_t_hat", "g_v_hat", "s_out", "table",
         ]
         .contains(&a)
     {
         Some(Ty::Ptr)
-    } else if ["scale", "eps", "beta", "lambda", "log_on", "log_off", "temperature"].contains(&a) || a.starts_with("c.") {
+    } else if ["scale", "eps", "beta", "lambda", "log_on", "log_off", "temperature", "keep", "drop_p"].contains(&a) || a.starts_with("c.") {
         Some(Ty::F32)
     } else {
         None

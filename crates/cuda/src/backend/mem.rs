@@ -36,6 +36,8 @@ pub(super) struct Inner {
     /// `None` when libcublas is not available (our tiled GEMM kernel runs instead).
     pub(super) blas: Option<bsys::cublasHandle_t>,
     pub(super) funcs: HashMap<String, sys::CUfunction>,
+    /// The dropout kernel's jump matrices (`crate::plan::jump_table`, 512 KiB), uploaded once.
+    pub(super) jumps: u64,
     pub(super) scratch: Mutex<Scratch>,
     /// The losses' and evaluation scores' scratch (its own lock: they call `gemm`, which
     /// takes `scratch`'s).

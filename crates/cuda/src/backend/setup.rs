@@ -76,7 +76,17 @@ impl CudaBackend {
             );
             None
         };
-        let inner = Inner { info, precision, ctx, stream, blas: blas_handle, funcs, scratch: Mutex::default(), losses: Mutex::default() };
+        let table = crate::plan::jump_table();
+        // SAFETY: a fresh allocation of the table's size on our stream; the synchronous copy
+        // below has read `table` when it returns.
+        let jumps = unsafe {
+            let p = drv::malloc_async(stream, table.len() * 8).map_err(|e| format!("cuMemAllocAsync (dropout jump table): {e:?}"))?;
+            drv::memcpy_htod_async(p, table, stream).map_err(|e| format!("uploading the dropout jump table: {e:?}"))?;
+            drv::stream::synchronize(stream).map_err(|e| format!("cuStreamSynchronize: {e:?}"))?;
+            p
+        };
+        let inner =
+            Inner { info, precision, ctx, stream, blas: blas_handle, funcs, jumps, scratch: Mutex::default(), losses: Mutex::default() };
         Ok(CudaBackend { inner: Arc::new(inner) })
     }
 

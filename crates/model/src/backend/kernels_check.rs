@@ -226,10 +226,15 @@ fn run_case<B: Backend>(be: &B, name: &str) -> Vec<(String, Vec<f32>)> {
             io.keep("sum_rows_into", &acc);
         }
         "dropout_mask" => {
+            // Short and long masks (a device may split the stream across threads), and the
+            // generator's next draw after each: a backend must leave it where the CPU does.
             let mut r = Rng::new(42);
             let mut b = B::Buf::default();
-            be.dropout_mask(&mut r, 0.1, &mut b, 999);
-            io.keep("mask", &b);
+            for (n, p) in [(999, 0.1), (3 * 4096 + 17, 0.1), (70_001, 0.45), (33, 0.0)] {
+                be.dropout_mask(&mut r, p, &mut b, n);
+                io.keep(&format!("mask of {n}, p {p}"), &b);
+                io.out.push((format!("next draw after the mask of {n}"), vec![r.uniform()]));
+            }
         }
         "attention full (forward, backward rows)" | "attention frames (forward, backward rows split)" => {
             let frames = name.contains("frames");
