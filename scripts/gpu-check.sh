@@ -11,11 +11,16 @@
 #   1. the CUDA libraries: the system's or the `nvidia-*` Python wheels' (`lib` folders put
 #      on LD_LIBRARY_PATH), and `nvidia-smi`;
 #   2. `demovlp selftest --device cuda`: every kernel forward/backward against the CPU (one
-#      verdict per kernel, not just the first failure), then the whole-model comparison;
+#      verdict per kernel, not just the first failure: the fused retrieval losses and their
+#      gradients at the loss fixtures' shapes, the device-drawn dropout masks bit for bit),
+#      the whole-model comparison, and the evaluation scores (pair kernels) against the
+#      CPU's blocked kernel; then the same in bf16 (names prefixed "bf16 ", looser
+#      tolerances: bf16 GEMM inputs);
 #   3. `replay` of every replayable fixture on the GPU in fp32, compared with the CPU replay
 #      and with the recording (python3, standard library only: compare_safetensors.py);
 #   4. `bench train-step --device cuda` at batch 32 x 8 x 30 regions x text 100 and
-#      128 x 1 x 30, fp32 and bf16; `bench eval-sims --n 1000 --device "$DEV"`;
+#      128 x 1 x 30, fp32 and bf16; `bench eval-sims --n 1000 --device "$DEV"` (its result
+#      carries the GPU scores' difference from the CPU's on a 100 x 100 sub-square);
 # and writes <report-dir>/gpu-check.json: {"checks": [{"name", "ok", ...figures}, ...]}.
 # Every check is recorded, failed or not; the exit status is 0 only if every check passed.
 set -u
@@ -120,6 +125,26 @@ if [ "$lines" -eq 0 ] || { [ "$rc" -ne 0 ] && [ "$rc" -ne 1 ]; }; then
 fi
 echo "[$(elapsed) s] selftest: exit $rc, $lines checks" | tee -a "$LOG" >&2
 
+# The same in bf16: kernels without GEMMs keep fp32 parity, the others are bf16-close.
+if over_budget; then
+  record "bf16 selftest" false "\"detail\": \"skipped: time budget spent\""
+else
+  out="$REPORT/selftest-bf16.jsonl"
+  t=$(date +%s)
+  timeout "$(limit 150)" "$BIN" selftest --device "$DEV" --precision bf16 --tol 3e-2 --model-tol 1e-1 >"$out" 2>"$REPORT/selftest-bf16.stderr"
+  rc=$?
+  lines=0
+  while IFS= read -r line; do
+    case "$line" in
+      \{*) echo "${line/\"name\":\"/\"name\":\"bf16 }" >>"$CHECKS"; lines=$((lines + 1)) ;;
+    esac
+  done <"$out"
+  if [ "$lines" -eq 0 ] || { [ "$rc" -ne 0 ] && [ "$rc" -ne 1 ]; }; then
+    record "bf16 selftest (exit $rc)" false "\"seconds\": $(( $(date +%s) - t )), \"detail\": $(json_str "$(tail_of "$REPORT/selftest-bf16.stderr")")"
+  fi
+  echo "[$(elapsed) s] bf16 selftest: exit $rc, $lines checks" | tee -a "$LOG" >&2
+fi
+
 # ---- 3. replay of the fixtures on the GPU (fp32) --------------------------------------
 # fixture  text-heads video-heads  tolerance vs the recording (the CLI test's)
 FIXTURES="model_tiny.safetensors 4 4 4e-4
@@ -180,7 +205,7 @@ for prec in fp32 bf16; do
   bench "bench train-step B32 F8 R30 L100 $prec" 90 bench train-step --batch 32 --frames 8 --regions 30 --text-len 100 --runs 3 --device "$DEV" --precision "$prec"
   bench "bench train-step B128 F1 R30 L100 $prec" 90 bench train-step --batch 128 --frames 1 --regions 30 --text-len 100 --runs 3 --device "$DEV" --precision "$prec"
 done
-bench "bench eval-sims n1000 cuda" 60 bench eval-sims --n 1000 --device "$DEV"
+bench "bench eval-sims n1000 cuda" 90 bench eval-sims --n 1000 --runs 2 --baseline-runs 0 --pytorch never --device "$DEV"
 
 # ---- report ---------------------------------------------------------------------------
 total=$(grep -c '^{' "$CHECKS")
