@@ -61,6 +61,7 @@ pub const LIBRARY_HINT: &str = "the NVIDIA driver provides libcuda.so.1; libnvrt
 toolkit or from the PyPI wheels (`pip install nvidia-cuda-nvrtc-cu12 nvidia-cublas-cu12`, or the -cu13 ones): put their \
 `lib` folders (site-packages/nvidia/*/lib) on LD_LIBRARY_PATH";
 
+pub mod host_port;
 pub mod plan;
 
 #[cfg(feature = "cuda")]
