@@ -14,8 +14,9 @@
 #      verdict per kernel, not just the first failure: the fused retrieval losses and their
 #      gradients at the loss fixtures' shapes, the device-drawn dropout masks bit for bit),
 #      the whole-model comparison, and the evaluation scores (pair kernels) against the
-#      CPU's blocked kernel; then the same in bf16 (names prefixed "bf16 ", looser
-#      tolerances: bf16 GEMM inputs);
+#      CPU's blocked kernel (GEMMs by cuBLASLt); then the same in bf16 (names prefixed
+#      "bf16 ", looser tolerances: bf16 GEMM inputs) and in fp32 on plain cuBLAS
+#      (DEMOVLP_CUDA_GEMM=cublas, names prefixed "cublas ");
 #   3. `replay` of every replayable fixture on the GPU in fp32, compared with the CPU replay
 #      and with the recording (python3, standard library only: compare_safetensors.py);
 #   4. `bench train-step --device cuda` at batch 32 x 8 x 30 regions x text 100 and
@@ -125,25 +126,29 @@ if [ "$lines" -eq 0 ] || { [ "$rc" -ne 0 ] && [ "$rc" -ne 1 ]; }; then
 fi
 echo "[$(elapsed) s] selftest: exit $rc, $lines checks" | tee -a "$LOG" >&2
 
-# The same in bf16: kernels without GEMMs keep fp32 parity, the others are bf16-close.
-if over_budget; then
-  record "bf16 selftest" false "\"detail\": \"skipped: time budget spent\""
-else
-  out="$REPORT/selftest-bf16.jsonl"
+# Again in bf16 (kernels without GEMMs keep fp32 parity, the others are bf16-close), and in
+# fp32 with the GEMMs on plain cuBLAS (the fallback when cuBLASLt has no algorithm or is
+# missing). Every line's name gets the pass's prefix.
+selftest_pass() { # prefix file-stem timeout env-assignment args...
+  local prefix=$1 stem=$2 to=$3 envset=$4
+  shift 4
+  if over_budget; then record "${prefix}selftest" false "\"detail\": \"skipped: time budget spent\""; return; fi
+  local out="$REPORT/$stem.jsonl" t rc lines=0
   t=$(date +%s)
-  timeout "$(limit 150)" "$BIN" selftest --device "$DEV" --precision bf16 --tol 3e-2 --model-tol 1e-1 >"$out" 2>"$REPORT/selftest-bf16.stderr"
+  env $envset timeout "$(limit "$to")" "$BIN" selftest --device "$DEV" "$@" >"$out" 2>"$REPORT/$stem.stderr"
   rc=$?
-  lines=0
   while IFS= read -r line; do
     case "$line" in
-      \{*) echo "${line/\"name\":\"/\"name\":\"bf16 }" >>"$CHECKS"; lines=$((lines + 1)) ;;
+      \{*) echo "${line/\"name\":\"/\"name\":\"$prefix}" >>"$CHECKS"; lines=$((lines + 1)) ;;
     esac
   done <"$out"
   if [ "$lines" -eq 0 ] || { [ "$rc" -ne 0 ] && [ "$rc" -ne 1 ]; }; then
-    record "bf16 selftest (exit $rc)" false "\"seconds\": $(( $(date +%s) - t )), \"detail\": $(json_str "$(tail_of "$REPORT/selftest-bf16.stderr")")"
+    record "${prefix}selftest (exit $rc)" false "\"seconds\": $(( $(date +%s) - t )), \"detail\": $(json_str "$(tail_of "$REPORT/$stem.stderr")")"
   fi
-  echo "[$(elapsed) s] bf16 selftest: exit $rc, $lines checks" | tee -a "$LOG" >&2
-fi
+  echo "[$(elapsed) s] ${prefix}selftest: exit $rc, $lines checks" | tee -a "$LOG" >&2
+}
+selftest_pass "bf16 " selftest-bf16 150 DEMOVLP_CUDA_GEMM=auto --precision bf16 --tol 3e-2 --model-tol 1e-1
+selftest_pass "cublas " selftest-cublas 120 DEMOVLP_CUDA_GEMM=cublas --precision fp32
 
 # ---- 3. replay of the fixtures on the GPU (fp32) --------------------------------------
 # fixture  text-heads video-heads  tolerance vs the recording (the CLI test's)

@@ -100,7 +100,7 @@ pub fn run_model(d: &DeviceArgs, model: Model, job: impl OnModel) -> Result<()> 
         Device::Cuda(n) => {
             let be = open(n, d.precision)?;
             let params = model.params.to_backend(&demovlp_model::Cpu, &be);
-            let name = format!("cuda:{n} {} ({:?})", be.info().name, d.precision);
+            let name = format!("cuda:{n} {} ({:?}, GEMMs by {})", be.info().name, d.precision, be.gemm_library());
             job.run(Model::from_params_on(be, model.config.clone(), params), &name)
         }
         #[cfg(not(feature = "cuda"))]

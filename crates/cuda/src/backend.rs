@@ -2,9 +2,12 @@
 //!
 //! - Buffers: raw device allocations ([`DevBuf`], stream-ordered `cuMemAllocAsync`), grown
 //!   on demand and then reused (`fit` keeps the allocation), views are (pointer, length).
-//! - GEMMs: cuBLAS (`cublasSgemm` in the fp32 parity mode, math mode `CUBLAS_DEFAULT_MATH`,
-//!   i.e. TF32 off; `cublasGemmEx` with bf16 inputs, fp32 accumulation and fp32 outputs in
-//!   the bf16 speed mode, the inputs converted per call into a scratch buffer).
+//! - GEMMs: cuBLASLt (module `lt`: compute type `CUBLAS_COMPUTE_32F`, i.e. no TF32, in the
+//!   fp32 parity mode; bf16 inputs with fp32 accumulation and fp32 outputs in the bf16 speed
+//!   mode, the inputs converted per call into a scratch buffer; one cached plan per shape),
+//!   plain cuBLAS as the fallback (`cublasSgemm` with `CUBLAS_DEFAULT_MATH`, `cublasGemmEx`)
+//!   for shapes cuBLASLt has no algorithm for, when it fails to start, or with
+//!   `DEMOVLP_CUDA_GEMM=cublas`.
 //! - Every other kernel: the NVRTC-compiled sources of `kernels/*.cu`, one stream.
 //! - The retrieval losses on the device, fused (module `losses`, `kernels/losses.cu`): the
 //!   global contrastive loss and the region-word alignment, forward and backward, with one
@@ -74,6 +77,7 @@ impl Default for CudaBackend {
 }
 
 mod losses;
+mod lt;
 mod setup;
 use setup::regions_of;
 

@@ -35,6 +35,8 @@ pub(super) struct Inner {
     pub(super) stream: sys::CUstream,
     /// `None` when libcublas is not available (our tiled GEMM kernel runs instead).
     pub(super) blas: Option<bsys::cublasHandle_t>,
+    /// cuBLASLt (the GEMMs' first choice) when its library is present.
+    pub(super) lt: Option<super::lt::Lt>,
     pub(super) funcs: HashMap<String, sys::CUfunction>,
     /// The dropout kernel's jump matrices (`crate::plan::jump_table`, 512 KiB), uploaded once.
     pub(super) jumps: u64,
