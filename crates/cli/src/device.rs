@@ -174,7 +174,9 @@ impl ScoreDevice {
         match self {
             ScoreDevice::Cpu => Ok(demovlp_retrieval::eval_scores_with(texts, videos, opts, progress)),
             #[cfg(feature = "cuda")]
-            ScoreDevice::Cuda(be) => be.eval_scores(texts, videos, opts, progress).map_err(|e| anyhow::anyhow!("CUDA evaluation scores: {e}")),
+            ScoreDevice::Cuda(be) => {
+                be.eval_scores(texts, videos, opts, progress).map_err(|e| anyhow::anyhow!("CUDA evaluation scores: {e}"))
+            }
         }
     }
 }
@@ -261,7 +263,8 @@ pub fn compare_scores(dev: &ScoreDevice, tol: f32) -> Vec<(String, bool, f32, f6
             continue;
         }
         let scale = want.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-30);
-        let errs: Vec<f32> = got.iter().zip(&want).map(|(g, w)| if g.is_finite() { (g - w).abs() / scale } else { f32::INFINITY }).collect();
+        let errs: Vec<f32> =
+            got.iter().zip(&want).map(|(g, w)| if g.is_finite() { (g - w).abs() / scale } else { f32::INFINITY }).collect();
         let worst = errs.iter().cloned().fold(0f32, f32::max);
         let off = errs.iter().filter(|&&e| e > tol).count() as f64 / errs.len().max(1) as f64;
         // The focal keep test is a hard threshold: a P within an ulp of it can round to the

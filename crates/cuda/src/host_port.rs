@@ -66,7 +66,17 @@ pub fn l2_rows(x: &[f32], rows: usize, dim: usize, clamp: bool) -> (Vec<f32>, Ve
 
 /// `l2_rows_backward` (clamp: overwrite; else accumulate into `gx`).
 #[allow(clippy::too_many_arguments)]
-pub fn l2_rows_backward(g: &[f32], hat: &[f32], x: &[f32], norm: &[f32], raw: &[f32], rows: usize, dim: usize, clamp: bool, gx: &mut [f32]) {
+pub fn l2_rows_backward(
+    g: &[f32],
+    hat: &[f32],
+    x: &[f32],
+    norm: &[f32],
+    raw: &[f32],
+    rows: usize,
+    dim: usize,
+    clamp: bool,
+    gx: &mut [f32],
+) {
     for r in 0..rows {
         let (gr, xr, hr) = (&g[r * dim..(r + 1) * dim], &x[r * dim..(r + 1) * dim], &hat[r * dim..(r + 1) * dim]);
         let out = &mut gx[r * dim..(r + 1) * dim];

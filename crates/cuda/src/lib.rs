@@ -8,8 +8,9 @@
 //! what is missing (never a panic).
 //!
 //! Status (the workspace README's GPU section): compiled and linted everywhere, the kernels
-//! compiled by NVRTC for sm_80 and sm_90 in the tests; **the backend itself has never run
-//! on a GPU**.
+//! compiled by NVRTC for sm_80 and sm_90 in the tests, the loss and dropout kernels'
+//! algorithms checked on the host against the CPU ([`host_port`], [`plan`]); **the backend
+//! itself has never run on a GPU**.
 
 /// The kernel sources: (module name, CUDA C source).
 pub const SOURCES: &[(&str, &str)] = &[

@@ -112,7 +112,13 @@ pub fn evaluate<B: Backend>(model: &mut Model<B>, set: &EvalSet, tok: &Tokenizer
 }
 
 /// [`evaluate`] with the scores computed by `score` (e.g. on a GPU).
-pub fn evaluate_with<B: Backend>(model: &mut Model<B>, set: &EvalSet, tok: &Tokenizer, opt: &EvalOptions, score: Scorer) -> Result<EvalResult> {
+pub fn evaluate_with<B: Backend>(
+    model: &mut Model<B>,
+    set: &EvalSet,
+    tok: &Tokenizer,
+    opt: &EvalOptions,
+    score: Scorer,
+) -> Result<EvalResult> {
     let t0 = Instant::now();
     let (nv, nt) = (set.videos.len(), set.captions.len());
     let (l, p) = (opt.shape.text_len, model.config.proj_dim);

@@ -13,9 +13,9 @@ use super::mem::{Raw, F};
 use super::{blocks, CudaBackend, T256};
 use crate::plan::{align_logs, pair_grid, rwa_scratch_len, videos_per_chunk};
 use crate::Precision;
-use std::ffi::c_void;
 use demovlp_model::backend::{Backend, LossGradBufs, LossViews};
 use demovlp_retrieval::{EmbeddingSet, EvalOptions, LossConfig, LossOutputs, ScoreMode};
+use std::ffi::c_void;
 
 /// Grow-only device scratch of the losses (steady state: no allocation but the four
 /// gradient buffers [`Backend::losses`] returns).
@@ -165,10 +165,7 @@ impl CudaBackend {
         let (vh, vn, vr) = (self.raw(&mut ls.lv_hat, nv * n * dim), self.raw(&mut ls.lv_norm, nv * n), self.raw(&mut ls.lv_raw, nv * n));
         self.l2_rows(lt, nt * w, dim, false, th, tn, tr);
         self.l2_rows(lv, nv * n, dim, false, vh, vn, vr);
-        (
-            Side { raw: lt, hat: th, norm: tn, mask: tm, count: nt, len: w },
-            Side { raw: lv, hat: vh, norm: vn, mask: vm, count: nv, len: n },
-        )
+        (Side { raw: lt, hat: th, norm: tn, mask: tm, count: nt, len: w }, Side { raw: lv, hat: vh, norm: vn, mask: vm, count: nv, len: n })
     }
 
     /// [`Backend::losses`] on the device.
@@ -220,7 +217,12 @@ impl CudaBackend {
             self.gemm_in(Precision::Fp32, false, true, p, b, b, th, p, gg, b, 0.0, gvh, p);
             self.l2_rows_backward(gth, th, x.global_text.ptr, tn, tr, b, p, true, gt.ptr);
             self.l2_rows_backward(gvh, vh, x.global_video.ptr, vn, vr, b, p, true, gv.ptr);
-            out_grads = Some(LossGradBufs { global_text: gt, global_video: gv, local_text: self.zeros(b * w * p), local_video: self.zeros(b * n * p) });
+            out_grads = Some(LossGradBufs {
+                global_text: gt,
+                global_video: gv,
+                local_text: self.zeros(b * w * p),
+                local_video: self.zeros(b * n * p),
+            });
         }
 
         // Region-word alignment.

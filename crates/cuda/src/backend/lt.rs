@@ -57,7 +57,8 @@ impl Lt {
     }
 
     fn plan(&self, key: &Key) -> Result<Plan, String> {
-        let (dt_in, dt_out) = (if key.bf16 { sys::cudaDataType::CUDA_R_16BF } else { sys::cudaDataType::CUDA_R_32F }, sys::cudaDataType::CUDA_R_32F);
+        let (dt_in, dt_out) =
+            (if key.bf16 { sys::cudaDataType::CUDA_R_16BF } else { sys::cudaDataType::CUDA_R_32F }, sys::cudaDataType::CUDA_R_32F);
         let desc = lt::create_matmul_desc(sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, sys::cudaDataType::CUDA_R_32F)
             .map_err(|e| format!("cublasLtMatmulDescCreate: {e:?}"))?;
         // cublasOperation_t: N = 0, T = 1.
@@ -67,10 +68,16 @@ impl Lt {
         let (br, bc) = if key.tb { (key.n, key.k) } else { (key.k, key.n) };
         // SAFETY: a live descriptor; the attribute values are i32 / u64 as cuBLASLt documents.
         unsafe {
-            for (attr, v) in [(sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA, &opa), (sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB, &opb)] {
-                lt::set_matmul_desc_attribute(desc, attr, v as *const i32 as *const c_void, 4).map_err(|e| format!("cublasLtMatmulDescSetAttribute: {e:?}"))?;
+            for (attr, v) in [
+                (sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA, &opa),
+                (sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB, &opb),
+            ] {
+                lt::set_matmul_desc_attribute(desc, attr, v as *const i32 as *const c_void, 4)
+                    .map_err(|e| format!("cublasLtMatmulDescSetAttribute: {e:?}"))?;
             }
-            let layout = |t, r: usize, c: usize, ld: usize| lt::create_matrix_layout(t, r as u64, c as u64, ld as i64).map_err(|e| format!("cublasLtMatrixLayoutCreate: {e:?}"));
+            let layout = |t, r: usize, c: usize, ld: usize| {
+                lt::create_matrix_layout(t, r as u64, c as u64, ld as i64).map_err(|e| format!("cublasLtMatrixLayoutCreate: {e:?}"))
+            };
             let a = layout(dt_in, ar, ac, key.lda)?;
             let b = layout(dt_in, br, bc, key.ldb)?;
             let c = layout(dt_out, key.m, key.n, key.ldc)?;
@@ -88,7 +95,12 @@ impl Lt {
             match heur {
                 Ok(h) => Ok(Plan { desc, a, b, c, algo: h.algo }),
                 Err(e) => {
-                    let _ = (lt::destroy_matrix_layout(a), lt::destroy_matrix_layout(b), lt::destroy_matrix_layout(c), lt::destroy_matmul_desc(desc));
+                    let _ = (
+                        lt::destroy_matrix_layout(a),
+                        lt::destroy_matrix_layout(b),
+                        lt::destroy_matrix_layout(c),
+                        lt::destroy_matmul_desc(desc),
+                    );
                     Err(format!("no cuBLASLt algorithm for {key:?}: {e:?}"))
                 }
             }

@@ -89,7 +89,8 @@ impl CudaBackend {
         let force_cublas = std::env::var("DEMOVLP_CUDA_GEMM").is_ok_and(|v| v == "cublas");
         let lt = if blas_handle.is_some() && !force_cublas {
             // SAFETY: a stream-ordered allocation on our stream, kept for the process.
-            let ws = unsafe { drv::malloc_async(stream, super::lt::WORKSPACE_BYTES) }.map_err(|e| format!("cuMemAllocAsync (cuBLASLt workspace): {e:?}"))?;
+            let ws = unsafe { drv::malloc_async(stream, super::lt::WORKSPACE_BYTES) }
+                .map_err(|e| format!("cuMemAllocAsync (cuBLASLt workspace): {e:?}"))?;
             match super::lt::Lt::new(ws) {
                 Ok(lt) => Some(lt),
                 Err(e) => {
@@ -143,7 +144,21 @@ impl CudaBackend {
     /// Column-major GEMM `C = op(A)·op(B) + beta·C` (`m × n`, inner `k`), fp32 or bf16 inputs
     /// as the precision says.
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn gemm(&self, ta: bool, tb: bool, m: usize, n: usize, k: usize, a: u64, lda: usize, b: u64, ldb: usize, beta: f32, c: u64, ldc: usize) {
+    pub(super) fn gemm(
+        &self,
+        ta: bool,
+        tb: bool,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: u64,
+        lda: usize,
+        b: u64,
+        ldb: usize,
+        beta: f32,
+        c: u64,
+        ldc: usize,
+    ) {
         self.gemm_in(self.inner.precision, ta, tb, m, n, k, a, lda, b, ldb, beta, c, ldc)
     }
 
