@@ -562,6 +562,7 @@ mod tests {
         assert!(worst <= tol, "{what}: worst relative error {worst:e} > {tol:e}");
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn check(b: usize, w: usize, n: usize, p: usize, masked_mean: bool, use_local: bool, nvc: usize, seed: u64) {
         let mut rng = Rng::new(seed);
         let mut r = |len: usize| -> Vec<f32> { (0..len).map(|_| rng.normal()).collect() };

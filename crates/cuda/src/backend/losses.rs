@@ -77,6 +77,7 @@ impl CudaBackend {
 
     /// Normalises `rows` rows of `dim` (`clamp`: the global loss's max(‖x‖, ε), else the
     /// alignment's ‖x‖ + ε) into `hat`, `norm`, `raw`.
+    #[allow(clippy::too_many_arguments)]
     fn l2_rows(&self, x: u64, rows: usize, dim: usize, clamp: bool, hat_p: u64, norm_p: u64, raw_p: u64) {
         if rows == 0 {
             return;

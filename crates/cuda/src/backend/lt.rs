@@ -112,11 +112,10 @@ impl Lt {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn matmul(&self, key: Key, a: u64, b: u64, beta: f32, c: u64, stream: sys::cudaStream_t) -> bool {
         let mut plans = self.plans.lock().unwrap();
-        if !plans.contains_key(&key) {
-            let p = self.plan(&key).map_err(|e| eprintln!("CUDA backend: {e}; this shape runs on plain cuBLAS")).ok();
-            plans.insert(key, p);
-        }
-        let Some(p) = plans.get(&key).and_then(|p| p.as_ref()) else { return false };
+        let entry = plans
+            .entry(key)
+            .or_insert_with(|| self.plan(&key).map_err(|e| eprintln!("CUDA backend: {e}; this shape runs on plain cuBLAS")).ok());
+        let Some(p) = entry.as_ref() else { return false };
         let alpha = 1.0f32;
         // SAFETY: the plan's layouts describe these matrices (the trait's conventions); C is
         // read and written in place with the same layout, as cuBLASLt allows.
