@@ -19,6 +19,8 @@ fn device_cuda_without_a_gpu_exits_1_with_the_reason() {
         &["bench", "embed", "--device", "cuda:0"],
         &["bench", "eval-sims", "--device", "cuda"],
         &["selftest", "--device", "cuda"],
+        // The device is checked before the model and the config are read.
+        &["eval", "--model", "no-such-model", "--config", "no-such.toml", "--device", "cuda"],
     ] {
         let out = demovlp(args);
         let stderr = String::from_utf8_lossy(&out.stderr);
