@@ -147,7 +147,7 @@ batch_size, answers (the answer vocabulary: {answer: label} JSON, a JSON list, o
 [data.val], [data.test] with name, format (msrvtt-qa, msvd-qa (+ mapping = msvd_youtube_mapping.txt), tgif-frameqa, \
 or jsonl: our own {\"clip\", \"question\", \"answer\", \"answer_type\"?} per line), annotations, features; [optim] as \
 for retrieval (published: lr 2e-4, first_epoch_lr 1e-4, milestones [2, 4, 8]); [train] epochs, log_every, \
-attention_dropout, text_dropout, eval_batch_size.";
+attention_dropout, text_dropout, eval_batch_size, checkpoint_every (also write last/ every N steps inside an epoch; 0 = at epoch ends only), max_steps (stop after N steps in all, resumable).";
 
 /// `--help` of the command.
 pub fn finetune_qa_help() -> String {
@@ -155,8 +155,10 @@ pub fn finetune_qa_help() -> String {
         "Fine-tunes a video QA model (SPEC §8: the retrieval towers + the BUTD head, \
 cross-entropy over the answer vocabulary). Training questions whose answer is outside the vocabulary are skipped and \
 counted. The best epoch is chosen on validation accuracy and written to <output_dir>/best (a QA model directory); \
-<output_dir>/last holds the end of the latest epoch with both optimisers' state, from which --resume continues \
-bit-exactly; <output_dir>/log.jsonl has one line per logged step and per epoch. At the end the best model is evaluated \
+<output_dir>/last holds the latest epoch end (or the step of an interruption or checkpoint_every) with both \
+optimisers' state, from which --resume continues bit-exactly, mid-epoch included; SIGINT/SIGTERM write it at the \
+current step and exit 130/143; <output_dir>/log.jsonl has one line per logged step and per epoch, drawn into \
+loss.svg and accuracy.svg (validation accuracy per answer type). At the end the best model is evaluated \
 on [data.test]. The last stdout line is JSON: {{\"task\": \"qa\", \"accuracy\", \"out_of_vocabulary\", \"metrics\", \
 \"best_epoch\", \"skipped_out_of_vocabulary\"}}.\n\n{QA_CONFIG_HELP}"
     )
@@ -185,6 +187,26 @@ pub fn finetune_qa(a: FinetuneQaArgs) -> Result<()> {
     }
     let stop = demovlp_train::trainer::install_ctrlc();
     let r = demovlp_train::qa_train::run_qa(&cfg, a.init.as_deref(), a.resume, Some(&stop), false)?;
+    if r.interrupted || r.stopped_at_max_steps {
+        let why = if r.interrupted { "interrupted" } else { "stopped at [train] max_steps" };
+        eprintln!(
+            "{why} at step {} (epoch {}, batch {}); continue with the same command plus --resume ({})",
+            r.state.global_step,
+            r.state.epoch + usize::from(r.state.batch_in_epoch > 0),
+            r.state.batch_in_epoch,
+            r.output_dir.join("last").display()
+        );
+        println!(
+            "{}",
+            json!({"task": "qa", "interrupted": r.interrupted, "stopped_at_max_steps": r.stopped_at_max_steps, "step": r.state.global_step,
+                   "epoch": r.state.epoch, "batch_in_epoch": r.state.batch_in_epoch, "output_dir": r.output_dir.display().to_string()})
+        );
+        if r.interrupted {
+            // SIGINT 130, SIGTERM 143, as retrieval training.
+            std::process::exit(demovlp_train::trainer::stop_exit_code());
+        }
+        return Ok(());
+    }
     let mut line = json!({
         "task": "qa", "best_epoch": r.state.best_epoch, "best_val_accuracy": r.state.best_accuracy,
         "skipped_out_of_vocabulary": r.state.skipped_out_of_vocabulary, "output_dir": r.output_dir.display().to_string(),
