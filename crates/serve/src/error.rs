@@ -30,8 +30,9 @@ impl ApiError {
     }
 }
 
-/// A JSON body with the headers every API answer carries.
-pub fn json_response(status: StatusCode, body: &serde_json::Value) -> Response {
+/// A JSON body with the headers every API answer carries. Serialised straight from `body`
+/// (f32 scores as the shortest f32 text, byte for byte what `demovlp search --json` prints).
+pub fn json_response<T: serde::Serialize + ?Sized>(status: StatusCode, body: &T) -> Response {
     let text = serde_json::to_string(body).unwrap_or_else(|_| r#"{"error":"unserialisable answer"}"#.into());
     let mut r = (status, text).into_response();
     let h = r.headers_mut();

@@ -210,7 +210,7 @@ async fn search(State(app): Shared, uri: Uri) -> Result<Response, ApiError> {
     let k = p.number("k", app.opts.default_k, 1, app.opts.max_k)?;
     let rerank = p.number("rerank", app.opts.rerank, 0, app.opts.max_rerank)?;
     match app.compute(Task::Search { q, k, rerank }).await? {
-        Output::Search(r) => Ok(json_response(StatusCode::OK, &serde_json::to_value(&r).map_err(|e| ApiError::internal(e.to_string()))?)),
+        Output::Search(r) => Ok(json_response(StatusCode::OK, &r)),
         _ => Err(ApiError::internal("unexpected answer from the worker")),
     }
 }
@@ -233,9 +233,7 @@ async fn explain_with(app: &App, uri: &Uri, svg_route: bool) -> Result<Response,
         return Err(ApiError::not_found(format!("unknown clip {clip:?} (not in the index)")));
     }
     match app.compute(Task::Explain { clip, q, svg }).await? {
-        Output::Explanation(e) => {
-            Ok(json_response(StatusCode::OK, &serde_json::to_value(&*e).map_err(|e| ApiError::internal(e.to_string()))?))
-        }
+        Output::Explanation(e) => Ok(json_response(StatusCode::OK, &*e)),
         Output::Svg(s) => {
             let mut r = (StatusCode::OK, s).into_response();
             let h = r.headers_mut();
