@@ -1,6 +1,7 @@
 //! A small blocking HTTP/1.1 client over `std::net::TcpStream` for the server tests: one
 //! request per connection (`Connection: close`), the whole answer read back (Content-Length
 //! or chunked), and raw request bytes for what a well-behaved client would never send.
+//! (Drives `demovlp serve` and chromedriver's WebDriver API in the tests.)
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -75,13 +76,40 @@ fn parse(raw: &[u8]) -> std::io::Result<Response> {
     Ok(r)
 }
 
-/// Sends `request` (complete, raw bytes) and reads the answer until the server closes.
+/// Is `buf` a complete answer (headers, then Content-Length bytes or the last chunk)?
+fn complete(buf: &[u8]) -> bool {
+    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else { return false };
+    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+    let body = &buf[end + 4..];
+    let value = |name: &str| head.lines().find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()));
+    if value("transfer-encoding:").is_some_and(|v| v == "chunked") {
+        return body.ends_with(b"0\r\n\r\n");
+    }
+    match value("content-length:").and_then(|v| v.parse::<usize>().ok()) {
+        Some(n) => body.len() >= n,
+        None => false,
+    }
+}
+
+/// Sends `request` (complete, raw bytes) and reads the answer: up to its Content-Length or
+/// last chunk (some servers keep the connection open despite `Connection: close`), else
+/// until the server closes.
 pub fn raw(addr: &str, request: &[u8]) -> std::io::Result<Response> {
     let mut s = TcpStream::connect(addr)?;
     s.set_read_timeout(Some(Duration::from_secs(120)))?;
     s.write_all(request)?;
     let mut buf = Vec::new();
-    s.read_to_end(&mut buf)?;
+    let mut chunk = [0u8; 16384];
+    loop {
+        let n = s.read(&mut chunk)?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if complete(&buf) {
+            break;
+        }
+    }
     parse(&buf)
 }
 
