@@ -332,7 +332,7 @@ fn web_page_in_headless_chromium_search_click_explain_screenshot() {
         assert!(t.elapsed() < Duration::from_secs(20), "chromedriver did not become ready");
         std::thread::sleep(Duration::from_millis(100));
     }
-    let profile = dir.join("profile");
+    let profile = dir.join("chromium-profile");
     let caps = json!({"capabilities": {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": {
         "binary": chromium.display().to_string(),
         "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -352,6 +352,7 @@ fn web_page_in_headless_chromium_search_click_explain_screenshot() {
         eprintln!("server stderr:\n{stderr}");
         std::panic::resume_unwind(p);
     }
+    std::fs::remove_dir_all(&profile).ok();
     assert_eq!(code, Some(0));
     assert_eq!(summary["5xx"], 0, "{summary}");
     // The page, its health call, the search, the picture and the explanation.
@@ -372,7 +373,8 @@ fn browse(d: &Driver, addr: &str, w: &World, dir: &Path) {
     d.wait("10 results", "return document.querySelectorAll('li.result').length === 10");
     // The page shows what the API answers, in order, with the scores.
     let api = get(addr, &format!("/api/search?q={}&k=10", encode(caption))).json();
-    let shown = d.script("return [...document.querySelectorAll('li.result')].map(li => [li.dataset.clip, li.querySelector('.score').textContent])");
+    let shown =
+        d.script("return [...document.querySelectorAll('li.result')].map(li => [li.dataset.clip, li.querySelector('.score').textContent])");
     for (i, (row, hit)) in shown.as_array().unwrap().iter().zip(api["results"].as_array().unwrap()).enumerate() {
         assert_eq!(row[0], hit["clip"], "rank {}", i + 1);
         assert_eq!(row[1].as_str().unwrap(), format!("{:.4}", hit["score"].as_f64().unwrap()), "rank {}", i + 1);

@@ -134,6 +134,19 @@ struct App {
     counts: Counts,
 }
 
+/// What the server prints once it listens (one JSON line, `listening` first).
+#[derive(Debug, Clone, Serialize)]
+pub struct Listening {
+    /// `IP:PORT` actually bound (the free port when asked for `:0`).
+    pub listening: String,
+    pub url: String,
+    pub clips: usize,
+    pub model: String,
+    pub index: String,
+    pub workers: usize,
+    pub queue: usize,
+}
+
 /// What the server prints when it stops (one JSON line).
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
@@ -299,8 +312,11 @@ async fn not_found(method: Method, uri: Uri) -> ApiError {
     ApiError::not_found(format!("no route {method} {} (routes: {ROUTES})", uri.path()))
 }
 
-async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
-    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, format!("method {method} not allowed on {} (only GET)", uri.path()))
+async fn method_not_allowed(method: Method, uri: Uri) -> Response {
+    let mut r =
+        ApiError::new(StatusCode::METHOD_NOT_ALLOWED, format!("method {method} not allowed on {} (only GET)", uri.path())).into_response();
+    r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+    r
 }
 
 /// Access log (stderr: method, path, status, milliseconds) and the request counts.
@@ -394,17 +410,17 @@ impl Server {
     }
 
     /// The line printed once the server listens: `{"listening": "127.0.0.1:PORT", ...}`.
-    pub fn listening_json(&self) -> serde_json::Value {
+    pub fn listening(&self) -> Listening {
         let a = &self.app;
-        serde_json::json!({
-            "listening": self.addr.to_string(),
-            "url": format!("http://{}/", self.addr),
-            "clips": a.engine.index.len(),
-            "model": a.model_path,
-            "index": a.opts.index.display().to_string(),
-            "workers": a.pool.threads,
-            "queue": a.pool.capacity,
-        })
+        Listening {
+            listening: self.addr.to_string(),
+            url: format!("http://{}/", self.addr),
+            clips: a.engine.index.len(),
+            model: a.model_path.clone(),
+            index: a.opts.index.display().to_string(),
+            workers: a.pool.threads,
+            queue: a.pool.capacity,
+        }
     }
 
     /// Answers until `stop` resolves (with the reason), then finishes the requests in
@@ -467,7 +483,7 @@ pub fn runtime() -> Result<tokio::runtime::Runtime> {
 pub fn serve_until_signal(opts: ServeOptions) -> Result<Summary> {
     let rt = runtime()?;
     let server = rt.block_on(async { Server::bind(opts) })?;
-    println!("{}", server.listening_json());
+    println!("{}", serde_json::to_string(&server.listening())?);
     let summary = rt.block_on(server.run(shutdown_signal()))?;
     println!("{}", serde_json::to_string(&summary)?);
     Ok(summary)
@@ -476,7 +492,7 @@ pub fn serve_until_signal(opts: ServeOptions) -> Result<Summary> {
 /// A server running on its own thread (tests, embedding): stop it with [`Running::stop`].
 pub struct Running {
     pub addr: SocketAddr,
-    pub listening: serde_json::Value,
+    pub listening: Listening,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<Result<Summary>>>,
 }
@@ -499,7 +515,7 @@ impl Running {
 pub fn spawn(opts: ServeOptions) -> Result<Running> {
     let rt = runtime()?;
     let server = rt.block_on(async { Server::bind(opts) })?;
-    let (addr, listening) = (server.local_addr(), server.listening_json());
+    let (addr, listening) = (server.local_addr(), server.listening());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let thread = std::thread::Builder::new().name("serve".into()).spawn(move || {
         rt.block_on(server.run(async move {

@@ -24,7 +24,7 @@ fn start(f: impl FnOnce(&mut ServeOptions)) -> (Running, String) {
     f(&mut o);
     let r = spawn(o).unwrap();
     let addr = r.addr.to_string();
-    assert_eq!(r.listening["listening"], addr.as_str());
+    assert_eq!(r.listening.listening, addr);
     (r, addr)
 }
 
@@ -128,7 +128,7 @@ fn answers_equal_the_library_and_every_bad_request_is_a_json_4xx() {
     for method in ["POST", "PUT", "DELETE"] {
         let r = request(&addr, method, "/api/search?q=dog", Some(("text/plain", b"x"))).unwrap();
         sent += 1;
-        assert_eq!(r.status, 405, "{method}");
+        assert_eq!((r.status, r.header("allow")), (405, Some("GET, HEAD")), "{method}");
         assert!(r.json()["error"].as_str().unwrap().contains(&format!("method {method} not allowed on /api/search")));
     }
     let four_xx = bad.len() as u64 + 3;
@@ -167,7 +167,7 @@ fn wait_health(addr: &str, what: &str, cond: impl Fn(&serde_json::Value) -> bool
 }
 
 #[test]
-fn full_queue_503_time_limit_504_panic_500_and_the_server_lives_on() {
+fn full_queue_503_time_limit_504_panic_500_server_lives_on_and_stops_gracefully() {
     // The hook makes a query "slow N ..." take N ms and "panic please" panic in the worker.
     let hook: Arc<dyn Fn(&str) + Send + Sync> = Arc::new(|q: &str| {
         if let Some(ms) = q.strip_prefix("slow ").and_then(|r| r.split(' ').next()).and_then(|n| n.parse::<u64>().ok()) {
@@ -222,9 +222,19 @@ fn full_queue_503_time_limit_504_panic_500_and_the_server_lives_on() {
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["results"].as_array().unwrap().len(), 4);
 
+    // A graceful stop finishes the request in flight before returning.
+    let inflight = {
+        let addr = addr.clone();
+        std::thread::spawn(move || get(&addr, &search_target("slow 800 in flight at shutdown", "")))
+    };
+    wait_health(&addr, "the last request running", |h| h["queue"]["running"] == 1);
     let s = server.stop().unwrap();
+    let r = inflight.join().unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["query"], "slow 800 in flight at shutdown");
     assert_eq!((s.busy_503, s.timeout_504, s.panics), (2, 1, 1), "{s:?}");
     assert_eq!(s.s5xx, 4, "{s:?}");
+    assert!(s.requests > 0 && std::net::TcpStream::connect(&addr).is_err(), "still listening after stop");
 }
 
 #[test]

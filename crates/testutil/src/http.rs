@@ -49,10 +49,8 @@ fn parse(raw: &[u8]) -> std::io::Result<Response> {
     let mut lines = head.split("\r\n");
     let status_line = lines.next().unwrap_or("");
     let status = status_line.split(' ').nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| bad(status_line))?;
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
+    let headers: Vec<(String, String)> =
+        lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string())).collect();
     let rest = &raw[end + 4..];
     let mut r = Response { status, headers, body: vec![] };
     if r.header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
