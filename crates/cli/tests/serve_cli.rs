@@ -193,8 +193,24 @@ fn serve_warns_off_loopback_stops_on_sigint_and_refuses_bad_settings() {
     assert_eq!((summary["shutdown"].as_str(), summary["requests"].as_u64()), (Some("SIGINT"), Some(1)), "{summary}");
     assert!(stderr.contains("warning: listening on 0.0.0.0:") && stderr.contains("not a loopback address"), "{stderr}");
 
-    let index = world().index.display().to_string();
+    // --model: the index's own model named explicitly serves; one of another width is refused.
+    let w = world();
+    let s = serve(&["--addr", "127.0.0.1:0", "--model", w.model.to_str().unwrap(), "--workers", "1"]);
+    assert_eq!(get(&s.addr, "/api/search?q=a%20dog").status, 200);
+    assert_eq!(s.stop(libc::SIGTERM).0, Some(0));
+    let narrow = w.root.join("model-p16");
+    if !narrow.exists() {
+        let mut mc = demovlp_train::demo::DemoSizes::quick(1).model;
+        (mc.text.dim, mc.text.hidden_dim, mc.video.dim, mc.video.mlp_dim, mc.proj_dim) = (32, 64, 32, 64, 16);
+        let mut m = demovlp_model::Model::new(mc);
+        m.init_random(1);
+        demovlp_model::io::save_model_dir(&m, &narrow).unwrap();
+    }
+    let narrow = narrow.display().to_string();
+
+    let index = w.index.display().to_string();
     for (args, msg) in [
+        (vec!["serve", &index, "--addr", "127.0.0.1:0", "--model", &narrow], "does not fit the index"),
         (vec!["serve", "/no/such/index", "--addr", "127.0.0.1:0"], "/no/such/index"),
         (vec!["serve", &index, "--addr", "127.0.0.1:0", "--max-query-bytes", "0"], "--max-query-bytes"),
         (vec!["serve", &index, "--addr", "127.0.0.1:0", "--workers", "0"], "--workers"),
@@ -395,6 +411,19 @@ fn browse(d: &Driver, addr: &str, w: &World, dir: &Path) {
     let sub = d.script("return document.querySelector('#explain .sub').textContent");
     assert!(sub.as_str().unwrap().starts_with("score "), "{sub}");
     assert!(d.find_all(".error").is_empty(), "the page shows an error");
+
+    // A server-side refusal is shown on the page, not swallowed.
+    d.call("POST", &format!("/element/{q}/clear"), json!({}));
+    d.call("POST", &format!("/element/{q}/value"), json!({"text": "x".repeat(1100)}));
+    d.call("POST", &format!("/element/{go}/click"), json!({}));
+    let err = d.wait("the error box", "const e = document.querySelector('#results .error'); return e ? e.textContent : false");
+    assert!(err.as_str().unwrap().contains("the limit is 1024"), "{err}");
+    // Back to the results and the explanation for the screenshot.
+    d.call("POST", "/refresh", json!({}));
+    d.wait("the search from ?q=", "return document.querySelectorAll('li.result').length === 10");
+    let items = d.find_all("li.result");
+    d.call("POST", &format!("/element/{}/click", items[pick]), json!({}));
+    d.wait("the picture again", "const i = document.querySelector('#why'); return i && i.complete && i.naturalWidth > 0 && document.querySelectorAll('table.words tr').length > 1");
 
     let png = b64decode(d.call("GET", "/screenshot", json!(null)).as_str().unwrap());
     let path = dir.join("serve-page.png");

@@ -238,7 +238,7 @@ async fn explain_with(app: &App, uri: &Uri, svg_route: bool) -> Result<Response,
     };
     let clip = match p.get("clip") {
         None => return Err(ApiError::bad_request("missing parameter clip (a clip id from the search results)")),
-        Some(c) if c.is_empty() => return Err(ApiError::bad_request("empty parameter clip")),
+        Some("") => return Err(ApiError::bad_request("empty parameter clip")),
         Some(c) => c.to_string(),
     };
     let q = app.query_text(&p)?;
