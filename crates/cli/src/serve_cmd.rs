@@ -30,7 +30,7 @@ With --addr 127.0.0.1:0 a free port is picked. Once listening, one JSON line goe
 {\"listening\": \"127.0.0.1:PORT\", \"url\", \"clips\", \"model\", \"index\", \"workers\", \"queue\"}. An access log line per
 request goes to stderr (method, path, status, milliseconds). SIGINT or SIGTERM: the requests in flight
 are finished, then one JSON summary line (shutdown, requests, 2xx, 4xx, 5xx, busy_503, timeout_504,
-computed, panics, uptime_s) is printed and the exit status is 0.";
+computed, expired, panics, uptime_s) is printed and the exit status is 0.";
 
 #[derive(clap::Args)]
 pub struct ServeArgs {

@@ -163,6 +163,8 @@ pub struct Summary {
     pub busy_503: u64,
     pub timeout_504: u64,
     pub computed: u64,
+    /// Dropped unstarted: their time ran out (or the client left) while they waited.
+    pub expired: u64,
     pub panics: u64,
     pub uptime_s: f64,
 }
@@ -180,6 +182,7 @@ impl App {
             busy_503: l(&c.s503),
             timeout_504: l(&c.s504),
             computed: l(&self.pool.stats.computed),
+            expired: l(&self.pool.stats.expired),
             panics: l(&self.pool.stats.panics),
             uptime_s: self.started.elapsed().as_secs_f64(),
         }
@@ -290,6 +293,7 @@ async fn health(State(app): Shared, uri: Uri) -> Result<Response, ApiError> {
         "requests": {"total": c.total.load(Ordering::SeqCst), "2xx": c.s2xx.load(Ordering::SeqCst),
                      "4xx": c.s4xx.load(Ordering::SeqCst), "5xx": c.s5xx.load(Ordering::SeqCst),
                      "busy_503": c.s503.load(Ordering::SeqCst), "timeout_504": c.s504.load(Ordering::SeqCst),
+                     "computed": ps.computed.load(Ordering::SeqCst), "expired": ps.expired.load(Ordering::SeqCst),
                      "panics": ps.panics.load(Ordering::SeqCst)},
     });
     Ok(json_response(StatusCode::OK, &body))
