@@ -173,8 +173,8 @@ fn append_resume_and_shards_give_the_same_index() {
         parts.push(o.out);
     }
     let merged_dir = w.root.join("index-merged");
-    merge(&parts, &merged_dir).unwrap();
-    assert!(merge(&parts, &merged_dir).is_err(), "merging into an existing index must fail");
+    merge(&parts, &merged_dir, usize::MAX).unwrap();
+    assert!(merge(&parts, &merged_dir, usize::MAX).is_err(), "merging into an existing index must fail");
     for dir in [&out, &merged_dir] {
         let other = Index::open(dir).unwrap();
         assert_eq!(other.len(), 100);
