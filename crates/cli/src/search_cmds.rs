@@ -354,7 +354,7 @@ pub fn bench_search(a: BenchSearchArgs) -> Result<()> {
         keep: a.keep,
     };
     let r = run(&o, &|s| eprintln!("{s}"))?;
-    let peak = crate::bench::peak_rss_mb();
+    let peak = r.peak_rss_mb;
     if !a.json {
         println!(
             "bench search: {} clips, {} threads, {} candidates{}",
@@ -383,10 +383,11 @@ pub fn bench_search(a: BenchSearchArgs) -> Result<()> {
                 r.rerank, r.rerank_p50_ms, r.rerank_p99_ms, r.rerank, r.search_p50_ms, r.search_p99_ms
             );
         }
-        println!("  planted group in the exact top-{}: {:.3}; peak RSS {peak:.0} MB", r.k, r.planted_in_exact);
+        println!(
+            "  planted group in the exact top-{}: {:.3}; peak RSS {peak:.0} MB (while querying: {:.0} MB)",
+            r.k, r.planted_in_exact, r.search_rss_mb
+        );
     }
-    let mut v = serde_json::to_value(&r)?;
-    v["peak_rss_mb"] = serde_json::json!(peak);
-    println!("{v}");
+    println!("{}", serde_json::to_string(&r)?);
     Ok(())
 }

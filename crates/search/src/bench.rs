@@ -101,6 +101,23 @@ pub struct BenchReport {
     /// structure: ≈ 1 when the group is the nearest).
     pub planted_in_exact: f64,
     pub sweep: Vec<SweepPoint>,
+    /// Peak resident memory of the whole run (synthetic data generation included), MiB.
+    pub peak_rss_mb: f64,
+    /// Peak resident memory while querying (what a `search` process holds: the mapped
+    /// index and graph pages it touched), MiB; NaN where the peak cannot be reset.
+    pub search_rss_mb: f64,
+}
+
+/// Peak resident set size of this process (VmHWM) in MiB; NaN where /proc is unavailable.
+pub fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
 /// The `q`-quantile (0..=1) of `xs` (nearest rank).
@@ -217,50 +234,68 @@ pub fn run(o: &BenchOptions, say: &dyn Fn(String)) -> Result<BenchReport> {
     let mut t_ann: Vec<Vec<f64>> = vec![vec![]; efs.len()];
     let mut hits: Vec<usize> = vec![0; efs.len()];
     let (mut t_rerank, mut t_search) = (vec![], vec![]);
+    let build_peak = peak_rss_mb();
+    let reset = reset_peak_rss();
     say(format!("{} queries ({} untimed first), k {}, re-rank {} ...", o.queries, o.warmup, o.k, o.rerank));
-    for (j, (q, g)) in qs.iter().enumerate() {
-        let timed = j >= o.warmup;
-        let t = Instant::now();
-        let exact = exact_top_k(&engine.index, &q.global_unit, o.k);
-        let te = ms(t);
-        let oracle: Vec<&str> = exact.iter().map(|x| engine.index.clip_id(x.0)).collect();
-        for (e, &ef) in efs.iter().enumerate() {
+    // Blocks of BLOCK queries: each path runs the block's queries back to back (its data
+    // stays in cache as in a server running only that path), the paths alternate block by
+    // block (machine noise hits them alike).
+    const BLOCK: usize = 10;
+    let mut oracle: Vec<Vec<usize>> = vec![];
+    for (b, block) in qs.chunks(BLOCK).enumerate() {
+        let timed = |i: usize| b * BLOCK + i >= o.warmup;
+        for (i, (q, g)) in block.iter().enumerate() {
+            let t = Instant::now();
+            let exact = exact_top_k(&engine.index, &q.global_unit, o.k);
+            let te = ms(t);
+            let ids: Vec<usize> = exact.iter().map(|x| x.0).collect();
+            if timed(i) {
+                t_exact.push(te);
+                let members = spec.members(*g);
+                planted += members.iter().filter(|m| ids.contains(m)).count() as f64 / members.len().min(o.k) as f64;
+            }
+            oracle.push(ids);
+        }
+        // The ef values take turns being first after the exact block.
+        for r in 0..efs.len() {
+            let e = (b + r) % efs.len();
+            let ef = efs[e];
             if let Some(a) = engine.ann.as_mut() {
                 a.set_expansion_search(ef);
             }
-            let t = Instant::now();
-            let got = engine.search_embedded(q, o.k, 0);
-            let ta = ms(t);
-            if timed {
-                t_ann[e].push(ta);
-                hits[e] += got.iter().filter(|h| oracle.contains(&h.clip.as_str())).count();
+            for (i, (q, _)) in block.iter().enumerate() {
+                let t = Instant::now();
+                let got = engine.search_embedded(q, o.k, 0);
+                let ta = ms(t);
+                if timed(i) {
+                    t_ann[e].push(ta);
+                    let want = &oracle[b * BLOCK + i];
+                    hits[e] += got.iter().filter(|h| want.contains(&engine.index.by_id[&h.clip])).count();
+                }
             }
         }
         if let Some(a) = engine.ann.as_mut() {
             a.set_expansion_search(efs[0]);
         }
-        let (mut tr, mut ts) = (f64::NAN, f64::NAN);
         if o.rerank > 0 {
-            let cands: Vec<usize> = engine.candidates(&q.global_unit, o.rerank).into_iter().map(|c| c.0).collect();
-            let t = Instant::now();
-            let s = engine.rerank_scores(q, &cands);
-            tr = ms(t);
-            std::hint::black_box(s);
-            let t = Instant::now();
-            let r = engine.search_embedded(q, o.k, o.rerank);
-            ts = ms(t);
-            std::hint::black_box(r);
-        }
-        if timed {
-            t_exact.push(te);
-            t_rerank.push(tr);
-            t_search.push(ts);
-            let members = spec.members(*g);
-            let ids: Vec<usize> = exact.iter().map(|x| x.0).collect();
-            planted += members.iter().filter(|m| ids.contains(m)).count() as f64 / members.len().min(o.k) as f64;
+            for (i, (q, _)) in block.iter().enumerate() {
+                let cands: Vec<usize> = engine.candidates(&q.global_unit, o.rerank).into_iter().map(|c| c.0).collect();
+                let t = Instant::now();
+                std::hint::black_box(engine.rerank_scores(q, &cands));
+                let tr = ms(t);
+                let t = Instant::now();
+                std::hint::black_box(engine.search_embedded(q, o.k, o.rerank));
+                let ts = ms(t);
+                if timed(i) {
+                    t_rerank.push(tr);
+                    t_search.push(ts);
+                }
+            }
         }
     }
+    let search_peak = peak_rss_mb();
     let nq = o.queries as f64;
+    let (t_rerank, t_search) = if o.rerank > 0 { (t_rerank, t_search) } else { (vec![f64::NAN], vec![f64::NAN]) };
     let sweep: Vec<SweepPoint> = efs
         .iter()
         .zip(&t_ann)
@@ -305,5 +340,7 @@ pub fn run(o: &BenchOptions, say: &dyn Fn(String)) -> Result<BenchReport> {
         search_p99_ms: quantile(&t_search, 0.99),
         planted_in_exact: planted / nq,
         sweep: if use_ann { sweep } else { vec![] },
+        peak_rss_mb: build_peak.max(search_peak),
+        search_rss_mb: if reset { search_peak } else { f64::NAN },
     })
 }
