@@ -131,6 +131,15 @@ pub fn is_checkpoint(path: &Path) -> bool {
     read_header_meta(path).map(|m| m.contains_key(META_KEY)).unwrap_or(false)
 }
 
+/// The training run's TOML config saved in a checkpoint, read from the header only (the
+/// weights are not read).
+pub fn read_config_text(path: &Path) -> Result<String> {
+    let m = read_header_meta(path).with_context(|| format!("reading the header of {}", path.display()))?;
+    let meta = m.get(META_KEY).with_context(|| format!("{}: not a demovlp training checkpoint (no {META_KEY} metadata)", path.display()))?;
+    let meta: Meta = serde_json::from_str(meta).with_context(|| format!("{}: bad checkpoint metadata", path.display()))?;
+    Ok(meta.config)
+}
+
 fn read_header_meta(path: &Path) -> Result<std::collections::HashMap<String, String>> {
     use std::io::Read;
     let mut f = std::fs::File::open(path)?;
