@@ -11,11 +11,17 @@
 #   1. the CUDA libraries: the system's or the `nvidia-*` Python wheels' (`lib` folders put
 #      on LD_LIBRARY_PATH), and `nvidia-smi`;
 #   2. `demovlp selftest --device cuda`: every kernel forward/backward against the CPU (one
-#      verdict per kernel, not just the first failure), then the whole-model comparison;
+#      verdict per kernel, not just the first failure: the fused retrieval losses and their
+#      gradients at the loss fixtures' shapes, the device-drawn dropout masks bit for bit),
+#      the whole-model comparison, and the evaluation scores (pair kernels) against the
+#      CPU's blocked kernel (GEMMs by cuBLASLt); then the same in bf16 (names prefixed
+#      "bf16 ", looser tolerances: bf16 GEMM inputs) and in fp32 on plain cuBLAS
+#      (DEMOVLP_CUDA_GEMM=cublas, names prefixed "cublas ");
 #   3. `replay` of every replayable fixture on the GPU in fp32, compared with the CPU replay
 #      and with the recording (python3, standard library only: compare_safetensors.py);
 #   4. `bench train-step --device cuda` at batch 32 x 8 x 30 regions x text 100 and
-#      128 x 1 x 30, fp32 and bf16; `bench eval-sims --n 1000 --device "$DEV"`;
+#      128 x 1 x 30, fp32 and bf16; `bench eval-sims --n 1000 --device "$DEV"` (its result
+#      carries the GPU scores' difference from the CPU's on a 100 x 100 sub-square);
 # and writes <report-dir>/gpu-check.json: {"checks": [{"name", "ok", ...figures}, ...]}.
 # Every check is recorded, failed or not; the exit status is 0 only if every check passed.
 set -u
@@ -120,6 +126,30 @@ if [ "$lines" -eq 0 ] || { [ "$rc" -ne 0 ] && [ "$rc" -ne 1 ]; }; then
 fi
 echo "[$(elapsed) s] selftest: exit $rc, $lines checks" | tee -a "$LOG" >&2
 
+# Again in bf16 (kernels without GEMMs keep fp32 parity, the others are bf16-close), and in
+# fp32 with the GEMMs on plain cuBLAS (the fallback when cuBLASLt has no algorithm or is
+# missing). Every line's name gets the pass's prefix.
+selftest_pass() { # prefix file-stem timeout env-assignment args...
+  local prefix=$1 stem=$2 to=$3 envset=$4
+  shift 4
+  if over_budget; then record "${prefix}selftest" false "\"detail\": \"skipped: time budget spent\""; return; fi
+  local out="$REPORT/$stem.jsonl" t rc lines=0
+  t=$(date +%s)
+  env $envset timeout "$(limit "$to")" "$BIN" selftest --device "$DEV" "$@" >"$out" 2>"$REPORT/$stem.stderr"
+  rc=$?
+  while IFS= read -r line; do
+    case "$line" in
+      \{*) echo "${line/\"name\":\"/\"name\":\"$prefix}" >>"$CHECKS"; lines=$((lines + 1)) ;;
+    esac
+  done <"$out"
+  if [ "$lines" -eq 0 ] || { [ "$rc" -ne 0 ] && [ "$rc" -ne 1 ]; }; then
+    record "${prefix}selftest (exit $rc)" false "\"seconds\": $(( $(date +%s) - t )), \"detail\": $(json_str "$(tail_of "$REPORT/$stem.stderr")")"
+  fi
+  echo "[$(elapsed) s] ${prefix}selftest: exit $rc, $lines checks" | tee -a "$LOG" >&2
+}
+selftest_pass "bf16 " selftest-bf16 150 DEMOVLP_CUDA_GEMM=auto --precision bf16 --tol 3e-2 --model-tol 1e-1
+selftest_pass "cublas " selftest-cublas 120 DEMOVLP_CUDA_GEMM=cublas --precision fp32
+
 # ---- 3. replay of the fixtures on the GPU (fp32) --------------------------------------
 # fixture  text-heads video-heads  tolerance vs the recording (the CLI tests')  AdamW step
 # (qa_tiny is the QA model: towers + BUTD head; replay offers no AdamW step for it)
@@ -181,7 +211,7 @@ for prec in fp32 bf16; do
   bench "bench train-step B32 F8 R30 L100 $prec" 90 bench train-step --batch 32 --frames 8 --regions 30 --text-len 100 --runs 3 --device "$DEV" --precision "$prec"
   bench "bench train-step B128 F1 R30 L100 $prec" 90 bench train-step --batch 128 --frames 1 --regions 30 --text-len 100 --runs 3 --device "$DEV" --precision "$prec"
 done
-bench "bench eval-sims n1000 cuda" 60 bench eval-sims --n 1000 --device "$DEV"
+bench "bench eval-sims n1000 cuda" 90 bench eval-sims --n 1000 --runs 2 --baseline-runs 0 --pytorch never --device "$DEV"
 
 # ---- report ---------------------------------------------------------------------------
 total=$(grep -c '^{' "$CHECKS")

@@ -58,9 +58,7 @@ pub fn run(c: BenchCommand) -> anyhow::Result<()> {
     match c {
         BenchCommand::Data(a) => data_cmds::bench_data(a),
         BenchCommand::TrainStep(a) => model_cmds::bench_train_step(a),
-        BenchCommand::EvalSims(a) => {
-            crate::device::cpu_only(&a.device, "bench eval-sims").and_then(|()| retrieval_cmds::bench_eval_sims(a))
-        }
+        BenchCommand::EvalSims(a) => retrieval_cmds::bench_eval_sims(a),
         BenchCommand::Embed(a) => model_cmds::bench_embed(a),
         BenchCommand::Gemm(a) => bench_gemm(a),
         BenchCommand::Search(a) => search_cmds::bench_search(a),

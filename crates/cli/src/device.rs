@@ -100,7 +100,7 @@ pub fn run_model(d: &DeviceArgs, model: Model, job: impl OnModel) -> Result<()> 
         Device::Cuda(n) => {
             let be = open(n, d.precision)?;
             let params = model.params.to_backend(&demovlp_model::Cpu, &be);
-            let name = format!("cuda:{n} {} ({:?})", be.info().name, d.precision);
+            let name = format!("cuda:{n} {} ({:?}, GEMMs by {})", be.info().name, d.precision, be.gemm_library());
             job.run(Model::from_params_on(be, model.config.clone(), params), &name)
         }
         #[cfg(not(feature = "cuda"))]
@@ -141,7 +141,7 @@ pub fn cpu_only(d: &DeviceArgs, command: &str) -> Result<()> {
         Device::Cuda(n) => {
             open(n, d.precision)?;
             bail!(
-                "`{command} --device cuda`: the CUDA backend is not wired into {command} yet (it runs `replay`, `bench train-step`, \
+                "`{command} --device cuda`: the CUDA backend is not wired into {command} yet (it runs `replay`, `eval`, `bench train-step`, `bench eval-sims`, \
                  `bench embed` and `selftest`); use --device cpu"
             )
         }
@@ -151,6 +151,157 @@ pub fn cpu_only(d: &DeviceArgs, command: &str) -> Result<()> {
             bail!("--device cuda:{n}: {}", demovlp_cuda::NOT_BUILT)
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// evaluation scores and `eval` on any device
+
+/// Where evaluation scores are computed: the CPU's blocked kernel, or the GPU's pair kernels
+/// (`demovlp_cuda::CudaBackend::eval_scores`, the same semantics).
+pub enum ScoreDevice {
+    Cpu,
+    #[cfg(feature = "cuda")]
+    Cuda(demovlp_cuda::CudaBackend),
+}
+
+impl ScoreDevice {
+    /// Opens the device of `d` (`Err` naming what is missing).
+    pub fn open(d: &DeviceArgs) -> Result<Self> {
+        match d.device {
+            Device::Cpu => Ok(ScoreDevice::Cpu),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(n) => {
+                check_available(d)?;
+                Ok(ScoreDevice::Cuda(open(n, d.precision)?))
+            }
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(n) => bail!("--device cuda:{n}: {}", demovlp_cuda::NOT_BUILT),
+        }
+    }
+
+    pub fn name(&self) -> String {
+        match self {
+            ScoreDevice::Cpu => "cpu".into(),
+            #[cfg(feature = "cuda")]
+            ScoreDevice::Cuda(be) => format!("cuda:{} {}", be.info().ordinal, be.info().name),
+        }
+    }
+
+    /// Score matrix `[T, V]` (rows = texts), as `demovlp_retrieval::eval_scores_with`.
+    pub fn scores(
+        &self,
+        texts: &demovlp_retrieval::EmbeddingSet,
+        videos: &demovlp_retrieval::EmbeddingSet,
+        opts: &demovlp_retrieval::EvalOptions,
+        progress: &dyn Fn(usize, usize),
+    ) -> Result<Vec<f32>> {
+        match self {
+            ScoreDevice::Cpu => Ok(demovlp_retrieval::eval_scores_with(texts, videos, opts, progress)),
+            #[cfg(feature = "cuda")]
+            ScoreDevice::Cuda(be) => {
+                be.eval_scores(texts, videos, opts, progress).map_err(|e| anyhow::anyhow!("CUDA evaluation scores: {e}"))
+            }
+        }
+    }
+}
+
+/// `eval` on the device of `d`: embeddings by the model on that backend, scores there too.
+pub fn evaluate_on(
+    d: &DeviceArgs,
+    mut model: Model,
+    set: &demovlp_train::eval::EvalSet,
+    tok: &demovlp_train::text::Tokenizer,
+    opts: &demovlp_train::eval::EvalOptions,
+) -> Result<demovlp_train::eval::EvalResult> {
+    match d.device {
+        Device::Cpu => demovlp_train::eval::evaluate(&mut model, set, tok, opts),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(n) => {
+            check_available(d)?;
+            let be = open(n, d.precision)?;
+            let params = model.params.to_backend(&demovlp_model::Cpu, &be);
+            let mut m = Model::from_params_on(be.clone(), model.config.clone(), params);
+            drop(model);
+            eprintln!("evaluating on cuda:{n} {} ({:?})", be.info().name, d.precision);
+            let dev = ScoreDevice::Cuda(be);
+            demovlp_train::eval::evaluate_with(&mut m, set, tok, opts, &|t, v, o, p| dev.scores(t, v, o, p))
+        }
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(n) => bail!("--device cuda:{n}: {}", demovlp_cuda::NOT_BUILT),
+    }
+}
+
+/// The evaluation-score cases the selftest compares with the CPU: (name, texts, videos,
+/// words, regions, width, options).
+pub fn score_cases() -> Vec<(&'static str, usize, usize, usize, usize, usize, demovlp_retrieval::EvalOptions)> {
+    use demovlp_retrieval::{EvalOptions, ScoreMode};
+    let o = |mode, use_local, masked_mean| EvalOptions { lambda: 20.0, mode, use_local, masked_mean };
+    vec![
+        ("eval scores aligned (37 texts x 29 videos, W 20, N 48, P 32)", 37, 29, 20, 48, 32, o(ScoreMode::Aligned, true, false)),
+        ("eval scores reference (24 x 24, W 11, N 30, P 16)", 24, 24, 11, 30, 16, o(ScoreMode::Reference, true, false)),
+        ("eval scores masked mean (19 x 23, W 15, N 40, P 24)", 19, 23, 15, 40, 24, o(ScoreMode::Aligned, true, true)),
+        ("eval scores global only (31 x 17, P 48)", 31, 17, 5, 6, 48, o(ScoreMode::Aligned, false, false)),
+        ("eval scores at the eval-sims shape (64 x 64, W 99, N 240, P 256)", 64, 64, 99, 240, 256, o(ScoreMode::Aligned, true, false)),
+    ]
+}
+
+/// Synthetic embeddings for [`score_cases`]: `count` items of `len` positions, a random
+/// number of them real (the rest padded, −100), normal values.
+pub fn synthetic_set(rng: &mut demovlp_kernels::Rng, count: usize, len: usize, dim: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let global = (0..count * dim).map(|_| rng.normal()).collect();
+    let local = (0..count * len * dim).map(|_| rng.normal()).collect();
+    let mut mask = Vec::with_capacity(count * len);
+    for _ in 0..count {
+        let real = 1 + rng.below(len);
+        mask.extend((0..len).map(|i| if i < real { 0.0 } else { -100.0 }));
+    }
+    (global, local, mask)
+}
+
+/// Runs every [`score_cases`] case on `dev` and on the CPU: (name, ok, max |diff| relative
+/// to the largest CPU score, share of scores off by more than `tol` of it, detail).
+pub fn compare_scores(dev: &ScoreDevice, tol: f32) -> Vec<(String, bool, f32, f64, String)> {
+    use demovlp_retrieval::EmbeddingSet;
+    let mut out = Vec::new();
+    for (name, nt, nv, w, n, p, opts) in score_cases() {
+        let mut rng = demovlp_kernels::Rng::new(0x5c0e ^ (nt * 1000 + nv) as u64);
+        let (tg, tl, tm) = synthetic_set(&mut rng, nt, w, p);
+        let (vg, vl, vm) = synthetic_set(&mut rng, nv, n, p);
+        let texts = EmbeddingSet { count: nt, len: w, dim: p, global: &tg, local: &tl, mask_additive: &tm };
+        let videos = EmbeddingSet { count: nv, len: n, dim: p, global: &vg, local: &vl, mask_additive: &vm };
+        let want = demovlp_retrieval::eval_scores_with(&texts, &videos, &opts, &|_, _| {});
+        let got = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| dev.scores(&texts, &videos, &opts, &|_, _| {})));
+        let got = match got {
+            Ok(Ok(g)) => g,
+            Ok(Err(e)) => {
+                out.push((name.to_string(), false, f32::INFINITY, 1.0, e.to_string()));
+                continue;
+            }
+            Err(p) => {
+                out.push((name.to_string(), false, f32::INFINITY, 1.0, format!("panicked: {}", panic_message(&p))));
+                continue;
+            }
+        };
+        if got.len() != want.len() {
+            out.push((name.to_string(), false, f32::INFINITY, 1.0, format!("{} scores, want {}", got.len(), want.len())));
+            continue;
+        }
+        let scale = want.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-30);
+        let errs: Vec<f32> =
+            got.iter().zip(&want).map(|(g, w)| if g.is_finite() { (g - w).abs() / scale } else { f32::INFINITY }).collect();
+        let worst = errs.iter().cloned().fold(0f32, f32::max);
+        let off = errs.iter().filter(|&&e| e > tol).count() as f64 / errs.len().max(1) as f64;
+        // The focal keep test is a hard threshold: a P within an ulp of it can round to the
+        // other side on another device and move that one score; a real error moves many.
+        let ok = off <= 2e-3 && worst < 0.05;
+        let detail = if ok { String::new() } else { format!("{:.3} % of scores off by more than {tol:e}, worst {worst:e}", 100.0 * off) };
+        out.push((name.to_string(), ok, worst, off, detail));
+    }
+    out
+}
+
+fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -172,6 +323,8 @@ pub struct SelftestArgs {
 struct Selftest {
     tol: f32,
     model_tol: f32,
+    /// The evaluation scores' device (the same GPU as the backend).
+    scores: ScoreDevice,
 }
 
 impl OnModel for Selftest {
@@ -207,7 +360,16 @@ impl OnModel for Selftest {
             "{}",
             serde_json::json!({"name": "model: backend::check::compare_with_cpu (towers, token API, embeddings, fused steps, QA model)", "ok": ok, "tol": self.model_tol, "detail": detail})
         );
-        let total = verdicts.len() + 1;
+        let scores = compare_scores(&self.scores, self.tol);
+        for (name, ok, worst, off, detail) in &scores {
+            failed += !ok as usize;
+            let worst = if worst.is_finite() { serde_json::json!(worst) } else { serde_json::json!(worst.to_string()) };
+            println!(
+                "{}",
+                serde_json::json!({"name": name, "ok": ok, "max_rel_err": worst, "share_off": off, "tol": self.tol, "detail": detail})
+            );
+        }
+        let total = verdicts.len() + 1 + scores.len();
         println!(
             "{}",
             serde_json::json!({"name": "selftest", "ok": failed == 0, "device": device, "checks": total, "failed": failed, "seconds": t0.elapsed().as_secs_f64()})
@@ -226,7 +388,8 @@ pub fn selftest(a: SelftestArgs) -> Result<()> {
     }
     // A tiny model: only the backend handle is used, the checks build their own.
     let tiny = Model::new(check::tiny_config(demovlp_model::TextKind::Distilbert));
-    run_model(&a.device, tiny, Selftest { tol: a.tol, model_tol: a.model_tol })
+    let scores = ScoreDevice::open(&a.device)?;
+    run_model(&a.device, tiny, Selftest { tol: a.tol, model_tol: a.model_tol, scores })
 }
 
 // ---------------------------------------------------------------------------------------

@@ -101,7 +101,7 @@ fn main() -> anyhow::Result<()> {
         Command::Finetune(a) => device::cpu_only(&a.device, "finetune").and_then(|()| train_cmds::finetune(a)),
         Command::FinetuneQa(a) => qa_cmds::finetune_qa(a),
         Command::EvalQa(a) => qa_cmds::eval_qa(a),
-        Command::Eval(a) => device::cpu_only(&a.device, "eval").and_then(|()| train_cmds::eval(a)),
+        Command::Eval(a) => device::check_available(&a.device).and_then(|()| train_cmds::eval(a)),
         Command::Regions(a) => data_cmds::regions(a),
         Command::Tokenize(a) => data_cmds::tokenize(a),
         Command::Pack(a) => data_cmds::pack(a),

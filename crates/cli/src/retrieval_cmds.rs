@@ -228,6 +228,8 @@ pub fn bench_eval_sims(a: BenchEvalSimsArgs) -> Result<()> {
         bail!("--n and --runs must be positive");
     }
     let (n, w, nr, dim) = (a.n, a.words, a.frames * a.regions, a.dim);
+    let dev = crate::device::ScoreDevice::open(&a.device)?;
+    let on_cpu = matches!(dev, crate::device::ScoreDevice::Cpu);
     let mut rng = Rng::new(a.seed);
     let texts = synthetic(
         n,
@@ -256,11 +258,13 @@ pub fn bench_eval_sims(a: BenchEvalSimsArgs) -> Result<()> {
     );
     let set = |s, count, len| embedding_set(s, count, len, dim);
     eprintln!(
-        "eval-sims: {n} texts × {n} videos, {w} words, {} frames × {} regions, width {dim}, {} threads",
+        "eval-sims on {}: {n} texts × {n} videos, {w} words, {} frames × {} regions, width {dim}, {} threads",
+        dev.name(),
         a.frames,
         a.regions,
         rayon::current_num_threads()
     );
+    let aligned = demovlp_retrieval::EvalOptions { lambda: 20.0, mode: ScoreMode::Aligned, use_local: true, masked_mean: false };
 
     // Fast path on the whole matrix.
     let can_reset = reset_peak_rss();
@@ -268,9 +272,9 @@ pub fn bench_eval_sims(a: BenchEvalSimsArgs) -> Result<()> {
     let mut full = Vec::new();
     for run in 0..a.runs {
         let t0 = Instant::now();
-        full = eval_scores(&set(&texts, n, w), &set(&videos, n, nr), 20.0, ScoreMode::Aligned, true, &|done, total| {
+        full = dev.scores(&set(&texts, n, w), &set(&videos, n, nr), &aligned, &|done, total| {
             eprint!("\r  run {}: {:3.0}%", run + 1, 100.0 * done as f64 / total.max(1) as f64);
-        });
+        })?;
         let s = t0.elapsed().as_secs_f64();
         eprintln!("\r  run {}: {s:.2} s", run + 1);
         times.push(s);
@@ -284,10 +288,28 @@ pub fn bench_eval_sims(a: BenchEvalSimsArgs) -> Result<()> {
     );
 
     let mut out = json!({
-        "bench": "eval-sims", "n": n, "words": w, "regions": nr, "dim": dim, "runs": a.runs,
+        "bench": "eval-sims", "device": dev.name(), "n": n, "words": w, "regions": nr, "dim": dim, "runs": a.runs,
         "median_s": med, "min_s": min, "max_s": max, "peak_rss_mb": peak,
         "threads": rayon::current_num_threads(),
     });
+
+    // On a GPU: its scores against the CPU's on a sub-square (every score is a function of
+    // its own pair, so the top-left block of the full matrix is the sub-square's).
+    if !on_cpu {
+        let nb = n.min(100);
+        let cpu = eval_scores(&set(&texts, nb, w), &set(&videos, nb, nr), 20.0, ScoreMode::Aligned, true, &|_, _| {});
+        let diffs: Vec<f32> = (0..nb * nb).map(|i| (full[(i / nb) * n + i % nb] - cpu[i]).abs()).collect();
+        let max_diff = diffs.iter().cloned().fold(0f32, f32::max);
+        let share = diffs.iter().filter(|&&d| d > 1e-4).count() as f64 / diffs.len() as f64;
+        println!("  {} vs cpu on {nb}×{nb}: max |diff| {max_diff:.2e}, {:.3} % above 1e-4", dev.name(), 100.0 * share);
+        let o = out.as_object_mut().unwrap();
+        o.insert("vs_cpu_n".into(), json!(nb));
+        o.insert("vs_cpu_max_abs_diff".into(), json!(max_diff));
+        o.insert("vs_cpu_share_above_1e-4".into(), json!(share));
+        if share > 2e-3 || !max_diff.is_finite() || max_diff > 0.05 {
+            bail!("{} and cpu scores disagree on {nb}×{nb}: max |diff| {max_diff:.2e}, {:.3} % above 1e-4", dev.name(), 100.0 * share);
+        }
+    }
 
     // Baseline: the published blocked structure (8 × 8 blocks, every [8, 8, Lq, Lc]
     // tensor materialised, each direction its own cosine block), on a sub-square.

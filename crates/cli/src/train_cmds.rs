@@ -10,7 +10,7 @@ use demovlp_data::FeatureSource;
 use demovlp_data::Sample;
 use demovlp_retrieval::ScoreMode;
 use demovlp_train::config::DatasetConfig;
-use demovlp_train::eval::{evaluate, EvalOptions, EvalSet};
+use demovlp_train::eval::{EvalOptions, EvalSet};
 use demovlp_train::runlog::metrics_json;
 use demovlp_train::trainer::{train, RunOptions, TrainInputs};
 use demovlp_train::{demo, TrainConfig};
@@ -303,7 +303,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     }
     let model = demovlp_train::weights::load_model(&a.model)?;
     // A model pre-trained on fewer frames: inflate its temporal embedding as training would.
-    let mut model = demovlp_train::weights::fit_to_frames(model, cfg.data.frames, cfg.model.load_temporal_fix, &a.model)?;
+    let model = demovlp_train::weights::fit_to_frames(model, cfg.data.frames, cfg.model.load_temporal_fix, &a.model)?;
     let tok = demovlp_train::text::load_tokenizer(&cfg.data.tokenizer)?;
     demovlp_model::io::check_inputs_fit(
         &model.config,
@@ -326,7 +326,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         progress: true,
     };
     eprintln!("evaluating {} on {}: {} videos, {} caption slots", a.model.display(), ds.name, set.videos.len(), set.captions.len());
-    let r = evaluate(&mut model, &set, &tok, &opts)?;
+    let r = crate::device::evaluate_on(&a.device, model, &set, &tok, &opts)?;
     let m = &r.metrics;
     let mode = match (a.global_only, a.reference_eval) {
         (true, _) => "global",

@@ -49,7 +49,10 @@ fn selftest_on_the_cpu_passes_every_check() {
     let out = demovlp(&["selftest", "--device", "cpu", "--tol", "0", "--model-tol", "0"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert_eq!(lines.len(), demovlp_model::backend::kernels_check::CASES.len() + 2);
+    // Every kernel case, the whole-model check, the five evaluation-score cases
+    // (`device::score_cases`) and the summary line.
+    assert_eq!(lines.len(), demovlp_model::backend::kernels_check::CASES.len() + 1 + 5 + 1);
+    assert!(lines.iter().filter(|l| l["name"].as_str().unwrap().starts_with("eval scores")).count() == 5, "{lines:?}");
     assert!(lines.iter().all(|l| l["ok"] == true), "{lines:?}");
 }
 

@@ -101,3 +101,48 @@ extern "C" __global__ void adamw_update_table_rows(float* p, float* m, float* v,
         p[i] = pi;
     }
 }
+
+// Dropout masks from the CPU's generator (demovlp_kernels::Rng, xoshiro256++), bit for bit:
+// thread i draws elements i·2^c … (i+1)·2^c − 1 (c = chunk_log2) after jumping the state
+// (s0..s3) ahead by i·2^c with the matrices T^(2^k) of `table` ([64][256][4] words: column b
+// of T^(2^k) = the image of the state with only bit b set; crates/cuda/src/plan.rs, whose
+// `dropout_mask_by_threads` is this kernel on the host). 0 with probability p, else `keep`.
+typedef unsigned long long u64_t;
+__device__ __forceinline__ u64_t rotl64(u64_t x, int k) { return (x << k) | (x >> (64 - k)); }
+
+extern "C" __global__ void dropout_xoshiro(long long s0, long long s1, long long s2, long long s3, const long long* table,
+                                           int chunk_log2, long long n, float p, float keep, float* out) {
+    long long chunk = 1LL << chunk_log2;
+    long long threads = (n + chunk - 1) >> chunk_log2;
+    const u64_t* tab = (const u64_t*)table;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < threads; i += (long long)gridDim.x * blockDim.x) {
+        u64_t s[4] = {(u64_t)s0, (u64_t)s1, (u64_t)s2, (u64_t)s3};
+        for (int j = 0; (i >> j) != 0; j++) {
+            if (((i >> j) & 1) == 0) continue;
+            const u64_t* m = tab + (long long)(j + chunk_log2) * 256 * 4;
+            u64_t r[4] = {0, 0, 0, 0};
+            for (int b = 0; b < 256; b++) {
+                if ((s[b >> 6] >> (b & 63)) & 1ULL) {
+                    r[0] ^= m[b * 4];
+                    r[1] ^= m[b * 4 + 1];
+                    r[2] ^= m[b * 4 + 2];
+                    r[3] ^= m[b * 4 + 3];
+                }
+            }
+            s[0] = r[0]; s[1] = r[1]; s[2] = r[2]; s[3] = r[3];
+        }
+        long long end = (i + 1) * chunk < n ? (i + 1) * chunk : n;
+        for (long long k = i * chunk; k < end; k++) {
+            u64_t result = rotl64(s[0] + s[3], 23) + s[0];
+            u64_t t = s[1] << 17;
+            s[2] ^= s[0];
+            s[3] ^= s[1];
+            s[1] ^= s[2];
+            s[0] ^= s[3];
+            s[2] ^= t;
+            s[3] = rotl64(s[3], 45);
+            float u = (float)(result >> 40) * (1.0f / 16777216.0f);
+            out[k] = u < p ? 0.0f : keep;
+        }
+    }
+}

@@ -2,14 +2,21 @@
 //!
 //! - Buffers: raw device allocations ([`DevBuf`], stream-ordered `cuMemAllocAsync`), grown
 //!   on demand and then reused (`fit` keeps the allocation), views are (pointer, length).
-//! - GEMMs: cuBLAS (`cublasSgemm` in the fp32 parity mode, math mode `CUBLAS_DEFAULT_MATH`,
-//!   i.e. TF32 off; `cublasGemmEx` with bf16 inputs, fp32 accumulation and fp32 outputs in
-//!   the bf16 speed mode, the inputs converted per call into a scratch buffer).
+//! - GEMMs: cuBLASLt (module `lt`: compute type `CUBLAS_COMPUTE_32F`, i.e. no TF32, in the
+//!   fp32 parity mode; bf16 inputs with fp32 accumulation and fp32 outputs in the bf16 speed
+//!   mode, the inputs converted per call into a scratch buffer; one cached plan per shape),
+//!   plain cuBLAS as the fallback (`cublasSgemm` with `CUBLAS_DEFAULT_MATH`, `cublasGemmEx`)
+//!   for shapes cuBLASLt has no algorithm for, when it fails to start, or with
+//!   `DEMOVLP_CUDA_GEMM=cublas`.
 //! - Every other kernel: the NVRTC-compiled sources of `kernels/*.cu`, one stream.
-//! - On the host, through the seam: token ids and dropout masks (drawn with the given `Rng`,
-//!   exactly the CPU's masks, then uploaded), the retrieval losses (the six embedding
-//!   tensors are read back, `Cpu::losses` runs, the four gradients go up: a fused GPU loss is
-//!   not written yet) and the QA cross-entropy (logits `[B, answers]` read back).
+//! - The retrieval losses on the device, fused (module `losses`, `kernels/losses.cu`): the
+//!   global contrastive loss and the region-word alignment, forward and backward, with one
+//!   read-back per call (the two loss scalars and the `[B, B]` similarity matrices of
+//!   `LossOutputs`); the evaluation scores likewise ([`CudaBackend::eval_scores`]).
+//! - Dropout masks on the device from the given `Rng`'s state, exactly the CPU's masks
+//!   (`crate::plan`: xoshiro256++ jumped ahead per thread by GF(2) matrix powers).
+//! - On the host, through the seam: token ids and the QA cross-entropy (logits
+//!   `[B, answers]` read back).
 //!
 //! Errors of the driver or cuBLAS in a kernel call panic with the call named (the trait's
 //! methods return nothing); opening the device ([`CudaBackend::open`]) returns them.
@@ -26,7 +33,7 @@ use crate::Precision;
 use demovlp_kernels::attention::AttnShape;
 use demovlp_kernels::Rng;
 use demovlp_model::adamw::StepCoeffs;
-use demovlp_model::backend::{host, Backend, Cpu, Grads, LossGradBufs, LossViews, TokenDims};
+use demovlp_model::backend::{host, Backend, Grads, LossGradBufs, LossViews, TokenDims};
 use demovlp_retrieval::{LossConfig, LossOutputs};
 use std::ffi::c_void;
 use std::fmt;
@@ -69,6 +76,8 @@ impl Default for CudaBackend {
     }
 }
 
+mod losses;
+mod lt;
 mod setup;
 use setup::regions_of;
 
@@ -315,8 +324,21 @@ impl Backend for CudaBackend {
         }
     }
     fn dropout_mask(&self, rng: &mut Rng, p: f32, b: &mut DevBuf, n: usize) {
-        // Drawn on the host from the given generator: the CPU backend's masks, bit for bit.
-        self.write_host(b, n, |h| demovlp_kernels::dropout::dropout_mask(rng, p, h));
+        // Drawn on the device from the given generator's state, the CPU backend's masks bit
+        // for bit (crate::plan: jump-ahead of xoshiro256++), then the host generator is
+        // advanced past the n draws as the CPU's would be.
+        assert!((0.0..1.0).contains(&p), "dropout probability {p} outside [0, 1)");
+        self.fit(b, n);
+        if n == 0 {
+            return;
+        }
+        let s = rng.state();
+        let (drop_p, keep) = (p, 1.0 / (1.0 - p));
+        let table = self.inner.jumps;
+        let threads = crate::plan::dropout_threads(n);
+        launch!(self, "dropout_xoshiro", blocks(threads), T256, 0;
+            s[0] as i64, s[1] as i64, s[2] as i64, s[3] as i64, table, crate::plan::DROPOUT_CHUNK_LOG2 as i32, n as i64, drop_p, keep, b.ptr);
+        *rng = Rng::from_state(crate::plan::advance(s, n as u64));
     }
 
     fn attention_forward(
@@ -515,28 +537,9 @@ impl Backend for CudaBackend {
     }
 
     fn losses(&self, cfg: &LossConfig, x: &LossViews<'_, Self>, use_local: bool, grads: bool) -> (LossOutputs, Option<LossGradBufs<Self>>) {
-        // On the host through the seam (a fused GPU loss is not written yet): the embeddings
-        // go down once, the four gradients come back up.
-        let h = |v: DevView<'_>| self.to_host(v);
-        let (gt, gv, lt, lv, tm, vm) =
-            (h(x.global_text), h(x.global_video), h(x.local_text), h(x.local_video), h(x.text_mask), h(x.video_mask));
-        let v = LossViews::<Cpu> {
-            dims: x.dims,
-            global_text: &gt,
-            global_video: &gv,
-            local_text: &lt,
-            local_video: &lv,
-            text_mask: &tm,
-            video_mask: &vm,
-        };
-        let (out, g) = Cpu.losses(cfg, &v, use_local, grads);
-        let g = g.map(|g| LossGradBufs {
-            global_text: self.buf_from(&g.global_text),
-            global_video: self.buf_from(&g.global_video),
-            local_text: self.buf_from(&g.local_text),
-            local_video: self.buf_from(&g.local_video),
-        });
-        (out, g)
+        // On the device, fused (kernels/losses.cu): one read-back of the loss scalars and
+        // the two [B, B] similarity matrices; the gradients stay on the device.
+        self.losses_on_device(cfg, x, use_local, grads)
     }
 
     fn adamw_update(&self, c: &StepCoeffs, p: DevViewMut<'_>, g: DevView<'_>, m: DevViewMut<'_>, v: DevViewMut<'_>) {

@@ -8,8 +8,9 @@
 //! what is missing (never a panic).
 //!
 //! Status (the workspace README's GPU section): compiled and linted everywhere, the kernels
-//! compiled by NVRTC for sm_80 and sm_90 in the tests; **the backend itself has never run
-//! on a GPU**.
+//! compiled by NVRTC for sm_80 and sm_90 in the tests, the loss and dropout kernels'
+//! algorithms checked on the host against the CPU ([`host_port`], [`plan`]); **the backend
+//! itself has never run on a GPU**.
 
 /// The kernel sources: (module name, CUDA C source).
 pub const SOURCES: &[(&str, &str)] = &[
@@ -19,6 +20,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("tokens", include_str!("../kernels/tokens.cu")),
     ("heads", include_str!("../kernels/heads.cu")),
     ("gemm", include_str!("../kernels/gemm.cu")),
+    ("losses", include_str!("../kernels/losses.cu")),
 ];
 
 /// The `extern "C" __global__` kernel names of a source, in order.
@@ -60,6 +62,9 @@ pub const LIBRARY_HINT: &str = "the NVIDIA driver provides libcuda.so.1; libnvrt
 toolkit or from the PyPI wheels (`pip install nvidia-cuda-nvrtc-cu12 nvidia-cublas-cu12`, or the -cu13 ones): put their \
 `lib` folders (site-packages/nvidia/*/lib) on LD_LIBRARY_PATH";
 
+pub mod host_port;
+pub mod plan;
+
 #[cfg(feature = "cuda")]
 mod backend;
 #[cfg(feature = "cuda")]
@@ -77,6 +82,8 @@ pub struct DeviceInfo {
     /// Compute capability (major, minor).
     pub capability: (i32, i32),
     pub memory_bytes: usize,
+    /// Streaming multiprocessors (sizes the grids of the pair kernels).
+    pub multiprocessors: usize,
 }
 
 /// Whether this build has the CUDA backend at all.

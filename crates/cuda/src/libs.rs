@@ -60,13 +60,14 @@ pub fn probe(ordinal: usize) -> Result<DeviceInfo, String> {
     }
     let dev = drv::device::get(ordinal as i32).map_err(|e| format!("CUDA device {ordinal}: {e:?}"))?;
     // SAFETY: `dev` is a valid device handle from the driver.
-    let (major, minor, memory_bytes, name) = unsafe {
+    let (major, minor, memory_bytes, name, sms) = unsafe {
         use dsys::CUdevice_attribute::*;
         let major = drv::device::get_attribute(dev, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR).map_err(|e| format!("{e:?}"))?;
         let minor = drv::device::get_attribute(dev, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR).map_err(|e| format!("{e:?}"))?;
         let mem = drv::device::total_mem(dev).map_err(|e| format!("{e:?}"))?;
         let name = drv::device::get_name(dev).map_err(|e| format!("{e:?}"))?;
-        (major, minor, mem, name)
+        let sms = drv::device::get_attribute(dev, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(|e| format!("{e:?}"))?;
+        (major, minor, mem, name, sms)
     };
-    Ok(DeviceInfo { ordinal, name, capability: (major, minor), memory_bytes })
+    Ok(DeviceInfo { ordinal, name, capability: (major, minor), memory_bytes, multiprocessors: sms.max(1) as usize })
 }

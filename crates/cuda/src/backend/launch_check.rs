@@ -71,12 +71,22 @@ fn arg_ty(a: &str) -> Option<Ty> {
         Some(Ty::I64)
     } else if a.ends_with("as i32") || a.starts_with("regions_of(") {
         Some(Ty::I32)
+    } else if ["drop_p"].contains(&a) {
+        Some(Ty::F32)
     } else if a.contains(".ptr")
         || a.starts_with("at(")
-        || ["a", "b", "a16", "b16", "p", "ds", "drop", "q", "k", "v", "dq", "dk", "dv", "rows_p", "c"].contains(&a)
+        || a.starts_with("at_f(")
+        || a.ends_with("_p")
+        || a.starts_with("text.")
+        || a.starts_with("video.")
+        || [
+            "a", "b", "a16", "b16", "p", "ds", "drop", "q", "k", "v", "dq", "dk", "dv", "c", "x", "rb", "gg", "dscr", "gs", "g_t_raw",
+            "g_v_raw", "g_t_hat", "g_v_hat", "s_out", "table",
+        ]
+        .contains(&a)
     {
         Some(Ty::Ptr)
-    } else if ["scale", "eps", "beta"].contains(&a) || a.starts_with("c.") {
+    } else if ["scale", "eps", "beta", "lambda", "log_on", "log_off", "temperature", "keep", "drop_p"].contains(&a) || a.starts_with("c.") {
         Some(Ty::F32)
     } else {
         None
@@ -87,7 +97,7 @@ fn arg_ty(a: &str) -> Option<Ty> {
 fn every_launch_matches_its_kernel_signature() {
     let params = kernel_params();
     let src = include_str!("../backend.rs");
-    let body = format!("{}{}", &src[..src.find("#[cfg(test)]").unwrap()], include_str!("setup.rs"));
+    let body = format!("{}{}{}", &src[..src.find("#[cfg(test)]").unwrap()], include_str!("setup.rs"), include_str!("losses.rs"));
     let body = body.as_str();
     let mut checked = 0;
     let mut rest = body;

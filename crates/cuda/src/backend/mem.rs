@@ -35,8 +35,15 @@ pub(super) struct Inner {
     pub(super) stream: sys::CUstream,
     /// `None` when libcublas is not available (our tiled GEMM kernel runs instead).
     pub(super) blas: Option<bsys::cublasHandle_t>,
+    /// cuBLASLt (the GEMMs' first choice) when its library is present.
+    pub(super) lt: Option<super::lt::Lt>,
     pub(super) funcs: HashMap<String, sys::CUfunction>,
+    /// The dropout kernel's jump matrices (`crate::plan::jump_table`, 512 KiB), uploaded once.
+    pub(super) jumps: u64,
     pub(super) scratch: Mutex<Scratch>,
+    /// The losses' and evaluation scores' scratch (its own lock: they call `gemm`, which
+    /// takes `scratch`'s).
+    pub(super) losses: Mutex<super::losses::LossScratch>,
 }
 
 // SAFETY: the context, stream, handle and functions are driver objects usable from any

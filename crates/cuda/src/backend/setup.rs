@@ -76,7 +76,43 @@ impl CudaBackend {
             );
             None
         };
-        let inner = Inner { info, precision, ctx, stream, blas: blas_handle, funcs, scratch: Mutex::default() };
+        let table = crate::plan::jump_table();
+        // SAFETY: a fresh allocation of the table's size on our stream; the synchronous copy
+        // below has read `table` when it returns.
+        let jumps = unsafe {
+            let p = drv::malloc_async(stream, table.len() * 8).map_err(|e| format!("cuMemAllocAsync (dropout jump table): {e:?}"))?;
+            drv::memcpy_htod_async(p, table, stream).map_err(|e| format!("uploading the dropout jump table: {e:?}"))?;
+            drv::stream::synchronize(stream).map_err(|e| format!("cuStreamSynchronize: {e:?}"))?;
+            p
+        };
+        // cuBLASLt for the GEMMs unless told otherwise; plain cuBLAS stays the fallback.
+        let force_cublas = std::env::var("DEMOVLP_CUDA_GEMM").is_ok_and(|v| v == "cublas");
+        let lt = if blas_handle.is_some() && !force_cublas {
+            // SAFETY: a stream-ordered allocation on our stream, kept for the process.
+            let ws = unsafe { drv::malloc_async(stream, super::lt::WORKSPACE_BYTES) }
+                .map_err(|e| format!("cuMemAllocAsync (cuBLASLt workspace): {e:?}"))?;
+            match super::lt::Lt::new(ws) {
+                Ok(lt) => Some(lt),
+                Err(e) => {
+                    eprintln!("CUDA backend: {e}: GEMMs run on plain cuBLAS (cublasSgemm / cublasGemmEx)");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let inner = Inner {
+            info,
+            precision,
+            ctx,
+            stream,
+            blas: blas_handle,
+            lt,
+            funcs,
+            jumps,
+            scratch: Mutex::default(),
+            losses: Mutex::default(),
+        };
         Ok(CudaBackend { inner: Arc::new(inner) })
     }
 
@@ -86,6 +122,16 @@ impl CudaBackend {
 
     pub fn precision(&self) -> Precision {
         self.inner.precision
+    }
+
+    /// The GEMM library in use: `cublasLt` (plain cuBLAS for shapes it has no algorithm
+    /// for), `cublas`, or `tiled` (our kernel, no cuBLAS at all).
+    pub fn gemm_library(&self) -> &'static str {
+        match (&self.inner.blas, &self.inner.lt) {
+            (None, _) => "tiled",
+            (Some(_), Some(_)) => "cublasLt",
+            (Some(_), None) => "cublas",
+        }
     }
 
     /// Waits for every queued kernel (timings).
@@ -100,6 +146,28 @@ impl CudaBackend {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn gemm(
         &self,
+        ta: bool,
+        tb: bool,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: u64,
+        lda: usize,
+        b: u64,
+        ldb: usize,
+        beta: f32,
+        c: u64,
+        ldc: usize,
+    ) {
+        self.gemm_in(self.inner.precision, ta, tb, m, n, k, a, lda, b, ldb, beta, c, ldc)
+    }
+
+    /// [`Self::gemm`] in the given precision (the losses and evaluation scores run theirs in
+    /// fp32 whatever the backend's precision: fp32 statistics in the bf16 mode).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn gemm_in(
+        &self,
+        precision: Precision,
         ta: bool,
         tb: bool,
         m: usize,
@@ -135,7 +203,10 @@ impl CudaBackend {
                 ta as i32, tb as i32, m as i32, n as i32, k as i32, a, lda as i64, b, ldb as i64, beta, c, ldc as i64);
             return;
         };
-        match inner.precision {
+        let key = |bf16: bool, lda: usize, ldb: usize| super::lt::Key { bf16, ta, tb, m, n, k, lda, ldb, ldc, accumulate: beta != 0.0 };
+        let lt_stream = inner.stream as cudarc::cublaslt::sys::cudaStream_t;
+        match precision {
+            Precision::Fp32 if inner.lt.as_ref().is_some_and(|lt| lt.matmul(key(false, lda, ldb), a, b, beta, c, lt_stream)) => {}
             Precision::Fp32 => {
                 // SAFETY: the matrices lie in live device memory of the sizes the leading
                 // dimensions say (the trait's conventions).
@@ -170,6 +241,9 @@ impl CudaBackend {
                 let b16 = inner.grow(&mut s.b16, bi * bo * 2);
                 launch!(self, "to_bf16", blocks(ai * ao), T256, 0; a, lda as i64, a16, ao as i64, ai as i64);
                 launch!(self, "to_bf16", blocks(bi * bo), T256, 0; b, ldb as i64, b16, bo as i64, bi as i64);
+                if inner.lt.as_ref().is_some_and(|lt| lt.matmul(key(true, ai, bi), a16, b16, beta, c, lt_stream)) {
+                    return;
+                }
                 // SAFETY: as above, the bf16 copies packed with leading dimensions ai, bi.
                 ck(
                     unsafe {

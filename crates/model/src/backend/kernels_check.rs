@@ -50,6 +50,10 @@ pub const CASES: &[&str] = &[
     "weighted_sum (+ backward)",
     "cross_entropy",
     "losses (forward + backward)",
+    "losses at the loss_small fixture's shape (B 5, W 11, N 9, P 16)",
+    "losses at the loss_realistic fixture's shape (B 8, W 99, N 240, P 64)",
+    "losses forward only, masked mean (B 6, W 13, N 21, P 24)",
+    "losses global only (use_local off, B 7, P 40)",
     "adamw_update",
     "adamw_update_table_rows",
 ];
@@ -222,10 +226,15 @@ fn run_case<B: Backend>(be: &B, name: &str) -> Vec<(String, Vec<f32>)> {
             io.keep("sum_rows_into", &acc);
         }
         "dropout_mask" => {
+            // Short and long masks (a device may split the stream across threads), and the
+            // generator's next draw after each: a backend must leave it where the CPU does.
             let mut r = Rng::new(42);
             let mut b = B::Buf::default();
-            be.dropout_mask(&mut r, 0.1, &mut b, 999);
-            io.keep("mask", &b);
+            for (n, p) in [(999, 0.1), (3 * 4096 + 17, 0.1), (70_001, 0.45), (33, 0.0)] {
+                be.dropout_mask(&mut r, p, &mut b, n);
+                io.keep(&format!("mask of {n}, p {p}"), &b);
+                io.out.push((format!("next draw after the mask of {n}"), vec![r.uniform()]));
+            }
         }
         "attention full (forward, backward rows)" | "attention frames (forward, backward rows split)" => {
             let frames = name.contains("frames");
@@ -408,6 +417,56 @@ fn run_case<B: Backend>(be: &B, name: &str) -> Vec<(String, Vec<f32>)> {
             io.keep("d global_video", &g.global_video);
             io.keep("d local_text", &g.local_text);
             io.keep("d local_video", &g.local_video);
+        }
+        n if n.starts_with("losses ") && n != "losses (forward + backward)" => {
+            // (dims, real words / regions per item as (min, spread), masked mean, local, gradients)
+            let (dims, words, regions, masked_mean, use_local, grads) = if n.contains("loss_small") {
+                (LossDims { batch: 5, words: 11, regions: 9, dim: 16 }, (4, 7), (5, 4), false, true, true)
+            } else if n.contains("loss_realistic") {
+                (LossDims { batch: 8, words: 99, regions: 240, dim: 64 }, (6, 35), (80, 160), false, true, true)
+            } else if n.contains("masked mean") {
+                (LossDims { batch: 6, words: 13, regions: 21, dim: 24 }, (3, 10), (6, 15), true, true, false)
+            } else {
+                (LossDims { batch: 7, words: 5, regions: 6, dim: 40 }, (2, 3), (3, 3), false, false, true)
+            };
+            let (b, w, r, p) = (dims.batch, dims.words, dims.regions, dims.dim);
+            let (gt, gv) = (io.rand(b * p), io.rand(b * p));
+            let (lt, lv) = (io.rand(b * w * p), io.rand(b * r * p));
+            // Padding at the end of each item, as the towers' masks: −100 additive.
+            let mut pad = |len: usize, (lo, spread): (usize, usize)| -> Vec<f32> {
+                (0..b)
+                    .flat_map(|_| {
+                        let real = (lo + io.rng.below(spread + 1)).min(len);
+                        (0..len).map(move |i| if i < real { 0.0 } else { -100.0 })
+                    })
+                    .collect()
+            };
+            let (tmh, vmh) = (pad(w, words), pad(r, regions));
+            let (tm, vm_) = (io.up(&tmh), io.up(&vmh));
+            let x = LossViews::<B> {
+                dims,
+                global_text: v::<B>(&gt),
+                global_video: v::<B>(&gv),
+                local_text: v::<B>(&lt),
+                local_video: v::<B>(&lv),
+                text_mask: v::<B>(&tm),
+                video_mask: v::<B>(&vm_),
+            };
+            let cfg = LossConfig { masked_mean, ..LossConfig::default() };
+            let (o, g) = be.losses(&cfg, &x, use_local, grads);
+            io.out.push(("loss".into(), vec![o.loss_total, o.loss_global, o.loss_local]));
+            io.out.push(("global sims".into(), o.global_sim_text_video));
+            io.out.push(("local sims".into(), o.local_sim_video_text));
+            match g {
+                Some(g) if grads => {
+                    io.keep("d global_text", &g.global_text);
+                    io.keep("d global_video", &g.global_video);
+                    io.keep("d local_text", &g.local_text);
+                    io.keep("d local_video", &g.local_video);
+                }
+                None if !grads => {}
+                _ => panic!("gradients {} but asked for: {grads}", if grads { "missing" } else { "returned" }),
+            }
         }
         "adamw_update" | "adamw_update_table_rows" => {
             let c = StepCoeffs { step_size: 1e-3, decay: 1e-5, beta1: 0.9, beta2: 0.999, eps: 1e-6 };

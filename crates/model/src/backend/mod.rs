@@ -21,9 +21,10 @@
 //!   initial weights: the closure fills host memory that then lands in the buffer),
 //!   [`Backend::to_host`] / [`Backend::read_host`] (embeddings, checkpoints). Token ids and dropout
 //!   generators stay on the host and are passed as host values: a device backend uploads
-//!   the ids and the dropout masks it draws from the given [`Rng`] (the masks must be the
-//!   ones [`dropout_mask`](demovlp_kernels::dropout::dropout_mask) draws, for runs to be
-//!   reproducible across backends).
+//!   the ids, and draws the dropout masks from the given [`Rng`] (on the host, or on the
+//!   device from its state; either way the masks must be the ones
+//!   [`dropout_mask`](demovlp_kernels::dropout::dropout_mask) draws and the generator must
+//!   end where that leaves it, for runs to be reproducible across backends).
 //! - **Kernels**, one method each, with the semantics of the `demovlp_kernels` function of
 //!   the same name: linear forward (bias folded in) and backward ([`Grads`] says whether the
 //!   parameter gradients are `=` or `+=`), `dy·W` alone, LayerNorm forward/backward, GELU
