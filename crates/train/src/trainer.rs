@@ -76,6 +76,14 @@ pub struct RunResult {
     pub last_metrics: Option<RetrievalMetrics>,
     pub latest: PathBuf,
     pub best_checkpoint: Option<PathBuf>,
+    /// FNV-1a of the final parameters' bytes (hex): equal on every rank of a data-parallel run.
+    pub params_hash: String,
+}
+
+/// FNV-1a of the parameters' bytes, hex.
+pub fn params_hash(data: &[f32]) -> String {
+    let bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
+    format!("{:016x}", crate::dist::fnv1a(&bytes))
 }
 
 /// The signal another rank of a data-parallel run received when the ranks agreed to stop
@@ -251,6 +259,9 @@ struct Run<'a> {
     acc: Vec<f32>,
     /// `[rank r] ` in data-parallel runs (progress lines of every rank).
     prefix: String,
+    /// `DEMOVLP_DIST_VERIFY=1`: after every step each rank checks its parameters against
+    /// rank 0's (a hash of all of them: a debugging aid, it costs a pass over the weights).
+    verify: bool,
 }
 
 impl<'a> Run<'a> {
@@ -340,6 +351,7 @@ impl<'a> Run<'a> {
                 last_metrics: None,
                 latest,
                 best_checkpoint: best_path.exists().then(|| best_path.clone()),
+                params_hash: params_hash(&model.params.data),
             })));
         }
         let mut start = json!({"kind": "start", "name": cfg.name, "step": state.step, "epoch": state.epoch, "resumed": resumed, "params": model.params.len()});
@@ -421,6 +433,7 @@ impl<'a> Run<'a> {
             my_parts,
             acc: Vec::new(),
             prefix,
+            verify: std::env::var("DEMOVLP_DIST_VERIFY").is_ok_and(|v| v == "1"),
         })))
     }
 
@@ -617,10 +630,30 @@ impl<'a> Run<'a> {
         self.acc = acc;
         self.opt.lr = lr;
         self.opt.step(&mut self.model.params);
+        if self.verify {
+            self.verify_params()?;
+        }
         let loss = st[ST_LOSS] / st[ST_PARTS];
         let losses = [loss, st[ST_GLOBAL] / st[ST_PARTS], st[ST_LOCAL] / st[ST_PARTS]];
         self.after_step(lr, losses, st[ST_SAMPLES] as usize, planned)?;
         Ok((Some(loss), stop))
+    }
+
+    /// Compares this rank's parameters with rank 0's (their hash), after step `state.step + 1`.
+    fn verify_params(&mut self) -> Result<()> {
+        let Some(c) = self.coll.as_deref_mut() else { return Ok(()) };
+        let mine = params_hash(&self.model.params.data);
+        let mut theirs = mine.clone().into_bytes();
+        c.broadcast_bytes(&mut theirs).context("DEMOVLP_DIST_VERIFY: rank 0's parameter hash")?;
+        let theirs = String::from_utf8_lossy(&theirs).into_owned();
+        if theirs != mine {
+            bail!(
+                "DEMOVLP_DIST_VERIFY: after step {} rank {}'s parameters (hash {mine}) differ from rank 0's ({theirs})",
+                self.state.step + 1,
+                self.rank
+            );
+        }
+        Ok(())
     }
 
     /// Counters, log line, progress and periodic checkpoint after an optimiser step of
@@ -747,6 +780,7 @@ impl<'a> Run<'a> {
             last_metrics: self.last_metrics,
             latest: self.latest.clone(),
             best_checkpoint: self.best_path.exists().then(|| self.best_path.clone()),
+            params_hash: params_hash(&self.model.params.data),
         };
         if self.rank == 0 {
             let table = summary_table(cfg, &result, self.skipped_total);
