@@ -42,6 +42,14 @@ pub struct TrainerState {
     pub epochs_since_best: usize,
     /// Training finished (all epochs, max_steps, or early stopping).
     pub finished: bool,
+    /// Micro-batches per optimiser step of the run that wrote it (world size ×
+    /// `accumulate_steps`): what `batch_in_epoch` counts in. 1 in checkpoints of earlier runs.
+    #[serde(default = "one")]
+    pub parts_per_step: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -237,6 +245,7 @@ mod tests {
             best_epoch: Some(1),
             epochs_since_best: 0,
             finished: false,
+            parts_per_step: 1,
         }
     }
 

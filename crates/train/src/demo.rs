@@ -238,7 +238,9 @@ pub(crate) fn stage_config(
             eval_batch_size: 64,
             checkpoint_every: 0,
             text_dropout: 0.1,
+            accumulate_steps: 1,
         },
+        dist: Default::default(),
     }
 }
 
