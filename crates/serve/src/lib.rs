@@ -16,6 +16,7 @@ pub mod error;
 pub mod pool;
 pub mod query;
 
+use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -206,14 +207,16 @@ impl App {
     /// Runs a task on the pool within the request's time limit.
     async fn compute(&self, task: Task) -> Result<Output, ApiError> {
         let deadline = Instant::now() + self.opts.timeout;
+        let timed_out =
+            || ApiError::new(StatusCode::GATEWAY_TIMEOUT, format!("no answer within {} ms (--timeout-ms)", self.opts.timeout.as_millis()));
         let rx = self.pool.submit(task, deadline)?;
         match tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), rx).await {
             Ok(Ok(r)) => r,
+            // The worker dropped the job unstarted: its time had run out (a race with the timer),
+            // or the workers are stopping.
+            Ok(Err(_)) if Instant::now() >= deadline => Err(timed_out()),
             Ok(Err(_)) => Err(ApiError::busy("the worker stopped before answering (shutting down?)")),
-            Err(_) => Err(ApiError::new(
-                StatusCode::GATEWAY_TIMEOUT,
-                format!("no answer within {} ms (--timeout-ms)", self.opts.timeout.as_millis()),
-            )),
+            Err(_) => Err(timed_out()),
         }
     }
 }
@@ -435,14 +438,33 @@ impl Server {
     {
         let listener = tokio::net::TcpListener::from_std(self.listener).context("registering the socket")?;
         let app = self.app.clone();
-        let (why_tx, why_rx) = tokio::sync::oneshot::channel::<String>();
-        let signal = async move {
-            let why = stop.await;
-            eprintln!("{why}: finishing the requests in flight, then stopping");
-            let _ = why_tx.send(why);
+        let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+        let graceful = async move {
+            let _ = go_rx.await;
         };
-        axum::serve(listener, router(app.clone())).with_graceful_shutdown(signal).await.context("serving")?;
-        let why = why_rx.await.unwrap_or_else(|_| "shutdown".into());
+        let mut serving = tokio::spawn(axum::serve(listener, router(app.clone())).with_graceful_shutdown(graceful).into_future());
+        let why = tokio::select! {
+            r = &mut serving => {
+                // It stopped by itself: an accept loop error.
+                r.context("the server task")?.context("serving")?;
+                "the server stopped".to_string()
+            }
+            why = stop => {
+                eprintln!("{why}: finishing the requests in flight, then stopping");
+                let _ = go_tx.send(());
+                // Requests end within their time limit; a connection that stays open without a
+                // request in it (a stuck client) does not hold the shutdown up for longer.
+                let grace = app.opts.timeout + Duration::from_secs(5);
+                match tokio::time::timeout(grace, &mut serving).await {
+                    Ok(r) => r.context("the server task")?.context("serving")?,
+                    Err(_) => {
+                        eprintln!("warning: connections still open {} s after {why}; closing them", grace.as_secs());
+                        serving.abort();
+                    }
+                }
+                why
+            }
+        };
         let app2 = app.clone();
         tokio::task::spawn_blocking(move || app2.pool.close()).await.context("stopping the workers")?;
         Ok(app.summary(&why))
@@ -528,4 +550,30 @@ pub fn spawn(opts: ServeOptions) -> Result<Running> {
         }))
     })?;
     Ok(Running { addr, listening, stop: Some(tx), thread: Some(thread) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A panic in a handler (outside the workers' catch_unwind) is a 500 JSON answer, and the
+    /// server keeps answering.
+    #[test]
+    fn a_panicking_handler_is_a_500_json_and_the_server_lives_on() {
+        async fn boom() -> &'static str {
+            panic!("handler exploded")
+        }
+        let app = Router::new()
+            .route("/boom", get(boom))
+            .route("/ok", get(|| async { "fine" }))
+            .layer(tower_http::catch_panic::CatchPanicLayer::custom(caught_panic));
+        let rt = runtime().unwrap();
+        let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        rt.spawn(async move { axum::serve(listener, app).await });
+        let r = demovlp_testutil::http::get(&addr, "/boom");
+        assert_eq!((r.status, r.header("content-type")), (500, Some("application/json")));
+        assert_eq!(r.json()["error"], "internal error: handler exploded");
+        assert_eq!(demovlp_testutil::http::get(&addr, "/ok").text(), "fine");
+    }
 }
