@@ -278,3 +278,30 @@ fn many_concurrent_clients_are_all_answered_with_the_sequential_answers() {
     let s = server.stop().unwrap();
     assert_eq!((s.s2xx, s.s5xx, s.busy_503), (96 + 8, 0, 0), "{s:?}");
 }
+
+#[test]
+fn explanation_pictures_are_drawn_on_the_frame_images_of_images_dir() {
+    let w = world();
+    let dir = w.root.join("frame-images");
+    let (clip, caption) = &w.captions[1];
+    let e = Engine::open(&w.index).unwrap();
+    let mut model = e.load_model().unwrap();
+    let frames = e.explain(&mut model, clip, caption).unwrap().frames;
+    std::fs::create_dir_all(dir.join(clip)).unwrap();
+    let fake_png = b"\x89PNG\r\n\x1a\n-not-decoded-by-the-server-";
+    for f in frames.iter().filter(|f| **f >= 0) {
+        std::fs::write(dir.join(clip).join(format!("{f}.png")), fake_png).unwrap();
+    }
+    let (server, addr) = start(|o| o.images = Some(dir.clone()));
+    let r = get(&addr, &format!("/api/explain.svg?clip={}&q={}", encode(clip), encode(caption)));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let svg = r.text();
+    let drawn = frames.iter().filter(|f| **f >= 0).count();
+    assert_eq!(svg.matches("<image ").count(), drawn, "one picture per frame panel");
+    assert_eq!(svg.matches("href=\"data:image/png;base64,").count(), drawn);
+    // Another clip has no pictures there: plain panels.
+    let other = &w.captions[0].0;
+    let r = get(&addr, &format!("/api/explain.svg?clip={}&q={}", encode(other), encode(caption)));
+    assert_eq!((r.status, r.text().matches("<image ").count()), (200, 0));
+    server.stop().unwrap();
+}
