@@ -2,7 +2,7 @@
 
 use clap::Subcommand;
 
-use crate::{data_cmds, model_cmds, retrieval_cmds};
+use crate::{data_cmds, model_cmds, retrieval_cmds, search_cmds};
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
@@ -17,6 +17,9 @@ pub enum BenchCommand {
     /// GFLOP/s of the GEMM backends on the training step's matrix shapes: ours
     /// (AVX-512 12×32 kernel) against matrixmultiply, measured in the same run.
     Gemm(BenchGemmArgs),
+    /// Search latency and recall on a synthetic index: HNSW build time, global top-k p50/p99
+    /// and recall@k against the exact scan (timed side by side), re-rank of 100 candidates.
+    Search(search_cmds::BenchSearchArgs),
 }
 
 #[derive(clap::Args)]
@@ -58,6 +61,7 @@ pub fn run(c: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::EvalSims(a) => retrieval_cmds::bench_eval_sims(a),
         BenchCommand::Embed(a) => model_cmds::bench_embed(a),
         BenchCommand::Gemm(a) => bench_gemm(a),
+        BenchCommand::Search(a) => search_cmds::bench_search(a),
     }
 }
 

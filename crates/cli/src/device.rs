@@ -108,6 +108,30 @@ pub fn run_model(d: &DeviceArgs, model: Model, job: impl OnModel) -> Result<()> 
     }
 }
 
+/// A job on a QA model (towers + head), generic over the backend.
+pub trait OnQaModel {
+    fn run<B: Backend>(self, model: demovlp_model::qa::QaModel<B>, device: &str) -> Result<()>;
+}
+
+/// [`run_model`] for a QA model: both parameter sets are copied to the device once.
+pub fn run_qa_model(d: &DeviceArgs, model: demovlp_model::qa::QaModel, job: impl OnQaModel) -> Result<()> {
+    match d.device {
+        Device::Cpu => job.run(model, "cpu"),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(n) => {
+            use demovlp_model::qa::{QaHead, QaModel};
+            let be = open(n, d.precision)?;
+            let cpu = demovlp_model::Cpu;
+            let base = Model::from_params_on(be.clone(), model.base.config.clone(), model.base.params.to_backend(&cpu, &be));
+            let head = QaHead::from_params_on(be.clone(), model.head.config, model.head.params.to_backend(&cpu, &be));
+            let name = format!("cuda:{n} {} ({:?})", be.info().name, d.precision);
+            job.run(QaModel::new(base, head), &name)
+        }
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(n) => bail!("--device cuda:{n}: {}", demovlp_cuda::NOT_BUILT),
+    }
+}
+
 /// For commands the CUDA backend is not wired into yet: `Ok` on the CPU; on `cuda` the
 /// error says what is missing, or that this command runs on the CPU only for now.
 pub fn cpu_only(d: &DeviceArgs, command: &str) -> Result<()> {

@@ -12,6 +12,7 @@ mod model_cmds;
 mod qa_cmds;
 mod retrieval_cmds;
 mod search_cmds;
+mod serve_cmd;
 mod task_cmds;
 mod train_cmds;
 mod usage;
@@ -76,6 +77,9 @@ enum Command {
     Search(search_cmds::SearchArgs),
     /// Which regions each word of a text attends to in one clip (JSON and SVG).
     Explain(search_cmds::ExplainArgs),
+    /// Serve an index over HTTP: JSON search / explain / health API and a small web page.
+    #[command(long_about = serve_cmd::SERVE_HELP)]
+    Serve(serve_cmd::ServeArgs),
     /// Benchmarks (medians of several runs, with peak memory).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -111,6 +115,7 @@ fn main() -> anyhow::Result<()> {
         Command::IndexMerge(a) => search_cmds::index_merge(a),
         Command::Search(a) => search_cmds::search(a),
         Command::Explain(a) => search_cmds::explain(a),
+        Command::Serve(a) => serve_cmd::serve(a),
         Command::Bench(c) => bench::run(c),
         Command::Selftest(a) => device::selftest(a),
     }

@@ -5,7 +5,9 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, ensure, Context, Result};
+use demovlp_model::backend::Backend;
 use demovlp_model::io::{self, TensorRef};
+use demovlp_model::qa::QaModel;
 use demovlp_model::BatchRef;
 use demovlp_train::qa::{import_qa_weights, load_qa_dir, save_qa_dir};
 use serde_json::json;
@@ -54,7 +56,7 @@ pub fn import_qa(a: &ImportArgs) -> Result<bool> {
 pub fn replay_qa(a: ReplayArgs) -> Result<()> {
     ensure!(a.adamw.is_none(), "--adamw is not offered for QA models (replay a retrieval model directory for the AdamW step)");
     ensure!(!a.masked_mean && !a.global_only, "--masked-mean / --global-only are retrieval-loss options; a QA model has none");
-    let mut m = load_qa_dir(&a.model)?.model;
+    let m = load_qa_dir(&a.model)?.model;
     let x = read_batch(&a.batch)?;
     let st = io::read_safetensors(&a.batch)?;
     let labels_t =
@@ -97,6 +99,26 @@ pub fn replay_qa(a: ReplayArgs) -> Result<()> {
     if let Some(bad) = x.input_ids.iter().find(|&&i| i < 0 || i as usize >= c.text.vocab_size) {
         bail!("{}: token id {bad} outside the model's vocabulary of {}", a.batch.display(), c.text.vocab_size);
     }
+    crate::device::check_available(&a.device)?;
+    let device = a.device.clone();
+    crate::device::run_qa_model(&device, m, ReplayQa { a, x, labels })
+}
+
+struct ReplayQa {
+    a: ReplayArgs,
+    x: crate::model_cmds::RecordedBatch,
+    labels: Vec<usize>,
+}
+
+impl crate::device::OnQaModel for ReplayQa {
+    fn run<B: Backend>(self, m: QaModel<B>, device: &str) -> Result<()> {
+        replay_qa_on(self, m, device)
+    }
+}
+
+fn replay_qa_on<B: Backend>(r: ReplayQa, mut m: QaModel<B>, device: &str) -> Result<()> {
+    let ReplayQa { a, x, labels } = r;
+    let na = m.head.config.answers;
     let batch = BatchRef {
         batch: x.b,
         frames: x.f,
@@ -107,26 +129,32 @@ pub fn replay_qa(a: ReplayArgs) -> Result<()> {
         input_ids: &x.input_ids,
         attention_mask: &x.attention_mask,
     };
+    let be = m.base.backend().clone();
     let (text, video) = m.base.forward_tokens(&batch, false);
-    let (text, video) = (text.to_vec(), video.to_vec());
+    let (text, video) = (be.to_host(text), be.to_host(video));
     let o = m.forward_backward(&batch, &labels);
     let (b, p, l, n) = (x.b, m.head.config.dim, x.l, x.f * x.r);
     let loss = [o.loss];
+    let question = be.to_host(B::view(&m.head.acts.question));
+    let attention = be.to_host(B::view(&m.head.acts.attention));
     let mut out: Vec<(String, Vec<usize>, TensorRef)> = vec![
         ("out.text_tokens".into(), vec![b, l, p], TensorRef::F32(&text)),
         ("out.video_tokens".into(), vec![b, 1 + n, p], TensorRef::F32(&video)),
-        ("out.question".into(), vec![b, p], TensorRef::F32(&m.head.acts.question)),
-        ("out.attention".into(), vec![b, n], TensorRef::F32(&m.head.acts.attention)),
+        ("out.question".into(), vec![b, p], TensorRef::F32(&question)),
+        ("out.attention".into(), vec![b, n], TensorRef::F32(&attention)),
         ("out.logits".into(), vec![b, na], TensorRef::F32(&o.logits)),
         ("out.loss".into(), vec![1], TensorRef::F32(&loss)),
     ];
-    if a.grads {
-        out.extend(io::grads_as_tensors(&m.base.params, "grad."));
-        out.extend(io::grads_as_tensors(&m.head.params, "grad."));
+    // The gradients brought to the host once (a copy of both parameter sets).
+    let host = |params: &demovlp_model::Params<B>| params.to_backend(&be, &demovlp_model::Cpu);
+    let grads = a.grads.then(|| (host(&m.base.params), host(&m.head.params)));
+    if let Some((base, head)) = &grads {
+        out.extend(io::grads_as_tensors(base, "grad."));
+        out.extend(io::grads_as_tensors(head, "grad."));
     }
     io::write_safetensors_refs(&a.out, &out, &[])?;
     eprintln!(
-        "replayed {} on a QA model (B={b}, F={}, R={}, L={l}, {na} answers): loss {:.6}; wrote {} tensors to {}",
+        "replayed {} on a QA model on {device} (B={b}, F={}, R={}, L={l}, {na} answers): loss {:.6}; wrote {} tensors to {}",
         a.batch.display(),
         x.f,
         x.r,
@@ -147,7 +175,7 @@ batch_size, answers (the answer vocabulary: {answer: label} JSON, a JSON list, o
 [data.val], [data.test] with name, format (msrvtt-qa, msvd-qa (+ mapping = msvd_youtube_mapping.txt), tgif-frameqa, \
 or jsonl: our own {\"clip\", \"question\", \"answer\", \"answer_type\"?} per line), annotations, features; [optim] as \
 for retrieval (published: lr 2e-4, first_epoch_lr 1e-4, milestones [2, 4, 8]); [train] epochs, log_every, \
-attention_dropout, text_dropout, eval_batch_size.";
+attention_dropout, text_dropout, eval_batch_size, checkpoint_every (also write last/ every N steps inside an epoch; 0 = at epoch ends only), max_steps (stop after N steps in all, resumable).";
 
 /// `--help` of the command.
 pub fn finetune_qa_help() -> String {
@@ -155,8 +183,10 @@ pub fn finetune_qa_help() -> String {
         "Fine-tunes a video QA model (SPEC §8: the retrieval towers + the BUTD head, \
 cross-entropy over the answer vocabulary). Training questions whose answer is outside the vocabulary are skipped and \
 counted. The best epoch is chosen on validation accuracy and written to <output_dir>/best (a QA model directory); \
-<output_dir>/last holds the end of the latest epoch with both optimisers' state, from which --resume continues \
-bit-exactly; <output_dir>/log.jsonl has one line per logged step and per epoch. At the end the best model is evaluated \
+<output_dir>/last holds the latest epoch end (or the step of an interruption or checkpoint_every) with both \
+optimisers' state, from which --resume continues bit-exactly, mid-epoch included; SIGINT/SIGTERM write it at the \
+current step and exit 130/143; <output_dir>/log.jsonl has one line per logged step and per epoch, drawn into \
+loss.svg and accuracy.svg (validation accuracy per answer type). At the end the best model is evaluated \
 on [data.test]. The last stdout line is JSON: {{\"task\": \"qa\", \"accuracy\", \"out_of_vocabulary\", \"metrics\", \
 \"best_epoch\", \"skipped_out_of_vocabulary\"}}.\n\n{QA_CONFIG_HELP}"
     )
@@ -185,6 +215,26 @@ pub fn finetune_qa(a: FinetuneQaArgs) -> Result<()> {
     }
     let stop = demovlp_train::trainer::install_ctrlc();
     let r = demovlp_train::qa_train::run_qa(&cfg, a.init.as_deref(), a.resume, Some(&stop), false)?;
+    if r.interrupted || r.stopped_at_max_steps {
+        let why = if r.interrupted { "interrupted" } else { "stopped at [train] max_steps" };
+        eprintln!(
+            "{why} at step {} (epoch {}, batch {}); continue with the same command plus --resume ({})",
+            r.state.global_step,
+            r.state.epoch + usize::from(r.state.batch_in_epoch > 0),
+            r.state.batch_in_epoch,
+            r.output_dir.join("last").display()
+        );
+        println!(
+            "{}",
+            json!({"task": "qa", "interrupted": r.interrupted, "stopped_at_max_steps": r.stopped_at_max_steps, "step": r.state.global_step,
+                   "epoch": r.state.epoch, "batch_in_epoch": r.state.batch_in_epoch, "output_dir": r.output_dir.display().to_string()})
+        );
+        if r.interrupted {
+            // SIGINT 130, SIGTERM 143, as retrieval training.
+            std::process::exit(demovlp_train::trainer::stop_exit_code());
+        }
+        return Ok(());
+    }
     let mut line = json!({
         "task": "qa", "best_epoch": r.state.best_epoch, "best_val_accuracy": r.state.best_accuracy,
         "skipped_out_of_vocabulary": r.state.skipped_out_of_vocabulary, "output_dir": r.output_dir.display().to_string(),

@@ -4,7 +4,7 @@ use std::io::BufRead;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use demovlp_search::build::{build_index, merge, parse_shard, ClipList, IndexOptions};
+use demovlp_search::build::{build_index, ensure_ann, merge, parse_shard, ClipList, IndexOptions};
 use demovlp_search::search::{table, Engine, SearchResult, DEFAULT_EXACT_THRESHOLD};
 
 #[derive(clap::Args)]
@@ -41,12 +41,15 @@ pub struct IndexArgs {
     /// Query text length (default: min(100, the model's text positions)).
     #[arg(long)]
     text_len: Option<usize>,
-    /// λ of the region-word alignment (the training config's [loss] lambda).
-    #[arg(long, default_value_t = 20.0)]
-    lambda: f32,
-    /// Region-word means over real positions only (if the model was trained with masked_mean).
+    /// λ of the region-word alignment, stored in the index (default: the model's saved
+    /// training config's [loss] lambda — a checkpoint's embedded config, or train_config.toml /
+    /// config.toml in a model directory — else 20; a value that differs from the saved one warns).
     #[arg(long)]
-    masked_mean: bool,
+    lambda: Option<f32>,
+    /// Region-word means over real positions only: --masked-mean or --masked-mean=false
+    /// (default: the saved training config's [loss] masked_mean, else false).
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    masked_mean: Option<bool>,
     /// Store the local region embeddings in f32 (default f16; its error is measured and reported).
     #[arg(long)]
     fp32: bool,
@@ -92,11 +95,10 @@ pub fn index(a: IndexArgs) -> Result<()> {
         s.total_clips,
         s.fp16_max_rel_err
     );
-    if !s.interrupted && s.total_clips >= a.exact_threshold {
-        let idx = demovlp_search::store::Index::open(&a.out)?;
-        let t = std::time::Instant::now();
-        demovlp_search::ann::Ann::load_or_build(&idx)?;
-        eprintln!("ANN graph ready in {:.1} s", t.elapsed().as_secs_f64());
+    if !s.interrupted {
+        if let Some(secs) = ensure_ann(&a.out, a.exact_threshold)? {
+            eprintln!("ANN graph ready in {secs:.1} s");
+        }
     }
     println!("{}", serde_json::to_string(&s)?);
     if s.interrupted {
@@ -114,10 +116,13 @@ pub struct IndexMergeArgs {
     /// Indexes built with the same settings (e.g. the --shard i/n parts).
     #[arg(required = true)]
     inputs: Vec<PathBuf>,
+    /// Build the ANN graph when the merged index has at least this many clips (as `index` does).
+    #[arg(long, default_value_t = DEFAULT_EXACT_THRESHOLD)]
+    exact_threshold: usize,
 }
 
 pub fn index_merge(a: IndexMergeArgs) -> Result<()> {
-    let m = merge(&a.inputs, &a.out)?;
+    let m = merge(&a.inputs, &a.out, a.exact_threshold)?;
     println!("merged {} indexes into {}: {} clips, {} segments", a.inputs.len(), a.out.display(), m.clips, m.segments.len());
     Ok(())
 }
@@ -145,11 +150,19 @@ pub struct SearchArgs {
     #[arg(long, default_value_t = DEFAULT_EXACT_THRESHOLD)]
     exact_threshold: usize,
     #[arg(long)]
-    json: bool,
+    json: bool,    /// Score with this λ instead of the one stored in the index (warns when they differ).
+    #[arg(long)]
+    lambda: Option<f32>,
+    /// Score with --masked-mean / --masked-mean=false instead of the index's setting (warns when they differ).
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    masked_mean: Option<bool>,
 }
 
 pub fn search(a: SearchArgs) -> Result<()> {
-    let engine = Engine::open_with_ann(&a.index, a.exact_threshold)?;
+    let mut engine = Engine::open_with_ann(&a.index, a.exact_threshold)?;
+    for w in engine.override_loss(a.lambda, a.masked_mean) {
+        eprintln!("warning: {w}");
+    }
     let mut model = engine.load_model()?;
     let queries: Vec<String> = match (&a.text, &a.queries) {
         (Some(t), None) => vec![t.clone()],
@@ -189,11 +202,19 @@ pub struct ExplainArgs {
     out: Option<PathBuf>,
     /// Folder of frame images to draw on: <dir>/<clip>/<frame>.jpg|png (or <dir>/<frame>.jpg|png).
     #[arg(long)]
-    images: Option<PathBuf>,
+    images: Option<PathBuf>,    /// Score with this λ instead of the one stored in the index (warns when they differ).
+    #[arg(long)]
+    lambda: Option<f32>,
+    /// Score with --masked-mean / --masked-mean=false instead of the index's setting (warns when they differ).
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    masked_mean: Option<bool>,
 }
 
 pub fn explain(a: ExplainArgs) -> Result<()> {
-    let engine = Engine::open(&a.index)?;
+    let mut engine = Engine::open(&a.index)?;
+    for w in engine.override_loss(a.lambda, a.masked_mean) {
+        eprintln!("warning: {w}");
+    }
     let mut model = engine.load_model()?;
     let e = engine.explain(&mut model, &a.clip, &a.text)?;
     if let Some(p) = &a.out {
@@ -210,5 +231,163 @@ pub fn explain(a: ExplainArgs) -> Result<()> {
             println!("{:>12}  {}", w.word, regs.join(", "));
         }
     }
+    Ok(())
+}
+
+#[derive(clap::Args)]
+#[command(after_help = "The collection is synthetic (see the search crate's synth module): global embeddings are unit vectors \
+with planted neighbours (groups of 5 clips within topics of 200; a query is a new member of a random group, so its exact top 10 \
+is its group plus the 5 closest of its topic), local embeddings have the index's real shapes (frames × regions × dim in fp16, \
+10 to all regions real per frame) but every segment after the first hard-links the first one's local files, so 1M clips take \
+≈ 1 GB of global vectors + one segment of locals on disk. The query text embedding is a random [text-len − 1, dim] token tensor \
+(--query-tokens of it real): the text tower is NOT timed (see `bench embed`). Timed with the same code `search` runs: the \
+memory-mapped index, the saved and re-mapped HNSW graph, the exact scan (the baseline and the recall oracle; ANN and exact \
+alternate query by query), the exact global + region-word re-rank. Latencies are single queries on all threads \
+(RAYON_NUM_THREADS). The last stdout line is one JSON object: clips, build_s, p50_ms, p99_ms (global top-k), recall_at_10 \
+(recall@k against the exact scan), exact_p50_ms, ratio_vs_exact, rerank_p50_ms (local scoring of the --rerank candidates), \
+search_p50_ms (candidates + re-rank), peak_rss_mb, and a sweep over --ef-sweep.")]
+pub struct BenchSearchArgs {
+    /// Clips in the synthetic collection.
+    #[arg(long, default_value_t = 100_000)]
+    clips: usize,
+    /// Timed queries (after --warmup untimed ones).
+    #[arg(long, default_value_t = 200)]
+    queries: usize,
+    #[arg(long, default_value_t = 10)]
+    warmup: usize,
+    /// Results per query (recall is recall@k against the exact scan).
+    #[arg(short = 'k', long, default_value_t = 10)]
+    k: usize,
+    /// Candidates re-ranked by global + region-word score (0: skip the re-rank timing).
+    #[arg(long, default_value_t = 100)]
+    rerank: usize,
+    /// Where the global top-k comes from: ann (the HNSW graph at any size), exact (the scan,
+    /// no graph), auto (as `search`: the graph at ≥ 50 000 clips).
+    #[arg(long, default_value = "ann", value_parser = ["ann", "exact", "auto"])]
+    candidates: String,
+    /// Embedding width P (the model's proj_dim; published 256).
+    #[arg(long, default_value_t = 256)]
+    dim: usize,
+    /// Frames × regions of the stored local embeddings (the index defaults: 8 × 30).
+    #[arg(long, default_value_t = 8)]
+    frames: usize,
+    #[arg(long, default_value_t = 30)]
+    regions: usize,
+    /// Text length L of the index (query token embeddings are [L − 1, dim]).
+    #[arg(long, default_value_t = 100)]
+    text_len: usize,
+    /// Real tokens of a query (a typical one-sentence query; the rest is padding).
+    #[arg(long, default_value_t = 12)]
+    query_tokens: usize,
+    /// HNSW M (default: what `index` builds).
+    #[arg(long)]
+    connectivity: Option<usize>,
+    /// HNSW ef_construction (default: what `index` builds).
+    #[arg(long)]
+    expansion_add: Option<usize>,
+    /// HNSW ef_search (default: what `search` uses).
+    #[arg(long)]
+    expansion_search: Option<usize>,
+    /// Vectors inside the graph: f32, f16 or i8 (default: what `index` builds).
+    #[arg(long)]
+    quantization: Option<String>,
+    /// More ef_search values measured on the same graph, comma-separated (e.g. 64,128,256).
+    #[arg(long, value_delimiter = ',')]
+    ef_sweep: Vec<usize>,
+    /// Clips per segment (the index's default).
+    #[arg(long, default_value_t = 1024)]
+    segment_clips: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Write the index here (must not exist; default: a temporary directory).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Keep the index directory afterwards.
+    #[arg(long)]
+    keep: bool,
+    /// Print only the JSON line on stdout (progress still goes to stderr).
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn bench_search(a: BenchSearchArgs) -> Result<()> {
+    use demovlp_search::ann::{AnnParams, Quantization};
+    use demovlp_search::bench::{run, BenchOptions, Candidates};
+    let d = AnnParams::default();
+    let params = AnnParams {
+        connectivity: a.connectivity.unwrap_or(d.connectivity),
+        expansion_add: a.expansion_add.unwrap_or(d.expansion_add),
+        expansion_search: a.expansion_search.unwrap_or(d.expansion_search),
+        quantization: a.quantization.as_deref().map(Quantization::from_name).transpose().context("--quantization")?.unwrap_or(d.quantization),
+    };
+    if params.connectivity < 2 || params.expansion_add == 0 || params.expansion_search == 0 || a.ef_sweep.contains(&0) {
+        bail!("--connectivity must be ≥ 2 and --expansion-add / --expansion-search / --ef-sweep positive");
+    }
+    if a.clips == 0 || a.dim == 0 || a.frames == 0 || a.regions == 0 || a.text_len < 2 || a.segment_clips == 0 {
+        bail!("--clips, --dim, --frames, --regions, --segment-clips must be positive and --text-len ≥ 2");
+    }
+    let candidates = match a.candidates.as_str() {
+        "ann" => Candidates::Ann,
+        "exact" => Candidates::Exact,
+        _ => Candidates::Auto,
+    };
+    let spec = demovlp_search::synth::SynthSpec {
+        clips: a.clips,
+        dim: a.dim,
+        frames: a.frames,
+        regions: a.regions,
+        text_len: a.text_len,
+        query_tokens: a.query_tokens,
+        segment_clips: a.segment_clips,
+        seed: a.seed,
+    };
+    let o = BenchOptions {
+        spec,
+        queries: a.queries,
+        warmup: a.warmup,
+        k: a.k,
+        rerank: a.rerank,
+        candidates,
+        params,
+        sweep: a.ef_sweep,
+        dir: a.dir,
+        keep: a.keep,
+    };
+    let r = run(&o, &|s| eprintln!("{s}"))?;
+    let peak = r.peak_rss_mb;
+    if !a.json {
+        println!(
+            "bench search: {} clips, {} threads, {} candidates{}",
+            r.clips,
+            r.threads,
+            r.candidates,
+            r.params.map_or(String::new(), |p| format!(
+                " (HNSW M {}, ef_construction {}, ef_search {}, {})",
+                p.connectivity,
+                p.expansion_add,
+                p.expansion_search,
+                p.quantization.name()
+            ))
+        );
+        println!("  graph build {:.1} s, save + map {:.1} s, graph {:.1} MB; index {:.1} MB", r.build_s, r.save_load_s, r.graph_bytes as f64 / 1e6, r.index_bytes as f64 / 1e6);
+        println!(
+            "  global top-{}: p50 {:.2} ms, p99 {:.2} ms, recall@{} {:.4}; exact scan p50 {:.2} ms, p99 {:.2} ms (ratio {:.3})",
+            r.k, r.p50_ms, r.p99_ms, r.k, r.recall_at_10, r.exact_p50_ms, r.exact_p99_ms, r.ratio_vs_exact
+        );
+        for s in r.sweep.iter().skip(1) {
+            println!("    ef_search {:4}: p50 {:.2} ms, p99 {:.2} ms, recall@{} {:.4}", s.expansion_search, s.p50_ms, s.p99_ms, r.k, s.recall_at_10);
+        }
+        if r.rerank > 0 {
+            println!(
+                "  re-rank of {} candidates: p50 {:.2} ms, p99 {:.2} ms; whole search (top-{} + re-rank) p50 {:.2} ms, p99 {:.2} ms",
+                r.rerank, r.rerank_p50_ms, r.rerank_p99_ms, r.rerank, r.search_p50_ms, r.search_p99_ms
+            );
+        }
+        println!(
+            "  planted group in the exact top-{}: {:.3}; peak memory {peak:.0} MB (while querying: {:.0} MB PSS; kernel peak RSS {:.0} MB counts the shared local file once per segment)",
+            r.k, r.planted_in_exact, r.search_rss_mb, r.vmhwm_mb
+        );
+    }
+    println!("{}", serde_json::to_string(&r)?);
     Ok(())
 }

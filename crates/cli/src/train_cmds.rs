@@ -12,7 +12,8 @@ use demovlp_retrieval::ScoreMode;
 use demovlp_train::config::DatasetConfig;
 use demovlp_train::eval::{EvalOptions, EvalSet};
 use demovlp_train::runlog::metrics_json;
-use demovlp_train::trainer::{train, RunOptions, TrainInputs};
+use demovlp_train::dist::{Identity, Launch, LaunchFlags, TcpCollective, Timeouts};
+use demovlp_train::trainer::{train_with, Dist, RunOptions, TrainInputs};
 use demovlp_train::{demo, TrainConfig};
 
 #[derive(clap::Args)]
@@ -40,6 +41,31 @@ pub struct DemoArgs {
     task: Option<String>,
 }
 
+/// Data-parallel training (several processes, e.g. one per GPU): flags win over torchrun's
+/// RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT, which win over SLURM's SLURM_PROCID /
+/// SLURM_NTASKS / SLURM_JOB_NODELIST. Without any of them: one process.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct DistArgs {
+    /// This process's rank in a data-parallel run (default: $RANK, else $SLURM_PROCID).
+    #[arg(long, help_heading = "Data-parallel training")]
+    rank: Option<usize>,
+    /// Processes in the run (default: $WORLD_SIZE, else $SLURM_NTASKS; 1 = a single process).
+    #[arg(long, help_heading = "Data-parallel training")]
+    world_size: Option<usize>,
+    /// Rank 0's host (default: $MASTER_ADDR, else the first host of $SLURM_JOB_NODELIST).
+    #[arg(long, help_heading = "Data-parallel training")]
+    master_addr: Option<String>,
+    /// torchrun's port (default: $MASTER_PORT, else 29500); demovlp's rendezvous uses the port
+    /// above it (torchrun's agent owns this one), or $DEMOVLP_RDZV_PORT (0 = rank 0 lets the
+    /// OS choose and prints it).
+    #[arg(long, help_heading = "Data-parallel training")]
+    master_port: Option<u16>,
+    /// Seconds a rank waits for another before stopping with an error naming it (overrides
+    /// [dist] timeout_s and $DEMOVLP_DIST_TIMEOUT; the rendezvous: $DEMOVLP_RDZV_TIMEOUT).
+    #[arg(long, help_heading = "Data-parallel training")]
+    dist_timeout: Option<f64>,
+}
+
 #[derive(clap::Args)]
 pub struct PretrainArgs {
     /// TOML run config (see configs/pretrain_webvid_cc3m.toml).
@@ -58,6 +84,8 @@ pub struct PretrainArgs {
     /// Where to compute (and the GEMM precision on a GPU).
     #[command(flatten)]
     pub device: crate::device::DeviceArgs,
+    #[command(flatten)]
+    dist: DistArgs,
 }
 
 #[derive(clap::Args)]
@@ -81,6 +109,8 @@ pub struct FinetuneArgs {
     /// Where to compute (and the GEMM precision on a GPU).
     #[command(flatten)]
     pub device: crate::device::DeviceArgs,
+    #[command(flatten)]
+    dist: DistArgs,
 }
 
 #[derive(clap::Args)]
@@ -189,6 +219,42 @@ fn guard_output_dir(out: &Path, resume: bool, force: bool) -> Result<()> {
     Ok(())
 }
 
+/// Seconds from the environment variable `name`, if set.
+fn env_seconds(name: &str) -> Result<Option<f64>> {
+    match std::env::var(name) {
+        Ok(v) => match v.trim().parse::<f64>() {
+            Ok(s) if s.is_finite() && s > 0.0 => Ok(Some(s)),
+            _ => bail!("{name}={v:?} is not a number of seconds > 0"),
+        },
+        Err(_) => Ok(None),
+    }
+}
+
+/// This process's launch (None: a single process) from the flags and the environment.
+fn resolve_launch(d: &DistArgs) -> Result<Option<Launch>> {
+    let flags = LaunchFlags { rank: d.rank, world_size: d.world_size, master_addr: d.master_addr.clone(), master_port: d.master_port };
+    Launch::resolve(&flags, &|k| std::env::var(k).ok()).context("data-parallel launch")
+}
+
+/// Joins the other ranks (TCP engine); errors name the rank and the setting to change.
+fn join_ranks(launch: &Launch, d: &DistArgs, cfg: &TrainConfig, resume: bool) -> Result<Dist> {
+    let io = match d.dist_timeout {
+        Some(s) if s.is_finite() && s > 0.0 => s,
+        Some(s) => bail!("--dist-timeout {s}: a number of seconds > 0 is needed"),
+        None => env_seconds("DEMOVLP_DIST_TIMEOUT")?.unwrap_or(cfg.dist.timeout_s),
+    };
+    let rdzv = env_seconds("DEMOVLP_RDZV_TIMEOUT")?.unwrap_or(cfg.dist.rendezvous_timeout_s);
+    let t = Timeouts { io: std::time::Duration::from_secs_f64(io), rendezvous: std::time::Duration::from_secs_f64(rdzv) };
+    let me = Identity::new(&cfg.to_toml(), resume);
+    let prefix = format!("[rank {}] ", launch.rank);
+    eprintln!(
+        "{prefix}data-parallel: rank {} of {} (local rank {}), rank 0 at {}:{} (tcp), config {}, binary {}",
+        launch.rank, launch.world, launch.local_rank, launch.master_addr, launch.rdzv_port, me.config_hash, me.binary_hash
+    );
+    let coll = TcpCollective::join(launch, &me, t, &|m| eprintln!("{prefix}{m}"))?;
+    Ok(Dist { coll: Box::new(coll), local_rank: launch.local_rank })
+}
+
 fn run_training(
     config: &Path,
     resume: bool,
@@ -196,11 +262,14 @@ fn run_training(
     init: Option<PathBuf>,
     output_dir: Option<PathBuf>,
     finetune: bool,
+    dist: &DistArgs,
 ) -> Result<()> {
     let mut cfg = TrainConfig::load(config)?;
     if let Some(o) = output_dir {
         cfg.output_dir = o;
     }
+    let launch = resolve_launch(dist)?;
+    let rank = launch.as_ref().map_or(0, |l| l.rank);
     if let Some(p) = &init {
         if !p.exists() {
             bail!("--init: path does not exist: {}", p.display());
@@ -216,8 +285,11 @@ fn run_training(
         "the config's [model]",
     )
     .with_context(|| format!("config {}", config.display()))?;
-    guard_output_dir(&cfg.output_dir, resume, force)?;
-    if finetune && !resume && init.is_none() && cfg.model.init.is_none() {
+    // Only rank 0 writes the output directory.
+    if rank == 0 {
+        guard_output_dir(&cfg.output_dir, resume, force)?;
+    }
+    if finetune && rank == 0 && !resume && init.is_none() && cfg.model.init.is_none() {
         let m = &cfg.model;
         let what = match (&m.text_init, &m.video_init) {
             (None, None) => "random weights".to_string(),
@@ -252,17 +324,27 @@ fn run_training(
         )?),
         None => None,
     };
+    // The stop flag first: a SIGTERM during the rendezvous already counts.
+    let stop = stop_flag();
+    let d = match &launch {
+        Some(l) => Some(join_ranks(l, dist, &cfg, resume)?),
+        None => None,
+    };
     let inputs = TrainInputs { config: cfg, train: train_sets, val, tokenizer };
     let name = inputs.config.name.clone();
-    let r = train(&inputs, &RunOptions { resume, init, quiet: false, stop: Some(stop_flag()) })?;
+    let r = train_with(&inputs, &RunOptions { resume, init, quiet: false, stop: Some(stop) }, d)?;
     let mut j = serde_json::json!({
         "name": name, "output_dir": r.output_dir.display().to_string(), "steps": r.steps, "epochs_done": r.epochs_done,
         "interrupted": r.interrupted, "monitor": r.monitor, "best": r.best, "best_epoch": r.best_epoch,
         "latest": r.latest.display().to_string(), "best_checkpoint": r.best_checkpoint.as_ref().map(|p| p.display().to_string()),
-        "seconds": r.seconds,
+        "seconds": r.seconds, "params_hash": r.params_hash,
     });
     if let Some(m) = &r.last_metrics {
         j["last_val"] = metrics_json(m);
+    }
+    if let Some(l) = &launch {
+        j["rank"] = l.rank.into();
+        j["world_size"] = l.world.into();
     }
     println!("{j}");
     if r.interrupted {
@@ -275,11 +357,11 @@ fn run_training(
 }
 
 pub fn pretrain(a: PretrainArgs) -> Result<()> {
-    run_training(&a.config, a.resume, a.force, None, a.output_dir, false)
+    run_training(&a.config, a.resume, a.force, None, a.output_dir, false, &a.dist)
 }
 
 pub fn finetune(a: FinetuneArgs) -> Result<()> {
-    run_training(&a.config, a.resume, a.force, a.init, a.output_dir, true)
+    run_training(&a.config, a.resume, a.force, a.init, a.output_dir, true, &a.dist)
 }
 
 pub fn eval(a: EvalArgs) -> Result<()> {

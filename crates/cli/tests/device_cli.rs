@@ -75,7 +75,13 @@ fn gpu_check_script_reports_a_missing_gpu_and_writes_the_json() {
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("gpu-check.json")).unwrap()).unwrap();
     let checks = report["checks"].as_array().unwrap();
     let names: Vec<&str> = checks.iter().map(|c| c["name"].as_str().unwrap()).collect();
-    for want in ["libraries", "replay model_tiny.safetensors fp32", "bench train-step B32 F8 R30 L100 bf16", "bench eval-sims n1000 cuda"] {
+    for want in [
+        "libraries",
+        "replay model_tiny.safetensors fp32",
+        "replay qa_tiny.safetensors fp32",
+        "bench train-step B32 F8 R30 L100 bf16",
+        "bench eval-sims n1000 cuda",
+    ] {
         assert!(names.contains(&want), "{want} missing from {names:?}");
     }
     assert!(checks.iter().all(|c| c["ok"].is_boolean()));

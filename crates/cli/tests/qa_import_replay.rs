@@ -111,5 +111,26 @@ fn qa_replay_needs_labels_and_a_qa_model() {
     ]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--adamw"));
+    // --device is honoured, not ignored: without a usable GPU, cuda is exit 1 naming why
+    // (and nothing is written).
+    if demovlp_cuda::probe(0).is_err() {
+        let x = dir.join("cuda.safetensors");
+        let fx = testdata("qa_tiny.safetensors");
+        let out = demovlp(&[
+            "replay",
+            "--model",
+            qa.to_str().unwrap(),
+            "--batch",
+            fx.to_str().unwrap(),
+            "--out",
+            x.to_str().unwrap(),
+            "--device",
+            "cuda",
+        ]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains("--device cuda") && !err.contains("panicked"), "{err}");
+        assert!(!x.exists());
+    }
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -5,6 +5,7 @@
 //! is not a QA model.
 
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use demovlp_testutil::tmpdir;
 use demovlp_train::synthetic::questions::{answer_vocabulary, questions};
@@ -16,9 +17,9 @@ fn demovlp(args: &[&str]) -> (bool, String, String) {
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
-#[test]
-fn finetune_qa_then_eval_qa_agree() {
-    let dir = tmpdir("qa-train-cli");
+/// The corpus, QA JSONL files, answer list and initial model in `dir`, and `qa.toml` for a
+/// run of `epochs` epochs into `dir/run` (`train_extra`: more `[train]` lines).
+fn setup(dir: &std::path::Path, epochs: usize, train_extra: &str) {
     let mut c = CorpusConfig::new(8);
     (c.pretrain_videos, c.pretrain_images, c.finetune_train, c.val, c.test, c.frames) = (1, 1, 32, 8, 10, 2);
     let corpus = SyntheticCorpus::new(c);
@@ -59,7 +60,7 @@ fn finetune_qa_then_eval_qa_agree() {
     let config = format!(
         "name = \"cli_qa\"\noutput_dir = \"{}\"\n[task]\nkind = \"qa\"\n[model]\nhidden = 8\n[data]\ntext_len = 12\nframes = 2\nregions = 5\n\
          batch_size = 8\nanswers = \"{}\"\n{}{}{}[optim]\nlr = 1e-3\nfirst_epoch_lr = 1e-3\neps = 1e-6\nweight_decay = 0.0\n\
-         schedule = \"step\"\n[train]\nepochs = 2\neval_batch_size = 7\n",
+         schedule = \"step\"\n[train]\nepochs = {epochs}\neval_batch_size = 7\n{train_extra}\n",
         p("run"),
         p("answers.txt"),
         ds("train", "train.jsonl"),
@@ -67,6 +68,13 @@ fn finetune_qa_then_eval_qa_agree() {
         ds("test", "test.jsonl"),
     );
     std::fs::write(dir.join("qa.toml"), config).unwrap();
+}
+
+#[test]
+fn finetune_qa_then_eval_qa_agree() {
+    let dir = tmpdir("qa-train-cli");
+    setup(&dir, 2, "");
+    let p = |f: &str| dir.join(f).display().to_string();
 
     let (ok, _, err) = demovlp(&["finetune-qa", "--config", &p("qa.toml")]);
     assert!(!ok && err.contains("--init"), "no initial model: {err}");
@@ -93,5 +101,55 @@ fn finetune_qa_then_eval_qa_agree() {
     // A retrieval model directory is not a QA model.
     let (ok, _, err) = demovlp(&["eval-qa", "--model", &p("init"), "--config", &p("qa.toml")]);
     assert!(!ok && err.contains("not a QA model"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn finetune_qa_sigterm_mid_epoch_exits_143_and_resume_is_bit_exact() {
+    let dir = tmpdir("qa-train-cli-sigterm");
+    // 30 epochs, a step line every step: long enough to be stopped part-way.
+    setup(&dir, 30, "log_every = 1");
+    let p = |f: &str| dir.join(f).display().to_string();
+    let (ok, _, err) = demovlp(&["finetune-qa", "--config", &p("qa.toml"), "--init", &p("init"), "--output-dir", &p("straight")]);
+    assert!(ok, "{err}");
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_demovlp"))
+        .args(["finetune-qa", "--config", &p("qa.toml"), "--init", &p("init"), "--output-dir", &p("cut")])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for a step that is not at an epoch end (32 clips, several questions each: an
+    // epoch has many steps), then send what a scheduler sends.
+    let t0 = Instant::now();
+    loop {
+        let log = std::fs::read_to_string(dir.join("cut/log.jsonl")).unwrap_or_default();
+        if log.lines().filter(|l| l.contains("\"kind\":\"step\"")).count() >= 3 {
+            break;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be stopped");
+        assert!(t0.elapsed() < Duration::from_secs(120), "no training step logged");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(143), "{err}");
+    assert!(err.contains("--resume"), "{err}");
+    let line: Value = serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().last().unwrap()).unwrap();
+    assert_eq!(line["interrupted"], true, "{line}");
+    let state: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("cut/last/state.json")).unwrap()).unwrap();
+    assert!(state["global_step"].as_u64().unwrap() >= 3 && state["epoch"].as_u64().unwrap() < 30, "{state}");
+
+    let (ok, out, err) = demovlp(&["finetune-qa", "--config", &p("qa.toml"), "--output-dir", &p("cut"), "--resume"]);
+    assert!(ok, "{err}");
+    assert!(err.contains("resuming"), "{err}");
+    let resumed: Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    for f in ["model.safetensors", "adamw_towers.safetensors", "adamw_head.safetensors", "state.json"] {
+        let (a, b) = (dir.join("straight/last").join(f), dir.join("cut/last").join(f));
+        assert!(std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap(), "{f} differs after SIGTERM + resume");
+    }
+    assert!(dir.join("cut/loss.svg").exists() && dir.join("cut/accuracy.svg").exists());
+    assert!(resumed["accuracy"].is_number(), "{resumed}");
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -100,6 +100,9 @@ pub struct Batch {
     pub dataset: usize,
     /// Position of the batch in its epoch's plan.
     pub index: usize,
+    /// Which micro-batch (part) of that planned step's global batch this is (0 when a step
+    /// is one batch; see [`Loader::epoch_parts_from`]).
+    pub part: usize,
     /// Samples that failed and were left out (`skip_bad`).
     pub skipped: Vec<Skipped>,
 }
@@ -206,6 +209,21 @@ fn load_clip(set_name: &str, source: &dyn FeatureSource, clip: &str, shape: Inpu
 /// sample stops with an error naming the clip, unless `skip_bad` (then it is left out and
 /// listed in [`Batch::skipped`]).
 pub fn assemble(set: &Dataset, indices: &[usize], shape: InputShape, tok: &TextTokenizer, draw: Draw, skip_bad: bool) -> Result<Batch> {
+    assemble_at(set, indices, 0, shape, tok, draw, skip_bad)
+}
+
+/// [`assemble`] of samples that sit at positions `first_pos..` of their planned batch: the
+/// sample at position p draws from `derive_seed(seed, p, sample index)`, so a micro-batch
+/// cut out of a step's global batch draws exactly what the whole batch would.
+pub fn assemble_at(
+    set: &Dataset,
+    indices: &[usize],
+    first_pos: usize,
+    shape: InputShape,
+    tok: &TextTokenizer,
+    draw: Draw,
+    skip_bad: bool,
+) -> Result<Batch> {
     let (f, r, l) = (shape.frames, shape.regions, shape.text_len);
     type Loaded = (String, ClipInput, String, Vec<i64>, Vec<i64>);
     let loaded: Vec<(usize, String, Result<Loaded>)> = indices
@@ -219,7 +237,7 @@ pub fn assemble(set: &Dataset, indices: &[usize], shape: InputShape, tok: &TextT
                     bail!("{}: clip {} has no caption", set.name, s.clip);
                 }
                 let mut rng = match draw {
-                    Draw::Train { seed } => Some(Rng::new(derive_seed(seed, pos as u64, i as u64))),
+                    Draw::Train { seed } => Some(Rng::new(derive_seed(seed, (first_pos + pos) as u64, i as u64))),
                     Draw::Eval => None,
                 };
                 // The caption is drawn first, then the frames, from the same generator.
@@ -379,13 +397,49 @@ impl Loader {
     /// the seed its checkpoint recorded: [`epoch_seed`] of its epoch for runs of this code).
     pub fn epoch_from(&self, epoch_seed: u64, start: usize) -> Batches {
         let plan = self.plan(epoch_seed);
+        self.prefetch(plan, start, move |datasets, tok, cfg, i, spec| build(datasets, tok, cfg, epoch_seed, i, spec))
+    }
+
+    /// The plan of an epoch whose steps take `parts` micro-batches each: the datasets cut
+    /// into global batches of `batch_size × parts` samples (alternating batch by batch, a
+    /// last global batch of fewer than 2 dropped, `samples_per_epoch` counting all of them).
+    /// With `parts = 1` it is [`Loader::plan`].
+    pub fn step_plan(&self, epoch_seed: u64, parts: usize) -> Vec<BatchSpec> {
+        let sizes: Vec<usize> = self.datasets.iter().map(|d| d.samples.len()).collect();
+        epoch_plan(&sizes, self.cfg.batch_size * parts.max(1), self.cfg.samples_per_epoch, epoch_seed, self.cfg.train)
+    }
+
+    /// Steps per epoch with `parts` micro-batches per step (the same for every epoch).
+    pub fn steps_per_epoch(&self, parts: usize) -> usize {
+        self.step_plan(0, parts).len()
+    }
+
+    /// Data-parallel / accumulated steps: for each planned step `start..` of the epoch
+    /// ([`Loader::step_plan`] with `parts` parts), the micro-batches `take` of its global
+    /// batch, in order. Part p holds the contiguous samples `[p·batch_size, (p+1)·batch_size)`
+    /// of the global batch ([`part_range`]: the parts of a short last batch may be short or
+    /// empty), and every sample draws its caption and frames from its position in the
+    /// global batch, so a part is the same whichever process builds it.
+    pub fn epoch_parts_from(&self, epoch_seed: u64, start: usize, parts: usize, take: std::ops::Range<usize>) -> StepParts {
+        let plan = self.step_plan(epoch_seed, parts);
+        self.prefetch(plan, start, move |datasets, tok, cfg, i, spec| {
+            take.clone().map(|p| build_part(datasets, tok, cfg, epoch_seed, i, spec, p)).collect::<Result<Vec<Batch>>>()
+        })
+    }
+
+    fn prefetch<T: HasSkipped + Send + 'static>(
+        &self,
+        plan: Vec<BatchSpec>,
+        start: usize,
+        make: impl Fn(&[Dataset], &TextTokenizer, &LoaderConfig, usize, &BatchSpec) -> Result<T> + Send + Sync + 'static,
+    ) -> Prefetched<T> {
         let planned = plan.len();
         let (tx, rx) = sync_channel(self.cfg.prefetch.max(1));
         let (datasets, tok, cfg) = (self.datasets.clone(), self.tokenizer.clone(), self.cfg.clone());
         let handle = std::thread::spawn(move || {
             let pool = (cfg.threads > 0).then(|| rayon::ThreadPoolBuilder::new().num_threads(cfg.threads).build()).and_then(Result::ok);
             for (i, spec) in plan.iter().enumerate().skip(start) {
-                let work = || build(&datasets, &tok, &cfg, epoch_seed, i, spec);
+                let work = || make(&datasets, &tok, &cfg, i, spec);
                 let b = match &pool {
                     Some(p) => p.install(work),
                     None => work(),
@@ -396,8 +450,14 @@ impl Loader {
                 }
             }
         });
-        Batches { rx, handle: Some(handle), skipped: self.skipped.clone(), planned, next: start, failed: false }
+        Prefetched { rx, handle: Some(handle), skipped: self.skipped.clone(), planned, next: start, failed: false }
     }
+}
+
+/// The samples of part `part` of a global batch of `len` samples cut into parts of
+/// `batch_size`: `[part·batch_size, (part+1)·batch_size)` clipped to `len` (empty past it).
+pub fn part_range(len: usize, batch_size: usize, part: usize) -> std::ops::Range<usize> {
+    (part * batch_size).min(len)..((part + 1) * batch_size).min(len)
 }
 
 fn build(datasets: &[Dataset], tok: &TextTokenizer, cfg: &LoaderConfig, epoch_seed: u64, index: usize, spec: &BatchSpec) -> Result<Batch> {
@@ -408,11 +468,51 @@ fn build(datasets: &[Dataset], tok: &TextTokenizer, cfg: &LoaderConfig, epoch_se
     Ok(b)
 }
 
+fn build_part(
+    datasets: &[Dataset],
+    tok: &TextTokenizer,
+    cfg: &LoaderConfig,
+    epoch_seed: u64,
+    index: usize,
+    spec: &BatchSpec,
+    part: usize,
+) -> Result<Batch> {
+    let draw = if cfg.train { Draw::Train { seed: batch_seed(epoch_seed, index) } } else { Draw::Eval };
+    let r = part_range(spec.indices.len(), cfg.batch_size, part);
+    let mut b = assemble_at(&datasets[spec.dataset], &spec.indices[r.clone()], r.start, cfg.shape, tok, draw, cfg.skip_bad)?;
+    (b.dataset, b.index, b.part) = (spec.dataset, index, part);
+    Ok(b)
+}
+
+/// What a prefetched item reports as left out (`skip_bad`).
+pub trait HasSkipped {
+    fn skipped(&self) -> Vec<Skipped>;
+}
+
+impl HasSkipped for Batch {
+    fn skipped(&self) -> Vec<Skipped> {
+        self.skipped.clone()
+    }
+}
+
+impl HasSkipped for Vec<Batch> {
+    fn skipped(&self) -> Vec<Skipped> {
+        self.iter().flat_map(|b| b.skipped.iter().cloned()).collect()
+    }
+}
+
 /// The batches of one epoch from some index on, in plan order (every planned batch,
 /// possibly with fewer samples than planned when some were skipped). After an error
 /// nothing more comes. Dropping it stops the background thread.
-pub struct Batches {
-    rx: Receiver<Result<Batch>>,
+pub type Batches = Prefetched<Batch>;
+
+/// The micro-batches a process takes of each planned step from some step on
+/// ([`Loader::epoch_parts_from`]).
+pub type StepParts = Prefetched<Vec<Batch>>;
+
+/// Items built ahead on a background thread, in plan order.
+pub struct Prefetched<T> {
+    rx: Receiver<Result<T>>,
     handle: Option<std::thread::JoinHandle<()>>,
     skipped: Arc<Mutex<Vec<Skipped>>>,
     planned: usize,
@@ -420,17 +520,17 @@ pub struct Batches {
     failed: bool,
 }
 
-impl Batches {
-    /// Batches in the epoch's plan (including those before the start index).
+impl<T> Prefetched<T> {
+    /// Batches (steps) in the epoch's plan (including those before the start index).
     pub fn planned(&self) -> usize {
         self.planned
     }
 }
 
-impl Iterator for Batches {
-    type Item = Result<Batch>;
+impl<T: HasSkipped> Iterator for Prefetched<T> {
+    type Item = Result<T>;
 
-    fn next(&mut self) -> Option<Result<Batch>> {
+    fn next(&mut self) -> Option<Result<T>> {
         if self.failed || self.next >= self.planned {
             return None;
         }
@@ -440,14 +540,14 @@ impl Iterator for Batches {
         };
         self.next += 1;
         match &r {
-            Ok(b) => self.skipped.lock().unwrap().extend(b.skipped.iter().cloned()),
+            Ok(b) => self.skipped.lock().unwrap().extend(b.skipped()),
             Err(_) => self.failed = true,
         }
         Some(r)
     }
 }
 
-impl Drop for Batches {
+impl<T> Drop for Prefetched<T> {
     fn drop(&mut self) {
         // Unblock the producer (it exits on a closed channel), then wait for it.
         let (_, rx) = sync_channel(0);
@@ -480,6 +580,31 @@ mod tests {
         let eval = epoch_plan(&[4, 2], 3, None, 5, false);
         let want = [(0, vec![0, 1, 2]), (1, vec![0, 1]), (0, vec![3])];
         assert_eq!(eval, want.map(|(dataset, indices)| BatchSpec { dataset, indices }).to_vec());
+    }
+
+    #[test]
+    fn parts_of_a_step_are_disjoint_contiguous_and_cover_it() {
+        // A global batch of 4 parts × 3 (and a short last one of 7): every sample in exactly
+        // one part, in order; rank r with N parts per rank takes parts r·N..r·N+N.
+        for len in [12, 7, 2] {
+            let (world, n, bs) = (2, 2, 3);
+            let mut seen = vec![];
+            for rank in 0..world {
+                for p in rank * n..rank * n + n {
+                    let r = part_range(len, bs, p);
+                    assert!(r.len() <= bs);
+                    seen.extend(r);
+                }
+            }
+            assert_eq!(seen, (0..len).collect::<Vec<_>>(), "len {len}");
+        }
+        assert_eq!(part_range(7, 3, 2), 6..7);
+        assert_eq!(part_range(7, 3, 3), 7..7);
+        // One part per step is the single-process plan.
+        let one = epoch_plan(&[10, 4], 3, None, 5, true);
+        assert_eq!(epoch_plan(&[10, 4], 3, None, 5, true), one);
+        let two = epoch_plan(&[10, 4], 6, None, 5, true);
+        assert_eq!(two.iter().map(|b| b.indices.len()).collect::<Vec<_>>(), vec![6, 4, 4]);
     }
 
     #[test]

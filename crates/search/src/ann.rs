@@ -79,17 +79,61 @@ pub fn exact_top_k(index: &Index, q: &[f32], k: usize) -> Vec<(usize, f32)> {
     merge_top(all, k)
 }
 
-/// Graph parameters (HNSW, `usearch`).
+/// How the graph stores its copy of the vectors (the distances it walks the graph with).
+#[derive(Clone, Copy, Debug, serde::Serialize, serde::Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Quantization {
+    /// 4 bytes per value (the graph's distances are exact).
+    #[default]
+    F32,
+    /// 2 bytes per value.
+    F16,
+    /// 1 byte per value (cosine only; the vectors are unit length).
+    I8,
+}
+
+impl Quantization {
+    pub fn from_name(s: &str) -> anyhow::Result<Quantization> {
+        match s {
+            "f32" => Ok(Quantization::F32),
+            "f16" => Ok(Quantization::F16),
+            "i8" => Ok(Quantization::I8),
+            _ => anyhow::bail!("quantization {s:?}: expected f32, f16 or i8"),
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Quantization::F32 => "f32",
+            Quantization::F16 => "f16",
+            Quantization::I8 => "i8",
+        }
+    }
+    fn scalar(self) -> usearch::ScalarKind {
+        match self {
+            Quantization::F32 => usearch::ScalarKind::F32,
+            Quantization::F16 => usearch::ScalarKind::F16,
+            Quantization::I8 => usearch::ScalarKind::I8,
+        }
+    }
+}
+
+/// Graph parameters (HNSW, `usearch`): `connectivity` = M (edges per node), `expansion_add`
+/// = ef_construction, `expansion_search` = ef_search (candidates kept while searching;
+/// a query asking for more results than this searches with as many as it asks for).
 #[derive(Clone, Copy, Debug, serde::Serialize, serde::Deserialize, PartialEq)]
 pub struct AnnParams {
     pub connectivity: usize,
     pub expansion_add: usize,
     pub expansion_search: usize,
+    /// Graphs saved before this field existed stored f32.
+    #[serde(default)]
+    pub quantization: Quantization,
 }
 
 impl Default for AnnParams {
+    /// What `index` builds (measured with `demovlp bench search`, see BENCHMARKS.md).
     fn default() -> Self {
-        AnnParams { connectivity: 16, expansion_add: 64, expansion_search: 96 }
+        AnnParams { connectivity: 16, expansion_add: 64, expansion_search: 96, quantization: Quantization::F32 }
     }
 }
 
@@ -109,8 +153,8 @@ pub struct Ann {
 fn options(dim: usize, p: &AnnParams) -> usearch::IndexOptions {
     usearch::IndexOptions {
         dimensions: dim,
-        metric: usearch::MetricKind::IP,
-        quantization: usearch::ScalarKind::F32,
+        metric: if p.quantization == Quantization::I8 { usearch::MetricKind::Cos } else { usearch::MetricKind::IP },
+        quantization: p.quantization.scalar(),
         connectivity: p.connectivity,
         expansion_add: p.expansion_add,
         expansion_search: p.expansion_search,
@@ -161,8 +205,14 @@ impl Ann {
     }
 
     /// The saved graph when it covers exactly this index's segments (memory-mapped), else
-    /// a new one (saved when the directory is writable).
+    /// a new one with the default parameters (saved when the directory is writable).
     pub fn load_or_build(index: &Index) -> anyhow::Result<Ann> {
+        Self::load_or_build_with(index, AnnParams::default())
+    }
+
+    /// The saved graph when it covers exactly this index's segments (whatever parameters it
+    /// was built with), else a new one built with `p` and saved.
+    pub fn load_or_build_with(index: &Index, p: AnnParams) -> anyhow::Result<Ann> {
         let (g, m) = Self::paths(index);
         if let Ok(text) = std::fs::read_to_string(&m) {
             if let Ok(meta) = serde_json::from_str::<AnnMeta>(&text) {
@@ -176,7 +226,7 @@ impl Ann {
             }
         }
         eprintln!("building the ANN graph over {} clips ...", index.len());
-        let a = Self::build(index, AnnParams::default())?;
+        let a = Self::build(index, p)?;
         if let Err(e) = a.save(index) {
             eprintln!("note: could not save the ANN graph ({e:#}); it is rebuilt on every start");
         }
@@ -189,6 +239,17 @@ impl Ann {
             Ok(m) => m.keys.iter().zip(&m.distances).map(|(&k, &d)| (k as usize, 1.0 - d)).collect(),
             Err(_) => vec![],
         }
+    }
+
+    /// Changes ef_search of this (loaded or built) graph; the saved file is unchanged.
+    pub fn set_expansion_search(&mut self, ef: usize) {
+        self.inner.change_expansion_search(ef);
+        self.params.expansion_search = ef;
+    }
+
+    /// Bytes of memory the graph and its vectors take (as usearch counts them).
+    pub fn memory_bytes(&self) -> usize {
+        self.inner.memory_usage()
     }
 
     pub fn search(&self, _index: &Index, q: &[f32], n: usize) -> Vec<(usize, f32)> {

@@ -50,8 +50,11 @@ pub struct IndexOptions {
     pub tokenizer: Option<String>,
     /// None: the existing index's, else min(100, the model's text positions).
     pub text_len: Option<usize>,
-    pub lambda: f32,
-    pub masked_mean: bool,
+    /// λ of the region-word alignment; None: the model's saved training config's `[loss]
+    /// lambda` (see [`saved_loss`]), else 20.
+    pub lambda: Option<f32>,
+    /// None: the saved config's `[loss] masked_mean`, else false.
+    pub masked_mean: Option<bool>,
     /// Keep the local embeddings in f32 instead of f16.
     pub fp32: bool,
     pub batch_size: usize,
@@ -73,8 +76,8 @@ impl IndexOptions {
             regions: None,
             tokenizer: None,
             text_len: None,
-            lambda: 20.0,
-            masked_mean: false,
+            lambda: None,
+            masked_mean: None,
             fp32: false,
             batch_size: 32,
             segment_clips: 1024,
@@ -100,6 +103,53 @@ pub struct IndexSummary {
     pub skipped: Vec<(String, String)>,
     pub fp16_max_rel_err: f64,
     pub interrupted: bool,
+}
+
+/// λ and masked-mean of the region-word alignment a model was trained with, from its saved
+/// training config: a training checkpoint's embedded config, or `train_config.toml` /
+/// `config.toml` (what `pretrain`/`finetune` write in their output directory) in a model
+/// directory. Returns `(lambda, masked_mean, where)`, or None when the model has no saved
+/// training config (an imported or converted model directory).
+pub fn saved_loss(model: &Path) -> Result<Option<(f32, bool, String)>> {
+    let (text, from) = if model.is_dir() {
+        match ["train_config.toml", "config.toml"].iter().map(|f| model.join(f)).find(|p| p.is_file()) {
+            Some(p) => (std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?, p.display().to_string()),
+            None => return Ok(None),
+        }
+    } else if demovlp_train::checkpoint::is_checkpoint(model) {
+        (demovlp_train::checkpoint::read_config_text(model)?, format!("{} (its saved training config)", model.display()))
+    } else {
+        return Ok(None);
+    };
+    let cfg = demovlp_train::config::TrainConfig::parse_str(&text).with_context(|| format!("the model's training config {from}"))?;
+    Ok(Some((cfg.loss.lambda, cfg.loss.masked_mean, from)))
+}
+
+/// The λ / masked-mean to build with: the flag when given (a warning when it differs from
+/// the model's saved config), else the saved config's, else the defaults 20 / false.
+/// Returns `(lambda, masked_mean, where they came from, warnings)`.
+pub fn resolve_loss(model: &Path, lambda: Option<f32>, masked_mean: Option<bool>) -> Result<(f32, bool, String, Vec<String>)> {
+    let saved = saved_loss(model)?;
+    let mut warn = vec![];
+    if let Some((l, m, from)) = &saved {
+        if lambda.is_some_and(|x| x != *l) {
+            warn.push(format!("--lambda {} differs from the model's training config ({from}: [loss] lambda = {l}); using {}", lambda.unwrap(), lambda.unwrap()));
+        }
+        if masked_mean.is_some_and(|x| x != *m) {
+            warn.push(format!(
+                "--masked-mean {} differs from the model's training config ({from}: [loss] masked_mean = {m}); using {}",
+                masked_mean.unwrap(),
+                masked_mean.unwrap()
+            ));
+        }
+    }
+    let (sl, sm) = saved.as_ref().map_or((20.0, false), |s| (s.0, s.1));
+    let from = match (&saved, lambda.is_some() || masked_mean.is_some()) {
+        (_, true) => "command line".to_string(),
+        (Some(s), false) => s.2.clone(),
+        (None, false) => "defaults (the model has no saved training config)".to_string(),
+    };
+    Ok((lambda.unwrap_or(sl), masked_mean.unwrap_or(sm), from, warn))
 }
 
 /// Parses `i/n` (0 ≤ i < n).
@@ -227,6 +277,10 @@ pub fn build_index(opt: &IndexOptions) -> Result<IndexSummary> {
     std::fs::create_dir_all(&opt.out).with_context(|| format!("creating {}", opt.out.display()))?;
     let max_text = model.config.text.max_position_embeddings;
     let existing = if Manifest::path(&opt.out).is_file() { Some(Manifest::read(&opt.out)?) } else { None };
+    let (lambda, masked_mean, loss_from, warnings) = resolve_loss(&opt.model, opt.lambda, opt.masked_mean)?;
+    for w in &warnings {
+        eprintln!("warning: {w}");
+    }
     let settings = Settings {
         model: opt.model.display().to_string(),
         tokenizer: opt
@@ -238,9 +292,10 @@ pub fn build_index(opt: &IndexOptions) -> Result<IndexSummary> {
         frames: opt.frames.or(existing.as_ref().map(|m| m.settings.frames)).unwrap_or(8),
         regions: opt.regions.or(existing.as_ref().map(|m| m.settings.regions)).unwrap_or(30),
         proj_dim: model.config.proj_dim,
-        lambda: opt.lambda,
-        masked_mean: opt.masked_mean,
+        lambda,
+        masked_mean,
         local_dtype: if opt.fp32 { "f32" } else { "f16" }.into(),
+        loss_from: Some(loss_from),
     };
     if settings.text_len < 2 || settings.text_len > max_text {
         bail!("--text-len {}: the model has {max_text} text positions (need 2 ≤ L ≤ {max_text})", settings.text_len);
@@ -256,6 +311,17 @@ pub fn build_index(opt: &IndexOptions) -> Result<IndexSummary> {
                 != (b.tokenizer.as_str(), b.text_len, b.frames, b.regions, b.proj_dim, b.local_dtype.as_str())
             {
                 bail!("{}: the existing index was built with other settings ({a:?}); this run asks for {b:?}", opt.out.display());
+            }
+            if (a.lambda, a.masked_mean) != (b.lambda, b.masked_mean) {
+                eprintln!(
+                    "warning: {} keeps the λ {} / masked-mean {} it was built with (this run would use {} / {}); \
+                     search --lambda / --masked-mean override them per query",
+                    opt.out.display(),
+                    a.lambda,
+                    a.masked_mean,
+                    b.lambda,
+                    b.masked_mean
+                );
             }
             clean_strays(&opt.out, &m)?;
             m
@@ -314,9 +380,24 @@ pub fn build_index(opt: &IndexOptions) -> Result<IndexSummary> {
     Ok(sum)
 }
 
+/// Builds and saves the ANN graph (`ann.usearch`) when the index at `dir` has at least
+/// `threshold` clips and has no current one; returns the seconds it took (None: below the
+/// threshold, nothing to do). What `index` and `index-merge` run at the end.
+pub fn ensure_ann(dir: &Path, threshold: usize) -> Result<Option<f64>> {
+    let idx = Index::open(dir)?;
+    if idx.len() < threshold {
+        return Ok(None);
+    }
+    let t = Instant::now();
+    crate::ann::Ann::load_or_build(&idx)?;
+    Ok(Some(t.elapsed().as_secs_f64()))
+}
+
 /// Combines indexes built with the same settings (e.g. the `--shard i/n` parts) into `out`:
-/// segments are hard-linked (copied across file systems), clip ids must be disjoint.
-pub fn merge(inputs: &[PathBuf], out: &Path) -> Result<Manifest> {
+/// segments are hard-linked (copied across file systems), clip ids must be disjoint. Then,
+/// when the merged index has at least `exact_threshold` clips, its ANN graph is built (as
+/// `index` does), so `search` does not build it on every start.
+pub fn merge(inputs: &[PathBuf], out: &Path, exact_threshold: usize) -> Result<Manifest> {
     if inputs.is_empty() {
         bail!("merge: no input indexes");
     }
@@ -340,6 +421,7 @@ pub fn merge(inputs: &[PathBuf], out: &Path) -> Result<Manifest> {
         let (a, b) = (&mm.settings, s);
         if (a.tokenizer.as_str(), a.text_len, a.frames, a.regions, a.proj_dim, a.local_dtype.as_str(), &a.model)
             != (b.tokenizer.as_str(), b.text_len, b.frames, b.regions, b.proj_dim, b.local_dtype.as_str(), &b.model)
+            || (a.lambda, a.masked_mean) != (b.lambda, b.masked_mean)
         {
             bail!("{}: built with other settings than {} ({b:?} vs {a:?})", dir.display(), inputs[0].display());
         }
@@ -367,5 +449,8 @@ pub fn merge(inputs: &[PathBuf], out: &Path) -> Result<Manifest> {
     }
     let m = m.unwrap();
     m.write(out)?;
+    if let Some(s) = ensure_ann(out, exact_threshold)? {
+        eprintln!("ANN graph over {} clips ready in {s:.1} s", m.clips);
+    }
     Ok(m)
 }

@@ -5,10 +5,13 @@
 //! - [`ann`]: global top-N candidates (exact below a threshold, a graph index above).
 //! - [`search`]: query embedding, candidates, exact global + region-word re-rank.
 //! - [`explain`]: per word the regions it attends to, per region its best word, and an SVG.
+//! - [`synth`], [`bench`]: a synthetic index and `demovlp bench search` over it.
 
 pub mod ann;
+pub mod bench;
 pub mod build;
 pub mod explain;
 pub mod search;
 pub mod store;
+pub mod synth;
 pub mod text;

@@ -79,6 +79,27 @@ impl Engine {
         Ok(e)
     }
 
+    /// Scores with this λ / masked-mean instead of the index's (which `index` took from the
+    /// model's saved training config); returns a warning for each one that differs.
+    pub fn override_loss(&mut self, lambda: Option<f32>, masked_mean: Option<bool>) -> Vec<String> {
+        let st = &mut self.index.manifest.settings;
+        let from = st.loss_from.clone().unwrap_or_else(|| "its build".into());
+        let mut warn = vec![];
+        if let Some(l) = lambda {
+            if l != st.lambda {
+                warn.push(format!("--lambda {l}: the index was built with λ {} (from {from}); scoring with {l}", st.lambda));
+            }
+            st.lambda = l;
+        }
+        if let Some(m) = masked_mean {
+            if m != st.masked_mean {
+                warn.push(format!("--masked-mean {m}: the index was built with masked-mean {} (from {from}); scoring with {m}", st.masked_mean));
+            }
+            st.masked_mean = m;
+        }
+        warn
+    }
+
     /// The model the index was built with.
     pub fn load_model(&self) -> Result<Model> {
         let p = &self.index.settings().model;

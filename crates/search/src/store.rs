@@ -41,6 +41,10 @@ pub struct Settings {
     pub masked_mean: bool,
     /// `f16` or `f32`.
     pub local_dtype: String,
+    /// Where `lambda` and `masked_mean` came from (the model's saved training config, the
+    /// command line, or the defaults); absent in indexes written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_from: Option<String>,
 }
 
 impl Settings {

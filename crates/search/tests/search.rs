@@ -173,8 +173,8 @@ fn append_resume_and_shards_give_the_same_index() {
         parts.push(o.out);
     }
     let merged_dir = w.root.join("index-merged");
-    merge(&parts, &merged_dir).unwrap();
-    assert!(merge(&parts, &merged_dir).is_err(), "merging into an existing index must fail");
+    merge(&parts, &merged_dir, usize::MAX).unwrap();
+    assert!(merge(&parts, &merged_dir, usize::MAX).is_err(), "merging into an existing index must fail");
     for dir in [&out, &merged_dir] {
         let other = Index::open(dir).unwrap();
         assert_eq!(other.len(), 100);
@@ -252,4 +252,138 @@ fn exact_top_k_over_segments_matches_a_sort() {
     for (a, b) in top.iter().zip(&all) {
         assert!((a.1 - b.1).abs() < 1e-5);
     }
+}
+
+/// A copy of the world's model directory with a training config whose `[loss]` differs from
+/// the defaults (λ 7.5, masked mean).
+fn model_with_train_config(w: &World, name: &str) -> PathBuf {
+    let src = w.root.join("global_rwa_model");
+    let dir = w.root.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/../../configs/finetune_msrvtt.toml");
+    let mut cfg = demovlp_train::config::TrainConfig::parse_file(std::path::Path::new(shipped)).unwrap();
+    (cfg.loss.lambda, cfg.loss.masked_mean) = (7.5, true);
+    std::fs::write(dir.join("train_config.toml"), cfg.to_toml()).unwrap();
+    dir
+}
+
+fn eval_scores_for(e: &Engine, q: &demovlp_search::search::TextQuery, lambda: f32, masked_mean: bool) -> Vec<f32> {
+    let idx = &e.index;
+    let st = idx.settings();
+    let (p, nl) = (st.proj_dim, st.locals());
+    let (mut vg, mut vl, mut vm) = (vec![], vec![], vec![]);
+    for i in 0..idx.len() {
+        vg.extend_from_slice(idx.global(i));
+        idx.local_into(i, &mut vl);
+        idx.mask_additive_into(i, &mut vm);
+    }
+    let videos = EmbeddingSet { count: idx.len(), len: nl, dim: p, global: &vg, local: &vl, mask_additive: &vm };
+    let texts =
+        EmbeddingSet { count: 1, len: q.mask_additive.len(), dim: p, global: &q.global, local: &q.local, mask_additive: &q.mask_additive };
+    eval_scores_with(&texts, &videos, &EvalOptions { lambda, mode: ScoreMode::Aligned, use_local: true, masked_mean }, &|_, _| {})
+}
+
+#[test]
+fn index_takes_lambda_and_masked_mean_from_the_models_training_config() {
+    let w = world();
+    let model = model_with_train_config(w, "model-lambda7.5");
+    let ids: Vec<String> = w.samples.iter().take(30).map(|s| s.clip.clone()).collect();
+    let mut o = opts(w, w.root.join("index-lambda7.5"), ClipList::Ids(ids.clone()));
+    o.model = model.clone();
+    build_index(&o).unwrap();
+    let st = Index::open(&o.out).unwrap().settings().clone();
+    assert_eq!((st.lambda, st.masked_mean), (7.5, true), "{st:?}");
+    assert!(st.loss_from.as_deref().unwrap().ends_with("train_config.toml"), "{:?}", st.loss_from);
+
+    // search scores with the stored values by default ...
+    let mut e = Engine::open(&o.out).unwrap();
+    let mut m = e.load_model().unwrap();
+    let q = e.embed_query(&mut m, &w.samples[0].captions[0]).unwrap();
+    let want = eval_scores_for(&e, &q, 7.5, true);
+    let defaults = eval_scores_for(&e, &q, 20.0, false);
+    let hits = e.search_embedded(&q, 5, 30);
+    for h in &hits {
+        let i = e.index.by_id[&h.clip];
+        assert!((h.score - want[i]).abs() < 1e-4, "{}: {} vs {} (λ 7.5, masked mean)", h.clip, h.score, want[i]);
+    }
+    assert!(hits.iter().any(|h| (h.score - defaults[e.index.by_id[&h.clip]]).abs() > 1e-3), "the test cannot tell the settings apart");
+    // ... and a flag overrides them, with a warning per differing value.
+    assert!(e.override_loss(Some(7.5), None).is_empty());
+    assert_eq!(e.override_loss(Some(20.0), Some(false)).len(), 2);
+    for h in e.search_embedded(&q, 5, 30) {
+        let i = e.index.by_id[&h.clip];
+        assert!((h.score - defaults[i]).abs() < 1e-4, "{}: {} vs {} (λ 20)", h.clip, h.score, defaults[i]);
+    }
+
+    // An index-time flag wins over the saved config (and the index says so).
+    let mut o2 = opts(w, w.root.join("index-lambda3"), ClipList::Ids(ids[..10].to_vec()));
+    (o2.model, o2.lambda) = (model, Some(3.0));
+    build_index(&o2).unwrap();
+    let st2 = Index::open(&o2.out).unwrap().settings().clone();
+    assert_eq!((st2.lambda, st2.masked_mean, st2.loss_from.as_deref()), (3.0, true, Some("command line")));
+    // The demo's own model directory carries its fine-tuning config (λ 20, no masked mean).
+    let demo = demovlp_search::build::saved_loss(&w.root.join("global_rwa_model")).unwrap().expect("demo model has a training config");
+    assert_eq!((demo.0, demo.1), (20.0, false));
+}
+
+#[test]
+fn saved_loss_reads_a_training_checkpoints_config() {
+    let w = world();
+    let mut stack = vec![w.root.clone()];
+    let mut found = None;
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.file_name().is_some_and(|n| n == demovlp_train::checkpoint::BEST) {
+                found = Some(p);
+            }
+        }
+    }
+    let ck = found.expect("the demo run leaves a best checkpoint");
+    let text = demovlp_train::checkpoint::read_config_text(&ck).unwrap();
+    let cfg = demovlp_train::config::TrainConfig::parse_str(&text).unwrap();
+    let (l, m, from) = demovlp_search::build::saved_loss(&ck).unwrap().expect("a checkpoint has its training config");
+    assert_eq!((l, m), (cfg.loss.lambda, cfg.loss.masked_mean));
+    assert!(from.contains(demovlp_train::checkpoint::BEST), "{from}");
+    // Nothing saved: None, not an error (the defaults apply, and the index records that).
+    let bare = w.root.join("bare-model");
+    std::fs::create_dir_all(&bare).unwrap();
+    assert!(demovlp_search::build::saved_loss(&bare).unwrap().is_none());
+    // A broken saved config is an error naming the file, never silently the defaults.
+    std::fs::write(bare.join("train_config.toml"), "[loss]\nlambda = \"x\"\n").unwrap();
+    let err = format!("{:#}", demovlp_search::build::saved_loss(&bare).unwrap_err());
+    assert!(err.contains("train_config.toml"), "{err}");
+}
+
+#[test]
+fn index_merge_builds_the_ann_graph_above_the_threshold() {
+    let w = world();
+    let ids: Vec<String> = w.samples.iter().map(|s| s.clip.clone()).collect();
+    let mut parts = vec![];
+    for (i, r) in [(0, 0..20), (1, 20..40)] {
+        let o = opts(w, w.root.join(format!("index-mpart{i}")), ClipList::Ids(ids[r].to_vec()));
+        build_index(&o).unwrap();
+        parts.push(o.out);
+    }
+    // Below the threshold: no graph (search scans exactly).
+    let small = w.root.join("index-merge-exact");
+    merge(&parts, &small, 41).unwrap();
+    assert!(!small.join("ann.usearch").exists());
+    // At or above it: the graph is built and saved, and search maps it instead of building it.
+    let out = w.root.join("index-merge-ann");
+    merge(&parts, &out, 40).unwrap();
+    assert!(out.join("ann.usearch").is_file() && out.join("ann.json").is_file());
+    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("ann.json")).unwrap()).unwrap();
+    assert_eq!(meta["clips"], 40);
+    let modified = std::fs::metadata(out.join("ann.usearch")).unwrap().modified().unwrap();
+    let e = Engine::open_with_ann(&out, 40).unwrap();
+    assert_eq!(e.ann.as_ref().map(|a| a.len()), Some(40));
+    assert_eq!(std::fs::metadata(out.join("ann.usearch")).unwrap().modified().unwrap(), modified, "search rebuilt the graph");
+    let q = e.index.global(3).to_vec();
+    assert_eq!(e.candidates(&q, 1)[0].0, 3);
 }

@@ -2,6 +2,8 @@
 //! a reader for the recorded safetensors batches, the comparisons the fixtures README
 //! prescribes, and scratch directories that do not collide between test processes.
 
+pub mod http;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 

@@ -42,6 +42,14 @@ pub struct TrainerState {
     pub epochs_since_best: usize,
     /// Training finished (all epochs, max_steps, or early stopping).
     pub finished: bool,
+    /// Micro-batches per optimiser step of the run that wrote it (world size ×
+    /// `accumulate_steps`): what `batch_in_epoch` counts in. 1 in checkpoints of earlier runs.
+    #[serde(default = "one")]
+    pub parts_per_step: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -129,6 +137,15 @@ fn process_alive(pid: u32) -> bool {
 /// Is this file one of our training checkpoints (cheap check of the metadata)?
 pub fn is_checkpoint(path: &Path) -> bool {
     read_header_meta(path).map(|m| m.contains_key(META_KEY)).unwrap_or(false)
+}
+
+/// The training run's TOML config saved in a checkpoint, read from the header only (the
+/// weights are not read).
+pub fn read_config_text(path: &Path) -> Result<String> {
+    let m = read_header_meta(path).with_context(|| format!("reading the header of {}", path.display()))?;
+    let meta = m.get(META_KEY).with_context(|| format!("{}: not a demovlp training checkpoint (no {META_KEY} metadata)", path.display()))?;
+    let meta: Meta = serde_json::from_str(meta).with_context(|| format!("{}: bad checkpoint metadata", path.display()))?;
+    Ok(meta.config)
 }
 
 fn read_header_meta(path: &Path) -> Result<std::collections::HashMap<String, String>> {
@@ -228,6 +245,7 @@ mod tests {
             best_epoch: Some(1),
             epochs_since_best: 0,
             finished: false,
+            parts_per_step: 1,
         }
     }
 

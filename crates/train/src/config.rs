@@ -28,6 +28,38 @@ pub struct TrainConfig {
     #[serde(default)]
     pub loss: LossSection,
     pub train: TrainSection,
+    /// Data-parallel runs (several processes): how long a rank waits for the others.
+    #[serde(default)]
+    pub dist: DistSection,
+}
+
+/// `[dist]`: time bounds of a data-parallel run (see the README's "Data-parallel training").
+/// `DEMOVLP_DIST_TIMEOUT` / `DEMOVLP_RDZV_TIMEOUT` (seconds) or the `--dist-timeout` flag
+/// override them without changing the config (its hash, which every rank must share).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DistSection {
+    /// Longest wait for another rank in any collective (a gradient all-reduce, a broadcast, a
+    /// barrier) before the run stops with an error naming that rank. It must exceed the
+    /// longest time one rank spends alone: rank 0 writing a checkpoint.
+    #[serde(default = "default_dist_timeout")]
+    pub timeout_s: f64,
+    /// Longest wait at the start for every rank to join (rank 0) or for rank 0 to answer.
+    #[serde(default = "default_rdzv_timeout")]
+    pub rendezvous_timeout_s: f64,
+}
+
+impl Default for DistSection {
+    fn default() -> Self {
+        DistSection { timeout_s: default_dist_timeout(), rendezvous_timeout_s: default_rdzv_timeout() }
+    }
+}
+
+fn default_dist_timeout() -> f64 {
+    120.0
+}
+fn default_rdzv_timeout() -> f64 {
+    300.0
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -200,6 +232,12 @@ pub struct TrainSection {
     /// trains DistilBERT in train mode with the Hugging Face default 0.1.
     #[serde(default = "default_dropout")]
     pub text_dropout: f32,
+    /// Micro-batches per optimiser step: each is its own contrastive batch of
+    /// `data.batch_size`, their gradients are averaged, then one AdamW step. A step's global
+    /// batch is `batch_size × world size × accumulate_steps` samples (see the README's
+    /// "Data-parallel training"). 1 = one batch per step (the fused AdamW path).
+    #[serde(default = "default_one")]
+    pub accumulate_steps: usize,
 }
 
 fn default_text_len() -> usize {
@@ -328,6 +366,14 @@ impl TrainConfig {
         }
         if self.train.epochs == 0 {
             bail!("train.epochs must be >= 1");
+        }
+        if self.train.accumulate_steps == 0 {
+            bail!("train.accumulate_steps must be >= 1");
+        }
+        for (key, v) in [("dist.timeout_s", self.dist.timeout_s), ("dist.rendezvous_timeout_s", self.dist.rendezvous_timeout_s)] {
+            if !(v.is_finite() && v > 0.0) {
+                bail!("{key} must be a number of seconds > 0, got {v}");
+            }
         }
         let o = &self.optim;
         if o.lr.is_nan() || o.lr <= 0.0 || o.eps <= 0.0 || o.weight_decay < 0.0 {

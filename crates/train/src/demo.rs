@@ -238,7 +238,9 @@ pub(crate) fn stage_config(
             eval_batch_size: 64,
             checkpoint_every: 0,
             text_dropout: 0.1,
+            accumulate_steps: 1,
         },
+        dist: Default::default(),
     }
 }
 
@@ -377,7 +379,11 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
         };
         let r = evaluate(&mut model, &test, &tok, &eo)?;
         if keep {
-            demovlp_model::io::save_model_dir(&model, &work.join(format!("{tag}_model")))?;
+            let dir = work.join(format!("{tag}_model"));
+            demovlp_model::io::save_model_dir(&model, &dir)?;
+            // The training config next to the weights: `demovlp index` takes λ / masked-mean from it.
+            let p = dir.join("train_config.toml");
+            std::fs::write(&p, fine_cfg.to_toml()).with_context(|| format!("writing {}", p.display()))?;
             std::fs::write(work.join(format!("{tag}_test_metrics.json")), crate::runlog::metrics_json(&r.metrics).to_string())?;
         }
         say(format!("{label}: t2v R@1 {:.1}, v2t R@1 {:.1}", r.metrics.t2v.r1, r.metrics.v2t.r1));

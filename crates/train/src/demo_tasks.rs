@@ -252,8 +252,14 @@ pub fn run_task(task: DemoTask, opts: &DemoOptions) -> Result<TaskDemoReport> {
             let mut best: Option<(f64, QaModel)> = None;
             for epoch in 1..=epochs {
                 let lr = crate::schedule::step_rate(&optim, epoch);
-                let (loss, _) =
-                    train_epoch(&mut qa, &mut ot, &mut oh, &train_set, &tok, &o, epoch, lr, opts.stop.as_deref(), &mut |_, _| {})?;
+                let stop = opts.stop.as_deref();
+                let mut progress = crate::qa_train::EpochProgress::default();
+                let outcome = train_epoch(&mut qa, &mut ot, &mut oh, &train_set, &tok, &o, epoch, lr, &mut progress, &mut |_| {
+                    Ok(stop.is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst)))
+                })?;
+                let crate::qa_train::EpochOutcome::Finished { mean_loss: loss, .. } = outcome else {
+                    anyhow::bail!("stopped (interrupt) during QA epoch {epoch}");
+                };
                 let v = evaluate_qa(&mut qa, &val_set, &vocab, &tok, shape, 64)?;
                 say(format!("QA epoch {epoch}: train loss {loss:.3}, validation accuracy {:.1}%", v.accuracy));
                 if best.as_ref().is_none_or(|(b, _)| v.accuracy > *b) {

@@ -9,6 +9,7 @@
 //!   (deterministic, resumable epoch plans, batch assembly, prefetching).
 //! - [`checkpoint`]: single-file, atomic, exactly-resumable checkpoints.
 //! - [`trainer`]: the training loop.
+//! - [`dist`]: data-parallel runs: the collective interface, its TCP engine, launch variables.
 //! - [`runlog`]: the run's JSONL log, plots and summary table.
 //! - [`weights`]: where a run's weights come from (config, checkpoint, model-crate formats).
 //! - [`eval`]: the retrieval evaluation runner.
@@ -19,6 +20,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod demo;
 pub mod demo_tasks;
+pub mod dist;
 pub mod eval;
 pub mod mc;
 pub mod plot;

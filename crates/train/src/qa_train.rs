@@ -140,6 +140,14 @@ pub struct QaTrainSection {
     pub text_dropout: f32,
     #[serde(default = "default_batch")]
     pub eval_batch_size: usize,
+    /// Also write `last/` every this many steps inside an epoch (0: only at the end of each
+    /// epoch and when interrupted).
+    #[serde(default)]
+    pub checkpoint_every: u64,
+    /// Stop after this many optimiser steps in all (a resumable checkpoint is written there;
+    /// `--resume` with a larger or no limit continues).
+    #[serde(default)]
+    pub max_steps: Option<u64>,
 }
 
 fn default_hidden() -> usize {
@@ -338,9 +346,42 @@ fn step_seed(seed: u64, epoch: usize, step: usize, stream: u64) -> u64 {
     derive_seed(seed ^ stream, epoch as u64, step as u64)
 }
 
+/// Where an epoch stands: batches of its plan done and the sum of their losses (what a
+/// mid-epoch checkpoint saves, so that resuming continues the same plan).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct EpochProgress {
+    pub done: usize,
+    pub loss_sum: f64,
+}
+
+/// What [`train_epoch`] passes to its `after_step` callback after every optimiser step.
+pub struct StepDone<'a> {
+    /// The step's index in the epoch's plan (0-based).
+    pub step: usize,
+    /// Steps in the epoch's plan.
+    pub planned: usize,
+    pub loss: f32,
+    pub model: &'a QaModel,
+    pub opt_towers: &'a AdamW,
+    pub opt_head: &'a AdamW,
+    /// Progress including this step.
+    pub progress: EpochProgress,
+}
+
+/// How an epoch ended.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum EpochOutcome {
+    /// Every batch done: the mean loss over the epoch's steps and their number.
+    Finished { mean_loss: f64, steps: usize },
+    /// `after_step` asked to stop; `progress` says where.
+    Stopped,
+}
+
 /// One epoch (1-based) of training on `set` (answerable questions only) at learning rate
-/// `lr`. `on_step(step, loss)` is called after every step. Returns the mean loss and the
-/// number of steps (batches of fewer than 2 questions are dropped, as in retrieval).
+/// `lr`, starting after the `progress.done` batches of the epoch's plan already done (a
+/// resumed run; 0 for a new epoch). After every step `after_step` is called (logging,
+/// checkpoints); it returns `true` to stop there. Batches of fewer than 2 questions are
+/// dropped, as in retrieval.
 #[allow(clippy::too_many_arguments)]
 pub fn train_epoch(
     model: &mut QaModel,
@@ -351,19 +392,22 @@ pub fn train_epoch(
     o: &QaTrainOptions,
     epoch: usize,
     lr: f32,
-    stop: Option<&AtomicBool>,
-    on_step: &mut dyn FnMut(usize, f32),
-) -> Result<(f64, usize)> {
+    progress: &mut EpochProgress,
+    after_step: &mut dyn FnMut(StepDone<'_>) -> Result<bool>,
+) -> Result<EpochOutcome> {
     ensure!(set.questions.iter().all(|q| q.label.is_some()), "{}: training questions need answers in the vocabulary", set.name);
     let es = epoch_seed(o.seed, epoch);
     let plan = epoch_plan(&[set.questions.len()], o.batch_size, None, es, true);
+    ensure!(
+        progress.done <= plan.len(),
+        "{}: epoch {epoch} has {} batches, but {} are recorded as done (a checkpoint of another data set or batch size?)",
+        set.name,
+        plan.len(),
+        progress.done
+    );
     opt_towers.lr = lr;
     opt_head.lr = lr;
-    let mut total = 0f64;
-    for (step, spec) in plan.iter().enumerate() {
-        if stop.is_some_and(|s| s.load(Ordering::SeqCst)) {
-            bail!("stopped (interrupt) during epoch {epoch}");
-        }
+    for (step, spec) in plan.iter().enumerate().skip(progress.done) {
         let b = assemble(&set.dataset, &spec.indices, o.shape, tok, Draw::Train { seed: batch_seed(es, step) }, false)?;
         let labels: Vec<usize> = b.sample_ids.iter().map(|&i| set.questions[i].label.unwrap()).collect();
         let p = o.text_dropout;
@@ -383,10 +427,14 @@ pub fn train_epoch(
         ensure!(out.loss.is_finite(), "{}: loss is not finite at epoch {epoch} step {step}", set.name);
         opt_towers.step(&mut model.base.params);
         opt_head.step(&mut model.head.params);
-        total += out.loss as f64;
-        on_step(step, out.loss);
+        progress.done = step + 1;
+        progress.loss_sum += out.loss as f64;
+        let done = StepDone { step, planned: plan.len(), loss: out.loss, model, opt_towers, opt_head, progress: *progress };
+        if after_step(done)? && progress.done < plan.len() {
+            return Ok(EpochOutcome::Stopped);
+        }
     }
-    Ok((total / plan.len().max(1) as f64, plan.len()))
+    Ok(EpochOutcome::Finished { mean_loss: progress.loss_sum / plan.len().max(1) as f64, steps: plan.len() })
 }
 
 /// What an evaluation found.
@@ -496,6 +544,11 @@ pub struct QaRunState {
     pub best_accuracy: Option<f64>,
     pub best_epoch: Option<usize>,
     pub skipped_out_of_vocabulary: usize,
+    /// Batches of epoch `epoch + 1` already done (a mid-epoch checkpoint), and their loss sum.
+    #[serde(default)]
+    pub batch_in_epoch: usize,
+    #[serde(default)]
+    pub epoch_loss_sum: f64,
 }
 
 #[derive(Debug)]
@@ -503,6 +556,10 @@ pub struct QaRunReport {
     pub state: QaRunState,
     pub test: Option<QaEval>,
     pub output_dir: PathBuf,
+    /// Stopped by SIGINT/SIGTERM (a resumable `last/` was written).
+    pub interrupted: bool,
+    /// Stopped at `max_steps` (a resumable `last/` was written).
+    pub stopped_at_max_steps: bool,
 }
 
 fn log_line(path: &Path, v: &serde_json::Value) -> Result<()> {
@@ -519,7 +576,88 @@ fn open_set(ds: &QaDatasetConfig, vocab: &Vocabulary, answers_path: &Path) -> Re
     Ok(QaSet::new(&ds.name, q, src))
 }
 
+/// `last/` of a run: written into `last.partial/` and swapped in by renames, so that an
+/// interruption while saving leaves the previous `last/` (or `last.prev/`) whole.
+fn save_last(out: &Path, model: &QaModel, vocab: &Vocabulary, opt_t: &AdamW, opt_h: &AdamW, state: &QaRunState) -> Result<()> {
+    let (last, partial, prev) = (out.join("last"), out.join("last.partial"), out.join("last.prev"));
+    if partial.exists() {
+        std::fs::remove_dir_all(&partial).with_context(|| format!("cannot remove {}", partial.display()))?;
+    }
+    save_qa_dir(model, Some(&vocab.label2ans), &partial)?;
+    opt_t.save(&partial.join("adamw_towers.safetensors"))?;
+    opt_h.save(&partial.join("adamw_head.safetensors"))?;
+    demovlp_model::io::atomic_write(&partial.join("state.json"), (serde_json::to_string_pretty(state)? + "\n").as_bytes())?;
+    if last.exists() {
+        if prev.exists() {
+            std::fs::remove_dir_all(&prev).with_context(|| format!("cannot remove {}", prev.display()))?;
+        }
+        std::fs::rename(&last, &prev).with_context(|| format!("cannot rename {} to {}", last.display(), prev.display()))?;
+    }
+    std::fs::rename(&partial, &last).with_context(|| format!("cannot rename {} to {}", partial.display(), last.display()))?;
+    if prev.exists() {
+        std::fs::remove_dir_all(&prev).with_context(|| format!("cannot remove {}", prev.display()))?;
+    }
+    Ok(())
+}
+
+/// The directory a resume reads: `last/`, or `last.prev/` when a save was cut off between
+/// its two renames.
+fn resumable_dir(out: &Path) -> Option<PathBuf> {
+    [out.join("last"), out.join("last.prev")].into_iter().find(|d| d.join("state.json").exists())
+}
+
+/// The loss and validation-accuracy plots of a QA run (`loss.svg`, `accuracy.svg`), drawn
+/// from its `log.jsonl`.
+pub fn write_qa_plots(out: &Path, name: &str) -> Result<()> {
+    use crate::plot::{line_chart, Series};
+    let text = std::fs::read_to_string(out.join("log.jsonl")).unwrap_or_default();
+    let (mut steps, mut epochs) = (std::collections::BTreeMap::new(), std::collections::BTreeMap::new());
+    for v in text.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()) {
+        match v["kind"].as_str() {
+            Some("step") => {
+                steps.insert(v["step"].as_u64().unwrap_or(0), v);
+            }
+            Some("epoch") => {
+                epochs.insert(v["epoch"].as_u64().unwrap_or(0), v);
+            }
+            _ => {}
+        }
+    }
+    let per_step =
+        Series { name: "step".into(), points: steps.iter().filter_map(|(s, v)| Some((*s as f64, v["loss"].as_f64()?))).collect() };
+    let per_epoch = Series {
+        name: "epoch mean".into(),
+        points: epochs.values().filter_map(|v| Some((v["step"].as_f64()?, v["train_loss"].as_f64()?))).collect(),
+    };
+    let svg = line_chart(&format!("{name}: training loss"), "step", "cross-entropy", &[per_step, per_epoch]);
+    std::fs::write(out.join("loss.svg"), svg).with_context(|| format!("cannot write {}", out.join("loss.svg").display()))?;
+    // Overall validation accuracy and each answer type's (the metrics dict holds fractions).
+    let mut keys: Vec<String> = vec!["overall_acc".into()];
+    for v in epochs.values() {
+        if let Some(m) = v["val_metrics"].as_object() {
+            for k in m.keys().filter(|k| k.ends_with("_acc") && *k != "overall_acc") {
+                if !keys.contains(k) {
+                    keys.push(k.clone());
+                }
+            }
+        }
+    }
+    let series: Vec<Series> = keys
+        .iter()
+        .map(|k| Series {
+            name: k.trim_end_matches("_acc").to_string(),
+            points: epochs.iter().filter_map(|(e, v)| Some((*e as f64, 100.0 * v["val_metrics"][k].as_f64()?))).collect(),
+        })
+        .collect();
+    let svg = line_chart(&format!("{name}: validation accuracy"), "epoch", "accuracy (%)", &series);
+    std::fs::write(out.join("accuracy.svg"), svg).with_context(|| format!("cannot write {}", out.join("accuracy.svg").display()))?;
+    Ok(())
+}
+
 /// Fine-tune (or resume) a QA model as `cfg` says; evaluate the best model on the test set.
+/// A stop (the `stop` flag: SIGINT/SIGTERM, or `max_steps`) writes a resumable `last/` at
+/// the step it happens and returns without testing (`interrupted` / `stopped_at_max_steps`);
+/// `resume` continues it bit for bit, mid-epoch included.
 pub fn run_qa(cfg: &QaConfig, init: Option<&Path>, resume: bool, stop: Option<&AtomicBool>, quiet: bool) -> Result<QaRunReport> {
     let vocab = Vocabulary::read(&cfg.data.answers)?;
     let tok = match &cfg.data.tokenizer {
@@ -527,8 +665,6 @@ pub fn run_qa(cfg: &QaConfig, init: Option<&Path>, resume: bool, stop: Option<&A
         None => crate::text::builtin_tokenizer()?,
     };
     let out = cfg.output_dir.clone();
-    let last = out.join("last");
-    let state_path = last.join("state.json");
     let log = out.join("log.jsonl");
     let train_all = open_set(&cfg.data.train, &vocab, &cfg.data.answers)?;
     let (train, skipped) = train_all.answerable();
@@ -539,7 +675,9 @@ pub fn run_qa(cfg: &QaConfig, init: Option<&Path>, resume: bool, stop: Option<&A
     let s = cfg.optim.clone();
     let adamw = |n: usize| AdamW::new(n, s.lr, s.betas[0], s.betas[1], s.eps, s.weight_decay);
 
-    let (mut model, mut opt_t, mut opt_h, mut state) = if resume && state_path.exists() {
+    let resume_dir = if resume { resumable_dir(&out) } else { None };
+    let (mut model, mut opt_t, mut opt_h, mut state) = if let Some(last) = resume_dir {
+        let state_path = last.join("state.json");
         let st: QaRunState =
             serde_json::from_str(&std::fs::read_to_string(&state_path)?).with_context(|| state_path.display().to_string())?;
         let m = load_qa_dir(&last)?.model;
@@ -547,29 +685,34 @@ pub fn run_qa(cfg: &QaConfig, init: Option<&Path>, resume: bool, stop: Option<&A
         let ot = AdamW::load(&last.join("adamw_towers.safetensors"), m.base.params.len())?;
         let oh = AdamW::load(&last.join("adamw_head.safetensors"), m.head.params.len())?;
         if !quiet {
-            eprintln!("resuming {} after epoch {}", out.display(), st.epoch);
+            let at = if st.batch_in_epoch > 0 {
+                format!(" (step {}, batch {} of epoch {})", st.global_step, st.batch_in_epoch, st.epoch + 1)
+            } else {
+                String::new()
+            };
+            eprintln!("resuming {} after epoch {}{at}", out.display(), st.epoch);
         }
         (m, ot, oh, st)
     } else {
-        ensure!(!resume || !out.join("log.jsonl").exists(), "{}: --resume, but no last/state.json", out.display());
-        ensure!(
-            !out.join("log.jsonl").exists(),
-            "{}: holds a run already (log.jsonl); pass --resume or choose another output_dir",
-            out.display()
-        );
+        ensure!(!resume || !log.exists(), "{}: --resume, but no last/state.json", out.display());
+        ensure!(!log.exists(), "{}: holds a run already (log.jsonl); pass --resume or choose another output_dir", out.display());
         let init = init.or(cfg.model.init.as_deref()).context("no initial model: give --init or [model] init")?;
         let m = init_qa_model(init, cfg.model.hidden, na, cfg.seed)?;
         let (nt, nh) = (m.base.params.len(), m.head.params.len());
-        (
-            m,
-            adamw(nt),
-            adamw(nh),
-            QaRunState { epoch: 0, global_step: 0, best_accuracy: None, best_epoch: None, skipped_out_of_vocabulary: skipped },
-        )
+        let st = QaRunState {
+            epoch: 0,
+            global_step: 0,
+            best_accuracy: None,
+            best_epoch: None,
+            skipped_out_of_vocabulary: skipped,
+            batch_in_epoch: 0,
+            epoch_loss_sum: 0.0,
+        };
+        (m, adamw(nt), adamw(nh), st)
     };
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
     std::fs::write(out.join("config.toml"), toml::to_string_pretty(cfg)?)?;
-    if state.epoch == 0 && !quiet {
+    if state.epoch == 0 && state.global_step == 0 && !quiet {
         eprintln!(
             "{}: {} training questions ({skipped} skipped: answer outside the {na}-answer vocabulary), {} per batch",
             cfg.name,
@@ -584,24 +727,82 @@ pub fn run_qa(cfg: &QaConfig, init: Option<&Path>, resume: bool, stop: Option<&A
         text_dropout: cfg.train.text_dropout,
         attention_dropout: cfg.train.attention_dropout,
     };
+    let stopped = || stop.is_some_and(|s| s.load(Ordering::SeqCst));
+    let at_max = |step: u64| cfg.train.max_steps.is_some_and(|m| step >= m);
+    let (mut interrupted, mut stopped_at_max_steps) = (false, false);
+    let every = cfg.train.log_every.max(1);
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut last_line = Instant::now();
+    let t_run = Instant::now();
     for epoch in state.epoch + 1..=cfg.train.epochs {
+        if stopped() || at_max(state.global_step) {
+            (interrupted, stopped_at_max_steps) = (stopped(), !stopped());
+            break;
+        }
         let t0 = Instant::now();
         let lr = crate::schedule::step_rate(&cfg.optim, epoch);
-        let every = cfg.train.log_every.max(1);
-        let g0 = state.global_step;
-        let mut on_step = |step: usize, loss: f32| {
-            let g = g0 + step as u64 + 1;
+        let g0 = state.global_step - state.batch_in_epoch as u64;
+        let mut progress = EpochProgress { done: state.batch_in_epoch, loss_sum: state.epoch_loss_sum };
+        let mut save_error: Option<anyhow::Error> = None;
+        let mut after_step = |d: StepDone<'_>| -> Result<bool> {
+            let g = g0 + d.progress.done as u64;
             if g.is_multiple_of(every) {
-                let _ = log_line(&log, &serde_json::json!({"epoch": epoch, "step": g, "loss": loss, "lr": lr}));
+                log_line(&log, &serde_json::json!({"kind": "step", "epoch": epoch, "step": g, "loss": d.loss, "lr": lr}))?;
                 if !quiet {
-                    eprintln!("  epoch {epoch} step {g}: loss {loss:.4}, lr {lr:e}");
+                    last_line = Instant::now();
+                    eprintln!("  epoch {epoch} step {g}: loss {:.4}, lr {lr:e}", d.loss);
                 }
             }
+            // Without a terminal: a plain progress line every few seconds (logs of batch jobs).
+            if !quiet && !tty && last_line.elapsed().as_secs_f64() >= demovlp_data::plain_progress_interval() {
+                eprintln!(
+                    "{}: epoch {epoch}, batch {}/{}, step {g}, loss {:.4}, lr {lr:.2e}, {:.0}s",
+                    cfg.name,
+                    d.progress.done,
+                    d.planned,
+                    d.loss,
+                    t_run.elapsed().as_secs_f64()
+                );
+                last_line = Instant::now();
+            }
+            let stop_here = stopped() || at_max(g);
+            let periodic = cfg.train.checkpoint_every > 0 && g.is_multiple_of(cfg.train.checkpoint_every);
+            if periodic && !stop_here && d.progress.done < d.planned {
+                let mid =
+                    QaRunState { global_step: g, batch_in_epoch: d.progress.done, epoch_loss_sum: d.progress.loss_sum, ..state.clone() };
+                if let Err(e) = save_last(&out, d.model, &vocab, d.opt_towers, d.opt_head, &mid) {
+                    save_error = Some(e);
+                    return Ok(true);
+                }
+            }
+            Ok(stop_here)
         };
-        let (loss, steps) = train_epoch(&mut model, &mut opt_t, &mut opt_h, &train, &tok, &o, epoch, lr, stop, &mut on_step)?;
-        state.global_step += steps as u64;
+        let outcome = train_epoch(&mut model, &mut opt_t, &mut opt_h, &train, &tok, &o, epoch, lr, &mut progress, &mut after_step)?;
+        if let Some(e) = save_error {
+            return Err(e.context(format!("{}: writing the mid-epoch checkpoint", out.display())));
+        }
+        let (loss, steps) = match outcome {
+            EpochOutcome::Stopped => {
+                state.global_step = g0 + progress.done as u64;
+                state.batch_in_epoch = progress.done;
+                state.epoch_loss_sum = progress.loss_sum;
+                (interrupted, stopped_at_max_steps) = (stopped(), !stopped());
+                let why = if interrupted { "interrupt" } else { "max_steps" };
+                log_line(
+                    &log,
+                    &serde_json::json!({"kind": "stop", "reason": why, "epoch": epoch, "step": state.global_step, "batch_in_epoch": progress.done}),
+                )?;
+                break;
+            }
+            EpochOutcome::Finished { mean_loss, steps } => (mean_loss, steps),
+        };
+        state.global_step = g0 + steps as u64;
+        state.batch_in_epoch = 0;
+        state.epoch_loss_sum = 0.0;
         let val_eval = val.as_ref().map(|v| evaluate_qa(&mut model, v, &vocab, &tok, o.shape, cfg.train.eval_batch_size)).transpose()?;
-        let mut line = serde_json::json!({"epoch": epoch, "train_loss": loss, "lr": lr, "seconds": t0.elapsed().as_secs_f64()});
+        let mut line = serde_json::json!({
+            "kind": "epoch", "epoch": epoch, "step": state.global_step, "train_loss": loss, "lr": lr, "seconds": t0.elapsed().as_secs_f64(),
+        });
         let better = match &val_eval {
             Some(e) => {
                 line["val_accuracy"] = e.accuracy.into();
@@ -616,10 +817,7 @@ pub fn run_qa(cfg: &QaConfig, init: Option<&Path>, resume: bool, stop: Option<&A
             save_qa_dir(&model, Some(&vocab.label2ans), &out.join("best"))?;
         }
         state.epoch = epoch;
-        save_qa_dir(&model, Some(&vocab.label2ans), &last)?;
-        opt_t.save(&last.join("adamw_towers.safetensors"))?;
-        opt_h.save(&last.join("adamw_head.safetensors"))?;
-        demovlp_model::io::atomic_write(&state_path, (serde_json::to_string_pretty(&state)? + "\n").as_bytes())?;
+        save_last(&out, &model, &vocab, &opt_t, &opt_h, &state)?;
         line["best_epoch"] = state.best_epoch.into();
         log_line(&log, &line)?;
         if !quiet {
@@ -629,19 +827,25 @@ pub fn run_qa(cfg: &QaConfig, init: Option<&Path>, resume: bool, stop: Option<&A
             );
         }
     }
+    if interrupted || stopped_at_max_steps {
+        save_last(&out, &model, &vocab, &opt_t, &opt_h, &state)?;
+        write_qa_plots(&out, &cfg.name)?;
+        return Ok(QaRunReport { state, test: None, output_dir: out, interrupted, stopped_at_max_steps });
+    }
     let test_eval = match &test {
         Some(t) => {
             let mut best = load_qa_dir(&out.join("best"))?.model;
             let e = evaluate_qa(&mut best, t, &vocab, &tok, o.shape, cfg.train.eval_batch_size)?;
             log_line(
                 &log,
-                &serde_json::json!({"test": t.name, "accuracy": e.accuracy, "out_of_vocabulary": e.out_of_vocabulary, "metrics": e.metrics}),
+                &serde_json::json!({"kind": "test", "test": t.name, "accuracy": e.accuracy, "out_of_vocabulary": e.out_of_vocabulary, "metrics": e.metrics}),
             )?;
             Some(e)
         }
         None => None,
     };
-    Ok(QaRunReport { state, test: test_eval, output_dir: out })
+    write_qa_plots(&out, &cfg.name)?;
+    Ok(QaRunReport { state, test: test_eval, output_dir: out, interrupted: false, stopped_at_max_steps: false })
 }
 
 #[cfg(test)]
@@ -838,6 +1042,43 @@ eval_batch_size = 20
         assert!(last2.base.params.data == last.base.params.data, "towers differ after resuming");
         assert!(last2.head.params.data == last.head.params.data, "head differs after resuming");
         assert_eq!(resumed.test.unwrap().predictions, test.predictions);
+
+        // Stopped mid-epoch (max_steps inside epoch 2, and a periodic checkpoint before it),
+        // resumed: the same bits as the straight run.
+        let per_epoch = epochs[0]["step"].as_u64().unwrap();
+        assert!(per_epoch >= 3, "the test needs epochs of several steps ({per_epoch})");
+        cfg.output_dir = dir.join("run3");
+        cfg.train.checkpoint_every = 2;
+        cfg.train.max_steps = Some(per_epoch + 1);
+        let part = run_qa(&cfg, None, false, None, true).unwrap();
+        assert!(part.stopped_at_max_steps && !part.interrupted && part.test.is_none());
+        assert_eq!((part.state.epoch, part.state.batch_in_epoch, part.state.global_step), (1, 1, per_epoch + 1));
+        let saved: QaRunState = serde_json::from_str(&std::fs::read_to_string(dir.join("run3/last/state.json")).unwrap()).unwrap();
+        assert_eq!(saved, part.state, "last/ holds the stopping step");
+        // A save cut off between its renames leaves last.prev/, which resume reads.
+        std::fs::rename(dir.join("run3/last"), dir.join("run3/last.prev")).unwrap();
+        cfg.train.max_steps = None;
+        let resumed = run_qa(&cfg, None, true, None, true).unwrap();
+        assert_eq!(resumed.state, straight.state);
+        let last3 = load_qa_dir(&dir.join("run3/last")).unwrap().model;
+        assert!(last3.base.params.data == last.base.params.data, "towers differ after a mid-epoch resume");
+        assert!(last3.head.params.data == last.head.params.data, "head differs after a mid-epoch resume");
+        assert!(!dir.join("run3/last.prev").exists() && !dir.join("run3/last.partial").exists());
+        // The step lines of the resumed run continue the numbering: every logged step once.
+        let log3 = std::fs::read_to_string(dir.join("run3/log.jsonl")).unwrap();
+        let steps: Vec<u64> = log3
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v["kind"] == "step")
+            .map(|v| v["step"].as_u64().unwrap())
+            .collect();
+        let want: Vec<u64> = (1..=3 * per_epoch).filter(|g| g % 5 == 0).collect();
+        assert_eq!(steps, want);
+        // Plots: the loss per step and the validation accuracy per epoch and answer type.
+        let loss_svg = std::fs::read_to_string(dir.join("run3/loss.svg")).unwrap();
+        assert!(loss_svg.starts_with("<svg") && loss_svg.contains("<polyline"), "{loss_svg}");
+        let acc_svg = std::fs::read_to_string(dir.join("run3/accuracy.svg")).unwrap();
+        assert!(acc_svg.contains(">overall<") && acc_svg.contains(">color<") && acc_svg.contains(">number<"), "{acc_svg}");
         std::fs::remove_dir_all(&dir).ok();
     }
 }

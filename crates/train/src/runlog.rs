@@ -14,7 +14,8 @@ use crate::plot::{line_chart, Series};
 use crate::trainer::RunResult;
 
 pub(crate) struct Log {
-    file: std::fs::File,
+    /// None: a log that writes nothing (the ranks other than 0 of a data-parallel run).
+    file: Option<std::fs::File>,
     path: std::path::PathBuf,
 }
 
@@ -27,11 +28,18 @@ impl Log {
             .truncate(!append)
             .open(path)
             .with_context(|| format!("opening log {}", path.display()))?;
-        Ok(Log { file, path: path.to_path_buf() })
+        Ok(Log { file: Some(file), path: path.to_path_buf() })
+    }
+
+    /// A log that writes nothing.
+    pub(crate) fn disabled() -> Log {
+        Log { file: None, path: Default::default() }
     }
 
     pub(crate) fn write(&mut self, v: serde_json::Value) -> Result<()> {
-        writeln!(self.file, "{v}").with_context(|| format!("cannot write {}", self.path.display()))?;
+        if let Some(f) = &mut self.file {
+            writeln!(f, "{v}").with_context(|| format!("cannot write {}", self.path.display()))?;
+        }
         Ok(())
     }
 }

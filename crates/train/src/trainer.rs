@@ -1,6 +1,24 @@
 //! The training loop: AdamW + schedule over interleaved datasets, validation after every
 //! epoch, best/latest checkpoints, early stopping, exact resume, Ctrl-C and NaN handling,
 //! JSONL log, progress bar, and SVG plots + a summary table at the end.
+//!
+//! **Steps of several micro-batches** (`[train] accumulate_steps = N`, and data-parallel
+//! runs of W processes, [`train_with`]): a step's global batch of `batch_size × W × N`
+//! samples (one dataset; the datasets still alternate step by step) is cut into P = W·N
+//! contiguous parts of `batch_size` (`demovlp_data::batches::part_range`); rank r takes
+//! parts r·N … r·N+N−1. Each part is its own contrastive batch (negatives from the part
+//! only, as the published trainer), with its text dropout drawn from
+//! `derive_seed(seed ^ 0xD80_0C7, step, part)` and its captions and frames from the
+//! sample's position in the global batch, so a part is the same wherever it is computed.
+//! The step's gradient is `(((0 + g_a) + g_b) + …) × (1 / parts)`: each rank adds its
+//! parts in order, rank 0 adds the ranks' sums in rank order (the TCP engine), and the
+//! sum is scaled by the reciprocal of the number of parts that had ≥ 2 samples (a part
+//! with fewer — the short last step of an epoch, or samples skipped by `skip_bad_samples`
+//! — counts as the single-process pipeline counts a short batch: not at all). Then one
+//! AdamW step, the same on every rank. So W ranks with N = 1 compute bit for bit what one
+//! process with `accumulate_steps = W` computes; W ranks with N > 1 what one process with
+//! W·N does up to float round-off (the sum is associated per rank first). With P = 1 the
+//! step is the fused one (AdamW inside the backward pass), as before.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -8,7 +26,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use demovlp_data::batches::{epoch_seed_rng, Batch, Dataset, InputShape, Loader, LoaderConfig};
+use demovlp_data::batches::{derive_seed, epoch_seed_rng, Batch, Dataset, InputShape, Loader, LoaderConfig};
 use demovlp_kernels::rng::Rng;
 use demovlp_model::{AdamW, BatchRef, Model, TextDropout};
 use demovlp_retrieval::{LossConfig, RetrievalMetrics, ScoreMode};
@@ -17,6 +35,7 @@ use serde_json::json;
 
 use crate::checkpoint::{self, TrainerState, BEST, LATEST};
 use crate::config::{monitor_higher_is_better, TrainConfig};
+use crate::dist::Collective;
 use crate::eval::{evaluate, EvalOptions, EvalSet};
 use crate::runlog::{metrics_json, summary_table, write_plots, Log};
 use crate::schedule::learning_rate;
@@ -57,7 +76,19 @@ pub struct RunResult {
     pub last_metrics: Option<RetrievalMetrics>,
     pub latest: PathBuf,
     pub best_checkpoint: Option<PathBuf>,
+    /// FNV-1a of the final parameters' bytes (hex): equal on every rank of a data-parallel run.
+    pub params_hash: String,
 }
+
+/// FNV-1a of the parameters' bytes, hex.
+pub fn params_hash(data: &[f32]) -> String {
+    let bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
+    format!("{:016x}", crate::dist::fnv1a(&bytes))
+}
+
+/// The signal another rank of a data-parallel run received when the ranks agreed to stop
+/// (0: none).
+static PEER_STOP_SIGNAL: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
 
 /// The signal that raised the stop flag (SIGINT or SIGTERM), 0 while none arrived.
 static STOP_SIGNAL: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
@@ -98,9 +129,37 @@ pub fn stop_signal() -> Option<i32> {
 }
 
 /// The conventional exit status of a run stopped by the signal [`stop_signal`] reports
-/// (130 for SIGINT, 143 for SIGTERM; 130 when the flag was raised otherwise).
+/// (130 for SIGINT, 143 for SIGTERM; in a data-parallel run, the signal any rank received;
+/// 130 when the flag was raised otherwise).
 pub fn stop_exit_code() -> i32 {
-    128 + stop_signal().unwrap_or(libc::SIGINT)
+    let peer = Some(PEER_STOP_SIGNAL.load(Ordering::SeqCst)).filter(|&s| s != 0);
+    128 + stop_signal().or(peer).unwrap_or(libc::SIGINT)
+}
+
+/// This process's place in a data-parallel run.
+pub struct Dist {
+    /// The process group (rank, world size, the engine).
+    pub coll: Box<dyn Collective>,
+    /// Rank within its node (the GPU is `local_rank % device_count` on the CUDA path;
+    /// recorded in the log on the CPU).
+    pub local_rank: usize,
+}
+
+/// Indices of the step statistics appended to the gradient buffer of a multi-part step
+/// (summed over ranks with it).
+const ST_PARTS: usize = 0;
+const ST_LOSS: usize = 1;
+const ST_GLOBAL: usize = 2;
+const ST_LOCAL: usize = 3;
+const ST_SAMPLES: usize = 4;
+const ST_SKIPPED: usize = 5;
+const ST_STOP: usize = 6;
+const ST_SIGTERM: usize = 7;
+const N_STATS: usize = 8;
+
+/// The text-dropout seed of part `part` of step `step` (steps of several parts).
+pub fn part_dropout_seed(seed: u64, step: u64, part: usize) -> u64 {
+    derive_seed(seed ^ 0xD80_0C7, step, part as u64)
 }
 
 fn monitored(name: &str, m: Option<&RetrievalMetrics>, train_loss: f64) -> f64 {
@@ -127,7 +186,18 @@ fn monitored(name: &str, m: Option<&RetrievalMetrics>, train_loss: f64) -> f64 {
 /// (the optimiser steps of one epoch), `Run::validate` + `Run::end_epoch` (metrics,
 /// best / latest checkpoints, early stopping) and `Run::finish` (log, plots, summary).
 pub fn train(inputs: &TrainInputs, opts: &RunOptions) -> Result<RunResult> {
-    let mut run = match Run::open(inputs, opts)? {
+    train_with(inputs, opts, None)
+}
+
+/// [`train`] as one rank of a data-parallel run (`dist`; None = a single process): the
+/// ranks start from rank 0's weights, optimiser and state (broadcast), each computes its
+/// parts of every step, gradients are summed across ranks before the one AdamW step, and
+/// only rank 0 writes the output directory (checkpoints, log, plots, summary). A stop flag
+/// raised on any rank stops every rank after the same step, rank 0 saving one resumable
+/// checkpoint. Every rank validates (so none waits idle for rank 0), and rank 0's
+/// monitored value decides best checkpoint and early stopping for all.
+pub fn train_with(inputs: &TrainInputs, opts: &RunOptions, dist: Option<Dist>) -> Result<RunResult> {
+    let mut run = match Run::open(inputs, opts, dist)? {
         Opened::AlreadyFinished(r) => return Ok(*r),
         Opened::Ready(run) => run,
     };
@@ -179,51 +249,95 @@ struct Run<'a> {
     /// Is stderr a terminal (else plain progress lines every few seconds)?
     tty: bool,
     last_line: Instant,
+    /// The process group of a data-parallel run (None: one process).
+    coll: Option<Box<dyn Collective>>,
+    rank: usize,
+    /// Micro-batches per step over all ranks (world × accumulate_steps) and this rank's.
+    parts: usize,
+    my_parts: std::ops::Range<usize>,
+    /// Gradient sum of a multi-part step, with the step statistics after it.
+    acc: Vec<f32>,
+    /// `[rank r] ` in data-parallel runs (progress lines of every rank).
+    prefix: String,
+    /// `DEMOVLP_DIST_VERIFY=1`: after every step each rank checks its parameters against
+    /// rank 0's (a hash of all of them: a debugging aid, it costs a pass over the weights).
+    verify: bool,
 }
 
 impl<'a> Run<'a> {
     /// Output directory and config copy, then a fresh model (or the latest checkpoint with
     /// `resume`), the dropout generator where the checkpoint left it, the log, the loader.
-    fn open(inputs: &'a TrainInputs, opts: &'a RunOptions) -> Result<Opened<'a>> {
+    fn open(inputs: &'a TrainInputs, opts: &'a RunOptions, dist: Option<Dist>) -> Result<Opened<'a>> {
         let t0 = Instant::now();
         let cfg = &inputs.config;
+        let (coll, local_rank) = match dist {
+            Some(d) => (Some(d.coll), Some(d.local_rank)),
+            None => (None, None),
+        };
+        let (rank, world) = coll.as_ref().map_or((0, 1), |c| (c.rank(), c.world()));
+        let prefix = if world > 1 { format!("[rank {rank}] ") } else { String::new() };
+        let accum = cfg.train.accumulate_steps.max(1);
+        let parts = world * accum;
+        let my_parts = rank * accum..(rank + 1) * accum;
         let out = cfg.output_dir.clone();
-        std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
         let latest = out.join(LATEST);
         let best_path = out.join(BEST);
-        for stale in checkpoint::remove_stale_temporaries(&out)? {
-            if !opts.quiet {
-                eprintln!("removed {}, a partial checkpoint of a run that is no longer alive", stale.display());
-            }
-        }
-        if opts.resume && !latest.exists() {
-            bail!(
-                "--resume: there is no checkpoint to resume in {} ({LATEST} not found); start a fresh run without --resume",
-                out.display()
-            );
-        }
         let config_text = cfg.to_toml();
-        std::fs::write(out.join("config.toml"), &config_text).with_context(|| format!("writing {}", out.join("config.toml").display()))?;
+        // Only rank 0 touches the output directory.
+        if rank == 0 {
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            for stale in checkpoint::remove_stale_temporaries(&out)? {
+                if !opts.quiet {
+                    eprintln!("{prefix}removed {}, a partial checkpoint of a run that is no longer alive", stale.display());
+                }
+            }
+            if opts.resume && !latest.exists() {
+                bail!(
+                    "--resume: there is no checkpoint to resume in {} ({LATEST} not found); start a fresh run without --resume",
+                    out.display()
+                );
+            }
+            std::fs::write(out.join("config.toml"), &config_text)
+                .with_context(|| format!("writing {}", out.join("config.toml").display()))?;
+        }
 
         let shape = InputShape { frames: cfg.data.frames, regions: cfg.data.regions, text_len: cfg.data.text_len };
         let o = &cfg.optim;
-        let (mut model, opt, state) = if opts.resume {
-            resume_from(cfg, &latest)?
+        let mut coll = coll;
+        let (mut model, opt, state) = if rank != 0 {
+            // Rank 0's weights, optimiser and state, whatever this process could load.
+            receive_start(coll.as_deref_mut().expect("rank > 0 has a process group"))?
         } else {
-            let model = build_model(cfg, opts.init.as_deref())?;
-            let n = model.params.len();
-            let opt = AdamW::new(n, o.lr, o.betas[0], o.betas[1], o.eps, o.weight_decay);
-            (model, opt, fresh_state(cfg.seed))
+            let start = if opts.resume {
+                resume_from(cfg, &latest)?
+            } else {
+                let model = build_model(cfg, opts.init.as_deref())?;
+                let n = model.params.len();
+                let opt = AdamW::new(n, o.lr, o.betas[0], o.betas[1], o.eps, o.weight_decay);
+                (model, opt, fresh_state(cfg.seed))
+            };
+            if let Some(c) = coll.as_deref_mut() {
+                send_start(c, &start.0, &start.1, &start.2)?;
+            }
+            start
         };
-        // Dropout draws continue exactly where the checkpoint left them.
+        if state.batch_in_epoch > 0 && !state.finished && state.parts_per_step != parts {
+            bail!(
+                "{}: the checkpoint stopped inside an epoch of steps of {} micro-batches; this run has {parts}                  (world size {world} × accumulate_steps {accum}), which cuts the epoch differently: resume with the                  world size × accumulate_steps it ran with (or from an end-of-epoch checkpoint)",
+                latest.display(),
+                state.parts_per_step
+            );
+        }
+        // Dropout draws continue exactly where the checkpoint left them (steps of one part;
+        // steps of several draw each part's from (step, part)).
         let p = cfg.train.text_dropout;
         model.set_text_dropout(TextDropout { hidden: p, attention: p }, 0);
         model.set_dropout_rng(Rng::from_state(state.dropout_rng));
         let resumed = state.step > 0 || state.epoch > 1;
-        let mut log = Log::open(&out.join("log.jsonl"), resumed)?;
+        let mut log = if rank == 0 { Log::open(&out.join("log.jsonl"), resumed)? } else { Log::disabled() };
         if state.finished {
             if !opts.quiet {
-                eprintln!("{}: already finished ({} steps); nothing to do", latest.display(), state.step);
+                eprintln!("{prefix}{}: already finished ({} steps); nothing to do", latest.display(), state.step);
             }
             return Ok(Opened::AlreadyFinished(Box::new(RunResult {
                 output_dir: out,
@@ -237,9 +351,20 @@ impl<'a> Run<'a> {
                 last_metrics: None,
                 latest,
                 best_checkpoint: best_path.exists().then(|| best_path.clone()),
+                params_hash: params_hash(&model.params.data),
             })));
         }
-        log.write(json!({"kind": "start", "name": cfg.name, "step": state.step, "epoch": state.epoch, "resumed": resumed, "params": model.params.len()}))?;
+        let mut start = json!({"kind": "start", "name": cfg.name, "step": state.step, "epoch": state.epoch, "resumed": resumed, "params": model.params.len()});
+        if parts > 1 {
+            start["world_size"] = world.into();
+            start["accumulate_steps"] = accum.into();
+            start["global_batch"] = (cfg.data.batch_size * parts).into();
+        }
+        if let (Some(c), Some(lr)) = (coll.as_ref(), local_rank) {
+            start["engine"] = c.engine().into();
+            start["local_rank_of_rank_0"] = lr.into();
+        }
+        log.write(start)?;
 
         let sizes: Vec<usize> = inputs.train.iter().map(|s| s.samples.len()).collect();
         let loader = Loader::new(
@@ -257,16 +382,21 @@ impl<'a> Run<'a> {
             },
         )
         .with_context(|| format!("{}: training data", cfg.name))?;
-        let batches_per_epoch = loader.batches_per_epoch() as u64;
+        let batches_per_epoch = loader.steps_per_epoch(parts) as u64;
         if batches_per_epoch == 0 {
-            bail!("{}: no training batch (datasets have {sizes:?} samples, batch size {})", cfg.name, cfg.data.batch_size);
+            bail!(
+                "{}: no training step (datasets have {sizes:?} samples, global batch {} = batch size {} × {parts} parts)",
+                cfg.name,
+                cfg.data.batch_size * parts,
+                cfg.data.batch_size
+            );
         }
         let total_steps = (batches_per_epoch * cfg.train.epochs as u64).min(cfg.train.max_steps.unwrap_or(u64::MAX));
         let loss_cfg = LossConfig { temperature: cfg.loss.temperature, lambda: cfg.loss.lambda, masked_mean: cfg.loss.masked_mean };
         // Without a validation set only the training loss can be monitored.
         let monitor = if inputs.val.is_some() { cfg.train.monitor.as_str() } else { "train_loss" };
 
-        let pb = if opts.quiet { ProgressBar::hidden() } else { ProgressBar::new(total_steps) };
+        let pb = if opts.quiet || world > 1 { ProgressBar::hidden() } else { ProgressBar::new(total_steps) };
         pb.set_style(ProgressStyle::with_template("{prefix} [{bar:28}] {pos}/{len} {msg} ETA {eta}").unwrap().progress_chars("=> "));
         pb.set_prefix(cfg.name.clone());
         pb.set_position(state.step.min(total_steps));
@@ -295,16 +425,32 @@ impl<'a> Run<'a> {
             last_metrics: None,
             skipped_total: 0,
             window: (0.0, 0, Instant::now(), 0),
-            tty: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            tty: world == 1 && std::io::IsTerminal::is_terminal(&std::io::stderr()),
             last_line: Instant::now(),
+            coll,
+            rank,
+            parts,
+            my_parts,
+            acc: Vec::new(),
+            prefix,
+            verify: std::env::var("DEMOVLP_DIST_VERIFY").is_ok_and(|v| v == "1"),
         })))
     }
 
     /// A checkpoint of the current weights, optimiser and state (with the dropout
     /// generator as it is now).
+    /// Only rank 0 writes; the other ranks of a data-parallel run return at once.
     fn save(&self, path: &Path) -> Result<()> {
+        if self.rank != 0 {
+            return Ok(());
+        }
         let mut st = self.state.clone();
-        st.dropout_rng = self.model.dropout_rng().state();
+        // Steps of several parts draw their dropout from (step, part): the generator of the
+        // state is then unused and kept as it was, so equal runs write equal states.
+        if self.parts == 1 {
+            st.dropout_rng = self.model.dropout_rng().state();
+        }
+        st.parts_per_step = self.parts;
         checkpoint::save(path, &self.model.config, &self.model.params, &self.opt, &st, &self.config_text)
     }
 
@@ -312,6 +458,9 @@ impl<'a> Run<'a> {
     /// Returns the epoch's mean training loss (NaN without a step), or None when the run
     /// stopped inside it (`max_steps` reached, or the stop flag: then `interrupted`).
     fn run_epoch(&mut self) -> Result<Option<f64>> {
+        if self.parts > 1 {
+            return self.run_epoch_parts();
+        }
         let cfg = &self.inputs.config;
         // The epoch seed the state (checkpoint) carries: epoch_seed(cfg.seed, epoch) for runs of this code.
         let mut pre = self.loader.epoch_from(self.state.epoch_seed, self.state.batch_in_epoch);
@@ -367,13 +516,158 @@ impl<'a> Run<'a> {
                 last_good
             );
         }
+        self.after_step(lr, [outp.loss_total, outp.loss_global, outp.loss_local], batch.batch, planned)?;
+        Ok(outp.loss_total)
+    }
+
+    /// The epoch's steps with several micro-batches each (accumulation and/or ranks); see
+    /// the module doc. Returns as [`Run::run_epoch`].
+    fn run_epoch_parts(&mut self) -> Result<Option<f64>> {
+        let cfg = &self.inputs.config;
+        let mut pre = self.loader.epoch_parts_from(self.state.epoch_seed, self.state.batch_in_epoch, self.parts, self.my_parts.clone());
+        let planned = pre.planned();
+        let (mut epoch_loss, mut epoch_steps) = (0.0f64, 0usize);
+        while self.state.batch_in_epoch < planned {
+            // Every rank has the same step count: they all stop here together.
+            if cfg.train.max_steps.is_some_and(|m| self.state.step >= m) {
+                return Ok(None);
+            }
+            let parts = pre.next().context("batch loader stopped")??;
+            for b in &parts {
+                for s in &b.skipped {
+                    if self.rank == 0 {
+                        self.log.write(json!({"kind": "skipped", "step": self.state.step, "clip": s.clip, "reason": s.reason}))?;
+                    } else if !self.opts.quiet {
+                        eprintln!("{}skipped {} at step {}: {}", self.prefix, s.clip, self.state.step, s.reason);
+                    }
+                }
+            }
+            let (loss, stop) = self.step_parts(&parts, planned)?;
+            if let Some(loss) = loss {
+                epoch_loss += loss as f64;
+                epoch_steps += 1;
+            }
+            if stop {
+                self.interrupted = true;
+                return Ok(None);
+            }
+        }
+        Ok(Some(if epoch_steps > 0 { epoch_loss / epoch_steps as f64 } else { f64::NAN }))
+    }
+
+    /// One optimiser step from this rank's `parts` of the step (and the other ranks'):
+    /// returns its mean loss over the parts (None when no part had 2 samples: no step) and
+    /// whether the ranks agreed to stop after it (a stop flag raised on any of them).
+    fn step_parts(&mut self, parts: &[Batch], planned: usize) -> Result<(Option<f32>, bool)> {
+        let cfg = &self.inputs.config;
+        let n = self.model.params.len();
+        let mut acc = std::mem::take(&mut self.acc);
+        acc.clear();
+        acc.resize(n + N_STATS, 0.0);
+        let mut bad_here = None;
+        for b in parts {
+            if b.batch < 2 {
+                continue;
+            }
+            self.model.set_dropout_rng(Rng::new(part_dropout_seed(cfg.seed, self.state.step, b.part)));
+            let out = self.model.forward_backward(&batch_ref(b), &self.loss_cfg, cfg.loss.use_local);
+            if !out.loss_total.is_finite() && bad_here.is_none() {
+                bad_here = Some((b.part, out.loss_total, b.clips.join(", ")));
+            }
+            for (a, g) in acc[..n].iter_mut().zip(&self.model.params.grad) {
+                *a += *g;
+            }
+            let st = &mut acc[n..];
+            st[ST_PARTS] += 1.0;
+            st[ST_LOSS] += out.loss_total;
+            st[ST_GLOBAL] += out.loss_global;
+            st[ST_LOCAL] += out.loss_local;
+            st[ST_SAMPLES] += b.batch as f32;
+        }
+        let st = &mut acc[n..];
+        st[ST_SKIPPED] = parts.iter().map(|b| b.skipped.len()).sum::<usize>() as f32;
+        if self.opts.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst)) {
+            st[ST_STOP] = 1.0;
+            st[ST_SIGTERM] = (stop_signal() == Some(libc::SIGTERM)) as u8 as f32;
+        }
+        if let Some(c) = self.coll.as_deref_mut() {
+            c.all_reduce_sum(&mut acc).with_context(|| format!("{}: step {}", cfg.name, self.state.step + 1))?;
+        }
+        let st: [f32; N_STATS] = acc[n..].try_into().unwrap();
+        self.skipped_total += st[ST_SKIPPED] as usize;
+        let stop = st[ST_STOP] > 0.0;
+        if stop && stop_signal().is_none() {
+            PEER_STOP_SIGNAL.store(if st[ST_SIGTERM] > 0.0 { libc::SIGTERM } else { libc::SIGINT }, Ordering::SeqCst);
+        }
+        if st[ST_PARTS] == 0.0 {
+            self.acc = acc;
+            self.state.batch_in_epoch += 1;
+            return Ok((None, stop));
+        }
+        if !st[ST_LOSS].is_finite() {
+            let state = &self.state;
+            let last_good =
+                if self.latest.exists() { self.latest.display().to_string() } else { "none (no checkpoint written yet)".into() };
+            let (where_, clips) = match &bad_here {
+                Some((part, loss, clips)) => (format!("part {part}, loss {loss}"), clips.clone()),
+                None => ("on another rank".to_string(), "see that rank's message".to_string()),
+            };
+            self.log.write(json!({"kind": "error", "step": state.step, "loss": st[ST_LOSS].to_string(), "where": where_}))?;
+            bail!(
+                "{}: loss is not finite at step {} (epoch {}, step {} of the epoch; {where_}); batch clips: {clips}; last good checkpoint: {}",
+                cfg.name,
+                state.step + 1,
+                state.epoch,
+                state.batch_in_epoch,
+                last_good
+            );
+        }
+        let lr = learning_rate(&cfg.optim, self.state.epoch, self.state.step, self.total_steps);
+        let inv = 1.0 / st[ST_PARTS];
+        for (g, a) in self.model.params.grad.iter_mut().zip(&acc[..n]) {
+            *g = *a * inv;
+        }
+        self.acc = acc;
+        self.opt.lr = lr;
+        self.opt.step(&mut self.model.params);
+        if self.verify {
+            self.verify_params()?;
+        }
+        let loss = st[ST_LOSS] / st[ST_PARTS];
+        let losses = [loss, st[ST_GLOBAL] / st[ST_PARTS], st[ST_LOCAL] / st[ST_PARTS]];
+        self.after_step(lr, losses, st[ST_SAMPLES] as usize, planned)?;
+        Ok((Some(loss), stop))
+    }
+
+    /// Compares this rank's parameters with rank 0's (their hash), after step `state.step + 1`.
+    fn verify_params(&mut self) -> Result<()> {
+        let Some(c) = self.coll.as_deref_mut() else { return Ok(()) };
+        let mine = params_hash(&self.model.params.data);
+        let mut theirs = mine.clone().into_bytes();
+        c.broadcast_bytes(&mut theirs).context("DEMOVLP_DIST_VERIFY: rank 0's parameter hash")?;
+        let theirs = String::from_utf8_lossy(&theirs).into_owned();
+        if theirs != mine {
+            bail!(
+                "DEMOVLP_DIST_VERIFY: after step {} rank {}'s parameters (hash {mine}) differ from rank 0's ({theirs})",
+                self.state.step + 1,
+                self.rank
+            );
+        }
+        Ok(())
+    }
+
+    /// Counters, log line, progress and periodic checkpoint after an optimiser step of
+    /// `samples` samples with losses (total, global, local).
+    fn after_step(&mut self, lr: f32, [loss_total, loss_global, loss_local]: [f32; 3], samples: usize, planned: usize) -> Result<()> {
+        let cfg = &self.inputs.config;
+        let state = &mut self.state;
         state.step += 1;
         state.batch_in_epoch += 1;
-        state.samples_seen += batch.batch as u64;
+        state.samples_seen += samples as u64;
         let window = &mut self.window;
-        window.0 += outp.loss_total as f64;
+        window.0 += loss_total as f64;
         window.1 += 1;
-        window.3 += batch.batch;
+        window.3 += samples;
         self.pb.set_position(state.step.min(self.total_steps));
         if state.step.is_multiple_of(cfg.train.log_every.max(1)) || state.batch_in_epoch == planned {
             let secs = window.2.elapsed().as_secs_f64().max(1e-9);
@@ -381,7 +675,7 @@ impl<'a> Run<'a> {
             self.pb.set_message(format!("loss {:.4} lr {:.1e} {:.1} samples/s", window.0 / window.1 as f64, lr, sps));
             self.log.write(json!({
                 "kind": "step", "step": state.step, "epoch": state.epoch, "lr": lr,
-                "loss": outp.loss_total, "loss_global": outp.loss_global, "loss_local": outp.loss_local,
+                "loss": loss_total, "loss_global": loss_global, "loss_local": loss_local,
                 "loss_avg": window.0 / window.1 as f64, "samples_per_s": sps, "elapsed_s": self.t0.elapsed().as_secs_f64(),
             }))?;
             *window = (0.0, 0, Instant::now(), 0);
@@ -391,15 +685,15 @@ impl<'a> Run<'a> {
         if !self.opts.quiet && !self.tty && self.last_line.elapsed().as_secs_f64() >= demovlp_data::plain_progress_interval() {
             let elapsed = self.t0.elapsed().as_secs_f64();
             eprintln!(
-                "{}: step {}/{} (epoch {}), lr {:.2e}, loss {:.4}, {:.0}s",
-                cfg.name, state.step, self.total_steps, state.epoch, lr, outp.loss_total, elapsed
+                "{}{}: step {}/{} (epoch {}), lr {:.2e}, loss {:.4}, {:.0}s",
+                self.prefix, cfg.name, state.step, self.total_steps, state.epoch, lr, loss_total, elapsed
             );
             self.last_line = Instant::now();
         }
         if cfg.train.checkpoint_every > 0 && state.step.is_multiple_of(cfg.train.checkpoint_every) {
             self.save(&self.latest)?;
         }
-        Ok(outp.loss_total)
+        Ok(())
     }
 
     /// End of an epoch: the validation metrics (None without a validation set), logged
@@ -430,7 +724,14 @@ impl<'a> Run<'a> {
     /// whether early stopping ends the run.
     fn end_epoch(&mut self, train_loss: f64, metrics: Option<RetrievalMetrics>) -> Result<bool> {
         let cfg = &self.inputs.config;
-        let value = monitored(self.monitor, metrics.as_ref(), train_loss);
+        let mut value = monitored(self.monitor, metrics.as_ref(), train_loss);
+        // Rank 0's value decides for every rank (they computed the same, but decisions
+        // must not depend on it).
+        if let Some(c) = self.coll.as_deref_mut() {
+            let mut b = value.to_le_bytes().to_vec();
+            c.broadcast_bytes(&mut b).context("sharing the epoch's monitored value")?;
+            value = f64::from_le_bytes(b.as_slice().try_into().context("monitored value: 8 bytes expected")?);
+        }
         self.last_metrics = metrics;
         self.epochs_done = self.state.epoch;
         let higher = monitor_higher_is_better(self.monitor);
@@ -455,11 +756,18 @@ impl<'a> Run<'a> {
         if self.interrupted || cfg.train.max_steps.is_some_and(|m| state.step >= m) && !state.finished {
             self.save(&self.latest)?;
         }
+        // No rank leaves before rank 0 has written its checkpoint (a launcher may stop the
+        // others as soon as one exits).
+        if let Some(c) = self.coll.as_deref_mut() {
+            c.barrier().context("the end of the run")?;
+        }
         self.pb.finish_and_clear();
         let seconds = self.t0.elapsed().as_secs_f64();
         self.log.write(json!({"kind": "end", "step": state.step, "epoch": self.epochs_done, "interrupted": self.interrupted, "early_stopped": self.stopped_early, "seconds": seconds, "skipped_samples": self.skipped_total}))?;
         drop(self.log);
-        write_plots(&self.out, &cfg.name)?;
+        if self.rank == 0 {
+            write_plots(&self.out, &cfg.name)?;
+        }
         let result = RunResult {
             output_dir: self.out.clone(),
             steps: state.step,
@@ -472,12 +780,15 @@ impl<'a> Run<'a> {
             last_metrics: self.last_metrics,
             latest: self.latest.clone(),
             best_checkpoint: self.best_path.exists().then(|| self.best_path.clone()),
+            params_hash: params_hash(&self.model.params.data),
         };
-        let table = summary_table(cfg, &result, self.skipped_total);
-        let summary = self.out.join("summary.txt");
-        std::fs::write(&summary, &table).with_context(|| format!("cannot write {}", summary.display()))?;
-        if !self.opts.quiet {
-            eprint!("{table}");
+        if self.rank == 0 {
+            let table = summary_table(cfg, &result, self.skipped_total);
+            let summary = self.out.join("summary.txt");
+            std::fs::write(&summary, &table).with_context(|| format!("cannot write {}", summary.display()))?;
+            if !self.opts.quiet {
+                eprint!("{table}");
+            }
         }
         Ok(result)
     }
@@ -516,7 +827,46 @@ pub fn fresh_state(seed: u64) -> TrainerState {
         best_epoch: None,
         epochs_since_best: 0,
         finished: false,
+        parts_per_step: 1,
     }
+}
+
+/// Rank 0's side of the start of a data-parallel run: model sizes, optimiser settings and
+/// trainer state (JSON), then the weights and both AdamW moments.
+fn send_start(c: &mut dyn Collective, model: &Model, opt: &AdamW, state: &TrainerState) -> Result<()> {
+    let head = json!({
+        "model_config": model.config, "state": state, "adam_t": opt.t,
+        "adam": [opt.lr, opt.beta1, opt.beta2, opt.eps, opt.weight_decay],
+    });
+    let mut bytes = head.to_string().into_bytes();
+    c.broadcast_bytes(&mut bytes).context("sending the starting state to the other ranks")?;
+    let mut data = model.params.data.clone();
+    let (mut m, mut v) = (opt.m.clone(), opt.v.clone());
+    for (what, buf) in [("weights", &mut data), ("AdamW m", &mut m), ("AdamW v", &mut v)] {
+        c.broadcast_f32(buf).with_context(|| format!("sending the starting {what} to the other ranks"))?;
+    }
+    Ok(())
+}
+
+/// The other ranks' side of [`send_start`].
+fn receive_start(c: &mut dyn Collective) -> Result<(Model, AdamW, TrainerState)> {
+    let mut bytes = Vec::new();
+    c.broadcast_bytes(&mut bytes).context("receiving the starting state from rank 0")?;
+    let head: serde_json::Value = serde_json::from_slice(&bytes).context("rank 0's starting state")?;
+    let config = serde_json::from_value(head["model_config"].clone()).context("rank 0's model sizes")?;
+    let state: TrainerState = serde_json::from_value(head["state"].clone()).context("rank 0's trainer state")?;
+    let a: Vec<f32> = serde_json::from_value(head["adam"].clone()).context("rank 0's AdamW settings")?;
+    if a.len() != 5 {
+        bail!("rank 0's AdamW settings: 5 values expected, got {}", a.len());
+    }
+    let mut model = Model::new(config);
+    let n = model.params.len();
+    let mut opt = AdamW::new(n, a[0], a[1], a[2], a[3], a[4]);
+    opt.t = head["adam_t"].as_u64().context("rank 0's AdamW step count")?;
+    c.broadcast_f32(&mut model.params.data).context("receiving the starting weights from rank 0")?;
+    c.broadcast_f32(&mut opt.m).context("receiving the starting AdamW m from rank 0")?;
+    c.broadcast_f32(&mut opt.v).context("receiving the starting AdamW v from rank 0")?;
+    Ok((model, opt, state))
 }
 
 /// The model's view of a batch.
@@ -583,6 +933,7 @@ mod tests {
             best_epoch: None,
             epochs_since_best: 0,
             finished: false,
+            parts_per_step: 1,
         };
         // Recall (higher is better), patience 2, 10 epochs.
         let seq = [(10.0, true, false), (12.0, true, false), (11.0, false, false), (12.0, false, true)];

@@ -251,15 +251,49 @@ pub fn write_safetensors_refs(path: &Path, tensors: &[(String, Vec<usize>, Tenso
             bail!("{}: tensor {name} has shape {shape:?} but {len} values", path.display());
         }
     }
-    let views = tensors.iter().map(|(n, s, d)| (n.as_str(), WriteView { shape: s, data: *d }));
     let sum = checksum(tensors.iter().map(|(n, s, d)| (n.as_str(), s.as_slice(), WriteView { shape: s, data: *d }.data_owned())));
-    let mut meta: HashMap<String, String> = metadata.iter().cloned().collect();
+    let mut meta: BTreeMap<String, String> = metadata.iter().cloned().collect();
     meta.insert(CHECKSUM_KEY.into(), sum);
-    let meta = Some(meta);
-    atomic_write_with(path, |tmp| {
-        safetensors::tensor::serialize_to_file(views, &meta, tmp).with_context(|| format!("cannot write {}", tmp.display()))
-    })
-    .with_context(|| format!("writing {}", path.display()))
+    atomic_write_with(path, |tmp| serialize_sorted(tmp, tensors, &meta).with_context(|| format!("cannot write {}", tmp.display())))
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// The safetensors layout, written so that the same tensors and metadata always give the
+/// same bytes (the `safetensors` crate's writer takes the metadata as a `HashMap`, whose
+/// order changes from process to process): the header's keys sorted, tensors stored in
+/// name order, the header padded with spaces to a multiple of 8 bytes as the format asks.
+fn serialize_sorted(path: &Path, tensors: &[(String, Vec<usize>, TensorRef)], meta: &BTreeMap<String, String>) -> Result<()> {
+    use std::io::Write;
+    let mut order: Vec<usize> = (0..tensors.len()).collect();
+    order.sort_by(|&a, &b| tensors[a].0.cmp(&tensors[b].0));
+    if let Some(w) = order.windows(2).find(|w| tensors[w[0]].0 == tensors[w[1]].0) {
+        bail!("tensor {} given twice", tensors[w[0]].0);
+    }
+    let mut header = BTreeMap::<String, serde_json::Value>::new();
+    header.insert("__metadata__".into(), serde_json::to_value(meta)?);
+    let mut offset = 0usize;
+    for &i in &order {
+        let (name, shape, data) = &tensors[i];
+        let view = WriteView { shape, data: *data };
+        let len = view.data_len();
+        let dtype = match data {
+            TensorRef::F32(_) => "F32",
+            TensorRef::I64(_) => "I64",
+        };
+        header.insert(name.clone(), serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + len]}));
+        offset += len;
+    }
+    let mut head = serde_json::to_vec(&header)?;
+    head.resize(head.len().div_ceil(8) * 8, b' ');
+    let mut f = std::io::BufWriter::new(fs::File::create(path)?);
+    f.write_all(&(head.len() as u64).to_le_bytes())?;
+    f.write_all(&head)?;
+    for &i in &order {
+        let (_, shape, data) = &tensors[i];
+        f.write_all(&WriteView { shape, data: *data }.data_owned())?;
+    }
+    f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    Ok(())
 }
 
 /// [`write_safetensors_refs`] for owned tensors.
@@ -296,6 +330,37 @@ mod tests {
         let d = std::env::temp_dir().join(format!("demovlp-io-{tag}-{}", std::process::id()));
         fs::create_dir_all(&d).unwrap();
         d
+    }
+
+    #[test]
+    fn the_same_tensors_and_metadata_give_the_same_bytes_and_read_back() {
+        let d = tmpdir("deterministic");
+        let tensors = vec![
+            ("z.weight".to_string(), Tensor { shape: vec![2, 3], data: TensorData::F32(vec![1.0, -2.0, 3.5, 0.0, 5.0, 6.0]) }),
+            ("a.ids".to_string(), Tensor { shape: vec![3], data: TensorData::I64(vec![7, -1, 1 << 40]) }),
+            ("m.bias".to_string(), Tensor { shape: vec![1], data: TensorData::F32(vec![0.25]) }),
+        ];
+        let meta: Vec<(String, String)> = (0..12).map(|i| (format!("key{i}"), format!("value {i}"))).collect();
+        // Metadata given in two orders: a HashMap-ordered writer would differ between these.
+        let mut reversed = meta.clone();
+        reversed.reverse();
+        write_safetensors(&d.join("a.safetensors"), &tensors, &meta).unwrap();
+        write_safetensors(&d.join("b.safetensors"), &tensors, &reversed).unwrap();
+        let (a, b) = (fs::read(d.join("a.safetensors")).unwrap(), fs::read(d.join("b.safetensors")).unwrap());
+        assert!(a == b, "same content, different bytes");
+        let header_len = u64::from_le_bytes(a[..8].try_into().unwrap()) as usize;
+        assert_eq!(header_len % 8, 0, "header padded to 8 bytes");
+        let st = read_safetensors(&d.join("a.safetensors")).unwrap();
+        assert_eq!(st.tensors.len(), 3);
+        assert_eq!(st.tensors["z.weight"].shape, vec![2, 3]);
+        assert_eq!(st.tensors["z.weight"].to_f32().unwrap(), vec![1.0, -2.0, 3.5, 0.0, 5.0, 6.0]);
+        assert!(matches!(&st.tensors["a.ids"].data, TensorData::I64(v) if v == &vec![7, -1, 1 << 40]));
+        assert_eq!(st.metadata["key7"], "value 7");
+        // The safetensors crate itself reads it (what other tools use).
+        let sf = SafeTensors::deserialize(&a).unwrap();
+        assert_eq!(sf.tensor("m.bias").unwrap().data(), 0.25f32.to_le_bytes());
+        assert!(write_safetensors(&d.join("c.safetensors"), &[tensors[0].clone(), tensors[0].clone()], &[]).is_err(), "duplicate name");
+        fs::remove_dir_all(&d).ok();
     }
 
     #[test]
