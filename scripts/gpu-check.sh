@@ -22,6 +22,7 @@
 #   4. `bench train-step --device cuda` at batch 32 x 8 x 30 regions x text 100 and
 #      128 x 1 x 30, fp32 and bf16; `bench eval-sims --n 1000 --device "$DEV"` (its result
 #      carries the GPU scores' difference from the CPU's on a 100 x 100 sub-square);
+#      `bench embed` (texts/s, clips/s) at the fine-tuning shape in fp32 and bf16;
 # and writes <report-dir>/gpu-check.json: {"checks": [{"name", "ok", ...figures}, ...]}.
 # Every check is recorded, failed or not; the exit status is 0 only if every check passed.
 set -u
@@ -211,6 +212,8 @@ for prec in fp32 bf16; do
   bench "bench train-step B32 F8 R30 L100 $prec" 90 bench train-step --batch 32 --frames 8 --regions 30 --text-len 100 --runs 3 --device "$DEV" --precision "$prec"
   bench "bench train-step B128 F1 R30 L100 $prec" 90 bench train-step --batch 128 --frames 1 --regions 30 --text-len 100 --runs 3 --device "$DEV" --precision "$prec"
 done
+bench "bench embed B32 F8 R30 L100 fp32" 60 bench embed --batch 32 --frames 8 --regions 30 --text-len 100 --runs 3 --device "$DEV" --precision fp32
+bench "bench embed B32 F8 R30 L100 bf16" 60 bench embed --batch 32 --frames 8 --regions 30 --text-len 100 --runs 3 --device "$DEV" --precision bf16
 bench "bench eval-sims n1000 cuda" 90 bench eval-sims --n 1000 --runs 2 --baseline-runs 0 --pytorch never --device "$DEV"
 
 # ---- report ---------------------------------------------------------------------------

@@ -80,6 +80,7 @@ fn gpu_check_script_reports_a_missing_gpu_and_writes_the_json() {
         "replay model_tiny.safetensors fp32",
         "replay qa_tiny.safetensors fp32",
         "bench train-step B32 F8 R30 L100 bf16",
+        "bench embed B32 F8 R30 L100 fp32",
         "bench eval-sims n1000 cuda",
     ] {
         assert!(names.contains(&want), "{want} missing from {names:?}");
