@@ -27,6 +27,15 @@ pub(super) struct Key {
     pub ldb: usize,
     pub ldc: usize,
     pub accumulate: bool,
+    /// Byte alignments of A, B and C (cuBLASLt's heuristic assumes 256 unless told: a view
+    /// into the middle of a buffer, e.g. the k block of fused qkv rows, is less aligned).
+    pub align: [u32; 3],
+}
+
+/// The largest power of two (≤ 256) dividing a device address: what the plan's algorithm
+/// may assume about that operand.
+pub(super) fn alignment(ptr: u64) -> u32 {
+    1u32 << ptr.trailing_zeros().min(8)
 }
 
 struct Plan {
@@ -90,6 +99,17 @@ impl Lt {
                 8,
             )
             .map_err(|e| format!("cublasLtMatmulPreferenceSetAttribute: {e:?}"))?;
+            use sys::cublasLtMatmulPreferenceAttributes_t as P;
+            let [aa, ab, ac] = key.align;
+            for (attr, v) in [
+                (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, aa),
+                (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, ab),
+                (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, ac),
+                (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, ac),
+            ] {
+                lt::set_matmul_pref_attribute(pref, attr, &v as *const u32 as *const c_void, 4)
+                    .map_err(|e| format!("cublasLtMatmulPreferenceSetAttribute (alignment): {e:?}"))?;
+            }
             let heur = lt::get_matmul_algo_heuristic(self.handle, desc, a, b, c, c, pref);
             let _ = lt::destroy_matmul_pref(pref);
             match heur {
@@ -111,6 +131,7 @@ impl Lt {
     /// algorithm for the shape; `false` when it has none (the caller runs plain cuBLAS).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn matmul(&self, key: Key, a: u64, b: u64, beta: f32, c: u64, stream: sys::cudaStream_t) -> bool {
+        let key = Key { align: [alignment(a), alignment(b), alignment(c)], ..key };
         let mut plans = self.plans.lock().unwrap();
         let entry = plans
             .entry(key)
@@ -143,5 +164,17 @@ impl Lt {
             "cublasLtMatmul",
         );
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn alignment_of_device_addresses() {
+        assert_eq!(super::alignment(0x7f00_0000_0000), 256);
+        assert_eq!(super::alignment(0x7f00_0000_0100 + 4), 4);
+        assert_eq!(super::alignment(0x7f00_0000_0000 + 3 * 64 * 4), 256);
+        assert_eq!(super::alignment(0x7f00_0000_0000 + 48 * 4), 64);
+        assert_eq!(super::alignment(0), 256);
     }
 }

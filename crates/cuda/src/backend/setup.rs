@@ -203,7 +203,19 @@ impl CudaBackend {
                 ta as i32, tb as i32, m as i32, n as i32, k as i32, a, lda as i64, b, ldb as i64, beta, c, ldc as i64);
             return;
         };
-        let key = |bf16: bool, lda: usize, ldb: usize| super::lt::Key { bf16, ta, tb, m, n, k, lda, ldb, ldc, accumulate: beta != 0.0 };
+        let key = |bf16: bool, lda: usize, ldb: usize| super::lt::Key {
+            bf16,
+            ta,
+            tb,
+            m,
+            n,
+            k,
+            lda,
+            ldb,
+            ldc,
+            accumulate: beta != 0.0,
+            align: [0; 3],
+        };
         let lt_stream = inner.stream as cudarc::cublaslt::sys::cudaStream_t;
         match precision {
             Precision::Fp32 if inner.lt.as_ref().is_some_and(|lt| lt.matmul(key(false, lda, ldb), a, b, beta, c, lt_stream)) => {}
