@@ -150,7 +150,8 @@ pub struct SearchArgs {
     #[arg(long, default_value_t = DEFAULT_EXACT_THRESHOLD)]
     exact_threshold: usize,
     #[arg(long)]
-    json: bool,    /// Score with this λ instead of the one stored in the index (warns when they differ).
+    json: bool,
+    /// Score with this λ instead of the one stored in the index (warns when they differ).
     #[arg(long)]
     lambda: Option<f32>,
     /// Score with --masked-mean / --masked-mean=false instead of the index's setting (warns when they differ).
@@ -202,7 +203,8 @@ pub struct ExplainArgs {
     out: Option<PathBuf>,
     /// Folder of frame images to draw on: <dir>/<clip>/<frame>.jpg|png (or <dir>/<frame>.jpg|png).
     #[arg(long)]
-    images: Option<PathBuf>,    /// Score with this λ instead of the one stored in the index (warns when they differ).
+    images: Option<PathBuf>,
+    /// Score with this λ instead of the one stored in the index (warns when they differ).
     #[arg(long)]
     lambda: Option<f32>,
     /// Score with --masked-mean / --masked-mean=false instead of the index's setting (warns when they differ).
@@ -318,7 +320,13 @@ pub fn bench_search(a: BenchSearchArgs) -> Result<()> {
         connectivity: a.connectivity.unwrap_or(d.connectivity),
         expansion_add: a.expansion_add.unwrap_or(d.expansion_add),
         expansion_search: a.expansion_search.unwrap_or(d.expansion_search),
-        quantization: a.quantization.as_deref().map(Quantization::from_name).transpose().context("--quantization")?.unwrap_or(d.quantization),
+        quantization: a
+            .quantization
+            .as_deref()
+            .map(Quantization::from_name)
+            .transpose()
+            .context("--quantization")?
+            .unwrap_or(d.quantization),
     };
     if params.connectivity < 2 || params.expansion_add == 0 || params.expansion_search == 0 || a.ef_sweep.contains(&0) {
         bail!("--connectivity must be ≥ 2 and --expansion-add / --expansion-search / --ef-sweep positive");
@@ -369,13 +377,22 @@ pub fn bench_search(a: BenchSearchArgs) -> Result<()> {
                 p.quantization.name()
             ))
         );
-        println!("  graph build {:.1} s, save + map {:.1} s, graph {:.1} MB; index {:.1} MB", r.build_s, r.save_load_s, r.graph_bytes as f64 / 1e6, r.index_bytes as f64 / 1e6);
+        println!(
+            "  graph build {:.1} s, save + map {:.1} s, graph {:.1} MB; index {:.1} MB",
+            r.build_s,
+            r.save_load_s,
+            r.graph_bytes as f64 / 1e6,
+            r.index_bytes as f64 / 1e6
+        );
         println!(
             "  global top-{}: p50 {:.2} ms, p99 {:.2} ms, recall@{} {:.4}; exact scan p50 {:.2} ms, p99 {:.2} ms (ratio {:.3})",
             r.k, r.p50_ms, r.p99_ms, r.k, r.recall_at_10, r.exact_p50_ms, r.exact_p99_ms, r.ratio_vs_exact
         );
         for s in r.sweep.iter().skip(1) {
-            println!("    ef_search {:4}: p50 {:.2} ms, p99 {:.2} ms, recall@{} {:.4}", s.expansion_search, s.p50_ms, s.p99_ms, r.k, s.recall_at_10);
+            println!(
+                "    ef_search {:4}: p50 {:.2} ms, p99 {:.2} ms, recall@{} {:.4}",
+                s.expansion_search, s.p50_ms, s.p99_ms, r.k, s.recall_at_10
+            );
         }
         if r.rerank > 0 {
             println!(

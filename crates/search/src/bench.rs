@@ -131,7 +131,6 @@ pub fn peak_rss_mb() -> f64 {
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
-
 /// The `q`-quantile (0..=1) of `xs` (nearest rank).
 pub fn quantile(xs: &[f64], q: f64) -> f64 {
     if xs.is_empty() {

@@ -133,7 +133,11 @@ pub fn resolve_loss(model: &Path, lambda: Option<f32>, masked_mean: Option<bool>
     let mut warn = vec![];
     if let Some((l, m, from)) = &saved {
         if lambda.is_some_and(|x| x != *l) {
-            warn.push(format!("--lambda {} differs from the model's training config ({from}: [loss] lambda = {l}); using {}", lambda.unwrap(), lambda.unwrap()));
+            warn.push(format!(
+                "--lambda {} differs from the model's training config ({from}: [loss] lambda = {l}); using {}",
+                lambda.unwrap(),
+                lambda.unwrap()
+            ));
         }
         if masked_mean.is_some_and(|x| x != *m) {
             warn.push(format!(

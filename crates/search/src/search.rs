@@ -93,7 +93,10 @@ impl Engine {
         }
         if let Some(m) = masked_mean {
             if m != st.masked_mean {
-                warn.push(format!("--masked-mean {m}: the index was built with masked-mean {} (from {from}); scoring with {m}", st.masked_mean));
+                warn.push(format!(
+                    "--masked-mean {m}: the index was built with masked-mean {} (from {from}); scoring with {m}",
+                    st.masked_mean
+                ));
             }
             st.masked_mean = m;
         }
