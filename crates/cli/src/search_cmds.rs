@@ -244,10 +244,11 @@ is its group plus the 5 closest of its topic), local embeddings have the index's
 ≈ 1 GB of global vectors + one segment of locals on disk. The query text embedding is a random [text-len − 1, dim] token tensor \
 (--query-tokens of it real): the text tower is NOT timed (see `bench embed`). Timed with the same code `search` runs: the \
 memory-mapped index, the saved and re-mapped HNSW graph, the exact scan (the baseline and the recall oracle; ANN and exact \
-alternate query by query), the exact global + region-word re-rank. Latencies are single queries on all threads \
+alternate in blocks of 10 queries), the exact global + region-word re-rank. Latencies are single queries on all threads \
 (RAYON_NUM_THREADS). The last stdout line is one JSON object: clips, build_s, p50_ms, p99_ms (global top-k), recall_at_10 \
 (recall@k against the exact scan), exact_p50_ms, ratio_vs_exact, rerank_p50_ms (local scoring of the --rerank candidates), \
-search_p50_ms (candidates + re-rank), peak_rss_mb, and a sweep over --ef-sweep.")]
+search_p50_ms (candidates + re-rank), peak_rss_mb (the larger of the peak RSS up to the graph build and the PSS sampled \
+while querying: the kernel's own peak RSS, vmhwm_mb, counts the shared local file once per segment), and a sweep over --ef-sweep.")]
 pub struct BenchSearchArgs {
     /// Clips in the synthetic collection.
     #[arg(long, default_value_t = 100_000)]
@@ -255,6 +256,7 @@ pub struct BenchSearchArgs {
     /// Timed queries (after --warmup untimed ones).
     #[arg(long, default_value_t = 200)]
     queries: usize,
+    /// Untimed queries first (the fresh mappings' page faults).
     #[arg(long, default_value_t = 10)]
     warmup: usize,
     /// Results per query (recall is recall@k against the exact scan).
@@ -273,6 +275,7 @@ pub struct BenchSearchArgs {
     /// Frames × regions of the stored local embeddings (the index defaults: 8 × 30).
     #[arg(long, default_value_t = 8)]
     frames: usize,
+    /// Regions per frame of the stored local embeddings.
     #[arg(long, default_value_t = 30)]
     regions: usize,
     /// Text length L of the index (query token embeddings are [L − 1, dim]).
@@ -299,6 +302,7 @@ pub struct BenchSearchArgs {
     /// Clips per segment (the index's default).
     #[arg(long, default_value_t = 1024)]
     segment_clips: usize,
+    /// Seed of the synthetic collection and queries.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Write the index here (must not exist; default: a temporary directory).
