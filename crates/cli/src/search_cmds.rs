@@ -150,7 +150,8 @@ pub struct SearchArgs {
     #[arg(long, default_value_t = DEFAULT_EXACT_THRESHOLD)]
     exact_threshold: usize,
     #[arg(long)]
-    json: bool,    /// Score with this λ instead of the one stored in the index (warns when they differ).
+    json: bool,
+    /// Score with this λ instead of the one stored in the index (warns when they differ).
     #[arg(long)]
     lambda: Option<f32>,
     /// Score with --masked-mean / --masked-mean=false instead of the index's setting (warns when they differ).
@@ -202,7 +203,8 @@ pub struct ExplainArgs {
     out: Option<PathBuf>,
     /// Folder of frame images to draw on: <dir>/<clip>/<frame>.jpg|png (or <dir>/<frame>.jpg|png).
     #[arg(long)]
-    images: Option<PathBuf>,    /// Score with this λ instead of the one stored in the index (warns when they differ).
+    images: Option<PathBuf>,
+    /// Score with this λ instead of the one stored in the index (warns when they differ).
     #[arg(long)]
     lambda: Option<f32>,
     /// Score with --masked-mean / --masked-mean=false instead of the index's setting (warns when they differ).
@@ -242,10 +244,11 @@ is its group plus the 5 closest of its topic), local embeddings have the index's
 ≈ 1 GB of global vectors + one segment of locals on disk. The query text embedding is a random [text-len − 1, dim] token tensor \
 (--query-tokens of it real): the text tower is NOT timed (see `bench embed`). Timed with the same code `search` runs: the \
 memory-mapped index, the saved and re-mapped HNSW graph, the exact scan (the baseline and the recall oracle; ANN and exact \
-alternate query by query), the exact global + region-word re-rank. Latencies are single queries on all threads \
+alternate in blocks of 10 queries), the exact global + region-word re-rank. Latencies are single queries on all threads \
 (RAYON_NUM_THREADS). The last stdout line is one JSON object: clips, build_s, p50_ms, p99_ms (global top-k), recall_at_10 \
 (recall@k against the exact scan), exact_p50_ms, ratio_vs_exact, rerank_p50_ms (local scoring of the --rerank candidates), \
-search_p50_ms (candidates + re-rank), peak_rss_mb, and a sweep over --ef-sweep.")]
+search_p50_ms (candidates + re-rank), peak_rss_mb (the larger of the peak RSS up to the graph build and the PSS sampled \
+while querying: the kernel's own peak RSS, vmhwm_mb, counts the shared local file once per segment), and a sweep over --ef-sweep.")]
 pub struct BenchSearchArgs {
     /// Clips in the synthetic collection.
     #[arg(long, default_value_t = 100_000)]
@@ -253,6 +256,7 @@ pub struct BenchSearchArgs {
     /// Timed queries (after --warmup untimed ones).
     #[arg(long, default_value_t = 200)]
     queries: usize,
+    /// Untimed queries first (the fresh mappings' page faults).
     #[arg(long, default_value_t = 10)]
     warmup: usize,
     /// Results per query (recall is recall@k against the exact scan).
@@ -271,6 +275,7 @@ pub struct BenchSearchArgs {
     /// Frames × regions of the stored local embeddings (the index defaults: 8 × 30).
     #[arg(long, default_value_t = 8)]
     frames: usize,
+    /// Regions per frame of the stored local embeddings.
     #[arg(long, default_value_t = 30)]
     regions: usize,
     /// Text length L of the index (query token embeddings are [L − 1, dim]).
@@ -297,6 +302,7 @@ pub struct BenchSearchArgs {
     /// Clips per segment (the index's default).
     #[arg(long, default_value_t = 1024)]
     segment_clips: usize,
+    /// Seed of the synthetic collection and queries.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Write the index here (must not exist; default: a temporary directory).
@@ -318,7 +324,13 @@ pub fn bench_search(a: BenchSearchArgs) -> Result<()> {
         connectivity: a.connectivity.unwrap_or(d.connectivity),
         expansion_add: a.expansion_add.unwrap_or(d.expansion_add),
         expansion_search: a.expansion_search.unwrap_or(d.expansion_search),
-        quantization: a.quantization.as_deref().map(Quantization::from_name).transpose().context("--quantization")?.unwrap_or(d.quantization),
+        quantization: a
+            .quantization
+            .as_deref()
+            .map(Quantization::from_name)
+            .transpose()
+            .context("--quantization")?
+            .unwrap_or(d.quantization),
     };
     if params.connectivity < 2 || params.expansion_add == 0 || params.expansion_search == 0 || a.ef_sweep.contains(&0) {
         bail!("--connectivity must be ≥ 2 and --expansion-add / --expansion-search / --ef-sweep positive");
@@ -369,13 +381,22 @@ pub fn bench_search(a: BenchSearchArgs) -> Result<()> {
                 p.quantization.name()
             ))
         );
-        println!("  graph build {:.1} s, save + map {:.1} s, graph {:.1} MB; index {:.1} MB", r.build_s, r.save_load_s, r.graph_bytes as f64 / 1e6, r.index_bytes as f64 / 1e6);
+        println!(
+            "  graph build {:.1} s, save + map {:.1} s, graph {:.1} MB; index {:.1} MB",
+            r.build_s,
+            r.save_load_s,
+            r.graph_bytes as f64 / 1e6,
+            r.index_bytes as f64 / 1e6
+        );
         println!(
             "  global top-{}: p50 {:.2} ms, p99 {:.2} ms, recall@{} {:.4}; exact scan p50 {:.2} ms, p99 {:.2} ms (ratio {:.3})",
             r.k, r.p50_ms, r.p99_ms, r.k, r.recall_at_10, r.exact_p50_ms, r.exact_p99_ms, r.ratio_vs_exact
         );
         for s in r.sweep.iter().skip(1) {
-            println!("    ef_search {:4}: p50 {:.2} ms, p99 {:.2} ms, recall@{} {:.4}", s.expansion_search, s.p50_ms, s.p99_ms, r.k, s.recall_at_10);
+            println!(
+                "    ef_search {:4}: p50 {:.2} ms, p99 {:.2} ms, recall@{} {:.4}",
+                s.expansion_search, s.p50_ms, s.p99_ms, r.k, s.recall_at_10
+            );
         }
         if r.rerank > 0 {
             println!(

@@ -42,7 +42,8 @@ fn json_line_fields_and_recall() {
     assert!(num(&ann, "ratio_vs_exact") > 0.0);
 
     // Bad settings: exit 1 naming the flag, no panic.
-    let out = Command::new(env!("CARGO_BIN_EXE_demovlp")).args(["bench", "search", "--clips", "100", "--quantization", "q4"]).output().unwrap();
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_demovlp")).args(["bench", "search", "--clips", "100", "--quantization", "q4"]).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("quantization"));
 }

@@ -1,8 +1,8 @@
 //! `demovlp bench search`: build a synthetic index ([`crate::synth`]), then time queries
 //! through the same [`Engine`] that `demovlp search` runs — the memory-mapped store, the
 //! saved and re-mapped HNSW graph, the exact scan (the baseline and the recall oracle),
-//! the exact global + region-word re-rank — alternating the ANN and the exact path query
-//! by query so machine noise hits both alike.
+//! the exact global + region-word re-rank — alternating the ANN and the exact path in
+//! blocks of 10 queries so machine noise hits both alike.
 //!
 //! The query text embedding is synthetic (a random `[L−1, P]` token tensor of the index's
 //! text length, `query_tokens` of it real): the text tower's cost is not included in any
@@ -130,7 +130,6 @@ pub fn peak_rss_mb() -> f64 {
         .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
-
 
 /// The `q`-quantile (0..=1) of `xs` (nearest rank).
 pub fn quantile(xs: &[f64], q: f64) -> f64 {

@@ -133,7 +133,11 @@ pub fn resolve_loss(model: &Path, lambda: Option<f32>, masked_mean: Option<bool>
     let mut warn = vec![];
     if let Some((l, m, from)) = &saved {
         if lambda.is_some_and(|x| x != *l) {
-            warn.push(format!("--lambda {} differs from the model's training config ({from}: [loss] lambda = {l}); using {}", lambda.unwrap(), lambda.unwrap()));
+            warn.push(format!(
+                "--lambda {} differs from the model's training config ({from}: [loss] lambda = {l}); using {}",
+                lambda.unwrap(),
+                lambda.unwrap()
+            ));
         }
         if masked_mean.is_some_and(|x| x != *m) {
             warn.push(format!(
@@ -144,11 +148,10 @@ pub fn resolve_loss(model: &Path, lambda: Option<f32>, masked_mean: Option<bool>
         }
     }
     let (sl, sm) = saved.as_ref().map_or((20.0, false), |s| (s.0, s.1));
-    let from = match (&saved, lambda.is_some() || masked_mean.is_some()) {
-        (_, true) => "command line".to_string(),
-        (Some(s), false) => s.2.clone(),
-        (None, false) => "defaults (the model has no saved training config)".to_string(),
-    };
+    let saved_from = saved.as_ref().map_or_else(|| "defaults (the model has no saved training config)".to_string(), |s| s.2.clone());
+    let (ls, ms) =
+        (if lambda.is_some() { "command line" } else { &saved_from }, if masked_mean.is_some() { "command line" } else { &saved_from });
+    let from = if ls == ms { ls.to_string() } else { format!("λ: {ls}; masked-mean: {ms}") };
     Ok((lambda.unwrap_or(sl), masked_mean.unwrap_or(sm), from, warn))
 }
 

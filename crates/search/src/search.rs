@@ -93,7 +93,10 @@ impl Engine {
         }
         if let Some(m) = masked_mean {
             if m != st.masked_mean {
-                warn.push(format!("--masked-mean {m}: the index was built with masked-mean {} (from {from}); scoring with {m}", st.masked_mean));
+                warn.push(format!(
+                    "--masked-mean {m}: the index was built with masked-mean {} (from {from}); scoring with {m}",
+                    st.masked_mean
+                ));
             }
             st.masked_mean = m;
         }
@@ -144,12 +147,16 @@ impl Engine {
         let (p, nl) = (st.proj_dim, st.locals());
         let n = clips.len();
         let mut vg = Vec::with_capacity(n * p);
-        let mut vl = Vec::with_capacity(n * nl * p);
         let mut vm = Vec::with_capacity(n * nl);
         for &c in clips {
             vg.extend_from_slice(self.index.global(c));
-            self.index.local_into(c, &mut vl);
             self.index.mask_additive_into(c, &mut vm);
+        }
+        // The local embeddings (fp16 → f32, the bulk of the bytes), clip by clip in parallel.
+        let mut vl = vec![0f32; n * nl * p];
+        {
+            use rayon::prelude::*;
+            vl.par_chunks_mut((nl * p).max(1)).zip(clips).for_each(|(out, &c)| self.index.local_to(c, out));
         }
         let lt = q.mask_additive.len();
         let texts = EmbeddingSet { count: 1, len: lt, dim: p, global: &q.global, local: &q.local, mask_additive: &q.mask_additive };

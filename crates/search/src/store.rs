@@ -296,14 +296,23 @@ impl Index {
     }
     /// Appends clip i's local embeddings `[F·R, P]` as f32 to `out`.
     pub fn local_into(&self, i: usize, out: &mut Vec<f32>) {
+        let w = self.settings().locals() * self.settings().proj_dim;
+        let n = out.len();
+        out.resize(n + w, 0.0);
+        self.local_to(i, &mut out[n..]);
+    }
+    /// Writes clip i's local embeddings `[F·R, P]` as f32 into `out` (exactly F·R·P long).
+    pub fn local_to(&self, i: usize, out: &mut [f32]) {
+        use half::slice::HalfFloatSliceExt;
         let st = self.settings();
         let w = st.locals() * st.proj_dim;
         let (s, r) = self.seg(i);
         if st.fp16() {
             let h: &[f16] = cast(s.local.bytes());
-            out.extend(h[r * w..(r + 1) * w].iter().map(|x| x.to_f32()));
+            // The slice conversion uses the CPU's F16C / AVX-512 conversions where present.
+            h[r * w..(r + 1) * w].convert_to_f32_slice(out);
         } else {
-            out.extend_from_slice(&s.local.f32s()[r * w..(r + 1) * w]);
+            out.copy_from_slice(&s.local.f32s()[r * w..(r + 1) * w]);
         }
     }
     /// `[F·R]` 1 = real region.

@@ -208,7 +208,8 @@ pub fn write_index(dir: &Path, spec: &SynthSpec) -> Result<u64> {
         fs::write(tmp.join("global.f32"), global)?;
         for (f, per) in shared.iter().zip(per_clip) {
             if n == s {
-                fs::hard_link(first.join(f), tmp.join(f)).with_context(|| format!("linking {} to {}", first.join(f).display(), tmp.display()))?;
+                fs::hard_link(first.join(f), tmp.join(f))
+                    .with_context(|| format!("linking {} to {}", first.join(f).display(), tmp.display()))?;
             } else {
                 copy_prefix(&first.join(f), &tmp.join(f), per * n as u64)?;
                 bytes += per * n as u64;

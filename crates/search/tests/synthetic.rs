@@ -39,6 +39,7 @@ fn synthetic_index_opens_as_an_index_with_planted_neighbours() {
     assert!(members.iter().all(|m| top.contains(m)), "top {top:?} vs group {members:?}");
     // Writing into an existing index is refused.
     assert!(synth::write_index(&dir, &s).is_err());
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -65,6 +66,8 @@ fn ann_recall_against_exact_above_the_threshold() {
     assert!(recall >= 0.95, "recall@10 {recall}");
     // The planted group is what the exact search finds first (the collection has structure).
     assert!(planted as f64 / (nq * 5) as f64 > 0.95, "planted {planted} / {}", nq * 5);
+    drop(e);
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 fn opts(clips: usize, c: Candidates) -> BenchOptions {

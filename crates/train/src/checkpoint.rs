@@ -143,7 +143,8 @@ pub fn is_checkpoint(path: &Path) -> bool {
 /// weights are not read).
 pub fn read_config_text(path: &Path) -> Result<String> {
     let m = read_header_meta(path).with_context(|| format!("reading the header of {}", path.display()))?;
-    let meta = m.get(META_KEY).with_context(|| format!("{}: not a demovlp training checkpoint (no {META_KEY} metadata)", path.display()))?;
+    let meta =
+        m.get(META_KEY).with_context(|| format!("{}: not a demovlp training checkpoint (no {META_KEY} metadata)", path.display()))?;
     let meta: Meta = serde_json::from_str(meta).with_context(|| format!("{}: bad checkpoint metadata", path.display()))?;
     Ok(meta.config)
 }
