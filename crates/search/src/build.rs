@@ -346,6 +346,10 @@ pub fn build_index(opt: &IndexOptions) -> Result<IndexSummary> {
     let shape = InputShape { frames: settings.frames, regions: settings.regions, text_len: settings.text_len };
     let total = clips.len();
     let mut done = 0;
+    // On a terminal one line redrawn in place; otherwise (a batch job's log) a plain line
+    // every few seconds.
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut last_line: Option<Instant> = None;
     for seg_clips in clips.chunks(opt.segment_clips.max(1)) {
         let mut data = SegmentData::default();
         for b in seg_clips.chunks(opt.batch_size.max(1)) {
@@ -353,7 +357,14 @@ pub fn build_index(opt: &IndexOptions) -> Result<IndexSummary> {
             done += b.len();
             if opt.progress {
                 let el = t0.elapsed().as_secs_f64();
-                eprint!("\rindexing: {done}/{total} clips, {:.1} clips/s, {} skipped   ", done as f64 / el.max(1e-9), sum.skipped.len());
+                let line =
+                    format!("indexing: {done}/{total} clips, {:.1} clips/s, {} skipped", done as f64 / el.max(1e-9), sum.skipped.len());
+                if tty {
+                    eprint!("\r{line}   ");
+                } else if done == total || last_line.is_none_or(|t| t.elapsed().as_secs_f64() >= demovlp_data::plain_progress_interval()) {
+                    eprintln!("{line}");
+                    last_line = Some(Instant::now());
+                }
             }
         }
         if !data.clips.is_empty() {
@@ -375,7 +386,7 @@ pub fn build_index(opt: &IndexOptions) -> Result<IndexSummary> {
     if manifest.segments.is_empty() {
         manifest.write(&opt.out)?;
     }
-    if opt.progress && total > 0 {
+    if opt.progress && total > 0 && tty {
         eprintln!();
     }
     sum.total_clips = manifest.clips;
