@@ -17,6 +17,9 @@ pub enum BenchCommand {
     /// GFLOP/s of the GEMM backends on the training step's matrix shapes: ours
     /// (AVX-512 12×32 kernel) against matrixmultiply, measured in the same run.
     Gemm(BenchGemmArgs),
+    /// Milliseconds per gradient all-reduce of the TCP collective (data-parallel training)
+    /// over 127.0.0.1, at the published model's size by default.
+    Allreduce(crate::dist_cmds::BenchAllreduceArgs),
 }
 
 #[derive(clap::Args)]
@@ -60,6 +63,7 @@ pub fn run(c: BenchCommand) -> anyhow::Result<()> {
         }
         BenchCommand::Embed(a) => model_cmds::bench_embed(a),
         BenchCommand::Gemm(a) => bench_gemm(a),
+        BenchCommand::Allreduce(a) => crate::dist_cmds::bench_allreduce(a),
     }
 }
 

@@ -717,7 +717,7 @@ mod tests {
     fn all_reduce_is_the_rank_ordered_sum_on_every_rank() {
         let world = 3;
         let n = CHUNK + 77; // two chunks
-        let vals = |r: usize| (0..n).map(|i| ((i * 7 + r * 13) % 101) as f32 * 0.37 + r as f32 * 1e-3).collect::<Vec<f32>>();
+        let vals = move |r: usize| (0..n).map(|i| ((i * 7 + r * 13) % 101) as f32 * 0.37 + r as f32 * 1e-3).collect::<Vec<f32>>();
         let out = run_ranks(world, vec![id("c"); world], T, move |c| {
             let mut v = vals(c.rank());
             c.all_reduce_sum(&mut v)?;
@@ -728,7 +728,8 @@ mod tests {
             c.barrier()?;
             Ok((v, b, f))
         });
-        let want: Vec<f32> = (0..n).map(|i| (vals(0)[i] + vals(1)[i]) + vals(2)[i]).collect();
+        let (v0, v1, v2) = (vals(0), vals(1), vals(2));
+        let want: Vec<f32> = (0..n).map(|i| (v0[i] + v1[i]) + v2[i]).collect();
         for r in out {
             let (v, b, f) = r.unwrap();
             assert!(v.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()));
