@@ -10,9 +10,9 @@ use demovlp_data::FeatureSource;
 use demovlp_data::Sample;
 use demovlp_retrieval::ScoreMode;
 use demovlp_train::config::DatasetConfig;
+use demovlp_train::dist::{Identity, Launch, LaunchFlags, TcpCollective, Timeouts};
 use demovlp_train::eval::{evaluate, EvalOptions, EvalSet};
 use demovlp_train::runlog::metrics_json;
-use demovlp_train::dist::{Identity, Launch, LaunchFlags, TcpCollective, Timeouts};
 use demovlp_train::trainer::{train_with, Dist, RunOptions, TrainInputs};
 use demovlp_train::{demo, TrainConfig};
 

@@ -170,8 +170,7 @@ fn three_parts_are_summed_in_order_scaled_and_stepped_once() {
     let es = demovlp_data::batches::epoch_seed(cfg.seed, 1);
     let plan = l.step_plan(es, 3);
     // 17 clips → global batches of 12 and 5; 9 images → 9: steps of (4,4,4), (4,1,0), (4,4,1).
-    let mut sizes: Vec<Vec<usize>> =
-        plan.iter().map(|s| (0..3).map(|q| part_range(s.indices.len(), 4, q).len()).collect()).collect();
+    let mut sizes: Vec<Vec<usize>> = plan.iter().map(|s| (0..3).map(|q| part_range(s.indices.len(), 4, q).len()).collect()).collect();
     sizes.sort();
     assert_eq!(sizes, vec![vec![4, 1, 0], vec![4, 4, 1], vec![4, 4, 4]]);
     let total = plan.len() as u64;
