@@ -18,6 +18,10 @@ pub struct BenchAllreduceArgs {
     /// Timed all-reduces (after one warm-up).
     #[arg(long, default_value_t = 5)]
     pub runs: usize,
+    /// `tcp` or `nccl` (built with `--features cuda`; every rank-thread on GPU
+    /// `rank % device_count`, so one GPU needs NCCL_MULTI_RANK_GPU_ENABLE=1 for 2 ranks).
+    #[arg(long, default_value = "tcp", value_parser = ["tcp", "nccl"])]
+    pub engine: String,
     /// Print only one JSON line on stdout.
     #[arg(long)]
     pub json: bool,
@@ -34,18 +38,26 @@ pub fn bench_allreduce(a: BenchAllreduceArgs) -> Result<()> {
     let t = Timeouts { io: Duration::from_secs(120), rendezvous: Duration::from_secs(30) };
     let me = Identity { config_hash: "bench".into(), binary_hash: "bench".into(), resume: false };
     eprintln!(
-        "bench allreduce: {} ranks (threads) over 127.0.0.1, {n} f32 values ({:.0} MiB) per all-reduce, {} timed runs",
+        "bench allreduce: {} ranks (threads), {} engine (rendezvous over 127.0.0.1), {n} f32 values ({:.0} MiB) per all-reduce, {} timed runs",
         a.world,
+        a.engine,
         n as f64 * 4.0 / (1 << 20) as f64,
         a.runs
     );
     let runs = a.runs;
+    #[cfg(not(feature = "cuda"))]
+    anyhow::ensure!(a.engine == "tcp", "--engine nccl: this demovlp was built without the `cuda` feature");
+    let engine = a.engine.clone();
     let handles: Vec<_> = (0..a.world)
         .map(|rank| {
-            let (me, world) = (me.clone(), a.world);
+            let (me, world, engine) = (me.clone(), a.world, engine.clone());
             std::thread::spawn(move || -> Result<(Vec<f64>, f32)> {
                 let l = Launch { rank, world, local_rank: rank, master_addr: "127.0.0.1".into(), rdzv_port: port, sources: vec![] };
-                let mut c = TcpCollective::join(&l, &me, t, &|_| {})?;
+                let mut c: Box<dyn Collective> = match engine.as_str() {
+                    #[cfg(feature = "cuda")]
+                    "nccl" => Box::new(demovlp_train::nccl::NcclCollective::join(&l, &me, t, &|_| {})?),
+                    _ => Box::new(TcpCollective::join(&l, &me, t, &|_| {})?),
+                };
                 let mut buf = vec![rank as f32 + 1.0; n];
                 let mut times = Vec::with_capacity(runs);
                 for i in 0..=runs {
@@ -83,7 +95,7 @@ pub fn bench_allreduce(a: BenchAllreduceArgs) -> Result<()> {
     }
     println!(
         "{}",
-        serde_json::json!({"bench": "allreduce", "engine": "tcp", "world": a.world, "values": n, "runs": a.runs,
+        serde_json::json!({"bench": "allreduce", "engine": a.engine, "world": a.world, "values": n, "runs": a.runs,
             "median_ms": median * 1e3, "min_ms": min * 1e3, "max_ms": max * 1e3, "gradient_gb_per_s": gbs})
     );
     Ok(())
