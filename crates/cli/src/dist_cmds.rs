@@ -29,6 +29,8 @@ pub struct BenchAllreduceArgs {
 
 pub fn bench_allreduce(a: BenchAllreduceArgs) -> Result<()> {
     ensure!(a.world >= 2 && a.runs >= 1, "need --world ≥ 2 and --runs ≥ 1");
+    #[cfg(not(feature = "cuda"))]
+    ensure!(a.engine == "tcp", "--engine nccl: this demovlp was built without the `cuda` feature (cargo build --release --features cuda)");
     let n = match a.values.as_str() {
         "published" => demovlp_model::declare_params(&ModelConfig::published(8)).len(),
         v => v.parse::<usize>().with_context(|| format!("--values {v:?}: `published` or a number"))?,
@@ -45,8 +47,6 @@ pub fn bench_allreduce(a: BenchAllreduceArgs) -> Result<()> {
         a.runs
     );
     let runs = a.runs;
-    #[cfg(not(feature = "cuda"))]
-    anyhow::ensure!(a.engine == "tcp", "--engine nccl: this demovlp was built without the `cuda` feature");
     let engine = a.engine.clone();
     let handles: Vec<_> = (0..a.world)
         .map(|rank| {
