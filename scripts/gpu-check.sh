@@ -23,6 +23,9 @@
 #      128 x 1 x 30, fp32 and bf16; `bench eval-sims --n 1000 --device "$DEV"` (its result
 #      carries the GPU scores' difference from the CPU's on a 100 x 100 sub-square);
 #      `bench embed` (texts/s, clips/s) at the fine-tuning shape in fp32 and bf16;
+#   5. `bench allreduce --engine nccl --world 2`: the NCCL collective of data-parallel
+#      training, two ranks on this GPU (sum checked, time of a published-size gradient),
+#      beside the TCP engine;
 # and writes <report-dir>/gpu-check.json: {"checks": [{"name", "ok", ...figures}, ...]}.
 # Every check is recorded, failed or not; the exit status is 0 only if every check passed.
 set -u
@@ -70,7 +73,7 @@ tail_of() { tail -c 1500 "$1" 2>/dev/null; }
 # ---- 1. libraries ---------------------------------------------------------------------
 # Libraries carried along (the machine may have no network): a `cuda-libs/` folder next to
 # the script, e.g. made elsewhere with
-#   pip install --target cuda-libs nvidia-cuda-nvrtc-cu12 nvidia-cublas-cu12
+#   pip install --target cuda-libs nvidia-cuda-nvrtc-cu12 nvidia-cublas-cu12 nvidia-nccl-cu12
 # (its nvidia/*/lib folders), then the Python wheels installed here, then the system's.
 LIBDIRS=()
 for lib in "$HERE"/cuda-libs/nvidia/*/lib "$HERE"/cuda-libs/lib; do [ -d "$lib" ] && LIBDIRS+=("$lib"); done
@@ -215,6 +218,24 @@ done
 bench "bench embed B32 F8 R30 L100 fp32" 60 bench embed --batch 32 --frames 8 --regions 30 --text-len 100 --runs 3 --device "$DEV" --precision fp32
 bench "bench embed B32 F8 R30 L100 bf16" 60 bench embed --batch 32 --frames 8 --regions 30 --text-len 100 --runs 3 --device "$DEV" --precision bf16
 bench "bench eval-sims n1000 cuda" 90 bench eval-sims --n 1000 --runs 2 --baseline-runs 0 --pytorch never --device "$DEV"
+
+# ---- 5. data-parallel collectives: NCCL -------------------------------------------------
+# Two ranks (threads with a communicator each) on this GPU; the bench checks the sum
+# (every value 1 + 2) and times a published-size gradient, beside the TCP engine. Recent
+# NCCL refuses two ranks on one GPU unless NCCL_MULTI_RANK_GPU_ENABLE=1. libnccl.so must
+# be on LD_LIBRARY_PATH (the nvidia-nccl-cu12 wheel has only libnccl.so.2: link it).
+# A 2-rank training run is not checked here: training runs on the CPU only for now, so
+# the NCCL engine would only carry host gradients (what this check already exercises).
+nccl=$(find_lib libnccl.so)
+case "$nccl" in
+  */libnccl.so) ;;
+  ?*) # only a versioned name (the wheel's libnccl.so.2): give it the name cudarc opens
+    mkdir -p "$REPORT/nccl-lib" && ln -sf "$nccl" "$REPORT/nccl-lib/libnccl.so"
+    export LD_LIBRARY_PATH="$REPORT/nccl-lib:$LD_LIBRARY_PATH" ;;
+  *) record "libnccl" false "\"detail\": \"libnccl.so(.2) not found (pip install nvidia-nccl-cu12 into cuda-libs/)\"" ;;
+esac
+NCCL_MULTI_RANK_GPU_ENABLE=1 bench "bench allreduce nccl 2 ranks published" 120 bench allreduce --engine nccl --world 2 --runs 3
+bench "bench allreduce tcp 2 ranks published" 120 bench allreduce --engine tcp --world 2 --runs 3
 
 # ---- report ---------------------------------------------------------------------------
 total=$(grep -c '^{' "$CHECKS")

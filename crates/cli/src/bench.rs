@@ -20,6 +20,9 @@ pub enum BenchCommand {
     /// Search latency and recall on a synthetic index: HNSW build time, global top-k p50/p99
     /// and recall@k against the exact scan (timed side by side), re-rank of 100 candidates.
     Search(search_cmds::BenchSearchArgs),
+    /// Milliseconds per gradient all-reduce of the TCP collective (data-parallel training)
+    /// over 127.0.0.1, at the published model's size by default.
+    Allreduce(crate::dist_cmds::BenchAllreduceArgs),
 }
 
 #[derive(clap::Args)]
@@ -62,6 +65,7 @@ pub fn run(c: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Embed(a) => model_cmds::bench_embed(a),
         BenchCommand::Gemm(a) => bench_gemm(a),
         BenchCommand::Search(a) => search_cmds::bench_search(a),
+        BenchCommand::Allreduce(a) => crate::dist_cmds::bench_allreduce(a),
     }
 }
 

@@ -6,6 +6,7 @@ mod bench;
 mod bench_pytorch;
 mod data_cmds;
 mod device;
+mod dist_cmds;
 mod hugepages;
 mod mc_cmds;
 mod model_cmds;

@@ -10,9 +10,9 @@ use demovlp_data::FeatureSource;
 use demovlp_data::Sample;
 use demovlp_retrieval::ScoreMode;
 use demovlp_train::config::DatasetConfig;
+use demovlp_train::dist::{Identity, Launch, LaunchFlags, TcpCollective, Timeouts};
 use demovlp_train::eval::{EvalOptions, EvalSet};
 use demovlp_train::runlog::metrics_json;
-use demovlp_train::dist::{Identity, Launch, LaunchFlags, TcpCollective, Timeouts};
 use demovlp_train::trainer::{train_with, Dist, RunOptions, TrainInputs};
 use demovlp_train::{demo, TrainConfig};
 
@@ -64,6 +64,11 @@ pub struct DistArgs {
     /// [dist] timeout_s and $DEMOVLP_DIST_TIMEOUT; the rendezvous: $DEMOVLP_RDZV_TIMEOUT).
     #[arg(long, help_heading = "Data-parallel training")]
     dist_timeout: Option<f64>,
+    /// Collective engine: `tcp` (std::net, any machine) or `nccl` (NVIDIA GPUs, builds with
+    /// `--features cuda`; the gradients still live on the host and are copied to GPU
+    /// `LOCAL_RANK % device_count` for each all-reduce).
+    #[arg(long, default_value = "tcp", value_parser = ["tcp", "nccl"], help_heading = "Data-parallel training")]
+    dist_engine: String,
 }
 
 #[derive(clap::Args)]
@@ -248,11 +253,18 @@ fn join_ranks(launch: &Launch, d: &DistArgs, cfg: &TrainConfig, resume: bool) ->
     let me = Identity::new(&cfg.to_toml(), resume);
     let prefix = format!("[rank {}] ", launch.rank);
     eprintln!(
-        "{prefix}data-parallel: rank {} of {} (local rank {}), rank 0 at {}:{} (tcp), config {}, binary {}",
-        launch.rank, launch.world, launch.local_rank, launch.master_addr, launch.rdzv_port, me.config_hash, me.binary_hash
+        "{prefix}data-parallel: rank {} of {} (local rank {}), rank 0 at {}:{} ({}), config {}, binary {}",
+        launch.rank, launch.world, launch.local_rank, launch.master_addr, launch.rdzv_port, d.dist_engine, me.config_hash, me.binary_hash
     );
-    let coll = TcpCollective::join(launch, &me, t, &|m| eprintln!("{prefix}{m}"))?;
-    Ok(Dist { coll: Box::new(coll), local_rank: launch.local_rank })
+    let say = |m: &str| eprintln!("{prefix}{m}");
+    let coll: Box<dyn demovlp_train::dist::Collective> = match d.dist_engine.as_str() {
+        #[cfg(feature = "cuda")]
+        "nccl" => Box::new(demovlp_train::nccl::NcclCollective::join(launch, &me, t, &say)?),
+        #[cfg(not(feature = "cuda"))]
+        "nccl" => bail!("--dist-engine nccl: this demovlp was built without the `cuda` feature (cargo build --release --features cuda)"),
+        _ => Box::new(TcpCollective::join(launch, &me, t, &say)?),
+    };
+    Ok(Dist { coll, local_rank: launch.local_rank })
 }
 
 fn run_training(

@@ -171,7 +171,9 @@ impl Launch {
         };
         let rdzv_port = match env("DEMOVLP_RDZV_PORT") {
             Some(v) => v.trim().parse::<u16>().map_err(|_| anyhow!("DEMOVLP_RDZV_PORT={v:?} is not a port number"))?,
-            None => master_port.checked_add(1).with_context(|| format!("MASTER_PORT {master_port}: no port above it for the rendezvous"))?,
+            None => {
+                master_port.checked_add(1).with_context(|| format!("MASTER_PORT {master_port}: no port above it for the rendezvous"))?
+            }
         };
         Ok(Some(Launch { rank, world, local_rank, master_addr, rdzv_port, sources }))
     }
@@ -319,8 +321,9 @@ impl TcpCollective {
     }
 
     fn host(launch: &Launch, me: &Identity, t: Timeouts, say: &dyn Fn(&str)) -> Result<TcpCollective> {
-        let listener = TcpListener::bind(("0.0.0.0", launch.rdzv_port))
-            .with_context(|| format!("rendezvous: rank 0 cannot listen on port {} (MASTER_PORT + 1 or DEMOVLP_RDZV_PORT)", launch.rdzv_port))?;
+        let listener = TcpListener::bind(("0.0.0.0", launch.rdzv_port)).with_context(|| {
+            format!("rendezvous: rank 0 cannot listen on port {} (MASTER_PORT + 1 or DEMOVLP_RDZV_PORT)", launch.rdzv_port)
+        })?;
         let port = listener.local_addr()?.port();
         say(&format!("rendezvous: rank 0 listening on port {port}, waiting for {} more ranks", launch.world - 1));
         listener.set_nonblocking(true)?;
@@ -336,8 +339,9 @@ impl TcpCollective {
                 Ok(c) => c,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {
                     if Instant::now() >= deadline {
-                        let joined: Vec<String> =
-                            std::iter::once("0".to_string()).chain((1..launch.world).filter(|r| slots[r - 1].is_some()).map(|r| r.to_string())).collect();
+                        let joined: Vec<String> = std::iter::once("0".to_string())
+                            .chain((1..launch.world).filter(|r| slots[r - 1].is_some()).map(|r| r.to_string()))
+                            .collect();
                         let missing: Vec<String> = (1..launch.world).filter(|r| slots[r - 1].is_none()).map(|r| r.to_string()).collect();
                         let msg = format!(
                             "rendezvous timed out after {:.0} s: {} of {} ranks joined (joined: {}; missing: {}); start every rank \
@@ -454,7 +458,8 @@ impl TcpCollective {
             "rank": launch.rank, "world": launch.world, "config_hash": me.config_hash,
             "binary_hash": me.binary_hash, "resume": me.resume,
         });
-        write_frame(&mut stream, TAG_HELLO, hello.to_string().as_bytes()).with_context(|| format!("rendezvous: sending hello to {target}"))?;
+        write_frame(&mut stream, TAG_HELLO, hello.to_string().as_bytes())
+            .with_context(|| format!("rendezvous: sending hello to {target}"))?;
         // Rank 0 answers once every rank joined: wait up to the rendezvous timeout.
         stream.set_read_timeout(Some(t.rendezvous.max(t.io)))?;
         let (tag, len) = read_head(&mut stream).map_err(|e| {
@@ -717,7 +722,7 @@ mod tests {
     fn all_reduce_is_the_rank_ordered_sum_on_every_rank() {
         let world = 3;
         let n = CHUNK + 77; // two chunks
-        let vals = |r: usize| (0..n).map(|i| ((i * 7 + r * 13) % 101) as f32 * 0.37 + r as f32 * 1e-3).collect::<Vec<f32>>();
+        let vals = move |r: usize| (0..n).map(|i| ((i * 7 + r * 13) % 101) as f32 * 0.37 + r as f32 * 1e-3).collect::<Vec<f32>>();
         let out = run_ranks(world, vec![id("c"); world], T, move |c| {
             let mut v = vals(c.rank());
             c.all_reduce_sum(&mut v)?;
@@ -728,7 +733,8 @@ mod tests {
             c.barrier()?;
             Ok((v, b, f))
         });
-        let want: Vec<f32> = (0..n).map(|i| (vals(0)[i] + vals(1)[i]) + vals(2)[i]).collect();
+        let (v0, v1, v2) = (vals(0), vals(1), vals(2));
+        let want: Vec<f32> = (0..n).map(|i| (v0[i] + v1[i]) + v2[i]).collect();
         for r in out {
             let (v, b, f) = r.unwrap();
             assert!(v.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()));

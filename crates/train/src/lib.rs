@@ -23,6 +23,8 @@ pub mod demo_tasks;
 pub mod dist;
 pub mod eval;
 pub mod mc;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod plot;
 pub mod qa;
 pub mod qa_train;

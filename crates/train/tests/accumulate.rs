@@ -1,0 +1,200 @@
+//! Steps of one batch and of several micro-batches against loops written here from the
+//! public pieces (the loader's plans, the model's steps, the schedule): one part per step
+//! is the fused single-batch loop as it always was; `accumulate_steps = 3` is the sum of
+//! three micro-batch gradients in part order, scaled by 1/3, then one AdamW step.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use demovlp_data::batches::{part_range, Dataset, InputShape, Loader, LoaderConfig};
+use demovlp_kernels::rng::Rng;
+use demovlp_model::{AdamW, TextDropout};
+use demovlp_retrieval::LossConfig;
+use demovlp_train::checkpoint::{self, LATEST};
+use demovlp_train::schedule::learning_rate;
+use demovlp_train::synthetic::{CorpusConfig, Split, SyntheticCorpus};
+use demovlp_train::text::builtin_tokenizer;
+use demovlp_train::trainer::{batch_ref, fresh_state, part_dropout_seed, train, RunOptions, TrainInputs};
+use demovlp_train::weights::build_model;
+use demovlp_train::TrainConfig;
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("demovlp-accumulate-{name}-{}", std::process::id()));
+    std::fs::remove_dir_all(&d).ok();
+    d
+}
+
+const TINY: &str = r#"
+name = "tiny"
+seed = 7
+output_dir = "OUT"
+[model.config]
+proj_dim = 8
+[model.config.text]
+kind = "distilbert"
+vocab_size = 30522
+dim = 16
+layers = 1
+heads = 2
+hidden_dim = 32
+max_position_embeddings = 16
+layer_norm_eps = 1e-12
+[model.config.video]
+dim = 16
+depth = 1
+heads = 2
+mlp_dim = 32
+max_frames = 2
+pos_embed_rows = 3
+feature_dim = 2048
+box_dim = 6
+layer_norm_eps = 1e-6
+[data]
+tokenizer = "builtin"
+text_len = 12
+frames = 2
+regions = 4
+batch_size = 4
+[[data.train]]
+name = "synth_webvid"
+format = "jsonl"
+annotations = "synthetic"
+features = "synthetic"
+[[data.train]]
+name = "synth_cc3m"
+format = "jsonl"
+annotations = "synthetic"
+features = "synthetic"
+[optim]
+lr = 1e-3
+eps = 1e-6
+weight_decay = 0.01
+schedule = "cosine"
+warmup_steps = 2
+[train]
+epochs = 1
+log_every = 1
+"#;
+
+fn inputs(out: &Path, accumulate: usize) -> TrainInputs {
+    let mut c = CorpusConfig::new(5);
+    // 17 clips and 9 images: short last batches of 1 sample, and with 3 parts of 4 a
+    // global batch of 12 whose last one is 5 clips (parts of 4, 1, 0 samples).
+    (c.pretrain_videos, c.pretrain_images, c.finetune_train, c.val, c.test) = (17, 9, 4, 4, 4);
+    let corpus = Arc::new(SyntheticCorpus::new(c));
+    let mut cfg = TrainConfig::parse_str(&TINY.replace("OUT", &out.display().to_string())).unwrap();
+    cfg.train.accumulate_steps = accumulate;
+    let source: Arc<dyn demovlp_data::FeatureSource> = corpus.clone();
+    let set = |s: Split| Dataset::new(s.name(), corpus.samples(s), source.clone());
+    TrainInputs {
+        config: cfg,
+        train: vec![set(Split::PretrainVideo), set(Split::PretrainImage)],
+        val: None,
+        tokenizer: Arc::new(builtin_tokenizer().unwrap()),
+    }
+}
+
+fn loader(inp: &TrainInputs) -> Loader {
+    let cfg = &inp.config;
+    Loader::new(
+        inp.train.clone(),
+        inp.tokenizer.clone(),
+        LoaderConfig {
+            batch_size: cfg.data.batch_size,
+            shape: InputShape { frames: cfg.data.frames, regions: cfg.data.regions, text_len: cfg.data.text_len },
+            seed: cfg.seed,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
+fn trained(inp: &TrainInputs) -> Vec<u32> {
+    let r = train(inp, &RunOptions { quiet: true, ..Default::default() }).unwrap();
+    assert!(!r.interrupted);
+    let ck = checkpoint::load(&r.output_dir.join(LATEST)).unwrap();
+    let mut m = build_model(&inp.config, None).unwrap();
+    ck.fill_params(&mut m.params).unwrap();
+    m.params.data.iter().map(|x| x.to_bits()).collect()
+}
+
+fn loss_cfg(cfg: &TrainConfig) -> LossConfig {
+    LossConfig { temperature: cfg.loss.temperature, lambda: cfg.loss.lambda, masked_mean: cfg.loss.masked_mean }
+}
+
+#[test]
+fn one_part_per_step_is_the_fused_single_batch_loop() {
+    let out = tmp("one");
+    let inp = inputs(&out, 1);
+    let got = trained(&inp);
+
+    let cfg = &inp.config;
+    let l = loader(&inp);
+    let mut model = build_model(cfg, None).unwrap();
+    let o = &cfg.optim;
+    let mut opt = AdamW::new(model.params.len(), o.lr, o.betas[0], o.betas[1], o.eps, o.weight_decay);
+    let st = fresh_state(cfg.seed);
+    let p = cfg.train.text_dropout;
+    assert!(p > 0.0, "dropout on");
+    model.set_text_dropout(TextDropout { hidden: p, attention: p }, 0);
+    model.set_dropout_rng(Rng::from_state(st.dropout_rng));
+    let total = l.batches_per_epoch() as u64;
+    let mut step = 0u64;
+    for i in 0..l.batches_per_epoch() {
+        let b = l.batch(1, i).unwrap();
+        if b.batch < 2 {
+            continue;
+        }
+        opt.lr = learning_rate(o, 1, step, total);
+        model.train_step_fused(&batch_ref(&b), &loss_cfg(cfg), cfg.loss.use_local, &mut opt);
+        step += 1;
+    }
+    let want: Vec<u32> = model.params.data.iter().map(|x| x.to_bits()).collect();
+    assert!(got == want, "accumulate_steps = 1 is not the fused single-batch loop");
+    std::fs::remove_dir_all(&out).ok();
+}
+
+#[test]
+fn three_parts_are_summed_in_order_scaled_and_stepped_once() {
+    let out = tmp("three");
+    let inp = inputs(&out, 3);
+    let got = trained(&inp);
+
+    let cfg = &inp.config;
+    let l = loader(&inp);
+    let mut model = build_model(cfg, None).unwrap();
+    let o = &cfg.optim;
+    let mut opt = AdamW::new(model.params.len(), o.lr, o.betas[0], o.betas[1], o.eps, o.weight_decay);
+    let p = cfg.train.text_dropout;
+    model.set_text_dropout(TextDropout { hidden: p, attention: p }, 0);
+    let es = demovlp_data::batches::epoch_seed(cfg.seed, 1);
+    let plan = l.step_plan(es, 3);
+    // 17 clips → global batches of 12 and 5; 9 images → 9: steps of (4,4,4), (4,1,0), (4,4,1).
+    let mut sizes: Vec<Vec<usize>> = plan.iter().map(|s| (0..3).map(|q| part_range(s.indices.len(), 4, q).len()).collect()).collect();
+    sizes.sort();
+    assert_eq!(sizes, vec![vec![4, 1, 0], vec![4, 4, 1], vec![4, 4, 4]]);
+    let total = plan.len() as u64;
+    let n = model.params.len();
+    let mut parts_iter = l.epoch_parts_from(es, 0, 3, 0..3);
+    for (step, _) in plan.iter().enumerate() {
+        let parts = parts_iter.next().unwrap().unwrap();
+        let mut acc = vec![0.0f32; n];
+        let mut used = 0;
+        for b in parts.iter().filter(|b| b.batch >= 2) {
+            model.set_dropout_rng(Rng::new(part_dropout_seed(cfg.seed, step as u64, b.part)));
+            model.forward_backward(&batch_ref(b), &loss_cfg(cfg), cfg.loss.use_local);
+            acc.iter_mut().zip(&model.params.grad).for_each(|(a, g)| *a += *g);
+            used += 1;
+        }
+        let inv = 1.0 / used as f32;
+        model.params.grad.iter_mut().zip(&acc).for_each(|(g, a)| *g = *a * inv);
+        opt.lr = learning_rate(o, 1, step as u64, total);
+        opt.step(&mut model.params);
+    }
+    let want: Vec<u32> = model.params.data.iter().map(|x| x.to_bits()).collect();
+    assert!(got == want, "accumulate_steps = 3 is not the documented sum");
+    // And it is not the single-batch run (the steps really are different).
+    assert!(trained(&inputs(&tmp("three-one"), 1)) != want);
+    std::fs::remove_dir_all(&out).ok();
+    std::fs::remove_dir_all(tmp("three-one")).ok();
+}
