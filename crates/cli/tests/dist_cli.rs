@@ -395,6 +395,22 @@ fn mismatched_configs_and_missing_ranks_end_the_rendezvous_with_a_message() {
     }
     assert!(!dir.join("run").join(LATEST).exists());
 
+    // Rank 0 failing after the rendezvous (weights it cannot read) tells rank 1 why.
+    let bad = dir.join("bad.safetensors");
+    std::fs::write(&bad, b"not a checkpoint").unwrap();
+    let ft = |_: usize| {
+        let mut v = args(&a);
+        v[0] = "finetune".into();
+        v.extend(["--init".into(), bad.display().to_string(), "--output-dir".into(), dir.join("ft").display().to_string()]);
+        v
+    };
+    let outs: Vec<_> = spawn_world(2, &ft, &[]).into_iter().map(Rank::wait).collect();
+    for (r, (code, err, _)) in outs.iter().enumerate() {
+        assert_eq!(*code, Some(1), "rank {r}: {err}");
+        assert!(err.contains("bad.safetensors"), "rank {r}: {err}");
+    }
+    assert!(outs[1].1.contains("rank 0 stopped the run"), "{}", outs[1].1);
+
     // Two of three ranks: rank 0 gives up after the rendezvous timeout naming rank 2.
     let t0 = Instant::now();
     let outs: Vec<_> = {

@@ -40,6 +40,9 @@ pub trait Collective: Send {
     }
     /// The engine, for logs.
     fn engine(&self) -> &'static str;
+    /// Best effort, before this rank stops with an error: tell the others why (they then
+    /// stop with that message instead of a closed connection). Nothing more may follow.
+    fn abort(&mut self, _why: &str) {}
 }
 
 /// What every rank must agree on before training together.
@@ -486,11 +489,11 @@ impl TcpCollective {
 
     /// Rank 0, after a failure with some rank: tell every other rank why (best effort).
     fn abort_others(&mut self, msg: &str, failed: usize) {
-        for (i, s) in self.peers.iter_mut().enumerate() {
-            if i + 1 != failed {
-                s.set_write_timeout(Some(Duration::from_secs(2))).ok();
-                write_frame(s, TAG_ABORT, msg.as_bytes()).ok();
-            }
+        // The failed rank too: one that hangs is alive and may read it later.
+        let _ = failed;
+        for s in self.peers.iter_mut() {
+            s.set_write_timeout(Some(Duration::from_secs(2))).ok();
+            write_frame(s, TAG_ABORT, msg.as_bytes()).ok();
         }
     }
 
@@ -621,6 +624,18 @@ impl Collective for TcpCollective {
 
     fn engine(&self) -> &'static str {
         "tcp"
+    }
+
+    fn abort(&mut self, why: &str) {
+        if self.broken.is_some() {
+            return; // the failing collective already told the others
+        }
+        let msg = format!("rank {}: {why}", self.rank);
+        for s in &mut self.peers {
+            s.set_write_timeout(Some(Duration::from_secs(2))).ok();
+            write_frame(s, TAG_ABORT, msg.as_bytes()).ok();
+        }
+        self.broken = Some(msg);
     }
 }
 

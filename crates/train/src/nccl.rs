@@ -126,4 +126,8 @@ impl Collective for NcclCollective {
     fn engine(&self) -> &'static str {
         "nccl"
     }
+
+    fn abort(&mut self, why: &str) {
+        self.tcp.abort(why)
+    }
 }

@@ -196,19 +196,36 @@ pub fn train(inputs: &TrainInputs, opts: &RunOptions) -> Result<RunResult> {
 /// raised on any rank stops every rank after the same step, rank 0 saving one resumable
 /// checkpoint. Every rank validates (so none waits idle for rank 0), and rank 0's
 /// monitored value decides best checkpoint and early stopping for all.
-pub fn train_with(inputs: &TrainInputs, opts: &RunOptions, dist: Option<Dist>) -> Result<RunResult> {
-    let mut run = match Run::open(inputs, opts, dist)? {
-        Opened::AlreadyFinished(r) => return Ok(*r),
-        Opened::Ready(run) => run,
+pub fn train_with(inputs: &TrainInputs, opts: &RunOptions, mut dist: Option<Dist>) -> Result<RunResult> {
+    // An error on this rank is told to the others before it is returned (they stop with it
+    // instead of finding a closed connection).
+    let mut run = match Run::open(inputs, opts, &mut dist) {
+        Ok(Opened::AlreadyFinished(r)) => return Ok(*r),
+        Ok(Opened::Ready(run)) => run,
+        Err(e) => return Err(tell(dist.as_mut().map(|d| &mut *d.coll), e)),
     };
-    while run.state.epoch <= inputs.config.train.epochs {
-        let Some(train_loss) = run.run_epoch()? else { break };
-        let metrics = run.validate(train_loss)?;
-        if run.end_epoch(train_loss, metrics)? {
-            break;
+    let epochs = (|| -> Result<()> {
+        while run.state.epoch <= inputs.config.train.epochs {
+            let Some(train_loss) = run.run_epoch()? else { break };
+            let metrics = run.validate(train_loss)?;
+            if run.end_epoch(train_loss, metrics)? {
+                break;
+            }
         }
+        Ok(())
+    })();
+    if let Err(e) = epochs {
+        return Err(tell(run.coll.as_deref_mut(), e));
     }
     run.finish()
+}
+
+/// `e`, after telling the other ranks (if any) about it.
+fn tell(c: Option<&mut (dyn Collective + '_)>, e: anyhow::Error) -> anyhow::Error {
+    if let Some(c) = c {
+        c.abort(&format!("{e:#}"));
+    }
+    e
 }
 
 /// What [`Run::open`] found.
@@ -267,14 +284,11 @@ struct Run<'a> {
 impl<'a> Run<'a> {
     /// Output directory and config copy, then a fresh model (or the latest checkpoint with
     /// `resume`), the dropout generator where the checkpoint left it, the log, the loader.
-    fn open(inputs: &'a TrainInputs, opts: &'a RunOptions, dist: Option<Dist>) -> Result<Opened<'a>> {
+    fn open(inputs: &'a TrainInputs, opts: &'a RunOptions, dist: &mut Option<Dist>) -> Result<Opened<'a>> {
         let t0 = Instant::now();
         let cfg = &inputs.config;
-        let (coll, local_rank) = match dist {
-            Some(d) => (Some(d.coll), Some(d.local_rank)),
-            None => (None, None),
-        };
-        let (rank, world) = coll.as_ref().map_or((0, 1), |c| (c.rank(), c.world()));
+        let local_rank = dist.as_ref().map(|d| d.local_rank);
+        let (rank, world) = dist.as_ref().map_or((0, 1), |d| (d.coll.rank(), d.coll.world()));
         let prefix = if world > 1 { format!("[rank {rank}] ") } else { String::new() };
         let accum = cfg.train.accumulate_steps.max(1);
         let parts = world * accum;
@@ -303,10 +317,10 @@ impl<'a> Run<'a> {
 
         let shape = InputShape { frames: cfg.data.frames, regions: cfg.data.regions, text_len: cfg.data.text_len };
         let o = &cfg.optim;
-        let mut coll = coll;
+        let mut coll = dist.as_mut().map(|d| &mut d.coll);
         let (mut model, opt, state) = if rank != 0 {
             // Rank 0's weights, optimiser and state, whatever this process could load.
-            receive_start(coll.as_deref_mut().expect("rank > 0 has a process group"))?
+            receive_start(coll.as_deref_mut().map(|c| &mut **c).expect("rank > 0 has a process group"))?
         } else {
             let start = if opts.resume {
                 resume_from(cfg, &latest)?
@@ -317,7 +331,7 @@ impl<'a> Run<'a> {
                 (model, opt, fresh_state(cfg.seed))
             };
             if let Some(c) = coll.as_deref_mut() {
-                send_start(c, &start.0, &start.1, &start.2)?;
+                send_start(&mut **c, &start.0, &start.1, &start.2)?;
             }
             start
         };
@@ -427,7 +441,7 @@ impl<'a> Run<'a> {
             window: (0.0, 0, Instant::now(), 0),
             tty: world == 1 && std::io::IsTerminal::is_terminal(&std::io::stderr()),
             last_line: Instant::now(),
-            coll,
+            coll: dist.take().map(|d| d.coll),
             rank,
             parts,
             my_parts,
