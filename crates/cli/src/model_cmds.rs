@@ -147,8 +147,58 @@ pub(crate) struct RecordedBatch {
     pub(crate) attention_mask: Vec<i64>,
 }
 
+impl RecordedBatch {
+    /// Refuses a batch the model cannot take (`path` names it in the message): the region
+    /// feature width, more frames than temporal embeddings, a longer text than the
+    /// positions, token ids outside the vocabulary.
+    pub(crate) fn check_fits(&self, c: &demovlp_model::ModelConfig, path: &std::path::Path) -> Result<()> {
+        let x = self;
+        ensure!(
+            x.object.len() == x.b * x.f * x.r * (c.video.feature_dim + c.video.box_dim),
+            "{}: in.object's last axis is not {}",
+            path.display(),
+            c.video.feature_dim + c.video.box_dim
+        );
+        ensure!(
+            x.f <= c.video.max_frames,
+            "{}: {} frames, the model has temporal embeddings for {}",
+            path.display(),
+            x.f,
+            c.video.max_frames
+        );
+        ensure!(
+            x.l <= c.text.max_position_embeddings,
+            "{}: text length {} exceeds the model's {} positions",
+            path.display(),
+            x.l,
+            c.text.max_position_embeddings
+        );
+        if let Some(bad) = x.input_ids.iter().find(|&&i| i < 0 || i as usize >= c.text.vocab_size) {
+            bail!("{}: token id {bad} outside the model's vocabulary of {}", path.display(), c.text.vocab_size);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn batch_ref(&self) -> BatchRef<'_> {
+        BatchRef {
+            batch: self.b,
+            frames: self.f,
+            regions: self.r,
+            text_len: self.l,
+            object: &self.object,
+            object_mask: &self.object_mask,
+            input_ids: &self.input_ids,
+            attention_mask: &self.attention_mask,
+        }
+    }
+}
+
 pub(crate) fn read_batch(path: &std::path::Path) -> Result<RecordedBatch> {
-    let st = io::read_safetensors(path)?;
+    batch_from(&io::read_safetensors(path)?, path)
+}
+
+/// The `in.*` inputs of a recorded batch already read from `path`.
+pub(crate) fn batch_from(st: &io::SafetensorsFile, path: &std::path::Path) -> Result<RecordedBatch> {
     let ctx = || path.display().to_string();
     let obj = st.get("in.object").with_context(ctx)?;
     ensure!(obj.shape.len() == 4, "{}: in.object has shape {:?}, expected [B,F,R,2054]", path.display(), obj.shape);
@@ -195,43 +245,11 @@ impl crate::device::OnModel for Replay {
 
 fn replay_on<B: Backend>(a: ReplayArgs, mut model: Model<B>) -> Result<()> {
     let x = read_batch(&a.batch)?;
-    let c = &model.config;
-    ensure!(
-        x.object.len() == x.b * x.f * x.r * (c.video.feature_dim + c.video.box_dim),
-        "{}: in.object's last axis is not {}",
-        a.batch.display(),
-        c.video.feature_dim + c.video.box_dim
-    );
-    ensure!(
-        x.f <= c.video.max_frames,
-        "{}: {} frames, the model has temporal embeddings for {}",
-        a.batch.display(),
-        x.f,
-        c.video.max_frames
-    );
-    ensure!(
-        x.l <= c.text.max_position_embeddings,
-        "{}: text length {} exceeds the model's {} positions",
-        a.batch.display(),
-        x.l,
-        c.text.max_position_embeddings
-    );
-    if let Some(bad) = x.input_ids.iter().find(|&&i| i < 0 || i as usize >= c.text.vocab_size) {
-        bail!("{}: token id {bad} outside the model's vocabulary of {}", a.batch.display(), c.text.vocab_size);
-    }
+    x.check_fits(&model.config, &a.batch)?;
     let adamw = a.adamw.as_deref().map(AdamWSettings::parse).transpose()?;
     let loss_cfg = LossConfig { masked_mean: a.masked_mean, ..LossConfig::default() };
     let use_local = !a.global_only;
-    let batch = BatchRef {
-        batch: x.b,
-        frames: x.f,
-        regions: x.r,
-        text_len: x.l,
-        object: &x.object,
-        object_mask: &x.object_mask,
-        input_ids: &x.input_ids,
-        attention_mask: &x.attention_mask,
-    };
+    let batch = x.batch_ref();
 
     // Embeddings first (a forward pass each), then the loss pass that fills the gradients.
     let te = model.embed_text(&x.input_ids, &x.attention_mask, x.b, x.l);
@@ -298,14 +316,7 @@ fn replay_on<B: Backend>(a: ReplayArgs, mut model: Model<B>) -> Result<()> {
 
 /// A synthetic batch with the published input layout: detector-like non-negative
 /// features, boxes in [0,1], a few padded regions; captions of varied length.
-struct SyntheticBatch {
-    object: Vec<f32>,
-    object_mask: Vec<f32>,
-    input_ids: Vec<i64>,
-    attention_mask: Vec<i64>,
-}
-
-fn synthetic_batch(c: &ModelConfig, b: usize, f: usize, r: usize, l: usize, seed: u64) -> SyntheticBatch {
+fn synthetic_batch(c: &ModelConfig, b: usize, f: usize, r: usize, l: usize, seed: u64) -> RecordedBatch {
     let mut rng = Rng::new(seed);
     let width = c.video.feature_dim + c.video.box_dim;
     let mut object = vec![0.0f32; b * f * r * width];
@@ -334,7 +345,7 @@ fn synthetic_batch(c: &ModelConfig, b: usize, f: usize, r: usize, l: usize, seed
             attention_mask[i * l + t] = 1;
         }
     }
-    SyntheticBatch { object, object_mask, input_ids, attention_mask }
+    RecordedBatch { b, f, r, l, object, object_mask, input_ids, attention_mask }
 }
 
 #[derive(clap::Args)]
@@ -410,16 +421,7 @@ pub fn bench_train_step(a: BenchTrainStepArgs) -> Result<()> {
     model.set_recompute_mlp_blocks(if a.keep_mlp { 0 } else { a.recompute_mlp_blocks });
     check_sizes(&model, a.frames, a.text_len)?;
     let x = synthetic_batch(&model.config, a.batch, a.frames, a.regions, a.text_len, 1);
-    let batch = BatchRef {
-        batch: a.batch,
-        frames: a.frames,
-        regions: a.regions,
-        text_len: a.text_len,
-        object: &x.object,
-        object_mask: &x.object_mask,
-        input_ids: &x.input_ids,
-        attention_mask: &x.attention_mask,
-    };
+    let batch = x.batch_ref();
     if a.device.device != crate::device::Device::Cpu {
         let inputs = crate::device::BenchInputs { batch, runs: a.runs, json: a.json };
         return crate::device::run_model(&a.device, model, crate::device::TrainStepBench(inputs));
@@ -569,16 +571,7 @@ pub fn bench_embed(a: BenchEmbedArgs) -> Result<()> {
     check_sizes(&model, a.frames, a.text_len)?;
     let x = synthetic_batch(&model.config, a.batch, a.frames, a.regions, a.text_len, 2);
     if a.device.device != crate::device::Device::Cpu {
-        let batch = BatchRef {
-            batch: a.batch,
-            frames: a.frames,
-            regions: a.regions,
-            text_len: a.text_len,
-            object: &x.object,
-            object_mask: &x.object_mask,
-            input_ids: &x.input_ids,
-            attention_mask: &x.attention_mask,
-        };
+        let batch = x.batch_ref();
         let inputs = crate::device::BenchInputs { batch, runs: a.runs, json: a.json };
         return crate::device::run_model(&a.device, model, crate::device::EmbedBench(inputs));
     }

@@ -8,11 +8,10 @@ use anyhow::{bail, ensure, Context, Result};
 use demovlp_model::backend::Backend;
 use demovlp_model::io::{self, TensorRef};
 use demovlp_model::qa::QaModel;
-use demovlp_model::BatchRef;
 use demovlp_train::qa::{import_qa_weights, load_qa_dir, save_qa_dir};
 use serde_json::json;
 
-use crate::model_cmds::{read_batch, ImportArgs, ReplayArgs};
+use crate::model_cmds::{batch_from, ImportArgs, ReplayArgs};
 
 /// `import` of weights holding `head.*` tensors. `Ok(false)`: none, not a QA model.
 pub fn import_qa(a: &ImportArgs) -> Result<bool> {
@@ -57,8 +56,8 @@ pub fn replay_qa(a: ReplayArgs) -> Result<()> {
     ensure!(a.adamw.is_none(), "--adamw is not offered for QA models (replay a retrieval model directory for the AdamW step)");
     ensure!(!a.masked_mean && !a.global_only, "--masked-mean / --global-only are retrieval-loss options; a QA model has none");
     let m = load_qa_dir(&a.model)?.model;
-    let x = read_batch(&a.batch)?;
     let st = io::read_safetensors(&a.batch)?;
+    let x = batch_from(&st, &a.batch)?;
     let labels_t =
         st.get("in.labels").with_context(|| format!("{}: a QA replay needs in.labels [B] (answer indices)", a.batch.display()))?;
     ensure!(labels_t.shape == [x.b], "{}: in.labels has shape {:?}, expected [{}]", a.batch.display(), labels_t.shape, x.b);
@@ -75,30 +74,7 @@ pub fn replay_qa(a: ReplayArgs) -> Result<()> {
                 }
             })
             .collect::<Result<_>>()?;
-    let c = &m.base.config;
-    ensure!(
-        x.object.len() == x.b * x.f * x.r * (c.video.feature_dim + c.video.box_dim),
-        "{}: in.object's last axis is not {}",
-        a.batch.display(),
-        c.video.feature_dim + c.video.box_dim
-    );
-    ensure!(
-        x.f <= c.video.max_frames,
-        "{}: {} frames, the model has temporal embeddings for {}",
-        a.batch.display(),
-        x.f,
-        c.video.max_frames
-    );
-    ensure!(
-        x.l <= c.text.max_position_embeddings,
-        "{}: text length {} exceeds the model's {} positions",
-        a.batch.display(),
-        x.l,
-        c.text.max_position_embeddings
-    );
-    if let Some(bad) = x.input_ids.iter().find(|&&i| i < 0 || i as usize >= c.text.vocab_size) {
-        bail!("{}: token id {bad} outside the model's vocabulary of {}", a.batch.display(), c.text.vocab_size);
-    }
+    x.check_fits(&m.base.config, &a.batch)?;
     crate::device::check_available(&a.device)?;
     let device = a.device.clone();
     crate::device::run_qa_model(&device, m, ReplayQa { a, x, labels })
@@ -119,16 +95,7 @@ impl crate::device::OnQaModel for ReplayQa {
 fn replay_qa_on<B: Backend>(r: ReplayQa, mut m: QaModel<B>, device: &str) -> Result<()> {
     let ReplayQa { a, x, labels } = r;
     let na = m.head.config.answers;
-    let batch = BatchRef {
-        batch: x.b,
-        frames: x.f,
-        regions: x.r,
-        text_len: x.l,
-        object: &x.object,
-        object_mask: &x.object_mask,
-        input_ids: &x.input_ids,
-        attention_mask: &x.attention_mask,
-    };
+    let batch = x.batch_ref();
     let be = m.base.backend().clone();
     let (text, video) = m.base.forward_tokens(&batch, false);
     let (text, video) = (be.to_host(text), be.to_host(video));

@@ -34,7 +34,7 @@ use demovlp_data::annotations::{read_jsonl_qa, read_msvd_qa, QaSample};
 use demovlp_data::batches::{assemble, batch_seed, derive_seed, epoch_plan, epoch_seed, Dataset, Draw, InputShape};
 use demovlp_data::{FeatureSource, Sample};
 use demovlp_model::qa::{QaHead, QaHeadConfig, QaModel};
-use demovlp_model::{AdamW, BatchRef, TextDropout};
+use demovlp_model::{AdamW, TextDropout};
 use demovlp_retrieval::mc::argmax_first;
 use demovlp_retrieval::qa_metrics::{qa_metrics, QaRecord};
 use serde::Deserialize;
@@ -413,16 +413,7 @@ pub fn train_epoch(
         let p = o.text_dropout;
         model.base.set_text_dropout(TextDropout { hidden: p, attention: p }, step_seed(o.seed, epoch, step, 0x7E47));
         model.set_attention_dropout(o.attention_dropout, step_seed(o.seed, epoch, step, 0xA77E));
-        let batch = BatchRef {
-            batch: b.batch,
-            frames: b.frames,
-            regions: b.regions,
-            text_len: b.text_len,
-            object: &b.object,
-            object_mask: &b.object_mask,
-            input_ids: &b.input_ids,
-            attention_mask: &b.attention_mask,
-        };
+        let batch = crate::trainer::batch_ref(&b);
         let out = model.forward_backward(&batch, &labels);
         ensure!(out.loss.is_finite(), "{}: loss is not finite at epoch {epoch} step {step}", set.name);
         opt_towers.step(&mut model.base.params);
@@ -474,16 +465,7 @@ pub fn evaluate_qa(
     let idx: Vec<usize> = (0..set.questions.len()).collect();
     for chunk in idx.chunks(batch_size.max(1)) {
         let b = assemble(&set.dataset, chunk, shape, tok, Draw::Eval, false)?;
-        let batch = BatchRef {
-            batch: b.batch,
-            frames: b.frames,
-            regions: b.regions,
-            text_len: b.text_len,
-            object: &b.object,
-            object_mask: &b.object_mask,
-            input_ids: &b.input_ids,
-            attention_mask: &b.attention_mask,
-        };
+        let batch = crate::trainer::batch_ref(&b);
         let logits = model.forward(&batch, false);
         ensure!(logits.iter().all(|x| x.is_finite()), "{}: non-finite logits", set.name);
         predictions.extend(logits.chunks(na).map(argmax_first));
