@@ -44,27 +44,13 @@ pub fn align_logs() -> (f32, f32) {
 /// log2 of the draws per device thread of the dropout kernel.
 pub const DROPOUT_CHUNK_LOG2: u32 = 12;
 
-/// One state update of xoshiro256++ (the output is not needed for the matrices).
-pub fn xoshiro_step(s: &mut [u64; 4]) {
-    let t = s[1] << 17;
-    s[2] ^= s[0];
-    s[3] ^= s[1];
-    s[1] ^= s[2];
-    s[0] ^= s[3];
-    s[2] ^= t;
-    s[3] = s[3].rotate_left(45);
-}
+pub use demovlp_kernels::rng::{uniform_of, xoshiro_step};
 
 /// `Rng::next_u64`: the output, then the update.
 pub fn xoshiro_next(s: &mut [u64; 4]) -> u64 {
-    let result = s[0].wrapping_add(s[3]).rotate_left(23).wrapping_add(s[0]);
+    let result = demovlp_kernels::rng::xoshiro_output(s);
     xoshiro_step(s);
     result
-}
-
-/// `Rng::uniform` from one output.
-pub fn uniform_of(x: u64) -> f32 {
-    (x >> 40) as f32 * (1.0 / (1u64 << 24) as f32)
 }
 
 /// Matrix `k` of a jump table applied to `s`: the XOR of the columns of the set bits.

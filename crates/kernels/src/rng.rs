@@ -15,6 +15,31 @@ fn splitmix64(x: &mut u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// The output of xoshiro256++ in state `s` (taken before the state's update).
+#[inline]
+pub fn xoshiro_output(s: &[u64; 4]) -> u64 {
+    s[0].wrapping_add(s[3]).rotate_left(23).wrapping_add(s[0])
+}
+
+/// One state update of xoshiro256++. Public for the CUDA dropout plan, which builds its
+/// jump-ahead matrices from it.
+#[inline]
+pub fn xoshiro_step(s: &mut [u64; 4]) {
+    let t = s[1] << 17;
+    s[2] ^= s[0];
+    s[3] ^= s[1];
+    s[1] ^= s[2];
+    s[0] ^= s[3];
+    s[2] ^= t;
+    s[3] = s[3].rotate_left(45);
+}
+
+/// A draw as a uniform in [0, 1) (its top 24 bits): [`Rng::uniform`].
+#[inline]
+pub fn uniform_of(x: u64) -> f32 {
+    (x >> 40) as f32 * (1.0 / (1u64 << 24) as f32)
+}
+
 impl Rng {
     pub fn new(seed: u64) -> Self {
         let mut x = seed;
@@ -30,21 +55,14 @@ impl Rng {
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        let s = &mut self.s;
-        let result = s[0].wrapping_add(s[3]).rotate_left(23).wrapping_add(s[0]);
-        let t = s[1] << 17;
-        s[2] ^= s[0];
-        s[3] ^= s[1];
-        s[1] ^= s[2];
-        s[0] ^= s[3];
-        s[2] ^= t;
-        s[3] = s[3].rotate_left(45);
+        let result = xoshiro_output(&self.s);
+        xoshiro_step(&mut self.s);
         result
     }
 
     /// Uniform in [0, 1).
     pub fn uniform(&mut self) -> f32 {
-        (self.next_u64() >> 40) as f32 * (1.0 / (1u64 << 24) as f32)
+        uniform_of(self.next_u64())
     }
 
     /// Uniform integer in [0, n). `n` must be > 0.
