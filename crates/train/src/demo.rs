@@ -260,15 +260,7 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
     std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
     let tok = Arc::new(builtin_tokenizer()?);
     let corpus = Arc::new(SyntheticCorpus::new(sizes.corpus.clone()));
-    say(format!(
-        "synthetic corpus (seed {}): {} + {} pre-training clips/images, {} fine-tuning, {} validation, {} test clips",
-        opts.seed,
-        sizes.corpus.pretrain_videos,
-        sizes.corpus.pretrain_images,
-        sizes.corpus.finetune_train,
-        sizes.corpus.val,
-        sizes.corpus.test
-    ));
+    say(sizes.corpus.describe(opts.seed));
 
     // Where features and annotations come from: generated on demand, or written and read back.
     type Samples = Box<dyn Fn(Split) -> Result<Vec<Sample>>>;

@@ -182,15 +182,7 @@ pub fn run_task(task: DemoTask, opts: &DemoOptions) -> Result<TaskDemoReport> {
     };
     let corpus = Arc::new(SyntheticCorpus::new(sizes.corpus.clone()));
     let source: Arc<dyn FeatureSource> = corpus.clone();
-    say(format!(
-        "synthetic corpus (seed {}): {} + {} pre-training clips/images, {} fine-tuning, {} validation, {} test clips",
-        opts.seed,
-        sizes.corpus.pretrain_videos,
-        sizes.corpus.pretrain_images,
-        sizes.corpus.finetune_train,
-        sizes.corpus.val,
-        sizes.corpus.test
-    ));
+    say(sizes.corpus.describe(opts.seed));
     let mut model = retrieval_model(opts, &sizes, &source, &corpus, &say)?;
     let tok = builtin_tokenizer()?;
     let shape = InputShape { frames: sizes.finetune.frames, regions: sizes.finetune.regions, text_len: sizes.text_len };

@@ -380,30 +380,7 @@ mod tests {
     }
 
     fn tiny_model() -> Model {
-        use demovlp_model::{ModelConfig, TextConfig, TextKind, VideoConfig};
-        let text = TextConfig {
-            kind: TextKind::Distilbert,
-            vocab_size: 30522,
-            dim: 16,
-            layers: 1,
-            heads: 2,
-            hidden_dim: 32,
-            max_position_embeddings: 24,
-            type_vocab_size: 0,
-            layer_norm_eps: 1e-12,
-        };
-        let video = VideoConfig {
-            dim: 16,
-            depth: 1,
-            heads: 2,
-            mlp_dim: 32,
-            max_frames: 4,
-            pos_embed_rows: 5,
-            feature_dim: 2048,
-            box_dim: 6,
-            layer_norm_eps: 1e-6,
-        };
-        let mut m = Model::new(ModelConfig { text, video, proj_dim: 8 });
+        let mut m = crate::qa::tests_support::tiny_retrieval_model(30522, 4);
         m.init_random(3);
         m
     }

@@ -49,6 +49,14 @@ pub struct CorpusConfig {
 }
 
 impl CorpusConfig {
+    /// The line the demos print about the corpus of a run with `seed`.
+    pub fn describe(&self, seed: u64) -> String {
+        format!(
+            "synthetic corpus (seed {seed}): {} + {} pre-training clips/images, {} fine-tuning, {} validation, {} test clips",
+            self.pretrain_videos, self.pretrain_images, self.finetune_train, self.val, self.test
+        )
+    }
+
     pub fn new(seed: u64) -> Self {
         CorpusConfig {
             seed,
