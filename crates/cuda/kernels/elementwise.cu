@@ -54,6 +54,11 @@ extern "C" __global__ void add_in_place(float* y, const float* x, long long n) {
     GRID_STRIDE(i, n) y[i] += x[i];
 }
 
+// y[i] = x[i] * s (no contraction: the CPU's one product)
+extern "C" __global__ void scale(const float* x, float s, float* y, long long n) {
+    GRID_STRIDE(i, n) y[i] = __fmul_rn(x[i], s);
+}
+
 // y[i] += x[i mod m]
 extern "C" __global__ void add_to_rows(float* y, const float* x, long long n, long long m) {
     GRID_STRIDE(i, n) y[i] += x[i % m];

@@ -201,6 +201,11 @@ impl Backend for Reference {
     fn mul_in_place(&self, x: &mut [f32], m: &[f32]) {
         CPU.mul_in_place(x, m);
     }
+    fn scale(&self, x: &[f32], s: f32, y: &mut [f32]) {
+        for (y, x) in y.iter_mut().zip(x) {
+            *y = *x * s;
+        }
+    }
     fn add_in_place(&self, y: &mut [f32], x: &[f32]) {
         y.iter_mut().zip(x).for_each(|(y, x)| *y += x);
     }

@@ -185,6 +185,12 @@ impl Backend for Cpu {
             add_chunk(y, x);
         }
     }
+    fn scale(&self, x: &[f32], s: f32, y: &mut [f32]) {
+        assert_eq!(x.len(), y.len(), "scale: lengths differ");
+        for (y, x) in y.iter_mut().zip(x) {
+            *y = *x * s;
+        }
+    }
     fn add_to_rows(&self, y: &mut [f32], x: &[f32]) {
         for row in y.chunks_exact_mut(x.len()) {
             self.add_in_place(row, x);

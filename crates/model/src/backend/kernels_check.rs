@@ -34,7 +34,7 @@ pub const CASES: &[&str] = &[
     "gelu_forward_with_grad",
     "gelu_backward_in_place",
     "relu_forward / relu_backward",
-    "mul_in_place / add_in_place / masked",
+    "mul_in_place / add_in_place / scale / masked",
     "add_to_rows / sum_rows_into",
     "dropout_mask",
     "attention full (forward, backward rows)",
@@ -204,13 +204,16 @@ fn run_case<B: Backend>(be: &B, name: &str) -> Vec<(String, Vec<f32>)> {
             io.keep("y", &y);
             io.keep("dx", &dx);
         }
-        "mul_in_place / add_in_place / masked" => {
+        "mul_in_place / add_in_place / scale / masked" => {
             let n = 777;
             let (mut x, m, y) = (io.rand(n), io.rand(n), io.rand(n));
             be.mul_in_place(vm::<B>(&mut x), v::<B>(&m));
             io.keep("mul", &x);
             be.add_in_place(vm::<B>(&mut x), v::<B>(&y));
             io.keep("add", &x);
+            let mut scaled = be.zeros(n);
+            be.scale(v::<B>(&x), 1.0 / 3.0, vm::<B>(&mut scaled));
+            io.keep("scale", &scaled);
             let mut buf = B::Buf::default();
             let h = be.to_host(be.masked(v::<B>(&x), Some(v::<B>(&m)), &mut buf));
             io.out.push(("masked".into(), h));

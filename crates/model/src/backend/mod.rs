@@ -246,6 +246,9 @@ pub trait Backend: Clone + Debug + Default + Send + Sync + 'static {
     fn mul_in_place(&self, x: Self::ViewMut<'_>, m: Self::View<'_>);
     /// y += x, in place.
     fn add_in_place(&self, y: Self::ViewMut<'_>, x: Self::View<'_>);
+    /// `y[i] = x[i] · s` (one f32 product per element: accumulated gradients scaled by
+    /// 1 / parts).
+    fn scale(&self, x: Self::View<'_>, s: f32, y: Self::ViewMut<'_>);
     /// `y[i] += x[i mod len(x)]`: `x` added to every run of len(x) values of `y`.
     fn add_to_rows(&self, y: Self::ViewMut<'_>, x: Self::View<'_>);
     /// acc += each run of len(acc) values of `x`, runs in order.
