@@ -8,7 +8,7 @@
 mod embed;
 
 use crate::adamw::{updated_ranges, AdamW, FusedStep};
-use crate::backend::{zeroed, Backend, Cpu, LossDims, LossViews};
+use crate::backend::{zeroed, Backend, Cpu, LossDims, LossGradBufs, LossViews};
 use crate::config::{ModelConfig, TextKind};
 use crate::layers::{Grads, Linear};
 use crate::mask::{additive_mask, PAD_SCORE};
@@ -85,6 +85,8 @@ struct Arena<B: Backend> {
     global_video: B::Buf,
     local_video: B::Buf,
     video_mask: B::Buf,
+    /// The loss's gradients on its inputs (same layouts), kept across steps.
+    loss_grads: LossGradBufs<B>,
     /// The loss's gradients on the token layouts: `[B, L, P]` and `[B, 1+F·R, P]`.
     d_text_out: B::Buf,
     d_video_out: B::Buf,
@@ -380,7 +382,7 @@ impl<B: Backend> Model<B> {
 
     fn backward_video_tokens_on(&mut self, object: &[f32], d_video: B::View<'_>) {
         let be = &self.backend;
-        let object = be.input(object, &mut self.staging.object);
+        let object = be.input_again(object, &mut self.staging.object);
         let a = &mut self.arena.video;
         assert_eq!(B::view_len(d_video), B::buf_len(&a.out), "d_video must be [B, 1+F·R, P]");
         self.video.backward(be, B::view(&self.params.data), B::view_mut(&mut self.params.grad), a, object, d_video);
@@ -454,7 +456,7 @@ impl<B: Backend> Model<B> {
         Self::text_head_backward(be, &self.txt_proj, &self.config, params, a, B::view(&dt));
         self.text.backward(be, B::view(&params.data), B::view_mut(&mut params.grad), &mut a.text, batch.input_ids, B::view(&a.d_hidden));
         let t_text_bwd = clock.elapsed().as_secs_f64();
-        let object = be.input(batch.object, &mut self.staging.object);
+        let object = be.input_again(batch.object, &mut self.staging.object);
         let (data, grad) = (B::view(&self.params.data), B::view_mut(&mut self.params.grad));
         self.video.backward(be, data, grad, &mut a.video, object, B::view(&dv));
         (a.d_text_out, a.d_video_out) = (dt, dv);
@@ -494,7 +496,7 @@ impl<B: Backend> Model<B> {
         let d_hidden = B::view(&a.d_hidden);
         self.text.backward_fused(be, params, &mut a.text, batch.input_ids, d_hidden, &mut step);
         let t_text_bwd = clock.elapsed().as_secs_f64();
-        let object = be.input(batch.object, &mut self.staging.object);
+        let object = be.input_again(batch.object, &mut self.staging.object);
         self.video.backward_fused(be, params, &mut a.video, object, B::view(&dv), &mut step);
         let coeffs = step.coeffs;
         opt.update_window(&coeffs, &self.rest_ranges, B::view_mut(&mut params.data), B::view(&params.grad), 0);
@@ -529,8 +531,8 @@ impl<B: Backend> Model<B> {
         self.gather_embeddings(batch);
         let p = self.config.proj_dim;
         let be = &self.backend;
-        let (out, g) = be.losses(loss, &Self::loss_views(&self.arena, batch, p), use_local, true);
-        let g = g.expect("gradients asked for");
+        let mut g = std::mem::take(&mut self.arena.loss_grads);
+        let out = be.losses_into(loss, &Self::loss_views(&self.arena, batch, p), use_local, Some(&mut g));
         // Scatter the embedding gradients back onto the token layouts.
         let a = &mut *self.arena;
         let (b, l) = (batch.batch, batch.text_len);
@@ -541,6 +543,7 @@ impl<B: Backend> Model<B> {
         be.copy_2d(B::view(&g.local_text), 0, (l - 1) * p, B::view_mut(&mut a.d_text_out), p, l * p, b, (l - 1) * p);
         be.copy_2d(B::view(&g.global_video), 0, p, B::view_mut(&mut a.d_video_out), 0, (1 + nr) * p, b, p);
         be.copy_2d(B::view(&g.local_video), 0, nr * p, B::view_mut(&mut a.d_video_out), p, (1 + nr) * p, b, nr * p);
+        a.loss_grads = g;
         (out, t_text, t_video)
     }
 

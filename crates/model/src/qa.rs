@@ -495,8 +495,16 @@ impl<B: Backend> QaModel<B> {
     }
 
     /// Forward, cross-entropy against `labels`, and backward into both parameter sets'
-    /// gradients (zeroed first). The token gradients stay on the backend.
+    /// gradients (zeroed first). The token gradients stay on the backend; the logits are read
+    /// back (see [`QaModel::forward_backward_loss`] for a training step that needs only the loss).
     pub fn forward_backward(&mut self, batch: &BatchRef, labels: &[usize]) -> QaOutputs {
+        let loss = self.forward_backward_loss(batch, labels);
+        QaOutputs { loss, logits: self.base.backend().to_host(B::view(&self.head.acts.logits)) }
+    }
+
+    /// [`QaModel::forward_backward`] returning the loss only: nothing but the loss is read
+    /// back from the backend (the logits stay in `head.acts.logits`).
+    pub fn forward_backward_loss(&mut self, batch: &BatchRef, labels: &[usize]) -> f32 {
         let be = self.base.backend().clone();
         be.fill_zero(B::view_mut(&mut self.base.params.grad));
         self.head.zero_grad();
@@ -508,6 +516,6 @@ impl<B: Backend> QaModel<B> {
         be.fit(&mut self.d_video, b * (1 + n) * p);
         self.head.backward(B::view(&self.d_logits), l, B::view_mut(&mut self.d_text), B::view_mut(&mut self.d_video));
         self.base.backward_tokens_on(batch, B::view(&self.d_text), B::view(&self.d_video));
-        QaOutputs { loss, logits: be.to_host(B::view(&self.head.acts.logits)) }
+        loss
     }
 }

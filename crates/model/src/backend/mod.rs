@@ -17,7 +17,8 @@
 //!   batches allocating nothing), fills and copies, including the strided 2-D copy
 //!   [`Backend::copy_2d`] that gathers embeddings for the losses and scatters their gradients.
 //! - **Host transfers, at batch boundaries only.** [`Backend::input`] (a batch's region
-//!   features: zero-copy on the CPU, one upload on a device), [`Backend::write_host`] (masks,
+//!   features: zero-copy on the CPU, one upload on a device; [`Backend::input_again`] for the
+//!   same values later in the step), [`Backend::write_host`] (masks,
 //!   initial weights: the closure fills host memory that then lands in the buffer),
 //!   [`Backend::to_host`] / [`Backend::read_host`] (embeddings, checkpoints). Token ids and dropout
 //!   generators stay on the host and are passed as host values: a device backend uploads
@@ -52,8 +53,13 @@
 //! [`Backend::write_host`]), dropout masks' random draws, the losses' scalar outputs and
 //! similarity matrices ([`LossOutputs`]), evaluation embeddings (read back once per batch),
 //! and weights I/O ([`crate::io`] reads and writes `Params<Cpu>`; [`crate::Params::to_backend`]
-//! moves them). A batch's region features go up once per pass through [`Backend::input`]
-//! (twice per training step: forward and backward).
+//! moves them). A batch's region features go up once per training step: the forward pass
+//! stages them with [`Backend::input`], the backward pass reuses them with
+//! [`Backend::input_again`].
+//!
+//! [`sim::SimDevice`] is a simulated device for tests: host memory reachable only through
+//! the transfer methods, NaN wherever a GPU's memory would be unspecified, the CPU's
+//! kernels (bit for bit), and counters of bytes moved, synchronisations and allocations.
 //!
 //! # Conventions
 //!
@@ -73,6 +79,7 @@ pub mod check;
 mod cpu;
 pub mod host;
 pub mod kernels_check;
+pub mod sim;
 
 pub use cpu::Cpu;
 
@@ -112,6 +119,7 @@ pub struct LossViews<'a, B: Backend> {
 }
 
 /// The losses' gradients on their four embedding inputs (layouts of [`LossViews`]).
+#[derive(Clone, Debug, Default)]
 pub struct LossGradBufs<B: Backend> {
     pub global_text: B::Buf,
     pub global_video: B::Buf,
@@ -167,6 +175,13 @@ pub trait Backend: Clone + Debug + Default + Send + Sync + 'static {
     /// A host input as a view for one batch: the host slice itself on the CPU, else
     /// uploaded into `staging`.
     fn input<'a>(&self, host: &'a [f32], staging: &'a mut Self::Buf) -> Self::View<'a>;
+    /// The view [`Backend::input`] gave for the same `host` values into `staging`, again
+    /// (`staging` untouched since, e.g. the backward pass of the batch the forward staged):
+    /// the host slice itself on the CPU, the values already staged on a device (no second
+    /// upload). The default stages them again.
+    fn input_again<'a>(&self, host: &'a [f32], staging: &'a mut Self::Buf) -> Self::View<'a> {
+        self.input(host, staging)
+    }
     /// Fits `b` to `n` values and lets `f` write them on the host (in place on the CPU).
     fn write_host(&self, b: &mut Self::Buf, n: usize, f: impl FnOnce(&mut [f32]));
     /// Lets `f` modify elements `r` of `b` on the host (in place on the CPU).
@@ -404,6 +419,16 @@ pub trait Backend: Clone + Debug + Default + Send + Sync + 'static {
 
     /// The retrieval losses; with `grads`, also their gradients on the four embeddings.
     fn losses(&self, cfg: &LossConfig, x: &LossViews<'_, Self>, use_local: bool, grads: bool) -> (LossOutputs, Option<LossGradBufs<Self>>);
+    /// [`Backend::losses`] with the gradients (when `grads` is given) written into buffers the
+    /// caller keeps across steps (each fitted): a device allocates nothing per step. The
+    /// default moves [`Backend::losses`]' new buffers in.
+    fn losses_into(&self, cfg: &LossConfig, x: &LossViews<'_, Self>, use_local: bool, grads: Option<&mut LossGradBufs<Self>>) -> LossOutputs {
+        let (out, g) = self.losses(cfg, x, use_local, grads.is_some());
+        if let (Some(dst), Some(g)) = (grads, g) {
+            *dst = g;
+        }
+        out
+    }
 
     // ---- optimiser -----------------------------------------------------------------------
 
