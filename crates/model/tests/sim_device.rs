@@ -78,7 +78,7 @@ fn retrieval_budget(ids: &[i64], use_local: bool, fused: bool) -> Budget {
         + b * l * INDEX // the token ids again: the embeddings' backward takes them as host values
         + if fused { 2 * rows * INDEX } else { 0 }; // the looked-up table rows, host values of the row-wise backward and of its AdamW update
     let d2h_ideal = 3 * F32; // loss_total, loss_global, loss_local
-    // LossOutputs carries the [B, B] similarity matrices (global, and local when on) to the host.
+                             // LossOutputs carries the [B, B] similarity matrices (global, and local when on) to the host.
     let d2h_extra = b * b * F32 * if use_local { 2 } else { 1 };
     Budget { h2d_ideal, h2d_extra, d2h_ideal, d2h_extra }
 }
@@ -184,7 +184,11 @@ fn retrieval_training(kind: TextKind, fused: bool, use_local: bool) {
         };
         let spent = sim.snapshot() - before;
         let what = |x: &str| format!("{kind:?} fused {fused} local {use_local} step {step}: {x}");
-        assert_same(&what("losses"), &[got.loss_total, got.loss_global, got.loss_local], &[want.loss_total, want.loss_global, want.loss_local]);
+        assert_same(
+            &what("losses"),
+            &[got.loss_total, got.loss_global, got.loss_local],
+            &[want.loss_total, want.loss_global, want.loss_local],
+        );
         assert_same(&what("similarities"), &got.global_sim_text_video, &want.global_sim_text_video);
         if step == 0 {
             assert!(spent.allocations > 0, "the first step fits the arenas");

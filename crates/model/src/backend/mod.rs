@@ -422,7 +422,13 @@ pub trait Backend: Clone + Debug + Default + Send + Sync + 'static {
     /// [`Backend::losses`] with the gradients (when `grads` is given) written into buffers the
     /// caller keeps across steps (each fitted): a device allocates nothing per step. The
     /// default moves [`Backend::losses`]' new buffers in.
-    fn losses_into(&self, cfg: &LossConfig, x: &LossViews<'_, Self>, use_local: bool, grads: Option<&mut LossGradBufs<Self>>) -> LossOutputs {
+    fn losses_into(
+        &self,
+        cfg: &LossConfig,
+        x: &LossViews<'_, Self>,
+        use_local: bool,
+        grads: Option<&mut LossGradBufs<Self>>,
+    ) -> LossOutputs {
         let (out, g) = self.losses(cfg, x, use_local, grads.is_some());
         if let (Some(dst), Some(g)) = (grads, g) {
             *dst = g;

@@ -293,7 +293,17 @@ impl Backend for SimDevice {
         f(&self.to_host(v))
     }
 
-    fn linear_forward(&self, x: SimView<'_>, ldx: usize, w: SimView<'_>, b: Option<SimView<'_>>, y: SimViewMut<'_>, n: usize, din: usize, dout: usize) {
+    fn linear_forward(
+        &self,
+        x: SimView<'_>,
+        ldx: usize,
+        w: SimView<'_>,
+        b: Option<SimView<'_>>,
+        y: SimViewMut<'_>,
+        n: usize,
+        din: usize,
+        dout: usize,
+    ) {
         self.launch();
         poison_first(y.0, n * dout);
         CPU.linear_forward(x.0, ldx, w.0, b.map(|b| b.0), y.0, n, din, dout);
@@ -476,7 +486,18 @@ impl Backend for SimDevice {
         for d in [&mut *dq.0, &mut *dk.0, &mut *dv.0] {
             poison_rows(d, s.batch * s.seq, ld_d, s.heads * s.head_dim);
         }
-        CPU.attention_backward_rows_split(s, scale, [q.0, k.0, v.0], ld, probs.0, drop.map(|d| d.0), dout.0, ld_dout, [dq.0, dk.0, dv.0], ld_d);
+        CPU.attention_backward_rows_split(
+            s,
+            scale,
+            [q.0, k.0, v.0],
+            ld,
+            probs.0,
+            drop.map(|d| d.0),
+            dout.0,
+            ld_dout,
+            [dq.0, dk.0, dv.0],
+            ld_d,
+        );
     }
     fn merge_heads(&self, src: SimView<'_>, dst: SimViewMut<'_>, ld: usize, batch: usize, heads: usize, seq: usize, hd: usize) {
         self.launch();
@@ -624,7 +645,13 @@ impl Backend for SimDevice {
         });
         (out, g)
     }
-    fn losses_into(&self, cfg: &LossConfig, x: &LossViews<'_, Self>, use_local: bool, grads: Option<&mut LossGradBufs<Self>>) -> LossOutputs {
+    fn losses_into(
+        &self,
+        cfg: &LossConfig,
+        x: &LossViews<'_, Self>,
+        use_local: bool,
+        grads: Option<&mut LossGradBufs<Self>>,
+    ) -> LossOutputs {
         self.launch();
         let (out, g) = CPU.losses(cfg, &cpu_views(x), use_local, grads.is_some());
         self.download_loss_outputs(&out);
