@@ -10,8 +10,8 @@ use demovlp_model::backend::kernels_check::{compare_kernels_with_cpu, CASES};
 use demovlp_model::backend::sim::{SimCounts, SimDevice};
 use demovlp_model::backend::{Backend, Cpu};
 use demovlp_model::qa::{QaHead, QaHeadConfig, QaModel};
-use demovlp_model::{Model, TextDropout, TextKind};
-use demovlp_retrieval::LossConfig;
+use demovlp_model::{BatchRef, Model, TextDropout, TextKind};
+use demovlp_retrieval::{LossConfig, LossOutputs};
 
 /// Batch shape of the training runs: clips of F × R regions, captions of L tokens.
 const B: usize = 3;
@@ -158,30 +158,28 @@ fn retrieval_pair(kind: TextKind, sim: &SimDevice) -> (Model, Model<SimDevice>) 
     (cpu, dev)
 }
 
+/// One training step: `train_step_fused`, or `forward_backward` then `AdamW::step`.
+fn train_step<B: Backend>(m: &mut Model<B>, opt: &mut AdamW<B>, batch: &BatchRef, use_local: bool, fused: bool) -> LossOutputs {
+    let loss = LossConfig::default();
+    if fused {
+        return m.train_step_fused(batch, &loss, use_local, opt);
+    }
+    let out = m.forward_backward(batch, &loss, use_local);
+    opt.step(&mut m.params);
+    out
+}
+
 fn retrieval_training(kind: TextKind, fused: bool, use_local: bool) {
     let sim = SimDevice::new();
     let (mut cpu, mut dev) = retrieval_pair(kind, &sim);
-    let loss = LossConfig::default();
     let mut opt_cpu = AdamW::with_settings(cpu.params.len(), SETTINGS);
     let mut opt_dev = AdamW::new_on(sim.clone(), dev.params.len(), SETTINGS);
     for step in 0..STEPS {
         let data = CheckBatch::new(100 + step, B, F, R, L);
         let batch = data.as_ref();
-        let want = if fused {
-            cpu.train_step_fused(&batch, &loss, use_local, &mut opt_cpu)
-        } else {
-            let out = cpu.forward_backward(&batch, &loss, use_local);
-            opt_cpu.step(&mut cpu.params);
-            out
-        };
+        let want = train_step(&mut cpu, &mut opt_cpu, &batch, use_local, fused);
         let before = sim.snapshot();
-        let got = if fused {
-            dev.train_step_fused(&batch, &loss, use_local, &mut opt_dev)
-        } else {
-            let out = dev.forward_backward(&batch, &loss, use_local);
-            opt_dev.step(&mut dev.params);
-            out
-        };
+        let got = train_step(&mut dev, &mut opt_dev, &batch, use_local, fused);
         let spent = sim.snapshot() - before;
         let what = |x: &str| format!("{kind:?} fused {fused} local {use_local} step {step}: {x}");
         assert_same(

@@ -185,12 +185,6 @@ impl SimDevice {
         self.stats.alloc(n);
         SimBuf { mem: vec![f32::NAN; n], len: n, stats: Some(self.stats.clone()) }
     }
-
-    /// A device buffer holding `host` (allocated, no transfer counted: device-side results).
-    fn holding(&self, host: Vec<f32>) -> SimBuf {
-        self.stats.alloc(host.len());
-        SimBuf { len: host.len(), mem: host, stats: Some(self.stats.clone()) }
-    }
 }
 
 impl Backend for SimDevice {
@@ -634,15 +628,9 @@ impl Backend for SimDevice {
     }
 
     fn losses(&self, cfg: &LossConfig, x: &LossViews<'_, Self>, use_local: bool, grads: bool) -> (LossOutputs, Option<LossGradBufs<Self>>) {
-        self.launch();
-        let (out, g) = CPU.losses(cfg, &cpu_views(x), use_local, grads);
-        self.download_loss_outputs(&out);
-        let g = g.map(|g| LossGradBufs {
-            global_text: self.holding(g.global_text),
-            global_video: self.holding(g.global_video),
-            local_text: self.holding(g.local_text),
-            local_video: self.holding(g.local_video),
-        });
+        // New buffers: the fits in `losses_into` allocate them.
+        let mut g = grads.then(LossGradBufs::default);
+        let out = self.losses_into(cfg, x, use_local, g.as_mut());
         (out, g)
     }
     fn losses_into(
