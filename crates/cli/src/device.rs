@@ -3,8 +3,7 @@
 //! hidden `selftest` command (every kernel and the whole model against the CPU).
 //!
 //! Without the `cuda` feature, or without a GPU, `--device cuda` exits 1 with a message
-//! naming what is missing. Commands the CUDA backend is not wired into yet say so
-//! ([`cpu_only`]).
+//! naming what is missing.
 
 use anyhow::{bail, Result};
 use demovlp_model::backend::{check, kernels_check, Backend};
@@ -108,6 +107,31 @@ pub fn run_model(d: &DeviceArgs, model: Model, job: impl OnModel) -> Result<()> 
     }
 }
 
+/// A job that runs on whichever backend [`with_backend`] opened (training builds its
+/// model there itself).
+pub trait OnBackend {
+    type Out;
+    fn run<B: Backend>(self, be: &B, device: &str) -> Result<Self::Out>;
+}
+
+/// Runs `job` on the backend of the device `d` names.
+pub fn with_backend<J: OnBackend>(d: &DeviceArgs, job: J) -> Result<J::Out> {
+    match d.device {
+        Device::Cpu => job.run(&demovlp_model::Cpu, "cpu"),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(n) => {
+            let be = open(n, d.precision)?;
+            let name = format!("cuda:{n} {} ({:?}, GEMMs by {})", be.info().name, d.precision, be.gemm_library());
+            job.run(&be, &name)
+        }
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(n) => {
+            drop(job);
+            bail!("--device cuda:{n}: {}", demovlp_cuda::NOT_BUILT)
+        }
+    }
+}
+
 /// A job on a QA model (towers + head), generic over the backend.
 pub trait OnQaModel {
     fn run<B: Backend>(self, model: demovlp_model::qa::QaModel<B>, device: &str) -> Result<()>;
@@ -129,27 +153,6 @@ pub fn run_qa_model(d: &DeviceArgs, model: demovlp_model::qa::QaModel, job: impl
         }
         #[cfg(not(feature = "cuda"))]
         Device::Cuda(n) => bail!("--device cuda:{n}: {}", demovlp_cuda::NOT_BUILT),
-    }
-}
-
-/// For commands the CUDA backend is not wired into yet: `Ok` on the CPU; on `cuda` the
-/// error says what is missing, or that this command runs on the CPU only for now.
-pub fn cpu_only(d: &DeviceArgs, command: &str) -> Result<()> {
-    match d.device {
-        Device::Cpu => Ok(()),
-        #[cfg(feature = "cuda")]
-        Device::Cuda(n) => {
-            open(n, d.precision)?;
-            bail!(
-                "`{command} --device cuda`: the CUDA backend is not wired into {command} yet (it runs `replay`, `eval`, `bench train-step`, `bench eval-sims`, \
-                 `bench embed` and `selftest`); use --device cpu"
-            )
-        }
-        #[cfg(not(feature = "cuda"))]
-        Device::Cuda(n) => {
-            let _ = command;
-            bail!("--device cuda:{n}: {}", demovlp_cuda::NOT_BUILT)
-        }
     }
 }
 

@@ -98,8 +98,8 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::from_arg_matches(&usage::with_full_usage(Cli::command()).get_matches()).unwrap_or_else(|e| e.exit());
     match cli.command {
         Command::Demo(a) => train_cmds::demo(a),
-        Command::Pretrain(a) => device::cpu_only(&a.device, "pretrain").and_then(|()| train_cmds::pretrain(a)),
-        Command::Finetune(a) => device::cpu_only(&a.device, "finetune").and_then(|()| train_cmds::finetune(a)),
+        Command::Pretrain(a) => train_cmds::pretrain(a),
+        Command::Finetune(a) => train_cmds::finetune(a),
         Command::FinetuneQa(a) => qa_cmds::finetune_qa(a),
         Command::EvalQa(a) => qa_cmds::eval_qa(a),
         Command::Eval(a) => device::check_available(&a.device).and_then(|()| train_cmds::eval(a)),

@@ -1,6 +1,7 @@
-//! Video QA models in `import` and `replay` (issue 13): weights with `head.*` tensors become
-//! a QA model directory (`demovlp_train::qa`), and `replay` on such a directory runs the
-//! published `ObjectQARelation` on a recorded batch with `in.labels`.
+//! Video QA commands: `import` and `replay` of QA models (weights with `head.*` tensors
+//! become a QA model directory, `demovlp_train::qa`; `replay` runs the published
+//! `ObjectQARelation` on a recorded batch with `in.labels`), `finetune-qa` (the shared
+//! training loop, on any device, data-parallel) and `eval-qa`.
 
 use std::path::PathBuf;
 
@@ -9,6 +10,9 @@ use demovlp_model::backend::Backend;
 use demovlp_model::io::{self, TensorRef};
 use demovlp_model::qa::QaModel;
 use demovlp_train::qa::{import_qa_weights, load_qa_dir, save_qa_dir};
+use demovlp_train::qa_task::{run_qa_on, QaData, QaRunReport, BEST_DIR};
+use demovlp_train::qa_train::QaConfig;
+use demovlp_train::trainer::{Dist, RunOptions};
 use serde_json::json;
 
 use crate::model_cmds::{batch_from, ImportArgs, ReplayArgs};
@@ -142,20 +146,23 @@ batch_size, answers (the answer vocabulary: {answer: label} JSON, a JSON list, o
 [data.val], [data.test] with name, format (msrvtt-qa, msvd-qa (+ mapping = msvd_youtube_mapping.txt), tgif-frameqa, \
 or jsonl: our own {\"clip\", \"question\", \"answer\", \"answer_type\"?} per line), annotations, features; [optim] as \
 for retrieval (published: lr 2e-4, first_epoch_lr 1e-4, milestones [2, 4, 8]); [train] epochs, log_every, \
-attention_dropout, text_dropout, eval_batch_size, checkpoint_every (also write last/ every N steps inside an epoch; 0 = at epoch ends only), max_steps (stop after N steps in all, resumable).";
+attention_dropout, text_dropout, eval_batch_size, checkpoint_every (also write the latest checkpoint every N steps; 0 = at epoch ends only), max_steps (stop after N steps in all, resumable), accumulate_steps (micro-batches per optimiser step, gradients averaged), early_stopping_patience (epochs without a better validation accuracy); [dist] timeout_s, rendezvous_timeout_s (data-parallel runs).";
 
 /// `--help` of the command.
 pub fn finetune_qa_help() -> String {
     format!(
         "Fine-tunes a video QA model (SPEC §8: the retrieval towers + the BUTD head, \
-cross-entropy over the answer vocabulary). Training questions whose answer is outside the vocabulary are skipped and \
-counted. The best epoch is chosen on validation accuracy and written to <output_dir>/best (a QA model directory); \
-<output_dir>/last holds the latest epoch end (or the step of an interruption or checkpoint_every) with both \
-optimisers' state, from which --resume continues bit-exactly, mid-epoch included; SIGINT/SIGTERM write it at the \
-current step and exit 130/143; <output_dir>/log.jsonl has one line per logged step and per epoch, drawn into \
-loss.svg and accuracy.svg (validation accuracy per answer type). At the end the best model is evaluated \
-on [data.test]. The last stdout line is JSON: {{\"task\": \"qa\", \"accuracy\", \"out_of_vocabulary\", \"metrics\", \
-\"best_epoch\", \"skipped_out_of_vocabulary\"}}.\n\n{QA_CONFIG_HELP}"
+cross-entropy over the answer vocabulary) in the same training loop as retrieval: on --device cpu or cuda, with \
+gradient accumulation ([train] accumulate_steps) and data-parallel ranks (torchrun's or SLURM's variables, or --rank / \
+--world-size), bit-exact resume. Training questions whose answer is outside the vocabulary are skipped and counted. The \
+best epoch is chosen on validation accuracy and written to <output_dir>/best (a QA model directory, what eval-qa \
+reads); <output_dir>/checkpoint_latest.safetensors holds the latest epoch end (or the step of an interruption, \
+max_steps or checkpoint_every) with both optimisers' state, from which --resume continues bit-exactly, mid-epoch \
+included (a run directory of an earlier release, with last/, is converted); SIGINT/SIGTERM write it at the current \
+step and exit 130/143; <output_dir>/log.jsonl has one line per logged step (with its learning rate) and per epoch, \
+drawn into loss.svg and accuracy.svg (validation accuracy per answer type). At the end the best model is evaluated \
+on [data.test]. The last stdout line is JSON: {{\"task\": \"qa\", \"steps\", \"best_epoch\", \"best\", \
+\"params_hash\", \"skipped_out_of_vocabulary\", \"accuracy\", \"out_of_vocabulary\", \"metrics\"}}.\n\n{QA_CONFIG_HELP}"
     )
 }
 
@@ -167,45 +174,86 @@ pub struct FinetuneQaArgs {
     /// Initial model (overrides [model] init): a retrieval checkpoint / model directory, or a QA model directory.
     #[arg(long)]
     pub init: Option<PathBuf>,
-    /// Continue the run in output_dir from its last finished epoch.
+    /// Continue the run in output_dir from its latest checkpoint (mid-epoch included).
     #[arg(long)]
     pub resume: bool,
+    /// Start over in an output_dir that already holds a run: its checkpoints, best/, log and
+    /// plots are deleted first.
+    #[arg(long, conflicts_with = "resume")]
+    pub force: bool,
     /// Override output_dir.
     #[arg(long)]
     pub output_dir: Option<PathBuf>,
+    /// Where to compute (and the GEMM precision on a GPU).
+    #[command(flatten)]
+    pub device: crate::device::DeviceArgs,
+    #[command(flatten)]
+    pub dist: crate::train_cmds::DistArgs,
+}
+
+/// A QA run on the chosen backend.
+struct QaJob<'a> {
+    cfg: &'a QaConfig,
+    data: &'a QaData,
+    opts: &'a RunOptions,
+    dist: Option<Dist>,
+}
+
+impl crate::device::OnBackend for QaJob<'_> {
+    type Out = QaRunReport;
+    fn run<B: Backend>(self, be: &B, device: &str) -> Result<QaRunReport> {
+        if device != "cpu" {
+            eprintln!("{}: training on {device}", self.cfg.name);
+        }
+        run_qa_on(be, self.cfg, self.data, self.opts, self.dist)
+    }
 }
 
 pub fn finetune_qa(a: FinetuneQaArgs) -> Result<()> {
-    let mut cfg = demovlp_train::qa_train::QaConfig::parse_file(&a.config)?;
+    let mut cfg = QaConfig::parse_file(&a.config)?;
     if let Some(o) = a.output_dir {
         cfg.output_dir = o;
     }
+    crate::device::check_available(&a.device)?;
+    let launch = crate::train_cmds::resolve_launch(&a.dist)?;
+    let rank = launch.as_ref().map_or(0, |l| l.rank);
+    // Before the data are read: a run directory that cannot be used fails at once (the
+    // loop checks again; an earlier release's last/ folder is converted there).
+    if rank == 0 && !(a.resume && demovlp_train::qa_task::legacy_last_dir(&cfg.output_dir).is_some()) {
+        crate::train_cmds::guard_output_dir(&cfg.output_dir, a.resume, a.force, &[BEST_DIR, "accuracy.svg"])?;
+    }
+    let data = QaData::open(&cfg)?;
+    // The stop flag first: a SIGTERM during the rendezvous already counts.
     let stop = demovlp_train::trainer::install_ctrlc();
-    let r = demovlp_train::qa_train::run_qa(&cfg, a.init.as_deref(), a.resume, Some(&stop), false)?;
-    if r.interrupted || r.stopped_at_max_steps {
-        let why = if r.interrupted { "interrupted" } else { "stopped at [train] max_steps" };
-        eprintln!(
-            "{why} at step {} (epoch {}, batch {}); continue with the same command plus --resume ({})",
-            r.state.global_step,
-            r.state.epoch + usize::from(r.state.batch_in_epoch > 0),
-            r.state.batch_in_epoch,
-            r.output_dir.join("last").display()
-        );
-        println!(
-            "{}",
-            json!({"task": "qa", "interrupted": r.interrupted, "stopped_at_max_steps": r.stopped_at_max_steps, "step": r.state.global_step,
-                   "epoch": r.state.epoch, "batch_in_epoch": r.state.batch_in_epoch, "output_dir": r.output_dir.display().to_string()})
-        );
-        if r.interrupted {
+    let config_text = demovlp_train::qa_task::loop_settings(&cfg)?.config_text;
+    let dist = match &launch {
+        Some(l) => Some(crate::train_cmds::join_ranks(l, &a.dist, &cfg.dist, &config_text, a.resume)?),
+        None => None,
+    };
+    let opts = RunOptions { resume: a.resume, init: a.init, force: false, quiet: false, stop: Some(stop) };
+    let r = crate::device::with_backend(&a.device, QaJob { cfg: &cfg, data: &data, opts: &opts, dist })?;
+    let res = &r.result;
+    let mut line = json!({
+        "task": "qa", "name": cfg.name, "output_dir": res.output_dir.display().to_string(), "steps": res.steps,
+        "epochs_done": res.epochs_done, "interrupted": res.interrupted, "finished": res.finished,
+        "best_epoch": res.best_epoch, "monitor": res.monitor, "best": res.best,
+        "skipped_out_of_vocabulary": r.skipped_out_of_vocabulary, "latest": res.latest.display().to_string(),
+        "seconds": res.seconds, "params_hash": res.params_hash,
+    });
+    if let Some(l) = &launch {
+        line["rank"] = l.rank.into();
+        line["world_size"] = l.world.into();
+    }
+    if !res.finished {
+        let why = if res.interrupted { "interrupted" } else { "stopped at [train] max_steps" };
+        eprintln!("{why} at step {}; continue with the same command plus --resume ({})", res.steps, res.latest.display());
+        println!("{line}");
+        if res.interrupted {
             // SIGINT 130, SIGTERM 143, as retrieval training.
             std::process::exit(demovlp_train::trainer::stop_exit_code());
         }
         return Ok(());
     }
-    let mut line = json!({
-        "task": "qa", "best_epoch": r.state.best_epoch, "best_val_accuracy": r.state.best_accuracy,
-        "skipped_out_of_vocabulary": r.state.skipped_out_of_vocabulary, "output_dir": r.output_dir.display().to_string(),
-    });
     if let Some(t) = &r.test {
         print_qa_table(t);
         line["accuracy"] = t.accuracy.into();
@@ -255,7 +303,7 @@ pub struct EvalQaArgs {
 }
 
 pub fn eval_qa(a: EvalQaArgs) -> Result<()> {
-    use demovlp_train::qa_train::{evaluate_qa, read_qa_dataset, QaConfig, QaSet, Vocabulary};
+    use demovlp_train::qa_train::{evaluate_qa, read_qa_dataset, QaSet, Vocabulary};
     let cfg = QaConfig::parse_file(&a.config)?;
     let ds = cfg
         .data

@@ -9,11 +9,12 @@ use demovlp_data::batches::{Dataset, InputShape};
 use demovlp_data::FeatureSource;
 use demovlp_data::Sample;
 use demovlp_retrieval::ScoreMode;
-use demovlp_train::config::DatasetConfig;
+use demovlp_train::config::{DatasetConfig, DistSection};
 use demovlp_train::dist::{Identity, Launch, LaunchFlags, TcpCollective, Timeouts};
 use demovlp_train::eval::{EvalOptions, EvalSet};
+use demovlp_train::retrieval_task::{train_on, TrainInputs};
 use demovlp_train::runlog::metrics_json;
-use demovlp_train::trainer::{train_with, Dist, RunOptions, TrainInputs};
+use demovlp_train::trainer::{Dist, RunOptions};
 use demovlp_train::{demo, TrainConfig};
 
 #[derive(clap::Args)]
@@ -177,50 +178,11 @@ fn open_source(ds: &DatasetConfig, clip_boxes: bool) -> Result<Arc<dyn FeatureSo
         .with_context(|| format!("{}: features {}", ds.name, ds.features.display()))
 }
 
-/// The files a training run writes into its output_dir.
-const RUN_FILES: &[&str] = &[
-    demovlp_train::checkpoint::LATEST,
-    demovlp_train::checkpoint::BEST,
-    "log.jsonl",
-    "summary.txt",
-    "loss.svg",
-    "recall.svg",
-    "config.toml",
-];
-
-/// Never destroy an earlier run: a fresh run into an output_dir that holds one is refused
-/// unless `force` (then its files are deleted first); `--resume` needs a checkpoint.
-fn guard_output_dir(out: &Path, resume: bool, force: bool) -> Result<()> {
-    let latest = out.join(demovlp_train::checkpoint::LATEST);
-    if resume {
-        if !latest.is_file() {
-            bail!(
-                "--resume: there is no checkpoint to resume in {} ({} not found); start a fresh run without --resume",
-                out.display(),
-                demovlp_train::checkpoint::LATEST
-            );
-        }
-        return Ok(());
+/// Never destroy an earlier run (see `demovlp_train::run_dir`); prints the guard's note.
+pub(crate) fn guard_output_dir(out: &Path, resume: bool, force: bool, task_outputs: &[&str]) -> Result<()> {
+    if let Some(note) = demovlp_train::run_dir::guard_output_dir(out, resume, force, task_outputs)? {
+        eprintln!("{note}");
     }
-    let held: Vec<&str> = RUN_FILES[..3].iter().copied().filter(|f| out.join(f).exists()).collect();
-    if held.is_empty() {
-        return Ok(());
-    }
-    if !force {
-        bail!(
-            "output_dir {} already holds a run ({}); continue it with --resume, overwrite it with --force, \
-             or choose a new directory with --output-dir",
-            out.display(),
-            held.join(", ")
-        );
-    }
-    for f in RUN_FILES {
-        let p = out.join(f);
-        if p.exists() {
-            std::fs::remove_file(&p).with_context(|| format!("--force: removing {}", p.display()))?;
-        }
-    }
-    eprintln!("--force: removed the earlier run's files in {}", out.display());
     Ok(())
 }
 
@@ -236,21 +198,21 @@ fn env_seconds(name: &str) -> Result<Option<f64>> {
 }
 
 /// This process's launch (None: a single process) from the flags and the environment.
-fn resolve_launch(d: &DistArgs) -> Result<Option<Launch>> {
+pub(crate) fn resolve_launch(d: &DistArgs) -> Result<Option<Launch>> {
     let flags = LaunchFlags { rank: d.rank, world_size: d.world_size, master_addr: d.master_addr.clone(), master_port: d.master_port };
     Launch::resolve(&flags, &|k| std::env::var(k).ok()).context("data-parallel launch")
 }
 
 /// Joins the other ranks (TCP engine); errors name the rank and the setting to change.
-fn join_ranks(launch: &Launch, d: &DistArgs, cfg: &TrainConfig, resume: bool) -> Result<Dist> {
+pub(crate) fn join_ranks(launch: &Launch, d: &DistArgs, dist: &DistSection, config_text: &str, resume: bool) -> Result<Dist> {
     let io = match d.dist_timeout {
         Some(s) if s.is_finite() && s > 0.0 => s,
         Some(s) => bail!("--dist-timeout {s}: a number of seconds > 0 is needed"),
-        None => env_seconds("DEMOVLP_DIST_TIMEOUT")?.unwrap_or(cfg.dist.timeout_s),
+        None => env_seconds("DEMOVLP_DIST_TIMEOUT")?.unwrap_or(dist.timeout_s),
     };
-    let rdzv = env_seconds("DEMOVLP_RDZV_TIMEOUT")?.unwrap_or(cfg.dist.rendezvous_timeout_s);
+    let rdzv = env_seconds("DEMOVLP_RDZV_TIMEOUT")?.unwrap_or(dist.rendezvous_timeout_s);
     let t = Timeouts { io: std::time::Duration::from_secs_f64(io), rendezvous: std::time::Duration::from_secs_f64(rdzv) };
-    let me = Identity::new(&cfg.to_toml(), resume);
+    let me = Identity::new(config_text, resume);
     let prefix = format!("[rank {}] ", launch.rank);
     eprintln!(
         "{prefix}data-parallel: rank {} of {} (local rank {}), rank 0 at {}:{} ({}), config {}, binary {}",
@@ -267,7 +229,26 @@ fn join_ranks(launch: &Launch, d: &DistArgs, cfg: &TrainConfig, resume: bool) ->
     Ok(Dist { coll, local_rank: launch.local_rank })
 }
 
+/// A retrieval run on the chosen backend.
+struct TrainJob<'a> {
+    inputs: &'a TrainInputs,
+    opts: &'a RunOptions,
+    dist: Option<Dist>,
+}
+
+impl crate::device::OnBackend for TrainJob<'_> {
+    type Out = demovlp_train::trainer::RunResult;
+    fn run<B: demovlp_model::Backend>(self, be: &B, device: &str) -> Result<Self::Out> {
+        if device != "cpu" {
+            eprintln!("{}: training on {device}", self.inputs.config.name);
+        }
+        train_on(be, self.inputs, self.opts, self.dist)
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn run_training(
+    device: &crate::device::DeviceArgs,
     config: &Path,
     resume: bool,
     force: bool,
@@ -299,7 +280,7 @@ fn run_training(
     .with_context(|| format!("config {}", config.display()))?;
     // Only rank 0 writes the output directory.
     if rank == 0 {
-        guard_output_dir(&cfg.output_dir, resume, force)?;
+        guard_output_dir(&cfg.output_dir, resume, force, &["summary.txt", "recall.svg"])?;
     }
     if finetune && rank == 0 && !resume && init.is_none() && cfg.model.init.is_none() {
         let m = &cfg.model;
@@ -339,12 +320,14 @@ fn run_training(
     // The stop flag first: a SIGTERM during the rendezvous already counts.
     let stop = stop_flag();
     let d = match &launch {
-        Some(l) => Some(join_ranks(l, dist, &cfg, resume)?),
+        Some(l) => Some(join_ranks(l, dist, &cfg.dist, &cfg.to_toml(), resume)?),
         None => None,
     };
     let inputs = TrainInputs { config: cfg, train: train_sets, val, tokenizer };
     let name = inputs.config.name.clone();
-    let r = train_with(&inputs, &RunOptions { resume, init, quiet: false, stop: Some(stop) }, d)?;
+    // --force already cleared the directory (guard_output_dir above).
+    let opts = RunOptions { resume, init, force: false, quiet: false, stop: Some(stop) };
+    let r = crate::device::with_backend(device, TrainJob { inputs: &inputs, opts: &opts, dist: d })?;
     let mut j = serde_json::json!({
         "name": name, "output_dir": r.output_dir.display().to_string(), "steps": r.steps, "epochs_done": r.epochs_done,
         "interrupted": r.interrupted, "monitor": r.monitor, "best": r.best, "best_epoch": r.best_epoch,
@@ -369,11 +352,13 @@ fn run_training(
 }
 
 pub fn pretrain(a: PretrainArgs) -> Result<()> {
-    run_training(&a.config, a.resume, a.force, None, a.output_dir, false, &a.dist)
+    crate::device::check_available(&a.device)?;
+    run_training(&a.device, &a.config, a.resume, a.force, None, a.output_dir, false, &a.dist)
 }
 
 pub fn finetune(a: FinetuneArgs) -> Result<()> {
-    run_training(&a.config, a.resume, a.force, a.init, a.output_dir, true, &a.dist)
+    crate::device::check_available(&a.device)?;
+    run_training(&a.device, &a.config, a.resume, a.force, a.init, a.output_dir, true, &a.dist)
 }
 
 pub fn eval(a: EvalArgs) -> Result<()> {

@@ -11,11 +11,17 @@ use std::sync::mpsc::{channel, Receiver};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use demovlp_testutil::tmpdir;
+use demovlp_testutil::{assert_pinned, tmpdir};
 use demovlp_train::checkpoint::LATEST;
 
 mod common;
 use common::{config, final_state, State};
+
+/// Final parameters' hashes pinned before the training loops became one: every
+/// refactoring keeps these bits.
+const PIN_TWO_RANKS: &[(&str, &str)] = &[("avx512", "40c857df9f11ca97")];
+const PIN_THREE_RANKS: &[(&str, &str)] = &[("avx512", "a0756a6dcd7e09e2")];
+const PIN_SIGTERM_RANKS: &[(&str, &str)] = &[("avx512", "ba5e259b978a5b91")];
 
 fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
@@ -169,6 +175,7 @@ fn two_ranks_equal_one_process_accumulating_two_parts_bit_for_bit() {
     assert_eq!(j0["params_hash"], j1["params_hash"]);
     // …and the same bits as the single process accumulating both parts.
     assert_eq!(j0["params_hash"], want["params_hash"]);
+    assert_pinned("dist/two_ranks", want["params_hash"].as_str().unwrap(), PIN_TWO_RANKS);
     assert_eq!(j0["best"], want["best"]);
     assert_same_bits(&final_state(&two), &final_state(&one), "2 ranks vs accumulate_steps = 2");
     // Only rank 0 wrote the run directory: one log, whose step lines match the single run's losses.
@@ -192,7 +199,8 @@ fn three_ranks_equal_the_single_process_accumulation() {
     // N = 1 per rank: rank 0 adds the ranks' gradients in rank order, which is the order
     // the single process adds its parts in, so even three ranks agree bit for bit.
     let one = dir.join("one");
-    single(&config(&dir.join("a"), &one, 2, "accumulate_steps = 3"));
+    let want = single(&config(&dir.join("a"), &one, 2, "accumulate_steps = 3"));
+    assert_pinned("dist/three_ranks", want["params_hash"].as_str().unwrap(), PIN_THREE_RANKS);
     let three = dir.join("three");
     let cfg = config(&dir.join("b"), &three, 2, "");
     let outs: Vec<_> = spawn_world(3, &|_| args(&cfg), &[]).into_iter().map(Rank::wait).collect();
@@ -343,7 +351,8 @@ fn sigterm_on_one_rank_gives_one_resumable_checkpoint_and_an_exact_resume() {
     let dir = tmpdir("dist-sigterm");
     let max = 60;
     let one = dir.join("one");
-    single(&config(&dir.join("a"), &one, 40, &format!("max_steps = {max}\naccumulate_steps = 2")));
+    let j = single(&config(&dir.join("a"), &one, 40, &format!("max_steps = {max}\naccumulate_steps = 2")));
+    assert_pinned("dist/sigterm", j["params_hash"].as_str().unwrap(), PIN_SIGTERM_RANKS);
     let want = final_state(&one);
 
     let cut = dir.join("cut");

@@ -82,6 +82,9 @@ fn sigterm_saves_a_resumable_checkpoint_exits_143_and_resume_is_bit_exact() {
     let cfg = config(&dir.join("a"), &straight, 40, &format!("max_steps = {max}"));
     let o = demovlp(&["pretrain", "--config", cfg.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
+    let line: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().last().unwrap()).unwrap();
+    // Pinned before the training loops became one: every refactoring keeps these bits.
+    demovlp_testutil::assert_pinned("trust/sigterm", line["params_hash"].as_str().unwrap(), &[("avx512", "6f47df843044920c")]);
     let want = final_state(&straight);
     assert_eq!(want.4.step, max);
 

@@ -151,3 +151,40 @@ impl Report {
         assert!(self.failures.is_empty(), "{title}: {} mismatches:\n{}", self.failures.len(), self.failures.join("\n"));
     }
 }
+
+/// The CPU kernels' instruction-set path on this machine (`avx512`, `avx2` or `portable`):
+/// the GEMMs and reductions of each path round differently, so bit-exact pins of training
+/// results are recorded per path.
+pub fn cpu_kernel_path() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return "avx512";
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            return "avx2";
+        }
+    }
+    "portable"
+}
+
+/// Asserts that `hash` (a `params_hash` of a training result) is the value pinned for the
+/// test `name` on this machine's kernel path (`pins`: `(path, hash)` pairs recorded before a
+/// refactoring, which must keep every CPU bit). On a path without a recorded pin there is
+/// nothing to compare with: the hash is printed (to record it) and the test goes on.
+pub fn assert_pinned(name: &str, hash: &str, pins: &[(&str, &str)]) {
+    let path = cpu_kernel_path();
+    match pins.iter().find(|(p, _)| *p == path) {
+        Some((_, want)) => assert_eq!(hash, *want, "{name}: the final parameters' hash on the {path} kernels moved from its pin"),
+        None => eprintln!("PIN {name} {path} {hash} (no pin recorded for the {path} kernels)"),
+    }
+}
+
+/// Decompresses the gzip file `src` (a compressed fixture in `testdata/`) into `dst`.
+pub fn gunzip(src: &Path, dst: &Path) {
+    use std::io::Read;
+    let gz = std::fs::read(src).unwrap_or_else(|e| panic!("{}: {e}", src.display()));
+    let mut bytes = Vec::new();
+    flate2::read::GzDecoder::new(&gz[..]).read_to_end(&mut bytes).unwrap_or_else(|e| panic!("{}: {e}", src.display()));
+    std::fs::write(dst, bytes).unwrap_or_else(|e| panic!("{}: {e}", dst.display()));
+}

@@ -1,24 +1,34 @@
 //! Training checkpoints: one safetensors file holding everything a run needs to continue
-//! exactly where it stopped: the weights (`param.<published name>`), the AdamW moments
-//! (`optim.m`, `optim.v`, flat, same layout as the parameter buffer), and in the metadata the
-//! optimiser step count, the RNG state, epoch / batch / step counters, the best monitored
-//! value so far and the run's config.
+//! exactly where it stopped, for every task: the weights of each parameter group
+//! (`param.<published name>`; names are unique across groups), each group's AdamW moments
+//! (`optim.<group>.m`, `optim.<group>.v`, flat, in the group's parameter layout), and in
+//! the metadata the task, the groups' optimiser settings and step counts, the trainer state
+//! (RNG, epoch / batch / step counters, best monitored value), the model's sizes and the
+//! run's config. A checkpoint names no device: it is written tensor by tensor from
+//! whichever backend holds the model (one tensor in host memory at a time) and loads onto
+//! any.
 //!
 //! Writes go to a temporary sibling and are renamed into place (atomic on POSIX), so a crash
 //! mid-save leaves the previous checkpoint intact; readers only ever open the final names,
-//! never a leftover temporary.
+//! never a leftover temporary. The content checksum covers every tensor.
+//!
+//! The first layout (`demovlp-train-checkpoint-v1`: one group, `optim.m` / `optim.v`)
+//! still loads, as the group `model`.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use demovlp_model::io::{read_safetensors, write_safetensors_refs, TensorRef};
-use demovlp_model::{AdamW, ModelConfig, Params};
+use demovlp_model::io::{read_safetensors, write_safetensors_streamed};
+use demovlp_model::{AdamW, Backend, ModelConfig, Params};
 use serde::{Deserialize, Serialize};
 
 pub const LATEST: &str = "checkpoint_latest.safetensors";
 pub const BEST: &str = "checkpoint_best.safetensors";
 const META_KEY: &str = "demovlp_train_state";
-const FORMAT: &str = "demovlp-train-checkpoint-v1";
+const FORMAT_V1: &str = "demovlp-train-checkpoint-v1";
+const FORMAT: &str = "demovlp-train-checkpoint-v2";
+/// The one group of a v1 checkpoint (a retrieval model's parameters).
+pub const V1_GROUP: &str = "model";
 
 /// Where a run is: enough to regenerate the data order and continue bit for bit.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -46,19 +56,22 @@ pub struct TrainerState {
     /// `accumulate_steps`): what `batch_in_epoch` counts in. 1 in checkpoints of earlier runs.
     #[serde(default = "one")]
     pub parts_per_step: usize,
+    /// Sum of the training losses of the epoch's steps so far, and their number (so that an
+    /// epoch resumed in its middle reports the same mean loss as an uninterrupted one).
+    #[serde(default)]
+    pub epoch_loss_sum: f64,
+    #[serde(default)]
+    pub epoch_steps: usize,
 }
 
 fn one() -> usize {
     1
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
-struct Meta {
-    format: String,
-    state: TrainerState,
-    model_config: ModelConfig,
-    /// The run's TOML config, verbatim.
-    config: String,
+/// One parameter group's optimiser settings and step count.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct GroupMeta {
+    name: String,
     adam_t: u64,
     adam_lr: f32,
     adam_betas: [f32; 2],
@@ -66,44 +79,130 @@ struct Meta {
     adam_weight_decay: f32,
 }
 
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Meta {
+    format: String,
+    /// `retrieval`, `qa` (absent in v1: retrieval).
+    #[serde(default)]
+    task: Option<String>,
+    state: TrainerState,
+    model_config: ModelConfig,
+    /// What else the task's model needs to be rebuilt (the QA head's sizes).
+    #[serde(default)]
+    model_extra: serde_json::Value,
+    /// The run's TOML config, verbatim.
+    config: String,
+    #[serde(default)]
+    groups: Vec<GroupMeta>,
+    // v1: the one optimiser's settings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    adam_t: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    adam_lr: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    adam_betas: Option<[f32; 2]>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    adam_eps: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    adam_weight_decay: Option<f32>,
+}
+
+/// A parameter group as saved: its name, its parameters and its optimiser.
+pub struct GroupRef<'a, B: Backend> {
+    pub name: &'static str,
+    pub params: &'a Params<B>,
+    pub opt: &'a AdamW<B>,
+}
+
+/// What a checkpoint says about the model and the run, besides the tensors.
+pub struct CheckpointInfo<'a> {
+    /// `retrieval` or `qa`.
+    pub task: &'a str,
+    pub model_config: &'a ModelConfig,
+    pub model_extra: serde_json::Value,
+    pub state: &'a TrainerState,
+    pub config: &'a str,
+}
+
 /// A checkpoint read back from disk.
 pub struct Checkpoint {
     pub path: PathBuf,
+    pub task: String,
     pub state: TrainerState,
     pub model_config: ModelConfig,
+    pub model_extra: serde_json::Value,
     pub config: String,
     /// Parameters by published name, in file order.
     pub params: Vec<(String, Vec<usize>, Vec<f32>)>,
-    pub optimizer: AdamW,
+    /// Each group's optimiser (host buffers), in the saved group order.
+    pub optimizers: Vec<(String, AdamW)>,
 }
 
-pub fn save(path: &Path, model_config: &ModelConfig, params: &Params, opt: &AdamW, state: &TrainerState, config: &str) -> Result<()> {
-    if opt.m.len() != params.len() || opt.v.len() != params.len() {
-        bail!("optimiser state has {} values for {} parameters", opt.m.len(), params.len());
+/// Writes a checkpoint of `groups` (on the backend `be`), one tensor at a time.
+pub fn save_groups<B: Backend>(path: &Path, be: &B, info: &CheckpointInfo<'_>, groups: &[GroupRef<'_, B>]) -> Result<()> {
+    // (tensor name, shape, group, what: None = parameter i of the group's specs, Some(0|1) = m|v)
+    let mut tensors: Vec<(String, Vec<usize>)> = Vec::new();
+    let mut source: Vec<(usize, Option<usize>, usize)> = Vec::new();
+    for (g, gr) in groups.iter().enumerate() {
+        let n = gr.params.len();
+        if B::buf_len(&gr.opt.m) != n || B::buf_len(&gr.opt.v) != n {
+            bail!("group {}: optimiser state has {} values for {n} parameters", gr.name, B::buf_len(&gr.opt.m));
+        }
+        for (i, s) in gr.params.specs().iter().enumerate() {
+            tensors.push((format!("param.{}", s.name), s.shape.clone()));
+            source.push((g, None, i));
+        }
+        for (k, what) in ["m", "v"].iter().enumerate() {
+            tensors.push((format!("optim.{}.{what}", gr.name), vec![n]));
+            source.push((g, Some(k), 0));
+        }
     }
-    let mut tensors: Vec<(String, Vec<usize>, TensorRef)> = params
-        .specs()
-        .iter()
-        .map(|s| (format!("param.{}", s.name), s.shape.clone(), TensorRef::F32(&params.data[s.offset..s.offset + s.len])))
-        .collect();
-    tensors.push(("optim.m".into(), vec![opt.m.len()], TensorRef::F32(&opt.m)));
-    tensors.push(("optim.v".into(), vec![opt.v.len()], TensorRef::F32(&opt.v)));
     let meta = Meta {
         format: FORMAT.into(),
-        state: state.clone(),
-        model_config: model_config.clone(),
-        config: config.into(),
-        adam_t: opt.t,
-        adam_lr: opt.lr,
-        adam_betas: [opt.beta1, opt.beta2],
-        adam_eps: opt.eps,
-        adam_weight_decay: opt.weight_decay,
+        task: Some(info.task.to_string()),
+        state: info.state.clone(),
+        model_config: info.model_config.clone(),
+        model_extra: info.model_extra.clone(),
+        config: info.config.into(),
+        groups: groups
+            .iter()
+            .map(|g| GroupMeta {
+                name: g.name.into(),
+                adam_t: g.opt.t,
+                adam_lr: g.opt.lr,
+                adam_betas: [g.opt.beta1, g.opt.beta2],
+                adam_eps: g.opt.eps,
+                adam_weight_decay: g.opt.weight_decay,
+            })
+            .collect(),
+        adam_t: None,
+        adam_lr: None,
+        adam_betas: None,
+        adam_eps: None,
+        adam_weight_decay: None,
     };
     let meta = serde_json::to_string(&meta)?;
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    write_safetensors_refs(path, &tensors, &[(META_KEY.to_string(), meta)]).with_context(|| format!("saving checkpoint {}", path.display()))
+    let mut fetch = |i: usize, sink: &mut dyn FnMut(&[f32]) -> Result<()>| -> Result<()> {
+        let (g, what, p) = source[i];
+        let gr = &groups[g];
+        let view = match what {
+            None => B::slice(B::view(&gr.params.data), gr.params.range(demovlp_model::ParamId(p))),
+            Some(0) => B::view(&gr.opt.m),
+            Some(_) => B::view(&gr.opt.v),
+        };
+        be.read_host(view, |h| sink(h))
+    };
+    write_safetensors_streamed(path, &tensors, &[(META_KEY.to_string(), meta)], &mut fetch)
+        .with_context(|| format!("saving checkpoint {}", path.display()))
+}
+
+/// A retrieval model's checkpoint (one group, `model`), on the CPU.
+pub fn save(path: &Path, model_config: &ModelConfig, params: &Params, opt: &AdamW, state: &TrainerState, config: &str) -> Result<()> {
+    let info = CheckpointInfo { task: "retrieval", model_config, model_extra: serde_json::Value::Null, state, config };
+    save_groups(path, &demovlp_model::Cpu, &info, &[GroupRef { name: V1_GROUP, params, opt }])
 }
 
 /// Remove the temporary files (`.<name>.<pid>.tmp`, see `demovlp_model::io::atomic_write_with`)
@@ -165,53 +264,107 @@ fn read_header_meta(path: &Path) -> Result<std::collections::HashMap<String, Str
 }
 
 pub fn load(path: &Path) -> Result<Checkpoint> {
-    let file = read_safetensors(path).with_context(|| format!("reading checkpoint {}", path.display()))?;
+    let mut file = read_safetensors(path).with_context(|| format!("reading checkpoint {}", path.display()))?;
     let meta = file
         .metadata
         .get(META_KEY)
         .with_context(|| format!("{}: not a demovlp training checkpoint (no {META_KEY} metadata)", path.display()))?;
     let meta: Meta = serde_json::from_str(meta).with_context(|| format!("{}: bad checkpoint metadata", path.display()))?;
-    if meta.format != FORMAT {
-        bail!("{}: checkpoint format {:?}, this build reads {FORMAT:?}", path.display(), meta.format);
+    let groups = match meta.format.as_str() {
+        FORMAT => meta.groups.clone(),
+        FORMAT_V1 => {
+            let missing = || format!("{}: v1 checkpoint metadata lacks the optimiser settings", path.display());
+            vec![GroupMeta {
+                name: V1_GROUP.into(),
+                adam_t: meta.adam_t.with_context(missing)?,
+                adam_lr: meta.adam_lr.with_context(missing)?,
+                adam_betas: meta.adam_betas.with_context(missing)?,
+                adam_eps: meta.adam_eps.with_context(missing)?,
+                adam_weight_decay: meta.adam_weight_decay.with_context(missing)?,
+            }]
+        }
+        f => bail!("{}: checkpoint format {f:?}, this build reads {FORMAT:?} and {FORMAT_V1:?}", path.display()),
+    };
+    if groups.is_empty() {
+        bail!("{}: the checkpoint lists no parameter group", path.display());
+    }
+    let mut optimizers = Vec::new();
+    for g in &groups {
+        let mut opt = AdamW::new(0, g.adam_lr, g.adam_betas[0], g.adam_betas[1], g.adam_eps, g.adam_weight_decay);
+        let (km, kv) = if meta.format == FORMAT_V1 {
+            ("optim.m".to_string(), "optim.v".to_string())
+        } else {
+            (format!("optim.{}.m", g.name), format!("optim.{}.v", g.name))
+        };
+        opt.m = file.f32(&km).with_context(|| format!("{}: optimiser state of group {}", path.display(), g.name))?;
+        opt.v = file.f32(&kv).with_context(|| format!("{}: optimiser state of group {}", path.display(), g.name))?;
+        opt.t = g.adam_t;
+        optimizers.push((g.name.clone(), opt));
     }
     let mut params = Vec::new();
-    for (name, t) in &file.tensors {
+    for (name, t) in std::mem::take(&mut file.tensors) {
         if let Some(n) = name.strip_prefix("param.") {
-            let v = t.as_f32().with_context(|| format!("{}: tensor {name} is not f32", path.display()))?;
-            params.push((n.to_string(), t.shape.clone(), v.to_vec()));
+            let v = t.to_f32().with_context(|| format!("{}: tensor {name} is not f32", path.display()))?;
+            params.push((n.to_string(), t.shape.clone(), v));
         }
     }
-    let mut opt = AdamW::new(0, meta.adam_lr, meta.adam_betas[0], meta.adam_betas[1], meta.adam_eps, meta.adam_weight_decay);
-    opt.m = file.f32("optim.m").with_context(|| format!("{}: optimiser state", path.display()))?;
-    opt.v = file.f32("optim.v").with_context(|| format!("{}: optimiser state", path.display()))?;
-    opt.t = meta.adam_t;
     Ok(Checkpoint {
         path: path.to_path_buf(),
+        task: meta.task.unwrap_or_else(|| "retrieval".into()),
         state: meta.state,
         model_config: meta.model_config,
+        model_extra: meta.model_extra,
         config: meta.config,
         params,
-        optimizer: opt,
+        optimizers,
     })
 }
 
 impl Checkpoint {
+    /// The first group's optimiser (the only one of a retrieval checkpoint).
+    pub fn optimizer(&self) -> &AdamW {
+        &self.optimizers[0].1
+    }
+
+    /// The optimiser of group `name`.
+    pub fn group_optimizer(&self, name: &str) -> Result<&AdamW> {
+        self.optimizers.iter().find(|(n, _)| n == name).map(|(_, o)| o).with_context(|| {
+            let have: Vec<&str> = self.optimizers.iter().map(|(n, _)| n.as_str()).collect();
+            format!("{}: no parameter group {name:?} (it has {})", self.path.display(), have.join(", "))
+        })
+    }
+
     /// Copy the weights into `params` (same model config): every parameter must be present
     /// with its shape, and nothing else may be in the file.
     pub fn fill_params(&self, params: &mut Params) -> Result<()> {
+        let used = self.fill_group(&demovlp_model::Cpu, params)?;
+        if used != self.params.len() {
+            let extra = self.params.iter().find(|(n, _, _)| params.id(n).is_none()).map(|(n, _, _)| n.as_str()).unwrap_or("?");
+            bail!("{}: parameter {extra} is not in the model", self.path.display());
+        }
+        Ok(())
+    }
+
+    /// Copy the group's weights from the file into `params` on the backend `be` (written
+    /// tensor by tensor): every parameter of the group must be present with its shape.
+    /// Returns how many of the file's parameters it used.
+    pub fn fill_group<B: Backend>(&self, be: &B, params: &mut Params<B>) -> Result<usize> {
         let mut seen = vec![false; params.specs().len()];
+        let mut used = 0;
         for (name, shape, v) in &self.params {
-            let id = params.id(name).with_context(|| format!("{}: parameter {name} is not in the model", self.path.display()))?;
+            let Some(id) = params.id(name) else { continue };
             if &params.spec(id).shape != shape {
                 bail!("{}: parameter {name} has shape {shape:?}, the model wants {:?}", self.path.display(), params.spec(id).shape);
             }
-            params.get_mut(id).copy_from_slice(v);
+            let r = params.range(id);
+            be.modify_host(&mut params.data, r, |d| d.copy_from_slice(v));
             seen[id.0] = true;
+            used += 1;
         }
         if let Some(i) = seen.iter().position(|s| !s) {
             bail!("{}: parameter {} missing", self.path.display(), params.specs()[i].name);
         }
-        Ok(())
+        Ok(used)
     }
 }
 
@@ -247,6 +400,8 @@ mod tests {
             epochs_since_best: 0,
             finished: false,
             parts_per_step: 1,
+            epoch_loss_sum: 1.5,
+            epoch_steps: 3,
         }
     }
 
@@ -269,7 +424,7 @@ mod tests {
         q.data.iter_mut().for_each(|x| *x = 0.0);
         c.fill_params(&mut q).unwrap();
         assert_eq!(q.data, p.data);
-        assert_eq!((c.optimizer.m, c.optimizer.v, c.optimizer.t), (opt.m, opt.v, opt.t));
+        assert_eq!((&c.optimizer().m, &c.optimizer().v, c.optimizer().t), (&opt.m, &opt.v, opt.t));
         std::fs::remove_dir_all(&dir).ok();
     }
 

@@ -18,9 +18,10 @@ use demovlp_retrieval::{retrieval_metrics, RetrievalMetrics, ScoreMode};
 
 use crate::config::{DataSection, DatasetConfig, LossSection, ModelSection, OptimConfig, ScheduleKind, TrainConfig, TrainSection};
 use crate::eval::{evaluate, EvalOptions, EvalSet};
+use crate::retrieval_task::{train, TrainInputs};
 use crate::synthetic::{CorpusConfig, Split, SyntheticCorpus};
 use crate::text::builtin_tokenizer;
-use crate::trainer::{train, RunOptions, TrainInputs};
+use crate::trainer::RunOptions;
 use demovlp_data::batches::{Dataset, InputShape};
 use demovlp_data::Sample;
 
@@ -324,7 +325,8 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
             val: Some(val.clone()),
             tokenizer: tok.clone(),
         };
-        let run_opts = RunOptions { resume: false, init: None, quiet: opts.quiet, stop: opts.stop.clone() };
+        // The demo owns its run directories: a rerun replaces them.
+        let run_opts = RunOptions { resume: false, init: None, force: true, quiet: opts.quiet, stop: opts.stop.clone() };
         let pre = train(&inputs, &run_opts)?;
         if pre.interrupted {
             bail!("interrupted during pre-training; resumable checkpoint: {}", pre.latest.display());

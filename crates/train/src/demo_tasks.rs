@@ -21,17 +21,20 @@ use demovlp_data::batches::{Dataset, InputShape};
 use demovlp_data::FeatureSource;
 use demovlp_kernels::rng::Rng;
 use demovlp_model::qa::{QaHead, QaHeadConfig, QaModel};
-use demovlp_model::{AdamW, Model};
+use demovlp_model::{Cpu, Model};
 
 use crate::config::{DatasetConfig, OptimConfig, ScheduleKind};
 use crate::demo::{stage_config, DemoOptions, DemoSizes};
 use crate::eval::EvalSet;
 use crate::mc::{evaluate_mc, McOptions};
-use crate::qa_train::{evaluate_qa, train_epoch, QaSet, QaTrainOptions, Vocabulary};
+use crate::qa::load_qa_dir;
+use crate::qa_task::{loop_settings as qa_loop_settings, QaTask, BEST_DIR};
+use crate::qa_train::{evaluate_qa, QaConfig, QaSet, Vocabulary};
+use crate::retrieval_task::{train, TrainInputs};
 use crate::synthetic::questions::{answer_vocabulary, questions};
 use crate::synthetic::{ClipSpec, Split, SyntheticCorpus};
 use crate::text::builtin_tokenizer;
-use crate::trainer::{train, RunOptions, TrainInputs};
+use crate::trainer::RunOptions;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DemoTask {
@@ -100,7 +103,8 @@ fn retrieval_model(
         (&[ds_cfg(Split::PretrainVideo), ds_cfg(Split::PretrainImage)], &ds_cfg(Split::Val), tok_path.clone()),
     );
     say(format!("retrieval model: pre-training ({} epochs, 1 frame) ...", sizes.pretrain.epochs));
-    let run_opts = RunOptions { resume: false, init: None, quiet: opts.quiet, stop: opts.stop.clone() };
+    // The demo owns its run directories: a rerun replaces them.
+    let run_opts = RunOptions { resume: false, init: None, force: true, quiet: opts.quiet, stop: opts.stop.clone() };
     let inputs = TrainInputs {
         config: pre_cfg,
         train: vec![set(Split::PretrainVideo), set(Split::PretrainImage)],
@@ -213,7 +217,7 @@ pub fn run_task(task: DemoTask, opts: &DemoOptions) -> Result<TaskDemoReport> {
             let cfg = QaHeadConfig { dim: model.config.proj_dim, hidden: model.config.proj_dim, answers: vocab.label2ans.len() };
             let mut head = QaHead::new(cfg);
             head.init_random(opts.seed ^ 0x4EAD);
-            let mut qa = QaModel::new(model, head);
+            let qa = QaModel::new(model, head);
             // 1e-3 in the first epoch, 3e-3 up to the milestone, then 3e-4 (measured on the quick
             // corpus: 10 epochs of 55 steps). The full corpus has 5x the questions per epoch:
             // 4 epochs of ~275 steps, to stay within 10 minutes on 2 cores.
@@ -230,9 +234,6 @@ pub fn run_task(task: DemoTask, opts: &DemoOptions) -> Result<TaskDemoReport> {
                 warmup_steps: 0,
                 min_lr: 0.0,
             };
-            let mk = |n: usize| AdamW::new(n, optim.lr, 0.9, 0.999, 1e-6, 0.0);
-            let (mut ot, mut oh) = (mk(qa.base.params.len()), mk(qa.head.params.len()));
-            let o = QaTrainOptions { shape, batch_size: 32, seed: opts.seed, text_dropout: 0.1, attention_dropout: true };
             say(format!(
                 "QA: {} training questions ({} clips), {} validation, {} test; {} answers; {epochs} epochs",
                 train_set.questions.len(),
@@ -241,24 +242,29 @@ pub fn run_task(task: DemoTask, opts: &DemoOptions) -> Result<TaskDemoReport> {
                 test_set.questions.len(),
                 vocab.label2ans.len()
             ));
-            let mut best: Option<(f64, QaModel)> = None;
-            for epoch in 1..=epochs {
-                let lr = crate::schedule::step_rate(&optim, epoch);
-                let stop = opts.stop.as_deref();
-                let mut progress = crate::qa_train::EpochProgress::default();
-                let outcome = train_epoch(&mut qa, &mut ot, &mut oh, &train_set, &tok, &o, epoch, lr, &mut progress, &mut |_| {
-                    Ok(stop.is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst)))
-                })?;
-                let crate::qa_train::EpochOutcome::Finished { mean_loss: loss, .. } = outcome else {
-                    anyhow::bail!("stopped (interrupt) during QA epoch {epoch}");
-                };
-                let v = evaluate_qa(&mut qa, &val_set, &vocab, &tok, shape, 64)?;
-                say(format!("QA epoch {epoch}: train loss {loss:.3}, validation accuracy {:.1}%", v.accuracy));
-                if best.as_ref().is_none_or(|(b, _)| v.accuracy > *b) {
-                    best = Some((v.accuracy, qa.clone()));
+            // The shared training loop, in a scratch directory (the demo keeps nothing).
+            let scratch = std::env::temp_dir().join(format!("demovlp-demo-qa-{}", std::process::id()));
+            std::fs::remove_dir_all(&scratch).ok();
+            let cfg = demo_qa_config(&scratch, opts.seed, shape, optim, epochs);
+            let tok = Arc::new(tok);
+            let mut qa_task = QaTask::new(&cfg, None, &vocab, &train_set, Some(&val_set), &tok).with_initial(qa);
+            let settings = qa_loop_settings(&cfg)?;
+            let run_opts = RunOptions { quiet: opts.quiet, force: true, stop: opts.stop.clone(), ..Default::default() };
+            let r = crate::trainer::run(&Cpu, &mut qa_task, &settings, (vec![train_set.dataset.clone()], tok.clone()), &run_opts, None);
+            let best = r.and_then(|r| {
+                if r.interrupted {
+                    bail!("stopped (interrupt) during QA training, after {} steps", r.steps);
                 }
-            }
-            let (_, mut best) = best.expect("at least one epoch");
+                say(format!(
+                    "QA: {} epochs, best validation accuracy {:.1}% (epoch {})",
+                    r.epochs_done,
+                    r.best.unwrap_or(0.0),
+                    r.best_epoch.unwrap_or(0)
+                ));
+                Ok(load_qa_dir(&scratch.join(BEST_DIR))?.model)
+            });
+            std::fs::remove_dir_all(&scratch).ok();
+            let mut best = best?;
             let e = evaluate_qa(&mut best, &test_set, &vocab, &tok, shape, 64)?;
             // Baseline: the most frequent training answer, always.
             let mut counts = std::collections::HashMap::new();
@@ -300,6 +306,51 @@ pub fn run_task(task: DemoTask, opts: &DemoOptions) -> Result<TaskDemoReport> {
                 seconds: t0.elapsed().as_secs_f64(),
             })
         }
+    }
+}
+
+/// The QA demo's run config: batches of 32, dropout as published, validation batches of
+/// 64, everything in `out` (data come from memory, so the data paths are not read).
+fn demo_qa_config(out: &std::path::Path, seed: u64, shape: InputShape, optim: OptimConfig, epochs: usize) -> QaConfig {
+    use crate::qa_train::{QaDataSection, QaDatasetConfig, QaModelSection, QaTaskSection, QaTrainSection};
+    let in_memory = || QaDatasetConfig {
+        name: "in memory".into(),
+        format: "jsonl".into(),
+        annotations: "(in memory)".into(),
+        features: "(in memory)".into(),
+        mapping: None,
+        max_samples: None,
+    };
+    QaConfig {
+        name: "demo_qa".into(),
+        seed,
+        output_dir: out.to_path_buf(),
+        task: QaTaskSection { kind: "qa".into() },
+        model: QaModelSection::default(),
+        data: QaDataSection {
+            tokenizer: None,
+            text_len: shape.text_len,
+            frames: shape.frames,
+            regions: shape.regions,
+            batch_size: 32,
+            answers: "(in memory)".into(),
+            train: in_memory(),
+            val: None,
+            test: None,
+        },
+        optim,
+        train: QaTrainSection {
+            epochs,
+            log_every: 20,
+            attention_dropout: true,
+            text_dropout: 0.1,
+            eval_batch_size: 64,
+            checkpoint_every: 0,
+            max_steps: None,
+            accumulate_steps: 1,
+            early_stopping_patience: None,
+        },
+        dist: Default::default(),
     }
 }
 

@@ -17,11 +17,11 @@ use std::path::Path;
 
 use anyhow::{bail, ensure, Context, Result};
 use demovlp_model::io::{
-    atomic_write, infer_config, load_all_params, params_as_tensors, read_safetensors, read_weights, select_prefix, write_safetensors_refs,
-    LoadReport, Tensor,
+    atomic_write, infer_config, load_all_params, read_safetensors, read_weights, select_prefix, write_safetensors_streamed, LoadReport,
+    Tensor,
 };
 use demovlp_model::qa::{QaHead, QaHeadConfig, QaModel};
-use demovlp_model::{declare_params, Model, ModelConfig};
+use demovlp_model::{declare_params, Backend, Model, ModelConfig};
 
 pub const WEIGHTS_FILE: &str = "model.safetensors";
 pub const CONFIG_FILE: &str = "config.json";
@@ -41,17 +41,43 @@ pub fn is_qa_dir(dir: &Path) -> bool {
 
 /// Write a QA model directory (see the module docs), each file atomically.
 pub fn save_qa_dir(model: &QaModel, answers: Option<&[String]>, dir: &Path) -> Result<()> {
+    save_qa_dir_on(&demovlp_model::Cpu, model, answers, dir)
+}
+
+/// [`save_qa_dir`] of a model on any backend: the weights are read back one tensor at a
+/// time (no host copy of the whole model).
+pub fn save_qa_dir_on<B: Backend>(be: &B, model: &QaModel<B>, answers: Option<&[String]>, dir: &Path) -> Result<()> {
     ensure!(answers.is_none_or(|a| a.len() == model.head.config.answers), "answer vocabulary size differs from the head's");
     fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let mut cfg = serde_json::to_value(&model.base.config)?;
     cfg.as_object_mut().context("model config is not an object")?.insert(HEAD_KEY.into(), serde_json::to_value(model.head.config)?);
-    let mut tensors = params_as_tensors(&model.base.params);
-    tensors.extend(params_as_tensors(&model.head.params));
-    write_safetensors_refs(&dir.join(WEIGHTS_FILE), &tensors, &[("format".into(), "pt".into())])?;
+    let groups = [&model.base.params, &model.head.params];
+    let mut tensors = Vec::new();
+    let mut source = Vec::new();
+    for (g, p) in groups.iter().enumerate() {
+        for (i, s) in p.specs().iter().enumerate() {
+            tensors.push((s.name.clone(), s.shape.clone()));
+            source.push((g, i));
+        }
+    }
+    let mut fetch = |i: usize, sink: &mut dyn FnMut(&[f32]) -> Result<()>| -> Result<()> {
+        let (g, k) = source[i];
+        let p = groups[g];
+        be.read_host(B::slice(B::view(&p.data), p.range(demovlp_model::ParamId(k))), |h| sink(h))
+    };
+    write_safetensors_streamed(&dir.join(WEIGHTS_FILE), &tensors, &[("format".into(), "pt".into())], &mut fetch)?;
     if let Some(a) = answers {
         atomic_write(&dir.join(ANSWERS_FILE), (serde_json::to_string(a)? + "\n").as_bytes())?;
     }
     atomic_write(&dir.join(CONFIG_FILE), (serde_json::to_string_pretty(&cfg)? + "\n").as_bytes())
+}
+
+/// A QA model's parameters moved onto the backend `be`.
+pub fn qa_model_on<B: Backend>(be: &B, m: &QaModel) -> QaModel<B> {
+    let cpu = demovlp_model::Cpu;
+    let base = Model::from_params_on(be.clone(), m.base.config.clone(), m.base.params.to_backend(&cpu, be));
+    let head = QaHead::from_params_on(be.clone(), m.head.config, m.head.params.to_backend(&cpu, be));
+    QaModel::new(base, head)
 }
 
 /// A loaded QA model directory.

@@ -1,5 +1,6 @@
-//! Video QA fine-tuning and evaluation (SPEC §8; issue 13 C): the retrieval model plus the
-//! BUTD head ([`demovlp_model::qa`]), cross-entropy over the answer vocabulary.
+//! Video QA configs, data and evaluation (SPEC §8): the retrieval model plus the BUTD head
+//! ([`demovlp_model::qa`]), cross-entropy over the answer vocabulary. Training runs in the
+//! shared loop as [`crate::qa_task::QaTask`].
 //!
 //! - Datasets: MSRVTT-QA and TGIF-FrameQA (JSONL), MSVD-QA (JSON list + answer set + YouTube
 //!   mapping), and our own JSONL: one `{"clip", "question", "answer", "answer_type"?}` per
@@ -8,39 +9,30 @@
 //! - Training skips (and counts) questions whose answer is outside the vocabulary; the
 //!   published loader fails on them.
 //! - Schedule (published): AdamW, lr `first_epoch_lr` (1e-4) for the first epoch, then
-//!   `lr × gamma^k` (2e-4 × 0.1 per milestone 2, 4, 8 passed) — [`crate::schedule::step_rate`].
-//!   One AdamW for the towers, one for the head (unfused: the head is small).
-//! - Dropout: text tower (published 0.1) and the head's attention dropout (0.2), both
-//!   reseeded from (seed, epoch, step) before every step, and the epoch's batch plan drawn
-//!   from (seed, epoch): resuming from the end of an epoch is bit-exact.
+//!   `lr × gamma^k` (2e-4 × 0.1 per milestone 2, 4, 8 passed); `schedule = "cosine"` and
+//!   `warmup_steps` as for retrieval ([`crate::schedule::learning_rate`]).
 //! - Model selection on validation accuracy (the published monitor is a loss that is never
 //!   accumulated). Evaluation: overall and per answer type via
 //!   [`demovlp_retrieval::qa_metrics`], plus the share of questions whose answer is outside
 //!   the vocabulary (the accuracy ceiling is 100 − that share).
-//!
-//! Run directory: `last/` (QA model directory + `adamw_towers.safetensors`,
-//! `adamw_head.safetensors`, `state.json`), `best/` (QA model directory with the answer
-//! vocabulary), `log.jsonl` (one JSON object per logged step and per epoch), `config.toml`.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
 use demovlp_data::annotations::{read_jsonl_qa, read_msvd_qa, QaSample};
-use demovlp_data::batches::{assemble, batch_seed, derive_seed, epoch_plan, epoch_seed, Dataset, Draw, InputShape};
+use demovlp_data::batches::{assemble, Dataset, Draw, InputShape};
 use demovlp_data::{FeatureSource, Sample};
 use demovlp_model::qa::{QaHead, QaHeadConfig, QaModel};
-use demovlp_model::{AdamW, TextDropout};
+use demovlp_model::Backend;
 use demovlp_retrieval::mc::argmax_first;
 use demovlp_retrieval::qa_metrics::{qa_metrics, QaRecord};
 use serde::Deserialize;
 
-use crate::config::OptimConfig;
-use crate::qa::{load_qa_dir, save_qa_dir};
+use crate::config::{DistSection, OptimConfig};
+use crate::qa::load_qa_dir;
 use crate::text::Tokenizer;
 
 // ---------------------------------------------------------------------------------------
@@ -54,17 +46,20 @@ pub struct QaConfig {
     #[serde(default)]
     pub seed: u64,
     pub output_dir: PathBuf,
-    pub task: QaTask,
+    pub task: QaTaskSection,
     #[serde(default)]
     pub model: QaModelSection,
     pub data: QaDataSection,
     pub optim: OptimConfig,
     pub train: QaTrainSection,
+    /// Data-parallel runs: timeouts (see the retrieval config's `[dist]`).
+    #[serde(default)]
+    pub dist: DistSection,
 }
 
 #[derive(Clone, Debug, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct QaTask {
+pub struct QaTaskSection {
     /// Must be `"qa"`.
     pub kind: String,
 }
@@ -148,6 +143,17 @@ pub struct QaTrainSection {
     /// `--resume` with a larger or no limit continues).
     #[serde(default)]
     pub max_steps: Option<u64>,
+    /// Micro-batches per optimiser step (their gradients averaged; see retrieval's
+    /// `accumulate_steps`): a step's global batch is `batch_size × world size × this`.
+    #[serde(default = "default_one")]
+    pub accumulate_steps: usize,
+    /// Stop after this many epochs without a better validation accuracy.
+    #[serde(default)]
+    pub early_stopping_patience: Option<usize>,
+}
+
+fn default_one() -> usize {
+    1
 }
 
 fn default_hidden() -> usize {
@@ -193,6 +199,7 @@ impl QaConfig {
             }
         }
         ensure!(c.train.epochs >= 1, "train.epochs must be >= 1");
+        ensure!(c.train.accumulate_steps >= 1, "train.accumulate_steps must be >= 1");
         ensure!((0.0..1.0).contains(&c.train.text_dropout), "train.text_dropout must be in [0, 1)");
         ensure!(c.model.hidden >= 1, "model.hidden must be >= 1");
         let o = &c.optim;
@@ -329,104 +336,7 @@ impl QaSet {
 }
 
 // ---------------------------------------------------------------------------------------
-// training and evaluation
-
-/// Options of the step loop.
-#[derive(Clone, Copy, Debug)]
-pub struct QaTrainOptions {
-    pub shape: InputShape,
-    pub batch_size: usize,
-    pub seed: u64,
-    pub text_dropout: f32,
-    pub attention_dropout: bool,
-}
-
-/// Seeds of an epoch's batch plan and draws, and of every step's dropout.
-fn step_seed(seed: u64, epoch: usize, step: usize, stream: u64) -> u64 {
-    derive_seed(seed ^ stream, epoch as u64, step as u64)
-}
-
-/// Where an epoch stands: batches of its plan done and the sum of their losses (what a
-/// mid-epoch checkpoint saves, so that resuming continues the same plan).
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct EpochProgress {
-    pub done: usize,
-    pub loss_sum: f64,
-}
-
-/// What [`train_epoch`] passes to its `after_step` callback after every optimiser step.
-pub struct StepDone<'a> {
-    /// The step's index in the epoch's plan (0-based).
-    pub step: usize,
-    /// Steps in the epoch's plan.
-    pub planned: usize,
-    pub loss: f32,
-    pub model: &'a QaModel,
-    pub opt_towers: &'a AdamW,
-    pub opt_head: &'a AdamW,
-    /// Progress including this step.
-    pub progress: EpochProgress,
-}
-
-/// How an epoch ended.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum EpochOutcome {
-    /// Every batch done: the mean loss over the epoch's steps and their number.
-    Finished { mean_loss: f64, steps: usize },
-    /// `after_step` asked to stop; `progress` says where.
-    Stopped,
-}
-
-/// One epoch (1-based) of training on `set` (answerable questions only) at learning rate
-/// `lr`, starting after the `progress.done` batches of the epoch's plan already done (a
-/// resumed run; 0 for a new epoch). After every step `after_step` is called (logging,
-/// checkpoints); it returns `true` to stop there. Batches of fewer than 2 questions are
-/// dropped, as in retrieval.
-#[allow(clippy::too_many_arguments)]
-pub fn train_epoch(
-    model: &mut QaModel,
-    opt_towers: &mut AdamW,
-    opt_head: &mut AdamW,
-    set: &QaSet,
-    tok: &Tokenizer,
-    o: &QaTrainOptions,
-    epoch: usize,
-    lr: f32,
-    progress: &mut EpochProgress,
-    after_step: &mut dyn FnMut(StepDone<'_>) -> Result<bool>,
-) -> Result<EpochOutcome> {
-    ensure!(set.questions.iter().all(|q| q.label.is_some()), "{}: training questions need answers in the vocabulary", set.name);
-    let es = epoch_seed(o.seed, epoch);
-    let plan = epoch_plan(&[set.questions.len()], o.batch_size, None, es, true);
-    ensure!(
-        progress.done <= plan.len(),
-        "{}: epoch {epoch} has {} batches, but {} are recorded as done (a checkpoint of another data set or batch size?)",
-        set.name,
-        plan.len(),
-        progress.done
-    );
-    opt_towers.lr = lr;
-    opt_head.lr = lr;
-    for (step, spec) in plan.iter().enumerate().skip(progress.done) {
-        let b = assemble(&set.dataset, &spec.indices, o.shape, tok, Draw::Train { seed: batch_seed(es, step) }, false)?;
-        let labels: Vec<usize> = b.sample_ids.iter().map(|&i| set.questions[i].label.unwrap()).collect();
-        let p = o.text_dropout;
-        model.base.set_text_dropout(TextDropout { hidden: p, attention: p }, step_seed(o.seed, epoch, step, 0x7E47));
-        model.set_attention_dropout(o.attention_dropout, step_seed(o.seed, epoch, step, 0xA77E));
-        let batch = crate::trainer::batch_ref(&b);
-        let out = model.forward_backward(&batch, &labels);
-        ensure!(out.loss.is_finite(), "{}: loss is not finite at epoch {epoch} step {step}", set.name);
-        opt_towers.step(&mut model.base.params);
-        opt_head.step(&mut model.head.params);
-        progress.done = step + 1;
-        progress.loss_sum += out.loss as f64;
-        let done = StepDone { step, planned: plan.len(), loss: out.loss, model, opt_towers, opt_head, progress: *progress };
-        if after_step(done)? && progress.done < plan.len() {
-            return Ok(EpochOutcome::Stopped);
-        }
-    }
-    Ok(EpochOutcome::Finished { mean_loss: progress.loss_sum / plan.len().max(1) as f64, steps: plan.len() })
-}
+// evaluation
 
 /// What an evaluation found.
 #[derive(Clone, Debug)]
@@ -445,8 +355,8 @@ pub struct QaEval {
 
 /// Predict every question (no dropout; the middle frame of each segment) and score it as the
 /// published `evaluate_qa` does.
-pub fn evaluate_qa(
-    model: &mut QaModel,
+pub fn evaluate_qa<B: Backend>(
+    model: &mut QaModel<B>,
     set: &QaSet,
     vocab: &Vocabulary,
     tok: &Tokenizer,
@@ -466,7 +376,8 @@ pub fn evaluate_qa(
     for chunk in idx.chunks(batch_size.max(1)) {
         let b = assemble(&set.dataset, chunk, shape, tok, Draw::Eval, false)?;
         let batch = crate::trainer::batch_ref(&b);
-        let logits = model.forward(&batch, false);
+        let be = model.base.backend().clone();
+        let logits = be.to_host(model.forward(&batch, false));
         ensure!(logits.iter().all(|x| x.is_finite()), "{}: non-finite logits", set.name);
         predictions.extend(logits.chunks(na).map(argmax_first));
     }
@@ -512,80 +423,6 @@ pub fn init_qa_model(init: &Path, hidden: usize, answers: usize, seed: u64) -> R
     let mut head = QaHead::new(QaHeadConfig { dim: base.config.proj_dim, hidden, answers });
     head.init_random(seed);
     Ok(QaModel::new(base, head))
-}
-
-// ---------------------------------------------------------------------------------------
-// the run
-
-/// The resumable state written at the end of every epoch (`last/state.json`).
-#[derive(Clone, Debug, PartialEq, serde::Serialize, Deserialize)]
-pub struct QaRunState {
-    /// Epochs finished.
-    pub epoch: usize,
-    pub global_step: u64,
-    pub best_accuracy: Option<f64>,
-    pub best_epoch: Option<usize>,
-    pub skipped_out_of_vocabulary: usize,
-    /// Batches of epoch `epoch + 1` already done (a mid-epoch checkpoint), and their loss sum.
-    #[serde(default)]
-    pub batch_in_epoch: usize,
-    #[serde(default)]
-    pub epoch_loss_sum: f64,
-}
-
-#[derive(Debug)]
-pub struct QaRunReport {
-    pub state: QaRunState,
-    pub test: Option<QaEval>,
-    pub output_dir: PathBuf,
-    /// Stopped by SIGINT/SIGTERM (a resumable `last/` was written).
-    pub interrupted: bool,
-    /// Stopped at `max_steps` (a resumable `last/` was written).
-    pub stopped_at_max_steps: bool,
-}
-
-fn log_line(path: &Path, v: &serde_json::Value) -> Result<()> {
-    let mut f =
-        std::fs::OpenOptions::new().create(true).append(true).open(path).with_context(|| format!("{}: cannot append", path.display()))?;
-    writeln!(f, "{v}")?;
-    Ok(())
-}
-
-fn open_set(ds: &QaDatasetConfig, vocab: &Vocabulary, answers_path: &Path) -> Result<QaSet> {
-    let q = read_qa_dataset(ds, vocab, answers_path)?;
-    let src =
-        crate::annotations::open_features(&ds.features).with_context(|| format!("{}: features {}", ds.name, ds.features.display()))?;
-    Ok(QaSet::new(&ds.name, q, src))
-}
-
-/// `last/` of a run: written into `last.partial/` and swapped in by renames, so that an
-/// interruption while saving leaves the previous `last/` (or `last.prev/`) whole.
-fn save_last(out: &Path, model: &QaModel, vocab: &Vocabulary, opt_t: &AdamW, opt_h: &AdamW, state: &QaRunState) -> Result<()> {
-    let (last, partial, prev) = (out.join("last"), out.join("last.partial"), out.join("last.prev"));
-    if partial.exists() {
-        std::fs::remove_dir_all(&partial).with_context(|| format!("cannot remove {}", partial.display()))?;
-    }
-    save_qa_dir(model, Some(&vocab.label2ans), &partial)?;
-    opt_t.save(&partial.join("adamw_towers.safetensors"))?;
-    opt_h.save(&partial.join("adamw_head.safetensors"))?;
-    demovlp_model::io::atomic_write(&partial.join("state.json"), (serde_json::to_string_pretty(state)? + "\n").as_bytes())?;
-    if last.exists() {
-        if prev.exists() {
-            std::fs::remove_dir_all(&prev).with_context(|| format!("cannot remove {}", prev.display()))?;
-        }
-        std::fs::rename(&last, &prev).with_context(|| format!("cannot rename {} to {}", last.display(), prev.display()))?;
-    }
-    std::fs::rename(&partial, &last).with_context(|| format!("cannot rename {} to {}", partial.display(), last.display()))?;
-    if prev.exists() {
-        std::fs::remove_dir_all(&prev).with_context(|| format!("cannot remove {}", prev.display()))?;
-    }
-    Ok(())
-}
-
-/// The directory a resume reads: `last/`, or `last.prev/` when a save was cut off between
-/// its two renames.
-fn resumable_dir(out: &Path) -> Option<PathBuf> {
-    [out.join("last"), out.join("last.prev")].into_iter().find(|d| d.join("state.json").exists())
 }
 
 /// The loss and validation-accuracy plots of a QA run (`loss.svg`, `accuracy.svg`), drawn
@@ -634,200 +471,6 @@ pub fn write_qa_plots(out: &Path, name: &str) -> Result<()> {
     let svg = line_chart(&format!("{name}: validation accuracy"), "epoch", "accuracy (%)", &series);
     std::fs::write(out.join("accuracy.svg"), svg).with_context(|| format!("cannot write {}", out.join("accuracy.svg").display()))?;
     Ok(())
-}
-
-/// Fine-tune (or resume) a QA model as `cfg` says; evaluate the best model on the test set.
-/// A stop (the `stop` flag: SIGINT/SIGTERM, or `max_steps`) writes a resumable `last/` at
-/// the step it happens and returns without testing (`interrupted` / `stopped_at_max_steps`);
-/// `resume` continues it bit for bit, mid-epoch included.
-pub fn run_qa(cfg: &QaConfig, init: Option<&Path>, resume: bool, stop: Option<&AtomicBool>, quiet: bool) -> Result<QaRunReport> {
-    let vocab = Vocabulary::read(&cfg.data.answers)?;
-    let tok = match &cfg.data.tokenizer {
-        Some(p) => crate::text::load_tokenizer(p)?,
-        None => crate::text::builtin_tokenizer()?,
-    };
-    let out = cfg.output_dir.clone();
-    let log = out.join("log.jsonl");
-    let train_all = open_set(&cfg.data.train, &vocab, &cfg.data.answers)?;
-    let (train, skipped) = train_all.answerable();
-    ensure!(!train.questions.is_empty(), "{}: no training question has its answer in the vocabulary", cfg.data.train.name);
-    let val = cfg.data.val.as_ref().map(|d| open_set(d, &vocab, &cfg.data.answers)).transpose()?;
-    let test = cfg.data.test.as_ref().map(|d| open_set(d, &vocab, &cfg.data.answers)).transpose()?;
-    let na = vocab.label2ans.len();
-    let s = cfg.optim.clone();
-    let adamw = |n: usize| AdamW::new(n, s.lr, s.betas[0], s.betas[1], s.eps, s.weight_decay);
-
-    let resume_dir = if resume { resumable_dir(&out) } else { None };
-    let (mut model, mut opt_t, mut opt_h, mut state) = if let Some(last) = resume_dir {
-        let state_path = last.join("state.json");
-        let st: QaRunState =
-            serde_json::from_str(&std::fs::read_to_string(&state_path)?).with_context(|| state_path.display().to_string())?;
-        let m = load_qa_dir(&last)?.model;
-        ensure!(m.head.config.answers == na, "{}: the head has {} answers, the vocabulary {na}", last.display(), m.head.config.answers);
-        let ot = AdamW::load(&last.join("adamw_towers.safetensors"), m.base.params.len())?;
-        let oh = AdamW::load(&last.join("adamw_head.safetensors"), m.head.params.len())?;
-        if !quiet {
-            let at = if st.batch_in_epoch > 0 {
-                format!(" (step {}, batch {} of epoch {})", st.global_step, st.batch_in_epoch, st.epoch + 1)
-            } else {
-                String::new()
-            };
-            eprintln!("resuming {} after epoch {}{at}", out.display(), st.epoch);
-        }
-        (m, ot, oh, st)
-    } else {
-        ensure!(!resume || !log.exists(), "{}: --resume, but no last/state.json", out.display());
-        ensure!(!log.exists(), "{}: holds a run already (log.jsonl); pass --resume or choose another output_dir", out.display());
-        let init = init.or(cfg.model.init.as_deref()).context("no initial model: give --init or [model] init")?;
-        let m = init_qa_model(init, cfg.model.hidden, na, cfg.seed)?;
-        let (nt, nh) = (m.base.params.len(), m.head.params.len());
-        let st = QaRunState {
-            epoch: 0,
-            global_step: 0,
-            best_accuracy: None,
-            best_epoch: None,
-            skipped_out_of_vocabulary: skipped,
-            batch_in_epoch: 0,
-            epoch_loss_sum: 0.0,
-        };
-        (m, adamw(nt), adamw(nh), st)
-    };
-    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
-    std::fs::write(out.join("config.toml"), toml::to_string_pretty(cfg)?)?;
-    if state.epoch == 0 && state.global_step == 0 && !quiet {
-        eprintln!(
-            "{}: {} training questions ({skipped} skipped: answer outside the {na}-answer vocabulary), {} per batch",
-            cfg.name,
-            train.questions.len(),
-            cfg.data.batch_size
-        );
-    }
-    let o = QaTrainOptions {
-        shape: cfg.shape(),
-        batch_size: cfg.data.batch_size,
-        seed: cfg.seed,
-        text_dropout: cfg.train.text_dropout,
-        attention_dropout: cfg.train.attention_dropout,
-    };
-    let stopped = || stop.is_some_and(|s| s.load(Ordering::SeqCst));
-    let at_max = |step: u64| cfg.train.max_steps.is_some_and(|m| step >= m);
-    let (mut interrupted, mut stopped_at_max_steps) = (false, false);
-    let every = cfg.train.log_every.max(1);
-    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let mut last_line = Instant::now();
-    let t_run = Instant::now();
-    for epoch in state.epoch + 1..=cfg.train.epochs {
-        if stopped() || at_max(state.global_step) {
-            (interrupted, stopped_at_max_steps) = (stopped(), !stopped());
-            break;
-        }
-        let t0 = Instant::now();
-        let lr = crate::schedule::step_rate(&cfg.optim, epoch);
-        let g0 = state.global_step - state.batch_in_epoch as u64;
-        let mut progress = EpochProgress { done: state.batch_in_epoch, loss_sum: state.epoch_loss_sum };
-        let mut save_error: Option<anyhow::Error> = None;
-        let mut after_step = |d: StepDone<'_>| -> Result<bool> {
-            let g = g0 + d.progress.done as u64;
-            if g.is_multiple_of(every) {
-                log_line(&log, &serde_json::json!({"kind": "step", "epoch": epoch, "step": g, "loss": d.loss, "lr": lr}))?;
-                if !quiet {
-                    last_line = Instant::now();
-                    eprintln!("  epoch {epoch} step {g}: loss {:.4}, lr {lr:e}", d.loss);
-                }
-            }
-            // Without a terminal: a plain progress line every few seconds (logs of batch jobs).
-            if !quiet && !tty && last_line.elapsed().as_secs_f64() >= demovlp_data::plain_progress_interval() {
-                eprintln!(
-                    "{}: epoch {epoch}, batch {}/{}, step {g}, loss {:.4}, lr {lr:.2e}, {:.0}s",
-                    cfg.name,
-                    d.progress.done,
-                    d.planned,
-                    d.loss,
-                    t_run.elapsed().as_secs_f64()
-                );
-                last_line = Instant::now();
-            }
-            let stop_here = stopped() || at_max(g);
-            let periodic = cfg.train.checkpoint_every > 0 && g.is_multiple_of(cfg.train.checkpoint_every);
-            if periodic && !stop_here && d.progress.done < d.planned {
-                let mid =
-                    QaRunState { global_step: g, batch_in_epoch: d.progress.done, epoch_loss_sum: d.progress.loss_sum, ..state.clone() };
-                if let Err(e) = save_last(&out, d.model, &vocab, d.opt_towers, d.opt_head, &mid) {
-                    save_error = Some(e);
-                    return Ok(true);
-                }
-            }
-            Ok(stop_here)
-        };
-        let outcome = train_epoch(&mut model, &mut opt_t, &mut opt_h, &train, &tok, &o, epoch, lr, &mut progress, &mut after_step)?;
-        if let Some(e) = save_error {
-            return Err(e.context(format!("{}: writing the mid-epoch checkpoint", out.display())));
-        }
-        let (loss, steps) = match outcome {
-            EpochOutcome::Stopped => {
-                state.global_step = g0 + progress.done as u64;
-                state.batch_in_epoch = progress.done;
-                state.epoch_loss_sum = progress.loss_sum;
-                (interrupted, stopped_at_max_steps) = (stopped(), !stopped());
-                let why = if interrupted { "interrupt" } else { "max_steps" };
-                log_line(
-                    &log,
-                    &serde_json::json!({"kind": "stop", "reason": why, "epoch": epoch, "step": state.global_step, "batch_in_epoch": progress.done}),
-                )?;
-                break;
-            }
-            EpochOutcome::Finished { mean_loss, steps } => (mean_loss, steps),
-        };
-        state.global_step = g0 + steps as u64;
-        state.batch_in_epoch = 0;
-        state.epoch_loss_sum = 0.0;
-        let val_eval = val.as_ref().map(|v| evaluate_qa(&mut model, v, &vocab, &tok, o.shape, cfg.train.eval_batch_size)).transpose()?;
-        let mut line = serde_json::json!({
-            "kind": "epoch", "epoch": epoch, "step": state.global_step, "train_loss": loss, "lr": lr, "seconds": t0.elapsed().as_secs_f64(),
-        });
-        let better = match &val_eval {
-            Some(e) => {
-                line["val_accuracy"] = e.accuracy.into();
-                line["val_metrics"] = e.metrics.clone();
-                state.best_accuracy.is_none_or(|b| e.accuracy > b)
-            }
-            None => true, // no validation set: the last epoch is the best
-        };
-        if better {
-            state.best_accuracy = val_eval.as_ref().map(|e| e.accuracy);
-            state.best_epoch = Some(epoch);
-            save_qa_dir(&model, Some(&vocab.label2ans), &out.join("best"))?;
-        }
-        state.epoch = epoch;
-        save_last(&out, &model, &vocab, &opt_t, &opt_h, &state)?;
-        line["best_epoch"] = state.best_epoch.into();
-        log_line(&log, &line)?;
-        if !quiet {
-            eprintln!(
-                "epoch {epoch}: train loss {loss:.4}{}",
-                val_eval.map(|e| format!(", val accuracy {:.2}%{}", e.accuracy, if better { " (best)" } else { "" })).unwrap_or_default()
-            );
-        }
-    }
-    if interrupted || stopped_at_max_steps {
-        save_last(&out, &model, &vocab, &opt_t, &opt_h, &state)?;
-        write_qa_plots(&out, &cfg.name)?;
-        return Ok(QaRunReport { state, test: None, output_dir: out, interrupted, stopped_at_max_steps });
-    }
-    let test_eval = match &test {
-        Some(t) => {
-            let mut best = load_qa_dir(&out.join("best"))?.model;
-            let e = evaluate_qa(&mut best, t, &vocab, &tok, o.shape, cfg.train.eval_batch_size)?;
-            log_line(
-                &log,
-                &serde_json::json!({"kind": "test", "test": t.name, "accuracy": e.accuracy, "out_of_vocabulary": e.out_of_vocabulary, "metrics": e.metrics}),
-            )?;
-            Some(e)
-        }
-        None => None,
-    };
-    write_qa_plots(&out, &cfg.name)?;
-    Ok(QaRunReport { state, test: test_eval, output_dir: out, interrupted: false, stopped_at_max_steps: false })
 }
 
 #[cfg(test)]
@@ -992,11 +635,18 @@ eval_batch_size = 20
 
     #[test]
     fn qa_training_skips_oov_selects_on_val_and_resumes_bit_exactly() {
+        use crate::checkpoint::{self, LATEST};
+        use crate::qa_task::run_qa;
+        use crate::trainer::RunOptions;
+        let quiet = || RunOptions { quiet: true, ..Default::default() };
+        let state = |d: &Path| checkpoint::load(&d.join(LATEST)).unwrap().state;
         let dir = demovlp_testutil::tmpdir("qa-train");
         let mut cfg = synthetic_run(&dir, 3);
-        let straight = run_qa(&cfg, None, false, None, true).unwrap();
-        assert_eq!(straight.state.skipped_out_of_vocabulary, 1, "the zebra question is skipped and counted");
-        assert_eq!(straight.state.epoch, 3);
+        let straight = run_qa(&cfg, &quiet()).unwrap();
+        assert_eq!(straight.skipped_out_of_vocabulary, 1, "the zebra question is skipped and counted");
+        assert_eq!(straight.result.epochs_done, 3);
+        // Pinned before the training loops became one: every refactoring keeps these bits.
+        demovlp_testutil::assert_pinned("qa/resume", &straight.result.params_hash, &[("avx512", "6ee6221bf376e190")]);
         let test = straight.test.as_ref().unwrap();
         assert_eq!(test.out_of_vocabulary, 0.0);
         assert!(test.metrics["number_acc"].as_f64().is_some() && test.metrics["color_acc"].as_f64().is_some());
@@ -1004,25 +654,25 @@ eval_batch_size = 20
         // one with the highest.
         let log = std::fs::read_to_string(dir.join("run/log.jsonl")).unwrap();
         let epochs: Vec<serde_json::Value> =
-            log.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).filter(|v| v.get("train_loss").is_some()).collect();
+            log.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).filter(|v| v["kind"] == "epoch").collect();
         assert_eq!(epochs.len(), 3);
         let accs: Vec<f64> = epochs.iter().map(|e| e["val_accuracy"].as_f64().unwrap()).collect();
         let best = (0..3).fold(0, |b, i| if accs[i] > accs[b] { i } else { b });
-        assert_eq!(straight.state.best_epoch, Some(best + 1), "{accs:?}");
-        assert_eq!(straight.state.best_accuracy, Some(accs[best]));
-        let last = load_qa_dir(&dir.join("run/last")).unwrap().model;
+        assert_eq!(straight.result.best_epoch, Some(best + 1), "{accs:?}");
+        assert_eq!(straight.result.best, Some(accs[best]));
+        assert!(dir.join("run/best/model.safetensors").is_file() && dir.join("run/best/answers.json").is_file());
+        let want = state(&dir.join("run"));
 
         // Interrupted after 1 epoch, resumed to 3: the same bits.
         cfg.output_dir = dir.join("run2");
         cfg.train.epochs = 1;
-        run_qa(&cfg, None, false, None, true).unwrap();
-        assert!(run_qa(&cfg, None, false, None, true).unwrap_err().to_string().contains("--resume"), "a second fresh run is refused");
+        run_qa(&cfg, &quiet()).unwrap();
+        let e = run_qa(&cfg, &quiet()).unwrap_err().to_string();
+        assert!(e.contains("--resume") && e.contains("--force"), "a second fresh run is refused: {e}");
         cfg.train.epochs = 3;
-        let resumed = run_qa(&cfg, None, true, None, true).unwrap();
-        assert_eq!(resumed.state, straight.state);
-        let last2 = load_qa_dir(&dir.join("run2/last")).unwrap().model;
-        assert!(last2.base.params.data == last.base.params.data, "towers differ after resuming");
-        assert!(last2.head.params.data == last.head.params.data, "head differs after resuming");
+        let resumed = run_qa(&cfg, &RunOptions { resume: true, ..quiet() }).unwrap();
+        assert_eq!(resumed.result.params_hash, straight.result.params_hash, "parameters differ after resuming");
+        assert_eq!(state(&dir.join("run2")), want);
         assert_eq!(resumed.test.unwrap().predictions, test.predictions);
 
         // Stopped mid-epoch (max_steps inside epoch 2, and a periodic checkpoint before it),
@@ -1032,21 +682,16 @@ eval_batch_size = 20
         cfg.output_dir = dir.join("run3");
         cfg.train.checkpoint_every = 2;
         cfg.train.max_steps = Some(per_epoch + 1);
-        let part = run_qa(&cfg, None, false, None, true).unwrap();
-        assert!(part.stopped_at_max_steps && !part.interrupted && part.test.is_none());
-        assert_eq!((part.state.epoch, part.state.batch_in_epoch, part.state.global_step), (1, 1, per_epoch + 1));
-        let saved: QaRunState = serde_json::from_str(&std::fs::read_to_string(dir.join("run3/last/state.json")).unwrap()).unwrap();
-        assert_eq!(saved, part.state, "last/ holds the stopping step");
-        // A save cut off between its renames leaves last.prev/, which resume reads.
-        std::fs::rename(dir.join("run3/last"), dir.join("run3/last.prev")).unwrap();
+        let part = run_qa(&cfg, &quiet()).unwrap();
+        assert!(!part.result.finished && !part.result.interrupted && part.test.is_none());
+        let mid = state(&dir.join("run3"));
+        assert_eq!((mid.epoch, mid.batch_in_epoch, mid.step), (2, 1, per_epoch + 1), "the checkpoint holds the stopping step");
         cfg.train.max_steps = None;
-        let resumed = run_qa(&cfg, None, true, None, true).unwrap();
-        assert_eq!(resumed.state, straight.state);
-        let last3 = load_qa_dir(&dir.join("run3/last")).unwrap().model;
-        assert!(last3.base.params.data == last.base.params.data, "towers differ after a mid-epoch resume");
-        assert!(last3.head.params.data == last.head.params.data, "head differs after a mid-epoch resume");
-        assert!(!dir.join("run3/last.prev").exists() && !dir.join("run3/last.partial").exists());
-        // The step lines of the resumed run continue the numbering: every logged step once.
+        let resumed = run_qa(&cfg, &RunOptions { resume: true, ..quiet() }).unwrap();
+        assert_eq!(resumed.result.params_hash, straight.result.params_hash, "parameters differ after a mid-epoch resume");
+        assert_eq!(state(&dir.join("run3")), want);
+        // The step lines of the resumed run continue the numbering: every logged step once
+        // (every 5th, and each epoch's last).
         let log3 = std::fs::read_to_string(dir.join("run3/log.jsonl")).unwrap();
         let steps: Vec<u64> = log3
             .lines()
@@ -1054,13 +699,55 @@ eval_batch_size = 20
             .filter(|v| v["kind"] == "step")
             .map(|v| v["step"].as_u64().unwrap())
             .collect();
-        let want: Vec<u64> = (1..=3 * per_epoch).filter(|g| g % 5 == 0).collect();
-        assert_eq!(steps, want);
+        let want_steps: Vec<u64> = (1..=3 * per_epoch).filter(|g| g % 5 == 0 || g % per_epoch == 0).collect();
+        assert_eq!(steps, want_steps);
         // Plots: the loss per step and the validation accuracy per epoch and answer type.
         let loss_svg = std::fs::read_to_string(dir.join("run3/loss.svg")).unwrap();
         assert!(loss_svg.starts_with("<svg") && loss_svg.contains("<polyline"), "{loss_svg}");
         let acc_svg = std::fs::read_to_string(dir.join("run3/accuracy.svg")).unwrap();
         assert!(acc_svg.contains(">overall<") && acc_svg.contains(">color<") && acc_svg.contains(">number<"), "{acc_svg}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn a_last_folder_of_the_earlier_release_resumes_to_the_same_bits() {
+        use crate::qa_task::run_qa;
+        use crate::trainer::RunOptions;
+        // testdata/compat/qa_last: the `last/` folder the release before the training loops
+        // became one wrote when the 3-epoch run of the test above stopped at max_steps in
+        // epoch 2 (its model and both optimisers gzipped).
+        let dir = demovlp_testutil::tmpdir("qa-compat");
+        let cfg = synthetic_run(&dir, 3);
+        let last = cfg.output_dir.join("last");
+        std::fs::create_dir_all(&last).unwrap();
+        let src = demovlp_testutil::testdata("compat/qa_last");
+        for f in ["model.safetensors", "adamw_towers.safetensors", "adamw_head.safetensors"] {
+            demovlp_testutil::gunzip(&src.join(format!("{f}.gz")), &last.join(f));
+        }
+        for f in ["state.json", "config.json", "answers.json"] {
+            std::fs::copy(src.join(f), last.join(f)).unwrap();
+        }
+        std::fs::write(cfg.output_dir.join("log.jsonl"), "").unwrap();
+        let r = run_qa(&cfg, &RunOptions { resume: true, quiet: true, ..Default::default() }).unwrap();
+        assert!(r.result.finished && r.test.is_some());
+        demovlp_testutil::assert_pinned("qa/resume", &r.result.params_hash, &[("avx512", "6ee6221bf376e190")]);
+        let c = crate::checkpoint::load(&cfg.output_dir.join(crate::checkpoint::LATEST)).unwrap();
+        assert_eq!(c.task, "qa");
+        assert_eq!(c.optimizers.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), ["towers", "head"]);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn qa_training_on_a_simulated_device_gives_the_cpus_bits() {
+        use crate::qa_task::{run_qa_on, QaData};
+        use crate::trainer::RunOptions;
+        use demovlp_model::backend::sim::SimDevice;
+        let dir = demovlp_testutil::tmpdir("qa-sim");
+        let cfg = synthetic_run(&dir, 3);
+        let quiet = RunOptions { quiet: true, ..Default::default() };
+        let r = run_qa_on(&SimDevice::new(), &cfg, &QaData::open(&cfg).unwrap(), &quiet, None).unwrap();
+        assert!(r.result.finished && r.test.is_some());
+        demovlp_testutil::assert_pinned("qa/resume", &r.result.params_hash, &[("avx512", "6ee6221bf376e190")]);
         std::fs::remove_dir_all(&dir).ok();
     }
 }

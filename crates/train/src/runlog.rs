@@ -9,9 +9,8 @@ use anyhow::{Context, Result};
 use demovlp_retrieval::RetrievalMetrics;
 use serde_json::json;
 
-use crate::config::TrainConfig;
 use crate::plot::{line_chart, Series};
-use crate::trainer::RunResult;
+use crate::run_types::RunResult;
 
 pub(crate) struct Log {
     /// None: a log that writes nothing (the ranks other than 0 of a data-parallel run).
@@ -88,10 +87,12 @@ pub fn write_plots(out: &Path, name: &str) -> Result<()> {
     Ok(())
 }
 
-pub(crate) fn summary_table(cfg: &TrainConfig, r: &RunResult, skipped: usize) -> String {
+/// The summary table of a run (the task adds its last evaluation's lines before the
+/// checkpoint paths).
+pub(crate) fn summary_table<E>(name: &str, r: &RunResult<E>, skipped: usize) -> String {
     let mut s = String::new();
     let line = "-".repeat(60);
-    s += &format!("{line}\n run {:<30} {}\n{line}\n", cfg.name, if r.interrupted { "INTERRUPTED (resumable)" } else { "done" });
+    s += &format!("{line}\n run {:<30} {}\n{line}\n", name, if r.interrupted { "INTERRUPTED (resumable)" } else { "done" });
     s += &format!(" {:<24} {}\n", "steps", r.steps);
     s += &format!(" {:<24} {}\n", "epochs", r.epochs_done);
     s += &format!(" {:<24} {:.1}\n", "seconds", r.seconds);
@@ -99,17 +100,11 @@ pub(crate) fn summary_table(cfg: &TrainConfig, r: &RunResult, skipped: usize) ->
     if let Some(b) = r.best {
         s += &format!(" {:<24} {b:.3} (epoch {})\n", format!("best {}", r.monitor), r.best_epoch.unwrap_or(0));
     }
-    if let Some(m) = &r.last_metrics {
-        s += &format!(" {:<10} {:>7} {:>7} {:>7} {:>7} {:>7}\n", "last val", "R@1", "R@5", "R@10", "MedR", "MeanR");
-        for (n, d) in [("t2v", &m.t2v), ("v2t", &m.v2t)] {
-            s += &format!(" {:<10} {:>7.2} {:>7.2} {:>7.2} {:>7.1} {:>7.1}\n", n, d.r1, d.r5, d.r10, d.medr, d.meanr);
-        }
-    }
     s += &format!(" {:<24} {}\n", "latest checkpoint", r.latest.display());
     if let Some(b) = &r.best_checkpoint {
         s += &format!(" {:<24} {}\n", "best checkpoint", b.display());
     }
-    s += &format!(" {:<24} {}\n", "log / plots", r.output_dir.join("log.jsonl, loss.svg, recall.svg").display());
+    s += &format!(" {:<24} {}\n", "log / plots", r.output_dir.join("log.jsonl").display());
     s += &format!("{line}\n");
     s
 }

@@ -10,13 +10,20 @@ use demovlp_data::batches::{part_range, Dataset, InputShape, Loader, LoaderConfi
 use demovlp_kernels::rng::Rng;
 use demovlp_model::{AdamW, TextDropout};
 use demovlp_retrieval::LossConfig;
+use demovlp_testutil::assert_pinned;
 use demovlp_train::checkpoint::{self, LATEST};
+use demovlp_train::retrieval_task::{train, TrainInputs};
 use demovlp_train::schedule::learning_rate;
 use demovlp_train::synthetic::{CorpusConfig, Split, SyntheticCorpus};
 use demovlp_train::text::builtin_tokenizer;
-use demovlp_train::trainer::{batch_ref, fresh_state, part_dropout_seed, train, RunOptions, TrainInputs};
+use demovlp_train::trainer::{batch_ref, fresh_state, part_dropout_seed, RunOptions};
 use demovlp_train::weights::build_model;
 use demovlp_train::TrainConfig;
+
+/// The final parameters of each test's run, pinned before the training loops became one:
+/// every refactoring keeps these bits.
+const PIN_ONE_PART: &[(&str, &str)] = &[("avx512", "90740210aeb21243")];
+const PIN_THREE_PARTS: &[(&str, &str)] = &[("avx512", "fea95c10b5183ff1")];
 
 fn tmp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("demovlp-accumulate-{name}-{}", std::process::id()));
@@ -110,12 +117,17 @@ fn loader(inp: &TrainInputs) -> Loader {
 }
 
 fn trained(inp: &TrainInputs) -> Vec<u32> {
+    trained_hash(inp).0
+}
+
+/// The final parameters' bits and the run's `params_hash`.
+fn trained_hash(inp: &TrainInputs) -> (Vec<u32>, String) {
     let r = train(inp, &RunOptions { quiet: true, ..Default::default() }).unwrap();
     assert!(!r.interrupted);
     let ck = checkpoint::load(&r.output_dir.join(LATEST)).unwrap();
     let mut m = build_model(&inp.config, None).unwrap();
     ck.fill_params(&mut m.params).unwrap();
-    m.params.data.iter().map(|x| x.to_bits()).collect()
+    (m.params.data.iter().map(|x| x.to_bits()).collect(), r.params_hash)
 }
 
 fn loss_cfg(cfg: &TrainConfig) -> LossConfig {
@@ -126,7 +138,8 @@ fn loss_cfg(cfg: &TrainConfig) -> LossConfig {
 fn one_part_per_step_is_the_fused_single_batch_loop() {
     let out = tmp("one");
     let inp = inputs(&out, 1);
-    let got = trained(&inp);
+    let (got, hash) = trained_hash(&inp);
+    assert_pinned("accumulate/one_part", &hash, PIN_ONE_PART);
 
     let cfg = &inp.config;
     let l = loader(&inp);
@@ -158,7 +171,8 @@ fn one_part_per_step_is_the_fused_single_batch_loop() {
 fn three_parts_are_summed_in_order_scaled_and_stepped_once() {
     let out = tmp("three");
     let inp = inputs(&out, 3);
-    let got = trained(&inp);
+    let (got, hash) = trained_hash(&inp);
+    assert_pinned("accumulate/three_parts", &hash, PIN_THREE_PARTS);
 
     let cfg = &inp.config;
     let l = loader(&inp);
@@ -197,4 +211,44 @@ fn three_parts_are_summed_in_order_scaled_and_stepped_once() {
     assert!(trained(&inputs(&tmp("three-one"), 1)) != want);
     std::fs::remove_dir_all(&out).ok();
     std::fs::remove_dir_all(tmp("three-one")).ok();
+}
+
+#[test]
+fn on_a_simulated_device_three_parts_and_two_ranks_give_the_cpus_bits() {
+    use demovlp_model::backend::sim::SimDevice;
+    use demovlp_train::dist::{Identity, Launch, TcpCollective, Timeouts};
+    use demovlp_train::retrieval_task::train_on;
+    use demovlp_train::trainer::Dist;
+    let quiet = RunOptions { quiet: true, ..Default::default() };
+    // Accumulation on the device (add_in_place, scale): the pinned CPU bits.
+    let out = tmp("sim-three");
+    let r = train_on(&SimDevice::new(), &inputs(&out, 3), &quiet, None).unwrap();
+    assert_pinned("accumulate/three_parts", &r.params_hash, PIN_THREE_PARTS);
+    std::fs::remove_dir_all(&out).ok();
+
+    // Two ranks (threads, the TCP engine over 127.0.0.1), each on its own simulated device,
+    // against one CPU process accumulating two parts.
+    let one = tmp("cpu-two-parts");
+    let want = train(&inputs(&one, 2), &quiet).unwrap().params_hash;
+    std::fs::remove_dir_all(&one).ok();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let two = tmp("sim-two-ranks");
+    let ranks: Vec<_> = (0..2)
+        .map(|rank| {
+            let out = two.clone();
+            std::thread::spawn(move || {
+                let launch = Launch { rank, world: 2, local_rank: rank, master_addr: "127.0.0.1".into(), rdzv_port: port, sources: vec![] };
+                let t = Timeouts { io: std::time::Duration::from_secs(60), rendezvous: std::time::Duration::from_secs(60) };
+                let id = Identity { config_hash: "c".into(), binary_hash: "b".into(), resume: false };
+                let coll = TcpCollective::join(&launch, &id, t, &|_| {}).unwrap();
+                let dist = Dist { coll: Box::new(coll), local_rank: rank };
+                train_on(&SimDevice::new(), &inputs(&out, 1), &RunOptions { quiet: true, ..Default::default() }, Some(dist))
+                    .unwrap()
+                    .params_hash
+            })
+        })
+        .collect();
+    let hashes: Vec<String> = ranks.into_iter().map(|h| h.join().unwrap()).collect();
+    assert_eq!(hashes, [want.clone(), want], "2 ranks on simulated devices vs one CPU process accumulating 2 parts");
+    std::fs::remove_dir_all(&two).ok();
 }

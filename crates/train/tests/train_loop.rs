@@ -8,13 +8,17 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use demovlp_data::batches::Dataset;
+use demovlp_data::batches::{InputShape, Loader, LoaderConfig};
 use demovlp_data::FeatureSource;
+use demovlp_model::backend::sim::SimDevice;
+use demovlp_testutil::assert_pinned;
 use demovlp_train::checkpoint::{self, LATEST};
 use demovlp_train::demo::{self, DemoOptions, DemoSizes, Stage};
 use demovlp_train::eval::EvalSet;
+use demovlp_train::retrieval_task::{train, train_on, TrainInputs};
 use demovlp_train::synthetic::{CorpusConfig, Split, SyntheticCorpus};
 use demovlp_train::text::builtin_tokenizer;
-use demovlp_train::trainer::{train, RunOptions, TrainInputs};
+use demovlp_train::trainer::RunOptions;
 use demovlp_train::TrainConfig;
 
 fn tmp(name: &str) -> PathBuf {
@@ -140,8 +144,13 @@ type Params = Vec<(String, Vec<usize>, Vec<f32>)>;
 
 fn final_state(out: &Path) -> (Params, Vec<f32>, Vec<f32>, u64, checkpoint::TrainerState) {
     let c = checkpoint::load(&out.join(LATEST)).unwrap();
-    (c.params, c.optimizer.m, c.optimizer.v, c.optimizer.t, c.state)
+    let o = c.optimizer().clone();
+    (c.params, o.m, o.v, o.t, c.state)
 }
+
+/// The final parameters of the 10-step run (straight, resumed, and after Ctrl-C), pinned
+/// before the training loops became one: every refactoring keeps these bits.
+const PIN_RESUME: &[(&str, &str)] = &[("avx512", "190a8f171951dd3a")];
 
 #[test]
 fn resume_continues_exactly_and_ctrl_c_saves_a_resumable_checkpoint() {
@@ -150,6 +159,7 @@ fn resume_continues_exactly_and_ctrl_c_saves_a_resumable_checkpoint() {
     let straight = tmp("straight");
     let r = train(&inputs(&straight, Some(10), corpus.clone(), &corpus), &quiet()).unwrap();
     assert_eq!(r.steps, 10);
+    assert_pinned("train_loop/resume", &r.params_hash, PIN_RESUME);
     let want = final_state(&straight);
 
     // Half, then resume to the same total.
@@ -163,6 +173,7 @@ fn resume_continues_exactly_and_ctrl_c_saves_a_resumable_checkpoint() {
     second.config.data.workers = 1;
     let r = train(&second, &RunOptions { resume: true, ..quiet() }).unwrap();
     assert_eq!(r.steps, 10);
+    assert_pinned("train_loop/resume", &r.params_hash, PIN_RESUME);
     let got = final_state(&split);
     assert!(got.0 == want.0, "weights differ after resume");
     assert!(got.1 == want.1 && got.2 == want.2 && got.3 == want.3, "optimiser state differs after resume");
@@ -178,6 +189,7 @@ fn resume_continues_exactly_and_ctrl_c_saves_a_resumable_checkpoint() {
     assert!(r.interrupted && r.steps < 10, "{r:?}");
     let r = train(&inputs(&ctrlc, Some(10), corpus.clone(), &corpus), &RunOptions { resume: true, ..quiet() }).unwrap();
     assert_eq!(r.steps, 10);
+    assert_pinned("train_loop/resume", &r.params_hash, PIN_RESUME);
     assert!(final_state(&ctrlc).0 == want.0, "weights differ after Ctrl-C + resume");
 
     // Logs and plots are written; the log holds steps and evaluations.
@@ -189,6 +201,92 @@ fn resume_continues_exactly_and_ctrl_c_saves_a_resumable_checkpoint() {
     for d in [straight, split, ctrlc] {
         std::fs::remove_dir_all(d).ok();
     }
+}
+
+#[test]
+fn a_checkpoint_of_the_earlier_release_resumes_to_the_same_bits() {
+    // testdata/compat/retrieval_v1_step5.safetensors.gz: step 5 of the 10-step run above,
+    // written by the release before the training loops became one (checkpoint layout v1).
+    let corpus = corpus();
+    let out = tmp("compat-v1");
+    std::fs::create_dir_all(&out).unwrap();
+    demovlp_testutil::gunzip(&testdata("compat/retrieval_v1_step5.safetensors.gz"), &out.join(LATEST));
+    let c = checkpoint::load(&out.join(LATEST)).unwrap();
+    assert_eq!((c.task.as_str(), c.state.step, c.optimizers.len()), ("retrieval", 5, 1));
+    let r = train(&inputs(&out, Some(10), corpus.clone(), &corpus), &RunOptions { resume: true, ..quiet() }).unwrap();
+    assert_eq!(r.steps, 10);
+    assert_pinned("train_loop/resume", &r.params_hash, PIN_RESUME);
+    // It is rewritten in the current layout, which loads the same way.
+    let c = checkpoint::load(&out.join(LATEST)).unwrap();
+    assert_eq!((c.task.as_str(), c.state.step, c.optimizers[0].0.as_str()), ("retrieval", 10, "model"));
+    std::fs::remove_dir_all(&out).ok();
+}
+
+/// Distinct word ids other than [PAD] (0): the word-table rows a fused step updates by row.
+fn distinct_ids(ids: &[i64]) -> u64 {
+    let mut d: Vec<i64> = ids.iter().copied().filter(|&i| i != 0).collect();
+    d.sort_unstable();
+    d.dedup();
+    d.len() as u64
+}
+
+#[test]
+fn on_a_simulated_device_the_loop_gives_the_cpus_bits_and_a_step_moves_only_its_batch() {
+    let corpus = corpus();
+    let sim = SimDevice::new();
+    // The 10-step run of the resume test, stopped at 5 and resumed, on a device whose memory
+    // starts as NaN and is reachable only through transfers: the CPU's bits.
+    let out = tmp("sim-resume");
+    assert_eq!(train_on(&sim, &inputs(&out, Some(5), corpus.clone(), &corpus), &quiet(), None).unwrap().steps, 5);
+    let r = train_on(&sim, &inputs(&out, Some(10), corpus.clone(), &corpus), &RunOptions { resume: true, ..quiet() }, None).unwrap();
+    assert_eq!(r.steps, 10);
+    assert_pinned("train_loop/resume", &r.params_hash, PIN_RESUME);
+    std::fs::remove_dir_all(&out).ok();
+
+    // One step's cost: a run of 3 steps minus a run of 2 (no validation, the same start and
+    // the same final checkpoint). Written down in bytes: what the batch must upload and the
+    // scalars it must read back, plus what the model and the backend trait move today on
+    // top, each term named (see crates/model/tests/sim_device.rs).
+    let counts = |steps: u64| {
+        let out = tmp(&format!("sim-steps{steps}"));
+        let mut inp = inputs(&out, Some(steps), corpus.clone(), &corpus);
+        inp.val = None;
+        sim.reset();
+        train_on(&sim, &inp, &quiet(), None).unwrap();
+        std::fs::remove_dir_all(&out).ok();
+        (sim.snapshot(), inp)
+    };
+    let (two, _) = counts(2);
+    let (three, inp) = counts(3);
+    let step = three - two;
+    assert_eq!(step.allocations, 0, "a training step after the first allocates nothing");
+    assert_eq!(step.syncs, 1, "one synchronisation: the losses' read-back");
+    let cfg = &inp.config;
+    let loader = Loader::new(
+        inp.train.clone(),
+        inp.tokenizer.clone(),
+        LoaderConfig {
+            batch_size: cfg.data.batch_size,
+            shape: InputShape { frames: cfg.data.frames, regions: cfg.data.regions, text_len: cfg.data.text_len },
+            seed: cfg.seed,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let b = loader.batch(1, 2).unwrap();
+    let (n, nr, l) = (b.batch as u64, (b.frames * b.regions) as u64, b.text_len as u64);
+    let (f32s, index) = (4u64, 8u64);
+    let upload = n * nr * 2054 * f32s // region features, once per step
+        + n * l * index // token ids
+        + n * l * f32s // attention mask (the text tower's additive mask)
+        + n * (1 + nr) * f32s; // object mask (the video tower's additive mask, CLS + regions)
+    let upload_extra = n * (l - 1) * f32s // the losses' word mask, built again on the host
+        + n * l * index // the token ids again: the embeddings' backward takes host values
+        + 2 * distinct_ids(&b.input_ids) * index; // the fused step's word-table rows (backward, AdamW)
+    let read_back = 3 * f32s; // loss_total, loss_global, loss_local
+    let read_back_extra = n * n * f32s * if cfg.loss.use_local { 2 } else { 1 }; // LossOutputs' similarity matrices
+    assert_eq!(step.h2d_bytes, upload + upload_extra, "bytes host→device of one step");
+    assert_eq!(step.d2h_bytes, read_back + read_back_extra, "bytes device→host of one step");
 }
 
 #[test]

@@ -107,5 +107,6 @@ pub type State = (Vec<(String, Vec<usize>, Vec<f32>)>, Vec<f32>, Vec<f32>, u64, 
 
 pub fn final_state(out: &Path) -> State {
     let c = checkpoint::load(&out.join(LATEST)).unwrap();
-    (c.params, c.optimizer.m, c.optimizer.v, c.optimizer.t, c.state)
+    let o = c.optimizer().clone();
+    (c.params, o.m, o.v, o.t, c.state)
 }

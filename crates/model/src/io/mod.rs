@@ -33,7 +33,7 @@ pub use model_dir::{
     import_weights, import_weights_report, load_hf_text_dir, load_model_dir, save_model_dir, save_params_dir, CONFIG_FILE, WEIGHTS_FILE,
 };
 pub use safetensors::{
-    atomic_write, atomic_write_with, decode_tensor, read_safetensors, write_safetensors, write_safetensors_refs, SafetensorsFile, Tensor,
-    TensorData, TensorRef,
+    atomic_write, atomic_write_with, decode_tensor, read_safetensors, write_safetensors, write_safetensors_refs,
+    write_safetensors_streamed, SafetensorsFile, Tensor, TensorData, TensorRef, TensorSource,
 };
 pub use vit::{init_video_from_vit, load_vit_blocks, timm_vit_to_ours};

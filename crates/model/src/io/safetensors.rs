@@ -131,31 +131,103 @@ pub const CHECKSUM_KEY: &str = "demovlp_checksum";
 /// is a bijection of the running state for a fixed input word, so a change confined to
 /// one word (a flipped bit) always changes the result.
 fn checksum<'a>(tensors: impl Iterator<Item = (&'a str, &'a [usize], Cow<'a, [u8]>)>) -> String {
-    fn mix(h: u64, w: u64) -> u64 {
-        (h ^ w).wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29)
-    }
-    fn bytes(mut h: u64, b: &[u8]) -> u64 {
-        h = mix(h, b.len() as u64);
-        let mut words = b.chunks_exact(8);
-        for w in &mut words {
-            h = mix(h, u64::from_le_bytes(w.try_into().unwrap()));
-        }
-        for &x in words.remainder() {
-            h = mix(h, x as u64);
-        }
-        h
-    }
     let mut all: Vec<_> = tensors.collect();
     all.sort_by(|a, b| a.0.cmp(b.0));
-    let mut h = 0x6465_6d6f_766c_7031u64;
+    let mut h = Checksum::new();
     for (name, shape, data) in all {
-        h = bytes(h, name.as_bytes());
-        for &d in shape {
-            h = mix(h, d as u64);
-        }
-        h = bytes(h, &data);
+        h.tensor(name, shape, &data);
     }
-    format!("v1:{h:016x}")
+    h.finish()
+}
+
+/// The running state of [`checksum`], fed tensor by tensor in name order.
+struct Checksum(u64);
+
+impl Checksum {
+    fn new() -> Self {
+        Checksum(0x6465_6d6f_766c_7031)
+    }
+    fn mix(&mut self, w: u64) {
+        self.0 = (self.0 ^ w).wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29);
+    }
+    fn bytes(&mut self, b: &[u8]) {
+        self.mix(b.len() as u64);
+        let mut words = b.chunks_exact(8);
+        for w in &mut words {
+            self.mix(u64::from_le_bytes(w.try_into().unwrap()));
+        }
+        for &x in words.remainder() {
+            self.mix(x as u64);
+        }
+    }
+    fn tensor(&mut self, name: &str, shape: &[usize], data: &[u8]) {
+        self.bytes(name.as_bytes());
+        for &d in shape {
+            self.mix(d as u64);
+        }
+        self.bytes(data);
+    }
+    fn finish(&self) -> String {
+        format!("v1:{:016x}", self.0)
+    }
+}
+
+/// Where [`write_safetensors_streamed`] gets a tensor's values: `fetch(i, sink)` hands the
+/// values of tensor `i` of the list to `sink` (e.g. read back from a device one tensor at a
+/// time), and may be called twice per tensor (checksum, then write).
+pub type TensorSource<'a> = dyn FnMut(usize, &mut dyn FnMut(&[f32]) -> Result<()>) -> Result<()> + 'a;
+
+/// [`write_safetensors_refs`] for f32 tensors that are not in host memory as a whole: each
+/// is fetched on its own when needed, so writing never holds more than one tensor's bytes.
+/// Same bytes, checksum and atomicity as [`write_safetensors_refs`].
+pub fn write_safetensors_streamed(
+    path: &Path,
+    tensors: &[(String, Vec<usize>)],
+    metadata: &[(String, String)],
+    fetch: &mut TensorSource<'_>,
+) -> Result<()> {
+    use std::io::Write;
+    let mut order: Vec<usize> = (0..tensors.len()).collect();
+    order.sort_by(|&a, &b| tensors[a].0.cmp(&tensors[b].0));
+    if let Some(w) = order.windows(2).find(|w| tensors[w[0]].0 == tensors[w[1]].0) {
+        bail!("{}: tensor {} given twice", path.display(), tensors[w[0]].0);
+    }
+    let mut sum = Checksum::new();
+    for &i in &order {
+        let (name, shape) = &tensors[i];
+        let n: usize = shape.iter().product();
+        fetch(i, &mut |v: &[f32]| {
+            if v.len() != n {
+                bail!("{}: tensor {name} has shape {shape:?} but {} values", path.display(), v.len());
+            }
+            sum.tensor(name, shape, &as_le_bytes(v, f32::to_le_bytes));
+            Ok(())
+        })?;
+    }
+    let mut meta: BTreeMap<String, String> = metadata.iter().cloned().collect();
+    meta.insert(CHECKSUM_KEY.into(), sum.finish());
+    let mut header = BTreeMap::<String, serde_json::Value>::new();
+    header.insert("__metadata__".into(), serde_json::to_value(&meta)?);
+    let mut offset = 0usize;
+    for &i in &order {
+        let (name, shape) = &tensors[i];
+        let len = shape.iter().product::<usize>() * 4;
+        header.insert(name.clone(), serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + len]}));
+        offset += len;
+    }
+    let mut head = serde_json::to_vec(&header)?;
+    head.resize(head.len().div_ceil(8) * 8, b' ');
+    atomic_write_with(path, |tmp| {
+        let mut f = std::io::BufWriter::new(fs::File::create(tmp).with_context(|| format!("cannot create {}", tmp.display()))?);
+        f.write_all(&(head.len() as u64).to_le_bytes())?;
+        f.write_all(&head)?;
+        for &i in &order {
+            fetch(i, &mut |v: &[f32]| Ok(f.write_all(&as_le_bytes(v, f32::to_le_bytes))?))?;
+        }
+        f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        Ok(())
+    })
+    .with_context(|| format!("writing {}", path.display()))
 }
 
 /// Read every tensor of a safetensors file (floats → f32, integers → i64). A file that

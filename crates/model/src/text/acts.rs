@@ -114,6 +114,11 @@ impl<B: Backend> WordGradRows<B> {
         self.ids.extend(ids.iter().map(|&i| i as usize).filter(|&i| i != pad));
         self.ids.sort_unstable();
         self.ids.dedup();
+        // Room for the most rows a batch of this many tokens can touch, once: a later batch
+        // with more distinct ids then allocates nothing.
+        if B::buf_len(&self.grad) < ids.len() * dim {
+            be.fit(&mut self.grad, ids.len() * dim);
+        }
         be.fit(&mut self.grad, self.ids.len() * dim);
         be.embedding_backward_rows(ids, pad, &self.ids, dout, dim, B::view_mut(&mut self.grad));
     }
