@@ -67,9 +67,32 @@ pub struct EvalMcArgs {
     /// Write per-question predictions here (JSONL).
     #[arg(long)]
     pub predictions: Option<PathBuf>,
+    /// Where to compute the embeddings (and the GEMM precision on a GPU).
+    #[command(flatten)]
+    pub device: crate::device::DeviceArgs,
+}
+
+/// The multiple-choice evaluation of a model on whichever backend holds it.
+struct McJob<'a> {
+    questions: &'a [demovlp_data::annotations::McSample],
+    source: &'a std::sync::Arc<dyn demovlp_data::FeatureSource>,
+    tok: &'a demovlp_train::text::Tokenizer,
+    opt: &'a McOptions,
+    out: &'a mut Option<demovlp_train::mc::McResult>,
+}
+
+impl crate::device::OnModel for McJob<'_> {
+    fn run<B: demovlp_model::Backend>(self, mut model: demovlp_model::Model<B>, device: &str) -> Result<()> {
+        if device != "cpu" {
+            eprintln!("embedding on {device}");
+        }
+        *self.out = Some(evaluate_mc(&mut model, self.questions, self.source, self.tok, self.opt)?);
+        Ok(())
+    }
 }
 
 pub fn eval_mc(a: EvalMcArgs) -> Result<()> {
+    crate::device::check_available(&a.device)?;
     let cfg = a.config.as_deref().map(McConfig::parse_file).transpose()?;
     let test = cfg.as_ref().map(|c| &c.data.test);
     let questions_path =
@@ -108,7 +131,7 @@ pub fn eval_mc(a: EvalMcArgs) -> Result<()> {
         Some(p) => demovlp_train::text::load_tokenizer(p)?,
         None => demovlp_train::text::builtin_tokenizer()?,
     };
-    let mut model = demovlp_train::weights::load_model(&a.model)?;
+    let model = demovlp_train::weights::load_model(&a.model)?;
     if shape.frames > model.config.video.max_frames {
         bail!("{} frames, the model has temporal embeddings for {}", shape.frames, model.config.video.max_frames);
     }
@@ -123,7 +146,9 @@ pub fn eval_mc(a: EvalMcArgs) -> Result<()> {
         shape.frames,
         shape.regions
     );
-    let r = evaluate_mc(&mut model, &questions, &source, &tok, &opt)?;
+    let mut result = None;
+    crate::device::run_model(&a.device, model, McJob { questions: &questions, source: &source, tok: &tok, opt: &opt, out: &mut result })?;
+    let r = result.context("the evaluation ran")?;
     let mode = if a.reference_eval { "reference" } else { "aligned" };
     let (acc, pred, scores) = if a.reference_eval {
         (r.accuracy_reference, &r.scores.pred_reference, &r.scores.reference)

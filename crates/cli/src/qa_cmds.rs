@@ -210,11 +210,11 @@ impl crate::device::OnBackend for QaJob<'_> {
 }
 
 pub fn finetune_qa(a: FinetuneQaArgs) -> Result<()> {
+    crate::device::check_available(&a.device)?;
     let mut cfg = QaConfig::parse_file(&a.config)?;
     if let Some(o) = a.output_dir {
         cfg.output_dir = o;
     }
-    crate::device::check_available(&a.device)?;
     let launch = crate::train_cmds::resolve_launch(&a.dist)?;
     let rank = launch.as_ref().map_or(0, |l| l.rank);
     // Before the data are read: a run directory that cannot be used fails at once (the
@@ -300,10 +300,41 @@ pub struct EvalQaArgs {
     /// Write per-question predictions here (JSONL).
     #[arg(long)]
     pub predictions: Option<PathBuf>,
+    /// Where to compute (and the GEMM precision on a GPU).
+    #[command(flatten)]
+    pub device: crate::device::DeviceArgs,
+}
+
+/// `eval-qa`'s evaluation on whichever backend holds the model.
+struct EvalQaJob<'a> {
+    set: &'a demovlp_train::qa_train::QaSet,
+    vocab: &'a demovlp_train::qa_train::Vocabulary,
+    tok: &'a demovlp_train::text::Tokenizer,
+    cfg: &'a QaConfig,
+    out: &'a mut Option<demovlp_train::qa_train::QaEval>,
+}
+
+impl crate::device::OnQaModel for EvalQaJob<'_> {
+    fn run<B: Backend>(self, mut model: QaModel<B>, device: &str) -> Result<()> {
+        if device != "cpu" {
+            eprintln!("evaluating on {device}");
+        }
+        let e = demovlp_train::qa_train::evaluate_qa(
+            &mut model,
+            self.set,
+            self.vocab,
+            self.tok,
+            self.cfg.shape(),
+            self.cfg.train.eval_batch_size,
+        )?;
+        *self.out = Some(e);
+        Ok(())
+    }
 }
 
 pub fn eval_qa(a: EvalQaArgs) -> Result<()> {
-    use demovlp_train::qa_train::{evaluate_qa, read_qa_dataset, QaSet, Vocabulary};
+    use demovlp_train::qa_train::{read_qa_dataset, QaSet, Vocabulary};
+    crate::device::check_available(&a.device)?;
     let cfg = QaConfig::parse_file(&a.config)?;
     let ds = cfg
         .data
@@ -316,7 +347,7 @@ pub fn eval_qa(a: EvalQaArgs) -> Result<()> {
     if let Some(ans) = &dir.answers {
         ensure!(ans == &vocab.label2ans, "{}: the model's answers.json differs from {}", a.model.display(), cfg.data.answers.display());
     }
-    let mut model = dir.model;
+    let model = dir.model;
     let tok = match &cfg.data.tokenizer {
         Some(p) => demovlp_train::text::load_tokenizer(p)?,
         None => demovlp_train::text::builtin_tokenizer()?,
@@ -324,7 +355,9 @@ pub fn eval_qa(a: EvalQaArgs) -> Result<()> {
     let source = demovlp_train::annotations::open_features(&ds.features)?;
     let set = QaSet::new(&ds.name, read_qa_dataset(ds, &vocab, &cfg.data.answers)?, source);
     eprintln!("evaluating {} on {}: {} questions", a.model.display(), ds.name, set.questions.len());
-    let e = evaluate_qa(&mut model, &set, &vocab, &tok, cfg.shape(), cfg.train.eval_batch_size)?;
+    let mut result = None;
+    crate::device::run_qa_model(&a.device, model, EvalQaJob { set: &set, vocab: &vocab, tok: &tok, cfg: &cfg, out: &mut result })?;
+    let e = result.context("the evaluation ran")?;
     if let Some(p) = &a.predictions {
         let mut out = String::new();
         for (q, r) in set.questions.iter().zip(&e.records) {

@@ -21,6 +21,12 @@ fn device_cuda_without_a_gpu_exits_1_with_the_reason() {
         &["selftest", "--device", "cuda"],
         // The device is checked before the model and the config are read.
         &["eval", "--model", "no-such-model", "--config", "no-such.toml", "--device", "cuda"],
+        // Training and the downstream evaluations: no more "CPU only".
+        &["pretrain", "--config", "no-such.toml", "--device", "cuda"],
+        &["finetune", "--config", "no-such.toml", "--device", "cuda"],
+        &["finetune-qa", "--config", "no-such.toml", "--device", "cuda"],
+        &["eval-qa", "--model", "no-such-model", "--config", "no-such.toml", "--device", "cuda"],
+        &["eval-mc", "--model", "no-such-model", "--questions", "q.jsonl", "--features", "f", "--device", "cuda"],
     ] {
         let out = demovlp(args);
         let stderr = String::from_utf8_lossy(&out.stderr);

@@ -160,3 +160,58 @@ fn finetune_qa_sigterm_mid_epoch_exits_143_and_resume_is_bit_exact() {
     assert!(resumed["accuracy"].is_number(), "{resumed}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn finetune_qa_accumulating_two_parts_is_two_ranks_and_follows_its_schedule() {
+    let dir = tmpdir("qa-train-cli-dist");
+    setup(&dir, 2, "log_every = 1");
+    let p = |f: &str| dir.join(f).display().to_string();
+    // A cosine schedule with warm-up (the QA loop used to keep the rate constant).
+    let text = std::fs::read_to_string(dir.join("qa.toml")).unwrap();
+    let text = text.replace("schedule = \"step\"", "schedule = \"cosine\"\nwarmup_steps = 3\nmin_lr = 1e-5");
+    std::fs::write(dir.join("ranks.toml"), &text).unwrap();
+    std::fs::write(dir.join("accumulate.toml"), text.replace("log_every = 1", "log_every = 1\naccumulate_steps = 2")).unwrap();
+    let (ok, out, err) = demovlp(&["finetune-qa", "--config", &p("accumulate.toml"), "--init", &p("init"), "--output-dir", &p("one")]);
+    assert!(ok, "{err}");
+    let one: Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+
+    // torchrun's variables; the rendezvous is on MASTER_PORT + 1.
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let ranks: Vec<_> = (0..2)
+        .map(|r| {
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_demovlp"));
+            cmd.args(["finetune-qa", "--config", &p("ranks.toml"), "--init", &p("init"), "--output-dir", &p("two")]);
+            for k in ["SLURM_PROCID", "SLURM_NTASKS", "SLURM_JOB_NODELIST", "LOCAL_RANK"] {
+                cmd.env_remove(k);
+            }
+            cmd.env("RANK", r.to_string())
+                .env("WORLD_SIZE", "2")
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", (free - 1).to_string());
+            cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap()
+        })
+        .collect();
+    for (r, child) in ranks.into_iter().enumerate() {
+        let o = child.wait_with_output().unwrap();
+        assert!(o.status.success(), "rank {r}: {}", String::from_utf8_lossy(&o.stderr));
+        let line: Value = serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().last().unwrap()).unwrap();
+        assert_eq!(line["params_hash"], one["params_hash"], "rank {r} vs one process accumulating two parts");
+        assert_eq!((line["rank"].as_u64(), line["world_size"].as_u64()), (Some(r as u64), Some(2)));
+    }
+
+    // Every logged step carries its learning rate: a linear warm-up over 3 steps, then the
+    // cosine decay towards min_lr.
+    let lrs: Vec<f64> = std::fs::read_to_string(dir.join("one/log.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|v| v["kind"] == "step")
+        .map(|v| v["lr"].as_f64().unwrap())
+        .collect();
+    assert!(lrs.len() >= 6, "{lrs:?}");
+    for (k, lr) in lrs[..3].iter().enumerate() {
+        assert!((lr - 1e-3 * (k + 1) as f64 / 3.0).abs() < 1e-9, "warm-up step {k}: {lrs:?}");
+    }
+    assert!(lrs[3..].windows(2).all(|w| w[1] < w[0]) && *lrs.last().unwrap() < 0.5e-3, "cosine decay: {lrs:?}");
+    std::fs::remove_dir_all(&dir).ok();
+}

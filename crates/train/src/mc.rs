@@ -262,8 +262,8 @@ pub struct McResult {
 }
 
 /// Embed every option and clip and score the questions.
-pub fn evaluate_mc(
-    model: &mut Model,
+pub fn evaluate_mc<B: demovlp_model::Backend>(
+    model: &mut Model<B>,
     questions: &[McSample],
     source: &Arc<dyn FeatureSource>,
     tok: &Tokenizer,
