@@ -42,15 +42,17 @@ use std::sync::Arc;
 
 /// Blocks of 256 threads for `n` elements (grid-stride loops cover the rest).
 fn blocks(n: usize) -> (u32, u32, u32) {
-    (n.div_ceil(256).clamp(1, 8192) as u32, 1, 1)
+    crate::geometry::elementwise(n).grid
 }
-const T256: (u32, u32, u32) = (256, 1, 1);
+const T256: (u32, u32, u32) = (crate::geometry::ELEMENTWISE_THREADS, 1, 1);
 
-/// Launches `$name` with the arguments' values (each must have the kernel parameter's type).
+/// Launches `$name` with the arguments' values (each must have the kernel parameter's type);
+/// the kernel is looked up at compile time ([`crate::kernel_index`]).
 macro_rules! launch {
-    ($be:expr, $name:literal, $grid:expr, $block:expr, $shared:expr; $($arg:expr),* $(,)?) => {
-        $be.inner.launch($name, $grid, $block, $shared, &mut [$( &mut { $arg } as *mut _ as *mut c_void ),*])
-    };
+    ($be:expr, $name:literal, $grid:expr, $block:expr, $shared:expr; $($arg:expr),* $(,)?) => {{
+        const K: usize = $crate::kernel_index($name);
+        $be.inner.launch(K, $grid, $block, $shared, &mut [$( &mut { $arg } as *mut _ as *mut c_void ),*])
+    }};
 }
 
 /// The CUDA backend: a cheap handle (its context, stream, cuBLAS handle and kernels are shared).
@@ -230,7 +232,7 @@ impl Backend for CudaBackend {
             if grads == Grads::Overwrite {
                 self.inner.zero(db.ptr, dout);
             }
-            launch!(self, "sum_rows_into", blocks(dout), T256, 0; db.ptr, dy.ptr, dout as i64, n as i64);
+            self.column_sums(db.ptr, dy.ptr, n, dout);
         }
     }
     fn linear_backward_input(&self, dy: DevView<'_>, w: DevView<'_>, dx: DevViewMut<'_>, n: usize, din: usize, dout: usize) {
@@ -253,7 +255,8 @@ impl Backend for CudaBackend {
             return;
         }
         self.inner.bind();
-        launch!(self, "layernorm_forward", (rows as u32, 1, 1), T256, 0; x.ptr, w.ptr, b.ptr, eps, y.ptr, mean.ptr, rstd.ptr, rows as i64, dim as i32);
+        let g = crate::geometry::layernorm_rows(rows);
+        launch!(self, "layernorm_forward", g.grid, g.block, 0; x.ptr, w.ptr, b.ptr, eps, y.ptr, mean.ptr, rstd.ptr, rows as i64, dim as i32);
     }
     fn layernorm_backward(
         &self,
@@ -272,8 +275,17 @@ impl Backend for CudaBackend {
             return;
         }
         self.inner.bind();
-        launch!(self, "layernorm_backward_dx", (rows as u32, 1, 1), T256, 0; x.ptr, w.ptr, mean.ptr, rstd.ptr, dy.ptr, dx.ptr, rows as i64, dim as i32);
-        launch!(self, "layernorm_backward_dwdb", (dim.div_ceil(128) as u32, 1, 1), (128, 1, 1), 0; x.ptr, mean.ptr, rstd.ptr, dy.ptr, dw.ptr, db.ptr, rows as i64, dim as i32);
+        let g = crate::geometry::layernorm_rows(rows);
+        launch!(self, "layernorm_backward_dx", g.grid, g.block, 0; x.ptr, w.ptr, mean.ptr, rstd.ptr, dy.ptr, dx.ptr, rows as i64, dim as i32);
+        // dw, db: two deterministic passes over many blocks (crate::geometry).
+        let (chunk, chunks) = crate::geometry::col_chunks(rows);
+        let g = crate::geometry::col_partial(rows, dim);
+        let mut s = crate::lock(&self.inner.scratch);
+        let pw = self.inner.grow(&mut s.partial, chunks * dim * F as usize);
+        let pb = self.inner.grow(&mut s.partial2, chunks * dim * F as usize);
+        launch!(self, "layernorm_dwdb_partial", g.grid, g.block, 0; x.ptr, mean.ptr, rstd.ptr, dy.ptr, rows as i64, dim as i32, chunk as i64, pw, pb);
+        launch!(self, "col_sums_finish", blocks(dim), T256, 0; pw, chunks as i64, dim as i64, dw.ptr);
+        launch!(self, "col_sums_finish", blocks(dim), T256, 0; pb, chunks as i64, dim as i64, db.ptr);
     }
 
     fn gelu_forward(&self, x: DevView<'_>, y: DevViewMut<'_>) {
@@ -311,7 +323,7 @@ impl Backend for CudaBackend {
     fn sum_rows_into(&self, acc: DevViewMut<'_>, x: DevView<'_>) {
         self.inner.bind();
         let rows = x.len / acc.len.max(1);
-        launch!(self, "sum_rows_into", blocks(acc.len), T256, 0; acc.ptr, x.ptr, acc.len as i64, rows as i64);
+        self.column_sums(acc.ptr, x.ptr, rows, acc.len);
     }
     fn masked<'a>(&self, x: DevView<'a>, mask: Option<DevView<'a>>, buf: &'a mut DevBuf) -> DevView<'a> {
         match mask {
@@ -355,8 +367,8 @@ impl Backend for CudaBackend {
         out: DevViewMut<'_>,
     ) {
         self.inner.bind();
-        let grid = (s.seq as u32, s.heads as u32, s.batch as u32);
-        launch!(self, "attention_forward", grid, (128, 1, 1), (s.seq * 4) as u32;
+        let g = crate::geometry::attention_forward(s.batch, s.heads, s.seq);
+        launch!(self, "attention_forward", g.grid, g.block, g.dynamic_shared;
             s.seq as i32, s.heads as i32, s.head_dim as i32, regions_of(s), scale, q.ptr, k.ptr, v.ptr, ld as i64, mask.ptr, drop.map_or(0, |d| d.ptr), probs.ptr, out.ptr);
     }
     fn attention_backward_rows(
@@ -403,13 +415,13 @@ impl Backend for CudaBackend {
             panic!("embedding: id {bad} outside a table of {rows} rows");
         }
         self.inner.bind();
-        let mut s = self.inner.scratch.lock().unwrap();
+        let mut s = crate::lock(&self.inner.scratch);
         let p = self.ids(&mut s, ids);
         launch!(self, "embedding_forward", blocks(ids.len() * dim), T256, 0; p, ids.len() as i64, table.ptr, dim as i64, out.ptr);
     }
     fn embedding_backward(&self, ids: &[i64], dout: DevView<'_>, dim: usize, dtable: DevViewMut<'_>) {
         self.inner.bind();
-        let mut s = self.inner.scratch.lock().unwrap();
+        let mut s = crate::lock(&self.inner.scratch);
         let p = self.ids(&mut s, ids);
         launch!(self, "embedding_backward", blocks(dim), T256, 0; p, ids.len() as i64, dout.ptr, dim as i64, dtable.ptr);
     }
@@ -426,7 +438,7 @@ impl Backend for CudaBackend {
             })
             .collect();
         self.inner.zero(grad_rows.ptr, grad_rows.len);
-        let mut s = self.inner.scratch.lock().unwrap();
+        let mut s = crate::lock(&self.inner.scratch);
         let p = self.rows(&mut s, &row_of);
         launch!(self, "embedding_backward_rows", blocks(dim), T256, 0; p, ids.len() as i64, dout.ptr, dim as i64, grad_rows.ptr);
     }
@@ -562,7 +574,7 @@ impl Backend for CudaBackend {
         for (i, &id) in ids.iter().enumerate() {
             row_of[id] = i as i32;
         }
-        let mut s = self.inner.scratch.lock().unwrap();
+        let mut s = crate::lock(&self.inner.scratch);
         let rows_p = self.rows(&mut s, &row_of);
         launch!(self, "adamw_update_table_rows", blocks(p.len), T256, 0;
             p.ptr, m.ptr, v.ptr, rows as i64, dim as i64, rows_p, grad_rows.ptr, c.step_size, c.decay, c.beta1, c.beta2, c.eps);

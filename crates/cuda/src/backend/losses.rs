@@ -192,7 +192,7 @@ impl CudaBackend {
         }
         assert!(b > 0, "CUDA losses: empty batch");
         self.inner.bind();
-        let mut guard = self.inner.losses.lock().unwrap();
+        let mut guard = crate::lock(&self.inner.losses);
         let ls = &mut *guard;
         let bb = b * b;
         let rb = self.raw(&mut ls.readback, 2 + 2 * bb);
@@ -304,7 +304,7 @@ impl CudaBackend {
             let (tl, tm) = (up(texts.local), up(texts.mask_additive));
             let (vl, vm) = (up(videos.local), up(videos.mask_additive));
             let s_loc = self.zeros(nv * nt);
-            let mut guard = self.inner.losses.lock().unwrap();
+            let mut guard = crate::lock(&self.inner.losses);
             let ls = &mut *guard;
             let (text, video) = self.local_sides(ls, tl.ptr, tm.ptr, nt, texts.len, vl.ptr, vm.ptr, nv, videos.len, p);
             let report = |done: usize, total: usize| {

@@ -4,10 +4,11 @@
 use crate::{DeviceInfo, Precision};
 use cudarc::cublas::sys as bsys;
 use cudarc::driver::{result as drv, sys};
-use std::collections::HashMap;
+use std::cell::Cell;
 use std::ffi::c_void;
 use std::fmt;
 use std::marker::PhantomData;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 pub(super) const F: u64 = 4; // bytes per f32
@@ -24,6 +25,9 @@ pub(super) struct Scratch {
     pub(super) ids: Raw,
     pub(super) rows: Raw,
     pub(super) ds: Raw,
+    /// The column reductions' per-chunk partial sums (two sets: LayerNorm's dw and db).
+    pub(super) partial: Raw,
+    pub(super) partial2: Raw,
     pub(super) a16: Raw,
     pub(super) b16: Raw,
 }
@@ -37,7 +41,16 @@ pub(super) struct Inner {
     pub(super) blas: Option<bsys::cublasHandle_t>,
     /// cuBLASLt (the GEMMs' first choice) when its library is present.
     pub(super) lt: Option<super::lt::Lt>,
-    pub(super) funcs: HashMap<String, sys::CUfunction>,
+    /// The kernels, indexed as [`crate::KERNELS`] (resolved once, in `open`).
+    pub(super) funcs: Vec<sys::CUfunction>,
+    /// `DEMOVLP_CUDA_SYNC=1`: synchronise after every launch and GEMM, so an error names
+    /// the kernel that caused it (slow; for diagnosis).
+    pub(super) sync: bool,
+    /// The last kernel queued (index into [`crate::KERNELS`]; `usize::MAX`: none yet): named
+    /// by errors that surface later, asynchronously.
+    pub(super) last: AtomicUsize,
+    /// The sticky fault that made the context unusable, once seen.
+    pub(super) dead: Mutex<Option<String>>,
     /// The dropout kernel's jump matrices (`crate::plan::jump_table`, 512 KiB), uploaded once.
     pub(super) jumps: u64,
     pub(super) scratch: Mutex<Scratch>,
@@ -56,10 +69,77 @@ pub(super) fn ck<T, E: fmt::Debug>(r: Result<T, E>, what: &str) -> T {
     r.unwrap_or_else(|e| panic!("CUDA backend: {what} failed: {e:?}"))
 }
 
+thread_local! {
+    /// The context this thread last made current (set once per thread and context).
+    static CURRENT: Cell<usize> = const { Cell::new(0) };
+}
+
 impl Inner {
+    /// Makes the context current on this thread (a driver call only the first time per
+    /// thread, or after another context was bound).
     pub(super) fn bind(&self) {
-        // SAFETY: a context retained in `open` and never released.
-        ck(unsafe { drv::ctx::set_current(self.ctx) }, "cuCtxSetCurrent");
+        if CURRENT.with(|c| c.get()) != self.ctx as usize {
+            // SAFETY: a context retained in `open` and never released.
+            ck(unsafe { drv::ctx::set_current(self.ctx) }, "cuCtxSetCurrent");
+            CURRENT.with(|c| c.set(self.ctx as usize));
+        }
+    }
+
+    /// The name of the last kernel queued (for errors that surface later).
+    pub(super) fn last_kernel(&self) -> &'static str {
+        crate::KERNELS.get(self.last.load(Ordering::Relaxed)).copied().unwrap_or("none")
+    }
+
+    /// What an asynchronous error may be blamed on.
+    fn async_hint(&self) -> String {
+        if self.sync {
+            String::new()
+        } else {
+            format!(
+                " (kernels run asynchronously: this may be an earlier kernel's error; the last one queued was {}; \
+                 DEMOVLP_CUDA_SYNC=1 names the failing kernel)",
+                self.last_kernel()
+            )
+        }
+    }
+
+    /// Waits for the stream; `Err` names the error and the likely kernel.
+    pub(super) fn sync_stream(&self, after: &str) -> Result<(), String> {
+        // SAFETY: our live stream.
+        unsafe { drv::stream::synchronize(self.stream) }.map_err(|e| format!("cuStreamSynchronize after {after}: {e:?}{}", self.async_hint()))
+    }
+
+    /// With `DEMOVLP_CUDA_SYNC=1`: waits for `what` (a kernel or a GEMM) and panics naming it
+    /// if it failed.
+    pub(super) fn checkpoint(&self, what: &dyn Fn() -> String) {
+        if self.sync {
+            if let Err(e) = unsafe { drv::stream::synchronize(self.stream) } {
+                panic!("CUDA backend: {} failed: {e:?}", what());
+            }
+        }
+    }
+
+    /// `Err` once the context is unusable: a sticky fault seen before, or an error the
+    /// stream reports now (an asynchronous kernel error: illegal address, launch failure,
+    /// trap, ...). Never panics.
+    pub(super) fn fault(&self) -> Result<(), String> {
+        if let Some(why) = crate::lock(&self.dead).clone() {
+            return Err(why);
+        }
+        // SAFETY: a retained context; failures are reported, not unwrapped.
+        if let Err(e) = unsafe { drv::ctx::set_current(self.ctx) } {
+            return Err(format!("cuCtxSetCurrent: {e:?}"));
+        }
+        CURRENT.with(|c| c.set(self.ctx as usize));
+        match self.sync_stream("the last call") {
+            Ok(()) => Ok(()),
+            Err(why) => {
+                // An error the stream reports asynchronously is sticky in practice: the
+                // context has to be recreated (by a new process).
+                *crate::lock(&self.dead) = Some(why.clone());
+                Err(why)
+            }
+        }
     }
 
     pub(super) fn alloc(&self, bytes: usize) -> u64 {
@@ -98,8 +178,12 @@ impl Inner {
         if !dst.is_empty() {
             // SAFETY: `src` holds `dst.len()` values; synchronised before `dst` is read.
             unsafe {
-                ck(drv::memcpy_dtoh_async(dst, src, self.stream), "cuMemcpyDtoHAsync");
-                ck(drv::stream::synchronize(self.stream), "cuStreamSynchronize");
+                if let Err(e) = drv::memcpy_dtoh_async(dst, src, self.stream) {
+                    panic!("CUDA backend: cuMemcpyDtoHAsync failed: {e:?}{}", self.async_hint());
+                }
+            }
+            if let Err(e) = self.sync_stream("a read-back") {
+                panic!("CUDA backend: {e}");
             }
         }
     }
@@ -118,11 +202,18 @@ impl Inner {
         }
     }
 
-    pub(super) fn launch(&self, name: &str, grid: (u32, u32, u32), block: (u32, u32, u32), shared: u32, args: &mut [*mut c_void]) {
-        let f = *self.funcs.get(name).unwrap_or_else(|| panic!("CUDA backend: no kernel {name}"));
+    /// Launches kernel `k` (index into [`crate::KERNELS`]); a launch error names the kernel
+    /// and its geometry.
+    pub(super) fn launch(&self, k: usize, grid: (u32, u32, u32), block: (u32, u32, u32), shared: u32, args: &mut [*mut c_void]) {
+        let f = self.funcs[k];
+        self.last.store(k, Ordering::Relaxed);
+        let name = crate::KERNELS[k];
         // SAFETY: every argument points at a value of the kernel's parameter type (the
         // wrappers below pass u64 pointers, i64 `long long`, i32 `int`, f32 `float`).
-        ck(unsafe { drv::launch_kernel(f, grid, block, shared, self.stream, args) }, name);
+        if let Err(e) = unsafe { drv::launch_kernel(f, grid, block, shared, self.stream, args) } {
+            panic!("CUDA backend: launching {name} (grid {grid:?}, block {block:?}, {shared} B dynamic shared memory) failed: {e:?}");
+        }
+        self.checkpoint(&|| format!("kernel {name} (grid {grid:?}, block {block:?}, {shared} B dynamic shared memory)"));
     }
 }
 
@@ -157,10 +248,21 @@ impl Clone for DevBuf {
 }
 
 impl Drop for DevBuf {
+    /// Never panics (a panic here, while unwinding from a device error, would abort the
+    /// process before anything is reported): after a fault the memory is left to the
+    /// context's teardown.
     fn drop(&mut self) {
-        if let Some(be) = &self.be {
-            be.bind();
-            be.free(self.ptr);
+        let Some(be) = &self.be else { return };
+        if self.ptr == 0 || crate::lock(&be.dead).is_some() {
+            return;
+        }
+        // SAFETY: `ptr` came from `alloc` on this stream and is not used after; errors are
+        // ignored (a failing free means the context is gone).
+        unsafe {
+            if drv::ctx::set_current(be.ctx).is_ok() {
+                CURRENT.with(|c| c.set(be.ctx as usize));
+                let _ = drv::free_async(self.ptr, be.stream);
+            }
         }
     }
 }
