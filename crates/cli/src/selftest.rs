@@ -34,6 +34,11 @@ pub struct SelftestArgs {
     /// Run only this case (an id from --list, or the full name); repeatable.
     #[arg(long = "case", value_name = "ID")]
     pub cases: Vec<String>,
+    /// Print one JSON line about the CUDA libraries and exit: the versions the driver, NVRTC,
+    /// cuBLAS and cuBLASLt report, the library files this process then has mapped, and the
+    /// device (ordinal of --device, 0 for cpu).
+    #[arg(long)]
+    pub libraries: bool,
     /// Leave out the published-shape cases (`shape: ...`): a quick pass, e.g. under
     /// compute-sanitizer.
     #[arg(long)]
@@ -99,7 +104,48 @@ fn run<B: Backend>(be: &B, health: &dyn Fn() -> Result<(), String>, scores: &Sco
     Ok(())
 }
 
+/// `--libraries`: the JSON line; `Err` when a library or the device is missing.
+fn libraries(a: &SelftestArgs) -> Result<()> {
+    let n = match a.device.device {
+        crate::device::Device::Cuda(n) => n,
+        crate::device::Device::Cpu => 0,
+    };
+    let line = libraries_json(n);
+    println!("{line}");
+    if line["ok"] != true {
+        bail!("CUDA libraries or device missing: {}", line["detail"]);
+    }
+    Ok(())
+}
+
+#[cfg(feature = "cuda")]
+fn libraries_json(n: usize) -> serde_json::Value {
+    let r = demovlp_cuda::libs::report();
+    let device = demovlp_cuda::probe(n);
+    let (dev, dev_err) = match &device {
+        Ok(i) => (
+            serde_json::json!({"ordinal": i.ordinal, "name": i.name, "capability": format!("{}.{}", i.capability.0, i.capability.1),
+                "memory_mib": i.memory_bytes >> 20, "multiprocessors": i.multiprocessors}),
+            String::new(),
+        ),
+        Err(e) => (serde_json::Value::Null, e.clone()),
+    };
+    let ok = r.missing.is_empty() && r.driver.is_some() && r.nvrtc.is_some() && r.cublas.is_some() && r.cublaslt.is_some() && device.is_ok();
+    let detail = if r.missing.is_empty() { dev_err } else { format!("missing: {}; {dev_err}", r.missing.join(", ")) };
+    serde_json::json!({"name": "libraries", "ok": ok, "driver_version": r.driver, "nvrtc_version": r.nvrtc.map(|(a, b)| format!("{a}.{b}")),
+        "cublas_version": r.cublas.map(|(a, b, c)| format!("{a}.{b}.{c}")), "cublaslt_version": r.cublaslt, "opened": r.opened,
+        "missing": r.missing, "device": dev, "detail": detail})
+}
+
+#[cfg(not(feature = "cuda"))]
+fn libraries_json(_n: usize) -> serde_json::Value {
+    serde_json::json!({"name": "libraries", "ok": false, "detail": demovlp_cuda::NOT_BUILT})
+}
+
 pub fn selftest(a: SelftestArgs) -> Result<()> {
+    if a.libraries {
+        return libraries(&a);
+    }
     if a.list {
         for c in select(cases(&Cpu, &ScoreDevice::Cpu, &a), &a)? {
             println!("{}\t{}", case_id(&c.name), c.name);

@@ -138,6 +138,7 @@ toolkit or from the PyPI wheels (`pip install nvidia-cuda-nvrtc-cu12 nvidia-cubl
 `lib` folders (site-packages/nvidia/*/lib) on LD_LIBRARY_PATH";
 
 pub mod geometry;
+pub mod host_kernels;
 pub mod host_port;
 pub mod plan;
 pub mod selftest;
@@ -167,6 +168,21 @@ pub struct DeviceInfo {
     pub memory_bytes: usize,
     /// Streaming multiprocessors (sizes the grids of the pair kernels).
     pub multiprocessors: usize,
+}
+
+/// The CUDA libraries among the files mapped in a `/proc/PID/maps` text (libcuda, libnvrtc,
+/// libcublas, libcublasLt, libnccl, libnvJitLink), each once, in order of appearance.
+pub fn mapped_cuda_libraries(maps: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for line in maps.lines() {
+        let Some(path) = line.split_whitespace().nth(5) else { continue };
+        let file = path.rsplit('/').next().unwrap_or(path);
+        let cuda = ["libcuda.so", "libnvrtc", "libcublas", "libnccl", "libnvJitLink"].iter().any(|p| file.starts_with(p));
+        if cuda && !out.iter().any(|p| p == path) {
+            out.push(path.to_string());
+        }
+    }
+    out
 }
 
 /// Whether this build has the CUDA backend at all.
@@ -203,6 +219,24 @@ mod tests {
             assert!(!super::kernel_names(src).is_empty(), "{name}");
         }
         assert!(super::kernel_names(super::SOURCES[0].1).contains(&"adamw_update"));
+    }
+
+    #[test]
+    fn cuda_libraries_mapped_into_a_process() {
+        let maps = "7f00-7f01 r--p 00000000 08:01 1 /usr/lib/x86_64-linux-gnu/libcuda.so.550.54.15
+7f01-7f02 r-xp 00001000 08:01 1 /usr/lib/x86_64-linux-gnu/libcuda.so.550.54.15
+7f02-7f03 r--p 00000000 08:01 2 /opt/py/nvidia/cublas/lib/libcublasLt.so.12
+7f03-7f04 r--p 00000000 08:01 3 /usr/lib/x86_64-linux-gnu/libc.so.6
+7f04-7f05 rw-p 00000000 00:00 0
+7f05-7f06 r--p 00000000 08:01 4 /opt/py/nvidia/cuda_nvrtc/lib/libnvrtc.so.12";
+        assert_eq!(
+            super::mapped_cuda_libraries(maps),
+            [
+                "/usr/lib/x86_64-linux-gnu/libcuda.so.550.54.15",
+                "/opt/py/nvidia/cublas/lib/libcublasLt.so.12",
+                "/opt/py/nvidia/cuda_nvrtc/lib/libnvrtc.so.12"
+            ]
+        );
     }
 
     #[test]
