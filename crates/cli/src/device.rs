@@ -281,7 +281,8 @@ pub fn compare_score_case(dev: &ScoreDevice, i: usize, tol: f32) -> Verdict {
         return v;
     }
     let scale = want.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-30);
-    let off = got.iter().zip(&want).filter(|(g, w)| !g.is_finite() || (*g - *w).abs() / scale > tol).count() as f64 / want.len().max(1) as f64;
+    let off =
+        got.iter().zip(&want).filter(|(g, w)| !g.is_finite() || (*g - *w).abs() / scale > tol).count() as f64 / want.len().max(1) as f64;
     let worst = v.max_rel_err.unwrap_or(0.0);
     // The focal keep test is a hard threshold: a P within an ulp of it can round to the
     // other side on another device and move that one score; a real error moves many.

@@ -130,7 +130,8 @@ fn libraries_json(n: usize) -> serde_json::Value {
         ),
         Err(e) => (serde_json::Value::Null, e.clone()),
     };
-    let ok = r.missing.is_empty() && r.driver.is_some() && r.nvrtc.is_some() && r.cublas.is_some() && r.cublaslt.is_some() && device.is_ok();
+    let ok =
+        r.missing.is_empty() && r.driver.is_some() && r.nvrtc.is_some() && r.cublas.is_some() && r.cublaslt.is_some() && device.is_ok();
     let detail = if r.missing.is_empty() { dev_err } else { format!("missing: {}; {dev_err}", r.missing.join(", ")) };
     serde_json::json!({"name": "libraries", "ok": ok, "driver_version": r.driver, "nvrtc_version": r.nvrtc.map(|(a, b)| format!("{a}.{b}")),
         "cublas_version": r.cublas.map(|(a, b, c)| format!("{a}.{b}.{c}")), "cublaslt_version": r.cublaslt, "opened": r.opened,

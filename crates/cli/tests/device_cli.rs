@@ -78,7 +78,11 @@ fn selftest_cases_one_by_one() {
     unique.dedup();
     assert_eq!(unique.len(), ids.len(), "ids must be unique: {list}");
     assert!(ids.len() >= demovlp_model::backend::kernels_check::CASES.len() + demovlp_cuda::selftest::shapes::CASES.len() + 6);
-    for id in ["kernel_layernorm_backward", "shape_dropout_mask_32_x_12_x_241_token_frame_probabilities_p_0_1", "eval_scores_global_only_31_x_17_p_48"] {
+    for id in [
+        "kernel_layernorm_backward",
+        "shape_dropout_mask_32_x_12_x_241_token_frame_probabilities_p_0_1",
+        "eval_scores_global_only_31_x_17_p_48",
+    ] {
         assert!(ids.contains(&id), "{id} not in {ids:?}");
         let out = demovlp(&["selftest", "--device", "cpu", "--case", id]);
         assert!(out.status.success(), "{id}: {}", String::from_utf8_lossy(&out.stderr));
@@ -198,7 +202,9 @@ fn gpu_check_script_reports_a_missing_gpu() {
     assert_eq!(files.len(), 2, "{files:?}");
     let checks = report["checks"].as_array().unwrap();
     let names: Vec<&str> = checks.iter().map(|c| c["name"].as_str().unwrap()).collect();
-    for want in ["libraries", "replay model_tiny.safetensors fp32", "bench train-step B32 F8 R30 L100 bf16", "bench embed B32 F8 R30 L100 fp32"] {
+    for want in
+        ["libraries", "replay model_tiny.safetensors fp32", "bench train-step B32 F8 R30 L100 bf16", "bench embed B32 F8 R30 L100 fp32"]
+    {
         assert!(names.contains(&want), "{want} missing from {names:?}");
     }
     assert_eq!(checks.iter().find(|c| c["name"] == "libraries").unwrap()["ok"], false);

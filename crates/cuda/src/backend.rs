@@ -4,7 +4,9 @@
 //!   on demand and then reused (`fit` keeps the allocation), views are (pointer, length).
 //! - GEMMs: cuBLASLt (module `lt`: compute type `CUBLAS_COMPUTE_32F`, i.e. no TF32, in the
 //!   fp32 parity mode; bf16 inputs with fp32 accumulation and fp32 outputs in the bf16 speed
-//!   mode, the inputs converted per call into a scratch buffer; one cached plan per shape),
+//!   mode: activations converted per call into a scratch buffer, weights' bf16 copies cached
+//!   until a mutable view of their memory is taken ([`crate::weights16`]); one cached plan
+//!   per shape),
 //!   plain cuBLAS as the fallback (`cublasSgemm` with `CUBLAS_DEFAULT_MATH`, `cublasGemmEx`)
 //!   for shapes cuBLASLt has no algorithm for, when it fails to start, or with
 //!   `DEMOVLP_CUDA_GEMM=cublas`.
@@ -18,11 +20,18 @@
 //! - On the host, through the seam: token ids and the QA cross-entropy (logits
 //!   `[B, answers]` read back).
 //!
+//! - Kernels are resolved once (`open`) and launched by a compile-time index
+//!   ([`crate::kernel_index`]); the context is made current once per thread.
+//!
 //! Errors of the driver or cuBLAS in a kernel call panic with the call named (the trait's
-//! methods return nothing); opening the device ([`CudaBackend::open`]) returns them.
+//! methods return nothing); opening the device ([`CudaBackend::open`]) returns them. Locks are
+//! taken with [`crate::lock`] (a panic under one does not fail later calls); a buffer's `Drop`
+//! never panics; [`CudaBackend::fault`] says when a sticky error has made the context unusable.
+//! With `DEMOVLP_CUDA_SYNC=1` every launch and GEMM is synchronised, so an asynchronous error
+//! names its kernel (otherwise errors name the last kernel queued).
 //!
 //! **Never run on a GPU yet**: this compiles and lints; its kernels compile with NVRTC for
-//! sm_80/sm_90; `backend::check` against `Cpu` is what `scripts/gpu-check.sh` runs first.
+//! sm_80/sm_90; the selftest against `Cpu` is what `scripts/gpu-check.sh` runs first.
 
 mod mem;
 
@@ -108,10 +117,13 @@ impl Backend for CudaBackend {
         if b.be.is_none() {
             b.be = Some(self.inner.clone());
         }
+        // The caller may write any of it: cached bf16 copies of weights in it are stale.
+        self.inner.invalidate16(b.ptr, b.cap);
         if n > b.cap {
             // Grow, keeping the values (as `Vec::resize` does), then reuse from here on.
             let ptr = self.inner.alloc(n * F as usize);
             self.inner.dtod(ptr, b.ptr, b.len * F as usize);
+            self.inner.forget16(b.ptr, b.cap);
             self.inner.free(b.ptr);
             b.ptr = ptr;
             b.cap = n;
@@ -122,6 +134,11 @@ impl Backend for CudaBackend {
         view(b.ptr, b.len)
     }
     fn view_mut(b: &mut DevBuf) -> DevViewMut<'_> {
+        // Device memory is written through mutable views only: taking one makes the cached
+        // bf16 copies of weights in the buffer stale (crate::weights16).
+        if let Some(be) = &b.be {
+            be.invalidate16(b.ptr, b.cap);
+        }
         view_mut(b.ptr, b.len)
     }
     fn slice<'a>(v: Self::View<'a>, r: Range<usize>) -> Self::View<'a> {
@@ -173,6 +190,7 @@ impl Backend for CudaBackend {
     }
     fn modify_host(&self, b: &mut DevBuf, r: Range<usize>, f: impl FnOnce(&mut [f32])) {
         self.inner.bind();
+        self.inner.invalidate16(b.ptr, b.cap);
         let v = Self::slice(Self::view(b), r);
         let mut h = self.host_of(v);
         f(&mut h);
@@ -206,7 +224,7 @@ impl Backend for CudaBackend {
             None => 0.0,
         };
         // Row-major y = x·Wᵀ is column-major yᵀ = W(ᵀ of its column-major view)·xᵀ.
-        self.gemm(true, false, dout, n, din, w.ptr, din, x.ptr, ldx, beta, y.ptr, dout);
+        self.gemm_w(true, false, dout, n, din, w.ptr, din, x.ptr, ldx, beta, y.ptr, dout);
     }
     fn linear_backward(
         &self,
@@ -224,7 +242,7 @@ impl Backend for CudaBackend {
     ) {
         self.inner.bind();
         if let Some(dx) = dx {
-            self.gemm(false, false, din, n, dout, w.ptr, din, dy.ptr, dout, 1.0, dx.ptr, din);
+            self.gemm_w(false, false, din, n, dout, w.ptr, din, dy.ptr, dout, 1.0, dx.ptr, din);
         }
         let beta = if grads == Grads::Accumulate { 1.0 } else { 0.0 };
         self.gemm(false, true, din, dout, n, x.ptr, ldx, dy.ptr, dout, beta, dw.ptr, din);
@@ -237,7 +255,7 @@ impl Backend for CudaBackend {
     }
     fn linear_backward_input(&self, dy: DevView<'_>, w: DevView<'_>, dx: DevViewMut<'_>, n: usize, din: usize, dout: usize) {
         self.inner.bind();
-        self.gemm(false, false, din, n, dout, w.ptr, din, dy.ptr, dout, 0.0, dx.ptr, din);
+        self.gemm_w(false, false, din, n, dout, w.ptr, din, dy.ptr, dout, 0.0, dx.ptr, din);
     }
     fn layernorm_forward(
         &self,

@@ -24,7 +24,9 @@ impl Launch {
     /// `Err` naming the limit a launch exceeds (or an empty grid or block).
     pub fn check(&self, kernel: &str) -> Result<(), String> {
         let (g, b) = (self.grid, self.block);
-        let err = |what: String| Err(format!("{kernel}: {what} (grid {g:?}, block {b:?}, shared {} + {} B)", self.static_shared, self.dynamic_shared));
+        let err = |what: String| {
+            Err(format!("{kernel}: {what} (grid {g:?}, block {b:?}, shared {} + {} B)", self.static_shared, self.dynamic_shared))
+        };
         if [g.0, g.1, g.2, b.0, b.1, b.2].contains(&0) {
             return err("an empty grid or block".into());
         }

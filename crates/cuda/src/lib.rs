@@ -8,9 +8,11 @@
 //! what is missing (never a panic).
 //!
 //! Status (the workspace README's GPU section): compiled and linted everywhere, the kernels
-//! compiled by NVRTC for sm_80 and sm_90 in the tests, the loss and dropout kernels'
-//! algorithms checked on the host against the CPU ([`host_port`], [`plan`]); **the backend
-//! itself has never run on a GPU**.
+//! compiled by NVRTC for sm_80 and sm_90 in the tests, the loss, dropout, LayerNorm and
+//! attention kernels' algorithms checked on the host against the CPU ([`host_port`], [`plan`],
+//! [`host_kernels`]), the launch geometry against the device limits ([`geometry`]), the
+//! selftest's reporting under injected faults ([`selftest`]); **the backend itself has never
+//! run on a GPU**.
 
 /// The kernel sources: (module name, CUDA C source).
 pub const SOURCES: &[(&str, &str)] = &[
@@ -142,6 +144,7 @@ pub mod host_kernels;
 pub mod host_port;
 pub mod plan;
 pub mod selftest;
+pub mod weights16;
 
 /// Locks `m`, also when a panic poisoned it: a device error that panics while holding a lock
 /// (GEMM plans, scratch, loss state) must fail its own call only, not every later one.

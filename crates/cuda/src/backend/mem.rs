@@ -51,6 +51,8 @@ pub(super) struct Inner {
     pub(super) last: AtomicUsize,
     /// The sticky fault that made the context unusable, once seen.
     pub(super) dead: Mutex<Option<String>>,
+    /// bf16 copies of weights (the bf16 mode's GEMM inputs), reused until their memory changes.
+    pub(super) w16: Mutex<crate::weights16::Bf16Weights>,
     /// The dropout kernel's jump matrices (`crate::plan::jump_table`, 512 KiB), uploaded once.
     pub(super) jumps: u64,
     pub(super) scratch: Mutex<Scratch>,
@@ -85,6 +87,27 @@ impl Inner {
         }
     }
 
+    /// `elems` f32 values at `ptr` may be written: their cached bf16 copies are stale.
+    pub(super) fn invalidate16(&self, ptr: u64, elems: usize) {
+        if self.precision == Precision::Bf16 && ptr != 0 {
+            let mut w = crate::lock(&self.w16);
+            if !w.is_empty() {
+                w.invalidate(ptr, ptr + elems as u64 * F);
+            }
+        }
+    }
+
+    /// `elems` f32 values at `ptr` are freed: their cached bf16 copies go (never panics).
+    pub(super) fn forget16(&self, ptr: u64, elems: usize) {
+        if self.precision == Precision::Bf16 && ptr != 0 {
+            let freed = crate::lock(&self.w16).remove(ptr, ptr + elems as u64 * F);
+            for (slot, _) in freed {
+                // SAFETY: a bf16 copy allocated on this stream, no longer referenced.
+                let _ = unsafe { drv::free_async(slot, self.stream) };
+            }
+        }
+    }
+
     /// The name of the last kernel queued (for errors that surface later).
     pub(super) fn last_kernel(&self) -> &'static str {
         crate::KERNELS.get(self.last.load(Ordering::Relaxed)).copied().unwrap_or("none")
@@ -106,7 +129,8 @@ impl Inner {
     /// Waits for the stream; `Err` names the error and the likely kernel.
     pub(super) fn sync_stream(&self, after: &str) -> Result<(), String> {
         // SAFETY: our live stream.
-        unsafe { drv::stream::synchronize(self.stream) }.map_err(|e| format!("cuStreamSynchronize after {after}: {e:?}{}", self.async_hint()))
+        unsafe { drv::stream::synchronize(self.stream) }
+            .map_err(|e| format!("cuStreamSynchronize after {after}: {e:?}{}", self.async_hint()))
     }
 
     /// With `DEMOVLP_CUDA_SYNC=1`: waits for `what` (a kernel or a GEMM) and panics naming it
@@ -261,6 +285,7 @@ impl Drop for DevBuf {
         unsafe {
             if drv::ctx::set_current(be.ctx).is_ok() {
                 CURRENT.with(|c| c.set(be.ctx as usize));
+                be.forget16(self.ptr, self.cap);
                 let _ = drv::free_async(self.ptr, be.stream);
             }
         }

@@ -121,6 +121,7 @@ impl CudaBackend {
             sync: std::env::var("DEMOVLP_CUDA_SYNC").is_ok_and(|v| v == "1"),
             last: AtomicUsize::new(usize::MAX),
             dead: Mutex::default(),
+            w16: Mutex::default(),
             jumps,
             scratch: Mutex::default(),
             losses: Mutex::default(),
@@ -184,7 +185,57 @@ impl CudaBackend {
         c: u64,
         ldc: usize,
     ) {
-        self.gemm_in(self.inner.precision, ta, tb, m, n, k, a, lda, b, ldb, beta, c, ldc)
+        self.gemm_in(self.inner.precision, false, ta, tb, m, n, k, a, lda, b, ldb, beta, c, ldc)
+    }
+
+    /// [`Self::gemm`] whose `A` is a weight: in the bf16 mode its bf16 copy is cached
+    /// (converted once per change of the weight, not per call: `crate::weights16`).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn gemm_w(
+        &self,
+        ta: bool,
+        tb: bool,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: u64,
+        lda: usize,
+        b: u64,
+        ldb: usize,
+        beta: f32,
+        c: u64,
+        ldc: usize,
+    ) {
+        self.gemm_in(self.inner.precision, true, ta, tb, m, n, k, a, lda, b, ldb, beta, c, ldc)
+    }
+
+    /// The bf16 copy of the weight `rows` × `cols` (rows `ld` apart) at `a`, packed with
+    /// leading dimension `cols`: the cached one when current, else converted now.
+    fn weight16(&self, a: u64, ld: usize, rows: usize, cols: usize) -> u64 {
+        use crate::weights16::Lookup;
+        let inner = &self.inner;
+        let mut w = crate::lock(&inner.w16);
+        let slot = match w.lookup(a, ld, rows, cols) {
+            Lookup::Fresh(slot) => return slot,
+            Lookup::Stale(slot, _) => {
+                w.mark_fresh(a, ld, rows, cols);
+                slot
+            }
+            Lookup::Missing => {
+                let bytes = rows * cols * 2;
+                let slot = inner.alloc(bytes);
+                w.insert(a, ld, rows, cols, slot, bytes);
+                slot
+            }
+        };
+        launch!(self, "to_bf16", blocks(rows * cols), T256, 0; a, ld as i64, slot, rows as i64, cols as i64);
+        slot
+    }
+
+    /// bf16 weight copies made (first use or after a change) and GEMMs that reused one.
+    pub fn bf16_weight_stats(&self) -> (u64, u64) {
+        let w = crate::lock(&self.inner.w16);
+        (w.conversions, w.hits)
     }
 
     /// [`Self::gemm`] in the given precision (the losses and evaluation scores run theirs in
@@ -193,6 +244,7 @@ impl CudaBackend {
     pub(super) fn gemm_in(
         &self,
         precision: Precision,
+        a_weight: bool,
         ta: bool,
         tb: bool,
         m: usize,
@@ -274,10 +326,16 @@ impl CudaBackend {
                 // Stored shapes (inner, outer) of op(A) and op(B), packed to bf16.
                 let (ai, ao) = if ta { (k, m) } else { (m, k) };
                 let (bi, bo) = if tb { (n, k) } else { (k, n) };
+                let a16 = if a_weight { self.weight16(a, lda, ao, ai) } else { 0 };
                 let mut s = crate::lock(&inner.scratch);
-                let a16 = inner.grow(&mut s.a16, ai * ao * 2);
+                let a16 = if a_weight {
+                    a16
+                } else {
+                    let a16 = inner.grow(&mut s.a16, ai * ao * 2);
+                    launch!(self, "to_bf16", blocks(ai * ao), T256, 0; a, lda as i64, a16, ao as i64, ai as i64);
+                    a16
+                };
                 let b16 = inner.grow(&mut s.b16, bi * bo * 2);
-                launch!(self, "to_bf16", blocks(ai * ao), T256, 0; a, lda as i64, a16, ao as i64, ai as i64);
                 launch!(self, "to_bf16", blocks(bi * bo), T256, 0; b, ldb as i64, b16, bo as i64, bi as i64);
                 if inner.lt.as_ref().is_some_and(|lt| lt.matmul(key(true, ai, bi), a16, b16, beta, c, lt_stream)) {
                     return;
@@ -395,7 +453,10 @@ impl CudaBackend {
         self.inner.bind();
         let mut sc = crate::lock(&self.inner.scratch);
         let ds = self.inner.grow(&mut sc.ds, s.probs_len() * F as usize);
-        let (g1, g2) = (crate::geometry::attention_backward_ds(s.batch, s.heads, s.seq), crate::geometry::attention_backward_dkv(s.batch, s.heads, s.seq));
+        let (g1, g2) = (
+            crate::geometry::attention_backward_ds(s.batch, s.heads, s.seq),
+            crate::geometry::attention_backward_dkv(s.batch, s.heads, s.seq),
+        );
         let drop = drop.map_or(0, |d| d.ptr);
         launch!(self, "attention_backward_rows_ds", g1.grid, g1.block, 0;
             s.seq as i32, s.heads as i32, s.head_dim as i32, regions_of(s), scale, k, v, ld as i64, probs.ptr, drop, dout.ptr, ld_dout as i64, ds, dq, ld_d as i64);

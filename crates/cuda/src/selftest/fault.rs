@@ -340,7 +340,15 @@ impl<B: Backend> Backend for Faulty<B> {
     fn embedding_backward(&self, ids: &[i64], dout: Self::View<'_>, dim: usize, dtable: Self::ViewMut<'_>) {
         self.call("embedding_backward", |b| b.embedding_backward(ids, dout, dim, dtable))
     }
-    fn embedding_backward_rows(&self, ids: &[i64], skip: usize, rows: &[usize], dout: Self::View<'_>, dim: usize, grad_rows: Self::ViewMut<'_>) {
+    fn embedding_backward_rows(
+        &self,
+        ids: &[i64],
+        skip: usize,
+        rows: &[usize],
+        dout: Self::View<'_>,
+        dim: usize,
+        grad_rows: Self::ViewMut<'_>,
+    ) {
         self.call("embedding_backward_rows", |b| b.embedding_backward_rows(ids, skip, rows, dout, dim, grad_rows))
     }
     fn video_tokens_forward(

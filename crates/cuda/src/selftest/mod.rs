@@ -49,7 +49,15 @@ pub struct Verdict {
 
 impl Verdict {
     pub fn pass(name: &str) -> Self {
-        Verdict { name: name.to_string(), status: Status::Pass, max_rel_err: None, tol: None, worst: None, detail: String::new(), seconds: 0.0 }
+        Verdict {
+            name: name.to_string(),
+            status: Status::Pass,
+            max_rel_err: None,
+            tol: None,
+            worst: None,
+            detail: String::new(),
+            seconds: 0.0,
+        }
     }
     pub fn fail(name: &str, detail: impl Into<String>) -> Self {
         Verdict { status: Status::Fail, detail: detail.into(), ..Verdict::pass(name) }

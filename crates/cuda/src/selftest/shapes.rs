@@ -98,7 +98,16 @@ pub fn run<Be: Backend>(be: &Be, name: &str) -> Vec<(String, Vec<f32>)> {
             let x = io.rand(rows * D, 2.0);
             let (w, bias) = (io.rand(D, 1.0), io.rand(D, 1.0));
             let (mut y, mut mean, mut rstd) = (be.zeros(rows * D), be.zeros(rows), be.zeros(rows));
-            be.layernorm_forward(Be::view(&x), Be::view(&w), Be::view(&bias), 1e-6, Be::view_mut(&mut y), Be::view_mut(&mut mean), Be::view_mut(&mut rstd), D);
+            be.layernorm_forward(
+                Be::view(&x),
+                Be::view(&w),
+                Be::view(&bias),
+                1e-6,
+                Be::view_mut(&mut y),
+                Be::view_mut(&mut mean),
+                Be::view_mut(&mut rstd),
+                D,
+            );
             io.keep("y", &y);
             io.keep("mean", &mean);
             io.keep("rstd", &rstd);
@@ -209,7 +218,15 @@ pub fn run<Be: Backend>(be: &Be, name: &str) -> Vec<(String, Vec<f32>)> {
             let dx = io.rand(B * VSEQ * D, 1.0);
             let mut grad = io.rand((2 + FRAMES) * D, 1.0);
             let mut dr = be.zeros(B * nr * D);
-            be.video_tokens_backward(t, Be::view(&dx), Be::view_mut(&mut grad), 0..D, D..2 * D, 2 * D..(2 + FRAMES) * D, Be::view_mut(&mut dr));
+            be.video_tokens_backward(
+                t,
+                Be::view(&dx),
+                Be::view_mut(&mut grad),
+                0..D,
+                D..2 * D,
+                2 * D..(2 + FRAMES) * D,
+                Be::view_mut(&mut dr),
+            );
             io.keep("cls, pos0, temporal gradients", &grad);
             io.keep("region gradients", &dr);
         }
