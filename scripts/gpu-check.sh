@@ -360,10 +360,15 @@ section_pytorch() {
   local name="pytorch baseline"
   if [ -z "$PY" ] || ! "$PY" -c 'import torch' >"$WORK/pytorch/import.log" 2>&1; then
     record "$name" false "\"status\": \"skipped\", \"detail\": $(json_str "python3 with torch not available: $(tail_of "$WORK/pytorch/import.log")")"
-    return
+  elif [ ! -f "$TORCH_SCRIPT" ]; then
+    record "$name" false "\"detail\": \"bench/pytorch_baseline.py not found next to the script\""
+  else
+    pytorch_benches
   fi
-  if [ ! -f "$TORCH_SCRIPT" ]; then record "$name" false "\"detail\": \"bench/pytorch_baseline.py not found next to the script\""; return; fi
-  local tdev=cuda shape prec stem label t rc last peak
+  side_by_side
+}
+pytorch_benches() {
+  local tdev=cuda shape prec stem label t rc last peak name args
   $DRY && tdev=cpu
   for shape in ft pt; do
     for prec in fp32 bf16; do
@@ -385,7 +390,9 @@ section_pytorch() {
       fi
     done
   done
-  # Side by side: ours and PyTorch's at each shape and precision (same card, same run).
+}
+side_by_side() { # ours and PyTorch's at each shape and precision (same card, same run)
+  if [ -z "$PY" ]; then record "side by side" false "\"detail\": \"no python3\""; return; fi
   "$PY" - "$CHECKS" >"$WORK/pytorch/side-by-side.jsonl" 2>"$WORK/pytorch/side-by-side.err" <<'EOF'
 import json, sys
 checks = {}

@@ -156,7 +156,7 @@ fn gpu_check_dry_run_leaves_one_archive_and_one_summary() {
     let dir = std::env::temp_dir().join(format!("demovlp-gpu-check-dry-{}", std::process::id()));
     let (out, report, mut files) = gpu_check("cpu", &dir);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    files.sort();
+    files.sort_by_key(|f| f.ends_with(".tar.gz"));
     assert_eq!(files.len(), 2, "{files:?}");
     assert_eq!(files[0], "gpu-check.json");
     assert!(files[1].starts_with("gpu-check-") && files[1].ends_with(".tar.gz"), "{files:?}");

@@ -224,7 +224,7 @@ impl Backend for CudaBackend {
             None => 0.0,
         };
         // Row-major y = x·Wᵀ is column-major yᵀ = W(ᵀ of its column-major view)·xᵀ.
-        self.gemm_w(true, false, dout, n, din, w.ptr, din, x.ptr, ldx, beta, y.ptr, dout);
+        self.gemm_in(self.inner.precision, true, true, false, dout, n, din, w.ptr, din, x.ptr, ldx, beta, y.ptr, dout);
     }
     fn linear_backward(
         &self,
@@ -242,7 +242,7 @@ impl Backend for CudaBackend {
     ) {
         self.inner.bind();
         if let Some(dx) = dx {
-            self.gemm_w(false, false, din, n, dout, w.ptr, din, dy.ptr, dout, 1.0, dx.ptr, din);
+            self.gemm_in(self.inner.precision, true, false, false, din, n, dout, w.ptr, din, dy.ptr, dout, 1.0, dx.ptr, din);
         }
         let beta = if grads == Grads::Accumulate { 1.0 } else { 0.0 };
         self.gemm(false, true, din, dout, n, x.ptr, ldx, dy.ptr, dout, beta, dw.ptr, din);
@@ -255,7 +255,7 @@ impl Backend for CudaBackend {
     }
     fn linear_backward_input(&self, dy: DevView<'_>, w: DevView<'_>, dx: DevViewMut<'_>, n: usize, din: usize, dout: usize) {
         self.inner.bind();
-        self.gemm_w(false, false, din, n, dout, w.ptr, din, dy.ptr, dout, 0.0, dx.ptr, din);
+        self.gemm_in(self.inner.precision, true, false, false, din, n, dout, w.ptr, din, dy.ptr, dout, 0.0, dx.ptr, din);
     }
     fn layernorm_forward(
         &self,

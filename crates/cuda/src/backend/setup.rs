@@ -188,27 +188,6 @@ impl CudaBackend {
         self.gemm_in(self.inner.precision, false, ta, tb, m, n, k, a, lda, b, ldb, beta, c, ldc)
     }
 
-    /// [`Self::gemm`] whose `A` is a weight: in the bf16 mode its bf16 copy is cached
-    /// (converted once per change of the weight, not per call: `crate::weights16`).
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn gemm_w(
-        &self,
-        ta: bool,
-        tb: bool,
-        m: usize,
-        n: usize,
-        k: usize,
-        a: u64,
-        lda: usize,
-        b: u64,
-        ldb: usize,
-        beta: f32,
-        c: u64,
-        ldc: usize,
-    ) {
-        self.gemm_in(self.inner.precision, true, ta, tb, m, n, k, a, lda, b, ldb, beta, c, ldc)
-    }
-
     /// The bf16 copy of the weight `rows` × `cols` (rows `ld` apart) at `a`, packed with
     /// leading dimension `cols`: the cached one when current, else converted now.
     fn weight16(&self, a: u64, ld: usize, rows: usize, cols: usize) -> u64 {
@@ -239,7 +218,9 @@ impl CudaBackend {
     }
 
     /// [`Self::gemm`] in the given precision (the losses and evaluation scores run theirs in
-    /// fp32 whatever the backend's precision: fp32 statistics in the bf16 mode).
+    /// fp32 whatever the backend's precision: fp32 statistics in the bf16 mode); `a_weight`:
+    /// `A` is a weight, whose bf16 copy is cached (converted once per change of the weight,
+    /// not per call: `crate::weights16`).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn gemm_in(
         &self,

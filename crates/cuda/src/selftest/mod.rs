@@ -85,7 +85,8 @@ impl Verdict {
     /// written as strings.
     pub fn json(&self) -> String {
         use serde_json::{json, Value};
-        let num = |x: f32| if x.is_finite() { json!(x) } else { json!(x.to_string()) };
+        // f32 values by their shortest decimal (1e-4, not 9.999999747378752e-5); non-finite as strings.
+        let num = |x: f32| if x.is_finite() { json!(x.to_string().parse::<f64>().unwrap_or(x as f64)) } else { json!(x.to_string()) };
         let mut v = json!({
             "name": self.name,
             "ok": self.ok(),
