@@ -19,9 +19,9 @@
 //!   (`crate::plan`: xoshiro256++ jumped ahead per thread by GF(2) matrix powers).
 //! - On the host, through the seam: token ids and the QA cross-entropy (logits
 //!   `[B, answers]` read back).
-//!
 //! - Kernels are resolved once (`open`) and launched by a compile-time index
-//!   ([`crate::kernel_index`]); the context is made current once per thread.
+//!   ([`crate::kernel_index`]); the context is made current only when it is not (once per
+//!   thread in the steady state).
 //!
 //! Errors of the driver or cuBLAS in a kernel call panic with the call named (the trait's
 //! methods return nothing); opening the device ([`CudaBackend::open`]) returns them. Locks are

@@ -181,6 +181,24 @@ mod tests {
         assert!(Launch { block: (1024, 2, 1), ..elementwise(10) }.check("x").is_err());
     }
 
+    /// The block sizes and tiles here are the kernels' own (`#define`s of the CUDA sources).
+    #[test]
+    fn geometry_constants_are_the_kernel_sources() {
+        let define = |module: &str, name: &str| -> u32 {
+            let src = crate::SOURCES.iter().find(|(m, _)| *m == module).unwrap().1;
+            let line = src.lines().find(|l| l.starts_with(&format!("#define {name} "))).unwrap_or_else(|| panic!("{module}: no {name}"));
+            line.split_whitespace().nth(2).unwrap().parse().unwrap()
+        };
+        assert_eq!(define("attention", "THREADS"), ATTENTION_THREADS);
+        assert_eq!(define("norm", "THREADS"), layernorm_rows(1).block.0);
+        assert_eq!(define("elementwise", "COL_WIDTH") as usize, COL_WIDTH);
+        assert_eq!(define("elementwise", "COL_LANES") as usize, COL_LANES);
+        // layernorm_dwdb_partial spells the same tile out: [8][33].
+        let norm = crate::SOURCES.iter().find(|(m, _)| *m == "norm").unwrap().1;
+        assert!(norm.contains(&format!("shw[{COL_LANES}][{}]", COL_WIDTH + 1)) && norm.contains(&format!("r += {COL_LANES})")));
+        assert_eq!(layernorm_rows(1).static_shared, 256 * 8, "norm.cu: __shared__ double sh[THREADS]");
+    }
+
     #[test]
     fn the_reductions_spread_over_many_blocks() {
         // 7712 rows (32 clips of 241 tokens) × 768: 121 chunks × 24 column blocks.

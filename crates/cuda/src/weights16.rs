@@ -134,7 +134,7 @@ mod tests {
         c.invalidate(w1, w2);
         assert_eq!(c.lookup(w1, 8, 4, 8), Lookup::Stale(0x9000, 64));
         assert_eq!(c.lookup(w2, 8, 3, 8), Lookup::Fresh(0xa000));
-        assert_eq!((c.conversions, c.hits), (3, 6));
+        assert_eq!((c.conversions, c.hits), (3, 7));
         // Freed memory: the copies go, their slots are returned.
         assert_eq!(c.remove(0x1000, 0x1000 + 4 * 56), vec![(0x9000, 64), (0xa000, 48)]);
         assert!(c.is_empty());

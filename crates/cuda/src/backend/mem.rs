@@ -4,7 +4,6 @@
 use crate::{DeviceInfo, Precision};
 use cudarc::cublas::sys as bsys;
 use cudarc::driver::{result as drv, sys};
-use std::cell::Cell;
 use std::ffi::c_void;
 use std::fmt;
 use std::marker::PhantomData;
@@ -71,19 +70,17 @@ pub(super) fn ck<T, E: fmt::Debug>(r: Result<T, E>, what: &str) -> T {
     r.unwrap_or_else(|e| panic!("CUDA backend: {what} failed: {e:?}"))
 }
 
-thread_local! {
-    /// The context this thread last made current (set once per thread and context).
-    static CURRENT: Cell<usize> = const { Cell::new(0) };
-}
-
 impl Inner {
-    /// Makes the context current on this thread (a driver call only the first time per
-    /// thread, or after another context was bound).
+    /// Makes the context current on this thread when it is not already (in the steady state
+    /// one `cuCtxSetCurrent` per thread; asking which context is current reads the driver's
+    /// thread-local state, and stays right when other code, e.g. NCCL's, binds another).
     pub(super) fn bind(&self) {
-        if CURRENT.with(|c| c.get()) != self.ctx as usize {
-            // SAFETY: a context retained in `open` and never released.
-            ck(unsafe { drv::ctx::set_current(self.ctx) }, "cuCtxSetCurrent");
-            CURRENT.with(|c| c.set(self.ctx as usize));
+        let mut cur: sys::CUcontext = std::ptr::null_mut();
+        // SAFETY: an out-parameter; the context was retained in `open` and never released.
+        unsafe {
+            if sys::cuCtxGetCurrent(&mut cur) != sys::CUresult::CUDA_SUCCESS || cur != self.ctx {
+                ck(drv::ctx::set_current(self.ctx), "cuCtxSetCurrent");
+            }
         }
     }
 
@@ -137,6 +134,7 @@ impl Inner {
     /// if it failed.
     pub(super) fn checkpoint(&self, what: &dyn Fn() -> String) {
         if self.sync {
+            // SAFETY: our live stream.
             if let Err(e) = unsafe { drv::stream::synchronize(self.stream) } {
                 panic!("CUDA backend: {} failed: {e:?}", what());
             }
@@ -154,7 +152,6 @@ impl Inner {
         if let Err(e) = unsafe { drv::ctx::set_current(self.ctx) } {
             return Err(format!("cuCtxSetCurrent: {e:?}"));
         }
-        CURRENT.with(|c| c.set(self.ctx as usize));
         match self.sync_stream("the last call") {
             Ok(()) => Ok(()),
             Err(why) => {
@@ -284,7 +281,6 @@ impl Drop for DevBuf {
         // ignored (a failing free means the context is gone).
         unsafe {
             if drv::ctx::set_current(be.ctx).is_ok() {
-                CURRENT.with(|c| c.set(be.ctx as usize));
                 be.forget16(self.ptr, self.cap);
                 let _ = drv::free_async(self.ptr, be.stream);
             }
