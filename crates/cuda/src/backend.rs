@@ -5,8 +5,8 @@
 //! - GEMMs: cuBLASLt (module `lt`: compute type `CUBLAS_COMPUTE_32F`, i.e. no TF32, in the
 //!   fp32 parity mode; bf16 inputs with fp32 accumulation and fp32 outputs in the bf16 speed
 //!   mode: activations converted per call into a scratch buffer, weights' bf16 copies cached
-//!   until a mutable view of their memory is taken ([`crate::weights16`]); one cached plan
-//!   per shape),
+//!   until a mutable view of their memory has been used ([`crate::weights16`]); one cached
+//!   plan per shape),
 //!   plain cuBLAS as the fallback (`cublasSgemm` with `CUBLAS_DEFAULT_MATH`, `cublasGemmEx`)
 //!   for shapes cuBLASLt has no algorithm for, when it fails to start, or with
 //!   `DEMOVLP_CUDA_GEMM=cublas`.
@@ -134,12 +134,10 @@ impl Backend for CudaBackend {
         view(b.ptr, b.len)
     }
     fn view_mut(b: &mut DevBuf) -> DevViewMut<'_> {
-        // Device memory is written through mutable views only: taking one makes the cached
-        // bf16 copies of weights in the buffer stale (crate::weights16).
-        if let Some(be) = &b.be {
-            be.invalidate16(b.ptr, b.cap);
-        }
-        view_mut(b.ptr, b.len)
+        // Device memory is written through mutable views (and `&mut DevBuf` methods) only:
+        // when one is dropped, the cached bf16 copies of weights in its range are stale
+        // (crate::weights16). Slicing hands that duty to the narrower view.
+        view_mut(b.ptr, b.len, b.be.as_deref())
     }
     fn slice<'a>(v: Self::View<'a>, r: Range<usize>) -> Self::View<'a> {
         assert!(r.start <= r.end && r.end <= v.len, "slice {r:?} of {} values", v.len);
@@ -147,17 +145,21 @@ impl Backend for CudaBackend {
     }
     fn slice_mut<'a>(v: Self::ViewMut<'a>, r: Range<usize>) -> Self::ViewMut<'a> {
         assert!(r.start <= r.end && r.end <= v.len, "slice {r:?} of {} values", v.len);
-        view_mut(at(v.ptr, r.start), r.len())
+        let mut v = v;
+        let be = v.be.take();
+        view_mut(at(v.ptr, r.start), r.len(), be)
     }
     fn reborrow<'b>(v: &'b mut DevViewMut<'_>) -> DevViewMut<'b> {
-        view_mut(v.ptr, v.len)
+        view_mut(v.ptr, v.len, v.be)
     }
     fn as_view<'b>(v: &'b DevViewMut<'_>) -> DevView<'b> {
         view(v.ptr, v.len)
     }
     fn split_at_mut<'a>(v: Self::ViewMut<'a>, at_: usize) -> (Self::ViewMut<'a>, Self::ViewMut<'a>) {
         assert!(at_ <= v.len);
-        (view_mut(v.ptr, at_), view_mut(at(v.ptr, at_), v.len - at_))
+        let mut v = v;
+        let be = v.be.take();
+        (view_mut(v.ptr, at_, be), view_mut(at(v.ptr, at_), v.len - at_, be))
     }
     fn fill_zero(&self, v: DevViewMut<'_>) {
         self.inner.bind();

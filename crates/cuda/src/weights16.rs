@@ -2,11 +2,13 @@
 //! the bookkeeping, pure Rust, so it is tested on any machine.
 //!
 //! A weight (the `w` of a linear layer) is converted to bf16 at its first GEMM and the copy
-//! reused by every later GEMM until the weight's memory may have changed. The backend marks
-//! copies stale when a mutable view (or `&mut` access) of the buffer holding them is taken
-//! — the only way device memory is written (AdamW's update, loads, host writes) — and drops
-//! them when that memory is freed or reallocated. So a weight is converted once per
-//! optimiser step instead of once per GEMM (forward, input gradient, recomputation).
+//! reused by every later GEMM until the weight's memory may have changed. Device memory is
+//! written only through mutable views and `&mut` buffer methods (AdamW's update, loads, host
+//! writes): the backend marks the copies in a mutable view's range stale when the view is
+//! dropped (after everything written through it is queued), those of a buffer on `fit` /
+//! `modify_host`, and drops them when that memory is freed or reallocated. AdamW updates the
+//! weights block by block through narrow views, so a weight is converted once per optimiser
+//! step instead of once per GEMM (forward, input gradient, recomputation).
 
 /// One cached copy: the f32 matrix it mirrors (`rows` runs of `cols` values, `ld` apart, at
 /// device address `ptr`) and the bf16 copy (`slot`, `bytes`).

@@ -296,18 +296,29 @@ pub struct DevView<'a> {
     _p: PhantomData<&'a f32>,
 }
 
-/// A mutable view: device pointer and length.
+/// A mutable view: device pointer and length (and the backend of its buffer, told when the
+/// view is dropped: what was written through it may have been a weight with a bf16 copy).
 pub struct DevViewMut<'a> {
     pub(super) ptr: u64,
     pub(super) len: usize,
+    pub(super) be: Option<&'a Inner>,
     _p: PhantomData<&'a mut f32>,
+}
+
+impl Drop for DevViewMut<'_> {
+    /// Never panics.
+    fn drop(&mut self) {
+        if let Some(be) = self.be {
+            be.invalidate16(self.ptr, self.len);
+        }
+    }
 }
 
 pub(super) fn view<'a>(ptr: u64, len: usize) -> DevView<'a> {
     DevView { ptr, len, _p: PhantomData }
 }
-pub(super) fn view_mut<'a>(ptr: u64, len: usize) -> DevViewMut<'a> {
-    DevViewMut { ptr, len, _p: PhantomData }
+pub(super) fn view_mut(ptr: u64, len: usize, be: Option<&Inner>) -> DevViewMut<'_> {
+    DevViewMut { ptr, len, be, _p: PhantomData }
 }
 pub(super) fn at(ptr: u64, elems: usize) -> u64 {
     ptr + elems as u64 * F
