@@ -201,7 +201,7 @@ section_selftest() {
     name=$(awk -F'\t' -v id="$id" '$1 == id {print $2}' "$WORK/selftest/list.txt")
     if skip_if_over "$name"; then continue; fi
     t=$(date +%s)
-    DEMOVLP_CUDA_SYNC=1 run_logged "selftest/$id" 120 "$BIN" selftest --device "$DEV" --precision fp32 --case "$id"
+    DEMOVLP_CUDA_SYNC=1 run_logged "selftest/$id" 60 "$BIN" selftest --device "$DEV" --precision fp32 --case "$id"
     rc=$?
     # The case's verdict line (the summary line is left out: one entry per case).
     grep '^{' "$WORK/selftest/$id.out" | grep -v '"name":"selftest"[,}]' >"$WORK/selftest/$id.case" || true
@@ -250,7 +250,7 @@ section_sanitizer() {
   mkdir -p "$WORK/sanitizer"
   local t rc errors
   t=$(date +%s)
-  timeout "$(limit 180)" "$cs" --tool memcheck --print-limit 100 --log-file "$WORK/sanitizer/memcheck.log" \
+  timeout "$(limit 120)" "$cs" --tool memcheck --print-limit 100 --log-file "$WORK/sanitizer/memcheck.log" \
     "$BIN" selftest --device "$DEV" --quick >"$WORK/sanitizer/selftest.out" 2>"$WORK/sanitizer/selftest.err"
   rc=$?
   errors=$(grep -o 'ERROR SUMMARY: [0-9]*' "$WORK/sanitizer/memcheck.log" 2>/dev/null | awk '{print $3}' | tail -1)
