@@ -11,6 +11,7 @@ Every --bench* mode ends with one JSON line when --json is given.
 Behaviour follows ../shared/reference/SPEC.md (sections 5-8); see bench/README.md.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -179,7 +180,7 @@ def video_tower(p, c, obj, obj_mask):
                      p[o + "temporal_embed"][:, :Fr].repeat_interleave(R, 1)], 1)
     x = x + pos
     # additive key mask: 0 for CLS and real regions, -100 for padding
-    m = (torch.cat([torch.ones(B, 1, dtype=x.dtype), obj_mask.reshape(B, -1).to(x.dtype)], 1) - 1) * 100
+    m = (torch.cat([torch.ones(B, 1, dtype=x.dtype, device=x.device), obj_mask.reshape(B, -1).to(x.dtype)], 1) - 1) * 100
     m_cls = m[:, None, None, :]  # [B,1,1,N] for the CLS query over all tokens
     # per-frame keys are [CLS, regions of frame f]: mask [B,1,F,1,1+R]
     m_frame = torch.cat([m[:, :1, None].expand(B, Fr, 1), m[:, 1:].view(B, Fr, R)], 2)[:, None, :, None, :]
@@ -250,7 +251,7 @@ def local_sim(words, regions, mt, mv, lam=20.0):
 
 def rwa_loss(s_loc, lam=20.0):
     logp = F.log_softmax(lam * s_loc, 1)
-    eye = torch.eye(s_loc.shape[0], dtype=s_loc.dtype)
+    eye = torch.eye(s_loc.shape[0], dtype=s_loc.dtype, device=s_loc.device)
     return (logp.exp() * (logp - torch.log(eye + 1e-6))).sum(1).mean()
 
 
@@ -594,27 +595,48 @@ def summary(name, times, extra):
                 import_rss_mb=round(IMPORT_RSS_MB, 1), **extra)
 
 
+def device_of(args):
+    """The torch device of --device, and a function that waits for its queued work."""
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            sys.exit("--device cuda: torch.cuda.is_available() is False")
+        return torch.device("cuda"), torch.cuda.synchronize
+    return torch.device("cpu"), lambda: None
+
+
 def bench_train(args):
     c = Config(**dict(PUBLISHED, F=args.frames, R=args.regions))
-    p = random_params(c, seed=0)
-    batch = random_batch(c, args.batch, args.frames, args.regions, args.text_len, seed=1)
+    dev, sync = device_of(args)
+    p = {k: v.detach().to(dev).requires_grad_(True) for k, v in random_params(c, seed=0).items()}
+    batch = {k: v.to(dev) for k, v in random_batch(c, args.batch, args.frames, args.regions, args.text_len, seed=1).items()}
     opt = AdamW(p.values(), lr=1e-5, eps=1e-6, weight_decay=0.0)
     n_params = sum(v.numel() for v in p.values())
-    print(f"train-step: torch {torch.__version__}, {torch.get_num_threads()} threads, {n_params / 1e6:.1f}M params, "
-          f"batch {args.batch}, {args.frames}x{args.regions} regions, text {args.text_len}")
+    # bf16: autocast over the forward and the losses (GEMMs in bf16, fp32 master weights and
+    # AdamW), as a PyTorch user's mixed-precision training step does.
+    autocast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if args.precision == "bf16" else contextlib.nullcontext
+    print(f"train-step: torch {torch.__version__}, {dev}, {args.precision}, {torch.get_num_threads()} threads, "
+          f"{n_params / 1e6:.1f}M params, batch {args.batch}, {args.frames}x{args.regions} regions, text {args.text_len}")
 
     phases = {"forward": [], "backward": [], "adamw": []}
 
     def step():
+        sync()
         t0 = time.perf_counter()
         opt.zero_grad()
-        out = forward_losses(p, c, batch, text_dropout=args.text_dropout)
+        with autocast():
+            out = forward_losses(p, c, batch, text_dropout=args.text_dropout)
+        sync()
         t1 = time.perf_counter()
         out["loss_total"].backward()
+        sync()
         t2 = time.perf_counter()
         opt.step()
+        sync()
         t3 = time.perf_counter()
         return out["loss_total"].item(), (t1 - t0, t2 - t1, t3 - t2)
+
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
 
     for _ in range(args.warmup):
         step()
@@ -640,8 +662,14 @@ def bench_train(args):
             phases[k].append(v)
         print(f"  run {i}: {times[-1]:.3f} s (forward+losses {ph[0]:.3f}, backward {ph[1]:.3f}, "
               f"adamw {ph[2]:.3f}; loss {loss:.4f})")
+    gpu = {}
+    if dev.type == "cuda":
+        gpu = dict(cuda_device=torch.cuda.get_device_name(), tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
+                   cuda_max_memory_allocated_mib=round(torch.cuda.max_memory_allocated() / 2**20, 1),
+                   cuda_max_memory_reserved_mib=round(torch.cuda.max_memory_reserved() / 2**20, 1))
     return summary("train-step", times, dict(
         bench="train-step", impl="pytorch", torch=torch.__version__, threads=torch.get_num_threads(),
+        device=str(dev), precision=args.precision, steps_per_s=round(1.0 / statistics.median(times), 4), **gpu,
         batch=args.batch, frames=args.frames, regions=args.regions, text_len=args.text_len, runs=args.runs,
         warmup=args.warmup, text_dropout=args.text_dropout,
         phase_median_s={k: round(statistics.median(v), 4) for k, v in phases.items()}))
@@ -714,6 +742,10 @@ def main():
     ap.add_argument("--n", type=int, default=1000, help="--bench-eval-sims: videos = texts = N")
     ap.add_argument("--width", type=int, default=256, help="--bench-eval-sims: embedding width")
     ap.add_argument("--json", action="store_true", help="end with one JSON line")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="--bench: where to train (cuda: one GPU; timings wait for its work; peak GPU memory reported)")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                    help="--bench: fp32, or bf16 autocast over the forward and the losses (fp32 weights and AdamW)")
     ap.add_argument("--serve", action="store_true",
                     help="--bench: after the warm-up, print {\"ready\": true}, then run one timed step per "
                          "'step' line on stdin (printing {\"s\": seconds}) until 'done'; then the summary")

@@ -1,12 +1,14 @@
 //! `--device cpu|cuda[:N]` (and `--precision fp32|bf16`) for every command that computes,
-//! the one dispatch helper that puts a model on the chosen backend ([`run_model`]), and the
-//! hidden `selftest` command (every kernel and the whole model against the CPU).
+//! the one dispatch helper that puts a model on the chosen backend ([`run_model`]), the
+//! evaluation scores on any device (and their selftest cases), and the benchmarks on any
+//! backend.
 //!
 //! Without the `cuda` feature, or without a GPU, `--device cuda` exits 1 with a message
 //! naming what is missing.
 
 use anyhow::{bail, Result};
-use demovlp_model::backend::{check, kernels_check, Backend};
+use demovlp_cuda::selftest::{Status, Verdict};
+use demovlp_model::backend::Backend;
 use demovlp_model::{AdamW, AdamWSettings, BatchRef, Model};
 use demovlp_retrieval::LossConfig;
 use std::str::FromStr;
@@ -70,7 +72,7 @@ pub trait OnModel {
 }
 
 #[cfg(feature = "cuda")]
-fn open(n: usize, precision: Precision) -> Result<demovlp_cuda::CudaBackend> {
+pub(crate) fn open(n: usize, precision: Precision) -> Result<demovlp_cuda::CudaBackend> {
     demovlp_cuda::open(n, precision).map_err(|e| anyhow::anyhow!("--device cuda:{n}: {e}"))
 }
 
@@ -261,138 +263,39 @@ pub fn synthetic_set(rng: &mut demovlp_kernels::Rng, count: usize, len: usize, d
     (global, local, mask)
 }
 
-/// Runs every [`score_cases`] case on `dev` and on the CPU: (name, ok, max |diff| relative
-/// to the largest CPU score, share of scores off by more than `tol` of it, detail).
-pub fn compare_scores(dev: &ScoreDevice, tol: f32) -> Vec<(String, bool, f32, f64, String)> {
+/// Score case `i` of [`score_cases`] on `dev` and on the CPU, as a selftest verdict: the
+/// largest |diff| relative to the largest CPU score, the share of scores off by more than
+/// `tol` of it, and the worst score (text × video index, both values).
+pub fn compare_score_case(dev: &ScoreDevice, i: usize, tol: f32) -> Verdict {
     use demovlp_retrieval::EmbeddingSet;
-    let mut out = Vec::new();
-    for (name, nt, nv, w, n, p, opts) in score_cases() {
-        let mut rng = demovlp_kernels::Rng::new(0x5c0e ^ (nt * 1000 + nv) as u64);
-        let (tg, tl, tm) = synthetic_set(&mut rng, nt, w, p);
-        let (vg, vl, vm) = synthetic_set(&mut rng, nv, n, p);
-        let texts = EmbeddingSet { count: nt, len: w, dim: p, global: &tg, local: &tl, mask_additive: &tm };
-        let videos = EmbeddingSet { count: nv, len: n, dim: p, global: &vg, local: &vl, mask_additive: &vm };
-        let want = demovlp_retrieval::eval_scores_with(&texts, &videos, &opts, &|_, _| {});
-        let got = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| dev.scores(&texts, &videos, &opts, &|_, _| {})));
-        let got = match got {
-            Ok(Ok(g)) => g,
-            Ok(Err(e)) => {
-                out.push((name.to_string(), false, f32::INFINITY, 1.0, e.to_string()));
-                continue;
-            }
-            Err(p) => {
-                out.push((name.to_string(), false, f32::INFINITY, 1.0, format!("panicked: {}", panic_message(&p))));
-                continue;
-            }
-        };
-        if got.len() != want.len() {
-            out.push((name.to_string(), false, f32::INFINITY, 1.0, format!("{} scores, want {}", got.len(), want.len())));
-            continue;
-        }
-        let scale = want.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-30);
-        let errs: Vec<f32> =
-            got.iter().zip(&want).map(|(g, w)| if g.is_finite() { (g - w).abs() / scale } else { f32::INFINITY }).collect();
-        let worst = errs.iter().cloned().fold(0f32, f32::max);
-        let off = errs.iter().filter(|&&e| e > tol).count() as f64 / errs.len().max(1) as f64;
-        // The focal keep test is a hard threshold: a P within an ulp of it can round to the
-        // other side on another device and move that one score; a real error moves many.
-        let ok = off <= 2e-3 && worst < 0.05;
-        let detail = if ok { String::new() } else { format!("{:.3} % of scores off by more than {tol:e}, worst {worst:e}", 100.0 * off) };
-        out.push((name.to_string(), ok, worst, off, detail));
+    let (name, nt, nv, w, n, p, opts) = score_cases().swap_remove(i);
+    let mut rng = demovlp_kernels::Rng::new(0x5c0e ^ (nt * 1000 + nv) as u64);
+    let (tg, tl, tm) = synthetic_set(&mut rng, nt, w, p);
+    let (vg, vl, vm) = synthetic_set(&mut rng, nv, n, p);
+    let texts = EmbeddingSet { count: nt, len: w, dim: p, global: &tg, local: &tl, mask_additive: &tm };
+    let videos = EmbeddingSet { count: nv, len: n, dim: p, global: &vg, local: &vl, mask_additive: &vm };
+    let want = demovlp_retrieval::eval_scores_with(&texts, &videos, &opts, &|_, _| {});
+    let got = match dev.scores(&texts, &videos, &opts, &|_, _| {}) {
+        Ok(g) => g,
+        Err(e) => return Verdict::fail(name, e.to_string()),
+    };
+    let mut v = Verdict::compared(name, &[("scores".to_string(), got.clone())], &[("scores".to_string(), want.clone())], tol);
+    if got.len() != want.len() {
+        return v;
     }
-    out
-}
-
-fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
-    p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default()
-}
-
-// ---------------------------------------------------------------------------------------
-// selftest
-
-#[derive(clap::Args)]
-pub struct SelftestArgs {
-    #[command(flatten)]
-    pub device: DeviceArgs,
-    /// Tolerance of the kernel-by-kernel comparison (relative to each output's largest
-    /// magnitude; 0 compares bits).
-    #[arg(long, default_value_t = 1e-4)]
-    pub tol: f32,
-    /// Tolerance of the whole-model comparison (`backend::check::compare_with_cpu`).
-    #[arg(long, default_value_t = 5e-4)]
-    pub model_tol: f32,
-}
-
-struct Selftest {
-    tol: f32,
-    model_tol: f32,
-    /// The evaluation scores' device (the same GPU as the backend).
-    scores: ScoreDevice,
-}
-
-impl OnModel for Selftest {
-    fn run<B: Backend>(self, model: Model<B>, device: &str) -> Result<()> {
-        let be = model.backend().clone();
-        drop(model);
-        let t0 = Instant::now();
-        let verdicts = kernels_check::compare_kernels_with_cpu(&be, self.tol);
-        let mut failed = 0;
-        for v in &verdicts {
-            failed += !v.ok as usize;
-            let err =
-                if v.max_rel_err.is_finite() { serde_json::json!(v.max_rel_err) } else { serde_json::json!(v.max_rel_err.to_string()) };
-            println!(
-                "{}",
-                serde_json::json!({"name": format!("kernel: {}", v.name), "ok": v.ok, "max_rel_err": err, "tol": self.tol, "detail": v.detail})
-            );
-        }
-        let model_check = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check::compare_with_cpu(be.clone(), self.model_tol)));
-        let (ok, detail) = match model_check {
-            Ok(Ok(())) => (true, String::new()),
-            Ok(Err(e)) => (false, e),
-            Err(p) => (
-                false,
-                format!(
-                    "panicked: {}",
-                    p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default()
-                ),
-            ),
-        };
-        failed += !ok as usize;
-        println!(
-            "{}",
-            serde_json::json!({"name": "model: backend::check::compare_with_cpu (towers, token API, embeddings, fused steps, QA model)", "ok": ok, "tol": self.model_tol, "detail": detail})
-        );
-        let scores = compare_scores(&self.scores, self.tol);
-        for (name, ok, worst, off, detail) in &scores {
-            failed += !ok as usize;
-            let worst = if worst.is_finite() { serde_json::json!(worst) } else { serde_json::json!(worst.to_string()) };
-            println!(
-                "{}",
-                serde_json::json!({"name": name, "ok": ok, "max_rel_err": worst, "share_off": off, "tol": self.tol, "detail": detail})
-            );
-        }
-        let total = verdicts.len() + 1 + scores.len();
-        println!(
-            "{}",
-            serde_json::json!({"name": "selftest", "ok": failed == 0, "device": device, "checks": total, "failed": failed, "seconds": t0.elapsed().as_secs_f64()})
-        );
-        if failed > 0 {
-            bail!("selftest on {device}: {failed} of {total} checks failed");
-        }
-        Ok(())
+    let scale = want.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-30);
+    let off =
+        got.iter().zip(&want).filter(|(g, w)| !g.is_finite() || (*g - *w).abs() / scale > tol).count() as f64 / want.len().max(1) as f64;
+    let worst = v.max_rel_err.unwrap_or(0.0);
+    // The focal keep test is a hard threshold: a P within an ulp of it can round to the
+    // other side on another device and move that one score; a real error moves many.
+    let ok = off <= 2e-3 && worst < 0.05;
+    v.status = if ok { Status::Pass } else { Status::Fail };
+    v.detail = format!("{:.3} % of scores off by more than {tol:e} of the largest", 100.0 * off);
+    if let Some(w) = &mut v.worst {
+        w.output = format!("scores (text {} x video {})", w.index / nv, w.index % nv);
     }
-}
-
-pub fn selftest(a: SelftestArgs) -> Result<()> {
-    if let Err(e) = check_available(&a.device) {
-        println!("{}", serde_json::json!({"name": "open", "ok": false, "device": a.device.device.to_string(), "detail": e.to_string()}));
-        return Err(e);
-    }
-    // A tiny model: only the backend handle is used, the checks build their own.
-    let tiny = Model::new(check::tiny_config(demovlp_model::TextKind::Distilbert));
-    let scores = ScoreDevice::open(&a.device)?;
-    run_model(&a.device, tiny, Selftest { tol: a.tol, model_tol: a.model_tol, scores })
+    v
 }
 
 // ---------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ mod model_cmds;
 mod qa_cmds;
 mod retrieval_cmds;
 mod search_cmds;
+mod selftest;
 mod serve_cmd;
 mod task_cmds;
 mod train_cmds;
@@ -87,7 +88,7 @@ enum Command {
     /// Every backend kernel and the whole model against the CPU, one JSON line per check
     /// (`scripts/gpu-check.sh` runs it with `--device cuda`).
     #[command(hide = true)]
-    Selftest(device::SelftestArgs),
+    Selftest(selftest::SelftestArgs),
 }
 
 #[global_allocator]
@@ -118,6 +119,6 @@ fn main() -> anyhow::Result<()> {
         Command::Explain(a) => search_cmds::explain(a),
         Command::Serve(a) => serve_cmd::serve(a),
         Command::Bench(c) => bench::run(c),
-        Command::Selftest(a) => device::selftest(a),
+        Command::Selftest(a) => selftest::selftest(a),
     }
 }

@@ -64,12 +64,35 @@ extern "C" __global__ void add_to_rows(float* y, const float* x, long long n, lo
     GRID_STRIDE(i, n) y[i] += x[i % m];
 }
 
-// acc[j] += sum over rows r (in order) of x[r*m + j]
-extern "C" __global__ void sum_rows_into(float* acc, const float* x, long long m, long long rows) {
-    GRID_STRIDE(j, m) {
-        float s = acc[j];
-        for (long long r = 0; r < rows; r++) s += x[r * m + j];
-        acc[j] = s;
+// Column sums of x [rows, m] in two deterministic passes over many blocks (the bias
+// gradients; crates/cuda/src/geometry.rs: `column_sums` is the same arithmetic on the host).
+// Pass 1: grid (ceil(m / 32), chunks), block (32, 8): partial[chunk, col] = the chunk's rows,
+// lane y taking rows y, y + 8, ..., the 8 lanes added in order.
+#define COL_WIDTH 32
+#define COL_LANES 8
+extern "C" __global__ void col_sums_partial(const float* x, long long rows, long long m, long long chunk, float* partial) {
+    __shared__ float sh[COL_LANES][COL_WIDTH + 1];
+    long long col = (long long)blockIdx.x * COL_WIDTH + threadIdx.x;
+    long long r0 = (long long)blockIdx.y * chunk;
+    long long r1 = r0 + chunk < rows ? r0 + chunk : rows;
+    float s = 0.0f;
+    if (col < m)
+        for (long long r = r0 + threadIdx.y; r < r1; r += COL_LANES) s += x[r * m + col];
+    sh[threadIdx.y][threadIdx.x] = s;
+    __syncthreads();
+    if (threadIdx.y == 0 && col < m) {
+        float t = sh[0][threadIdx.x];
+        for (int j = 1; j < COL_LANES; j++) t += sh[j][threadIdx.x];
+        partial[(long long)blockIdx.y * m + col] = t;
+    }
+}
+
+// Pass 2: acc[col] += the chunks' partial sums, in chunk order.
+extern "C" __global__ void col_sums_finish(const float* partial, long long chunks, long long m, float* acc) {
+    GRID_STRIDE(col, m) {
+        float s = 0.0f;
+        for (long long c = 0; c < chunks; c++) s += partial[c * m + col];
+        acc[col] += s;
     }
 }
 

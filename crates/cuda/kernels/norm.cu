@@ -1,5 +1,6 @@
 // LayerNorm forward/backward (fp32 values, f64 row statistics as the CPU kernel), one block
-// of 256 threads per row; the weight/bias gradients by column over rows in order (deterministic).
+// of 256 threads per row; the weight/bias gradients by a deterministic two-pass column
+// reduction over many blocks.
 
 #define THREADS 256
 
@@ -57,17 +58,30 @@ extern "C" __global__ void layernorm_backward_dx(const float* x, const float* w,
     }
 }
 
-// dw[i] += Σ_rows dy·x̂, db[i] += Σ_rows dy (rows in order).
-extern "C" __global__ void layernorm_backward_dwdb(const float* x, const float* mean, const float* rstd, const float* dy,
-                                                   float* dw, float* db, long long rows, int d) {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= d) return;
+// dw[i] += Σ_rows dy·x̂, db[i] += Σ_rows dy: pass 1 of the two-pass column reduction
+// (elementwise.cu's col_sums_partial with the term dy·x̂; `col_sums_finish` adds the chunks).
+// grid (ceil(d / 32), chunks), block (32, 8).
+extern "C" __global__ void layernorm_dwdb_partial(const float* x, const float* mean, const float* rstd, const float* dy,
+                                                  long long rows, int d, long long chunk, float* pw, float* pb) {
+    __shared__ float shw[8][33];
+    __shared__ float shb[8][33];
+    long long col = (long long)blockIdx.x * 32 + threadIdx.x;
+    long long r0 = (long long)blockIdx.y * chunk;
+    long long r1 = r0 + chunk < rows ? r0 + chunk : rows;
     float sw = 0.0f, sb = 0.0f;
-    for (long long r = 0; r < rows; r++) {
-        float g = dy[r * d + i];
-        sw += g * (x[r * d + i] - mean[r]) * rstd[r];
-        sb += g;
+    if (col < d)
+        for (long long r = r0 + threadIdx.y; r < r1; r += 8) {
+            float g = dy[r * d + col];
+            sw += g * ((x[r * d + col] - mean[r]) * rstd[r]);
+            sb += g;
+        }
+    shw[threadIdx.y][threadIdx.x] = sw;
+    shb[threadIdx.y][threadIdx.x] = sb;
+    __syncthreads();
+    if (threadIdx.y == 0 && col < d) {
+        float tw = shw[0][threadIdx.x], tb = shb[0][threadIdx.x];
+        for (int j = 1; j < 8; j++) { tw += shw[j][threadIdx.x]; tb += shb[j][threadIdx.x]; }
+        pw[(long long)blockIdx.y * d + col] = tw;
+        pb[(long long)blockIdx.y * d + col] = tb;
     }
-    dw[i] += sw;
-    db[i] += sb;
 }

@@ -4,7 +4,9 @@
 //!   on demand and then reused (`fit` keeps the allocation), views are (pointer, length).
 //! - GEMMs: cuBLASLt (module `lt`: compute type `CUBLAS_COMPUTE_32F`, i.e. no TF32, in the
 //!   fp32 parity mode; bf16 inputs with fp32 accumulation and fp32 outputs in the bf16 speed
-//!   mode, the inputs converted per call into a scratch buffer; one cached plan per shape),
+//!   mode: activations converted per call into a scratch buffer, weights' bf16 copies cached
+//!   until a mutable view of their memory has been used ([`crate::weights16`]); one cached
+//!   plan per shape),
 //!   plain cuBLAS as the fallback (`cublasSgemm` with `CUBLAS_DEFAULT_MATH`, `cublasGemmEx`)
 //!   for shapes cuBLASLt has no algorithm for, when it fails to start, or with
 //!   `DEMOVLP_CUDA_GEMM=cublas`.
@@ -17,12 +19,19 @@
 //!   (`crate::plan`: xoshiro256++ jumped ahead per thread by GF(2) matrix powers).
 //! - On the host, through the seam: token ids and the QA cross-entropy (logits
 //!   `[B, answers]` read back).
+//! - Kernels are resolved once (`open`) and launched by a compile-time index
+//!   ([`crate::kernel_index`]); the context is made current only when it is not (once per
+//!   thread in the steady state).
 //!
 //! Errors of the driver or cuBLAS in a kernel call panic with the call named (the trait's
-//! methods return nothing); opening the device ([`CudaBackend::open`]) returns them.
+//! methods return nothing); opening the device ([`CudaBackend::open`]) returns them. Locks are
+//! taken with [`crate::lock`] (a panic under one does not fail later calls); a buffer's `Drop`
+//! never panics; [`CudaBackend::fault`] says when a sticky error has made the context unusable.
+//! With `DEMOVLP_CUDA_SYNC=1` every launch and GEMM is synchronised, so an asynchronous error
+//! names its kernel (otherwise errors name the last kernel queued).
 //!
 //! **Never run on a GPU yet**: this compiles and lints; its kernels compile with NVRTC for
-//! sm_80/sm_90; `backend::check` against `Cpu` is what `scripts/gpu-check.sh` runs first.
+//! sm_80/sm_90; the selftest against `Cpu` is what `scripts/gpu-check.sh` runs first.
 
 mod mem;
 
@@ -42,15 +51,17 @@ use std::sync::Arc;
 
 /// Blocks of 256 threads for `n` elements (grid-stride loops cover the rest).
 fn blocks(n: usize) -> (u32, u32, u32) {
-    (n.div_ceil(256).clamp(1, 8192) as u32, 1, 1)
+    crate::geometry::elementwise(n).grid
 }
-const T256: (u32, u32, u32) = (256, 1, 1);
+const T256: (u32, u32, u32) = (crate::geometry::ELEMENTWISE_THREADS, 1, 1);
 
-/// Launches `$name` with the arguments' values (each must have the kernel parameter's type).
+/// Launches `$name` with the arguments' values (each must have the kernel parameter's type);
+/// the kernel is looked up at compile time ([`crate::kernel_index`]).
 macro_rules! launch {
-    ($be:expr, $name:literal, $grid:expr, $block:expr, $shared:expr; $($arg:expr),* $(,)?) => {
-        $be.inner.launch($name, $grid, $block, $shared, &mut [$( &mut { $arg } as *mut _ as *mut c_void ),*])
-    };
+    ($be:expr, $name:literal, $grid:expr, $block:expr, $shared:expr; $($arg:expr),* $(,)?) => {{
+        const K: usize = $crate::kernel_index($name);
+        $be.inner.launch(K, $grid, $block, $shared, &mut [$( &mut { $arg } as *mut _ as *mut c_void ),*])
+    }};
 }
 
 /// The CUDA backend: a cheap handle (its context, stream, cuBLAS handle and kernels are shared).
@@ -106,10 +117,13 @@ impl Backend for CudaBackend {
         if b.be.is_none() {
             b.be = Some(self.inner.clone());
         }
+        // The caller may write any of it: cached bf16 copies of weights in it are stale.
+        self.inner.invalidate16(b.ptr, b.cap);
         if n > b.cap {
             // Grow, keeping the values (as `Vec::resize` does), then reuse from here on.
             let ptr = self.inner.alloc(n * F as usize);
             self.inner.dtod(ptr, b.ptr, b.len * F as usize);
+            self.inner.forget16(b.ptr, b.cap);
             self.inner.free(b.ptr);
             b.ptr = ptr;
             b.cap = n;
@@ -120,7 +134,10 @@ impl Backend for CudaBackend {
         view(b.ptr, b.len)
     }
     fn view_mut(b: &mut DevBuf) -> DevViewMut<'_> {
-        view_mut(b.ptr, b.len)
+        // Device memory is written through mutable views (and `&mut DevBuf` methods) only:
+        // when one is dropped, the cached bf16 copies of weights in its range are stale
+        // (crate::weights16). Slicing hands that duty to the narrower view.
+        view_mut(b.ptr, b.len, b.be.as_deref())
     }
     fn slice<'a>(v: Self::View<'a>, r: Range<usize>) -> Self::View<'a> {
         assert!(r.start <= r.end && r.end <= v.len, "slice {r:?} of {} values", v.len);
@@ -128,17 +145,21 @@ impl Backend for CudaBackend {
     }
     fn slice_mut<'a>(v: Self::ViewMut<'a>, r: Range<usize>) -> Self::ViewMut<'a> {
         assert!(r.start <= r.end && r.end <= v.len, "slice {r:?} of {} values", v.len);
-        view_mut(at(v.ptr, r.start), r.len())
+        let mut v = v;
+        let be = v.be.take();
+        view_mut(at(v.ptr, r.start), r.len(), be)
     }
     fn reborrow<'b>(v: &'b mut DevViewMut<'_>) -> DevViewMut<'b> {
-        view_mut(v.ptr, v.len)
+        view_mut(v.ptr, v.len, v.be)
     }
     fn as_view<'b>(v: &'b DevViewMut<'_>) -> DevView<'b> {
         view(v.ptr, v.len)
     }
     fn split_at_mut<'a>(v: Self::ViewMut<'a>, at_: usize) -> (Self::ViewMut<'a>, Self::ViewMut<'a>) {
         assert!(at_ <= v.len);
-        (view_mut(v.ptr, at_), view_mut(at(v.ptr, at_), v.len - at_))
+        let mut v = v;
+        let be = v.be.take();
+        (view_mut(v.ptr, at_, be), view_mut(at(v.ptr, at_), v.len - at_, be))
     }
     fn fill_zero(&self, v: DevViewMut<'_>) {
         self.inner.bind();
@@ -171,6 +192,7 @@ impl Backend for CudaBackend {
     }
     fn modify_host(&self, b: &mut DevBuf, r: Range<usize>, f: impl FnOnce(&mut [f32])) {
         self.inner.bind();
+        self.inner.invalidate16(b.ptr, b.cap);
         let v = Self::slice(Self::view(b), r);
         let mut h = self.host_of(v);
         f(&mut h);
@@ -204,7 +226,7 @@ impl Backend for CudaBackend {
             None => 0.0,
         };
         // Row-major y = x·Wᵀ is column-major yᵀ = W(ᵀ of its column-major view)·xᵀ.
-        self.gemm(true, false, dout, n, din, w.ptr, din, x.ptr, ldx, beta, y.ptr, dout);
+        self.gemm_in(self.inner.precision, true, true, false, dout, n, din, w.ptr, din, x.ptr, ldx, beta, y.ptr, dout);
     }
     fn linear_backward(
         &self,
@@ -222,7 +244,7 @@ impl Backend for CudaBackend {
     ) {
         self.inner.bind();
         if let Some(dx) = dx {
-            self.gemm(false, false, din, n, dout, w.ptr, din, dy.ptr, dout, 1.0, dx.ptr, din);
+            self.gemm_in(self.inner.precision, true, false, false, din, n, dout, w.ptr, din, dy.ptr, dout, 1.0, dx.ptr, din);
         }
         let beta = if grads == Grads::Accumulate { 1.0 } else { 0.0 };
         self.gemm(false, true, din, dout, n, x.ptr, ldx, dy.ptr, dout, beta, dw.ptr, din);
@@ -230,12 +252,12 @@ impl Backend for CudaBackend {
             if grads == Grads::Overwrite {
                 self.inner.zero(db.ptr, dout);
             }
-            launch!(self, "sum_rows_into", blocks(dout), T256, 0; db.ptr, dy.ptr, dout as i64, n as i64);
+            self.column_sums(db.ptr, dy.ptr, n, dout);
         }
     }
     fn linear_backward_input(&self, dy: DevView<'_>, w: DevView<'_>, dx: DevViewMut<'_>, n: usize, din: usize, dout: usize) {
         self.inner.bind();
-        self.gemm(false, false, din, n, dout, w.ptr, din, dy.ptr, dout, 0.0, dx.ptr, din);
+        self.gemm_in(self.inner.precision, true, false, false, din, n, dout, w.ptr, din, dy.ptr, dout, 0.0, dx.ptr, din);
     }
     fn layernorm_forward(
         &self,
@@ -253,7 +275,8 @@ impl Backend for CudaBackend {
             return;
         }
         self.inner.bind();
-        launch!(self, "layernorm_forward", (rows as u32, 1, 1), T256, 0; x.ptr, w.ptr, b.ptr, eps, y.ptr, mean.ptr, rstd.ptr, rows as i64, dim as i32);
+        let g = crate::geometry::layernorm_rows(rows);
+        launch!(self, "layernorm_forward", g.grid, g.block, 0; x.ptr, w.ptr, b.ptr, eps, y.ptr, mean.ptr, rstd.ptr, rows as i64, dim as i32);
     }
     fn layernorm_backward(
         &self,
@@ -272,8 +295,17 @@ impl Backend for CudaBackend {
             return;
         }
         self.inner.bind();
-        launch!(self, "layernorm_backward_dx", (rows as u32, 1, 1), T256, 0; x.ptr, w.ptr, mean.ptr, rstd.ptr, dy.ptr, dx.ptr, rows as i64, dim as i32);
-        launch!(self, "layernorm_backward_dwdb", (dim.div_ceil(128) as u32, 1, 1), (128, 1, 1), 0; x.ptr, mean.ptr, rstd.ptr, dy.ptr, dw.ptr, db.ptr, rows as i64, dim as i32);
+        let g = crate::geometry::layernorm_rows(rows);
+        launch!(self, "layernorm_backward_dx", g.grid, g.block, 0; x.ptr, w.ptr, mean.ptr, rstd.ptr, dy.ptr, dx.ptr, rows as i64, dim as i32);
+        // dw, db: two deterministic passes over many blocks (crate::geometry).
+        let (chunk, chunks) = crate::geometry::col_chunks(rows);
+        let g = crate::geometry::col_partial(rows, dim);
+        let mut s = crate::lock(&self.inner.scratch);
+        let pw = self.inner.grow(&mut s.partial, chunks * dim * F as usize);
+        let pb = self.inner.grow(&mut s.partial2, chunks * dim * F as usize);
+        launch!(self, "layernorm_dwdb_partial", g.grid, g.block, 0; x.ptr, mean.ptr, rstd.ptr, dy.ptr, rows as i64, dim as i32, chunk as i64, pw, pb);
+        launch!(self, "col_sums_finish", blocks(dim), T256, 0; pw, chunks as i64, dim as i64, dw.ptr);
+        launch!(self, "col_sums_finish", blocks(dim), T256, 0; pb, chunks as i64, dim as i64, db.ptr);
     }
 
     fn gelu_forward(&self, x: DevView<'_>, y: DevViewMut<'_>) {
@@ -316,7 +348,7 @@ impl Backend for CudaBackend {
     fn sum_rows_into(&self, acc: DevViewMut<'_>, x: DevView<'_>) {
         self.inner.bind();
         let rows = x.len / acc.len.max(1);
-        launch!(self, "sum_rows_into", blocks(acc.len), T256, 0; acc.ptr, x.ptr, acc.len as i64, rows as i64);
+        self.column_sums(acc.ptr, x.ptr, rows, acc.len);
     }
     fn masked<'a>(&self, x: DevView<'a>, mask: Option<DevView<'a>>, buf: &'a mut DevBuf) -> DevView<'a> {
         match mask {
@@ -360,8 +392,8 @@ impl Backend for CudaBackend {
         out: DevViewMut<'_>,
     ) {
         self.inner.bind();
-        let grid = (s.seq as u32, s.heads as u32, s.batch as u32);
-        launch!(self, "attention_forward", grid, (128, 1, 1), (s.seq * 4) as u32;
+        let g = crate::geometry::attention_forward(s.batch, s.heads, s.seq);
+        launch!(self, "attention_forward", g.grid, g.block, g.dynamic_shared;
             s.seq as i32, s.heads as i32, s.head_dim as i32, regions_of(s), scale, q.ptr, k.ptr, v.ptr, ld as i64, mask.ptr, drop.map_or(0, |d| d.ptr), probs.ptr, out.ptr);
     }
     fn attention_backward_rows(
@@ -408,13 +440,13 @@ impl Backend for CudaBackend {
             panic!("embedding: id {bad} outside a table of {rows} rows");
         }
         self.inner.bind();
-        let mut s = self.inner.scratch.lock().unwrap();
+        let mut s = crate::lock(&self.inner.scratch);
         let p = self.ids(&mut s, ids);
         launch!(self, "embedding_forward", blocks(ids.len() * dim), T256, 0; p, ids.len() as i64, table.ptr, dim as i64, out.ptr);
     }
     fn embedding_backward(&self, ids: &[i64], dout: DevView<'_>, dim: usize, dtable: DevViewMut<'_>) {
         self.inner.bind();
-        let mut s = self.inner.scratch.lock().unwrap();
+        let mut s = crate::lock(&self.inner.scratch);
         let p = self.ids(&mut s, ids);
         launch!(self, "embedding_backward", blocks(dim), T256, 0; p, ids.len() as i64, dout.ptr, dim as i64, dtable.ptr);
     }
@@ -431,7 +463,7 @@ impl Backend for CudaBackend {
             })
             .collect();
         self.inner.zero(grad_rows.ptr, grad_rows.len);
-        let mut s = self.inner.scratch.lock().unwrap();
+        let mut s = crate::lock(&self.inner.scratch);
         let p = self.rows(&mut s, &row_of);
         launch!(self, "embedding_backward_rows", blocks(dim), T256, 0; p, ids.len() as i64, dout.ptr, dim as i64, grad_rows.ptr);
     }
@@ -567,7 +599,7 @@ impl Backend for CudaBackend {
         for (i, &id) in ids.iter().enumerate() {
             row_of[id] = i as i32;
         }
-        let mut s = self.inner.scratch.lock().unwrap();
+        let mut s = crate::lock(&self.inner.scratch);
         let rows_p = self.rows(&mut s, &row_of);
         launch!(self, "adamw_update_table_rows", blocks(p.len), T256, 0;
             p.ptr, m.ptr, v.ptr, rows as i64, dim as i64, rows_p, grad_rows.ptr, c.step_size, c.decay, c.beta1, c.beta2, c.eps);

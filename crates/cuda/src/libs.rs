@@ -71,3 +71,57 @@ pub fn probe(ordinal: usize) -> Result<DeviceInfo, String> {
     };
     Ok(DeviceInfo { ordinal, name, capability: (major, minor), memory_bytes, multiprocessors: sms.max(1) as usize })
 }
+
+/// The CUDA libraries' versions, from the libraries themselves (each opened only if present),
+/// and the library files this process has mapped once they are open: what it really uses.
+#[derive(Clone, Debug, Default)]
+pub struct LibraryReport {
+    /// `cuDriverGetVersion` (e.g. 12040 for 12.4).
+    pub driver: Option<i32>,
+    pub nvrtc: Option<(i32, i32)>,
+    /// cuBLAS (major, minor, patch).
+    pub cublas: Option<(i32, i32, i32)>,
+    /// `cublasLtGetVersion` (e.g. 120402).
+    pub cublaslt: Option<usize>,
+    /// Paths from `/proc/self/maps` ([`crate::mapped_cuda_libraries`]).
+    pub opened: Vec<String>,
+    /// What could not be opened or asked.
+    pub missing: Vec<String>,
+}
+
+/// Opens each library that is present, asks its version, then lists the mapped files.
+pub fn report() -> LibraryReport {
+    let mut r = LibraryReport::default();
+    for lib in [Lib::Driver, Lib::Nvrtc, Lib::Cublas, Lib::CublasLt] {
+        if !lib.present() {
+            r.missing.push(lib.file().to_string());
+            continue;
+        }
+        // SAFETY: plain out-parameters of version queries on a library known to be present.
+        unsafe {
+            match lib {
+                Lib::Driver => {
+                    let mut v = 0;
+                    if dsys::cuDriverGetVersion(&mut v) == dsys::CUresult::CUDA_SUCCESS {
+                        r.driver = Some(v);
+                    }
+                }
+                Lib::Nvrtc => r.nvrtc = crate::nvrtc::version().ok(),
+                Lib::Cublas => {
+                    use cudarc::cublas::sys::{cublasGetProperty, cublasStatus_t::CUBLAS_STATUS_SUCCESS, libraryPropertyType as P};
+                    let mut v = [0; 3];
+                    let ok = [P::MAJOR_VERSION, P::MINOR_VERSION, P::PATCH_LEVEL]
+                        .into_iter()
+                        .zip(v.iter_mut())
+                        .all(|(p, out)| cublasGetProperty(p, out) == CUBLAS_STATUS_SUCCESS);
+                    if ok {
+                        r.cublas = Some((v[0], v[1], v[2]));
+                    }
+                }
+                Lib::CublasLt => r.cublaslt = Some(cudarc::cublaslt::sys::cublasLtGetVersion()),
+            }
+        }
+    }
+    r.opened = std::fs::read_to_string("/proc/self/maps").map(|m| crate::mapped_cuda_libraries(&m)).unwrap_or_default();
+    r
+}

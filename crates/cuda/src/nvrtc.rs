@@ -18,10 +18,12 @@ pub fn version() -> Result<(i32, i32), String> {
     Ok((major, minor))
 }
 
-/// The options every kernel is compiled with for `arch` (e.g. `sm_90`). `--fmad=false`: no
-/// contraction of a·b + c, closer to the CPU kernels' rounding.
-pub fn options(arch: &str) -> Vec<String> {
-    vec![format!("--gpu-architecture={arch}"), "--fmad=false".into(), "--std=c++17".into()]
+/// The options every kernel is compiled with for `arch` (e.g. `sm_90`): `fmad` false (the
+/// fp32 parity mode) forbids contracting a·b + c into one rounding, closer to the CPU
+/// kernels; true (the bf16 speed mode) allows it. `-lineinfo`: compute-sanitizer and Nsight
+/// Compute point at source lines of `kernels/*.cu`.
+pub fn options(arch: &str, fmad: bool) -> Vec<String> {
+    vec![format!("--gpu-architecture={arch}"), format!("--fmad={fmad}"), "-lineinfo".into(), "--std=c++17".into()]
 }
 
 /// 64-bit FNV-1a (stable across builds, unlike std's hasher).
@@ -49,12 +51,12 @@ pub fn cache_dir() -> Option<PathBuf> {
 }
 
 /// Compiles `source` (module `name`) to a CUBIN for `arch` with NVRTC alone (no GPU needed).
-pub fn compile_cubin(name: &str, source: &str, arch: &str) -> Result<Vec<u8>, String> {
+pub fn compile_cubin(name: &str, source: &str, arch: &str, fmad: bool) -> Result<Vec<u8>, String> {
     require(&[Lib::Nvrtc])?;
     let src = CString::new(source).map_err(|_| format!("{name}: NUL in the source"))?;
     let cname = CString::new(format!("{name}.cu")).unwrap();
     let prog = result::create_program(&src, Some(&cname)).map_err(|e| format!("{name}: nvrtcCreateProgram: {e:?}"))?;
-    let opts = options(arch);
+    let opts = options(arch, fmad);
     // SAFETY: `prog` is a live program until destroyed below; the out buffers are sized by NVRTC.
     unsafe {
         let compiled = result::compile_program(prog, &opts);
@@ -83,9 +85,9 @@ pub fn compile_cubin(name: &str, source: &str, arch: &str) -> Result<Vec<u8>, St
 
 /// [`compile_cubin`] through the disk cache: the key covers the source, the options and
 /// the NVRTC version. Returns the CUBIN and whether it came from the cache.
-pub fn cubin_cached(name: &str, source: &str, arch: &str) -> Result<(Vec<u8>, bool), String> {
+pub fn cubin_cached(name: &str, source: &str, arch: &str, fmad: bool) -> Result<(Vec<u8>, bool), String> {
     let (major, minor) = version()?;
-    let opts = options(arch).join(" ");
+    let opts = options(arch, fmad).join(" ");
     let ver = format!("{major}.{minor}");
     let key = fnv1a(&[source.as_bytes(), opts.as_bytes(), ver.as_bytes()]);
     let path = cache_dir().map(|d| d.join(format!("{name}-{arch}-{key:016x}.cubin")));
@@ -96,7 +98,7 @@ pub fn cubin_cached(name: &str, source: &str, arch: &str) -> Result<(Vec<u8>, bo
             }
         }
     }
-    let cubin = compile_cubin(name, source, arch)?;
+    let cubin = compile_cubin(name, source, arch, fmad)?;
     if let Some(p) = &path {
         // Best effort: write to a temporary name, then rename (concurrent runs stay safe).
         if let Some(dir) = p.parent() {
@@ -113,8 +115,8 @@ pub fn cubin_cached(name: &str, source: &str, arch: &str) -> Result<(Vec<u8>, bo
 
 /// The file name of a prebuilt CUBIN: keyed by source and options (not by NVRTC version:
 /// the machine that loads it may have no NVRTC).
-pub fn prebuilt_name(name: &str, source: &str, arch: &str) -> String {
-    let opts = options(arch).join(" ");
+pub fn prebuilt_name(name: &str, source: &str, arch: &str, fmad: bool) -> String {
+    let opts = options(arch, fmad).join(" ");
     format!("prebuilt-{name}-{arch}-{:016x}.cubin", fnv1a(&[source.as_bytes(), opts.as_bytes()]))
 }
 
@@ -131,17 +133,19 @@ pub fn prebuilt_dirs() -> Vec<PathBuf> {
     dirs
 }
 
-/// Compiles every kernel source for each of `archs` into `dir` as prebuilt CUBINs (needs NVRTC,
-/// no GPU); returns the files written.
+/// Compiles every kernel source for each of `archs`, in both modes (fmad off and on), into
+/// `dir` as prebuilt CUBINs (needs NVRTC, no GPU); returns the files written.
 pub fn write_prebuilt(dir: &std::path::Path, archs: &[&str]) -> Result<Vec<PathBuf>, String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let mut out = Vec::new();
     for arch in archs {
         for (name, src) in crate::SOURCES {
-            let cubin = compile_cubin(name, src, arch)?;
-            let p = dir.join(prebuilt_name(name, src, arch));
-            std::fs::write(&p, cubin).map_err(|e| format!("{}: {e}", p.display()))?;
-            out.push(p);
+            for fmad in [false, true] {
+                let cubin = compile_cubin(name, src, arch, fmad)?;
+                let p = dir.join(prebuilt_name(name, src, arch, fmad));
+                std::fs::write(&p, cubin).map_err(|e| format!("{}: {e}", p.display()))?;
+                out.push(p);
+            }
         }
     }
     Ok(out)
@@ -150,11 +154,11 @@ pub fn write_prebuilt(dir: &std::path::Path, archs: &[&str]) -> Result<Vec<PathB
 /// The CUBIN of one kernel source for `arch`: compiled by NVRTC (through the disk cache)
 /// when libnvrtc is present, else a prebuilt one ([`prebuilt_dirs`]); `Err` says how to
 /// provide either.
-pub fn cubin_for(name: &str, source: &str, arch: &str) -> Result<Vec<u8>, String> {
+pub fn cubin_for(name: &str, source: &str, arch: &str, fmad: bool) -> Result<Vec<u8>, String> {
     if Lib::Nvrtc.present() {
-        return cubin_cached(name, source, arch).map(|(c, _)| c);
+        return cubin_cached(name, source, arch, fmad).map(|(c, _)| c);
     }
-    let file = prebuilt_name(name, source, arch);
+    let file = prebuilt_name(name, source, arch, fmad);
     for d in prebuilt_dirs() {
         if let Ok(bytes) = std::fs::read(d.join(&file)) {
             if bytes.starts_with(b"\x7fELF") {

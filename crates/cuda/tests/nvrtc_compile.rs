@@ -20,7 +20,7 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
     eprintln!("NVRTC {major}.{minor}");
     for arch in ["sm_80", "sm_90"] {
         for (name, src) in SOURCES {
-            let cubin = nvrtc::compile_cubin(name, src, arch).unwrap_or_else(|e| panic!("{e}"));
+            let cubin = nvrtc::compile_cubin(name, src, arch, false).unwrap_or_else(|e| panic!("{e}"));
             assert!(cubin.starts_with(b"\x7fELF"), "{name} for {arch}: not an ELF CUBIN");
             let text = String::from_utf8_lossy(&cubin);
             for kernel in demovlp_cuda::kernel_names(src) {
@@ -32,14 +32,19 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
     // The disk cache: a second lookup hits.
     let dir = std::env::temp_dir().join(format!("demovlp-nvrtc-cache-{}", std::process::id()));
     std::env::set_var("DEMOVLP_CUDA_CACHE", &dir);
-    let (a, hit_a) = nvrtc::cubin_cached("heads", SOURCES[4].1, "sm_90").unwrap();
-    let (b, hit_b) = nvrtc::cubin_cached("heads", SOURCES[4].1, "sm_90").unwrap();
+    let (a, hit_a) = nvrtc::cubin_cached("heads", SOURCES[4].1, "sm_90", false).unwrap();
+    let (b, hit_b) = nvrtc::cubin_cached("heads", SOURCES[4].1, "sm_90", false).unwrap();
     assert!(!hit_a && hit_b && a == b);
+    // The speed mode's CUBIN (multiply-adds contracted) is another cache entry.
+    let (c, hit_c) = nvrtc::cubin_cached("heads", SOURCES[4].1, "sm_90", true).unwrap();
+    assert!(!hit_c && c.starts_with(b"\x7fELF"));
+    // -lineinfo: the CUBIN carries a line table naming the source file.
+    assert!(String::from_utf8_lossy(&a).contains("heads.cu"), "no line information for heads.cu");
     let _ = std::fs::remove_dir_all(&dir);
     // Prebuilt CUBINs for a machine without NVRTC: one per source and architecture.
     let pre = std::env::temp_dir().join(format!("demovlp-prebuilt-{}", std::process::id()));
     let files = nvrtc::write_prebuilt(&pre, &["sm_90"]).unwrap();
-    assert_eq!(files.len(), SOURCES.len());
+    assert_eq!(files.len(), 2 * SOURCES.len());
     assert!(files.iter().all(|f| std::fs::read(f).unwrap().starts_with(b"\x7fELF")));
     let _ = std::fs::remove_dir_all(pre);
 }

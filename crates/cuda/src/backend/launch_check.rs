@@ -81,7 +81,7 @@ fn arg_ty(a: &str) -> Option<Ty> {
         || a.starts_with("video.")
         || [
             "a", "b", "a16", "b16", "p", "ds", "drop", "q", "k", "v", "dq", "dk", "dv", "c", "x", "rb", "gg", "dscr", "gs", "g_t_raw",
-            "g_v_raw", "g_t_hat", "g_v_hat", "s_out", "table",
+            "g_v_raw", "g_t_hat", "g_v_hat", "s_out", "table", "pw", "pb", "partial", "acc", "slot",
         ]
         .contains(&a)
     {

@@ -96,7 +96,7 @@ impl CudaBackend {
     /// Row-major `C [m, n] = A [m, k] · B [n, k]ᵀ` in fp32 (rows `lda`, `ldb`, `ldc` apart).
     #[allow(clippy::too_many_arguments)]
     fn gemm_abt(&self, m: usize, n: usize, k: usize, a: u64, lda: usize, b: u64, ldb: usize, c: u64, ldc: usize) {
-        self.gemm_in(Precision::Fp32, true, false, n, m, k, b, ldb, a, lda, 0.0, c, ldc);
+        self.gemm_in(Precision::Fp32, false, true, false, n, m, k, b, ldb, a, lda, 0.0, c, ldc);
     }
 
     /// Every (text, video) pair of `text` × `video` through a pair kernel, in chunks of
@@ -192,7 +192,7 @@ impl CudaBackend {
         }
         assert!(b > 0, "CUDA losses: empty batch");
         self.inner.bind();
-        let mut guard = self.inner.losses.lock().unwrap();
+        let mut guard = crate::lock(&self.inner.losses);
         let ls = &mut *guard;
         let bb = b * b;
         let rb = self.raw(&mut ls.readback, 2 + 2 * bb);
@@ -214,8 +214,8 @@ impl CudaBackend {
             let (gt, gv) = (self.zeros(b * p), self.zeros(b * p));
             let (gth, gvh) = (self.raw(&mut ls.gth, b * p), self.raw(&mut ls.gvh, b * p));
             // dT̂ = dG·V̂, dV̂ = dGᵀ·T̂ (row-major).
-            self.gemm_in(Precision::Fp32, false, false, p, b, b, vh, p, gg, b, 0.0, gth, p);
-            self.gemm_in(Precision::Fp32, false, true, p, b, b, th, p, gg, b, 0.0, gvh, p);
+            self.gemm_in(Precision::Fp32, false, false, false, p, b, b, vh, p, gg, b, 0.0, gth, p);
+            self.gemm_in(Precision::Fp32, false, false, true, p, b, b, th, p, gg, b, 0.0, gvh, p);
             self.l2_rows_backward(gth, th, x.global_text.ptr, tn, tr, b, p, true, gt.ptr);
             self.l2_rows_backward(gvh, vh, x.global_video.ptr, vn, vr, b, p, true, gv.ptr);
             out_grads = Some(LossGradBufs {
@@ -304,7 +304,7 @@ impl CudaBackend {
             let (tl, tm) = (up(texts.local), up(texts.mask_additive));
             let (vl, vm) = (up(videos.local), up(videos.mask_additive));
             let s_loc = self.zeros(nv * nt);
-            let mut guard = self.inner.losses.lock().unwrap();
+            let mut guard = crate::lock(&self.inner.losses);
             let ls = &mut *guard;
             let (text, video) = self.local_sides(ls, tl.ptr, tm.ptr, nt, texts.len, vl.ptr, vm.ptr, nv, videos.len, p);
             let report = |done: usize, total: usize| {

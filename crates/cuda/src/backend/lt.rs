@@ -132,7 +132,7 @@ impl Lt {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn matmul(&self, key: Key, a: u64, b: u64, beta: f32, c: u64, stream: sys::cudaStream_t) -> bool {
         let key = Key { align: [alignment(a), alignment(b), alignment(c)], ..key };
-        let mut plans = self.plans.lock().unwrap();
+        let mut plans = crate::lock(&self.plans);
         let entry = plans
             .entry(key)
             .or_insert_with(|| self.plan(&key).map_err(|e| eprintln!("CUDA backend: {e}; this shape runs on plain cuBLAS")).ok());

@@ -4,10 +4,10 @@
 use crate::{DeviceInfo, Precision};
 use cudarc::cublas::sys as bsys;
 use cudarc::driver::{result as drv, sys};
-use std::collections::HashMap;
 use std::ffi::c_void;
 use std::fmt;
 use std::marker::PhantomData;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 pub(super) const F: u64 = 4; // bytes per f32
@@ -24,6 +24,9 @@ pub(super) struct Scratch {
     pub(super) ids: Raw,
     pub(super) rows: Raw,
     pub(super) ds: Raw,
+    /// The column reductions' per-chunk partial sums (two sets: LayerNorm's dw and db).
+    pub(super) partial: Raw,
+    pub(super) partial2: Raw,
     pub(super) a16: Raw,
     pub(super) b16: Raw,
 }
@@ -37,7 +40,18 @@ pub(super) struct Inner {
     pub(super) blas: Option<bsys::cublasHandle_t>,
     /// cuBLASLt (the GEMMs' first choice) when its library is present.
     pub(super) lt: Option<super::lt::Lt>,
-    pub(super) funcs: HashMap<String, sys::CUfunction>,
+    /// The kernels, indexed as [`crate::KERNELS`] (resolved once, in `open`).
+    pub(super) funcs: Vec<sys::CUfunction>,
+    /// `DEMOVLP_CUDA_SYNC=1`: synchronise after every launch and GEMM, so an error names
+    /// the kernel that caused it (slow; for diagnosis).
+    pub(super) sync: bool,
+    /// The last kernel queued (index into [`crate::KERNELS`]; `usize::MAX`: none yet): named
+    /// by errors that surface later, asynchronously.
+    pub(super) last: AtomicUsize,
+    /// The sticky fault that made the context unusable, once seen.
+    pub(super) dead: Mutex<Option<String>>,
+    /// bf16 copies of weights (the bf16 mode's GEMM inputs), reused until their memory changes.
+    pub(super) w16: Mutex<crate::weights16::Bf16Weights>,
     /// The dropout kernel's jump matrices (`crate::plan::jump_table`, 512 KiB), uploaded once.
     pub(super) jumps: u64,
     pub(super) scratch: Mutex<Scratch>,
@@ -57,9 +71,96 @@ pub(super) fn ck<T, E: fmt::Debug>(r: Result<T, E>, what: &str) -> T {
 }
 
 impl Inner {
+    /// Makes the context current on this thread when it is not already (in the steady state
+    /// one `cuCtxSetCurrent` per thread; asking which context is current reads the driver's
+    /// thread-local state, and stays right when other code, e.g. NCCL's, binds another).
     pub(super) fn bind(&self) {
-        // SAFETY: a context retained in `open` and never released.
-        ck(unsafe { drv::ctx::set_current(self.ctx) }, "cuCtxSetCurrent");
+        let mut cur: sys::CUcontext = std::ptr::null_mut();
+        // SAFETY: an out-parameter; the context was retained in `open` and never released.
+        unsafe {
+            if sys::cuCtxGetCurrent(&mut cur) != sys::CUresult::CUDA_SUCCESS || cur != self.ctx {
+                ck(drv::ctx::set_current(self.ctx), "cuCtxSetCurrent");
+            }
+        }
+    }
+
+    /// `elems` f32 values at `ptr` may be written: their cached bf16 copies are stale.
+    pub(super) fn invalidate16(&self, ptr: u64, elems: usize) {
+        if self.precision == Precision::Bf16 && ptr != 0 {
+            let mut w = crate::lock(&self.w16);
+            if !w.is_empty() {
+                w.invalidate(ptr, ptr + elems as u64 * F);
+            }
+        }
+    }
+
+    /// `elems` f32 values at `ptr` are freed: their cached bf16 copies go (never panics).
+    pub(super) fn forget16(&self, ptr: u64, elems: usize) {
+        if self.precision == Precision::Bf16 && ptr != 0 {
+            let freed = crate::lock(&self.w16).remove(ptr, ptr + elems as u64 * F);
+            for (slot, _) in freed {
+                // SAFETY: a bf16 copy allocated on this stream, no longer referenced.
+                let _ = unsafe { drv::free_async(slot, self.stream) };
+            }
+        }
+    }
+
+    /// The name of the last kernel queued (for errors that surface later).
+    pub(super) fn last_kernel(&self) -> &'static str {
+        crate::KERNELS.get(self.last.load(Ordering::Relaxed)).copied().unwrap_or("none")
+    }
+
+    /// What an asynchronous error may be blamed on.
+    fn async_hint(&self) -> String {
+        if self.sync {
+            String::new()
+        } else {
+            format!(
+                " (kernels run asynchronously: this may be an earlier kernel's error; the last one queued was {}; \
+                 DEMOVLP_CUDA_SYNC=1 names the failing kernel)",
+                self.last_kernel()
+            )
+        }
+    }
+
+    /// Waits for the stream; `Err` names the error and the likely kernel.
+    pub(super) fn sync_stream(&self, after: &str) -> Result<(), String> {
+        // SAFETY: our live stream.
+        unsafe { drv::stream::synchronize(self.stream) }
+            .map_err(|e| format!("cuStreamSynchronize after {after}: {e:?}{}", self.async_hint()))
+    }
+
+    /// With `DEMOVLP_CUDA_SYNC=1`: waits for `what` (a kernel or a GEMM) and panics naming it
+    /// if it failed.
+    pub(super) fn checkpoint(&self, what: &dyn Fn() -> String) {
+        if self.sync {
+            // SAFETY: our live stream.
+            if let Err(e) = unsafe { drv::stream::synchronize(self.stream) } {
+                panic!("CUDA backend: {} failed: {e:?}", what());
+            }
+        }
+    }
+
+    /// `Err` once the context is unusable: a sticky fault seen before, or an error the
+    /// stream reports now (an asynchronous kernel error: illegal address, launch failure,
+    /// trap, ...). Never panics.
+    pub(super) fn fault(&self) -> Result<(), String> {
+        if let Some(why) = crate::lock(&self.dead).clone() {
+            return Err(why);
+        }
+        // SAFETY: a retained context; failures are reported, not unwrapped.
+        if let Err(e) = unsafe { drv::ctx::set_current(self.ctx) } {
+            return Err(format!("cuCtxSetCurrent: {e:?}"));
+        }
+        match self.sync_stream("the last call") {
+            Ok(()) => Ok(()),
+            Err(why) => {
+                // An error the stream reports asynchronously is sticky in practice: the
+                // context has to be recreated (by a new process).
+                *crate::lock(&self.dead) = Some(why.clone());
+                Err(why)
+            }
+        }
     }
 
     pub(super) fn alloc(&self, bytes: usize) -> u64 {
@@ -98,8 +199,12 @@ impl Inner {
         if !dst.is_empty() {
             // SAFETY: `src` holds `dst.len()` values; synchronised before `dst` is read.
             unsafe {
-                ck(drv::memcpy_dtoh_async(dst, src, self.stream), "cuMemcpyDtoHAsync");
-                ck(drv::stream::synchronize(self.stream), "cuStreamSynchronize");
+                if let Err(e) = drv::memcpy_dtoh_async(dst, src, self.stream) {
+                    panic!("CUDA backend: cuMemcpyDtoHAsync failed: {e:?}{}", self.async_hint());
+                }
+            }
+            if let Err(e) = self.sync_stream("a read-back") {
+                panic!("CUDA backend: {e}");
             }
         }
     }
@@ -118,11 +223,18 @@ impl Inner {
         }
     }
 
-    pub(super) fn launch(&self, name: &str, grid: (u32, u32, u32), block: (u32, u32, u32), shared: u32, args: &mut [*mut c_void]) {
-        let f = *self.funcs.get(name).unwrap_or_else(|| panic!("CUDA backend: no kernel {name}"));
+    /// Launches kernel `k` (index into [`crate::KERNELS`]); a launch error names the kernel
+    /// and its geometry.
+    pub(super) fn launch(&self, k: usize, grid: (u32, u32, u32), block: (u32, u32, u32), shared: u32, args: &mut [*mut c_void]) {
+        let f = self.funcs[k];
+        self.last.store(k, Ordering::Relaxed);
+        let name = crate::KERNELS[k];
         // SAFETY: every argument points at a value of the kernel's parameter type (the
         // wrappers below pass u64 pointers, i64 `long long`, i32 `int`, f32 `float`).
-        ck(unsafe { drv::launch_kernel(f, grid, block, shared, self.stream, args) }, name);
+        if let Err(e) = unsafe { drv::launch_kernel(f, grid, block, shared, self.stream, args) } {
+            panic!("CUDA backend: launching {name} (grid {grid:?}, block {block:?}, {shared} B dynamic shared memory) failed: {e:?}");
+        }
+        self.checkpoint(&|| format!("kernel {name} (grid {grid:?}, block {block:?}, {shared} B dynamic shared memory)"));
     }
 }
 
@@ -157,10 +269,21 @@ impl Clone for DevBuf {
 }
 
 impl Drop for DevBuf {
+    /// Never panics (a panic here, while unwinding from a device error, would abort the
+    /// process before anything is reported): after a fault the memory is left to the
+    /// context's teardown.
     fn drop(&mut self) {
-        if let Some(be) = &self.be {
-            be.bind();
-            be.free(self.ptr);
+        let Some(be) = &self.be else { return };
+        if self.ptr == 0 || crate::lock(&be.dead).is_some() {
+            return;
+        }
+        // SAFETY: `ptr` came from `alloc` on this stream and is not used after; errors are
+        // ignored (a failing free means the context is gone).
+        unsafe {
+            if drv::ctx::set_current(be.ctx).is_ok() {
+                be.forget16(self.ptr, self.cap);
+                let _ = drv::free_async(self.ptr, be.stream);
+            }
         }
     }
 }
@@ -173,18 +296,29 @@ pub struct DevView<'a> {
     _p: PhantomData<&'a f32>,
 }
 
-/// A mutable view: device pointer and length.
+/// A mutable view: device pointer and length (and the backend of its buffer, told when the
+/// view is dropped: what was written through it may have been a weight with a bf16 copy).
 pub struct DevViewMut<'a> {
     pub(super) ptr: u64,
     pub(super) len: usize,
+    pub(super) be: Option<&'a Inner>,
     _p: PhantomData<&'a mut f32>,
+}
+
+impl Drop for DevViewMut<'_> {
+    /// Never panics.
+    fn drop(&mut self) {
+        if let Some(be) = self.be {
+            be.invalidate16(self.ptr, self.len);
+        }
+    }
 }
 
 pub(super) fn view<'a>(ptr: u64, len: usize) -> DevView<'a> {
     DevView { ptr, len, _p: PhantomData }
 }
-pub(super) fn view_mut<'a>(ptr: u64, len: usize) -> DevViewMut<'a> {
-    DevViewMut { ptr, len, _p: PhantomData }
+pub(super) fn view_mut(ptr: u64, len: usize, be: Option<&Inner>) -> DevViewMut<'_> {
+    DevViewMut { ptr, len, be, _p: PhantomData }
 }
 pub(super) fn at(ptr: u64, elems: usize) -> u64 {
     ptr + elems as u64 * F

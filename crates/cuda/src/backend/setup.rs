@@ -11,6 +11,7 @@ use demovlp_kernels::attention::{AttnShape, KeyPattern};
 use demovlp_model::backend::Backend;
 use std::collections::HashMap;
 use std::ffi::{c_void, CString};
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
 
 impl CudaBackend {
@@ -47,18 +48,26 @@ impl CudaBackend {
             }
             (ctx, stream)
         };
-        let mut funcs = HashMap::new();
+        // fp32 is the parity mode: no contraction of a·b + c (closer to the CPU's rounding);
+        // the bf16 speed mode lets NVRTC fuse multiply-adds.
+        let fmad = precision == Precision::Bf16;
+        let mut found = HashMap::new();
         for (name, src) in SOURCES {
-            let cubin = nvrtc::cubin_for(name, src, &arch)?;
+            let cubin = nvrtc::cubin_for(name, src, &arch, fmad)?;
             // SAFETY: a CUBIN NVRTC produced for this device's architecture; kept alive by the module.
             let module = unsafe { drv::module::load_data(cubin.as_ptr() as *const c_void) }
                 .map_err(|e| format!("loading the {name} kernels for {arch}: {e:?}"))?;
             for k in crate::kernel_names(src) {
                 // SAFETY: the module is loaded; the name is one of its kernels.
                 let f = unsafe { drv::module::get_function(module, CString::new(k).unwrap()) }.map_err(|e| format!("kernel {k}: {e:?}"))?;
-                funcs.insert(k.to_string(), f);
+                found.insert(k, f);
             }
         }
+        // Resolved once, in the order of crate::KERNELS (launches index it).
+        let funcs = crate::KERNELS
+            .iter()
+            .map(|k| found.get(k).copied().ok_or_else(|| format!("kernel {k} is in no kernel source")))
+            .collect::<Result<Vec<_>, _>>()?;
         let blas_handle = if have_blas {
             let handle = blas::create_handle().map_err(|e| format!("cublasCreate: {e:?}"))?;
             // SAFETY: a live handle and stream.
@@ -109,6 +118,10 @@ impl CudaBackend {
             blas: blas_handle,
             lt,
             funcs,
+            sync: std::env::var("DEMOVLP_CUDA_SYNC").is_ok_and(|v| v == "1"),
+            last: AtomicUsize::new(usize::MAX),
+            dead: Mutex::default(),
+            w16: Mutex::default(),
             jumps,
             scratch: Mutex::default(),
             losses: Mutex::default(),
@@ -137,8 +150,21 @@ impl CudaBackend {
     /// Waits for every queued kernel (timings).
     pub fn synchronize(&self) {
         self.inner.bind();
-        // SAFETY: our live stream.
-        ck(unsafe { drv::stream::synchronize(self.inner.stream) }, "cuStreamSynchronize");
+        if let Err(e) = self.inner.sync_stream("the queued work") {
+            panic!("CUDA backend: {e}");
+        }
+    }
+
+    /// `Err` once the device is unusable (a sticky fault: an illegal address, a launch
+    /// failure, a trap): waits for the queued work and reports any error it ended with.
+    /// Never panics. The selftest asks after every case.
+    pub fn fault(&self) -> Result<(), String> {
+        self.inner.fault()
+    }
+
+    /// Whether `DEMOVLP_CUDA_SYNC=1` is in effect (every launch synchronised and checked).
+    pub fn synchronous(&self) -> bool {
+        self.inner.sync
     }
 
     /// Column-major GEMM `C = op(A)·op(B) + beta·C` (`m × n`, inner `k`), fp32 or bf16 inputs
@@ -159,15 +185,47 @@ impl CudaBackend {
         c: u64,
         ldc: usize,
     ) {
-        self.gemm_in(self.inner.precision, ta, tb, m, n, k, a, lda, b, ldb, beta, c, ldc)
+        self.gemm_in(self.inner.precision, false, ta, tb, m, n, k, a, lda, b, ldb, beta, c, ldc)
+    }
+
+    /// The bf16 copy of the weight `rows` × `cols` (rows `ld` apart) at `a`, packed with
+    /// leading dimension `cols`: the cached one when current, else converted now.
+    fn weight16(&self, a: u64, ld: usize, rows: usize, cols: usize) -> u64 {
+        use crate::weights16::Lookup;
+        let inner = &self.inner;
+        let mut w = crate::lock(&inner.w16);
+        let slot = match w.lookup(a, ld, rows, cols) {
+            Lookup::Fresh(slot) => return slot,
+            Lookup::Stale(slot, _) => {
+                w.mark_fresh(a, ld, rows, cols);
+                slot
+            }
+            Lookup::Missing => {
+                let bytes = rows * cols * 2;
+                let slot = inner.alloc(bytes);
+                w.insert(a, ld, rows, cols, slot, bytes);
+                slot
+            }
+        };
+        launch!(self, "to_bf16", blocks(rows * cols), T256, 0; a, ld as i64, slot, rows as i64, cols as i64);
+        slot
+    }
+
+    /// bf16 weight copies made (first use or after a change) and GEMMs that reused one.
+    pub fn bf16_weight_stats(&self) -> (u64, u64) {
+        let w = crate::lock(&self.inner.w16);
+        (w.conversions, w.hits)
     }
 
     /// [`Self::gemm`] in the given precision (the losses and evaluation scores run theirs in
-    /// fp32 whatever the backend's precision: fp32 statistics in the bf16 mode).
+    /// fp32 whatever the backend's precision: fp32 statistics in the bf16 mode); `a_weight`:
+    /// `A` is a weight, whose bf16 copy is cached (converted once per change of the weight,
+    /// not per call: `crate::weights16`).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn gemm_in(
         &self,
         precision: Precision,
+        a_weight: bool,
         ta: bool,
         tb: bool,
         m: usize,
@@ -217,6 +275,7 @@ impl CudaBackend {
             align: [0; 3],
         };
         let lt_stream = inner.stream as cudarc::cublaslt::sys::cudaStream_t;
+        let _check = GemmCheckpoint { inner, shape: (m, n, k), precision };
         match precision {
             Precision::Fp32 if inner.lt.as_ref().is_some_and(|lt| lt.matmul(key(false, lda, ldb), a, b, beta, c, lt_stream)) => {}
             Precision::Fp32 => {
@@ -248,10 +307,16 @@ impl CudaBackend {
                 // Stored shapes (inner, outer) of op(A) and op(B), packed to bf16.
                 let (ai, ao) = if ta { (k, m) } else { (m, k) };
                 let (bi, bo) = if tb { (n, k) } else { (k, n) };
-                let mut s = inner.scratch.lock().unwrap();
-                let a16 = inner.grow(&mut s.a16, ai * ao * 2);
+                let a16 = if a_weight { self.weight16(a, lda, ao, ai) } else { 0 };
+                let mut s = crate::lock(&inner.scratch);
+                let a16 = if a_weight {
+                    a16
+                } else {
+                    let a16 = inner.grow(&mut s.a16, ai * ao * 2);
+                    launch!(self, "to_bf16", blocks(ai * ao), T256, 0; a, lda as i64, a16, ao as i64, ai as i64);
+                    a16
+                };
                 let b16 = inner.grow(&mut s.b16, bi * bo * 2);
-                launch!(self, "to_bf16", blocks(ai * ao), T256, 0; a, lda as i64, a16, ao as i64, ai as i64);
                 launch!(self, "to_bf16", blocks(bi * bo), T256, 0; b, ldb as i64, b16, bo as i64, bi as i64);
                 if inner.lt.as_ref().is_some_and(|lt| lt.matmul(key(true, ai, bi), a16, b16, beta, c, lt_stream)) {
                     return;
@@ -287,6 +352,20 @@ impl CudaBackend {
         }
     }
 
+    /// `acc[c] += Σ_r x[r, c]` over `rows × m`: the two-pass deterministic reduction of
+    /// [`crate::geometry`] (many blocks; the same result whatever the scheduling).
+    pub(super) fn column_sums(&self, acc: u64, x: u64, rows: usize, m: usize) {
+        if rows == 0 || m == 0 {
+            return;
+        }
+        let (chunk, chunks) = crate::geometry::col_chunks(rows);
+        let g = crate::geometry::col_partial(rows, m);
+        let mut s = crate::lock(&self.inner.scratch);
+        let partial = self.inner.grow(&mut s.partial, chunks * m * F as usize);
+        launch!(self, "col_sums_partial", g.grid, g.block, 0; x, rows as i64, m as i64, chunk as i64, partial);
+        launch!(self, "col_sums_finish", blocks(m), T256, 0; partial, chunks as i64, m as i64, acc);
+    }
+
     pub(super) fn ids(&self, s: &mut Scratch, ids: &[i64]) -> u64 {
         let p = self.inner.grow(&mut s.ids, ids.len() * 8);
         self.inner.upload(p, ids);
@@ -313,6 +392,23 @@ impl CudaBackend {
     }
 }
 
+/// With `DEMOVLP_CUDA_SYNC=1`, synchronises when a GEMM call ends (whichever library ran
+/// it) and panics naming the GEMM if it failed.
+struct GemmCheckpoint<'a> {
+    inner: &'a Inner,
+    shape: (usize, usize, usize),
+    precision: Precision,
+}
+
+impl Drop for GemmCheckpoint<'_> {
+    fn drop(&mut self) {
+        if self.inner.sync && !std::thread::panicking() {
+            let (m, n, k) = self.shape;
+            self.inner.checkpoint(&|| format!("GEMM {m} x {n} x {k} ({:?})", self.precision));
+        }
+    }
+}
+
 pub(super) fn regions_of(s: &AttnShape) -> i32 {
     match s.pattern {
         KeyPattern::Full => 0,
@@ -336,13 +432,16 @@ impl CudaBackend {
         ld_d: usize,
     ) {
         self.inner.bind();
-        let mut sc = self.inner.scratch.lock().unwrap();
+        let mut sc = crate::lock(&self.inner.scratch);
         let ds = self.inner.grow(&mut sc.ds, s.probs_len() * F as usize);
-        let grid = (s.seq as u32, s.heads as u32, s.batch as u32);
+        let (g1, g2) = (
+            crate::geometry::attention_backward_ds(s.batch, s.heads, s.seq),
+            crate::geometry::attention_backward_dkv(s.batch, s.heads, s.seq),
+        );
         let drop = drop.map_or(0, |d| d.ptr);
-        launch!(self, "attention_backward_rows_ds", grid, (128, 1, 1), 0;
+        launch!(self, "attention_backward_rows_ds", g1.grid, g1.block, 0;
             s.seq as i32, s.heads as i32, s.head_dim as i32, regions_of(s), scale, k, v, ld as i64, probs.ptr, drop, dout.ptr, ld_dout as i64, ds, dq, ld_d as i64);
-        launch!(self, "attention_backward_rows_dkv", grid, (64, 1, 1), 0;
+        launch!(self, "attention_backward_rows_dkv", g2.grid, g2.block, 0;
             s.seq as i32, s.heads as i32, s.head_dim as i32, regions_of(s), q, ld as i64, probs.ptr, drop, dout.ptr, ld_dout as i64, ds, dk, dv, ld_d as i64);
     }
 }

@@ -19,6 +19,21 @@ pub struct KernelVerdict {
     pub max_rel_err: f32,
     /// The failing output, or the panic message.
     pub detail: String,
+    /// The element with the largest relative error (none when every output matched bit for bit).
+    pub worst: Option<Worst>,
+}
+
+/// Where an output differs most from the CPU's.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Worst {
+    /// The output's name (`run_case`'s labels).
+    pub output: String,
+    /// Index of the element in that output.
+    pub index: usize,
+    pub got: f32,
+    pub want: f32,
+    /// The output's largest |want| (the scale the error is relative to).
+    pub scale: f32,
 }
 
 /// Every kernel case, in order.
@@ -90,8 +105,8 @@ fn vm<B: Backend>(b: &mut B::Buf) -> B::ViewMut<'_> {
     B::view_mut(b)
 }
 
-/// Runs case `name` on `be` from fixed seeds; the outputs by name.
-fn run_case<B: Backend>(be: &B, name: &str) -> Vec<(String, Vec<f32>)> {
+/// Runs case `name` (one of [`CASES`]) on `be` from fixed seeds; the outputs by name.
+pub fn run_case<B: Backend>(be: &B, name: &str) -> Vec<(String, Vec<f32>)> {
     let mut io = Io { be, rng: Rng::new(0x5eed ^ name.len() as u64), out: Vec::new() };
     match name {
         n if n.starts_with("memory") => {
@@ -494,52 +509,72 @@ fn run_case<B: Backend>(be: &B, name: &str) -> Vec<(String, Vec<f32>)> {
     io.out
 }
 
-fn panic_text(e: Box<dyn std::any::Any + Send>) -> String {
+/// The message of a caught panic.
+pub fn panic_text(e: Box<dyn std::any::Any + Send>) -> String {
     e.downcast_ref::<String>().cloned().or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_else(|| "panic".into())
+}
+
+/// Outputs of a backend against the CPU's (same names, same order): the largest relative
+/// error (relative to each output's largest |want|; a non-finite value where the CPU has a
+/// finite one counts as infinite), its element, and the first output over `tol` (0 compares
+/// bits). `(ok, max_rel_err, worst, detail)`.
+pub fn compare_outputs(got: &[(String, Vec<f32>)], want: &[(String, Vec<f32>)], tol: f32) -> (bool, f32, Option<Worst>, String) {
+    let mut worst_err = 0f32;
+    let mut worst = None;
+    let mut detail = String::new();
+    if got.len() != want.len() {
+        return (false, f32::INFINITY, None, format!("{} outputs, want {}", got.len(), want.len()));
+    }
+    for ((what, g), (_, w)) in got.iter().zip(want) {
+        if g.len() != w.len() {
+            return (false, f32::INFINITY, worst, format!("{what}: {} values, want {}", g.len(), w.len()));
+        }
+        let scale = w.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-30);
+        let (mut err, mut at) = (0f32, None);
+        for (i, (a, b)) in g.iter().zip(w).enumerate() {
+            if a.to_bits() == b.to_bits() {
+                continue;
+            }
+            let e = if a.is_finite() != b.is_finite() || a.is_nan() || b.is_nan() { f32::INFINITY } else { (a - b).abs() / scale };
+            if at.is_none() || e > err {
+                (err, at) = (e, Some(i));
+            }
+        }
+        let Some(i) = at else { continue };
+        if err > worst_err || worst.is_none() {
+            worst_err = err;
+            worst = Some(Worst { output: what.clone(), index: i, got: g[i], want: w[i], scale });
+        }
+        if err > tol && detail.is_empty() {
+            detail = format!("{what}[{i}]: {} vs {} (relative error {err:e} > tolerance {tol:e}, scale {scale:e})", g[i], w[i]);
+        }
+    }
+    let ok = if tol == 0.0 { worst.is_none() } else { worst_err <= tol };
+    if !ok && detail.is_empty() {
+        if let Some(w) = &worst {
+            detail = format!("{}[{}]: {} vs {} differ (tolerance 0: bits)", w.output, w.index, w.got, w.want);
+        }
+    }
+    (ok, worst_err, worst, detail)
+}
+
+/// One case of [`CASES`] on `backend` against [`Cpu`] (a panic in it is its failure).
+pub fn compare_case_with_cpu<B: Backend>(backend: &B, name: &'static str, tol: f32) -> KernelVerdict {
+    let got = catch_unwind(AssertUnwindSafe(|| run_case(backend, name)));
+    match got {
+        Err(e) => KernelVerdict { name, ok: false, max_rel_err: f32::NAN, detail: format!("panicked: {}", panic_text(e)), worst: None },
+        Ok(got) => {
+            let want = run_case(&Cpu, name);
+            let (ok, max_rel_err, worst, detail) = compare_outputs(&got, &want, tol);
+            KernelVerdict { name, ok, max_rel_err, detail, worst }
+        }
+    }
 }
 
 /// Every case of [`CASES`] on `backend` against [`Cpu`]: `tol` relative to each output's
 /// largest magnitude (0 compares bits). One verdict per case, failures included.
 pub fn compare_kernels_with_cpu<B: Backend>(backend: &B, tol: f32) -> Vec<KernelVerdict> {
-    CASES
-        .iter()
-        .map(|&name| {
-            let got = catch_unwind(AssertUnwindSafe(|| run_case(backend, name)));
-            let want = run_case(&Cpu, name);
-            match got {
-                Err(e) => KernelVerdict { name, ok: false, max_rel_err: f32::NAN, detail: format!("panicked: {}", panic_text(e)) },
-                Ok(got) => {
-                    let mut worst = 0f32;
-                    let mut detail = String::new();
-                    for ((what, g), (_, w)) in got.iter().zip(&want) {
-                        if g.len() != w.len() {
-                            detail = format!("{what}: {} values, want {}", g.len(), w.len());
-                            worst = f32::INFINITY;
-                            break;
-                        }
-                        let scale = w.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-30);
-                        let err = g
-                            .iter()
-                            .zip(w)
-                            .fold(0f32, |m, (a, b)| if a.to_bits() == b.to_bits() { m } else { m.max((a - b).abs() / scale) });
-                        let err = if err.is_nan() || g.iter().any(|x| !x.is_finite()) != w.iter().any(|x| !x.is_finite()) {
-                            f32::INFINITY
-                        } else {
-                            err
-                        };
-                        if err > worst {
-                            worst = err;
-                            if err > tol && detail.is_empty() {
-                                detail = format!("{what}: relative error {err:e} > {tol:e}");
-                            }
-                        }
-                    }
-                    let ok = if tol == 0.0 { worst == 0.0 } else { worst <= tol };
-                    KernelVerdict { name, ok, max_rel_err: worst, detail }
-                }
-            }
-        })
-        .collect()
+    CASES.iter().map(|&name| compare_case_with_cpu(backend, name, tol)).collect()
 }
 
 #[cfg(test)]
@@ -549,5 +584,29 @@ mod tests {
         for v in super::compare_kernels_with_cpu(&super::Cpu, 0.0) {
             assert!(v.ok, "{}: {}", v.name, v.detail);
         }
+    }
+}
+
+#[cfg(test)]
+mod compare_tests {
+    use super::compare_outputs;
+
+    #[test]
+    fn the_worst_element_is_named_with_both_values() {
+        let want = vec![("y".to_string(), vec![1.0, -4.0, 2.0]), ("z".to_string(), vec![0.5, 0.5])];
+        let got = vec![("y".to_string(), vec![1.0, -4.2, 2.1]), ("z".to_string(), vec![0.5, 0.5])];
+        let (ok, err, worst, detail) = compare_outputs(&got, &want, 1e-2);
+        let w = worst.unwrap();
+        assert!(!ok && (err - 0.05).abs() < 1e-6, "{err}");
+        assert_eq!((w.output.as_str(), w.index, w.got, w.want, w.scale), ("y", 1, -4.2, -4.0, 4.0));
+        assert!(detail.contains("y[1]: -4.2 vs -4") && detail.contains("tolerance 1e-2"), "{detail}");
+        let (ok, _, _, _) = compare_outputs(&got, &want, 0.1);
+        assert!(ok);
+        // A NaN where the CPU has a number is an infinite error; bits are compared at tolerance 0.
+        let nan = vec![("y".to_string(), vec![1.0, f32::NAN, 2.0]), ("z".to_string(), vec![0.5, 0.5])];
+        let (ok, err, worst, _) = compare_outputs(&nan, &want, 1.0);
+        assert!(!ok && err.is_infinite() && worst.unwrap().index == 1);
+        let (ok, _, worst, _) = compare_outputs(&want, &want, 0.0);
+        assert!(ok && worst.is_none());
     }
 }
