@@ -6,7 +6,7 @@
 //! Without the `cuda` feature, or without a GPU, `--device cuda` exits 1 with a message
 //! naming what is missing.
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use demovlp_cuda::selftest::{Status, Verdict};
 use demovlp_model::backend::Backend;
 use demovlp_model::{AdamW, AdamWSettings, BatchRef, Model};
@@ -89,7 +89,7 @@ pub fn check_available(d: &DeviceArgs) -> Result<()> {
                 .map_err(|e| anyhow::anyhow!("--device cuda:{n}: {e}"))
         }
         #[cfg(not(feature = "cuda"))]
-        Device::Cuda(n) => bail!("--device cuda:{n}: {}", demovlp_cuda::NOT_BUILT),
+        Device::Cuda(n) => anyhow::bail!("--device cuda:{n}: {}", demovlp_cuda::NOT_BUILT),
     }
 }
 
@@ -105,7 +105,7 @@ pub fn run_model(d: &DeviceArgs, model: Model, job: impl OnModel) -> Result<()> 
             job.run(Model::from_params_on(be, model.config.clone(), params), &name)
         }
         #[cfg(not(feature = "cuda"))]
-        Device::Cuda(n) => bail!("--device cuda:{n}: {}", demovlp_cuda::NOT_BUILT),
+        Device::Cuda(n) => anyhow::bail!("--device cuda:{n}: {}", demovlp_cuda::NOT_BUILT),
     }
 }
 
@@ -129,7 +129,7 @@ pub fn with_backend<J: OnBackend>(d: &DeviceArgs, job: J) -> Result<J::Out> {
         #[cfg(not(feature = "cuda"))]
         Device::Cuda(n) => {
             drop(job);
-            bail!("--device cuda:{n}: {}", demovlp_cuda::NOT_BUILT)
+            anyhow::bail!("--device cuda:{n}: {}", demovlp_cuda::NOT_BUILT)
         }
     }
 }
@@ -154,7 +154,7 @@ pub fn run_qa_model(d: &DeviceArgs, model: demovlp_model::qa::QaModel, job: impl
             job.run(QaModel::new(base, head), &name)
         }
         #[cfg(not(feature = "cuda"))]
-        Device::Cuda(n) => bail!("--device cuda:{n}: {}", demovlp_cuda::NOT_BUILT),
+        Device::Cuda(n) => anyhow::bail!("--device cuda:{n}: {}", demovlp_cuda::NOT_BUILT),
     }
 }
 
@@ -180,7 +180,7 @@ impl ScoreDevice {
                 Ok(ScoreDevice::Cuda(open(n, d.precision)?))
             }
             #[cfg(not(feature = "cuda"))]
-            Device::Cuda(n) => bail!("--device cuda:{n}: {}", demovlp_cuda::NOT_BUILT),
+            Device::Cuda(n) => anyhow::bail!("--device cuda:{n}: {}", demovlp_cuda::NOT_BUILT),
         }
     }
 
@@ -232,7 +232,7 @@ pub fn evaluate_on(
             demovlp_train::eval::evaluate_with(&mut m, set, tok, opts, &|t, v, o, p| dev.scores(t, v, o, p))
         }
         #[cfg(not(feature = "cuda"))]
-        Device::Cuda(n) => bail!("--device cuda:{n}: {}", demovlp_cuda::NOT_BUILT),
+        Device::Cuda(n) => anyhow::bail!("--device cuda:{n}: {}", demovlp_cuda::NOT_BUILT),
     }
 }
 

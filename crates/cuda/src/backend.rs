@@ -184,6 +184,11 @@ impl Backend for CudaBackend {
         self.inner.upload(staging.ptr, host);
         Self::view(staging)
     }
+    fn input_again<'a>(&self, host: &'a [f32], staging: &'a mut DevBuf) -> DevView<'a> {
+        // The forward pass uploaded these values into `staging`: the backward reuses them.
+        assert_eq!(staging.len, host.len(), "input_again: the staging buffer holds another input");
+        Self::view(staging)
+    }
     fn write_host(&self, b: &mut DevBuf, n: usize, f: impl FnOnce(&mut [f32])) {
         let mut h = vec![0.0f32; n];
         f(&mut h);

@@ -38,6 +38,7 @@ pub const KERNELS: &[&str] = &[
     "mul_in_place",
     "mul_into",
     "add_in_place",
+    "scale",
     "add_to_rows",
     "col_sums_partial",
     "col_sums_finish",

@@ -271,6 +271,9 @@ impl<B: Backend> Backend for Faulty<B> {
     fn add_in_place(&self, y: Self::ViewMut<'_>, x: Self::View<'_>) {
         self.call("add_in_place", |b| b.add_in_place(y, x))
     }
+    fn scale(&self, x: Self::View<'_>, s: f32, y: Self::ViewMut<'_>) {
+        self.call("scale", |b| b.scale(x, s, y))
+    }
     fn add_to_rows(&self, y: Self::ViewMut<'_>, x: Self::View<'_>) {
         self.call("add_to_rows", |b| b.add_to_rows(y, x))
     }
