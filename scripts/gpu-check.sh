@@ -25,6 +25,11 @@
 #   benches    `bench train-step` at the fine-tuning shape (B 32, 8 x 30, text 100) and the
 #              pre-training shape (B 128, 1 x 30), fp32 and bf16, with the GPU memory peak
 #              (nvidia-smi sampled); `bench embed`; `bench eval-sims --n 1000`; NCCL all-reduce
+#   training   the same short fine-tuning run (the quick demo's corpus and model, 30 steps,
+#              dropout off) on the CPU and on the device through the one training loop:
+#              losses per step within 1e-3 (fp32) and 5e-2 (bf16, the band it must stay in),
+#              then 2 ranks over NCCL on the one GPU against accumulate_steps = 2 (NCCL may
+#              refuse two ranks on one device: recorded as it answers)
 #   pytorch    bench/pytorch_baseline.py --bench on the GPU at the same shapes, fp32 and bf16
 #              autocast (torch.cuda peak memory and the nvidia-smi peak), then one
 #              "side by side" entry per shape and precision: steps/s of both, ratios, peaks
@@ -51,7 +56,7 @@ LOG="$WORK/gpu-check.log"
 T0=$(date +%s)
 BUDGET=${GPU_CHECK_BUDGET_S:-540}
 DEV=${GPU_CHECK_DEVICE:-cuda}
-SECTIONS=(libraries selftest sanitizer replays benches pytorch)
+SECTIONS=(libraries selftest sanitizer replays training benches pytorch)
 [ -n "${GPU_CHECK_SECTIONS:-}" ] && IFS=, read -r -a SECTIONS <<<"$GPU_CHECK_SECTIONS"
 export RUST_BACKTRACE=1
 # The kernels compiled once (NVRTC's cache), shared by every process of this run.
@@ -419,6 +424,135 @@ for label in ("B32 F8 R30 L100", "B128 F1 R30 L100"):
         print(json.dumps(out))
 EOF
   cat "$WORK/pytorch/side-by-side.jsonl" >>"$CHECKS"
+}
+
+# ---- training ---------------------------------------------------------------------------
+# A run config derived from the demo's fine-tuning config (`python3 -c`: tomllib reads it, a
+# small writer writes it back with the changes).
+derive_config() { # src dst output_dir key=value...
+  "$PY" - "$@" <<'EOF_PY'
+import sys, tomllib
+src, dst, out, *sets = sys.argv[1:]
+cfg = tomllib.load(open(src, "rb"))
+cfg["output_dir"] = out
+for kv in sets:
+    k, v = kv.split("=", 1)
+    sec, key = k.split(".")
+    cfg.setdefault(sec, {})[key] = tomllib.loads(f"v = {v}")["v"]
+def val(v):
+    if isinstance(v, bool): return "true" if v else "false"
+    if isinstance(v, (int, float)): return repr(v)
+    if isinstance(v, str): return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list): return "[" + ", ".join(val(x) for x in v) + "]"
+    raise SystemExit(f"cannot write {v!r}")
+def table(path, d, out):
+    simple = {k: v for k, v in d.items() if not isinstance(v, dict) and not (isinstance(v, list) and v and isinstance(v[0], dict))}
+    if path and simple: out.append(f"[{path}]")
+    out += [f"{k} = {val(v)}" for k, v in simple.items()]
+    for k, v in d.items():
+        p = f"{path}.{k}" if path else k
+        if isinstance(v, dict): table(p, v, out)
+        elif isinstance(v, list) and v and isinstance(v[0], dict):
+            for item in v:
+                out.append(f"[[{p}]]"); out += [f"{a} = {val(b)}" for a, b in item.items()]
+lines = []
+table("", cfg, lines)
+open(dst, "w").write("\n".join(lines) + "\n")
+EOF_PY
+}
+step_losses() { # log.jsonl: one line "step loss" per logged step
+  "$PY" -c 'import json, sys
+for l in open(sys.argv[1]):
+    v = json.loads(l)
+    if v.get("kind") == "step": print(v["step"], v["loss"])' "$1"
+}
+compare_losses() { # name ref.log dev.log tolerance: records the worst relative difference per step
+  local name=$1 a=$2 b=$3 tol=$4
+  local r
+  r=$("$PY" - "$a" "$b" "$tol" <<'EOF_PY'
+import json, sys
+def losses(p):
+    return {v["step"]: v["loss"] for v in map(json.loads, open(p)) if v.get("kind") == "step"}
+a, b, tol = losses(sys.argv[1]), losses(sys.argv[2]), float(sys.argv[3])
+steps = sorted(set(a) & set(b))
+worst = max(((abs(a[s] - b[s]) / max(abs(a[s]), 1e-6), s) for s in steps), default=(float("inf"), None))
+print(json.dumps({"steps": len(steps), "steps_ref": len(a), "steps_dev": len(b), "max_rel_diff": worst[0], "worst_step": worst[1],
+                  "tolerance": tol, "ok": len(steps) == len(a) == len(b) > 0 and worst[0] <= tol,
+                  "first_losses": [[s, a[s], b[s]] for s in steps[:5]]}))
+EOF_PY
+)
+  local ok=false
+  case "$r" in *'"ok": true'*) ok=true ;; esac
+  record "$name" "$ok" "\"comparison\": ${r:-null}"
+}
+section_training() {
+  local W="$WORK/training" name
+  mkdir -p "$W"
+  if [ -z "$PY" ] || ! "$PY" -c 'import tomllib' 2>/dev/null; then
+    record "training" false "\"detail\": \"python3 >= 3.11 (tomllib) is needed to derive the run configs\""; return
+  fi
+  skip_if_over "training: demo corpus" && return
+  if ! run_logged training/demo 300 "$BIN" demo --quick --out "$W/demo" --quiet; then
+    record "training: demo corpus" false "\"detail\": $(json_str "$(tail_of "$WORK/training/demo.err")")"; return
+  fi
+  local src init
+  src=$(grep -l 'use_local = true' "$W"/demo/*_model/train_config.toml 2>/dev/null | head -1)
+  init=$(dirname "$src")
+  if [ -z "$src" ]; then record "training: demo corpus" false "\"detail\": \"no *_model/train_config.toml with use_local = true\""; return; fi
+  record "training: demo corpus" true "\"config\": $(json_str "$src")"
+  # 30 steps (8 in the dry run, which only exercises the section's logic).
+  local steps=30 rank_steps=10
+  $DRY && steps=8 && rank_steps=4
+  local sets=(train.max_steps=$steps train.text_dropout=0.0 train.log_every=1 train.checkpoint_every=0 train.epochs=100)
+  derive_config "$src" "$W/cpu.toml" "$W/cpu" "${sets[@]}"
+  name="training: finetune $steps steps --device cpu"
+  skip_if_over "$name" && return
+  if ! run_logged training/cpu 240 "$BIN" finetune --config "$W/cpu.toml" --init "$init" --device cpu; then
+    record "$name" false "\"detail\": $(json_str "$(tail_of "$WORK/training/cpu.err")")"; return
+  fi
+  record "$name" true "\"result\": $(last_json "$WORK/training/cpu.out" || echo null)"
+  local prec tol
+  for prec in fp32 bf16; do
+    [ "$prec" = fp32 ] && tol=1e-3 || tol=5e-2
+    name="training: finetune $steps steps --device $DEV --precision $prec vs cpu"
+    skip_if_over "$name" && continue
+    derive_config "$src" "$W/$prec.toml" "$W/$prec" "${sets[@]}"
+    gpu_mem_start "training/$prec"
+    run_logged "training/$prec" 240 "$BIN" finetune --config "$W/$prec.toml" --init "$init" --device "$DEV" --precision "$prec"
+    local rc=$? peak
+    peak=$(gpu_mem_stop)
+    if [ "$rc" -ne 0 ]; then record "$name" false "\"exit\": $rc, \"detail\": $(json_str "$(tail_of "$WORK/training/$prec.err")")"; continue; fi
+    compare_losses "$name" "$W/cpu/log.jsonl" "$W/$prec/log.jsonl" "$tol"
+    sed -i '$ s/}$/, "gpu_memory_peak_mib": '"$peak"'}/' "$CHECKS"
+  done
+  # Two ranks (NCCL on the GPU; TCP in the dry run) against one process accumulating 2 parts.
+  local engine=nccl
+  $DRY && engine=tcp
+  name="training: 2 ranks ($engine) vs accumulate_steps = 2"
+  skip_if_over "$name" && return
+  derive_config "$src" "$W/acc2.toml" "$W/acc2" "${sets[@]}" train.accumulate_steps=2 train.max_steps=$rank_steps
+  derive_config "$src" "$W/ranks.toml" "$W/ranks" "${sets[@]}" train.max_steps=$rank_steps
+  if ! run_logged training/acc2 240 "$BIN" finetune --config "$W/acc2.toml" --init "$init" --device "$DEV"; then
+    record "$name" false "\"detail\": $(json_str "accumulate_steps = 2: $(tail_of "$WORK/training/acc2.err")")"; return
+  fi
+  local port=$((29600 + RANDOM % 1000)) r pids=()
+  for r in 0 1; do
+    RANK=$r WORLD_SIZE=2 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=$port timeout "$(limit 240)" \
+      "$BIN" finetune --config "$W/ranks.toml" --init "$init" --device "$DEV" --dist-engine "$engine" \
+      >"$W/rank$r.out" 2>"$W/rank$r.err" &
+    pids+=($!)
+  done
+  local rcs=""
+  for r in 0 1; do wait "${pids[$r]}"; rcs="$rcs $?"; done
+  local a b
+  a=$(last_json "$WORK/training/acc2.out" | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["params_hash"])' 2>/dev/null)
+  b=$(last_json "$W/rank0.out" | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["params_hash"])' 2>/dev/null)
+  if [ "$rcs" != " 0 0" ]; then
+    record "$name" false "\"exits\": $(json_str "$rcs"), \"detail\": $(json_str "rank 0: $(tail_of "$W/rank0.err") | rank 1: $(tail_of "$W/rank1.err")")"
+  else
+    compare_losses "$name (losses)" "$W/acc2/log.jsonl" "$W/ranks/log.jsonl" 1e-5
+    record "$name (parameters)" "$([ -n "$a" ] && [ "$a" = "$b" ] && echo true || echo false)" "\"accumulate_hash\": $(json_str "$a"), \"ranks_hash\": $(json_str "$b"), \"note\": \"equal bits expected on the CPU; on a GPU the all-reduce order of NCCL may differ in the last bits\""
+  fi
 }
 
 # ---- run, then one archive and one summary ----------------------------------------------

@@ -184,6 +184,16 @@ fn gpu_check_dry_run_leaves_one_archive_and_one_summary() {
         assert_eq!(get(ok)["ok"], true, "{ok}: {}", get(ok));
     }
     assert!(get("bench train-step B32 F8 R30 L100 fp32")["result"]["median_s"].is_number());
+    // The training comparison's logic (CPU against itself): 8 steps, then 2 ranks over TCP.
+    for ok in [
+        "training: demo corpus",
+        "training: finetune 8 steps --device cpu",
+        "training: finetune 8 steps --device cpu --precision fp32 vs cpu",
+        "training: 2 ranks (tcp) vs accumulate_steps = 2 (parameters)",
+    ] {
+        assert_eq!(get(ok)["ok"], true, "{ok}: {}", get(ok));
+    }
+    assert_eq!(get("training: finetune 8 steps --device cpu --precision fp32 vs cpu")["comparison"]["steps"], 8);
     for present in ["libraries", "compute-sanitizer memcheck: selftest --quick", "side by side train-step B32 F8 R30 L100 fp32"] {
         assert!(get(present)["ok"].is_boolean());
     }

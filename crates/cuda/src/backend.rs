@@ -341,10 +341,10 @@ impl Backend for CudaBackend {
         self.inner.bind();
         launch!(self, "add_in_place", blocks(y.len), T256, 0; y.ptr, x.ptr, y.len as i64);
     }
-    fn scale(&self, x: DevView<'_>, s: f32, y: DevViewMut<'_>) {
+    fn scale(&self, x: DevView<'_>, scale: f32, y: DevViewMut<'_>) {
         assert_eq!(x.len, y.len, "scale: lengths differ");
         self.inner.bind();
-        launch!(self, "scale", blocks(y.len), T256, 0; x.ptr, s, y.ptr, y.len as i64);
+        launch!(self, "scale", blocks(y.len), T256, 0; x.ptr, scale, y.ptr, y.len as i64);
     }
     fn add_to_rows(&self, y: DevViewMut<'_>, x: DevView<'_>) {
         self.inner.bind();
