@@ -338,7 +338,7 @@ impl OnModel for TrainStepBench<'_> {
                 times.push(dt);
             }
         }
-        let (median, min, max) = crate::bench::median_min_max(times);
+        let (median, min, max) = crate::measure::median_min_max(times);
         if !x.json {
             println!("train step on {device}: median {median:.4} s (min {min:.4}, max {max:.4})");
         }
@@ -372,8 +372,8 @@ impl OnModel for EmbedBench<'_> {
                 vt.push((t2 - t1).as_secs_f64());
             }
         }
-        let (tm, _, _) = crate::bench::median_min_max(tt);
-        let (vm, _, _) = crate::bench::median_min_max(vt);
+        let (tm, _, _) = crate::measure::median_min_max(tt);
+        let (vm, _, _) = crate::measure::median_min_max(vt);
         let (tps, cps) = (b.batch as f64 / tm, b.batch as f64 / vm);
         if !x.json {
             println!("embed on {device}: {tps:.1} texts/s, {cps:.1} clips/s (median of {} calls of {})", x.runs, b.batch);

@@ -82,7 +82,7 @@ pub fn bench_allreduce(a: BenchAllreduceArgs) -> Result<()> {
             rank0 = Some(times);
         }
     }
-    let (median, min, max) = crate::bench::median_min_max(rank0.expect("rank 0 ran"));
+    let (median, min, max) = crate::measure::median_min_max(rank0.expect("rank 0 ran"));
     let gbs = n as f64 * 4.0 / median / 1e9;
     if !a.json {
         println!(

@@ -8,7 +8,10 @@ mod data_cmds;
 mod device;
 mod dist_cmds;
 mod hugepages;
+mod launch;
 mod mc_cmds;
+mod measure;
+mod model_args;
 mod model_cmds;
 mod qa_cmds;
 mod retrieval_cmds;
@@ -57,9 +60,9 @@ enum Command {
     /// Pack a tree of per-frame .npz files into a memory-mapped feature store.
     Pack(data_cmds::PackArgs),
     /// Import weights (.pth from the published trainer, or safetensors) into a model directory.
-    Import(model_cmds::ImportArgs),
+    Import(model_args::ImportArgs),
     /// Run one recorded batch through a model and write its outputs (and gradients).
-    Replay(model_cmds::ReplayArgs),
+    Replay(model_args::ReplayArgs),
     /// Retrieval metrics of a text x video similarity matrix.
     Metrics(retrieval_cmds::MetricsArgs),
     /// Multiple-choice evaluation of a model (MSR-VTT-MC, LSMDC-MC, own JSONL): accuracy and predictions.

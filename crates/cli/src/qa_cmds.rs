@@ -15,7 +15,7 @@ use demovlp_train::qa_train::QaConfig;
 use demovlp_train::trainer::{Dist, RunOptions};
 use serde_json::json;
 
-use crate::model_cmds::{batch_from, ImportArgs, ReplayArgs};
+use crate::model_args::{batch_from, ImportArgs, ReplayArgs};
 
 /// `import` of weights holding `head.*` tensors. `Ok(false)`: none, not a QA model.
 pub fn import_qa(a: &ImportArgs) -> Result<bool> {
@@ -86,7 +86,7 @@ pub fn replay_qa(a: ReplayArgs) -> Result<()> {
 
 struct ReplayQa {
     a: ReplayArgs,
-    x: crate::model_cmds::RecordedBatch,
+    x: crate::model_args::RecordedBatch,
     labels: Vec<usize>,
 }
 
@@ -188,7 +188,7 @@ pub struct FinetuneQaArgs {
     #[command(flatten)]
     pub device: crate::device::DeviceArgs,
     #[command(flatten)]
-    pub dist: crate::train_cmds::DistArgs,
+    pub dist: crate::launch::DistArgs,
 }
 
 /// A QA run on the chosen backend.
@@ -215,19 +215,19 @@ pub fn finetune_qa(a: FinetuneQaArgs) -> Result<()> {
     if let Some(o) = a.output_dir {
         cfg.output_dir = o;
     }
-    let launch = crate::train_cmds::resolve_launch(&a.dist)?;
+    let launch = crate::launch::resolve_launch(&a.dist)?;
     let rank = launch.as_ref().map_or(0, |l| l.rank);
     // Before the data are read: a run directory that cannot be used fails at once (the
     // loop checks again; an earlier release's last/ folder is converted there).
     if rank == 0 && !(a.resume && demovlp_train::qa_task::legacy_last_dir(&cfg.output_dir).is_some()) {
-        crate::train_cmds::guard_output_dir(&cfg.output_dir, a.resume, a.force, &[BEST_DIR, "accuracy.svg"])?;
+        crate::launch::guard_output_dir(&cfg.output_dir, a.resume, a.force, &[BEST_DIR, "accuracy.svg"])?;
     }
     let data = QaData::open(&cfg)?;
     // The stop flag first: a SIGTERM during the rendezvous already counts.
     let stop = demovlp_train::trainer::install_ctrlc();
     let config_text = demovlp_train::qa_task::loop_settings(&cfg)?.config_text;
     let dist = match &launch {
-        Some(l) => Some(crate::train_cmds::join_ranks(l, &a.dist, &cfg.dist, &config_text, a.resume)?),
+        Some(l) => Some(crate::launch::join_ranks(l, &a.dist, &cfg.dist, &config_text, a.resume)?),
         None => None,
     };
     let opts = RunOptions { resume: a.resume, init: a.init, force: false, quiet: false, stop: Some(stop) };
@@ -375,31 +375,5 @@ pub fn eval_qa(a: EvalQaArgs) -> Result<()> {
         json!({"task": "qa", "accuracy": e.accuracy, "out_of_vocabulary": e.out_of_vocabulary, "metrics": e.metrics,
                "questions": set.questions.len(), "seconds": e.seconds})
     );
-    Ok(())
-}
-
-// ---------------------------------------------------------------------------------------
-// demo --task
-
-/// `demovlp demo --task qa|mc`.
-pub fn demo_task(
-    task: &str,
-    quick: bool,
-    has_out: bool,
-    seed: u64,
-    quiet: bool,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-) -> Result<()> {
-    use demovlp_train::demo_tasks::{run_task, DemoTask};
-    ensure!(!has_out, "--out is for the retrieval demo; `demo --task` keeps nothing on disk");
-    let t = match task {
-        "qa" => DemoTask::Qa,
-        "mc" => DemoTask::Mc,
-        _ => bail!("--task: qa or mc"),
-    };
-    let opts = demovlp_train::demo::DemoOptions { quick, out: None, seed, quiet, stop: Some(stop), sizes: None };
-    let r = run_task(t, &opts)?;
-    print!("{}", r.table);
-    println!("{}", r.json_line());
     Ok(())
 }

@@ -11,7 +11,7 @@ use demovlp_retrieval::reference::local_similarity_segmented;
 use demovlp_retrieval::{eval_scores, global::cosine_matrix, retrieval_metrics_f64, EmbeddingSet, ScoreMode};
 use serde_json::json;
 
-use crate::bench::{median_min_max, peak_rss_mb};
+use crate::measure::{median_min_max, peak_rss_mb};
 
 // ---------------------------------------------------------------------------------------
 // metrics

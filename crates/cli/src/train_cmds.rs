@@ -4,18 +4,19 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use demovlp_data::batches::{Dataset, InputShape};
 use demovlp_data::FeatureSource;
 use demovlp_data::Sample;
 use demovlp_retrieval::ScoreMode;
-use demovlp_train::config::{DatasetConfig, DistSection};
-use demovlp_train::dist::{Identity, Launch, LaunchFlags, TcpCollective, Timeouts};
+use demovlp_train::config::DatasetConfig;
 use demovlp_train::eval::{EvalOptions, EvalSet};
 use demovlp_train::retrieval_task::{train_on, TrainInputs};
 use demovlp_train::runlog::metrics_json;
 use demovlp_train::trainer::{Dist, RunOptions};
 use demovlp_train::{demo, TrainConfig};
+
+use crate::launch::{guard_output_dir, join_ranks, resolve_launch, DistArgs};
 
 #[derive(clap::Args)]
 #[command(after_help = "Prints a results table; the last stdout line is one JSON object:\n  \
@@ -40,36 +41,6 @@ pub struct DemoArgs {
     /// stdout line: {"task", "accuracy", "baseline", "test_questions", "seconds"}.
     #[arg(long, value_parser = ["qa", "mc"])]
     task: Option<String>,
-}
-
-/// Data-parallel training (several processes, e.g. one per GPU): flags win over torchrun's
-/// RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT, which win over SLURM's SLURM_PROCID /
-/// SLURM_NTASKS / SLURM_JOB_NODELIST. Without any of them: one process.
-#[derive(clap::Args, Clone, Debug, Default)]
-pub struct DistArgs {
-    /// This process's rank in a data-parallel run (default: $RANK, else $SLURM_PROCID).
-    #[arg(long, help_heading = "Data-parallel training")]
-    rank: Option<usize>,
-    /// Processes in the run (default: $WORLD_SIZE, else $SLURM_NTASKS; 1 = a single process).
-    #[arg(long, help_heading = "Data-parallel training")]
-    world_size: Option<usize>,
-    /// Rank 0's host (default: $MASTER_ADDR, else the first host of $SLURM_JOB_NODELIST).
-    #[arg(long, help_heading = "Data-parallel training")]
-    master_addr: Option<String>,
-    /// torchrun's port (default: $MASTER_PORT, else 29500); demovlp's rendezvous uses the port
-    /// above it (torchrun's agent owns this one), or $DEMOVLP_RDZV_PORT (0 = rank 0 lets the
-    /// OS choose and prints it).
-    #[arg(long, help_heading = "Data-parallel training")]
-    master_port: Option<u16>,
-    /// Seconds a rank waits for another before stopping with an error naming it (overrides
-    /// [dist] timeout_s and $DEMOVLP_DIST_TIMEOUT; the rendezvous: $DEMOVLP_RDZV_TIMEOUT).
-    #[arg(long, help_heading = "Data-parallel training")]
-    dist_timeout: Option<f64>,
-    /// Collective engine: `tcp` (std::net, any machine) or `nccl` (NVIDIA GPUs, builds with
-    /// `--features cuda`; the gradients still live on the host and are copied to GPU
-    /// `LOCAL_RANK % device_count` for each all-reduce).
-    #[arg(long, default_value = "tcp", value_parser = ["tcp", "nccl"], help_heading = "Data-parallel training")]
-    dist_engine: String,
 }
 
 #[derive(clap::Args)]
@@ -153,7 +124,7 @@ fn stop_flag() -> Arc<AtomicBool> {
 
 pub fn demo(a: DemoArgs) -> Result<()> {
     if let Some(t) = a.task.as_deref() {
-        return crate::qa_cmds::demo_task(t, a.quick, a.out.is_some(), a.seed, a.quiet, stop_flag());
+        return demo_task(t, a.quick, a.out.is_some(), a.seed, a.quiet, stop_flag());
     }
     let opts = demo::DemoOptions { quick: a.quick, out: a.out, seed: a.seed, quiet: a.quiet, stop: Some(stop_flag()), sizes: None };
     let report = demo::run(&opts)?;
@@ -176,57 +147,6 @@ fn read_samples(ds: &DatasetConfig, train: bool, skip_bad: bool) -> Result<Vec<S
 fn open_source(ds: &DatasetConfig, clip_boxes: bool) -> Result<Arc<dyn FeatureSource>> {
     demovlp_train::annotations::open_features_with(&ds.features, clip_boxes)
         .with_context(|| format!("{}: features {}", ds.name, ds.features.display()))
-}
-
-/// Never destroy an earlier run (see `demovlp_train::run_dir`); prints the guard's note.
-pub(crate) fn guard_output_dir(out: &Path, resume: bool, force: bool, task_outputs: &[&str]) -> Result<()> {
-    if let Some(note) = demovlp_train::run_dir::guard_output_dir(out, resume, force, task_outputs)? {
-        eprintln!("{note}");
-    }
-    Ok(())
-}
-
-/// Seconds from the environment variable `name`, if set.
-fn env_seconds(name: &str) -> Result<Option<f64>> {
-    match std::env::var(name) {
-        Ok(v) => match v.trim().parse::<f64>() {
-            Ok(s) if s.is_finite() && s > 0.0 => Ok(Some(s)),
-            _ => bail!("{name}={v:?} is not a number of seconds > 0"),
-        },
-        Err(_) => Ok(None),
-    }
-}
-
-/// This process's launch (None: a single process) from the flags and the environment.
-pub(crate) fn resolve_launch(d: &DistArgs) -> Result<Option<Launch>> {
-    let flags = LaunchFlags { rank: d.rank, world_size: d.world_size, master_addr: d.master_addr.clone(), master_port: d.master_port };
-    Launch::resolve(&flags, &|k| std::env::var(k).ok()).context("data-parallel launch")
-}
-
-/// Joins the other ranks (TCP engine); errors name the rank and the setting to change.
-pub(crate) fn join_ranks(launch: &Launch, d: &DistArgs, dist: &DistSection, config_text: &str, resume: bool) -> Result<Dist> {
-    let io = match d.dist_timeout {
-        Some(s) if s.is_finite() && s > 0.0 => s,
-        Some(s) => bail!("--dist-timeout {s}: a number of seconds > 0 is needed"),
-        None => env_seconds("DEMOVLP_DIST_TIMEOUT")?.unwrap_or(dist.timeout_s),
-    };
-    let rdzv = env_seconds("DEMOVLP_RDZV_TIMEOUT")?.unwrap_or(dist.rendezvous_timeout_s);
-    let t = Timeouts { io: std::time::Duration::from_secs_f64(io), rendezvous: std::time::Duration::from_secs_f64(rdzv) };
-    let me = Identity::new(config_text, resume);
-    let prefix = format!("[rank {}] ", launch.rank);
-    eprintln!(
-        "{prefix}data-parallel: rank {} of {} (local rank {}), rank 0 at {}:{} ({}), config {}, binary {}",
-        launch.rank, launch.world, launch.local_rank, launch.master_addr, launch.rdzv_port, d.dist_engine, me.config_hash, me.binary_hash
-    );
-    let say = |m: &str| eprintln!("{prefix}{m}");
-    let coll: Box<dyn demovlp_train::dist::Collective> = match d.dist_engine.as_str() {
-        #[cfg(feature = "cuda")]
-        "nccl" => Box::new(demovlp_train::nccl::NcclCollective::join(launch, &me, t, &say)?),
-        #[cfg(not(feature = "cuda"))]
-        "nccl" => bail!("--dist-engine nccl: this demovlp was built without the `cuda` feature (cargo build --release --features cuda)"),
-        _ => Box::new(TcpCollective::join(launch, &me, t, &say)?),
-    };
-    Ok(Dist { coll, local_rank: launch.local_rank })
 }
 
 /// A retrieval run on the chosen backend.
@@ -451,4 +371,27 @@ fn mode_description(mode: &str) -> &'static str {
         }
         _ => "aligned (global + region-word similarity of the same text-video pair)",
     }
+}
+
+/// `demovlp demo --task qa|mc`.
+pub fn demo_task(
+    task: &str,
+    quick: bool,
+    has_out: bool,
+    seed: u64,
+    quiet: bool,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Result<()> {
+    use demovlp_train::demo_tasks::{run_task, DemoTask};
+    ensure!(!has_out, "--out is for the retrieval demo; `demo --task` keeps nothing on disk");
+    let t = match task {
+        "qa" => DemoTask::Qa,
+        "mc" => DemoTask::Mc,
+        _ => bail!("--task: qa or mc"),
+    };
+    let opts = demovlp_train::demo::DemoOptions { quick, out: None, seed, quiet, stop: Some(stop), sizes: None };
+    let r = run_task(t, &opts)?;
+    print!("{}", r.table);
+    println!("{}", r.json_line());
+    Ok(())
 }
