@@ -229,11 +229,29 @@ impl<B: Backend> Detector<B> {
         }
         let cat = upload(be, &cat);
         let mut hid = be.zeros(p * a.attr_hidden);
-        be.linear_forward(B::view(&cat), din, B::view(&self.attr1_w), Some(B::view(&self.attr1_b)), B::view_mut(&mut hid), p, din, a.attr_hidden);
+        be.linear_forward(
+            B::view(&cat),
+            din,
+            B::view(&self.attr1_w),
+            Some(B::view(&self.attr1_b)),
+            B::view_mut(&mut hid),
+            p,
+            din,
+            a.attr_hidden,
+        );
         let mut hid_r = be.zeros(p * a.attr_hidden);
         be.relu_forward(B::view(&hid), B::view_mut(&mut hid_r));
         let mut al = be.zeros(p * a.attributes);
-        be.linear_forward(B::view(&hid_r), a.attr_hidden, B::view(&self.attr2_w), Some(B::view(&self.attr2_b)), B::view_mut(&mut al), p, a.attr_hidden, a.attributes);
+        be.linear_forward(
+            B::view(&hid_r),
+            a.attr_hidden,
+            B::view(&self.attr2_w),
+            Some(B::view(&self.attr2_b)),
+            B::view_mut(&mut al),
+            p,
+            a.attr_hidden,
+            a.attributes,
+        );
         let mut attr = be.to_host(B::view(&al));
         softmax_rows(&mut attr, a.attributes);
         (cls, attr, labels)

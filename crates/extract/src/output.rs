@@ -59,7 +59,8 @@ impl ClipWriter {
     pub fn start(dest: &Path) -> Result<ClipWriter> {
         let tmp = tmp_dir(dest);
         if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).with_context(|| format!("{}: cannot remove the leftover of an interrupted run", tmp.display()))?;
+            std::fs::remove_dir_all(&tmp)
+                .with_context(|| format!("{}: cannot remove the leftover of an interrupted run", tmp.display()))?;
         }
         std::fs::create_dir_all(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
         Ok(ClipWriter { tmp, dest: dest.to_path_buf() })

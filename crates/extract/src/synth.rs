@@ -51,7 +51,12 @@ pub fn caffe_cell_anchors() -> Vec<[f32; 4]> {
         let hs = (ws * ratio).round_ties_even();
         for scale in [4.0f64, 8.0, 16.0, 32.0] {
             let (sw, sh) = (ws * scale, hs * scale);
-            out.push([(cx - 0.5 * (sw - 1.0)) as f32, (cy - 0.5 * (sh - 1.0)) as f32, (cx + 0.5 * (sw - 1.0)) as f32, (cy + 0.5 * (sh - 1.0)) as f32]);
+            out.push([
+                (cx - 0.5 * (sw - 1.0)) as f32,
+                (cy - 0.5 * (sh - 1.0)) as f32,
+                (cx + 0.5 * (sw - 1.0)) as f32,
+                (cy + 0.5 * (sh - 1.0)) as f32,
+            ]);
         }
     }
     out

@@ -56,7 +56,11 @@ pub fn count_frames(path: &Path) -> Result<usize> {
     match first.map(|l| l.trim_end_matches(',').parse::<usize>()) {
         Some(Ok(n)) if n > 0 => Ok(n),
         Some(Ok(_)) => bail!("{}: no decodable video frames", path.display()),
-        _ => bail!("{}: no video stream ({})", path.display(), if first.is_none() { last_line(&out.stderr) } else { text.trim().to_string() }),
+        _ => bail!(
+            "{}: no video stream ({})",
+            path.display(),
+            if first.is_none() { last_line(&out.stderr) } else { text.trim().to_string() }
+        ),
     }
 }
 

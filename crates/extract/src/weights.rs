@@ -177,7 +177,15 @@ fn to_ohwi(w: &[f32], cout: usize, cin: usize, k: usize) -> Vec<f32> {
 }
 
 /// A bias-free convolution `<name>.weight` followed by BatchNorm `<name>.norm.*`, folded.
-fn conv_bn(keys: &mut Keys, name: &str, cin: Option<usize>, cout: Option<usize>, k: usize, stride: usize, dilation: usize) -> Result<HostConv> {
+fn conv_bn(
+    keys: &mut Keys,
+    name: &str,
+    cin: Option<usize>,
+    cout: Option<usize>,
+    k: usize,
+    stride: usize,
+    dilation: usize,
+) -> Result<HostConv> {
     let (shape, w) = keys.get(&format!("{name}.weight"), &[cout, cin, Some(k), Some(k)])?;
     let (cout, cin) = (shape[0], shape[1]);
     let mut bn = |p: &str| keys.get(&format!("{name}.norm.{p}"), &[Some(cout)]).map(|(_, v)| v);
@@ -281,7 +289,18 @@ pub fn from_tensors(tensors: BTreeMap<String, Tensor>) -> Result<DetectorWeights
     }
     let unused = keys.tensors.keys().filter(|k| !keys.used.contains(*k)).cloned().collect();
     Ok(DetectorWeights {
-        arch: Arch { stem: stem_w, blocks, widths, bottlenecks, rpn_conv: r, anchors: a, classes, attributes, cls_embed: e, attr_hidden: hidden },
+        arch: Arch {
+            stem: stem_w,
+            blocks,
+            widths,
+            bottlenecks,
+            rpn_conv: r,
+            anchors: a,
+            classes,
+            attributes,
+            cls_embed: e,
+            attr_hidden: hidden,
+        },
         stem,
         stages,
         res5,

@@ -169,7 +169,8 @@ fn stages_match_the_reference() {
         let keep_ref: Vec<usize> = f.i(&p("rpn_nms_keep")).iter().map(|&k| topk_ref[k as usize]).collect();
         let keep_got: Vec<usize> = t.proposals.nms_keep.iter().map(|&k| t.proposals.topk_index[k]).collect();
         assert_eq!(keep_got.iter().collect::<BTreeSet<_>>(), keep_ref.iter().collect::<BTreeSet<_>>(), "frame {i}: proposal set");
-        let ties: BTreeSet<usize> = m["gaps"]["near_tie_rows"].as_array().unwrap().iter().map(|r| r[0].as_u64().unwrap() as usize).collect();
+        let ties: BTreeSet<usize> =
+            m["gaps"]["near_tie_rows"].as_array().unwrap().iter().map(|r| r[0].as_u64().unwrap() as usize).collect();
         for r in 0..keep_ref.len() {
             if keep_got[r] != keep_ref[r] {
                 assert!(ties.contains(&r) || (r > 0 && ties.contains(&(r - 1))), "frame {i}: proposal row {r} out of order");

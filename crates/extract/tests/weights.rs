@@ -1,9 +1,9 @@
 //! Weight loading: sizes read from the keys and shapes, every key checked with errors that
 //! name it, and the synthesiser's anchors equal to the checkpoint buffer.
 
+use demovlp_extract::load_weights;
 use demovlp_extract::synth::{caffe_cell_anchors, random_state_dict, SynthArch};
 use demovlp_extract::weights::from_tensors;
-use demovlp_extract::load_weights;
 use demovlp_model::io::safetensors::Tensor;
 use demovlp_testutil::testdata;
 

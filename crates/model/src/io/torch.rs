@@ -218,7 +218,10 @@ fn read_legacy(path: &Path) -> Result<TorchStateDict> {
         let size = *esize.get(&key).with_context(|| ctx(&format!("storage {key:?} is listed but no tensor uses it")))?;
         let head = bytes.get(pos..pos + 8).with_context(|| ctx(&format!("truncated before storage {key:?}")))?;
         let numel = i64::from_le_bytes(head.try_into().unwrap());
-        let len = usize::try_from(numel).ok().and_then(|n| n.checked_mul(size)).with_context(|| ctx(&format!("storage {key:?} has {numel} elements")))?;
+        let len = usize::try_from(numel)
+            .ok()
+            .and_then(|n| n.checked_mul(size))
+            .with_context(|| ctx(&format!("storage {key:?} has {numel} elements")))?;
         pos += 8;
         let data = bytes.get(pos..pos + len).with_context(|| {
             ctx(&format!("storage {key:?} needs {len} bytes at offset {pos}, the file has {}", bytes.len().saturating_sub(pos)))
@@ -266,9 +269,11 @@ fn collect_storage_types(v: &Value, out: &mut BTreeMap<String, usize>) -> Result
 /// The zip format; see the module docs.
 fn read_zip(path: &Path) -> Result<TorchStateDict> {
     let zip = ZipArchive::open(path)?;
-    let pkl = zip.entries().iter().find(|e| e.name == "data.pkl" || e.name.ends_with("/data.pkl")).with_context(|| {
-        format!("{}: no data.pkl entry: not a torch.save zip checkpoint", path.display())
-    })?;
+    let pkl = zip
+        .entries()
+        .iter()
+        .find(|e| e.name == "data.pkl" || e.name.ends_with("/data.pkl"))
+        .with_context(|| format!("{}: no data.pkl entry: not a torch.save zip checkpoint", path.display()))?;
     let prefix = pkl.name.strip_suffix("data.pkl").unwrap().to_string();
     if let Ok(order) = zip.read(&format!("{prefix}byteorder")) {
         if order.as_ref() != b"little" {
