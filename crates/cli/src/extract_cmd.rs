@@ -158,7 +158,8 @@ pub struct BenchExtractArgs {
 }
 
 /// Seconds per frame of the published network's sizes (seeded random weights, so no
-/// download is needed; the cost does not depend on the values) at the default settings.
+/// download is needed; the cost does not depend on the values) at the default settings,
+/// with the RPN's NMS off so that res5 runs on all 300 proposals, as with trained weights.
 pub fn bench_extract(a: BenchExtractArgs) -> Result<()> {
     use demovlp_extract::synth::{random_state_dict, SynthArch};
     anyhow::ensure!(a.runs >= 1 && a.height >= 1 && a.width >= 1, "need --runs, --height and --width ≥ 1");
@@ -175,7 +176,12 @@ pub fn bench_extract(a: BenchExtractArgs) -> Result<()> {
         SynthArch::published()
     };
     let w = demovlp_extract::weights::from_tensors(random_state_dict(&arch, 1))?;
-    let det = Detector::new(Cpu, &w, DetectorConfig::default());
+    // Random weights propose near-copies of the anchors, which the RPN's NMS thins to far fewer
+    // than the 300 proposals a trained model keeps; without that NMS (milliseconds of the
+    // frame) res5 runs on the full 300, the default cost.
+    let mut cfg = DetectorConfig::default();
+    cfg.rpn.nms = 1.01;
+    let det = Detector::new(Cpu, &w, cfg);
     // A smooth synthetic frame (gradients and a checkerboard), the same every run.
     let (h, wd) = (a.height, a.width);
     let bgr: Vec<u8> = (0..h * wd * 3)
@@ -191,20 +197,30 @@ pub fn bench_extract(a: BenchExtractArgs) -> Result<()> {
         eprintln!("bench extract: {} ({threads} threads), frame {h}x{wd}, {} timed runs after a warm-up", w.arch.describe(), a.runs);
     }
     let mut times = Vec::with_capacity(a.runs);
-    let mut regions = 0;
+    let (mut regions, mut proposals, mut blob) = (0, 0, (0, 0));
     for i in 0..=a.runs {
         let t0 = Instant::now();
-        let r = det.detect(&frame);
+        let t = det.trace(&frame);
         let dt = t0.elapsed().as_secs_f64();
-        regions = r.len();
+        (regions, proposals, blob) = (t.regions.len(), t.proposals.boxes.len(), (t.blob.h, t.blob.w));
         if i > 0 {
             times.push(dt);
         }
         if !a.json {
-            eprintln!("  run {i}{}: {dt:.3}s, {} regions", if i == 0 { " (warm-up)" } else { "" }, r.len());
+            eprintln!("  run {i}{}: {dt:.3}s, {proposals} proposals, {regions} regions", if i == 0 { " (warm-up)" } else { "" });
         }
     }
     let (median, min, max) = crate::bench::median_min_max(times);
+    let (backbone, res5) = det.flops(blob.0, blob.1, proposals);
+    let gflop = (backbone + res5) * 1e-9;
+    if !a.json {
+        eprintln!(
+            "  {gflop:.0} GFLOP per frame ({:.0} backbone + RPN, {:.0} res5 + heads over {proposals} proposals): {:.1} GFLOP/s",
+            backbone * 1e-9,
+            res5 * 1e-9,
+            gflop / median
+        );
+    }
     let j = serde_json::json!({
         "bench": "extract",
         "model": if a.tiny { "tiny" } else { "published" },
@@ -215,6 +231,10 @@ pub fn bench_extract(a: BenchExtractArgs) -> Result<()> {
         "frame_s_min": min,
         "frame_s_max": max,
         "regions": regions,
+        "proposals": proposals,
+        "blob": [blob.0, blob.1],
+        "gflop_per_frame": gflop,
+        "gflop_per_s": gflop / median,
         "peak_rss_mb": crate::bench::peak_rss_mb(),
     });
     println!("{j}");

@@ -61,6 +61,12 @@ impl<B: Backend> Conv<B> {
         Conv { spec: c.spec, w: upload(be, &c.w), b: upload(be, &c.b) }
     }
 
+    /// FLOPs (2 per multiply-add) on an `h × w` input, and the output size.
+    pub fn flops(&self, h: usize, w: usize) -> (f64, usize, usize) {
+        let (oh, ow) = (self.spec.out_len(h), self.spec.out_len(w));
+        (2.0 * (oh * ow * self.spec.patch() * self.spec.cout) as f64, oh, ow)
+    }
+
     /// y = conv(x) + b, then ReLU when `relu`.
     pub fn forward(&self, be: &B, x: &Map<B>, relu: bool) -> Map<B> {
         let s = self.spec;
@@ -176,6 +182,21 @@ impl<B: Backend> Block<B> {
             conv3: Conv::new(be, &b.conv3),
             shortcut: b.shortcut.as_ref().map(|s| Conv::new(be, s)),
         }
+    }
+
+    /// Multiply-add FLOPs (2 per multiply-add) on an `h × w` input, and the output size.
+    pub fn flops(&self, h: usize, w: usize) -> (f64, usize, usize) {
+        let mut total = 0.0;
+        let (mut ch, mut cw) = (h, w);
+        for c in [&self.conv1, &self.conv2, &self.conv3] {
+            let (f, oh, ow) = c.flops(ch, cw);
+            total += f;
+            (ch, cw) = (oh, ow);
+        }
+        if let Some(s) = &self.shortcut {
+            total += s.flops(h, w).0;
+        }
+        (total, ch, cw)
     }
 
     /// relu(conv3(relu(conv2(relu(conv1(x))))) + shortcut(x)).

@@ -257,6 +257,28 @@ impl<B: Backend> Detector<B> {
         (cls, attr, labels)
     }
 
+    /// FLOPs of one frame whose blob is `h × w` with `proposals` proposals: (backbone and
+    /// RPN, res5 and heads). Convolutions and linear layers only (2 per multiply-add).
+    pub fn flops(&self, h: usize, w: usize, proposals: usize) -> (f64, f64) {
+        let (mut f, mut h, mut w) = self.stem.flops(h, w);
+        (h, w) = (crate::conv::pool_out_len(h, 3, 2), crate::conv::pool_out_len(w, 3, 2));
+        for b in self.stages.iter().flatten() {
+            let (bf, bh, bw) = b.flops(h, w);
+            (f, h, w) = (f + bf, bh, bw);
+        }
+        for c in [&self.rpn_conv, &self.rpn_obj, &self.rpn_deltas] {
+            f += c.flops(h, w).0;
+        }
+        let (mut g, mut ph, mut pw) = (0.0, self.cfg.pool, self.cfg.pool);
+        for b in &self.res5 {
+            let (bf, bh, bw) = b.flops(ph, pw);
+            (g, ph, pw) = (g + bf, bh, bw);
+        }
+        let a = &self.arch;
+        let heads = 2.0 * (a.widths[3] * a.classes + (a.widths[3] + a.cls_embed) * a.attr_hidden + a.attr_hidden * a.attributes) as f64;
+        (f, (g + heads) * proposals as f64)
+    }
+
     /// The whole frame, every stage kept.
     pub fn trace(&self, frame: &Frame) -> Trace {
         let a = &self.arch;

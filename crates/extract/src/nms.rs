@@ -77,23 +77,30 @@ pub fn select(boxes: &[BoxF], probs: &[f32], classes: usize, cfg: &SelectConfig)
     let p = boxes.len();
     assert_eq!(probs.len(), p * classes);
     let areas: Vec<f32> = boxes.iter().map(area).collect();
-    // The pairwise suppression test is the same for every class: compute it once.
-    let sup: Vec<bool> = (0..p * p).map(|ij| iou(&boxes[ij / p], &boxes[ij % p], areas[ij / p], areas[ij % p]) >= cfg.nms).collect();
+    // The pairwise suppression test is the same for every class: compute it once, as each
+    // box's list of the boxes it would suppress (IoU is symmetric: a + b = b + a in f32).
+    let nbrs: Vec<Vec<usize>> =
+        (0..p).map(|i| (0..p).filter(|&j| j != i && iou(&boxes[i], &boxes[j], areas[i], areas[j]) >= cfg.nms).collect()).collect();
     let mut max_conf = vec![0f32; p];
     let mut scores = vec![0f32; p];
     let mut suppressed = vec![false; p];
+    let mut rank = vec![0usize; p];
     for c in 1..classes {
         for i in 0..p {
             scores[i] = probs[i * classes + c];
         }
         let order = order_desc(&scores);
-        suppressed.fill(false);
         for (q, &i) in order.iter().enumerate() {
+            rank[i] = q;
+        }
+        suppressed.fill(false);
+        // Visiting in score order, a kept box suppresses its neighbours that come later.
+        for &i in &order {
             if suppressed[i] {
                 continue;
             }
-            for &j in &order[q + 1..] {
-                if sup[i * p + j] {
+            for &j in &nbrs[i] {
+                if rank[j] > rank[i] {
                     suppressed[j] = true;
                 }
             }
