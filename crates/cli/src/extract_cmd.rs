@@ -161,20 +161,10 @@ pub struct BenchExtractArgs {
 /// download is needed; the cost does not depend on the values) at the default settings,
 /// with the RPN's NMS off so that res5 runs on all 300 proposals, as with trained weights.
 pub fn bench_extract(a: BenchExtractArgs) -> Result<()> {
-    use demovlp_extract::synth::{random_state_dict, SynthArch};
+    use demovlp_extract::synth::random_state_dict;
+    use demovlp_extract::weights::Arch;
     anyhow::ensure!(a.runs >= 1 && a.height >= 1 && a.width >= 1, "need --runs, --height and --width ≥ 1");
-    let arch = if a.tiny {
-        SynthArch {
-            stem: 8,
-            blocks: [1, 1, 2, 2],
-            widths: [8, 16, 32, 64],
-            bottlenecks: [4, 8, 16, 32],
-            rpn_conv: 32,
-            ..SynthArch::published()
-        }
-    } else {
-        SynthArch::published()
-    };
+    let arch = if a.tiny { Arch::fixture_tiny() } else { Arch::published() };
     let w = demovlp_extract::weights::from_tensors(random_state_dict(&arch, 1))?;
     // Random weights propose near-copies of the anchors, which the RPN's NMS thins to far fewer
     // than the 300 proposals a trained model keeps; without that NMS (milliseconds of the

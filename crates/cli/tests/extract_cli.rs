@@ -7,13 +7,21 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use demovlp_extract::synth::{random_state_dict, SynthArch};
+use demovlp_extract::synth::random_state_dict;
+use demovlp_extract::weights::Arch;
 use demovlp_formats::Npz;
 use demovlp_model::io::safetensors::write_safetensors;
 use demovlp_testutil::{testdata, tmpdir};
 
 fn demovlp() -> Command {
     Command::new(env!("CARGO_BIN_EXE_demovlp"))
+}
+
+/// `demovlp extract <--videos|--images> SRC --weights W --out OUT`.
+fn extract(kind: &str, src: &Path, weights: &Path, out: &Path) -> Command {
+    let mut c = demovlp();
+    c.args(["extract", kind]).arg(src).arg("--weights").arg(weights).arg("--out").arg(out);
+    c
 }
 
 fn have_ffmpeg() -> bool {
@@ -64,19 +72,7 @@ fn extract_videos_then_pack_and_index() {
     let videos = make_videos(&root);
     let feats = root.join("features");
     let w = testdata("extract/bua_tiny.pth");
-    let run = |extra: &[&str]| {
-        demovlp()
-            .args(["extract", "--videos"])
-            .arg(&videos)
-            .arg("--weights")
-            .arg(&w)
-            .arg("--out")
-            .arg(&feats)
-            .args(["--frames", "4", "--json"])
-            .args(extra)
-            .output()
-            .unwrap()
-    };
+    let run = |extra: &[&str]| extract("--videos", &videos, &w, &feats).args(["--frames", "4", "--json"]).args(extra).output().unwrap();
     // The fixture's weights (64-d features): layout, clip names, frame counts.
     let s = ok(&run(&["--thumbnails"]));
     assert_eq!((s["clips"].as_u64(), s["extracted"].as_u64(), s["frames"].as_u64()), (Some(3), Some(3), Some(11)), "{s}");
@@ -107,29 +103,11 @@ fn extract_videos_then_pack_and_index() {
     std::fs::remove_file(videos.join("broken.mp4")).unwrap();
 
     // ffmpeg missing: an error naming it.
-    let o = demovlp()
-        .env("PATH", root.join("no-such-bin"))
-        .args(["extract", "--videos"])
-        .arg(&videos)
-        .arg("--weights")
-        .arg(&w)
-        .arg("--out")
-        .arg(root.join("f2"))
-        .output()
-        .unwrap();
+    let o = extract("--videos", &videos, &w, &root.join("f2")).env("PATH", root.join("no-such-bin")).output().unwrap();
     fails_naming(&o, "ffmpeg");
 
     // --device cuda is refused with a message on a build without CUDA (or not wired).
-    let o = demovlp()
-        .args(["extract", "--images"])
-        .arg(&videos)
-        .arg("--weights")
-        .arg(&w)
-        .arg("--out")
-        .arg(root.join("f3"))
-        .args(["--device", "cuda"])
-        .output()
-        .unwrap();
+    let o = extract("--images", &videos, &w, &root.join("f3")).args(["--device", "cuda"]).output().unwrap();
     fails_naming(&o, "cuda");
 
     // A weight file missing a key: an error naming the key.
@@ -137,15 +115,7 @@ fn extract_videos_then_pack_and_index() {
     sd.remove("roi_heads.res5.0.conv2.norm.running_var");
     let partial = root.join("partial.safetensors");
     write_safetensors(&partial, &sd.into_iter().collect::<Vec<_>>(), &[]).unwrap();
-    let o = demovlp()
-        .args(["extract", "--videos"])
-        .arg(&videos)
-        .arg("--weights")
-        .arg(&partial)
-        .arg("--out")
-        .arg(root.join("f4"))
-        .output()
-        .unwrap();
+    let o = extract("--videos", &videos, &partial, &root.join("f4")).output().unwrap();
     fails_naming(&o, "roi_heads.res5.0.conv2.norm.running_var");
 
     // 2048-d features (a small detector with the published feature width) through pack and index.
@@ -157,16 +127,7 @@ fn extract_videos_then_pack_and_index() {
         std::fs::copy(videos.join(f), flat.join(Path::new(f).file_name().unwrap())).unwrap();
     }
     let feats2048 = root.join("features2048");
-    let s = ok(&demovlp()
-        .args(["extract", "--videos"])
-        .arg(&flat)
-        .arg("--weights")
-        .arg(&wide)
-        .arg("--out")
-        .arg(&feats2048)
-        .args(["--frames", "3", "--json"])
-        .output()
-        .unwrap());
+    let s = ok(&extract("--videos", &flat, &wide, &feats2048).args(["--frames", "3", "--json"]).output().unwrap());
     assert_eq!(s["extracted"].as_u64(), Some(3), "{s}");
     let store = root.join("store");
     let o = demovlp().args(["pack", "--all", "--quiet", "--features"]).arg(&feats2048).arg("--out").arg(&store).output().unwrap();
@@ -198,13 +159,14 @@ fn extract_videos_then_pack_and_index() {
 }
 
 /// A small detector whose res5 outputs the published 2048-d features.
-fn tiny_2048() -> SynthArch {
-    SynthArch {
+fn tiny_2048() -> Arch {
+    Arch {
         stem: 8,
         blocks: [1, 1, 1, 1],
         widths: [16, 16, 32, 2048],
         bottlenecks: [4, 8, 8, 8],
         rpn_conv: 16,
+        anchors: 12,
         classes: 21,
         attributes: 11,
         cls_embed: 8,

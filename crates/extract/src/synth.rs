@@ -9,36 +9,7 @@ use std::collections::BTreeMap;
 use demovlp_kernels::rng::Rng;
 use demovlp_model::io::safetensors::Tensor;
 
-/// Sizes of a detector to synthesise.
-#[derive(Clone, Debug)]
-pub struct SynthArch {
-    pub stem: usize,
-    pub blocks: [usize; 4],
-    pub widths: [usize; 4],
-    pub bottlenecks: [usize; 4],
-    pub rpn_conv: usize,
-    pub classes: usize,
-    pub attributes: usize,
-    pub cls_embed: usize,
-    pub attr_hidden: usize,
-}
-
-impl SynthArch {
-    /// The published model: ResNet-101 C4, Visual Genome 1600 objects + 400 attributes.
-    pub fn published() -> SynthArch {
-        SynthArch {
-            stem: 64,
-            blocks: [3, 4, 23, 3],
-            widths: [256, 512, 1024, 2048],
-            bottlenecks: [64, 128, 256, 512],
-            rpn_conv: 512,
-            classes: 1601,
-            attributes: 401,
-            cls_embed: 256,
-            attr_hidden: 512,
-        }
-    }
-}
+use crate::weights::Arch;
 
 /// py-faster-rcnn's `generate_anchors(16, ratios (0.5, 1, 2), scales (4, 8, 16, 32))`,
 /// ratio-major: the buffer the published checkpoint carries.
@@ -101,8 +72,10 @@ impl Gen {
     }
 }
 
-/// A state dict of the given sizes with seeded random values.
-pub fn random_state_dict(a: &SynthArch, seed: u64) -> BTreeMap<String, Tensor> {
+/// A state dict of the given sizes with seeded random values (`a.anchors` must be 12: the
+/// Caffe cell anchors).
+pub fn random_state_dict(a: &Arch, seed: u64) -> BTreeMap<String, Tensor> {
+    assert_eq!(a.anchors, 12, "the synthesised detector has the 12 Caffe anchors");
     let mut g = Gen { rng: Rng::new(seed), t: BTreeMap::new() };
     g.conv_bn("backbone.stem.conv1", a.stem, 3, 7, 1.0);
     let mut cin = a.stem;

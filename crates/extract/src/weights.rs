@@ -84,7 +84,28 @@ pub struct Arch {
 }
 
 impl Arch {
-    /// The published model's sizes (ResNet-101, Visual Genome 1600 + 400).
+    /// The published model: ResNet-101 C4, Visual Genome 1600 objects + 400 attributes.
+    pub fn published() -> Arch {
+        Arch {
+            stem: 64,
+            blocks: [3, 4, 23, 3],
+            widths: [256, 512, 1024, 2048],
+            bottlenecks: [64, 128, 256, 512],
+            rpn_conv: 512,
+            anchors: 12,
+            classes: 1601,
+            attributes: 401,
+            cls_embed: 256,
+            attr_hidden: 512,
+        }
+    }
+
+    /// The reduced model of the extraction fixture (same topology and heads, narrow and shallow).
+    pub fn fixture_tiny() -> Arch {
+        Arch { stem: 8, blocks: [1, 1, 2, 2], widths: [8, 16, 32, 64], bottlenecks: [4, 8, 16, 32], rpn_conv: 32, ..Arch::published() }
+    }
+
+    /// One line naming the sizes.
     pub fn describe(&self) -> String {
         format!(
             "stem {}, blocks {:?}, widths {:?}, rpn {} x {} anchors, {} classes, {} attributes",

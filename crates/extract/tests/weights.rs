@@ -2,18 +2,20 @@
 //! name it, and the synthesiser's anchors equal to the checkpoint buffer.
 
 use demovlp_extract::load_weights;
-use demovlp_extract::synth::{caffe_cell_anchors, random_state_dict, SynthArch};
+use demovlp_extract::synth::{caffe_cell_anchors, random_state_dict};
 use demovlp_extract::weights::from_tensors;
+use demovlp_extract::weights::Arch;
 use demovlp_model::io::safetensors::Tensor;
 use demovlp_testutil::testdata;
 
-fn small() -> SynthArch {
-    SynthArch {
+fn small() -> Arch {
+    Arch {
         stem: 16,
         blocks: [2, 1, 3, 1],
         widths: [24, 32, 48, 64],
         bottlenecks: [4, 8, 12, 16],
         rpn_conv: 8,
+        anchors: 12,
         classes: 7,
         attributes: 5,
         cls_embed: 6,
