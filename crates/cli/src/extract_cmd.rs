@@ -155,6 +155,10 @@ pub struct BenchExtractArgs {
     /// Print only one JSON line on stdout.
     #[arg(long)]
     pub json: bool,
+    /// The PyTorch side (`bench/extract_pytorch.py`, the same network in PyTorch, checked against
+    /// the fixtures with its `--check`): `auto` runs it when python3 can import torch.
+    #[command(flatten)]
+    pub baseline: crate::bench_pytorch::BaselineArgs,
 }
 
 /// Seconds per frame of the published network's sizes (seeded random weights, so no
@@ -211,7 +215,8 @@ pub fn bench_extract(a: BenchExtractArgs) -> Result<()> {
             gflop / median
         );
     }
-    let j = serde_json::json!({
+    let rust_peak = crate::bench::peak_rss_mb();
+    let mut j = serde_json::json!({
         "bench": "extract",
         "model": if a.tiny { "tiny" } else { "published" },
         "frame": [h, wd],
@@ -225,8 +230,29 @@ pub fn bench_extract(a: BenchExtractArgs) -> Result<()> {
         "blob": [blob.0, blob.1],
         "gflop_per_frame": gflop,
         "gflop_per_s": gflop / median,
-        "peak_rss_mb": crate::bench::peak_rss_mb(),
+        "peak_rss_mb": rust_peak,
     });
+    if a.tiny {
+        if a.baseline.pytorch == crate::bench_pytorch::Baseline::Always {
+            bail!("--tiny has no PyTorch counterpart (its side times the published sizes)");
+        }
+    } else {
+        let mode = ["--bench", "--runs", &a.runs.to_string(), "--height", &h.to_string(), "--width", &wd.to_string()].map(String::from);
+        if let Some(t) = crate::bench_pytorch::run_script(&a.baseline, "extract_pytorch.py", &mode)? {
+            let t_med = crate::bench_pytorch::number(&t, "median_s")?;
+            let t_peak = crate::bench_pytorch::number(&t, "peak_rss_mb")?;
+            if !a.json {
+                eprintln!(
+                    "  side by side (same run): demovlp {median:.3} s/frame, peak {rust_peak:.0} MB | PyTorch {t_med:.3} s/frame, peak {t_peak:.0} MB: time ratio {:.3}x",
+                    median / t_med
+                );
+            }
+            j["pytorch_frame_s"] = t_med.into();
+            j["pytorch_peak_rss_mb"] = t_peak.into();
+            j["pytorch_threads"] = t.get("threads").cloned().unwrap_or_default();
+            j["time_ratio_vs_pytorch"] = (median / t_med).into();
+        }
+    }
     println!("{j}");
     Ok(())
 }
