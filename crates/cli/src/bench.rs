@@ -24,6 +24,9 @@ pub enum BenchCommand {
     /// Milliseconds per gradient all-reduce of the TCP collective (data-parallel training)
     /// over 127.0.0.1, at the published model's size by default.
     Allreduce(crate::dist_cmds::BenchAllreduceArgs),
+    /// Seconds per frame of region-feature extraction at the published model's sizes and
+    /// default settings (seeded random weights), and peak memory.
+    Extract(crate::extract_cmd::BenchExtractArgs),
 }
 
 #[derive(clap::Args)]
@@ -52,6 +55,7 @@ pub fn run(c: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Gemm(a) => bench_gemm(a),
         BenchCommand::Search(a) => search_cmds::bench_search(a),
         BenchCommand::Allreduce(a) => crate::dist_cmds::bench_allreduce(a),
+        BenchCommand::Extract(a) => crate::extract_cmd::bench_extract(a),
     }
 }
 

@@ -32,15 +32,16 @@ pub struct BaselineArgs {
     pub pytorch_script: Option<PathBuf>,
 }
 
-fn script_path(args: &BaselineArgs) -> PathBuf {
+/// `--pytorch-script`, else `bench/<name>` of this checkout.
+fn script_path(args: &BaselineArgs, name: &str) -> PathBuf {
     if let Some(p) = &args.pytorch_script {
         return p.clone();
     }
-    let local = PathBuf::from("bench/pytorch_baseline.py");
+    let local = PathBuf::from("bench").join(name);
     if local.is_file() {
         return local;
     }
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../bench/pytorch_baseline.py")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../bench").join(name)
 }
 
 fn torch_available() -> bool {
@@ -54,7 +55,7 @@ fn torch_available() -> bool {
 }
 
 /// Whether the baseline is to run; errors for `Always` without PyTorch.
-fn wanted(args: &BaselineArgs) -> Result<Option<PathBuf>> {
+fn wanted(args: &BaselineArgs, name: &str) -> Result<Option<PathBuf>> {
     match args.pytorch {
         Baseline::Never => return Ok(None),
         Baseline::Auto if !torch_available() => {
@@ -66,7 +67,7 @@ fn wanted(args: &BaselineArgs) -> Result<Option<PathBuf>> {
         }
         _ => {}
     }
-    let script = script_path(args);
+    let script = script_path(args, name);
     if !script.is_file() {
         bail!("PyTorch baseline script {} not found (use --pytorch-script)", script.display());
     }
@@ -86,7 +87,7 @@ pub struct Served {
 /// Starts the baseline with `mode_args` plus `--serve --json`; `None` when it is not to be
 /// run. It initialises in the background; [`Served::wait_ready`] waits for it.
 pub fn serve(args: &BaselineArgs, mode_args: &[String]) -> Result<Option<Served>> {
-    let Some(script) = wanted(args)? else { return Ok(None) };
+    let Some(script) = wanted(args, "pytorch_baseline.py")? else { return Ok(None) };
     eprintln!("PyTorch baseline (interleaved): python3 {} {} --serve --json", script.display(), mode_args.join(" "));
     let mut child = Command::new("python3")
         .arg(&script)
@@ -156,7 +157,12 @@ impl Served {
 /// returns its final JSON line; `None` when it is not to be run. Its own output is passed through
 /// to stderr so a person sees its progress.
 pub fn run(args: &BaselineArgs, mode_args: &[String]) -> Result<Option<Value>> {
-    let Some(script) = wanted(args)? else { return Ok(None) };
+    run_script(args, "pytorch_baseline.py", mode_args)
+}
+
+/// [`run`] with another script of `bench/` (`--pytorch-script` still overrides it).
+pub fn run_script(args: &BaselineArgs, name: &str, mode_args: &[String]) -> Result<Option<Value>> {
+    let Some(script) = wanted(args, name)? else { return Ok(None) };
     eprintln!("PyTorch baseline: python3 {} {} --json", script.display(), mode_args.join(" "));
     let out = Command::new("python3")
         .arg(&script)

@@ -7,6 +7,7 @@ mod bench_pytorch;
 mod data_cmds;
 mod device;
 mod dist_cmds;
+mod extract_cmd;
 mod hugepages;
 mod launch;
 mod mc_cmds;
@@ -57,6 +58,9 @@ enum Command {
     Regions(data_cmds::RegionsArgs),
     /// Tokenize lines of stdin into padded WordPiece ids (one JSON object per line).
     Tokenize(data_cmds::TokenizeArgs),
+    /// Region features from videos or images (bottom-up-attention detector; needs ffmpeg).
+    #[command(long_about = extract_cmd::EXTRACT_HELP)]
+    Extract(extract_cmd::ExtractArgs),
     /// Pack a tree of per-frame .npz files into a memory-mapped feature store.
     Pack(data_cmds::PackArgs),
     /// Import weights (.pth from the published trainer, or safetensors) into a model directory.
@@ -109,6 +113,7 @@ fn main() -> anyhow::Result<()> {
         Command::Eval(a) => device::check_available(&a.device).and_then(|()| train_cmds::eval(a)),
         Command::Regions(a) => data_cmds::regions(a),
         Command::Tokenize(a) => data_cmds::tokenize(a),
+        Command::Extract(a) => extract_cmd::extract(a),
         Command::Pack(a) => data_cmds::pack(a),
         Command::Import(a) => model_cmds::import(a),
         Command::Replay(a) => model_cmds::replay(a),

@@ -189,9 +189,16 @@ pub fn parse_plain(bytes: &[u8]) -> Result<Value> {
 /// Parses a pickle, replacing each persistent id by `persistent_load(id)`.
 /// Errors name the opcode and byte offset where parsing failed.
 pub fn parse(bytes: &[u8], persistent_load: &mut dyn FnMut(Value) -> Result<Value>) -> Result<Value> {
+    Ok(parse_prefix(bytes, persistent_load)?.0)
+}
+
+/// Parses the pickle at the start of `bytes` (several pickles written back to back, as the
+/// legacy `torch.save` format does) and returns it with the number of bytes it took,
+/// STOP included.
+pub fn parse_prefix(bytes: &[u8], persistent_load: &mut dyn FnMut(Value) -> Result<Value>) -> Result<(Value, usize)> {
     let mut m = Machine { data: bytes, pos: 0, arena: Vec::new(), stack: Vec::new(), memo: Default::default() };
     let root = m.run(persistent_load)?;
-    m.materialise(root, 0)
+    Ok((m.materialise(root, 0)?, m.pos))
 }
 
 impl<'a> Machine<'a> {

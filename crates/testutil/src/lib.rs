@@ -34,7 +34,10 @@ pub struct Fixture {
     pub name: String,
     pub f32s: HashMap<String, (Vec<usize>, Vec<f32>)>,
     pub i64s: HashMap<String, (Vec<usize>, Vec<i64>)>,
+    pub u8s: HashMap<String, (Vec<usize>, Vec<u8>)>,
     pub config: serde_json::Value,
+    /// Every metadata entry, unparsed.
+    pub metadata: HashMap<String, String>,
 }
 
 impl Fixture {
@@ -53,7 +56,8 @@ impl Fixture {
             .map(|c| serde_json::from_str(c).unwrap_or_else(|e| panic!("{}: config metadata: {e}", path.display())))
             .unwrap_or(serde_json::Value::Null);
         let st = SafeTensors::deserialize(&bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        let (mut f32s, mut i64s) = (HashMap::new(), HashMap::new());
+        let metadata = header.metadata().clone().unwrap_or_default();
+        let (mut f32s, mut i64s, mut u8s) = (HashMap::new(), HashMap::new(), HashMap::new());
         for (k, v) in st.tensors() {
             let d = v.data();
             match v.dtype() {
@@ -63,10 +67,13 @@ impl Fixture {
                 Dtype::I64 => {
                     i64s.insert(k, (v.shape().to_vec(), d.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()));
                 }
+                Dtype::U8 => {
+                    u8s.insert(k, (v.shape().to_vec(), d.to_vec()));
+                }
                 t => panic!("{}: unexpected dtype {t:?} for {k}", path.display()),
             }
         }
-        Fixture { name: path.file_name().unwrap_or_default().to_string_lossy().into_owned(), f32s, i64s, config }
+        Fixture { name: path.file_name().unwrap_or_default().to_string_lossy().into_owned(), f32s, i64s, u8s, config, metadata }
     }
 
     /// An f32 tensor's values; panics naming the tensor when it is absent.
@@ -76,6 +83,16 @@ impl Fixture {
 
     pub fn i(&self, k: &str) -> &[i64] {
         &self.i64s.get(k).unwrap_or_else(|| panic!("{}: no i64 tensor {k}", self.name)).1
+    }
+
+    pub fn u8(&self, k: &str) -> &[u8] {
+        &self.u8s.get(k).unwrap_or_else(|| panic!("{}: no u8 tensor {k}", self.name)).1
+    }
+
+    /// A metadata entry parsed as JSON; panics naming it when absent or malformed.
+    pub fn meta_json(&self, key: &str) -> serde_json::Value {
+        let s = self.metadata.get(key).unwrap_or_else(|| panic!("{}: no metadata {key:?}", self.name));
+        serde_json::from_str(s).unwrap_or_else(|e| panic!("{}: metadata {key:?}: {e}", self.name))
     }
 
     pub fn shape(&self, k: &str) -> &[usize] {

@@ -2,7 +2,7 @@
 //!
 //! - [`safetensors`]: safetensors files (any float dtype read as f32, integers as i64;
 //!   atomic writes) and the in-memory [`Tensor`];
-//! - [`torch`]: `torch.save` zip checkpoints (the published trainer's `.pth`) without Python;
+//! - [`torch`]: `torch.save` checkpoints, zip and legacy formats (the published trainer's and detector's `.pth`), without Python;
 //! - [`by_name`]: filling a [`crate::Params`] by tensor name, reading a weights file by content;
 //! - [`model_dir`]: our model directories, Hugging Face text-tower directories, importing
 //!   published-name weights;

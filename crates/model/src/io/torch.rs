@@ -1,10 +1,19 @@
-//! `torch.save` checkpoints (the zip format of torch ≥ 1.6) read without Python: the
-//! archive's `<name>/data.pkl` is interpreted symbolically (crates/formats), tensors are
-//! `torch._utils._rebuild_tensor_v2(storage, offset, size, stride, ...)` calls whose
-//! storage is a persistent id `('storage', torch.FloatStorage, key, location, numel)`
-//! naming the entry `<name>/data/<key>`. Everything else in the pickle (epoch, optimizer
-//! state, the trainer's own pickled config class) is left alone.
+//! `torch.save` checkpoints read without Python, in both formats:
+//!
+//! - **zip** (torch ≥ 1.6): the archive's `<name>/data.pkl` is interpreted symbolically
+//!   (crates/formats); a storage is a persistent id `('storage', torch.FloatStorage, key,
+//!   location, numel)` naming the entry `<name>/data/<key>`.
+//! - **legacy** (before 1.6): five things back to back: three small pickles (magic number,
+//!   protocol version 1001, system info), the object pickle whose persistent ids are
+//!   `('storage', type, key, location, numel, view_metadata)`, a pickled list of storage
+//!   keys, then for each key in that order its element count (i64, little-endian) and its
+//!   raw little-endian data.
+//!
+//! Tensors are `torch._utils._rebuild_tensor_v2(storage, offset, size, stride, ...)` calls.
+//! Everything else in the pickle (epoch, optimizer state, the trainer's own pickled config
+//! class) is left alone.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -49,13 +58,34 @@ fn ints(v: &Value, what: &str) -> Result<Vec<usize>> {
         .collect()
 }
 
-/// Reads a checkpoint's tensors from its zip archive.
+/// Where a checkpoint's storages live.
+enum Storages<'a> {
+    /// Entries `<prefix>data/<key>` of the zip archive.
+    Zip { zip: &'a ZipArchive, prefix: String },
+    /// The legacy format's data section, cut into one byte range per key.
+    Legacy(BTreeMap<String, &'a [u8]>),
+}
+
+/// Reads a checkpoint's tensors from its storages.
 struct Reader<'a> {
-    zip: &'a ZipArchive,
-    prefix: String,
+    storages: Storages<'a>,
 }
 
 impl Reader<'_> {
+    fn storage(&self, key: &str) -> Result<(String, Cow<'_, [u8]>)> {
+        match &self.storages {
+            Storages::Zip { zip, prefix } => {
+                let entry = format!("{prefix}data/{key}");
+                let bytes = zip.read(&entry)?;
+                Ok((entry, bytes))
+            }
+            Storages::Legacy(map) => {
+                let bytes = map.get(key).with_context(|| format!("storage {key:?} is not in the file's data section"))?;
+                Ok((format!("storage {key:?}"), Cow::Borrowed(*bytes)))
+            }
+        }
+    }
+
     /// Decode one `_rebuild_tensor_v2(storage, storage_offset, size, stride, ...)` call.
     fn tensor(&self, args: &[Value]) -> Result<Tensor> {
         if args.len() < 4 {
@@ -87,8 +117,10 @@ impl Reader<'_> {
             expect *= size[d];
         }
         let numel: usize = size.iter().product();
-        let entry = format!("{}data/{key}", self.prefix);
-        let bytes = self.zip.read(&entry)?;
+        if let Some(view) = pid.get(5).filter(|v| !matches!(v, Value::None)) {
+            bail!("storage {key:?} is a view of another storage ({view:?}): not supported");
+        }
+        let (entry, bytes) = self.storage(key)?;
         let (start, end) = (offset * esize, (offset + numel) * esize);
         if end > bytes.len() {
             bail!("storage {entry} holds {} bytes; tensor needs bytes {start}..{end}", bytes.len());
@@ -119,13 +151,129 @@ fn dict_items(v: &Value) -> Option<&[(Value, Value)]> {
     }
 }
 
-/// Read the state dict of a `torch.save` zip checkpoint: the `state_dict` (or `model`)
-/// entry of the top-level dict, or the top-level dict itself when it maps names to tensors.
+/// The magic number that opens a legacy `torch.save` file (its first pickle).
+const LEGACY_MAGIC: u128 = 0x1950a86a20f9469cfc6c;
+
+/// Read the state dict of a `torch.save` checkpoint (zip or legacy format): the
+/// `state_dict` (or `model`) entry of the top-level dict, or the top-level dict itself
+/// when it maps names to tensors.
 pub fn read_torch_state_dict(path: &Path) -> Result<TorchStateDict> {
+    let mut head = [0u8; 4];
+    {
+        use std::io::Read;
+        let mut f = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+        let n = f.read(&mut head).with_context(|| format!("{}: cannot read", path.display()))?;
+        if n < 2 {
+            bail!("{}: {n} bytes: not a torch.save checkpoint", path.display());
+        }
+    }
+    if head[0] == 0x80 {
+        return read_legacy(path);
+    }
+    if &head != b"PK\x03\x04" {
+        bail!("{}: neither a zip nor a legacy torch.save file (starts with {head:02x?})", path.display());
+    }
+    read_zip(path)
+}
+
+/// The legacy (pre-1.6) format; see the module docs.
+fn read_legacy(path: &Path) -> Result<TorchStateDict> {
+    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let ctx = |what: &str| format!("{}: legacy torch.save file: {what}", path.display());
+    let mut pos = 0usize;
+    let next = |pos: &mut usize, what: &str| -> Result<Value> {
+        let (v, n) = pickle::parse_prefix(&bytes[*pos..], &mut |id| Ok(Value::PersistentId(Box::new(id)))).with_context(|| ctx(what))?;
+        *pos += n;
+        Ok(v)
+    };
+    let magic = next(&mut pos, "magic number")?;
+    let magic_ok = match &magic {
+        Value::BigInt(b) if b.len() <= 16 => {
+            let mut le = [0u8; 16];
+            le[..b.len()].copy_from_slice(b);
+            u128::from_le_bytes(le) == LEGACY_MAGIC
+        }
+        _ => false,
+    };
+    if !magic_ok {
+        bail!("{}: starts with a pickle but not with torch's magic number: not a torch.save checkpoint", path.display());
+    }
+    let version = next(&mut pos, "protocol version")?;
+    if version.as_int() != Some(1001) {
+        bail!("{}: legacy torch.save protocol version {version:?} (expected 1001)", path.display());
+    }
+    let sys = next(&mut pos, "system info")?;
+    if sys.get("little_endian").is_some_and(|v| matches!(v, Value::Bool(false))) {
+        bail!("{}: saved on a big-endian machine: not supported", path.display());
+    }
+    let root = next(&mut pos, "object pickle")?;
+    let keys = next(&mut pos, "storage keys")?;
+    let keys = keys.as_seq().with_context(|| ctx("storage keys are not a list"))?;
+    // Element sizes come from the storage types named in the object pickle.
+    let mut esize: BTreeMap<String, usize> = BTreeMap::new();
+    collect_storage_types(&root, &mut esize)?;
+    let mut map = BTreeMap::new();
+    for k in keys {
+        let key = k.as_str().with_context(|| ctx("a storage key is not a string"))?.to_string();
+        let size = *esize.get(&key).with_context(|| ctx(&format!("storage {key:?} is listed but no tensor uses it")))?;
+        let head = bytes.get(pos..pos + 8).with_context(|| ctx(&format!("truncated before storage {key:?}")))?;
+        let numel = i64::from_le_bytes(head.try_into().unwrap());
+        let len = usize::try_from(numel)
+            .ok()
+            .and_then(|n| n.checked_mul(size))
+            .with_context(|| ctx(&format!("storage {key:?} has {numel} elements")))?;
+        pos += 8;
+        let data = bytes.get(pos..pos + len).with_context(|| {
+            ctx(&format!("storage {key:?} needs {len} bytes at offset {pos}, the file has {}", bytes.len().saturating_sub(pos)))
+        })?;
+        pos += len;
+        map.insert(key, data);
+    }
+    let reader = Reader { storages: Storages::Legacy(map) };
+    state_dict_of(path, &root, &reader)
+}
+
+/// Storage key → element size, for every storage persistent id inside `v`.
+fn collect_storage_types(v: &Value, out: &mut BTreeMap<String, usize>) -> Result<()> {
+    match v {
+        Value::PersistentId(pid) => {
+            if let Some(p) = pid.as_seq() {
+                if p.len() >= 3 && p[0].as_str() == Some("storage") {
+                    if let (Some((_, ty)), Some(key)) = (p[1].global_name(), p[2].as_str()) {
+                        out.insert(key.to_string(), storage_dtype(ty)?.1);
+                    }
+                }
+            }
+        }
+        Value::List(xs) | Value::Tuple(xs) | Value::Set(xs) => xs.iter().try_for_each(|x| collect_storage_types(x, out))?,
+        Value::Dict(kv) => kv.iter().try_for_each(|(a, b)| collect_storage_types(a, out).and_then(|()| collect_storage_types(b, out)))?,
+        Value::Reduce { callable, args, items, list_items } => {
+            collect_storage_types(callable, out)?;
+            collect_storage_types(args, out)?;
+            items.iter().try_for_each(|(a, b)| collect_storage_types(a, out).and_then(|()| collect_storage_types(b, out)))?;
+            list_items.iter().try_for_each(|x| collect_storage_types(x, out))?;
+        }
+        Value::NewObj { cls, args } => {
+            collect_storage_types(cls, out)?;
+            collect_storage_types(args, out)?;
+        }
+        Value::Build { obj, state } => {
+            collect_storage_types(obj, out)?;
+            collect_storage_types(state, out)?;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// The zip format; see the module docs.
+fn read_zip(path: &Path) -> Result<TorchStateDict> {
     let zip = ZipArchive::open(path)?;
-    let pkl = zip.entries().iter().find(|e| e.name == "data.pkl" || e.name.ends_with("/data.pkl")).with_context(|| {
-        format!("{}: no data.pkl entry: not a torch.save zip checkpoint (legacy non-zip .pth files are not supported)", path.display())
-    })?;
+    let pkl = zip
+        .entries()
+        .iter()
+        .find(|e| e.name == "data.pkl" || e.name.ends_with("/data.pkl"))
+        .with_context(|| format!("{}: no data.pkl entry: not a torch.save zip checkpoint", path.display()))?;
     let prefix = pkl.name.strip_suffix("data.pkl").unwrap().to_string();
     if let Ok(order) = zip.read(&format!("{prefix}byteorder")) {
         if order.as_ref() != b"little" {
@@ -134,9 +282,13 @@ pub fn read_torch_state_dict(path: &Path) -> Result<TorchStateDict> {
     }
     let bytes = zip.read(&pkl.name.clone())?;
     let root = pickle::parse_plain(&bytes).with_context(|| format!("{}: cannot parse {}", path.display(), pkl.name))?;
-    let reader = Reader { zip: &zip, prefix };
+    let reader = Reader { storages: Storages::Zip { zip: &zip, prefix } };
+    state_dict_of(path, &root, &reader)
+}
 
-    let top = dict_items(&root).with_context(|| format!("{}: top-level object is a {}, not a dict", path.display(), root.kind()))?;
+/// The state dict inside a checkpoint's object pickle, tensors decoded.
+fn state_dict_of(path: &Path, root: &Value, reader: &Reader) -> Result<TorchStateDict> {
+    let top = dict_items(root).with_context(|| format!("{}: top-level object is a {}, not a dict", path.display(), root.kind()))?;
     let (source_key, sd) = ["state_dict", "model", "module"]
         .iter()
         .find_map(|k| top.iter().find(|(key, _)| key.as_str() == Some(k)).and_then(|(_, v)| dict_items(v).map(|d| (k.to_string(), d))))
