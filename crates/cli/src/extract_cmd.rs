@@ -204,7 +204,7 @@ pub fn bench_extract(a: BenchExtractArgs) -> Result<()> {
             eprintln!("  run {i}{}: {dt:.3}s, {proposals} proposals, {regions} regions", if i == 0 { " (warm-up)" } else { "" });
         }
     }
-    let (median, min, max) = crate::bench::median_min_max(times);
+    let (median, min, max) = crate::measure::median_min_max(times);
     let (backbone, res5) = det.flops(blob.0, blob.1, proposals);
     let gflop = (backbone + res5) * 1e-9;
     if !a.json {
@@ -215,7 +215,7 @@ pub fn bench_extract(a: BenchExtractArgs) -> Result<()> {
             gflop / median
         );
     }
-    let rust_peak = crate::bench::peak_rss_mb();
+    let rust_peak = crate::measure::peak_rss_mb();
     let mut j = serde_json::json!({
         "bench": "extract",
         "model": if a.tiny { "tiny" } else { "published" },
