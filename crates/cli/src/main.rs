@@ -10,6 +10,7 @@ mod dist_cmds;
 mod hugepages;
 mod mc_cmds;
 mod model_cmds;
+mod pipe;
 mod qa_cmds;
 mod retrieval_cmds;
 mod search_cmds;
@@ -94,9 +95,10 @@ enum Command {
 static ALLOC: hugepages::HugePageAlloc = hugepages::HugePageAlloc;
 
 fn main() -> anyhow::Result<()> {
+    pipe::install();
     hugepages::init();
     let cli = Cli::from_arg_matches(&usage::with_full_usage(Cli::command()).get_matches()).unwrap_or_else(|e| e.exit());
-    match cli.command {
+    pipe::finish(match cli.command {
         Command::Demo(a) => train_cmds::demo(a),
         Command::Pretrain(a) => device::cpu_only(&a.device, "pretrain").and_then(|()| train_cmds::pretrain(a)),
         Command::Finetune(a) => device::cpu_only(&a.device, "finetune").and_then(|()| train_cmds::finetune(a)),
@@ -119,5 +121,5 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(a) => serve_cmd::serve(a),
         Command::Bench(c) => bench::run(c),
         Command::Selftest(a) => device::selftest(a),
-    }
+    })
 }

@@ -5,7 +5,8 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use demovlp_search::build::{build_index, ensure_ann, merge, parse_shard, ClipList, IndexOptions};
-use demovlp_search::search::{table, Engine, SearchResult, DEFAULT_EXACT_THRESHOLD};
+use demovlp_search::quality::{exhaustive, Tally};
+use demovlp_search::search::{table, Engine, FirstStage, SearchResult, DEFAULT_EXACT_THRESHOLD};
 
 #[derive(clap::Args)]
 #[command(after_help = "Resumable and appendable: run it again on the same --out to finish an interrupted run or add new clips \
@@ -143,9 +144,23 @@ pub struct SearchArgs {
     /// Results per query.
     #[arg(short = 'k', long, default_value_t = 10)]
     k: usize,
-    /// Re-rank this many global candidates by global + region-word score (0: global only).
+    /// Re-rank this many first-stage candidates by the exact global + region-word score
+    /// (0: global only; at least the index's clips: every clip, i.e. exhaustive scoring).
     #[arg(long, default_value_t = 100)]
     rerank: usize,
+    /// Where the candidates come from: regions (every clip by global cosine + the region-code
+    /// approximation of the region-word term) or global (the global embedding alone: exact scan,
+    /// the HNSW graph above --exact-threshold — the two-stage search of old).
+    #[arg(long, default_value = "regions", value_parser = ["regions", "global"])]
+    first_stage: String,
+    /// Also score every query exhaustively (every clip, global + region-word, as `eval`) and
+    /// end with one JSON line: {"vs_exhaustive": {"queries", "k", "agreement_at_1",
+    /// "recall_at_k", "p50_ms", "p99_ms"}} (latency of the search itself, text tower excluded).
+    #[arg(long)]
+    vs_exhaustive: bool,
+    /// Use this model instead of the one recorded in the index (it must be the same model).
+    #[arg(long)]
+    model: Option<PathBuf>,
     /// Scan exactly below this many clips, else use the ANN graph.
     #[arg(long, default_value_t = DEFAULT_EXACT_THRESHOLD)]
     exact_threshold: usize,
@@ -160,11 +175,12 @@ pub struct SearchArgs {
 }
 
 pub fn search(a: SearchArgs) -> Result<()> {
-    let mut engine = Engine::open_with_ann(&a.index, a.exact_threshold)?;
+    let stage = FirstStage::from_name(&a.first_stage)?;
+    let mut engine = Engine::open_for(&a.index, stage, a.exact_threshold)?;
     for w in engine.override_loss(a.lambda, a.masked_mean) {
         eprintln!("warning: {w}");
     }
-    let mut model = engine.load_model()?;
+    let mut model = engine.load_model_from(a.model.as_deref())?;
     let queries: Vec<String> = match (&a.text, &a.queries) {
         (Some(t), None) => vec![t.clone()],
         (None, Some(p)) => std::io::BufReader::new(std::fs::File::open(p).with_context(|| format!("opening {}", p.display()))?)
@@ -175,13 +191,30 @@ pub fn search(a: SearchArgs) -> Result<()> {
             .collect(),
         _ => bail!("give a query text or --queries FILE"),
     };
+    let mut tally = Tally::default();
     for q in &queries {
-        let r: SearchResult = engine.search(&mut model, q, a.k, a.rerank)?;
+        let e = engine.embed_query(&mut model, q)?;
+        let t0 = std::time::Instant::now();
+        let r = SearchResult { query: q.clone(), results: engine.search_embedded(&e, a.k, a.rerank) };
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        if a.vs_exhaustive {
+            tally.add(&r.results, &exhaustive(&engine, &e, a.k), ms);
+        }
         if a.json {
             println!("{}", serde_json::to_string(&r)?);
         } else {
-            print!("{}", table(&r));
+            println!("{}", table(&r).trim_end());
         }
+    }
+    if a.vs_exhaustive {
+        let s = tally.finish(a.k);
+        if !a.json {
+            eprintln!(
+                "vs exhaustive scoring over {} queries: agreement@1 {:.3}, recall@{} {:.3}; search p50 {:.1} ms, p99 {:.1} ms",
+                s.queries, s.agreement_at_1, s.k, s.recall_at_k, s.p50_ms, s.p99_ms
+            );
+        }
+        println!("{}", serde_json::json!({ "vs_exhaustive": s }));
     }
     Ok(())
 }

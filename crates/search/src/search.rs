@@ -1,7 +1,13 @@
-//! Queries: embed the text, take the global top-N candidates (exact scan below a size
-//! threshold, the graph index above it), then re-rank those N by the exact evaluation
+//! Queries: embed the text, take N candidates, then re-rank those N by the exact evaluation
 //! score — global cosine + region-word similarity (SPEC §8, aligned combination) — on the
 //! stored (fp16) local embeddings.
+//!
+//! Candidates come from the first stage ([`FirstStage`]): by default every clip scored with
+//! its global cosine plus the region-code approximation of the region-word term
+//! ([`crate::codes`]); or, as before, the global embedding alone (exact scan below a size
+//! threshold, the graph index above it). With N ≥ the clips in the index every clip is
+//! re-ranked (exhaustive scoring, as `eval` scores). Scores that are not finite are never
+//! ranked.
 
 use std::path::Path;
 
@@ -12,7 +18,34 @@ use demovlp_retrieval::EmbeddingSet;
 use serde::Serialize;
 
 use crate::ann::{exact_top_k, Ann};
+use crate::codes::Codes;
 use crate::store::Index;
+
+/// Where the candidates the re-rank scores come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FirstStage {
+    /// Every clip by global cosine + the region-code approximation of the region-word term.
+    Regions,
+    /// The global embedding alone (exact scan, or the HNSW graph above the exact threshold).
+    Global,
+}
+
+impl FirstStage {
+    pub fn from_name(s: &str) -> Result<FirstStage> {
+        match s {
+            "regions" => Ok(FirstStage::Regions),
+            "global" => Ok(FirstStage::Global),
+            _ => bail!("first stage {s:?}: expected regions or global"),
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            FirstStage::Regions => "regions",
+            FirstStage::Global => "global",
+        }
+    }
+}
 
 /// Below this many clips the global candidates come from an exact scan.
 pub const DEFAULT_EXACT_THRESHOLD: usize = 50_000;
@@ -56,6 +89,9 @@ pub struct Engine {
     pub vocab: Vec<String>,
     pub ann: Option<Ann>,
     pub exact_threshold: usize,
+    pub first_stage: FirstStage,
+    /// The region codes ([`FirstStage::Regions`]); loaded by [`Engine::prepare`].
+    pub codes: Option<Codes>,
 }
 
 impl Engine {
@@ -65,18 +101,47 @@ impl Engine {
         let spec = index.settings().tokenizer.clone();
         let tokenizer = crate::text::load_tokenizer(&spec).with_context(|| format!("the index's tokenizer {spec}"))?;
         let vocab = crate::text::vocab_table(&spec)?;
-        Ok(Engine { index, tokenizer, vocab, ann: None, exact_threshold: DEFAULT_EXACT_THRESHOLD })
+        Ok(Engine {
+            index,
+            tokenizer,
+            vocab,
+            ann: None,
+            exact_threshold: DEFAULT_EXACT_THRESHOLD,
+            first_stage: FirstStage::Regions,
+            codes: None,
+        })
     }
 
-    /// [`Engine::open`] plus the ANN graph when the index is above the exact threshold
-    /// (loaded from `ann.*` in the index when it matches, else built and saved).
-    pub fn open_with_ann(dir: &Path, threshold: usize) -> Result<Engine> {
+    /// [`Engine::open`] plus what `stage` needs: the region codes (loaded from the index when
+    /// current, else built and saved), or the ANN graph when the index is above the exact
+    /// threshold (likewise).
+    pub fn open_for(dir: &Path, stage: FirstStage, threshold: usize) -> Result<Engine> {
         let mut e = Self::open(dir)?;
         e.exact_threshold = threshold;
-        if e.index.len() >= threshold {
-            e.ann = Some(Ann::load_or_build(&e.index)?);
-        }
+        e.first_stage = stage;
+        e.prepare()?;
         Ok(e)
+    }
+
+    /// [`Engine::open_for`] with the global first stage (the two-stage search of old).
+    pub fn open_with_ann(dir: &Path, threshold: usize) -> Result<Engine> {
+        Self::open_for(dir, FirstStage::Global, threshold)
+    }
+
+    /// Loads (or builds and saves) what the current first stage needs.
+    pub fn prepare(&mut self) -> Result<()> {
+        if self.index.is_empty() {
+            return Ok(());
+        }
+        let stage = if self.index.settings().use_local { self.first_stage } else { FirstStage::Global };
+        match stage {
+            FirstStage::Regions if self.codes.is_none() => self.codes = Some(Codes::build_or_update(&self.index, None, true)?),
+            FirstStage::Global if self.ann.is_none() && self.index.len() >= self.exact_threshold => {
+                self.ann = Some(Ann::load_or_build(&self.index)?)
+            }
+            _ => {}
+        }
+        Ok(())
     }
 
     /// Scores with this λ / masked-mean instead of the index's (which `index` took from the
@@ -103,10 +168,30 @@ impl Engine {
         warn
     }
 
-    /// The model the index was built with.
+    /// The model the index was built with (as recorded in `index.json`).
     pub fn load_model(&self) -> Result<Model> {
-        let p = &self.index.settings().model;
-        demovlp_train::weights::load_model(Path::new(p)).with_context(|| format!("loading the index's model {p}"))
+        self.load_model_from(None)
+    }
+
+    /// The model at `path` (`--model`), else the one recorded in the index. Resolves a
+    /// relative recorded path against the index directory when it is not found as given
+    /// (indexes written before paths were stored absolute).
+    pub fn load_model_from(&self, path: Option<&Path>) -> Result<Model> {
+        let (p, what) = match path {
+            Some(p) => (p.to_path_buf(), "--model"),
+            None => {
+                let rec = Path::new(&self.index.settings().model);
+                let p = if rec.exists() || rec.is_absolute() { rec.to_path_buf() } else { self.index.dir.join(rec) };
+                (p, "the index's model")
+            }
+        };
+        let m = demovlp_train::weights::load_model(&p).with_context(|| {
+            format!("loading {what} {} (give the model with --model when it has moved)", p.display())
+        })?;
+        if m.config.proj_dim != self.index.settings().proj_dim {
+            bail!("{what} {} has width {}, the index {}", p.display(), m.config.proj_dim, self.index.settings().proj_dim);
+        }
+        Ok(m)
     }
 
     pub fn check_query(text: &str) -> Result<()> {
@@ -131,6 +216,45 @@ impl Engine {
         let mut unit = e.global.clone();
         crate::store::normalize_rows(&mut unit, st.proj_dim);
         Ok(TextQuery { text: text.into(), ids, global: e.global, global_unit: unit, local: e.local, mask_additive: e.mask_additive })
+    }
+
+    /// The `n` clips the re-rank scores: every clip when n ≥ the index, else the first stage's best.
+    pub fn first_stage_ids(&self, q: &TextQuery, n: usize) -> Vec<usize> {
+        let len = self.index.len();
+        if n >= len {
+            return (0..len).collect();
+        }
+        match (&self.first_stage, &self.codes) {
+            (FirstStage::Regions, Some(codes)) => {
+                let proxy = self.region_proxy(codes, q);
+                crate::ann::top_k_rows(&proxy, 1, 0, &[1.0], n).into_iter().map(|x| x.0).collect()
+            }
+            _ => self.candidates(&q.global_unit, n).into_iter().map(|x| x.0).collect(),
+        }
+    }
+
+    /// Global cosine + the region-code score of every clip (non-finite ones as −∞).
+    pub fn region_proxy(&self, codes: &Codes, q: &TextQuery) -> Vec<f32> {
+        let p = self.index.settings().proj_dim;
+        let mut words: Vec<f32> = q
+            .local
+            .chunks_exact(p)
+            .zip(&q.mask_additive)
+            .filter(|(_, &m)| demovlp_retrieval::local::is_real(m))
+            .flat_map(|(r, _)| r.iter().copied())
+            .collect();
+        crate::codes::hat_rows(&mut words, p);
+        let (table, w) = codes.word_table(&words);
+        let mut s = codes.scores(&self.index, &table, w);
+        let mut first = 0;
+        for (_, rows) in self.index.global_blocks() {
+            for (i, r) in rows.chunks_exact(p).enumerate() {
+                s[first + i] += crate::ann::dot(&q.global_unit, r);
+            }
+            first += rows.len() / p;
+        }
+        s.iter_mut().filter(|x| !x.is_finite()).for_each(|x| *x = f32::NEG_INFINITY);
+        s
     }
 
     /// Global candidates: exact below the threshold (or without a graph), else the graph.
@@ -167,26 +291,33 @@ impl Engine {
     }
 
     /// Top `k` for an embedded query; `rerank` = N candidates re-ranked (0: global only).
+    /// An index of a model trained without the region-word loss ranks by the global term
+    /// alone whatever `rerank` says.
     pub fn search_embedded(&self, q: &TextQuery, k: usize, rerank: usize) -> Vec<Hit> {
         if self.index.is_empty() || k == 0 {
             return vec![];
         }
+        let rerank = if self.index.settings().use_local { rerank } else { 0 };
         if rerank == 0 {
             let c = self.candidates(&q.global_unit, k);
             let ids: Vec<usize> = c.iter().map(|x| x.0).collect();
             let g =
                 demovlp_retrieval::global::cosine_matrix(&q.global, 1, &self.global_rows(&ids), ids.len(), self.index.settings().proj_dim);
-            let mut hits: Vec<Hit> =
-                ids.iter().zip(g).map(|(&i, g)| Hit { clip: self.index.clip_id(i).into(), score: g, global: g, local: None }).collect();
+            let mut hits: Vec<Hit> = ids
+                .iter()
+                .zip(g)
+                .filter(|(_, g)| g.is_finite())
+                .map(|(&i, g)| Hit { clip: self.index.clip_id(i).into(), score: g, global: g, local: None })
+                .collect();
             sort_hits(&mut hits);
             return hits;
         }
-        let c = self.candidates(&q.global_unit, rerank.max(k));
-        let ids: Vec<usize> = c.iter().map(|x| x.0).collect();
+        let ids = self.first_stage_ids(q, rerank.max(k));
         let s = self.rerank_scores(q, &ids);
         let mut hits: Vec<Hit> = ids
             .iter()
             .zip(s)
+            .filter(|(_, (g, l))| (g + l).is_finite())
             .map(|(&i, (g, l))| Hit { clip: self.index.clip_id(i).into(), score: g + l, global: g, local: Some(l) })
             .collect();
         sort_hits(&mut hits);

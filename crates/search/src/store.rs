@@ -45,6 +45,41 @@ pub struct Settings {
     /// command line, or the defaults); absent in indexes written before it was recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loss_from: Option<String>,
+    /// Whether the model was trained with the region-word loss; without it the index ranks
+    /// by the global term alone. Absent in older indexes (then: true).
+    #[serde(default = "yes")]
+    pub use_local: bool,
+    /// Where frames, regions and text length came from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shape_from: Option<String>,
+    /// [`fingerprint`] of the model's weights: appending with another model is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_fingerprint: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A 64-bit FNV-1a hash over 8-byte little-endian words (and the tail bytes), as 16 hex
+/// digits: the weights' fingerprint and the segment files' checksums (integrity, not security).
+pub fn fingerprint(bytes: &[u8]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let words = bytes.chunks_exact(8);
+    let tail = words.remainder();
+    for w in words {
+        h = (h ^ u64::from_le_bytes(w.try_into().unwrap())).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    for &b in tail {
+        h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// [`fingerprint`] of f32 values (their little-endian bytes).
+pub fn fingerprint_f32(v: &[f32]) -> String {
+    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+    fingerprint(&bytes)
 }
 
 impl Settings {

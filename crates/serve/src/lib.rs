@@ -30,7 +30,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use demovlp_search::search::{Engine, DEFAULT_EXACT_THRESHOLD, MAX_QUERY_BYTES};
+use demovlp_search::search::{Engine, FirstStage, DEFAULT_EXACT_THRESHOLD, MAX_QUERY_BYTES};
 use serde::Serialize;
 
 pub use error::ApiError;
@@ -379,15 +379,10 @@ impl Server {
     /// the address (`:0` picks a free port).
     pub fn bind(opts: ServeOptions) -> Result<Server> {
         opts.check()?;
-        let engine = Engine::open_with_ann(&opts.index, opts.exact_threshold)
+        let engine = Engine::open_for(&opts.index, FirstStage::Regions, opts.exact_threshold)
             .with_context(|| format!("opening the index {}", opts.index.display()))?;
-        let (mut model, model_path) = match &opts.model {
-            Some(p) => (
-                demovlp_train::weights::load_model(p).with_context(|| format!("loading the model {}", p.display()))?,
-                p.display().to_string(),
-            ),
-            None => (engine.load_model()?, engine.index.settings().model.clone()),
-        };
+        let mut model = engine.load_model_from(opts.model.as_deref())?;
+        let model_path = opts.model.as_ref().map_or_else(|| engine.index.settings().model.clone(), |p| p.display().to_string());
         engine.embed_query(&mut model, "warm up").with_context(|| {
             format!("the model {model_path} does not fit the index {} (built with {})", opts.index.display(), engine.index.settings().model)
         })?;
