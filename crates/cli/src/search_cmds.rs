@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use demovlp_search::build::{build_index, ensure_ann, merge, parse_shard, ClipList, IndexOptions};
+use demovlp_search::codes::ensure_codes;
 use demovlp_search::quality::{exhaustive, Tally};
 use demovlp_search::search::{table, Engine, FirstStage, SearchResult, DEFAULT_EXACT_THRESHOLD};
 
@@ -24,7 +25,7 @@ pub struct IndexArgs {
     /// Annotation layout when the file name does not tell (webvid, cc3m, didemo, msvd, lsmdc, jsonl).
     #[arg(long)]
     layout: Option<String>,
-    /// Every clip directory under --features (or every clip of a packed store).
+    /// Every clip directory under --features, at any depth (or every clip of a packed store).
     #[arg(long, conflicts_with = "annotations")]
     all: bool,
     /// The index directory to write (or extend).
@@ -96,12 +97,29 @@ pub fn index(a: IndexArgs) -> Result<()> {
         s.total_clips,
         s.fp16_max_rel_err
     );
-    if !s.interrupted {
+    if !s.interrupted && s.total_clips > 0 {
         if let Some(secs) = ensure_ann(&a.out, a.exact_threshold)? {
             eprintln!("ANN graph ready in {secs:.1} s");
         }
+        let c = ensure_codes(&a.out, None)?;
+        if c.seconds > 0.0 {
+            eprintln!(
+                "region codes ready in {:.1} s: {} centroids, {:.1} MB ({} clips)",
+                c.seconds,
+                c.centroids,
+                c.bytes as f64 / 1e6,
+                s.total_clips
+            );
+        }
     }
     println!("{}", serde_json::to_string(&s)?);
+    if s.clips == 0 && s.already_indexed == 0 && !s.interrupted {
+        bail!(
+            "nothing was indexed: {} clips found{}",
+            s.skipped.len(),
+            if s.skipped.is_empty() { " (check --annotations / --all and --features)" } else { ", every one skipped (reasons above)" }
+        );
+    }
     if s.interrupted {
         eprintln!("interrupted; run the same command again to continue");
         std::process::exit(130);
@@ -124,6 +142,8 @@ pub struct IndexMergeArgs {
 
 pub fn index_merge(a: IndexMergeArgs) -> Result<()> {
     let m = merge(&a.inputs, &a.out, a.exact_threshold)?;
+    let c = ensure_codes(&a.out, None)?;
+    eprintln!("region codes ready in {:.1} s: {} centroids, {:.1} MB", c.seconds, c.centroids, c.bytes as f64 / 1e6);
     println!("merged {} indexes into {}: {} clips, {} segments", a.inputs.len(), a.out.display(), m.clips, m.segments.len());
     Ok(())
 }

@@ -263,7 +263,7 @@ pub fn list_clips(list: &ClipList, features: &Path) -> Result<Vec<String>> {
                     .with_context(|| format!("{}: reading clips.tsv", features.display()))?;
                 t.lines().filter(|l| !l.is_empty()).map(|l| l.split('\t').next().unwrap_or("").to_string()).collect()
             } else {
-                demovlp_data::pack::list_clip_dirs(features)?
+                find_clip_dirs(features)?
             }
         }
         ClipList::Annotations { path, layout } => {
@@ -281,6 +281,36 @@ pub fn list_clips(list: &ClipList, features: &Path) -> Result<Vec<String>> {
     };
     let mut seen = HashSet::new();
     Ok(ids.into_iter().filter(|c| seen.insert(c.clone())).collect())
+}
+
+/// Every clip directory (one holding `0.npz`) under `root`, at any depth, as its path
+/// relative to `root` with `/` separators (the annotations' clip ids), sorted. Symbolic
+/// links to directories are followed to a depth of 16.
+pub fn find_clip_dirs(root: &Path) -> Result<Vec<String>> {
+    fn walk(dir: &Path, rel: &str, depth: usize, out: &mut Vec<String>) -> Result<()> {
+        if depth > 16 {
+            return Ok(());
+        }
+        for e in std::fs::read_dir(dir).with_context(|| format!("{}: cannot list the directory", dir.display()))? {
+            let e = e?;
+            let p = e.path();
+            if !p.is_dir() {
+                continue;
+            }
+            let name = e.file_name().to_string_lossy().into_owned();
+            let id = if rel.is_empty() { name } else { format!("{rel}/{name}") };
+            if p.join("0.npz").is_file() {
+                out.push(id);
+            } else {
+                walk(&p, &id, depth + 1, out)?;
+            }
+        }
+        Ok(())
+    }
+    let mut out = vec![];
+    walk(root, "", 0, &mut out)?;
+    out.sort();
+    Ok(out)
 }
 
 fn segment_name(i: usize) -> String {

@@ -178,6 +178,8 @@ pub struct Codes {
     /// `[clips, F·R]`.
     pub codes: Vec<u16>,
     pub locals: usize,
+    /// Whether this load trained a codebook or coded a segment.
+    pub updated: bool,
 }
 
 fn paths(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
@@ -240,15 +242,27 @@ pub fn train_codebook(index: &Index, centroids: Option<usize>) -> (Codebook, usi
     (Codebook::train(&x, st.proj_dim, c, 0x5eed_c0de), m)
 }
 
+/// What [`ensure_codes`] did.
+#[derive(Clone, Debug, Serialize)]
+pub struct CodesReport {
+    /// Seconds spent training and coding (0 when everything was current).
+    pub seconds: f64,
+    pub centroids: usize,
+    /// Codebook + codes.
+    pub bytes: u64,
+}
+
 /// Makes the codes current: trains a codebook when there is none (or the index outgrew it,
 /// or `centroids` asks for another size), codes every segment without a code file, saves.
-/// Returns the seconds spent (0 when everything was current).
-pub fn ensure_codes(dir: &Path, centroids: Option<usize>) -> Result<f64> {
+pub fn ensure_codes(dir: &Path, centroids: Option<usize>) -> Result<CodesReport> {
     let index = Index::open(dir)?;
+    if index.is_empty() {
+        return Ok(CodesReport { seconds: 0.0, centroids: 0, bytes: 0 });
+    }
     let t = Instant::now();
     let c = Codes::build_or_update(&index, centroids, true)?;
-    drop(c);
-    Ok(t.elapsed().as_secs_f64())
+    let seconds = if c.updated { t.elapsed().as_secs_f64() } else { 0.0 };
+    Ok(CodesReport { seconds, centroids: c.meta.centroids, bytes: c.bytes() })
 }
 
 impl Codes {
@@ -322,7 +336,8 @@ impl Codes {
                 eprintln!("note: could not save the region codes ({e:#}); they are rebuilt on every start");
             }
         }
-        Ok(Codes { meta, codebook, codes, locals: nl })
+        let updated = fresh || !new_files.is_empty();
+        Ok(Codes { meta, codebook, codes, locals: nl, updated })
     }
 
     /// Bytes of the codebook and the codes (on disk and in memory alike).
