@@ -257,6 +257,9 @@ pub struct ExplainArgs {
     /// Folder of frame images to draw on: <dir>/<clip>/<frame>.jpg|png (or <dir>/<frame>.jpg|png).
     #[arg(long)]
     images: Option<PathBuf>,
+    /// Use this model instead of the one recorded in the index (it must be the same model).
+    #[arg(long)]
+    model: Option<PathBuf>,
     /// Score with this λ instead of the one stored in the index (warns when they differ).
     #[arg(long)]
     lambda: Option<f32>,
@@ -270,7 +273,7 @@ pub fn explain(a: ExplainArgs) -> Result<()> {
     for w in engine.override_loss(a.lambda, a.masked_mean) {
         eprintln!("warning: {w}");
     }
-    let mut model = engine.load_model()?;
+    let mut model = engine.load_model_from(a.model.as_deref())?;
     let e = engine.explain(&mut model, &a.clip, &a.text)?;
     if let Some(p) = &a.out {
         demovlp_search::explain::write_svg(&e, a.images.as_deref(), p)?;

@@ -188,8 +188,20 @@ impl Engine {
         let m = demovlp_train::weights::load_model(&p).with_context(|| {
             format!("loading {what} {} (give the model with --model when it has moved)", p.display())
         })?;
-        if m.config.proj_dim != self.index.settings().proj_dim {
-            bail!("{what} {} has width {}, the index {}", p.display(), m.config.proj_dim, self.index.settings().proj_dim);
+        let st = self.index.settings();
+        if m.config.proj_dim != st.proj_dim {
+            bail!("{what} {} has width {}, the index {}", p.display(), m.config.proj_dim, st.proj_dim);
+        }
+        if let Some(want) = &st.model_fingerprint {
+            let got = crate::store::fingerprint_f32(&m.params.data);
+            if &got != want {
+                bail!(
+                    "{what} {} (weights {got}) is not the model the index was built with ({}, weights {want}): \
+                     its query embeddings would not match the stored clip embeddings",
+                    p.display(),
+                    st.model
+                );
+            }
         }
         Ok(m)
     }
