@@ -92,7 +92,8 @@ fn readme_walkthrough_search_finds_what_eval_finds() {
     assert!(st["shape_from"].as_str().unwrap().ends_with("train_config.toml"), "{st}");
 
     // Search from another directory, at defaults, each clip's first caption (what eval uses).
-    let got = results(&run(&["search", idx.to_str().unwrap(), "--queries", q1.to_str().unwrap(), "-k", "10", "--json"], Some(Path::new("/"))));
+    let got =
+        results(&run(&["search", idx.to_str().unwrap(), "--queries", q1.to_str().unwrap(), "-k", "10", "--json"], Some(Path::new("/"))));
     let clips: Vec<&str> = samples.iter().map(|s| s["clip"].as_str().unwrap()).collect();
     let n = clips.len() as f64;
     let r1 = 100.0 * got.iter().zip(&clips).filter(|(g, c)| g.first().map(String::as_str) == Some(**c)).count() as f64 / n;
@@ -123,6 +124,32 @@ fn readme_walkthrough_search_finds_what_eval_finds() {
         eprintln!("{q}: defaults agreement@1 {top:.3} recall@10 {rec:.3}; global first stage {otop:.3} / {orec:.3}");
         assert!(top >= 0.95 && rec >= 0.95, "{q}: agreement@1 {top}, recall@10 {rec} against exhaustive scoring");
     }
+
+    // The benchmark on a collection this model embeds: the JSON line's contract fields.
+    let so = run(
+        &[
+            "bench",
+            "search",
+            "--model",
+            model.to_str().unwrap(),
+            "--clips",
+            "1500",
+            "--queries",
+            "20",
+            "--exhaustive-queries",
+            "10",
+            "--json",
+        ],
+        None,
+    );
+    let b: Value = serde_json::from_str(so.lines().last().unwrap()).unwrap();
+    assert!(b["data"].as_str().unwrap().contains("model-embedded"), "{b}");
+    assert_eq!((b["clips"].as_u64(), b["exhaustive_queries"].as_u64()), (Some(1500), Some(10)), "{b}");
+    assert!(b["index_bytes"].as_u64().unwrap() > 1500 * 40 * 64 * 2, "{b}");
+    for f in ["agreement_at_1", "recall_at_10_vs_exhaustive"] {
+        assert!(b[f].as_f64().unwrap() >= 0.9, "{f}: {b}");
+    }
+    assert!(b["p50_ms"].as_f64().unwrap() > 0.0 && b["build_s"].as_f64().unwrap() > 0.0, "{b}");
 
     // Appending with another model is refused, naming both.
     let o = demovlp()

@@ -387,9 +387,15 @@ pub fn embed_clips(
 
 /// Builds or extends the index at `opt.out`.
 pub fn build_index(opt: &IndexOptions) -> Result<IndexSummary> {
+    let source = demovlp_train::annotations::open_features(&opt.features)?;
+    build_index_from(opt, source)
+}
+
+/// [`build_index`] reading the clips' features from `source` (`opt.features` only names it;
+/// `ClipList::All` still lists clips under it).
+pub fn build_index_from(opt: &IndexOptions, source: Arc<dyn FeatureSource>) -> Result<IndexSummary> {
     let t0 = Instant::now();
     let mut model = demovlp_train::weights::load_model(&opt.model).with_context(|| format!("loading model {}", opt.model.display()))?;
-    let source = demovlp_train::annotations::open_features(&opt.features)?;
     let mut clips = list_clips(&opt.clips, &opt.features)?;
     if let Some((i, n)) = opt.shard {
         clips = clips.into_iter().enumerate().filter(|(k, _)| k % n == i).map(|(_, c)| c).collect();
@@ -423,10 +429,7 @@ pub fn build_index(opt: &IndexOptions) -> Result<IndexSummary> {
         model_fingerprint: Some(crate::store::fingerprint_f32(&model.params.data)),
     };
     if !settings.use_local {
-        eprintln!(
-            "note: the model was trained without the region-word loss ({}); the index ranks by the global embedding alone",
-            r.from
-        );
+        eprintln!("note: the model was trained without the region-word loss ({}); the index ranks by the global embedding alone", r.from);
     }
     if settings.text_len < 2 || settings.text_len > max_text {
         bail!("--text-len {}: the model has {max_text} text positions (need 2 ≤ L ≤ {max_text})", settings.text_len);

@@ -102,7 +102,8 @@ impl Codebook {
             let j = i + rng.below(n - i);
             pick.swap(i, j);
         }
-        let mut cb = Codebook { centroids: c, dim, rows: pick[..c].iter().flat_map(|&i| x[i * dim..(i + 1) * dim].iter().copied()).collect() };
+        let mut cb =
+            Codebook { centroids: c, dim, rows: pick[..c].iter().flat_map(|&i| x[i * dim..(i + 1) * dim].iter().copied()).collect() };
         for _ in 0..ITERS {
             let (codes, best) = cb.assign_scored(x);
             let mut sum = vec![0f32; c * dim];

@@ -8,9 +8,11 @@
 //! - [`quality`]: agreement of search with exhaustive scoring.
 //! - [`explain`]: per word the regions it attends to, per region its best word, and an SVG.
 //! - [`synth`], [`bench`]: a synthetic index and `demovlp bench search` over it.
+//! - [`bench_model`]: `demovlp bench search` on a collection a trained model embedded.
 
 pub mod ann;
 pub mod bench;
+pub mod bench_model;
 pub mod build;
 pub mod codes;
 pub mod explain;

@@ -49,6 +49,8 @@ impl FirstStage {
 
 /// Below this many clips the global candidates come from an exact scan.
 pub const DEFAULT_EXACT_THRESHOLD: usize = 50_000;
+/// Clips scored exactly at a time by the re-rank.
+pub const RERANK_BLOCK: usize = 4096;
 /// Longest query text accepted (bytes).
 pub const MAX_QUERY_BYTES: usize = 4096;
 
@@ -185,9 +187,8 @@ impl Engine {
                 (p, "the index's model")
             }
         };
-        let m = demovlp_train::weights::load_model(&p).with_context(|| {
-            format!("loading {what} {} (give the model with --model when it has moved)", p.display())
-        })?;
+        let m = demovlp_train::weights::load_model(&p)
+            .with_context(|| format!("loading {what} {} (give the model with --model when it has moved)", p.display()))?;
         let st = self.index.settings();
         if m.config.proj_dim != st.proj_dim {
             bail!("{what} {} has width {}, the index {}", p.display(), m.config.proj_dim, st.proj_dim);
@@ -277,8 +278,13 @@ impl Engine {
         }
     }
 
-    /// Exact global + local scores of `clips` for the query (the evaluation's score).
+    /// Exact global + local scores of `clips` for the query (the evaluation's score), in
+    /// blocks of [`RERANK_BLOCK`] clips (memory stays bounded when every clip is scored).
     pub fn rerank_scores(&self, q: &TextQuery, clips: &[usize]) -> Vec<(f32, f32)> {
+        clips.chunks(RERANK_BLOCK).flat_map(|c| self.rerank_block(q, c)).collect()
+    }
+
+    fn rerank_block(&self, q: &TextQuery, clips: &[usize]) -> Vec<(f32, f32)> {
         let st = self.index.settings();
         let (p, nl) = (st.proj_dim, st.locals());
         let n = clips.len();

@@ -57,13 +57,7 @@ fn codes_are_the_nearest_centroids_and_scores_match_a_plain_loop() {
     // The approximate region-word score against a plain loop over words and real regions.
     let e = Engine::open(&w.index).unwrap();
     let q = &queries(&e, 0)[0];
-    let mut words: Vec<f32> = q
-        .local
-        .chunks(p)
-        .zip(&q.mask_additive)
-        .filter(|(_, &m)| m > -0.5)
-        .flat_map(|(r, _)| r.to_vec())
-        .collect();
+    let mut words: Vec<f32> = q.local.chunks(p).zip(&q.mask_additive).filter(|(_, &m)| m > -0.5).flat_map(|(r, _)| r.to_vec()).collect();
     hat_rows(&mut words, p);
     let nw = words.len() / p;
     let (table, tw) = c.word_table(&words);
@@ -75,10 +69,10 @@ fn codes_are_the_nearest_centroids_and_scores_match_a_plain_loop() {
             let k = c.codes[i * nl + r] as usize;
             &c.codebook.rows[k * p..(k + 1) * p]
         };
-        let s1: f32 = words.chunks(p).map(|wv| real.iter().map(|&r| dot(wv, cen(r))).fold(f32::NEG_INFINITY, f32::max)).sum::<f32>()
-            / nw as f32;
-        let s2: f32 =
-            real.iter().map(|&r| words.chunks(p).map(|wv| dot(wv, cen(r))).fold(f32::NEG_INFINITY, f32::max)).sum::<f32>() / real.len() as f32;
+        let s1: f32 =
+            words.chunks(p).map(|wv| real.iter().map(|&r| dot(wv, cen(r))).fold(f32::NEG_INFINITY, f32::max)).sum::<f32>() / nw as f32;
+        let s2: f32 = real.iter().map(|&r| words.chunks(p).map(|wv| dot(wv, cen(r))).fold(f32::NEG_INFINITY, f32::max)).sum::<f32>()
+            / real.len() as f32;
         assert!((got[i] - (s1 + s2)).abs() < 1e-4, "clip {i}: {} vs {}", got[i], s1 + s2);
     }
 }

@@ -258,9 +258,9 @@ async fn search_post(State(app): Shared, headers: axum::http::HeaderMap, body: a
             format!("POST /api/search takes a JSON body (Content-Type: application/json), got {:?}", ct),
         ));
     }
-    let bytes = axum::body::to_bytes(body, MAX_BODY_BYTES).await.map_err(|_| {
-        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("request body over {MAX_BODY_BYTES} bytes"))
-    })?;
+    let bytes = axum::body::to_bytes(body, MAX_BODY_BYTES)
+        .await
+        .map_err(|_| ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("request body over {MAX_BODY_BYTES} bytes")))?;
     let b: SearchBody = serde_json::from_slice(&bytes).map_err(|e| {
         ApiError::bad_request(format!("bad JSON body: {e} (expected {{\"q\": TEXT, \"k\": N, \"rerank\": N}}, k and rerank optional)"))
     })?;
@@ -374,8 +374,8 @@ async fn not_found(method: Method, uri: Uri) -> ApiError {
 
 async fn method_not_allowed(method: Method, uri: Uri) -> Response {
     let allow = if uri.path() == "/api/search" { "GET, HEAD, POST" } else { "GET, HEAD" };
-    let mut r =
-        ApiError::new(StatusCode::METHOD_NOT_ALLOWED, format!("method {method} not allowed on {} (only {allow})", uri.path())).into_response();
+    let mut r = ApiError::new(StatusCode::METHOD_NOT_ALLOWED, format!("method {method} not allowed on {} (only {allow})", uri.path()))
+        .into_response();
     r.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
     r
 }

@@ -178,13 +178,8 @@ impl Pool {
         let model = Arc::new(model);
         let mut workers = Vec::with_capacity(threads);
         for i in 0..threads {
-            let w = Worker {
-                engine: engine.clone(),
-                model: model.clone(),
-                images: images.clone(),
-                hook: hook.clone(),
-                stats: stats.clone(),
-            };
+            let w =
+                Worker { engine: engine.clone(), model: model.clone(), images: images.clone(), hook: hook.clone(), stats: stats.clone() };
             let rx = rx.clone();
             workers.push(std::thread::Builder::new().name(format!("serve-worker-{i}")).spawn(move || w.run(rx))?);
         }

@@ -125,9 +125,11 @@ fn answers_equal_the_library_and_every_bad_request_is_a_json_4xx() {
         assert!(e["error"].as_str().is_some_and(|s| s.contains(msg)), "{shown}: {e}");
         assert_eq!(e.as_object().unwrap().len(), 1, "only the error: {e}");
     }
-    for (method, path, allow) in
-        [("PUT", "/api/search?q=dog", "GET, HEAD, POST"), ("DELETE", "/api/search?q=dog", "GET, HEAD, POST"), ("POST", "/api/health", "GET, HEAD")]
-    {
+    for (method, path, allow) in [
+        ("PUT", "/api/search?q=dog", "GET, HEAD, POST"),
+        ("DELETE", "/api/search?q=dog", "GET, HEAD, POST"),
+        ("POST", "/api/health", "GET, HEAD"),
+    ] {
         let r = request(&addr, method, path, Some(("text/plain", b"x"))).unwrap();
         sent += 1;
         assert_eq!((r.status, r.header("allow")), (405, Some(allow)), "{method}");
