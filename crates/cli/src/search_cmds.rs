@@ -11,7 +11,9 @@ use demovlp_search::search::{table, Engine, FirstStage, SearchResult, DEFAULT_EX
 
 #[derive(clap::Args)]
 #[command(after_help = "Resumable and appendable: run it again on the same --out to finish an interrupted run or add new clips \
-(old clips are not re-embedded). The last stdout line is a JSON summary.")]
+(old clips are not re-embedded; another model is refused). Then the region codes the default search \
+first stage uses are built (and the ANN graph above --exact-threshold). The last stdout line is a JSON summary; the \
+exit status is 1 when nothing was indexed.")]
 pub struct IndexArgs {
     /// A model directory (model.safetensors + config.json) or a training checkpoint.
     #[arg(long)]
@@ -31,16 +33,18 @@ pub struct IndexArgs {
     /// The index directory to write (or extend).
     #[arg(long)]
     out: PathBuf,
-    /// Sampled frames per clip (default: the existing index's, else 8).
+    /// Sampled frames per clip (default: the existing index's, else the model's saved training
+    /// config's [data] frames, else 8; a value that differs from the saved one warns).
     #[arg(long)]
     frames: Option<usize>,
-    /// Regions per frame (default: the existing index's, else 30).
+    /// Regions per frame (default: the existing index's, else the training config's [data] regions, else 30).
     #[arg(long)]
     regions: Option<usize>,
     /// Tokenizer for queries: tokenizer.json, vocab.txt, a directory, or builtin:bert-base-uncased (default).
     #[arg(long)]
     tokenizer: Option<String>,
-    /// Query text length (default: min(100, the model's text positions)).
+    /// Query text length (default: the existing index's, else the training config's [data]
+    /// text_len, else min(100, the model's text positions)).
     #[arg(long)]
     text_len: Option<usize>,
     /// λ of the region-word alignment, stored in the index (default: the model's saved
@@ -384,6 +388,10 @@ pub struct BenchSearchArgs {
     /// With --model: queries also scored exhaustively (every clip; slow at large --clips).
     #[arg(long, default_value_t = 50)]
     exhaustive_queries: usize,
+    /// With --model: more --rerank depths of the region first stage measured on the exhaustive
+    /// sample, comma-separated (e.g. 300,1000).
+    #[arg(long, value_delimiter = ',')]
+    rerank_sweep: Vec<usize>,
 }
 
 fn bench_search_model(a: &BenchSearchArgs, model: &std::path::Path) -> Result<()> {
@@ -398,6 +406,7 @@ fn bench_search_model(a: &BenchSearchArgs, model: &std::path::Path) -> Result<()
         seed: a.seed,
         dir: a.dir.clone(),
         keep: a.keep,
+        rerank_sweep: a.rerank_sweep.clone(),
     };
     let r = run(&o, &|s| eprintln!("{s}"))?;
     if !a.json {
@@ -425,6 +434,12 @@ fn bench_search_model(a: &BenchSearchArgs, model: &std::path::Path) -> Result<()
             println!(
                 "  first stage {name}: -k {} --rerank {}: p50 {p50:.1} ms, p99 {p99:.1} ms; vs exhaustive ({} queries): agreement@1 {a1:.3}, recall@{} {rk:.3}",
                 r.k, r.rerank, r.exhaustive_queries, r.k
+            );
+        }
+        for p in &r.sweep {
+            println!(
+                "    regions --rerank {:5}: p50 {:.1} ms, p99 {:.1} ms; agreement@1 {:.3}, recall@{} {:.3}",
+                p.rerank, p.p50_ms, p.p99_ms, p.agreement_at_1, r.k, p.recall_at_10_vs_exhaustive
             );
         }
         println!("  exhaustive scoring p50 {:.1} ms", r.exhaustive_p50_ms);

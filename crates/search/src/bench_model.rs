@@ -35,6 +35,18 @@ pub struct ModelBenchOptions {
     pub seed: u64,
     pub dir: Option<PathBuf>,
     pub keep: bool,
+    /// More re-rank depths measured with the region first stage on the exhaustive sample.
+    pub rerank_sweep: Vec<usize>,
+}
+
+/// One re-rank depth of the region first stage, on the exhaustive sample.
+#[derive(Clone, Debug, Serialize)]
+pub struct DepthPoint {
+    pub rerank: usize,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub agreement_at_1: f64,
+    pub recall_at_10_vs_exhaustive: f64,
 }
 
 /// Latency and agreement of one first stage.
@@ -81,6 +93,8 @@ pub struct ModelBenchReport {
     pub exhaustive_p50_ms: f64,
     /// The same queries through the old global first stage.
     pub global_stage: StageFigures,
+    /// The region first stage at other re-rank depths (`--rerank-sweep`), on the exhaustive sample.
+    pub sweep: Vec<DepthPoint>,
     pub peak_rss_mb: f64,
 }
 
@@ -137,6 +151,7 @@ pub fn run(o: &ModelBenchOptions, say: &dyn Fn(String)) -> Result<ModelBenchRepo
     let qs = texts.iter().map(|t| regions.embed_query(&mut model, t)).collect::<Result<Vec<_>>>()?;
     say(format!("{} queries embedded; {ex_n} of them scored exhaustively", qs.len()));
     let (mut tr, mut tg) = (Tally::default(), Tally::default());
+    let mut sweep: Vec<(Tally, Vec<f64>)> = o.rerank_sweep.iter().map(|_| (Tally::default(), vec![])).collect();
     let (mut ms_r, mut ms_g, mut ms_x) = (vec![], vec![], vec![]);
     for (i, q) in qs.iter().enumerate() {
         let t = Instant::now();
@@ -151,6 +166,12 @@ pub fn run(o: &ModelBenchOptions, say: &dyn Fn(String)) -> Result<ModelBenchRepo
             ms_x.push(t.elapsed().as_secs_f64() * 1e3);
             tr.add(&hr, &ex, 0.0);
             tg.add(&hg, &ex, 0.0);
+            for (&n, (t, ms)) in o.rerank_sweep.iter().zip(sweep.iter_mut()) {
+                let t0 = Instant::now();
+                let h = regions.search_embedded(q, o.k, n);
+                ms.push(t0.elapsed().as_secs_f64() * 1e3);
+                t.add(&h, &ex, 0.0);
+            }
             if (i + 1) % 10 == 0 || i + 1 == ex_n {
                 let a = tr.finish(o.k);
                 say(format!("  {}/{ex_n} exhaustive: agreement@1 {:.3}, recall@{} {:.3}", i + 1, a.agreement_at_1, o.k, a.recall_at_k));
@@ -190,6 +211,21 @@ pub fn run(o: &ModelBenchOptions, say: &dyn Fn(String)) -> Result<ModelBenchRepo
             agreement_at_1: ag.agreement_at_1,
             recall_at_10_vs_exhaustive: ag.recall_at_k,
         },
+        sweep: o
+            .rerank_sweep
+            .iter()
+            .zip(&sweep)
+            .map(|(&n, (t, ms))| {
+                let a = t.finish(o.k);
+                DepthPoint {
+                    rerank: n,
+                    p50_ms: quantile(ms, 0.5),
+                    p99_ms: quantile(ms, 0.99),
+                    agreement_at_1: a.agreement_at_1,
+                    recall_at_10_vs_exhaustive: a.recall_at_k,
+                }
+            })
+            .collect(),
         peak_rss_mb: build_peak.max(peak_rss_mb()),
     })
 }
