@@ -392,6 +392,10 @@ pub struct BenchSearchArgs {
     /// sample, comma-separated (e.g. 300,1000).
     #[arg(long, value_delimiter = ',')]
     rerank_sweep: Vec<usize>,
+    /// With --model: also measure each --rerank-sweep depth with this refine factor (the
+    /// codes' best factor × N clips re-scored on their stored region embeddings, the best N re-ranked).
+    #[arg(long, default_value_t = 0)]
+    refine: usize,
 }
 
 fn bench_search_model(a: &BenchSearchArgs, model: &std::path::Path) -> Result<()> {
@@ -407,6 +411,7 @@ fn bench_search_model(a: &BenchSearchArgs, model: &std::path::Path) -> Result<()
         dir: a.dir.clone(),
         keep: a.keep,
         rerank_sweep: a.rerank_sweep.clone(),
+        refine: a.refine,
     };
     let r = run(&o, &|s| eprintln!("{s}"))?;
     if !a.json {
@@ -438,8 +443,8 @@ fn bench_search_model(a: &BenchSearchArgs, model: &std::path::Path) -> Result<()
         }
         for p in &r.sweep {
             println!(
-                "    regions --rerank {:5}: p50 {:.1} ms, p99 {:.1} ms; agreement@1 {:.3}, recall@{} {:.3}",
-                p.rerank, p.p50_ms, p.p99_ms, p.agreement_at_1, r.k, p.recall_at_10_vs_exhaustive
+                "    regions --rerank {:5} refine {:2}: p50 {:.1} ms, p99 {:.1} ms; agreement@1 {:.3}, recall@{} {:.3}",
+                p.rerank, p.refine, p.p50_ms, p.p99_ms, p.agreement_at_1, r.k, p.recall_at_10_vs_exhaustive
             );
         }
         println!("  exhaustive scoring p50 {:.1} ms", r.exhaustive_p50_ms);

@@ -37,12 +37,15 @@ pub struct ModelBenchOptions {
     pub keep: bool,
     /// More re-rank depths measured with the region first stage on the exhaustive sample.
     pub rerank_sweep: Vec<usize>,
+    /// Also measure every sweep depth with this refine factor (see `Engine::refine_factor`; ≤ 1: not).
+    pub refine: usize,
 }
 
 /// One re-rank depth of the region first stage, on the exhaustive sample.
 #[derive(Clone, Debug, Serialize)]
 pub struct DepthPoint {
     pub rerank: usize,
+    pub refine: usize,
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub agreement_at_1: f64,
@@ -151,7 +154,11 @@ pub fn run(o: &ModelBenchOptions, say: &dyn Fn(String)) -> Result<ModelBenchRepo
     let qs = texts.iter().map(|t| regions.embed_query(&mut model, t)).collect::<Result<Vec<_>>>()?;
     say(format!("{} queries embedded; {ex_n} of them scored exhaustively", qs.len()));
     let (mut tr, mut tg) = (Tally::default(), Tally::default());
-    let mut sweep: Vec<(Tally, Vec<f64>)> = o.rerank_sweep.iter().map(|_| (Tally::default(), vec![])).collect();
+    let mut refined = Engine::open_for(&dir, FirstStage::Regions, usize::MAX)?;
+    refined.refine_factor = o.refine.max(1);
+    let points: Vec<(usize, usize)> =
+        o.rerank_sweep.iter().flat_map(|&n| if o.refine > 1 { vec![(n, 1), (n, o.refine)] } else { vec![(n, 1)] }).collect();
+    let mut sweep: Vec<(Tally, Vec<f64>)> = points.iter().map(|_| (Tally::default(), vec![])).collect();
     let (mut ms_r, mut ms_g, mut ms_x) = (vec![], vec![], vec![]);
     for (i, q) in qs.iter().enumerate() {
         let t = Instant::now();
@@ -166,9 +173,10 @@ pub fn run(o: &ModelBenchOptions, say: &dyn Fn(String)) -> Result<ModelBenchRepo
             ms_x.push(t.elapsed().as_secs_f64() * 1e3);
             tr.add(&hr, &ex, 0.0);
             tg.add(&hg, &ex, 0.0);
-            for (&n, (t, ms)) in o.rerank_sweep.iter().zip(sweep.iter_mut()) {
+            for (&(n, f), (t, ms)) in points.iter().zip(sweep.iter_mut()) {
+                let e = if f > 1 { &refined } else { &regions };
                 let t0 = Instant::now();
-                let h = regions.search_embedded(q, o.k, n);
+                let h = e.search_embedded(q, o.k, n);
                 ms.push(t0.elapsed().as_secs_f64() * 1e3);
                 t.add(&h, &ex, 0.0);
             }
@@ -211,14 +219,14 @@ pub fn run(o: &ModelBenchOptions, say: &dyn Fn(String)) -> Result<ModelBenchRepo
             agreement_at_1: ag.agreement_at_1,
             recall_at_10_vs_exhaustive: ag.recall_at_k,
         },
-        sweep: o
-            .rerank_sweep
+        sweep: points
             .iter()
             .zip(&sweep)
-            .map(|(&n, (t, ms))| {
+            .map(|(&(n, f), (t, ms))| {
                 let a = t.finish(o.k);
                 DepthPoint {
                     rerank: n,
+                    refine: f,
                     p50_ms: quantile(ms, 0.5),
                     p99_ms: quantile(ms, 0.99),
                     agreement_at_1: a.agreement_at_1,

@@ -49,6 +49,8 @@ impl FirstStage {
 
 /// Below this many clips the global candidates come from an exact scan.
 pub const DEFAULT_EXACT_THRESHOLD: usize = 50_000;
+/// Default [`Engine::refine_factor`].
+pub const DEFAULT_REFINE: usize = 1;
 /// Clips scored exactly at a time by the re-rank.
 pub const RERANK_BLOCK: usize = 4096;
 /// Longest query text accepted (bytes).
@@ -94,6 +96,9 @@ pub struct Engine {
     pub first_stage: FirstStage,
     /// The region codes ([`FirstStage::Regions`]); loaded by [`Engine::prepare`].
     pub codes: Option<Codes>,
+    /// The region first stage takes `refine_factor × N` clips by the codes, then the best N
+    /// of those by the same formula on the stored region embeddings (1: no refinement).
+    pub refine_factor: usize,
 }
 
 impl Engine {
@@ -111,6 +116,7 @@ impl Engine {
             exact_threshold: DEFAULT_EXACT_THRESHOLD,
             first_stage: FirstStage::Regions,
             codes: None,
+            refine_factor: DEFAULT_REFINE,
         })
     }
 
@@ -240,14 +246,66 @@ impl Engine {
         match (&self.first_stage, &self.codes) {
             (FirstStage::Regions, Some(codes)) => {
                 let proxy = self.region_proxy(codes, q);
-                crate::ann::top_k_rows(&proxy, 1, 0, &[1.0], n).into_iter().map(|x| x.0).collect()
+                let m = n.saturating_mul(self.refine_factor).max(n);
+                let top: Vec<usize> = crate::ann::top_k_rows(&proxy, 1, 0, &[1.0], m).into_iter().map(|x| x.0).collect();
+                if m > n {
+                    self.refine(q, &top, n)
+                } else {
+                    top
+                }
             }
             _ => self.candidates(&q.global_unit, n).into_iter().map(|x| x.0).collect(),
         }
     }
 
-    /// Global cosine + the region-code score of every clip (non-finite ones as −∞).
-    pub fn region_proxy(&self, codes: &Codes, q: &TextQuery) -> Vec<f32> {
+    /// The best `n` of `clips` by the region-code formula computed on the stored region
+    /// embeddings themselves instead of their centroids (global cosine + mean over words of
+    /// the best region's cosine + mean over real regions of the best word's cosine).
+    pub fn refine(&self, q: &TextQuery, clips: &[usize], n: usize) -> Vec<usize> {
+        use rayon::prelude::*;
+        let st = self.index.settings();
+        let (p, nl) = (st.proj_dim, st.locals());
+        let words = self.query_words(q);
+        let w = words.len() / p.max(1);
+        let scores: Vec<f32> = clips
+            .par_iter()
+            .map_init(
+                || (vec![0f32; nl * p], vec![0f32; w]),
+                |(l, wmax), &c| {
+                    self.index.local_to(c, l);
+                    crate::codes::hat_rows(l, p);
+                    wmax.iter_mut().for_each(|x| *x = f32::NEG_INFINITY);
+                    let (mut s2, mut real) = (0f32, 0usize);
+                    for (r, &m) in l.chunks_exact(p).zip(self.index.mask(c)) {
+                        if m == 0 {
+                            continue;
+                        }
+                        let mut best = f32::NEG_INFINITY;
+                        for (a, wv) in wmax.iter_mut().zip(words.chunks_exact(p)) {
+                            let d = crate::ann::dot(r, wv);
+                            *a = a.max(d);
+                            best = best.max(d);
+                        }
+                        s2 += best;
+                        real += 1;
+                    }
+                    if real == 0 || w == 0 {
+                        return f32::NEG_INFINITY;
+                    }
+                    let s = crate::ann::dot(&q.global_unit, self.index.global(c)) + wmax.iter().sum::<f32>() / w as f32 + s2 / real as f32;
+                    if s.is_finite() {
+                        s
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                },
+            )
+            .collect();
+        crate::ann::top_k_rows(&scores, 1, 0, &[1.0], n).into_iter().map(|(i, _)| clips[i]).collect()
+    }
+
+    /// The query's real word embeddings, normalised, `[W, P]`.
+    fn query_words(&self, q: &TextQuery) -> Vec<f32> {
         let p = self.index.settings().proj_dim;
         let mut words: Vec<f32> = q
             .local
@@ -257,6 +315,13 @@ impl Engine {
             .flat_map(|(r, _)| r.iter().copied())
             .collect();
         crate::codes::hat_rows(&mut words, p);
+        words
+    }
+
+    /// Global cosine + the region-code score of every clip (non-finite ones as −∞).
+    pub fn region_proxy(&self, codes: &Codes, q: &TextQuery) -> Vec<f32> {
+        let p = self.index.settings().proj_dim;
+        let words = self.query_words(q);
         let (table, w) = codes.word_table(&words);
         let mut s = codes.scores(&self.index, &table, w);
         let mut first = 0;
