@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use demovlp_search::build::{build_index, ensure_ann, merge, parse_shard, ClipList, IndexOptions};
 use demovlp_search::codes::ensure_codes;
 use demovlp_search::quality::{exhaustive, Tally};
-use demovlp_search::search::{table, Engine, FirstStage, SearchResult, DEFAULT_EXACT_THRESHOLD};
+use demovlp_search::search::{default_rerank, table, Engine, FirstStage, SearchResult, DEFAULT_EXACT_THRESHOLD};
 
 #[derive(clap::Args)]
 #[command(after_help = "Resumable and appendable: run it again on the same --out to finish an interrupted run or add new clips \
@@ -170,8 +170,9 @@ pub struct SearchArgs {
     k: usize,
     /// Re-rank this many first-stage candidates by the exact global + region-word score
     /// (0: global only; at least the index's clips: every clip, i.e. exhaustive scoring).
-    #[arg(long, default_value_t = 100)]
-    rerank: usize,
+    /// Default: 100, or 1% of the clips when that is more, at most 1000 (see docs/search.md).
+    #[arg(long)]
+    rerank: Option<usize>,
     /// Where the candidates come from: regions (every clip by global cosine + the region-code
     /// approximation of the region-word term) or global (the global embedding alone: exact scan,
     /// the HNSW graph above --exact-threshold — the two-stage search of old).
@@ -215,11 +216,12 @@ pub fn search(a: SearchArgs) -> Result<()> {
             .collect(),
         _ => bail!("give a query text or --queries FILE"),
     };
+    let rerank = a.rerank.unwrap_or_else(|| default_rerank(engine.index.len()));
     let mut tally = Tally::default();
     for q in &queries {
         let e = engine.embed_query(&mut model, q)?;
         let t0 = std::time::Instant::now();
-        let r = SearchResult { query: q.clone(), results: engine.search_embedded(&e, a.k, a.rerank) };
+        let r = SearchResult { query: q.clone(), results: engine.search_embedded(&e, a.k, rerank) };
         let ms = t0.elapsed().as_secs_f64() * 1e3;
         if a.vs_exhaustive {
             tally.add(&r.results, &exhaustive(&engine, &e, a.k), ms);
