@@ -205,7 +205,7 @@ impl Engine {
             .with_context(|| format!("loading {what} {} (give the model with --model when it has moved)", p.display()))?;
         let st = self.index.settings();
         if m.config.proj_dim != st.proj_dim {
-            bail!("{what} {} has width {}, the index {}", p.display(), m.config.proj_dim, st.proj_dim);
+            bail!("{what} {} does not fit the index: it has width {}, the index {}", p.display(), m.config.proj_dim, st.proj_dim);
         }
         if let Some(want) = &st.model_fingerprint {
             let got = crate::store::fingerprint_f32(&m.params.data);
