@@ -63,9 +63,10 @@ pub struct ServeArgs {
     /// Largest k a request may ask for.
     #[arg(long, default_value_t = 100)]
     max_k: usize,
-    /// Global candidates re-ranked by global + region-word score when the request gives no rerank (0: global only).
-    #[arg(long, default_value_t = 100)]
-    rerank: usize,
+    /// Candidates re-ranked by global + region-word score when the request gives no rerank (0: global
+    /// only). Default: as `search`, 100 or 1% of the index's clips when that is more, at most 1000.
+    #[arg(long)]
+    rerank: Option<usize>,
     /// Largest rerank a request may ask for.
     #[arg(long, default_value_t = 1000)]
     max_rerank: usize,
@@ -85,7 +86,8 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     o.queue = a.queue;
     o.timeout = Duration::from_millis(a.timeout_ms);
     o.max_query_bytes = a.max_query_bytes;
-    (o.default_k, o.max_k, o.rerank, o.max_rerank) = (a.k, a.max_k, a.rerank, a.max_rerank);
+    (o.default_k, o.max_k, o.rerank, o.max_rerank) = (a.k, a.max_k, a.rerank.unwrap_or(100), a.max_rerank);
+    o.rerank_auto = a.rerank.is_none();
     o.exact_threshold = a.exact_threshold;
     o.images = a.images;
     demovlp_serve::serve_until_signal(o)?;

@@ -65,6 +65,8 @@ pub struct ServeOptions {
     /// Candidates re-ranked when the request does not say (`rerank=`), and the most allowed.
     pub rerank: usize,
     pub max_rerank: usize,
+    /// Take `rerank` from the index's size instead ([`demovlp_search::search::default_rerank`]).
+    pub rerank_auto: bool,
     pub exact_threshold: usize,
     /// Frame pictures for the SVG explanations (as `demovlp explain --images`).
     pub images: Option<PathBuf>,
@@ -87,6 +89,7 @@ impl ServeOptions {
             max_k: 100,
             rerank: 100,
             max_rerank: 1000,
+            rerank_auto: false,
             exact_threshold: DEFAULT_EXACT_THRESHOLD,
             images: None,
             hook: None,
@@ -435,6 +438,10 @@ impl Server {
         opts.check()?;
         let engine = Engine::open_for(&opts.index, FirstStage::Regions, opts.exact_threshold)
             .with_context(|| format!("opening the index {}", opts.index.display()))?;
+        let mut opts = opts;
+        if opts.rerank_auto {
+            opts.rerank = demovlp_search::search::default_rerank(engine.index.len()).min(opts.max_rerank);
+        }
         let mut model = engine.load_model_from(opts.model.as_deref())?;
         let model_path = opts.model.as_ref().map_or_else(|| engine.index.settings().model.clone(), |p| p.display().to_string());
         engine.embed_query(&mut model, "warm up").with_context(|| {
