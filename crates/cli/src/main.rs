@@ -14,6 +14,7 @@ mod mc_cmds;
 mod measure;
 mod model_args;
 mod model_cmds;
+mod pipe;
 mod qa_cmds;
 mod retrieval_cmds;
 mod search_cmds;
@@ -102,9 +103,10 @@ enum Command {
 static ALLOC: hugepages::HugePageAlloc = hugepages::HugePageAlloc;
 
 fn main() -> anyhow::Result<()> {
+    pipe::install();
     hugepages::init();
     let cli = Cli::from_arg_matches(&usage::with_full_usage(Cli::command()).get_matches()).unwrap_or_else(|e| e.exit());
-    match cli.command {
+    pipe::finish(match cli.command {
         Command::Demo(a) => train_cmds::demo(a),
         Command::Pretrain(a) => train_cmds::pretrain(a),
         Command::Finetune(a) => train_cmds::finetune(a),
@@ -128,5 +130,5 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(a) => serve_cmd::serve(a),
         Command::Bench(c) => bench::run(c),
         Command::Selftest(a) => selftest::selftest(a),
-    }
+    })
 }

@@ -5,11 +5,15 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use demovlp_search::build::{build_index, ensure_ann, merge, parse_shard, ClipList, IndexOptions};
-use demovlp_search::search::{table, Engine, SearchResult, DEFAULT_EXACT_THRESHOLD};
+use demovlp_search::codes::ensure_codes;
+use demovlp_search::quality::{exhaustive, Tally};
+use demovlp_search::search::{default_rerank, table, Engine, FirstStage, SearchResult, DEFAULT_EXACT_THRESHOLD};
 
 #[derive(clap::Args)]
 #[command(after_help = "Resumable and appendable: run it again on the same --out to finish an interrupted run or add new clips \
-(old clips are not re-embedded). The last stdout line is a JSON summary.")]
+(old clips are not re-embedded; another model is refused). Then the region codes the default search \
+first stage uses are built (and the ANN graph above --exact-threshold). The last stdout line is a JSON summary; the \
+exit status is 1 when nothing was indexed.")]
 pub struct IndexArgs {
     /// A model directory (model.safetensors + config.json) or a training checkpoint.
     #[arg(long)]
@@ -23,22 +27,24 @@ pub struct IndexArgs {
     /// Annotation layout when the file name does not tell (webvid, cc3m, didemo, msvd, lsmdc, jsonl).
     #[arg(long)]
     layout: Option<String>,
-    /// Every clip directory under --features (or every clip of a packed store).
+    /// Every clip directory under --features, at any depth (or every clip of a packed store).
     #[arg(long, conflicts_with = "annotations")]
     all: bool,
     /// The index directory to write (or extend).
     #[arg(long)]
     out: PathBuf,
-    /// Sampled frames per clip (default: the existing index's, else 8).
+    /// Sampled frames per clip (default: the existing index's, else the model's saved training
+    /// config's [data] frames, else 8; a value that differs from the saved one warns).
     #[arg(long)]
     frames: Option<usize>,
-    /// Regions per frame (default: the existing index's, else 30).
+    /// Regions per frame (default: the existing index's, else the training config's [data] regions, else 30).
     #[arg(long)]
     regions: Option<usize>,
     /// Tokenizer for queries: tokenizer.json, vocab.txt, a directory, or builtin:bert-base-uncased (default).
     #[arg(long)]
     tokenizer: Option<String>,
-    /// Query text length (default: min(100, the model's text positions)).
+    /// Query text length (default: the existing index's, else the training config's [data]
+    /// text_len, else min(100, the model's text positions)).
     #[arg(long)]
     text_len: Option<usize>,
     /// λ of the region-word alignment, stored in the index (default: the model's saved
@@ -95,12 +101,29 @@ pub fn index(a: IndexArgs) -> Result<()> {
         s.total_clips,
         s.fp16_max_rel_err
     );
-    if !s.interrupted {
+    if !s.interrupted && s.total_clips > 0 {
         if let Some(secs) = ensure_ann(&a.out, a.exact_threshold)? {
             eprintln!("ANN graph ready in {secs:.1} s");
         }
+        let c = ensure_codes(&a.out, None)?;
+        if c.seconds > 0.0 {
+            eprintln!(
+                "region codes ready in {:.1} s: {} centroids, {:.1} MB ({} clips)",
+                c.seconds,
+                c.centroids,
+                c.bytes as f64 / 1e6,
+                s.total_clips
+            );
+        }
     }
     println!("{}", serde_json::to_string(&s)?);
+    if s.clips == 0 && s.already_indexed == 0 && !s.interrupted {
+        bail!(
+            "nothing was indexed: {} clips found{}",
+            s.skipped.len(),
+            if s.skipped.is_empty() { " (check --annotations / --all and --features)" } else { ", every one skipped (reasons above)" }
+        );
+    }
     if s.interrupted {
         eprintln!("interrupted; run the same command again to continue");
         std::process::exit(130);
@@ -123,6 +146,8 @@ pub struct IndexMergeArgs {
 
 pub fn index_merge(a: IndexMergeArgs) -> Result<()> {
     let m = merge(&a.inputs, &a.out, a.exact_threshold)?;
+    let c = ensure_codes(&a.out, None)?;
+    eprintln!("region codes ready in {:.1} s: {} centroids, {:.1} MB", c.seconds, c.centroids, c.bytes as f64 / 1e6);
     println!("merged {} indexes into {}: {} clips, {} segments", a.inputs.len(), a.out.display(), m.clips, m.segments.len());
     Ok(())
 }
@@ -143,9 +168,24 @@ pub struct SearchArgs {
     /// Results per query.
     #[arg(short = 'k', long, default_value_t = 10)]
     k: usize,
-    /// Re-rank this many global candidates by global + region-word score (0: global only).
-    #[arg(long, default_value_t = 100)]
-    rerank: usize,
+    /// Re-rank this many first-stage candidates by the exact global + region-word score
+    /// (0: global only; at least the index's clips: every clip, i.e. exhaustive scoring).
+    /// Default: 100, or 1% of the clips when that is more, at most 1000 (see docs/search.md).
+    #[arg(long)]
+    rerank: Option<usize>,
+    /// Where the candidates come from: regions (every clip by global cosine + the region-code
+    /// approximation of the region-word term) or global (the global embedding alone: exact scan,
+    /// the HNSW graph above --exact-threshold — the two-stage search of old).
+    #[arg(long, default_value = "regions", value_parser = ["regions", "global"])]
+    first_stage: String,
+    /// Also score every query exhaustively (every clip, global + region-word, as `eval`) and
+    /// end with one JSON line: {"vs_exhaustive": {"queries", "k", "agreement_at_1",
+    /// "recall_at_k", "p50_ms", "p99_ms"}} (latency of the search itself, text tower excluded).
+    #[arg(long)]
+    vs_exhaustive: bool,
+    /// Use this model instead of the one recorded in the index (it must be the same model).
+    #[arg(long)]
+    model: Option<PathBuf>,
     /// Scan exactly below this many clips, else use the ANN graph.
     #[arg(long, default_value_t = DEFAULT_EXACT_THRESHOLD)]
     exact_threshold: usize,
@@ -160,11 +200,12 @@ pub struct SearchArgs {
 }
 
 pub fn search(a: SearchArgs) -> Result<()> {
-    let mut engine = Engine::open_with_ann(&a.index, a.exact_threshold)?;
+    let stage = FirstStage::from_name(&a.first_stage)?;
+    let mut engine = Engine::open_for(&a.index, stage, a.exact_threshold)?;
     for w in engine.override_loss(a.lambda, a.masked_mean) {
         eprintln!("warning: {w}");
     }
-    let mut model = engine.load_model()?;
+    let mut model = engine.load_model_from(a.model.as_deref())?;
     let queries: Vec<String> = match (&a.text, &a.queries) {
         (Some(t), None) => vec![t.clone()],
         (None, Some(p)) => std::io::BufReader::new(std::fs::File::open(p).with_context(|| format!("opening {}", p.display()))?)
@@ -175,13 +216,31 @@ pub fn search(a: SearchArgs) -> Result<()> {
             .collect(),
         _ => bail!("give a query text or --queries FILE"),
     };
+    let rerank = a.rerank.unwrap_or_else(|| default_rerank(engine.index.len()));
+    let mut tally = Tally::default();
     for q in &queries {
-        let r: SearchResult = engine.search(&mut model, q, a.k, a.rerank)?;
+        let e = engine.embed_query(&mut model, q)?;
+        let t0 = std::time::Instant::now();
+        let r = SearchResult { query: q.clone(), results: engine.search_embedded(&e, a.k, rerank) };
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        if a.vs_exhaustive {
+            tally.add(&r.results, &exhaustive(&engine, &e, a.k), ms);
+        }
         if a.json {
             println!("{}", serde_json::to_string(&r)?);
         } else {
-            print!("{}", table(&r));
+            println!("{}", table(&r).trim_end());
         }
+    }
+    if a.vs_exhaustive {
+        let s = tally.finish(a.k);
+        if !a.json {
+            eprintln!(
+                "vs exhaustive scoring over {} queries: agreement@1 {:.3}, recall@{} {:.3}; search p50 {:.1} ms, p99 {:.1} ms",
+                s.queries, s.agreement_at_1, s.k, s.recall_at_k, s.p50_ms, s.p99_ms
+            );
+        }
+        println!("{}", serde_json::json!({ "vs_exhaustive": s }));
     }
     Ok(())
 }
@@ -204,6 +263,9 @@ pub struct ExplainArgs {
     /// Folder of frame images to draw on: <dir>/<clip>/<frame>.jpg|png (or <dir>/<frame>.jpg|png).
     #[arg(long)]
     images: Option<PathBuf>,
+    /// Use this model instead of the one recorded in the index (it must be the same model).
+    #[arg(long)]
+    model: Option<PathBuf>,
     /// Score with this λ instead of the one stored in the index (warns when they differ).
     #[arg(long)]
     lambda: Option<f32>,
@@ -217,7 +279,7 @@ pub fn explain(a: ExplainArgs) -> Result<()> {
     for w in engine.override_loss(a.lambda, a.masked_mean) {
         eprintln!("warning: {w}");
     }
-    let mut model = engine.load_model()?;
+    let mut model = engine.load_model_from(a.model.as_deref())?;
     let e = engine.explain(&mut model, &a.clip, &a.text)?;
     if let Some(p) = &a.out {
         demovlp_search::explain::write_svg(&e, a.images.as_deref(), p)?;
@@ -248,7 +310,10 @@ alternate in blocks of 10 queries), the exact global + region-word re-rank. Late
 (RAYON_NUM_THREADS). The last stdout line is one JSON object: clips, build_s, p50_ms, p99_ms (global top-k), recall_at_10 \
 (recall@k against the exact scan), exact_p50_ms, ratio_vs_exact, rerank_p50_ms (local scoring of the --rerank candidates), \
 search_p50_ms (candidates + re-rank), peak_rss_mb (the larger of the peak RSS up to the graph build and the PSS sampled \
-while querying: the kernel's own peak RSS, vmhwm_mb, counts the shared local file once per segment), and a sweep over --ef-sweep.")]
+while querying: the kernel's own peak RSS, vmhwm_mb, counts the shared local file once per segment), a sweep over --ef-sweep, \
+data (what the collection is) and agreement_at_1 / recall_at_10_vs_exhaustive (null: random local embeddings). \
+With --model DIR the collection is instead generated by the demo's synthetic world and embedded by that model, and the JSON \
+line reports the region and global first stages against exhaustive scoring (see --model).")]
 pub struct BenchSearchArgs {
     /// Clips in the synthetic collection.
     #[arg(long, default_value_t = 100_000)]
@@ -314,9 +379,86 @@ pub struct BenchSearchArgs {
     /// Print only the JSON line on stdout (progress still goes to stderr).
     #[arg(long)]
     json: bool,
+    /// Benchmark on a collection embedded by this trained model instead (e.g. `demo --quick
+    /// --out demo-out`'s demo-out/global_rwa_model): the demo's synthetic world generates
+    /// --clips clips, the model embeds them, the region codes are built; then search at -k /
+    /// --rerank with the region first stage and with the global one, and agreement@1 /
+    /// recall@k against exhaustive scoring on --exhaustive-queries of the --queries. The
+    /// planted-data flags (--dim, --frames, ...) do not apply.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// With --model: queries also scored exhaustively (every clip; slow at large --clips).
+    #[arg(long, default_value_t = 50)]
+    exhaustive_queries: usize,
+    /// With --model: more --rerank depths of the region first stage measured on the exhaustive
+    /// sample, comma-separated (e.g. 300,1000).
+    #[arg(long, value_delimiter = ',')]
+    rerank_sweep: Vec<usize>,
+    /// With --model: also measure each --rerank-sweep depth with this refine factor (the
+    /// codes' best factor × N clips re-scored on their stored region embeddings, the best N re-ranked).
+    #[arg(long, default_value_t = 0)]
+    refine: usize,
+}
+
+fn bench_search_model(a: &BenchSearchArgs, model: &std::path::Path) -> Result<()> {
+    use demovlp_search::bench_model::{run, ModelBenchOptions};
+    let o = ModelBenchOptions {
+        model: model.to_path_buf(),
+        clips: a.clips,
+        queries: a.queries,
+        exhaustive_queries: a.exhaustive_queries,
+        k: a.k,
+        rerank: a.rerank,
+        seed: a.seed,
+        dir: a.dir.clone(),
+        keep: a.keep,
+        rerank_sweep: a.rerank_sweep.clone(),
+        refine: a.refine,
+    };
+    let r = run(&o, &|s| eprintln!("{s}"))?;
+    if !a.json {
+        println!("bench search: {} ({} threads)", r.data, r.threads);
+        println!(
+            "  build {:.1} s (embedding {:.1} s, region codes {:.1} s: {} centroids, {:.1} MB); index {:.1} MB on disk; peak memory {:.0} MB",
+            r.build_s,
+            r.embed_s,
+            r.codes_s,
+            r.centroids,
+            r.codes_bytes as f64 / 1e6,
+            r.index_bytes as f64 / 1e6,
+            r.peak_rss_mb
+        );
+        for (name, p50, p99, a1, rk) in [
+            ("regions (default)", r.p50_ms, r.p99_ms, r.agreement_at_1, r.recall_at_10_vs_exhaustive),
+            (
+                "global",
+                r.global_stage.p50_ms,
+                r.global_stage.p99_ms,
+                r.global_stage.agreement_at_1,
+                r.global_stage.recall_at_10_vs_exhaustive,
+            ),
+        ] {
+            println!(
+                "  first stage {name}: -k {} --rerank {}: p50 {p50:.1} ms, p99 {p99:.1} ms; vs exhaustive ({} queries): agreement@1 {a1:.3}, recall@{} {rk:.3}",
+                r.k, r.rerank, r.exhaustive_queries, r.k
+            );
+        }
+        for p in &r.sweep {
+            println!(
+                "    regions --rerank {:5} refine {:2}: p50 {:.1} ms, p99 {:.1} ms; agreement@1 {:.3}, recall@{} {:.3}",
+                p.rerank, p.refine, p.p50_ms, p.p99_ms, p.agreement_at_1, r.k, p.recall_at_10_vs_exhaustive
+            );
+        }
+        println!("  exhaustive scoring p50 {:.1} ms", r.exhaustive_p50_ms);
+    }
+    println!("{}", serde_json::to_string(&r)?);
+    Ok(())
 }
 
 pub fn bench_search(a: BenchSearchArgs) -> Result<()> {
+    if let Some(m) = a.model.clone() {
+        return bench_search_model(&a, &m);
+    }
     use demovlp_search::ann::{AnnParams, Quantization};
     use demovlp_search::bench::{run, BenchOptions, Candidates};
     let d = AnnParams::default();

@@ -10,20 +10,23 @@ use demovlp_serve::ServeOptions;
 
 pub const SERVE_HELP: &str = "Serve an index over HTTP, with a small web page.
 
-Routes (GET only; every error is JSON {\"error\": \"...\"} with a 4xx/5xx status):
+Routes (GET, and POST for /api/search; every error a route returns is JSON {\"error\": \"...\"}):
   /                                    the web page: search box, ranked results, click one for its explanation
   /api/search?q=TEXT[&k=10][&rerank=N] {\"query\", \"results\": [...]}, as `demovlp search --json` prints
+  POST /api/search {\"q\", \"k\"?, \"rerank\"?} the same, for long queries (Content-Type: application/json)
   /api/explain?clip=ID&q=TEXT          the explanation as JSON (as `demovlp explain --json`); &format=svg for the picture
   /api/explain.svg?clip=ID&q=TEXT      the explanation picture (SVG)
   /api/health                          status, clips, model, uptime, workers, queue, request counts
 
 Errors: missing or empty q / clip, an unknown or repeated parameter, bad percent-encoding or text that is
 not UTF-8, k or rerank out of range -> 400; q longer than --max-query-bytes -> 414; unknown clip or path
--> 404; another method than GET -> 405; queue full -> 503 with Retry-After; no answer within --timeout-ms
+-> 404; another method than GET (POST on /api/search) -> 405; a POST body that is not JSON -> 415, bad
+JSON -> 400, over 16 KiB (or q over --max-query-bytes) -> 413; queue full -> 503 with Retry-After; no answer within --timeout-ms
 -> 504; an internal failure -> 500 (the server keeps running).
 
-The text tower and the re-rank run on --workers threads, each with its own copy of the model (memory:
-workers x model size); --queue requests may wait for one, more are refused at once.
+The text tower and the re-rank run on --workers threads sharing one copy of the model (the short query
+embedding runs under a lock, candidates and re-rank in parallel); --queue requests may wait for one, more
+are refused at once.
 
 Binds 127.0.0.1 (loopback) by default; another address prints a warning (there is no authentication).
 With --addr 127.0.0.1:0 a free port is picked. Once listening, one JSON line goes to stdout:
@@ -60,9 +63,10 @@ pub struct ServeArgs {
     /// Largest k a request may ask for.
     #[arg(long, default_value_t = 100)]
     max_k: usize,
-    /// Global candidates re-ranked by global + region-word score when the request gives no rerank (0: global only).
-    #[arg(long, default_value_t = 100)]
-    rerank: usize,
+    /// Candidates re-ranked by global + region-word score when the request gives no rerank (0: global
+    /// only). Default: as `search`, 100 or 1% of the index's clips when that is more, at most 1000.
+    #[arg(long)]
+    rerank: Option<usize>,
     /// Largest rerank a request may ask for.
     #[arg(long, default_value_t = 1000)]
     max_rerank: usize,
@@ -82,7 +86,8 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     o.queue = a.queue;
     o.timeout = Duration::from_millis(a.timeout_ms);
     o.max_query_bytes = a.max_query_bytes;
-    (o.default_k, o.max_k, o.rerank, o.max_rerank) = (a.k, a.max_k, a.rerank, a.max_rerank);
+    (o.default_k, o.max_k, o.rerank, o.max_rerank) = (a.k, a.max_k, a.rerank.unwrap_or(100), a.max_rerank);
+    o.rerank_auto = a.rerank.is_none();
     o.exact_threshold = a.exact_threshold;
     o.images = a.images;
     demovlp_serve::serve_until_signal(o)?;

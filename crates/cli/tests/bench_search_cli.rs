@@ -24,6 +24,8 @@ fn num(v: &serde_json::Value, k: &str) -> f64 {
 fn json_line_fields_and_recall() {
     let exact = bench(&["--candidates", "exact"]);
     assert_eq!(exact["clips"], 2000);
+    assert!(exact["data"].as_str().unwrap().starts_with("planted"), "{exact}");
+    assert!(exact["agreement_at_1"].is_null() && exact["recall_at_10_vs_exhaustive"].is_null(), "{exact}");
     assert_eq!(exact["candidates"], "exact");
     assert_eq!(num(&exact, "recall_at_10"), 1.0);
     assert_eq!(num(&exact, "build_s"), 0.0);

@@ -41,7 +41,8 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-/// Top `k` of `rows` `[n, dim]` by dot product with `q`: (row, score), best first, ties by row.
+/// Top `k` of `rows` `[n, dim]` by dot product with `q`: (row, score), best first, ties by
+/// row; rows whose score is not finite are left out.
 pub fn top_k_rows(rows: &[f32], dim: usize, first: usize, q: &[f32], k: usize) -> Vec<(usize, f32)> {
     const CHUNK: usize = 8192;
     let n = rows.len() / dim.max(1);
@@ -51,6 +52,9 @@ pub fn top_k_rows(rows: &[f32], dim: usize, first: usize, q: &[f32], k: usize) -
             let mut heap = BinaryHeap::with_capacity(k + 1);
             for i in c * CHUNK..((c + 1) * CHUNK).min(n) {
                 let s = dot(q, &rows[i * dim..(i + 1) * dim]);
+                if !s.is_finite() {
+                    continue;
+                }
                 if heap.len() < k {
                     heap.push(Cand(s, first + i));
                 } else if let Some(w) = heap.peek() {

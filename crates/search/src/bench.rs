@@ -59,6 +59,12 @@ pub struct SweepPoint {
 #[derive(Clone, Debug, Serialize)]
 pub struct BenchReport {
     pub bench: &'static str,
+    /// What the collection is: planted global neighbours, random local embeddings.
+    pub data: &'static str,
+    /// Agreement with exhaustive (global + region-word) scoring: not measured on this data
+    /// (its local embeddings are random; `--model` runs the model-embedded benchmark), null.
+    pub agreement_at_1: Option<f64>,
+    pub recall_at_10_vs_exhaustive: Option<f64>,
     pub clips: usize,
     pub dim: usize,
     pub frames: usize,
@@ -146,7 +152,7 @@ fn ms(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
 }
 
-fn dir_bytes(dir: &Path) -> u64 {
+pub fn dir_bytes(dir: &Path) -> u64 {
     use std::collections::HashSet;
     use std::os::unix::fs::MetadataExt;
     let mut seen = HashSet::new();
@@ -166,7 +172,7 @@ fn dir_bytes(dir: &Path) -> u64 {
     total
 }
 
-struct Cleanup(Option<PathBuf>);
+pub struct Cleanup(pub Option<PathBuf>);
 impl Drop for Cleanup {
     fn drop(&mut self) {
         if let Some(d) = &self.0 {
@@ -324,6 +330,9 @@ pub fn run(o: &BenchOptions, say: &dyn Fn(String)) -> Result<BenchReport> {
     let main = &sweep[0];
     Ok(BenchReport {
         bench: "search",
+        data: "planted: synthetic global embeddings with planted neighbours, random local embeddings (no model)",
+        agreement_at_1: None,
+        recall_at_10_vs_exhaustive: None,
         clips: spec.clips,
         dim: spec.dim,
         frames: spec.frames,

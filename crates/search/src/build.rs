@@ -105,12 +105,11 @@ pub struct IndexSummary {
     pub interrupted: bool,
 }
 
-/// λ and masked-mean of the region-word alignment a model was trained with, from its saved
-/// training config: a training checkpoint's embedded config, or `train_config.toml` /
-/// `config.toml` (what `pretrain`/`finetune` write in their output directory) in a model
-/// directory. Returns `(lambda, masked_mean, where)`, or None when the model has no saved
-/// training config (an imported or converted model directory).
-pub fn saved_loss(model: &Path) -> Result<Option<(f32, bool, String)>> {
+/// The training config saved with a model: a training checkpoint's embedded config, or
+/// `train_config.toml` / `config.toml` (what `pretrain`/`finetune` write in their output
+/// directory) in a model directory. Returns the config and where it came from, or None
+/// when the model has none (an imported or converted model directory).
+pub fn saved_config(model: &Path) -> Result<Option<(demovlp_train::config::TrainConfig, String)>> {
     let (text, from) = if model.is_dir() {
         match ["train_config.toml", "config.toml"].iter().map(|f| model.join(f)).find(|p| p.is_file()) {
             Some(p) => (std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?, p.display().to_string()),
@@ -122,37 +121,125 @@ pub fn saved_loss(model: &Path) -> Result<Option<(f32, bool, String)>> {
         return Ok(None);
     };
     let cfg = demovlp_train::config::TrainConfig::parse_str(&text).with_context(|| format!("the model's training config {from}"))?;
-    Ok(Some((cfg.loss.lambda, cfg.loss.masked_mean, from)))
+    Ok(Some((cfg, from)))
+}
+
+/// λ and masked-mean of the region-word alignment a model was trained with, from its saved
+/// training config ([`saved_config`]): `(lambda, masked_mean, where)`, or None without one.
+pub fn saved_loss(model: &Path) -> Result<Option<(f32, bool, String)>> {
+    Ok(saved_config(model)?.map(|(c, from)| (c.loss.lambda, c.loss.masked_mean, from)))
+}
+
+/// A setting taken from the command line, else the saved training config, else a default;
+/// a flag that differs from the saved value warns.
+fn pick<T: PartialEq + Copy + std::fmt::Display>(
+    flag: Option<T>,
+    name: &str,
+    saved: Option<(T, &str, &str)>,
+    default: T,
+    warn: &mut Vec<String>,
+) -> T {
+    if let (Some(f), Some((s, key, from))) = (flag, saved) {
+        if f != s {
+            warn.push(format!("--{name} {f} differs from the model's training config ({from}: {key} = {s}); using {f}"));
+        }
+    }
+    flag.or(saved.map(|s| s.0)).unwrap_or(default)
+}
+
+/// "command line" when every setting was given, `saved` when none was, else per setting.
+fn source_of(given: &[(&str, bool)], saved: &str) -> String {
+    if given.iter().all(|g| g.1) {
+        "command line".into()
+    } else if given.iter().all(|g| !g.1) {
+        saved.into()
+    } else {
+        given.iter().map(|(n, g)| format!("{n}: {}", if *g { "command line" } else { saved })).collect::<Vec<_>>().join("; ")
+    }
+}
+
+/// Everything the index takes from the model's training: the region-word alignment's λ,
+/// masked-mean and whether it was trained at all, and the input shape.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Resolved {
+    pub lambda: f32,
+    pub masked_mean: bool,
+    pub use_local: bool,
+    pub frames: usize,
+    pub regions: usize,
+    pub text_len: usize,
+    /// Where λ and masked-mean came from.
+    pub from: String,
+    /// Where frames, regions and text length came from.
+    pub shape_from: String,
+    pub warnings: Vec<String>,
 }
 
 /// The λ / masked-mean to build with: the flag when given (a warning when it differs from
 /// the model's saved config), else the saved config's, else the defaults 20 / false.
 /// Returns `(lambda, masked_mean, where they came from, warnings)`.
 pub fn resolve_loss(model: &Path, lambda: Option<f32>, masked_mean: Option<bool>) -> Result<(f32, bool, String, Vec<String>)> {
-    let saved = saved_loss(model)?;
-    let mut warn = vec![];
-    if let Some((l, m, from)) = &saved {
-        if lambda.is_some_and(|x| x != *l) {
-            warn.push(format!(
-                "--lambda {} differs from the model's training config ({from}: [loss] lambda = {l}); using {}",
-                lambda.unwrap(),
-                lambda.unwrap()
-            ));
+    let r = resolve(model, lambda, masked_mean, None, None, None, 64)?;
+    Ok((r.lambda, r.masked_mean, r.from, r.warnings))
+}
+
+/// Resolves every training-derived setting: flag, else the model's saved training config,
+/// else the defaults (λ 20, masked-mean false, region-word term used, 8 frames, 30 regions,
+/// text length min(100, `max_text`)). A flag that differs from the saved value warns.
+pub fn resolve(
+    model: &Path,
+    lambda: Option<f32>,
+    masked_mean: Option<bool>,
+    frames: Option<usize>,
+    regions: Option<usize>,
+    text_len: Option<usize>,
+    max_text: usize,
+) -> Result<Resolved> {
+    let saved = saved_config(model)?;
+    let mut w = vec![];
+    let from = saved.as_ref().map(|s| s.1.as_str()).unwrap_or("");
+    let c = saved.as_ref().map(|s| &s.0);
+    let r = Resolved {
+        lambda: pick(lambda, "lambda", c.map(|c| (c.loss.lambda, "[loss] lambda", from)), 20.0, &mut w),
+        masked_mean: pick(masked_mean, "masked-mean", c.map(|c| (c.loss.masked_mean, "[loss] masked_mean", from)), false, &mut w),
+        use_local: c.is_none_or(|c| c.loss.use_local),
+        frames: pick(frames, "frames", c.map(|c| (c.data.frames, "[data] frames", from)), 8, &mut w),
+        regions: pick(regions, "regions", c.map(|c| (c.data.regions, "[data] regions", from)), 30, &mut w),
+        text_len: pick(text_len, "text-len", c.map(|c| (c.data.text_len, "[data] text_len", from)), 100.min(max_text), &mut w),
+        from: String::new(),
+        shape_from: String::new(),
+        warnings: vec![],
+    };
+    let saved_from = saved.as_ref().map_or_else(|| "defaults (the model has no saved training config)".to_string(), |s| s.1.clone());
+    let loss_from = source_of(&[("λ", lambda.is_some()), ("masked-mean", masked_mean.is_some())], &saved_from);
+    let shape_from =
+        source_of(&[("frames", frames.is_some()), ("regions", regions.is_some()), ("text-len", text_len.is_some())], &saved_from);
+    let from = loss_from;
+    Ok(Resolved { from, shape_from, warnings: w, ..r })
+}
+
+/// Refuses to mix the embeddings of two models in one index: compares the weights'
+/// fingerprints (or, for an index written before they were recorded, the model paths).
+pub fn check_same_model(a: &Settings, b: &Settings, dir: &Path) -> Result<()> {
+    let same = match (&a.model_fingerprint, &b.model_fingerprint) {
+        (Some(x), Some(y)) => x == y,
+        _ => {
+            let canon = |p: &str| std::fs::canonicalize(p).unwrap_or_else(|_| PathBuf::from(p));
+            canon(&a.model) == canon(&b.model)
         }
-        if masked_mean.is_some_and(|x| x != *m) {
-            warn.push(format!(
-                "--masked-mean {} differs from the model's training config ({from}: [loss] masked_mean = {m}); using {}",
-                masked_mean.unwrap(),
-                masked_mean.unwrap()
-            ));
-        }
+    };
+    if !same {
+        bail!(
+            "{}: built with the model {} (weights {}); this run's model {} (weights {}) is another one — \
+             an index holds one model's embeddings: index into a new --out",
+            dir.display(),
+            a.model,
+            a.model_fingerprint.as_deref().unwrap_or("not recorded"),
+            b.model,
+            b.model_fingerprint.as_deref().unwrap_or("not recorded")
+        );
     }
-    let (sl, sm) = saved.as_ref().map_or((20.0, false), |s| (s.0, s.1));
-    let saved_from = saved.as_ref().map_or_else(|| "defaults (the model has no saved training config)".to_string(), |s| s.2.clone());
-    let (ls, ms) =
-        (if lambda.is_some() { "command line" } else { &saved_from }, if masked_mean.is_some() { "command line" } else { &saved_from });
-    let from = if ls == ms { ls.to_string() } else { format!("λ: {ls}; masked-mean: {ms}") };
-    Ok((lambda.unwrap_or(sl), masked_mean.unwrap_or(sm), from, warn))
+    Ok(())
 }
 
 /// Parses `i/n` (0 ≤ i < n).
@@ -176,7 +263,7 @@ pub fn list_clips(list: &ClipList, features: &Path) -> Result<Vec<String>> {
                     .with_context(|| format!("{}: reading clips.tsv", features.display()))?;
                 t.lines().filter(|l| !l.is_empty()).map(|l| l.split('\t').next().unwrap_or("").to_string()).collect()
             } else {
-                demovlp_data::pack::list_clip_dirs(features)?
+                find_clip_dirs(features)?
             }
         }
         ClipList::Annotations { path, layout } => {
@@ -194,6 +281,36 @@ pub fn list_clips(list: &ClipList, features: &Path) -> Result<Vec<String>> {
     };
     let mut seen = HashSet::new();
     Ok(ids.into_iter().filter(|c| seen.insert(c.clone())).collect())
+}
+
+/// Every clip directory (one holding `0.npz`) under `root`, at any depth, as its path
+/// relative to `root` with `/` separators (the annotations' clip ids), sorted. Symbolic
+/// links to directories are followed to a depth of 16.
+pub fn find_clip_dirs(root: &Path) -> Result<Vec<String>> {
+    fn walk(dir: &Path, rel: &str, depth: usize, out: &mut Vec<String>) -> Result<()> {
+        if depth > 16 {
+            return Ok(());
+        }
+        for e in std::fs::read_dir(dir).with_context(|| format!("{}: cannot list the directory", dir.display()))? {
+            let e = e?;
+            let p = e.path();
+            if !p.is_dir() {
+                continue;
+            }
+            let name = e.file_name().to_string_lossy().into_owned();
+            let id = if rel.is_empty() { name } else { format!("{rel}/{name}") };
+            if p.join("0.npz").is_file() {
+                out.push(id);
+            } else {
+                walk(&p, &id, depth + 1, out)?;
+            }
+        }
+        Ok(())
+    }
+    let mut out = vec![];
+    walk(root, "", 0, &mut out)?;
+    out.sort();
+    Ok(out)
 }
 
 fn segment_name(i: usize) -> String {
@@ -270,9 +387,15 @@ pub fn embed_clips(
 
 /// Builds or extends the index at `opt.out`.
 pub fn build_index(opt: &IndexOptions) -> Result<IndexSummary> {
+    let source = demovlp_train::annotations::open_features(&opt.features)?;
+    build_index_from(opt, source)
+}
+
+/// [`build_index`] reading the clips' features from `source` (`opt.features` only names it;
+/// `ClipList::All` still lists clips under it).
+pub fn build_index_from(opt: &IndexOptions, source: Arc<dyn FeatureSource>) -> Result<IndexSummary> {
     let t0 = Instant::now();
     let mut model = demovlp_train::weights::load_model(&opt.model).with_context(|| format!("loading model {}", opt.model.display()))?;
-    let source = demovlp_train::annotations::open_features(&opt.features)?;
     let mut clips = list_clips(&opt.clips, &opt.features)?;
     if let Some((i, n)) = opt.shard {
         clips = clips.into_iter().enumerate().filter(|(k, _)| k % n == i).map(|(_, c)| c).collect();
@@ -280,26 +403,34 @@ pub fn build_index(opt: &IndexOptions) -> Result<IndexSummary> {
     std::fs::create_dir_all(&opt.out).with_context(|| format!("creating {}", opt.out.display()))?;
     let max_text = model.config.text.max_position_embeddings;
     let existing = if Manifest::path(&opt.out).is_file() { Some(Manifest::read(&opt.out)?) } else { None };
-    let (lambda, masked_mean, loss_from, warnings) = resolve_loss(&opt.model, opt.lambda, opt.masked_mean)?;
-    for w in &warnings {
+    let r = resolve(&opt.model, opt.lambda, opt.masked_mean, opt.frames, opt.regions, opt.text_len, max_text)?;
+    for w in &r.warnings {
         eprintln!("warning: {w}");
     }
+    let (lambda, masked_mean) = (r.lambda, r.masked_mean);
+    let model_abs = std::path::absolute(&opt.model).with_context(|| format!("resolving {}", opt.model.display()))?;
     let settings = Settings {
-        model: opt.model.display().to_string(),
+        model: model_abs.display().to_string(),
         tokenizer: opt
             .tokenizer
             .clone()
             .or(existing.as_ref().map(|m| m.settings.tokenizer.clone()))
             .unwrap_or_else(|| crate::text::BUILTIN.into()),
-        text_len: opt.text_len.or(existing.as_ref().map(|m| m.settings.text_len)).unwrap_or(100.min(max_text)),
-        frames: opt.frames.or(existing.as_ref().map(|m| m.settings.frames)).unwrap_or(8),
-        regions: opt.regions.or(existing.as_ref().map(|m| m.settings.regions)).unwrap_or(30),
+        text_len: opt.text_len.or(existing.as_ref().map(|m| m.settings.text_len)).unwrap_or(r.text_len),
+        frames: opt.frames.or(existing.as_ref().map(|m| m.settings.frames)).unwrap_or(r.frames),
+        regions: opt.regions.or(existing.as_ref().map(|m| m.settings.regions)).unwrap_or(r.regions),
         proj_dim: model.config.proj_dim,
         lambda,
         masked_mean,
         local_dtype: if opt.fp32 { "f32" } else { "f16" }.into(),
-        loss_from: Some(loss_from),
+        loss_from: Some(r.from.clone()),
+        use_local: r.use_local,
+        shape_from: Some(r.shape_from.clone()),
+        model_fingerprint: Some(crate::store::fingerprint_f32(&model.params.data)),
     };
+    if !settings.use_local {
+        eprintln!("note: the model was trained without the region-word loss ({}); the index ranks by the global embedding alone", r.from);
+    }
     if settings.text_len < 2 || settings.text_len > max_text {
         bail!("--text-len {}: the model has {max_text} text positions (need 2 ≤ L ≤ {max_text})", settings.text_len);
     }
@@ -310,6 +441,7 @@ pub fn build_index(opt: &IndexOptions) -> Result<IndexSummary> {
     let mut manifest = match existing {
         Some(m) => {
             let (a, b) = (&m.settings, &settings);
+            check_same_model(a, b, &opt.out)?;
             if (a.tokenizer.as_str(), a.text_len, a.frames, a.regions, a.proj_dim, a.local_dtype.as_str())
                 != (b.tokenizer.as_str(), b.text_len, b.frames, b.regions, b.proj_dim, b.local_dtype.as_str())
             {
@@ -433,8 +565,9 @@ pub fn merge(inputs: &[PathBuf], out: &Path, exact_threshold: usize) -> Result<M
             fp16_max_rel_err: 0.0,
         });
         let (a, b) = (&mm.settings, s);
-        if (a.tokenizer.as_str(), a.text_len, a.frames, a.regions, a.proj_dim, a.local_dtype.as_str(), &a.model)
-            != (b.tokenizer.as_str(), b.text_len, b.frames, b.regions, b.proj_dim, b.local_dtype.as_str(), &b.model)
+        check_same_model(a, b, dir)?;
+        if (a.tokenizer.as_str(), a.text_len, a.frames, a.regions, a.proj_dim, a.local_dtype.as_str())
+            != (b.tokenizer.as_str(), b.text_len, b.frames, b.regions, b.proj_dim, b.local_dtype.as_str())
             || (a.lambda, a.masked_mean) != (b.lambda, b.masked_mean)
         {
             bail!("{}: built with other settings than {} ({b:?} vs {a:?})", dir.display(), inputs[0].display());

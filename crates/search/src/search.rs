@@ -1,7 +1,13 @@
-//! Queries: embed the text, take the global top-N candidates (exact scan below a size
-//! threshold, the graph index above it), then re-rank those N by the exact evaluation
+//! Queries: embed the text, take N candidates, then re-rank those N by the exact evaluation
 //! score — global cosine + region-word similarity (SPEC §8, aligned combination) — on the
 //! stored (fp16) local embeddings.
+//!
+//! Candidates come from the first stage ([`FirstStage`]): by default every clip scored with
+//! its global cosine plus the region-code approximation of the region-word term
+//! ([`crate::codes`]); or, as before, the global embedding alone (exact scan below a size
+//! threshold, the graph index above it). With N ≥ the clips in the index every clip is
+//! re-ranked (exhaustive scoring, as `eval` scores). Scores that are not finite are never
+//! ranked.
 
 use std::path::Path;
 
@@ -12,10 +18,49 @@ use demovlp_retrieval::EmbeddingSet;
 use serde::Serialize;
 
 use crate::ann::{exact_top_k, Ann};
+use crate::codes::Codes;
 use crate::store::Index;
+
+/// Where the candidates the re-rank scores come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FirstStage {
+    /// Every clip by global cosine + the region-code approximation of the region-word term.
+    Regions,
+    /// The global embedding alone (exact scan, or the HNSW graph above the exact threshold).
+    Global,
+}
+
+impl FirstStage {
+    pub fn from_name(s: &str) -> Result<FirstStage> {
+        match s {
+            "regions" => Ok(FirstStage::Regions),
+            "global" => Ok(FirstStage::Global),
+            _ => bail!("first stage {s:?}: expected regions or global"),
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            FirstStage::Regions => "regions",
+            FirstStage::Global => "global",
+        }
+    }
+}
 
 /// Below this many clips the global candidates come from an exact scan.
 pub const DEFAULT_EXACT_THRESHOLD: usize = 50_000;
+/// The default re-rank depth for an index of `clips`: 100, or 1 % of the clips when that is
+/// more, at most 1000. Measured (`bench search --model`, BENCHMARKS.md): with the region first
+/// stage a depth of 100 agrees with exhaustive scoring (≥ 0.95 agreement@1 and recall@10) up
+/// to a few thousand clips, while 100 000 clips need 1000.
+pub fn default_rerank(clips: usize) -> usize {
+    (clips / 100).clamp(100, 1000)
+}
+
+/// Default [`Engine::refine_factor`].
+pub const DEFAULT_REFINE: usize = 1;
+/// Clips scored exactly at a time by the re-rank.
+pub const RERANK_BLOCK: usize = 4096;
 /// Longest query text accepted (bytes).
 pub const MAX_QUERY_BYTES: usize = 4096;
 
@@ -56,6 +101,12 @@ pub struct Engine {
     pub vocab: Vec<String>,
     pub ann: Option<Ann>,
     pub exact_threshold: usize,
+    pub first_stage: FirstStage,
+    /// The region codes ([`FirstStage::Regions`]); loaded by [`Engine::prepare`].
+    pub codes: Option<Codes>,
+    /// The region first stage takes `refine_factor × N` clips by the codes, then the best N
+    /// of those by the same formula on the stored region embeddings (1: no refinement).
+    pub refine_factor: usize,
 }
 
 impl Engine {
@@ -65,18 +116,48 @@ impl Engine {
         let spec = index.settings().tokenizer.clone();
         let tokenizer = crate::text::load_tokenizer(&spec).with_context(|| format!("the index's tokenizer {spec}"))?;
         let vocab = crate::text::vocab_table(&spec)?;
-        Ok(Engine { index, tokenizer, vocab, ann: None, exact_threshold: DEFAULT_EXACT_THRESHOLD })
+        Ok(Engine {
+            index,
+            tokenizer,
+            vocab,
+            ann: None,
+            exact_threshold: DEFAULT_EXACT_THRESHOLD,
+            first_stage: FirstStage::Regions,
+            codes: None,
+            refine_factor: DEFAULT_REFINE,
+        })
     }
 
-    /// [`Engine::open`] plus the ANN graph when the index is above the exact threshold
-    /// (loaded from `ann.*` in the index when it matches, else built and saved).
-    pub fn open_with_ann(dir: &Path, threshold: usize) -> Result<Engine> {
+    /// [`Engine::open`] plus what `stage` needs: the region codes (loaded from the index when
+    /// current, else built and saved), or the ANN graph when the index is above the exact
+    /// threshold (likewise).
+    pub fn open_for(dir: &Path, stage: FirstStage, threshold: usize) -> Result<Engine> {
         let mut e = Self::open(dir)?;
         e.exact_threshold = threshold;
-        if e.index.len() >= threshold {
-            e.ann = Some(Ann::load_or_build(&e.index)?);
-        }
+        e.first_stage = stage;
+        e.prepare()?;
         Ok(e)
+    }
+
+    /// [`Engine::open_for`] with the global first stage (the two-stage search of old).
+    pub fn open_with_ann(dir: &Path, threshold: usize) -> Result<Engine> {
+        Self::open_for(dir, FirstStage::Global, threshold)
+    }
+
+    /// Loads (or builds and saves) what the current first stage needs.
+    pub fn prepare(&mut self) -> Result<()> {
+        if self.index.is_empty() {
+            return Ok(());
+        }
+        let stage = if self.index.settings().use_local { self.first_stage } else { FirstStage::Global };
+        match stage {
+            FirstStage::Regions if self.codes.is_none() => self.codes = Some(Codes::build_or_update(&self.index, None, true)?),
+            FirstStage::Global if self.ann.is_none() && self.index.len() >= self.exact_threshold => {
+                self.ann = Some(Ann::load_or_build(&self.index)?)
+            }
+            _ => {}
+        }
+        Ok(())
     }
 
     /// Scores with this λ / masked-mean instead of the index's (which `index` took from the
@@ -103,10 +184,41 @@ impl Engine {
         warn
     }
 
-    /// The model the index was built with.
+    /// The model the index was built with (as recorded in `index.json`).
     pub fn load_model(&self) -> Result<Model> {
-        let p = &self.index.settings().model;
-        demovlp_train::weights::load_model(Path::new(p)).with_context(|| format!("loading the index's model {p}"))
+        self.load_model_from(None)
+    }
+
+    /// The model at `path` (`--model`), else the one recorded in the index. Resolves a
+    /// relative recorded path against the index directory when it is not found as given
+    /// (indexes written before paths were stored absolute).
+    pub fn load_model_from(&self, path: Option<&Path>) -> Result<Model> {
+        let (p, what) = match path {
+            Some(p) => (p.to_path_buf(), "--model"),
+            None => {
+                let rec = Path::new(&self.index.settings().model);
+                let p = if rec.exists() || rec.is_absolute() { rec.to_path_buf() } else { self.index.dir.join(rec) };
+                (p, "the index's model")
+            }
+        };
+        let m = demovlp_train::weights::load_model(&p)
+            .with_context(|| format!("loading {what} {} (give the model with --model when it has moved)", p.display()))?;
+        let st = self.index.settings();
+        if m.config.proj_dim != st.proj_dim {
+            bail!("{what} {} does not fit the index: it has width {}, the index {}", p.display(), m.config.proj_dim, st.proj_dim);
+        }
+        if let Some(want) = &st.model_fingerprint {
+            let got = crate::store::fingerprint_f32(&m.params.data);
+            if &got != want {
+                bail!(
+                    "{what} {} (weights {got}) is not the model the index was built with ({}, weights {want}): \
+                     its query embeddings would not match the stored clip embeddings",
+                    p.display(),
+                    st.model
+                );
+            }
+        }
+        Ok(m)
     }
 
     pub fn check_query(text: &str) -> Result<()> {
@@ -133,6 +245,104 @@ impl Engine {
         Ok(TextQuery { text: text.into(), ids, global: e.global, global_unit: unit, local: e.local, mask_additive: e.mask_additive })
     }
 
+    /// The `n` clips the re-rank scores: every clip when n ≥ the index, else the first stage's best.
+    pub fn first_stage_ids(&self, q: &TextQuery, n: usize) -> Vec<usize> {
+        let len = self.index.len();
+        if n >= len {
+            return (0..len).collect();
+        }
+        match (&self.first_stage, &self.codes) {
+            (FirstStage::Regions, Some(codes)) => {
+                let proxy = self.region_proxy(codes, q);
+                let m = n.saturating_mul(self.refine_factor).max(n);
+                let top: Vec<usize> = crate::ann::top_k_rows(&proxy, 1, 0, &[1.0], m).into_iter().map(|x| x.0).collect();
+                if m > n {
+                    self.refine(q, &top, n)
+                } else {
+                    top
+                }
+            }
+            _ => self.candidates(&q.global_unit, n).into_iter().map(|x| x.0).collect(),
+        }
+    }
+
+    /// The best `n` of `clips` by the region-code formula computed on the stored region
+    /// embeddings themselves instead of their centroids (global cosine + mean over words of
+    /// the best region's cosine + mean over real regions of the best word's cosine).
+    pub fn refine(&self, q: &TextQuery, clips: &[usize], n: usize) -> Vec<usize> {
+        use rayon::prelude::*;
+        let st = self.index.settings();
+        let (p, nl) = (st.proj_dim, st.locals());
+        let words = self.query_words(q);
+        let w = words.len() / p.max(1);
+        let scores: Vec<f32> = clips
+            .par_iter()
+            .map_init(
+                || (vec![0f32; nl * p], vec![0f32; w]),
+                |(l, wmax), &c| {
+                    self.index.local_to(c, l);
+                    crate::codes::hat_rows(l, p);
+                    wmax.iter_mut().for_each(|x| *x = f32::NEG_INFINITY);
+                    let (mut s2, mut real) = (0f32, 0usize);
+                    for (r, &m) in l.chunks_exact(p).zip(self.index.mask(c)) {
+                        if m == 0 {
+                            continue;
+                        }
+                        let mut best = f32::NEG_INFINITY;
+                        for (a, wv) in wmax.iter_mut().zip(words.chunks_exact(p)) {
+                            let d = crate::ann::dot(r, wv);
+                            *a = a.max(d);
+                            best = best.max(d);
+                        }
+                        s2 += best;
+                        real += 1;
+                    }
+                    if real == 0 || w == 0 {
+                        return f32::NEG_INFINITY;
+                    }
+                    let s = crate::ann::dot(&q.global_unit, self.index.global(c)) + wmax.iter().sum::<f32>() / w as f32 + s2 / real as f32;
+                    if s.is_finite() {
+                        s
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                },
+            )
+            .collect();
+        crate::ann::top_k_rows(&scores, 1, 0, &[1.0], n).into_iter().map(|(i, _)| clips[i]).collect()
+    }
+
+    /// The query's real word embeddings, normalised, `[W, P]`.
+    fn query_words(&self, q: &TextQuery) -> Vec<f32> {
+        let p = self.index.settings().proj_dim;
+        let mut words: Vec<f32> = q
+            .local
+            .chunks_exact(p)
+            .zip(&q.mask_additive)
+            .filter(|(_, &m)| demovlp_retrieval::local::is_real(m))
+            .flat_map(|(r, _)| r.iter().copied())
+            .collect();
+        crate::codes::hat_rows(&mut words, p);
+        words
+    }
+
+    /// Global cosine + the region-code score of every clip (non-finite ones as −∞).
+    pub fn region_proxy(&self, codes: &Codes, q: &TextQuery) -> Vec<f32> {
+        let p = self.index.settings().proj_dim;
+        let words = self.query_words(q);
+        let (table, w) = codes.word_table(&words);
+        let mut s = codes.scores(&self.index, &table, w);
+        let mut first = 0;
+        for (_, rows) in self.index.global_blocks() {
+            for (i, r) in rows.chunks_exact(p).enumerate() {
+                s[first + i] += crate::ann::dot(&q.global_unit, r);
+            }
+            first += rows.len() / p;
+        }
+        s.iter_mut().filter(|x| !x.is_finite()).for_each(|x| *x = f32::NEG_INFINITY);
+        s
+    }
+
     /// Global candidates: exact below the threshold (or without a graph), else the graph.
     pub fn candidates(&self, q: &[f32], n: usize) -> Vec<(usize, f32)> {
         match &self.ann {
@@ -141,8 +351,13 @@ impl Engine {
         }
     }
 
-    /// Exact global + local scores of `clips` for the query (the evaluation's score).
+    /// Exact global + local scores of `clips` for the query (the evaluation's score), in
+    /// blocks of [`RERANK_BLOCK`] clips (memory stays bounded when every clip is scored).
     pub fn rerank_scores(&self, q: &TextQuery, clips: &[usize]) -> Vec<(f32, f32)> {
+        clips.chunks(RERANK_BLOCK).flat_map(|c| self.rerank_block(q, c)).collect()
+    }
+
+    fn rerank_block(&self, q: &TextQuery, clips: &[usize]) -> Vec<(f32, f32)> {
         let st = self.index.settings();
         let (p, nl) = (st.proj_dim, st.locals());
         let n = clips.len();
@@ -167,26 +382,33 @@ impl Engine {
     }
 
     /// Top `k` for an embedded query; `rerank` = N candidates re-ranked (0: global only).
+    /// An index of a model trained without the region-word loss ranks by the global term
+    /// alone whatever `rerank` says.
     pub fn search_embedded(&self, q: &TextQuery, k: usize, rerank: usize) -> Vec<Hit> {
         if self.index.is_empty() || k == 0 {
             return vec![];
         }
+        let rerank = if self.index.settings().use_local { rerank } else { 0 };
         if rerank == 0 {
             let c = self.candidates(&q.global_unit, k);
             let ids: Vec<usize> = c.iter().map(|x| x.0).collect();
             let g =
                 demovlp_retrieval::global::cosine_matrix(&q.global, 1, &self.global_rows(&ids), ids.len(), self.index.settings().proj_dim);
-            let mut hits: Vec<Hit> =
-                ids.iter().zip(g).map(|(&i, g)| Hit { clip: self.index.clip_id(i).into(), score: g, global: g, local: None }).collect();
+            let mut hits: Vec<Hit> = ids
+                .iter()
+                .zip(g)
+                .filter(|(_, g)| g.is_finite())
+                .map(|(&i, g)| Hit { clip: self.index.clip_id(i).into(), score: g, global: g, local: None })
+                .collect();
             sort_hits(&mut hits);
             return hits;
         }
-        let c = self.candidates(&q.global_unit, rerank.max(k));
-        let ids: Vec<usize> = c.iter().map(|x| x.0).collect();
+        let ids = self.first_stage_ids(q, rerank.max(k));
         let s = self.rerank_scores(q, &ids);
         let mut hits: Vec<Hit> = ids
             .iter()
             .zip(s)
+            .filter(|(_, (g, l))| (g + l).is_finite())
             .map(|(&i, (g, l))| Hit { clip: self.index.clip_id(i).into(), score: g + l, global: g, local: Some(l) })
             .collect();
         sort_hits(&mut hits);

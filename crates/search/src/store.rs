@@ -23,6 +23,12 @@ use memmap2::Mmap;
 use serde::{Deserialize, Serialize};
 
 pub const FORMAT: &str = "demovlp-search-index";
+/// Each segment's checksums: `{file name: fingerprint}` of every file it holds.
+pub const SUMS: &str = "sums.json";
+/// Checked when a segment is opened: everything ranking reads from a segment except the
+/// bulky local embeddings and boxes (non-finite values there only make a score non-finite,
+/// and such scores are never ranked).
+pub const CHECKED_AT_OPEN: [&str; 4] = ["clips.json", "global.f32", "mask.u8", "frames.i32"];
 pub const VERSION: u32 = 1;
 
 /// What an index was built with; every segment shares it.
@@ -45,6 +51,41 @@ pub struct Settings {
     /// command line, or the defaults); absent in indexes written before it was recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loss_from: Option<String>,
+    /// Whether the model was trained with the region-word loss; without it the index ranks
+    /// by the global term alone. Absent in older indexes (then: true).
+    #[serde(default = "yes")]
+    pub use_local: bool,
+    /// Where frames, regions and text length came from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shape_from: Option<String>,
+    /// [`fingerprint`] of the model's weights: appending with another model is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_fingerprint: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A 64-bit FNV-1a hash over 8-byte little-endian words (and the tail bytes), as 16 hex
+/// digits: the weights' fingerprint and the segment files' checksums (integrity, not security).
+pub fn fingerprint(bytes: &[u8]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let words = bytes.chunks_exact(8);
+    let tail = words.remainder();
+    for w in words {
+        h = (h ^ u64::from_le_bytes(w.try_into().unwrap())).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    for &b in tail {
+        h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// [`fingerprint`] of f32 values (their little-endian bytes).
+pub fn fingerprint_f32(v: &[f32]) -> String {
+    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+    fingerprint(&bytes)
 }
 
 impl Settings {
@@ -153,10 +194,13 @@ pub fn write_segment(dir: &Path, name: &str, s: &Settings, d: &SegmentData) -> R
         ("frames.i32", d.frames.iter().flat_map(|x| x.to_le_bytes()).collect()),
     ];
     let mut bytes = 0;
+    let mut sums = std::collections::BTreeMap::new();
     for (f, b) in &files {
         fs::write(tmp.join(f), b).with_context(|| format!("writing {}", tmp.join(f).display()))?;
         bytes += b.len() as u64;
+        sums.insert(f.to_string(), fingerprint(b));
     }
+    fs::write(tmp.join(SUMS), serde_json::to_vec_pretty(&sums)?).with_context(|| format!("writing {}", tmp.join(SUMS).display()))?;
     let out = dir.join(name);
     if out.exists() {
         fs::remove_dir_all(&out)?;
@@ -214,11 +258,11 @@ impl Segment {
     fn open(dir: &Path, name: &str, s: &Settings) -> Result<Segment> {
         let d = dir.join(name);
         let cp = d.join("clips.json");
-        let clips: Vec<String> = serde_json::from_slice(&fs::read(&cp).with_context(|| format!("reading {}", cp.display()))?)
-            .with_context(|| format!("parsing {}", cp.display()))?;
+        let clip_bytes = fs::read(&cp).with_context(|| format!("reading {}", cp.display()))?;
+        let clips: Vec<String> = serde_json::from_slice(&clip_bytes).with_context(|| format!("parsing {}", cp.display()))?;
         let (n, p, nl) = (clips.len(), s.proj_dim, s.locals());
         let lw = if s.fp16() { 2 } else { 4 };
-        Ok(Segment {
+        let seg = Segment {
             name: name.into(),
             global: Map::open(&d.join("global.f32"), n * p * 4)?,
             local: Map::open(&d.join(if s.fp16() { "local.f16" } else { "local.f32" }), n * nl * p * lw)?,
@@ -226,7 +270,36 @@ impl Segment {
             boxes: Map::open(&d.join("boxes.f32"), n * nl * 16)?,
             frames: Map::open(&d.join("frames.i32"), n * s.frames * 4)?,
             clips,
-        })
+        };
+        seg.check_sums(&d, &clip_bytes)?;
+        Ok(seg)
+    }
+
+    /// Compares the files of [`CHECKED_AT_OPEN`] with the segment's `sums.json` (segments
+    /// written before checksums were recorded have none and are not checked).
+    fn check_sums(&self, d: &Path, clip_bytes: &[u8]) -> Result<()> {
+        let sp = d.join(SUMS);
+        let Ok(text) = fs::read(&sp) else { return Ok(()) };
+        let sums: std::collections::BTreeMap<String, String> =
+            serde_json::from_slice(&text).with_context(|| format!("parsing {}", sp.display()))?;
+        for f in CHECKED_AT_OPEN {
+            let bytes = match f {
+                "clips.json" => clip_bytes,
+                "global.f32" => self.global.bytes(),
+                "mask.u8" => self.mask.bytes(),
+                _ => self.frames.bytes(),
+            };
+            let want = sums.get(f).with_context(|| format!("{}: no checksum for {f}", sp.display()))?;
+            let got = fingerprint(bytes);
+            if &got != want {
+                bail!(
+                    "{}: checksum {got} differs from the one recorded when it was written ({want}): the file is damaged; \
+                     rebuild this segment (remove the index and run `demovlp index` again)",
+                    d.join(f).display()
+                );
+            }
+        }
+        Ok(())
     }
 }
 

@@ -131,6 +131,9 @@ pub fn settings(spec: &SynthSpec) -> Settings {
         masked_mean: false,
         local_dtype: "f16".into(),
         loss_from: Some("synthetic".into()),
+        use_local: true,
+        shape_from: Some("synthetic".into()),
+        model_fingerprint: None,
     }
 }
 

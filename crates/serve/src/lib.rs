@@ -1,9 +1,11 @@
 //! demovlp-serve: `demovlp serve` — an HTTP server (axum + tokio) over a search index.
 //!
-//! Routes (all `GET`; every error is JSON `{"error": "..."}` with a 4xx/5xx status):
+//! Routes (`GET`, and `POST /api/search`; every error a route returns is JSON
+//! `{"error": "..."}` with a 4xx/5xx status):
 //!
 //! - `/api/search?q=TEXT[&k=10][&rerank=N]` → `{"query", "results": [{"clip", "score", "global", "local"}]}`,
-//!   exactly what `demovlp search --json` prints;
+//!   exactly what `demovlp search --json` prints; `POST /api/search` with the JSON body
+//!   `{"q", "k"?, "rerank"?}` answers the same (the web page uses it);
 //! - `/api/explain?clip=ID&q=TEXT[&format=json|svg]` → the explanation (`demovlp explain --json`)
 //!   or its SVG; `/api/explain.svg?clip=ID&q=TEXT` → the SVG;
 //! - `/api/health` → status, clips, model, uptime, workers, queue, request counts;
@@ -30,12 +32,12 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use demovlp_search::search::{Engine, DEFAULT_EXACT_THRESHOLD, MAX_QUERY_BYTES};
+use demovlp_search::search::{Engine, FirstStage, DEFAULT_EXACT_THRESHOLD, MAX_QUERY_BYTES};
 use serde::Serialize;
 
 pub use error::ApiError;
 use error::{json_response, panic_message};
-use pool::{Hook, Output, Pool, Task};
+use pool::{Hook, Output, Pool, SharedModel, Task};
 use query::Params;
 
 /// The web page: HTML, CSS and JavaScript in one file, compiled in.
@@ -63,6 +65,8 @@ pub struct ServeOptions {
     /// Candidates re-ranked when the request does not say (`rerank=`), and the most allowed.
     pub rerank: usize,
     pub max_rerank: usize,
+    /// Take `rerank` from the index's size instead ([`demovlp_search::search::default_rerank`]).
+    pub rerank_auto: bool,
     pub exact_threshold: usize,
     /// Frame pictures for the SVG explanations (as `demovlp explain --images`).
     pub images: Option<PathBuf>,
@@ -85,6 +89,7 @@ impl ServeOptions {
             max_k: 100,
             rerank: 100,
             max_rerank: 1000,
+            rerank_auto: false,
             exact_threshold: DEFAULT_EXACT_THRESHOLD,
             images: None,
             hook: None,
@@ -111,7 +116,7 @@ impl ServeOptions {
     }
 }
 
-/// The default worker count: the cores, at most 4 (each worker holds a copy of the model).
+/// The default worker count: the cores, at most 4 (they share one copy of the model).
 pub fn default_workers() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).clamp(1, 4)
 }
@@ -234,6 +239,57 @@ async fn search(State(app): Shared, uri: Uri) -> Result<Response, ApiError> {
     }
 }
 
+/// Largest `POST /api/search` body accepted (bytes); larger ones get a 413 JSON answer.
+pub const MAX_BODY_BYTES: usize = 16 * 1024;
+
+/// `POST /api/search`'s body.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SearchBody {
+    q: String,
+    k: Option<usize>,
+    rerank: Option<usize>,
+}
+
+/// `POST /api/search` with `{"q": TEXT, "k"?: N, "rerank"?: N}` (`Content-Type: application/json`):
+/// the same answer as the `GET` form, for queries too long for a URL.
+async fn search_post(State(app): Shared, headers: axum::http::HeaderMap, body: axum::body::Body) -> Result<Response, ApiError> {
+    let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    if !ct.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case("application/json") {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!("POST /api/search takes a JSON body (Content-Type: application/json), got {:?}", ct),
+        ));
+    }
+    let bytes = axum::body::to_bytes(body, MAX_BODY_BYTES)
+        .await
+        .map_err(|_| ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("request body over {MAX_BODY_BYTES} bytes")))?;
+    let b: SearchBody = serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::bad_request(format!("bad JSON body: {e} (expected {{\"q\": TEXT, \"k\": N, \"rerank\": N}}, k and rerank optional)"))
+    })?;
+    if b.q.trim().is_empty() {
+        return Err(ApiError::bad_request("empty query (q)"));
+    }
+    if b.q.len() > app.opts.max_query_bytes {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("query is {} bytes, the limit is {} (--max-query-bytes)", b.q.len(), app.opts.max_query_bytes),
+        ));
+    }
+    let k = b.k.unwrap_or(app.opts.default_k);
+    if !(1..=app.opts.max_k).contains(&k) {
+        return Err(ApiError::bad_request(format!("k {k}: expected 1 to {}", app.opts.max_k)));
+    }
+    let rerank = b.rerank.unwrap_or(app.opts.rerank);
+    if rerank > app.opts.max_rerank {
+        return Err(ApiError::bad_request(format!("rerank {rerank}: expected 0 to {}", app.opts.max_rerank)));
+    }
+    match app.compute(Task::Search { q: b.q, k, rerank }).await? {
+        Output::Search(r) => Ok(json_response(StatusCode::OK, &r)),
+        _ => Err(ApiError::internal("unexpected answer from the worker")),
+    }
+}
+
 async fn explain_with(app: &App, uri: &Uri, svg_route: bool) -> Result<Response, ApiError> {
     let allowed: &[&str] = if svg_route { &["clip", "q"] } else { &["clip", "q", "format"] };
     let p = Params::parse(uri.query(), allowed)?;
@@ -313,16 +369,17 @@ async fn page() -> Response {
     r
 }
 
-const ROUTES: &str = "GET /, /api/search, /api/explain, /api/explain.svg, /api/health";
+const ROUTES: &str = "GET /, GET|POST /api/search, GET /api/explain, /api/explain.svg, /api/health";
 
 async fn not_found(method: Method, uri: Uri) -> ApiError {
     ApiError::not_found(format!("no route {method} {} (routes: {ROUTES})", uri.path()))
 }
 
 async fn method_not_allowed(method: Method, uri: Uri) -> Response {
-    let mut r =
-        ApiError::new(StatusCode::METHOD_NOT_ALLOWED, format!("method {method} not allowed on {} (only GET)", uri.path())).into_response();
-    r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+    let allow = if uri.path() == "/api/search" { "GET, HEAD, POST" } else { "GET, HEAD" };
+    let mut r = ApiError::new(StatusCode::METHOD_NOT_ALLOWED, format!("method {method} not allowed on {} (only {allow})", uri.path()))
+        .into_response();
+    r.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
     r
 }
 
@@ -356,7 +413,7 @@ fn caught_panic(p: Box<dyn std::any::Any + Send + 'static>) -> Response {
 fn router(app: Arc<App>) -> Router {
     Router::new()
         .route("/", get(page))
-        .route("/api/search", get(search))
+        .route("/api/search", get(search).post(search_post))
         .route("/api/explain", get(explain))
         .route("/api/explain.svg", get(explain_svg))
         .route("/api/health", get(health))
@@ -379,15 +436,14 @@ impl Server {
     /// the address (`:0` picks a free port).
     pub fn bind(opts: ServeOptions) -> Result<Server> {
         opts.check()?;
-        let engine = Engine::open_with_ann(&opts.index, opts.exact_threshold)
+        let engine = Engine::open_for(&opts.index, FirstStage::Regions, opts.exact_threshold)
             .with_context(|| format!("opening the index {}", opts.index.display()))?;
-        let (mut model, model_path) = match &opts.model {
-            Some(p) => (
-                demovlp_train::weights::load_model(p).with_context(|| format!("loading the model {}", p.display()))?,
-                p.display().to_string(),
-            ),
-            None => (engine.load_model()?, engine.index.settings().model.clone()),
-        };
+        let mut opts = opts;
+        if opts.rerank_auto {
+            opts.rerank = demovlp_search::search::default_rerank(engine.index.len()).min(opts.max_rerank);
+        }
+        let mut model = engine.load_model_from(opts.model.as_deref())?;
+        let model_path = opts.model.as_ref().map_or_else(|| engine.index.settings().model.clone(), |p| p.display().to_string());
         engine.embed_query(&mut model, "warm up").with_context(|| {
             format!("the model {model_path} does not fit the index {} (built with {})", opts.index.display(), engine.index.settings().model)
         })?;
@@ -406,7 +462,8 @@ impl Server {
             );
         }
         let engine = Arc::new(engine);
-        let pool = Pool::start(engine.clone(), model, opts.workers, opts.queue, opts.images.clone(), opts.hook.clone())
+        let shared = SharedModel::new(model, opts.model.clone());
+        let pool = Pool::start(engine.clone(), shared, opts.workers, opts.queue, opts.images.clone(), opts.hook.clone())
             .context("starting the worker threads")?;
         let app = Arc::new(App { engine, pool, opts, model_path, started: Instant::now(), counts: Counts::default() });
         Ok(Server { app, listener, addr })

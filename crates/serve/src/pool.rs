@@ -1,8 +1,10 @@
 //! The compute workers: the text tower and the re-rank are CPU-heavy, so they run on
-//! dedicated threads (each with its own copy of the model, whose forward pass needs
-//! `&mut`), never on the async runtime. Jobs wait in a bounded queue; a full queue is
-//! refused at once (503), a job whose request has timed out is dropped unstarted, and a
-//! panic while computing becomes a 500 answer and a fresh copy of the model.
+//! dedicated threads, never on the async runtime. The workers share one copy of the model
+//! (its forward pass needs `&mut`, so the short query embedding runs under a lock; the
+//! first stage and the re-rank, the bulk of the work, run in parallel). Jobs wait in a
+//! bounded queue; a full queue is refused at once (503), a job whose request has timed out
+//! is dropped unstarted, and a panic while computing becomes a 500 answer (a panic inside
+//! the text tower also reloads the model from disk, its scratch state may be half-written).
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
@@ -14,7 +16,7 @@ use std::time::Instant;
 
 use demovlp_model::Model;
 use demovlp_search::explain::Explanation;
-use demovlp_search::search::{Engine, SearchResult};
+use demovlp_search::search::{Engine, SearchResult, TextQuery};
 use tokio::sync::oneshot;
 
 use crate::error::{panic_message, ApiError};
@@ -70,26 +72,59 @@ pub struct Pool {
     pub threads: usize,
 }
 
+/// The one copy of the model the workers share, and where to reload it from.
+pub struct SharedModel {
+    model: Mutex<Model>,
+    path: Option<PathBuf>,
+}
+
+impl SharedModel {
+    /// `path`: what [`Engine::load_model_from`] loads it from again after a panic.
+    pub fn new(model: Model, path: Option<PathBuf>) -> SharedModel {
+        SharedModel { model: Mutex::new(model), path }
+    }
+
+    /// Embeds a query under the lock. A panic inside leaves the lock poisoned; the next
+    /// caller reloads the model before using it.
+    fn embed(&self, engine: &Engine, text: &str) -> anyhow::Result<TextQuery> {
+        let mut g = match self.model.lock() {
+            Ok(g) => g,
+            Err(p) => {
+                let mut g = p.into_inner();
+                *g = engine.load_model_from(self.path.as_deref())?;
+                self.model.clear_poison();
+                g
+            }
+        };
+        engine.embed_query(&mut g, text)
+    }
+}
+
 struct Worker {
     engine: Arc<Engine>,
-    pristine: Arc<Model>,
+    model: Arc<SharedModel>,
     images: Option<PathBuf>,
     hook: Option<Hook>,
     stats: Arc<PoolStats>,
 }
 
 impl Worker {
-    fn compute(&self, model: &mut Model, task: &Task) -> Result<Output, ApiError> {
+    fn compute(&self, task: &Task) -> Result<Output, ApiError> {
         if let Some(h) = &self.hook {
             h(task.text());
         }
         let e = &self.engine;
         match task {
             Task::Search { q, k, rerank } => {
-                e.search(model, q, *k, *rerank).map(Output::Search).map_err(|err| ApiError::internal(format!("search failed: {err:#}")))
+                let tq = self.model.embed(e, q).map_err(|err| ApiError::internal(format!("search failed: {err:#}")))?;
+                Ok(Output::Search(SearchResult { query: q.clone(), results: e.search_embedded(&tq, *k, *rerank) }))
             }
             Task::Explain { clip, q, svg } => {
-                let x = e.explain(model, clip, q).map_err(|err| ApiError::internal(format!("explain failed: {err:#}")))?;
+                let x = self
+                    .model
+                    .embed(e, q)
+                    .and_then(|tq| e.explain_embedded(&tq, clip))
+                    .map_err(|err| ApiError::internal(format!("explain failed: {err:#}")))?;
                 if *svg {
                     demovlp_search::explain::svg(&x, self.images.as_deref())
                         .map(Output::Svg)
@@ -102,7 +137,6 @@ impl Worker {
     }
 
     fn run(self, rx: Arc<Mutex<Receiver<Job>>>) {
-        let mut model = (*self.pristine).clone();
         loop {
             // Only `recv` runs under the lock (it cannot panic), so the lock is never poisoned.
             let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
@@ -113,12 +147,10 @@ impl Worker {
                 continue;
             }
             self.stats.running.fetch_add(1, Ordering::SeqCst);
-            let r = match catch_unwind(AssertUnwindSafe(|| self.compute(&mut model, &job.task))) {
+            let r = match catch_unwind(AssertUnwindSafe(|| self.compute(&job.task))) {
                 Ok(r) => r,
                 Err(p) => {
                     self.stats.panics.fetch_add(1, Ordering::SeqCst);
-                    // The model's scratch state may be half-written: start from a clean copy.
-                    model = (*self.pristine).clone();
                     Err(ApiError::internal(format!("internal error while computing the answer: {}", panic_message(&*p))))
                 }
             };
@@ -131,10 +163,10 @@ impl Worker {
 }
 
 impl Pool {
-    /// `threads` workers, each with a copy of `model`; at most `capacity` jobs wait.
+    /// `threads` workers sharing `model`; at most `capacity` jobs wait.
     pub fn start(
         engine: Arc<Engine>,
-        model: Model,
+        model: SharedModel,
         threads: usize,
         capacity: usize,
         images: Option<PathBuf>,
@@ -143,16 +175,11 @@ impl Pool {
         let (tx, rx) = sync_channel::<Job>(capacity);
         let rx = Arc::new(Mutex::new(rx));
         let stats = Arc::new(PoolStats::default());
-        let pristine = Arc::new(model);
+        let model = Arc::new(model);
         let mut workers = Vec::with_capacity(threads);
         for i in 0..threads {
-            let w = Worker {
-                engine: engine.clone(),
-                pristine: pristine.clone(),
-                images: images.clone(),
-                hook: hook.clone(),
-                stats: stats.clone(),
-            };
+            let w =
+                Worker { engine: engine.clone(), model: model.clone(), images: images.clone(), hook: hook.clone(), stats: stats.clone() };
             let rx = rx.clone();
             workers.push(std::thread::Builder::new().name(format!("serve-worker-{i}")).spawn(move || w.run(rx))?);
         }

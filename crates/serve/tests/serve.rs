@@ -125,13 +125,43 @@ fn answers_equal_the_library_and_every_bad_request_is_a_json_4xx() {
         assert!(e["error"].as_str().is_some_and(|s| s.contains(msg)), "{shown}: {e}");
         assert_eq!(e.as_object().unwrap().len(), 1, "only the error: {e}");
     }
-    for method in ["POST", "PUT", "DELETE"] {
-        let r = request(&addr, method, "/api/search?q=dog", Some(("text/plain", b"x"))).unwrap();
+    for (method, path, allow) in [
+        ("PUT", "/api/search?q=dog", "GET, HEAD, POST"),
+        ("DELETE", "/api/search?q=dog", "GET, HEAD, POST"),
+        ("POST", "/api/health", "GET, HEAD"),
+    ] {
+        let r = request(&addr, method, path, Some(("text/plain", b"x"))).unwrap();
         sent += 1;
-        assert_eq!((r.status, r.header("allow")), (405, Some("GET, HEAD")), "{method}");
-        assert!(r.json()["error"].as_str().unwrap().contains(&format!("method {method} not allowed on /api/search")));
+        assert_eq!((r.status, r.header("allow")), (405, Some(allow)), "{method}");
+        let route = path.split('?').next().unwrap();
+        assert!(r.json()["error"].as_str().unwrap().contains(&format!("method {method} not allowed on {route}")));
     }
-    let four_xx = bad.len() as u64 + 3;
+    // POST /api/search with a JSON body: the GET answer, byte for byte; its errors are JSON too.
+    let caption = &w.captions[0].1;
+    let body = serde_json::json!({"q": caption, "k": 5}).to_string();
+    let r = request(&addr, "POST", "/api/search", Some(("application/json", body.as_bytes()))).unwrap();
+    sent += 1;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.text(), get(&addr, &search_target(caption, "&k=5")).text());
+    sent += 1;
+    let big = format!("{{\"q\": \"{}\"}}", "c".repeat(20_000));
+    let long = format!("{{\"q\": \"{}\"}}", "d".repeat(1025));
+    let post_bad: Vec<(&str, Vec<u8>, u16, &str)> = vec![
+        ("text/plain", b"dog".to_vec(), 415, "takes a JSON body"),
+        ("application/json", b"{\"q\": ".to_vec(), 400, "bad JSON body"),
+        ("application/json", b"{\"q\": \"dog\", \"limit\": 3}".to_vec(), 400, "unknown field"),
+        ("application/json", b"{\"q\": \"dog\", \"k\": 0}".to_vec(), 400, "k 0: expected 1 to 100"),
+        ("application/json", b"{\"q\": \"  \"}".to_vec(), 400, "empty query"),
+        ("application/json", big.into_bytes(), 413, "request body over 16384 bytes"),
+        ("application/json", long.into_bytes(), 413, "query is 1025 bytes, the limit is 1024"),
+    ];
+    for (ct, b, status, msg) in &post_bad {
+        let r = request(&addr, "POST", "/api/search", Some((ct, b))).unwrap();
+        sent += 1;
+        assert_eq!((r.status, r.header("content-type")), (*status, Some("application/json")), "{msg}: {}", r.text());
+        assert!(r.json()["error"].as_str().is_some_and(|s| s.contains(msg)), "{msg}: {}", r.text());
+    }
+    let four_xx = bad.len() as u64 + 3 + post_bad.len() as u64;
     // Still serving, and the counts add up.
     let h = get(&addr, "/api/health").json();
     sent += 1;

@@ -1,0 +1,189 @@
+//! The region-aware first stage on the tiny trained world: the codebook's codes and scores
+//! against plain loops, agreement with exhaustive scoring, appending and merging, and an
+//! index that cannot silently go wrong (checksums, non-finite scores, global-only models).
+
+use std::path::{Path, PathBuf};
+
+use demovlp_search::build::{build_index, merge, ClipList};
+use demovlp_search::codes::{ensure_codes, hat_rows, Codes};
+use demovlp_search::quality::agreement;
+use demovlp_search::search::{Engine, FirstStage, TextQuery};
+use demovlp_search::store::Index;
+
+mod common;
+use common::{opts, world};
+
+fn queries(e: &Engine, caption: usize) -> Vec<TextQuery> {
+    let mut model = e.load_model().unwrap();
+    world().samples.iter().map(|s| e.embed_query(&mut model, &s.captions[caption]).unwrap()).collect()
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.path().is_dir() {
+            copy_dir(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+#[test]
+fn codes_are_the_nearest_centroids_and_scores_match_a_plain_loop() {
+    let w = world();
+    let idx = Index::open(&w.index).unwrap();
+    let c = Codes::build_or_update(&idx, Some(64), false).unwrap();
+    let st = idx.settings();
+    let (p, nl) = (st.proj_dim, st.locals());
+    assert_eq!(c.codes.len(), idx.len() * nl);
+    assert_eq!(c.codebook.centroids, 64);
+    for row in c.codebook.rows.chunks(p) {
+        let n: f32 = row.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((n - 1.0).abs() < 1e-3, "centroid norm {n}");
+    }
+    let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+    for i in (0..idx.len()).step_by(7) {
+        let mut l = vec![];
+        idx.local_into(i, &mut l);
+        hat_rows(&mut l, p);
+        for (r, x) in l.chunks(p).enumerate() {
+            let best = (0..64).map(|k| dot(x, &c.codebook.rows[k * p..(k + 1) * p])).fold(f32::NEG_INFINITY, f32::max);
+            let k = c.codes[i * nl + r] as usize;
+            assert!(dot(x, &c.codebook.rows[k * p..(k + 1) * p]) >= best - 1e-5, "clip {i} region {r}: not the nearest centroid");
+        }
+    }
+    // The approximate region-word score against a plain loop over words and real regions.
+    let e = Engine::open(&w.index).unwrap();
+    let q = &queries(&e, 0)[0];
+    let mut words: Vec<f32> = q.local.chunks(p).zip(&q.mask_additive).filter(|(_, &m)| m > -0.5).flat_map(|(r, _)| r.to_vec()).collect();
+    hat_rows(&mut words, p);
+    let nw = words.len() / p;
+    let (table, tw) = c.word_table(&words);
+    assert_eq!(tw, nw);
+    let got = c.scores(&idx, &table, tw);
+    for i in 0..idx.len() {
+        let real: Vec<usize> = (0..nl).filter(|&r| idx.mask(i)[r] != 0).collect();
+        let cen = |r: usize| {
+            let k = c.codes[i * nl + r] as usize;
+            &c.codebook.rows[k * p..(k + 1) * p]
+        };
+        let s1: f32 =
+            words.chunks(p).map(|wv| real.iter().map(|&r| dot(wv, cen(r))).fold(f32::NEG_INFINITY, f32::max)).sum::<f32>() / nw as f32;
+        let s2: f32 = real.iter().map(|&r| words.chunks(p).map(|wv| dot(wv, cen(r))).fold(f32::NEG_INFINITY, f32::max)).sum::<f32>()
+            / real.len() as f32;
+        assert!((got[i] - (s1 + s2)).abs() < 1e-4, "clip {i}: {} vs {}", got[i], s1 + s2);
+    }
+}
+
+#[test]
+fn region_first_stage_agrees_with_exhaustive_scoring() {
+    let w = world();
+    let dir = w.root.join("index-first-stage");
+    copy_dir(&w.index, &dir);
+    let regions = Engine::open_for(&dir, FirstStage::Regions, usize::MAX).unwrap();
+    assert!(regions.codes.is_some() && dir.join("codes.json").is_file(), "the codes are built and saved on first use");
+    let global = Engine::open_for(&dir, FirstStage::Global, usize::MAX).unwrap();
+    for caption in [0, 1] {
+        let qs = queries(&regions, caption);
+        // 20 candidates of 100 clips: the first stage decides what the re-rank sees.
+        let r = agreement(&regions, &qs, 10, 20);
+        let g = agreement(&global, &qs, 10, 20);
+        eprintln!("caption {caption}: regions {r:?}; global {g:?}");
+        assert!(r.agreement_at_1 >= 0.95 && r.recall_at_k >= 0.9, "caption {caption}: {r:?}");
+        assert!(r.recall_at_k > g.recall_at_k, "caption {caption}: regions {r:?} not above global {g:?}");
+        // N ≥ clips is exhaustive scoring whatever the first stage.
+        let all = agreement(&global, &qs, 10, 100);
+        assert_eq!((all.agreement_at_1, all.recall_at_k), (1.0, 1.0));
+    }
+}
+
+#[test]
+fn appending_codes_only_the_new_segment_and_merging_covers_every_clip() {
+    let w = world();
+    let ids: Vec<String> = w.samples.iter().map(|s| s.clip.clone()).collect();
+    let out = w.root.join("index-codes-append");
+    build_index(&opts(w, out.clone(), ClipList::Ids(ids[..40].to_vec()))).unwrap();
+    let first = ensure_codes(&out, Some(32)).unwrap();
+    assert!(first.seconds > 0.0 && first.centroids == 32);
+    let book = std::fs::read(out.join("codebook.f32")).unwrap();
+    let seg0 = std::fs::read(out.join("codes/seg-00000.u16")).unwrap();
+    assert_eq!(ensure_codes(&out, None).unwrap().seconds, 0.0, "nothing to do when current");
+    // Append 40 more clips (segments of 30): only the new segments are coded, same codebook.
+    build_index(&opts(w, out.clone(), ClipList::Ids(ids[..80].to_vec()))).unwrap();
+    ensure_codes(&out, None).unwrap();
+    assert_eq!(std::fs::read(out.join("codebook.f32")).unwrap(), book);
+    assert_eq!(std::fs::read(out.join("codes/seg-00000.u16")).unwrap(), seg0);
+    let idx = Index::open(&out).unwrap();
+    let c = Codes::build_or_update(&idx, None, false).unwrap();
+    assert!(!c.updated);
+    assert_eq!(c.meta.segments, idx.manifest.segments);
+    assert_eq!(c.codes.len(), 80 * idx.settings().locals());
+    // The appended clips' codes are what the codebook assigns them.
+    let p = idx.settings().proj_dim;
+    let mut l = vec![];
+    idx.local_into(79, &mut l);
+    hat_rows(&mut l, p);
+    let nl = idx.settings().locals();
+    assert_eq!(c.codebook.assign(&l), c.codes[79 * nl..80 * nl].to_vec());
+
+    // Two shards merged: the merged index gets codes over every clip.
+    let shards: Vec<PathBuf> = (0..2).map(|i| w.root.join(format!("index-codes-shard{i}"))).collect();
+    for (i, s) in shards.iter().enumerate() {
+        let mut o = opts(w, s.clone(), ClipList::Ids(ids[..60].to_vec()));
+        o.shard = Some((i, 2));
+        build_index(&o).unwrap();
+        ensure_codes(s, None).unwrap();
+    }
+    let merged = w.root.join("index-codes-merged");
+    merge(&shards, &merged, usize::MAX).unwrap();
+    ensure_codes(&merged, None).unwrap();
+    let mi = Index::open(&merged).unwrap();
+    let mc = Codes::build_or_update(&mi, None, false).unwrap();
+    assert!(!mc.updated);
+    assert_eq!(mc.codes.len(), 60 * nl);
+}
+
+#[test]
+fn a_damaged_segment_is_refused_and_non_finite_scores_are_never_ranked() {
+    let w = world();
+    let dir = w.root.join("index-nan");
+    copy_dir(&w.index, &dir);
+    let g = dir.join("seg-00000/global.f32");
+    let mut b = std::fs::read(&g).unwrap();
+    b[..4].copy_from_slice(&f32::NAN.to_le_bytes());
+    std::fs::write(&g, &b).unwrap();
+    let err = format!("{:#}", Index::open(&dir).err().expect("a damaged segment is refused"));
+    assert!(err.contains("global.f32") && err.contains("checksum"), "{err}");
+    // Without the checksums (an index written before them), the NaN clip is never ranked.
+    std::fs::remove_file(dir.join("seg-00000/sums.json")).unwrap();
+    let nan_clip = Index::open(&dir).unwrap().clip_id(0).to_string();
+    for stage in [FirstStage::Regions, FirstStage::Global] {
+        let e = Engine::open_for(&dir, stage, usize::MAX).unwrap();
+        let q = &queries(&e, 0)[0];
+        for rerank in [0, 20, 100] {
+            let hits = e.search_embedded(q, 10, rerank);
+            assert_eq!(hits.len(), 10, "{stage:?} rerank {rerank}");
+            assert!(hits.iter().all(|h| h.score.is_finite() && h.clip != nan_clip), "{stage:?} rerank {rerank}: {hits:?}");
+        }
+    }
+}
+
+#[test]
+fn a_model_trained_without_the_region_word_loss_ranks_by_the_global_term() {
+    let w = world();
+    let ids: Vec<String> = w.samples.iter().take(30).map(|s| s.clip.clone()).collect();
+    let out = w.root.join("index-global-model");
+    let mut o = opts(w, out.clone(), ClipList::Ids(ids));
+    o.model = w.root.join("global_model");
+    build_index(&o).unwrap();
+    let e = Engine::open_for(&out, FirstStage::Regions, usize::MAX).unwrap();
+    assert!(!e.index.settings().use_local);
+    assert!(e.codes.is_none(), "no region codes for a model without the region-word term");
+    let q = &queries(&e, 0)[0];
+    let hits = e.search_embedded(q, 10, 100);
+    assert_eq!(hits.len(), 10);
+    assert!(hits.iter().all(|h| h.local.is_none() && h.score == h.global), "{hits:?}");
+    assert!(hits.windows(2).all(|p| p[0].score >= p[1].score));
+}
