@@ -4,7 +4,7 @@ use std::io::BufRead;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use demovlp_search::build::{build_index, ensure_ann, merge, parse_shard, ClipList, IndexOptions};
+use demovlp_search::build::{ensure_ann, merge, parse_shard, ClipList, IndexOptions};
 use demovlp_search::codes::ensure_codes;
 use demovlp_search::quality::{exhaustive, Tally};
 use demovlp_search::search::{default_rerank, table, Engine, FirstStage, SearchResult, DEFAULT_EXACT_THRESHOLD};
@@ -71,9 +71,27 @@ pub struct IndexArgs {
     /// Build the ANN graph when the index has at least this many clips.
     #[arg(long, default_value_t = DEFAULT_EXACT_THRESHOLD)]
     exact_threshold: usize,
+    /// Where to embed the clips (and the GEMM precision on a GPU).
+    #[command(flatten)]
+    device: crate::device::DeviceArgs,
+}
+
+/// `index`'s embedding on the chosen backend.
+struct IndexJob<'a>(&'a IndexOptions);
+
+impl crate::device::OnBackend for IndexJob<'_> {
+    type Out = demovlp_search::build::IndexSummary;
+    fn run<B: demovlp_model::Backend>(self, be: &B, device: &str) -> Result<Self::Out> {
+        if device != "cpu" {
+            eprintln!("embedding clips on {device}");
+        }
+        let source = demovlp_train::annotations::open_features(&self.0.features)?;
+        demovlp_search::build::build_index_on(be, self.0, source)
+    }
 }
 
 pub fn index(a: IndexArgs) -> Result<()> {
+    crate::device::check_available(&a.device)?;
     let clips = match (&a.annotations, a.all) {
         (Some(p), false) => ClipList::Annotations { path: p.clone(), layout: a.layout.clone() },
         (None, true) => ClipList::All,
@@ -84,7 +102,7 @@ pub fn index(a: IndexArgs) -> Result<()> {
     (o.lambda, o.masked_mean, o.fp32, o.batch_size, o.segment_clips) = (a.lambda, a.masked_mean, a.fp32, a.batch_size, a.segment_clips);
     o.shard = a.shard.as_deref().map(parse_shard).transpose()?;
     o.stop = Some(demovlp_train::trainer::install_ctrlc());
-    let s = build_index(&o)?;
+    let s = crate::device::with_backend(&a.device, IndexJob(&o))?;
     for (c, why) in s.skipped.iter().take(20) {
         eprintln!("skipped {c}: {why}");
     }

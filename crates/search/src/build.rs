@@ -331,8 +331,8 @@ fn clean_strays(dir: &Path, m: &Manifest) -> Result<()> {
 }
 
 /// Embeds a batch of loaded clips; returns the segment rows.
-pub fn embed_clips(
-    model: &mut Model,
+pub fn embed_clips<B: demovlp_model::Backend>(
+    model: &mut Model<B>,
     source: &dyn FeatureSource,
     clips: &[String],
     shape: InputShape,
@@ -394,8 +394,17 @@ pub fn build_index(opt: &IndexOptions) -> Result<IndexSummary> {
 /// [`build_index`] reading the clips' features from `source` (`opt.features` only names it;
 /// `ClipList::All` still lists clips under it).
 pub fn build_index_from(opt: &IndexOptions, source: Arc<dyn FeatureSource>) -> Result<IndexSummary> {
+    build_index_on(&demovlp_model::Cpu, opt, source)
+}
+
+/// [`build_index_from`] with the clips embedded on the backend `be` (the model's weights are
+/// copied there once; the index's bytes do not depend on the device beyond float round-off).
+pub fn build_index_on<B: demovlp_model::Backend>(be: &B, opt: &IndexOptions, source: Arc<dyn FeatureSource>) -> Result<IndexSummary> {
     let t0 = Instant::now();
-    let mut model = demovlp_train::weights::load_model(&opt.model).with_context(|| format!("loading model {}", opt.model.display()))?;
+    let cpu = demovlp_train::weights::load_model(&opt.model).with_context(|| format!("loading model {}", opt.model.display()))?;
+    let fingerprint = crate::store::fingerprint_f32(&cpu.params.data);
+    let mut model = Model::from_params_on(be.clone(), cpu.config.clone(), cpu.params.to_backend(&demovlp_model::Cpu, be));
+    drop(cpu);
     let mut clips = list_clips(&opt.clips, &opt.features)?;
     if let Some((i, n)) = opt.shard {
         clips = clips.into_iter().enumerate().filter(|(k, _)| k % n == i).map(|(_, c)| c).collect();
@@ -426,7 +435,7 @@ pub fn build_index_from(opt: &IndexOptions, source: Arc<dyn FeatureSource>) -> R
         loss_from: Some(r.from.clone()),
         use_local: r.use_local,
         shape_from: Some(r.shape_from.clone()),
-        model_fingerprint: Some(crate::store::fingerprint_f32(&model.params.data)),
+        model_fingerprint: Some(fingerprint),
     };
     if !settings.use_local {
         eprintln!("note: the model was trained without the region-word loss ({}); the index ranks by the global embedding alone", r.from);
