@@ -41,6 +41,10 @@ pub struct DemoArgs {
     /// stdout line: {"task", "accuracy", "baseline", "test_questions", "seconds"}.
     #[arg(long, value_parser = ["qa", "mc"])]
     task: Option<String>,
+    /// Where the retrieval demo trains and evaluates (and the GEMM precision on a GPU);
+    /// `--task` demos run on the CPU.
+    #[command(flatten)]
+    device: crate::device::DeviceArgs,
 }
 
 #[derive(clap::Args)]
@@ -122,12 +126,27 @@ fn stop_flag() -> Arc<AtomicBool> {
     demovlp_train::trainer::install_ctrlc()
 }
 
+/// The retrieval demo on the chosen backend.
+struct DemoJob<'a>(&'a demo::DemoOptions);
+
+impl crate::device::OnBackend for DemoJob<'_> {
+    type Out = demo::DemoReport;
+    fn run<B: demovlp_model::Backend>(self, be: &B, device: &str) -> Result<Self::Out> {
+        if device != "cpu" {
+            eprintln!("demo: training and evaluating on {device}");
+        }
+        demo::run_on(be, self.0)
+    }
+}
+
 pub fn demo(a: DemoArgs) -> Result<()> {
+    crate::device::check_available(&a.device)?;
     if let Some(t) = a.task.as_deref() {
+        crate::device::cpu_only(&a.device, "demo --task")?;
         return demo_task(t, a.quick, a.out.is_some(), a.seed, a.quiet, stop_flag());
     }
     let opts = demo::DemoOptions { quick: a.quick, out: a.out, seed: a.seed, quiet: a.quiet, stop: Some(stop_flag()), sizes: None };
-    let report = demo::run(&opts)?;
+    let report = crate::device::with_backend(&a.device, DemoJob(&opts))?;
     print!("{}", report.table());
     if let Some(o) = &report.out {
         println!("corpus, checkpoints, logs and plots: {}", o.display());

@@ -27,6 +27,7 @@ fn device_cuda_without_a_gpu_exits_1_with_the_reason() {
         &["finetune-qa", "--config", "no-such.toml", "--device", "cuda"],
         &["eval-qa", "--model", "no-such-model", "--config", "no-such.toml", "--device", "cuda"],
         &["eval-mc", "--model", "no-such-model", "--questions", "q.jsonl", "--features", "f", "--device", "cuda"],
+        &["demo", "--quick", "--device", "cuda"],
         &["index", "--model", "no-such-model", "--features", "f", "--all", "--out", "idx", "--device", "cuda"],
     ] {
         let out = demovlp(args);

@@ -18,7 +18,7 @@ use demovlp_retrieval::{retrieval_metrics, RetrievalMetrics, ScoreMode};
 
 use crate::config::{DataSection, DatasetConfig, LossSection, ModelSection, OptimConfig, ScheduleKind, TrainConfig, TrainSection};
 use crate::eval::{evaluate, EvalOptions, EvalSet};
-use crate::retrieval_task::{train, TrainInputs};
+use crate::retrieval_task::{train_on, TrainInputs};
 use crate::synthetic::{CorpusConfig, Split, SyntheticCorpus};
 use crate::text::builtin_tokenizer;
 use crate::trainer::RunOptions;
@@ -247,6 +247,11 @@ pub(crate) fn stage_config(
 
 /// Run the demo; prints progress to stderr unless `quiet`.
 pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
+    run_on(&demovlp_model::Cpu, opts)
+}
+
+/// [`run`] with training and evaluation on the backend `be`.
+pub fn run_on<B: demovlp_model::Backend>(be: &B, opts: &DemoOptions) -> Result<DemoReport> {
     let t0 = Instant::now();
     let sizes = opts.sizes.clone().unwrap_or_else(|| if opts.quick { DemoSizes::quick(opts.seed) } else { DemoSizes::full(opts.seed) });
     let say = |s: String| {
@@ -327,7 +332,7 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
         };
         // The demo owns its run directories: a rerun replaces them.
         let run_opts = RunOptions { resume: false, init: None, force: true, quiet: opts.quiet, stop: opts.stop.clone() };
-        let pre = train(&inputs, &run_opts)?;
+        let pre = train_on(be, &inputs, &run_opts, None)?;
         if pre.interrupted {
             bail!("interrupted during pre-training; resumable checkpoint: {}", pre.latest.display());
         }
@@ -353,14 +358,16 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
             val: Some(val.clone()),
             tokenizer: tok.clone(),
         };
-        let fine = train(&inputs, &RunOptions { init: Some(init), ..run_opts.clone() })?;
+        let fine = train_on(be, &inputs, &RunOptions { init: Some(init), ..run_opts.clone() }, None)?;
         if fine.interrupted {
             bail!("interrupted during fine-tuning; resumable checkpoint: {}", fine.latest.display());
         }
         let best = fine.best_checkpoint.clone().unwrap_or(fine.latest.clone());
         let ck = crate::checkpoint::load(&best)?;
-        let mut model = demovlp_model::Model::new(ck.model_config.clone());
-        ck.fill_params(&mut model.params)?;
+        let mut cpu_model = demovlp_model::Model::new(ck.model_config.clone());
+        ck.fill_params(&mut cpu_model.params)?;
+        let params = cpu_model.params.to_backend(&demovlp_model::Cpu, be);
+        let mut model = demovlp_model::Model::from_params_on(be.clone(), cpu_model.config.clone(), params);
         say(format!("{label}: evaluating on {} test clips ...", test.videos.len()));
         let eo = EvalOptions {
             shape: InputShape { frames: sizes.finetune.frames, regions: sizes.finetune.regions, text_len: sizes.text_len },
@@ -374,7 +381,7 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
         let r = evaluate(&mut model, &test, &tok, &eo)?;
         if keep {
             let dir = work.join(format!("{tag}_model"));
-            demovlp_model::io::save_model_dir(&model, &dir)?;
+            demovlp_model::io::save_model_dir(&cpu_model, &dir)?;
             // The training config next to the weights: `demovlp index` takes λ / masked-mean from it.
             let p = dir.join("train_config.toml");
             std::fs::write(&p, fine_cfg.to_toml()).with_context(|| format!("writing {}", p.display()))?;
