@@ -372,7 +372,7 @@ fn web_page_in_headless_chromium_search_click_explain_screenshot() {
     assert_eq!(code, Some(0));
     assert_eq!(summary["5xx"], 0, "{summary}");
     // The page, its health call, the search, the picture and the explanation.
-    for l in ["GET / 200", "GET /api/health 200", "GET /api/search 200", "GET /api/explain.svg 200", "GET /api/explain 200"] {
+    for l in ["GET / 200", "GET /api/health 200", "POST /api/search 200", "GET /api/explain.svg 200", "GET /api/explain 200"] {
         assert!(stderr.contains(l), "no '{l}' in the access log:\n{stderr}");
     }
 }
