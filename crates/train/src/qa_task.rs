@@ -250,7 +250,7 @@ pub fn run_qa_on<B: Backend>(be: &B, cfg: &QaConfig, data: &QaData, opts: &RunOp
             let mut best = qa_model_on(be, &best);
             let e = evaluate_qa(&mut best, t, &data.vocab, &data.tokenizer, cfg.shape(), cfg.train.eval_batch_size)?;
             let line = json!({"kind": "test", "test": t.name, "accuracy": e.accuracy, "out_of_vocabulary": e.out_of_vocabulary, "metrics": e.metrics});
-            append_log(&out.join("log.jsonl"), &line)?;
+            crate::runlog::Log::open(&out.join("log.jsonl"), true)?.write(line)?;
             Some(e)
         }
         _ => None,
@@ -261,13 +261,6 @@ pub fn run_qa_on<B: Backend>(be: &B, cfg: &QaConfig, data: &QaData, opts: &RunOp
 /// [`run_qa_on`] on the CPU, opening the config's data.
 pub fn run_qa(cfg: &QaConfig, opts: &RunOptions) -> Result<QaRunReport> {
     run_qa_on(&Cpu, cfg, &QaData::open(cfg)?, opts, None)
-}
-
-fn append_log(path: &Path, v: &serde_json::Value) -> Result<()> {
-    use std::io::Write;
-    let mut f =
-        std::fs::OpenOptions::new().create(true).append(true).open(path).with_context(|| format!("{}: cannot append", path.display()))?;
-    writeln!(f, "{v}").with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// The `last/` folder of a run written before the loop was shared (`last.prev/` when a save

@@ -81,13 +81,12 @@ pub fn params_hash(data: &[f32]) -> String {
 /// [`params_hash`] of several groups' parameters on a backend, as if their values were one
 /// buffer (read back one group at a time).
 pub fn params_hash_on<B: Backend>(be: &B, groups: &[&Params<B>]) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    use crate::dist::{fnv1a_continue, FNV1A_START};
+    let mut h = FNV1A_START;
     for p in groups {
         be.read_host(B::view(&p.data), |d| {
             for x in d {
-                for b in x.to_le_bytes() {
-                    h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
-                }
+                h = fnv1a_continue(h, &x.to_le_bytes());
             }
         });
     }

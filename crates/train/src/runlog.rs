@@ -87,19 +87,20 @@ pub fn write_plots(out: &Path, name: &str) -> Result<()> {
     Ok(())
 }
 
-/// The summary table of a run (the task adds its last evaluation's lines before the
-/// checkpoint paths).
-pub(crate) fn summary_table<E>(name: &str, r: &RunResult<E>, skipped: usize) -> String {
+/// The summary table of a run; `task_lines` (the task's lines about its last evaluation)
+/// stand before the checkpoint paths.
+pub(crate) fn summary_table<E>(name: &str, r: &RunResult<E>, task_lines: &str) -> String {
     let mut s = String::new();
     let line = "-".repeat(60);
     s += &format!("{line}\n run {:<30} {}\n{line}\n", name, if r.interrupted { "INTERRUPTED (resumable)" } else { "done" });
     s += &format!(" {:<24} {}\n", "steps", r.steps);
     s += &format!(" {:<24} {}\n", "epochs", r.epochs_done);
     s += &format!(" {:<24} {:.1}\n", "seconds", r.seconds);
-    s += &format!(" {:<24} {}\n", "skipped samples", skipped);
+    s += &format!(" {:<24} {}\n", "skipped samples", r.skipped_samples);
     if let Some(b) = r.best {
         s += &format!(" {:<24} {b:.3} (epoch {})\n", format!("best {}", r.monitor), r.best_epoch.unwrap_or(0));
     }
+    s += task_lines;
     s += &format!(" {:<24} {}\n", "latest checkpoint", r.latest.display());
     if let Some(b) = &r.best_checkpoint {
         s += &format!(" {:<24} {}\n", "best checkpoint", b.display());

@@ -641,11 +641,8 @@ impl<'a, B: Backend, T: Task<B>> Trainer<'a, B, T> {
             skipped_samples: self.skipped_total,
         };
         if self.rank == 0 {
-            let mut table = crate::runlog::summary_table(&s.name, &result, self.skipped_total);
-            if let Some(e) = &result.last_metrics {
-                let at = table.rfind(" latest checkpoint").unwrap_or(table.len());
-                table.insert_str(at, &self.task.summary(e));
-            }
+            let task_lines = result.last_metrics.as_ref().map(|e| self.task.summary(e)).unwrap_or_default();
+            let table = crate::runlog::summary_table(&s.name, &result, &task_lines);
             let summary = s.output_dir.join("summary.txt");
             std::fs::write(&summary, &table).with_context(|| format!("cannot write {}", summary.display()))?;
             if !self.opts.quiet {
