@@ -529,25 +529,35 @@ impl Server {
 }
 
 /// Resolves on SIGINT or SIGTERM with the signal's name.
-pub async fn shutdown_signal() -> String {
+///
+/// The handlers are installed when this is called, not when the future is first polled: a
+/// caller that announces itself (the listening line) after calling it cannot lose a signal sent
+/// in between to the default action (which would kill the process without a summary).
+/// Call it from inside the runtime (`rt.block_on` or `rt.enter()`).
+pub fn shutdown_signal() -> impl std::future::Future<Output = String> + Send + 'static {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-            (Ok(mut term), Ok(mut int)) => tokio::select! {
-                _ = term.recv() => "SIGTERM".into(),
-                _ = int.recv() => "SIGINT".into(),
-            },
-            _ => {
-                let _ = tokio::signal::ctrl_c().await;
-                "SIGINT".into()
+        let installed = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()));
+        async move {
+            match installed {
+                (Ok(mut term), Ok(mut int)) => tokio::select! {
+                    _ = term.recv() => "SIGTERM".to_string(),
+                    _ = int.recv() => "SIGINT".to_string(),
+                },
+                _ => {
+                    let _ = tokio::signal::ctrl_c().await;
+                    "SIGINT".to_string()
+                }
             }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
-        "SIGINT".into()
+        async move {
+            let _ = tokio::signal::ctrl_c().await;
+            "SIGINT".to_string()
+        }
     }
 }
 
@@ -566,8 +576,13 @@ pub fn runtime() -> Result<tokio::runtime::Runtime> {
 pub fn serve_until_signal(opts: ServeOptions) -> Result<Summary> {
     let rt = runtime()?;
     let server = rt.block_on(async { Server::bind(opts) })?;
+    // Handlers first, then the line that tells a client (or a test) it may send signals.
+    let stop = {
+        let _in_runtime = rt.enter();
+        shutdown_signal()
+    };
     println!("{}", serde_json::to_string(&server.listening())?);
-    let summary = rt.block_on(server.run(shutdown_signal()))?;
+    let summary = rt.block_on(server.run(stop))?;
     println!("{}", serde_json::to_string(&summary)?);
     Ok(summary)
 }
@@ -612,6 +627,23 @@ pub fn spawn(opts: ServeOptions) -> Result<Running> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A signal that arrives after `shutdown_signal()` returned but before its future is first
+    /// polled is caught, not left to the default action (which ends the process: the serve CLI
+    /// printed its listening line in that window and a quick SIGINT killed it without a summary).
+    #[cfg(unix)]
+    #[test]
+    fn a_signal_between_install_and_first_poll_is_caught() {
+        let rt = runtime().unwrap();
+        let stop = {
+            let _in_runtime = rt.enter();
+            shutdown_signal()
+        };
+        // Nothing has polled `stop` yet.
+        assert_eq!(unsafe { libc::raise(libc::SIGINT) }, 0);
+        let why = rt.block_on(async { tokio::time::timeout(std::time::Duration::from_secs(10), stop).await });
+        assert_eq!(why.expect("the signal was not delivered to the handler"), "SIGINT");
+    }
 
     /// A panic in a handler (outside the workers' catch_unwind) is a 500 JSON answer, and the
     /// server keeps answering.
