@@ -134,6 +134,23 @@ pub fn with_backend<J: OnBackend>(d: &DeviceArgs, job: J) -> Result<J::Out> {
     }
 }
 
+/// Where `serve` computes: `None` on the CPU, the GPU of `d` otherwise (`Err` naming what
+/// is missing).
+pub fn placement(d: &DeviceArgs) -> Result<Option<std::sync::Arc<dyn demovlp_serve::Placement>>> {
+    match d.device {
+        Device::Cpu => Ok(None),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(n) => {
+            check_available(d)?;
+            let backend = open(n, d.precision)?;
+            let name = format!("cuda:{n} {} ({:?}, GEMMs by {})", backend.info().name, d.precision, backend.gemm_library());
+            Ok(Some(std::sync::Arc::new(demovlp_serve::OnBackend { backend, name })))
+        }
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(n) => anyhow::bail!("--device cuda:{n}: {}", demovlp_cuda::NOT_BUILT),
+    }
+}
+
 /// A job on a QA model (towers + head), generic over the backend.
 pub trait OnQaModel {
     fn run<B: Backend>(self, model: demovlp_model::qa::QaModel<B>, device: &str) -> Result<()>;
@@ -219,16 +236,17 @@ impl ScoreDevice {
         progress: &dyn Fn(usize, usize),
     ) -> Result<Vec<f32>> {
         match self {
-            ScoreDevice::Cpu => Ok(demovlp_retrieval::eval_scores_with(texts, videos, opts, progress)),
+            ScoreDevice::Cpu => Backend::eval_scores(&demovlp_model::Cpu, texts, videos, opts, progress).map_err(anyhow::Error::msg),
             #[cfg(feature = "cuda")]
             ScoreDevice::Cuda(be) => {
-                be.eval_scores(texts, videos, opts, progress).map_err(|e| anyhow::anyhow!("CUDA evaluation scores: {e}"))
+                Backend::eval_scores(be, texts, videos, opts, progress).map_err(|e| anyhow::anyhow!("CUDA evaluation scores: {e}"))
             }
         }
     }
 }
 
-/// `eval` on the device of `d`: embeddings by the model on that backend, scores there too.
+/// `eval` on the device of `d`: embeddings by the model on that backend, scores there too
+/// ([`Backend::eval_scores`]).
 pub fn evaluate_on(
     d: &DeviceArgs,
     mut model: Model,
@@ -246,8 +264,7 @@ pub fn evaluate_on(
             let mut m = Model::from_params_on(be.clone(), model.config.clone(), params);
             drop(model);
             eprintln!("evaluating on cuda:{n} {} ({:?})", be.info().name, d.precision);
-            let dev = ScoreDevice::Cuda(be);
-            demovlp_train::eval::evaluate_with(&mut m, set, tok, opts, &|t, v, o, p| dev.scores(t, v, o, p))
+            demovlp_train::eval::evaluate(&mut m, set, tok, opts)
         }
         #[cfg(not(feature = "cuda"))]
         Device::Cuda(n) => anyhow::bail!("--device cuda:{n}: {}", demovlp_cuda::NOT_BUILT),

@@ -215,15 +215,20 @@ pub struct SearchArgs {
     /// Score with --masked-mean / --masked-mean=false instead of the index's setting (warns when they differ).
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     masked_mean: Option<bool>,
+    /// Where the queries' text tower and the re-rank scores run (the first stage and the
+    /// index stay in host memory; `--vs-exhaustive`'s reference is scored on the host).
+    #[command(flatten)]
+    device: crate::device::DeviceArgs,
 }
 
 pub fn search(a: SearchArgs) -> Result<()> {
+    crate::device::check_available(&a.device)?;
     let stage = FirstStage::from_name(&a.first_stage)?;
     let mut engine = Engine::open_for(&a.index, stage, a.exact_threshold)?;
     for w in engine.override_loss(a.lambda, a.masked_mean) {
         eprintln!("warning: {w}");
     }
-    let mut model = engine.load_model_from(a.model.as_deref())?;
+    let model = engine.load_model_from(a.model.as_deref())?;
     let queries: Vec<String> = match (&a.text, &a.queries) {
         (Some(t), None) => vec![t.clone()],
         (None, Some(p)) => std::io::BufReader::new(std::fs::File::open(p).with_context(|| format!("opening {}", p.display()))?)
@@ -234,33 +239,52 @@ pub fn search(a: SearchArgs) -> Result<()> {
             .collect(),
         _ => bail!("give a query text or --queries FILE"),
     };
-    let rerank = a.rerank.unwrap_or_else(|| default_rerank(engine.index.len()));
-    let mut tally = Tally::default();
-    for q in &queries {
-        let e = engine.embed_query(&mut model, q)?;
-        let t0 = std::time::Instant::now();
-        let r = SearchResult { query: q.clone(), results: engine.search_embedded(&e, a.k, rerank) };
-        let ms = t0.elapsed().as_secs_f64() * 1e3;
+    let device = a.device.clone();
+    crate::device::run_model(&device, model, Queries { a, engine, queries })
+}
+
+/// The queries of `search`, run with the model on the chosen backend.
+struct Queries {
+    a: SearchArgs,
+    engine: Engine,
+    queries: Vec<String>,
+}
+
+impl crate::device::OnModel for Queries {
+    fn run<B: demovlp_model::backend::Backend>(self, mut model: demovlp_model::Model<B>, device: &str) -> Result<()> {
+        let Queries { a, mut engine, queries } = self;
+        if device != "cpu" {
+            engine.score_on(model.backend().clone(), device);
+            eprintln!("searching on {device}: the text tower and the re-rank scores");
+        }
+        let rerank = a.rerank.unwrap_or_else(|| default_rerank(engine.index.len()));
+        let mut tally = Tally::default();
+        for q in &queries {
+            let e = engine.embed_query(&mut model, q)?;
+            let t0 = std::time::Instant::now();
+            let r = SearchResult { query: q.clone(), results: engine.try_search_embedded(&e, a.k, rerank)? };
+            let ms = t0.elapsed().as_secs_f64() * 1e3;
+            if a.vs_exhaustive {
+                tally.add(&r.results, &exhaustive(&engine, &e, a.k), ms);
+            }
+            if a.json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!("{}", table(&r).trim_end());
+            }
+        }
         if a.vs_exhaustive {
-            tally.add(&r.results, &exhaustive(&engine, &e, a.k), ms);
+            let s = tally.finish(a.k);
+            if !a.json {
+                eprintln!(
+                    "vs exhaustive scoring over {} queries: agreement@1 {:.3}, recall@{} {:.3}; search p50 {:.1} ms, p99 {:.1} ms",
+                    s.queries, s.agreement_at_1, s.k, s.recall_at_k, s.p50_ms, s.p99_ms
+                );
+            }
+            println!("{}", serde_json::json!({ "vs_exhaustive": s }));
         }
-        if a.json {
-            println!("{}", serde_json::to_string(&r)?);
-        } else {
-            println!("{}", table(&r).trim_end());
-        }
+        Ok(())
     }
-    if a.vs_exhaustive {
-        let s = tally.finish(a.k);
-        if !a.json {
-            eprintln!(
-                "vs exhaustive scoring over {} queries: agreement@1 {:.3}, recall@{} {:.3}; search p50 {:.1} ms, p99 {:.1} ms",
-                s.queries, s.agreement_at_1, s.k, s.recall_at_k, s.p50_ms, s.p99_ms
-            );
-        }
-        println!("{}", serde_json::json!({ "vs_exhaustive": s }));
-    }
-    Ok(())
 }
 
 #[derive(clap::Args)]

@@ -76,6 +76,10 @@ pub struct ServeArgs {
     /// Folder of frame images to draw the explanations on: <dir>/<clip>/<frame>.jpg|png (or <dir>/<frame>.jpg|png).
     #[arg(long)]
     images: Option<PathBuf>,
+    /// Where each query's text tower and the re-rank scores run (the first stage and the
+    /// index stay in host memory).
+    #[command(flatten)]
+    device: crate::device::DeviceArgs,
 }
 
 pub fn serve(a: ServeArgs) -> Result<()> {
@@ -90,6 +94,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     o.rerank_auto = a.rerank.is_none();
     o.exact_threshold = a.exact_threshold;
     o.images = a.images;
+    o.device = crate::device::placement(&a.device)?;
     demovlp_serve::serve_until_signal(o)?;
     Ok(())
 }

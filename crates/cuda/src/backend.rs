@@ -584,6 +584,17 @@ impl Backend for CudaBackend {
         self.losses_on_device(cfg, x, use_local, grads)
     }
 
+    fn eval_scores(
+        &self,
+        texts: &demovlp_retrieval::EmbeddingSet,
+        videos: &demovlp_retrieval::EmbeddingSet,
+        opts: &demovlp_retrieval::EvalOptions,
+        progress: &dyn Fn(usize, usize),
+    ) -> Result<Vec<f32>, String> {
+        // The pair kernels of kernels/losses.cu (backend/losses.rs), the CPU's semantics.
+        CudaBackend::eval_scores(self, texts, videos, opts, progress)
+    }
+
     fn adamw_update(&self, c: &StepCoeffs, p: DevViewMut<'_>, g: DevView<'_>, m: DevViewMut<'_>, v: DevViewMut<'_>) {
         self.inner.bind();
         launch!(self, "adamw_update", blocks(g.len), T256, 0; p.ptr, g.ptr, m.ptr, v.ptr, g.len as i64, c.step_size, c.decay, c.beta1, c.beta2, c.eps);

@@ -10,9 +10,11 @@
 //! ranked.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use demovlp_data::TextTokenizer;
+use demovlp_model::backend::Backend;
 use demovlp_model::Model;
 use demovlp_retrieval::EmbeddingSet;
 use serde::Serialize;
@@ -107,6 +109,17 @@ pub struct Engine {
     /// The region first stage takes `refine_factor × N` clips by the codes, then the best N
     /// of those by the same formula on the stored region embeddings (1: no refinement).
     pub refine_factor: usize,
+    /// Where the re-rank scores are computed when not on the host ([`Engine::score_on`]).
+    device: Option<DeviceScorer>,
+}
+
+/// Re-rank scores on a device: [`Backend::eval_scores`] of one query against a block of
+/// clips, and the device's name.
+#[derive(Clone)]
+pub struct DeviceScorer {
+    pub name: String,
+    #[allow(clippy::type_complexity)]
+    scores: Arc<dyn Fn(&EmbeddingSet, &EmbeddingSet, &demovlp_retrieval::EvalOptions) -> Result<Vec<f32>, String> + Send + Sync>,
 }
 
 impl Engine {
@@ -125,6 +138,7 @@ impl Engine {
             first_stage: FirstStage::Regions,
             codes: None,
             refine_factor: DEFAULT_REFINE,
+            device: None,
         })
     }
 
@@ -231,7 +245,7 @@ impl Engine {
         Ok(())
     }
 
-    pub fn embed_query(&self, model: &mut Model, text: &str) -> Result<TextQuery> {
+    pub fn embed_query<B: Backend>(&self, model: &mut Model<B>, text: &str) -> Result<TextQuery> {
         Self::check_query(text)?;
         let st = self.index.settings();
         let l = st.text_len;
@@ -351,13 +365,29 @@ impl Engine {
         }
     }
 
-    /// Exact global + local scores of `clips` for the query (the evaluation's score), in
-    /// blocks of [`RERANK_BLOCK`] clips (memory stays bounded when every clip is scored).
-    pub fn rerank_scores(&self, q: &TextQuery, clips: &[usize]) -> Vec<(f32, f32)> {
-        clips.chunks(RERANK_BLOCK).flat_map(|c| self.rerank_block(q, c)).collect()
+    /// Computes the re-rank scores of [`Engine::try_search_embedded`] on `be` (a GPU: the
+    /// clips' embeddings go up block by block, the scores come back); the first stage stays on
+    /// the host. On a device the local term is reported as the total minus the host's global
+    /// cosine (it may differ from the host's in the last bit).
+    pub fn score_on<B: Backend>(&mut self, be: B, name: &str) {
+        let scores =
+            Arc::new(move |t: &EmbeddingSet, v: &EmbeddingSet, o: &demovlp_retrieval::EvalOptions| be.eval_scores(t, v, o, &|_, _| {}));
+        self.device = Some(DeviceScorer { name: name.to_string(), scores });
     }
 
-    fn rerank_block(&self, q: &TextQuery, clips: &[usize]) -> Vec<(f32, f32)> {
+    /// The device re-rank scores are computed on ([`Engine::score_on`]); `None`: the host.
+    pub fn device(&self) -> Option<&str> {
+        self.device.as_ref().map(|d| d.name.as_str())
+    }
+
+    /// Exact global + local scores of `clips` for the query (the evaluation's score), on the
+    /// host, in blocks of [`RERANK_BLOCK`] clips (memory stays bounded when every clip is
+    /// scored).
+    pub fn rerank_scores(&self, q: &TextQuery, clips: &[usize]) -> Vec<(f32, f32)> {
+        clips.chunks(RERANK_BLOCK).flat_map(|c| self.rerank_block(q, c, None).unwrap_or_default()).collect()
+    }
+
+    fn rerank_block(&self, q: &TextQuery, clips: &[usize], device: Option<&DeviceScorer>) -> Result<Vec<(f32, f32)>> {
         let st = self.index.settings();
         let (p, nl) = (st.proj_dim, st.locals());
         let n = clips.len();
@@ -377,16 +407,40 @@ impl Engine {
         let texts = EmbeddingSet { count: 1, len: lt, dim: p, global: &q.global, local: &q.local, mask_additive: &q.mask_additive };
         let videos = EmbeddingSet { count: n, len: nl, dim: p, global: &vg, local: &vl, mask_additive: &vm };
         let g = demovlp_retrieval::global::cosine_matrix(&q.global, 1, &vg, n, p);
+        if let Some(d) = device {
+            let opts = demovlp_retrieval::EvalOptions {
+                lambda: st.lambda,
+                mode: demovlp_retrieval::ScoreMode::Aligned,
+                use_local: true,
+                masked_mean: st.masked_mean,
+            };
+            let total = (d.scores)(&texts, &videos, &opts).map_err(|e| anyhow::anyhow!("re-rank scores on {}: {e}", d.name))?;
+            if total.len() != n {
+                bail!("re-rank scores on {}: {} scores for {n} clips", d.name, total.len());
+            }
+            return Ok(g.into_iter().zip(total).map(|(g, t)| (g, t - g)).collect());
+        }
         let s = demovlp_retrieval::eval::local_scores(&texts, &videos, st.lambda, st.masked_mean, &|_, _| {});
-        g.into_iter().zip(s).collect()
+        Ok(g.into_iter().zip(s).collect())
     }
 
     /// Top `k` for an embedded query; `rerank` = N candidates re-ranked (0: global only).
     /// An index of a model trained without the region-word loss ranks by the global term
     /// alone whatever `rerank` says.
+    /// Scores on the host whatever [`Engine::score_on`] chose (the exhaustive reference).
     pub fn search_embedded(&self, q: &TextQuery, k: usize, rerank: usize) -> Vec<Hit> {
+        self.search_with(q, k, rerank, None).unwrap_or_default()
+    }
+
+    /// [`Engine::search_embedded`] with the re-rank scores on the engine's device, if it has
+    /// one (`Err`: the device failed).
+    pub fn try_search_embedded(&self, q: &TextQuery, k: usize, rerank: usize) -> Result<Vec<Hit>> {
+        self.search_with(q, k, rerank, self.device.as_ref())
+    }
+
+    fn search_with(&self, q: &TextQuery, k: usize, rerank: usize, device: Option<&DeviceScorer>) -> Result<Vec<Hit>> {
         if self.index.is_empty() || k == 0 {
-            return vec![];
+            return Ok(vec![]);
         }
         let rerank = if self.index.settings().use_local { rerank } else { 0 };
         if rerank == 0 {
@@ -401,10 +455,13 @@ impl Engine {
                 .map(|(&i, g)| Hit { clip: self.index.clip_id(i).into(), score: g, global: g, local: None })
                 .collect();
             sort_hits(&mut hits);
-            return hits;
+            return Ok(hits);
         }
         let ids = self.first_stage_ids(q, rerank.max(k));
-        let s = self.rerank_scores(q, &ids);
+        let mut s = Vec::with_capacity(ids.len());
+        for c in ids.chunks(RERANK_BLOCK) {
+            s.extend(self.rerank_block(q, c, device)?);
+        }
         let mut hits: Vec<Hit> = ids
             .iter()
             .zip(s)
@@ -413,16 +470,16 @@ impl Engine {
             .collect();
         sort_hits(&mut hits);
         hits.truncate(k);
-        hits
+        Ok(hits)
     }
 
     fn global_rows(&self, ids: &[usize]) -> Vec<f32> {
         ids.iter().flat_map(|&i| self.index.global(i).iter().copied()).collect()
     }
 
-    pub fn search(&self, model: &mut Model, text: &str, k: usize, rerank: usize) -> Result<SearchResult> {
+    pub fn search<B: Backend>(&self, model: &mut Model<B>, text: &str, k: usize, rerank: usize) -> Result<SearchResult> {
         let q = self.embed_query(model, text)?;
-        Ok(SearchResult { query: text.into(), results: self.search_embedded(&q, k, rerank) })
+        Ok(SearchResult { query: text.into(), results: self.try_search_embedded(&q, k, rerank)? })
     }
 }
 

@@ -73,6 +73,37 @@ fn rerank_equals_the_evaluation_scores_computed_independently() {
     }
 }
 
+/// On a device (the simulated one: memory reachable only through transfers), the query's
+/// text tower and the re-rank scores run there and give the host's ranking and scores.
+#[test]
+fn on_a_device_the_text_tower_and_rerank_give_the_hosts_results() {
+    use demovlp_model::backend::sim::SimDevice;
+    let w = world();
+    let mut host = Engine::open(&w.index).unwrap();
+    host.prepare().unwrap();
+    let mut cpu_model = host.load_model().unwrap();
+    let sim = SimDevice::new();
+    let mut dev = Engine::open(&w.index).unwrap();
+    dev.prepare().unwrap();
+    dev.score_on(sim.clone(), "sim");
+    assert_eq!((host.device(), dev.device()), (None, Some("sim")));
+    let cpu = dev.load_model().unwrap();
+    let params = cpu.params.to_backend(&demovlp_model::Cpu, &sim);
+    let mut sim_model = demovlp_model::Model::from_params_on(sim.clone(), cpu.config.clone(), params);
+    for s in w.samples.iter().take(8) {
+        let want = host.search(&mut cpu_model, &s.captions[0], 10, 50).unwrap().results;
+        let got = dev.search(&mut sim_model, &s.captions[0], 10, 50).unwrap().results;
+        assert_eq!(want.iter().map(|h| &h.clip).collect::<Vec<_>>(), got.iter().map(|h| &h.clip).collect::<Vec<_>>(), "{}", s.captions[0]);
+        for (a, b) in want.iter().zip(&got) {
+            assert_eq!(a.global.to_bits(), b.global.to_bits(), "{}", a.clip);
+            assert!((a.score - b.score).abs() <= 1e-5 * a.score.abs().max(1.0), "{}: {} vs {}", a.clip, a.score, b.score);
+            assert!((a.local.unwrap() - b.local.unwrap()).abs() <= 1e-5 * a.score.abs().max(1.0), "{}", a.clip);
+        }
+    }
+    // One score run per query (50 candidates fit one block), and none on the host engine.
+    assert_eq!(sim.snapshot().score_runs, 8);
+}
+
 #[test]
 fn explanation_reproduces_the_pair_similarity() {
     let w = world();

@@ -38,6 +38,7 @@ use serde::Serialize;
 pub use error::ApiError;
 use error::{json_response, panic_message};
 use pool::{Hook, Output, Pool, SharedModel, Task};
+pub use pool::{OnBackend, Placement, QueryModel};
 use query::Params;
 
 /// The web page: HTML, CSS and JavaScript in one file, compiled in.
@@ -70,6 +71,8 @@ pub struct ServeOptions {
     pub exact_threshold: usize,
     /// Frame pictures for the SVG explanations (as `demovlp explain --images`).
     pub images: Option<PathBuf>,
+    /// Where the text tower and the re-rank run (`None`: the CPU).
+    pub device: Option<Arc<dyn Placement>>,
     /// Called by a worker with the query before computing (tests: slow work, panics).
     #[doc(hidden)]
     pub hook: Option<Hook>,
@@ -92,8 +95,14 @@ impl ServeOptions {
             rerank_auto: false,
             exact_threshold: DEFAULT_EXACT_THRESHOLD,
             images: None,
+            device: None,
             hook: None,
         }
+    }
+
+    /// Where the text tower and the re-rank run, in words.
+    pub fn device_name(&self) -> String {
+        self.device.as_ref().map_or_else(|| "cpu".to_string(), |d| d.name())
     }
 
     fn check(&self) -> Result<()> {
@@ -148,6 +157,8 @@ pub struct Listening {
     pub url: String,
     pub clips: usize,
     pub model: String,
+    /// Where the text tower and the re-rank run (`cpu`, or the GPU's name).
+    pub device: String,
     pub index: String,
     pub workers: usize,
     pub queue: usize,
@@ -338,6 +349,7 @@ async fn health(State(app): Shared, uri: Uri) -> Result<Response, ApiError> {
         "status": "ok",
         "clips": app.engine.index.len(),
         "model": app.model_path,
+        "device": app.opts.device_name(),
         "index": app.opts.index.display().to_string(),
         "uptime_s": app.started.elapsed().as_secs_f64(),
         "frames": st.frames,
@@ -436,15 +448,22 @@ impl Server {
     /// the address (`:0` picks a free port).
     pub fn bind(opts: ServeOptions) -> Result<Server> {
         opts.check()?;
-        let engine = Engine::open_for(&opts.index, FirstStage::Regions, opts.exact_threshold)
+        let mut engine = Engine::open_for(&opts.index, FirstStage::Regions, opts.exact_threshold)
             .with_context(|| format!("opening the index {}", opts.index.display()))?;
         let mut opts = opts;
         if opts.rerank_auto {
             opts.rerank = demovlp_search::search::default_rerank(engine.index.len()).min(opts.max_rerank);
         }
-        let mut model = engine.load_model_from(opts.model.as_deref())?;
+        let cpu_model = engine.load_model_from(opts.model.as_deref())?;
+        let mut model: Box<dyn QueryModel> = match &opts.device {
+            Some(d) => {
+                d.score_on(&mut engine);
+                d.place(cpu_model)?
+            }
+            None => Box::new(cpu_model),
+        };
         let model_path = opts.model.as_ref().map_or_else(|| engine.index.settings().model.clone(), |p| p.display().to_string());
-        engine.embed_query(&mut model, "warm up").with_context(|| {
+        model.embed(&engine, "warm up").with_context(|| {
             format!("the model {model_path} does not fit the index {} (built with {})", opts.index.display(), engine.index.settings().model)
         })?;
         if let Some(d) = &opts.images {
@@ -462,7 +481,7 @@ impl Server {
             );
         }
         let engine = Arc::new(engine);
-        let shared = SharedModel::new(model, opts.model.clone());
+        let shared = SharedModel::new(model, opts.model.clone(), opts.device.clone());
         let pool = Pool::start(engine.clone(), shared, opts.workers, opts.queue, opts.images.clone(), opts.hook.clone())
             .context("starting the worker threads")?;
         let app = Arc::new(App { engine, pool, opts, model_path, started: Instant::now(), counts: Counts::default() });
@@ -481,6 +500,7 @@ impl Server {
             url: format!("http://{}/", self.addr),
             clips: a.engine.index.len(),
             model: a.model_path.clone(),
+            device: a.opts.device_name(),
             index: a.opts.index.display().to_string(),
             workers: a.pool.threads,
             queue: a.pool.capacity,

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+use demovlp_model::backend::Backend;
 use demovlp_model::Model;
 use demovlp_search::explain::Explanation;
 use demovlp_search::search::{Engine, SearchResult, TextQuery};
@@ -72,16 +73,65 @@ pub struct Pool {
     pub threads: usize,
 }
 
+/// A model that embeds queries, on whichever backend it lives.
+pub trait QueryModel: Send {
+    fn embed(&mut self, engine: &Engine, text: &str) -> anyhow::Result<TextQuery>;
+}
+
+impl<B: Backend> QueryModel for Model<B>
+where
+    Model<B>: Send,
+{
+    fn embed(&mut self, engine: &Engine, text: &str) -> anyhow::Result<TextQuery> {
+        engine.embed_query(self, text)
+    }
+}
+
+/// Where the server computes: the text tower of each query and the re-rank scores (the
+/// first stage, the index and the workers stay on the host).
+pub trait Placement: Send + Sync {
+    /// E.g. `cuda:0 NVIDIA H100 (Fp32)`.
+    fn name(&self) -> String;
+    /// The model of the CPU, copied onto the device.
+    fn place(&self, model: Model) -> anyhow::Result<Box<dyn QueryModel>>;
+    /// Points the engine's re-rank at the device.
+    fn score_on(&self, engine: &mut Engine);
+}
+
+/// [`Placement`] on a backend (a GPU's, or the simulated device in tests).
+pub struct OnBackend<B: Backend> {
+    pub backend: B,
+    pub name: String,
+}
+
+impl<B: Backend> Placement for OnBackend<B>
+where
+    Model<B>: Send,
+{
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+    fn place(&self, model: Model) -> anyhow::Result<Box<dyn QueryModel>> {
+        let params = model.params.to_backend(&demovlp_model::Cpu, &self.backend);
+        Ok(Box::new(Model::from_params_on(self.backend.clone(), model.config.clone(), params)))
+    }
+    fn score_on(&self, engine: &mut Engine) {
+        engine.score_on(self.backend.clone(), &self.name);
+    }
+}
+
 /// The one copy of the model the workers share, and where to reload it from.
 pub struct SharedModel {
-    model: Mutex<Model>,
+    model: Mutex<Box<dyn QueryModel>>,
     path: Option<PathBuf>,
+    device: Option<Arc<dyn Placement>>,
 }
 
 impl SharedModel {
-    /// `path`: what [`Engine::load_model_from`] loads it from again after a panic.
-    pub fn new(model: Model, path: Option<PathBuf>) -> SharedModel {
-        SharedModel { model: Mutex::new(model), path }
+    /// `path`: what [`Engine::load_model_from`] loads it from again after a panic (then
+    /// placed on `device` again).
+    pub fn new(model: Box<dyn QueryModel>, path: Option<PathBuf>, device: Option<Arc<dyn Placement>>) -> SharedModel {
+        SharedModel { model: Mutex::new(model), path, device }
     }
 
     /// Embeds a query under the lock. A panic inside leaves the lock poisoned; the next
@@ -91,12 +141,16 @@ impl SharedModel {
             Ok(g) => g,
             Err(p) => {
                 let mut g = p.into_inner();
-                *g = engine.load_model_from(self.path.as_deref())?;
+                let cpu = engine.load_model_from(self.path.as_deref())?;
+                *g = match &self.device {
+                    Some(d) => d.place(cpu)?,
+                    None => Box::new(cpu),
+                };
                 self.model.clear_poison();
                 g
             }
         };
-        engine.embed_query(&mut g, text)
+        g.embed(engine, text)
     }
 }
 
@@ -117,7 +171,12 @@ impl Worker {
         match task {
             Task::Search { q, k, rerank } => {
                 let tq = self.model.embed(e, q).map_err(|err| ApiError::internal(format!("search failed: {err:#}")))?;
-                Ok(Output::Search(SearchResult { query: q.clone(), results: e.search_embedded(&tq, *k, *rerank) }))
+                Ok(Output::Search(SearchResult {
+                    query: q.clone(),
+                    results: e
+                        .try_search_embedded(&tq, *k, *rerank)
+                        .map_err(|err| ApiError::internal(format!("search failed: {err:#}")))?,
+                }))
             }
             Task::Explain { clip, q, svg } => {
                 let x = self

@@ -274,6 +274,32 @@ fn full_queue_503_time_limit_504_panic_500_server_lives_on_and_stops_gracefully(
     assert!(s.requests > 0 && std::net::TcpStream::connect(&addr).is_err(), "still listening after stop");
 }
 
+/// `--device`: a server placed on a device (the simulated one) embeds the queries and
+/// re-ranks there, says so in /api/health, and answers with the host server's clips.
+#[test]
+fn on_a_device_the_server_answers_with_the_hosts_clips() {
+    use demovlp_model::backend::sim::SimDevice;
+    let w = world();
+    let sim = SimDevice::new();
+    let (host, host_addr) = start(|_| {});
+    let (dev, dev_addr) = start(|o| o.device = Some(Arc::new(demovlp_serve::OnBackend { backend: sim.clone(), name: "sim".into() })));
+    assert_eq!(dev.listening.device, "sim");
+    assert_eq!(get(&dev_addr, "/api/health").json()["device"], "sim");
+    assert_eq!(get(&host_addr, "/api/health").json()["device"], "cpu");
+    let before = sim.snapshot().score_runs;
+    for (_, q) in w.captions.iter().take(6) {
+        let clips = |addr: &str| -> Vec<serde_json::Value> {
+            let r = get(addr, &search_target(q, "&k=5&rerank=40"));
+            assert_eq!(r.status, 200, "{}", r.text());
+            r.json()["results"].as_array().unwrap().iter().map(|h| h["clip"].clone()).collect()
+        };
+        assert_eq!(clips(&host_addr), clips(&dev_addr), "{q}");
+    }
+    assert_eq!(sim.snapshot().score_runs - before, 6, "one re-rank score run per query, on the device");
+    host.stop().unwrap();
+    dev.stop().unwrap();
+}
+
 #[test]
 fn many_concurrent_clients_are_all_answered_with_the_sequential_answers() {
     let w = world();

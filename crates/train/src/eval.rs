@@ -13,7 +13,7 @@ use demovlp_data::batches::{assemble_videos, InputShape};
 use demovlp_data::{FeatureSource, Sample};
 use demovlp_model::backend::Backend;
 use demovlp_model::Model;
-use demovlp_retrieval::{eval_scores_with, retrieval_metrics, EmbeddingSet, RetrievalMetrics, ScoreMode};
+use demovlp_retrieval::{retrieval_metrics, EmbeddingSet, RetrievalMetrics, ScoreMode};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::text::Tokenizer;
@@ -102,23 +102,9 @@ fn bar(show: bool, len: usize, what: &str) -> ProgressBar {
     pb
 }
 
-/// The scoring step of [`evaluate_with`]: texts × videos → `[T, V]` scores (rows = texts),
-/// with `progress(done, total)`; the CPU's is [`eval_scores_with`], a GPU's computes the same.
-pub type Scorer<'a> = &'a dyn Fn(&EmbeddingSet, &EmbeddingSet, &demovlp_retrieval::EvalOptions, &dyn Fn(usize, usize)) -> Result<Vec<f32>>;
-
-/// Embed, score and measure (on the model's backend; scores by the CPU's blocked kernel).
+/// Embed, score and measure, all on the model's backend (the scores by
+/// [`Backend::eval_scores`]: the CPU's blocked kernel, a GPU's pair kernels).
 pub fn evaluate<B: Backend>(model: &mut Model<B>, set: &EvalSet, tok: &Tokenizer, opt: &EvalOptions) -> Result<EvalResult> {
-    evaluate_with(model, set, tok, opt, &|t, v, o, p| Ok(eval_scores_with(t, v, o, p)))
-}
-
-/// [`evaluate`] with the scores computed by `score` (e.g. on a GPU).
-pub fn evaluate_with<B: Backend>(
-    model: &mut Model<B>,
-    set: &EvalSet,
-    tok: &Tokenizer,
-    opt: &EvalOptions,
-    score: Scorer,
-) -> Result<EvalResult> {
     let t0 = Instant::now();
     let (nv, nt) = (set.videos.len(), set.captions.len());
     let (l, p) = (opt.shape.text_len, model.config.proj_dim);
@@ -172,7 +158,7 @@ pub fn evaluate_with<B: Backend>(
         bail!("{}: the published (reference) score combination needs as many texts as videos, got {nt} texts and {nv} videos", set.name);
     }
     let so = demovlp_retrieval::EvalOptions { lambda: opt.lambda, mode: opt.mode, use_local: opt.use_local, masked_mean: opt.masked_mean };
-    let sims = score(&texts, &videos, &so, &progress)?;
+    let sims = model.backend().eval_scores(&texts, &videos, &so, &progress).map_err(|e| anyhow::anyhow!("evaluation scores: {e}"))?;
     pb.finish_and_clear();
     if let Some(i) = sims.iter().position(|x| !x.is_finite()) {
         let (t, v) = (i / nv, i % nv);

@@ -241,6 +241,14 @@ fn on_a_simulated_device_the_loop_gives_the_cpus_bits_and_a_step_moves_only_its_
     let r = train_on(&sim, &inputs(&out, Some(10), corpus.clone(), &corpus), &RunOptions { resume: true, ..quiet() }, None).unwrap();
     assert_eq!(r.steps, 10);
     assert_pinned("train_loop/resume", &r.params_hash, PIN_RESUME);
+    // Validation scored on the device (Backend::eval_scores), with the CPU's metrics.
+    assert!(sim.snapshot().score_runs >= 1, "validation scores were not computed on the device: {:?}", sim.snapshot());
+    let cpu_out = tmp("sim-resume-cpu");
+    let cpu = train_on(&demovlp_model::Cpu, &inputs(&cpu_out, Some(10), corpus.clone(), &corpus), &quiet(), None).unwrap();
+    assert_eq!(cpu.params_hash, r.params_hash);
+    assert!(r.last_metrics.is_some(), "the resumed run validated");
+    assert_eq!(format!("{:?}", cpu.last_metrics), format!("{:?}", r.last_metrics), "validation metrics differ from the CPU's");
+    std::fs::remove_dir_all(&cpu_out).ok();
     std::fs::remove_dir_all(&out).ok();
 
     // One step's cost: a run of 3 steps minus a run of 2 (no validation, the same start and

@@ -86,7 +86,7 @@ pub use cpu::Cpu;
 use demovlp_kernels::attention::AttnShape;
 pub use demovlp_kernels::linear::Grads;
 use demovlp_kernels::Rng;
-use demovlp_retrieval::{LossConfig, LossOutputs};
+use demovlp_retrieval::{EmbeddingSet, EvalOptions, LossConfig, LossOutputs};
 use std::fmt::Debug;
 use std::ops::Range;
 
@@ -434,6 +434,21 @@ pub trait Backend: Clone + Debug + Default + Send + Sync + 'static {
             *dst = g;
         }
         out
+    }
+
+    /// Evaluation scores `[T, V]` (rows = texts) of embeddings held on the host, with
+    /// [`demovlp_retrieval::eval_scores_with`]'s semantics (`progress(done, total)` as it
+    /// goes). The default is that CPU function; a device scores with its own kernels, so
+    /// `eval`, validation inside a training run and search's re-rank all score where the
+    /// model runs. `Err` is a device failure, in words.
+    fn eval_scores(
+        &self,
+        texts: &EmbeddingSet,
+        videos: &EmbeddingSet,
+        opts: &EvalOptions,
+        progress: &dyn Fn(usize, usize),
+    ) -> Result<Vec<f32>, String> {
+        Ok(demovlp_retrieval::eval_scores_with(texts, videos, opts, progress))
     }
 
     // ---- optimiser -----------------------------------------------------------------------

@@ -30,7 +30,7 @@ use super::{Backend, Cpu, Grads, LossGradBufs, LossViews, TokenDims};
 use crate::adamw::StepCoeffs;
 use demovlp_kernels::attention::AttnShape;
 use demovlp_kernels::{dropout, Rng};
-use demovlp_retrieval::{LossConfig, LossOutputs};
+use demovlp_retrieval::{EmbeddingSet, EvalOptions, LossConfig, LossOutputs};
 use std::fmt;
 use std::ops::{Range, Sub};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -49,6 +49,8 @@ pub struct SimCounts {
     pub syncs: u64,
     pub allocations: u64,
     pub launches: u64,
+    /// Evaluation score matrices computed on the device ([`Backend::eval_scores`]).
+    pub score_runs: u64,
 }
 
 impl Sub for SimCounts {
@@ -61,6 +63,7 @@ impl Sub for SimCounts {
             syncs: self.syncs - earlier.syncs,
             allocations: self.allocations - earlier.allocations,
             launches: self.launches - earlier.launches,
+            score_runs: self.score_runs - earlier.score_runs,
         }
     }
 }
@@ -72,6 +75,7 @@ struct Stats {
     syncs: AtomicU64,
     allocs: AtomicU64,
     launches: AtomicU64,
+    score_runs: AtomicU64,
 }
 
 impl Stats {
@@ -155,13 +159,14 @@ impl SimDevice {
             syncs: s.syncs.load(Relaxed),
             allocations: s.allocs.load(Relaxed),
             launches: s.launches.load(Relaxed),
+            score_runs: s.score_runs.load(Relaxed),
         }
     }
 
     /// Sets every counter to zero.
     pub fn reset(&self) {
         let s = &self.stats;
-        for c in [&s.h2d, &s.d2h, &s.syncs, &s.allocs, &s.launches] {
+        for c in [&s.h2d, &s.d2h, &s.syncs, &s.allocs, &s.launches, &s.score_runs] {
             c.store(0, Relaxed);
         }
     }
@@ -627,6 +632,22 @@ impl Backend for SimDevice {
         loss
     }
 
+    fn eval_scores(
+        &self,
+        texts: &EmbeddingSet,
+        videos: &EmbeddingSet,
+        opts: &EvalOptions,
+        progress: &dyn Fn(usize, usize),
+    ) -> Result<Vec<f32>, String> {
+        // As a GPU does it: both sets up, one kernel, the [T, V] matrix back.
+        let values = |e: &EmbeddingSet| (e.global.len() + e.local.len() + e.mask_additive.len()) as u64;
+        self.upload(F32 * (values(texts) + values(videos)));
+        self.launch();
+        self.stats.score_runs.fetch_add(1, Relaxed);
+        let scores = CPU.eval_scores(texts, videos, opts, progress)?;
+        self.download(F32 * scores.len() as u64);
+        Ok(scores)
+    }
     fn losses(&self, cfg: &LossConfig, x: &LossViews<'_, Self>, use_local: bool, grads: bool) -> (LossOutputs, Option<LossGradBufs<Self>>) {
         // New buffers: the fits in `losses_into` allocate them.
         let mut g = grads.then(LossGradBufs::default);
