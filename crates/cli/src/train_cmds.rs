@@ -139,11 +139,23 @@ impl crate::device::OnBackend for DemoJob<'_> {
     }
 }
 
+/// A task demo (`demo --task`) on the chosen backend.
+struct TaskJob<'a>(demovlp_train::demo_tasks::DemoTask, &'a demo::DemoOptions);
+
+impl crate::device::OnBackend for TaskJob<'_> {
+    type Out = demovlp_train::demo_tasks::TaskDemoReport;
+    fn run<B: demovlp_model::Backend>(self, be: &B, device: &str) -> Result<Self::Out> {
+        if device != "cpu" {
+            eprintln!("demo --task: training and evaluating on {device}");
+        }
+        demovlp_train::demo_tasks::run_task_on(be, self.0, self.1)
+    }
+}
+
 pub fn demo(a: DemoArgs) -> Result<()> {
     crate::device::check_available(&a.device)?;
     if let Some(t) = a.task.as_deref() {
-        crate::device::cpu_only(&a.device, "demo --task")?;
-        return demo_task(t, a.quick, a.out.is_some(), a.seed, a.quiet, stop_flag());
+        return demo_task(&a.device, t, a.quick, a.out.is_some(), a.seed, a.quiet, stop_flag());
     }
     let opts = demo::DemoOptions { quick: a.quick, out: a.out, seed: a.seed, quiet: a.quiet, stop: Some(stop_flag()), sizes: None };
     let report = crate::device::with_backend(&a.device, DemoJob(&opts))?;
@@ -394,6 +406,7 @@ fn mode_description(mode: &str) -> &'static str {
 
 /// `demovlp demo --task qa|mc`.
 pub fn demo_task(
+    device: &crate::device::DeviceArgs,
     task: &str,
     quick: bool,
     has_out: bool,
@@ -401,7 +414,7 @@ pub fn demo_task(
     quiet: bool,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> Result<()> {
-    use demovlp_train::demo_tasks::{run_task, DemoTask};
+    use demovlp_train::demo_tasks::DemoTask;
     ensure!(!has_out, "--out is for the retrieval demo; `demo --task` keeps nothing on disk");
     let t = match task {
         "qa" => DemoTask::Qa,
@@ -409,7 +422,7 @@ pub fn demo_task(
         _ => bail!("--task: qa or mc"),
     };
     let opts = demovlp_train::demo::DemoOptions { quick, out: None, seed, quiet, stop: Some(stop), sizes: None };
-    let r = run_task(t, &opts)?;
+    let r = crate::device::with_backend(device, TaskJob(t, &opts))?;
     print!("{}", r.table);
     println!("{}", r.json_line());
     Ok(())

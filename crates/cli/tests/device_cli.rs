@@ -28,6 +28,7 @@ fn device_cuda_without_a_gpu_exits_1_with_the_reason() {
         &["eval-qa", "--model", "no-such-model", "--config", "no-such.toml", "--device", "cuda"],
         &["eval-mc", "--model", "no-such-model", "--questions", "q.jsonl", "--features", "f", "--device", "cuda"],
         &["demo", "--quick", "--device", "cuda"],
+        &["demo", "--task", "qa", "--device", "cuda"],
         &["index", "--model", "no-such-model", "--features", "f", "--all", "--out", "idx", "--device", "cuda"],
         // Search's text tower and re-rank, and the server's.
         &["search", "no-such-index", "a dog", "--device", "cuda"],

@@ -21,7 +21,7 @@ use demovlp_data::batches::{Dataset, InputShape};
 use demovlp_data::FeatureSource;
 use demovlp_kernels::rng::Rng;
 use demovlp_model::qa::{QaHead, QaHeadConfig, QaModel};
-use demovlp_model::{Cpu, Model};
+use demovlp_model::{Backend, Cpu, Model};
 
 use crate::config::{DatasetConfig, OptimConfig, ScheduleKind};
 use crate::demo::{stage_config, DemoOptions, DemoSizes};
@@ -30,7 +30,7 @@ use crate::mc::{evaluate_mc, McOptions};
 use crate::qa::load_qa_dir;
 use crate::qa_task::{loop_settings as qa_loop_settings, QaTask, BEST_DIR};
 use crate::qa_train::{evaluate_qa, QaConfig, QaSet, Vocabulary};
-use crate::retrieval_task::{train, TrainInputs};
+use crate::retrieval_task::{train_on, TrainInputs};
 use crate::synthetic::questions::{answer_vocabulary, questions};
 use crate::synthetic::{ClipSpec, Split, SyntheticCorpus};
 use crate::text::builtin_tokenizer;
@@ -71,7 +71,8 @@ impl TaskDemoReport {
 }
 
 /// Pre-train and fine-tune the demo's retrieval model (global + region-word loss).
-fn retrieval_model(
+fn retrieval_model<B: Backend>(
+    be: &B,
     opts: &DemoOptions,
     sizes: &DemoSizes,
     source: &Arc<dyn FeatureSource>,
@@ -111,7 +112,7 @@ fn retrieval_model(
         val: Some(val.clone()),
         tokenizer: tok.clone(),
     };
-    let pre = train(&inputs, &run_opts)?;
+    let pre = train_on(be, &inputs, &run_opts, None)?;
     if pre.interrupted {
         bail!("interrupted during pre-training");
     }
@@ -127,7 +128,7 @@ fn retrieval_model(
     );
     say(format!("retrieval model: fine-tuning ({} epochs, {} frames) ...", sizes.finetune.epochs, sizes.finetune.frames));
     let inputs = TrainInputs { config: fine_cfg, train: vec![set(Split::FinetuneTrain)], val: Some(val), tokenizer: tok };
-    let fine = train(&inputs, &RunOptions { init: Some(init), ..run_opts })?;
+    let fine = train_on(be, &inputs, &RunOptions { init: Some(init), ..run_opts }, None)?;
     if fine.interrupted {
         bail!("interrupted during fine-tuning");
     }
@@ -175,8 +176,14 @@ fn qa_samples(clips: &[ClipSpec], vocab: &Vocabulary) -> Vec<QaSample> {
         .collect()
 }
 
-/// Run the task demo.
+/// Run the task demo on the CPU.
 pub fn run_task(task: DemoTask, opts: &DemoOptions) -> Result<TaskDemoReport> {
+    run_task_on(&Cpu, task, opts)
+}
+
+/// Run the task demo on `be`: the retrieval model's training, the multiple-choice scores,
+/// the QA training and its evaluation all run there.
+pub fn run_task_on<B: Backend>(be: &B, task: DemoTask, opts: &DemoOptions) -> Result<TaskDemoReport> {
     let t0 = Instant::now();
     let sizes = opts.sizes.clone().unwrap_or_else(|| if opts.quick { DemoSizes::quick(opts.seed) } else { DemoSizes::full(opts.seed) });
     let say = |s: String| {
@@ -187,13 +194,15 @@ pub fn run_task(task: DemoTask, opts: &DemoOptions) -> Result<TaskDemoReport> {
     let corpus = Arc::new(SyntheticCorpus::new(sizes.corpus.clone()));
     let source: Arc<dyn FeatureSource> = corpus.clone();
     say(sizes.corpus.describe(opts.seed));
-    let mut model = retrieval_model(opts, &sizes, &source, &corpus, &say)?;
+    let model = retrieval_model(be, opts, &sizes, &source, &corpus, &say)?;
     let tok = builtin_tokenizer()?;
     let shape = InputShape { frames: sizes.finetune.frames, regions: sizes.finetune.regions, text_len: sizes.text_len };
     match task {
         DemoTask::Mc => {
             let qs = mc_questions(corpus.clips(Split::Test), opts.seed);
             say(format!("multiple choice: {} test clips x 5 captions ...", qs.len()));
+            let params = model.params.to_backend(&Cpu, be);
+            let mut model = Model::from_params_on(be.clone(), model.config.clone(), params);
             let r = evaluate_mc(&mut model, &qs, &source, &tok, &McOptions { shape, batch_size: 64, lambda: 20.0, masked_mean: false })?;
             let mut table = format!("DemoVLP demo --task mc: 5-way multiple choice on {} held-out synthetic clips\n", qs.len());
             table += &format!("{:<46} | {:>8}\n{}\n", "scoring", "accuracy", "-".repeat(57));
@@ -250,7 +259,7 @@ pub fn run_task(task: DemoTask, opts: &DemoOptions) -> Result<TaskDemoReport> {
             let mut qa_task = QaTask::new(&cfg, None, &vocab, &train_set, Some(&val_set), &tok).with_initial(qa);
             let settings = qa_loop_settings(&cfg)?;
             let run_opts = RunOptions { quiet: opts.quiet, force: true, stop: opts.stop.clone(), ..Default::default() };
-            let r = crate::trainer::run(&Cpu, &mut qa_task, &settings, (vec![train_set.dataset.clone()], tok.clone()), &run_opts, None);
+            let r = crate::trainer::run(be, &mut qa_task, &settings, (vec![train_set.dataset.clone()], tok.clone()), &run_opts, None);
             let best = r.and_then(|r| {
                 if r.interrupted {
                     bail!("stopped (interrupt) during QA training, after {} steps", r.steps);
@@ -264,7 +273,7 @@ pub fn run_task(task: DemoTask, opts: &DemoOptions) -> Result<TaskDemoReport> {
                 Ok(load_qa_dir(&scratch.join(BEST_DIR))?.model)
             });
             std::fs::remove_dir_all(&scratch).ok();
-            let mut best = best?;
+            let mut best = crate::qa::qa_model_on(be, &best?);
             let e = evaluate_qa(&mut best, &test_set, &vocab, &tok, shape, 64)?;
             // Baseline: the most frequent training answer, always.
             let mut counts = std::collections::HashMap::new();
@@ -411,6 +420,11 @@ mod tests {
         let line: serde_json::Value = serde_json::from_str(&mc.json_line()).unwrap();
         assert_eq!(line["task"], "mc");
         assert!(line["seconds"].is_number() && line["accuracy"].is_number());
+        // On a device (the simulated one): the same training and scores, bit for bit.
+        let sim = demovlp_model::backend::sim::SimDevice::new();
+        let on_sim = run_task_on(&sim, DemoTask::Mc, &opts).unwrap();
+        assert_eq!(on_sim.table, mc.table);
+        assert!(sim.snapshot().launches > 0);
         let qa = run_task(DemoTask::Qa, &opts).unwrap();
         assert!(qa.test_questions >= 300, "{} questions about 100 clips", qa.test_questions);
         assert!(qa.accuracy > qa.baseline + 5.0, "QA {} vs baseline {}", qa.accuracy, qa.baseline);
