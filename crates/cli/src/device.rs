@@ -29,12 +29,26 @@ impl FromStr for Device {
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "cpu" => Ok(Device::Cpu),
-            "cuda" => Ok(Device::Cuda(0)),
+            "cuda" => Ok(Device::Cuda(local_gpu(&|k| std::env::var(k).ok(), demovlp_cuda::device_count))),
             _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
                 Some(Ok(n)) => Ok(Device::Cuda(n)),
                 _ => Err(format!("unknown device {s:?}: cpu, cuda or cuda:N")),
             },
         }
+    }
+}
+
+/// The GPU `cuda` (without an index) means: under a launcher (`LOCAL_RANK` of torchrun,
+/// `SLURM_LOCALID` of srun) the local rank modulo the GPUs this process sees (the one the
+/// NCCL engine joins on too), else GPU 0.
+pub fn local_gpu(env: &dyn Fn(&str) -> Option<String>, count: impl FnOnce() -> Result<usize, String>) -> usize {
+    let local = ["LOCAL_RANK", "SLURM_LOCALID"].iter().find_map(|k| env(k)?.trim().parse::<usize>().ok());
+    match local {
+        Some(l) => match count() {
+            Ok(c) if c > 0 => l % c,
+            _ => 0,
+        },
+        None => 0,
     }
 }
 
@@ -432,5 +446,19 @@ mod tests {
         assert_eq!("cuda".parse::<Device>().unwrap(), Device::Cuda(0));
         assert_eq!("cuda:3".parse::<Device>().unwrap(), Device::Cuda(3));
         assert!("gpu".parse::<Device>().is_err() && "cuda:x".parse::<Device>().is_err());
+    }
+
+    #[test]
+    fn cuda_without_an_index_is_the_local_ranks_gpu_under_a_launcher() {
+        use super::local_gpu;
+        let env = |pairs: &'static [(&'static str, &'static str)]| move |k: &str| pairs.iter().find(|p| p.0 == k).map(|p| p.1.to_string());
+        let never = || -> Result<usize, String> { panic!("no launcher: the GPUs are not counted") };
+        assert_eq!(local_gpu(&env(&[]), never), 0);
+        assert_eq!(local_gpu(&env(&[("LOCAL_RANK", "5")]), || Ok(4)), 1);
+        assert_eq!(local_gpu(&env(&[("SLURM_LOCALID", "2")]), || Ok(8)), 2);
+        assert_eq!(local_gpu(&env(&[("LOCAL_RANK", "3"), ("SLURM_LOCALID", "1")]), || Ok(2)), 1, "LOCAL_RANK first");
+        // No GPU or no CUDA: GPU 0, whose opening then names what is missing.
+        assert_eq!(local_gpu(&env(&[("LOCAL_RANK", "3")]), || Err("built without CUDA".into())), 0);
+        assert_eq!(local_gpu(&env(&[("LOCAL_RANK", "3")]), || Ok(0)), 0);
     }
 }

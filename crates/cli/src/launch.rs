@@ -65,7 +65,14 @@ pub(crate) fn resolve_launch(d: &DistArgs) -> Result<Option<Launch>> {
 }
 
 /// Joins the other ranks (TCP engine); errors name the rank and the setting to change.
-pub(crate) fn join_ranks(launch: &Launch, d: &DistArgs, dist: &DistSection, config_text: &str, resume: bool) -> Result<Dist> {
+pub(crate) fn join_ranks(
+    launch: &Launch,
+    d: &DistArgs,
+    device: &crate::device::DeviceArgs,
+    dist: &DistSection,
+    config_text: &str,
+    resume: bool,
+) -> Result<Dist> {
     let io = match d.dist_timeout {
         Some(s) if s.is_finite() && s > 0.0 => s,
         Some(s) => bail!("--dist-timeout {s}: a number of seconds > 0 is needed"),
@@ -82,9 +89,19 @@ pub(crate) fn join_ranks(launch: &Launch, d: &DistArgs, dist: &DistSection, conf
     let say = |m: &str| eprintln!("{prefix}{m}");
     let coll: Box<dyn demovlp_train::dist::Collective> = match d.dist_engine.as_str() {
         #[cfg(feature = "cuda")]
-        "nccl" => Box::new(demovlp_train::nccl::NcclCollective::join(launch, &me, t, &say)?),
+        "nccl" => {
+            // The training backend's GPU, so the gradients are summed where they are.
+            let gpu = match device.device {
+                crate::device::Device::Cuda(n) => Some(n),
+                crate::device::Device::Cpu => None,
+            };
+            Box::new(demovlp_train::nccl::NcclCollective::join(launch, &me, t, gpu, &say)?)
+        }
         #[cfg(not(feature = "cuda"))]
-        "nccl" => bail!("--dist-engine nccl: this demovlp was built without the `cuda` feature (cargo build --release --features cuda)"),
+        "nccl" => {
+            let _ = device;
+            bail!("--dist-engine nccl: this demovlp was built without the `cuda` feature (cargo build --release --features cuda)")
+        }
         _ => Box::new(TcpCollective::join(launch, &me, t, &say)?),
     };
     Ok(Dist { coll, local_rank: launch.local_rank })

@@ -227,7 +227,7 @@ pub fn finetune_qa(a: FinetuneQaArgs) -> Result<()> {
     let stop = demovlp_train::trainer::install_ctrlc();
     let config_text = demovlp_train::qa_task::loop_settings(&cfg)?.config_text;
     let dist = match &launch {
-        Some(l) => Some(crate::launch::join_ranks(l, &a.dist, &cfg.dist, &config_text, a.resume)?),
+        Some(l) => Some(crate::launch::join_ranks(l, &a.dist, &a.device, &cfg.dist, &config_text, a.resume)?),
         None => None,
     };
     let opts = RunOptions { resume: a.resume, init: a.init, force: false, quiet: false, stop: Some(stop) };

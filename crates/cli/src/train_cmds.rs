@@ -271,7 +271,7 @@ fn run_training(
     // The stop flag first: a SIGTERM during the rendezvous already counts.
     let stop = stop_flag();
     let d = match &launch {
-        Some(l) => Some(join_ranks(l, dist, &cfg.dist, &cfg.to_toml(), resume)?),
+        Some(l) => Some(join_ranks(l, dist, device, &cfg.dist, &cfg.to_toml(), resume)?),
         None => None,
     };
     let inputs = TrainInputs { config: cfg, train: train_sets, val, tokenizer };

@@ -203,6 +203,18 @@ pub fn open(ordinal: usize, precision: Precision) -> Result<CudaBackend, String>
     CudaBackend::open(ordinal, precision)
 }
 
+/// The number of CUDA devices this process sees (`Err` naming what is missing).
+#[cfg(feature = "cuda")]
+pub fn device_count() -> Result<usize, String> {
+    libs::device_count()
+}
+
+/// Without the `cuda` feature: always [`NOT_BUILT`].
+#[cfg(not(feature = "cuda"))]
+pub fn device_count() -> Result<usize, String> {
+    Err(NOT_BUILT.to_string())
+}
+
 /// Without the `cuda` feature: always [`NOT_BUILT`].
 #[cfg(not(feature = "cuda"))]
 pub fn probe(_ordinal: usize) -> Result<DeviceInfo, String> {

@@ -50,6 +50,13 @@ pub fn require(libs: &[Lib]) -> Result<(), String> {
     Err(format!("CUDA library not found: {}{driver}; {LIBRARY_HINT}", missing.join(", ")))
 }
 
+/// The devices the driver sees (after checking the driver library is there).
+pub fn device_count() -> Result<usize, String> {
+    require(&[Lib::Driver])?;
+    drv::init().map_err(|e| format!("the CUDA driver failed to initialise ({e:?}): no usable NVIDIA GPU?"))?;
+    drv::device::get_count().map(|c| c as usize).map_err(|e| format!("cannot count CUDA devices: {e:?}"))
+}
+
 /// Libraries, driver initialisation and the device, without compiling anything.
 pub fn probe(ordinal: usize) -> Result<DeviceInfo, String> {
     require(&[Lib::Driver])?;

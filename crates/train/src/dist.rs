@@ -34,6 +34,13 @@ pub trait Collective: Send {
     fn broadcast_f32(&mut self, buf: &mut [f32]) -> Result<()>;
     /// Rank 0's bytes replace every other rank's (any length).
     fn broadcast_bytes(&mut self, buf: &mut Vec<u8>) -> Result<()>;
+    /// Element-wise sums over all ranks of the training backend's own buffers (each a
+    /// `Backend::Buf`), in place on their device with no host copy, when this engine can
+    /// (the NCCL engine, on CUDA buffers); `None`: it cannot, and the caller stages them
+    /// through host memory and [`Collective::all_reduce_sum`].
+    fn all_reduce_buffers(&mut self, _bufs: &mut [&mut dyn std::any::Any]) -> Option<Result<()>> {
+        None
+    }
     /// Returns when every rank reached it.
     fn barrier(&mut self) -> Result<()> {
         self.all_reduce_sum(&mut [0.0]).context("barrier")

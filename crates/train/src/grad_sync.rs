@@ -85,6 +85,16 @@ impl<B: Backend> GradSync<B> {
     /// process group, `st` as it is.
     pub fn all_reduce(&mut self, be: &B, coll: Option<&mut (dyn Collective + '_)>, st: StepStats) -> Result<StepStats> {
         let Some(c) = coll else { return Ok(st) };
+        // On the device when the engine can (NCCL on CUDA buffers): the gradients never
+        // leave it; the few statistics go through the engine's host path.
+        let mut bufs: Vec<&mut dyn std::any::Any> = self.acc.iter_mut().map(|a| a as &mut dyn std::any::Any).collect();
+        if let Some(r) = c.all_reduce_buffers(&mut bufs) {
+            r.context("all-reducing the gradients on the device")?;
+            let mut stats = st.to_array();
+            c.all_reduce_sum(&mut stats).context("all-reducing the step's statistics")?;
+            return Ok(StepStats::from_array(&stats));
+        }
+        drop(bufs);
         self.msg.clear();
         for a in &self.acc {
             be.read_host(B::view(a), |h| self.msg.extend_from_slice(h));

@@ -4,6 +4,7 @@
 //! three micro-batch gradients in part order, scaled by 1/3, then one AdamW step.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use demovlp_data::batches::{part_range, Dataset, InputShape, Loader, LoaderConfig};
@@ -249,6 +250,65 @@ fn on_a_simulated_device_three_parts_and_two_ranks_give_the_cpus_bits() {
         })
         .collect();
     let hashes: Vec<String> = ranks.into_iter().map(|h| h.join().unwrap()).collect();
-    assert_eq!(hashes, [want.clone(), want], "2 ranks on simulated devices vs one CPU process accumulating 2 parts");
+    assert_eq!(hashes, [want.clone(), want.clone()], "2 ranks on simulated devices vs one CPU process accumulating 2 parts");
+    std::fs::remove_dir_all(&two).ok();
+
+    // An engine that sums the backend's own buffers in place (as NCCL does on CUDA
+    // buffers), the statistics through its host path: the same bits.
+    struct InPlace {
+        tcp: TcpCollective,
+        buffers: Arc<AtomicUsize>,
+    }
+    impl demovlp_train::dist::Collective for InPlace {
+        fn rank(&self) -> usize {
+            self.tcp.rank()
+        }
+        fn world(&self) -> usize {
+            self.tcp.world()
+        }
+        fn all_reduce_sum(&mut self, buf: &mut [f32]) -> anyhow::Result<()> {
+            self.tcp.all_reduce_sum(buf)
+        }
+        fn broadcast_f32(&mut self, buf: &mut [f32]) -> anyhow::Result<()> {
+            self.tcp.broadcast_f32(buf)
+        }
+        fn broadcast_bytes(&mut self, buf: &mut Vec<u8>) -> anyhow::Result<()> {
+            self.tcp.broadcast_bytes(buf)
+        }
+        fn engine(&self) -> &'static str {
+            "in-place test engine"
+        }
+        fn all_reduce_buffers(&mut self, bufs: &mut [&mut dyn std::any::Any]) -> Option<anyhow::Result<()>> {
+            for b in bufs.iter_mut() {
+                let v = b.downcast_mut::<Vec<f32>>()?;
+                if let Err(e) = self.tcp.all_reduce_sum(v) {
+                    return Some(Err(e));
+                }
+                self.buffers.fetch_add(1, Ordering::SeqCst);
+            }
+            Some(Ok(()))
+        }
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let two = tmp("in-place-two-ranks");
+    let used = Arc::new(AtomicUsize::new(0));
+    let ranks: Vec<_> = (0..2)
+        .map(|rank| {
+            let (out, used) = (two.clone(), used.clone());
+            std::thread::spawn(move || {
+                let launch = Launch { rank, world: 2, local_rank: rank, master_addr: "127.0.0.1".into(), rdzv_port: port, sources: vec![] };
+                let t = Timeouts { io: std::time::Duration::from_secs(60), rendezvous: std::time::Duration::from_secs(60) };
+                let id = Identity { config_hash: "c".into(), binary_hash: "b".into(), resume: false };
+                let tcp = TcpCollective::join(&launch, &id, t, &|_| {}).unwrap();
+                let dist = Dist { coll: Box::new(InPlace { tcp, buffers: used }), local_rank: rank };
+                train_on(&demovlp_model::Cpu, &inputs(&out, 1), &RunOptions { quiet: true, ..Default::default() }, Some(dist))
+                    .unwrap()
+                    .params_hash
+            })
+        })
+        .collect();
+    let hashes: Vec<String> = ranks.into_iter().map(|h| h.join().unwrap()).collect();
+    assert_eq!(hashes, [want.clone(), want], "2 ranks summing buffers in place vs one process accumulating 2 parts");
+    assert!(used.load(Ordering::SeqCst) > 0, "the in-place path was not taken");
     std::fs::remove_dir_all(&two).ok();
 }

@@ -247,6 +247,15 @@ pub struct DevBuf {
     pub(super) be: Option<Arc<Inner>>,
 }
 
+impl DevBuf {
+    /// Its device address, its length (f32 values), and the stream and context of the
+    /// backend that owns it (`None` while it holds nothing): what a library that works on
+    /// the backend's own stream needs (NCCL's all-reduce of gradients).
+    pub fn raw_parts(&self) -> Option<(u64, usize, sys::CUstream, sys::CUcontext)> {
+        self.be.as_ref().map(|be| (self.ptr, self.len, be.stream, be.ctx))
+    }
+}
+
 impl fmt::Debug for DevBuf {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "DevBuf({} f32 at {:#x})", self.len, self.ptr)

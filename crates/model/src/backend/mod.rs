@@ -140,7 +140,7 @@ pub struct TokenDims {
 /// for what an implementation must provide.
 pub trait Backend: Clone + Debug + Default + Send + Sync + 'static {
     /// An owned buffer of `f32` on the device.
-    type Buf: Clone + Debug + Default + Send + Sync;
+    type Buf: Clone + Debug + Default + Send + Sync + 'static;
     /// A shared view of a range of a buffer.
     type View<'a>: Copy + Send + Sync;
     /// A mutable view of a range of a buffer.
