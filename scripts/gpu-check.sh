@@ -28,8 +28,9 @@
 #   training   the same short fine-tuning run (the quick demo's corpus and model, 30 steps,
 #              dropout off) on the CPU and on the device through the one training loop:
 #              losses per step within 1e-3 (fp32) and 5e-2 (bf16, the band it must stay in),
-#              then 2 ranks over NCCL on the one GPU against accumulate_steps = 2 (NCCL may
-#              refuse two ranks on one device: recorded as it answers)
+#              then the same for finetune-qa (the demo corpus's questions, fp32), then 2 ranks
+#              over NCCL on the one GPU against accumulate_steps = 2 (NCCL may refuse two
+#              ranks on one device: recorded as it answers)
 #   pytorch    bench/pytorch_baseline.py --bench on the GPU at the same shapes, fp32 and bf16
 #              autocast (torch.cuda peak memory and the nvidia-smi peak), then one
 #              "side by side" entry per shape and precision: steps/s of both, ratios, peaks
@@ -525,6 +526,35 @@ section_training() {
     compare_losses "$name" "$W/cpu/log.jsonl" "$W/$prec/log.jsonl" "$tol"
     sed -i '$ s/}$/, "gpu_memory_peak_mib": '"$peak"'}/' "$CHECKS"
   done
+  # QA: the demo corpus's questions (`demo --out` writes them and qa_finetune.toml), from the
+  # demo's model, the same steps on the CPU and on the device (fp32).
+  local qsrc="$W/demo/qa_finetune.toml"
+  name="training: finetune-qa $steps steps --device cpu"
+  if [ ! -f "$qsrc" ]; then
+    record "$name" false "\"detail\": \"demo --out wrote no qa_finetune.toml\""
+  elif ! skip_if_over "$name"; then
+    local qsets=(train.max_steps=$steps train.text_dropout=0.0 train.attention_dropout=false train.log_every=1 train.checkpoint_every=0)
+    derive_config "$qsrc" "$W/qa_cpu.toml" "$W/qa_cpu" "${qsets[@]}"
+    derive_config "$qsrc" "$W/qa_dev.toml" "$W/qa_dev" "${qsets[@]}"
+    if ! run_logged training/qa_cpu 240 "$BIN" finetune-qa --config "$W/qa_cpu.toml" --device cpu; then
+      record "$name" false "\"detail\": $(json_str "$(tail_of "$WORK/training/qa_cpu.err")")"
+    else
+      record "$name" true "\"result\": $(last_json "$WORK/training/qa_cpu.out" || echo null)"
+      name="training: finetune-qa $steps steps --device $DEV --precision fp32 vs cpu"
+      if ! skip_if_over "$name"; then
+        gpu_mem_start "training/qa_dev"
+        run_logged training/qa_dev 240 "$BIN" finetune-qa --config "$W/qa_dev.toml" --device "$DEV" --precision fp32
+        local qrc=$? qpeak
+        qpeak=$(gpu_mem_stop)
+        if [ "$qrc" -ne 0 ]; then
+          record "$name" false "\"exit\": $qrc, \"detail\": $(json_str "$(tail_of "$WORK/training/qa_dev.err")")"
+        else
+          compare_losses "$name" "$W/qa_cpu/log.jsonl" "$W/qa_dev/log.jsonl" 1e-3
+          sed -i '$ s/}$/, "gpu_memory_peak_mib": '"$qpeak"'}/' "$CHECKS"
+        fi
+      fi
+    fi
+  fi
   # Two ranks (NCCL on the GPU; TCP in the dry run) against one process accumulating 2 parts.
   local engine=nccl
   $DRY && engine=tcp

@@ -196,10 +196,13 @@ fn gpu_check_dry_run_leaves_one_archive_and_one_summary() {
         "training: finetune 8 steps --device cpu",
         "training: finetune 8 steps --device cpu --precision fp32 vs cpu",
         "training: 2 ranks (tcp) vs accumulate_steps = 2 (parameters)",
+        "training: finetune-qa 8 steps --device cpu",
+        "training: finetune-qa 8 steps --device cpu --precision fp32 vs cpu",
     ] {
         assert_eq!(get(ok)["ok"], true, "{ok}: {}", get(ok));
     }
     assert_eq!(get("training: finetune 8 steps --device cpu --precision fp32 vs cpu")["comparison"]["steps"], 8);
+    assert_eq!(get("training: finetune-qa 8 steps --device cpu --precision fp32 vs cpu")["comparison"]["steps"], 8);
     for present in ["libraries", "compute-sanitizer memcheck: selftest --quick", "side by side train-step B32 F8 R30 L100 fp32"] {
         assert!(get(present)["ok"].is_boolean());
     }

@@ -363,6 +363,68 @@ fn demo_qa_config(out: &std::path::Path, seed: u64, shape: InputShape, optim: Op
     }
 }
 
+/// The QA side of a kept demo corpus (`demo --out DIR`): the questions about its clips as
+/// QA JSONL (`corpus/qa/{train,val,test}.jsonl`), the answer list, and `qa_finetune.toml`, a
+/// `finetune-qa` config on them starting from the demo's model `init` (the QA demo's
+/// settings). Returns the config's path.
+pub fn write_qa_corpus(dir: &std::path::Path, sizes: &DemoSizes, seed: u64, init: &std::path::Path) -> Result<std::path::PathBuf> {
+    use anyhow::Context;
+    let corpus = SyntheticCorpus::new(sizes.corpus.clone());
+    let qa = dir.join("corpus").join("qa");
+    std::fs::create_dir_all(&qa).with_context(|| format!("creating {}", qa.display()))?;
+    let write = |p: std::path::PathBuf, text: String| std::fs::write(&p, text).with_context(|| format!("writing {}", p.display()));
+    for (split, file) in [(Split::FinetuneTrain, "train.jsonl"), (Split::Val, "val.jsonl"), (Split::Test, "test.jsonl")] {
+        let mut text = String::new();
+        for clip in corpus.clips(split) {
+            for q in questions(clip) {
+                let line = serde_json::json!({"clip": clip.id, "question": q.question, "answer": q.answer, "answer_type": q.answer_type});
+                text += &format!("{line}\n");
+            }
+        }
+        write(qa.join(file), text)?;
+    }
+    write(qa.join("answers.txt"), answer_vocabulary().join("\n") + "\n")?;
+    let shape = InputShape { frames: sizes.finetune.frames, regions: sizes.finetune.regions, text_len: sizes.text_len };
+    let optim = OptimConfig {
+        lr: 3e-3,
+        first_epoch_lr: Some(1e-3),
+        betas: [0.9, 0.999],
+        eps: 1e-6,
+        weight_decay: 0.0,
+        schedule: ScheduleKind::Step,
+        milestones: vec![5],
+        gamma: 0.1,
+        warmup_steps: 0,
+        min_lr: 0.0,
+    };
+    let mut cfg = demo_qa_config(&dir.join("qa_run"), seed, shape, optim, 10);
+    let features = dir.join("corpus").join("features");
+    let set = |name: &str, file: &str| crate::qa_train::QaDatasetConfig {
+        name: name.into(),
+        format: "jsonl".into(),
+        annotations: qa.join(file),
+        features: features.clone(),
+        mapping: None,
+        max_samples: None,
+    };
+    cfg.name = "demo_qa".into();
+    cfg.model.init = Some(init.to_path_buf());
+    cfg.model.hidden = sizes.model.proj_dim;
+    cfg.data.answers = qa.join("answers.txt");
+    (cfg.data.train, cfg.data.val, cfg.data.test) =
+        (set("qa_train", "train.jsonl"), Some(set("qa_val", "val.jsonl")), Some(set("qa_test", "test.jsonl")));
+    let path = dir.join("qa_finetune.toml");
+    let text = toml::to_string_pretty(&cfg).context("writing the QA config")?;
+    write(
+        path.clone(),
+        format!(
+            "# finetune-qa on the demo corpus's questions, from the demo's model (demovlp finetune-qa --config {})\n{text}",
+            path.display()
+        ),
+    )?;
+    Ok(path)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -411,6 +473,27 @@ mod tests {
     /// QA above always answering the most frequent answer (a model that had learned nothing
     /// but each question's most frequent answer would already beat it: a weak bound; the
     /// measured demo numbers are in NOTES-issue13.md).
+    /// The QA files of a kept demo corpus: the config parses, names files that exist, and
+    /// its data open with every question answerable.
+    #[test]
+    fn a_kept_demo_corpus_gets_a_qa_config_whose_data_open() {
+        let dir = demovlp_testutil::tmpdir("demo-qa-corpus");
+        let mut sizes = tiny_sizes();
+        (sizes.corpus.pretrain_videos, sizes.corpus.pretrain_images, sizes.corpus.finetune_train, sizes.corpus.val, sizes.corpus.test) =
+            (1, 1, 6, 3, 3);
+        let corpus = SyntheticCorpus::new(sizes.corpus.clone());
+        corpus.write(&dir.join("corpus"), &|_, _| {}).unwrap();
+        let path = write_qa_corpus(&dir, &sizes, 1, &dir.join("global_rwa_model")).unwrap();
+        let cfg = QaConfig::parse_file(&path).unwrap();
+        assert_eq!(cfg.model.init.as_deref(), Some(dir.join("global_rwa_model").as_path()));
+        assert_eq!((cfg.data.frames, cfg.data.regions, cfg.model.hidden), (sizes.finetune.frames, sizes.finetune.regions, 32));
+        let data = crate::qa_task::QaData::open(&cfg).unwrap();
+        let want: usize = corpus.clips(Split::FinetuneTrain).iter().map(|c| questions(c).len()).sum();
+        assert_eq!((data.train.questions.len(), data.skipped), (want, 0));
+        assert!(data.val.is_some() && data.test.is_some());
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
     #[test]
     fn tiny_task_demos_beat_their_baselines() {
         let opts = DemoOptions { quiet: true, seed: 1, sizes: Some(tiny_sizes()), ..Default::default() };
