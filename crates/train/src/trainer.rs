@@ -88,6 +88,57 @@ pub fn run<B: Backend, T: Task<B>>(
     tr.finish()
 }
 
+/// A run resumed inside an epoch must cut it into the same steps: `world × accum` parts.
+fn check_parts(state: &TrainerState, latest: &Path, world: usize, accum: usize) -> Result<()> {
+    let parts = world * accum;
+    if state.batch_in_epoch > 0 && !state.finished && state.parts_per_step != parts {
+        bail!(
+            "{}: the checkpoint stopped inside an epoch of steps of {} micro-batches; this run has {parts} \
+             (world size {world} × accumulate_steps {accum}), which cuts the epoch differently: resume with the \
+             world size × accumulate_steps it ran with (or from an end-of-epoch checkpoint)",
+            latest.display(),
+            state.parts_per_step
+        );
+    }
+    Ok(())
+}
+
+/// The result of a run whose checkpoint says it already finished (nothing to do).
+fn finished_result<E>(
+    out: &Path,
+    state: &TrainerState,
+    monitor: String,
+    latest: PathBuf,
+    best_checkpoint: Option<PathBuf>,
+    params_hash: String,
+) -> RunResult<E> {
+    RunResult {
+        output_dir: out.to_path_buf(),
+        steps: state.step,
+        epochs_done: state.epoch.saturating_sub(1),
+        seconds: 0.0,
+        interrupted: false,
+        finished: true,
+        best: state.best,
+        best_epoch: state.best_epoch,
+        monitor,
+        last_metrics: None,
+        latest,
+        best_checkpoint,
+        params_hash,
+        skipped_samples: 0,
+    }
+}
+
+/// The run's progress bar at `step` of `total` (hidden when quiet or one of several ranks).
+fn progress_bar(name: &str, total: u64, step: u64, hidden: bool) -> ProgressBar {
+    let pb = if hidden { ProgressBar::hidden() } else { ProgressBar::new(total) };
+    pb.set_style(ProgressStyle::with_template("{prefix} [{bar:28}] {pos}/{len} {msg} ETA {eta}").unwrap().progress_chars("=> "));
+    pb.set_prefix(name.to_string());
+    pb.set_position(step.min(total));
+    pb
+}
+
 /// `e`, after telling the other ranks (if any) about it.
 fn tell(c: Option<&mut (dyn Collective + '_)>, e: anyhow::Error) -> anyhow::Error {
     if let Some(c) = c {
@@ -182,15 +233,7 @@ impl<'a, B: Backend, T: Task<B>> Trainer<'a, B, T> {
         if state.finished && state.epoch <= s.epochs && !early_stopped {
             state.finished = false;
         }
-        if state.batch_in_epoch > 0 && !state.finished && state.parts_per_step != parts {
-            bail!(
-                "{}: the checkpoint stopped inside an epoch of steps of {} micro-batches; this run has {parts} \
-                 (world size {world} × accumulate_steps {accum}), which cuts the epoch differently: resume with the \
-                 world size × accumulate_steps it ran with (or from an end-of-epoch checkpoint)",
-                latest.display(),
-                state.parts_per_step
-            );
-        }
+        check_parts(&state, &latest, world, accum)?;
         task.start(&mut model, &state);
         let resumed = state.step > 0 || state.epoch > 1;
         let mut log = if rank == 0 { Log::open(&out.join("log.jsonl"), resumed)? } else { Log::disabled() };
@@ -200,22 +243,15 @@ impl<'a, B: Backend, T: Task<B>> Trainer<'a, B, T> {
                 eprintln!("{prefix}{}: already finished ({} steps); nothing to do", latest.display(), state.step);
             }
             let groups: Vec<&Params<B>> = T::groups(&model).into_iter().map(|(_, p)| p).collect();
-            return Ok(Opened::AlreadyFinished(Box::new(RunResult {
-                output_dir: out.clone(),
-                steps: state.step,
-                epochs_done: state.epoch.saturating_sub(1),
-                seconds: 0.0,
-                interrupted: false,
-                finished: true,
-                best: state.best,
-                best_epoch: state.best_epoch,
-                monitor: monitor.name,
-                last_metrics: None,
+            let best_checkpoint = best_path.exists().then(|| best_path.clone());
+            return Ok(Opened::AlreadyFinished(Box::new(finished_result(
+                out,
+                &state,
+                monitor.name,
                 latest,
-                best_checkpoint: best_path.exists().then(|| best_path.clone()),
-                params_hash: params_hash_on(be, &groups),
-                skipped_samples: 0,
-            })));
+                best_checkpoint,
+                params_hash_on(be, &groups),
+            ))));
         }
         let n_params: usize = T::groups(&model).iter().map(|(_, p)| p.len()).sum();
         let mut start = json!({"kind": "start", "name": s.name, "task": T::KIND, "step": state.step, "epoch": state.epoch, "resumed": resumed, "params": n_params});
@@ -243,10 +279,7 @@ impl<'a, B: Backend, T: Task<B>> Trainer<'a, B, T> {
             );
         }
         let total_steps = (batches_per_epoch * s.epochs as u64).min(s.max_steps.unwrap_or(u64::MAX));
-        let pb = if opts.quiet || world > 1 { ProgressBar::hidden() } else { ProgressBar::new(total_steps) };
-        pb.set_style(ProgressStyle::with_template("{prefix} [{bar:28}] {pos}/{len} {msg} ETA {eta}").unwrap().progress_chars("=> "));
-        pb.set_prefix(s.name.clone());
-        pb.set_position(state.step.min(total_steps));
+        let pb = progress_bar(&s.name, total_steps, state.step, opts.quiet || world > 1);
         let epochs_done = state.epoch - 1;
         Ok(Opened::Ready(Box::new(Trainer {
             be,
