@@ -3,7 +3,7 @@
 //! rank's place, the parameters' hash, and the trainer state's start and epoch-end
 //! book-keeping (deterministic epoch seeds, best value, patience).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
@@ -70,6 +70,35 @@ pub struct RunResult<E = demovlp_retrieval::RetrievalMetrics> {
     /// a data-parallel run.
     pub params_hash: String,
     pub skipped_samples: usize,
+}
+
+impl<E> RunResult<E> {
+    /// The result of a run whose checkpoint says it already finished (nothing to do).
+    pub(crate) fn already_finished(
+        out: &Path,
+        state: &TrainerState,
+        monitor: String,
+        latest: PathBuf,
+        best_checkpoint: Option<PathBuf>,
+        params_hash: String,
+    ) -> Self {
+        RunResult {
+            output_dir: out.to_path_buf(),
+            steps: state.step,
+            epochs_done: state.epoch.saturating_sub(1),
+            seconds: 0.0,
+            interrupted: false,
+            finished: true,
+            best: state.best,
+            best_epoch: state.best_epoch,
+            monitor,
+            last_metrics: None,
+            latest,
+            best_checkpoint,
+            params_hash,
+            skipped_samples: 0,
+        }
+    }
 }
 
 /// FNV-1a of the parameters' bytes, hex.

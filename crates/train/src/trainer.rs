@@ -103,33 +103,6 @@ fn check_parts(state: &TrainerState, latest: &Path, world: usize, accum: usize) 
     Ok(())
 }
 
-/// The result of a run whose checkpoint says it already finished (nothing to do).
-fn finished_result<E>(
-    out: &Path,
-    state: &TrainerState,
-    monitor: String,
-    latest: PathBuf,
-    best_checkpoint: Option<PathBuf>,
-    params_hash: String,
-) -> RunResult<E> {
-    RunResult {
-        output_dir: out.to_path_buf(),
-        steps: state.step,
-        epochs_done: state.epoch.saturating_sub(1),
-        seconds: 0.0,
-        interrupted: false,
-        finished: true,
-        best: state.best,
-        best_epoch: state.best_epoch,
-        monitor,
-        last_metrics: None,
-        latest,
-        best_checkpoint,
-        params_hash,
-        skipped_samples: 0,
-    }
-}
-
 /// The run's progress bar at `step` of `total` (hidden when quiet or one of several ranks).
 fn progress_bar(name: &str, total: u64, step: u64, hidden: bool) -> ProgressBar {
     let pb = if hidden { ProgressBar::hidden() } else { ProgressBar::new(total) };
@@ -244,7 +217,7 @@ impl<'a, B: Backend, T: Task<B>> Trainer<'a, B, T> {
             }
             let groups: Vec<&Params<B>> = T::groups(&model).into_iter().map(|(_, p)| p).collect();
             let best_checkpoint = best_path.exists().then(|| best_path.clone());
-            return Ok(Opened::AlreadyFinished(Box::new(finished_result(
+            return Ok(Opened::AlreadyFinished(Box::new(RunResult::already_finished(
                 out,
                 &state,
                 monitor.name,
