@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use demovlp_model::ModelConfig;
+use demovlp_model::{ModelConfig, TextConfig, TextKind, VideoConfig};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -331,7 +331,7 @@ impl TrainConfig {
         match (&self.model.preset, &self.model.config) {
             (Some(p), None) if p == "published" => Ok(ModelConfig::published(self.data.frames.max(1))),
             (Some(p), None) if p == "tiny" => {
-                let mut c = crate::demo::small_model(128, 2, self.data.frames.max(1));
+                let mut c = small_model(128, 2, self.data.frames.max(1));
                 c.text.max_position_embeddings = c.text.max_position_embeddings.max(self.data.text_len);
                 Ok(c)
             }
@@ -442,6 +442,36 @@ impl TrainConfig {
             }
         }
         Ok(())
+    }
+}
+
+/// The `tiny` preset's shape (and the demo's models): a DistilBERT-style text tower and a
+/// video tower of `layers` blocks of width `dim`, P = 64.
+pub(crate) fn small_model(dim: usize, layers: usize, max_frames: usize) -> ModelConfig {
+    ModelConfig {
+        text: TextConfig {
+            kind: TextKind::Distilbert,
+            vocab_size: 30522,
+            dim,
+            layers,
+            heads: 2,
+            hidden_dim: 2 * dim,
+            max_position_embeddings: 64,
+            type_vocab_size: 0,
+            layer_norm_eps: 1e-12,
+        },
+        video: VideoConfig {
+            dim,
+            depth: layers,
+            heads: 2,
+            mlp_dim: 2 * dim,
+            max_frames,
+            pos_embed_rows: 1 + max_frames,
+            feature_dim: 2048,
+            box_dim: 6,
+            layer_norm_eps: 1e-6,
+        },
+        proj_dim: 64,
     }
 }
 

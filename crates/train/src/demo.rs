@@ -13,10 +13,12 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use demovlp_data::{FeatureSource, NpzTree};
 use demovlp_kernels::rng::Rng;
-use demovlp_model::{ModelConfig, TextConfig, TextKind, VideoConfig};
+use demovlp_model::ModelConfig;
 use demovlp_retrieval::{retrieval_metrics, RetrievalMetrics, ScoreMode};
 
-use crate::config::{DataSection, DatasetConfig, LossSection, ModelSection, OptimConfig, ScheduleKind, TrainConfig, TrainSection};
+use crate::config::{
+    small_model, DataSection, DatasetConfig, LossSection, ModelSection, OptimConfig, ScheduleKind, TrainConfig, TrainSection,
+};
 use crate::eval::{evaluate, EvalOptions, EvalSet};
 use crate::retrieval_task::{train_on, TrainInputs};
 use crate::synthetic::{CorpusConfig, Split, SyntheticCorpus};
@@ -79,34 +81,6 @@ impl DemoSizes {
         s.pretrain.epochs = 4;
         s.finetune.epochs = 4;
         s
-    }
-}
-
-pub(crate) fn small_model(dim: usize, layers: usize, max_frames: usize) -> ModelConfig {
-    ModelConfig {
-        text: TextConfig {
-            kind: TextKind::Distilbert,
-            vocab_size: 30522,
-            dim,
-            layers,
-            heads: 2,
-            hidden_dim: 2 * dim,
-            max_position_embeddings: 64,
-            type_vocab_size: 0,
-            layer_norm_eps: 1e-12,
-        },
-        video: VideoConfig {
-            dim,
-            depth: layers,
-            heads: 2,
-            mlp_dim: 2 * dim,
-            max_frames,
-            pos_embed_rows: 1 + max_frames,
-            feature_dim: 2048,
-            box_dim: 6,
-            layer_norm_eps: 1e-6,
-        },
-        proj_dim: 64,
     }
 }
 
