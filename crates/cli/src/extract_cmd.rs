@@ -6,11 +6,12 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use clap::Args;
 use demovlp_extract::detector::DetectorConfig;
-use demovlp_extract::run::{extract as run_extract, ExtractOptions, Source};
-use demovlp_extract::{load_weights, Detector};
-use demovlp_model::Cpu;
+use demovlp_extract::packed::extract_packed;
+use demovlp_extract::run::{extract as run_extract, ExtractOptions, Source, Summary};
+use demovlp_extract::{load_weights, Detector, DetectorWeights};
+use demovlp_model::{Backend, Cpu};
 
-use crate::device::{cpu_only, DeviceArgs};
+use crate::device::{check_available, with_backend, DeviceArgs, OnBackend};
 
 pub const EXTRACT_HELP: &str = "Runs the bottom-up-attention detector (the Caffe-converted ResNet-101 C4 Faster R-CNN of \
 MILVLG/bottom-up-attention.pytorch, Visual Genome 1600 objects / 400 attributes) on the uniformly sampled frames of \
@@ -23,6 +24,13 @@ folder, without its extension.
 Needs the `ffmpeg` program at run time (Debian/Ubuntu: apt-get install ffmpeg) to decode any format it reads \
 (mp4, webm, avi, mkv, gif, png, jpg, ...). Weights: the extractor's published .pth \
 (bua-caffe-frcn-r101_with_attributes.pth; zip or legacy torch.save format) or a safetensors file with the same names.
+
+--packed writes the packed store `demovlp pack` would make of that tree (f32 features, at most --max-boxes \
+regions per frame) at --out instead: the same bytes as `extract` then `pack`. Its .npz files are staged in \
+<out>/.extract-npz/ until every clip is done, then packed and removed; thumbnails land in <out>/<clip>/<i>.jpg.
+
+--device cuda runs the detector's convolutions, linear layers, ReLUs and residual adds on the GPU (im2col, max \
+pool, RoIPool, proposals and NMS stay on the host, with transfers in between).
 
 Resumable: each clip is written to a temporary folder and renamed into place when complete; a rerun skips clips \
 already there. A file that cannot be decoded stops the run with its name, or with --skip-bad is counted and skipped. \
@@ -73,9 +81,13 @@ pub struct ExtractArgs {
     #[arg(long)]
     pub skip_bad: bool,
     /// Keep each sampled frame as <i>.jpg (at most 320 pixels wide) beside its .npz, as
-    /// `explain --images` and `serve --images` read them.
+    /// `explain --images` and `serve --images` read them (they draw the regions on it).
     #[arg(long)]
     pub thumbnails: bool,
+    /// Write a packed store at --out (as `demovlp pack --all` makes of the .npz tree) instead
+    /// of the .npz tree.
+    #[arg(long)]
+    pub packed: bool,
     /// Print a one-line JSON summary on stdout.
     #[arg(long)]
     pub json: bool,
@@ -102,8 +114,8 @@ impl ExtractArgs {
 }
 
 pub fn extract(a: ExtractArgs) -> Result<()> {
-    cpu_only(&a.device, "extract")?;
     let cfg = a.config()?;
+    check_available(&a.device)?;
     let w = load_weights(&a.weights)?;
     if !a.json {
         eprintln!("extract: {} ({})", a.weights.display(), w.arch.describe());
@@ -111,32 +123,74 @@ pub fn extract(a: ExtractArgs) -> Result<()> {
     if !w.unused.is_empty() {
         eprintln!("extract: {} weight(s) in the file are not used: {}", w.unused.len(), w.unused.join(", "));
     }
-    let det = Detector::new(Cpu, &w, cfg);
-    let src = match (&a.videos, &a.images) {
-        (Some(v), None) => Source::Videos(v.clone()),
-        (None, Some(i)) => Source::Images(i.clone()),
-        _ => bail!("give one of --videos DIR and --images DIR"),
-    };
-    let opt = ExtractOptions { frames: a.frames, skip_bad: a.skip_bad, thumbnails: a.thumbnails, progress: true };
-    let s = run_extract(&det, &src, &a.out, &opt)?;
+    let device = a.device.clone();
+    with_backend(&device, ExtractJob { a, w, cfg })
+}
+
+/// An extraction on whichever backend `--device` opened.
+struct ExtractJob {
+    a: ExtractArgs,
+    w: DetectorWeights,
+    cfg: DetectorConfig,
+}
+
+impl OnBackend for ExtractJob {
+    type Out = ();
+    fn run<B: Backend>(self, be: &B, device: &str) -> Result<()> {
+        let ExtractJob { a, w, cfg } = self;
+        if !a.json && device != "cpu" {
+            eprintln!("extract: detector on {device}");
+        }
+        let det = Detector::new(be.clone(), &w, cfg);
+        drop(w);
+        let src = match (&a.videos, &a.images) {
+            (Some(v), None) => Source::Videos(v.clone()),
+            (None, Some(i)) => Source::Images(i.clone()),
+            _ => bail!("give one of --videos DIR and --images DIR"),
+        };
+        let opt = ExtractOptions { frames: a.frames, skip_bad: a.skip_bad, thumbnails: a.thumbnails, progress: true };
+        let (s, store) = if a.packed {
+            let (s, p) = extract_packed(&det, &src, &a.out, &opt, cfg.select.max_boxes)?;
+            (s, Some(p))
+        } else {
+            (run_extract(&det, &src, &a.out, &opt)?, None)
+        };
+        report(&a, &s, store.as_ref(), device);
+        Ok(())
+    }
+}
+
+fn report(a: &ExtractArgs, s: &Summary, store: Option<&demovlp_data::pack::PackSummary>, device: &str) {
     if a.json {
         let mut j = s.to_json();
         j["out"] = a.out.display().to_string().into();
+        j["device"] = device.into();
+        if let Some(p) = store {
+            j["packed"] = serde_json::json!({"clips": p.clips, "frames": p.frames, "regions": p.regions, "bytes": p.bytes});
+        }
         println!("{j}");
-    } else {
+        return;
+    }
+    eprintln!(
+        "extract: {} clips: {} extracted, {} already there, {} skipped as undecodable; {} frames, {} regions in {:.1}s -> {}",
+        s.clips,
+        s.extracted,
+        s.skipped_existing,
+        s.skipped_bad,
+        s.frames,
+        s.regions,
+        s.seconds,
+        a.out.display()
+    );
+    if let Some(p) = store {
         eprintln!(
-            "extract: {} clips: {} extracted, {} already there, {} skipped as undecodable; {} frames, {} regions in {:.1}s -> {}",
-            s.clips,
-            s.extracted,
-            s.skipped_existing,
-            s.skipped_bad,
-            s.frames,
-            s.regions,
-            s.seconds,
-            a.out.display()
+            "extract: packed store of {} clips, {} frames, {} regions, {:.1} MiB",
+            p.clips,
+            p.frames,
+            p.regions,
+            p.bytes as f64 / (1 << 20) as f64
         );
     }
-    Ok(())
 }
 
 #[derive(Args)]
