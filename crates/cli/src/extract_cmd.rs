@@ -213,6 +213,11 @@ pub struct BenchExtractArgs {
     /// the fixtures with its `--check`): `auto` runs it when python3 can import torch.
     #[command(flatten)]
     pub baseline: crate::bench_pytorch::BaselineArgs,
+    /// Off the CPU, the same frame also runs once on the CPU and the JSON line gets `vs_cpu`
+    /// (the largest feature difference relative to the largest feature, and whether the
+    /// proposals and selected regions agree).
+    #[command(flatten)]
+    pub device: DeviceArgs,
 }
 
 /// Seconds per frame of the published network's sizes (seeded random weights, so no
@@ -222,14 +227,9 @@ pub fn bench_extract(a: BenchExtractArgs) -> Result<()> {
     use demovlp_extract::synth::random_state_dict;
     use demovlp_extract::weights::Arch;
     anyhow::ensure!(a.runs >= 1 && a.height >= 1 && a.width >= 1, "need --runs, --height and --width ≥ 1");
+    check_available(&a.device)?;
     let arch = if a.tiny { Arch::fixture_tiny() } else { Arch::published() };
     let w = demovlp_extract::weights::from_tensors(random_state_dict(&arch, 1))?;
-    // Random weights propose near-copies of the anchors, which the RPN's NMS thins to far fewer
-    // than the 300 proposals a trained model keeps; without that NMS (milliseconds of the
-    // frame) res5 runs on the full 300, the default cost.
-    let mut cfg = DetectorConfig::default();
-    cfg.rpn.nms = 1.01;
-    let det = Detector::new(Cpu, &w, cfg);
     // A smooth synthetic frame (gradients and a checkerboard), the same every run.
     let (h, wd) = (a.height, a.width);
     let bgr: Vec<u8> = (0..h * wd * 3)
@@ -240,73 +240,131 @@ pub fn bench_extract(a: BenchExtractArgs) -> Result<()> {
         })
         .collect();
     let frame = demovlp_extract::Frame { h, w: wd, bgr };
-    let threads = rayon::current_num_threads();
-    if !a.json {
-        eprintln!("bench extract: {} ({threads} threads), frame {h}x{wd}, {} timed runs after a warm-up", w.arch.describe(), a.runs);
-    }
-    let mut times = Vec::with_capacity(a.runs);
-    let (mut regions, mut proposals, mut blob) = (0, 0, (0, 0));
-    for i in 0..=a.runs {
-        let t0 = Instant::now();
-        let t = det.trace(&frame);
-        let dt = t0.elapsed().as_secs_f64();
-        (regions, proposals, blob) = (t.regions.len(), t.proposals.boxes.len(), (t.blob.h, t.blob.w));
-        if i > 0 {
-            times.push(dt);
-        }
+    let device = a.device.clone();
+    with_backend(&device, BenchJob { a, w, frame })
+}
+
+struct BenchJob {
+    a: BenchExtractArgs,
+    w: DetectorWeights,
+    frame: demovlp_extract::Frame,
+}
+
+/// The bench's settings: the defaults, with the RPN's NMS off. Random weights propose
+/// near-copies of the anchors, which the RPN's NMS thins to far fewer than the 300 proposals
+/// a trained model keeps; without that NMS (milliseconds of the frame) res5 runs on the
+/// full 300, the default cost.
+fn bench_config() -> DetectorConfig {
+    let mut cfg = DetectorConfig::default();
+    cfg.rpn.nms = 1.01;
+    cfg
+}
+
+/// How far a device's frame is from the CPU's: the largest feature difference relative to the
+/// largest feature, and whether both kept the same proposals and selected the same regions.
+fn compare_with_cpu(w: &DetectorWeights, frame: &demovlp_extract::Frame, t: &demovlp_extract::Trace) -> serde_json::Value {
+    let c = Detector::new(Cpu, w, bench_config()).trace(frame);
+    let scale = c.x.iter().fold(0f32, |m, v| m.max(v.abs())).max(f32::MIN_POSITIVE);
+    let x_rel =
+        if c.x.len() == t.x.len() { c.x.iter().zip(&t.x).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / scale } else { f32::INFINITY };
+    let cls_abs = c.cls_prob.iter().zip(&t.cls_prob).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    serde_json::json!({
+        "x_max_rel_diff": x_rel,
+        "cls_prob_max_abs_diff": cls_abs,
+        "same_proposal_count": c.proposals.boxes.len() == t.proposals.boxes.len(),
+        "same_selection": c.selected == t.selected,
+    })
+}
+
+impl OnBackend for BenchJob {
+    type Out = ();
+    fn run<B: Backend>(self, be: &B, device: &str) -> Result<()> {
+        let BenchJob { a, w, frame } = self;
+        let det = Detector::new(be.clone(), &w, bench_config());
+        let (h, wd) = (frame.h, frame.w);
+        let threads = rayon::current_num_threads();
         if !a.json {
-            eprintln!("  run {i}{}: {dt:.3}s, {proposals} proposals, {regions} regions", if i == 0 { " (warm-up)" } else { "" });
+            eprintln!(
+                "bench extract: {} on {device} ({threads} threads), frame {h}x{wd}, {} timed runs after a warm-up",
+                w.arch.describe(),
+                a.runs
+            );
         }
-    }
-    let (median, min, max) = crate::measure::median_min_max(times);
-    let (backbone, res5) = det.flops(blob.0, blob.1, proposals);
-    let gflop = (backbone + res5) * 1e-9;
-    if !a.json {
-        eprintln!(
-            "  {gflop:.0} GFLOP per frame ({:.0} backbone + RPN, {:.0} res5 + heads over {proposals} proposals): {:.1} GFLOP/s",
-            backbone * 1e-9,
-            res5 * 1e-9,
-            gflop / median
-        );
-    }
-    let rust_peak = crate::measure::peak_rss_mb();
-    let mut j = serde_json::json!({
-        "bench": "extract",
-        "model": if a.tiny { "tiny" } else { "published" },
-        "frame": [h, wd],
-        "threads": threads,
-        "runs": a.runs,
-        "frame_s": median,
-        "frame_s_min": min,
-        "frame_s_max": max,
-        "regions": regions,
-        "proposals": proposals,
-        "blob": [blob.0, blob.1],
-        "gflop_per_frame": gflop,
-        "gflop_per_s": gflop / median,
-        "peak_rss_mb": rust_peak,
-    });
-    if a.tiny {
-        if a.baseline.pytorch == crate::bench_pytorch::Baseline::Always {
-            bail!("--tiny has no PyTorch counterpart (its side times the published sizes)");
-        }
-    } else {
-        let mode = ["--bench", "--runs", &a.runs.to_string(), "--height", &h.to_string(), "--width", &wd.to_string()].map(String::from);
-        if let Some(t) = crate::bench_pytorch::run_script(&a.baseline, "extract_pytorch.py", &mode)? {
-            let t_med = crate::bench_pytorch::number(&t, "median_s")?;
-            let t_peak = crate::bench_pytorch::number(&t, "peak_rss_mb")?;
+        let mut times = Vec::with_capacity(a.runs);
+        let (mut regions, mut proposals, mut blob, mut last) = (0, 0, (0, 0), None);
+        for i in 0..=a.runs {
+            let t0 = Instant::now();
+            let t = det.trace(&frame);
+            let dt = t0.elapsed().as_secs_f64();
+            (regions, proposals, blob) = (t.regions.len(), t.proposals.boxes.len(), (t.blob.h, t.blob.w));
+            if i > 0 {
+                times.push(dt);
+            }
             if !a.json {
-                eprintln!(
+                eprintln!("  run {i}{}: {dt:.3}s, {proposals} proposals, {regions} regions", if i == 0 { " (warm-up)" } else { "" });
+            }
+            last = Some(t);
+        }
+        // Off the CPU, the same frame on the CPU: how far the device's results are.
+        let vs_cpu = (device != "cpu").then(|| compare_with_cpu(&w, &frame, last.as_ref().expect("one run at least")));
+        if let (Some(v), false) = (&vs_cpu, a.json) {
+            eprintln!("  vs the CPU: {v}");
+        }
+        drop(last);
+        let (median, min, max) = crate::measure::median_min_max(times);
+        let (backbone, res5) = det.flops(blob.0, blob.1, proposals);
+        let gflop = (backbone + res5) * 1e-9;
+        if !a.json {
+            eprintln!(
+                "  {gflop:.0} GFLOP per frame ({:.0} backbone + RPN, {:.0} res5 + heads over {proposals} proposals): {:.1} GFLOP/s",
+                backbone * 1e-9,
+                res5 * 1e-9,
+                gflop / median
+            );
+        }
+        let rust_peak = crate::measure::peak_rss_mb();
+        let mut j = serde_json::json!({
+            "bench": "extract",
+            "model": if a.tiny { "tiny" } else { "published" },
+            "frame": [h, wd],
+            "threads": threads,
+            "runs": a.runs,
+            "frame_s": median,
+            "frame_s_min": min,
+            "frame_s_max": max,
+            "regions": regions,
+            "proposals": proposals,
+            "blob": [blob.0, blob.1],
+            "gflop_per_frame": gflop,
+            "gflop_per_s": gflop / median,
+            "peak_rss_mb": rust_peak,
+            "device": device,
+        });
+        if let Some(v) = vs_cpu {
+            j["vs_cpu"] = v;
+        }
+        if a.tiny || device != "cpu" {
+            if a.baseline.pytorch == crate::bench_pytorch::Baseline::Always {
+                bail!("--tiny and --device cuda have no PyTorch counterpart (its side times the published sizes on the CPU)");
+            }
+        } else {
+            let mode = ["--bench", "--runs", &a.runs.to_string(), "--height", &h.to_string(), "--width", &wd.to_string()].map(String::from);
+            if let Some(t) = crate::bench_pytorch::run_script(&a.baseline, "extract_pytorch.py", &mode)? {
+                let t_med = crate::bench_pytorch::number(&t, "median_s")?;
+                let t_peak = crate::bench_pytorch::number(&t, "peak_rss_mb")?;
+                if !a.json {
+                    eprintln!(
                     "  side by side (same run): demovlp {median:.3} s/frame, peak {rust_peak:.0} MB | PyTorch {t_med:.3} s/frame, peak {t_peak:.0} MB: time ratio {:.3}x",
                     median / t_med
                 );
+                }
+                j["pytorch_frame_s"] = t_med.into();
+                j["pytorch_peak_rss_mb"] = t_peak.into();
+                j["pytorch_threads"] = t.get("threads").cloned().unwrap_or_default();
+                j["time_ratio_vs_pytorch"] = (median / t_med).into();
             }
-            j["pytorch_frame_s"] = t_med.into();
-            j["pytorch_peak_rss_mb"] = t_peak.into();
-            j["pytorch_threads"] = t.get("threads").cloned().unwrap_or_default();
-            j["time_ratio_vs_pytorch"] = (median / t_med).into();
         }
+        println!("{j}");
+        Ok(())
     }
-    println!("{j}");
-    Ok(())
 }

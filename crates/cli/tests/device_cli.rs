@@ -29,6 +29,9 @@ fn device_cuda_without_a_gpu_exits_1_with_the_reason() {
         &["eval-mc", "--model", "no-such-model", "--questions", "q.jsonl", "--features", "f", "--device", "cuda"],
         &["demo", "--quick", "--device", "cuda"],
         &["index", "--model", "no-such-model", "--features", "f", "--all", "--out", "idx", "--device", "cuda"],
+        // The detector: the device is checked before the weights are read.
+        &["extract", "--images", "no-such-dir", "--weights", "no-such.pth", "--out", "o", "--device", "cuda"],
+        &["bench", "extract", "--tiny", "--device", "cuda"],
     ] {
         let out = demovlp(args);
         let stderr = String::from_utf8_lossy(&out.stderr);
