@@ -58,5 +58,13 @@ fn detector_on_a_simulated_device_matches_the_cpu_bit_for_bit() {
         let moved = dev.snapshot() - before;
         assert!(moved.h2d_bytes >= (4 * a.blob.data.len()) as u64, "frame {i}: {moved:?}");
         assert!(moved.d2h_bytes >= (4 * (a.res4.len() + a.x.len())) as u64, "frame {i}: {moved:?}");
+        // The layers (hundreds of kernel launches) take their buffers from the detector's
+        // pool: a handful of allocations per frame (6 for the heads, a few for the pool to
+        // grow), not one per layer; the same frame again gives the same bits.
+        let before = dev.snapshot();
+        same(&a, &sim.trace(&frame), &format!("frame {i} again"));
+        let again = dev.snapshot() - before;
+        assert!(moved.launches > 300, "{moved:?}");
+        assert!(moved.allocations <= 12 && again.allocations <= 8, "frame {i}: {moved:?} then {again:?}");
     }
 }
