@@ -262,7 +262,7 @@ fn jpeg_size(b: &[u8]) -> (usize, usize) {
     while i + 9 < b.len() {
         assert_eq!(b[i], 0xFF, "JPEG segment marker");
         let (m, len) = (b[i + 1], u16::from_be_bytes([b[i + 2], b[i + 3]]) as usize);
-        if matches!(m, 0xC0 | 0xC1 | 0xC2) {
+        if (0xC0..=0xC2).contains(&m) {
             return (u16::from_be_bytes([b[i + 5], b[i + 6]]) as usize, u16::from_be_bytes([b[i + 7], b[i + 8]]) as usize);
         }
         i += 2 + len;
