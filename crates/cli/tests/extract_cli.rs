@@ -235,7 +235,7 @@ fn explain_draws_regions_on_frames(index: &Path, feats: &Path, images: &Path, cl
     assert_eq!(hrefs.len(), 3, "one picture per panel");
     for (k, f) in frames.iter().enumerate() {
         let jpg = std::fs::read(images.join(format!("{clip}/{f}.jpg"))).unwrap();
-        assert!(from_base64(hrefs[k]) == jpg, "panel {k} does not show {clip}/{f}.jpg");
+        assert!(demovlp_testutil::b64decode(hrefs[k]) == jpg, "panel {k} does not show {clip}/{f}.jpg");
         let (h, w) = jpeg_size(&jpg);
         assert_eq!(h * hw.1, w * hw.0, "thumbnail {h}x{w} is not the {}x{} frame's shape", hw.0, hw.1);
     }
@@ -268,24 +268,6 @@ fn jpeg_size(b: &[u8]) -> (usize, usize) {
         i += 2 + len;
     }
     panic!("no JPEG frame header")
-}
-
-fn from_base64(s: &str) -> Vec<u8> {
-    let val = |c: u8| match c {
-        b'A'..=b'Z' => c - b'A',
-        b'a'..=b'z' => c - b'a' + 26,
-        b'0'..=b'9' => c - b'0' + 52,
-        b'+' => 62,
-        b'/' => 63,
-        _ => panic!("not base64: {c}"),
-    } as u32;
-    let mut out = Vec::new();
-    for q in s.as_bytes().chunks(4) {
-        let pad = q.iter().filter(|&&c| c == b'=').count();
-        let n = q.iter().take(4 - pad).enumerate().fold(0u32, |n, (k, &c)| n | val(c) << (18 - 6 * k));
-        out.extend_from_slice(&n.to_be_bytes()[1..4 - pad]);
-    }
-    out
 }
 
 /// A small detector whose res5 outputs the published 2048-d features.
