@@ -189,24 +189,6 @@ pub fn run_qa_model(d: &DeviceArgs, model: demovlp_model::qa::QaModel, job: impl
     }
 }
 
-/// For a command the CUDA backend is not wired into yet (`extract`): `Ok` on the CPU; on
-/// `cuda` the error says what is missing, or that this command runs on the CPU only for now.
-pub fn cpu_only(d: &DeviceArgs, command: &str) -> Result<()> {
-    match d.device {
-        Device::Cpu => Ok(()),
-        #[cfg(feature = "cuda")]
-        Device::Cuda(n) => {
-            open(n, d.precision)?;
-            anyhow::bail!("`{command} --device cuda`: the CUDA backend is not wired into {command} yet; use --device cpu")
-        }
-        #[cfg(not(feature = "cuda"))]
-        Device::Cuda(n) => {
-            let _ = command;
-            anyhow::bail!("--device cuda:{n}: {}", demovlp_cuda::NOT_BUILT)
-        }
-    }
-}
-
 // ---------------------------------------------------------------------------------------
 // evaluation scores and `eval` on any device
 

@@ -33,6 +33,9 @@ fn device_cuda_without_a_gpu_exits_1_with_the_reason() {
         // Search's text tower and re-rank, and the server's.
         &["search", "no-such-index", "a dog", "--device", "cuda"],
         &["serve", "no-such-index", "--device", "cuda"],
+        // The detector: the device is checked before the weights are read.
+        &["extract", "--images", "no-such-dir", "--weights", "no-such.pth", "--out", "o", "--device", "cuda"],
+        &["bench", "extract", "--tiny", "--device", "cuda"],
     ] {
         let out = demovlp(args);
         let stderr = String::from_utf8_lossy(&out.stderr);

@@ -243,26 +243,6 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-fn b64decode(s: &str) -> Vec<u8> {
-    let val = |c: u8| match c {
-        b'A'..=b'Z' => c - b'A',
-        b'a'..=b'z' => c - b'a' + 26,
-        b'0'..=b'9' => c - b'0' + 52,
-        b'+' => 62,
-        b'/' => 63,
-        _ => panic!("not base64: {c}"),
-    };
-    let clean: Vec<u8> = s.bytes().filter(|c| !c.is_ascii_whitespace() && *c != b'=').collect();
-    let mut out = Vec::with_capacity(clean.len() * 3 / 4);
-    for ch in clean.chunks(4) {
-        let n = ch.iter().enumerate().fold(0u32, |a, (i, &c)| a | (val(c) as u32) << (18 - 6 * i));
-        for k in 0..ch.len() - 1 {
-            out.push((n >> (16 - 8 * k)) as u8);
-        }
-    }
-    out
-}
-
 struct Driver {
     addr: String,
     session: String,
@@ -425,7 +405,7 @@ fn browse(d: &Driver, addr: &str, w: &World, dir: &Path) {
     d.call("POST", &format!("/element/{}/click", items[pick]), json!({}));
     d.wait("the picture again", "const i = document.querySelector('#why'); return i && i.complete && i.naturalWidth > 0 && document.querySelectorAll('table.words tr').length > 1");
 
-    let png = b64decode(d.call("GET", "/screenshot", json!(null)).as_str().unwrap());
+    let png = demovlp_testutil::b64decode(d.call("GET", "/screenshot", json!(null)).as_str().unwrap());
     let path = dir.join("serve-page.png");
     std::fs::write(&path, &png).unwrap();
     eprintln!("screenshot: {}", path.display());

@@ -7,6 +7,13 @@
 //! The im2col gather and the Caffe max pool run on the host over
 //! [`Backend::read_host`] / [`Backend::write_host`] (no copy on the CPU; a device backend
 //! would move the map across — they are the parts not yet on the device).
+//!
+//! Every map and im2col matrix comes from a [`Pool`] of buffers that finished layers gave
+//! back: a frame runs the same shapes chunk after chunk (res5 over the proposals), so after
+//! the first chunk no layer allocates (fresh memory costs a page fault and the kernel's
+//! zeroing of every page, about a sixth of a frame on the CPU when each layer allocated).
+
+use std::sync::Mutex;
 
 use demovlp_model::Backend;
 use rayon::prelude::*;
@@ -22,12 +29,58 @@ pub struct Map<B: Backend> {
     pub c: usize,
 }
 
+/// Buffers given back by finished layers, for later layers to reuse. Their contents are
+/// unspecified: whoever takes one overwrites all of it.
+pub struct Pool<B: Backend> {
+    /// Each buffer with the most values it has held (its allocation).
+    free: Mutex<Vec<(B::Buf, usize)>>,
+}
+
+impl<B: Backend> Default for Pool<B> {
+    fn default() -> Self {
+        Pool { free: Mutex::new(Vec::new()) }
+    }
+}
+
+impl<B: Backend> Pool<B> {
+    /// A buffer of `n` values: the smallest free allocation that holds them, else the
+    /// largest one grown, else a new one.
+    pub fn take(&self, be: &B, n: usize) -> B::Buf {
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        let fits = free.iter().enumerate().filter(|(_, (_, cap))| *cap >= n).min_by_key(|(_, (_, cap))| *cap);
+        let pick = fits.or_else(|| free.iter().enumerate().max_by_key(|(_, (_, cap))| *cap)).map(|(i, _)| i);
+        let mut b = pick.map(|i| free.swap_remove(i).0).unwrap_or_default();
+        drop(free);
+        be.fit(&mut b, n);
+        b
+    }
+
+    /// Gives a buffer back.
+    pub fn give(&self, b: B::Buf) {
+        let cap = B::buf_len(&b);
+        if cap > 0 {
+            let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+            // A buffer shrunk by `fit` keeps its allocation: remember the larger size.
+            free.push((b, cap));
+        }
+    }
+
+    /// Gives a map's buffer back.
+    pub fn give_map(&self, m: Map<B>) {
+        self.give(m.buf)
+    }
+}
+
 impl<B: Backend> Map<B> {
     /// A map from host values `[n, h, w, c]`.
     pub fn from_host(be: &B, data: &[f32], n: usize, h: usize, w: usize, c: usize) -> Map<B> {
         assert_eq!(data.len(), n * h * w * c, "map of {n}x{h}x{w}x{c} from {} values", data.len());
-        let mut buf = B::Buf::default();
-        be.write_host(&mut buf, data.len(), |d| d.copy_from_slice(data));
+        Map::filled(be, &Pool::default(), n, h, w, c, |d| d.copy_from_slice(data))
+    }
+    /// A map `[n, h, w, c]` in a pooled buffer whose every value `fill` writes on the host.
+    pub fn filled(be: &B, pool: &Pool<B>, n: usize, h: usize, w: usize, c: usize, fill: impl FnOnce(&mut [f32])) -> Map<B> {
+        let mut buf = pool.take(be, n * h * w * c);
+        be.write_host(&mut buf, n * h * w * c, fill);
         Map { buf, n, h, w, c }
     }
     pub fn len(&self) -> usize {
@@ -67,34 +120,35 @@ impl<B: Backend> Conv<B> {
         (2.0 * (oh * ow * self.spec.patch() * self.spec.cout) as f64, oh, ow)
     }
 
-    /// y = conv(x) + b, then ReLU when `relu`.
-    pub fn forward(&self, be: &B, x: &Map<B>, relu: bool) -> Map<B> {
+    /// y = conv(x) + b, then ReLU when `relu`; buffers from `pool`.
+    pub fn forward(&self, be: &B, x: &Map<B>, relu: bool, pool: &Pool<B>) -> Map<B> {
         let s = self.spec;
         assert_eq!(x.c, s.cin, "convolution of {} inputs on a map of {} channels", s.cin, x.c);
         let (ho, wo) = (s.out_len(x.h), s.out_len(x.w));
         let rows = x.n * ho * wo;
         let k = s.patch();
-        let mut y = be.zeros(rows * s.cout);
+        let mut y = pool.take(be, rows * s.cout);
         if s.k == 1 && s.stride == 1 && s.pad == 0 {
             be.linear_forward(B::view(&x.buf), s.cin, B::view(&self.w), Some(B::view(&self.b)), B::view_mut(&mut y), rows, s.cin, s.cout);
         } else {
-            let mut col = B::Buf::default();
+            let mut col = pool.take(be, rows * k);
             be.read_host(B::view(&x.buf), |xs| be.write_host(&mut col, rows * k, |c| im2col(xs, x.h, x.w, &s, ho, wo, c)));
             be.linear_forward(B::view(&col), k, B::view(&self.w), Some(B::view(&self.b)), B::view_mut(&mut y), rows, k, s.cout);
+            pool.give(col);
         }
         let mut out = Map { buf: y, n: x.n, h: ho, w: wo, c: s.cout };
         if relu {
-            relu_in_place(be, &mut out);
+            relu_in_place(be, &mut out, pool);
         }
         out
     }
 }
 
 /// ReLU through the backend (into a second buffer, which then replaces the first).
-fn relu_in_place<B: Backend>(be: &B, m: &mut Map<B>) {
-    let mut r = be.zeros(m.len());
+fn relu_in_place<B: Backend>(be: &B, m: &mut Map<B>, pool: &Pool<B>) {
+    let mut r = pool.take(be, m.len());
     be.relu_forward(B::view(&m.buf), B::view_mut(&mut r));
-    m.buf = r;
+    pool.give(std::mem::replace(&mut m.buf, r));
 }
 
 /// The im2col matrix of an NHWC map: row (n, oy, ox), columns (ky, kx, ci); taps outside
@@ -135,11 +189,11 @@ pub fn pool_out_len(n: usize, k: usize, s: usize) -> usize {
 }
 
 /// Caffe max pool 3×3, stride 2, ceil mode (the stem's), windows clipped to the map.
-pub fn max_pool<B: Backend>(be: &B, x: &Map<B>) -> Map<B> {
+pub fn max_pool<B: Backend>(be: &B, x: &Map<B>, pool: &Pool<B>) -> Map<B> {
     let (k, st) = (3, 2);
     let (ho, wo) = (pool_out_len(x.h, k, st), pool_out_len(x.w, k, st));
     let (h, w, c) = (x.h, x.w, x.c);
-    let mut y = B::Buf::default();
+    let mut y = pool.take(be, x.n * ho * wo * c);
     be.read_host(B::view(&x.buf), |xs| {
         be.write_host(&mut y, x.n * ho * wo * c, |out| {
             out.par_chunks_mut(wo * c).enumerate().for_each(|(r, row)| {
@@ -199,20 +253,33 @@ impl<B: Backend> Block<B> {
         (total, ch, cw)
     }
 
-    /// relu(conv3(relu(conv2(relu(conv1(x))))) + shortcut(x)).
-    pub fn forward(&self, be: &B, x: &Map<B>) -> Map<B> {
-        let y = self.conv1.forward(be, x, true);
-        let y = self.conv2.forward(be, &y, true);
-        let mut y = self.conv3.forward(be, &y, false);
+    /// relu(conv3(relu(conv2(relu(conv1(x))))) + shortcut(x)); intermediate buffers go
+    /// back to `pool` (`x` stays the caller's).
+    pub fn forward(&self, be: &B, x: &Map<B>, pool: &Pool<B>) -> Map<B> {
+        let y1 = self.conv1.forward(be, x, true, pool);
+        let y2 = self.conv2.forward(be, &y1, true, pool);
+        pool.give_map(y1);
+        let mut y = self.conv3.forward(be, &y2, false, pool);
+        pool.give_map(y2);
         match &self.shortcut {
             Some(s) => {
-                let sc = s.forward(be, x, false);
+                let sc = s.forward(be, x, false, pool);
                 be.add_in_place(B::view_mut(&mut y.buf), B::view(&sc.buf));
+                pool.give_map(sc);
             }
             None => be.add_in_place(B::view_mut(&mut y.buf), B::view(&x.buf)),
         }
-        relu_in_place(be, &mut y);
+        relu_in_place(be, &mut y, pool);
         y
+    }
+
+    /// Runs `blocks` on `x` in turn, giving each input back to `pool` once used.
+    pub fn chain(blocks: &[Block<B>], be: &B, mut x: Map<B>, pool: &Pool<B>) -> Map<B> {
+        for b in blocks {
+            let y = b.forward(be, &x, pool);
+            pool.give_map(std::mem::replace(&mut x, y));
+        }
+        x
     }
 }
 
@@ -243,7 +310,7 @@ mod tests {
             let bias: Vec<f32> = (0..cout).map(|i| i as f32 * 0.1).collect();
             let x: Vec<f32> = (0..n * h * w * cin).map(|i| ((i * 53 % 97) as f32 - 48.0) / 48.0).collect();
             let conv = Conv::new(&be, &HostConv { spec, w: wts.clone(), b: bias.clone() });
-            let y = conv.forward(&be, &Map::from_host(&be, &x, n, h, w, cin), false);
+            let y = conv.forward(&be, &Map::from_host(&be, &x, n, h, w, cin), false, &Pool::default());
             let (ho, wo) = (spec.out_len(h), spec.out_len(w));
             assert_eq!((y.h, y.w), (ho, wo));
             let got = y.to_host(&be);

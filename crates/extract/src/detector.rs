@@ -10,10 +10,10 @@
 
 use demovlp_model::Backend;
 
-use crate::conv::{max_pool, upload, Block, Conv, Map};
+use crate::conv::{max_pool, upload, Block, Conv, Map, Pool};
 use crate::image::{blob_scale, make_blob, Blob, Frame};
 use crate::nms::{select, BoxF, SelectConfig};
-use crate::roi::roi_pool;
+use crate::roi::roi_pool_into;
 use crate::rpn::{proposals, Proposals, RpnConfig};
 use crate::weights::{Arch, DetectorWeights};
 
@@ -113,6 +113,8 @@ pub struct Detector<B: Backend> {
     attr1_b: B::Buf,
     attr2_w: B::Buf,
     attr2_b: B::Buf,
+    /// Buffers of finished layers, reused frame after frame.
+    pool: Pool<B>,
 }
 
 fn softmax_rows(v: &mut [f32], cols: usize) {
@@ -154,44 +156,49 @@ impl<B: Backend> Detector<B> {
             attr1_b: upload(&be, &w.attr1_b),
             attr2_w: upload(&be, &w.attr2_w),
             attr2_b: upload(&be, &w.attr2_b),
+            pool: Pool::default(),
             be,
         }
     }
 
     /// Blob → res4 `[h, w, C4]`.
     pub fn backbone(&self, blob: &Blob) -> Map<B> {
-        let be = &self.be;
-        let x = Map::from_host(be, &blob.data, 1, blob.h, blob.w, 3);
-        let x = self.stem.forward(be, &x, true);
-        let mut x = max_pool(be, &x);
+        let (be, pool) = (&self.be, &self.pool);
+        let x = Map::filled(be, pool, 1, blob.h, blob.w, 3, |d| d.copy_from_slice(&blob.data));
+        let y = self.stem.forward(be, &x, true, pool);
+        pool.give_map(x);
+        let mut x = max_pool(be, &y, pool);
+        pool.give_map(y);
         for stage in &self.stages {
-            for b in stage {
-                x = b.forward(be, &x);
-            }
+            x = Block::chain(stage, be, x, pool);
         }
         x
     }
 
     /// RPN head on res4 and the proposals of a blob.
     pub fn propose(&self, res4: &Map<B>, blob: &Blob) -> Proposals {
-        let be = &self.be;
-        let t = self.rpn_conv.forward(be, res4, true);
-        let obj = self.rpn_obj.forward(be, &t, false).to_host(be);
-        let del = self.rpn_deltas.forward(be, &t, false).to_host(be);
+        let (be, pool) = (&self.be, &self.pool);
+        let t = self.rpn_conv.forward(be, res4, true, pool);
+        let host = |m: Map<B>| {
+            let v = m.to_host(be);
+            pool.give_map(m);
+            v
+        };
+        let obj = host(self.rpn_obj.forward(be, &t, false, pool));
+        let del = host(self.rpn_deltas.forward(be, &t, false, pool));
+        pool.give_map(t);
         proposals(&obj, &del, res4.h, res4.w, &self.cells, blob.h, blob.w, blob.scale, &self.cfg.rpn)
     }
 
     /// Mean-pooled res5 features `[P, C5]` of boxes (blob coordinates) on res4 `[h, w, C4]`.
     pub fn box_features(&self, res4: &[f32], h: usize, w: usize, boxes: &[BoxF]) -> Vec<f32> {
-        let be = &self.be;
+        let (be, pool) = (&self.be, &self.pool);
         let (c4, c5, out) = (self.arch.widths[2], self.arch.widths[3], self.cfg.pool);
         let mut x = Vec::with_capacity(boxes.len() * c5);
         for chunk in boxes.chunks(self.cfg.roi_chunk.max(1)) {
-            let pooled = roi_pool(res4, h, w, c4, chunk, out, self.cfg.pool_scale);
-            let mut m = Map::from_host(be, &pooled, chunk.len(), out, out, c4);
-            for b in &self.res5 {
-                m = b.forward(be, &m);
-            }
+            let pooled =
+                Map::filled(be, pool, chunk.len(), out, out, c4, |d| roi_pool_into(res4, h, w, c4, chunk, out, self.cfg.pool_scale, d));
+            let m = Block::chain(&self.res5, be, pooled, pool);
             be.read_host(B::view(&m.buf), |v| {
                 let cells = m.h * m.w;
                 for r in 0..chunk.len() {
@@ -204,6 +211,7 @@ impl<B: Backend> Detector<B> {
                     x.extend(acc.iter().map(|&a| (a / cells as f64) as f32));
                 }
             });
+            pool.give_map(m);
         }
         x
     }
@@ -288,7 +296,7 @@ impl<B: Backend> Detector<B> {
         let props = self.propose(&res4m, &blob);
         let res4 = res4m.to_host(&self.be);
         let res4_hw = (res4m.h, res4m.w);
-        drop(res4m);
+        self.pool.give_map(res4m);
         let x = self.box_features(&res4, res4_hw.0, res4_hw.1, &props.boxes);
         let (cls_prob, attr_prob, cls_argmax) = self.heads(&x);
         let s32 = scale as f32;

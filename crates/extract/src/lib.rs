@@ -11,13 +11,15 @@
 //! - [`output`]: per-frame `.npz` files in the published layout, clips written atomically;
 //! - [`video`]: decoding with the `ffmpeg` program and the uniform frame sample;
 //! - [`synth`]: seeded random weights of any size (benchmarks, tests);
-//! - [`run`]: the extraction driver (folders of videos or images, resume, progress).
+//! - [`run`]: the extraction driver (folders of videos or images, resume, progress);
+//! - [`packed`]: extraction straight into a packed feature store, as `demovlp pack` makes it.
 
 pub mod conv;
 pub mod detector;
 pub mod image;
 pub mod nms;
 pub mod output;
+pub mod packed;
 pub mod roi;
 pub mod rpn;
 pub mod run;

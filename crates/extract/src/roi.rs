@@ -11,9 +11,17 @@ use crate::nms::BoxF;
 
 /// Pools `rois` from one NHWC map `[h, w, c]` into `[R, out, out, c]`.
 pub fn roi_pool(map: &[f32], h: usize, w: usize, c: usize, rois: &[BoxF], out: usize, scale: f32) -> Vec<f32> {
+    let mut y = vec![0f32; rois.len() * out * out * c];
+    roi_pool_into(map, h, w, c, rois, out, scale, &mut y);
+    y
+}
+
+/// [`roi_pool`] into `y` (`[R, out, out, c]`, every value written).
+#[allow(clippy::too_many_arguments)]
+pub fn roi_pool_into(map: &[f32], h: usize, w: usize, c: usize, rois: &[BoxF], out: usize, scale: f32, y: &mut [f32]) {
     assert_eq!(map.len(), h * w * c);
     let per = out * out * c;
-    let mut y = vec![0f32; rois.len() * per];
+    assert_eq!(y.len(), rois.len() * per);
     y.par_chunks_mut(per).zip(rois.par_iter()).for_each(|(dst, r)| {
         let sw = (r[0] * scale).round() as i64;
         let sh = (r[1] * scale).round() as i64;
@@ -48,7 +56,6 @@ pub fn roi_pool(map: &[f32], h: usize, w: usize, c: usize, rois: &[BoxF], out: u
             }
         }
     });
-    y
 }
 
 #[cfg(test)]

@@ -205,3 +205,24 @@ pub fn gunzip(src: &Path, dst: &Path) {
     flate2::read::GzDecoder::new(&gz[..]).read_to_end(&mut bytes).unwrap_or_else(|e| panic!("{}: {e}", src.display()));
     std::fs::write(dst, bytes).unwrap_or_else(|e| panic!("{}: {e}", dst.display()));
 }
+
+/// Decodes standard base64 (padding and whitespace ignored), e.g. a `data:` URI's payload.
+pub fn b64decode(s: &str) -> Vec<u8> {
+    let val = |c: u8| match c {
+        b'A'..=b'Z' => c - b'A',
+        b'a'..=b'z' => c - b'a' + 26,
+        b'0'..=b'9' => c - b'0' + 52,
+        b'+' => 62,
+        b'/' => 63,
+        _ => panic!("not base64: {c}"),
+    };
+    let clean: Vec<u8> = s.bytes().filter(|c| !c.is_ascii_whitespace() && *c != b'=').collect();
+    let mut out = Vec::with_capacity(clean.len() * 3 / 4);
+    for ch in clean.chunks(4) {
+        let n = ch.iter().enumerate().fold(0u32, |a, (i, &c)| a | (val(c) as u32) << (18 - 6 * i));
+        for k in 0..ch.len() - 1 {
+            out.push((n >> (16 - 8 * k)) as u8);
+        }
+    }
+    out
+}
