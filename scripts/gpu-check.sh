@@ -24,7 +24,8 @@
 #   replays    `replay` of every fixture on the GPU vs the CPU replay and the recording
 #   benches    `bench train-step` at the fine-tuning shape (B 32, 8 x 30, text 100) and the
 #              pre-training shape (B 128, 1 x 30), fp32 and bf16, with the GPU memory peak
-#              (nvidia-smi sampled); `bench embed`; `bench eval-sims --n 1000`; NCCL all-reduce
+#              (nvidia-smi sampled); `bench embed`; `bench eval-sims --n 1000`; `bench extract`
+#              (one detector frame on the device and the CPU); NCCL all-reduce
 #   training   the same short fine-tuning run (the quick demo's corpus and model, 30 steps,
 #              dropout off) on the CPU and on the device through the one training loop:
 #              losses per step within 1e-3 (fp32) and 5e-2 (bf16, the band it must stay in),
@@ -353,6 +354,13 @@ section_benches() {
     bench "bench embed B32 F8 R30 L100 $prec" "embed-$prec" 60 bench embed $SHAPE_FT --runs "$RUNS" --device "$DEV" --precision "$prec"
   done
   bench "bench eval-sims n$EVAL_N" eval-sims 90 bench eval-sims --n "$EVAL_N" --runs 2 --baseline-runs 0 --pytorch never --device "$DEV"
+  # The region-feature detector: one frame at the default scale on the device, and the same
+  # frame on the CPU (vs_cpu: largest feature difference, proposals, selection). The dry run:
+  # the reduced test network.
+  local xsize=""
+  $DRY && xsize="--tiny"
+  # shellcheck disable=SC2086
+  bench "bench extract $([ -n "$xsize" ] && echo tiny || echo 600x1000)" extract 150 bench extract $xsize --runs 2 --pytorch never --device "$DEV"
   # Data-parallel collectives: two ranks (threads with a communicator each) on this GPU; the
   # bench checks the sum. Recent NCCL refuses two ranks on one GPU unless told.
   if ! $DRY; then

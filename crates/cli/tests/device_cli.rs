@@ -189,6 +189,7 @@ fn gpu_check_dry_run_leaves_one_archive_and_one_summary() {
         "bench train-step B32 F8 R30 L100 fp32",
         "bench train-step B128 F1 R30 L100 bf16",
         "bench embed B32 F8 R30 L100 fp32",
+        "bench extract tiny",
     ] {
         assert_eq!(get(ok)["ok"], true, "{ok}: {}", get(ok));
     }
