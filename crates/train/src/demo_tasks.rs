@@ -231,18 +231,7 @@ pub fn run_task_on<B: Backend>(be: &B, task: DemoTask, opts: &DemoOptions) -> Re
             // corpus: 10 epochs of 55 steps). The full corpus has 5x the questions per epoch:
             // 4 epochs of ~275 steps, to stay within 10 minutes on 2 cores.
             let (epochs, milestone) = if opts.quick { (10, 5) } else { (4, 3) };
-            let optim = OptimConfig {
-                lr: 3e-3,
-                first_epoch_lr: Some(1e-3),
-                betas: [0.9, 0.999],
-                eps: 1e-6,
-                weight_decay: 0.0,
-                schedule: ScheduleKind::Step,
-                milestones: vec![milestone],
-                gamma: 0.1,
-                warmup_steps: 0,
-                min_lr: 0.0,
-            };
+            let optim = qa_optim(milestone);
             say(format!(
                 "QA: {} training questions ({} clips), {} validation, {} test; {} answers; {epochs} epochs",
                 train_set.questions.len(),
@@ -363,6 +352,23 @@ fn demo_qa_config(out: &std::path::Path, seed: u64, shape: InputShape, optim: Op
     }
 }
 
+/// The QA demo's learning rates: 1e-3 in the first epoch, 3e-3 up to epoch `milestone`,
+/// then 3e-4 (step schedule, no weight decay).
+fn qa_optim(milestone: usize) -> OptimConfig {
+    OptimConfig {
+        lr: 3e-3,
+        first_epoch_lr: Some(1e-3),
+        betas: [0.9, 0.999],
+        eps: 1e-6,
+        weight_decay: 0.0,
+        schedule: ScheduleKind::Step,
+        milestones: vec![milestone],
+        gamma: 0.1,
+        warmup_steps: 0,
+        min_lr: 0.0,
+    }
+}
+
 /// The QA side of a kept demo corpus (`demo --out DIR`): the questions about its clips as
 /// QA JSONL (`corpus/qa/{train,val,test}.jsonl`), the answer list, and `qa_finetune.toml`, a
 /// `finetune-qa` config on them starting from the demo's model `init` (the QA demo's
@@ -385,18 +391,7 @@ pub fn write_qa_corpus(dir: &std::path::Path, sizes: &DemoSizes, seed: u64, init
     }
     write(qa.join("answers.txt"), answer_vocabulary().join("\n") + "\n")?;
     let shape = InputShape { frames: sizes.finetune.frames, regions: sizes.finetune.regions, text_len: sizes.text_len };
-    let optim = OptimConfig {
-        lr: 3e-3,
-        first_epoch_lr: Some(1e-3),
-        betas: [0.9, 0.999],
-        eps: 1e-6,
-        weight_decay: 0.0,
-        schedule: ScheduleKind::Step,
-        milestones: vec![5],
-        gamma: 0.1,
-        warmup_steps: 0,
-        min_lr: 0.0,
-    };
+    let optim = qa_optim(5);
     let mut cfg = demo_qa_config(&dir.join("qa_run"), seed, shape, optim, 10);
     let features = dir.join("corpus").join("features");
     let set = |name: &str, file: &str| crate::qa_train::QaDatasetConfig {
