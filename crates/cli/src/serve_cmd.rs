@@ -10,7 +10,7 @@ use demovlp_serve::ServeOptions;
 
 pub const SERVE_HELP: &str = "Serve an index over HTTP, with a small web page.
 
-Routes (GET, and POST for /api/search; every error a route returns is JSON {\"error\": \"...\"}):
+Routes (GET, and POST for /api/search; every error the server returns is JSON {\"error\": \"...\"}):
   /                                    the web page: search box, ranked results, click one for its explanation
   /api/search?q=TEXT[&k=10][&rerank=N] {\"query\", \"results\": [...]}, as `demovlp search --json` prints
   POST /api/search {\"q\", \"k\"?, \"rerank\"?} the same, for long queries (Content-Type: application/json)
@@ -22,7 +22,10 @@ Errors: missing or empty q / clip, an unknown or repeated parameter, bad percent
 not UTF-8, k or rerank out of range -> 400; q longer than --max-query-bytes -> 414; unknown clip or path
 -> 404; another method than GET (POST on /api/search) -> 405; a POST body that is not JSON -> 415, bad
 JSON -> 400, over 16 KiB (or q over --max-query-bytes) -> 413; queue full -> 503 with Retry-After; no answer within --timeout-ms
--> 504; an internal failure -> 500 (the server keeps running).
+-> 504; an internal failure -> 500 (the server keeps running). Checked before any route runs: a request
+target over 16 KiB -> 414, a request head over 32 KiB or with more than 64 header fields -> 431, a
+malformed request line or header -> 400, a head not complete within 10 s -> 408. One request per
+connection (Connection: close).
 
 The text tower and the re-rank run on --workers threads sharing one copy of the model (the short query
 embedding runs under a lock, candidates and re-rank in parallel); --queue requests may wait for one, more
@@ -45,7 +48,7 @@ pub struct ServeArgs {
     /// Address and port to listen on (port 0: a free one).
     #[arg(long, default_value = "127.0.0.1:8080")]
     addr: SocketAddr,
-    /// Compute threads (text tower + re-rank), each with its own copy of the model [default: cores, at most 4].
+    /// Compute threads (text tower + re-rank), sharing one copy of the model [default: cores, at most 4].
     #[arg(long)]
     workers: Option<usize>,
     /// Requests that may wait for a worker; beyond that 503 + Retry-After.

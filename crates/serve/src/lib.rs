@@ -1,7 +1,8 @@
 //! demovlp-serve: `demovlp serve` — an HTTP server (axum + tokio) over a search index.
 //!
-//! Routes (`GET`, and `POST /api/search`; every error a route returns is JSON
-//! `{"error": "..."}` with a 4xx/5xx status):
+//! Routes (`GET`, and `POST /api/search`; every error the server returns is JSON
+//! `{"error": "..."}` with a 4xx/5xx status — a route's, and a request head's refused before
+//! any route runs ([`conn`]: URI too long, headers too large, malformed, too slow)):
 //!
 //! - `/api/search?q=TEXT[&k=10][&rerank=N]` → `{"query", "results": [{"clip", "score", "global", "local"}]}`,
 //!   exactly what `demovlp search --json` prints; `POST /api/search` with the JSON body
@@ -14,11 +15,11 @@
 //! The compute runs on a pool of worker threads ([`pool`]) behind a bounded queue (full →
 //! 503 with `Retry-After`), with a per-request time limit (→ 504).
 
+pub mod conn;
 pub mod error;
 pub mod pool;
 pub mod query;
 
-use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -70,6 +71,9 @@ pub struct ServeOptions {
     pub exact_threshold: usize,
     /// Frame pictures for the SVG explanations (as `demovlp explain --images`).
     pub images: Option<PathBuf>,
+    /// Limits on a request's head (target, header fields, arrival time), checked before
+    /// hyper parses it.
+    pub head_limits: conn::HeadLimits,
     /// Called by a worker with the query before computing (tests: slow work, panics).
     #[doc(hidden)]
     pub hook: Option<Hook>,
@@ -92,6 +96,7 @@ impl ServeOptions {
             rerank_auto: false,
             exact_threshold: DEFAULT_EXACT_THRESHOLD,
             images: None,
+            head_limits: conn::HeadLimits::default(),
             hook: None,
         }
     }
@@ -192,6 +197,24 @@ impl App {
             panics: l(&self.pool.stats.panics),
             uptime_s: self.started.elapsed().as_secs_f64(),
         }
+    }
+
+    /// Counts one answered request and writes its access log line.
+    fn record(&self, method: &str, path: &str, s: u16, t: Instant) {
+        let c = &self.counts;
+        c.total.fetch_add(1, Ordering::SeqCst);
+        match s {
+            200..=299 => c.s2xx.fetch_add(1, Ordering::SeqCst),
+            400..=499 => c.s4xx.fetch_add(1, Ordering::SeqCst),
+            _ => c.s5xx.fetch_add(1, Ordering::SeqCst),
+        };
+        if s == 503 {
+            c.s503.fetch_add(1, Ordering::SeqCst);
+        } else if s == 504 {
+            c.s504.fetch_add(1, Ordering::SeqCst);
+        }
+        let path: String = path.chars().take(200).collect();
+        eprintln!("{method} {path} {s} {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
     }
 
     /// The query text: present, not blank, not above the byte limit.
@@ -388,21 +411,7 @@ async fn access_log(State(app): Shared, req: Request, next: Next) -> Response {
     let t = Instant::now();
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
     let r = next.run(req).await;
-    let s = r.status().as_u16();
-    let c = &app.counts;
-    c.total.fetch_add(1, Ordering::SeqCst);
-    match s {
-        200..=299 => c.s2xx.fetch_add(1, Ordering::SeqCst),
-        400..=499 => c.s4xx.fetch_add(1, Ordering::SeqCst),
-        _ => c.s5xx.fetch_add(1, Ordering::SeqCst),
-    };
-    if s == 503 {
-        c.s503.fetch_add(1, Ordering::SeqCst);
-    } else if s == 504 {
-        c.s504.fetch_add(1, Ordering::SeqCst);
-    }
-    let path: String = path.chars().take(200).collect();
-    eprintln!("{method} {path} {s} {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
+    app.record(method.as_str(), &path, r.status().as_u16(), t);
     r
 }
 
@@ -495,25 +504,27 @@ impl Server {
     {
         let listener = tokio::net::TcpListener::from_std(self.listener).context("registering the socket")?;
         let app = self.app.clone();
-        let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
-        let graceful = async move {
-            let _ = go_rx.await;
+        let (go_tx, go_rx) = tokio::sync::watch::channel(false);
+        let record: conn::Record = {
+            let app = app.clone();
+            Arc::new(move |method: &str, path: &str, status: u16, t: Instant| app.record(method, path, status, t))
         };
-        let mut serving = tokio::spawn(axum::serve(listener, router(app.clone())).with_graceful_shutdown(graceful).into_future());
+        let lim = app.opts.head_limits;
+        let mut serving = tokio::spawn(conn::serve(listener, router(app.clone()), lim, go_rx, record));
         let why = tokio::select! {
             r = &mut serving => {
                 // It stopped by itself: an accept loop error.
-                r.context("the server task")?.context("serving")?;
+                r.context("the server task")?;
                 "the server stopped".to_string()
             }
             why = stop => {
                 eprintln!("{why}: finishing the requests in flight, then stopping");
-                let _ = go_tx.send(());
+                let _ = go_tx.send(true);
                 // Requests end within their time limit; a connection that stays open without a
                 // request in it (a stuck client) does not hold the shutdown up for longer.
                 let grace = app.opts.timeout + Duration::from_secs(5);
                 match tokio::time::timeout(grace, &mut serving).await {
-                    Ok(r) => r.context("the server task")?.context("serving")?,
+                    Ok(r) => r.context("the server task")?,
                     Err(_) => {
                         eprintln!("warning: connections still open {} s after {why}; closing them", grace.as_secs());
                         serving.abort();
