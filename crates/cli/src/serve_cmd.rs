@@ -17,6 +17,9 @@ Routes (GET, and POST for /api/search; every error the server returns is JSON {\
   /api/explain?clip=ID&q=TEXT          the explanation as JSON (as `demovlp explain --json`); &format=svg for the picture
   /api/explain.svg?clip=ID&q=TEXT      the explanation picture (SVG)
   /api/health                          status, clips, model, uptime, workers, queue, request counts
+  POST /api/clips {\"clips\": [ID, ...]}   each clip's caption (from the index's annotation files, or
+                                       --annotations) and thumbnail URL (with --images)
+  /api/thumbnail?clip=ID               the clip's first sampled frame picture under --images
 
 Errors: missing or empty q / clip, an unknown or repeated parameter, bad percent-encoding or text that is
 not UTF-8, k or rerank out of range -> 400; q longer than --max-query-bytes -> 414; unknown clip or path
@@ -79,6 +82,10 @@ pub struct ServeArgs {
     /// Folder of frame images to draw the explanations on: <dir>/<clip>/<frame>.jpg|png (or <dir>/<frame>.jpg|png).
     #[arg(long)]
     images: Option<PathBuf>,
+    /// Annotation file (or MSR-VTT metadata directory) whose first caption per clip the page shows
+    /// [default: the annotation files the index was built from, as recorded in its index.json].
+    #[arg(long)]
+    annotations: Option<PathBuf>,
 }
 
 pub fn serve(a: ServeArgs) -> Result<()> {
@@ -93,6 +100,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     o.rerank_auto = a.rerank.is_none();
     o.exact_threshold = a.exact_threshold;
     o.images = a.images;
+    o.annotations = a.annotations;
     demovlp_serve::serve_until_signal(o)?;
     Ok(())
 }

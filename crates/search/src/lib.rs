@@ -2,6 +2,7 @@
 //!
 //! - [`store`]: the index directory (segments of memory-mapped embeddings, boxes, masks).
 //! - [`build`]: `demovlp index` — embed a collection, resumable, appendable, sharded, merged.
+//! - [`captions`]: clip captions for display, from the annotation files the index was built from.
 //! - [`ann`]: global top-N candidates (exact below a threshold, a graph index above).
 //! - [`codes`]: the region codebook and the region-aware first stage built on it.
 //! - [`search`]: query embedding, candidates, exact global + region-word re-rank.
@@ -14,6 +15,7 @@ pub mod ann;
 pub mod bench;
 pub mod bench_model;
 pub mod build;
+pub mod captions;
 pub mod codes;
 pub mod explain;
 pub mod quality;

@@ -10,11 +10,14 @@
 //! - `/api/explain?clip=ID&q=TEXT[&format=json|svg]` → the explanation (`demovlp explain --json`)
 //!   or its SVG; `/api/explain.svg?clip=ID&q=TEXT` → the SVG;
 //! - `/api/health` → status, clips, model, uptime, workers, queue, request counts;
+//! - `POST /api/clips` with `{"clips": [ID, ...]}` → each clip's caption and thumbnail URL, and
+//!   `/api/thumbnail?clip=ID` → its first frame's picture (with `--images`);
 //! - `/` → a small web page compiled into the binary (no external assets).
 //!
 //! The compute runs on a pool of worker threads ([`pool`]) behind a bounded queue (full →
 //! 503 with `Retry-After`), with a per-request time limit (→ 504).
 
+mod clips;
 pub mod conn;
 pub mod error;
 pub mod pool;
@@ -71,6 +74,9 @@ pub struct ServeOptions {
     pub exact_threshold: usize,
     /// Frame pictures for the SVG explanations (as `demovlp explain --images`).
     pub images: Option<PathBuf>,
+    /// The annotation file (or MSR-VTT metadata directory) to take the clips' captions from
+    /// (default: the ones the index was built from).
+    pub annotations: Option<PathBuf>,
     /// Limits on a request's head (target, header fields, arrival time), checked before
     /// hyper parses it.
     pub head_limits: conn::HeadLimits,
@@ -96,6 +102,7 @@ impl ServeOptions {
             rerank_auto: false,
             exact_threshold: DEFAULT_EXACT_THRESHOLD,
             images: None,
+            annotations: None,
             head_limits: conn::HeadLimits::default(),
             hook: None,
         }
@@ -143,6 +150,7 @@ struct App {
     model_path: String,
     started: Instant,
     counts: Counts,
+    captions: demovlp_search::captions::Captions,
 }
 
 /// What the server prints once it listens (one JSON line, `listening` first).
@@ -274,22 +282,32 @@ struct SearchBody {
     rerank: Option<usize>,
 }
 
-/// `POST /api/search` with `{"q": TEXT, "k"?: N, "rerank"?: N}` (`Content-Type: application/json`):
-/// the same answer as the `GET` form, for queries too long for a URL.
-async fn search_post(State(app): Shared, headers: axum::http::HeaderMap, body: axum::body::Body) -> Result<Response, ApiError> {
+/// Reads a `POST` body of at most [`MAX_BODY_BYTES`] as JSON (`Content-Type: application/json`);
+/// `route` and `shape` name the route and the body it takes in the errors.
+async fn read_json_body<T: serde::de::DeserializeOwned>(
+    headers: &axum::http::HeaderMap,
+    body: axum::body::Body,
+    route: &str,
+    shape: &str,
+) -> Result<T, ApiError> {
     let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     if !ct.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case("application/json") {
         return Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            format!("POST /api/search takes a JSON body (Content-Type: application/json), got {:?}", ct),
+            format!("POST {route} takes a JSON body (Content-Type: application/json), got {:?}", ct),
         ));
     }
     let bytes = axum::body::to_bytes(body, MAX_BODY_BYTES)
         .await
         .map_err(|_| ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("request body over {MAX_BODY_BYTES} bytes")))?;
-    let b: SearchBody = serde_json::from_slice(&bytes).map_err(|e| {
-        ApiError::bad_request(format!("bad JSON body: {e} (expected {{\"q\": TEXT, \"k\": N, \"rerank\": N}}, k and rerank optional)"))
-    })?;
+    serde_json::from_slice(&bytes).map_err(|e| ApiError::bad_request(format!("bad JSON body: {e} (expected {shape})")))
+}
+
+/// `POST /api/search` with `{"q": TEXT, "k"?: N, "rerank"?: N}` (`Content-Type: application/json`):
+/// the same answer as the `GET` form, for queries too long for a URL.
+async fn search_post(State(app): Shared, headers: axum::http::HeaderMap, body: axum::body::Body) -> Result<Response, ApiError> {
+    let b: SearchBody =
+        read_json_body(&headers, body, "/api/search", "{\"q\": TEXT, \"k\": N, \"rerank\": N}, k and rerank optional").await?;
     if b.q.trim().is_empty() {
         return Err(ApiError::bad_request("empty query (q)"));
     }
@@ -367,6 +385,9 @@ async fn health(State(app): Shared, uri: Uri) -> Result<Response, ApiError> {
         "regions": st.regions,
         "text_len": st.text_len,
         "ann": app.engine.ann.is_some(),
+        "captions": app.captions.by_clip.len(),
+        "captions_from": app.captions.from,
+        "thumbnails": app.opts.images.is_some(),
         "workers": app.pool.threads,
         "queue": {"capacity": app.pool.capacity, "waiting": ps.waiting.load(Ordering::SeqCst), "running": ps.running.load(Ordering::SeqCst)},
         "limits": {"max_k": app.opts.max_k, "default_k": app.opts.default_k, "rerank": app.opts.rerank,
@@ -392,14 +413,18 @@ async fn page() -> Response {
     r
 }
 
-const ROUTES: &str = "GET /, GET|POST /api/search, GET /api/explain, /api/explain.svg, /api/health";
+const ROUTES: &str = "GET /, GET|POST /api/search, GET /api/explain, /api/explain.svg, /api/health, POST /api/clips, GET /api/thumbnail";
 
 async fn not_found(method: Method, uri: Uri) -> ApiError {
     ApiError::not_found(format!("no route {method} {} (routes: {ROUTES})", uri.path()))
 }
 
 async fn method_not_allowed(method: Method, uri: Uri) -> Response {
-    let allow = if uri.path() == "/api/search" { "GET, HEAD, POST" } else { "GET, HEAD" };
+    let allow = match uri.path() {
+        "/api/search" => "GET, HEAD, POST",
+        "/api/clips" => "POST",
+        _ => "GET, HEAD",
+    };
     let mut r = ApiError::new(StatusCode::METHOD_NOT_ALLOWED, format!("method {method} not allowed on {} (only {allow})", uri.path()))
         .into_response();
     r.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
@@ -426,6 +451,8 @@ fn router(app: Arc<App>) -> Router {
         .route("/api/explain", get(explain))
         .route("/api/explain.svg", get(explain_svg))
         .route("/api/health", get(health))
+        .route("/api/clips", axum::routing::post(clips::clips))
+        .route("/api/thumbnail", get(clips::thumbnail))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(caught_panic))
@@ -474,7 +501,8 @@ impl Server {
         let shared = SharedModel::new(model, opts.model.clone());
         let pool = Pool::start(engine.clone(), shared, opts.workers, opts.queue, opts.images.clone(), opts.hook.clone())
             .context("starting the worker threads")?;
-        let app = Arc::new(App { engine, pool, opts, model_path, started: Instant::now(), counts: Counts::default() });
+        let captions = clips::load_captions(&engine, opts.annotations.as_deref())?;
+        let app = Arc::new(App { engine, pool, opts, model_path, started: Instant::now(), counts: Counts::default(), captions });
         Ok(Server { app, listener, addr })
     }
 

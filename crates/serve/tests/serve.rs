@@ -363,3 +363,68 @@ fn explanation_pictures_are_drawn_on_the_frame_images_of_images_dir() {
     assert_eq!((r.status, r.text().matches("<image ").count()), (200, 0));
     server.stop().unwrap();
 }
+
+/// `POST /api/clips`: each clip's first caption from the annotation file the index was built
+/// from (its absolute path recorded in index.json), a thumbnail URL when `--images` has a
+/// picture of it; `/api/thumbnail` serves that picture. `--annotations` overrides the file.
+#[test]
+fn clips_route_gives_captions_from_the_index_annotations_and_thumbnails_from_images() {
+    let w = world();
+    let dir = w.root.join("thumb-images");
+    let (clip, caption) = &w.captions[3];
+    let other = &w.captions[4].0;
+    let e = Engine::open(&w.index).unwrap();
+    let first = *e.index.frames(e.index.by_id[clip]).iter().find(|f| **f >= 0).unwrap();
+    std::fs::create_dir_all(dir.join(clip)).unwrap();
+    let picture = b"\x89PNG\r\n\x1a\n-thumbnail-bytes-";
+    std::fs::write(dir.join(clip).join(format!("{first}.png")), picture).unwrap();
+    let ann = std::path::absolute(w.root.join("corpus/annotations/synth_msrvtt_test.jsonl")).unwrap();
+    assert_eq!(e.index.settings().annotations[0].path, ann.display().to_string());
+
+    let (server, addr) = start(|o| o.images = Some(dir.clone()));
+    let post = |body: serde_json::Value| request(&addr, "POST", "/api/clips", Some(("application/json", body.to_string().as_bytes()))).unwrap();
+    let r = post(serde_json::json!({"clips": [clip, other]}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let j = r.json();
+    assert_eq!(j["captions_from"], serde_json::json!([ann.display().to_string()]));
+    assert_eq!(j["clips"][0]["clip"], clip.as_str());
+    assert_eq!(j["clips"][0]["caption"], caption.as_str());
+    assert_eq!(j["clips"][1]["caption"], w.captions[4].1.as_str());
+    let thumb = j["clips"][0]["thumbnail"].as_str().unwrap().to_string();
+    assert_eq!(j["clips"][1]["thumbnail"], serde_json::Value::Null, "no picture of the other clip");
+    let t = get(&addr, &thumb);
+    assert_eq!((t.status, t.header("content-type")), (200, Some("image/png")));
+    assert_eq!(t.body, picture);
+    let none = get(&addr, &format!("/api/thumbnail?clip={}", encode(other)));
+    assert_eq!(none.status, 404);
+    assert!(none.json()["error"].as_str().unwrap().contains("no picture of clip"));
+    let r = post(serde_json::json!({"clips": ["no-such-clip"]}));
+    assert_eq!(r.status, 404);
+    assert!(r.json()["error"].as_str().unwrap().contains("unknown clip \"no-such-clip\""));
+    let r = post(serde_json::json!({"ids": []}));
+    assert_eq!(r.status, 400);
+    let h = get(&addr, "/api/health").json();
+    assert_eq!((h["captions"].as_u64(), h["thumbnails"].as_bool()), (Some(support::CLIPS as u64), Some(true)), "{h}");
+    // The explanation's word labels carry a white halo (readable over any picture).
+    let svg = get(&addr, &format!("/api/explain.svg?clip={}&q={}", encode(clip), encode(caption))).text();
+    let labels: Vec<&str> = svg.lines().filter(|l| l.contains("class=\"label\"")).collect();
+    assert!(!labels.is_empty(), "{svg}");
+    assert!(labels.iter().all(|l| l.contains("paint-order=\"stroke\"") && l.contains("stroke=\"#ffffff\"")), "{labels:?}");
+    server.stop().unwrap();
+
+    // --annotations: another file's captions; without --images no thumbnails.
+    let alt = w.root.join("alt-captions.jsonl");
+    std::fs::write(&alt, format!("{{\"clip\": \"{clip}\", \"captions\": [\"the other caption\"]}}\n")).unwrap();
+    let (server, addr) = start(|o| o.annotations = Some(alt.clone()));
+    let r = request(&addr, "POST", "/api/clips", Some(("application/json", serde_json::json!({"clips": [clip, other]}).to_string().as_bytes())))
+        .unwrap()
+        .json();
+    assert_eq!(r["clips"][0]["caption"], "the other caption");
+    assert_eq!((&r["clips"][1]["caption"], &r["clips"][0]["thumbnail"]), (&serde_json::Value::Null, &serde_json::Value::Null));
+    assert_eq!(get(&addr, &format!("/api/thumbnail?clip={}", encode(clip))).status, 404);
+    server.stop().unwrap();
+    let mut o = ServeOptions::new(w.index.clone());
+    (o.addr, o.annotations) = ("127.0.0.1:0".parse().unwrap(), Some(w.root.join("no-such.jsonl")));
+    let err = format!("{:#}", spawn(o).err().unwrap());
+    assert!(err.contains("--annotations") && err.contains("no-such.jsonl"), "{err}");
+}
