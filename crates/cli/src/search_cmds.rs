@@ -171,6 +171,30 @@ pub fn index_merge(a: IndexMergeArgs) -> Result<()> {
 }
 
 #[derive(clap::Args)]
+#[command(after_help = "Opening an index (search, explain, serve) checks its small files (clip ids, global embeddings, masks, \
+frame numbers); this checks all of them — the local embeddings and boxes too, the bulk of an index — and the region codes, \
+and counts non-finite values in the embeddings and boxes. Prints each problem (naming its file) on stderr and one JSON line \
+{\"index\", \"segments\", \"clips\", \"files_checked\", \"bytes_checked\", \"problems\": [...], \"seconds\"} on stdout; \
+exit status 1 when there is a problem.")]
+pub struct VerifyArgs {
+    /// The index directory (`demovlp index`).
+    index: PathBuf,
+}
+
+pub fn verify(a: VerifyArgs) -> Result<()> {
+    let r = demovlp_search::verify::verify(&a.index)?;
+    for p in &r.problems {
+        eprintln!("{p}");
+    }
+    println!("{}", serde_json::to_string(&r)?);
+    if !r.problems.is_empty() {
+        bail!("{}: {} problem(s) in {} files checked", a.index.display(), r.problems.len(), r.files_checked);
+    }
+    eprintln!("{}: {} files, {:.1} MB, all match their checksums ({:.1} s)", a.index.display(), r.files_checked, r.bytes_checked as f64 / 1e6, r.seconds);
+    Ok(())
+}
+
+#[derive(clap::Args)]
 #[command(
     after_help = "With --json one line per query: {\"query\": ..., \"results\": [{\"clip\", \"score\", \"global\", \"local\"}, ...]} best first."
 )]

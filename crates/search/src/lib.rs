@@ -7,6 +7,7 @@
 //! - [`codes`]: the region codebook and the region-aware first stage built on it.
 //! - [`search`]: query embedding, candidates, exact global + region-word re-rank.
 //! - [`quality`]: agreement of search with exhaustive scoring.
+//! - [`verify`]: `demovlp verify` — every file against its recorded checksum.
 //! - [`explain`]: per word the regions it attends to, per region its best word, and an SVG.
 //! - [`synth`], [`bench`]: a synthetic index and `demovlp bench search` over it.
 //! - [`bench_model`]: `demovlp bench search` on a collection a trained model embedded.
@@ -23,3 +24,4 @@ pub mod search;
 pub mod store;
 pub mod synth;
 pub mod text;
+pub mod verify;
