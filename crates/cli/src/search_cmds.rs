@@ -429,9 +429,12 @@ pub struct BenchSearchArgs {
     /// planted-data flags (--dim, --frames, ...) do not apply.
     #[arg(long)]
     model: Option<PathBuf>,
-    /// With --model: queries also scored exhaustively (every clip; slow at large --clips).
-    #[arg(long, default_value_t = 50)]
-    exhaustive_queries: usize,
+    /// Queries also scored exhaustively (every clip, global + region-word; slow at large
+    /// --clips) for agreement@1 / recall@k of the whole search. Default: 50 with --model; on
+    /// planted data as many timed queries as fit 200 000 clip scorings (none at 1M clips: the
+    /// JSON's exhaustive_note says so).
+    #[arg(long)]
+    exhaustive_queries: Option<usize>,
     /// With --model: more --rerank depths of the region first stage measured on the exhaustive
     /// sample, comma-separated (e.g. 300,1000).
     #[arg(long, value_delimiter = ',')]
@@ -448,7 +451,7 @@ fn bench_search_model(a: &BenchSearchArgs, model: &std::path::Path) -> Result<()
         model: model.to_path_buf(),
         clips: a.clips,
         queries: a.queries,
-        exhaustive_queries: a.exhaustive_queries,
+        exhaustive_queries: a.exhaustive_queries.unwrap_or(50),
         k: a.k,
         rerank: a.rerank,
         seed: a.seed,
@@ -548,6 +551,7 @@ pub fn bench_search(a: BenchSearchArgs) -> Result<()> {
         sweep: a.ef_sweep,
         dir: a.dir,
         keep: a.keep,
+        exhaustive_queries: a.exhaustive_queries,
     };
     let r = run(&o, &|s| eprintln!("{s}"))?;
     let peak = r.peak_rss_mb;
@@ -587,6 +591,16 @@ pub fn bench_search(a: BenchSearchArgs) -> Result<()> {
                 "  re-rank of {} candidates: p50 {:.2} ms, p99 {:.2} ms; whole search (top-{} + re-rank) p50 {:.2} ms, p99 {:.2} ms",
                 r.rerank, r.rerank_p50_ms, r.rerank_p99_ms, r.rerank, r.search_p50_ms, r.search_p99_ms
             );
+        }
+        match (r.agreement_at_1, r.recall_at_10_vs_exhaustive) {
+            (Some(a1), Some(rk)) => println!(
+                "  whole search vs exhaustive scoring ({} queries, p50 {:.1} ms each): agreement@1 {a1:.3}, recall@{} {rk:.3} \
+                 (planted data, random local embeddings; --model measures a trained model's search)",
+                r.exhaustive_queries,
+                r.exhaustive_p50_ms.unwrap_or(f64::NAN),
+                r.k
+            ),
+            _ => println!("  vs exhaustive scoring: {}", r.exhaustive_note.as_deref().unwrap_or("not measured")),
         }
         println!(
             "  planted group in the exact top-{}: {:.3}; peak memory {peak:.0} MB (while querying: {:.0} MB PSS; kernel peak RSS {:.0} MB counts the shared local file once per segment)",
