@@ -190,7 +190,13 @@ pub fn verify(a: VerifyArgs) -> Result<()> {
     if !r.problems.is_empty() {
         bail!("{}: {} problem(s) in {} files checked", a.index.display(), r.problems.len(), r.files_checked);
     }
-    eprintln!("{}: {} files, {:.1} MB, all match their checksums ({:.1} s)", a.index.display(), r.files_checked, r.bytes_checked as f64 / 1e6, r.seconds);
+    eprintln!(
+        "{}: {} files, {:.1} MB, all match their checksums ({:.1} s)",
+        a.index.display(),
+        r.files_checked,
+        r.bytes_checked as f64 / 1e6,
+        r.seconds
+    );
     Ok(())
 }
 

@@ -451,7 +451,8 @@ fn browse(d: &Driver, addr: &str, w: &World, dir: &Path) {
     assert!(size[0].as_u64().unwrap() > 300 && size[1].as_u64().unwrap() > 200, "picture size {size}");
     let active = d.script("return document.querySelector('li.result.active').dataset.clip");
     assert_eq!(active, shown[pick][0]);
-    let heading = d.script("return [document.querySelector('#explain h3').textContent, document.querySelector('#explain .clipid').textContent]");
+    let heading =
+        d.script("return [document.querySelector('#explain h3').textContent, document.querySelector('#explain .clipid').textContent]");
     let picked = shown[pick][0].as_str().unwrap();
     assert_eq!(heading, json!([by_clip[picked], picked]), "the explanation is headed by the caption, then the id");
     let sub = d.script("return document.querySelector('#explain .sub').textContent");

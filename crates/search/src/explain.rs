@@ -332,7 +332,12 @@ pub fn svg(e: &Explanation, images: Option<&Path>) -> Result<String> {
     let mut x = gap;
     for w in &e.words {
         let c = colour.get(w.word.as_str()).copied().unwrap_or("#888");
-        writeln!(s, r#"<text class="legend" x="{x:.1}" y="{:.1}" font-size="13" font-weight="600" fill="{c}">{}</text>"#, height - 10.0, esc(&w.word))?;
+        writeln!(
+            s,
+            r#"<text class="legend" x="{x:.1}" y="{:.1}" font-size="13" font-weight="600" fill="{c}">{}</text>"#,
+            height - 10.0,
+            esc(&w.word)
+        )?;
         x += 9.5 * w.word.chars().count() as f32 + 12.0;
     }
     writeln!(s, "</svg>")?;

@@ -121,7 +121,9 @@ fn verify_codes(dir: &Path, m: &Manifest, r: &mut VerifyReport) {
         }
     };
     let mut files = vec![("codebook.f32".to_string(), dir.join("codebook.f32"))];
-    files.extend(meta.segments.iter().filter(|s| m.segments.contains(s)).map(|s| (format!("{s}.u16"), dir.join("codes").join(format!("{s}.u16")))));
+    files.extend(
+        meta.segments.iter().filter(|s| m.segments.contains(s)).map(|s| (format!("{s}.u16"), dir.join("codes").join(format!("{s}.u16")))),
+    );
     for (key, p) in files {
         let Some(want) = meta.sums.get(&key) else { continue };
         match map(&p) {

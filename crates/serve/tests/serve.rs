@@ -382,7 +382,8 @@ fn clips_route_gives_captions_from_the_index_annotations_and_thumbnails_from_ima
     assert_eq!(e.index.settings().annotations[0].path, ann.display().to_string());
 
     let (server, addr) = start(|o| o.images = Some(dir.clone()));
-    let post = |body: serde_json::Value| request(&addr, "POST", "/api/clips", Some(("application/json", body.to_string().as_bytes()))).unwrap();
+    let post =
+        |body: serde_json::Value| request(&addr, "POST", "/api/clips", Some(("application/json", body.to_string().as_bytes()))).unwrap();
     let r = post(serde_json::json!({"clips": [clip, other]}));
     assert_eq!(r.status, 200, "{}", r.text());
     let j = r.json();
@@ -416,9 +417,14 @@ fn clips_route_gives_captions_from_the_index_annotations_and_thumbnails_from_ima
     let alt = w.root.join("alt-captions.jsonl");
     std::fs::write(&alt, format!("{{\"clip\": \"{clip}\", \"captions\": [\"the other caption\"]}}\n")).unwrap();
     let (server, addr) = start(|o| o.annotations = Some(alt.clone()));
-    let r = request(&addr, "POST", "/api/clips", Some(("application/json", serde_json::json!({"clips": [clip, other]}).to_string().as_bytes())))
-        .unwrap()
-        .json();
+    let r = request(
+        &addr,
+        "POST",
+        "/api/clips",
+        Some(("application/json", serde_json::json!({"clips": [clip, other]}).to_string().as_bytes())),
+    )
+    .unwrap()
+    .json();
     assert_eq!(r["clips"][0]["caption"], "the other caption");
     assert_eq!((&r["clips"][1]["caption"], &r["clips"][0]["thumbnail"]), (&serde_json::Value::Null, &serde_json::Value::Null));
     assert_eq!(get(&addr, &format!("/api/thumbnail?clip={}", encode(clip))).status, 404);
