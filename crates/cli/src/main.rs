@@ -87,6 +87,8 @@ enum Command {
     Search(search_cmds::SearchArgs),
     /// Which regions each word of a text attends to in one clip (JSON and SVG).
     Explain(search_cmds::ExplainArgs),
+    /// Check every file of an index against the checksum recorded when it was written.
+    Verify(search_cmds::VerifyArgs),
     /// Serve an index over HTTP: JSON search / explain / health API and a small web page.
     #[command(long_about = serve_cmd::SERVE_HELP)]
     Serve(serve_cmd::ServeArgs),
@@ -127,6 +129,7 @@ fn main() -> anyhow::Result<()> {
         Command::IndexMerge(a) => search_cmds::index_merge(a),
         Command::Search(a) => search_cmds::search(a),
         Command::Explain(a) => search_cmds::explain(a),
+        Command::Verify(a) => search_cmds::verify(a),
         Command::Serve(a) => serve_cmd::serve(a),
         Command::Bench(c) => bench::run(c),
         Command::Selftest(a) => selftest::selftest(a),

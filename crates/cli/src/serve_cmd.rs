@@ -10,19 +10,25 @@ use demovlp_serve::ServeOptions;
 
 pub const SERVE_HELP: &str = "Serve an index over HTTP, with a small web page.
 
-Routes (GET, and POST for /api/search; every error a route returns is JSON {\"error\": \"...\"}):
+Routes (GET, and POST for /api/search; every error the server returns is JSON {\"error\": \"...\"}):
   /                                    the web page: search box, ranked results, click one for its explanation
   /api/search?q=TEXT[&k=10][&rerank=N] {\"query\", \"results\": [...]}, as `demovlp search --json` prints
   POST /api/search {\"q\", \"k\"?, \"rerank\"?} the same, for long queries (Content-Type: application/json)
   /api/explain?clip=ID&q=TEXT          the explanation as JSON (as `demovlp explain --json`); &format=svg for the picture
   /api/explain.svg?clip=ID&q=TEXT      the explanation picture (SVG)
   /api/health                          status, clips, model, uptime, workers, queue, request counts
+  POST /api/clips {\"clips\": [ID, ...]}   each clip's caption (from the index's annotation files, or
+                                       --annotations) and thumbnail URL (with --images)
+  /api/thumbnail?clip=ID               the clip's first sampled frame picture under --images
 
 Errors: missing or empty q / clip, an unknown or repeated parameter, bad percent-encoding or text that is
 not UTF-8, k or rerank out of range -> 400; q longer than --max-query-bytes -> 414; unknown clip or path
 -> 404; another method than GET (POST on /api/search) -> 405; a POST body that is not JSON -> 415, bad
 JSON -> 400, over 16 KiB (or q over --max-query-bytes) -> 413; queue full -> 503 with Retry-After; no answer within --timeout-ms
--> 504; an internal failure -> 500 (the server keeps running).
+-> 504; an internal failure -> 500 (the server keeps running). Checked before any route runs: a request
+target over 16 KiB -> 414, a request head over 32 KiB or with more than 64 header fields -> 431, a
+malformed request line or header -> 400, a head not complete within 10 s -> 408. One request per
+connection (Connection: close).
 
 The text tower and the re-rank run on --workers threads sharing one copy of the model (the short query
 embedding runs under a lock, candidates and re-rank in parallel); --queue requests may wait for one, more
@@ -45,7 +51,7 @@ pub struct ServeArgs {
     /// Address and port to listen on (port 0: a free one).
     #[arg(long, default_value = "127.0.0.1:8080")]
     addr: SocketAddr,
-    /// Compute threads (text tower + re-rank), each with its own copy of the model [default: cores, at most 4].
+    /// Compute threads (text tower + re-rank), sharing one copy of the model [default: cores, at most 4].
     #[arg(long)]
     workers: Option<usize>,
     /// Requests that may wait for a worker; beyond that 503 + Retry-After.
@@ -80,6 +86,10 @@ pub struct ServeArgs {
     /// index stay in host memory).
     #[command(flatten)]
     device: crate::device::DeviceArgs,
+    /// Annotation file (or MSR-VTT metadata directory) whose first caption per clip the page shows
+    /// [default: the annotation files the index was built from, as recorded in its index.json].
+    #[arg(long)]
+    annotations: Option<PathBuf>,
 }
 
 pub fn serve(a: ServeArgs) -> Result<()> {
@@ -95,6 +105,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     o.exact_threshold = a.exact_threshold;
     o.images = a.images;
     o.device = crate::device::placement(&a.device)?;
+    o.annotations = a.annotations;
     demovlp_serve::serve_until_signal(o)?;
     Ok(())
 }

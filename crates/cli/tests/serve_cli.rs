@@ -158,9 +158,14 @@ fn serve_answers_as_search_json_refuses_bad_requests_and_stops_cleanly_on_sigter
         assert_eq!(r.status, status, "{target}: {}", r.text());
         assert!(r.json()["error"].as_str().unwrap().contains(msg), "{target}: {}", r.text());
     }
-    let long = format!("/api/search?q={}", "x".repeat(2000));
-    assert_eq!(get(&addr, &long).status, 414);
-    sent += 1;
+    // Too long for --max-query-bytes (the route's 414), and beyond hyper's own URI limit
+    // (refused before any route runs): both JSON naming the limit.
+    for (n, msg) in [(2000, "the limit is 1024 (--max-query-bytes)"), (70_000, "the limit is 16384")] {
+        let r = get(&addr, &format!("/api/search?q={}", "x".repeat(n)));
+        sent += 1;
+        assert_eq!((r.status, r.header("content-type")), (414, Some("application/json")), "{}", r.text());
+        assert!(r.json()["error"].as_str().unwrap().contains(msg), "{}", r.text());
+    }
     // Concurrent clients.
     let threads: Vec<_> = (0..16)
         .map(|i| {
@@ -176,7 +181,7 @@ fn serve_answers_as_search_json_refuses_bad_requests_and_stops_cleanly_on_sigter
     assert_eq!(code, Some(0), "{stderr}");
     assert_eq!(summary["shutdown"], "SIGTERM", "{summary}");
     assert_eq!(summary["requests"].as_u64(), Some(sent), "{summary}");
-    assert_eq!(summary["4xx"].as_u64(), Some(bad.len() as u64 + 1), "{summary}");
+    assert_eq!(summary["4xx"].as_u64(), Some(bad.len() as u64 + 2), "{summary}");
     assert_eq!(summary["5xx"].as_u64(), Some(0), "{summary}");
     // The access log: method, path, status, milliseconds.
     assert!(stderr.lines().any(|l| l.starts_with("GET /api/search 200 ") && l.ends_with(" ms")), "{stderr}");
@@ -285,6 +290,16 @@ impl Driver {
     }
 }
 
+/// A small RGB PNG, a gradient tinted by `tint`.
+fn write_png(path: &Path, w: u32, h: u32, tint: u8) {
+    let f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    let mut e = png::Encoder::new(f, w, h);
+    e.set_color(png::ColorType::Rgb);
+    e.set_depth(png::BitDepth::Eight);
+    let data: Vec<u8> = (0..h).flat_map(|y| (0..w).flat_map(move |x| [(x * 8) as u8, (y * 10) as u8, tint.wrapping_mul(16)])).collect();
+    e.write_header().unwrap().write_image_data(&data).unwrap();
+}
+
 /// Colours in a PNG (decoded), and its size.
 fn png_colours(bytes: &[u8]) -> (u32, u32, usize) {
     let mut reader = png::Decoder::new(std::io::Cursor::new(bytes)).read_info().unwrap();
@@ -312,7 +327,13 @@ fn web_page_in_headless_chromium_search_click_explain_screenshot() {
     };
     let w = world();
     let dir = demovlp_testutil::tmpdir("serve-browser");
-    let s = serve(&["--addr", "127.0.0.1:0", "--workers", "2"]);
+    // Frame pictures for every clip (`<dir>/<frame>.png` serves any clip): the thumbnails.
+    let images = dir.join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    for f in 0..16 {
+        write_png(&images.join(format!("{f}.png")), 32, 24, f as u8);
+    }
+    let s = serve(&["--addr", "127.0.0.1:0", "--workers", "2", "--images", images.to_str().unwrap()]);
     let port = free_port();
     let cd = KillOnDrop(
         Command::new(&driver_bin)
@@ -352,7 +373,15 @@ fn web_page_in_headless_chromium_search_click_explain_screenshot() {
     assert_eq!(code, Some(0));
     assert_eq!(summary["5xx"], 0, "{summary}");
     // The page, its health call, the search, the picture and the explanation.
-    for l in ["GET / 200", "GET /api/health 200", "POST /api/search 200", "GET /api/explain.svg 200", "GET /api/explain 200"] {
+    for l in [
+        "GET / 200",
+        "GET /api/health 200",
+        "POST /api/search 200",
+        "POST /api/clips 200",
+        "GET /api/thumbnail 200",
+        "GET /api/explain.svg 200",
+        "GET /api/explain 200",
+    ] {
         assert!(stderr.contains(l), "no '{l}' in the access log:\n{stderr}");
     }
 }
@@ -376,6 +405,20 @@ fn browse(d: &Driver, addr: &str, w: &World, dir: &Path) {
         assert_eq!(row[1].as_str().unwrap(), format!("{:.4}", hit["score"].as_f64().unwrap()), "rank {}", i + 1);
     }
     assert!(d.script("return location.search").as_str().unwrap().starts_with("?q="));
+    // Each result shows its clip's caption (the annotations the index was built from, named
+    // above the list) over its id, and a thumbnail (the frame pictures of --images).
+    let capsrc = d.wait("the caption source", "const t = document.querySelector('#capsrc').textContent; return t || false");
+    assert!(capsrc.as_str().unwrap().contains("Captions from the annotations synth_msrvtt_test.jsonl"), "{capsrc}");
+    let rows = d.wait(
+        "captions and thumbnails",
+        "const rows = [...document.querySelectorAll('li.result')].map(li => { const i = li.querySelector('img.thumb');          return [li.dataset.clip, li.querySelector('.caption').textContent, li.querySelector('.clip').textContent,          i ? (i.complete ? i.naturalWidth : -1) : 0]; });          return rows.every(r => r[1] !== '…' && r[3] > 0) ? rows : false",
+    );
+    let by_clip: std::collections::HashMap<&str, &str> = w.captions.iter().map(|(c, t)| (c.as_str(), t.as_str())).collect();
+    for r in rows.as_array().unwrap() {
+        let c = r[0].as_str().unwrap();
+        assert_eq!(r[1].as_str().unwrap(), by_clip[c], "caption of {c}");
+        assert_eq!((r[2].as_str().unwrap(), r[3].as_u64()), (c, Some(32)), "id and thumbnail of {c}");
+    }
     // Click the result for the caption's own clip when it is listed, else the first.
     let items = d.find_all("li.result");
     let pick = shown.as_array().unwrap().iter().position(|r| r[0] == clip.as_str()).unwrap_or(0);
@@ -388,6 +431,10 @@ fn browse(d: &Driver, addr: &str, w: &World, dir: &Path) {
     assert!(size[0].as_u64().unwrap() > 300 && size[1].as_u64().unwrap() > 200, "picture size {size}");
     let active = d.script("return document.querySelector('li.result.active').dataset.clip");
     assert_eq!(active, shown[pick][0]);
+    let heading =
+        d.script("return [document.querySelector('#explain h3').textContent, document.querySelector('#explain .clipid').textContent]");
+    let picked = shown[pick][0].as_str().unwrap();
+    assert_eq!(heading, json!([by_clip[picked], picked]), "the explanation is headed by the caption, then the id");
     let sub = d.script("return document.querySelector('#explain .sub').textContent");
     assert!(sub.as_str().unwrap().starts_with("score "), "{sub}");
     assert!(d.find_all(".error").is_empty(), "the page shows an error");
@@ -398,6 +445,11 @@ fn browse(d: &Driver, addr: &str, w: &World, dir: &Path) {
     d.call("POST", &format!("/element/{go}/click"), json!({}));
     let err = d.wait("the error box", "const e = document.querySelector('#results .error'); return e ? e.textContent : false");
     assert!(err.as_str().unwrap().contains("the limit is 1024"), "{err}");
+    // ... and the old results and their explanation are gone.
+    let left = d.script(
+        "return [document.querySelectorAll('li.result').length, !!document.querySelector('#why'),          document.querySelectorAll('table.words').length, document.querySelector('#explain').textContent]",
+    );
+    assert_eq!(left, json!([0, false, 0, "No explanation: the search failed."]), "{left}");
     // Back to the results and the explanation for the screenshot.
     d.call("POST", "/refresh", json!({}));
     d.wait("the search from ?q=", "return document.querySelectorAll('li.result').length === 10");

@@ -436,6 +436,13 @@ pub fn build_index_on<B: demovlp_model::Backend>(be: &B, opt: &IndexOptions, sou
         use_local: r.use_local,
         shape_from: Some(r.shape_from.clone()),
         model_fingerprint: Some(fingerprint),
+        annotations: match &opt.clips {
+            ClipList::Annotations { path, layout } => vec![crate::captions::AnnotationSource {
+                path: std::path::absolute(path).unwrap_or_else(|_| path.clone()).display().to_string(),
+                layout: layout.clone(),
+            }],
+            _ => vec![],
+        },
     };
     if !settings.use_local {
         eprintln!("note: the model was trained without the region-word loss ({}); the index ranks by the global embedding alone", r.from);
@@ -468,6 +475,8 @@ pub fn build_index_on<B: demovlp_model::Backend>(be: &B, opt: &IndexOptions, sou
                 );
             }
             clean_strays(&opt.out, &m)?;
+            let mut m = m;
+            crate::captions::union(&mut m.settings.annotations, &b.annotations);
             m
         }
         None => Manifest {
@@ -581,6 +590,7 @@ pub fn merge(inputs: &[PathBuf], out: &Path, exact_threshold: usize) -> Result<M
         {
             bail!("{}: built with other settings than {} ({b:?} vs {a:?})", dir.display(), inputs[0].display());
         }
+        crate::captions::union(&mut mm.settings.annotations, &b.annotations);
         for c in idx.by_id.keys() {
             if !seen.insert(c.clone()) {
                 bail!("merge: clip {c:?} is in more than one input (second: {})", dir.display());

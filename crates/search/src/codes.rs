@@ -40,7 +40,7 @@ use demovlp_kernels::rng::Rng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::store::{write_atomic, Index};
+use crate::store::{fingerprint, write_atomic, Index};
 
 /// Largest codebook (codes are `u16`; more centroids cost training and query time).
 pub const MAX_CENTROIDS: usize = 4096;
@@ -170,6 +170,10 @@ pub struct CodesMeta {
     pub train_regions: usize,
     /// Segments with a code file, in index order.
     pub segments: Vec<String>,
+    /// Checksums ([`crate::store::fingerprint`]) of `codebook.f32` and of each `<segment>.u16`
+    /// (absent in codes written before they were recorded).
+    #[serde(default)]
+    pub sums: std::collections::BTreeMap<String, String>,
 }
 
 /// The codebook and the codes of every clip of an index, in clip order.
@@ -185,6 +189,18 @@ pub struct Codes {
 
 fn paths(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     (dir.join("codes.json"), dir.join("codebook.f32"), dir.join("codes"))
+}
+
+/// Whether `bytes` (the file `path`) match the checksum recorded for `key` (true when none
+/// was recorded); a mismatch is reported, and the file recomputed by the caller.
+fn sum_ok(meta: &CodesMeta, key: &str, bytes: &[u8], path: &Path) -> bool {
+    match meta.sums.get(key) {
+        Some(want) if *want != fingerprint(bytes) => {
+            eprintln!("warning: {}: checksum differs from the recorded one (damaged); recomputing it", path.display());
+            false
+        }
+        _ => true,
+    }
 }
 
 fn f32s_le(b: &[u8]) -> Vec<f32> {
@@ -282,6 +298,9 @@ impl Codes {
         });
         let (codebook, mut meta, fresh) = match usable.and_then(|m| {
             let b = std::fs::read(&cbp).ok()?;
+            if !sum_ok(&m, "codebook.f32", &b, &cbp) {
+                return None;
+            }
             (b.len() == m.centroids * p * 4).then(|| (Codebook { centroids: m.centroids, dim: p, rows: f32s_le(&b) }, m))
         }) {
             Some((cb, m)) => (cb, m, false),
@@ -290,7 +309,14 @@ impl Codes {
                     bail!("{}: no clips to train a region codebook on", index.dir.display());
                 }
                 let (cb, m) = train_codebook(index, centroids);
-                let meta = CodesMeta { centroids: cb.centroids, dim: p, trained_on: index.len(), train_regions: m, segments: vec![] };
+                let meta = CodesMeta {
+                    centroids: cb.centroids,
+                    dim: p,
+                    trained_on: index.len(),
+                    train_regions: m,
+                    segments: vec![],
+                    sums: Default::default(),
+                };
                 (cb, meta, true)
             }
         };
@@ -301,8 +327,14 @@ impl Codes {
         for seg in &index.segments {
             let n = seg.clips.len();
             let file = cdir.join(format!("{}.u16", seg.name));
+            let key = format!("{}.u16", seg.name);
             let loaded = if have.contains(&seg.name) {
-                std::fs::read(&file).ok().filter(|b| b.len() == n * nl * 2).map(|b| u16s_le(&b))
+                std::fs::read(&file)
+                    .ok()
+                    .filter(|b| b.len() == n * nl * 2 && sum_ok(&meta, &key, b, &file))
+                    .map(|b| u16s_le(&b))
+                    // A code beyond the codebook (a damaged file without a checksum) is recomputed.
+                    .filter(|c| c.iter().all(|&x| (x as usize) < codebook.centroids))
             } else {
                 None
             };
@@ -310,7 +342,7 @@ impl Codes {
                 Some(c) => c,
                 None => {
                     let c = codebook.assign(&all_slots(index, first, n));
-                    new_files.push((file, c.clone()));
+                    new_files.push((file, key, c.clone()));
                     c
                 }
             };
@@ -318,7 +350,19 @@ impl Codes {
             first += n;
         }
         meta.segments = index.manifest.segments.clone();
-        if save && (fresh || !new_files.is_empty()) {
+        let encoded: Vec<(PathBuf, String, Vec<u8>)> =
+            new_files.into_iter().map(|(f, k, c)| (f, k, c.iter().flat_map(|x| x.to_le_bytes()).collect())).collect();
+        let book: Vec<u8> = if fresh { codebook.rows.iter().flat_map(|x| x.to_le_bytes()).collect() } else { vec![] };
+        if fresh {
+            meta.sums.clear();
+            meta.sums.insert("codebook.f32".into(), fingerprint(&book));
+        }
+        meta.sums.retain(|k, _| k == "codebook.f32" || meta.segments.iter().any(|s| format!("{s}.u16") == *k));
+        for (_, k, b) in &encoded {
+            meta.sums.insert(k.clone(), fingerprint(b));
+        }
+        let updated = fresh || !encoded.is_empty();
+        if save && updated {
             let r = (|| -> Result<()> {
                 std::fs::create_dir_all(&cdir).with_context(|| format!("creating {}", cdir.display()))?;
                 if fresh {
@@ -326,10 +370,10 @@ impl Codes {
                     for e in std::fs::read_dir(&cdir)? {
                         std::fs::remove_file(e?.path()).ok();
                     }
-                    write_atomic(&cbp, &codebook.rows.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())?;
+                    write_atomic(&cbp, &book)?;
                 }
-                for (f, c) in &new_files {
-                    write_atomic(f, &c.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())?;
+                for (f, _, b) in &encoded {
+                    write_atomic(f, b)?;
                 }
                 write_atomic(&jp, serde_json::to_string(&meta)?.as_bytes())
             })();
@@ -337,7 +381,6 @@ impl Codes {
                 eprintln!("note: could not save the region codes ({e:#}); they are rebuilt on every start");
             }
         }
-        let updated = fresh || !new_files.is_empty();
         Ok(Codes { meta, codebook, codes, locals: nl, updated })
     }
 

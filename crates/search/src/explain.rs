@@ -247,17 +247,30 @@ fn base64(b: &[u8]) -> String {
     s
 }
 
-/// A frame picture from `dir`: `<dir>/<clip>/<frame>.{jpg,jpeg,png}` or `<dir>/<frame>.{...}`.
-fn frame_image(dir: &Path, clip: &str, frame: i32) -> Option<String> {
+/// A frame picture's file under `dir`: `<dir>/<clip>/<frame>.{jpg,jpeg,png}` or
+/// `<dir>/<frame>.{...}`, with its MIME type.
+pub fn frame_file(dir: &Path, clip: &str, frame: i32) -> Option<(std::path::PathBuf, &'static str)> {
     for base in [dir.join(clip), dir.to_path_buf()] {
         for (ext, mime) in [("jpg", "image/jpeg"), ("jpeg", "image/jpeg"), ("png", "image/png")] {
-            if let Ok(b) = std::fs::read(base.join(format!("{frame}.{ext}"))) {
-                return Some(format!("data:{mime};base64,{}", base64(&b)));
+            let p = base.join(format!("{frame}.{ext}"));
+            if p.is_file() {
+                return Some((p, mime));
             }
         }
     }
     None
 }
+
+/// [`frame_file`] as a `data:` URI.
+fn frame_image(dir: &Path, clip: &str, frame: i32) -> Option<String> {
+    let (p, mime) = frame_file(dir, clip, frame)?;
+    let b = std::fs::read(p).ok()?;
+    Some(format!("data:{mime};base64,{}", base64(&b)))
+}
+
+/// Text drawn over a picture: a white halo under the letters keeps them readable on any
+/// background.
+const HALO: &str = r##"stroke="#ffffff" stroke-width="3" stroke-linejoin="round" paint-order="stroke""##;
 
 /// The explanation as an SVG: one panel per sampled frame, every real region's box drawn
 /// and labelled by its best word (colour per word), line width by its alignment weight.
@@ -305,7 +318,13 @@ pub fn svg(e: &Explanation, images: Option<&Path>) -> Result<String> {
                 r.alignment
             )?;
             if r.alignment > 0.0 {
-                writeln!(s, r#"<text x="{:.1}" y="{:.1}" font-size="10" fill="{c}">{}</text>"#, bx + 2.0, by + 10.0, esc(&r.word))?;
+                writeln!(
+                    s,
+                    r#"<text class="label" x="{:.1}" y="{:.1}" font-size="12" font-weight="600" fill="{c}" {HALO}>{}</text>"#,
+                    bx + 3.0,
+                    by + 13.0,
+                    esc(&r.word)
+                )?;
             }
         }
         writeln!(s, "</g>")?;
@@ -313,8 +332,13 @@ pub fn svg(e: &Explanation, images: Option<&Path>) -> Result<String> {
     let mut x = gap;
     for w in &e.words {
         let c = colour.get(w.word.as_str()).copied().unwrap_or("#888");
-        writeln!(s, r#"<text x="{x:.1}" y="{:.1}" font-size="12" fill="{c}">{}</text>"#, height - 10.0, esc(&w.word))?;
-        x += 9.0 * w.word.chars().count() as f32 + 10.0;
+        writeln!(
+            s,
+            r#"<text class="legend" x="{x:.1}" y="{:.1}" font-size="13" font-weight="600" fill="{c}">{}</text>"#,
+            height - 10.0,
+            esc(&w.word)
+        )?;
+        x += 9.5 * w.word.chars().count() as f32 + 12.0;
     }
     writeln!(s, "</svg>")?;
     Ok(s)

@@ -61,6 +61,10 @@ pub struct Settings {
     /// [`fingerprint`] of the model's weights: appending with another model is refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_fingerprint: Option<String>,
+    /// The annotation files the clips were listed from (absolute paths): the captions shown
+    /// by `serve`. Empty when the clips came from `--all` or a list.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub annotations: Vec<crate::captions::AnnotationSource>,
 }
 
 fn yes() -> bool {

@@ -134,6 +134,7 @@ pub fn settings(spec: &SynthSpec) -> Settings {
         use_local: true,
         shape_from: Some("synthetic".into()),
         model_fingerprint: None,
+        annotations: vec![],
     }
 }
 

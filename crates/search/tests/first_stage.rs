@@ -187,3 +187,68 @@ fn a_model_trained_without_the_region_word_loss_ranks_by_the_global_term() {
     assert!(hits.iter().all(|h| h.local.is_none() && h.score == h.global), "{hits:?}");
     assert!(hits.windows(2).all(|p| p[0].score >= p[1].score));
 }
+
+/// Every file of a segment and of the region codes has a checksum: a flipped byte in any of
+/// them is reported by `verify`, naming the file; the small files are refused at open, a
+/// damaged code file is recomputed; a NaN in the local embeddings never ranks.
+#[test]
+fn a_flipped_byte_in_any_segment_file_is_reported_naming_it() {
+    use demovlp_search::verify::verify;
+    let w = world();
+    let clean = w.root.join("index-verify-clean");
+    copy_dir(&w.index, &clean);
+    ensure_codes(&clean, None).unwrap();
+    let r = verify(&clean).unwrap();
+    assert!(r.problems.is_empty(), "{:?}", r.problems);
+    let seg = Index::open(&clean).unwrap().manifest.segments[0].clone();
+    assert_eq!(r.files_checked, 6 * r.segments + 1 + r.segments, "six files per segment, the codebook, one code file per segment");
+    let want_codes = Codes::build_or_update(&Index::open(&clean).unwrap(), None, false).unwrap().codes;
+    let files = ["clips.json", "global.f32", "local.f16", "mask.u8", "boxes.f32", "frames.i32"]
+        .map(|f| format!("{seg}/{f}"))
+        .into_iter()
+        .chain(["codebook.f32".to_string(), format!("codes/{seg}.u16")]);
+    for (k, f) in files.enumerate() {
+        let dir = w.root.join(format!("index-verify-{k}"));
+        copy_dir(&clean, &dir);
+        let p = dir.join(&f);
+        let mut b = std::fs::read(&p).unwrap();
+        let at = (b.len() / 2) & !7;
+        b[at] ^= 0x01;
+        std::fs::write(&p, &b).unwrap();
+        let r = verify(&dir).unwrap();
+        assert_eq!(r.problems.len(), 1, "{f}: {:?}", r.problems);
+        assert!(r.problems[0].contains(&p.display().to_string()) && r.problems[0].contains("checksum"), "{f}: {:?}", r.problems);
+        let opened = Index::open(&dir);
+        if demovlp_search::store::CHECKED_AT_OPEN.iter().any(|c| f.ends_with(c)) {
+            let err = format!("{:#}", opened.err().unwrap_or_else(|| panic!("{f}: opened")));
+            assert!(err.contains(&f), "{err}");
+        } else {
+            let idx = opened.unwrap();
+            if f.contains("codebook") || f.starts_with("codes/") {
+                // A derived file: recomputed, the same codes as before the damage.
+                let c = Codes::build_or_update(&idx, None, true).unwrap();
+                assert!(c.updated, "{f}");
+                assert_eq!(c.codes, want_codes, "{f}");
+                assert!(verify(&dir).unwrap().problems.is_empty(), "{f}: saved again");
+            }
+        }
+    }
+    // A NaN in one clip's local embeddings (an index without checksums): that clip never ranks.
+    let dir = w.root.join("index-verify-nan");
+    copy_dir(&clean, &dir);
+    let p = dir.join(format!("{seg}/local.f16"));
+    let mut b = std::fs::read(&p).unwrap();
+    b[..2].copy_from_slice(&half::f16::NAN.to_le_bytes());
+    std::fs::write(&p, &b).unwrap();
+    let r = verify(&dir).unwrap();
+    assert!(r.problems.iter().any(|x| x.contains("local.f16") && x.contains("1 non-finite values")), "{:?}", r.problems);
+    std::fs::remove_file(dir.join(format!("{seg}/sums.json"))).unwrap();
+    let nan_clip = Index::open(&dir).unwrap().clip_id(0).to_string();
+    let e = Engine::open_for(&dir, FirstStage::Regions, usize::MAX).unwrap();
+    for q in queries(&e, 0).iter().take(10) {
+        for rerank in [20, 100, 1000] {
+            let hits = e.search_embedded(q, 10, rerank);
+            assert!(hits.iter().all(|h| h.score.is_finite() && h.clip != nan_clip), "rerank {rerank}: {hits:?}");
+        }
+    }
+}

@@ -82,7 +82,28 @@ fn opts(clips: usize, c: Candidates) -> BenchOptions {
         sweep: vec![16, 64],
         dir: None,
         keep: false,
+        exhaustive_queries: None,
     }
+}
+
+/// Planted data: the whole search against exhaustive scoring is measured (real numbers);
+/// re-ranking every clip is exhaustive scoring itself (agreement 1); no exhaustive query
+/// leaves the fields null with a note saying why.
+#[test]
+fn planted_bench_measures_agreement_with_exhaustive_scoring() {
+    let r = run(&opts(2000, Candidates::Exact), &|_| {}).unwrap();
+    assert_eq!(r.exhaustive_queries, 30, "200 000 / 2000 clips = 100, capped by the 30 queries");
+    let (a1, rk) = (r.agreement_at_1.unwrap(), r.recall_at_10_vs_exhaustive.unwrap());
+    assert!((0.0..=1.0).contains(&a1) && (0.0..=1.0).contains(&rk), "{r:?}");
+    assert!(r.exhaustive_note.is_none() && r.exhaustive_p50_ms.unwrap() > 0.0);
+    let mut o = opts(2000, Candidates::Exact);
+    (o.rerank, o.exhaustive_queries) = (2000, Some(5));
+    let all = run(&o, &|_| {}).unwrap();
+    assert_eq!((all.exhaustive_queries, all.agreement_at_1, all.recall_at_10_vs_exhaustive), (5, Some(1.0), Some(1.0)));
+    o.exhaustive_queries = Some(0);
+    let none = run(&o, &|_| {}).unwrap();
+    assert_eq!((none.agreement_at_1, none.recall_at_10_vs_exhaustive), (None, None));
+    assert!(none.exhaustive_note.unwrap().contains("--exhaustive-queries"));
 }
 
 #[test]

@@ -1,7 +1,8 @@
 //! demovlp-serve: `demovlp serve` — an HTTP server (axum + tokio) over a search index.
 //!
-//! Routes (`GET`, and `POST /api/search`; every error a route returns is JSON
-//! `{"error": "..."}` with a 4xx/5xx status):
+//! Routes (`GET`, and `POST /api/search`; every error the server returns is JSON
+//! `{"error": "..."}` with a 4xx/5xx status — a route's, and a request head's refused before
+//! any route runs ([`conn`]: URI too long, headers too large, malformed, too slow)):
 //!
 //! - `/api/search?q=TEXT[&k=10][&rerank=N]` → `{"query", "results": [{"clip", "score", "global", "local"}]}`,
 //!   exactly what `demovlp search --json` prints; `POST /api/search` with the JSON body
@@ -9,16 +10,19 @@
 //! - `/api/explain?clip=ID&q=TEXT[&format=json|svg]` → the explanation (`demovlp explain --json`)
 //!   or its SVG; `/api/explain.svg?clip=ID&q=TEXT` → the SVG;
 //! - `/api/health` → status, clips, model, uptime, workers, queue, request counts;
+//! - `POST /api/clips` with `{"clips": [ID, ...]}` → each clip's caption and thumbnail URL, and
+//!   `/api/thumbnail?clip=ID` → its first frame's picture (with `--images`);
 //! - `/` → a small web page compiled into the binary (no external assets).
 //!
 //! The compute runs on a pool of worker threads ([`pool`]) behind a bounded queue (full →
 //! 503 with `Retry-After`), with a per-request time limit (→ 504).
 
+mod clips;
+pub mod conn;
 pub mod error;
 pub mod pool;
 pub mod query;
 
-use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -73,6 +77,12 @@ pub struct ServeOptions {
     pub images: Option<PathBuf>,
     /// Where the text tower and the re-rank run (`None`: the CPU).
     pub device: Option<Arc<dyn Placement>>,
+    /// The annotation file (or MSR-VTT metadata directory) to take the clips' captions from
+    /// (default: the ones the index was built from).
+    pub annotations: Option<PathBuf>,
+    /// Limits on a request's head (target, header fields, arrival time), checked before
+    /// hyper parses it.
+    pub head_limits: conn::HeadLimits,
     /// Called by a worker with the query before computing (tests: slow work, panics).
     #[doc(hidden)]
     pub hook: Option<Hook>,
@@ -96,6 +106,8 @@ impl ServeOptions {
             exact_threshold: DEFAULT_EXACT_THRESHOLD,
             images: None,
             device: None,
+            annotations: None,
+            head_limits: conn::HeadLimits::default(),
             hook: None,
         }
     }
@@ -147,6 +159,7 @@ struct App {
     model_path: String,
     started: Instant,
     counts: Counts,
+    captions: demovlp_search::captions::Captions,
 }
 
 /// What the server prints once it listens (one JSON line, `listening` first).
@@ -203,6 +216,24 @@ impl App {
             panics: l(&self.pool.stats.panics),
             uptime_s: self.started.elapsed().as_secs_f64(),
         }
+    }
+
+    /// Counts one answered request and writes its access log line.
+    fn record(&self, method: &str, path: &str, s: u16, t: Instant) {
+        let c = &self.counts;
+        c.total.fetch_add(1, Ordering::SeqCst);
+        match s {
+            200..=299 => c.s2xx.fetch_add(1, Ordering::SeqCst),
+            400..=499 => c.s4xx.fetch_add(1, Ordering::SeqCst),
+            _ => c.s5xx.fetch_add(1, Ordering::SeqCst),
+        };
+        if s == 503 {
+            c.s503.fetch_add(1, Ordering::SeqCst);
+        } else if s == 504 {
+            c.s504.fetch_add(1, Ordering::SeqCst);
+        }
+        let path: String = path.chars().take(200).collect();
+        eprintln!("{method} {path} {s} {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
     }
 
     /// The query text: present, not blank, not above the byte limit.
@@ -262,22 +293,32 @@ struct SearchBody {
     rerank: Option<usize>,
 }
 
-/// `POST /api/search` with `{"q": TEXT, "k"?: N, "rerank"?: N}` (`Content-Type: application/json`):
-/// the same answer as the `GET` form, for queries too long for a URL.
-async fn search_post(State(app): Shared, headers: axum::http::HeaderMap, body: axum::body::Body) -> Result<Response, ApiError> {
+/// Reads a `POST` body of at most [`MAX_BODY_BYTES`] as JSON (`Content-Type: application/json`);
+/// `route` and `shape` name the route and the body it takes in the errors.
+async fn read_json_body<T: serde::de::DeserializeOwned>(
+    headers: &axum::http::HeaderMap,
+    body: axum::body::Body,
+    route: &str,
+    shape: &str,
+) -> Result<T, ApiError> {
     let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     if !ct.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case("application/json") {
         return Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            format!("POST /api/search takes a JSON body (Content-Type: application/json), got {:?}", ct),
+            format!("POST {route} takes a JSON body (Content-Type: application/json), got {:?}", ct),
         ));
     }
     let bytes = axum::body::to_bytes(body, MAX_BODY_BYTES)
         .await
         .map_err(|_| ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("request body over {MAX_BODY_BYTES} bytes")))?;
-    let b: SearchBody = serde_json::from_slice(&bytes).map_err(|e| {
-        ApiError::bad_request(format!("bad JSON body: {e} (expected {{\"q\": TEXT, \"k\": N, \"rerank\": N}}, k and rerank optional)"))
-    })?;
+    serde_json::from_slice(&bytes).map_err(|e| ApiError::bad_request(format!("bad JSON body: {e} (expected {shape})")))
+}
+
+/// `POST /api/search` with `{"q": TEXT, "k"?: N, "rerank"?: N}` (`Content-Type: application/json`):
+/// the same answer as the `GET` form, for queries too long for a URL.
+async fn search_post(State(app): Shared, headers: axum::http::HeaderMap, body: axum::body::Body) -> Result<Response, ApiError> {
+    let b: SearchBody =
+        read_json_body(&headers, body, "/api/search", "{\"q\": TEXT, \"k\": N, \"rerank\": N}, k and rerank optional").await?;
     if b.q.trim().is_empty() {
         return Err(ApiError::bad_request("empty query (q)"));
     }
@@ -356,6 +397,9 @@ async fn health(State(app): Shared, uri: Uri) -> Result<Response, ApiError> {
         "regions": st.regions,
         "text_len": st.text_len,
         "ann": app.engine.ann.is_some(),
+        "captions": app.captions.by_clip.len(),
+        "captions_from": app.captions.from,
+        "thumbnails": app.opts.images.is_some(),
         "workers": app.pool.threads,
         "queue": {"capacity": app.pool.capacity, "waiting": ps.waiting.load(Ordering::SeqCst), "running": ps.running.load(Ordering::SeqCst)},
         "limits": {"max_k": app.opts.max_k, "default_k": app.opts.default_k, "rerank": app.opts.rerank,
@@ -381,14 +425,18 @@ async fn page() -> Response {
     r
 }
 
-const ROUTES: &str = "GET /, GET|POST /api/search, GET /api/explain, /api/explain.svg, /api/health";
+const ROUTES: &str = "GET /, GET|POST /api/search, GET /api/explain, /api/explain.svg, /api/health, POST /api/clips, GET /api/thumbnail";
 
 async fn not_found(method: Method, uri: Uri) -> ApiError {
     ApiError::not_found(format!("no route {method} {} (routes: {ROUTES})", uri.path()))
 }
 
 async fn method_not_allowed(method: Method, uri: Uri) -> Response {
-    let allow = if uri.path() == "/api/search" { "GET, HEAD, POST" } else { "GET, HEAD" };
+    let allow = match uri.path() {
+        "/api/search" => "GET, HEAD, POST",
+        "/api/clips" => "POST",
+        _ => "GET, HEAD",
+    };
     let mut r = ApiError::new(StatusCode::METHOD_NOT_ALLOWED, format!("method {method} not allowed on {} (only {allow})", uri.path()))
         .into_response();
     r.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
@@ -400,21 +448,7 @@ async fn access_log(State(app): Shared, req: Request, next: Next) -> Response {
     let t = Instant::now();
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
     let r = next.run(req).await;
-    let s = r.status().as_u16();
-    let c = &app.counts;
-    c.total.fetch_add(1, Ordering::SeqCst);
-    match s {
-        200..=299 => c.s2xx.fetch_add(1, Ordering::SeqCst),
-        400..=499 => c.s4xx.fetch_add(1, Ordering::SeqCst),
-        _ => c.s5xx.fetch_add(1, Ordering::SeqCst),
-    };
-    if s == 503 {
-        c.s503.fetch_add(1, Ordering::SeqCst);
-    } else if s == 504 {
-        c.s504.fetch_add(1, Ordering::SeqCst);
-    }
-    let path: String = path.chars().take(200).collect();
-    eprintln!("{method} {path} {s} {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
+    app.record(method.as_str(), &path, r.status().as_u16(), t);
     r
 }
 
@@ -429,6 +463,8 @@ fn router(app: Arc<App>) -> Router {
         .route("/api/explain", get(explain))
         .route("/api/explain.svg", get(explain_svg))
         .route("/api/health", get(health))
+        .route("/api/clips", axum::routing::post(clips::clips))
+        .route("/api/thumbnail", get(clips::thumbnail))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(caught_panic))
@@ -484,7 +520,8 @@ impl Server {
         let shared = SharedModel::new(model, opts.model.clone(), opts.device.clone());
         let pool = Pool::start(engine.clone(), shared, opts.workers, opts.queue, opts.images.clone(), opts.hook.clone())
             .context("starting the worker threads")?;
-        let app = Arc::new(App { engine, pool, opts, model_path, started: Instant::now(), counts: Counts::default() });
+        let captions = clips::load_captions(&engine, opts.annotations.as_deref())?;
+        let app = Arc::new(App { engine, pool, opts, model_path, started: Instant::now(), counts: Counts::default(), captions });
         Ok(Server { app, listener, addr })
     }
 
@@ -515,25 +552,27 @@ impl Server {
     {
         let listener = tokio::net::TcpListener::from_std(self.listener).context("registering the socket")?;
         let app = self.app.clone();
-        let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
-        let graceful = async move {
-            let _ = go_rx.await;
+        let (go_tx, go_rx) = tokio::sync::watch::channel(false);
+        let record: conn::Record = {
+            let app = app.clone();
+            Arc::new(move |method: &str, path: &str, status: u16, t: Instant| app.record(method, path, status, t))
         };
-        let mut serving = tokio::spawn(axum::serve(listener, router(app.clone())).with_graceful_shutdown(graceful).into_future());
+        let lim = app.opts.head_limits;
+        let mut serving = tokio::spawn(conn::serve(listener, router(app.clone()), lim, go_rx, record));
         let why = tokio::select! {
             r = &mut serving => {
                 // It stopped by itself: an accept loop error.
-                r.context("the server task")?.context("serving")?;
+                r.context("the server task")?;
                 "the server stopped".to_string()
             }
             why = stop => {
                 eprintln!("{why}: finishing the requests in flight, then stopping");
-                let _ = go_tx.send(());
+                let _ = go_tx.send(true);
                 // Requests end within their time limit; a connection that stays open without a
                 // request in it (a stuck client) does not hold the shutdown up for longer.
                 let grace = app.opts.timeout + Duration::from_secs(5);
                 match tokio::time::timeout(grace, &mut serving).await {
-                    Ok(r) => r.context("the server task")?.context("serving")?,
+                    Ok(r) => r.context("the server task")?,
                     Err(_) => {
                         eprintln!("warning: connections still open {} s after {why}; closing them", grace.as_secs());
                         serving.abort();

@@ -93,7 +93,7 @@ fn answers_equal_the_library_and_every_bad_request_is_a_json_4xx() {
         ("/api/search?q=".into(), 400, "empty query"),
         ("/api/search?q=%20+%20".into(), 400, "empty query"),
         (search_target(&long_q, ""), 414, "1025 bytes, the limit is 1024"),
-        (search_target(&huge_q, ""), 414, "60000 bytes"),
+        (search_target(&huge_q, ""), 414, "the limit is 16384 (send long queries as POST /api/search"),
         (search_target("dog", "&k=0"), 400, "k = 0 is out of range (1 to 100)"),
         (search_target("dog", "&k=101"), 400, "k = 101 is out of range"),
         (search_target("dog", "&k=ten"), 400, "k: expected a whole number"),
@@ -171,16 +171,44 @@ fn answers_equal_the_library_and_every_bad_request_is_a_json_4xx() {
     assert!(s.computed > 0 && s.panics == 0);
 }
 
+/// What hyper would answer itself with a bare status and an empty body (a target over its
+/// 65 534 bytes, a head over its buffer, a malformed head) gets a JSON answer naming the
+/// limit, counted and logged like any other; the server keeps answering.
 #[test]
-fn raw_bytes_outside_ascii_in_the_target_are_refused_not_fatal() {
-    let (server, addr) = start(|_| {});
-    let r = raw(&addr, b"GET /api/search?q=caf\xe9 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
-    assert!((400..500).contains(&r.status), "status {}", r.status);
-    // A request line that is not HTTP at all.
-    let r = raw(&addr, b"\x16\x03\x01 hello\r\n\r\n");
-    assert!(r.is_err() || r.as_ref().is_ok_and(|r| (400..500).contains(&r.status)), "{r:?}");
-    assert_eq!(get(&addr, "/api/health").status, 200);
-    server.stop().unwrap();
+fn a_request_head_refused_before_any_route_runs_gets_a_json_answer_naming_the_limit() {
+    let (server, addr) = start(|o| o.head_limits.timeout = Duration::from_millis(300));
+    let head = |line: &str, headers: &str| format!("{line}\r\nHost: x\r\nConnection: close\r\n{headers}\r\n").into_bytes();
+    let many: String = (0..80).map(|i| format!("X-H{i}: {i}\r\n")).collect();
+    let cases: Vec<(Vec<u8>, u16, &str)> = vec![
+        // Beyond hyper's own limit (it answered 414 with an empty body).
+        (head(&format!("GET /api/search?q={} HTTP/1.1", "a".repeat(70_000)), ""), 414, "URI too long: the request target is"),
+        (head(&format!("GET /api/search?q={} HTTP/1.1", "a".repeat(20_000)), ""), 414, "bytes, the limit is 16384"),
+        (head("GET /api/health HTTP/1.1", &format!("X-Big: {}\r\n", "b".repeat(40_000))), 431, "over 32768 bytes"),
+        (head("GET /api/health HTTP/1.1", &format!("X-Huge: {}\r\n", "b".repeat(500_000))), 431, "over 32768 bytes"),
+        (head("GET /api/health HTTP/1.1", &many), 431, "more than 64 header fields"),
+        (head("G@T /api/health HTTP/1.1", ""), 400, "malformed request head"),
+        (b"GET /api/search?q=caf\xe9 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".to_vec(), 400, "malformed request"),
+        (b"\x16\x03\x01 hello\r\n\r\n".to_vec(), 400, "malformed request head"),
+        (head("POST /api/search HTTP/1.1", "Content-Length: 12abc\r\n"), 400, "bad Content-Length"),
+        // A head that stops arriving.
+        (b"GET /api/health HTTP/1.1\r\nHost: x\r\n".to_vec(), 408, "request head not received within 300 ms"),
+        // Past the head: a method no route takes, unknown routes.
+        (head("BREW /api/search?q=dog HTTP/1.1", ""), 405, "method BREW not allowed on /api/search"),
+        (head("GET /api/search/more HTTP/1.1", ""), 404, "no route GET /api/search/more"),
+    ];
+    for (req, status, msg) in &cases {
+        let r = raw(&addr, req).unwrap_or_else(|e| panic!("{msg}: {e}"));
+        assert_eq!((r.status, r.header("content-type")), (*status, Some("application/json")), "{msg}: {}", r.text());
+        let e = r.json();
+        assert!(e["error"].as_str().is_some_and(|s| s.contains(msg)), "{msg}: {e}");
+    }
+    // A connection that sends nothing and closes is no request.
+    drop(std::net::TcpStream::connect(&addr).unwrap());
+    let h = get(&addr, "/api/health");
+    assert_eq!(h.status, 200);
+    assert_eq!(h.header("connection"), Some("close"), "one request per connection");
+    let s = server.stop().unwrap();
+    assert_eq!((s.requests, s.s4xx, s.s2xx), (cases.len() as u64 + 1, cases.len() as u64, 1), "{s:?}");
 }
 
 /// Polls the health route until `cond` holds on it (at most 20 s).
@@ -360,4 +388,75 @@ fn explanation_pictures_are_drawn_on_the_frame_images_of_images_dir() {
     let r = get(&addr, &format!("/api/explain.svg?clip={}&q={}", encode(other), encode(caption)));
     assert_eq!((r.status, r.text().matches("<image ").count()), (200, 0));
     server.stop().unwrap();
+}
+
+/// `POST /api/clips`: each clip's first caption from the annotation file the index was built
+/// from (its absolute path recorded in index.json), a thumbnail URL when `--images` has a
+/// picture of it; `/api/thumbnail` serves that picture. `--annotations` overrides the file.
+#[test]
+fn clips_route_gives_captions_from_the_index_annotations_and_thumbnails_from_images() {
+    let w = world();
+    let dir = w.root.join("thumb-images");
+    let (clip, caption) = &w.captions[3];
+    let other = &w.captions[4].0;
+    let e = Engine::open(&w.index).unwrap();
+    let first = *e.index.frames(e.index.by_id[clip]).iter().find(|f| **f >= 0).unwrap();
+    std::fs::create_dir_all(dir.join(clip)).unwrap();
+    let picture = b"\x89PNG\r\n\x1a\n-thumbnail-bytes-";
+    std::fs::write(dir.join(clip).join(format!("{first}.png")), picture).unwrap();
+    let ann = std::path::absolute(w.root.join("corpus/annotations/synth_msrvtt_test.jsonl")).unwrap();
+    assert_eq!(e.index.settings().annotations[0].path, ann.display().to_string());
+
+    let (server, addr) = start(|o| o.images = Some(dir.clone()));
+    let post =
+        |body: serde_json::Value| request(&addr, "POST", "/api/clips", Some(("application/json", body.to_string().as_bytes()))).unwrap();
+    let r = post(serde_json::json!({"clips": [clip, other]}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let j = r.json();
+    assert_eq!(j["captions_from"], serde_json::json!([ann.display().to_string()]));
+    assert_eq!(j["clips"][0]["clip"], clip.as_str());
+    assert_eq!(j["clips"][0]["caption"], caption.as_str());
+    assert_eq!(j["clips"][1]["caption"], w.captions[4].1.as_str());
+    let thumb = j["clips"][0]["thumbnail"].as_str().unwrap().to_string();
+    assert_eq!(j["clips"][1]["thumbnail"], serde_json::Value::Null, "no picture of the other clip");
+    let t = get(&addr, &thumb);
+    assert_eq!((t.status, t.header("content-type")), (200, Some("image/png")));
+    assert_eq!(t.body, picture);
+    let none = get(&addr, &format!("/api/thumbnail?clip={}", encode(other)));
+    assert_eq!(none.status, 404);
+    assert!(none.json()["error"].as_str().unwrap().contains("no picture of clip"));
+    let r = post(serde_json::json!({"clips": ["no-such-clip"]}));
+    assert_eq!(r.status, 404);
+    assert!(r.json()["error"].as_str().unwrap().contains("unknown clip \"no-such-clip\""));
+    let r = post(serde_json::json!({"ids": []}));
+    assert_eq!(r.status, 400);
+    let h = get(&addr, "/api/health").json();
+    assert_eq!((h["captions"].as_u64(), h["thumbnails"].as_bool()), (Some(support::CLIPS as u64), Some(true)), "{h}");
+    // The explanation's word labels carry a white halo (readable over any picture).
+    let svg = get(&addr, &format!("/api/explain.svg?clip={}&q={}", encode(clip), encode(caption))).text();
+    let labels: Vec<&str> = svg.lines().filter(|l| l.contains("class=\"label\"")).collect();
+    assert!(!labels.is_empty(), "{svg}");
+    assert!(labels.iter().all(|l| l.contains("paint-order=\"stroke\"") && l.contains("stroke=\"#ffffff\"")), "{labels:?}");
+    server.stop().unwrap();
+
+    // --annotations: another file's captions; without --images no thumbnails.
+    let alt = w.root.join("alt-captions.jsonl");
+    std::fs::write(&alt, format!("{{\"clip\": \"{clip}\", \"captions\": [\"the other caption\"]}}\n")).unwrap();
+    let (server, addr) = start(|o| o.annotations = Some(alt.clone()));
+    let r = request(
+        &addr,
+        "POST",
+        "/api/clips",
+        Some(("application/json", serde_json::json!({"clips": [clip, other]}).to_string().as_bytes())),
+    )
+    .unwrap()
+    .json();
+    assert_eq!(r["clips"][0]["caption"], "the other caption");
+    assert_eq!((&r["clips"][1]["caption"], &r["clips"][0]["thumbnail"]), (&serde_json::Value::Null, &serde_json::Value::Null));
+    assert_eq!(get(&addr, &format!("/api/thumbnail?clip={}", encode(clip))).status, 404);
+    server.stop().unwrap();
+    let mut o = ServeOptions::new(w.index.clone());
+    (o.addr, o.annotations) = ("127.0.0.1:0".parse().unwrap(), Some(w.root.join("no-such.jsonl")));
+    let err = format!("{:#}", spawn(o).err().unwrap());
+    assert!(err.contains("--annotations") && err.contains("no-such.jsonl"), "{err}");
 }
