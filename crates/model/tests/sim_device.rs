@@ -267,3 +267,70 @@ fn qa_training_matches_the_cpu_and_keeps_to_its_budget() {
     assert_eq!(spent.d2h_bytes, F32 + (B * head_cfg.answers) as u64 * F32);
     assert_eq!((spent.syncs, spent.allocations), (2, 0));
 }
+
+/// The `_late` steps (what the training loop runs): the step itself reads nothing back and
+/// never synchronises; its losses come when the read is waited for (one synchronisation, the
+/// two scalars), bit for bit the CPU's; the parameters are the CPU's after every step.
+#[test]
+fn late_steps_synchronise_only_when_their_losses_are_read() {
+    for (kind, fused, use_local) in [(TextKind::Bert, true, true), (TextKind::Distilbert, false, false)] {
+        let sim = SimDevice::new();
+        let (mut cpu, mut dev) = retrieval_pair(kind, &sim);
+        let mut opt_cpu = AdamW::with_settings(cpu.params.len(), SETTINGS);
+        let mut opt_dev = AdamW::new_on(sim.clone(), dev.params.len(), SETTINGS);
+        let loss = LossConfig::default();
+        for step in 0..STEPS {
+            let data = CheckBatch::new(100 + step, B, F, R, L);
+            let batch = data.as_ref();
+            let want = train_step(&mut cpu, &mut opt_cpu, &batch, use_local, fused);
+            let before = sim.snapshot();
+            let (read, at_read) = if fused {
+                let r = dev.train_step_fused_late(&batch, &loss, use_local, &mut opt_dev);
+                (r, sim.snapshot().launches)
+            } else {
+                let r = dev.forward_backward_late(&batch, &loss, use_local);
+                let at_read = sim.snapshot().launches;
+                // The optimiser's kernels are queued behind the read; it does not wait for them.
+                opt_dev.step(&mut dev.params);
+                (r, at_read)
+            };
+            let queued = sim.snapshot() - before;
+            let at_wait = sim.snapshot().launches;
+            let what = format!("{kind:?} fused {fused} step {step}");
+            assert_eq!((queued.syncs, queued.d2h_bytes), (0, 0), "{what}: the step reads nothing back");
+            let budget = retrieval_budget(&data.ids, use_local, fused);
+            assert_eq!(queued.h2d_bytes, budget.h2d_ideal + budget.h2d_extra, "{what}: bytes host→device");
+            if step > 0 {
+                assert_eq!(queued.allocations, 0, "{what}: allocations");
+            }
+            let got = read.wait();
+            assert_eq!(sim.late_reads().last(), Some(&(at_read, at_wait)), "{what}: when the read was queued and waited for");
+            let waited = sim.snapshot() - before;
+            assert_eq!((waited.syncs, waited.d2h_bytes), (1, 2 * F32), "{what}: one read of the two scalars");
+            assert_same(&format!("{what}: losses"), &[got[0] + got[1], got[0], got[1]], &[want.loss_total, want.loss_global, want.loss_local]);
+            assert_same(&format!("{what}: parameters"), &host(&sim, &dev.params.data), &cpu.params.data);
+        }
+        assert_eq!(sim.late_reads().len(), STEPS as usize);
+    }
+    // QA: the loss alone.
+    let sim = SimDevice::new();
+    let (cpu_base, dev_base) = retrieval_pair(TextKind::Distilbert, &sim);
+    let head_cfg = QaHeadConfig { dim: cpu_base.config.proj_dim, hidden: 12, answers: 5 };
+    let mut cpu_head = QaHead::new(head_cfg);
+    cpu_head.init_random(7);
+    let dev_head = QaHead::from_params_on(sim.clone(), head_cfg, cpu_head.params.to_backend(&Cpu, &sim));
+    let (mut cpu, mut dev) = (QaModel::new(cpu_base, cpu_head), QaModel::new(dev_base, dev_head));
+    for step in 0..2 {
+        let data = CheckBatch::new(200 + step, B, F, R, L);
+        let labels: Vec<usize> = (0..B).map(|i| (i + step as usize) % head_cfg.answers).collect();
+        let want = cpu.forward_backward_loss(&data.as_ref(), &labels);
+        let before = sim.snapshot();
+        let read = dev.forward_backward_late(&data.as_ref(), &labels);
+        let queued = sim.snapshot() - before;
+        assert_eq!((queued.syncs, queued.d2h_bytes), (0, 0), "QA step {step}: the step reads nothing back");
+        assert_eq!(queued.h2d_bytes, qa_budget().h2d_ideal + qa_budget().h2d_extra, "QA step {step}: bytes host→device");
+        assert_same(&format!("QA step {step}: loss"), &read.wait(), &[want]);
+        assert_eq!(sim.snapshot() - before - queued, SimCounts { d2h_bytes: F32, syncs: 1, ..Default::default() });
+        assert_same(&format!("QA step {step}: tower gradients"), &host(&sim, &dev.base.params.grad), &cpu.base.params.grad);
+    }
+}

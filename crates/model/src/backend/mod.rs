@@ -79,9 +79,11 @@ pub mod check;
 mod cpu;
 pub mod host;
 pub mod kernels_check;
+mod late;
 pub mod sim;
 
 pub use cpu::Cpu;
+pub use late::LateRead;
 
 use demovlp_kernels::attention::AttnShape;
 pub use demovlp_kernels::linear::Grads;
@@ -190,6 +192,13 @@ pub trait Backend: Clone + Debug + Default + Send + Sync + 'static {
     fn to_host(&self, v: Self::View<'_>) -> Vec<f32>;
     /// Lets `f` read a view's values on the host (no copy on the CPU).
     fn read_host<R>(&self, v: Self::View<'_>, f: impl FnOnce(&[f32]) -> R) -> R;
+    /// Queues a read-back of `v`: the values it holds once the work queued so far has run,
+    /// returned by [`LateRead::wait`] when the host needs them (a device synchronises only
+    /// then). A training step's loss scalars are read so, after the next step was queued.
+    /// The default reads at once.
+    fn read_late(&self, v: Self::View<'_>) -> LateRead {
+        LateRead::ready(self.to_host(v))
+    }
 
     // ---- dense layers --------------------------------------------------------------------
 
@@ -414,6 +423,13 @@ pub trait Backend: Clone + Debug + Default + Send + Sync + 'static {
     /// Mean cross-entropy of `logits [labels.len(), answers]` (returned to the host) and
     /// d(loss)/d(logits) in `d` (fitted). Labels are host values.
     fn cross_entropy(&self, logits: Self::View<'_>, labels: &[usize], answers: usize, d: &mut Self::Buf) -> f32;
+    /// [`Backend::cross_entropy`] leaving the loss on the device, in `loss` (fitted to 1
+    /// value), for [`Backend::read_late`]: nothing is read back. The default reads it and
+    /// writes it there.
+    fn cross_entropy_late(&self, logits: Self::View<'_>, labels: &[usize], answers: usize, d: &mut Self::Buf, loss: &mut Self::Buf) {
+        let l = self.cross_entropy(logits, labels, answers, d);
+        self.write_host(loss, 1, |h| h[0] = l);
+    }
 
     // ---- losses --------------------------------------------------------------------------
 
@@ -434,6 +450,21 @@ pub trait Backend: Clone + Debug + Default + Send + Sync + 'static {
             *dst = g;
         }
         out
+    }
+    /// [`Backend::losses_into`] leaving the two loss scalars on the device, in `scalars`
+    /// (fitted to 2: `[loss_global, loss_local]`, the latter 0 without `use_local`; the total
+    /// is their sum, as [`LossOutputs::loss_total`]), for [`Backend::read_late`]: nothing is
+    /// read back (no similarity matrices either). The default reads them and writes them there.
+    fn losses_late(
+        &self,
+        cfg: &LossConfig,
+        x: &LossViews<'_, Self>,
+        use_local: bool,
+        grads: Option<&mut LossGradBufs<Self>>,
+        scalars: &mut Self::Buf,
+    ) {
+        let out = self.losses_into(cfg, x, use_local, grads);
+        self.write_host(scalars, 2, |h| h.copy_from_slice(&[out.loss_global, out.loss_local]));
     }
 
     // ---- optimiser -----------------------------------------------------------------------
