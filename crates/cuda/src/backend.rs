@@ -42,7 +42,7 @@ use crate::Precision;
 use demovlp_kernels::attention::AttnShape;
 use demovlp_kernels::Rng;
 use demovlp_model::adamw::StepCoeffs;
-use demovlp_model::backend::{host, Backend, Grads, LossGradBufs, LossViews, TokenDims};
+use demovlp_model::backend::{host, Backend, Grads, LateRead, LossGradBufs, LossViews, StagingPair, TokenDims};
 use demovlp_retrieval::{LossConfig, LossOutputs};
 use std::ffi::c_void;
 use std::fmt;
@@ -90,6 +90,7 @@ impl Default for CudaBackend {
 mod losses;
 mod lt;
 mod setup;
+mod transfer;
 use setup::regions_of;
 
 impl Backend for CudaBackend {
@@ -183,6 +184,13 @@ impl Backend for CudaBackend {
         self.fit(staging, host.len());
         self.inner.upload(staging.ptr, host);
         Self::view(staging)
+    }
+    fn input_batch<'a>(&self, host: &'a [f32], pair: &'a mut StagingPair<Self>) -> DevView<'a> {
+        // Pinned memory, the copy stream, events (module `transfer`).
+        self.upload_batch(host, pair)
+    }
+    fn read_late(&self, v: DevView<'_>) -> LateRead {
+        self.queue_read(v)
     }
     fn input_again<'a>(&self, host: &'a [f32], staging: &'a mut DevBuf) -> DevView<'a> {
         // The forward pass uploaded these values into `staging`: the backward reuses them.
@@ -581,7 +589,14 @@ impl Backend for CudaBackend {
     fn losses(&self, cfg: &LossConfig, x: &LossViews<'_, Self>, use_local: bool, grads: bool) -> (LossOutputs, Option<LossGradBufs<Self>>) {
         // On the device, fused (kernels/losses.cu): one read-back of the loss scalars and
         // the two [B, B] similarity matrices; the gradients stay on the device.
-        self.losses_on_device(cfg, x, use_local, grads)
+        self.losses_on_device(cfg, x, use_local, grads, None)
+    }
+    fn losses_late(&self, cfg: &LossConfig, x: &LossViews<'_, Self>, use_local: bool, grads: Option<&mut LossGradBufs<Self>>, scalars: &mut DevBuf) {
+        // The two loss scalars copied on the device into `scalars`: no read-back, no sync.
+        let (_, g) = self.losses_on_device(cfg, x, use_local, grads.is_some(), Some(scalars));
+        if let (Some(dst), Some(g)) = (grads, g) {
+            *dst = g;
+        }
     }
 
     fn adamw_update(&self, c: &StepCoeffs, p: DevViewMut<'_>, g: DevView<'_>, m: DevViewMut<'_>, v: DevViewMut<'_>) {

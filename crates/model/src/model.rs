@@ -8,7 +8,7 @@
 mod embed;
 
 use crate::adamw::{updated_ranges, AdamW, FusedStep};
-use crate::backend::{zeroed, Backend, Cpu, LateRead, LossDims, LossGradBufs, LossViews};
+use crate::backend::{zeroed, Backend, Cpu, LateRead, LossDims, LossGradBufs, LossViews, StagingPair};
 use crate::config::{ModelConfig, TextKind};
 use crate::layers::{Grads, Linear};
 use crate::mask::{additive_mask, PAD_SCORE};
@@ -101,8 +101,8 @@ struct Arena<B: Backend> {
 /// views of host memory are the host slices themselves).
 #[derive(Clone, Debug, Default)]
 struct Staging<B: Backend> {
-    /// `[B, F, R, 2054]` region features.
-    object: B::Buf,
+    /// `[B, F, R, 2054]` region features (two buffers, consecutive batches in turn).
+    object: StagingPair<B>,
     /// Token gradients given to [`Model::backward_tokens`].
     d_text: B::Buf,
     d_video: B::Buf,
@@ -341,7 +341,7 @@ impl<B: Backend> Model<B> {
 
     fn forward_video(&mut self, object: &[f32], mask: &[f32], b: usize, f: usize, r: usize) {
         let be = &self.backend;
-        let object = be.input(object, &mut self.staging.object);
+        let object = be.input_batch(object, &mut self.staging.object);
         let input = VideoInput { object, mask, shape: VideoShape { batch: b, frames: f, regions: r } };
         self.video.forward(be, B::view(&self.params.data), &mut self.arena.video, input);
     }
@@ -384,7 +384,7 @@ impl<B: Backend> Model<B> {
 
     fn backward_video_tokens_on(&mut self, object: &[f32], d_video: B::View<'_>) {
         let be = &self.backend;
-        let object = be.input_again(object, &mut self.staging.object);
+        let object = be.input_batch_again(object, &mut self.staging.object);
         let a = &mut self.arena.video;
         assert_eq!(B::view_len(d_video), B::buf_len(&a.out), "d_video must be [B, 1+F·R, P]");
         self.video.backward(be, B::view(&self.params.data), B::view_mut(&mut self.params.grad), a, object, d_video);
@@ -471,7 +471,7 @@ impl<B: Backend> Model<B> {
         Self::text_head_backward(be, &self.txt_proj, &self.config, params, a, B::view(&dt));
         self.text.backward(be, B::view(&params.data), B::view_mut(&mut params.grad), &mut a.text, batch.input_ids, B::view(&a.d_hidden));
         let t_text_bwd = clock.elapsed().as_secs_f64();
-        let object = be.input_again(batch.object, &mut self.staging.object);
+        let object = be.input_batch_again(batch.object, &mut self.staging.object);
         let (data, grad) = (B::view(&self.params.data), B::view_mut(&mut self.params.grad));
         self.video.backward(be, data, grad, &mut a.video, object, B::view(&dv));
         (a.d_text_out, a.d_video_out) = (dt, dv);
@@ -527,7 +527,7 @@ impl<B: Backend> Model<B> {
         let d_hidden = B::view(&a.d_hidden);
         self.text.backward_fused(be, params, &mut a.text, batch.input_ids, d_hidden, &mut step);
         let t_text_bwd = clock.elapsed().as_secs_f64();
-        let object = be.input_again(batch.object, &mut self.staging.object);
+        let object = be.input_batch_again(batch.object, &mut self.staging.object);
         self.video.backward_fused(be, params, &mut a.video, object, B::view(&dv), &mut step);
         let coeffs = step.coeffs;
         opt.update_window(&coeffs, &self.rest_ranges, B::view_mut(&mut params.data), B::view(&params.grad), 0);

@@ -18,7 +18,7 @@
 
 use demovlp_kernels::Rng;
 
-use crate::backend::{host, zeroed, Backend, Cpu, LateRead};
+use crate::backend::{host, zeroed, Backend, Cpu, LateRead, StagingPair};
 use crate::model::{BatchRef, Model};
 use crate::params::{Params, ParamsBuilder};
 
@@ -455,7 +455,7 @@ pub struct QaModel<B: Backend = Cpu> {
     attention_dropout: bool,
     /// The batch's object mask uploaded, d(logits), d(text tokens), d(video tokens), the
     /// loss of a step read late.
-    mask: B::Buf,
+    mask: StagingPair<B>,
     d_logits: B::Buf,
     loss: B::Buf,
     d_text: B::Buf,
@@ -470,7 +470,7 @@ impl<B: Backend> QaModel<B> {
             head,
             dropout_rng: Rng::new(0),
             attention_dropout: false,
-            mask: B::Buf::default(),
+            mask: StagingPair::default(),
             d_logits: B::Buf::default(),
             loss: B::Buf::default(),
             d_text: B::Buf::default(),
@@ -490,7 +490,7 @@ impl<B: Backend> QaModel<B> {
         let (b, l, n) = (batch.batch, batch.text_len, batch.frames * batch.regions);
         let be = self.base.backend().clone();
         let (text, video) = self.base.forward_tokens(batch, train);
-        let object_mask = be.input(batch.object_mask, &mut self.mask);
+        let object_mask = be.input_batch(batch.object_mask, &mut self.mask);
         let dropout = (train && self.attention_dropout).then_some(&mut self.dropout_rng);
         let input = HeadInput { batch: b, text_len: l, regions: n, text, video, object_mask };
         self.head.forward(&input, dropout);

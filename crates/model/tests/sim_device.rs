@@ -1,8 +1,9 @@
 //! The models on the simulated device (`backend::sim::SimDevice`): every kernel and whole
 //! training runs give the CPU's bits (the device poisons every value a GPU would leave
 //! unspecified with NaN, so a read of memory nobody wrote would show), a training step after
-//! the first allocates nothing, and a step moves exactly the bytes written down here as a
-//! formula of the batch's shape.
+//! the first two allocates nothing (the second stages its batch in the other buffer of a
+//! pair), and a step moves exactly the bytes written down here as a formula of the batch's
+//! shape.
 
 use demovlp_model::adamw::{AdamW, AdamWSettings};
 use demovlp_model::backend::check::{self, tiny_config, CheckBatch};
@@ -147,6 +148,26 @@ fn input_again_refuses_other_values() {
     let _ = sim.input_again(&[1.0, 3.0], &mut staged);
 }
 
+#[test]
+fn batches_are_staged_in_turn_and_the_previous_batch_stays_intact() {
+    // What lets a device upload batch s + 1 while batch s still computes: the upload goes
+    // to the other buffer of the pair, and batch s's values stay where its kernels read them.
+    use demovlp_model::backend::StagingPair;
+    let sim = SimDevice::new();
+    let mut pair = StagingPair::<SimDevice>::default();
+    let _ = sim.input_batch(&[1.0, 2.0], &mut pair);
+    let _ = sim.input_batch(&[3.0, 4.0], &mut pair);
+    let again = sim.to_host(sim.input_batch_again(&[3.0, 4.0], &mut pair));
+    assert_eq!(again, [3.0, 4.0]);
+    let (now, before) = pair.split();
+    assert_eq!((host(&sim, now), host(&sim, before)), (vec![3.0, 4.0], vec![1.0, 2.0]));
+    let c = sim.snapshot();
+    assert_eq!((c.h2d_bytes, c.allocations), (16, 2), "one upload per batch, one buffer each");
+    let _ = sim.input_batch(&[5.0, 6.0], &mut pair);
+    assert_eq!(host(&sim, pair.split().1), vec![3.0, 4.0], "the third batch reuses the first's buffer");
+    assert_eq!(sim.snapshot().allocations, 2);
+}
+
 /// The tiny model of `kind`, initialised, text dropout on, on the CPU and (moved) on `sim`.
 fn retrieval_pair(kind: TextKind, sim: &SimDevice) -> (Model, Model<SimDevice>) {
     let cfg = tiny_config(kind);
@@ -188,10 +209,11 @@ fn retrieval_training(kind: TextKind, fused: bool, use_local: bool) {
             &[want.loss_total, want.loss_global, want.loss_local],
         );
         assert_same(&what("similarities"), &got.global_sim_text_video, &want.global_sim_text_video);
-        if step == 0 {
-            assert!(spent.allocations > 0, "the first step fits the arenas");
-        } else {
-            assert_eq!(spent.allocations, 0, "{}", what("allocations after the first step"));
+        match step {
+            0 => assert!(spent.allocations > 0, "the first step fits the arenas"),
+            // The second batch is staged in the other buffer of the pair (double buffering).
+            1 => assert_eq!(spent.allocations, 1, "{}", what("the second staging buffer")),
+            _ => assert_eq!(spent.allocations, 0, "{}", what("allocations after the first two steps")),
         }
         assert!(spent.launches > 0);
         retrieval_budget(&data.ids, use_local, fused).check(step, spent);
@@ -243,10 +265,11 @@ fn qa_training_matches_the_cpu_and_keeps_to_its_budget() {
         oh_dev.step(&mut dev.head.params);
         let spent = sim.snapshot() - before;
         assert_same(&format!("QA step {step}: loss"), &[got], &[want]);
-        if step == 0 {
-            assert!(spent.allocations > 0, "the first step fits the arenas");
-        } else {
-            assert_eq!(spent.allocations, 0, "QA step {step}: allocations after the first step");
+        match step {
+            0 => assert!(spent.allocations > 0, "the first step fits the arenas"),
+            // The second batch's region features and object mask go to the other buffers of their pairs.
+            1 => assert_eq!(spent.allocations, 2, "QA step 1: the second staging buffers"),
+            _ => assert_eq!(spent.allocations, 0, "QA step {step}: allocations after the first two steps"),
         }
         qa_budget().check(step, spent);
         assert_same(&format!("QA step {step}: tower gradients"), &host(&sim, &dev.base.params.grad), &cpu.base.params.grad);
@@ -300,7 +323,7 @@ fn late_steps_synchronise_only_when_their_losses_are_read() {
             assert_eq!((queued.syncs, queued.d2h_bytes), (0, 0), "{what}: the step reads nothing back");
             let budget = retrieval_budget(&data.ids, use_local, fused);
             assert_eq!(queued.h2d_bytes, budget.h2d_ideal + budget.h2d_extra, "{what}: bytes host→device");
-            if step > 0 {
+            if step > 1 {
                 assert_eq!(queued.allocations, 0, "{what}: allocations");
             }
             let got = read.wait();

@@ -58,6 +58,8 @@ pub(super) struct Inner {
     /// The losses' and evaluation scores' scratch (its own lock: they call `gemm`, which
     /// takes `scratch`'s).
     pub(super) losses: Mutex<super::losses::LossScratch>,
+    /// Batch uploads on the copy stream and late reads (pinned memory, events).
+    pub(super) transfers: Mutex<super::transfer::Transfers>,
 }
 
 // SAFETY: the context, stream, handle and functions are driver objects usable from any

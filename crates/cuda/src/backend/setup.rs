@@ -125,6 +125,7 @@ impl CudaBackend {
             jumps,
             scratch: Mutex::default(),
             losses: Mutex::default(),
+            transfers: Mutex::default(),
         };
         Ok(CudaBackend { inner: Arc::new(inner) })
     }

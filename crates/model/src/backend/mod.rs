@@ -79,11 +79,11 @@ pub mod check;
 mod cpu;
 pub mod host;
 pub mod kernels_check;
-mod late;
+mod transfer;
 pub mod sim;
 
 pub use cpu::Cpu;
-pub use late::LateRead;
+pub use transfer::{LateRead, StagingPair};
 
 use demovlp_kernels::attention::AttnShape;
 pub use demovlp_kernels::linear::Grads;
@@ -183,6 +183,18 @@ pub trait Backend: Clone + Debug + Default + Send + Sync + 'static {
     /// upload). The default stages them again.
     fn input_again<'a>(&self, host: &'a [f32], staging: &'a mut Self::Buf) -> Self::View<'a> {
         self.input(host, staging)
+    }
+    /// A batch's host input (its region features) staged into the next buffer of `pair`
+    /// (the one the previous batch did not use), as [`Backend::input`]: a device may upload
+    /// it while the previous batch's work still runs (CUDA: from pinned host memory, on a
+    /// copy stream the compute stream waits for). The default is [`Backend::input`] into
+    /// that buffer.
+    fn input_batch<'a>(&self, host: &'a [f32], pair: &'a mut StagingPair<Self>) -> Self::View<'a> {
+        self.input(host, pair.advance().0)
+    }
+    /// [`Backend::input_again`] of the batch [`Backend::input_batch`] staged last.
+    fn input_batch_again<'a>(&self, host: &'a [f32], pair: &'a mut StagingPair<Self>) -> Self::View<'a> {
+        self.input_again(host, pair.split().0)
     }
     /// Fits `b` to `n` values and lets `f` write them on the host (in place on the CPU).
     fn write_host(&self, b: &mut Self::Buf, n: usize, f: impl FnOnce(&mut [f32]));
