@@ -14,7 +14,17 @@
 //! - The retrieval losses on the device, fused (module `losses`, `kernels/losses.cu`): the
 //!   global contrastive loss and the region-word alignment, forward and backward, with one
 //!   read-back per call (the two loss scalars and the `[B, B]` similarity matrices of
-//!   `LossOutputs`); the evaluation scores likewise ([`CudaBackend::eval_scores`]).
+//!   `LossOutputs`), none for a training step (`losses_late`: the scalars copied into a
+//!   device buffer, read later with `read_late`); the evaluation scores likewise
+//!   ([`CudaBackend::eval_scores`]).
+//! - Transfers that overlap the work (module `transfer`): a batch's region features
+//!   uploaded from pinned memory on a copy stream into the buffer of a `StagingPair` the
+//!   previous batch does not use (`input_batch`), late reads into pinned memory waited
+//!   for by event (`read_late`).
+//! - Epilogues (module `lt`): in the bf16 mode (and wherever
+//!   [`CudaBackend::set_epilogues`] turns them on) a linear layer's bias is added by its
+//!   GEMM and, when its gradient is overwritten, its bias gradient reduced by the dW GEMM;
+//!   where cuBLASLt has no algorithm for an epilogue the unfused kernels run.
 //! - Dropout masks on the device from the given `Rng`'s state, exactly the CPU's masks
 //!   (`crate::plan`: xoshiro256++ jumped ahead per thread by GF(2) matrix powers).
 //! - On the host, through the seam: token ids and the QA cross-entropy (logits
@@ -231,6 +241,14 @@ impl Backend for CudaBackend {
         dout: usize,
     ) {
         self.inner.bind();
+        let precision = self.inner.precision;
+        if let Some(b) = b.filter(|_| self.epilogues()) {
+            // y = x·Wᵀ + b with the bias added by the GEMM (one value per row of yᵀ).
+            let epi = (lt::Epilogue::Bias, b.ptr);
+            if self.gemm_epilogue(precision, true, true, false, (dout, n, din), w.ptr, din, x.ptr, ldx, 0.0, y.ptr, dout, epi) {
+                return;
+            }
+        }
         let beta = match b {
             Some(b) => {
                 launch!(self, "set_rows", blocks(n * dout), T256, 0; y.ptr, b.ptr, (n * dout) as i64, dout as i64);
@@ -260,6 +278,14 @@ impl Backend for CudaBackend {
             self.gemm_in(self.inner.precision, true, false, false, din, n, dout, w.ptr, din, dy.ptr, dout, 1.0, dx.ptr, din);
         }
         let beta = if grads == Grads::Accumulate { 1.0 } else { 0.0 };
+        if let Some(db) = db.as_ref().filter(|_| grads == Grads::Overwrite && self.epilogues()) {
+            // dW and db (= the column sums of dy, overwritten) from one GEMM.
+            let epi = (lt::Epilogue::BgradB, db.ptr);
+            if self.gemm_epilogue(self.inner.precision, false, false, true, (din, dout, n), x.ptr, ldx, dy.ptr, dout, 0.0, dw.ptr, din, epi)
+            {
+                return;
+            }
+        }
         self.gemm(false, true, din, dout, n, x.ptr, ldx, dy.ptr, dout, beta, dw.ptr, din);
         if let Some(db) = db {
             if grads == Grads::Overwrite {
@@ -591,7 +617,14 @@ impl Backend for CudaBackend {
         // the two [B, B] similarity matrices; the gradients stay on the device.
         self.losses_on_device(cfg, x, use_local, grads, None)
     }
-    fn losses_late(&self, cfg: &LossConfig, x: &LossViews<'_, Self>, use_local: bool, grads: Option<&mut LossGradBufs<Self>>, scalars: &mut DevBuf) {
+    fn losses_late(
+        &self,
+        cfg: &LossConfig,
+        x: &LossViews<'_, Self>,
+        use_local: bool,
+        grads: Option<&mut LossGradBufs<Self>>,
+        scalars: &mut DevBuf,
+    ) {
         // The two loss scalars copied on the device into `scalars`: no read-back, no sync.
         let (_, g) = self.losses_on_device(cfg, x, use_local, grads.is_some(), Some(scalars));
         if let (Some(dst), Some(g)) = (grads, g) {

@@ -506,7 +506,14 @@ impl<B: Backend> Model<B> {
 
     /// The fused step, its losses read back (and a non-finite one stopping it before any
     /// update) unless `late`.
-    fn train_step_fused_with(&mut self, batch: &BatchRef, loss: &LossConfig, use_local: bool, opt: &mut AdamW<B>, late: bool) -> Option<LossOutputs> {
+    fn train_step_fused_with(
+        &mut self,
+        batch: &BatchRef,
+        loss: &LossConfig,
+        use_local: bool,
+        opt: &mut AdamW<B>,
+        late: bool,
+    ) -> Option<LossOutputs> {
         assert_eq!(opt.len(), self.params.len(), "AdamW state has {} values, model has {}", opt.len(), self.params.len());
         let clock = Instant::now();
         for &(r0, r1) in &self.rest_ranges {

@@ -330,7 +330,11 @@ fn late_steps_synchronise_only_when_their_losses_are_read() {
             assert_eq!(sim.late_reads().last(), Some(&(at_read, at_wait)), "{what}: when the read was queued and waited for");
             let waited = sim.snapshot() - before;
             assert_eq!((waited.syncs, waited.d2h_bytes), (1, 2 * F32), "{what}: one read of the two scalars");
-            assert_same(&format!("{what}: losses"), &[got[0] + got[1], got[0], got[1]], &[want.loss_total, want.loss_global, want.loss_local]);
+            assert_same(
+                &format!("{what}: losses"),
+                &[got[0] + got[1], got[0], got[1]],
+                &[want.loss_total, want.loss_global, want.loss_local],
+            );
             assert_same(&format!("{what}: parameters"), &host(&sim, &dev.params.data), &cpu.params.data);
         }
         assert_eq!(sim.late_reads().len(), STEPS as usize);

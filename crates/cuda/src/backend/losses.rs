@@ -7,7 +7,8 @@
 //! keep one pair's working set per block in a scratch bounded by their grid
 //! ([`crate::plan::pair_grid`] blocks × [`crate::plan::rwa_scratch_len`] values). Host↔device traffic per loss call:
 //! one read-back of the two loss scalars and the two `[B, B]` similarity matrices that
-//! [`LossOutputs`] carries; the gradients stay on the device.
+//! [`LossOutputs`] carries (none for [`Backend::losses_late`]: the scalars are copied into
+//! the caller's device buffer); the gradients stay on the device.
 
 use super::mem::{Raw, F};
 use super::{blocks, CudaBackend, T256};

@@ -102,7 +102,8 @@ impl CudaBackend {
         self.fit(buf, host.len());
         let mut guard = crate::lock(&inner.transfers);
         let t = &mut *guard;
-        let copy = *t.copy.get_or_insert_with(|| ck(drv::stream::create(drv::stream::StreamKind::NonBlocking), "cuStreamCreate (copy stream)"));
+        let copy =
+            *t.copy.get_or_insert_with(|| ck(drv::stream::create(drv::stream::StreamKind::NonBlocking), "cuStreamCreate (copy stream)"));
         if old != buf.ptr {
             // Reallocated: the old address's pinned memory and events go with it.
             if let Some(u) = t.uploads.remove(&old) {
@@ -132,7 +133,10 @@ impl CudaBackend {
                 ck(drv::event::synchronize(u.uploaded), "cuEventSynchronize (pinned upload buffer)");
                 u.host.fit(n, u.uploaded);
                 u.host.slice_mut(n).copy_from_slice(host);
-                ck(drv::stream::wait_event(copy, u.free, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT), "cuStreamWaitEvent (copy stream)");
+                ck(
+                    drv::stream::wait_event(copy, u.free, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT),
+                    "cuStreamWaitEvent (copy stream)",
+                );
                 ck(drv::memcpy_htod_async(buf.ptr, u.host.slice_mut(n), copy), "cuMemcpyHtoDAsync (copy stream)");
                 ck(drv::event::record(u.uploaded, copy), "cuEventRecord (copy stream)");
                 ck(drv::stream::wait_event(inner.stream, u.uploaded, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT), "cuStreamWaitEvent");

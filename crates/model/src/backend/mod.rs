@@ -16,9 +16,13 @@
 //!   (resize keeping the allocation: the arenas rely on a steady stream of same-shaped
 //!   batches allocating nothing), fills and copies, including the strided 2-D copy
 //!   [`Backend::copy_2d`] that gathers embeddings for the losses and scatters their gradients.
-//! - **Host transfers, at batch boundaries only.** [`Backend::input`] (a batch's region
-//!   features: zero-copy on the CPU, one upload on a device; [`Backend::input_again`] for the
-//!   same values later in the step), [`Backend::write_host`] (masks,
+//! - **Host transfers, at batch boundaries only.** [`Backend::input`] (a host input:
+//!   zero-copy on the CPU, one upload on a device; [`Backend::input_again`] for the same
+//!   values later in the step), [`Backend::input_batch`] (a batch's region features, into
+//!   the buffers of a [`StagingPair`] in turn, so that a device may upload them while the
+//!   previous batch computes), [`Backend::read_late`] (a read-back waited for only when the
+//!   values are needed: a step's losses, kept on the device by [`Backend::losses_late`] /
+//!   [`Backend::cross_entropy_late`], read after the next step is queued), [`Backend::write_host`] (masks,
 //!   initial weights: the closure fills host memory that then lands in the buffer),
 //!   [`Backend::to_host`] / [`Backend::read_host`] (embeddings, checkpoints). Token ids and dropout
 //!   generators stay on the host and are passed as host values: a device backend uploads
@@ -54,8 +58,9 @@
 //! similarity matrices ([`LossOutputs`]), evaluation embeddings (read back once per batch),
 //! and weights I/O ([`crate::io`] reads and writes `Params<Cpu>`; [`crate::Params::to_backend`]
 //! moves them). A batch's region features go up once per training step: the forward pass
-//! stages them with [`Backend::input`], the backward pass reuses them with
-//! [`Backend::input_again`].
+//! stages them with [`Backend::input_batch`], the backward pass reuses them with
+//! [`Backend::input_batch_again`]. A training step reads nothing back: its losses stay on
+//! the device until the loop reads them, one step later ([`Backend::read_late`]).
 //!
 //! [`sim::SimDevice`] is a simulated device for tests: host memory reachable only through
 //! the transfer methods, NaN wherever a GPU's memory would be unspecified, the CPU's
@@ -79,8 +84,8 @@ pub mod check;
 mod cpu;
 pub mod host;
 pub mod kernels_check;
-mod transfer;
 pub mod sim;
+mod transfer;
 
 pub use cpu::Cpu;
 pub use transfer::{LateRead, StagingPair};

@@ -719,7 +719,13 @@ impl Backend for SimDevice {
 impl SimDevice {
     /// The losses computed on the device (one launch), their gradients landing in `grads`;
     /// the host outputs are returned but not counted as read back.
-    fn losses_on_device(&self, cfg: &LossConfig, x: &LossViews<'_, Self>, use_local: bool, grads: Option<&mut LossGradBufs<Self>>) -> LossOutputs {
+    fn losses_on_device(
+        &self,
+        cfg: &LossConfig,
+        x: &LossViews<'_, Self>,
+        use_local: bool,
+        grads: Option<&mut LossGradBufs<Self>>,
+    ) -> LossOutputs {
         self.launch();
         let (out, g) = CPU.losses(cfg, &cpu_views(x), use_local, grads.is_some());
         if let (Some(dst), Some(g)) = (grads, g) {

@@ -86,7 +86,8 @@ impl<B: Backend, T: Task<B>> Trainer<'_, B, T> {
     pub(super) fn parts_step_done(&mut self, lr: f32, losses: Losses, samples: usize, planned: usize) -> Result<()> {
         self.state.step += 1;
         self.state.batch_in_epoch += 1;
-        let info = StepInfo { step: self.state.step, epoch: self.state.epoch, lr, samples, last_of_epoch: self.state.batch_in_epoch == planned };
+        let info =
+            StepInfo { step: self.state.step, epoch: self.state.epoch, lr, samples, last_of_epoch: self.state.batch_in_epoch == planned };
         self.step_done(&info, losses)
     }
 
