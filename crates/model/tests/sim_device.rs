@@ -238,15 +238,20 @@ fn retrieval_training_fused_matches_the_cpu_and_keeps_to_its_budget() {
     retrieval_training(TextKind::Distilbert, true, false);
 }
 
-#[test]
-fn qa_training_matches_the_cpu_and_keeps_to_its_budget() {
-    let sim = SimDevice::new();
-    let (cpu_base, dev_base) = retrieval_pair(TextKind::Distilbert, &sim);
+/// The tiny QA model (Distilbert towers, a head of 5 answers) on the CPU and on `sim`.
+fn qa_pair(sim: &SimDevice) -> (QaModel, QaModel<SimDevice>, QaHeadConfig) {
+    let (cpu_base, dev_base) = retrieval_pair(TextKind::Distilbert, sim);
     let head_cfg = QaHeadConfig { dim: cpu_base.config.proj_dim, hidden: 12, answers: 5 };
     let mut cpu_head = QaHead::new(head_cfg);
     cpu_head.init_random(7);
-    let dev_head = QaHead::from_params_on(sim.clone(), head_cfg, cpu_head.params.to_backend(&Cpu, &sim));
-    let (mut cpu, mut dev) = (QaModel::new(cpu_base, cpu_head), QaModel::new(dev_base, dev_head));
+    let dev_head = QaHead::from_params_on(sim.clone(), head_cfg, cpu_head.params.to_backend(&Cpu, sim));
+    (QaModel::new(cpu_base, cpu_head), QaModel::new(dev_base, dev_head), head_cfg)
+}
+
+#[test]
+fn qa_training_matches_the_cpu_and_keeps_to_its_budget() {
+    let sim = SimDevice::new();
+    let (mut cpu, mut dev, head_cfg) = qa_pair(&sim);
     cpu.set_attention_dropout(true, 13);
     dev.set_attention_dropout(true, 13);
     let (nt, nh) = (cpu.base.params.len(), cpu.head.params.len());
@@ -341,12 +346,7 @@ fn late_steps_synchronise_only_when_their_losses_are_read() {
     }
     // QA: the loss alone.
     let sim = SimDevice::new();
-    let (cpu_base, dev_base) = retrieval_pair(TextKind::Distilbert, &sim);
-    let head_cfg = QaHeadConfig { dim: cpu_base.config.proj_dim, hidden: 12, answers: 5 };
-    let mut cpu_head = QaHead::new(head_cfg);
-    cpu_head.init_random(7);
-    let dev_head = QaHead::from_params_on(sim.clone(), head_cfg, cpu_head.params.to_backend(&Cpu, &sim));
-    let (mut cpu, mut dev) = (QaModel::new(cpu_base, cpu_head), QaModel::new(dev_base, dev_head));
+    let (mut cpu, mut dev, head_cfg) = qa_pair(&sim);
     for step in 0..2 {
         let data = CheckBatch::new(200 + step, B, F, R, L);
         let labels: Vec<usize> = (0..B).map(|i| (i + step as usize) % head_cfg.answers).collect();

@@ -642,25 +642,13 @@ impl Backend for SimDevice {
         CPU.weighted_sum_backward(w.0, o.0, dout.0, dw.0, d_o.0, batch, n, dim);
     }
     fn cross_entropy(&self, logits: SimView<'_>, labels: &[usize], answers: usize, d: &mut SimBuf) -> f32 {
-        self.launch();
-        self.upload(INDEX * labels.len() as u64);
-        let n = labels.len() * answers;
-        self.fit(d, n);
-        let out = &mut d.mem[..n];
-        poison(out);
-        let loss = super::host::cross_entropy(logits.0, labels, answers, out);
+        let loss = self.cross_entropy_on_device(logits, labels, answers, d);
         self.download(F32);
         loss
     }
 
     fn cross_entropy_late(&self, logits: SimView<'_>, labels: &[usize], answers: usize, d: &mut SimBuf, loss: &mut SimBuf) {
-        self.launch();
-        self.upload(INDEX * labels.len() as u64);
-        let n = labels.len() * answers;
-        self.fit(d, n);
-        let out = &mut d.mem[..n];
-        poison(out);
-        let l = super::host::cross_entropy(logits.0, labels, answers, out);
+        let l = self.cross_entropy_on_device(logits, labels, answers, d);
         self.fit(loss, 1);
         loss.mem[0] = l;
     }
@@ -717,6 +705,18 @@ impl Backend for SimDevice {
 }
 
 impl SimDevice {
+    /// The cross-entropy computed on the device (one launch, the labels uploaded), its
+    /// gradient in `d`; the loss is returned but not counted as read back.
+    fn cross_entropy_on_device(&self, logits: SimView<'_>, labels: &[usize], answers: usize, d: &mut SimBuf) -> f32 {
+        self.launch();
+        self.upload(INDEX * labels.len() as u64);
+        let n = labels.len() * answers;
+        self.fit(d, n);
+        let out = &mut d.mem[..n];
+        poison(out);
+        super::host::cross_entropy(logits.0, labels, answers, out)
+    }
+
     /// The losses computed on the device (one launch), their gradients landing in `grads`;
     /// the host outputs are returned but not counted as read back.
     fn losses_on_device(
