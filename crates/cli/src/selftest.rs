@@ -12,7 +12,7 @@
 use crate::device::{compare_score_case, score_cases, DeviceArgs, ScoreDevice};
 use anyhow::{bail, Result};
 use demovlp_cuda::selftest::fault::{FaultPlan, Faulty};
-use demovlp_cuda::selftest::{case_id, kernel_cases, run_cases, Case, Status, Verdict};
+use demovlp_cuda::selftest::{case_id, epilogue_cases, kernel_cases, run_cases, Case, Status, Verdict};
 use demovlp_model::backend::{check, Backend, Cpu};
 use std::time::Instant;
 
@@ -45,9 +45,13 @@ pub struct SelftestArgs {
     pub quick: bool,
 }
 
-/// Every case on `be` (the scores on `scores`), in order.
-fn cases<'a, B: Backend>(be: &'a B, scores: &'a ScoreDevice, a: &SelftestArgs) -> Vec<Case<'a>> {
+/// Sets a device's GEMM epilogues for a case (see `demovlp_cuda::selftest::epilogue_cases`).
+type EpilogueMode<'a> = &'a (dyn Fn(Option<bool>) -> u64 + 'a);
+
+/// Every case on `be` (the scores on `scores`, the GEMM epilogues set by `epilogues`), in order.
+fn cases<'a, B: Backend>(be: &'a B, scores: &'a ScoreDevice, epilogues: EpilogueMode<'a>, a: &SelftestArgs) -> Vec<Case<'a>> {
     let mut out = kernel_cases(be, a.tol);
+    out.extend(epilogue_cases(be, a.tol, epilogues));
     let model_tol = a.model_tol;
     let model = "model: backend::check::compare_with_cpu (towers, token API, embeddings, fused steps, QA model)";
     out.push(Case::new(model, move || {
@@ -86,9 +90,15 @@ fn select<'a>(all: Vec<Case<'a>>, a: &SelftestArgs) -> Result<Vec<Case<'a>>> {
 }
 
 /// Runs the selected cases, each verdict printed when known, then the summary line.
-fn run<B: Backend>(be: &B, health: &dyn Fn() -> Result<(), String>, scores: &ScoreDevice, device: &str, a: &SelftestArgs) -> Result<()> {
+fn run<B: Backend>(
+    be: &B,
+    health: &dyn Fn() -> Result<(), String>,
+    (scores, epilogues): (&ScoreDevice, EpilogueMode<'_>),
+    device: &str,
+    a: &SelftestArgs,
+) -> Result<()> {
     let t0 = Instant::now();
-    let chosen = select(cases(be, scores, a), a)?;
+    let chosen = select(cases(be, scores, epilogues, a), a)?;
     let verdicts = run_cases(chosen, health, &mut |v| println!("{}", v.json()));
     let failed = verdicts.iter().filter(|v| v.status == Status::Fail).count();
     let not_run = verdicts.iter().filter(|v| v.status == Status::NotRun).count();
@@ -148,13 +158,13 @@ pub fn selftest(a: SelftestArgs) -> Result<()> {
         return libraries(&a);
     }
     if a.list {
-        for c in select(cases(&Cpu, &ScoreDevice::Cpu, &a), &a)? {
+        for c in select(cases(&Cpu, &ScoreDevice::Cpu, &|_| 0, &a), &a)? {
             println!("{}\t{}", case_id(&c.name), c.name);
         }
         return Ok(());
     }
     // Unknown case names are a usage error before any device is opened.
-    select(cases(&Cpu, &ScoreDevice::Cpu, &a), &a)?;
+    select(cases(&Cpu, &ScoreDevice::Cpu, &|_| 0, &a), &a)?;
     if let Err(e) = crate::device::check_available(&a.device) {
         println!("{}", serde_json::json!({"name": "open", "ok": false, "device": a.device.device.to_string(), "detail": e.to_string()}));
         return Err(e);
@@ -165,9 +175,9 @@ pub fn selftest(a: SelftestArgs) -> Result<()> {
             Some(f) => {
                 let plan = FaultPlan::parse(&f).map_err(|e| anyhow::anyhow!("DEMOVLP_SELFTEST_FAULT: {e}"))?;
                 let be = Faulty::new(Cpu, plan);
-                run(&be, &|| be.fault(), &ScoreDevice::Cpu, &format!("cpu (fault injected: {f})"), &a)
+                run(&be, &|| be.fault(), (&ScoreDevice::Cpu, &|_| 0), &format!("cpu (fault injected: {f})"), &a)
             }
-            None => run(&Cpu, &|| Ok(()), &ScoreDevice::Cpu, "cpu", &a),
+            None => run(&Cpu, &|| Ok(()), (&ScoreDevice::Cpu, &|_| 0), "cpu", &a),
         },
         #[cfg(feature = "cuda")]
         crate::device::Device::Cuda(n) => {
@@ -183,7 +193,12 @@ pub fn selftest(a: SelftestArgs) -> Result<()> {
                 if be.synchronous() { ", DEMOVLP_CUDA_SYNC=1" } else { "" }
             );
             let scores = ScoreDevice::Cuda(be.clone());
-            run(&be, &|| be.fault(), &scores, &name, &a)
+            let default = be.epilogues();
+            let epilogues = |on: Option<bool>| {
+                be.set_epilogues(on.unwrap_or(default));
+                be.epilogue_gemms()
+            };
+            run(&be, &|| be.fault(), (&scores, &epilogues), &name, &a)
         }
         #[cfg(not(feature = "cuda"))]
         crate::device::Device::Cuda(n) => bail!("--device cuda:{n}: {}", demovlp_cuda::NOT_BUILT),

@@ -70,9 +70,10 @@ fn selftest_on_the_cpu_passes_every_check() {
     let out = demovlp(&["selftest", "--device", "cpu", "--tol", "0", "--model-tol", "0"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let lines = json_lines(&out);
-    // Every kernel case, every published-shape case, the whole-model check, the five
-    // evaluation-score cases (`device::score_cases`) and the summary line.
-    let shapes = demovlp_cuda::selftest::shapes::CASES.len();
+    // Every kernel case, every published-shape case (and the linear one twice more, GEMM
+    // epilogues fused and unfused), the whole-model check, the five evaluation-score cases
+    // (`device::score_cases`) and the summary line.
+    let shapes = demovlp_cuda::selftest::shapes::CASES.len() + 2;
     assert_eq!(lines.len(), demovlp_model::backend::kernels_check::CASES.len() + shapes + 1 + 5 + 1);
     assert!(lines.iter().filter(|l| l["name"].as_str().unwrap().starts_with("eval scores")).count() == 5, "{lines:?}");
     assert_eq!(lines.iter().filter(|l| l["name"].as_str().unwrap().starts_with("shape: ")).count(), shapes);
@@ -95,6 +96,7 @@ fn selftest_cases_one_by_one() {
     assert!(ids.len() >= demovlp_model::backend::kernels_check::CASES.len() + demovlp_cuda::selftest::shapes::CASES.len() + 6);
     for id in [
         "kernel_layernorm_backward",
+        "shape_linear_forward_backward_241_x_768_3072_bias_gemm_epilogues_fused",
         "shape_dropout_mask_32_x_12_x_241_token_frame_probabilities_p_0_1",
         "eval_scores_global_only_31_x_17_p_48",
     ] {

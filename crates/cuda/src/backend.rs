@@ -14,7 +14,17 @@
 //! - The retrieval losses on the device, fused (module `losses`, `kernels/losses.cu`): the
 //!   global contrastive loss and the region-word alignment, forward and backward, with one
 //!   read-back per call (the two loss scalars and the `[B, B]` similarity matrices of
-//!   `LossOutputs`); the evaluation scores likewise ([`CudaBackend::eval_scores`]).
+//!   `LossOutputs`), none for a training step (`losses_late`: the scalars copied into a
+//!   device buffer, read later with `read_late`); the evaluation scores likewise
+//!   ([`CudaBackend::eval_scores`]).
+//! - Transfers that overlap the work (module `transfer`): a batch's region features
+//!   uploaded from pinned memory on a copy stream into the buffer of a `StagingPair` the
+//!   previous batch does not use (`input_batch`), late reads into pinned memory waited
+//!   for by event (`read_late`).
+//! - Epilogues (module `lt`): in the bf16 mode (and wherever
+//!   [`CudaBackend::set_epilogues`] turns them on) a linear layer's bias is added by its
+//!   GEMM and, when its gradient is overwritten, its bias gradient reduced by the dW GEMM;
+//!   where cuBLASLt has no algorithm for an epilogue the unfused kernels run.
 //! - Dropout masks on the device from the given `Rng`'s state, exactly the CPU's masks
 //!   (`crate::plan`: xoshiro256++ jumped ahead per thread by GF(2) matrix powers).
 //! - On the host, through the seam: token ids and the QA cross-entropy (logits
@@ -42,7 +52,7 @@ use crate::Precision;
 use demovlp_kernels::attention::AttnShape;
 use demovlp_kernels::Rng;
 use demovlp_model::adamw::StepCoeffs;
-use demovlp_model::backend::{host, Backend, Grads, LossGradBufs, LossViews, TokenDims};
+use demovlp_model::backend::{host, Backend, Grads, LateRead, LossGradBufs, LossViews, StagingPair, TokenDims};
 use demovlp_retrieval::{LossConfig, LossOutputs};
 use std::ffi::c_void;
 use std::fmt;
@@ -90,6 +100,7 @@ impl Default for CudaBackend {
 mod losses;
 mod lt;
 mod setup;
+mod transfer;
 use setup::regions_of;
 
 impl Backend for CudaBackend {
@@ -184,6 +195,13 @@ impl Backend for CudaBackend {
         self.inner.upload(staging.ptr, host);
         Self::view(staging)
     }
+    fn input_batch<'a>(&self, host: &'a [f32], pair: &'a mut StagingPair<Self>) -> DevView<'a> {
+        // Pinned memory, the copy stream, events (module `transfer`).
+        self.upload_batch(host, pair)
+    }
+    fn read_late(&self, v: DevView<'_>) -> LateRead {
+        self.queue_read(v)
+    }
     fn input_again<'a>(&self, host: &'a [f32], staging: &'a mut DevBuf) -> DevView<'a> {
         // The forward pass uploaded these values into `staging`: the backward reuses them.
         assert_eq!(staging.len, host.len(), "input_again: the staging buffer holds another input");
@@ -223,6 +241,14 @@ impl Backend for CudaBackend {
         dout: usize,
     ) {
         self.inner.bind();
+        let precision = self.inner.precision;
+        if let Some(b) = b.filter(|_| self.epilogues()) {
+            // y = x·Wᵀ + b with the bias added by the GEMM (one value per row of yᵀ).
+            let epi = (lt::Epilogue::Bias, b.ptr);
+            if self.gemm_epilogue(precision, true, true, false, (dout, n, din), w.ptr, din, x.ptr, ldx, 0.0, y.ptr, dout, epi) {
+                return;
+            }
+        }
         let beta = match b {
             Some(b) => {
                 launch!(self, "set_rows", blocks(n * dout), T256, 0; y.ptr, b.ptr, (n * dout) as i64, dout as i64);
@@ -252,6 +278,14 @@ impl Backend for CudaBackend {
             self.gemm_in(self.inner.precision, true, false, false, din, n, dout, w.ptr, din, dy.ptr, dout, 1.0, dx.ptr, din);
         }
         let beta = if grads == Grads::Accumulate { 1.0 } else { 0.0 };
+        if let Some(db) = db.as_ref().filter(|_| grads == Grads::Overwrite && self.epilogues()) {
+            // dW and db (= the column sums of dy, overwritten) from one GEMM.
+            let epi = (lt::Epilogue::BgradB, db.ptr);
+            if self.gemm_epilogue(self.inner.precision, false, false, true, (din, dout, n), x.ptr, ldx, dy.ptr, dout, 0.0, dw.ptr, din, epi)
+            {
+                return;
+            }
+        }
         self.gemm(false, true, din, dout, n, x.ptr, ldx, dy.ptr, dout, beta, dw.ptr, din);
         if let Some(db) = db {
             if grads == Grads::Overwrite {
@@ -581,7 +615,21 @@ impl Backend for CudaBackend {
     fn losses(&self, cfg: &LossConfig, x: &LossViews<'_, Self>, use_local: bool, grads: bool) -> (LossOutputs, Option<LossGradBufs<Self>>) {
         // On the device, fused (kernels/losses.cu): one read-back of the loss scalars and
         // the two [B, B] similarity matrices; the gradients stay on the device.
-        self.losses_on_device(cfg, x, use_local, grads)
+        self.losses_on_device(cfg, x, use_local, grads, None)
+    }
+    fn losses_late(
+        &self,
+        cfg: &LossConfig,
+        x: &LossViews<'_, Self>,
+        use_local: bool,
+        grads: Option<&mut LossGradBufs<Self>>,
+        scalars: &mut DevBuf,
+    ) {
+        // The two loss scalars copied on the device into `scalars`: no read-back, no sync.
+        let (_, g) = self.losses_on_device(cfg, x, use_local, grads.is_some(), Some(scalars));
+        if let (Some(dst), Some(g)) = (grads, g) {
+            *dst = g;
+        }
     }
 
     fn eval_scores(

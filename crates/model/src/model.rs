@@ -8,7 +8,7 @@
 mod embed;
 
 use crate::adamw::{updated_ranges, AdamW, FusedStep};
-use crate::backend::{zeroed, Backend, Cpu, LossDims, LossGradBufs, LossViews};
+use crate::backend::{zeroed, Backend, Cpu, LateRead, LossDims, LossGradBufs, LossViews, StagingPair};
 use crate::config::{ModelConfig, TextKind};
 use crate::layers::{Grads, Linear};
 use crate::mask::{additive_mask, PAD_SCORE};
@@ -87,6 +87,8 @@ struct Arena<B: Backend> {
     video_mask: B::Buf,
     /// The loss's gradients on its inputs (same layouts), kept across steps.
     loss_grads: LossGradBufs<B>,
+    /// `[loss_global, loss_local]` on the device, of a step whose losses are read late.
+    loss_scalars: B::Buf,
     /// The loss's gradients on the token layouts: `[B, L, P]` and `[B, 1+F·R, P]`.
     d_text_out: B::Buf,
     d_video_out: B::Buf,
@@ -99,8 +101,8 @@ struct Arena<B: Backend> {
 /// views of host memory are the host slices themselves).
 #[derive(Clone, Debug, Default)]
 struct Staging<B: Backend> {
-    /// `[B, F, R, 2054]` region features.
-    object: B::Buf,
+    /// `[B, F, R, 2054]` region features (two buffers, consecutive batches in turn).
+    object: StagingPair<B>,
     /// Token gradients given to [`Model::backward_tokens`].
     d_text: B::Buf,
     d_video: B::Buf,
@@ -339,7 +341,7 @@ impl<B: Backend> Model<B> {
 
     fn forward_video(&mut self, object: &[f32], mask: &[f32], b: usize, f: usize, r: usize) {
         let be = &self.backend;
-        let object = be.input(object, &mut self.staging.object);
+        let object = be.input_batch(object, &mut self.staging.object);
         let input = VideoInput { object, mask, shape: VideoShape { batch: b, frames: f, regions: r } };
         self.video.forward(be, B::view(&self.params.data), &mut self.arena.video, input);
     }
@@ -382,7 +384,7 @@ impl<B: Backend> Model<B> {
 
     fn backward_video_tokens_on(&mut self, object: &[f32], d_video: B::View<'_>) {
         let be = &self.backend;
-        let object = be.input_again(object, &mut self.staging.object);
+        let object = be.input_batch_again(object, &mut self.staging.object);
         let a = &mut self.arena.video;
         assert_eq!(B::view_len(d_video), B::buf_len(&a.out), "d_video must be [B, 1+F·R, P]");
         self.video.backward(be, B::view(&self.params.data), B::view_mut(&mut self.params.grad), a, object, d_video);
@@ -445,9 +447,22 @@ impl<B: Backend> Model<B> {
 
     /// Forward, losses, and backward: zeroes then fills `params.grad`.
     pub fn forward_backward(&mut self, batch: &BatchRef, loss: &LossConfig, use_local: bool) -> LossOutputs {
+        self.forward_backward_with(batch, loss, use_local, false).expect("losses read at once")
+    }
+
+    /// [`Model::forward_backward`] that reads nothing back: the losses
+    /// `[loss_global, loss_local]` (the total is their sum) come with [`LateRead::wait`], so
+    /// a training loop can queue the next step before it waits for this one's.
+    pub fn forward_backward_late(&mut self, batch: &BatchRef, loss: &LossConfig, use_local: bool) -> LateRead {
+        self.forward_backward_with(batch, loss, use_local, true);
+        self.backend.read_late(B::view(&self.arena.loss_scalars))
+    }
+
+    /// Forward, losses (read back unless `late`) and backward.
+    fn forward_backward_with(&mut self, batch: &BatchRef, loss: &LossConfig, use_local: bool, late: bool) -> Option<LossOutputs> {
         let clock = Instant::now();
         self.backend.fill_zero(B::view_mut(&mut self.params.grad));
-        let (out, t_text, t_video) = self.forward_loss_grads(batch, loss, use_local, clock);
+        let (out, t_text, t_video) = self.forward_loss_grads(batch, loss, use_local, clock, late);
         let t_loss = clock.elapsed().as_secs_f64();
         let be = &self.backend;
         let a = &mut *self.arena;
@@ -456,7 +471,7 @@ impl<B: Backend> Model<B> {
         Self::text_head_backward(be, &self.txt_proj, &self.config, params, a, B::view(&dt));
         self.text.backward(be, B::view(&params.data), B::view_mut(&mut params.grad), &mut a.text, batch.input_ids, B::view(&a.d_hidden));
         let t_text_bwd = clock.elapsed().as_secs_f64();
-        let object = be.input_again(batch.object, &mut self.staging.object);
+        let object = be.input_batch_again(batch.object, &mut self.staging.object);
         let (data, grad) = (B::view(&self.params.data), B::view_mut(&mut self.params.grad));
         self.video.backward(be, data, grad, &mut a.video, object, B::view(&dv));
         (a.d_text_out, a.d_video_out) = (dt, dv);
@@ -476,14 +491,37 @@ impl<B: Backend> Model<B> {
     /// tensors outside the blocks and the word table. A non-finite loss returns before any
     /// update (nothing is changed but the dropout generator and the arena).
     pub fn train_step_fused(&mut self, batch: &BatchRef, loss: &LossConfig, use_local: bool, opt: &mut AdamW<B>) -> LossOutputs {
+        self.train_step_fused_with(batch, loss, use_local, opt, false).expect("losses read at once")
+    }
+
+    /// [`Model::train_step_fused`] that reads nothing back: the losses
+    /// `[loss_global, loss_local]` (the total is their sum) come with [`LateRead::wait`], so
+    /// a training loop can queue the next step before it waits for this one's. The update is
+    /// applied whatever the losses are: after a non-finite loss the parameters are not to be
+    /// kept (the training loop stops before it saves them).
+    pub fn train_step_fused_late(&mut self, batch: &BatchRef, loss: &LossConfig, use_local: bool, opt: &mut AdamW<B>) -> LateRead {
+        self.train_step_fused_with(batch, loss, use_local, opt, true);
+        self.backend.read_late(B::view(&self.arena.loss_scalars))
+    }
+
+    /// The fused step, its losses read back (and a non-finite one stopping it before any
+    /// update) unless `late`.
+    fn train_step_fused_with(
+        &mut self,
+        batch: &BatchRef,
+        loss: &LossConfig,
+        use_local: bool,
+        opt: &mut AdamW<B>,
+        late: bool,
+    ) -> Option<LossOutputs> {
         assert_eq!(opt.len(), self.params.len(), "AdamW state has {} values, model has {}", opt.len(), self.params.len());
         let clock = Instant::now();
         for &(r0, r1) in &self.rest_ranges {
             self.backend.fill_zero(B::slice_mut(B::view_mut(&mut self.params.grad), r0..r1));
         }
-        let (out, t_text, t_video) = self.forward_loss_grads(batch, loss, use_local, clock);
+        let (out, t_text, t_video) = self.forward_loss_grads(batch, loss, use_local, clock, late);
         let t_loss = clock.elapsed().as_secs_f64();
-        if !out.loss_total.is_finite() {
+        if out.as_ref().is_some_and(|o| !o.loss_total.is_finite()) {
             return out;
         }
         let be = &self.backend;
@@ -496,7 +534,7 @@ impl<B: Backend> Model<B> {
         let d_hidden = B::view(&a.d_hidden);
         self.text.backward_fused(be, params, &mut a.text, batch.input_ids, d_hidden, &mut step);
         let t_text_bwd = clock.elapsed().as_secs_f64();
-        let object = be.input_again(batch.object, &mut self.staging.object);
+        let object = be.input_batch_again(batch.object, &mut self.staging.object);
         self.video.backward_fused(be, params, &mut a.video, object, B::view(&dv), &mut step);
         let coeffs = step.coeffs;
         opt.update_window(&coeffs, &self.rest_ranges, B::view_mut(&mut params.data), B::view(&params.grad), 0);
@@ -521,8 +559,16 @@ impl<B: Backend> Model<B> {
     }
 
     /// Forward through both towers and the losses; leaves d(text tokens) and d(video tokens)
-    /// in the arena. Returns the losses and the clock readings after each tower.
-    fn forward_loss_grads(&mut self, batch: &BatchRef, loss: &LossConfig, use_local: bool, clock: Instant) -> (LossOutputs, f64, f64) {
+    /// in the arena. Returns the losses (None when `late`: they stay on the device in
+    /// `arena.loss_scalars`) and the clock readings after each tower.
+    fn forward_loss_grads(
+        &mut self,
+        batch: &BatchRef,
+        loss: &LossConfig,
+        use_local: bool,
+        clock: Instant,
+        late: bool,
+    ) -> (Option<LossOutputs>, f64, f64) {
         self.check_batch(batch);
         self.forward_text(batch.input_ids, batch.attention_mask, batch.batch, batch.text_len, true);
         let t_text = clock.elapsed().as_secs_f64();
@@ -532,7 +578,14 @@ impl<B: Backend> Model<B> {
         let p = self.config.proj_dim;
         let be = &self.backend;
         let mut g = std::mem::take(&mut self.arena.loss_grads);
-        let out = be.losses_into(loss, &Self::loss_views(&self.arena, batch, p), use_local, Some(&mut g));
+        let out = if late {
+            let mut scalars = std::mem::take(&mut self.arena.loss_scalars);
+            be.losses_late(loss, &Self::loss_views(&self.arena, batch, p), use_local, Some(&mut g), &mut scalars);
+            self.arena.loss_scalars = scalars;
+            None
+        } else {
+            Some(be.losses_into(loss, &Self::loss_views(&self.arena, batch, p), use_local, Some(&mut g)))
+        };
         // Scatter the embedding gradients back onto the token layouts.
         let a = &mut *self.arena;
         let (b, l) = (batch.batch, batch.text_len);

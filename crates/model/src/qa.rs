@@ -18,7 +18,7 @@
 
 use demovlp_kernels::Rng;
 
-use crate::backend::{host, zeroed, Backend, Cpu};
+use crate::backend::{host, zeroed, Backend, Cpu, LateRead, StagingPair};
 use crate::model::{BatchRef, Model};
 use crate::params::{Params, ParamsBuilder};
 
@@ -453,9 +453,11 @@ pub struct QaModel<B: Backend = Cpu> {
     pub head: QaHead<B>,
     dropout_rng: Rng,
     attention_dropout: bool,
-    /// The batch's object mask uploaded, d(logits), d(text tokens), d(video tokens).
-    mask: B::Buf,
+    /// The batch's object mask uploaded, d(logits), d(text tokens), d(video tokens), the
+    /// loss of a step read late.
+    mask: StagingPair<B>,
     d_logits: B::Buf,
+    loss: B::Buf,
     d_text: B::Buf,
     d_video: B::Buf,
 }
@@ -468,8 +470,9 @@ impl<B: Backend> QaModel<B> {
             head,
             dropout_rng: Rng::new(0),
             attention_dropout: false,
-            mask: B::Buf::default(),
+            mask: StagingPair::default(),
             d_logits: B::Buf::default(),
+            loss: B::Buf::default(),
             d_text: B::Buf::default(),
             d_video: B::Buf::default(),
         }
@@ -487,7 +490,7 @@ impl<B: Backend> QaModel<B> {
         let (b, l, n) = (batch.batch, batch.text_len, batch.frames * batch.regions);
         let be = self.base.backend().clone();
         let (text, video) = self.base.forward_tokens(batch, train);
-        let object_mask = be.input(batch.object_mask, &mut self.mask);
+        let object_mask = be.input_batch(batch.object_mask, &mut self.mask);
         let dropout = (train && self.attention_dropout).then_some(&mut self.dropout_rng);
         let input = HeadInput { batch: b, text_len: l, regions: n, text, video, object_mask };
         self.head.forward(&input, dropout);
@@ -506,16 +509,40 @@ impl<B: Backend> QaModel<B> {
     /// back from the backend (the logits stay in `head.acts.logits`).
     pub fn forward_backward_loss(&mut self, batch: &BatchRef, labels: &[usize]) -> f32 {
         let be = self.base.backend().clone();
+        self.forward_logits(batch);
+        let answers = self.head.config.answers;
+        let loss = be.cross_entropy(B::view(&self.head.acts.logits), labels, answers, &mut self.d_logits);
+        self.backward_from_logits(batch);
+        loss
+    }
+
+    /// [`QaModel::forward_backward_loss`] that reads nothing back: the loss (one value)
+    /// comes with [`LateRead::wait`], so a training loop can queue the next step before it
+    /// waits for this one's.
+    pub fn forward_backward_late(&mut self, batch: &BatchRef, labels: &[usize]) -> LateRead {
+        let be = self.base.backend().clone();
+        self.forward_logits(batch);
+        let answers = self.head.config.answers;
+        be.cross_entropy_late(B::view(&self.head.acts.logits), labels, answers, &mut self.d_logits, &mut self.loss);
+        self.backward_from_logits(batch);
+        be.read_late(B::view(&self.loss))
+    }
+
+    /// Gradients zeroed, then the training forward pass to the logits.
+    fn forward_logits(&mut self, batch: &BatchRef) {
+        let be = self.base.backend().clone();
         be.fill_zero(B::view_mut(&mut self.base.params.grad));
         self.head.zero_grad();
         self.forward(batch, true);
-        let answers = self.head.config.answers;
-        let loss = be.cross_entropy(B::view(&self.head.acts.logits), labels, answers, &mut self.d_logits);
+    }
+
+    /// The backward pass from d(logits) in `d_logits` into both parameter sets' gradients.
+    fn backward_from_logits(&mut self, batch: &BatchRef) {
+        let be = self.base.backend().clone();
         let (b, l, n, p) = (batch.batch, batch.text_len, batch.frames * batch.regions, self.head.config.dim);
         be.fit(&mut self.d_text, b * l * p);
         be.fit(&mut self.d_video, b * (1 + n) * p);
         self.head.backward(B::view(&self.d_logits), l, B::view_mut(&mut self.d_text), B::view_mut(&mut self.d_video));
         self.base.backward_tokens_on(batch, B::view(&self.d_text), B::view(&self.d_video));
-        loss
     }
 }

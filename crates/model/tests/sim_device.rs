@@ -1,8 +1,9 @@
 //! The models on the simulated device (`backend::sim::SimDevice`): every kernel and whole
 //! training runs give the CPU's bits (the device poisons every value a GPU would leave
 //! unspecified with NaN, so a read of memory nobody wrote would show), a training step after
-//! the first allocates nothing, and a step moves exactly the bytes written down here as a
-//! formula of the batch's shape.
+//! the first two allocates nothing (the second stages its batch in the other buffer of a
+//! pair), and a step moves exactly the bytes written down here as a formula of the batch's
+//! shape.
 
 use demovlp_model::adamw::{AdamW, AdamWSettings};
 use demovlp_model::backend::check::{self, tiny_config, CheckBatch};
@@ -147,6 +148,26 @@ fn input_again_refuses_other_values() {
     let _ = sim.input_again(&[1.0, 3.0], &mut staged);
 }
 
+#[test]
+fn batches_are_staged_in_turn_and_the_previous_batch_stays_intact() {
+    // What lets a device upload batch s + 1 while batch s still computes: the upload goes
+    // to the other buffer of the pair, and batch s's values stay where its kernels read them.
+    use demovlp_model::backend::StagingPair;
+    let sim = SimDevice::new();
+    let mut pair = StagingPair::<SimDevice>::default();
+    let _ = sim.input_batch(&[1.0, 2.0], &mut pair);
+    let _ = sim.input_batch(&[3.0, 4.0], &mut pair);
+    let again = sim.to_host(sim.input_batch_again(&[3.0, 4.0], &mut pair));
+    assert_eq!(again, [3.0, 4.0]);
+    let (now, before) = pair.split();
+    assert_eq!((host(&sim, now), host(&sim, before)), (vec![3.0, 4.0], vec![1.0, 2.0]));
+    let c = sim.snapshot();
+    assert_eq!((c.h2d_bytes, c.allocations), (16, 2), "one upload per batch, one buffer each");
+    let _ = sim.input_batch(&[5.0, 6.0], &mut pair);
+    assert_eq!(host(&sim, pair.split().1), vec![3.0, 4.0], "the third batch reuses the first's buffer");
+    assert_eq!(sim.snapshot().allocations, 2);
+}
+
 /// The tiny model of `kind`, initialised, text dropout on, on the CPU and (moved) on `sim`.
 fn retrieval_pair(kind: TextKind, sim: &SimDevice) -> (Model, Model<SimDevice>) {
     let cfg = tiny_config(kind);
@@ -188,10 +209,11 @@ fn retrieval_training(kind: TextKind, fused: bool, use_local: bool) {
             &[want.loss_total, want.loss_global, want.loss_local],
         );
         assert_same(&what("similarities"), &got.global_sim_text_video, &want.global_sim_text_video);
-        if step == 0 {
-            assert!(spent.allocations > 0, "the first step fits the arenas");
-        } else {
-            assert_eq!(spent.allocations, 0, "{}", what("allocations after the first step"));
+        match step {
+            0 => assert!(spent.allocations > 0, "the first step fits the arenas"),
+            // The second batch is staged in the other buffer of the pair (double buffering).
+            1 => assert_eq!(spent.allocations, 1, "{}", what("the second staging buffer")),
+            _ => assert_eq!(spent.allocations, 0, "{}", what("allocations after the first two steps")),
         }
         assert!(spent.launches > 0);
         retrieval_budget(&data.ids, use_local, fused).check(step, spent);
@@ -216,15 +238,20 @@ fn retrieval_training_fused_matches_the_cpu_and_keeps_to_its_budget() {
     retrieval_training(TextKind::Distilbert, true, false);
 }
 
-#[test]
-fn qa_training_matches_the_cpu_and_keeps_to_its_budget() {
-    let sim = SimDevice::new();
-    let (cpu_base, dev_base) = retrieval_pair(TextKind::Distilbert, &sim);
+/// The tiny QA model (Distilbert towers, a head of 5 answers) on the CPU and on `sim`.
+fn qa_pair(sim: &SimDevice) -> (QaModel, QaModel<SimDevice>, QaHeadConfig) {
+    let (cpu_base, dev_base) = retrieval_pair(TextKind::Distilbert, sim);
     let head_cfg = QaHeadConfig { dim: cpu_base.config.proj_dim, hidden: 12, answers: 5 };
     let mut cpu_head = QaHead::new(head_cfg);
     cpu_head.init_random(7);
-    let dev_head = QaHead::from_params_on(sim.clone(), head_cfg, cpu_head.params.to_backend(&Cpu, &sim));
-    let (mut cpu, mut dev) = (QaModel::new(cpu_base, cpu_head), QaModel::new(dev_base, dev_head));
+    let dev_head = QaHead::from_params_on(sim.clone(), head_cfg, cpu_head.params.to_backend(&Cpu, sim));
+    (QaModel::new(cpu_base, cpu_head), QaModel::new(dev_base, dev_head), head_cfg)
+}
+
+#[test]
+fn qa_training_matches_the_cpu_and_keeps_to_its_budget() {
+    let sim = SimDevice::new();
+    let (mut cpu, mut dev, head_cfg) = qa_pair(&sim);
     cpu.set_attention_dropout(true, 13);
     dev.set_attention_dropout(true, 13);
     let (nt, nh) = (cpu.base.params.len(), cpu.head.params.len());
@@ -243,10 +270,11 @@ fn qa_training_matches_the_cpu_and_keeps_to_its_budget() {
         oh_dev.step(&mut dev.head.params);
         let spent = sim.snapshot() - before;
         assert_same(&format!("QA step {step}: loss"), &[got], &[want]);
-        if step == 0 {
-            assert!(spent.allocations > 0, "the first step fits the arenas");
-        } else {
-            assert_eq!(spent.allocations, 0, "QA step {step}: allocations after the first step");
+        match step {
+            0 => assert!(spent.allocations > 0, "the first step fits the arenas"),
+            // The second batch's region features and object mask go to the other buffers of their pairs.
+            1 => assert_eq!(spent.allocations, 2, "QA step 1: the second staging buffers"),
+            _ => assert_eq!(spent.allocations, 0, "QA step {step}: allocations after the first two steps"),
         }
         qa_budget().check(step, spent);
         assert_same(&format!("QA step {step}: tower gradients"), &host(&sim, &dev.base.params.grad), &cpu.base.params.grad);
@@ -266,4 +294,70 @@ fn qa_training_matches_the_cpu_and_keeps_to_its_budget() {
     assert_same("QA logits", &got.logits, &want.logits);
     assert_eq!(spent.d2h_bytes, F32 + (B * head_cfg.answers) as u64 * F32);
     assert_eq!((spent.syncs, spent.allocations), (2, 0));
+}
+
+/// The `_late` steps (what the training loop runs): the step itself reads nothing back and
+/// never synchronises; its losses come when the read is waited for (one synchronisation, the
+/// two scalars), bit for bit the CPU's; the parameters are the CPU's after every step.
+#[test]
+fn late_steps_synchronise_only_when_their_losses_are_read() {
+    for (kind, fused, use_local) in [(TextKind::Bert, true, true), (TextKind::Distilbert, false, false)] {
+        let sim = SimDevice::new();
+        let (mut cpu, mut dev) = retrieval_pair(kind, &sim);
+        let mut opt_cpu = AdamW::with_settings(cpu.params.len(), SETTINGS);
+        let mut opt_dev = AdamW::new_on(sim.clone(), dev.params.len(), SETTINGS);
+        let loss = LossConfig::default();
+        for step in 0..STEPS {
+            let data = CheckBatch::new(100 + step, B, F, R, L);
+            let batch = data.as_ref();
+            let want = train_step(&mut cpu, &mut opt_cpu, &batch, use_local, fused);
+            let before = sim.snapshot();
+            let (read, at_read) = if fused {
+                let r = dev.train_step_fused_late(&batch, &loss, use_local, &mut opt_dev);
+                (r, sim.snapshot().launches)
+            } else {
+                let r = dev.forward_backward_late(&batch, &loss, use_local);
+                let at_read = sim.snapshot().launches;
+                // The optimiser's kernels are queued behind the read; it does not wait for them.
+                opt_dev.step(&mut dev.params);
+                (r, at_read)
+            };
+            let queued = sim.snapshot() - before;
+            let at_wait = sim.snapshot().launches;
+            let what = format!("{kind:?} fused {fused} step {step}");
+            assert_eq!((queued.syncs, queued.d2h_bytes), (0, 0), "{what}: the step reads nothing back");
+            let budget = retrieval_budget(&data.ids, use_local, fused);
+            assert_eq!(queued.h2d_bytes, budget.h2d_ideal + budget.h2d_extra, "{what}: bytes host→device");
+            if step > 1 {
+                assert_eq!(queued.allocations, 0, "{what}: allocations");
+            }
+            let got = read.wait();
+            assert_eq!(sim.late_reads().last(), Some(&(at_read, at_wait)), "{what}: when the read was queued and waited for");
+            let waited = sim.snapshot() - before;
+            assert_eq!((waited.syncs, waited.d2h_bytes), (1, 2 * F32), "{what}: one read of the two scalars");
+            assert_same(
+                &format!("{what}: losses"),
+                &[got[0] + got[1], got[0], got[1]],
+                &[want.loss_total, want.loss_global, want.loss_local],
+            );
+            assert_same(&format!("{what}: parameters"), &host(&sim, &dev.params.data), &cpu.params.data);
+        }
+        assert_eq!(sim.late_reads().len(), STEPS as usize);
+    }
+    // QA: the loss alone.
+    let sim = SimDevice::new();
+    let (mut cpu, mut dev, head_cfg) = qa_pair(&sim);
+    for step in 0..2 {
+        let data = CheckBatch::new(200 + step, B, F, R, L);
+        let labels: Vec<usize> = (0..B).map(|i| (i + step as usize) % head_cfg.answers).collect();
+        let want = cpu.forward_backward_loss(&data.as_ref(), &labels);
+        let before = sim.snapshot();
+        let read = dev.forward_backward_late(&data.as_ref(), &labels);
+        let queued = sim.snapshot() - before;
+        assert_eq!((queued.syncs, queued.d2h_bytes), (0, 0), "QA step {step}: the step reads nothing back");
+        assert_eq!(queued.h2d_bytes, qa_budget().h2d_ideal + qa_budget().h2d_extra, "QA step {step}: bytes host→device");
+        assert_same(&format!("QA step {step}: loss"), &read.wait(), &[want]);
+        assert_eq!(sim.snapshot() - before - queued, SimCounts { d2h_bytes: F32, syncs: 1, ..Default::default() });
+        assert_same(&format!("QA step {step}: tower gradients"), &host(&sim, &dev.base.params.grad), &cpu.base.params.grad);
+    }
 }

@@ -21,7 +21,7 @@ use serde_json::json;
 use crate::checkpoint::{self, CheckpointInfo, GroupRef, TrainerState, LATEST};
 use crate::qa::{load_qa_dir, qa_model_on, save_qa_dir_on, HEAD_KEY};
 use crate::qa_train::{evaluate_qa, init_qa_model, read_qa_dataset, QaConfig, QaDatasetConfig, QaEval, QaSet, Vocabulary};
-use crate::task::{Losses, Monitor, StepAt, Task};
+use crate::task::{Losses, Monitor, PendingLosses, StepAt, Task};
 use crate::text::Tokenizer;
 use crate::trainer::{self, batch_ref, Dist, LoopSettings, RunOptions, RunResult};
 
@@ -123,15 +123,15 @@ impl<B: Backend> Task<B> for QaTask<'_> {
     fn dropout_state(&self, _m: &QaModel<B>) -> Option<[u64; 4]> {
         None
     }
-    fn forward_backward(&mut self, m: &mut QaModel<B>, b: &Batch) -> Result<Losses> {
+    fn forward_backward(&mut self, m: &mut QaModel<B>, b: &Batch) -> Result<PendingLosses> {
         let labels: Vec<usize> = b
             .sample_ids
             .iter()
             .map(|&i| self.train.questions[i].label.with_context(|| format!("{}: question {i} has no label", self.train.name)))
             .collect::<Result<_>>()?;
-        // Only the loss comes back to the host (not the logits).
-        let loss = m.forward_backward_loss(&batch_ref(b), &labels);
-        Ok(Losses { total: loss, terms: [0.0; 2] })
+        // Only the loss comes back to the host (not the logits), when the loop reads it.
+        let read = m.forward_backward_late(&batch_ref(b), &labels);
+        Ok(PendingLosses::late(read, |v| Losses { total: v[0], terms: [0.0; 2] }))
     }
 
     fn validate(&mut self, m: &mut QaModel<B>) -> Result<Option<QaEval>> {

@@ -17,7 +17,7 @@ use crate::checkpoint::TrainerState;
 use crate::config::{monitor_higher_is_better, TrainConfig};
 use crate::eval::{evaluate, EvalOptions, EvalSet};
 use crate::runlog::metrics_json;
-use crate::task::{Losses, Monitor, StepAt, Task};
+use crate::task::{Losses, Monitor, PendingLosses, StepAt, Task};
 use crate::text::Tokenizer;
 use crate::trainer::{self, batch_ref, part_dropout_seed, Dist, LoopSettings, RunOptions, RunResult};
 use crate::weights::build_model;
@@ -102,6 +102,12 @@ impl<'a> RetrievalTask<'a> {
     }
 }
 
+/// The losses of a step read late: `[loss_global, loss_local]`, the total their sum (as
+/// `LossOutputs::loss_total`).
+fn retrieval_losses(v: &[f32]) -> Losses {
+    Losses { total: v[0] + v[1], terms: [v[0], v[1]] }
+}
+
 /// The value of the monitored metric `name` (`train_loss` without metrics).
 pub fn monitored_value(name: &str, m: Option<&RetrievalMetrics>, train_loss: f64) -> f64 {
     let Some(m) = m else { return train_loss };
@@ -161,15 +167,15 @@ impl<B: Backend> Task<B> for RetrievalTask<'_> {
     fn dropout_state(&self, m: &Model<B>) -> Option<[u64; 4]> {
         Some(m.dropout_rng().state())
     }
-    fn forward_backward(&mut self, m: &mut Model<B>, b: &Batch) -> Result<Losses> {
-        let o = m.forward_backward(&batch_ref(b), &self.loss, self.cfg.loss.use_local);
-        Ok(Losses { total: o.loss_total, terms: [o.loss_global, o.loss_local] })
+    fn forward_backward(&mut self, m: &mut Model<B>, b: &Batch) -> Result<PendingLosses> {
+        let read = m.forward_backward_late(&batch_ref(b), &self.loss, self.cfg.loss.use_local);
+        Ok(PendingLosses::late(read, retrieval_losses))
     }
-    fn fused_step(&mut self, m: &mut Model<B>, b: &Batch, opts: &mut [AdamW<B>]) -> Option<Losses> {
+    fn fused_step(&mut self, m: &mut Model<B>, b: &Batch, opts: &mut [AdamW<B>]) -> Option<PendingLosses> {
         // AdamW is fused into the backward pass (block by block; same results as a
-        // separate step, less memory). A non-finite loss returns before any update.
-        let o = m.train_step_fused(&batch_ref(b), &self.loss, self.cfg.loss.use_local, &mut opts[0]);
-        Some(Losses { total: o.loss_total, terms: [o.loss_global, o.loss_local] })
+        // separate step, less memory); the losses are read later.
+        let read = m.train_step_fused_late(&batch_ref(b), &self.loss, self.cfg.loss.use_local, &mut opts[0]);
+        Some(PendingLosses::late(read, retrieval_losses))
     }
 
     fn validate(&mut self, m: &mut Model<B>) -> Result<Option<RetrievalMetrics>> {

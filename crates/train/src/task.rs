@@ -12,6 +12,7 @@ use std::path::Path;
 
 use anyhow::Result;
 use demovlp_data::batches::Batch;
+use demovlp_model::backend::LateRead;
 use demovlp_model::{AdamW, Backend, ModelConfig, Params};
 
 use crate::checkpoint::TrainerState;
@@ -36,6 +37,34 @@ pub struct StepAt {
 pub struct Losses {
     pub total: f32,
     pub terms: [f32; 2],
+}
+
+/// A micro-batch's losses while its step may still be running on the device:
+/// [`PendingLosses::read`] waits for them (the loop reads a step's after the next step is
+/// queued, so the device never waits for the host between steps).
+#[derive(Debug)]
+pub struct PendingLosses {
+    read: LateRead,
+    /// The values read back, as [`Losses`].
+    decode: fn(&[f32]) -> Losses,
+}
+
+impl PendingLosses {
+    /// Losses still on the device: `read`'s values, turned into [`Losses`] by `decode`.
+    pub fn late(read: LateRead, decode: fn(&[f32]) -> Losses) -> PendingLosses {
+        PendingLosses { read, decode }
+    }
+
+    /// Losses already on the host.
+    pub fn ready(l: Losses) -> PendingLosses {
+        let decode = |v: &[f32]| Losses { total: v[0], terms: [v[1], v[2]] };
+        PendingLosses { read: LateRead::ready(vec![l.total, l.terms[0], l.terms[1]]), decode }
+    }
+
+    /// The losses (waits for the device when they are not on the host yet).
+    pub fn read(self) -> Losses {
+        (self.decode)(&self.read.wait())
+    }
 }
 
 /// How the monitored value is named and compared.
@@ -77,12 +106,15 @@ pub trait Task<B: Backend> {
     /// The dropout generator state a checkpoint keeps (single-part steps that continue one
     /// generator), or None when the task derives every step's draws from the seed.
     fn dropout_state(&self, m: &Self::Model) -> Option<[u64; 4]>;
-    /// Gradients of one micro-batch into the groups' gradient buffers (overwritten).
-    fn forward_backward(&mut self, m: &mut Self::Model, b: &Batch) -> Result<Losses>;
+    /// Gradients of one micro-batch into the groups' gradient buffers (overwritten); the
+    /// losses are read when the loop asks ([`PendingLosses::read`]): nothing waits for the
+    /// device here.
+    fn forward_backward(&mut self, m: &mut Self::Model, b: &Batch) -> Result<PendingLosses>;
     /// A whole step of one micro-batch with AdamW fused into the backward pass (the groups'
-    /// optimisers, learning rates set), when the task has one; a non-finite loss returns
-    /// before any update.
-    fn fused_step(&mut self, _m: &mut Self::Model, _b: &Batch, _opts: &mut [AdamW<B>]) -> Option<Losses> {
+    /// optimisers, learning rates set), when the task has one. Its losses are read later, so
+    /// the update is applied whatever they are: after a non-finite loss the loop stops
+    /// before the parameters are saved or used.
+    fn fused_step(&mut self, _m: &mut Self::Model, _b: &Batch, _opts: &mut [AdamW<B>]) -> Option<PendingLosses> {
         None
     }
 

@@ -47,6 +47,8 @@ pub use crate::run_types::{
 };
 pub use crate::signals::{install_ctrlc, stop_exit_code, stop_signal};
 
+mod steps;
+
 /// Train `task` as `settings` say, on the backend `be`, as one rank of a data-parallel run
 /// (`dist`; None = a single process). Returns when all epochs ran, early stopping
 /// triggered, `max_steps` was reached, or the stop flag was raised (then `interrupted`).
@@ -317,6 +319,13 @@ impl<'a, B: Backend, T: Task<B>> Trainer<'a, B, T> {
     /// The optimiser steps of the epoch in progress, from `state.batch_in_epoch` on.
     /// Returns the epoch's mean training loss (NaN without a step), or None when the run
     /// stopped inside it (`max_steps` reached, or the stop flag: then `interrupted`).
+    ///
+    /// A step's losses are read once the next step is queued ([`Trainer::queue_step`]), so
+    /// the device never waits for the host between steps; its NaN check, log line and
+    /// progress come then. Before anything that saves or uses the parameters (a periodic
+    /// checkpoint, the end of the epoch, `max_steps`, a stop) the losses of the step just
+    /// queued are read at once: a non-finite loss stops the run before that, and a
+    /// checkpoint holds the parameters after exactly the steps it counts.
     fn run_epoch(&mut self) -> Result<Option<f64>> {
         if self.parts > 1 {
             return self.run_epoch_parts();
@@ -324,26 +333,36 @@ impl<'a, B: Backend, T: Task<B>> Trainer<'a, B, T> {
         // The epoch seed the state (checkpoint) carries: epoch_seed(seed, epoch) for runs of this code.
         let mut pre = self.loader.epoch_from(self.state.epoch_seed, self.state.batch_in_epoch);
         let planned = pre.planned();
+        // The step queued last, its losses not read yet.
+        let mut queued = None;
         while self.state.batch_in_epoch < planned {
             if self.s.max_steps.is_some_and(|m| self.state.step >= m) {
+                self.read_losses(queued.take())?;
                 return Ok(None);
             }
             if self.stop_requested() {
+                self.read_losses(queued.take())?;
                 self.interrupted = true;
                 return Ok(None);
             }
             let batch = pre.next().context("batch loader stopped")??;
             debug_assert_eq!(batch.index, self.state.batch_in_epoch);
+            let step_before = self.state.step;
+            let this = if batch.batch < 2 {
+                self.state.batch_in_epoch += 1;
+                None
+            } else {
+                Some(self.queue_step(&batch, planned)?)
+            };
+            // The step before, now that this one is queued.
+            self.read_losses(queued.take())?;
             self.skipped_total += batch.skipped.len();
             for s in &batch.skipped {
-                self.log.write(json!({"kind": "skipped", "step": self.state.step, "clip": s.clip, "reason": s.reason}))?;
+                self.log.write(json!({"kind": "skipped", "step": step_before, "clip": s.clip, "reason": s.reason}))?;
             }
-            if batch.batch < 2 {
-                self.state.batch_in_epoch += 1;
-                continue;
-            }
-            self.step_single(&batch, planned)?;
+            queued = self.read_now_or_keep(this)?;
         }
+        self.read_losses(queued.take())?;
         Ok(Some(self.epoch_mean_loss()))
     }
 
@@ -359,52 +378,6 @@ impl<'a, B: Backend, T: Task<B>> Trainer<'a, B, T> {
     fn at(&self, part: usize) -> StepAt {
         let st = &self.state;
         StepAt { epoch: st.epoch, step: st.step, batch_in_epoch: st.batch_in_epoch, part, parts: self.parts }
-    }
-
-    /// One optimiser step on one batch (of an epoch of `planned` batches): the task's fused
-    /// step, or its gradients and then the groups' AdamW steps.
-    fn step_single(&mut self, batch: &Batch, planned: usize) -> Result<()> {
-        let lr = learning_rate(&self.s.optim, self.state.epoch, self.state.step, self.total_steps);
-        for o in &mut self.opt {
-            o.lr = lr;
-        }
-        let at = self.at(0);
-        self.task.set_dropout(&mut self.model, at, &self.state);
-        let losses = match self.task.fused_step(&mut self.model, batch, &mut self.opt) {
-            Some(l) => l,
-            None => {
-                let l = self.task.forward_backward(&mut self.model, batch)?;
-                if l.total.is_finite() {
-                    for ((_, p), o) in T::groups_mut(&mut self.model).into_iter().zip(&mut self.opt) {
-                        o.step(p);
-                    }
-                }
-                l
-            }
-        };
-        if !losses.total.is_finite() {
-            let where_ = format!("batch {}", self.state.batch_in_epoch);
-            return Err(self.nan_error(losses.total, &where_, &batch.clips.join(", ")));
-        }
-        self.after_step(lr, losses, batch.batch, planned)
-    }
-
-    /// The error (and log line) of a non-finite loss at the coming step.
-    fn nan_error(&mut self, loss: f32, where_: &str, clips: &str) -> anyhow::Error {
-        let state = &self.state;
-        let last_good = if self.latest.exists() { self.latest.display().to_string() } else { "none (no checkpoint written yet)".into() };
-        if let Err(e) =
-            self.log.write(json!({"kind": "error", "step": state.step, "loss": loss.to_string(), "where": where_, "clips": clips}))
-        {
-            return e;
-        }
-        self.pb.abandon();
-        anyhow::anyhow!(
-            "{}: loss is {loss} at step {} (epoch {}, {where_}); batch clips: {clips}; last good checkpoint: {last_good}",
-            self.s.name,
-            state.step + 1,
-            state.epoch,
-        )
     }
 
     /// The epoch's steps with several micro-batches each (accumulation and/or ranks); see
@@ -450,7 +423,9 @@ impl<'a, B: Backend, T: Task<B>> Trainer<'a, B, T> {
             }
             let at = self.at(b.part);
             self.task.set_dropout(&mut self.model, at, &self.state);
-            let l = self.task.forward_backward(&mut self.model, b)?;
+            // The part's gradients are summed and reduced across ranks with its losses
+            // in this step: read at once.
+            let l = self.task.forward_backward(&mut self.model, b)?.read();
             if !l.total.is_finite() && bad_here.is_none() {
                 bad_here = Some((b.part, l.total, b.clips.join(", ")));
             }
@@ -483,7 +458,7 @@ impl<'a, B: Backend, T: Task<B>> Trainer<'a, B, T> {
                     (format!("step {} of the epoch, on another rank", self.state.batch_in_epoch), "see that rank's message".to_string())
                 }
             };
-            return Err(self.nan_error(st.loss, &where_, &clips));
+            return Err(self.nan_error(st.loss, self.state.step, self.state.epoch, &where_, &clips));
         }
         let lr = learning_rate(&self.s.optim, self.state.epoch, self.state.step, self.total_steps);
         let inv = 1.0 / st.parts;
@@ -497,7 +472,7 @@ impl<'a, B: Backend, T: Task<B>> Trainer<'a, B, T> {
         }
         let n = st.parts;
         let losses = Losses { total: st.loss / n, terms: [st.terms[0] / n, st.terms[1] / n] };
-        self.after_step(lr, losses, st.samples as usize, planned)?;
+        self.parts_step_done(lr, losses, st.samples as usize, planned)?;
         Ok(stop)
     }
 
@@ -515,50 +490,6 @@ impl<'a, B: Backend, T: Task<B>> Trainer<'a, B, T> {
                 self.state.step + 1,
                 self.rank
             );
-        }
-        Ok(())
-    }
-
-    /// Counters, log line, progress and periodic checkpoint after an optimiser step of
-    /// `samples` samples.
-    fn after_step(&mut self, lr: f32, losses: Losses, samples: usize, planned: usize) -> Result<()> {
-        let state = &mut self.state;
-        state.step += 1;
-        state.batch_in_epoch += 1;
-        state.samples_seen += samples as u64;
-        state.epoch_loss_sum += losses.total as f64;
-        state.epoch_steps += 1;
-        let window = &mut self.window;
-        window.0 += losses.total as f64;
-        window.1 += 1;
-        window.3 += samples;
-        self.pb.set_position(state.step.min(self.total_steps));
-        if state.step.is_multiple_of(self.s.log_every.max(1)) || state.batch_in_epoch == planned {
-            let secs = window.2.elapsed().as_secs_f64().max(1e-9);
-            let sps = window.3 as f64 / secs;
-            self.pb.set_message(format!("loss {:.4} lr {:.1e} {:.1} samples/s", window.0 / window.1 as f64, lr, sps));
-            let mut line = json!({
-                "kind": "step", "step": state.step, "epoch": state.epoch, "lr": lr, "loss": losses.total,
-                "loss_avg": window.0 / window.1 as f64, "samples_per_s": sps, "elapsed_s": self.t0.elapsed().as_secs_f64(),
-            });
-            for (name, v) in T::LOSS_TERMS.iter().zip(losses.terms) {
-                line[*name] = v.into();
-            }
-            self.log.write(line)?;
-            *window = (0.0, 0, Instant::now(), 0);
-        }
-        // Without a terminal the bar draws nothing (logs of batch jobs): a plain line every
-        // few seconds instead.
-        if !self.opts.quiet && !self.tty && self.last_line.elapsed().as_secs_f64() >= demovlp_data::plain_progress_interval() {
-            let elapsed = self.t0.elapsed().as_secs_f64();
-            eprintln!(
-                "{}{}: step {}/{} (epoch {}), lr {:.2e}, loss {:.4}, {:.0}s",
-                self.prefix, self.s.name, state.step, self.total_steps, state.epoch, lr, losses.total, elapsed
-            );
-            self.last_line = Instant::now();
-        }
-        if self.s.checkpoint_every > 0 && state.step.is_multiple_of(self.s.checkpoint_every) {
-            self.save(&self.latest)?;
         }
         Ok(())
     }

@@ -7,7 +7,8 @@
 //! keep one pair's working set per block in a scratch bounded by their grid
 //! ([`crate::plan::pair_grid`] blocks × [`crate::plan::rwa_scratch_len`] values). Host↔device traffic per loss call:
 //! one read-back of the two loss scalars and the two `[B, B]` similarity matrices that
-//! [`LossOutputs`] carries; the gradients stay on the device.
+//! [`LossOutputs`] carries (none for [`Backend::losses_late`]: the scalars are copied into
+//! the caller's device buffer); the gradients stay on the device.
 
 use super::mem::{Raw, F};
 use super::{blocks, CudaBackend, T256};
@@ -169,13 +170,16 @@ impl CudaBackend {
         (Side { raw: lt, hat: th, norm: tn, mask: tm, count: nt, len: w }, Side { raw: lv, hat: vh, norm: vn, mask: vm, count: nv, len: n })
     }
 
-    /// [`Backend::losses`] on the device.
+    /// [`Backend::losses`] on the device; with `late`, [`Backend::losses_late`]: the two
+    /// scalars are copied into `late` on the device and nothing is read back (the returned
+    /// outputs are empty).
     pub(super) fn losses_on_device(
         &self,
         cfg: &LossConfig,
         x: &LossViews<'_, Self>,
         use_local: bool,
         grads: bool,
+        late: Option<&mut super::DevBuf>,
     ) -> (LossOutputs, Option<LossGradBufs<Self>>) {
         let d = x.dims;
         let (b, w, n, p) = (d.batch, d.words, d.regions, d.dim);
@@ -245,6 +249,12 @@ impl CudaBackend {
             }
         }
 
+        if let Some(scalars) = late {
+            drop(guard);
+            self.fit(scalars, 2);
+            self.inner.dtod(scalars.ptr, rb, 2 * F as usize);
+            return (LossOutputs::default(), out_grads);
+        }
         // One read-back: the losses and both similarity matrices.
         let mut host = vec![0f32; 2 + 2 * bb];
         self.inner.download(&mut host, rb);

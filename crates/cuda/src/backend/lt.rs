@@ -4,15 +4,32 @@
 //! same-shaped batches allocates nothing), a 32 MiB workspace. A shape cuBLASLt has no
 //! algorithm for goes through plain cuBLAS instead (`setup.rs`), as does everything when
 //! libcublasLt is missing or `DEMOVLP_CUDA_GEMM=cublas` is set.
+//!
+//! Epilogues ([`Epilogue`]): the bias added by the GEMM (`CUBLASLT_EPILOGUE_BIAS`) and the
+//! bias gradient reduced by it (`CUBLASLT_EPILOGUE_BGRADB`), each a plan of its own; a
+//! shape with no epilogue algorithm is remembered and its callers run the unfused kernels.
+//! cuBLASLt's GELU epilogues compute the tanh approximation of GELU; the model's GELU is
+//! the exact (erf) one, so they are not used.
 
 use super::mem::ck;
 use cudarc::cublaslt::{result as lt, sys};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::c_void;
 use std::sync::Mutex;
 
 /// Workspace handed to cuBLASLt's algorithms.
 pub(super) const WORKSPACE_BYTES: usize = 32 << 20;
+
+/// A cuBLASLt epilogue fused into a GEMM `D = op(A)·op(B) (+ beta·C)`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub(super) enum Epilogue {
+    #[default]
+    None,
+    /// `+ bias`: one value per row of D (column-major), broadcast over its columns.
+    Bias,
+    /// Also writes the bias gradient: the sums of op(B) over k, one per column of D.
+    BgradB,
+}
 
 /// What a plan is keyed by: the whole problem description.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -30,6 +47,7 @@ pub(super) struct Key {
     /// Byte alignments of A, B and C (cuBLASLt's heuristic assumes 256 unless told: a view
     /// into the middle of a buffer, e.g. the k block of fused qkv rows, is less aligned).
     pub align: [u32; 3],
+    pub epilogue: Epilogue,
 }
 
 /// The largest power of two (≤ 256) dividing a device address: what the plan's algorithm
@@ -51,6 +69,8 @@ pub(super) struct Lt {
     workspace: u64,
     /// `None`: cuBLASLt has no algorithm for that shape (plain cuBLAS runs it).
     plans: Mutex<HashMap<Key, Option<Plan>>>,
+    /// Epilogue problems (alignments left out) cuBLASLt had no algorithm for.
+    no_epilogue: Mutex<HashSet<Key>>,
 }
 
 // SAFETY: cuBLASLt handles and descriptors may be used from any thread; calls are serialised
@@ -62,7 +82,7 @@ impl Lt {
     /// A handle and its workspace (`workspace` is device memory of [`WORKSPACE_BYTES`]).
     pub(super) fn new(workspace: u64) -> Result<Self, String> {
         let handle = lt::create_handle().map_err(|e| format!("cublasLtCreate: {e:?}"))?;
-        Ok(Lt { handle, workspace, plans: Mutex::default() })
+        Ok(Lt { handle, workspace, plans: Mutex::default(), no_epilogue: Mutex::default() })
     }
 
     fn plan(&self, key: &Key) -> Result<Plan, String> {
@@ -83,6 +103,21 @@ impl Lt {
             ] {
                 lt::set_matmul_desc_attribute(desc, attr, v as *const i32 as *const c_void, 4)
                     .map_err(|e| format!("cublasLtMatmulDescSetAttribute: {e:?}"))?;
+            }
+            let epilogue = match key.epilogue {
+                Epilogue::None => None,
+                Epilogue::Bias => Some(sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS),
+                Epilogue::BgradB => Some(sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BGRADB),
+            };
+            if let Some(e) = epilogue {
+                let v = e as u32;
+                lt::set_matmul_desc_attribute(
+                    desc,
+                    sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE,
+                    &v as *const u32 as *const c_void,
+                    4,
+                )
+                .map_err(|e| format!("cublasLtMatmulDescSetAttribute (epilogue): {e:?}"))?;
             }
             let layout = |t, r: usize, c: usize, ld: usize| {
                 lt::create_matrix_layout(t, r as u64, c as u64, ld as i64).map_err(|e| format!("cublasLtMatrixLayoutCreate: {e:?}"))
@@ -127,16 +162,42 @@ impl Lt {
         }
     }
 
-    /// `C = op(A)·op(B) + beta·C` (column-major, in place in C) if cuBLASLt has an
-    /// algorithm for the shape; `false` when it has none (the caller runs plain cuBLAS).
+    /// Whether an epilogue problem (`key`, alignments aside) is known to have no algorithm.
+    pub(super) fn epilogue_unsupported(&self, key: &Key) -> bool {
+        crate::lock(&self.no_epilogue).contains(&Key { align: [0; 3], ..*key })
+    }
+
+    /// `C = op(A)·op(B) + beta·C` (column-major, in place in C), with `key.epilogue` (its
+    /// bias or bias-gradient vector at `bias`), if cuBLASLt has an algorithm for the shape;
+    /// `false` when it has none (the caller runs plain cuBLAS, or the unfused kernels).
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn matmul(&self, key: Key, a: u64, b: u64, beta: f32, c: u64, stream: sys::cudaStream_t) -> bool {
+    pub(super) fn matmul(&self, key: Key, a: u64, b: u64, beta: f32, c: u64, bias: u64, stream: sys::cudaStream_t) -> bool {
         let key = Key { align: [alignment(a), alignment(b), alignment(c)], ..key };
         let mut plans = crate::lock(&self.plans);
-        let entry = plans
-            .entry(key)
-            .or_insert_with(|| self.plan(&key).map_err(|e| eprintln!("CUDA backend: {e}; this shape runs on plain cuBLAS")).ok());
-        let Some(p) = entry.as_ref() else { return false };
+        let entry = plans.entry(key).or_insert_with(|| {
+            let what = if key.epilogue == Epilogue::None { "this shape runs on plain cuBLAS" } else { "the unfused kernels run instead" };
+            self.plan(&key).map_err(|e| eprintln!("CUDA backend: {e}; {what}")).ok()
+        });
+        let Some(p) = entry.as_ref() else {
+            if key.epilogue != Epilogue::None {
+                crate::lock(&self.no_epilogue).insert(Key { align: [0; 3], ..key });
+            }
+            return false;
+        };
+        if key.epilogue != Epilogue::None {
+            // SAFETY: a live descriptor (used under the plans' lock); the value is a device address.
+            ck(
+                unsafe {
+                    lt::set_matmul_desc_attribute(
+                        p.desc,
+                        sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                        &bias as *const u64 as *const c_void,
+                        8,
+                    )
+                },
+                "cublasLtMatmulDescSetAttribute (bias pointer)",
+            );
+        }
         let alpha = 1.0f32;
         // SAFETY: the plan's layouts describe these matrices (the trait's conventions); C is
         // read and written in place with the same layout, as cuBLASLt allows.

@@ -7,7 +7,7 @@ use cudarc::driver::{result as drv, sys};
 use std::ffi::c_void;
 use std::fmt;
 use std::marker::PhantomData;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 pub(super) const F: u64 = 4; // bytes per f32
@@ -58,6 +58,13 @@ pub(super) struct Inner {
     /// The losses' and evaluation scores' scratch (its own lock: they call `gemm`, which
     /// takes `scratch`'s).
     pub(super) losses: Mutex<super::losses::LossScratch>,
+    /// Batch uploads on the copy stream and late reads (pinned memory, events).
+    pub(super) transfers: Mutex<super::transfer::Transfers>,
+    /// Linear layers' bias and bias gradient fused into their GEMMs as cuBLASLt epilogues
+    /// (on by default in the bf16 mode, off in the fp32 parity mode; see `CudaBackend::set_epilogues`).
+    pub(super) epilogues: AtomicBool,
+    /// GEMMs run with an epilogue so far.
+    pub(super) epilogue_gemms: AtomicU64,
 }
 
 // SAFETY: the context, stream, handle and functions are driver objects usable from any

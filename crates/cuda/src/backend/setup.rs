@@ -11,7 +11,7 @@ use demovlp_kernels::attention::{AttnShape, KeyPattern};
 use demovlp_model::backend::Backend;
 use std::collections::HashMap;
 use std::ffi::{c_void, CString};
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex};
 
 impl CudaBackend {
@@ -125,8 +125,31 @@ impl CudaBackend {
             jumps,
             scratch: Mutex::default(),
             losses: Mutex::default(),
+            transfers: Mutex::default(),
+            // Epilogues may pick other algorithms (another summation order) than the plain
+            // GEMM: the fp32 parity mode keeps the unfused kernels unless asked.
+            epilogues: AtomicBool::new(precision == Precision::Bf16 && std::env::var("DEMOVLP_CUDA_EPILOGUES").map_or(true, |v| v != "0")),
+            epilogue_gemms: AtomicU64::new(0),
         };
         Ok(CudaBackend { inner: Arc::new(inner) })
+    }
+
+    /// Fuse linear layers' bias (forward) and bias gradient (backward, when overwritten)
+    /// into their GEMMs as cuBLASLt epilogues where it has an algorithm for them (else the
+    /// unfused kernels run). Default: on in the bf16 mode (`DEMOVLP_CUDA_EPILOGUES=0` turns
+    /// it off), off in fp32. For every clone of this backend.
+    pub fn set_epilogues(&self, on: bool) {
+        self.inner.epilogues.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether epilogues are used ([`CudaBackend::set_epilogues`]).
+    pub fn epilogues(&self) -> bool {
+        self.inner.epilogues.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// GEMMs that ran with a cuBLASLt epilogue so far.
+    pub fn epilogue_gemms(&self) -> u64 {
+        self.inner.epilogue_gemms.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn info(&self) -> &DeviceInfo {
@@ -239,28 +262,58 @@ impl CudaBackend {
         c: u64,
         ldc: usize,
     ) {
-        if m == 0 || n == 0 {
-            return;
+        self.gemm_with(precision, a_weight, ta, tb, m, n, k, a, lda, b, ldb, beta, c, ldc, None);
+    }
+
+    /// [`Self::gemm_in`] with a cuBLASLt epilogue (its vector at the address given): runs
+    /// only when cuBLASLt has an algorithm for it, else returns `false` having done nothing
+    /// the caller must undo (it then runs the GEMM and the epilogue's kernel unfused).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn gemm_epilogue(
+        &self,
+        precision: Precision,
+        a_weight: bool,
+        ta: bool,
+        tb: bool,
+        (m, n, k): (usize, usize, usize),
+        a: u64,
+        lda: usize,
+        b: u64,
+        ldb: usize,
+        beta: f32,
+        c: u64,
+        ldc: usize,
+        epilogue: (super::lt::Epilogue, u64),
+    ) -> bool {
+        let ok = self.gemm_with(precision, a_weight, ta, tb, m, n, k, a, lda, b, ldb, beta, c, ldc, Some(epilogue));
+        if ok {
+            self.inner.epilogue_gemms.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
-        let inner = &self.inner;
-        let op = |t: bool| if t { bsys::cublasOperation_t::CUBLAS_OP_T } else { bsys::cublasOperation_t::CUBLAS_OP_N };
-        let alpha = 1.0f32;
-        if k == 0 {
-            // C = beta·C: only the zeroing case occurs (beta 0 or 1).
-            if beta == 0.0 {
-                for col in 0..n {
-                    inner.zero(c + (col * ldc) as u64 * F, m);
-                }
-            }
-            return;
-        }
-        let Some(handle) = inner.blas else {
-            // No cuBLAS: our tiled kernel (fp32 only; `open` refuses bf16 without cuBLAS).
-            let grid = (m.div_ceil(16) as u32, n.div_ceil(16) as u32, 1);
-            launch!(self, "sgemm_tiled", grid, (16, 16, 1), 0;
-                ta as i32, tb as i32, m as i32, n as i32, k as i32, a, lda as i64, b, ldb as i64, beta, c, ldc as i64);
-            return;
-        };
+        ok
+    }
+
+    /// The GEMM, with `epilogue` through cuBLASLt only (`false`: not run, see
+    /// [`Self::gemm_epilogue`]); without one it always runs (`true`).
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_with(
+        &self,
+        precision: Precision,
+        a_weight: bool,
+        ta: bool,
+        tb: bool,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: u64,
+        lda: usize,
+        b: u64,
+        ldb: usize,
+        beta: f32,
+        c: u64,
+        ldc: usize,
+        epilogue: Option<(super::lt::Epilogue, u64)>,
+    ) -> bool {
+        let (epi, bias) = epilogue.unwrap_or_default();
         let key = |bf16: bool, lda: usize, ldb: usize| super::lt::Key {
             bf16,
             ta,
@@ -273,11 +326,46 @@ impl CudaBackend {
             ldc,
             accumulate: beta != 0.0,
             align: [0; 3],
+            epilogue: epi,
+        };
+        if epilogue.is_some() {
+            // cuBLASLt only, for a problem it was not found wanting for (and a bias vector
+            // aligned as its algorithms may assume).
+            let usable = m > 0 && n > 0 && k > 0 && super::lt::alignment(bias) >= 16;
+            let Some(lt) = self.inner.lt.as_ref().filter(|_| usable && self.inner.blas.is_some()) else { return false };
+            let (ai, bi) = (if ta { k } else { m }, if tb { n } else { k });
+            let probe = if precision == Precision::Bf16 { key(true, ai, bi) } else { key(false, lda, ldb) };
+            if lt.epilogue_unsupported(&probe) {
+                return false;
+            }
+        }
+        if m == 0 || n == 0 {
+            return true;
+        }
+        let inner = &self.inner;
+        let op = |t: bool| if t { bsys::cublasOperation_t::CUBLAS_OP_T } else { bsys::cublasOperation_t::CUBLAS_OP_N };
+        let alpha = 1.0f32;
+        if k == 0 {
+            // C = beta·C: only the zeroing case occurs (beta 0 or 1).
+            if beta == 0.0 {
+                for col in 0..n {
+                    inner.zero(c + (col * ldc) as u64 * F, m);
+                }
+            }
+            return true;
+        }
+        let Some(handle) = inner.blas else {
+            // No cuBLAS: our tiled kernel (fp32 only; `open` refuses bf16 without cuBLAS).
+            let grid = (m.div_ceil(16) as u32, n.div_ceil(16) as u32, 1);
+            launch!(self, "sgemm_tiled", grid, (16, 16, 1), 0;
+                ta as i32, tb as i32, m as i32, n as i32, k as i32, a, lda as i64, b, ldb as i64, beta, c, ldc as i64);
+            return true;
         };
         let lt_stream = inner.stream as cudarc::cublaslt::sys::cudaStream_t;
         let _check = GemmCheckpoint { inner, shape: (m, n, k), precision };
         match precision {
-            Precision::Fp32 if inner.lt.as_ref().is_some_and(|lt| lt.matmul(key(false, lda, ldb), a, b, beta, c, lt_stream)) => {}
+            Precision::Fp32 if inner.lt.as_ref().is_some_and(|lt| lt.matmul(key(false, lda, ldb), a, b, beta, c, bias, lt_stream)) => {}
+            Precision::Fp32 if epilogue.is_some() => return false,
             Precision::Fp32 => {
                 // SAFETY: the matrices lie in live device memory of the sizes the leading
                 // dimensions say (the trait's conventions).
@@ -318,8 +406,12 @@ impl CudaBackend {
                 };
                 let b16 = inner.grow(&mut s.b16, bi * bo * 2);
                 launch!(self, "to_bf16", blocks(bi * bo), T256, 0; b, ldb as i64, b16, bo as i64, bi as i64);
-                if inner.lt.as_ref().is_some_and(|lt| lt.matmul(key(true, ai, bi), a16, b16, beta, c, lt_stream)) {
-                    return;
+                if inner.lt.as_ref().is_some_and(|lt| lt.matmul(key(true, ai, bi), a16, b16, beta, c, bias, lt_stream)) {
+                    return true;
+                }
+                if epilogue.is_some() {
+                    // Not fused after all (an alignment of the bf16 copies no algorithm takes).
+                    return false;
                 }
                 // SAFETY: as above, the bf16 copies packed with leading dimensions ai, bi.
                 ck(
@@ -350,6 +442,7 @@ impl CudaBackend {
                 );
             }
         }
+        true
     }
 
     /// `acc[c] += Σ_r x[r, c]` over `rows × m`: the two-pass deterministic reduction of

@@ -192,5 +192,36 @@ pub fn kernel_cases<'a, B: Backend>(be: &'a B, tol: f32) -> Vec<Case<'a>> {
     cases
 }
 
+/// The published-shape linear case whose GEMMs a device may fuse with epilogues.
+pub const EPILOGUE_SHAPE: &str = "linear forward + backward (241 x 768 -> 3072, bias)";
+
+/// The published-shape linear layer ([`EPILOGUE_SHAPE`]) run twice, with the GEMM
+/// epilogues on and off, each against the CPU at the shape case's tolerance (scaled as in
+/// [`kernel_cases`]). `mode(Some(on))` sets them on the device (CUDA: the bias and the
+/// bias gradient fused into cuBLASLt GEMMs), `mode(None)` restores its default; both
+/// return the number of GEMMs the device has run with an epilogue so far (the verdict
+/// says how many ran in the case: 0 where the device has none, or no algorithm for them).
+pub fn epilogue_cases<'a, B: Backend>(be: &'a B, tol: f32, mode: &'a (dyn Fn(Option<bool>) -> u64 + 'a)) -> Vec<Case<'a>> {
+    let s = shapes::CASES.iter().find(|s| s.name == EPILOGUE_SHAPE).expect("the linear shape case");
+    [true, false]
+        .into_iter()
+        .map(|on| {
+            let name = format!("shape: {}, GEMM epilogues {}", s.name, if on { "fused" } else { "unfused" });
+            Case::new(name.clone(), move || {
+                let before = mode(Some(on));
+                let got = std::panic::catch_unwind(AssertUnwindSafe(|| shapes::run(be, s.name)));
+                let fused = mode(None) - before;
+                let got = got.unwrap_or_else(|e| std::panic::resume_unwind(e));
+                let want = shapes::run(&demovlp_model::backend::Cpu, s.name);
+                let t = if tol == 0.0 { 0.0 } else { s.tol * (tol / 1e-4).max(1.0) };
+                let mut v = Verdict::compared(&name, &got, &want, t);
+                let note = format!("{fused} GEMMs ran with an epilogue");
+                v.detail = if v.detail.is_empty() { note } else { format!("{}; {note}", v.detail) };
+                v
+            })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests;

@@ -113,3 +113,26 @@ fn every_shape_case_runs_on_the_cpu_deterministically() {
         assert!(a.iter().all(|(_, v)| !v.is_empty() && v.iter().all(|x| x.is_finite())), "{}", s.name);
     }
 }
+
+#[test]
+fn the_epilogue_cases_set_the_mode_around_the_run_and_count_fused_gemms() {
+    // On the CPU both variants are the CPU's own outputs; the mode callback is called on
+    // and back, and the verdict reports the GEMMs it says ran fused.
+    let calls = std::sync::Mutex::new(Vec::new());
+    let mode = |m: Option<bool>| {
+        let mut c = calls.lock().unwrap();
+        c.push(m);
+        if m.is_none() && c.len() == 2 {
+            2 // the fused run: two GEMMs with an epilogue
+        } else {
+            0
+        }
+    };
+    let cases = super::epilogue_cases(&Cpu, 1e-4, &mode);
+    assert_eq!(cases.len(), 2);
+    assert!(cases[0].name.ends_with("GEMM epilogues fused") && cases[1].name.ends_with("GEMM epilogues unfused"));
+    let verdicts = run_cases(cases, &|| Ok(()), &mut |_| {});
+    assert!(verdicts.iter().all(|v| v.ok()), "{verdicts:?}");
+    assert_eq!(*calls.lock().unwrap(), [Some(true), None, Some(false), None]);
+    assert!(verdicts[0].detail.contains("2 GEMMs ran with an epilogue") && verdicts[1].detail.contains("0 GEMMs"), "{verdicts:?}");
+}

@@ -16,9 +16,13 @@
 //!   (resize keeping the allocation: the arenas rely on a steady stream of same-shaped
 //!   batches allocating nothing), fills and copies, including the strided 2-D copy
 //!   [`Backend::copy_2d`] that gathers embeddings for the losses and scatters their gradients.
-//! - **Host transfers, at batch boundaries only.** [`Backend::input`] (a batch's region
-//!   features: zero-copy on the CPU, one upload on a device; [`Backend::input_again`] for the
-//!   same values later in the step), [`Backend::write_host`] (masks,
+//! - **Host transfers, at batch boundaries only.** [`Backend::input`] (a host input:
+//!   zero-copy on the CPU, one upload on a device; [`Backend::input_again`] for the same
+//!   values later in the step), [`Backend::input_batch`] (a batch's region features, into
+//!   the buffers of a [`StagingPair`] in turn, so that a device may upload them while the
+//!   previous batch computes), [`Backend::read_late`] (a read-back waited for only when the
+//!   values are needed: a step's losses, kept on the device by [`Backend::losses_late`] /
+//!   [`Backend::cross_entropy_late`], read after the next step is queued), [`Backend::write_host`] (masks,
 //!   initial weights: the closure fills host memory that then lands in the buffer),
 //!   [`Backend::to_host`] / [`Backend::read_host`] (embeddings, checkpoints). Token ids and dropout
 //!   generators stay on the host and are passed as host values: a device backend uploads
@@ -54,8 +58,9 @@
 //! similarity matrices ([`LossOutputs`]), evaluation embeddings (read back once per batch),
 //! and weights I/O ([`crate::io`] reads and writes `Params<Cpu>`; [`crate::Params::to_backend`]
 //! moves them). A batch's region features go up once per training step: the forward pass
-//! stages them with [`Backend::input`], the backward pass reuses them with
-//! [`Backend::input_again`].
+//! stages them with [`Backend::input_batch`], the backward pass reuses them with
+//! [`Backend::input_batch_again`]. A training step reads nothing back: its losses stay on
+//! the device until the loop reads them, one step later ([`Backend::read_late`]).
 //!
 //! [`sim::SimDevice`] is a simulated device for tests: host memory reachable only through
 //! the transfer methods, NaN wherever a GPU's memory would be unspecified, the CPU's
@@ -80,8 +85,10 @@ mod cpu;
 pub mod host;
 pub mod kernels_check;
 pub mod sim;
+mod transfer;
 
 pub use cpu::Cpu;
+pub use transfer::{LateRead, StagingPair};
 
 use demovlp_kernels::attention::AttnShape;
 pub use demovlp_kernels::linear::Grads;
@@ -182,6 +189,18 @@ pub trait Backend: Clone + Debug + Default + Send + Sync + 'static {
     fn input_again<'a>(&self, host: &'a [f32], staging: &'a mut Self::Buf) -> Self::View<'a> {
         self.input(host, staging)
     }
+    /// A batch's host input (its region features) staged into the next buffer of `pair`
+    /// (the one the previous batch did not use), as [`Backend::input`]: a device may upload
+    /// it while the previous batch's work still runs (CUDA: from pinned host memory, on a
+    /// copy stream the compute stream waits for). The default is [`Backend::input`] into
+    /// that buffer.
+    fn input_batch<'a>(&self, host: &'a [f32], pair: &'a mut StagingPair<Self>) -> Self::View<'a> {
+        self.input(host, pair.advance().0)
+    }
+    /// [`Backend::input_again`] of the batch [`Backend::input_batch`] staged last.
+    fn input_batch_again<'a>(&self, host: &'a [f32], pair: &'a mut StagingPair<Self>) -> Self::View<'a> {
+        self.input_again(host, pair.split().0)
+    }
     /// Fits `b` to `n` values and lets `f` write them on the host (in place on the CPU).
     fn write_host(&self, b: &mut Self::Buf, n: usize, f: impl FnOnce(&mut [f32]));
     /// Lets `f` modify elements `r` of `b` on the host (in place on the CPU).
@@ -190,6 +209,13 @@ pub trait Backend: Clone + Debug + Default + Send + Sync + 'static {
     fn to_host(&self, v: Self::View<'_>) -> Vec<f32>;
     /// Lets `f` read a view's values on the host (no copy on the CPU).
     fn read_host<R>(&self, v: Self::View<'_>, f: impl FnOnce(&[f32]) -> R) -> R;
+    /// Queues a read-back of `v`: the values it holds once the work queued so far has run,
+    /// returned by [`LateRead::wait`] when the host needs them (a device synchronises only
+    /// then). A training step's loss scalars are read so, after the next step was queued.
+    /// The default reads at once.
+    fn read_late(&self, v: Self::View<'_>) -> LateRead {
+        LateRead::ready(self.to_host(v))
+    }
 
     // ---- dense layers --------------------------------------------------------------------
 
@@ -414,6 +440,13 @@ pub trait Backend: Clone + Debug + Default + Send + Sync + 'static {
     /// Mean cross-entropy of `logits [labels.len(), answers]` (returned to the host) and
     /// d(loss)/d(logits) in `d` (fitted). Labels are host values.
     fn cross_entropy(&self, logits: Self::View<'_>, labels: &[usize], answers: usize, d: &mut Self::Buf) -> f32;
+    /// [`Backend::cross_entropy`] leaving the loss on the device, in `loss` (fitted to 1
+    /// value), for [`Backend::read_late`]: nothing is read back. The default reads it and
+    /// writes it there.
+    fn cross_entropy_late(&self, logits: Self::View<'_>, labels: &[usize], answers: usize, d: &mut Self::Buf, loss: &mut Self::Buf) {
+        let l = self.cross_entropy(logits, labels, answers, d);
+        self.write_host(loss, 1, |h| h[0] = l);
+    }
 
     // ---- losses --------------------------------------------------------------------------
 
@@ -434,6 +467,21 @@ pub trait Backend: Clone + Debug + Default + Send + Sync + 'static {
             *dst = g;
         }
         out
+    }
+    /// [`Backend::losses_into`] leaving the two loss scalars on the device, in `scalars`
+    /// (fitted to 2: `[loss_global, loss_local]`, the latter 0 without `use_local`; the total
+    /// is their sum, as [`LossOutputs::loss_total`]), for [`Backend::read_late`]: nothing is
+    /// read back (no similarity matrices either). The default reads them and writes them there.
+    fn losses_late(
+        &self,
+        cfg: &LossConfig,
+        x: &LossViews<'_, Self>,
+        use_local: bool,
+        grads: Option<&mut LossGradBufs<Self>>,
+        scalars: &mut Self::Buf,
+    ) {
+        let out = self.losses_into(cfg, x, use_local, grads);
+        self.write_host(scalars, 2, |h| h.copy_from_slice(&[out.loss_global, out.loss_local]));
     }
 
     /// Evaluation scores `[T, V]` (rows = texts) of embeddings held on the host, with

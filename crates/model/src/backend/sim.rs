@@ -20,13 +20,16 @@
 //!   arguments a kernel must upload: token ids and table rows at 8 bytes each (`i64` /
 //!   `usize`), cross-entropy labels at 8 bytes each), bytes device→host (`to_host`,
 //!   `read_host`, `modify_host`'s read, the losses' scalars and similarity matrices, the
-//!   cross-entropy's loss), synchronisations (one per device→host read), allocations
+//!   cross-entropy's loss; a [`Backend::read_late`] when it is waited for, not when queued:
+//!   the `_late` losses and cross-entropy leave their scalars on the device),
+//!   synchronisations (one per device→host read; [`SimDevice::late_reads`] says when each
+//!   late read was queued and waited for, in kernel launches), allocations
 //!   ([`Backend::zeros`], a [`Backend::fit`] beyond the allocation, a buffer's `clone`; never
 //!   for zero values), and kernel launches (one per kernel method, `fill_zero`, `copy` and
 //!   `copy_2d` included). Dropout masks are drawn on the device from the generator's state
 //!   (kernel arguments), so they move no bytes.
 
-use super::{Backend, Cpu, Grads, LossGradBufs, LossViews, TokenDims};
+use super::{Backend, Cpu, Grads, LateRead, LossGradBufs, LossViews, TokenDims};
 use crate::adamw::StepCoeffs;
 use demovlp_kernels::attention::AttnShape;
 use demovlp_kernels::{dropout, Rng};
@@ -34,7 +37,7 @@ use demovlp_retrieval::{EmbeddingSet, EvalOptions, LossConfig, LossOutputs};
 use std::fmt;
 use std::ops::{Range, Sub};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 const CPU: Cpu = Cpu;
 const F32: u64 = 4;
@@ -76,6 +79,8 @@ struct Stats {
     allocs: AtomicU64,
     launches: AtomicU64,
     score_runs: AtomicU64,
+    /// Each late read waited for: the launch count when it was queued and when it was waited for.
+    late: Mutex<Vec<(u64, u64)>>,
 }
 
 impl Stats {
@@ -163,12 +168,21 @@ impl SimDevice {
         }
     }
 
-    /// Sets every counter to zero.
+    /// Sets every counter to zero (and forgets the late reads).
     pub fn reset(&self) {
         let s = &self.stats;
         for c in [&s.h2d, &s.d2h, &s.syncs, &s.allocs, &s.launches, &s.score_runs] {
             c.store(0, Relaxed);
         }
+        s.late.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
+    /// The late reads ([`Backend::read_late`]) waited for so far, in order: the launch count
+    /// when each was queued and when it was waited for. Kernels launched in between are work
+    /// the device had queued while the host waited (a step's losses read after the next
+    /// step was queued: the difference is that step's launches).
+    pub fn late_reads(&self) -> Vec<(u64, u64)> {
+        self.stats.late.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     fn launch(&self) {
@@ -290,6 +304,18 @@ impl Backend for SimDevice {
     }
     fn read_host<R>(&self, v: SimView<'_>, f: impl FnOnce(&[f32]) -> R) -> R {
         f(&self.to_host(v))
+    }
+    fn read_late(&self, v: SimView<'_>) -> LateRead {
+        // The copy is queued now (the values as they are now); the host waits when it reads.
+        let values = v.0.to_vec();
+        let (stats, queued) = (self.stats.clone(), self.stats.launches.load(Relaxed));
+        LateRead::pending(move || {
+            stats.d2h.fetch_add(F32 * values.len() as u64, Relaxed);
+            stats.syncs.fetch_add(1, Relaxed);
+            let waited = stats.launches.load(Relaxed);
+            stats.late.lock().unwrap_or_else(|e| e.into_inner()).push((queued, waited));
+            values
+        })
     }
 
     fn linear_forward(
@@ -621,13 +647,7 @@ impl Backend for SimDevice {
         CPU.weighted_sum_backward(w.0, o.0, dout.0, dw.0, d_o.0, batch, n, dim);
     }
     fn cross_entropy(&self, logits: SimView<'_>, labels: &[usize], answers: usize, d: &mut SimBuf) -> f32 {
-        self.launch();
-        self.upload(INDEX * labels.len() as u64);
-        let n = labels.len() * answers;
-        self.fit(d, n);
-        let out = &mut d.mem[..n];
-        poison(out);
-        let loss = super::host::cross_entropy(logits.0, labels, answers, out);
+        let loss = self.cross_entropy_on_device(logits, labels, answers, d);
         self.download(F32);
         loss
     }
@@ -648,6 +668,12 @@ impl Backend for SimDevice {
         self.download(F32 * scores.len() as u64);
         Ok(scores)
     }
+    fn cross_entropy_late(&self, logits: SimView<'_>, labels: &[usize], answers: usize, d: &mut SimBuf, loss: &mut SimBuf) {
+        let l = self.cross_entropy_on_device(logits, labels, answers, d);
+        self.fit(loss, 1);
+        loss.mem[0] = l;
+    }
+
     fn losses(&self, cfg: &LossConfig, x: &LossViews<'_, Self>, use_local: bool, grads: bool) -> (LossOutputs, Option<LossGradBufs<Self>>) {
         // New buffers: the fits in `losses_into` allocate them.
         let mut g = grads.then(LossGradBufs::default);
@@ -661,21 +687,22 @@ impl Backend for SimDevice {
         use_local: bool,
         grads: Option<&mut LossGradBufs<Self>>,
     ) -> LossOutputs {
-        self.launch();
-        let (out, g) = CPU.losses(cfg, &cpu_views(x), use_local, grads.is_some());
+        let out = self.losses_on_device(cfg, x, use_local, grads);
         self.download_loss_outputs(&out);
-        if let (Some(dst), Some(g)) = (grads, g) {
-            for (dst, src) in [
-                (&mut dst.global_text, g.global_text),
-                (&mut dst.global_video, g.global_video),
-                (&mut dst.local_text, g.local_text),
-                (&mut dst.local_video, g.local_video),
-            ] {
-                self.fit(dst, src.len());
-                dst.mem[..src.len()].copy_from_slice(&src);
-            }
-        }
         out
+    }
+
+    fn losses_late(
+        &self,
+        cfg: &LossConfig,
+        x: &LossViews<'_, Self>,
+        use_local: bool,
+        grads: Option<&mut LossGradBufs<Self>>,
+        scalars: &mut SimBuf,
+    ) {
+        let out = self.losses_on_device(cfg, x, use_local, grads);
+        self.fit(scalars, 2);
+        scalars.mem[..2].copy_from_slice(&[out.loss_global, out.loss_local]);
     }
 
     fn adamw_update(&self, c: &StepCoeffs, p: SimViewMut<'_>, g: SimView<'_>, m: SimViewMut<'_>, v: SimViewMut<'_>) {
@@ -699,6 +726,43 @@ impl Backend for SimDevice {
 }
 
 impl SimDevice {
+    /// The cross-entropy computed on the device (one launch, the labels uploaded), its
+    /// gradient in `d`; the loss is returned but not counted as read back.
+    fn cross_entropy_on_device(&self, logits: SimView<'_>, labels: &[usize], answers: usize, d: &mut SimBuf) -> f32 {
+        self.launch();
+        self.upload(INDEX * labels.len() as u64);
+        let n = labels.len() * answers;
+        self.fit(d, n);
+        let out = &mut d.mem[..n];
+        poison(out);
+        super::host::cross_entropy(logits.0, labels, answers, out)
+    }
+
+    /// The losses computed on the device (one launch), their gradients landing in `grads`;
+    /// the host outputs are returned but not counted as read back.
+    fn losses_on_device(
+        &self,
+        cfg: &LossConfig,
+        x: &LossViews<'_, Self>,
+        use_local: bool,
+        grads: Option<&mut LossGradBufs<Self>>,
+    ) -> LossOutputs {
+        self.launch();
+        let (out, g) = CPU.losses(cfg, &cpu_views(x), use_local, grads.is_some());
+        if let (Some(dst), Some(g)) = (grads, g) {
+            for (dst, src) in [
+                (&mut dst.global_text, g.global_text),
+                (&mut dst.global_video, g.global_video),
+                (&mut dst.local_text, g.local_text),
+                (&mut dst.local_video, g.local_video),
+            ] {
+                self.fit(dst, src.len());
+                dst.mem[..src.len()].copy_from_slice(&src);
+            }
+        }
+        out
+    }
+
     /// The losses' host outputs read back at once: three scalars and the similarity matrices.
     fn download_loss_outputs(&self, out: &LossOutputs) {
         let values = 3 + out.global_sim_text_video.len() + out.local_sim_video_text.len();

@@ -41,7 +41,7 @@ impl<B: Backend> Model<B> {
     /// 32 clips × 241 tokens, ~1.4 GB less); no backward pass may follow it.
     pub fn embed_video_inference(&mut self, object: &[f32], object_mask: &[f32], b: usize, f: usize, r: usize) -> VideoEmbeddings {
         let be = &self.backend;
-        let object = be.input(object, &mut self.staging.object);
+        let object = be.input_batch(object, &mut self.staging.object);
         let input = VideoInput { object, mask: object_mask, shape: VideoShape { batch: b, frames: f, regions: r } };
         self.video.forward_inference(be, B::view(&self.params.data), &mut self.arena.video, input);
         self.video_embeddings(b, f, r)
