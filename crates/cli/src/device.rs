@@ -114,9 +114,8 @@ pub fn run_model(d: &DeviceArgs, model: Model, job: impl OnModel) -> Result<()> 
         #[cfg(feature = "cuda")]
         Device::Cuda(n) => {
             let be = open(n, d.precision)?;
-            let params = model.params.to_backend(&demovlp_model::Cpu, &be);
             let name = format!("cuda:{n} {} ({:?}, GEMMs by {})", be.info().name, d.precision, be.gemm_library());
-            job.run(Model::from_params_on(be, model.config.clone(), params), &name)
+            job.run(model.on_backend(&be), &name)
         }
         #[cfg(not(feature = "cuda"))]
         Device::Cuda(n) => anyhow::bail!("--device cuda:{n}: {}", demovlp_cuda::NOT_BUILT),
@@ -176,13 +175,9 @@ pub fn run_qa_model(d: &DeviceArgs, model: demovlp_model::qa::QaModel, job: impl
         Device::Cpu => job.run(model, "cpu"),
         #[cfg(feature = "cuda")]
         Device::Cuda(n) => {
-            use demovlp_model::qa::{QaHead, QaModel};
             let be = open(n, d.precision)?;
-            let cpu = demovlp_model::Cpu;
-            let base = Model::from_params_on(be.clone(), model.base.config.clone(), model.base.params.to_backend(&cpu, &be));
-            let head = QaHead::from_params_on(be.clone(), model.head.config, model.head.params.to_backend(&cpu, &be));
             let name = format!("cuda:{n} {} ({:?})", be.info().name, d.precision);
-            job.run(QaModel::new(base, head), &name)
+            job.run(model.on_backend(&be), &name)
         }
         #[cfg(not(feature = "cuda"))]
         Device::Cuda(n) => anyhow::bail!("--device cuda:{n}: {}", demovlp_cuda::NOT_BUILT),
@@ -256,8 +251,7 @@ pub fn evaluate_on(
         Device::Cuda(n) => {
             check_available(d)?;
             let be = open(n, d.precision)?;
-            let params = model.params.to_backend(&demovlp_model::Cpu, &be);
-            let mut m = Model::from_params_on(be.clone(), model.config.clone(), params);
+            let mut m = model.on_backend(&be);
             drop(model);
             eprintln!("evaluating on cuda:{n} {} ({:?})", be.info().name, d.precision);
             demovlp_train::eval::evaluate(&mut m, set, tok, opts)

@@ -186,6 +186,11 @@ impl Model<Cpu> {
     pub fn from_params(config: ModelConfig, params: Params) -> Model {
         Model::from_params_on(Cpu, config, params)
     }
+
+    /// A copy of this model's weights on `be` (one transfer per parameter buffer).
+    pub fn on_backend<C: Backend>(&self, be: &C) -> Model<C> {
+        Model::from_params_on(be.clone(), self.config.clone(), self.params.to_backend(&Cpu, be))
+    }
 }
 
 impl<B: Backend> Model<B> {

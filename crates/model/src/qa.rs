@@ -462,6 +462,14 @@ pub struct QaModel<B: Backend = Cpu> {
     d_video: B::Buf,
 }
 
+impl QaModel {
+    /// A copy of both parameter sets on `be`.
+    pub fn on_backend<C: Backend>(&self, be: &C) -> QaModel<C> {
+        let head = QaHead::from_params_on(be.clone(), self.head.config, self.head.params.to_backend(&Cpu, be));
+        QaModel::new(self.base.on_backend(be), head)
+    }
+}
+
 impl<B: Backend> QaModel<B> {
     pub fn new(base: Model<B>, head: QaHead<B>) -> Self {
         assert_eq!(base.config.proj_dim, head.config.dim, "the head's width must be the model's projection width");

@@ -403,7 +403,7 @@ pub fn build_index_on<B: demovlp_model::Backend>(be: &B, opt: &IndexOptions, sou
     let t0 = Instant::now();
     let cpu = demovlp_train::weights::load_model(&opt.model).with_context(|| format!("loading model {}", opt.model.display()))?;
     let fingerprint = crate::store::fingerprint_f32(&cpu.params.data);
-    let mut model = Model::from_params_on(be.clone(), cpu.config.clone(), cpu.params.to_backend(&demovlp_model::Cpu, be));
+    let mut model = cpu.on_backend(be);
     drop(cpu);
     let mut clips = list_clips(&opt.clips, &opt.features)?;
     if let Some((i, n)) = opt.shard {

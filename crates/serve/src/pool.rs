@@ -112,8 +112,7 @@ where
         self.name.clone()
     }
     fn place(&self, model: Model) -> anyhow::Result<Box<dyn QueryModel>> {
-        let params = model.params.to_backend(&demovlp_model::Cpu, &self.backend);
-        Ok(Box::new(Model::from_params_on(self.backend.clone(), model.config.clone(), params)))
+        Ok(Box::new(model.on_backend(&self.backend)))
     }
     fn score_on(&self, engine: &mut Engine) {
         engine.score_on(self.backend.clone(), &self.name);

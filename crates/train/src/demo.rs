@@ -340,8 +340,7 @@ pub fn run_on<B: demovlp_model::Backend>(be: &B, opts: &DemoOptions) -> Result<D
         let ck = crate::checkpoint::load(&best)?;
         let mut cpu_model = demovlp_model::Model::new(ck.model_config.clone());
         ck.fill_params(&mut cpu_model.params)?;
-        let params = cpu_model.params.to_backend(&demovlp_model::Cpu, be);
-        let mut model = demovlp_model::Model::from_params_on(be.clone(), cpu_model.config.clone(), params);
+        let mut model = cpu_model.on_backend(be);
         say(format!("{label}: evaluating on {} test clips ...", test.videos.len()));
         let eo = EvalOptions {
             shape: InputShape { frames: sizes.finetune.frames, regions: sizes.finetune.regions, text_len: sizes.text_len },

@@ -201,8 +201,7 @@ pub fn run_task_on<B: Backend>(be: &B, task: DemoTask, opts: &DemoOptions) -> Re
         DemoTask::Mc => {
             let qs = mc_questions(corpus.clips(Split::Test), opts.seed);
             say(format!("multiple choice: {} test clips x 5 captions ...", qs.len()));
-            let params = model.params.to_backend(&Cpu, be);
-            let mut model = Model::from_params_on(be.clone(), model.config.clone(), params);
+            let mut model = model.on_backend(be);
             let r = evaluate_mc(&mut model, &qs, &source, &tok, &McOptions { shape, batch_size: 64, lambda: 20.0, masked_mean: false })?;
             let mut table = format!("DemoVLP demo --task mc: 5-way multiple choice on {} held-out synthetic clips\n", qs.len());
             table += &format!("{:<46} | {:>8}\n{}\n", "scoring", "accuracy", "-".repeat(57));
@@ -262,7 +261,7 @@ pub fn run_task_on<B: Backend>(be: &B, task: DemoTask, opts: &DemoOptions) -> Re
                 Ok(load_qa_dir(&scratch.join(BEST_DIR))?.model)
             });
             std::fs::remove_dir_all(&scratch).ok();
-            let mut best = crate::qa::qa_model_on(be, &best?);
+            let mut best = best?.on_backend(be);
             let e = evaluate_qa(&mut best, &test_set, &vocab, &tok, shape, 64)?;
             // Baseline: the most frequent training answer, always.
             let mut counts = std::collections::HashMap::new();

@@ -72,14 +72,6 @@ pub fn save_qa_dir_on<B: Backend>(be: &B, model: &QaModel<B>, answers: Option<&[
     atomic_write(&dir.join(CONFIG_FILE), (serde_json::to_string_pretty(&cfg)? + "\n").as_bytes())
 }
 
-/// A QA model's parameters moved onto the backend `be`.
-pub fn qa_model_on<B: Backend>(be: &B, m: &QaModel) -> QaModel<B> {
-    let cpu = demovlp_model::Cpu;
-    let base = Model::from_params_on(be.clone(), m.base.config.clone(), m.base.params.to_backend(&cpu, be));
-    let head = QaHead::from_params_on(be.clone(), m.head.config, m.head.params.to_backend(&cpu, be));
-    QaModel::new(base, head)
-}
-
 /// A loaded QA model directory.
 pub struct QaDir {
     pub model: QaModel,

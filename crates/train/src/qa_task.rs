@@ -19,7 +19,7 @@ use demovlp_model::{AdamW, Backend, Cpu, Model, ModelConfig, Params, TextDropout
 use serde_json::json;
 
 use crate::checkpoint::{self, CheckpointInfo, GroupRef, TrainerState, LATEST};
-use crate::qa::{load_qa_dir, qa_model_on, save_qa_dir_on, HEAD_KEY};
+use crate::qa::{load_qa_dir, save_qa_dir_on, HEAD_KEY};
 use crate::qa_train::{evaluate_qa, init_qa_model, read_qa_dataset, QaConfig, QaDatasetConfig, QaEval, QaSet, Vocabulary};
 use crate::task::{Losses, Monitor, PendingLosses, StepAt, Task};
 use crate::text::Tokenizer;
@@ -106,7 +106,7 @@ impl<B: Backend> Task<B> for QaTask<'_> {
             }
         };
         ensure!(m.head.config.answers == na, "the initial model's head has {} answers, the vocabulary {na}", m.head.config.answers);
-        Ok(qa_model_on(be, &m))
+        Ok(m.on_backend(be))
     }
 
     fn set_dropout(&mut self, m: &mut QaModel<B>, at: StepAt, _state: &TrainerState) {
@@ -247,7 +247,7 @@ pub fn run_qa_on<B: Backend>(be: &B, cfg: &QaConfig, data: &QaData, opts: &RunOp
     let test = match (&data.test, result.finished && !result.interrupted && rank == 0) {
         (Some(t), true) => {
             let best = load_qa_dir(&out.join(BEST_DIR))?.model;
-            let mut best = qa_model_on(be, &best);
+            let mut best = best.on_backend(be);
             let e = evaluate_qa(&mut best, t, &data.vocab, &data.tokenizer, cfg.shape(), cfg.train.eval_batch_size)?;
             let line = json!({"kind": "test", "test": t.name, "accuracy": e.accuracy, "out_of_vocabulary": e.out_of_vocabulary, "metrics": e.metrics});
             crate::runlog::Log::open(&out.join("log.jsonl"), true)?.write(line)?;

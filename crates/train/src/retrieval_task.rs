@@ -149,9 +149,7 @@ impl<B: Backend> Task<B> for RetrievalTask<'_> {
         Ok(self.with_dropout(Model::new_on(be.clone(), config)))
     }
     fn init(&mut self, be: &B) -> Result<Model<B>> {
-        let m = build_model(self.cfg, self.init)?;
-        let params = m.params.to_backend(&Cpu, be);
-        Ok(self.with_dropout(Model::from_params_on(be.clone(), m.config, params)))
+        Ok(self.with_dropout(build_model(self.cfg, self.init)?.on_backend(be)))
     }
 
     fn start(&mut self, m: &mut Model<B>, state: &TrainerState) {
