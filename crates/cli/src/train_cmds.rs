@@ -162,8 +162,7 @@ pub fn demo(a: DemoArgs) -> Result<()> {
     print!("{}", report.table());
     if let Some(o) = &report.out {
         println!("corpus, checkpoints, logs and plots: {}", o.display());
-        let sizes = if a.quick { demo::DemoSizes::quick(a.seed) } else { demo::DemoSizes::full(a.seed) };
-        let qa = demovlp_train::demo_tasks::write_qa_corpus(o, &sizes, a.seed, &o.join("global_rwa_model"))?;
+        let qa = demovlp_train::demo_tasks::write_qa_corpus(o, &opts.sizes(), a.seed, &o.join("global_rwa_model"))?;
         println!("video QA on the same clips: demovlp finetune-qa --config {}", qa.display());
     }
     println!("{}", report.json_line());

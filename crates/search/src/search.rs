@@ -384,7 +384,16 @@ impl Engine {
     /// host, in blocks of [`RERANK_BLOCK`] clips (memory stays bounded when every clip is
     /// scored).
     pub fn rerank_scores(&self, q: &TextQuery, clips: &[usize]) -> Vec<(f32, f32)> {
-        clips.chunks(RERANK_BLOCK).flat_map(|c| self.rerank_block(q, c, None).unwrap_or_default()).collect()
+        self.rerank_scores_on(q, clips, None).unwrap_or_default()
+    }
+
+    /// [`Engine::rerank_scores`] on `device` (`None`: the host, which cannot fail).
+    fn rerank_scores_on(&self, q: &TextQuery, clips: &[usize], device: Option<&DeviceScorer>) -> Result<Vec<(f32, f32)>> {
+        let mut out = Vec::with_capacity(clips.len());
+        for c in clips.chunks(RERANK_BLOCK) {
+            out.extend(self.rerank_block(q, c, device)?);
+        }
+        Ok(out)
     }
 
     fn rerank_block(&self, q: &TextQuery, clips: &[usize], device: Option<&DeviceScorer>) -> Result<Vec<(f32, f32)>> {
@@ -458,10 +467,7 @@ impl Engine {
             return Ok(hits);
         }
         let ids = self.first_stage_ids(q, rerank.max(k));
-        let mut s = Vec::with_capacity(ids.len());
-        for c in ids.chunks(RERANK_BLOCK) {
-            s.extend(self.rerank_block(q, c, device)?);
-        }
+        let s = self.rerank_scores_on(q, &ids, device)?;
         let mut hits: Vec<Hit> = ids
             .iter()
             .zip(s)

@@ -96,6 +96,13 @@ pub struct DemoOptions {
     pub sizes: Option<DemoSizes>,
 }
 
+impl DemoOptions {
+    /// The sizes a run uses: the override, else the quick or the full demo's.
+    pub fn sizes(&self) -> DemoSizes {
+        self.sizes.clone().unwrap_or_else(|| if self.quick { DemoSizes::quick(self.seed) } else { DemoSizes::full(self.seed) })
+    }
+}
+
 pub struct DemoRow {
     pub name: String,
     pub metrics: RetrievalMetrics,
@@ -227,7 +234,7 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
 /// [`run`] with training and evaluation on the backend `be`.
 pub fn run_on<B: demovlp_model::Backend>(be: &B, opts: &DemoOptions) -> Result<DemoReport> {
     let t0 = Instant::now();
-    let sizes = opts.sizes.clone().unwrap_or_else(|| if opts.quick { DemoSizes::quick(opts.seed) } else { DemoSizes::full(opts.seed) });
+    let sizes = opts.sizes();
     let say = |s: String| {
         if !opts.quiet {
             eprintln!("[{:>6.1}s] {s}", t0.elapsed().as_secs_f64());

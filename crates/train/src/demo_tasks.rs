@@ -185,7 +185,7 @@ pub fn run_task(task: DemoTask, opts: &DemoOptions) -> Result<TaskDemoReport> {
 /// the QA training and its evaluation all run there.
 pub fn run_task_on<B: Backend>(be: &B, task: DemoTask, opts: &DemoOptions) -> Result<TaskDemoReport> {
     let t0 = Instant::now();
-    let sizes = opts.sizes.clone().unwrap_or_else(|| if opts.quick { DemoSizes::quick(opts.seed) } else { DemoSizes::full(opts.seed) });
+    let sizes = opts.sizes();
     let say = |s: String| {
         if !opts.quiet {
             eprintln!("[{:>6.1}s] {s}", t0.elapsed().as_secs_f64());
