@@ -43,12 +43,15 @@ impl FromStr for Device {
 /// NCCL engine joins on too), else GPU 0.
 pub fn local_gpu(env: &dyn Fn(&str) -> Option<String>, count: impl FnOnce() -> Result<usize, String>) -> usize {
     let local = ["LOCAL_RANK", "SLURM_LOCALID"].iter().find_map(|k| env(k)?.trim().parse::<usize>().ok());
-    match local {
-        Some(l) => match count() {
-            Ok(c) if c > 0 => l % c,
-            _ => 0,
-        },
-        None => 0,
+    local.map_or(0, |l| gpu_of_local_rank(l, count))
+}
+
+/// Local rank `l`'s GPU: `l` modulo the GPUs counted (0 when none, or no CUDA: opening it
+/// then names what is missing).
+pub fn gpu_of_local_rank(l: usize, count: impl FnOnce() -> Result<usize, String>) -> usize {
+    match count() {
+        Ok(c) if c > 0 => l % c,
+        _ => 0,
     }
 }
 

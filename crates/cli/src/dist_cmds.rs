@@ -55,7 +55,10 @@ pub fn bench_allreduce(a: BenchAllreduceArgs) -> Result<()> {
                 let l = Launch { rank, world, local_rank: rank, master_addr: "127.0.0.1".into(), rdzv_port: port, sources: vec![] };
                 let mut c: Box<dyn Collective> = match engine.as_str() {
                     #[cfg(feature = "cuda")]
-                    "nccl" => Box::new(demovlp_train::nccl::NcclCollective::join(&l, &me, t, None, &|_| {})?),
+                    "nccl" => {
+                        let gpu = crate::device::gpu_of_local_rank(rank, demovlp_cuda::device_count);
+                        Box::new(demovlp_train::nccl::NcclCollective::join(&l, &me, t, gpu, &|_| {})?)
+                    }
                     _ => Box::new(TcpCollective::join(&l, &me, t, &|_| {})?),
                 };
                 let mut buf = vec![rank as f32 + 1.0; n];

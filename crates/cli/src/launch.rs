@@ -92,8 +92,8 @@ pub(crate) fn join_ranks(
         "nccl" => {
             // The training backend's GPU, so the gradients are summed where they are.
             let gpu = match device.device {
-                crate::device::Device::Cuda(n) => Some(n),
-                crate::device::Device::Cpu => None,
+                crate::device::Device::Cuda(n) => n,
+                crate::device::Device::Cpu => crate::device::gpu_of_local_rank(launch.local_rank, demovlp_cuda::device_count),
             };
             Box::new(demovlp_train::nccl::NcclCollective::join(launch, &me, t, gpu, &say)?)
         }

@@ -43,16 +43,6 @@ pub fn nccl_available() -> Result<()> {
     )
 }
 
-/// The GPU a rank uses when its launch names none: local rank modulo the GPUs this process
-/// sees (what `--device cuda` picks under a launcher too).
-pub fn local_gpu(local_rank: usize) -> Result<usize> {
-    let count = demovlp_cuda::device_count().map_err(|e| anyhow!("{e}"))?;
-    if count == 0 {
-        bail!("the NCCL engine needs a CUDA device; this machine has none");
-    }
-    Ok(local_rank % count)
-}
-
 /// A communicator handle (NCCL handles may be used from any thread, one at a time).
 struct RawComm(sys::ncclComm_t);
 // SAFETY: an NCCL communicator is not tied to the thread that made it; the engine is
@@ -77,14 +67,10 @@ fn nccl_err(what: &str, e: impl std::fmt::Debug) -> anyhow::Error {
 
 impl NcclCollective {
     /// Joins the run: TCP rendezvous, then the NCCL communicator on GPU `ordinal` (the
-    /// training backend's; `None`: [`local_gpu`]).
-    pub fn join(launch: &Launch, me: &Identity, t: Timeouts, ordinal: Option<usize>, say: &dyn Fn(&str)) -> Result<NcclCollective> {
+    /// training backend's when it is on a GPU, else the local rank's).
+    pub fn join(launch: &Launch, me: &Identity, t: Timeouts, ordinal: usize, say: &dyn Fn(&str)) -> Result<NcclCollective> {
         nccl_available()?;
         let mut tcp = TcpCollective::join(launch, me, t, say)?;
-        let ordinal = match ordinal {
-            Some(o) => o,
-            None => local_gpu(launch.local_rank)?,
-        };
         let ctx = CudaContext::new(ordinal).map_err(|e| anyhow!("CUDA device {ordinal}: {e:?}"))?;
         let stream = ctx.new_stream().map_err(|e| anyhow!("CUDA stream on device {ordinal}: {e:?}"))?;
         let mut id_bytes = if launch.rank == 0 {
