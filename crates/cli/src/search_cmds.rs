@@ -221,11 +221,17 @@ pub struct SearchArgs {
     /// Default: 100, or 1% of the clips when that is more, at most 1000 (see docs/search.md).
     #[arg(long)]
     rerank: Option<usize>,
-    /// Where the candidates come from: regions (every clip by global cosine + the region-code
-    /// approximation of the region-word term) or global (the global embedding alone: exact scan,
-    /// the HNSW graph above --exact-threshold — the two-stage search of old).
-    #[arg(long, default_value = "regions", value_parser = ["regions", "global"])]
+    /// Where the candidates come from: regions (the region cascade: every clip by a coarse
+    /// region-code score, then the best --coarse-depth of those by the exact formula on their
+    /// regions' centroids), codes (global cosine + the coarse score alone: the previous
+    /// release's default) or global (the global embedding alone: exact scan, the HNSW graph
+    /// above --exact-threshold — the two-stage search of old). See docs/search.md.
+    #[arg(long, default_value = "regions", value_parser = ["regions", "codes", "global"])]
     first_stage: String,
+    /// Clips the region cascade's coarse step passes on (default: 1% of the clips, at least
+    /// 1000, at most 20 000).
+    #[arg(long)]
+    coarse_depth: Option<usize>,
     /// Also score every query exhaustively (every clip, global + region-word, as `eval`) and
     /// end with one JSON line: {"vs_exhaustive": {"queries", "k", "agreement_at_1",
     /// "recall_at_k", "p50_ms", "p99_ms"}} (latency of the search itself, text tower excluded).
@@ -255,6 +261,7 @@ pub fn search(a: SearchArgs) -> Result<()> {
     crate::device::check_available(&a.device)?;
     let stage = FirstStage::from_name(&a.first_stage)?;
     let mut engine = Engine::open_for(&a.index, stage, a.exact_threshold)?;
+    engine.coarse_depth = a.coarse_depth;
     for w in engine.override_loss(a.lambda, a.masked_mean) {
         eprintln!("warning: {w}");
     }
@@ -470,10 +477,9 @@ pub struct BenchSearchArgs {
     /// sample, comma-separated (e.g. 300,1000).
     #[arg(long, value_delimiter = ',')]
     rerank_sweep: Vec<usize>,
-    /// With --model: also measure each --rerank-sweep depth with this refine factor (the
-    /// codes' best factor × N clips re-scored on their stored region embeddings, the best N re-ranked).
-    #[arg(long, default_value_t = 0)]
-    refine: usize,
+    /// With --model: the region cascade's coarse depth (default: `search`'s for --clips).
+    #[arg(long)]
+    coarse_depth: Option<usize>,
 }
 
 fn bench_search_model(a: &BenchSearchArgs, model: &std::path::Path) -> Result<()> {
@@ -489,23 +495,31 @@ fn bench_search_model(a: &BenchSearchArgs, model: &std::path::Path) -> Result<()
         dir: a.dir.clone(),
         keep: a.keep,
         rerank_sweep: a.rerank_sweep.clone(),
-        refine: a.refine,
+        coarse_depth: a.coarse_depth,
     };
     let r = run(&o, &|s| eprintln!("{s}"))?;
     if !a.json {
         println!("bench search: {} ({} threads)", r.data, r.threads);
         println!(
-            "  build {:.1} s (embedding {:.1} s, region codes {:.1} s: {} centroids, {:.1} MB); index {:.1} MB on disk; peak memory {:.0} MB",
+            "  build {:.1} s (embedding {:.1} s, region codes {:.1} s: {} centroids, {:.1} MB); index {:.1} MB on disk; peak memory {:.0} MB; coarse depth {}",
             r.build_s,
             r.embed_s,
             r.codes_s,
             r.centroids,
             r.codes_bytes as f64 / 1e6,
             r.index_bytes as f64 / 1e6,
-            r.peak_rss_mb
+            r.peak_rss_mb,
+            r.coarse_depth
         );
         for (name, p50, p99, a1, rk) in [
             ("regions (default)", r.p50_ms, r.p99_ms, r.agreement_at_1, r.recall_at_10_vs_exhaustive),
+            (
+                "codes (previous release)",
+                r.codes_stage.p50_ms,
+                r.codes_stage.p99_ms,
+                r.codes_stage.agreement_at_1,
+                r.codes_stage.recall_at_10_vs_exhaustive,
+            ),
             (
                 "global",
                 r.global_stage.p50_ms,
@@ -521,8 +535,8 @@ fn bench_search_model(a: &BenchSearchArgs, model: &std::path::Path) -> Result<()
         }
         for p in &r.sweep {
             println!(
-                "    regions --rerank {:5} refine {:2}: p50 {:.1} ms, p99 {:.1} ms; agreement@1 {:.3}, recall@{} {:.3}",
-                p.rerank, p.refine, p.p50_ms, p.p99_ms, p.agreement_at_1, r.k, p.recall_at_10_vs_exhaustive
+                "    regions --rerank {:5}: p50 {:.1} ms, p99 {:.1} ms; agreement@1 {:.3}, recall@{} {:.3}",
+                p.rerank, p.p50_ms, p.p99_ms, p.agreement_at_1, r.k, p.recall_at_10_vs_exhaustive
             );
         }
         println!("  exhaustive scoring p50 {:.1} ms", r.exhaustive_p50_ms);

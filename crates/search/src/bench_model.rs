@@ -37,15 +37,14 @@ pub struct ModelBenchOptions {
     pub keep: bool,
     /// More re-rank depths measured with the region first stage on the exhaustive sample.
     pub rerank_sweep: Vec<usize>,
-    /// Also measure every sweep depth with this refine factor (see `Engine::refine_factor`; ≤ 1: not).
-    pub refine: usize,
+    /// The cascade's coarse depth (`None`: `search`'s default for the collection's size).
+    pub coarse_depth: Option<usize>,
 }
 
 /// One re-rank depth of the region first stage, on the exhaustive sample.
 #[derive(Clone, Debug, Serialize)]
 pub struct DepthPoint {
     pub rerank: usize,
-    pub refine: usize,
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub agreement_at_1: f64,
@@ -76,6 +75,8 @@ pub struct ModelBenchReport {
     pub exhaustive_queries: usize,
     pub k: usize,
     pub rerank: usize,
+    /// Clips the region cascade's coarse step passes to its centroid step.
+    pub coarse_depth: usize,
     pub threads: usize,
     /// Embedding the collection into the index (the model's video tower on the generated features).
     pub embed_s: f64,
@@ -96,6 +97,9 @@ pub struct ModelBenchReport {
     pub exhaustive_p50_ms: f64,
     /// The same queries through the old global first stage.
     pub global_stage: StageFigures,
+    /// The same queries through the previous release's region first stage (global cosine +
+    /// the coarse region-code score, then the exact re-rank).
+    pub codes_stage: StageFigures,
     /// The region first stage at other re-rank depths (`--rerank-sweep`), on the exhaustive sample.
     pub sweep: Vec<DepthPoint>,
     pub peak_rss_mb: f64,
@@ -145,21 +149,20 @@ pub fn run(o: &ModelBenchOptions, say: &dyn Fn(String)) -> Result<ModelBenchRepo
     let build_peak = peak_rss_mb();
     let index_bytes = dir_bytes(&dir);
 
-    let regions = Engine::open_for(&dir, FirstStage::Regions, usize::MAX)?;
+    let mut regions = Engine::open_for(&dir, FirstStage::Regions, usize::MAX)?;
+    regions.coarse_depth = o.coarse_depth;
+    let coarse_depth = o.coarse_depth.unwrap_or_else(|| crate::search::default_coarse_depth(regions.index.len()));
     let global = Engine::open_for(&dir, FirstStage::Global, usize::MAX)?;
+    let codes = Engine::open_for(&dir, FirstStage::Codes, usize::MAX)?;
     let mut model = regions.load_model().context("the bench's model")?;
     // Queries: the first caption of clips spread evenly over the collection.
     let step = (samples.len() / o.queries).max(1);
     let texts: Vec<&str> = samples.iter().step_by(step).take(o.queries).map(|s| s.captions[0].as_str()).collect();
     let qs = texts.iter().map(|t| regions.embed_query(&mut model, t)).collect::<Result<Vec<_>>>()?;
     say(format!("{} queries embedded; {ex_n} of them scored exhaustively", qs.len()));
-    let (mut tr, mut tg) = (Tally::default(), Tally::default());
-    let mut refined = Engine::open_for(&dir, FirstStage::Regions, usize::MAX)?;
-    refined.refine_factor = o.refine.max(1);
-    let points: Vec<(usize, usize)> =
-        o.rerank_sweep.iter().flat_map(|&n| if o.refine > 1 { vec![(n, 1), (n, o.refine)] } else { vec![(n, 1)] }).collect();
-    let mut sweep: Vec<(Tally, Vec<f64>)> = points.iter().map(|_| (Tally::default(), vec![])).collect();
-    let (mut ms_r, mut ms_g, mut ms_x) = (vec![], vec![], vec![]);
+    let (mut tr, mut tg, mut tc) = (Tally::default(), Tally::default(), Tally::default());
+    let mut sweep: Vec<(Tally, Vec<f64>)> = o.rerank_sweep.iter().map(|_| (Tally::default(), vec![])).collect();
+    let (mut ms_r, mut ms_g, mut ms_c, mut ms_x) = (vec![], vec![], vec![], vec![]);
     for (i, q) in qs.iter().enumerate() {
         let t = Instant::now();
         let hr = regions.search_embedded(q, o.k, o.rerank);
@@ -167,16 +170,19 @@ pub fn run(o: &ModelBenchOptions, say: &dyn Fn(String)) -> Result<ModelBenchRepo
         let t = Instant::now();
         let hg = global.search_embedded(q, o.k, o.rerank);
         ms_g.push(t.elapsed().as_secs_f64() * 1e3);
+        let t = Instant::now();
+        let hc = codes.search_embedded(q, o.k, o.rerank);
+        ms_c.push(t.elapsed().as_secs_f64() * 1e3);
         if i < ex_n {
             let t = Instant::now();
             let ex = exhaustive(&regions, q, o.k);
             ms_x.push(t.elapsed().as_secs_f64() * 1e3);
             tr.add(&hr, &ex, 0.0);
             tg.add(&hg, &ex, 0.0);
-            for (&(n, f), (t, ms)) in points.iter().zip(sweep.iter_mut()) {
-                let e = if f > 1 { &refined } else { &regions };
+            tc.add(&hc, &ex, 0.0);
+            for (&n, (t, ms)) in o.rerank_sweep.iter().zip(sweep.iter_mut()) {
                 let t0 = Instant::now();
-                let h = e.search_embedded(q, o.k, n);
+                let h = regions.search_embedded(q, o.k, n);
                 ms.push(t0.elapsed().as_secs_f64() * 1e3);
                 t.add(&h, &ex, 0.0);
             }
@@ -186,7 +192,7 @@ pub fn run(o: &ModelBenchOptions, say: &dyn Fn(String)) -> Result<ModelBenchRepo
             }
         }
     }
-    let (ar, ag) = (tr.finish(o.k), tg.finish(o.k));
+    let (ar, ag, ac) = (tr.finish(o.k), tg.finish(o.k), tc.finish(o.k));
     let st = regions.index.settings();
     Ok(ModelBenchReport {
         bench: "search",
@@ -200,6 +206,7 @@ pub fn run(o: &ModelBenchOptions, say: &dyn Fn(String)) -> Result<ModelBenchRepo
         exhaustive_queries: ex_n,
         k: o.k,
         rerank: o.rerank,
+        coarse_depth,
         threads: rayon::current_num_threads(),
         embed_s,
         codes_s: c.seconds,
@@ -219,14 +226,21 @@ pub fn run(o: &ModelBenchOptions, say: &dyn Fn(String)) -> Result<ModelBenchRepo
             agreement_at_1: ag.agreement_at_1,
             recall_at_10_vs_exhaustive: ag.recall_at_k,
         },
-        sweep: points
+        codes_stage: StageFigures {
+            first_stage: "codes",
+            p50_ms: quantile(&ms_c, 0.5),
+            p99_ms: quantile(&ms_c, 0.99),
+            agreement_at_1: ac.agreement_at_1,
+            recall_at_10_vs_exhaustive: ac.recall_at_k,
+        },
+        sweep: o
+            .rerank_sweep
             .iter()
             .zip(&sweep)
-            .map(|(&(n, f), (t, ms))| {
+            .map(|(&n, (t, ms))| {
                 let a = t.finish(o.k);
                 DepthPoint {
                     rerank: n,
-                    refine: f,
                     p50_ms: quantile(ms, 0.5),
                     p99_ms: quantile(ms, 0.99),
                     agreement_at_1: a.agreement_at_1,

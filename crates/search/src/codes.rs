@@ -1,22 +1,12 @@
-//! The region-aware first stage: a codebook of region embeddings and every clip's regions
-//! as centroid codes (the centroid interaction of ColBERT v2 / PLAID, applied to regions).
+//! The region codes the first stage runs on: a codebook of region embeddings and every
+//! clip's regions as centroid codes (the centroid interaction of ColBERT v2 / PLAID, applied
+//! to regions). What a query does with them: [`crate::cascade`].
 //!
 //! Built once per index ([`ensure_codes`], run by `index` and `index-merge`):
 //! spherical k-means over a sample of the normalised real region embeddings gives `C`
-//! unit centroids; every region slot of every clip is stored as the number of its nearest
-//! centroid (`u16`). A query's real word embeddings are scored against the centroids once
-//! (`T[c, w] = ⟨ĉ_c, ŵ_w⟩`, a `[C, W]` table); a clip's approximate region-word score is then
-//! table look-ups only:
-//!
-//! ```text
-//! words→regions  s1' = mean_w  max_{r real} T[code_r, w]
-//! regions→words  s2' = mean_{r real} max_w T[code_r, w]
-//! proxy          = global cosine + s1' + s2'
-//! ```
-//!
-//! mirroring the two directions of the exact score (SPEC §6), with the soft attention
-//! replaced by its hard maximum. Every clip is scored this way (a scan of `F·R` codes per
-//! clip) and the best `N` are re-ranked exactly.
+//! unit centroids; every region slot of every clip (padding included: the region→word
+//! direction averages over every slot) is stored as the number of its nearest centroid
+//! (`u16`).
 //!
 //! Files, next to the index's segments (a derived cache, like the ANN graph):
 //!
@@ -183,6 +173,10 @@ pub struct Codes {
     /// `[clips, F·R]`.
     pub codes: Vec<u16>,
     pub locals: usize,
+    /// `[clips, F·R]` each clip's real slots' codes first (the rest unspecified), and
+    /// `[clips]` how many real slots it has: what the coarse scan reads.
+    pub real_first: Vec<u16>,
+    pub real: Vec<u16>,
     /// Whether this load trained a codebook or coded a segment.
     pub updated: bool,
 }
@@ -381,57 +375,30 @@ impl Codes {
                 eprintln!("note: could not save the region codes ({e:#}); they are rebuilt on every start");
             }
         }
-        Ok(Codes { meta, codebook, codes, locals: nl, updated })
+        let (real_first, real) = real_first(index, &codes, nl);
+        Ok(Codes { meta, codebook, codes, locals: nl, real_first, real, updated })
     }
 
     /// Bytes of the codebook and the codes (on disk and in memory alike).
     pub fn bytes(&self) -> u64 {
         (self.codebook.rows.len() * 4 + self.codes.len() * 2) as u64
     }
+}
 
-    /// `[C, W]` table of the query's real words against the centroids (words unit-normalised).
-    pub fn word_table(&self, words: &[f32]) -> (Vec<f32>, usize) {
-        let dim = self.codebook.dim;
-        let w = words.len() / dim.max(1);
-        let mut t = vec![0f32; self.codebook.centroids * w];
-        if w > 0 {
-            sgemm(Trans::No, Trans::Yes, self.codebook.centroids, w, dim, 1.0, &self.codebook.rows, dim, words, dim, 0.0, &mut t, w);
-        }
-        (t, w)
-    }
-
-    /// The approximate region-word score s1' + s2' of every clip (see the module docs).
-    pub fn scores(&self, index: &Index, table: &[f32], w: usize) -> Vec<f32> {
-        let nl = self.locals;
-        let n = self.codes.len() / nl.max(1);
-        let mut out = vec![0f32; n];
-        if w == 0 {
-            return out;
-        }
-        // Per centroid its best word (the regions→words direction).
-        let best: Vec<f32> = table.chunks_exact(w).map(|r| r.iter().copied().fold(f32::NEG_INFINITY, f32::max)).collect();
-        out.par_chunks_mut(1024).enumerate().for_each(|(b, o)| {
-            let mut wmax = vec![0f32; w];
-            for (j, s) in o.iter_mut().enumerate() {
-                let i = b * 1024 + j;
-                let codes = &self.codes[i * nl..(i + 1) * nl];
-                let mask = index.mask(i);
-                wmax.iter_mut().for_each(|x| *x = f32::NEG_INFINITY);
-                let (mut s2, mut real) = (0f32, 0usize);
-                for (&c, &m) in codes.iter().zip(mask) {
-                    if m == 0 {
-                        continue;
-                    }
-                    let row = &table[c as usize * w..(c as usize + 1) * w];
-                    for (a, &b) in wmax.iter_mut().zip(row) {
-                        *a = a.max(b);
-                    }
-                    s2 += best[c as usize];
-                    real += 1;
-                }
-                *s = if real == 0 { f32::NEG_INFINITY } else { wmax.iter().sum::<f32>() / w as f32 + s2 / real as f32 };
+/// Each clip's real slots' codes moved to the front, and their count.
+fn real_first(index: &Index, codes: &[u16], nl: usize) -> (Vec<u16>, Vec<u16>) {
+    let n = codes.len() / nl.max(1);
+    let mut out = vec![0u16; codes.len()];
+    let mut real = vec![0u16; n];
+    out.par_chunks_mut(nl.max(1)).zip(real.par_iter_mut()).enumerate().for_each(|(i, (o, r))| {
+        let mut k = 0;
+        for (&c, &m) in codes[i * nl..(i + 1) * nl].iter().zip(index.mask(i)) {
+            if m != 0 {
+                o[k] = c;
+                k += 1;
             }
-        });
-        out
-    }
+        }
+        *r = k as u16;
+    });
+    (out, real)
 }

@@ -17,6 +17,7 @@ pub mod bench;
 pub mod bench_model;
 pub mod build;
 pub mod captions;
+pub mod cascade;
 pub mod codes;
 pub mod explain;
 pub mod quality;

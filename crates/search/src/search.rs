@@ -2,10 +2,11 @@
 //! score — global cosine + region-word similarity (SPEC §8, aligned combination) — on the
 //! stored (fp16) local embeddings.
 //!
-//! Candidates come from the first stage ([`FirstStage`]): by default every clip scored with
-//! its global cosine plus the region-code approximation of the region-word term
-//! ([`crate::codes`]); or, as before, the global embedding alone (exact scan below a size
-//! threshold, the graph index above it). With N ≥ the clips in the index every clip is
+//! Candidates come from the first stage ([`FirstStage`]): by default the region cascade
+//! ([`crate::cascade`]) — every clip by a coarse region-code score, then the best of those
+//! by the evaluation's own formula on the regions' centroids; or the coarse score alone (the
+//! first stage of the previous release, kept for comparison); or, as before that, the global
+//! embedding alone (exact scan below a size threshold, the graph index above it). With N ≥ the clips in the index every clip is
 //! re-ranked (exhaustive scoring, as `eval` scores). Scores that are not finite are never
 //! ranked.
 
@@ -20,6 +21,7 @@ use demovlp_retrieval::EmbeddingSet;
 use serde::Serialize;
 
 use crate::ann::{exact_top_k, Ann};
+use crate::cascade;
 use crate::codes::Codes;
 use crate::store::Index;
 
@@ -27,8 +29,12 @@ use crate::store::Index;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FirstStage {
-    /// Every clip by global cosine + the region-code approximation of the region-word term.
+    /// The region cascade: every clip by the coarse region-code score, the best
+    /// [`Engine::coarse_depth`] of them by the exact formula on their centroids.
     Regions,
+    /// Every clip by global cosine + the coarse region-code score alone (the region first
+    /// stage of the previous release).
+    Codes,
     /// The global embedding alone (exact scan, or the HNSW graph above the exact threshold).
     Global,
 }
@@ -37,13 +43,15 @@ impl FirstStage {
     pub fn from_name(s: &str) -> Result<FirstStage> {
         match s {
             "regions" => Ok(FirstStage::Regions),
+            "codes" => Ok(FirstStage::Codes),
             "global" => Ok(FirstStage::Global),
-            _ => bail!("first stage {s:?}: expected regions or global"),
+            _ => bail!("first stage {s:?}: expected regions, codes or global"),
         }
     }
     pub fn name(self) -> &'static str {
         match self {
             FirstStage::Regions => "regions",
+            FirstStage::Codes => "codes",
             FirstStage::Global => "global",
         }
     }
@@ -59,8 +67,18 @@ pub fn default_rerank(clips: usize) -> usize {
     (clips / 100).clamp(100, 1000)
 }
 
-/// Default [`Engine::refine_factor`].
-pub const DEFAULT_REFINE: usize = 1;
+/// The default [`Engine::coarse_depth`] for an index of `clips`: 1 % of the clips, at least
+/// 1000, at most 20 000 (measured in BENCHMARKS.md: the coarse score puts the exhaustive top
+/// 10 within its best 1 % of 100 000 clips).
+pub fn default_coarse_depth(clips: usize) -> usize {
+    (clips / 100).clamp(1000, 20_000)
+}
+
+/// Positions of the `n` largest of `s` (finite ones only), best first, ties by position.
+fn top_n(s: &[f32], n: usize) -> Vec<u32> {
+    crate::ann::top_k_rows(s, 1, 0, &[1.0], n).into_iter().map(|(i, _)| i as u32).collect()
+}
+
 /// Clips scored exactly at a time by the re-rank.
 pub const RERANK_BLOCK: usize = 4096;
 /// Longest query text accepted (bytes).
@@ -106,9 +124,9 @@ pub struct Engine {
     pub first_stage: FirstStage,
     /// The region codes ([`FirstStage::Regions`]); loaded by [`Engine::prepare`].
     pub codes: Option<Codes>,
-    /// The region first stage takes `refine_factor × N` clips by the codes, then the best N
-    /// of those by the same formula on the stored region embeddings (1: no refinement).
-    pub refine_factor: usize,
+    /// Clips the cascade's coarse step passes to its centroid step (`None`:
+    /// [`default_coarse_depth`]; at least the re-rank depth).
+    pub coarse_depth: Option<usize>,
     /// Where the re-rank scores are computed when not on the host ([`Engine::score_on`]).
     device: Option<DeviceScorer>,
 }
@@ -137,7 +155,7 @@ impl Engine {
             exact_threshold: DEFAULT_EXACT_THRESHOLD,
             first_stage: FirstStage::Regions,
             codes: None,
-            refine_factor: DEFAULT_REFINE,
+            coarse_depth: None,
             device: None,
         })
     }
@@ -165,7 +183,9 @@ impl Engine {
         }
         let stage = if self.index.settings().use_local { self.first_stage } else { FirstStage::Global };
         match stage {
-            FirstStage::Regions if self.codes.is_none() => self.codes = Some(Codes::build_or_update(&self.index, None, true)?),
+            FirstStage::Regions | FirstStage::Codes if self.codes.is_none() => {
+                self.codes = Some(Codes::build_or_update(&self.index, None, true)?)
+            }
             FirstStage::Global if self.ann.is_none() && self.index.len() >= self.exact_threshold => {
                 self.ann = Some(Ann::load_or_build(&self.index)?)
             }
@@ -267,94 +287,35 @@ impl Engine {
         }
         match (&self.first_stage, &self.codes) {
             (FirstStage::Regions, Some(codes)) => {
-                let proxy = self.region_proxy(codes, q);
-                let m = n.saturating_mul(self.refine_factor).max(n);
-                let top: Vec<usize> = crate::ann::top_k_rows(&proxy, 1, 0, &[1.0], m).into_iter().map(|x| x.0).collect();
-                if m > n {
-                    self.refine(q, &top, n)
+                let qt = self.query_tables(codes, q);
+                let depth = self.coarse_depth.unwrap_or_else(|| default_coarse_depth(len)).max(n);
+                let pool: Vec<usize> = if depth >= len {
+                    (0..len).collect()
                 } else {
-                    top
+                    top_n(&cascade::coarse_scores(codes, &qt), depth).into_iter().map(|i| i as usize).collect()
+                };
+                let s = cascade::centroid_scores(codes, &self.index, &qt, &q.global_unit, &pool);
+                top_n(&s, n).into_iter().map(|i| pool[i as usize]).collect()
+            }
+            (FirstStage::Codes, Some(codes)) => {
+                let qt = self.query_tables(codes, q);
+                let mut s = cascade::coarse_scores(codes, &qt);
+                let p = self.index.settings().proj_dim;
+                for (first, rows) in self.index.global_blocks() {
+                    for (i, r) in rows.chunks_exact(p).enumerate() {
+                        s[first + i] += crate::ann::dot(&q.global_unit, r);
+                    }
                 }
+                top_n(&s, n).into_iter().map(|i| i as usize).collect()
             }
             _ => self.candidates(&q.global_unit, n).into_iter().map(|x| x.0).collect(),
         }
     }
 
-    /// The best `n` of `clips` by the region-code formula computed on the stored region
-    /// embeddings themselves instead of their centroids (global cosine + mean over words of
-    /// the best region's cosine + mean over real regions of the best word's cosine).
-    pub fn refine(&self, q: &TextQuery, clips: &[usize], n: usize) -> Vec<usize> {
-        use rayon::prelude::*;
+    /// The query's tables over the codebook, with the index's λ and mean.
+    pub fn query_tables(&self, codes: &Codes, q: &TextQuery) -> cascade::QueryTables {
         let st = self.index.settings();
-        let (p, nl) = (st.proj_dim, st.locals());
-        let words = self.query_words(q);
-        let w = words.len() / p.max(1);
-        let scores: Vec<f32> = clips
-            .par_iter()
-            .map_init(
-                || (vec![0f32; nl * p], vec![0f32; w]),
-                |(l, wmax), &c| {
-                    self.index.local_to(c, l);
-                    crate::codes::hat_rows(l, p);
-                    wmax.iter_mut().for_each(|x| *x = f32::NEG_INFINITY);
-                    let (mut s2, mut real) = (0f32, 0usize);
-                    for (r, &m) in l.chunks_exact(p).zip(self.index.mask(c)) {
-                        if m == 0 {
-                            continue;
-                        }
-                        let mut best = f32::NEG_INFINITY;
-                        for (a, wv) in wmax.iter_mut().zip(words.chunks_exact(p)) {
-                            let d = crate::ann::dot(r, wv);
-                            *a = a.max(d);
-                            best = best.max(d);
-                        }
-                        s2 += best;
-                        real += 1;
-                    }
-                    if real == 0 || w == 0 {
-                        return f32::NEG_INFINITY;
-                    }
-                    let s = crate::ann::dot(&q.global_unit, self.index.global(c)) + wmax.iter().sum::<f32>() / w as f32 + s2 / real as f32;
-                    if s.is_finite() {
-                        s
-                    } else {
-                        f32::NEG_INFINITY
-                    }
-                },
-            )
-            .collect();
-        crate::ann::top_k_rows(&scores, 1, 0, &[1.0], n).into_iter().map(|(i, _)| clips[i]).collect()
-    }
-
-    /// The query's real word embeddings, normalised, `[W, P]`.
-    fn query_words(&self, q: &TextQuery) -> Vec<f32> {
-        let p = self.index.settings().proj_dim;
-        let mut words: Vec<f32> = q
-            .local
-            .chunks_exact(p)
-            .zip(&q.mask_additive)
-            .filter(|(_, &m)| demovlp_retrieval::local::is_real(m))
-            .flat_map(|(r, _)| r.iter().copied())
-            .collect();
-        crate::codes::hat_rows(&mut words, p);
-        words
-    }
-
-    /// Global cosine + the region-code score of every clip (non-finite ones as −∞).
-    pub fn region_proxy(&self, codes: &Codes, q: &TextQuery) -> Vec<f32> {
-        let p = self.index.settings().proj_dim;
-        let words = self.query_words(q);
-        let (table, w) = codes.word_table(&words);
-        let mut s = codes.scores(&self.index, &table, w);
-        let mut first = 0;
-        for (_, rows) in self.index.global_blocks() {
-            for (i, r) in rows.chunks_exact(p).enumerate() {
-                s[first + i] += crate::ann::dot(&q.global_unit, r);
-            }
-            first += rows.len() / p;
-        }
-        s.iter_mut().filter(|x| !x.is_finite()).for_each(|x| *x = f32::NEG_INFINITY);
-        s
+        cascade::QueryTables::new(codes, &q.local, &q.mask_additive, st.lambda, st.masked_mean)
     }
 
     /// Global candidates: exact below the threshold (or without a graph), else the graph.

@@ -4,7 +4,9 @@
 
 use std::path::{Path, PathBuf};
 
+use demovlp_retrieval::EmbeddingSet;
 use demovlp_search::build::{build_index, merge, ClipList};
+use demovlp_search::cascade::{centroid_scores, coarse_scores, QueryTables};
 use demovlp_search::codes::{ensure_codes, hat_rows, Codes};
 use demovlp_search::quality::agreement;
 use demovlp_search::search::{Engine, FirstStage, TextQuery};
@@ -54,15 +56,16 @@ fn codes_are_the_nearest_centroids_and_scores_match_a_plain_loop() {
             assert!(dot(x, &c.codebook.rows[k * p..(k + 1) * p]) >= best - 1e-5, "clip {i} region {r}: not the nearest centroid");
         }
     }
-    // The approximate region-word score against a plain loop over words and real regions.
+    // The coarse score against a plain loop over words and real regions.
     let e = Engine::open(&w.index).unwrap();
     let q = &queries(&e, 0)[0];
     let mut words: Vec<f32> = q.local.chunks(p).zip(&q.mask_additive).filter(|(_, &m)| m > -0.5).flat_map(|(r, _)| r.to_vec()).collect();
     hat_rows(&mut words, p);
     let nw = words.len() / p;
-    let (table, tw) = c.word_table(&words);
-    assert_eq!(tw, nw);
-    let got = c.scores(&idx, &table, tw);
+    let st = idx.settings();
+    let qt = QueryTables::new(&c, &q.local, &q.mask_additive, st.lambda, st.masked_mean);
+    assert_eq!(qt.words(), nw);
+    let got = coarse_scores(&c, &qt);
     for i in 0..idx.len() {
         let real: Vec<usize> = (0..nl).filter(|&r| idx.mask(i)[r] != 0).collect();
         let cen = |r: usize| {
@@ -75,6 +78,57 @@ fn codes_are_the_nearest_centroids_and_scores_match_a_plain_loop() {
             / real.len() as f32;
         assert!((got[i] - (s1 + s2)).abs() < 1e-4, "clip {i}: {} vs {}", got[i], s1 + s2);
     }
+}
+
+/// The cascade's centroid step is the evaluation's formula with every region slot replaced by
+/// its centroid: compared with `demovlp_retrieval`'s exact scorer run on centroid-decoded
+/// regions, faithful and masked mean alike (up to the table's float order).
+#[test]
+fn centroid_scores_are_the_exact_formula_on_centroids() {
+    let w = world();
+    let idx = Index::open(&w.index).unwrap();
+    let c = Codes::build_or_update(&idx, Some(64), false).unwrap();
+    let st = idx.settings().clone();
+    let (p, nl) = (st.proj_dim, st.locals());
+    let e = Engine::open(&w.index).unwrap();
+    let qs = queries(&e, 1);
+    let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+    let clips: Vec<usize> = (0..idx.len()).collect();
+    // Every clip decoded: region r of clip i = centroid codes[i, r] (raw = unit), masks as stored.
+    let mut vl = Vec::with_capacity(idx.len() * nl * p);
+    let mut vm = Vec::with_capacity(idx.len() * nl);
+    let mut vg = Vec::with_capacity(idx.len() * p);
+    for i in 0..idx.len() {
+        for r in 0..nl {
+            let k = c.codes[i * nl + r] as usize;
+            vl.extend_from_slice(&c.codebook.rows[k * p..(k + 1) * p]);
+        }
+        idx.mask_additive_into(i, &mut vm);
+        vg.extend_from_slice(idx.global(i));
+    }
+    let videos = EmbeddingSet { count: idx.len(), len: nl, dim: p, global: &vg, local: &vl, mask_additive: &vm };
+    let mut worst = 0f32;
+    for masked_mean in [false, true] {
+        for q in qs.iter().step_by(9) {
+            let texts = EmbeddingSet {
+                count: 1,
+                len: q.mask_additive.len(),
+                dim: p,
+                global: &q.global,
+                local: &q.local,
+                mask_additive: &q.mask_additive,
+            };
+            let want_local = demovlp_retrieval::eval::local_scores(&texts, &videos, st.lambda, masked_mean, &|_, _| {});
+            let qt = QueryTables::new(&c, &q.local, &q.mask_additive, st.lambda, masked_mean);
+            let got = centroid_scores(&c, &idx, &qt, &q.global_unit, &clips);
+            for i in 0..idx.len() {
+                let want = dot(&q.global_unit, idx.global(i)) + want_local[i];
+                worst = worst.max((got[i] - want).abs());
+                assert!((got[i] - want).abs() < 2e-3, "masked_mean {masked_mean}, clip {i}: {} vs {want}", got[i]);
+            }
+        }
+    }
+    eprintln!("largest difference from the exact formula on centroids: {worst:e}");
 }
 
 #[test]

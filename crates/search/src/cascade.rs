@@ -1,0 +1,333 @@
+//! The region first stage's two steps, both on the region codes ([`crate::codes`]): a coarse
+//! scan of every clip, then the evaluation's own formula on the surviving clips' centroids.
+//!
+//! **Coarse** (every clip, table look-ups only): per clip, over its real region slots,
+//!
+//! ```text
+//! words→regions  s1' = mean_{w real}  max_r T[code_r, w]
+//! regions→words  s2' = mean_{r real}  max_w T[code_r, w]          T[c, w] = ⟨ĉ_c, ŵ_w⟩
+//! ```
+//!
+//! the two directions of the region-word score with its soft attention replaced by a hard
+//! maximum. Its ranking is coarse (measured on the demo's model at 100 000 clips: the
+//! exhaustive top 10 lie within its best ~1 %, not its best 100), so it only chooses which
+//! clips the next step scores.
+//!
+//! **Centroid** (the coarse step's best clips): the exact region-word formula of SPEC §6 —
+//! LeakyReLU, the normalisation over the query axis, the λ-softmax over the context, the
+//! focal keep, the cosine with the weighted context, the means over every position (or the
+//! real ones, `masked_mean`) — with each region replaced by its centroid, plus the exact
+//! global cosine. Everything that depends on a region enters through its code, so the
+//! formula runs on per-query tables:
+//!
+//! ```text
+//! t[c, l]  = ⟨ĉ_c, ŵ_l⟩                     every word position l (padding included)
+//! e1[c, l] = exp(λ · leaky(t[c, l]) / (‖leaky(t[c, ·])‖ + ε))   word→region: the
+//!            normalisation over the words depends on the region's code only
+//! G[j, j'] = ⟨ŵ_j, ŵ_j'⟩                    real words (the region→word context's norms)
+//! ```
+//!
+//! word→region: per position l, softmax weights e1[c_s, l] over the clip's real regions,
+//! the focal keep (weight × regions > sum), cos(w_l, Σ kept e1·ĉ) = Σ kept e1·t / ‖Σ kept e1·ĉ‖;
+//! region→word: per region slot (padding included), its normalisation over the clip's 40
+//! slots, the softmax over the real words, the focal keep, and
+//! cos(ĉ, Σ r_j ŵ_j) = Σ r_j t / √(rᵀ G r). Measured (BENCHMARKS.md): on the demo's model it
+//! puts the exhaustive top 10 within its best ~50 of 100 000 clips, where the coarse
+//! ranking needs ~1 000; so the exact re-rank can be short.
+
+use demovlp_retrieval::fastmath::cephes_exp;
+use demovlp_retrieval::local::{is_real, LEAKY_SLOPE, NORM_EPS};
+use rayon::prelude::*;
+
+use crate::codes::{hat_rows, Codes};
+use crate::store::Index;
+
+/// Lanes of one coarse-table row (real words are scanned 16 at a time).
+const LANES: usize = 16;
+
+#[inline(always)]
+fn leaky(x: f32) -> f32 {
+    if x > 0.0 {
+        x
+    } else {
+        LEAKY_SLOPE * x
+    }
+}
+
+/// One query's tables over the codebook (see the module docs).
+pub struct QueryTables {
+    /// Word positions (padding included) and real words.
+    lq: usize,
+    w: usize,
+    centroids: usize,
+    dim: usize,
+    lambda: f32,
+    masked_mean: bool,
+    /// `[Lq]` whether each position is a real word.
+    real_pos: Vec<bool>,
+    /// `[C, Lq]` ⟨ĉ, ŵ_l⟩.
+    t: Vec<f32>,
+    /// `[C, Lq]` word→region softmax numerators.
+    e1: Vec<f32>,
+    /// `[C, W]` ⟨ĉ, ŵ⟩ of the real words.
+    tw: Vec<f32>,
+    /// `[chunks, C, LANES]` the real words' columns of `tw`, 16 a chunk (padding lanes 0).
+    coarse: Vec<f32>,
+    chunks: usize,
+    /// `[C]` the best real word of each centroid.
+    best: Vec<f32>,
+    /// `[W, W]` Gram matrix of the real words' unit rows.
+    gram: Vec<f32>,
+}
+
+impl QueryTables {
+    /// `local` `[Lq, P]` the query's word embeddings (every position), `mask_additive` `[Lq]`.
+    pub fn new(codes: &Codes, local: &[f32], mask_additive: &[f32], lambda: f32, masked_mean: bool) -> QueryTables {
+        let cb = &codes.codebook;
+        let (c, p) = (cb.centroids, cb.dim);
+        let lq = mask_additive.len();
+        let mut words = local.to_vec();
+        hat_rows(&mut words, p);
+        let real_pos: Vec<bool> = mask_additive.iter().map(|&m| is_real(m)).collect();
+        let mut t = vec![0f32; c * lq];
+        if lq > 0 {
+            demovlp_kernels::gemm::sgemm(
+                demovlp_kernels::gemm::Trans::No,
+                demovlp_kernels::gemm::Trans::Yes,
+                c,
+                lq,
+                p,
+                1.0,
+                &cb.rows,
+                p,
+                &words,
+                p,
+                0.0,
+                &mut t,
+                lq,
+            );
+        }
+        let mut e1 = vec![0f32; c * lq];
+        for (trow, erow) in t.chunks_exact(lq.max(1)).zip(e1.chunks_exact_mut(lq.max(1))) {
+            let n = trow.iter().map(|&x| leaky(x) * leaky(x)).sum::<f32>().sqrt() + NORM_EPS;
+            for (e, &x) in erow.iter_mut().zip(trow) {
+                *e = cephes_exp(lambda * (leaky(x) / n));
+            }
+        }
+        let real_idx: Vec<usize> = (0..lq).filter(|&l| real_pos[l]).collect();
+        let w = real_idx.len();
+        let mut tw = vec![0f32; c * w];
+        for k in 0..c {
+            for (j, &l) in real_idx.iter().enumerate() {
+                tw[k * w + j] = t[k * lq + l];
+            }
+        }
+        let chunks = w.div_ceil(LANES);
+        let mut coarse = vec![0f32; chunks * c * LANES];
+        for ch in 0..chunks {
+            for k in 0..c {
+                for j in ch * LANES..((ch + 1) * LANES).min(w) {
+                    coarse[(ch * c + k) * LANES + j - ch * LANES] = tw[k * w + j];
+                }
+            }
+        }
+        let best: Vec<f32> = (0..c).map(|k| tw[k * w..(k + 1) * w].iter().copied().fold(f32::NEG_INFINITY, f32::max)).collect();
+        let mut gram = vec![0f32; w * w];
+        for (a, &la) in real_idx.iter().enumerate() {
+            for (b, &lb) in real_idx.iter().enumerate() {
+                gram[a * w + b] = crate::ann::dot(&words[la * p..(la + 1) * p], &words[lb * p..(lb + 1) * p]);
+            }
+        }
+        QueryTables { lq, w, centroids: c, dim: p, lambda, masked_mean, real_pos, t, e1, tw, coarse, chunks, best, gram }
+    }
+
+    /// Real words of the query.
+    pub fn words(&self) -> usize {
+        self.w
+    }
+}
+
+/// The coarse score s1' + s2' of every clip (−∞ for a clip without a real region or a query
+/// without a real word).
+pub fn coarse_scores(codes: &Codes, qt: &QueryTables) -> Vec<f32> {
+    let n = codes.real.len();
+    let mut out = vec![f32::NEG_INFINITY; n];
+    if qt.w == 0 {
+        return out;
+    }
+    const BLOCK: usize = 2048;
+    out.par_chunks_mut(BLOCK).enumerate().for_each(|(b, o)| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if demovlp_kernels::simd::level() != demovlp_kernels::simd::Level::Baseline {
+                // SAFETY: the CPU has AVX2 and FMA (that is what the level says).
+                unsafe { coarse_block_avx2(o, b * BLOCK, codes, qt) };
+                return;
+            }
+        }
+        coarse_block(o, b * BLOCK, codes, qt);
+    });
+    out
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn coarse_block_avx2(out: &mut [f32], first: usize, codes: &Codes, qt: &QueryTables) {
+    coarse_block(out, first, codes, qt)
+}
+
+/// [`coarse_scores`] of clips `first..first + out.len()`; written so that the compiler
+/// vectorises the 16-lane maxima.
+#[inline(always)]
+fn coarse_block(out: &mut [f32], first: usize, codes: &Codes, qt: &QueryTables) {
+    let nl = codes.locals;
+    let c = qt.centroids;
+    for (j, o) in out.iter_mut().enumerate() {
+        let i = first + j;
+        let n = codes.real[i] as usize;
+        if n == 0 {
+            *o = f32::NEG_INFINITY;
+            continue;
+        }
+        let cs = &codes.real_first[i * nl..i * nl + n];
+        let mut s2 = 0f32;
+        for &k in cs {
+            s2 += qt.best[k as usize];
+        }
+        let mut s1 = 0f32;
+        for ch in 0..qt.chunks {
+            let tab = &qt.coarse[ch * c * LANES..(ch + 1) * c * LANES];
+            let mut acc = [f32::NEG_INFINITY; LANES];
+            for &k in cs {
+                let row = &tab[k as usize * LANES..(k as usize + 1) * LANES];
+                for l in 0..LANES {
+                    if row[l] > acc[l] {
+                        acc[l] = row[l];
+                    }
+                }
+            }
+            let lanes = (qt.w - ch * LANES).min(LANES);
+            s1 += acc[..lanes].iter().sum::<f32>();
+        }
+        *o = s1 / qt.w as f32 + s2 / n as f32;
+    }
+}
+
+/// Scratch of [`centroid_local`].
+#[derive(Default)]
+struct Scratch {
+    real: Vec<u16>,
+    z: Vec<f32>,
+    num: Vec<f32>,
+    v: Vec<f32>,
+    n2: Vec<f32>,
+    e: Vec<f32>,
+}
+
+/// The region-word score of clip `i` with its regions replaced by their centroids (see the
+/// module docs); −∞ without a real region or a real word.
+fn centroid_local(codes: &Codes, index: &Index, qt: &QueryTables, i: usize, s: &mut Scratch) -> f32 {
+    let nl = codes.locals;
+    let (lq, w, p) = (qt.lq, qt.w, qt.dim);
+    let slots = &codes.codes[i * nl..(i + 1) * nl];
+    let mask = index.mask(i);
+    s.real.clear();
+    s.real.extend(slots.iter().zip(mask).filter(|(_, &m)| m != 0).map(|(&k, _)| k));
+    if s.real.is_empty() || w == 0 {
+        return f32::NEG_INFINITY;
+    }
+    // Word→region: queries = the word positions, contexts = the real regions.
+    let lc = nl as f32;
+    s.z.clear();
+    s.z.resize(lq, 0.0);
+    for &k in &s.real {
+        for (z, &e) in s.z.iter_mut().zip(&qt.e1[k as usize * lq..(k as usize + 1) * lq]) {
+            *z += e;
+        }
+    }
+    s.num.clear();
+    s.num.resize(lq, 0.0);
+    s.v.clear();
+    s.v.resize(lq * p, 0.0);
+    for &k in &s.real {
+        let k = k as usize;
+        let (erow, trow) = (&qt.e1[k * lq..(k + 1) * lq], &qt.t[k * lq..(k + 1) * lq]);
+        let cen = &codes.codebook.rows[k * p..(k + 1) * p];
+        for l in 0..lq {
+            let e = erow[l];
+            if e * lc > s.z[l] {
+                s.num[l] += e * trow[l];
+                for (a, &b) in s.v[l * p..(l + 1) * p].iter_mut().zip(cen) {
+                    *a += e * b;
+                }
+            }
+        }
+    }
+    let (mut s1, mut n1) = (0f32, 0usize);
+    for l in 0..lq {
+        if qt.masked_mean && !qt.real_pos[l] {
+            continue;
+        }
+        let n = crate::ann::dot(&s.v[l * p..(l + 1) * p], &s.v[l * p..(l + 1) * p]).sqrt();
+        s1 += if n > 0.0 { s.num[l] / n } else { 0.0 };
+        n1 += 1;
+    }
+    // Region→word: queries = every region slot, contexts = the real words.
+    s.n2.clear();
+    s.n2.resize(w, 0.0);
+    for &k in slots {
+        for (a, &x) in s.n2.iter_mut().zip(&qt.tw[k as usize * w..(k as usize + 1) * w]) {
+            *a += leaky(x) * leaky(x);
+        }
+    }
+    s.n2.iter_mut().for_each(|x| *x = x.sqrt() + NORM_EPS);
+    s.e.clear();
+    s.e.resize(w, 0.0);
+    let (mut s2, mut n2) = (0f32, 0usize);
+    let lcw = lq as f32;
+    for (&k, &m) in slots.iter().zip(mask) {
+        if qt.masked_mean && m == 0 {
+            continue;
+        }
+        let trow = &qt.tw[k as usize * w..(k as usize + 1) * w];
+        let mut sum = 0f32;
+        for ((e, &x), &n) in s.e.iter_mut().zip(trow).zip(&s.n2) {
+            *e = cephes_exp(qt.lambda * (leaky(x) / n));
+            sum += *e;
+        }
+        // Focal keep (above the mean weight over all Lq positions), then the cosine of the
+        // region with the kept words' weighted sum.
+        let mut num = 0f32;
+        for (e, &x) in s.e.iter_mut().zip(trow) {
+            if *e * lcw > sum {
+                num += *e * x;
+            } else {
+                *e = 0.0;
+            }
+        }
+        let mut den = 0f32;
+        for (a, &ea) in s.e.iter().enumerate() {
+            if ea != 0.0 {
+                den += ea * crate::ann::dot(&s.e, &qt.gram[a * w..(a + 1) * w]);
+            }
+        }
+        s2 += if den > 0.0 { num / den.sqrt() } else { 0.0 };
+        n2 += 1;
+    }
+    s1 / n1.max(1) as f32 + s2 / n2.max(1) as f32
+}
+
+/// Global cosine + the centroid region-word score of each of `clips` (non-finite as −∞).
+pub fn centroid_scores(codes: &Codes, index: &Index, qt: &QueryTables, global_unit: &[f32], clips: &[usize]) -> Vec<f32> {
+    clips
+        .par_iter()
+        .map_init(Scratch::default, |s, &i| {
+            let v = crate::ann::dot(global_unit, index.global(i)) + centroid_local(codes, index, qt, i, s);
+            if v.is_finite() {
+                v
+            } else {
+                f32::NEG_INFINITY
+            }
+        })
+        .collect()
+}
