@@ -218,7 +218,7 @@ pub struct SearchArgs {
     k: usize,
     /// Re-rank this many first-stage candidates by the exact global + region-word score
     /// (0: global only; at least the index's clips: every clip, i.e. exhaustive scoring).
-    /// Default: 100, or 1% of the clips when that is more, at most 1000 (see docs/search.md).
+    /// Default: 100 + 1 per 10 000 clips, at most 300 (see docs/search.md).
     #[arg(long)]
     rerank: Option<usize>,
     /// Where the candidates come from: regions (the region cascade: every clip by a coarse

@@ -170,15 +170,52 @@ pub fn coarse_scores(codes: &Codes, qt: &QueryTables) -> Vec<f32> {
     out
 }
 
+/// [`coarse_block`] with the 16-lane maxima as AVX2 instructions (two slots in flight).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn coarse_block_avx2(out: &mut [f32], first: usize, codes: &Codes, qt: &QueryTables) {
-    coarse_block(out, first, codes, qt)
+    use std::arch::x86_64::*;
+    let nl = codes.locals;
+    let c = qt.centroids;
+    let mut lanes = [0f32; LANES];
+    for (j, o) in out.iter_mut().enumerate() {
+        let i = first + j;
+        let n = codes.real[i] as usize;
+        if n == 0 {
+            *o = f32::NEG_INFINITY;
+            continue;
+        }
+        let cs = &codes.real_first[i * nl..i * nl + n];
+        let s2 = best_sum(cs, &qt.best);
+        let mut s1 = 0f32;
+        for ch in 0..qt.chunks {
+            let tab = &qt.coarse[ch * c * LANES..(ch + 1) * c * LANES];
+            let ninf = _mm256_set1_ps(f32::NEG_INFINITY);
+            let (mut a0, mut a1, mut b0, mut b1) = (ninf, ninf, ninf, ninf);
+            let mut pairs = cs.chunks_exact(2);
+            for pr in &mut pairs {
+                let r0 = &tab[pr[0] as usize * LANES..(pr[0] as usize + 1) * LANES];
+                let r1 = &tab[pr[1] as usize * LANES..(pr[1] as usize + 1) * LANES];
+                a0 = _mm256_max_ps(a0, _mm256_loadu_ps(r0.as_ptr()));
+                a1 = _mm256_max_ps(a1, _mm256_loadu_ps(r0.as_ptr().add(8)));
+                b0 = _mm256_max_ps(b0, _mm256_loadu_ps(r1.as_ptr()));
+                b1 = _mm256_max_ps(b1, _mm256_loadu_ps(r1.as_ptr().add(8)));
+            }
+            for &k in pairs.remainder() {
+                let r0 = &tab[k as usize * LANES..(k as usize + 1) * LANES];
+                a0 = _mm256_max_ps(a0, _mm256_loadu_ps(r0.as_ptr()));
+                a1 = _mm256_max_ps(a1, _mm256_loadu_ps(r0.as_ptr().add(8)));
+            }
+            _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_max_ps(a0, b0));
+            _mm256_storeu_ps(lanes.as_mut_ptr().add(8), _mm256_max_ps(a1, b1));
+            let m = (qt.w - ch * LANES).min(LANES);
+            s1 += lanes[..m].iter().sum::<f32>();
+        }
+        *o = s1 / qt.w as f32 + s2 / n as f32;
+    }
 }
 
-/// [`coarse_scores`] of clips `first..first + out.len()`; written so that the compiler
-/// vectorises the 16-lane maxima.
-#[inline(always)]
+/// [`coarse_scores`] of clips `first..first + out.len()` (portable form).
 fn coarse_block(out: &mut [f32], first: usize, codes: &Codes, qt: &QueryTables) {
     let nl = codes.locals;
     let c = qt.centroids;
@@ -190,27 +227,52 @@ fn coarse_block(out: &mut [f32], first: usize, codes: &Codes, qt: &QueryTables) 
             continue;
         }
         let cs = &codes.real_first[i * nl..i * nl + n];
-        let mut s2 = 0f32;
-        for &k in cs {
-            s2 += qt.best[k as usize];
-        }
+        // Independent partial sums and maxima (two slots at a time), so the loop is not one
+        // long dependency chain.
+        let s2 = best_sum(cs, &qt.best);
         let mut s1 = 0f32;
         for ch in 0..qt.chunks {
             let tab = &qt.coarse[ch * c * LANES..(ch + 1) * c * LANES];
-            let mut acc = [f32::NEG_INFINITY; LANES];
-            for &k in cs {
-                let row = &tab[k as usize * LANES..(k as usize + 1) * LANES];
+            let (mut a0, mut a1) = ([f32::NEG_INFINITY; LANES], [f32::NEG_INFINITY; LANES]);
+            let mut pairs = cs.chunks_exact(2);
+            for pr in &mut pairs {
+                let r0: &[f32; LANES] = tab[pr[0] as usize * LANES..][..LANES].try_into().expect("16 lanes");
+                let r1: &[f32; LANES] = tab[pr[1] as usize * LANES..][..LANES].try_into().expect("16 lanes");
                 for l in 0..LANES {
-                    if row[l] > acc[l] {
-                        acc[l] = row[l];
-                    }
+                    a0[l] = if r0[l] > a0[l] { r0[l] } else { a0[l] };
+                    a1[l] = if r1[l] > a1[l] { r1[l] } else { a1[l] };
+                }
+            }
+            for &k in pairs.remainder() {
+                let r0: &[f32; LANES] = tab[k as usize * LANES..][..LANES].try_into().expect("16 lanes");
+                for l in 0..LANES {
+                    a0[l] = if r0[l] > a0[l] { r0[l] } else { a0[l] };
                 }
             }
             let lanes = (qt.w - ch * LANES).min(LANES);
-            s1 += acc[..lanes].iter().sum::<f32>();
+            for l in 0..lanes {
+                s1 += a0[l].max(a1[l]);
+            }
         }
         *o = s1 / qt.w as f32 + s2 / n as f32;
     }
+}
+
+/// Σ best[k] over the codes `cs`, four partial sums (not one dependency chain).
+#[inline(always)]
+fn best_sum(cs: &[u16], best: &[f32]) -> f32 {
+    let (mut b0, mut b1, mut b2, mut b3) = (0f32, 0f32, 0f32, 0f32);
+    let mut q = cs.chunks_exact(4);
+    for k in &mut q {
+        b0 += best[k[0] as usize];
+        b1 += best[k[1] as usize];
+        b2 += best[k[2] as usize];
+        b3 += best[k[3] as usize];
+    }
+    for &k in q.remainder() {
+        b0 += best[k as usize];
+    }
+    (b0 + b1) + (b2 + b3)
 }
 
 /// Scratch of [`centroid_local`].
@@ -222,10 +284,18 @@ struct Scratch {
     v: Vec<f32>,
     n2: Vec<f32>,
     e: Vec<f32>,
+    wt: Vec<f32>,
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn centroid_local_avx2(codes: &Codes, index: &Index, qt: &QueryTables, i: usize, s: &mut Scratch) -> f32 {
+    centroid_local(codes, index, qt, i, s)
 }
 
 /// The region-word score of clip `i` with its regions replaced by their centroids (see the
 /// module docs); −∞ without a real region or a real word.
+#[inline(always)]
 fn centroid_local(codes: &Codes, index: &Index, qt: &QueryTables, i: usize, s: &mut Scratch) -> f32 {
     let nl = codes.locals;
     let (lq, w, p) = (qt.lq, qt.w, qt.dim);
@@ -249,16 +319,21 @@ fn centroid_local(codes: &Codes, index: &Index, qt: &QueryTables, i: usize, s: &
     s.num.resize(lq, 0.0);
     s.v.clear();
     s.v.resize(lq * p, 0.0);
+    s.wt.clear();
+    s.wt.resize(lq, 0.0);
     for &k in &s.real {
         let k = k as usize;
         let (erow, trow) = (&qt.e1[k * lq..(k + 1) * lq], &qt.t[k * lq..(k + 1) * lq]);
+        // The focal keep of every position at once (weight × regions above the row's sum).
+        for ((((w, &e), &t), &z), num) in s.wt.iter_mut().zip(erow).zip(trow).zip(&s.z).zip(s.num.iter_mut()) {
+            *w = if e * lc > z { e } else { 0.0 };
+            *num += *w * t;
+        }
         let cen = &codes.codebook.rows[k * p..(k + 1) * p];
-        for l in 0..lq {
-            let e = erow[l];
-            if e * lc > s.z[l] {
-                s.num[l] += e * trow[l];
-                for (a, &b) in s.v[l * p..(l + 1) * p].iter_mut().zip(cen) {
-                    *a += e * b;
+        for (&w, v) in s.wt.iter().zip(s.v.chunks_exact_mut(p)) {
+            if w != 0.0 {
+                for (a, &b) in v.iter_mut().zip(cen) {
+                    *a += w * b;
                 }
             }
         }
@@ -290,11 +365,10 @@ fn centroid_local(codes: &Codes, index: &Index, qt: &QueryTables, i: usize, s: &
             continue;
         }
         let trow = &qt.tw[k as usize * w..(k as usize + 1) * w];
-        let mut sum = 0f32;
         for ((e, &x), &n) in s.e.iter_mut().zip(trow).zip(&s.n2) {
             *e = cephes_exp(qt.lambda * (leaky(x) / n));
-            sum += *e;
         }
+        let sum: f32 = s.e.iter().sum();
         // Focal keep (above the mean weight over all Lq positions), then the cosine of the
         // region with the kept words' weighted sum.
         let mut num = 0f32;
@@ -319,10 +393,17 @@ fn centroid_local(codes: &Codes, index: &Index, qt: &QueryTables, i: usize, s: &
 
 /// Global cosine + the centroid region-word score of each of `clips` (non-finite as −∞).
 pub fn centroid_scores(codes: &Codes, index: &Index, qt: &QueryTables, global_unit: &[f32], clips: &[usize]) -> Vec<f32> {
+    #[cfg(target_arch = "x86_64")]
+    let avx2 = demovlp_kernels::simd::level() != demovlp_kernels::simd::Level::Baseline;
     clips
         .par_iter()
         .map_init(Scratch::default, |s, &i| {
-            let v = crate::ann::dot(global_unit, index.global(i)) + centroid_local(codes, index, qt, i, s);
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the CPU has AVX2 and FMA (that is what the level says).
+            let local = if avx2 { unsafe { centroid_local_avx2(codes, index, qt, i, s) } } else { centroid_local(codes, index, qt, i, s) };
+            #[cfg(not(target_arch = "x86_64"))]
+            let local = centroid_local(codes, index, qt, i, s);
+            let v = crate::ann::dot(global_unit, index.global(i)) + local;
             if v.is_finite() {
                 v
             } else {
