@@ -3,7 +3,8 @@
 
 Reads the JSON line(s) the benchmark printed (one file per run, the last line of each is the
 report) and plots, per run, the measured points only: the region first stage at each
-`--rerank-sweep` depth and at the run's `--rerank`, and the global first stage — recall@10
+`--rerank-sweep` depth and at the run's `--rerank`, the previous release's stage (codes) and
+the global first stage — recall@10
 against exhaustive scoring (y) over p50 latency of the search (x, log scale), each point
 labelled with its depth. Usage:
 
@@ -30,10 +31,17 @@ def series(r):
             pts[p["rerank"]] = (p["p50_ms"], p["recall_at_10_vs_exhaustive"])
     pts.setdefault(r["rerank"], (r["p50_ms"], r["recall_at_10_vs_exhaustive"]))
     region = [(ms, rc, f"N={n}") for n, (ms, rc) in sorted(pts.items())]
-    g = r["global_stage"]
-    glob = [(g["p50_ms"], g["recall_at_10_vs_exhaustive"], f"global, N={r['rerank']}")]
     name = f"{r['clips']:,} clips"
-    return [(f"{name}: region first stage", region), (f"{name}: global first stage (old)", glob)]
+    # Runs with "codes_stage" measured the region cascade as the default; older runs' region
+    # stage is today's `--first-stage codes`.
+    cascade = "codes_stage" in r
+    out = [(f"{name}: {'region cascade' if cascade else 'codes (previous release)'}", region)]
+    if cascade:
+        c = r["codes_stage"]
+        out.append((f"{name}: codes (previous release)", [(c["p50_ms"], c["recall_at_10_vs_exhaustive"], f"codes, N={r['rerank']}")]))
+    g = r["global_stage"]
+    out.append((f"{name}: global first stage (old)", [(g["p50_ms"], g["recall_at_10_vs_exhaustive"], f"global, N={r['rerank']}")]))
+    return out
 
 
 def main():

@@ -61,24 +61,35 @@ pub struct QueryTables {
     w: usize,
     centroids: usize,
     dim: usize,
-    lambda: f32,
     masked_mean: bool,
     /// `[Lq]` whether each position is a real word.
     real_pos: Vec<bool>,
-    /// `[C, Lq]` ⟨ĉ, ŵ_l⟩.
+    /// Row stride of `t` / `e1` (Lq rounded up to 8; padding lanes 0).
+    lqp: usize,
+    /// `[C, lqp]` ⟨ĉ, ŵ_l⟩.
     t: Vec<f32>,
-    /// `[C, Lq]` word→region softmax numerators.
+    /// `[C, lqp]` word→region softmax numerators.
     e1: Vec<f32>,
-    /// `[C, W]` ⟨ĉ, ŵ⟩ of the real words.
+    /// Row stride of the real-word tables (W rounded up to 8).
+    wp: usize,
+    /// `[C, wp]` ⟨ĉ, ŵ⟩ of the real words (padding lanes 0).
     tw: Vec<f32>,
-    /// `[chunks, C, LANES]` the real words' columns of `tw`, 16 a chunk (padding lanes 0).
-    coarse: Vec<f32>,
+    /// `[C, wp]` λ·leaky(tw) (padding lanes −∞: weight 0) and leaky(tw)² (padding 0): the
+    /// region→word logits before the per-clip normalisation, and what that sums.
+    lt: Vec<f32>,
+    sq: Vec<f32>,
+    /// `[chunks, C, LANES]` the real words' columns of `tw` in 1/32767 (i16), 16 a chunk
+    /// (padding lanes 0): the coarse scan's table.
+    coarse: Vec<i16>,
     chunks: usize,
     /// `[C]` the best real word of each centroid.
     best: Vec<f32>,
-    /// `[W, W]` Gram matrix of the real words' unit rows.
+    /// `[wp, wp]` Gram matrix of the real words' unit rows (padding 0).
     gram: Vec<f32>,
 }
+
+/// Scale of the coarse table's i16 cosines.
+const Q16: f32 = 32767.0;
 
 impl QueryTables {
     /// `local` `[Lq, P]` the query's word embeddings (every position), `mask_additive` `[Lq]`.
@@ -107,38 +118,44 @@ impl QueryTables {
                 lq,
             );
         }
-        let mut e1 = vec![0f32; c * lq];
-        for (trow, erow) in t.chunks_exact(lq.max(1)).zip(e1.chunks_exact_mut(lq.max(1))) {
+        let lqp = lq.div_ceil(8).max(1) * 8;
+        let (mut tp, mut e1) = (vec![0f32; c * lqp], vec![0f32; c * lqp]);
+        for ((trow, tprow), erow) in t.chunks_exact(lq.max(1)).zip(tp.chunks_exact_mut(lqp)).zip(e1.chunks_exact_mut(lqp)) {
             let n = trow.iter().map(|&x| leaky(x) * leaky(x)).sum::<f32>().sqrt() + NORM_EPS;
-            for (e, &x) in erow.iter_mut().zip(trow) {
+            for ((e, tpv), &x) in erow.iter_mut().zip(tprow.iter_mut()).zip(trow) {
                 *e = cephes_exp(lambda * (leaky(x) / n));
+                *tpv = x;
             }
         }
         let real_idx: Vec<usize> = (0..lq).filter(|&l| real_pos[l]).collect();
         let w = real_idx.len();
-        let mut tw = vec![0f32; c * w];
+        let wp = w.div_ceil(8).max(1) * 8;
+        let (mut tw, mut lt, mut sq) = (vec![0f32; c * wp], vec![f32::NEG_INFINITY; c * wp], vec![0f32; c * wp]);
         for k in 0..c {
             for (j, &l) in real_idx.iter().enumerate() {
-                tw[k * w + j] = t[k * lq + l];
+                let x = t[k * lq + l];
+                tw[k * wp + j] = x;
+                lt[k * wp + j] = lambda * leaky(x);
+                sq[k * wp + j] = leaky(x) * leaky(x);
             }
         }
         let chunks = w.div_ceil(LANES);
-        let mut coarse = vec![0f32; chunks * c * LANES];
+        let mut coarse = vec![0i16; chunks * c * LANES];
         for ch in 0..chunks {
             for k in 0..c {
                 for j in ch * LANES..((ch + 1) * LANES).min(w) {
-                    coarse[(ch * c + k) * LANES + j - ch * LANES] = tw[k * w + j];
+                    coarse[(ch * c + k) * LANES + j - ch * LANES] = (tw[k * wp + j] * Q16).round().clamp(-Q16, Q16) as i16;
                 }
             }
         }
-        let best: Vec<f32> = (0..c).map(|k| tw[k * w..(k + 1) * w].iter().copied().fold(f32::NEG_INFINITY, f32::max)).collect();
-        let mut gram = vec![0f32; w * w];
+        let best: Vec<f32> = (0..c).map(|k| tw[k * wp..k * wp + w].iter().copied().fold(f32::NEG_INFINITY, f32::max)).collect();
+        let mut gram = vec![0f32; wp * wp];
         for (a, &la) in real_idx.iter().enumerate() {
             for (b, &lb) in real_idx.iter().enumerate() {
-                gram[a * w + b] = crate::ann::dot(&words[la * p..(la + 1) * p], &words[lb * p..(lb + 1) * p]);
+                gram[a * wp + b] = crate::ann::dot(&words[la * p..(la + 1) * p], &words[lb * p..(lb + 1) * p]);
             }
         }
-        QueryTables { lq, w, centroids: c, dim: p, lambda, masked_mean, real_pos, t, e1, tw, coarse, chunks, best, gram }
+        QueryTables { lq, w, centroids: c, dim: p, masked_mean, real_pos, lqp, t: tp, e1, wp, tw, lt, sq, coarse, chunks, best, gram }
     }
 
     /// Real words of the query.
@@ -170,14 +187,14 @@ pub fn coarse_scores(codes: &Codes, qt: &QueryTables) -> Vec<f32> {
     out
 }
 
-/// [`coarse_block`] with the 16-lane maxima as AVX2 instructions (two slots in flight).
+/// [`coarse_block`] with the 16-lane i16 maxima as AVX2 instructions (two slots in flight).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn coarse_block_avx2(out: &mut [f32], first: usize, codes: &Codes, qt: &QueryTables) {
     use std::arch::x86_64::*;
     let nl = codes.locals;
     let c = qt.centroids;
-    let mut lanes = [0f32; LANES];
+    let mut lanes = [0i16; LANES];
     for (j, o) in out.iter_mut().enumerate() {
         let i = first + j;
         let n = codes.real[i] as usize;
@@ -187,31 +204,26 @@ unsafe fn coarse_block_avx2(out: &mut [f32], first: usize, codes: &Codes, qt: &Q
         }
         let cs = &codes.real_first[i * nl..i * nl + n];
         let s2 = best_sum(cs, &qt.best);
-        let mut s1 = 0f32;
+        let mut s1 = 0i32;
         for ch in 0..qt.chunks {
             let tab = &qt.coarse[ch * c * LANES..(ch + 1) * c * LANES];
-            let ninf = _mm256_set1_ps(f32::NEG_INFINITY);
-            let (mut a0, mut a1, mut b0, mut b1) = (ninf, ninf, ninf, ninf);
+            let (mut a, mut b) = (_mm256_set1_epi16(i16::MIN), _mm256_set1_epi16(i16::MIN));
             let mut pairs = cs.chunks_exact(2);
             for pr in &mut pairs {
                 let r0 = &tab[pr[0] as usize * LANES..(pr[0] as usize + 1) * LANES];
                 let r1 = &tab[pr[1] as usize * LANES..(pr[1] as usize + 1) * LANES];
-                a0 = _mm256_max_ps(a0, _mm256_loadu_ps(r0.as_ptr()));
-                a1 = _mm256_max_ps(a1, _mm256_loadu_ps(r0.as_ptr().add(8)));
-                b0 = _mm256_max_ps(b0, _mm256_loadu_ps(r1.as_ptr()));
-                b1 = _mm256_max_ps(b1, _mm256_loadu_ps(r1.as_ptr().add(8)));
+                a = _mm256_max_epi16(a, _mm256_loadu_si256(r0.as_ptr() as *const __m256i));
+                b = _mm256_max_epi16(b, _mm256_loadu_si256(r1.as_ptr() as *const __m256i));
             }
             for &k in pairs.remainder() {
                 let r0 = &tab[k as usize * LANES..(k as usize + 1) * LANES];
-                a0 = _mm256_max_ps(a0, _mm256_loadu_ps(r0.as_ptr()));
-                a1 = _mm256_max_ps(a1, _mm256_loadu_ps(r0.as_ptr().add(8)));
+                a = _mm256_max_epi16(a, _mm256_loadu_si256(r0.as_ptr() as *const __m256i));
             }
-            _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_max_ps(a0, b0));
-            _mm256_storeu_ps(lanes.as_mut_ptr().add(8), _mm256_max_ps(a1, b1));
+            _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, _mm256_max_epi16(a, b));
             let m = (qt.w - ch * LANES).min(LANES);
-            s1 += lanes[..m].iter().sum::<f32>();
+            s1 += lanes[..m].iter().map(|&x| x as i32).sum::<i32>();
         }
-        *o = s1 / qt.w as f32 + s2 / n as f32;
+        *o = s1 as f32 / Q16 / qt.w as f32 + s2 / n as f32;
     }
 }
 
@@ -227,34 +239,21 @@ fn coarse_block(out: &mut [f32], first: usize, codes: &Codes, qt: &QueryTables) 
             continue;
         }
         let cs = &codes.real_first[i * nl..i * nl + n];
-        // Independent partial sums and maxima (two slots at a time), so the loop is not one
-        // long dependency chain.
         let s2 = best_sum(cs, &qt.best);
-        let mut s1 = 0f32;
+        let mut s1 = 0i32;
         for ch in 0..qt.chunks {
             let tab = &qt.coarse[ch * c * LANES..(ch + 1) * c * LANES];
-            let (mut a0, mut a1) = ([f32::NEG_INFINITY; LANES], [f32::NEG_INFINITY; LANES]);
-            let mut pairs = cs.chunks_exact(2);
-            for pr in &mut pairs {
-                let r0: &[f32; LANES] = tab[pr[0] as usize * LANES..][..LANES].try_into().expect("16 lanes");
-                let r1: &[f32; LANES] = tab[pr[1] as usize * LANES..][..LANES].try_into().expect("16 lanes");
+            let mut acc = [i16::MIN; LANES];
+            for &k in cs {
+                let row = &tab[k as usize * LANES..(k as usize + 1) * LANES];
                 for l in 0..LANES {
-                    a0[l] = if r0[l] > a0[l] { r0[l] } else { a0[l] };
-                    a1[l] = if r1[l] > a1[l] { r1[l] } else { a1[l] };
+                    acc[l] = acc[l].max(row[l]);
                 }
             }
-            for &k in pairs.remainder() {
-                let r0: &[f32; LANES] = tab[k as usize * LANES..][..LANES].try_into().expect("16 lanes");
-                for l in 0..LANES {
-                    a0[l] = if r0[l] > a0[l] { r0[l] } else { a0[l] };
-                }
-            }
-            let lanes = (qt.w - ch * LANES).min(LANES);
-            for l in 0..lanes {
-                s1 += a0[l].max(a1[l]);
-            }
+            let m = (qt.w - ch * LANES).min(LANES);
+            s1 += acc[..m].iter().map(|&x| x as i32).sum::<i32>();
         }
-        *o = s1 / qt.w as f32 + s2 / n as f32;
+        *o = s1 as f32 / Q16 / qt.w as f32 + s2 / n as f32;
     }
 }
 
@@ -284,6 +283,7 @@ struct Scratch {
     v: Vec<f32>,
     n2: Vec<f32>,
     e: Vec<f32>,
+    g: Vec<f32>,
     wt: Vec<f32>,
 }
 
@@ -298,7 +298,7 @@ unsafe fn centroid_local_avx2(codes: &Codes, index: &Index, qt: &QueryTables, i:
 #[inline(always)]
 fn centroid_local(codes: &Codes, index: &Index, qt: &QueryTables, i: usize, s: &mut Scratch) -> f32 {
     let nl = codes.locals;
-    let (lq, w, p) = (qt.lq, qt.w, qt.dim);
+    let (lq, lqp, w, wp, p) = (qt.lq, qt.lqp, qt.w, qt.wp, qt.dim);
     let slots = &codes.codes[i * nl..(i + 1) * nl];
     let mask = index.mask(i);
     s.real.clear();
@@ -309,21 +309,21 @@ fn centroid_local(codes: &Codes, index: &Index, qt: &QueryTables, i: usize, s: &
     // Word→region: queries = the word positions, contexts = the real regions.
     let lc = nl as f32;
     s.z.clear();
-    s.z.resize(lq, 0.0);
+    s.z.resize(lqp, 0.0);
     for &k in &s.real {
-        for (z, &e) in s.z.iter_mut().zip(&qt.e1[k as usize * lq..(k as usize + 1) * lq]) {
+        for (z, &e) in s.z.iter_mut().zip(&qt.e1[k as usize * lqp..(k as usize + 1) * lqp]) {
             *z += e;
         }
     }
     s.num.clear();
-    s.num.resize(lq, 0.0);
+    s.num.resize(lqp, 0.0);
     s.v.clear();
     s.v.resize(lq * p, 0.0);
     s.wt.clear();
-    s.wt.resize(lq, 0.0);
+    s.wt.resize(lqp, 0.0);
     for &k in &s.real {
         let k = k as usize;
-        let (erow, trow) = (&qt.e1[k * lq..(k + 1) * lq], &qt.t[k * lq..(k + 1) * lq]);
+        let (erow, trow) = (&qt.e1[k * lqp..(k + 1) * lqp], &qt.t[k * lqp..(k + 1) * lqp]);
         // The focal keep of every position at once (weight × regions above the row's sum).
         for ((((w, &e), &t), &z), num) in s.wt.iter_mut().zip(erow).zip(trow).zip(&s.z).zip(s.num.iter_mut()) {
             *w = if e * lc > z { e } else { 0.0 };
@@ -333,7 +333,7 @@ fn centroid_local(codes: &Codes, index: &Index, qt: &QueryTables, i: usize, s: &
         for (&w, v) in s.wt.iter().zip(s.v.chunks_exact_mut(p)) {
             if w != 0.0 {
                 for (a, &b) in v.iter_mut().zip(cen) {
-                    *a += w * b;
+                    *a = b.mul_add(w, *a);
                 }
             }
         }
@@ -347,44 +347,49 @@ fn centroid_local(codes: &Codes, index: &Index, qt: &QueryTables, i: usize, s: &
         s1 += if n > 0.0 { s.num[l] / n } else { 0.0 };
         n1 += 1;
     }
-    // Region→word: queries = every region slot, contexts = the real words.
+    // Region→word: queries = every region slot, contexts = the real words; the
+    // normalisation over the clip's slots, per word.
     s.n2.clear();
-    s.n2.resize(w, 0.0);
+    s.n2.resize(wp, 0.0);
     for &k in slots {
-        for (a, &x) in s.n2.iter_mut().zip(&qt.tw[k as usize * w..(k as usize + 1) * w]) {
-            *a += leaky(x) * leaky(x);
+        for (a, &x) in s.n2.iter_mut().zip(&qt.sq[k as usize * wp..(k as usize + 1) * wp]) {
+            *a += x;
         }
     }
-    s.n2.iter_mut().for_each(|x| *x = x.sqrt() + NORM_EPS);
+    // 1 / (√Σ + ε) (padding lanes: 1, their logits are −∞).
+    s.n2.iter_mut().enumerate().for_each(|(j, x)| *x = if j < w { 1.0 / (x.sqrt() + NORM_EPS) } else { 1.0 });
     s.e.clear();
-    s.e.resize(w, 0.0);
+    s.e.resize(wp, 0.0);
+    s.g.clear();
+    s.g.resize(wp, 0.0);
     let (mut s2, mut n2) = (0f32, 0usize);
     let lcw = lq as f32;
     for (&k, &m) in slots.iter().zip(mask) {
         if qt.masked_mean && m == 0 {
             continue;
         }
-        let trow = &qt.tw[k as usize * w..(k as usize + 1) * w];
-        for ((e, &x), &n) in s.e.iter_mut().zip(trow).zip(&s.n2) {
-            *e = cephes_exp(qt.lambda * (leaky(x) / n));
+        let k = k as usize;
+        let (lrow, trow) = (&qt.lt[k * wp..(k + 1) * wp], &qt.tw[k * wp..(k + 1) * wp]);
+        for ((e, &x), &inv) in s.e.iter_mut().zip(lrow).zip(&s.n2) {
+            *e = cephes_exp(x * inv);
         }
         let sum: f32 = s.e.iter().sum();
         // Focal keep (above the mean weight over all Lq positions), then the cosine of the
-        // region with the kept words' weighted sum.
+        // region with the kept words' weighted sum: Σ e·t / √(eᵀ G e).
         let mut num = 0f32;
         for (e, &x) in s.e.iter_mut().zip(trow) {
-            if *e * lcw > sum {
-                num += *e * x;
-            } else {
-                *e = 0.0;
-            }
+            *e = if *e * lcw > sum { *e } else { 0.0 };
+            num += *e * x;
         }
-        let mut den = 0f32;
+        s.g.iter_mut().for_each(|x| *x = 0.0);
         for (a, &ea) in s.e.iter().enumerate() {
             if ea != 0.0 {
-                den += ea * crate::ann::dot(&s.e, &qt.gram[a * w..(a + 1) * w]);
+                for (g, &x) in s.g.iter_mut().zip(&qt.gram[a * wp..(a + 1) * wp]) {
+                    *g = x.mul_add(ea, *g);
+                }
             }
         }
+        let den = crate::ann::dot(&s.e, &s.g);
         s2 += if den > 0.0 { num / den.sqrt() } else { 0.0 };
         n2 += 1;
     }

@@ -74,9 +74,18 @@ pub fn default_coarse_depth(clips: usize) -> usize {
     (clips / 100).clamp(1000, 20_000)
 }
 
-/// Positions of the `n` largest of `s` (finite ones only), best first, ties by position.
-fn top_n(s: &[f32], n: usize) -> Vec<u32> {
-    crate::ann::top_k_rows(s, 1, 0, &[1.0], n).into_iter().map(|(i, _)| i as u32).collect()
+/// Positions of the `n` largest of `s` (finite ones only), best first, ties by position:
+/// a linear-time selection (the heap of [`crate::ann::top_k_rows`] costs O(len · log n) and
+/// sorts every survivor when `n` is thousands).
+pub fn top_n(s: &[f32], n: usize) -> Vec<u32> {
+    let mut v: Vec<(f32, u32)> = s.iter().enumerate().filter(|(_, x)| x.is_finite()).map(|(i, &x)| (x, i as u32)).collect();
+    let better = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
+    if v.len() > n && n > 0 {
+        v.select_nth_unstable_by(n - 1, better);
+    }
+    v.truncate(n);
+    v.sort_unstable_by(better);
+    v.into_iter().map(|(_, i)| i).collect()
 }
 
 /// Clips scored exactly at a time by the re-rank.

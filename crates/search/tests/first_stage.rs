@@ -139,13 +139,22 @@ fn region_first_stage_agrees_with_exhaustive_scoring() {
     let regions = Engine::open_for(&dir, FirstStage::Regions, usize::MAX).unwrap();
     assert!(regions.codes.is_some() && dir.join("codes.json").is_file(), "the codes are built and saved on first use");
     let global = Engine::open_for(&dir, FirstStage::Global, usize::MAX).unwrap();
+    let codes = Engine::open_for(&dir, FirstStage::Codes, usize::MAX).unwrap();
+    // A coarse depth below the index's size, so the cascade's coarse step chooses too.
+    let mut shallow = Engine::open_for(&dir, FirstStage::Regions, usize::MAX).unwrap();
+    shallow.coarse_depth = Some(40);
     for caption in [0, 1] {
         let qs = queries(&regions, caption);
         // 20 candidates of 100 clips: the first stage decides what the re-rank sees.
         let r = agreement(&regions, &qs, 10, 20);
+        let s = agreement(&shallow, &qs, 10, 20);
+        let c = agreement(&codes, &qs, 10, 20);
         let g = agreement(&global, &qs, 10, 20);
-        eprintln!("caption {caption}: regions {r:?}; global {g:?}");
-        assert!(r.agreement_at_1 >= 0.95 && r.recall_at_k >= 0.9, "caption {caption}: {r:?}");
+        eprintln!("caption {caption}: regions {r:?}; coarse depth 40 {s:?}; codes {c:?}; global {g:?}");
+        assert!(r.agreement_at_1 >= 0.95 && r.recall_at_k >= 0.95, "caption {caption}: {r:?}");
+        assert!(s.agreement_at_1 >= 0.95 && s.recall_at_k >= 0.9, "caption {caption}: {s:?}");
+        assert!(c.agreement_at_1 >= 0.95 && c.recall_at_k >= 0.9, "caption {caption}: {c:?}");
+        assert!(r.recall_at_k >= c.recall_at_k, "caption {caption}: cascade {r:?} below codes {c:?}");
         assert!(r.recall_at_k > g.recall_at_k, "caption {caption}: regions {r:?} not above global {g:?}");
         // N ≥ clips is exhaustive scoring whatever the first stage.
         let all = agreement(&global, &qs, 10, 100);
