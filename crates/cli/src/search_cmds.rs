@@ -228,7 +228,7 @@ pub struct SearchArgs {
     /// above --exact-threshold — the two-stage search of old). See docs/search.md.
     #[arg(long, default_value = "regions", value_parser = ["regions", "codes", "global"])]
     first_stage: String,
-    /// Clips the region cascade's coarse step passes on (default: 1% of the clips, at least
+    /// Clips the region cascade's coarse step passes on (default: 0.5% of the clips, at least
     /// 1000, at most 20 000).
     #[arg(long)]
     coarse_depth: Option<usize>,
@@ -501,7 +501,7 @@ fn bench_search_model(a: &BenchSearchArgs, model: &std::path::Path) -> Result<()
     if !a.json {
         println!("bench search: {} ({} threads)", r.data, r.threads);
         println!(
-            "  build {:.1} s (embedding {:.1} s, region codes {:.1} s: {} centroids, {:.1} MB); index {:.1} MB on disk; peak memory {:.0} MB; coarse depth {}",
+            "  build {:.1} s (embedding {:.1} s, region codes {:.1} s: {} centroids, {:.1} MB); index {:.1} MB on disk; peak memory {:.0} MB (at the end: {:.0} MB anonymous, {:.0} MB mapped index pages); coarse depth {}",
             r.build_s,
             r.embed_s,
             r.codes_s,
@@ -509,6 +509,8 @@ fn bench_search_model(a: &BenchSearchArgs, model: &std::path::Path) -> Result<()
             r.codes_bytes as f64 / 1e6,
             r.index_bytes as f64 / 1e6,
             r.peak_rss_mb,
+            r.end_rss_anon_mb,
+            r.end_rss_file_mb,
             r.coarse_depth
         );
         for (name, p50, p99, a1, rk) in [

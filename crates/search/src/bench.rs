@@ -154,6 +154,19 @@ pub fn peak_rss_mb() -> f64 {
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
+/// The process's resident memory now, split: (anonymous, file-backed — mostly the index's
+/// memory-mapped segments) in MB (`RssAnon` / `RssFile` of /proc/self/status).
+pub fn rss_split_mb() -> (f64, f64) {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let get = |k: &str| {
+        s.lines()
+            .find(|l| l.starts_with(k))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+            .map_or(f64::NAN, |kb| kb / 1024.0)
+    };
+    (get("RssAnon:"), get("RssFile:"))
+}
+
 /// The `q`-quantile (0..=1) of `xs` (nearest rank).
 pub fn quantile(xs: &[f64], q: f64) -> f64 {
     if xs.is_empty() {

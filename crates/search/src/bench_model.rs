@@ -15,7 +15,7 @@ use anyhow::{bail, Context, Result};
 use demovlp_train::synthetic::{CorpusConfig, Split, SyntheticCorpus};
 use serde::Serialize;
 
-use crate::bench::{dir_bytes, peak_rss_mb, quantile, Cleanup};
+use crate::bench::{dir_bytes, peak_rss_mb, quantile, rss_split_mb, Cleanup};
 use crate::build::{build_index_from, ClipList, IndexOptions};
 use crate::codes::ensure_codes;
 use crate::quality::{exhaustive, Tally};
@@ -102,7 +102,12 @@ pub struct ModelBenchReport {
     pub codes_stage: StageFigures,
     /// The region first stage at other re-rank depths (`--rerank-sweep`), on the exhaustive sample.
     pub sweep: Vec<DepthPoint>,
+    /// Peak resident memory of the whole bench process (VmHWM: anonymous + the index's
+    /// memory-mapped pages, which the exhaustive reference scoring touches in full).
     pub peak_rss_mb: f64,
+    /// Resident memory at the end, split into anonymous and file-backed (mapped index pages).
+    pub end_rss_anon_mb: f64,
+    pub end_rss_file_mb: f64,
 }
 
 /// Runs the benchmark; `say` gets the progress lines.
@@ -249,5 +254,7 @@ pub fn run(o: &ModelBenchOptions, say: &dyn Fn(String)) -> Result<ModelBenchRepo
             })
             .collect(),
         peak_rss_mb: build_peak.max(peak_rss_mb()),
+        end_rss_anon_mb: rss_split_mb().0,
+        end_rss_file_mb: rss_split_mb().1,
     })
 }

@@ -317,25 +317,45 @@ fn centroid_local(codes: &Codes, index: &Index, qt: &QueryTables, i: usize, s: &
     }
     s.num.clear();
     s.num.resize(lqp, 0.0);
-    s.v.clear();
-    s.v.resize(lq * p, 0.0);
+    // The kept weights of every real region, `[regions, lqp]`.
     s.wt.clear();
-    s.wt.resize(lqp, 0.0);
-    for &k in &s.real {
+    s.wt.resize(s.real.len() * lqp, 0.0);
+    for (&k, wrow) in s.real.iter().zip(s.wt.chunks_exact_mut(lqp)) {
         let k = k as usize;
         let (erow, trow) = (&qt.e1[k * lqp..(k + 1) * lqp], &qt.t[k * lqp..(k + 1) * lqp]);
         // The focal keep of every position at once (weight × regions above the row's sum).
-        for ((((w, &e), &t), &z), num) in s.wt.iter_mut().zip(erow).zip(trow).zip(&s.z).zip(s.num.iter_mut()) {
+        for ((((w, &e), &t), &z), num) in wrow.iter_mut().zip(erow).zip(trow).zip(&s.z).zip(s.num.iter_mut()) {
             *w = if e * lc > z { e } else { 0.0 };
             *num += *w * t;
         }
-        let cen = &codes.codebook.rows[k * p..(k + 1) * p];
-        for (&w, v) in s.wt.iter().zip(s.v.chunks_exact_mut(p)) {
-            if w != 0.0 {
-                for (a, &b) in v.iter_mut().zip(cen) {
-                    *a = b.mul_add(w, *a);
+    }
+    // ‖Σ_r w[r, l] ĉ_r‖² of every position l.
+    s.v.clear();
+    s.v.resize(lq, 0.0);
+    let rows = &codes.codebook.rows;
+    #[cfg(target_arch = "x86_64")]
+    let fast = p % 64 == 0 && demovlp_kernels::simd::level() != demovlp_kernels::simd::Level::Baseline;
+    #[cfg(not(target_arch = "x86_64"))]
+    let fast = false;
+    if fast {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has AVX2 and FMA (that is what the level says); p is a multiple of 64.
+        unsafe {
+            weighted_norms_avx2(rows, p, &s.real, &s.wt, lqp, &mut s.v)
+        };
+    } else {
+        let mut v = vec![0f32; p];
+        for (l, norm2) in s.v.iter_mut().enumerate() {
+            v.iter_mut().for_each(|x| *x = 0.0);
+            for (&k, wrow) in s.real.iter().zip(s.wt.chunks_exact(lqp)) {
+                let w = wrow[l];
+                if w != 0.0 {
+                    for (a, &b) in v.iter_mut().zip(&rows[k as usize * p..(k as usize + 1) * p]) {
+                        *a = b.mul_add(w, *a);
+                    }
                 }
             }
+            *norm2 = crate::ann::dot(&v, &v);
         }
     }
     let (mut s1, mut n1) = (0f32, 0usize);
@@ -343,12 +363,128 @@ fn centroid_local(codes: &Codes, index: &Index, qt: &QueryTables, i: usize, s: &
         if qt.masked_mean && !qt.real_pos[l] {
             continue;
         }
-        let n = crate::ann::dot(&s.v[l * p..(l + 1) * p], &s.v[l * p..(l + 1) * p]).sqrt();
+        let n = s.v[l].sqrt();
         s1 += if n > 0.0 { s.num[l] / n } else { 0.0 };
         n1 += 1;
     }
-    // Region→word: queries = every region slot, contexts = the real words; the
-    // normalisation over the clip's slots, per word.
+    // Region→word: queries = every region slot, contexts = the real words.
+    let (s2, n2) = match wp {
+        8 => dir2_fixed::<8>(qt, slots, mask),
+        16 => dir2_fixed::<16>(qt, slots, mask),
+        24 => dir2_fixed::<24>(qt, slots, mask),
+        32 => dir2_fixed::<32>(qt, slots, mask),
+        _ => dir2_any(qt, slots, mask, s),
+    };
+    s1 / n1.max(1) as f32 + s2 / n2.max(1) as f32
+}
+
+/// `out[l] = ‖Σ_r wt[r, l] · rows[real[r]]‖²` for every position l, 64 dimensions at a time
+/// in eight AVX registers over the regions with a non-zero weight (`p` a multiple of 64).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn weighted_norms_avx2(rows: &[f32], p: usize, real: &[u16], wt: &[f32], lqp: usize, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    for (l, o) in out.iter_mut().enumerate() {
+        let mut total = _mm256_setzero_ps();
+        for d0 in (0..p).step_by(64) {
+            let mut a = [_mm256_setzero_ps(); 8];
+            for (&k, wrow) in real.iter().zip(wt.chunks_exact(lqp)) {
+                let w = wrow[l];
+                if w == 0.0 {
+                    continue;
+                }
+                let wv = _mm256_set1_ps(w);
+                let c = &rows[k as usize * p + d0..k as usize * p + d0 + 64];
+                for (j, acc) in a.iter_mut().enumerate() {
+                    *acc = _mm256_fmadd_ps(_mm256_loadu_ps(c.as_ptr().add(8 * j)), wv, *acc);
+                }
+            }
+            for acc in a {
+                total = _mm256_fmadd_ps(acc, acc, total);
+            }
+        }
+        let mut t = [0f32; 8];
+        _mm256_storeu_ps(t.as_mut_ptr(), total);
+        *o = ((t[0] + t[4]) + (t[1] + t[5])) + ((t[2] + t[6]) + (t[3] + t[7]));
+    }
+}
+
+/// Σ of `N` lanes, eight partial sums (vectorisable, a fixed order).
+#[inline(always)]
+fn lanes_sum<const N: usize>(x: &[f32; N]) -> f32 {
+    let mut acc = [0f32; 8];
+    for c in x.chunks_exact(8) {
+        for k in 0..8 {
+            acc[k] += c[k];
+        }
+    }
+    let mut t = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for &v in x.chunks_exact(8).remainder() {
+        t += v;
+    }
+    t
+}
+
+/// The region→word direction of [`centroid_local`] with the real words in `N` lanes
+/// (`N` = the tables' stride): per region slot (padding included) the softmax over the real
+/// words of its logits divided by the clip's norm over the slots, the focal keep, and
+/// Σ e·t / √(eᵀ G e). Returns (Σ over the averaged slots, their count).
+#[inline(always)]
+fn dir2_fixed<const N: usize>(qt: &QueryTables, slots: &[u16], mask: &[u8]) -> (f32, usize) {
+    let w = qt.w;
+    let lcw = qt.lq as f32;
+    let row = |t: &[f32], k: u16| -> [f32; N] { t[k as usize * N..(k as usize + 1) * N].try_into().expect("N lanes") };
+    let mut n2 = [0f32; N];
+    for &k in slots {
+        let r = row(&qt.sq, k);
+        for j in 0..N {
+            n2[j] += r[j];
+        }
+    }
+    // 1 / (√Σ + ε) (padding lanes: 1, their logits are −∞).
+    let mut inv = [1f32; N];
+    for j in 0..w.min(N) {
+        inv[j] = 1.0 / (n2[j].sqrt() + NORM_EPS);
+    }
+    let (mut s2, mut count) = (0f32, 0usize);
+    for (&k, &m) in slots.iter().zip(mask) {
+        if qt.masked_mean && m == 0 {
+            continue;
+        }
+        let (lrow, trow) = (row(&qt.lt, k), row(&qt.tw, k));
+        let mut e = [0f32; N];
+        for j in 0..N {
+            e[j] = cephes_exp(lrow[j] * inv[j]);
+        }
+        let sum = lanes_sum(&e);
+        let mut num = [0f32; N];
+        for j in 0..N {
+            e[j] = if e[j] * lcw > sum { e[j] } else { 0.0 };
+            num[j] = e[j] * trow[j];
+        }
+        let mut g = [0f32; N];
+        for a in 0..w.min(N) {
+            let ea = e[a];
+            if ea != 0.0 {
+                let gr = row(&qt.gram, a as u16);
+                for b in 0..N {
+                    g[b] = gr[b].mul_add(ea, g[b]);
+                }
+            }
+        }
+        for j in 0..N {
+            g[j] *= e[j];
+        }
+        let den = lanes_sum(&g);
+        s2 += if den > 0.0 { lanes_sum(&num) / den.sqrt() } else { 0.0 };
+        count += 1;
+    }
+    (s2, count)
+}
+
+/// [`dir2_fixed`] for any stride (queries with more than 32 real words).
+fn dir2_any(qt: &QueryTables, slots: &[u16], mask: &[u8], s: &mut Scratch) -> (f32, usize) {
+    let (lq, w, wp) = (qt.lq, qt.w, qt.wp);
     s.n2.clear();
     s.n2.resize(wp, 0.0);
     for &k in slots {
@@ -393,7 +529,7 @@ fn centroid_local(codes: &Codes, index: &Index, qt: &QueryTables, i: usize, s: &
         s2 += if den > 0.0 { num / den.sqrt() } else { 0.0 };
         n2 += 1;
     }
-    s1 / n1.max(1) as f32 + s2 / n2.max(1) as f32
+    (s2, n2)
 }
 
 /// Global cosine + the centroid region-word score of each of `clips` (non-finite as −∞).
