@@ -78,12 +78,47 @@ pub fn default_coarse_depth(clips: usize) -> usize {
 /// a linear-time selection (the heap of [`crate::ann::top_k_rows`] costs O(len · log n) and
 /// sorts every survivor when `n` is thousands).
 pub fn top_n(s: &[f32], n: usize) -> Vec<u32> {
-    let mut v: Vec<(f32, u32)> = s.iter().enumerate().filter(|(_, x)| x.is_finite()).map(|(i, &x)| (x, i as u32)).collect();
+    use rayon::prelude::*;
     let better = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
-    if v.len() > n && n > 0 {
-        v.select_nth_unstable_by(n - 1, better);
+    let best = |mut v: Vec<(f32, u32)>| {
+        if v.len() > n && n > 0 {
+            v.select_nth_unstable_by(n - 1, better);
+        }
+        v.truncate(n);
+        v
+    };
+    // Large inputs: a threshold from a sample (every 16th score) keeps ~2n candidates; when at
+    // least n pass it, the best n are among them (else the full path below).
+    if n > 0 && s.len() > 64 * n {
+        let mut sample: Vec<f32> = s.iter().step_by(16).copied().filter(|x| x.is_finite()).collect();
+        let at = 2 * n / 16 + 8;
+        if sample.len() > at {
+            sample.select_nth_unstable_by(at, |a, b| b.total_cmp(a));
+            let thr = sample[at];
+            let share = s.len().div_ceil(rayon::current_num_threads().max(1)).max(1);
+            let parts: Vec<Vec<(f32, u32)>> = s
+                .par_chunks(share)
+                .enumerate()
+                .map(|(c, xs)| {
+                    xs.iter().enumerate().filter(|(_, &x)| x >= thr && x.is_finite()).map(|(i, &x)| (x, (c * share + i) as u32)).collect()
+                })
+                .collect();
+            let cand = parts.concat();
+            if cand.len() >= n {
+                let mut v = best(cand);
+                v.sort_unstable_by(better);
+                return v.into_iter().map(|(_, i)| i).collect();
+            }
+        }
     }
-    v.truncate(n);
+    // Each thread's best n of its share, then the best n of those.
+    let share = s.len().div_ceil(rayon::current_num_threads().max(1)).max(1);
+    let parts: Vec<Vec<(f32, u32)>> = s
+        .par_chunks(share)
+        .enumerate()
+        .map(|(c, xs)| best(xs.iter().enumerate().filter(|(_, x)| x.is_finite()).map(|(i, &x)| (x, (c * share + i) as u32)).collect()))
+        .collect();
+    let mut v = best(parts.concat());
     v.sort_unstable_by(better);
     v.into_iter().map(|(_, i)| i).collect()
 }
@@ -472,4 +507,37 @@ pub fn table(r: &SearchResult) -> String {
         s += &format!("{:>4}  {:8.4}  {:8.4}  {l}  {}\n", i + 1, h.score, h.global, h.clip);
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::top_n;
+
+    /// Positions of the n largest finite scores, best first, ties by position: a full sort.
+    fn reference(s: &[f32], n: usize) -> Vec<u32> {
+        let mut v: Vec<(f32, u32)> = s.iter().enumerate().filter(|(_, x)| x.is_finite()).map(|(i, &x)| (x, i as u32)).collect();
+        v.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        v.into_iter().take(n).map(|(_, i)| i).collect()
+    }
+
+    #[test]
+    fn top_n_is_a_full_sort_on_both_paths() {
+        let mut rng = demovlp_kernels::rng::Rng::new(7);
+        for len in [0usize, 1, 5, 100, 5_000, 200_000] {
+            // Coarse values (many ties), some non-finite.
+            let s: Vec<f32> = (0..len)
+                .map(|i| match i % 97 {
+                    0 => f32::NAN,
+                    1 => f32::NEG_INFINITY,
+                    _ => (rng.below(1000) as f32) / 7.0,
+                })
+                .collect();
+            for n in [0usize, 1, 10, 1000, 3000] {
+                assert_eq!(top_n(&s, n), reference(&s, n), "len {len}, n {n}");
+            }
+        }
+        // All equal: the threshold path keeps every tie and the lowest positions win.
+        let flat = vec![1.0f32; 100_000];
+        assert_eq!(top_n(&flat, 10), (0..10).collect::<Vec<u32>>());
+    }
 }

@@ -124,7 +124,7 @@ fn centroid_scores_are_the_exact_formula_on_centroids() {
             for i in 0..idx.len() {
                 let want = dot(&q.global_unit, idx.global(i)) + want_local[i];
                 worst = worst.max((got[i] - want).abs());
-                assert!((got[i] - want).abs() < 2e-3, "masked_mean {masked_mean}, clip {i}: {} vs {want}", got[i]);
+                assert!((got[i] - want).abs() < 2e-4, "masked_mean {masked_mean}, clip {i}: {} vs {want}", got[i]);
             }
         }
     }
