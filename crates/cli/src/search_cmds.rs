@@ -228,7 +228,7 @@ pub struct SearchArgs {
     /// above --exact-threshold — the two-stage search of old). See docs/search.md.
     #[arg(long, default_value = "regions", value_parser = ["regions", "codes", "global"])]
     first_stage: String,
-    /// Clips the region cascade's coarse step passes on (default: 0.5% of the clips, at least
+    /// Clips the region cascade's coarse step passes on (default: 1% of the clips, at least
     /// 1000, at most 20 000).
     #[arg(long)]
     coarse_depth: Option<usize>,

@@ -150,6 +150,11 @@ fn readme_walkthrough_search_finds_what_eval_finds() {
         assert!(b[f].as_f64().unwrap() >= 0.9, "{f}: {b}");
     }
     assert!(b["p50_ms"].as_f64().unwrap() > 0.0 && b["build_s"].as_f64().unwrap() > 0.0, "{b}");
+    // The cascade's coarse depth at 1500 clips (its minimum) and the previous release's stage
+    // measured beside it, no better than the cascade.
+    assert_eq!(b["coarse_depth"].as_u64(), Some(1000), "{b}");
+    let codes = b["codes_stage"]["recall_at_10_vs_exhaustive"].as_f64().unwrap();
+    assert!(codes <= b["recall_at_10_vs_exhaustive"].as_f64().unwrap(), "{b}");
 
     // Appending with another model is refused, naming both.
     let o = demovlp()

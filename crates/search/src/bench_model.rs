@@ -61,6 +61,18 @@ pub struct StageFigures {
     pub recall_at_10_vs_exhaustive: f64,
 }
 
+impl StageFigures {
+    fn of(first_stage: &'static str, ms: &[f64], a: &crate::quality::Agreement) -> StageFigures {
+        StageFigures {
+            first_stage,
+            p50_ms: quantile(ms, 0.5),
+            p99_ms: quantile(ms, 0.99),
+            agreement_at_1: a.agreement_at_1,
+            recall_at_10_vs_exhaustive: a.recall_at_k,
+        }
+    }
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct ModelBenchReport {
     pub bench: &'static str,
@@ -224,20 +236,8 @@ pub fn run(o: &ModelBenchOptions, say: &dyn Fn(String)) -> Result<ModelBenchRepo
         agreement_at_1: ar.agreement_at_1,
         recall_at_10_vs_exhaustive: ar.recall_at_k,
         exhaustive_p50_ms: quantile(&ms_x, 0.5),
-        global_stage: StageFigures {
-            first_stage: "global",
-            p50_ms: quantile(&ms_g, 0.5),
-            p99_ms: quantile(&ms_g, 0.99),
-            agreement_at_1: ag.agreement_at_1,
-            recall_at_10_vs_exhaustive: ag.recall_at_k,
-        },
-        codes_stage: StageFigures {
-            first_stage: "codes",
-            p50_ms: quantile(&ms_c, 0.5),
-            p99_ms: quantile(&ms_c, 0.99),
-            agreement_at_1: ac.agreement_at_1,
-            recall_at_10_vs_exhaustive: ac.recall_at_k,
-        },
+        global_stage: StageFigures::of("global", &ms_g, &ag),
+        codes_stage: StageFigures::of("codes", &ms_c, &ac),
         sweep: o
             .rerank_sweep
             .iter()

@@ -187,48 +187,55 @@ pub fn coarse_scores(codes: &Codes, qt: &QueryTables) -> Vec<f32> {
     out
 }
 
-/// [`coarse_block`] with the 16-lane i16 maxima as AVX2 instructions (two slots in flight).
+/// [`coarse_block`] with the 16-lane i16 maxima as AVX2 instructions.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn coarse_block_avx2(out: &mut [f32], first: usize, codes: &Codes, qt: &QueryTables) {
+    coarse_block_with(out, first, codes, qt, |tab, cs| unsafe { max_rows_avx2(tab, cs) })
+}
+
+/// The lane-wise maximum of the 16-lane rows `cs` of `tab`, two rows in flight.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn max_rows_avx2(tab: &[i16], cs: &[u16]) -> [i16; LANES] {
     use std::arch::x86_64::*;
-    let nl = codes.locals;
-    let c = qt.centroids;
-    let mut lanes = [0i16; LANES];
-    for (j, o) in out.iter_mut().enumerate() {
-        let i = first + j;
-        let n = codes.real[i] as usize;
-        if n == 0 {
-            *o = f32::NEG_INFINITY;
-            continue;
-        }
-        let cs = &codes.real_first[i * nl..i * nl + n];
-        let s2 = best_sum(cs, &qt.best);
-        let mut s1 = 0i32;
-        for ch in 0..qt.chunks {
-            let tab = &qt.coarse[ch * c * LANES..(ch + 1) * c * LANES];
-            let (mut a, mut b) = (_mm256_set1_epi16(i16::MIN), _mm256_set1_epi16(i16::MIN));
-            let mut pairs = cs.chunks_exact(2);
-            for pr in &mut pairs {
-                let r0 = &tab[pr[0] as usize * LANES..(pr[0] as usize + 1) * LANES];
-                let r1 = &tab[pr[1] as usize * LANES..(pr[1] as usize + 1) * LANES];
-                a = _mm256_max_epi16(a, _mm256_loadu_si256(r0.as_ptr() as *const __m256i));
-                b = _mm256_max_epi16(b, _mm256_loadu_si256(r1.as_ptr() as *const __m256i));
-            }
-            for &k in pairs.remainder() {
-                let r0 = &tab[k as usize * LANES..(k as usize + 1) * LANES];
-                a = _mm256_max_epi16(a, _mm256_loadu_si256(r0.as_ptr() as *const __m256i));
-            }
-            _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, _mm256_max_epi16(a, b));
-            let m = (qt.w - ch * LANES).min(LANES);
-            s1 += lanes[..m].iter().map(|&x| x as i32).sum::<i32>();
-        }
-        *o = s1 as f32 / Q16 / qt.w as f32 + s2 / n as f32;
+    let load = |k: u16| {
+        let r = &tab[k as usize * LANES..(k as usize + 1) * LANES];
+        _mm256_loadu_si256(r.as_ptr() as *const __m256i)
+    };
+    let (mut a, mut b) = (_mm256_set1_epi16(i16::MIN), _mm256_set1_epi16(i16::MIN));
+    let mut pairs = cs.chunks_exact(2);
+    for pr in &mut pairs {
+        a = _mm256_max_epi16(a, load(pr[0]));
+        b = _mm256_max_epi16(b, load(pr[1]));
     }
+    for &k in pairs.remainder() {
+        a = _mm256_max_epi16(a, load(k));
+    }
+    let mut lanes = [0i16; LANES];
+    _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, _mm256_max_epi16(a, b));
+    lanes
 }
 
 /// [`coarse_scores`] of clips `first..first + out.len()` (portable form).
 fn coarse_block(out: &mut [f32], first: usize, codes: &Codes, qt: &QueryTables) {
+    coarse_block_with(out, first, codes, qt, |tab, cs| {
+        let mut acc = [i16::MIN; LANES];
+        for &k in cs {
+            let row = &tab[k as usize * LANES..(k as usize + 1) * LANES];
+            for l in 0..LANES {
+                acc[l] = acc[l].max(row[l]);
+            }
+        }
+        acc
+    })
+}
+
+/// The coarse score of each clip, `max_rows(table chunk, codes)` giving the lane-wise maximum
+/// of a clip's rows in one 16-word chunk of the table.
+#[inline(always)]
+fn coarse_block_with(out: &mut [f32], first: usize, codes: &Codes, qt: &QueryTables, max_rows: impl Fn(&[i16], &[u16]) -> [i16; LANES]) {
     let nl = codes.locals;
     let c = qt.centroids;
     for (j, o) in out.iter_mut().enumerate() {
@@ -242,16 +249,9 @@ fn coarse_block(out: &mut [f32], first: usize, codes: &Codes, qt: &QueryTables) 
         let s2 = best_sum(cs, &qt.best);
         let mut s1 = 0i32;
         for ch in 0..qt.chunks {
-            let tab = &qt.coarse[ch * c * LANES..(ch + 1) * c * LANES];
-            let mut acc = [i16::MIN; LANES];
-            for &k in cs {
-                let row = &tab[k as usize * LANES..(k as usize + 1) * LANES];
-                for l in 0..LANES {
-                    acc[l] = acc[l].max(row[l]);
-                }
-            }
+            let lanes = max_rows(&qt.coarse[ch * c * LANES..(ch + 1) * c * LANES], cs);
             let m = (qt.w - ch * LANES).min(LANES);
-            s1 += acc[..m].iter().map(|&x| x as i32).sum::<i32>();
+            s1 += lanes[..m].iter().map(|&x| x as i32).sum::<i32>();
         }
         *o = s1 as f32 / Q16 / qt.w as f32 + s2 / n as f32;
     }

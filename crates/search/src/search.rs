@@ -67,11 +67,12 @@ pub fn default_rerank(clips: usize) -> usize {
     (100 + clips / 10_000).min(300)
 }
 
-/// The default [`Engine::coarse_depth`] for an index of `clips`: 0.5 % of the clips, at least
+/// The default [`Engine::coarse_depth`] for an index of `clips`: 1 % of the clips, at least
 /// 1000, at most 20 000 (measured in BENCHMARKS.md: at 1M clips the coarse score holds the
-/// exhaustive top 10 within its best 5 000 for 0.990 of them, within 10 000 for all).
+/// exhaustive top 10 within its best 10 000 for all of the bench's 20 queries; a depth of
+/// 5 000 left 0.855 of them).
 pub fn default_coarse_depth(clips: usize) -> usize {
-    (clips / 200).clamp(1000, 20_000)
+    (clips / 100).clamp(1000, 20_000)
 }
 
 /// Positions of the `n` largest of `s` (finite ones only), best first, ties by position:
@@ -140,6 +141,21 @@ pub struct TextQuery {
     /// `[L−1, P]`, `[L−1]` additive.
     pub local: Vec<f32>,
     pub mask_additive: Vec<f32>,
+}
+
+impl TextQuery {
+    /// The query as a one-text [`EmbeddingSet`] (what the evaluation's scorers take).
+    pub fn as_set(&self) -> EmbeddingSet<'_> {
+        let dim = self.global.len();
+        EmbeddingSet {
+            count: 1,
+            len: self.mask_additive.len(),
+            dim,
+            global: &self.global,
+            local: &self.local,
+            mask_additive: &self.mask_additive,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -417,8 +433,7 @@ impl Engine {
             use rayon::prelude::*;
             vl.par_chunks_mut((nl * p).max(1)).zip(clips).for_each(|(out, &c)| self.index.local_to(c, out));
         }
-        let lt = q.mask_additive.len();
-        let texts = EmbeddingSet { count: 1, len: lt, dim: p, global: &q.global, local: &q.local, mask_additive: &q.mask_additive };
+        let texts = q.as_set();
         let videos = EmbeddingSet { count: n, len: nl, dim: p, global: &vg, local: &vl, mask_additive: &vm };
         let g = demovlp_retrieval::global::cosine_matrix(&q.global, 1, &vg, n, p);
         if let Some(d) = device {

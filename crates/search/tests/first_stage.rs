@@ -110,14 +110,7 @@ fn centroid_scores_are_the_exact_formula_on_centroids() {
     let mut worst = 0f32;
     for masked_mean in [false, true] {
         for q in qs.iter().step_by(9) {
-            let texts = EmbeddingSet {
-                count: 1,
-                len: q.mask_additive.len(),
-                dim: p,
-                global: &q.global,
-                local: &q.local,
-                mask_additive: &q.mask_additive,
-            };
+            let texts = q.as_set();
             let want_local = demovlp_retrieval::eval::local_scores(&texts, &videos, st.lambda, masked_mean, &|_, _| {});
             let qt = QueryTables::new(&c, &q.local, &q.mask_additive, st.lambda, masked_mean);
             let got = centroid_scores(&c, &idx, &qt, &q.global_unit, &clips);

@@ -52,14 +52,7 @@ fn rerank_equals_the_evaluation_scores_computed_independently() {
     let videos = EmbeddingSet { count: idx.len(), len: nl, dim: p, global: &vg, local: &vl, mask_additive: &vm };
     for s in w.samples.iter().take(5) {
         let q = e.embed_query(&mut model, &s.captions[0]).unwrap();
-        let texts = EmbeddingSet {
-            count: 1,
-            len: q.mask_additive.len(),
-            dim: p,
-            global: &q.global,
-            local: &q.local,
-            mask_additive: &q.mask_additive,
-        };
+        let texts = q.as_set();
         let o = EvalOptions { lambda: st.lambda, mode: ScoreMode::Aligned, use_local: true, masked_mean: st.masked_mean };
         let full = eval_scores_with(&texts, &videos, &o, &|_, _| {});
         let mut order: Vec<usize> = (0..idx.len()).collect();
@@ -274,8 +267,7 @@ fn eval_scores_for(e: &Engine, q: &demovlp_search::search::TextQuery, lambda: f3
         idx.mask_additive_into(i, &mut vm);
     }
     let videos = EmbeddingSet { count: idx.len(), len: nl, dim: p, global: &vg, local: &vl, mask_additive: &vm };
-    let texts =
-        EmbeddingSet { count: 1, len: q.mask_additive.len(), dim: p, global: &q.global, local: &q.local, mask_additive: &q.mask_additive };
+    let texts = q.as_set();
     eval_scores_with(&texts, &videos, &EvalOptions { lambda, mode: ScoreMode::Aligned, use_local: true, masked_mean }, &|_, _| {})
 }
 
