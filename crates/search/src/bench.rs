@@ -140,31 +140,30 @@ pub struct BenchReport {
 
 /// Proportional set size of this process in MiB (NaN where /proc is unavailable).
 pub fn pss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/smaps_rollup")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Pss:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
-        .map_or(f64::NAN, |kb| kb / 1024.0)
+    proc_mb("/proc/self/smaps_rollup", &["Pss:"])[0]
 }
 
 /// Peak resident set size of this process (VmHWM) in MiB; NaN where /proc is unavailable.
 pub fn peak_rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
-        .map_or(f64::NAN, |kb| kb / 1024.0)
+    proc_mb("/proc/self/status", &["VmHWM:"])[0]
+}
+
+/// The values of `keys` (`Key:  N kB` lines of the /proc file `path`) in MiB, NaN where absent.
+fn proc_mb<const N: usize>(path: &str, keys: &[&str; N]) -> [f64; N] {
+    let s = std::fs::read_to_string(path).unwrap_or_default();
+    keys.map(|k| {
+        s.lines()
+            .find(|l| l.starts_with(k))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+            .map_or(f64::NAN, |kb| kb / 1024.0)
+    })
 }
 
 /// The process's resident memory now, split: (anonymous, file-backed — mostly the index's
 /// memory-mapped segments) in MB (`RssAnon` / `RssFile` of /proc/self/status).
 pub fn rss_split_mb() -> (f64, f64) {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let get = |k: &str| {
-        s.lines()
-            .find(|l| l.starts_with(k))
-            .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-            .map_or(f64::NAN, |kb| kb / 1024.0)
-    };
-    (get("RssAnon:"), get("RssFile:"))
+    let [anon, file] = proc_mb("/proc/self/status", &["RssAnon:", "RssFile:"]);
+    (anon, file)
 }
 
 /// The `q`-quantile (0..=1) of `xs` (nearest rank).

@@ -211,6 +211,7 @@ pub fn run(o: &ModelBenchOptions, say: &dyn Fn(String)) -> Result<ModelBenchRepo
     }
     let (ar, ag, ac) = (tr.finish(o.k), tg.finish(o.k), tc.finish(o.k));
     let st = regions.index.settings();
+    let (end_rss_anon_mb, end_rss_file_mb) = rss_split_mb();
     Ok(ModelBenchReport {
         bench: "search",
         data,
@@ -254,7 +255,7 @@ pub fn run(o: &ModelBenchOptions, say: &dyn Fn(String)) -> Result<ModelBenchRepo
             })
             .collect(),
         peak_rss_mb: build_peak.max(peak_rss_mb()),
-        end_rss_anon_mb: rss_split_mb().0,
-        end_rss_file_mb: rss_split_mb().1,
+        end_rss_anon_mb,
+        end_rss_file_mb,
     })
 }

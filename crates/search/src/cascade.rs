@@ -42,6 +42,18 @@ use rayon::prelude::*;
 use crate::codes::{hat_rows, Codes};
 use crate::store::Index;
 
+/// Whether the AVX2 + FMA forms of the scans run (the kernels' SIMD level is AVX2 or above).
+fn avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        demovlp_kernels::simd::level() != demovlp_kernels::simd::Level::Baseline
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Lanes of one coarse-table row (real words are scanned 16 at a time).
 const LANES: usize = 16;
 
@@ -173,15 +185,15 @@ pub fn coarse_scores(codes: &Codes, qt: &QueryTables) -> Vec<f32> {
         return out;
     }
     const BLOCK: usize = 2048;
+    let avx2 = avx2();
     out.par_chunks_mut(BLOCK).enumerate().for_each(|(b, o)| {
         #[cfg(target_arch = "x86_64")]
-        {
-            if demovlp_kernels::simd::level() != demovlp_kernels::simd::Level::Baseline {
-                // SAFETY: the CPU has AVX2 and FMA (that is what the level says).
-                unsafe { coarse_block_avx2(o, b * BLOCK, codes, qt) };
-                return;
-            }
+        if avx2 {
+            // SAFETY: the CPU has AVX2 and FMA (that is what the level says).
+            unsafe { coarse_block_avx2(o, b * BLOCK, codes, qt) };
+            return;
         }
+        let _ = avx2;
         coarse_block(o, b * BLOCK, codes, qt);
     });
     out
@@ -290,13 +302,14 @@ struct Scratch {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn centroid_local_avx2(codes: &Codes, index: &Index, qt: &QueryTables, i: usize, s: &mut Scratch) -> f32 {
-    centroid_local(codes, index, qt, i, s)
+    centroid_local(codes, index, qt, i, s, true)
 }
 
 /// The region-word score of clip `i` with its regions replaced by their centroids (see the
-/// module docs); −∞ without a real region or a real word.
+/// module docs); −∞ without a real region or a real word. `avx2`: the caller runs with AVX2
+/// and FMA.
 #[inline(always)]
-fn centroid_local(codes: &Codes, index: &Index, qt: &QueryTables, i: usize, s: &mut Scratch) -> f32 {
+fn centroid_local(codes: &Codes, index: &Index, qt: &QueryTables, i: usize, s: &mut Scratch, avx2: bool) -> f32 {
     let nl = codes.locals;
     let (lq, lqp, w, wp, p) = (qt.lq, qt.lqp, qt.w, qt.wp, qt.dim);
     let slots = &codes.codes[i * nl..(i + 1) * nl];
@@ -333,13 +346,9 @@ fn centroid_local(codes: &Codes, index: &Index, qt: &QueryTables, i: usize, s: &
     s.v.clear();
     s.v.resize(lq, 0.0);
     let rows = &codes.codebook.rows;
-    #[cfg(target_arch = "x86_64")]
-    let fast = p % 64 == 0 && demovlp_kernels::simd::level() != demovlp_kernels::simd::Level::Baseline;
-    #[cfg(not(target_arch = "x86_64"))]
-    let fast = false;
-    if fast {
+    if avx2 && p % 64 == 0 {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: the CPU has AVX2 and FMA (that is what the level says); p is a multiple of 64.
+        // SAFETY: the caller runs with AVX2 and FMA; p is a multiple of 64.
         unsafe {
             weighted_norms_avx2(rows, p, &s.real, &s.wt, lqp, &mut s.v)
         };
@@ -534,16 +543,16 @@ fn dir2_any(qt: &QueryTables, slots: &[u16], mask: &[u8], s: &mut Scratch) -> (f
 
 /// Global cosine + the centroid region-word score of each of `clips` (non-finite as −∞).
 pub fn centroid_scores(codes: &Codes, index: &Index, qt: &QueryTables, global_unit: &[f32], clips: &[usize]) -> Vec<f32> {
-    #[cfg(target_arch = "x86_64")]
-    let avx2 = demovlp_kernels::simd::level() != demovlp_kernels::simd::Level::Baseline;
+    let avx2 = avx2();
     clips
         .par_iter()
         .map_init(Scratch::default, |s, &i| {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: the CPU has AVX2 and FMA (that is what the level says).
-            let local = if avx2 { unsafe { centroid_local_avx2(codes, index, qt, i, s) } } else { centroid_local(codes, index, qt, i, s) };
+            let local =
+                if avx2 { unsafe { centroid_local_avx2(codes, index, qt, i, s) } } else { centroid_local(codes, index, qt, i, s, false) };
             #[cfg(not(target_arch = "x86_64"))]
-            let local = centroid_local(codes, index, qt, i, s);
+            let local = centroid_local(codes, index, qt, i, s, avx2);
             let v = crate::ann::dot(global_unit, index.global(i)) + local;
             if v.is_finite() {
                 v

@@ -88,38 +88,39 @@ pub fn top_n(s: &[f32], n: usize) -> Vec<u32> {
         v.truncate(n);
         v
     };
+    // The finite scores that `keep` accepts, with their positions, one share a thread (each
+    // share cut to its best n when `cut`).
+    let share = s.len().div_ceil(rayon::current_num_threads().max(1)).max(1);
+    let gather = |keep: &(dyn Fn(f32) -> bool + Sync), cut: bool| -> Vec<(f32, u32)> {
+        let parts: Vec<Vec<(f32, u32)>> = s
+            .par_chunks(share)
+            .enumerate()
+            .map(|(c, xs)| {
+                let v =
+                    xs.iter().enumerate().filter(|(_, &x)| x.is_finite() && keep(x)).map(|(i, &x)| (x, (c * share + i) as u32)).collect();
+                if cut {
+                    best(v)
+                } else {
+                    v
+                }
+            })
+            .collect();
+        parts.concat()
+    };
     // Large inputs: a threshold from a sample (every 16th score) keeps ~2n candidates; when at
-    // least n pass it, the best n are among them (else the full path below).
+    // least n pass it, the best n are among them. Else each share's best n, then the best n of
+    // those.
+    let mut cand = None;
     if n > 0 && s.len() > 64 * n {
         let mut sample: Vec<f32> = s.iter().step_by(16).copied().filter(|x| x.is_finite()).collect();
         let at = 2 * n / 16 + 8;
         if sample.len() > at {
             sample.select_nth_unstable_by(at, |a, b| b.total_cmp(a));
             let thr = sample[at];
-            let share = s.len().div_ceil(rayon::current_num_threads().max(1)).max(1);
-            let parts: Vec<Vec<(f32, u32)>> = s
-                .par_chunks(share)
-                .enumerate()
-                .map(|(c, xs)| {
-                    xs.iter().enumerate().filter(|(_, &x)| x >= thr && x.is_finite()).map(|(i, &x)| (x, (c * share + i) as u32)).collect()
-                })
-                .collect();
-            let cand = parts.concat();
-            if cand.len() >= n {
-                let mut v = best(cand);
-                v.sort_unstable_by(better);
-                return v.into_iter().map(|(_, i)| i).collect();
-            }
+            cand = Some(gather(&|x| x >= thr, false)).filter(|c| c.len() >= n);
         }
     }
-    // Each thread's best n of its share, then the best n of those.
-    let share = s.len().div_ceil(rayon::current_num_threads().max(1)).max(1);
-    let parts: Vec<Vec<(f32, u32)>> = s
-        .par_chunks(share)
-        .enumerate()
-        .map(|(c, xs)| best(xs.iter().enumerate().filter(|(_, x)| x.is_finite()).map(|(i, &x)| (x, (c * share + i) as u32)).collect()))
-        .collect();
-    let mut v = best(parts.concat());
+    let mut v = best(cand.unwrap_or_else(|| gather(&|_| true, true)));
     v.sort_unstable_by(better);
     v.into_iter().map(|(_, i)| i).collect()
 }
