@@ -293,10 +293,12 @@ struct Scratch {
     z: Vec<f32>,
     num: Vec<f32>,
     v: Vec<f32>,
+    wt: Vec<f32>,
+    // The region→word direction's (queries with more than 32 real words).
     n2: Vec<f32>,
     e: Vec<f32>,
+    num2: Vec<f32>,
     g: Vec<f32>,
-    wt: Vec<f32>,
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -378,11 +380,18 @@ fn centroid_local(codes: &Codes, index: &Index, qt: &QueryTables, i: usize, s: &
     }
     // Region→word: queries = every region slot, contexts = the real words.
     let (s2, n2) = match wp {
-        8 => dir2_fixed::<8>(qt, slots, mask),
-        16 => dir2_fixed::<16>(qt, slots, mask),
-        24 => dir2_fixed::<24>(qt, slots, mask),
-        32 => dir2_fixed::<32>(qt, slots, mask),
-        _ => dir2_any(qt, slots, mask, s),
+        8 => dir2_lanes::<8>(qt, slots, mask),
+        16 => dir2_lanes::<16>(qt, slots, mask),
+        24 => dir2_lanes::<24>(qt, slots, mask),
+        32 => dir2_lanes::<32>(qt, slots, mask),
+        // Queries with more than 32 real words: the scratch on the heap.
+        _ => {
+            for b in [&mut s.n2, &mut s.e, &mut s.num2, &mut s.g] {
+                b.clear();
+                b.resize(wp, 0.0);
+            }
+            dir2(qt, slots, mask, wp, &mut s.n2, &mut s.e, &mut s.num2, &mut s.g)
+        }
     };
     s1 / n1.max(1) as f32 + s2 / n2.max(1) as f32
 }
@@ -418,9 +427,9 @@ unsafe fn weighted_norms_avx2(rows: &[f32], p: usize, real: &[u16], wt: &[f32], 
     }
 }
 
-/// Σ of `N` lanes, eight partial sums (vectorisable, a fixed order).
+/// Σ of `x`, eight partial sums (vectorisable, a fixed order).
 #[inline(always)]
-fn lanes_sum<const N: usize>(x: &[f32; N]) -> f32 {
+fn lanes_sum(x: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     for c in x.chunks_exact(8) {
         for k in 0..8 {
@@ -434,111 +443,78 @@ fn lanes_sum<const N: usize>(x: &[f32; N]) -> f32 {
     t
 }
 
-/// The region→word direction of [`centroid_local`] with the real words in `N` lanes
-/// (`N` = the tables' stride): per region slot (padding included) the softmax over the real
-/// words of its logits divided by the clip's norm over the slots, the focal keep, and
-/// Σ e·t / √(eᵀ G e). Returns (Σ over the averaged slots, their count).
+/// [`dir2`] with its scratch on the stack, `N` = the tables' stride (the compiler sees every
+/// length).
 #[inline(always)]
-fn dir2_fixed<const N: usize>(qt: &QueryTables, slots: &[u16], mask: &[u8]) -> (f32, usize) {
+fn dir2_lanes<const N: usize>(qt: &QueryTables, slots: &[u16], mask: &[u8]) -> (f32, usize) {
+    let (mut inv, mut e, mut num, mut g) = ([0f32; N], [0f32; N], [0f32; N], [0f32; N]);
+    dir2(qt, slots, mask, N, &mut inv, &mut e, &mut num, &mut g)
+}
+
+/// The region→word direction of [`centroid_local`] over the real words in `wp` lanes (the
+/// tables' stride; every scratch slice has that length): per region slot (padding included)
+/// the softmax over the real words of its logits divided by the clip's norm over the slots,
+/// the focal keep, and Σ e·t / √(eᵀ G e). Returns (Σ over the averaged slots, their count).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn dir2(
+    qt: &QueryTables,
+    slots: &[u16],
+    mask: &[u8],
+    wp: usize,
+    inv: &mut [f32],
+    e: &mut [f32],
+    num: &mut [f32],
+    g: &mut [f32],
+) -> (f32, usize) {
     let w = qt.w;
     let lcw = qt.lq as f32;
-    let row = |t: &[f32], k: u16| -> [f32; N] { t[k as usize * N..(k as usize + 1) * N].try_into().expect("N lanes") };
-    let mut n2 = [0f32; N];
+    fn row(t: &[f32], k: usize, wp: usize) -> &[f32] {
+        &t[k * wp..(k + 1) * wp]
+    }
+    inv.fill(0.0);
     for &k in slots {
-        let r = row(&qt.sq, k);
-        for j in 0..N {
-            n2[j] += r[j];
+        for (a, &x) in inv.iter_mut().zip(row(&qt.sq, k as usize, wp)) {
+            *a += x;
         }
     }
     // 1 / (√Σ + ε) (padding lanes: 1, their logits are −∞).
-    let mut inv = [1f32; N];
-    for j in 0..w.min(N) {
-        inv[j] = 1.0 / (n2[j].sqrt() + NORM_EPS);
+    for (j, x) in inv.iter_mut().enumerate() {
+        *x = if j < w { 1.0 / (x.sqrt() + NORM_EPS) } else { 1.0 };
     }
     let (mut s2, mut count) = (0f32, 0usize);
     for (&k, &m) in slots.iter().zip(mask) {
         if qt.masked_mean && m == 0 {
             continue;
         }
-        let (lrow, trow) = (row(&qt.lt, k), row(&qt.tw, k));
-        let mut e = [0f32; N];
-        for j in 0..N {
-            e[j] = cephes_exp(lrow[j] * inv[j]);
+        let (lrow, trow) = (row(&qt.lt, k as usize, wp), row(&qt.tw, k as usize, wp));
+        for ((e, &x), &inv) in e.iter_mut().zip(lrow).zip(inv.iter()) {
+            *e = cephes_exp(x * inv);
         }
-        let sum = lanes_sum(&e);
-        let mut num = [0f32; N];
-        for j in 0..N {
-            e[j] = if e[j] * lcw > sum { e[j] } else { 0.0 };
-            num[j] = e[j] * trow[j];
+        let sum = lanes_sum(e);
+        // Focal keep (above the mean weight over all Lq positions), then the cosine of the
+        // region with the kept words' weighted sum.
+        for ((e, &x), num) in e.iter_mut().zip(trow).zip(num.iter_mut()) {
+            *e = if *e * lcw > sum { *e } else { 0.0 };
+            *num = *e * x;
         }
-        let mut g = [0f32; N];
-        for a in 0..w.min(N) {
+        g.fill(0.0);
+        for a in 0..w.min(wp) {
             let ea = e[a];
             if ea != 0.0 {
-                let gr = row(&qt.gram, a as u16);
-                for b in 0..N {
-                    g[b] = gr[b].mul_add(ea, g[b]);
+                for (gb, &x) in g.iter_mut().zip(row(&qt.gram, a, wp)) {
+                    *gb = x.mul_add(ea, *gb);
                 }
             }
         }
-        for j in 0..N {
-            g[j] *= e[j];
+        for (gb, &eb) in g.iter_mut().zip(e.iter()) {
+            *gb *= eb;
         }
-        let den = lanes_sum(&g);
-        s2 += if den > 0.0 { lanes_sum(&num) / den.sqrt() } else { 0.0 };
+        let den = lanes_sum(g);
+        s2 += if den > 0.0 { lanes_sum(num) / den.sqrt() } else { 0.0 };
         count += 1;
     }
     (s2, count)
-}
-
-/// [`dir2_fixed`] for any stride (queries with more than 32 real words).
-fn dir2_any(qt: &QueryTables, slots: &[u16], mask: &[u8], s: &mut Scratch) -> (f32, usize) {
-    let (lq, w, wp) = (qt.lq, qt.w, qt.wp);
-    s.n2.clear();
-    s.n2.resize(wp, 0.0);
-    for &k in slots {
-        for (a, &x) in s.n2.iter_mut().zip(&qt.sq[k as usize * wp..(k as usize + 1) * wp]) {
-            *a += x;
-        }
-    }
-    // 1 / (√Σ + ε) (padding lanes: 1, their logits are −∞).
-    s.n2.iter_mut().enumerate().for_each(|(j, x)| *x = if j < w { 1.0 / (x.sqrt() + NORM_EPS) } else { 1.0 });
-    s.e.clear();
-    s.e.resize(wp, 0.0);
-    s.g.clear();
-    s.g.resize(wp, 0.0);
-    let (mut s2, mut n2) = (0f32, 0usize);
-    let lcw = lq as f32;
-    for (&k, &m) in slots.iter().zip(mask) {
-        if qt.masked_mean && m == 0 {
-            continue;
-        }
-        let k = k as usize;
-        let (lrow, trow) = (&qt.lt[k * wp..(k + 1) * wp], &qt.tw[k * wp..(k + 1) * wp]);
-        for ((e, &x), &inv) in s.e.iter_mut().zip(lrow).zip(&s.n2) {
-            *e = cephes_exp(x * inv);
-        }
-        let sum: f32 = s.e.iter().sum();
-        // Focal keep (above the mean weight over all Lq positions), then the cosine of the
-        // region with the kept words' weighted sum: Σ e·t / √(eᵀ G e).
-        let mut num = 0f32;
-        for (e, &x) in s.e.iter_mut().zip(trow) {
-            *e = if *e * lcw > sum { *e } else { 0.0 };
-            num += *e * x;
-        }
-        s.g.iter_mut().for_each(|x| *x = 0.0);
-        for (a, &ea) in s.e.iter().enumerate() {
-            if ea != 0.0 {
-                for (g, &x) in s.g.iter_mut().zip(&qt.gram[a * wp..(a + 1) * wp]) {
-                    *g = x.mul_add(ea, *g);
-                }
-            }
-        }
-        let den = crate::ann::dot(&s.e, &s.g);
-        s2 += if den > 0.0 { num / den.sqrt() } else { 0.0 };
-        n2 += 1;
-    }
-    (s2, n2)
 }
 
 /// Global cosine + the centroid region-word score of each of `clips` (non-finite as −∞).
