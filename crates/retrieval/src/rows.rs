@@ -297,42 +297,51 @@ pub(crate) fn exp_shifted<const AVX2: bool>(z: &mut [f32], mx: f32) -> [f32; 8] 
     acc
 }
 
-/// [`fastmath::cephes_exp`] on 8 lanes with the same operations in the same order (no FMA), so
-/// results are bit-identical to the scalar path.
+/// `z ← exp(z − mx)` on 8 lanes at a time, returning the lanes' sums ([`cephes_exp_avx2`]).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 #[inline]
 unsafe fn exp_shifted_avx2(z: &mut [f32], mx: f32) -> [f32; 8] {
     use std::arch::x86_64::*;
-    let set = |x: f32| _mm256_set1_ps(x);
-    let (lo, hi, log2e, magic) = (set(-87.0), set(88.0), set(std::f32::consts::LOG2_E), set(12_582_912.0));
-    let (ln2_hi, ln2_lo) = (set(0.693_359_4), set(-2.121_944_4e-4));
-    let c = [1.398_199_9e-3f32, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5];
-    let (p0, one, vmx) = (set(1.987_569_1e-4), set(1.0), set(mx));
-    let magic_bits = _mm256_set1_epi32(12_582_912.0f32.to_bits() as i32);
-    let bias = _mm256_set1_epi32(127);
+    let vmx = _mm256_set1_ps(mx);
     let mut acc = _mm256_setzero_ps();
     for zc in z.chunks_exact_mut(8) {
-        let x = _mm256_sub_ps(_mm256_loadu_ps(zc.as_ptr()), vmx);
-        let xc = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
-        let t = _mm256_add_ps(_mm256_mul_ps(xc, log2e), magic);
-        let n = _mm256_sub_ps(t, magic);
-        let r = _mm256_sub_ps(_mm256_sub_ps(xc, _mm256_mul_ps(n, ln2_hi)), _mm256_mul_ps(n, ln2_lo));
-        let mut p = p0;
-        for &ck in &c {
-            p = _mm256_add_ps(_mm256_mul_ps(p, r), set(ck));
-        }
-        let y = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(p, _mm256_mul_ps(r, r)), r), one);
-        let ni = _mm256_sub_epi32(_mm256_castps_si256(t), magic_bits);
-        let scale = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(ni, bias)));
-        let e = _mm256_mul_ps(y, scale);
-        let e = _mm256_andnot_ps(_mm256_cmp_ps::<_CMP_LT_OQ>(x, lo), e);
+        let e = cephes_exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(zc.as_ptr()), vmx));
         _mm256_storeu_ps(zc.as_mut_ptr(), e);
         acc = _mm256_add_ps(acc, e);
     }
     let mut out = [0f32; 8];
     _mm256_storeu_ps(out.as_mut_ptr(), acc);
     out
+}
+
+/// [`fastmath::cephes_exp`] on 8 lanes with the same operations in the same order (no FMA), so
+/// results are bit-identical to the scalar path.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+pub unsafe fn cephes_exp_avx2(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    let set = |x: f32| _mm256_set1_ps(x);
+    let (lo, hi, log2e, magic) = (set(-87.0), set(88.0), set(std::f32::consts::LOG2_E), set(12_582_912.0));
+    let (ln2_hi, ln2_lo) = (set(0.693_359_4), set(-2.121_944_4e-4));
+    let c = [1.398_199_9e-3f32, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5];
+    let (p0, one) = (set(1.987_569_1e-4), set(1.0));
+    let magic_bits = _mm256_set1_epi32(12_582_912.0f32.to_bits() as i32);
+    let bias = _mm256_set1_epi32(127);
+    let xc = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+    let t = _mm256_add_ps(_mm256_mul_ps(xc, log2e), magic);
+    let n = _mm256_sub_ps(t, magic);
+    let r = _mm256_sub_ps(_mm256_sub_ps(xc, _mm256_mul_ps(n, ln2_hi)), _mm256_mul_ps(n, ln2_lo));
+    let mut p = p0;
+    for &ck in &c {
+        p = _mm256_add_ps(_mm256_mul_ps(p, r), set(ck));
+    }
+    let y = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(p, _mm256_mul_ps(r, r)), r), one);
+    let ni = _mm256_sub_epi32(_mm256_castps_si256(t), magic_bits);
+    let scale = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(ni, bias)));
+    let e = _mm256_mul_ps(y, scale);
+    _mm256_andnot_ps(_mm256_cmp_ps::<_CMP_LT_OQ>(x, lo), e)
 }
 
 #[cfg(test)]

@@ -286,19 +286,76 @@ fn best_sum(cs: &[u16], best: &[f32]) -> f32 {
     (b0 + b1) + (b2 + b3)
 }
 
-/// Scratch of [`centroid_local`].
+/// Scratch of [`centroid_local`], one a thread.
 #[derive(Default)]
 struct Scratch {
-    real: Vec<u16>,
+    /// `[C]` the serial of the clip that last saw each code, and the code's place in `uniq`.
+    stamp: Vec<u32>,
+    at: Vec<u32>,
+    serial: u32,
+    /// The clip's distinct codes (in order of first slot) and how many slots hold each: real
+    /// slots (`real_n`) and every slot (`all_n`).
+    uniq: Vec<u16>,
+    real_n: Vec<f32>,
+    all_n: Vec<f32>,
+    /// The distinct codes of the real slots and their counts.
+    ru: Vec<u16>,
+    rn: Vec<f32>,
+    /// `[lqp]` the word→region softmax sums, Σ kept weight · t, ‖Σ kept weight · ĉ‖².
     z: Vec<f32>,
     num: Vec<f32>,
     v: Vec<f32>,
+    /// `[ru, lqp]` count × kept weight of each distinct real code at each position.
     wt: Vec<f32>,
+    /// `[P]` the portable weighted sum.
+    acc: Vec<f32>,
     // The region→word direction's (queries with more than 32 real words).
     n2: Vec<f32>,
     e: Vec<f32>,
     num2: Vec<f32>,
     g: Vec<f32>,
+}
+
+impl Scratch {
+    /// Groups the slots of a clip by code (`mask`: which slots are real regions). Slots with
+    /// one code are one centroid, so every term below is computed once per distinct code and
+    /// weighted by its count (a clip's 40 slots hold ~27 distinct codes on the demo's model).
+    fn group(&mut self, centroids: usize, slots: &[u16], mask: &[u8]) {
+        if self.stamp.len() != centroids {
+            (self.stamp, self.at, self.serial) = (vec![0; centroids], vec![0; centroids], 0);
+        }
+        self.serial = self.serial.wrapping_add(1);
+        if self.serial == 0 {
+            self.stamp.fill(0);
+            self.serial = 1;
+        }
+        self.uniq.clear();
+        self.real_n.clear();
+        self.all_n.clear();
+        for (&k, &m) in slots.iter().zip(mask) {
+            let ku = k as usize;
+            if self.stamp[ku] != self.serial {
+                self.stamp[ku] = self.serial;
+                self.at[ku] = self.uniq.len() as u32;
+                self.uniq.push(k);
+                self.real_n.push(0.0);
+                self.all_n.push(0.0);
+            }
+            let u = self.at[ku] as usize;
+            self.all_n[u] += 1.0;
+            if m != 0 {
+                self.real_n[u] += 1.0;
+            }
+        }
+        self.ru.clear();
+        self.rn.clear();
+        for (&k, &n) in self.uniq.iter().zip(&self.real_n) {
+            if n > 0.0 {
+                self.ru.push(k);
+                self.rn.push(n);
+            }
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -307,67 +364,56 @@ unsafe fn centroid_local_avx2(codes: &Codes, index: &Index, qt: &QueryTables, i:
     centroid_local(codes, index, qt, i, s, true)
 }
 
+/// Row `k` of a `[C, stride]` table.
+#[inline(always)]
+fn row(t: &[f32], k: usize, stride: usize) -> &[f32] {
+    &t[k * stride..(k + 1) * stride]
+}
+
 /// The region-word score of clip `i` with its regions replaced by their centroids (see the
 /// module docs); −∞ without a real region or a real word. `avx2`: the caller runs with AVX2
 /// and FMA.
 #[inline(always)]
 fn centroid_local(codes: &Codes, index: &Index, qt: &QueryTables, i: usize, s: &mut Scratch, avx2: bool) -> f32 {
     let nl = codes.locals;
-    let (lq, lqp, w, wp, p) = (qt.lq, qt.lqp, qt.w, qt.wp, qt.dim);
-    let slots = &codes.codes[i * nl..(i + 1) * nl];
-    let mask = index.mask(i);
-    s.real.clear();
-    s.real.extend(slots.iter().zip(mask).filter(|(_, &m)| m != 0).map(|(&k, _)| k));
-    if s.real.is_empty() || w == 0 {
+    let (lq, lqp, w, p) = (qt.lq, qt.lqp, qt.w, qt.dim);
+    s.group(qt.centroids, &codes.codes[i * nl..(i + 1) * nl], index.mask(i));
+    if s.ru.is_empty() || w == 0 {
         return f32::NEG_INFINITY;
     }
     // Word→region: queries = the word positions, contexts = the real regions.
     let lc = nl as f32;
     s.z.clear();
     s.z.resize(lqp, 0.0);
-    for &k in &s.real {
-        for (z, &e) in s.z.iter_mut().zip(&qt.e1[k as usize * lqp..(k as usize + 1) * lqp]) {
-            *z += e;
+    for (&k, &n) in s.ru.iter().zip(&s.rn) {
+        for (z, &e) in s.z.iter_mut().zip(row(&qt.e1, k as usize, lqp)) {
+            *z += n * e;
         }
     }
     s.num.clear();
     s.num.resize(lqp, 0.0);
-    // The kept weights of every real region, `[regions, lqp]`.
     s.wt.clear();
-    s.wt.resize(s.real.len() * lqp, 0.0);
-    for (&k, wrow) in s.real.iter().zip(s.wt.chunks_exact_mut(lqp)) {
-        let k = k as usize;
-        let (erow, trow) = (&qt.e1[k * lqp..(k + 1) * lqp], &qt.t[k * lqp..(k + 1) * lqp]);
+    s.wt.resize(s.ru.len() * lqp, 0.0);
+    for ((&k, &n), wrow) in s.ru.iter().zip(&s.rn).zip(s.wt.chunks_exact_mut(lqp)) {
+        let (erow, trow) = (row(&qt.e1, k as usize, lqp), row(&qt.t, k as usize, lqp));
         // The focal keep of every position at once (weight × regions above the row's sum).
         for ((((w, &e), &t), &z), num) in wrow.iter_mut().zip(erow).zip(trow).zip(&s.z).zip(s.num.iter_mut()) {
-            *w = if e * lc > z { e } else { 0.0 };
+            *w = if e * lc > z { n * e } else { 0.0 };
             *num += *w * t;
         }
     }
     // ‖Σ_r w[r, l] ĉ_r‖² of every position l.
     s.v.clear();
-    s.v.resize(lq, 0.0);
+    s.v.resize(lqp, 0.0);
     let rows = &codes.codebook.rows;
-    if avx2 && p % 64 == 0 {
+    if avx2 && p % 32 == 0 {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: the caller runs with AVX2 and FMA; p is a multiple of 64.
+        // SAFETY: the caller runs with AVX2 and FMA; p is a multiple of 32.
         unsafe {
-            weighted_norms_avx2(rows, p, &s.real, &s.wt, lqp, &mut s.v)
+            weighted_norms_avx2(rows, p, &s.ru, &s.wt, lq, lqp, &mut s.v)
         };
     } else {
-        let mut v = vec![0f32; p];
-        for (l, norm2) in s.v.iter_mut().enumerate() {
-            v.iter_mut().for_each(|x| *x = 0.0);
-            for (&k, wrow) in s.real.iter().zip(s.wt.chunks_exact(lqp)) {
-                let w = wrow[l];
-                if w != 0.0 {
-                    for (a, &b) in v.iter_mut().zip(&rows[k as usize * p..(k as usize + 1) * p]) {
-                        *a = b.mul_add(w, *a);
-                    }
-                }
-            }
-            *norm2 = crate::ann::dot(&v, &v);
-        }
+        weighted_norms(rows, p, &s.ru, &s.wt, lq, lqp, &mut s.v, &mut s.acc);
     }
     let (mut s1, mut n1) = (0f32, 0usize);
     for l in 0..lq {
@@ -378,52 +424,102 @@ fn centroid_local(codes: &Codes, index: &Index, qt: &QueryTables, i: usize, s: &
         s1 += if n > 0.0 { s.num[l] / n } else { 0.0 };
         n1 += 1;
     }
-    // Region→word: queries = every region slot, contexts = the real words.
-    let (s2, n2) = match wp {
-        8 => dir2_lanes::<8>(qt, slots, mask),
-        16 => dir2_lanes::<16>(qt, slots, mask),
-        24 => dir2_lanes::<24>(qt, slots, mask),
-        32 => dir2_lanes::<32>(qt, slots, mask),
+    // Region→word: queries = every region slot (the real ones with `masked_mean`), contexts =
+    // the real words.
+    let mult = if qt.masked_mean { &s.real_n } else { &s.all_n };
+    #[cfg(target_arch = "x86_64")]
+    if avx2 && qt.wp <= 32 {
+        // SAFETY: the caller runs with AVX2 and FMA; the stride is 8 × the const argument.
+        let (s2, n2) = unsafe {
+            match qt.wp {
+                8 => dir2_avx2::<1>(qt, &s.uniq, mult, &s.all_n),
+                16 => dir2_avx2::<2>(qt, &s.uniq, mult, &s.all_n),
+                24 => dir2_avx2::<3>(qt, &s.uniq, mult, &s.all_n),
+                _ => dir2_avx2::<4>(qt, &s.uniq, mult, &s.all_n),
+            }
+        };
+        return s1 / n1.max(1) as f32 + s2 / n2.max(1.0);
+    }
+    let (s2, n2) = match qt.wp {
+        8 => dir2_lanes::<8>(qt, &s.uniq, mult, &s.all_n),
+        16 => dir2_lanes::<16>(qt, &s.uniq, mult, &s.all_n),
+        24 => dir2_lanes::<24>(qt, &s.uniq, mult, &s.all_n),
+        32 => dir2_lanes::<32>(qt, &s.uniq, mult, &s.all_n),
         // Queries with more than 32 real words: the scratch on the heap.
-        _ => {
+        wp => {
             for b in [&mut s.n2, &mut s.e, &mut s.num2, &mut s.g] {
                 b.clear();
                 b.resize(wp, 0.0);
             }
-            dir2(qt, slots, mask, wp, &mut s.n2, &mut s.e, &mut s.num2, &mut s.g)
+            dir2(qt, &s.uniq, mult, &s.all_n, wp, &mut s.n2, &mut s.e, &mut s.num2, &mut s.g)
         }
     };
-    s1 / n1.max(1) as f32 + s2 / n2.max(1) as f32
+    s1 / n1.max(1) as f32 + s2 / n2.max(1.0)
 }
 
-/// `out[l] = ‖Σ_r wt[r, l] · rows[real[r]]‖²` for every position l, 64 dimensions at a time
-/// in eight AVX registers over the regions with a non-zero weight (`p` a multiple of 64).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn weighted_norms_avx2(rows: &[f32], p: usize, real: &[u16], wt: &[f32], lqp: usize, out: &mut [f32]) {
-    use std::arch::x86_64::*;
-    for (l, o) in out.iter_mut().enumerate() {
-        let mut total = _mm256_setzero_ps();
-        for d0 in (0..p).step_by(64) {
-            let mut a = [_mm256_setzero_ps(); 8];
-            for (&k, wrow) in real.iter().zip(wt.chunks_exact(lqp)) {
-                let w = wrow[l];
-                if w == 0.0 {
-                    continue;
-                }
-                let wv = _mm256_set1_ps(w);
-                let c = &rows[k as usize * p + d0..k as usize * p + d0 + 64];
-                for (j, acc) in a.iter_mut().enumerate() {
-                    *acc = _mm256_fmadd_ps(_mm256_loadu_ps(c.as_ptr().add(8 * j)), wv, *acc);
-                }
-            }
-            for acc in a {
-                total = _mm256_fmadd_ps(acc, acc, total);
+/// `out[l] = ‖Σ_u wt[u, l] · rows[codes[u]]‖²` for the positions l < `lq` (`wt` `[codes,
+/// lqp]`; portable form of [`weighted_norms_avx2`]).
+#[allow(clippy::too_many_arguments)]
+fn weighted_norms(rows: &[f32], p: usize, codes: &[u16], wt: &[f32], lq: usize, lqp: usize, out: &mut [f32], acc: &mut Vec<f32>) {
+    acc.resize(p, 0.0);
+    for (l, o) in out[..lq].iter_mut().enumerate() {
+        acc.fill(0.0);
+        for (&k, wrow) in codes.iter().zip(wt.chunks_exact(lqp)) {
+            let w = wrow[l];
+            for (a, &b) in acc.iter_mut().zip(row(rows, k as usize, p)) {
+                *a += w * b;
             }
         }
-        let mut t = [0f32; 8];
-        _mm256_storeu_ps(t.as_mut_ptr(), total);
-        *o = ((t[0] + t[4]) + (t[1] + t[5])) + ((t[2] + t[6]) + (t[3] + t[7]));
+        *o = crate::ann::dot(acc, acc);
+    }
+}
+
+/// [`weighted_norms`] as a dense register-blocked product: three positions × 32 dimensions
+/// in twelve AVX registers, every distinct code streamed through them (no branch on the focal
+/// keep's zeros: about half the weights are kept, and a branch on each cost more than the
+/// multiplications it saved). `p` a multiple of 32.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn weighted_norms_avx2(rows: &[f32], p: usize, codes: &[u16], wt: &[f32], lq: usize, lqp: usize, out: &mut [f32]) {
+    let mut l0 = 0;
+    while l0 < lq {
+        match lq - l0 {
+            1 => norms_block_avx2::<1>(rows, p, codes, wt, l0, lqp, out),
+            2 => norms_block_avx2::<2>(rows, p, codes, wt, l0, lqp, out),
+            _ => norms_block_avx2::<3>(rows, p, codes, wt, l0, lqp, out),
+        }
+        l0 += 3;
+    }
+}
+
+/// Positions `l0..l0 + R` of [`weighted_norms_avx2`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn norms_block_avx2<const R: usize>(rows: &[f32], p: usize, codes: &[u16], wt: &[f32], l0: usize, lqp: usize, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    for d0 in (0..p).step_by(32) {
+        let mut acc = [[_mm256_setzero_ps(); 4]; R];
+        for (u, &k) in codes.iter().enumerate() {
+            let c = &rows[k as usize * p + d0..k as usize * p + d0 + 32];
+            let w = &wt[u * lqp + l0..u * lqp + l0 + R];
+            let wv: [__m256; R] = std::array::from_fn(|i| _mm256_set1_ps(w[i]));
+            for j in 0..4 {
+                let x = _mm256_loadu_ps(c.as_ptr().add(8 * j));
+                for i in 0..R {
+                    acc[i][j] = _mm256_fmadd_ps(x, wv[i], acc[i][j]);
+                }
+            }
+        }
+        for (i, a) in acc.iter().enumerate() {
+            let mut t = _mm256_mul_ps(a[0], a[0]);
+            for v in &a[1..] {
+                t = _mm256_fmadd_ps(*v, *v, t);
+            }
+            let mut h = [0f32; 8];
+            _mm256_storeu_ps(h.as_mut_ptr(), t);
+            out[l0 + i] += ((h[0] + h[4]) + (h[1] + h[5])) + ((h[2] + h[6]) + (h[3] + h[7]));
+        }
     }
 }
 
@@ -443,48 +539,117 @@ fn lanes_sum(x: &[f32]) -> f32 {
     t
 }
 
+/// [`dir2`] in `V` AVX registers (the tables' stride is 8·V): the same terms, the exponential
+/// bit-identical to the scalar one, the sums in another order.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn dir2_avx2<const V: usize>(qt: &QueryTables, uniq: &[u16], mult: &[f32], all_n: &[f32]) -> (f32, f32) {
+    use demovlp_retrieval::rows::cephes_exp_avx2;
+    use std::arch::x86_64::*;
+    let (w, wp) = (qt.w, 8 * V);
+    debug_assert_eq!(qt.wp, wp);
+    let load = |t: &[f32], k: usize| -> [__m256; V] {
+        let r = &t[k * wp..(k + 1) * wp];
+        std::array::from_fn(|v| _mm256_loadu_ps(r.as_ptr().add(8 * v)))
+    };
+    let hsum = |x: [__m256; V]| {
+        let mut t = x[0];
+        for v in &x[1..] {
+            t = _mm256_add_ps(t, *v);
+        }
+        let mut h = [0f32; 8];
+        _mm256_storeu_ps(h.as_mut_ptr(), t);
+        ((h[0] + h[4]) + (h[1] + h[5])) + ((h[2] + h[6]) + (h[3] + h[7]))
+    };
+    let mut inv = [_mm256_setzero_ps(); V];
+    for (&k, &n) in uniq.iter().zip(all_n) {
+        let (x, n) = (load(&qt.sq, k as usize), _mm256_set1_ps(n));
+        for v in 0..V {
+            inv[v] = _mm256_fmadd_ps(n, x[v], inv[v]);
+        }
+    }
+    // 1 / (√Σ + ε) on the real words' lanes, 1 on the padding lanes (their logits are −∞).
+    let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (v, x) in inv.iter_mut().enumerate() {
+        let real = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(w as i32 - 8 * v as i32), lane));
+        let r = _mm256_div_ps(_mm256_set1_ps(1.0), _mm256_add_ps(_mm256_sqrt_ps(*x), _mm256_set1_ps(NORM_EPS)));
+        *x = _mm256_blendv_ps(_mm256_set1_ps(1.0), r, real);
+    }
+    let lcw = _mm256_set1_ps(qt.lq as f32);
+    let (mut s2, mut count) = (0f32, 0f32);
+    let mut ea = [0f32; 32];
+    for (&k, &m) in uniq.iter().zip(mult) {
+        if m == 0.0 {
+            continue;
+        }
+        let (lrow, trow) = (load(&qt.lt, k as usize), load(&qt.tw, k as usize));
+        let mut e: [__m256; V] = std::array::from_fn(|v| cephes_exp_avx2(_mm256_mul_ps(lrow[v], inv[v])));
+        let sum = _mm256_set1_ps(hsum(e));
+        // Focal keep (above the mean weight over all Lq positions), then the cosine of the
+        // region with the kept words' weighted sum, eᵀ G e as a dense product.
+        for x in e.iter_mut() {
+            *x = _mm256_and_ps(*x, _mm256_cmp_ps::<_CMP_GT_OQ>(_mm256_mul_ps(*x, lcw), sum));
+        }
+        let num = hsum(std::array::from_fn(|v| _mm256_mul_ps(e[v], trow[v])));
+        for (v, x) in e.iter().enumerate() {
+            _mm256_storeu_ps(ea.as_mut_ptr().add(8 * v), *x);
+        }
+        let mut g = [_mm256_setzero_ps(); V];
+        for (a, &x) in ea[..w].iter().enumerate() {
+            let (gr, x) = (load(&qt.gram, a), _mm256_set1_ps(x));
+            for v in 0..V {
+                g[v] = _mm256_fmadd_ps(x, gr[v], g[v]);
+            }
+        }
+        let den = hsum(std::array::from_fn(|v| _mm256_mul_ps(g[v], e[v])));
+        s2 += m * if den > 0.0 { num / den.sqrt() } else { 0.0 };
+        count += m;
+    }
+    (s2, count)
+}
+
 /// [`dir2`] with its scratch on the stack, `N` = the tables' stride (the compiler sees every
 /// length).
 #[inline(always)]
-fn dir2_lanes<const N: usize>(qt: &QueryTables, slots: &[u16], mask: &[u8]) -> (f32, usize) {
+fn dir2_lanes<const N: usize>(qt: &QueryTables, uniq: &[u16], mult: &[f32], all_n: &[f32]) -> (f32, f32) {
     let (mut inv, mut e, mut num, mut g) = ([0f32; N], [0f32; N], [0f32; N], [0f32; N]);
-    dir2(qt, slots, mask, N, &mut inv, &mut e, &mut num, &mut g)
+    dir2(qt, uniq, mult, all_n, N, &mut inv, &mut e, &mut num, &mut g)
 }
 
 /// The region→word direction of [`centroid_local`] over the real words in `wp` lanes (the
-/// tables' stride; every scratch slice has that length): per region slot (padding included)
-/// the softmax over the real words of its logits divided by the clip's norm over the slots,
-/// the focal keep, and Σ e·t / √(eᵀ G e). Returns (Σ over the averaged slots, their count).
+/// tables' stride; every scratch slice has that length), once per distinct code `uniq` (held
+/// by `all_n` slots, averaged `mult` times): the softmax over the real words of its logits
+/// divided by the clip's norm over every slot, the focal keep, and Σ e·t / √(eᵀ G e).
+/// Returns (Σ over the averaged slots, their count).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn dir2(
     qt: &QueryTables,
-    slots: &[u16],
-    mask: &[u8],
+    uniq: &[u16],
+    mult: &[f32],
+    all_n: &[f32],
     wp: usize,
     inv: &mut [f32],
     e: &mut [f32],
     num: &mut [f32],
     g: &mut [f32],
-) -> (f32, usize) {
+) -> (f32, f32) {
     let w = qt.w;
     let lcw = qt.lq as f32;
-    fn row(t: &[f32], k: usize, wp: usize) -> &[f32] {
-        &t[k * wp..(k + 1) * wp]
-    }
     inv.fill(0.0);
-    for &k in slots {
+    for (&k, &n) in uniq.iter().zip(all_n) {
         for (a, &x) in inv.iter_mut().zip(row(&qt.sq, k as usize, wp)) {
-            *a += x;
+            *a += n * x;
         }
     }
     // 1 / (√Σ + ε) (padding lanes: 1, their logits are −∞).
     for (j, x) in inv.iter_mut().enumerate() {
         *x = if j < w { 1.0 / (x.sqrt() + NORM_EPS) } else { 1.0 };
     }
-    let (mut s2, mut count) = (0f32, 0usize);
-    for (&k, &m) in slots.iter().zip(mask) {
-        if qt.masked_mean && m == 0 {
+    let (mut s2, mut count) = (0f32, 0f32);
+    for (&k, &m) in uniq.iter().zip(mult) {
+        if m == 0.0 {
             continue;
         }
         let (lrow, trow) = (row(&qt.lt, k as usize, wp), row(&qt.tw, k as usize, wp));
@@ -493,36 +658,76 @@ fn dir2(
         }
         let sum = lanes_sum(e);
         // Focal keep (above the mean weight over all Lq positions), then the cosine of the
-        // region with the kept words' weighted sum.
+        // region with the kept words' weighted sum: eᵀ G e as a dense product (no branch on
+        // the zeros).
         for ((e, &x), num) in e.iter_mut().zip(trow).zip(num.iter_mut()) {
             *e = if *e * lcw > sum { *e } else { 0.0 };
             *num = *e * x;
         }
         g.fill(0.0);
-        for a in 0..w.min(wp) {
-            let ea = e[a];
-            if ea != 0.0 {
-                for (gb, &x) in g.iter_mut().zip(row(&qt.gram, a, wp)) {
-                    *gb = x.mul_add(ea, *gb);
-                }
+        for (a, &ea) in e[..w].iter().enumerate() {
+            for (gb, &x) in g.iter_mut().zip(row(&qt.gram, a, wp)) {
+                *gb += x * ea;
             }
         }
         for (gb, &eb) in g.iter_mut().zip(e.iter()) {
             *gb *= eb;
         }
         let den = lanes_sum(g);
-        s2 += if den > 0.0 { lanes_sum(num) / den.sqrt() } else { 0.0 };
-        count += 1;
+        s2 += m * if den > 0.0 { lanes_sum(num) / den.sqrt() } else { 0.0 };
+        count += m;
     }
     (s2, count)
 }
 
+/// Asks the caches for the lines of `x` (no effect where the architecture has no prefetch).
+#[inline(always)]
+fn prefetch<T>(x: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let (p, bytes) = (x.as_ptr() as *const i8, std::mem::size_of_val(x));
+        for off in (0..bytes).step_by(64) {
+            // SAFETY: an address inside the slice; a prefetch accesses no memory.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.add(off)) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = x;
+}
+
+/// How many clips ahead [`centroid_scores`] asks for a clip's codes, mask and global row
+/// (the clips are scattered over the index: each would otherwise cost a few memory latencies).
+const AHEAD: usize = 4;
+
 /// Global cosine + the centroid region-word score of each of `clips` (non-finite as −∞).
 pub fn centroid_scores(codes: &Codes, index: &Index, qt: &QueryTables, global_unit: &[f32], clips: &[usize]) -> Vec<f32> {
-    let avx2 = avx2();
-    clips
-        .par_iter()
-        .map_init(Scratch::default, |s, &i| {
+    centroid_scores_on(codes, index, qt, global_unit, clips, avx2())
+}
+
+/// [`centroid_scores`] in its portable form (what a CPU without AVX2 runs; public for the
+/// tests, which hold both forms to the exact formula).
+#[doc(hidden)]
+pub fn centroid_scores_portable(codes: &Codes, index: &Index, qt: &QueryTables, global_unit: &[f32], clips: &[usize]) -> Vec<f32> {
+    centroid_scores_on(codes, index, qt, global_unit, clips, false)
+}
+
+fn centroid_scores_on(codes: &Codes, index: &Index, qt: &QueryTables, global_unit: &[f32], clips: &[usize], avx2: bool) -> Vec<f32> {
+    let nl = codes.locals;
+    let mut out = vec![0f32; clips.len()];
+    const CHUNK: usize = 256;
+    out.par_chunks_mut(CHUNK).zip(clips.par_chunks(CHUNK)).for_each_init(Scratch::default, |s, (out, clips)| {
+        for &i in clips.iter().take(AHEAD) {
+            prefetch(&codes.codes[i * nl..(i + 1) * nl]);
+            prefetch(index.mask(i));
+            prefetch(index.global(i));
+        }
+        for (j, (o, &i)) in out.iter_mut().zip(clips).enumerate() {
+            if let Some(&next) = clips.get(j + AHEAD) {
+                prefetch(&codes.codes[next * nl..(next + 1) * nl]);
+                prefetch(index.mask(next));
+                prefetch(index.global(next));
+            }
             #[cfg(target_arch = "x86_64")]
             // SAFETY: the CPU has AVX2 and FMA (that is what the level says).
             let local =
@@ -530,11 +735,8 @@ pub fn centroid_scores(codes: &Codes, index: &Index, qt: &QueryTables, global_un
             #[cfg(not(target_arch = "x86_64"))]
             let local = centroid_local(codes, index, qt, i, s, avx2);
             let v = crate::ann::dot(global_unit, index.global(i)) + local;
-            if v.is_finite() {
-                v
-            } else {
-                f32::NEG_INFINITY
-            }
-        })
-        .collect()
+            *o = if v.is_finite() { v } else { f32::NEG_INFINITY };
+        }
+    });
+    out
 }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use demovlp_retrieval::EmbeddingSet;
 use demovlp_search::build::{build_index, merge, ClipList};
-use demovlp_search::cascade::{centroid_scores, coarse_scores, QueryTables};
+use demovlp_search::cascade::{centroid_scores, centroid_scores_portable, coarse_scores, QueryTables};
 use demovlp_search::codes::{ensure_codes, hat_rows, Codes};
 use demovlp_search::quality::agreement;
 use demovlp_search::search::{Engine, FirstStage, TextQuery};
@@ -113,11 +113,16 @@ fn centroid_scores_are_the_exact_formula_on_centroids() {
             let texts = q.as_set();
             let want_local = demovlp_retrieval::eval::local_scores(&texts, &videos, st.lambda, masked_mean, &|_, _| {});
             let qt = QueryTables::new(&c, &q.local, &q.mask_additive, st.lambda, masked_mean);
-            let got = centroid_scores(&c, &idx, &qt, &q.global_unit, &clips);
-            for i in 0..idx.len() {
-                let want = dot(&q.global_unit, idx.global(i)) + want_local[i];
-                worst = worst.max((got[i] - want).abs());
-                assert!((got[i] - want).abs() < 2e-4, "masked_mean {masked_mean}, clip {i}: {} vs {want}", got[i]);
+            // The SIMD form this CPU runs and the portable one.
+            for (form, got) in [
+                ("default", centroid_scores(&c, &idx, &qt, &q.global_unit, &clips)),
+                ("portable", centroid_scores_portable(&c, &idx, &qt, &q.global_unit, &clips)),
+            ] {
+                for i in 0..idx.len() {
+                    let want = dot(&q.global_unit, idx.global(i)) + want_local[i];
+                    worst = worst.max((got[i] - want).abs());
+                    assert!((got[i] - want).abs() < 2e-4, "{form} form, masked_mean {masked_mean}, clip {i}: {} vs {want}", got[i]);
+                }
             }
         }
     }
