@@ -29,11 +29,16 @@
 //!
 //! word→region: per position l, softmax weights e1[c_s, l] over the clip's real regions,
 //! the focal keep (weight × regions > sum), cos(w_l, Σ kept e1·ĉ) = Σ kept e1·t / ‖Σ kept e1·ĉ‖;
-//! region→word: per region slot (padding included), its normalisation over the clip's 40
+//! region→word: per region slot (padding included), its normalisation over the clip's F·R
 //! slots, the softmax over the real words, the focal keep, and
 //! cos(ĉ, Σ r_j ŵ_j) = Σ r_j t / √(rᵀ G r). Measured (BENCHMARKS.md): on the demo's model it
 //! puts the exhaustive top 10 within its best ~50 of 100 000 clips, where the coarse
 //! ranking needs ~1 000; so the exact re-rank can be short.
+//!
+//! Slots that share a code are one centroid, so the step works per distinct code of a clip,
+//! weighted by how many slots (real ones, every one) hold it — on the demo's model a clip's
+//! 40 slots hold ~27 distinct codes. The word→region norms ‖Σ w ĉ‖ are a dense product in
+//! registers (about half the focal weights are zero, too many for a branch on each to pay).
 
 use demovlp_retrieval::fastmath::cephes_exp;
 use demovlp_retrieval::local::{is_real, LEAKY_SLOPE, NORM_EPS};
@@ -91,17 +96,18 @@ pub struct QueryTables {
     lt: Vec<f32>,
     sq: Vec<f32>,
     /// `[chunks, C, LANES]` the real words' columns of `tw` in 1/32767 (i16), 16 a chunk
-    /// (padding lanes 0): the coarse scan's table.
+    /// (padding lanes 0), and in the last lane of the last chunk ([`BEST`]) each centroid's
+    /// best real word: the coarse scan's table (one row load gives both terms).
     coarse: Vec<i16>,
     chunks: usize,
-    /// `[C]` the best real word of each centroid.
-    best: Vec<f32>,
     /// `[wp, wp]` Gram matrix of the real words' unit rows (padding 0).
     gram: Vec<f32>,
 }
 
 /// Scale of the coarse table's i16 cosines.
 const Q16: f32 = 32767.0;
+/// The coarse table's lane (of its last chunk) that holds a centroid's best real word.
+const BEST: usize = LANES - 1;
 
 impl QueryTables {
     /// `local` `[Lq, P]` the query's word embeddings (every position), `mask_additive` `[Lq]`.
@@ -151,23 +157,24 @@ impl QueryTables {
                 sq[k * wp + j] = leaky(x) * leaky(x);
             }
         }
-        let chunks = w.div_ceil(LANES);
+        // The words, then one lane for the best word: a query of up to 15 words fits one chunk.
+        let chunks = (w + 1).div_ceil(LANES);
+        let q16 = |x: f32| (x * Q16).round().clamp(-Q16, Q16) as i16;
         let mut coarse = vec![0i16; chunks * c * LANES];
-        for ch in 0..chunks {
-            for k in 0..c {
-                for j in ch * LANES..((ch + 1) * LANES).min(w) {
-                    coarse[(ch * c + k) * LANES + j - ch * LANES] = (tw[k * wp + j] * Q16).round().clamp(-Q16, Q16) as i16;
-                }
+        for k in 0..c {
+            let row = &tw[k * wp..k * wp + w];
+            for (j, &x) in row.iter().enumerate() {
+                coarse[((j / LANES) * c + k) * LANES + j % LANES] = q16(x);
             }
+            coarse[((chunks - 1) * c + k) * LANES + BEST] = q16(row.iter().copied().fold(f32::NEG_INFINITY, f32::max));
         }
-        let best: Vec<f32> = (0..c).map(|k| tw[k * wp..k * wp + w].iter().copied().fold(f32::NEG_INFINITY, f32::max)).collect();
         let mut gram = vec![0f32; wp * wp];
         for (a, &la) in real_idx.iter().enumerate() {
             for (b, &lb) in real_idx.iter().enumerate() {
                 gram[a * wp + b] = crate::ann::dot(&words[la * p..(la + 1) * p], &words[lb * p..(lb + 1) * p]);
             }
         }
-        QueryTables { lq, w, centroids: c, dim: p, masked_mean, real_pos, lqp, t: tp, e1, wp, tw, lt, sq, coarse, chunks, best, gram }
+        QueryTables { lq, w, centroids: c, dim: p, masked_mean, real_pos, lqp, t: tp, e1, wp, tw, lt, sq, coarse, chunks, gram }
     }
 
     /// Real words of the query.
@@ -199,55 +206,79 @@ pub fn coarse_scores(codes: &Codes, qt: &QueryTables) -> Vec<f32> {
     out
 }
 
-/// [`coarse_block`] with the 16-lane i16 maxima as AVX2 instructions.
+/// [`coarse_block`] with the 16-lane i16 maxima and sums as AVX2 instructions.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn coarse_block_avx2(out: &mut [f32], first: usize, codes: &Codes, qt: &QueryTables) {
-    coarse_block_with(out, first, codes, qt, |tab, cs| unsafe { max_rows_avx2(tab, cs) })
+    coarse_block_with(out, first, codes, qt, |tab, cs, m| unsafe { max_rows_avx2(tab, cs, m) })
 }
 
-/// The lane-wise maximum of the 16-lane rows `cs` of `tab`, two rows in flight.
+/// The sum over the first `m` lanes of the lane-wise maximum of the 16-lane rows `cs` of
+/// `tab`, and the sum of their [`BEST`] lanes; two rows in flight.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn max_rows_avx2(tab: &[i16], cs: &[u16]) -> [i16; LANES] {
+unsafe fn max_rows_avx2(tab: &[i16], cs: &[u16], m: usize) -> (i32, i32) {
     use std::arch::x86_64::*;
     let load = |k: u16| {
         let r = &tab[k as usize * LANES..(k as usize + 1) * LANES];
         _mm256_loadu_si256(r.as_ptr() as *const __m256i)
     };
     let (mut a, mut b) = (_mm256_set1_epi16(i16::MIN), _mm256_set1_epi16(i16::MIN));
+    // i32 lane 7 = i16 lane 15 (BEST), sign-extended by the shift.
+    let (mut sa, mut sb) = (_mm256_setzero_si256(), _mm256_setzero_si256());
     let mut pairs = cs.chunks_exact(2);
     for pr in &mut pairs {
-        a = _mm256_max_epi16(a, load(pr[0]));
-        b = _mm256_max_epi16(b, load(pr[1]));
+        let (x, y) = (load(pr[0]), load(pr[1]));
+        a = _mm256_max_epi16(a, x);
+        b = _mm256_max_epi16(b, y);
+        sa = _mm256_add_epi32(sa, _mm256_srai_epi32::<16>(x));
+        sb = _mm256_add_epi32(sb, _mm256_srai_epi32::<16>(y));
     }
     for &k in pairs.remainder() {
-        a = _mm256_max_epi16(a, load(k));
+        let x = load(k);
+        a = _mm256_max_epi16(a, x);
+        sa = _mm256_add_epi32(sa, _mm256_srai_epi32::<16>(x));
     }
-    let mut lanes = [0i16; LANES];
-    _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, _mm256_max_epi16(a, b));
-    lanes
+    // Σ of the first m lanes: a multiply-add by 1 on those lanes (0 elsewhere), then the
+    // eight i32 sums.
+    let ones = _mm256_and_si256(
+        _mm256_cmpgt_epi16(_mm256_set1_epi16(m as i16), _mm256_setr_epi16(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)),
+        _mm256_set1_epi16(1),
+    );
+    let v = _mm256_madd_epi16(_mm256_max_epi16(a, b), ones);
+    let v = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+    let v = _mm_add_epi32(v, _mm_shuffle_epi32::<0b01_00_11_10>(v));
+    let v = _mm_add_epi32(v, _mm_shuffle_epi32::<0b10_11_00_01>(v));
+    (_mm_cvtsi128_si32(v), _mm256_extract_epi32::<7>(_mm256_add_epi32(sa, sb)))
 }
 
 /// [`coarse_scores`] of clips `first..first + out.len()` (portable form).
 fn coarse_block(out: &mut [f32], first: usize, codes: &Codes, qt: &QueryTables) {
-    coarse_block_with(out, first, codes, qt, |tab, cs| {
-        let mut acc = [i16::MIN; LANES];
+    coarse_block_with(out, first, codes, qt, |tab, cs, m| {
+        let (mut acc, mut sum) = ([i16::MIN; LANES], 0i32);
         for &k in cs {
             let row = &tab[k as usize * LANES..(k as usize + 1) * LANES];
             for l in 0..LANES {
                 acc[l] = acc[l].max(row[l]);
             }
+            sum += row[BEST] as i32;
         }
-        acc
+        (acc[..m].iter().map(|&x| x as i32).sum(), sum)
     })
 }
 
-/// The coarse score of each clip, `max_rows(table chunk, codes)` giving the lane-wise maximum
-/// of a clip's rows in one 16-word chunk of the table.
+/// The coarse score of each clip, `max_rows(table chunk, codes, m)` giving the sum over the
+/// first m lanes of the lane-wise maximum of a clip's rows in one 16-lane chunk of the table,
+/// and the sum of their [`BEST`] lanes.
 #[inline(always)]
-fn coarse_block_with(out: &mut [f32], first: usize, codes: &Codes, qt: &QueryTables, max_rows: impl Fn(&[i16], &[u16]) -> [i16; LANES]) {
+fn coarse_block_with(
+    out: &mut [f32],
+    first: usize,
+    codes: &Codes,
+    qt: &QueryTables,
+    max_rows: impl Fn(&[i16], &[u16], usize) -> (i32, i32),
+) {
     let nl = codes.locals;
     let c = qt.centroids;
     for (j, o) in out.iter_mut().enumerate() {
@@ -258,32 +289,16 @@ fn coarse_block_with(out: &mut [f32], first: usize, codes: &Codes, qt: &QueryTab
             continue;
         }
         let cs = &codes.real_first[i * nl..i * nl + n];
-        let s2 = best_sum(cs, &qt.best);
-        let mut s1 = 0i32;
+        let (mut s1, mut s2) = (0i32, 0i32);
         for ch in 0..qt.chunks {
-            let lanes = max_rows(&qt.coarse[ch * c * LANES..(ch + 1) * c * LANES], cs);
-            let m = (qt.w - ch * LANES).min(LANES);
-            s1 += lanes[..m].iter().map(|&x| x as i32).sum::<i32>();
+            let m = qt.w.saturating_sub(ch * LANES).min(LANES);
+            let (words, best) = max_rows(&qt.coarse[ch * c * LANES..(ch + 1) * c * LANES], cs, m);
+            s1 += words;
+            // The last chunk's BEST lane (never a word's: its words fill at most 15 lanes).
+            s2 = best;
         }
-        *o = s1 as f32 / Q16 / qt.w as f32 + s2 / n as f32;
+        *o = s1 as f32 / Q16 / qt.w as f32 + s2 as f32 / Q16 / n as f32;
     }
-}
-
-/// Σ best[k] over the codes `cs`, four partial sums (not one dependency chain).
-#[inline(always)]
-fn best_sum(cs: &[u16], best: &[f32]) -> f32 {
-    let (mut b0, mut b1, mut b2, mut b3) = (0f32, 0f32, 0f32, 0f32);
-    let mut q = cs.chunks_exact(4);
-    for k in &mut q {
-        b0 += best[k[0] as usize];
-        b1 += best[k[1] as usize];
-        b2 += best[k[2] as usize];
-        b3 += best[k[3] as usize];
-    }
-    for &k in q.remainder() {
-        b0 += best[k as usize];
-    }
-    (b0 + b1) + (b2 + b3)
 }
 
 /// Scratch of [`centroid_local`], one a thread.

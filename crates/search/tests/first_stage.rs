@@ -56,27 +56,34 @@ fn codes_are_the_nearest_centroids_and_scores_match_a_plain_loop() {
             assert!(dot(x, &c.codebook.rows[k * p..(k + 1) * p]) >= best - 1e-5, "clip {i} region {r}: not the nearest centroid");
         }
     }
-    // The coarse score against a plain loop over words and real regions.
+    // The coarse score against a plain loop over words and real regions: the query as it is,
+    // and with 15 (the words and the best-word lane fill one 16-lane chunk) and every position
+    // (two chunks) taken as real words.
     let e = Engine::open(&w.index).unwrap();
     let q = &queries(&e, 0)[0];
-    let mut words: Vec<f32> = q.local.chunks(p).zip(&q.mask_additive).filter(|(_, &m)| m > -0.5).flat_map(|(r, _)| r.to_vec()).collect();
-    hat_rows(&mut words, p);
-    let nw = words.len() / p;
-    let st = idx.settings();
-    let qt = QueryTables::new(&c, &q.local, &q.mask_additive, st.lambda, st.masked_mean);
-    assert_eq!(qt.words(), nw);
-    let got = coarse_scores(&c, &qt);
-    for i in 0..idx.len() {
-        let real: Vec<usize> = (0..nl).filter(|&r| idx.mask(i)[r] != 0).collect();
-        let cen = |r: usize| {
-            let k = c.codes[i * nl + r] as usize;
-            &c.codebook.rows[k * p..(k + 1) * p]
-        };
-        let s1: f32 =
-            words.chunks(p).map(|wv| real.iter().map(|&r| dot(wv, cen(r))).fold(f32::NEG_INFINITY, f32::max)).sum::<f32>() / nw as f32;
-        let s2: f32 = real.iter().map(|&r| words.chunks(p).map(|wv| dot(wv, cen(r))).fold(f32::NEG_INFINITY, f32::max)).sum::<f32>()
-            / real.len() as f32;
-        assert!((got[i] - (s1 + s2)).abs() < 1e-4, "clip {i}: {} vs {}", got[i], s1 + s2);
+    let lq = q.mask_additive.len();
+    assert!(lq > 16, "the query must have room for two chunks of words");
+    let masks =
+        [q.mask_additive.clone(), (0..lq).map(|l| if l < 15 { 0.0 } else { q.mask_additive[l].min(-1.0) }).collect(), vec![0.0; lq]];
+    for mask in &masks {
+        let mut words: Vec<f32> = q.local.chunks(p).zip(mask).filter(|(_, &m)| m > -0.5).flat_map(|(r, _)| r.to_vec()).collect();
+        hat_rows(&mut words, p);
+        let nw = words.len() / p;
+        let qt = QueryTables::new(&c, &q.local, mask, st.lambda, st.masked_mean);
+        assert_eq!(qt.words(), nw);
+        let got = coarse_scores(&c, &qt);
+        for i in 0..idx.len() {
+            let real: Vec<usize> = (0..nl).filter(|&r| idx.mask(i)[r] != 0).collect();
+            let cen = |r: usize| {
+                let k = c.codes[i * nl + r] as usize;
+                &c.codebook.rows[k * p..(k + 1) * p]
+            };
+            let s1: f32 =
+                words.chunks(p).map(|wv| real.iter().map(|&r| dot(wv, cen(r))).fold(f32::NEG_INFINITY, f32::max)).sum::<f32>() / nw as f32;
+            let s2: f32 = real.iter().map(|&r| words.chunks(p).map(|wv| dot(wv, cen(r))).fold(f32::NEG_INFINITY, f32::max)).sum::<f32>()
+                / real.len() as f32;
+            assert!((got[i] - (s1 + s2)).abs() < 1e-4, "{nw} words, clip {i}: {} vs {}", got[i], s1 + s2);
+        }
     }
 }
 
