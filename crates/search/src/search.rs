@@ -353,7 +353,10 @@ impl Engine {
                 let pool: Vec<usize> = if depth >= len {
                     (0..len).collect()
                 } else {
-                    top_n(&cascade::coarse_scores(codes, &qt), depth).into_iter().map(|i| i as usize).collect()
+                    // In index order: the centroid step then reads the clips' rows front to back.
+                    let mut pool = top_n(&cascade::coarse_scores(codes, &qt), depth);
+                    pool.sort_unstable();
+                    pool.into_iter().map(|i| i as usize).collect()
                 };
                 let s = cascade::centroid_scores(codes, &self.index, &qt, &q.global_unit, &pool);
                 top_n(&s, n).into_iter().map(|i| pool[i as usize]).collect()
