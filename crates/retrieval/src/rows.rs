@@ -317,6 +317,9 @@ unsafe fn exp_shifted_avx2(z: &mut [f32], mx: f32) -> [f32; 8] {
 
 /// [`fastmath::cephes_exp`] on 8 lanes with the same operations in the same order (no FMA), so
 /// results are bit-identical to the scalar path.
+///
+/// # Safety
+/// The CPU must have AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 #[inline]
