@@ -531,11 +531,19 @@ unsafe fn norms_block_avx2<const R: usize>(rows: &[f32], p: usize, codes: &[u16]
             for v in &a[1..] {
                 t = _mm256_fmadd_ps(*v, *v, t);
             }
-            let mut h = [0f32; 8];
-            _mm256_storeu_ps(h.as_mut_ptr(), t);
-            out[l0 + i] += ((h[0] + h[4]) + (h[1] + h[5])) + ((h[2] + h[6]) + (h[3] + h[7]));
+            out[l0 + i] += hsum_ps(t);
         }
     }
+}
+
+/// Σ of the eight lanes of `x`, in [`lanes_sum`]'s order.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn hsum_ps(x: std::arch::x86_64::__m256) -> f32 {
+    let mut h = [0f32; 8];
+    std::arch::x86_64::_mm256_storeu_ps(h.as_mut_ptr(), x);
+    ((h[0] + h[4]) + (h[1] + h[5])) + ((h[2] + h[6]) + (h[3] + h[7]))
 }
 
 /// Σ of `x`, eight partial sums (vectorisable, a fixed order).
@@ -568,15 +576,7 @@ unsafe fn dir2_avx2<const V: usize>(qt: &QueryTables, uniq: &[u16], mult: &[f32]
         let r = &t[k * wp..(k + 1) * wp];
         std::array::from_fn(|v| _mm256_loadu_ps(r.as_ptr().add(8 * v)))
     };
-    let hsum = |x: [__m256; V]| {
-        let mut t = x[0];
-        for v in &x[1..] {
-            t = _mm256_add_ps(t, *v);
-        }
-        let mut h = [0f32; 8];
-        _mm256_storeu_ps(h.as_mut_ptr(), t);
-        ((h[0] + h[4]) + (h[1] + h[5])) + ((h[2] + h[6]) + (h[3] + h[7]))
-    };
+    let hsum = |x: [__m256; V]| hsum_ps(x[1..].iter().fold(x[0], |t, v| _mm256_add_ps(t, *v)));
     let mut inv = [_mm256_setzero_ps(); V];
     for (&k, &n) in uniq.iter().zip(all_n) {
         let (x, n) = (load(&qt.sq, k as usize), _mm256_set1_ps(n));
@@ -731,17 +731,17 @@ fn centroid_scores_on(codes: &Codes, index: &Index, qt: &QueryTables, global_uni
     let nl = codes.locals;
     let mut out = vec![0f32; clips.len()];
     const CHUNK: usize = 256;
+    // What the centroid step reads of clip i.
+    let fetch = |i: usize| {
+        prefetch(&codes.codes[i * nl..(i + 1) * nl]);
+        prefetch(index.mask(i));
+        prefetch(index.global(i));
+    };
     out.par_chunks_mut(CHUNK).zip(clips.par_chunks(CHUNK)).for_each_init(Scratch::default, |s, (out, clips)| {
-        for &i in clips.iter().take(AHEAD) {
-            prefetch(&codes.codes[i * nl..(i + 1) * nl]);
-            prefetch(index.mask(i));
-            prefetch(index.global(i));
-        }
+        clips.iter().take(AHEAD).for_each(|&i| fetch(i));
         for (j, (o, &i)) in out.iter_mut().zip(clips).enumerate() {
             if let Some(&next) = clips.get(j + AHEAD) {
-                prefetch(&codes.codes[next * nl..(next + 1) * nl]);
-                prefetch(index.mask(next));
-                prefetch(index.global(next));
+                fetch(next);
             }
             #[cfg(target_arch = "x86_64")]
             // SAFETY: the CPU has AVX2 and FMA (that is what the level says).
